@@ -1,0 +1,93 @@
+"""The one signing scheme of edgefleet: ECDSA P-256 over SHA-256.
+
+Packages (cosign-style signatures) and desired states both use it, the hub to
+sign and the agent to verify. Private keys are PEM files written with mode
+0600; they never enter the database or a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ALGORITHM = "ecdsa-p256-sha256"
+
+
+class SignatureError(Exception):
+    """A signature is missing, malformed, or made by another key."""
+
+
+def generate_private_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def write_private_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    """Write KEY as unencrypted PKCS#8 PEM, readable by its owner only."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Create with 0600 from the start: a chmod afterwards leaves a window.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.chmod(path, 0o600)
+
+
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise SignatureError(f"{path} is not an ECDSA P-256 private key")
+    return key
+
+
+def public_key_pem(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def load_public_key(pem: str | bytes) -> ec.EllipticCurvePublicKey:
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise SignatureError(f"not a PEM public key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise SignatureError("public key is not ECDSA P-256")
+    return key
+
+
+def key_id(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:
+    """A short stable name for a key: sha256 of its DER SubjectPublicKeyInfo."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()[:32]
+
+
+def sign(key: ec.EllipticCurvePrivateKey, payload: bytes) -> str:
+    """Base64 of the DER ECDSA signature over sha256(payload), as cosign stores it."""
+    return base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def verify(public: ec.EllipticCurvePublicKey, payload: bytes, signature_b64: str) -> None:
+    """Raise SignatureError unless SIGNATURE_B64 is PUBLIC's signature of PAYLOAD."""
+    try:
+        raw = base64.b64decode(signature_b64, validate=True)
+    except ValueError:
+        raise SignatureError("signature is not valid base64") from None
+    try:
+        public.verify(raw, payload, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureError("signature does not match the payload and key") from None
