@@ -1,0 +1,24 @@
+"""Builds the hub's FastAPI application from its routers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from hub.api import admin, devices, errors, models
+from hub.api.audit_log import AuditLog
+from hub.api.state import HubState
+
+
+def create_app(state: HubState) -> FastAPI:
+    app = FastAPI(
+        title="edgefleet hub",
+        description="Model registry, devices and rollouts. Authenticate with "
+        "`Authorization: Bearer <token>`.",
+        version="1",
+    )
+    app.state.hub = state
+    errors.install(app)
+    for module in (admin, models, devices):
+        app.include_router(module.router)
+    app.add_middleware(AuditLog, db=state.db)
+    return app

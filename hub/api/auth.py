@@ -1,0 +1,39 @@
+"""Bearer-token authentication and role checks as FastAPI dependencies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from hub import tokens
+from hub.api.state import HubState, hub_state
+from hub.errors import Unauthorized
+from hub.tokens import Principal
+
+
+async def _principal(request: Request, state: HubState = Depends(hub_state)) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized(
+            "missing API token: send 'Authorization: Bearer <token>' "
+            "(the CLI reads --token, EDGEFLEET_TOKEN or `edgefleet login`)"
+        )
+    principal = await run_in_threadpool(tokens.authenticate, state.db, secret.strip())
+    request.state.principal = principal
+    return principal
+
+
+def require(role: str) -> Callable[..., object]:
+    async def check(principal: Principal = Depends(_principal)) -> Principal:
+        principal.require(role)
+        return principal
+
+    return check
+
+
+viewer = Depends(require("viewer"))
+operator = Depends(require("operator"))
+admin = Depends(require("admin"))

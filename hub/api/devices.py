@@ -1,0 +1,122 @@
+"""REST endpoints for devices, enrollment tokens and enrollment itself."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from hub import devices, validation
+from hub.api import auth
+from hub.api.state import hub_state
+from hub.tokens import Principal
+
+router = APIRouter(prefix="/api/v1", tags=["devices"])
+
+
+class EnrollmentTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tags: dict[str, str] = {}
+    expires_in: int = Field(86_400, ge=1, description="seconds until the token expires")
+    max_uses: int | None = Field(None, ge=1)
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(max_length=200)
+    public_key: str = Field(max_length=4096)
+    name: str = Field(max_length=128)
+    platform: str | None = Field(None, max_length=64)
+
+
+class TagsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    set: dict[str, str] = {}
+    remove: list[str] = []
+
+
+@router.post("/enrollment-tokens", status_code=201, summary="Create an enrollment token")
+def create_enrollment_token(
+    body: EnrollmentTokenRequest, request: Request, principal: Principal = auth.operator
+) -> dict[str, Any]:
+    request.state.audit = ("enrollment_token.create", "")
+    record, secret = devices.create_enrollment_token(
+        hub_state(request).db,
+        tags=body.tags,
+        expires_in=timedelta(seconds=body.expires_in),
+        max_uses=body.max_uses,
+        created_by=principal.name,
+    )
+    request.state.audit = ("enrollment_token.create", record["id"])
+    return {**record, "token": secret}
+
+
+@router.get("/enrollment-tokens", summary="List enrollment tokens")
+def list_enrollment_tokens(
+    request: Request, principal: Principal = auth.operator
+) -> list[dict[str, Any]]:
+    return devices.list_enrollment_tokens(hub_state(request).db)
+
+
+@router.delete("/enrollment-tokens/{token_id}", status_code=204, summary="Revoke one")
+def revoke_enrollment_token(
+    token_id: str, request: Request, principal: Principal = auth.operator
+) -> Response:
+    request.state.audit = ("enrollment_token.revoke", token_id)
+    devices.revoke_enrollment_token(hub_state(request).db, token_id)
+    return Response(status_code=204)
+
+
+@router.post("/enroll", status_code=201, summary="A device joins with an enrollment token")
+async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
+    state = hub_state(request)
+    request.state.audit_actor = "enrollment"
+    request.state.audit = ("device.enroll", body.name)
+    device = await run_in_threadpool(
+        lambda: devices.enroll(
+            state.db,
+            secret=body.token,
+            public_key=body.public_key,
+            name=body.name,
+            platform=body.platform,
+        )
+    )
+    request.state.audit = ("device.enroll", device["id"])
+    return {
+        "device": device,
+        "hub_public_key": state.signing_public_key,
+        "mqtt_url": state.mqtt_url,
+    }
+
+
+@router.get("/devices", summary="List devices")
+def list_devices(
+    request: Request,
+    tag: list[str] = Query([], description="key=value, may repeat (all must match)"),
+    limit: int = Query(1000, ge=1, le=100_000),
+    offset: int = Query(0, ge=0),
+    principal: Principal = auth.viewer,
+) -> list[dict[str, Any]]:
+    selectors = [validation.parse_tag_selector(t) for t in tag]
+    return devices.list_devices(hub_state(request).db, tags=selectors, limit=limit, offset=offset)
+
+
+@router.get("/devices/{device_id}", summary="Show one device")
+def show_device(
+    device_id: str, request: Request, principal: Principal = auth.viewer
+) -> dict[str, Any]:
+    return devices.get_device(hub_state(request).db, device_id)
+
+
+@router.patch("/devices/{device_id}/tags", summary="Set or remove device tags")
+def tag_device(
+    device_id: str, body: TagsRequest, request: Request, principal: Principal = auth.operator
+) -> dict[str, Any]:
+    request.state.audit = ("device.tag", device_id)
+    return devices.update_tags(
+        hub_state(request).db, device_id, set_tags=body.set, remove=body.remove
+    )

@@ -1,0 +1,72 @@
+"""Every error leaves the API as JSON {"error": ..., "detail": ...}.
+
+The handlers also note the detail on the request so the audit log can say
+why an action failed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hub.errors import HubError
+from hub.storage.blobs import BlobError
+from hub.validation import InvalidInput
+
+log = logging.getLogger("edgefleet.hub")
+
+
+def error_response(request: Request, status: int, error: str, detail: str) -> JSONResponse:
+    request.state.audit_detail = detail
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def _location(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "request"
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = exc.errors()
+    if any(p.get("type") == "json_invalid" or tuple(p["loc"]) == ("body",) for p in problems):
+        return error_response(
+            request, 400, "malformed JSON", "the request body must be a JSON object (Content-Type: application/json)"
+        )
+    detail = "; ".join(f"{_location(p['loc'])}: {p['msg']}" for p in problems[:10])
+    return error_response(request, 422, "invalid input", detail)
+
+
+async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
+    return error_response(request, exc.status, exc.error, exc.detail)
+
+
+async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
+    return error_response(request, 422, "invalid input", str(exc))
+
+
+async def _blob(request: Request, exc: BlobError) -> JSONResponse:
+    return error_response(request, 400, "bad blob", str(exc))
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    text = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "error")
+    return error_response(request, exc.status_code, text, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(request, 500, "internal error", "see the hub's log")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HubError, _hub_error)
+    app.add_exception_handler(InvalidInput, _invalid)
+    app.add_exception_handler(BlobError, _blob)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

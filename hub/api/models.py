@@ -1,0 +1,161 @@
+"""REST endpoints of the model registry and of blob uploads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
+
+from hub import registry, validation
+from hub.api import auth
+from hub.api.state import hub_state
+from hub.errors import BadRequest, NotFound
+from hub.storage.blobs import check_digest
+from hub.tokens import Principal
+
+router = APIRouter(prefix="/api/v1", tags=["models"])
+
+
+class FileRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(max_length=1024)
+    digest: str = Field(max_length=80)
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    files: list[FileRef] = Field(min_length=1, max_length=validation.MAX_FILES)
+    description: str = ""
+    tags: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    lineage: dict[str, Any] = {}
+
+
+def _version(text: str) -> int | str:
+    if text == "latest":
+        return text
+    if not text.isdigit() or len(text) > 9:
+        raise validation.InvalidInput(f"version must be a number or 'latest', got {text[:20]!r}")
+    return int(text)
+
+
+def _selectors(tag: list[str]) -> list[tuple[str, str]]:
+    return [validation.parse_tag_selector(t) for t in tag]
+
+
+@router.head("/blobs/{digest}", summary="Does the hub hold this blob?")
+def blob_exists(digest: str, request: Request, principal: Principal = auth.viewer) -> Response:
+    state = hub_state(request)
+    if not state.blobs.exists(check_digest(digest)):
+        return Response(status_code=404)
+    return Response(headers={"Content-Length": str(state.blobs.size(digest))})
+
+
+@router.post("/blobs", status_code=201, summary="Upload one file's bytes (streamed)")
+async def upload_blob(
+    request: Request,
+    digest: str | None = Query(None, description="sha256:<hex> the upload must match"),
+    principal: Principal = auth.operator,
+) -> dict[str, Any]:
+    state = hub_state(request)
+    if digest is not None:
+        check_digest(digest)
+    request.state.audit = ("blob.upload", digest or "")
+    declared = request.headers.get("content-length")
+    writer = state.blobs.writer()
+    try:
+        async for chunk in request.stream():
+            writer.write(chunk)
+    except ClientDisconnect:
+        writer.abort()
+        raise BadRequest(f"upload cut off after {writer.size} bytes; nothing was stored") from None
+    if declared is not None and declared.isdigit() and int(declared) != writer.size:
+        writer.abort()
+        raise BadRequest(f"upload truncated: got {writer.size} of {declared} bytes")
+    stored, size = await to_thread.run_sync(writer.commit, digest)
+    return {"digest": stored, "size": size}
+
+
+@router.post("/models/{name}/versions", status_code=201, summary="Register a new version")
+def register(
+    name: str, body: RegisterRequest, request: Request, principal: Principal = auth.operator
+) -> dict[str, Any]:
+    state = hub_state(request)
+    request.state.audit = ("model.register", name)
+    record = registry.register_version(
+        state.db,
+        state.blobs,
+        name=name,
+        files=[(f.path, f.digest) for f in body.files],
+        created_by=principal.name,
+        description=body.description,
+        tags=body.tags,
+        metrics=body.metrics,
+        lineage=body.lineage,
+    )
+    request.state.audit = ("model.register", f"{name}:{record['version']}")
+    return record
+
+
+@router.get("/models", summary="List models")
+def list_models(
+    request: Request,
+    tag: list[str] = Query([], description="key=value; only models with a version so tagged"),
+    principal: Principal = auth.viewer,
+) -> list[dict[str, Any]]:
+    return registry.list_models(hub_state(request).db, tags=_selectors(tag))
+
+
+@router.get("/models/{name}/versions", summary="List the versions of a model")
+def list_versions(
+    name: str,
+    request: Request,
+    tag: list[str] = Query([], description="key=value, may repeat (all must match)"),
+    limit: int = Query(100, ge=1, le=10_000),
+    offset: int = Query(0, ge=0),
+    principal: Principal = auth.viewer,
+) -> list[dict[str, Any]]:
+    return registry.list_versions(
+        hub_state(request).db, name, tags=_selectors(tag), limit=limit, offset=offset
+    )
+
+
+@router.get("/models/{name}/versions/{version}", summary="Show one version")
+def show_version(
+    name: str, version: str, request: Request, principal: Principal = auth.viewer
+) -> dict[str, Any]:
+    return registry.get_version(hub_state(request).db, name, _version(version))
+
+
+@router.get("/models/{name}/versions/{version}/files/{path:path}", summary="Download a file")
+def download_file(
+    name: str, version: str, path: str, request: Request, principal: Principal = auth.viewer
+) -> FileResponse:
+    state = hub_state(request)
+    found = registry.version_file(state.db, name, _version(version), path)
+    if not state.blobs.exists(found["digest"]):
+        raise NotFound(f"the bytes of {path!r} ({found['digest']}) are missing from the blob store")
+    return FileResponse(
+        state.blobs.local_path(found["digest"]),
+        media_type="application/octet-stream",
+        headers={"X-Content-Digest": found["digest"]},
+    )
+
+
+@router.delete("/models/{name}/versions/{version}", status_code=204, summary="Delete a version")
+async def delete_version(
+    name: str, version: str, request: Request, principal: Principal = auth.operator
+) -> Response:
+    state = hub_state(request)
+    request.state.audit = ("model.delete", f"{name}:{version}")
+    number = _version(version)
+    if number == "latest":
+        raise validation.InvalidInput("name the version to delete explicitly, not 'latest'")
+    await run_in_threadpool(registry.delete_version, state.db, state.blobs, name, number)
+    return Response(status_code=204)
+

@@ -1,0 +1,28 @@
+"""What the REST handlers share: the database, the blob store and the settings.
+
+One HubState is built by the server and hung on `app.state.hub`; handlers get
+it through the `hub_state` dependency, never from a module global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from hub.settings import HubSettings
+from hub.storage.blobs import BlobStore
+from hub.storage.db import Database
+
+
+@dataclass
+class HubState:
+    settings: HubSettings
+    db: Database
+    blobs: BlobStore
+    signing_public_key: str
+    mqtt_url: str
+
+
+def hub_state(request: Request) -> HubState:
+    return request.app.state.hub

@@ -1,0 +1,107 @@
+"""`edgefleet login`, `edgefleet token ...` and `edgefleet audit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hub.cli.config import Connection, write_config
+from hub.cli.client import HubClient
+from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
+
+
+@click.command()
+@click.option("--hub", required=True, envvar="EDGEFLEET_HUB", help="Hub URL, e.g. http://hub:8080.")
+@click.option("--token", envvar="EDGEFLEET_TOKEN", help="API token.")
+@click.option(
+    "--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the token from this file (e.g. the hub's admin-token).",
+)
+def login(hub: str, token: str | None, token_file: Path | None) -> None:
+    """Check a hub URL and token, then save them for later commands.
+
+    Example: edgefleet login --hub http://127.0.0.1:8080 --token-file ./edgefleet-data/admin-token
+    """
+    if token_file is not None:
+        token = token_file.read_text().strip()
+    if not token:
+        raise click.UsageError("give --token or --token-file")
+    connection = Connection(hub.rstrip("/"), token)
+    me = HubClient(connection).get("/api/v1/whoami")
+    path = write_config({"hub": connection.hub, "token": token})
+    console.print(f"Logged in to {connection.hub} as {me['name']} ({me['role']}); saved to {path}")
+
+
+@click.group()
+def token() -> None:
+    """API tokens for people and scripts (admin only)."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option(
+    "--role", type=click.Choice(["viewer", "operator", "admin"]), default="viewer",
+    show_default=True, help="viewer reads; operator also changes models and devices; admin also manages tokens.",
+)
+@hub_options
+@json_option
+def token_create(name: str, role: str, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Create an API token; it is shown only once.
+
+    Example: edgefleet token create ci-pipeline --role operator
+    """
+    record = client(hub, token).post("/api/v1/tokens", json={"name": name, "role": role})
+    if as_json:
+        emit_one(record, as_json=True)
+        return
+    console.print(f"API token {record['id']} ({record['name']}, {record['role']}):")
+    click.echo(record["token"])
+
+
+@token.command("list")
+@hub_options
+@json_option
+def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
+    """List API tokens.
+
+    Example: edgefleet token list
+    """
+    rows = client(hub, token).get("/api/v1/tokens")
+    emit(rows, ["id", "name", "role", "created_at", "created_by", "revoked_at"], as_json=as_json)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@hub_options
+@json_option
+def token_revoke(token_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Revoke an API token at once.
+
+    Example: edgefleet token revoke tok-1a2b3c4d
+    """
+    record = client(hub, token).delete(f"/api/v1/tokens/{token_id}").json()
+    if as_json:
+        emit_one(record, as_json=True)
+    else:
+        console.print(f"Revoked {token_id} ({record['name']})")
+
+
+@click.command()
+@click.option("--limit", default=50, show_default=True, help="Newest entries to show.")
+@click.option("--actor", help="Only this token name.")
+@click.option("--action", help="Only actions starting with this, e.g. model.")
+@hub_options
+@json_option
+def audit(
+    limit: int, actor: str | None, action: str | None, hub: str | None, token: str | None,
+    as_json: bool,
+) -> None:
+    """Show the audit log: who did what, when, and the result.
+
+    Example: edgefleet audit --action model. --limit 20
+    """
+    rows = client(hub, token).get(
+        "/api/v1/audit", params={"limit": limit, "actor": actor, "action": action}
+    )
+    emit(rows, ["at", "actor", "action", "target", "result", "status", "detail"], as_json=as_json)

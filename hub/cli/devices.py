@@ -1,0 +1,128 @@
+"""`edgefleet device ...`: enrollment tokens, the device list, device tags."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} should look like 30m, 12h or 7d", param_hint="--expires")
+    return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+@click.group()
+def device() -> None:
+    """List devices, edit their tags, and make enrollment tokens."""
+
+
+@device.group()
+def token() -> None:
+    """Enrollment tokens that let new devices join."""
+
+
+@token.command("create")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE given to devices that enroll.")
+@click.option("--expires", default="24h", show_default=True, help="Lifetime: 30m, 12h, 7d.")
+@click.option("--max-uses", type=click.IntRange(min=1), help="How many devices may use it.")
+@hub_options
+@json_option
+def token_create(
+    tags: tuple[str, ...], expires: str, max_uses: int | None, hub: str | None,
+    token: str | None, as_json: bool,
+) -> None:
+    """Create an enrollment token; it is shown only once.
+
+    Example: edgefleet device token create --tag site=berlin --expires 7d --max-uses 50
+    """
+    record = client(hub, token).post(
+        "/api/v1/enrollment-tokens",
+        json={"tags": parse_pairs(tags, "--tag"), "expires_in": parse_duration(expires),
+              "max_uses": max_uses},
+    )
+    if as_json:
+        emit_one(record, as_json=True)
+        return
+    console.print(f"Enrollment token {record['id']} (expires {record['expires_at']}):")
+    click.echo(record["token"])
+    console.print("[dim]On the device: edgefleet agent run --hub URL --token <token>[/dim]")
+
+
+@token.command("list")
+@hub_options
+@json_option
+def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
+    """List enrollment tokens (their secrets are not stored).
+
+    Example: edgefleet device token list --json
+    """
+    rows = client(hub, token).get("/api/v1/enrollment-tokens")
+    emit(rows, ["id", "tags", "uses", "max_uses", "expires_at", "revoked_at"], as_json=as_json)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@hub_options
+def token_revoke(token_id: str, hub: str | None, token: str | None) -> None:
+    """Revoke an enrollment token; enrolled devices keep working.
+
+    Example: edgefleet device token revoke enr-1a2b3c4d
+    """
+    client(hub, token).delete(f"/api/v1/enrollment-tokens/{token_id}")
+    console.print(f"Revoked {token_id}")
+
+
+@device.command("list")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE filter, repeatable.")
+@hub_options
+@json_option
+def list_(tags: tuple[str, ...], hub: str | None, token: str | None, as_json: bool) -> None:
+    """List enrolled devices.
+
+    Example: edgefleet device list --tag site=berlin
+    """
+    rows = client(hub, token).get("/api/v1/devices", params={"tag": list(tags)})
+    emit(rows, ["id", "name", "status", "platform", "tags", "last_seen"], as_json=as_json)
+
+
+@device.command()
+@click.argument("device_id")
+@hub_options
+@json_option
+def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Show one device: tags, platform, inventory, reported state.
+
+    Example: edgefleet device show dev-0a1b2c3d4e5f
+    """
+    emit_one(client(hub, token).get(f"/api/v1/devices/{device_id}"), as_json=as_json)
+
+
+@device.command()
+@click.argument("device_id")
+@click.argument("changes", nargs=-1, required=True)
+@hub_options
+@json_option
+def tag(
+    device_id: str, changes: tuple[str, ...], hub: str | None, token: str | None, as_json: bool
+) -> None:
+    """Set tags with KEY=VALUE, remove them with KEY-.
+
+    Example: edgefleet device tag dev-0a1b2c3d4e5f site=berlin stage- arch=arm64
+    """
+    remove = [c[:-1] for c in changes if c.endswith("-") and "=" not in c]
+    to_set = parse_pairs([c for c in changes if not (c.endswith("-") and "=" not in c)], "CHANGES")
+    record = client(hub, token).patch(
+        f"/api/v1/devices/{device_id}/tags", json={"set": to_set, "remove": remove}
+    )
+    if as_json:
+        emit_one(record, as_json=True)
+    else:
+        console.print(f"{device_id} tags: " + ", ".join(f"{k}={v}" for k, v in record["tags"].items()))

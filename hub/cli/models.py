@@ -1,0 +1,212 @@
+"""`edgefleet model ...`: register, list, show, download and delete model versions."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import click
+
+from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
+from hub.cli.transfer import download_file, progress_bar, upload_file
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """NAME:VERSION, NAME:latest or NAME (meaning latest)."""
+    name, _, version = ref.partition(":")
+    version = version or "latest"
+    if not name or not (version.isdigit() or version == "latest"):
+        raise click.BadParameter(f"{ref!r} should look like NAME:VERSION, e.g. diabetes:2")
+    return name, version
+
+
+def collect_files(path: Path) -> dict[str, Path]:
+    """Map relative POSIX names to files: one file, or everything under a directory."""
+    if path.is_file():
+        return {path.name: path}
+    if not path.is_dir():
+        raise click.BadParameter(f"{path} is neither a file nor a directory", param_hint="PATH")
+    files = {
+        p.relative_to(path).as_posix(): p
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and ".git" not in p.relative_to(path).parts
+    }
+    if not files:
+        raise click.BadParameter(f"{path} holds no files", param_hint="PATH")
+    return files
+
+
+def git_lineage(path: Path) -> dict[str, Any]:
+    """The commit and dirty flag of the git work tree PATH sits in, if any."""
+    where = path if path.is_dir() else path.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(git("status", "--porcelain", "--", "."))}
+
+
+@click.group()
+def model() -> None:
+    """Register, list, show, download and delete model versions."""
+
+
+@model.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", required=True, help="Model name (lower case, e.g. diabetes).")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--metric", "metrics", multiple=True, help="KEY=NUMBER, repeatable.")
+@click.option("--description", default="", help="Free text.")
+@click.option("--dataset-digest", help="Digest of the training data, for lineage.")
+@click.option("--run-id", help="Training run id (e.g. from MLflow), for lineage.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@hub_options
+@json_option
+def register(
+    path: Path, name: str, tags: tuple[str, ...], metrics: tuple[str, ...], description: str,
+    dataset_digest: str | None, run_id: str | None, quiet: bool, hub: str | None,
+    token: str | None, as_json: bool,
+) -> None:
+    """Register a file or a directory of files as the next version of NAME.
+
+    The framework (ONNX, OpenVINO IR, TFLite) and the input/output signature
+    are read from the files. Inside a git work tree the commit and dirty flag
+    are recorded too.
+
+    Example: edgefleet model register model.onnx --name diabetes --tag team=health --metric rmse=53.1
+    """
+    metric_values: dict[str, float] = {}
+    for key, value in parse_pairs(metrics, "--metric").items():
+        try:
+            metric_values[key] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{key}={value}: not a number", param_hint="--metric")
+    lineage = git_lineage(path)
+    if dataset_digest:
+        lineage["dataset_digest"] = dataset_digest
+    if run_id:
+        lineage["run_id"] = run_id
+    files = collect_files(path)
+    hub_client = client(hub, token)
+    refs = []
+    with progress_bar(quiet=quiet or as_json) as progress:
+        for rel, file in files.items():
+            task = progress.add_task(f"upload {rel}", total=file.stat().st_size)
+            refs.append({"path": rel, "digest": upload_file(hub_client, file, progress, task)})
+    record = hub_client.post(
+        f"/api/v1/models/{name}/versions",
+        json={
+            "files": refs, "description": description, "tags": parse_pairs(tags, "--tag"),
+            "metrics": metric_values, "lineage": lineage,
+        },
+    )
+    if as_json:
+        emit_one(record, as_json=True)
+    else:
+        console.print(
+            f"Registered [bold]{record['name']}:{record['version']}[/bold] "
+            f"({record['framework'] or 'unknown framework'}, {len(record['files'])} file(s))"
+        )
+
+
+@model.command("list")
+@click.argument("name", required=False)
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE filter, repeatable (all must match).")
+@click.option("--limit", default=100, show_default=True, help="At most this many versions.")
+@hub_options
+@json_option
+def list_(
+    name: str | None, tags: tuple[str, ...], limit: int, hub: str | None, token: str | None,
+    as_json: bool,
+) -> None:
+    """List models, or the versions of NAME.
+
+    Example: edgefleet model list diabetes --tag stage=prod
+    """
+    params = {"tag": list(tags)}
+    if name is None:
+        rows = client(hub, token).get("/api/v1/models", params=params)
+        emit(rows, ["name", "versions", "latest_version", "updated_at"], as_json=as_json)
+        return
+    rows = client(hub, token).get(
+        f"/api/v1/models/{name}/versions", params={**params, "limit": limit}
+    )
+    emit(
+        rows,
+        ["name", "version", "framework", "size", "tags", "metrics", "created_at"],
+        as_json=as_json,
+    )
+
+
+@model.command()
+@click.argument("ref")
+@hub_options
+@json_option
+def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Show one version: files, signature, tags, metrics, lineage.
+
+    Example: edgefleet model show diabetes:2
+    """
+    name, version = parse_ref(ref)
+    emit_one(client(hub, token).get(f"/api/v1/models/{name}/versions/{version}"), as_json=as_json)
+
+
+@model.command()
+@click.argument("ref")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Directory to write into [default: NAME-VERSION]."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@hub_options
+def download(ref: str, out: Path | None, quiet: bool, hub: str | None, token: str | None) -> None:
+    """Download a version's files; each is checked against its digest.
+
+    Example: edgefleet model download diabetes:2 --out ./diabetes
+    """
+    name, version = parse_ref(ref)
+    hub_client = client(hub, token)
+    record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
+    out = out or Path(f"{name}-{record['version']}")
+    with progress_bar(quiet=quiet) as progress:
+        for f in record["files"]:
+            rel = PurePosixPath(f["path"])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise click.ClickException(f"refusing unsafe file name from the hub: {f['path']!r}")
+            task = progress.add_task(f"download {f['path']}", total=f["size"])
+            download_file(
+                hub_client,
+                f"/api/v1/models/{name}/versions/{record['version']}/files/{f['path']}",
+                out / rel,
+                f["digest"],
+                progress,
+                task,
+            )
+    console.print(f"Downloaded {name}:{record['version']} into {out}/")
+
+
+@model.command()
+@click.argument("ref")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@hub_options
+def delete(ref: str, yes: bool, hub: str | None, token: str | None) -> None:
+    """Delete one version (refused while a device runs it).
+
+    Example: edgefleet model delete diabetes:1 --yes
+    """
+    name, version = parse_ref(ref)
+    if version == "latest":
+        raise click.BadParameter("name the version to delete, e.g. diabetes:1", param_hint="REF")
+    if not yes:
+        click.confirm(f"Delete {name}:{version}?", abort=True)
+    client(hub, token).delete(f"/api/v1/models/{name}/versions/{version}")
+    console.print(f"Deleted {name}:{version}")

@@ -1,0 +1,85 @@
+"""Streaming uploads and downloads with progress bars and digest checks.
+
+Files move in 1 MiB chunks and are hashed on the way, so a 1 GB model is
+read once and never held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from hub.cli.client import HubClient
+
+CHUNK = 1 << 20
+
+
+def progress_bar(*, quiet: bool = False) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
+    )
+
+
+def upload_file(client: HubClient, path: Path, progress: Progress, task: int) -> str:
+    """Send PATH to the hub's blob store; returns its digest, checked on both ends."""
+    sha = hashlib.sha256()
+    size = path.stat().st_size
+
+    def chunks() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                sha.update(chunk)
+                progress.advance(task, len(chunk))
+                yield chunk
+
+    answer = client.post(
+        "/api/v1/blobs",
+        content=chunks(),
+        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+    )
+    digest = "sha256:" + sha.hexdigest()
+    if answer.get("digest") != digest or answer.get("size") != size:
+        raise click.ClickException(
+            f"{path}: the hub stored {answer.get('digest')} ({answer.get('size')} bytes) but the "
+            f"file is {digest} ({size} bytes); did it change during the upload?"
+        )
+    return digest
+
+
+def download_file(
+    client: HubClient, url: str, dest: Path, digest: str, progress: Progress, task: int
+) -> None:
+    """Fetch URL into DEST through a temporary file, keeping it only if the digest matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    sha = hashlib.sha256()
+    try:
+        with client.stream(url) as response, open(tmp, "wb") as out:
+            for chunk in response.iter_bytes(CHUNK):
+                out.write(chunk)
+                sha.update(chunk)
+                progress.advance(task, len(chunk))
+        got = "sha256:" + sha.hexdigest()
+        if got != digest:
+            raise click.ClickException(f"{dest.name}: downloaded bytes are {got}, expected {digest}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

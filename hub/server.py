@@ -1,0 +1,126 @@
+"""`edgefleet hub serve`: first-start setup, then the REST API and the broker.
+
+The REST API (uvicorn) and, unless an external broker is named, the embedded
+MQTT broker (amqtt) share one asyncio loop in one process. uvicorn owns
+SIGINT/SIGTERM; when it returns, the broker is shut down after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+
+from hub import tokens
+from hub.api.app import create_app
+from hub.api.state import HubState
+from hub.settings import HubSettings
+from hub.storage.blobs import FileBlobStore
+from hub.storage.db import Database
+from packager import signing
+
+log = logging.getLogger("edgefleet.hub")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The ports actually in use (a setting of 0 means "pick a free one")."""
+
+    api_url: str
+    mqtt_url: str
+    embedded_broker: bool
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _write_secret(path: os.PathLike[str], text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
+    """Create what a first start needs; later starts find it and reuse it."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = Database(settings.db_path)
+    blobs = FileBlobStore(settings.blob_dir)
+
+    if not settings.signing_key_path.exists():
+        signing.write_private_key(signing.generate_private_key(), settings.signing_key_path)
+        say(f"Created the hub's signing key: {settings.signing_key_path} (mode 0600)")
+    key = signing.load_private_key(settings.signing_key_path)
+
+    if not settings.admin_token_path.exists():
+        _, secret = tokens.create(db, name="admin", role="admin", created_by="hub")
+        _write_secret(settings.admin_token_path, secret)
+        say(f"Created an admin API token in {settings.admin_token_path} (mode 0600)")
+    return HubState(
+        settings=settings,
+        db=db,
+        blobs=blobs,
+        signing_public_key=signing.public_key_pem(key),
+        mqtt_url=settings.mqtt_url or "",
+    )
+
+
+def bind(settings: HubSettings) -> Bound:
+    port = settings.port or free_port(settings.host)
+    if settings.mqtt_url:
+        return Bound(f"http://{settings.host}:{port}", settings.mqtt_url, embedded_broker=False)
+    mqtt_port = settings.mqtt_port or free_port(settings.host)
+    return Bound(
+        f"http://{settings.host}:{port}", f"mqtt://{settings.host}:{mqtt_port}", True
+    )
+
+
+def _broker_config(mqtt_url: str) -> dict:
+    host_port = mqtt_url.removeprefix("mqtt://")
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": host_port}},
+        "plugins": {
+            # Devices authenticate with per-device credentials once the agent
+            # work lands; until then the embedded broker is open on its bind address.
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+        },
+    }
+
+
+async def _run(state: HubState, bound: Bound) -> None:
+    broker = None
+    if bound.embedded_broker:
+        from amqtt.broker import Broker
+
+        broker = Broker(_broker_config(bound.mqtt_url))
+        await broker.start()
+    host, _, port = bound.api_url.removeprefix("http://").rpartition(":")
+    config = uvicorn.Config(
+        create_app(state), host=host, port=int(port), log_level="info", access_log=False
+    )
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        if broker is not None:
+            await broker.shutdown()
+
+
+def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bound = bind(settings)
+    state = initialise(settings, say)
+    state.mqtt_url = bound.mqtt_url
+    broker_kind = "embedded broker" if bound.embedded_broker else "external broker"
+    say(f"REST API on {bound.api_url} (OpenAPI docs at {bound.api_url}/docs)")
+    say(f"MQTT on {bound.mqtt_url} ({broker_kind})")
+    say(f"Log in with: edgefleet login --hub {bound.api_url} --token-file {settings.admin_token_path}")
+    asyncio.run(_run(state, bound))

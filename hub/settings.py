@@ -1,0 +1,55 @@
+"""The hub's settings, each declared once with its help text.
+
+`edgefleet hub serve` builds its options from the fields of HubSettings, so
+the help text, the defaults and the docs all come from this one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def _setting(default: object, help: str) -> object:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    data_dir: Path = _setting(
+        Path("./edgefleet-data"), "Where the hub keeps its database, blobs and keys."
+    )  # type: ignore[assignment]
+    host: str = _setting(
+        "127.0.0.1", "Address the REST API and the embedded broker listen on."
+    )  # type: ignore[assignment]
+    port: int = _setting(8080, "Port of the REST API (0 picks a free one).")  # type: ignore[assignment]
+    mqtt_port: int = _setting(
+        1883, "Port of the embedded MQTT broker (0 picks a free one)."
+    )  # type: ignore[assignment]
+    mqtt_url: str | None = _setting(
+        None, "Use this broker (mqtt://HOST:PORT) instead of starting the embedded one."
+    )  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.mqtt_url is not None:
+            parts = urlsplit(self.mqtt_url)
+            if parts.scheme != "mqtt" or not parts.hostname:
+                raise ValueError(f"--mqtt-url must look like mqtt://HOST:PORT, got {self.mqtt_url!r}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "hub.db"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "keys" / "hub-signing.key"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"

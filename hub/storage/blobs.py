@@ -1,0 +1,114 @@
+"""Content-addressed blob storage (sha256), behind a small interface.
+
+The hub stores every file it holds (model files now, package layers later)
+once, under its digest. FileBlobStore keeps them in a directory; an object
+store can implement the same BlobStore protocol when one disk is not enough.
+Writes stream: a blob never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class BlobError(Exception):
+    """A blob is missing, or its bytes do not match the digest promised for it."""
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST_RE.match(digest):
+        raise BlobError(f"not a sha256 digest: {digest[:80]!r} (expected sha256:<64 hex digits>)")
+    return digest
+
+
+class BlobWriter(Protocol):
+    def write(self, chunk: bytes) -> None: ...
+    def commit(self, expected_digest: str | None = None) -> tuple[str, int]: ...
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def exists(self, digest: str) -> bool: ...
+    def size(self, digest: str) -> int: ...
+    def open(self, digest: str) -> BinaryIO: ...
+    def local_path(self, digest: str) -> Path: ...
+    def writer(self) -> BlobWriter: ...
+    def delete(self, digest: str) -> None: ...
+
+
+class _FileBlobWriter:
+    """Streams into a temporary file while hashing; commit moves it into place."""
+
+    def __init__(self, store: FileBlobStore) -> None:
+        self._store = store
+        self._tmp = store.root / "tmp" / uuid.uuid4().hex
+        self._file: BinaryIO = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self, expected_digest: str | None = None) -> tuple[str, int]:
+        digest = "sha256:" + self._hash.hexdigest()
+        if expected_digest is not None and expected_digest != digest:
+            self.abort()
+            raise BlobError(
+                f"content does not match its digest: expected {expected_digest}, got {digest} "
+                f"({self.size} bytes received)"
+            )
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._store.local_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Same digest, same bytes: if another upload got there first, keep its copy.
+        os.replace(self._tmp, final)
+        return digest, self.size
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class FileBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        # Leftovers of uploads cut off by a crash are never referenced: drop them.
+        for leftover in (root / "tmp").iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def local_path(self, digest: str) -> Path:
+        hexdigest = check_digest(digest).removeprefix("sha256:")
+        return self.root / "sha256" / hexdigest[:2] / hexdigest
+
+    def exists(self, digest: str) -> bool:
+        return self.local_path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.local_path(digest).stat().st_size
+        except FileNotFoundError:
+            raise BlobError(f"blob {digest} not found") from None
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.local_path(digest), "rb")
+        except FileNotFoundError:
+            raise BlobError(f"blob {digest} not found") from None
+
+    def writer(self) -> _FileBlobWriter:
+        return _FileBlobWriter(self)
+
+    def delete(self, digest: str) -> None:
+        self.local_path(digest).unlink(missing_ok=True)

@@ -1,0 +1,136 @@
+"""The hub's metadata database: SQLite in WAL mode, one connection per thread.
+
+Everything the hub knows except blob bytes lives here. The schema is created
+on open. Writers take the write lock up front (BEGIN IMMEDIATE) so that
+read-then-write sequences, like picking the next version number, cannot race.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+def now() -> str:
+    """Timestamps are UTC ISO 8601 strings with a Z: sortable as text."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    db.enable_wal()
+    if "models" in db.table_names():
+        return
+    db["models"].create(
+        {"name": str, "created_at": str, "next_version": int}, pk="name"
+    )
+    db["model_versions"].create(
+        {
+            "id": int, "model": str, "version": int, "created_at": str, "created_by": str,
+            "description": str, "tags": str, "metrics": str, "lineage": str,
+            "framework": str, "entrypoint": str, "signature": str, "size": int,
+        },
+        pk="id",
+        foreign_keys=[("model", "models", "name")],
+        not_null={"model", "version", "created_at"},
+    )
+    db["model_versions"].create_index(["model", "version"], unique=True)
+    db["model_files"].create(
+        {"version_id": int, "path": str, "digest": str, "size": int},
+        pk=("version_id", "path"),
+        foreign_keys=[("version_id", "model_versions", "id")],
+    )
+    db["model_files"].create_index(["digest"])
+    # Filled in by the agent and rollout work; the registry only asks whether
+    # an active row still needs a version.
+    db["deployments"].create(
+        {"id": int, "device_id": str, "name": str, "model": str, "version": int,
+         "active": int, "created_at": str},
+        pk="id",
+    )
+    db["deployments"].create_index(["model", "version"])
+    db["devices"].create(
+        {"id": str, "name": str, "tags": str, "public_key": str, "platform": str,
+         "inventory": str, "reported": str, "status": str, "last_seen": str,
+         "enrolled_at": str, "enrollment_token_id": str},
+        pk="id",
+    )
+    db["enrollment_tokens"].create(
+        {"id": str, "token_hash": str, "tags": str, "expires_at": str, "max_uses": int,
+         "uses": int, "created_at": str, "created_by": str, "revoked_at": str},
+        pk="id",
+    )
+    db["enrollment_tokens"].create_index(["token_hash"], unique=True)
+    db["api_tokens"].create(
+        {"id": str, "name": str, "role": str, "token_hash": str, "created_at": str,
+         "created_by": str, "revoked_at": str},
+        pk="id",
+    )
+    db["api_tokens"].create_index(["token_hash"], unique=True)
+    db["audit"].create(
+        {"id": int, "at": str, "actor": str, "action": str, "target": str,
+         "status": int, "result": str, "detail": str},
+        pk="id",
+    )
+    db["audit"].create_index(["at"])
+    db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+
+
+class Database:
+    """Thread-safe access to the hub's SQLite file.
+
+    Each thread gets its own connection (sqlite3 connections are not to be
+    shared across threads); WAL lets readers run beside the one writer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        _create_schema(sqlite_utils.Database(self._connect()))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+        return [dict(row) for row in self.conn.execute(sql, params)]
+
+    def query_one(self, sql: str, params: tuple | dict = ()) -> dict[str, Any] | None:
+        row = self.conn.execute(sql, params).fetchone()
+        return dict(row) if row is not None else None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding the write lock from its first statement."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
