@@ -1,17 +1,19 @@
 """`edgefleet hub serve`: first-start setup, then the REST API and the broker.
 
 The REST API (uvicorn) and, unless an external broker is named, the embedded
-MQTT broker (amqtt) share one asyncio loop in one process. uvicorn owns
-SIGINT/SIGTERM; when it returns, the broker is shut down after it.
+MQTT broker (amqtt) share one asyncio loop in one process. SIGINT/SIGTERM
+stop uvicorn gracefully; then the broker is shut down and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -94,6 +96,25 @@ def _broker_config(mqtt_url: str) -> dict:
     }
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM after shutdown, so the process would
+    end "killed by signal"; we handle the signals ourselves and exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _stop(self) -> None:
+        self.should_exit = True
+
+
 async def _run(state: HubState, bound: Bound) -> None:
     broker = None
     if bound.embedded_broker:
@@ -106,7 +127,7 @@ async def _run(state: HubState, bound: Bound) -> None:
         create_app(state), host=host, port=int(port), log_level="info", access_log=False
     )
     try:
-        await uvicorn.Server(config).serve()
+        await _Server(config).serve()
     finally:
         if broker is not None:
             await broker.shutdown()

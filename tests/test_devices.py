@@ -1,0 +1,65 @@
+"""Enrollment tokens, enrollment, and the device list through the CLI."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from conftest import Cli
+from packager import signing
+
+
+def enroll(hub_url: str, token: str, name: str) -> httpx.Response:
+    key = signing.public_key_pem(signing.generate_private_key())
+    return httpx.post(
+        f"{hub_url}/api/v1/enroll",
+        json={"token": token, "public_key": key, "name": name, "platform": "linux/amd64"},
+    )
+
+
+def test_enrollment_token_lifecycle_and_device_tags(cli: Cli, api: httpx.Client) -> None:
+    made = cli.json("device", "token", "create", "--tag", "site=berlin", "--max-uses", "2")
+    assert made["token"].startswith("efe_") and made["tags"] == {"site": "berlin"}
+    hub_url = str(api.base_url)
+    first = enroll(hub_url, made["token"], "cam-1")
+    assert first.status_code == 201, first.text
+    answer = first.json()
+    assert answer["hub_public_key"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert answer["device"]["tags"] == {"site": "berlin"}
+    assert enroll(hub_url, made["token"], "cam-2").status_code == 201
+    spent = enroll(hub_url, made["token"], "cam-3")
+    assert spent.status_code == 401 and "already used 2 times" in spent.json()["detail"]
+
+    device_id = answer["device"]["id"]
+    listed = cli.json("device", "list", "--tag", "site=berlin")
+    assert {d["name"] for d in listed} >= {"cam-1", "cam-2"}
+    cli.run("device", "tag", device_id, "arch=arm64", "site-")
+    shown = cli.json("device", "show", device_id)
+    assert shown["tags"] == {"arch": "arm64"}
+    assert device_id not in {d["id"] for d in cli.json("device", "list", "--tag", "site=berlin")}
+    tokens = {t["id"]: t for t in cli.json("device", "token", "list")}
+    assert tokens[made["id"]]["uses"] == 2 and "token" not in tokens[made["id"]]
+
+
+def test_expired_revoked_and_unknown_tokens_are_refused(cli: Cli, api: httpx.Client) -> None:
+    hub_url = str(api.base_url)
+    short = api.post("/api/v1/enrollment-tokens", json={"expires_in": 1}).json()
+    time.sleep(1.2)
+    expired = enroll(hub_url, short["token"], "late")
+    assert expired.status_code == 401 and "expired" in expired.json()["detail"]
+    revoked = cli.json("device", "token", "create")
+    cli.run("device", "token", "revoke", revoked["id"])
+    assert "revoked" in enroll(hub_url, revoked["token"], "x").json()["detail"]
+    assert enroll(hub_url, "efe_unknown", "x").status_code == 401
+    malformed = httpx.post(f"{hub_url}/api/v1/enroll", json={"token": 5})
+    assert malformed.status_code == 422
+
+
+def test_device_errors(cli: Cli, api: httpx.Client) -> None:
+    missing = cli.run("device", "show", "dev-nope", ok=False)
+    assert "no device with id 'dev-nope'" in missing.stderr
+    bad_tag = api.patch("/api/v1/devices/dev-nope/tags", json={"set": {"": "x"}})
+    assert bad_tag.status_code == 422
+    bad_duration = cli.run("device", "token", "create", "--expires", "soon", ok=False)
+    assert "30m, 12h or 7d" in bad_duration.stderr

@@ -1,0 +1,64 @@
+"""`edgefleet hub serve` itself: first start, restart, secrets, shutdown, broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import httpx
+
+from hubproc import start_hub
+
+
+def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    hub = start_hub(data)
+    try:
+        key = data / "keys" / "hub-signing.key"
+        token_file = data / "admin-token"
+        for secret in (key, token_file):
+            assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+        assert str(token_file) in hub.log() and str(key) in hub.log()
+        # the secrets themselves never reach the log
+        assert hub.admin_token not in hub.log() and "PRIVATE KEY" not in hub.log()
+        # the embedded broker accepts MQTT connections
+        with socket.create_connection(("127.0.0.1", hub.mqtt_port), timeout=5):
+            pass
+        first_key, first_token = key.read_bytes(), hub.admin_token
+    finally:
+        assert hub.stop(signal.SIGTERM) == 0
+    again = start_hub(data)
+    try:
+        assert key.read_bytes() == first_key and again.admin_token == first_token
+        assert "Created" not in again.log().split("Uvicorn running")[-1]
+        ok = httpx.get(f"{again.url}/api/v1/whoami",
+                       headers={"Authorization": f"Bearer {first_token}"})
+        assert ok.json()["role"] == "admin"
+        assert httpx.get(f"{again.url}/docs").status_code == 200
+        assert "/api/v1/models" in httpx.get(f"{again.url}/openapi.json").json()["paths"]
+    finally:
+        assert again.stop(signal.SIGINT) == 0
+
+
+def test_external_broker_url_skips_the_embedded_one(tmp_path: Path) -> None:
+    hub = start_hub(tmp_path / "data", extra_args=("--mqtt-url", "mqtt://127.0.0.1:1"))
+    try:
+        assert httpx.get(f"{hub.url}/api/v1/health").json()["mqtt_url"] == "mqtt://127.0.0.1:1"
+        assert "external broker" in hub.log()
+    finally:
+        assert hub.stop() == 0
+
+
+def test_bad_mqtt_url_is_a_usage_error(tmp_path: Path) -> None:
+    import subprocess
+
+    from hubproc import EDGEFLEET
+
+    done = subprocess.run(
+        [*EDGEFLEET, "hub", "serve", "--data-dir", str(tmp_path), "--mqtt-url", "tcp://x"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and "mqtt://HOST:PORT" in done.stderr
