@@ -78,6 +78,7 @@ async def upload_blob(
         writer.abort()
         raise BadRequest(f"upload truncated: got {writer.size} of {declared} bytes")
     stored, size = await to_thread.run_sync(writer.commit, digest)
+    request.state.audit = ("blob.upload", stored)
     return {"digest": stored, "size": size}
 
 

@@ -158,7 +158,20 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     Example: edgefleet model show diabetes:2
     """
     name, version = parse_ref(ref)
-    emit_one(client(hub, token).get(f"/api/v1/models/{name}/versions/{version}"), as_json=as_json)
+    record = client(hub, token).get(f"/api/v1/models/{name}/versions/{version}")
+    if as_json:
+        emit_one(record, as_json=True)
+        return
+    signature = record.pop("signature") or {"inputs": [], "outputs": []}
+    files = record.pop("files")
+    deployments = record.pop("deployments")
+    emit_one(record, as_json=False)
+    for kind in ("inputs", "outputs"):
+        for t in signature[kind]:
+            console.print(f"[bold]{kind[:-1]}[/bold]: {t['name']} {t['datatype']} {t['shape']}")
+    emit(files, ["path", "size", "digest"], as_json=False)
+    if deployments:
+        console.print("[bold]deployed on[/bold]: " + ", ".join(d["device_id"] for d in deployments))
 
 
 @model.command()
