@@ -23,7 +23,7 @@ import numpy as np
 from packager.modelfile import Signature
 
 
-class RuntimeError_(Exception):
+class ModelRuntimeError(Exception):
     """A model could not be loaded or run; the message says what and why."""
 
 
