@@ -15,7 +15,7 @@ from typing import Any
 from hub import validation
 from hub.errors import NotFound, Unauthorized
 from hub.storage.db import Database, dumps, now
-from hub.tokens import hash_secret, new_secret
+from hub.tokens import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
 from hub.validation import InvalidInput
 
 ENROLL_PREFIX = "efe_"
@@ -81,8 +81,12 @@ def revoke_enrollment_token(db: Database, token_id: str) -> None:
 
 def enroll(
     db: Database, *, secret: str, public_key: str, name: str, platform: str | None = None
-) -> dict[str, Any]:
-    """Spend one use of an enrollment token on a new device record."""
+) -> tuple[dict[str, Any], str]:
+    """Spend one use of an enrollment token on a new device record.
+
+    Returns the device and its own credential (shown once, stored hashed),
+    which the device uses from then on instead of the enrollment token.
+    """
     if not 1 <= len(name) <= 128:
         raise InvalidInput("device name must be 1-128 characters")
     with db.transaction() as conn:
@@ -99,17 +103,19 @@ def enroll(
             raise Unauthorized(f"this enrollment token was already used {row['uses']} times")
         conn.execute("UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = ?", (row["id"],))
         device_id = "dev-" + secrets.token_hex(6)
+        device_secret = new_secret(DEVICE_TOKEN_PREFIX)
         conn.execute(
             "INSERT INTO devices (id, name, tags, public_key, platform, inventory, reported,"
-            " status, last_seen, enrolled_at, enrollment_token_id)"
-            " VALUES (?, ?, ?, ?, ?, '{}', '{}', 'offline', NULL, ?, ?)",
-            (device_id, name, row["tags"], public_key, platform, now(), row["id"]),
+            " status, last_seen, enrolled_at, enrollment_token_id, token_hash)"
+            " VALUES (?, ?, ?, ?, ?, '{}', '{}', 'offline', NULL, ?, ?, ?)",
+            (device_id, name, row["tags"], public_key, platform, now(), row["id"],
+             hash_secret(device_secret)),
         )
-    return get_device(db, device_id)
+    return get_device(db, device_id), device_secret
 
 
 def _device_record(row: dict[str, Any]) -> dict[str, Any]:
-    record = dict(row)
+    record = {k: v for k, v in row.items() if k != "token_hash"}
     for key in ("tags", "inventory", "reported"):
         record[key] = json.loads(row[key] or "{}")
     return record

@@ -250,7 +250,9 @@ def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> N
         # Identical files are stored once: drop a blob only when nothing else uses it.
         for digest in digests:
             still_used = conn.execute(
-                "SELECT 1 FROM model_files WHERE digest = ? LIMIT 1", (digest,)
+                "SELECT 1 FROM model_files WHERE digest = ?"
+                " UNION ALL SELECT 1 FROM oci_repo_blobs WHERE digest = ? LIMIT 1",
+                (digest, digest),
             ).fetchone()
             if still_used is None:
                 blobs.delete(digest)

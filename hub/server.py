@@ -21,6 +21,7 @@ import uvicorn
 from hub import tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
+from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
@@ -71,6 +72,7 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
         blobs=blobs,
         signing_public_key=signing.public_key_pem(key),
         mqtt_url=settings.mqtt_url or "",
+        uploads=Uploads(blobs),
     )
 
 

@@ -15,7 +15,9 @@ from hub.storage.db import Database, now
 from hub.validation import InvalidInput
 
 ROLES = ("viewer", "operator", "admin")  # each role can do everything the one before can
+DEVICE_ROLE = "device"  # outside that ladder: a device may only pull packages and report
 TOKEN_PREFIX = "eft_"
+DEVICE_TOKEN_PREFIX = "efd_"
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,13 @@ class Principal:
     name: str
     role: str
 
+    def can(self, role: str) -> bool:
+        if self.role == DEVICE_ROLE or role == DEVICE_ROLE:
+            return self.role == role
+        return ROLES.index(self.role) >= ROLES.index(role)
+
     def require(self, role: str) -> None:
-        if ROLES.index(self.role) < ROLES.index(role):
+        if not self.can(role):
             raise Forbidden(f"this needs the {role} role; token {self.name!r} has {self.role}")
 
 
@@ -67,6 +74,13 @@ def public(record: dict) -> dict:
 
 
 def authenticate(db: Database, secret: str) -> Principal:
+    if secret.startswith(DEVICE_TOKEN_PREFIX):
+        device = db.query_one(
+            "SELECT id FROM devices WHERE token_hash = ?", (hash_secret(secret),)
+        )
+        if device is None:
+            raise Unauthorized("unknown device token; enroll the device again")
+        return Principal(device["id"], device["id"], DEVICE_ROLE)
     row = db.query_one(
         "SELECT id, name, role, revoked_at FROM api_tokens WHERE token_hash = ?",
         (hash_secret(secret),),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from hub.api import admin, devices, errors, models
+from hub.api import admin, devices, errors, models, registry
 from hub.api.audit_log import AuditLog
 from hub.api.state import HubState
 
@@ -20,5 +20,6 @@ def create_app(state: HubState) -> FastAPI:
     errors.install(app)
     for module in (admin, models, devices):
         app.include_router(module.router)
+    registry.install(app)
     app.add_middleware(AuditLog, db=state.db)
     return app

@@ -76,7 +76,7 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
     state = hub_state(request)
     request.state.audit_actor = "enrollment"
     request.state.audit = ("device.enroll", body.name)
-    device = await run_in_threadpool(
+    device, device_token = await run_in_threadpool(
         lambda: devices.enroll(
             state.db,
             secret=body.token,
@@ -88,6 +88,7 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
     request.state.audit = ("device.enroll", device["id"])
     return {
         "device": device,
+        "device_token": device_token,
         "hub_public_key": state.signing_public_key,
         "mqtt_url": state.mqtt_url,
     }

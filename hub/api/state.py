@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
@@ -22,6 +23,7 @@ class HubState:
     blobs: BlobStore
     signing_public_key: str
     mqtt_url: str
+    uploads: Uploads
 
 
 def hub_state(request: Request) -> HubState:

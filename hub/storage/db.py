@@ -65,7 +65,7 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     db["devices"].create(
         {"id": str, "name": str, "tags": str, "public_key": str, "platform": str,
          "inventory": str, "reported": str, "status": str, "last_seen": str,
-         "enrolled_at": str, "enrollment_token_id": str},
+         "enrolled_at": str, "enrollment_token_id": str, "token_hash": str},
         pk="id",
     )
     db["enrollment_tokens"].create(
@@ -86,6 +86,17 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["audit"].create_index(["at"])
+    # The OCI registry: manifests are blobs too; these tables say which
+    # repository holds which manifest and blob, and what each tag points at.
+    db["oci_manifests"].create(
+        {"repo": str, "digest": str, "media_type": str, "size": int, "created_at": str},
+        pk=("repo", "digest"),
+    )
+    db["oci_tags"].create(
+        {"repo": str, "tag": str, "digest": str, "updated_at": str}, pk=("repo", "tag")
+    )
+    db["oci_repo_blobs"].create({"repo": str, "digest": str}, pk=("repo", "digest"))
+    db["oci_repo_blobs"].create_index(["digest"])
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
