@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub import devices, validation
+from datetime import datetime
+
+from hub import devices, telemetry, validation
 from hub.api import auth
 from hub.api.state import hub_state
 from hub.tokens import Principal
@@ -121,3 +123,18 @@ def tag_device(
     return devices.update_tags(
         hub_state(request).db, device_id, set_tags=body.set, remove=body.remove
     )
+
+
+@router.get("/devices/{device_id}/telemetry", summary="A device's telemetry points, oldest first")
+def device_telemetry(
+    device_id: str,
+    request: Request,
+    since: datetime | None = Query(None, description="ISO 8601 time; only points at or after it"),
+    kind: Literal["system", "inference"] | None = None,
+    limit: int = Query(1000, ge=1, le=100_000),
+    principal: Principal = auth.viewer,
+) -> list[dict[str, Any]]:
+    state = hub_state(request)
+    devices.get_device(state.db, device_id)
+    stamp = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+    return telemetry.query(state.db, device_id, since=stamp, kind=kind, limit=limit)

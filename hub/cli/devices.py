@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import UTC, datetime, timedelta
 
 import click
 
@@ -12,10 +14,10 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> int:
+def parse_duration(text: str, option: str = "--expires") -> int:
     match = _DURATION.match(text.strip())
     if not match:
-        raise click.BadParameter(f"{text!r} should look like 30m, 12h or 7d", param_hint="--expires")
+        raise click.BadParameter(f"{text!r} should look like 30m, 12h or 7d", param_hint=option)
     return int(match.group(1)) * _SECONDS[match.group(2)]
 
 
@@ -126,3 +128,33 @@ def tag(
         emit_one(record, as_json=True)
     else:
         console.print(f"{device_id} tags: " + ", ".join(f"{k}={v}" for k, v in record["tags"].items()))
+
+
+@device.command()
+@click.argument("device_id")
+@click.option("--since", default="1h", show_default=True, help="How far back: 30m, 12h, 7d.")
+@click.option("--kind", type=click.Choice(["system", "inference"]), help="Only this kind of point.")
+@click.option("--limit", default=1000, show_default=True, help="Newest points to show.")
+@hub_options
+@json_option
+def telemetry(
+    device_id: str, since: str, kind: str | None, limit: int, hub: str | None,
+    token: str | None, as_json: bool,
+) -> None:
+    """Show a device's telemetry points, oldest first.
+
+    Example: edgefleet device telemetry dev-0a1b2c3d4e5f --since 30m --kind inference
+    """
+    start = datetime.now(UTC) - timedelta(seconds=parse_duration(since, "--since"))
+    rows = client(hub, token).get(
+        f"/api/v1/devices/{device_id}/telemetry",
+        params={"since": start.isoformat(), "kind": kind, "limit": limit},
+    )
+    if as_json:
+        emit(rows, [], as_json=True)
+        return
+    emit(
+        [{**r, "values": json.dumps(r["values"], separators=(",", ":"))} for r in rows],
+        ["seq", "at", "kind", "values"],
+        as_json=False,
+    )

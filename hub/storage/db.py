@@ -97,6 +97,12 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     )
     db["oci_repo_blobs"].create({"repo": str, "digest": str}, pk=("repo", "digest"))
     db["oci_repo_blobs"].create_index(["digest"])
+    # Each point once: the agent numbers its points, a resend hits the primary key.
+    db["telemetry"].create(
+        {"device_id": str, "seq": int, "at": str, "kind": str, "metrics": str},
+        pk=("device_id", "seq"),
+    )
+    db["telemetry"].create_index(["at"])
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
