@@ -106,8 +106,9 @@ def enroll(
         device_secret = new_secret(DEVICE_TOKEN_PREFIX)
         conn.execute(
             "INSERT INTO devices (id, name, tags, public_key, platform, inventory, reported,"
-            " status, last_seen, enrolled_at, enrollment_token_id, token_hash)"
-            " VALUES (?, ?, ?, ?, ?, '{}', '{}', 'offline', NULL, ?, ?, ?)",
+            " status, last_seen, enrolled_at, enrollment_token_id, token_hash,"
+            " desired_generation, applied_generation)"
+            " VALUES (?, ?, ?, ?, ?, '{}', '{}', 'offline', NULL, ?, ?, ?, 0, 0)",
             (device_id, name, row["tags"], public_key, platform, now(), row["id"],
              hash_secret(device_secret)),
         )

@@ -202,8 +202,9 @@ def get_version(db: Database, name: str, version: int | str) -> dict[str, Any]:
         (row["id"],),
     )
     record["deployments"] = db.query(
-        "SELECT device_id, name FROM deployments WHERE model = ? AND version = ? AND active = 1",
-        (name, row["version"]),
+        "SELECT device_id, name FROM deployments WHERE model = ? AND active = 1"
+        " AND (version = ? OR candidate_version = ?)",
+        (name, row["version"], row["version"]),
     )
     return record
 
@@ -230,9 +231,9 @@ def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> N
             raise NotFound(f"model {name!r} has no version {version}")
         users = [
             r[0] for r in conn.execute(
-                "SELECT device_id FROM deployments WHERE model = ? AND version = ? AND active = 1"
-                " ORDER BY device_id LIMIT 6",
-                (name, version),
+                "SELECT device_id FROM deployments WHERE model = ? AND active = 1"
+                " AND (version = ? OR candidate_version = ?) ORDER BY device_id LIMIT 6",
+                (name, version, version),
             )
         ]
         if users:

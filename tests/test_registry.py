@@ -116,11 +116,12 @@ def test_delete_refused_while_deployed_then_allowed(api: httpx.Client, hub: HubP
     with sqlite3.connect(hub.data_dir / "hub.db") as db:
         db.execute(
             "INSERT INTO deployments (device_id, name, model, version, active, created_at)"
-            " VALUES ('dev-1', 'main', 'deployed', 1, 1, '2026-01-01T00:00:00Z')"
+            " VALUES ('dev-1', 'main', 'deployed', 1, 1, '2026-01-01T00:00:00Z'),"
+            " ('dev-2', 'main', 'deployed', 1, 0, '2026-01-01T00:00:00Z')"
         )
     refused = api.delete("/api/v1/models/deployed/versions/1")
     assert refused.status_code == 409
-    assert "dev-1" in refused.json()["detail"]
+    assert "dev-1" in refused.json()["detail"] and "dev-2" not in refused.json()["detail"]
     assert api.get("/api/v1/models/deployed/versions/1").status_code == 200
     assert api.delete("/api/v1/models/deployed/versions/2").status_code == 204
     assert api.get("/api/v1/models/deployed/versions/2").status_code == 404

@@ -54,18 +54,25 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         foreign_keys=[("version_id", "model_versions", "id")],
     )
     db["model_files"].create_index(["digest"])
-    # Filled in by the agent and rollout work; the registry only asks whether
-    # an active row still needs a version.
+    # What each device should run: one row per (device, deployment name). A
+    # deployment may carry a candidate version beside its primary one, for a
+    # traffic split or shadow mode. Any change bumps devices.desired_generation.
     db["deployments"].create(
-        {"id": int, "device_id": str, "name": str, "model": str, "version": int,
-         "active": int, "created_at": str},
-        pk="id",
+        {"device_id": str, "name": str, "model": str, "version": int, "repository": str,
+         "digest": str, "size": int, "prefer": str, "traffic": int,
+         "candidate_version": int, "candidate_digest": str, "candidate_size": int,
+         "candidate_traffic": int, "candidate_shadow": int,
+         "rollout_id": str, "priority": int, "active": int, "created_at": str,
+         "updated_at": str},
+        pk=("device_id", "name"),
     )
     db["deployments"].create_index(["model", "version"])
+    db["deployments"].create_index(["rollout_id"])
     db["devices"].create(
         {"id": str, "name": str, "tags": str, "public_key": str, "platform": str,
          "inventory": str, "reported": str, "status": str, "last_seen": str,
-         "enrolled_at": str, "enrollment_token_id": str, "token_hash": str},
+         "enrolled_at": str, "enrollment_token_id": str, "token_hash": str,
+         "desired_generation": int, "applied_generation": int},
         pk="id",
     )
     db["enrollment_tokens"].create(
