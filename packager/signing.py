@@ -91,3 +91,23 @@ def verify(public: ec.EllipticCurvePublicKey, payload: bytes, signature_b64: str
         public.verify(raw, payload, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise SignatureError("signature does not match the payload and key") from None
+
+
+def generate_keypair(directory: Path) -> tuple[Path, Path]:
+    """Write a new key pair as DIRECTORY/cosign.key (mode 0600) and DIRECTORY/cosign.pub.
+
+    The names are cosign's, but the private key is plain unencrypted PKCS#8
+    PEM, not cosign's password-encrypted format: the hub signs unattended,
+    with no one to type a password, so the file mode is what protects it.
+    cosign.pub is a PEM public key, which `cosign verify --key` reads as is.
+    """
+    private, public = directory / "cosign.key", directory / "cosign.pub"
+    for path in (private, public):
+        if path.exists():
+            raise FileExistsError(
+                f"{path} already exists; use that key, or move it away to make a new one"
+            )
+    key = generate_private_key()
+    write_private_key(key, private)
+    public.write_text(public_key_pem(key))
+    return private, public
