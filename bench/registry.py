@@ -1,0 +1,469 @@
+"""Benchmark the model registry end to end: big transfers, hub memory, list latency.
+
+Run from the repository root (takes about a minute; a quick run a few seconds):
+
+    .venv/bin/python bench/registry.py                                # 500 MB, 2000 versions
+    .venv/bin/python bench/registry.py --size-mb 50 --versions 200    # quick run
+
+Everything runs on loopback against a real `edgefleet hub serve` process
+(tests/hubproc.py) in a temporary directory that is removed at the end. The
+table goes to stdout, progress to stderr.
+
+What is measured, and how to read it:
+
+* upload / download MB/s: a --size-mb file of random bytes moved by the real
+  CLI (`edgefleet model register` / `edgefleet model download` as
+  subprocesses, each command timed whole) and checked by sha256 afterwards.
+  The baseline moves the same bytes in the same run through a stdlib
+  ThreadingHTTPServer (PUT streams the body to a file, GET streams it back)
+  and an http.client client, both in 1 MiB chunks. Each of --rounds rounds
+  runs the four transfers in turn; the table shows the median and the range.
+  The ratio is edgefleet/baseline: 1.0 means the registry moves bytes as fast
+  as plain HTTP. The baseline starts no process and does no hashing, fsync or
+  auth, so it is an upper bound. Each CLI command costs about 0.2 s of
+  start-up, which dominates small files: use the default 500 MB to judge
+  throughput, the quick run only to check that everything works. On virtual
+  machines writing fresh page cache is erratic, so the baseline's range is wide.
+* hub peak RSS: the hub process's resident memory, sampled every 25 ms during
+  the CLI uploads (and downloads), against its idle RSS before the first one.
+  Target: under 150 MB whatever the file size, i.e. the hub streams.
+* list latency: with --versions versions of one model registered through the
+  REST API (the rate is shown too), median / p95 of --requests GETs per
+  endpoint. The baseline is GET /api/v1/health on the same keep-alive
+  connection, requested in turn with the lists: the cost of one round trip
+  through the hub's HTTP stack, so the ratio says how many of those a list costs.
+* CLI list: `edgefleet model list NAME --json` timed once. It is mostly Python
+  start-up and imports, so its baseline is `edgefleet --version`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from hubproc import HubProcess, start_hub  # noqa: E402
+
+CHUNK = 1 << 20
+MB = 1_000_000
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+RSS_TARGET_MB = 150.0
+SAMPLE_EVERY_S = 0.025
+COMMAND_TIMEOUT_S = 900
+TRANSFER_MODEL = "bench"
+LIST_MODEL = "bench-list"
+TAG_FILTER = "stage=prod"
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Row:
+    metric: str
+    value: str
+    baseline: str = ""
+    verdict: str = ""
+
+
+# ---- helpers ---------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """Write SIZE random bytes in 1 MiB pieces; returns their sha256."""
+    sha = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(CHUNK, left))
+            f.write(chunk)
+            sha.update(chunk)
+            left -= len(chunk)
+    return sha.hexdigest()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    # Flush earlier phases' dirty pages so their write-back is not billed to FN.
+    os.sync()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def mb_per_s(size: int, seconds: float) -> float:
+    return size / MB / seconds
+
+
+def percentile(samples: list[float], pct: int) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}x"
+
+
+def spread(samples: list[float]) -> str:
+    """Median / p95 in milliseconds."""
+    return f"{statistics.median(samples) * 1000:.1f} / {percentile(samples, 95) * 1000:.1f} ms"
+
+
+def spread_ratio(samples: list[float], baseline: list[float]) -> str:
+    median = statistics.median(samples) / statistics.median(baseline)
+    return f"{median:.1f}x / {percentile(samples, 95) / percentile(baseline, 95):.1f}x"
+
+
+# ---- baseline: plain HTTP with the standard library ------------------------
+
+
+def baseline_handler(root: Path) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_PUT(self) -> None:
+            left = int(self.headers["Content-Length"])
+            with open(root / Path(self.path).name, "wb") as out:
+                while left:
+                    chunk = self.rfile.read(min(CHUNK, left))
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    left -= len(chunk)
+            self.send_response(201 if not left else 400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            path = root / Path(self.path).name
+            self.send_response(200)
+            self.send_header("Content-Length", str(path.stat().st_size))
+            self.end_headers()
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, self.wfile, CHUNK)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@contextmanager
+def baseline_server(root: Path) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), baseline_handler(root))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def baseline_put(port: int, source: Path) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, blocksize=CHUNK)
+    try:
+        with open(source, "rb") as f:
+            conn.request(
+                "PUT", f"/{source.name}", body=f,
+                headers={"Content-Length": str(source.stat().st_size)},
+            )
+        response = conn.getresponse()
+        response.read()
+        if response.status != 201:
+            raise RuntimeError(f"baseline PUT answered {response.status}")
+    finally:
+        conn.close()
+
+
+def baseline_get(port: int, name: str, dest: Path) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", f"/{name}")
+        response = conn.getresponse()
+        with open(dest, "wb") as out:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+    finally:
+        conn.close()
+
+
+# ---- the hub and its CLI ---------------------------------------------------
+
+
+class RssSampler:
+    """Polls a process's RSS in a thread and keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak = 0
+
+    def rss(self) -> int:
+        return int(self._process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(SAMPLE_EVERY_S)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def cli_env(hub: HubProcess, scratch: Path) -> dict[str, str]:
+    # A config file from the user's own `edgefleet login` must not be read.
+    return {
+        **os.environ,
+        "EDGEFLEET_HUB": hub.url,
+        "EDGEFLEET_TOKEN": hub.admin_token,
+        "EDGEFLEET_CONFIG": str(scratch / "no-config.json"),
+    }
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [EDGEFLEET, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"edgefleet {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+
+
+def hub_client(hub: HubProcess) -> httpx.Client:
+    return httpx.Client(
+        base_url=hub.url,
+        headers={"Authorization": f"Bearer {hub.admin_token}"},
+        timeout=httpx.Timeout(60.0),
+        limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
+    )
+
+
+def register_versions(client: httpx.Client, count: int, threads: int = 4) -> None:
+    """COUNT versions of LIST_MODEL sharing one tiny blob; one in ten tagged stage=prod."""
+    blob = client.post("/api/v1/blobs", content=b"edgefleet bench\n")
+    blob.raise_for_status()
+    digest = blob.json()["digest"]
+
+    def register(i: int) -> None:
+        client.post(
+            f"/api/v1/models/{LIST_MODEL}/versions",
+            json={
+                "files": [{"path": "model.bin", "digest": digest}],
+                "tags": {"stage": "prod" if i % 10 == 0 else "dev", "shard": str(i % 4)},
+            },
+        ).raise_for_status()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(register, range(count)))
+
+
+def latencies(
+    client: httpx.Client, endpoints: dict[str, tuple[str, dict[str, str | int]]], n: int
+) -> dict[str, list[float]]:
+    """N timed GETs of each endpoint, taken in turns so that all see the same conditions."""
+    for path, params in endpoints.values():
+        client.get(path, params=params).raise_for_status()  # warm caches and the connection
+    samples: dict[str, list[float]] = {label: [] for label in endpoints}
+    for _ in range(n):
+        for label, (path, params) in endpoints.items():
+            start = time.perf_counter()
+            client.get(path, params=params).raise_for_status()
+            samples[label].append(time.perf_counter() - start)
+    return samples
+
+
+# ---- the phases ------------------------------------------------------------
+
+
+@dataclass
+class Transfers:
+    """Seconds per round for each way of moving the file, and the hub's RSS."""
+
+    size: int
+    idle_rss: int
+    base_up: list[float] = field(default_factory=list)
+    cli_up: list[float] = field(default_factory=list)
+    base_down: list[float] = field(default_factory=list)
+    cli_down: list[float] = field(default_factory=list)
+    upload_peak_rss: int = 0
+    download_peak_rss: int = 0
+
+
+def check_copy(path: Path, digest: str, what: str) -> None:
+    if sha256_of(path) != digest:
+        raise RuntimeError(f"{what}: the downloaded bytes differ from the file sent")
+
+
+def bench_transfers(
+    hub: HubProcess, base_port: int, source: Path, digest: str, scratch: Path, rounds: int
+) -> Transfers:
+    """Each round: baseline upload, CLI upload, baseline download, CLI download.
+
+    Interleaving puts the baseline and the hub under the same disk and page
+    cache conditions, which drift a lot from one transfer to the next.
+    """
+    env = cli_env(hub, scratch)
+    pid = hub.process.pid
+    result = Transfers(source.stat().st_size, RssSampler(pid).rss())
+    fetched, out = scratch / "baseline-download", scratch / "cli-download"
+    register = ["model", "register", str(source), "--name", TRANSFER_MODEL, "--quiet"]
+    download = ["model", "download", f"{TRANSFER_MODEL}:1", "--out", str(out), "--quiet"]
+    for _ in range(rounds):
+        result.base_up.append(timed(lambda: baseline_put(base_port, source)))
+        with RssSampler(pid) as rss:
+            result.cli_up.append(timed(lambda: run_cli(register, env)))
+        result.upload_peak_rss = max(result.upload_peak_rss, rss.peak)
+
+        result.base_down.append(timed(lambda: baseline_get(base_port, source.name, fetched)))
+        check_copy(fetched, digest, "baseline")
+        fetched.unlink()
+        with RssSampler(pid) as rss:
+            result.cli_down.append(timed(lambda: run_cli(download, env)))
+        result.download_peak_rss = max(result.download_peak_rss, rss.peak)
+        check_copy(out / source.name, digest, "edgefleet model download")
+        shutil.rmtree(out)
+    return result
+
+
+def bench_lists(hub: HubProcess, versions: int, requests: int, scratch: Path) -> list[Row]:
+    versions_path = f"/api/v1/models/{LIST_MODEL}/versions"
+    endpoints: dict[str, tuple[str, dict[str, str | int]]] = {
+        "health": ("/api/v1/health", {}),
+        f"list 100 of {versions} versions": (versions_path, {"limit": 100}),
+        f"list versions tag={TAG_FILTER}": (versions_path, {"tag": TAG_FILTER, "limit": 100}),
+        "list models": ("/api/v1/models", {}),
+    }
+    with hub_client(hub) as client:
+        register_s = timed(lambda: register_versions(client, versions))
+        samples = latencies(client, endpoints, requests)
+    env = cli_env(hub, scratch)
+    cli_list = timed(lambda: run_cli(["model", "list", LIST_MODEL, "--json"], env))
+    cli_start = timed(lambda: run_cli(["--version"], env))
+
+    floor = samples.pop("health")
+    rows = [Row(f"register {versions} versions (REST, 4 threads)",
+                f"{versions / register_s:.0f} versions/s", verdict=f"{register_s:.1f} s total")]
+    for label, times in samples.items():
+        rows.append(
+            Row(label, spread(times), f"health {spread(floor)}", spread_ratio(times, floor))
+        )
+    rows.append(Row("CLI model list --json (start-up bound)", ms(cli_list),
+                    f"--version {ms(cli_start)}", ratio(cli_list, cli_start)))
+    return rows
+
+
+def throughput(size: int, seconds: list[float]) -> tuple[float, str]:
+    """Median MB/s over the rounds, and that median shown with the range."""
+    rates = [mb_per_s(size, s) for s in seconds]
+    median = statistics.median(rates)
+    if len(rates) == 1:
+        return median, f"{median:.0f} MB/s"
+    return median, f"{median:.0f} MB/s ({min(rates):.0f}-{max(rates):.0f})"
+
+
+def transfer_rows(t: Transfers) -> list[Row]:
+    def speed_row(label: str, measured: list[float], baseline: list[float]) -> Row:
+        value, value_text = throughput(t.size, measured)
+        base, base_text = throughput(t.size, baseline)
+        return Row(label, value_text, base_text, ratio(value, base))
+
+    def rss_row(label: str, peak: int) -> Row:
+        verdict = "ok" if peak / MB < RSS_TARGET_MB else "OVER"
+        return Row(label, f"{peak / MB:.0f} MB", f"idle {t.idle_rss / MB:.0f} MB",
+                   f"{verdict} < {RSS_TARGET_MB:.0f} MB")
+
+    size_mb = t.size // MB
+    return [
+        speed_row(f"upload {size_mb} MB (CLI register)", t.cli_up, t.base_up),
+        speed_row(f"download {size_mb} MB (CLI download)", t.cli_down, t.base_down),
+        rss_row("hub peak RSS, upload", t.upload_peak_rss),
+        rss_row("hub peak RSS, download", t.download_peak_rss),
+    ]
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    table = Table(title=title, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column("ratio / target", justify="right")
+    for row in rows:
+        table.add_row(row.metric, row.value, row.baseline, row.verdict)
+    # Pipes and files have no width and rich would wrap the table at 80 columns.
+    Console(width=None if sys.stdout.isatty() else 110).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=500, help="model file size (default 500)")
+    parser.add_argument("--versions", type=int, default=2000,
+                        help="versions registered for the list benchmark (default 2000)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="transfers of each kind; the median is reported (default 5)")
+    parser.add_argument("--requests", type=int, default=50,
+                        help="timed requests per list endpoint (default 50)")
+    args = parser.parse_args()
+    if min(args.size_mb, args.versions, args.rounds) < 1 or args.requests < 2:
+        parser.error("--size-mb, --versions and --rounds must be at least 1, --requests at least 2")
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        scratch = Path(tmp)
+        source = scratch / "model.bin"
+        console.log(f"writing {args.size_mb} MB of random bytes")
+        digest = write_random_file(source, args.size_mb * MB)
+        served = scratch / "served"
+        served.mkdir()
+        hub = start_hub(scratch / "hub")
+        try:
+            with baseline_server(served) as base_port:
+                console.log(f"{args.rounds} rounds of uploads and downloads, baseline and CLI")
+                transfers = bench_transfers(hub, base_port, source, digest, scratch, args.rounds)
+            console.log(f"registering {args.versions} versions, timing lists")
+            list_rows = bench_lists(hub, args.versions, args.requests, scratch)
+        finally:
+            hub.stop()
+    print_table(
+        transfer_rows(transfers) + list_rows,
+        f"edgefleet registry bench: --size-mb {args.size_mb} --versions {args.versions} "
+        f"--rounds {args.rounds}, {os.cpu_count()} CPUs",
+    )
+
+
+if __name__ == "__main__":
+    main()
