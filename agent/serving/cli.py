@@ -1,0 +1,80 @@
+"""`edgefleet serve`: start the device's scoring server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> str | None:
+    given = [flag for flag, value in
+             (("--api-key", api_key), ("--api-key-file", api_key_file), ("--no-auth", no_auth))
+             if value]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)} exclude each other; give one")
+    if no_auth:
+        return None
+    if api_key_file is not None:
+        api_key = api_key_file.read_text().strip()
+        if not api_key:
+            raise click.BadParameter(f"{api_key_file} is empty", param_hint="--api-key-file")
+    if not api_key:
+        raise click.UsageError(
+            "the scoring API needs a key: give --api-key-file PATH (or --api-key /"
+            " EDGEFLEET_SERVE_API_KEY), or --no-auth on a network you trust"
+        )
+    return api_key
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the scoring API listens on (0.0.0.0 for every interface).")
+@click.option("--port", default=8500, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the scoring API (0 picks a free one).")
+@click.option("--control-socket", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Unix socket for the agent's control API (created mode 0600).")
+@click.option("--api-key", envvar="EDGEFLEET_SERVE_API_KEY",
+              help="Key clients must send (Authorization: Bearer KEY or X-API-Key).")
+@click.option("--api-key-file", envvar="EDGEFLEET_SERVE_API_KEY_FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the key from this file (keeps it out of the process list).")
+@click.option("--no-auth", is_flag=True, help="Serve without a key; only on a network you trust.")
+@click.option("--max-concurrency", default=2, show_default=True, type=click.IntRange(1),
+              help="Inferences running at once (one worker thread each).")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
+              help="Requests waiting for a slot before more get 503 with Retry-After.")
+def serve(
+    host: str,
+    port: int,
+    control_socket: Path,
+    api_key: str | None,
+    api_key_file: Path | None,
+    no_auth: bool,
+    max_concurrency: int,
+    max_queue: int,
+) -> None:
+    """Serve loaded models over the Open Inference Protocol (KServe V2) REST API.
+
+    The agent starts this process and tells it what to load through the
+    control socket. Health endpoints (/v2/health/*) are open; everything
+    else, /metrics included, needs the API key. SIGTERM or Ctrl-C finish
+    in-flight requests and exit 0.
+
+    Example: edgefleet serve --control-socket /run/edgefleet/serve.sock --api-key-file /etc/edgefleet/serve.key --host 0.0.0.0
+    """
+    from agent.serving.server import ServeError, ServeOptions, serve as run
+
+    options = ServeOptions(
+        control_socket=control_socket.absolute(),
+        api_key=_api_key(api_key, api_key_file, no_auth),
+        host=host,
+        port=port,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+    )
+    try:
+        run(options, say=click.echo)
+    except ServeError as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,243 @@
+"""The agent's control API, served on a unix socket only the agent can reach.
+
+    PUT    /control/deployments/{name}                        load or replace a deployment
+    DELETE /control/deployments/{name}                        unload it
+    GET    /control/state                                     what is loaded, on which runtime/device
+    POST   /control/deployments/{name}/versions/{v}/self-test run a sample request on a version
+
+A PUT names the whole deployment: its primary version, optionally a
+candidate with a traffic share or shadow mode, and per version an optional
+self-test request (the package's serving.json sample). Versions already
+loaded with the same settings are reused; new ones are loaded off the event
+loop and self-tested before anything changes. Only then is the route
+swapped, in one step, and the versions left over retire: they close once
+their in-flight requests are done. If a load or self-test fails the old
+deployment keeps serving untouched and the answer is 422 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agent.runtimes.base import LoadOptions
+from agent.serving import codec, loading
+from agent.serving.errors import BadRequest, ServingError, Unprocessable, install_handlers
+from agent.serving.scoring import Scorer, answer
+from agent.serving.table import Deployment, ModelVersion
+from packager.modelfile import FRAMEWORKS
+
+log = logging.getLogger("edgefleet.serving")
+
+# Names and versions appear in URL paths and metric labels.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class RuntimeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefer: list[str] = Field(default_factory=list, description='"runtime:DEVICE", best first')
+    precision: str | None = None
+    threads: int | None = Field(None, ge=1)
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class VersionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(pattern=NAME_PATTERN)
+    model_dir: Path
+    entrypoint: str
+    framework: str
+    runtime: RuntimeBody = Field(default_factory=RuntimeBody)
+    self_test: dict[str, Any] | None = Field(
+        None, description="an inference request run on this version before it serves"
+    )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # Registry versions are numbers; paths and labels carry them as text.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path (the server's working directory is not the agent's)")
+        return value
+
+    @field_validator("framework")
+    @classmethod
+    def _framework(cls, value: str) -> str:
+        if value not in FRAMEWORKS:
+            raise ValueError(f"must be one of {', '.join(FRAMEWORKS)}")
+        return value
+
+    def spec(self) -> loading.VersionSpec:
+        options = LoadOptions(
+            prefer=tuple(self.runtime.prefer),
+            precision=self.runtime.precision,
+            threads=self.runtime.threads,
+            extra=self.runtime.extra,
+        )
+        return loading.VersionSpec(self.version, self.model_dir, self.entrypoint, self.framework, options)
+
+
+class DeploymentBody(VersionBody):
+    candidate: VersionBody | None = None
+    traffic: int = Field(0, ge=0, le=100, description="percent of unversioned requests to the candidate")
+    shadow: bool = Field(False, description="mirror primary requests to the candidate")
+
+    @model_validator(mode="after")
+    def _routing(self) -> DeploymentBody:
+        if self.candidate is None:
+            if self.traffic or self.shadow:
+                raise ValueError("traffic and shadow need a candidate")
+        elif self.candidate.version == self.version:
+            raise ValueError(f"the candidate's version must differ from the primary's ({self.version})")
+        if self.shadow and self.traffic:
+            raise ValueError("choose traffic (A/B split) or shadow, not both")
+        return self
+
+
+class Controller:
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.table = scorer.table
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def put(self, name: str, body: DeploymentBody) -> dict[str, Any]:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            with self.table.loading(name):
+                current = self.table.find(name)
+                fresh: list[ModelVersion] = []
+                tests: dict[str, Any] = {}
+                try:
+                    primary = await self._version(name, body, current, fresh, tests)
+                    candidate = None
+                    if body.candidate is not None:
+                        candidate = await self._version(name, body.candidate, current, fresh, tests)
+                except BaseException:
+                    for version in fresh:
+                        version.retire()
+                    raise
+                deployment = Deployment(name, primary, candidate, body.traffic, body.shadow)
+                retired = self.table.install(deployment)
+        log.info("deployment %s: %s", name, ", ".join(f"{r} {v.version}" for r, v in deployment.roles()))
+        return {
+            "deployment": deployment.describe(),
+            "loaded": [v.version for v in fresh],
+            "retired": [v.version for v in retired],
+            "self_test": tests,
+        }
+
+    async def _version(
+        self,
+        name: str,
+        body: VersionBody,
+        current: Deployment | None,
+        fresh: list[ModelVersion],
+        tests: dict[str, Any],
+    ) -> ModelVersion:
+        """The loaded version BODY asks for: the current one if its settings are the same."""
+        spec = body.spec()
+        for _, existing in current.roles() if current else ():
+            if existing.spec == spec:
+                return existing
+        entry = spec.model_dir / spec.entrypoint
+        if not entry.is_file():
+            raise Unprocessable(f"version '{spec.version}': model file {entry} does not exist")
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(loading.load, spec)
+        except Exception as e:
+            raise Unprocessable(f"version '{spec.version}' did not load: {e}") from None
+        version = ModelVersion(name, spec, model)
+        fresh.append(version)
+        log.info("loaded %s on %s:%s in %.2fs", version, model.runtime, model.device,
+                 time.perf_counter() - started)
+        if body.self_test is not None:
+            tests[spec.version] = await self.self_test(version, json.dumps(body.self_test).encode())
+        return version
+
+    async def self_test(self, version: ModelVersion, sample: bytes) -> dict[str, Any]:
+        """Run SAMPLE (an inference request) on VERSION; Unprocessable with the reason if it fails."""
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(answer, version, sample, None)
+        except ServingError as e:
+            raise Unprocessable(f"self-test of '{version}' failed: {e.message}") from None
+        header, _ = codec.split_body(result.body, result.headers.get(codec.HEADER_LENGTH))
+        return {
+            "model_name": version.deployment,
+            "model_version": version.version,
+            "runtime": version.model.runtime,
+            "device": version.model.device,
+            "outputs": header["outputs"],
+            "milliseconds": {
+                "total": round((time.perf_counter() - started) * 1000, 3),
+                "infer": round(result.infer_seconds * 1000, 3),
+            },
+        }
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            deployment = self.table.remove(name)
+        return {"name": name, "retired": [v.version for _, v in deployment.roles()]}
+
+    def state(self) -> dict[str, Any]:
+        limiter = self.scorer.limiter
+        return {
+            "ready": self.table.ready,
+            "deployments": [d.describe() for d in self.table.deployments()],
+            "draining": [
+                {"name": v.deployment, "version": v.version, "in_flight": v.users}
+                for v in self.table.draining()
+            ],
+            "limits": {
+                "max_concurrency": limiter.max_concurrency,
+                "max_queue": limiter.max_queue,
+                "in_flight": limiter.running,
+                "queued": limiter.waiting,
+            },
+        }
+
+
+def create_app(controller: Controller) -> FastAPI:
+    app = FastAPI(title="edgefleet serve control", docs_url=None, redoc_url=None)
+    install_handlers(app)
+
+    @app.put("/control/deployments/{name}")
+    async def put(name: str, body: DeploymentBody) -> dict[str, Any]:
+        _check_name(name)
+        return await controller.put(name, body)
+
+    @app.delete("/control/deployments/{name}")
+    async def delete(name: str) -> dict[str, Any]:
+        return await controller.delete(name)
+
+    @app.get("/control/state")
+    async def state() -> dict[str, Any]:
+        return controller.state()
+
+    @app.post("/control/deployments/{name}/versions/{version}/self-test")
+    async def self_test(name: str, version: str, request: Request) -> dict[str, Any]:
+        leased = controller.table.lease(name, version)
+        try:
+            return await controller.self_test(leased, await request.body())
+        finally:
+            leased.release()
+
+    return app
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise BadRequest(f"deployment name {name!r} must match {NAME_PATTERN}")

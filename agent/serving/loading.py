@@ -1,0 +1,43 @@
+"""What the agent asks the server to load, and the one call that loads it.
+
+Everything that touches `agent.runtimes` from the serving process goes
+through `load`, so the choice of runtime (by the device's accelerator
+preferences) lives in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import runtimes
+from agent.runtimes.base import LoadedModel, LoadOptions
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    version: str
+    model_dir: Path
+    entrypoint: str  # the model file, relative to model_dir
+    framework: str  # "onnx" | "openvino" | "tflite"
+    options: LoadOptions = field(default_factory=LoadOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "model_dir": str(self.model_dir),
+            "entrypoint": self.entrypoint,
+            "framework": self.framework,
+            "runtime": {
+                "prefer": list(self.options.prefer),
+                "precision": self.options.precision,
+                "threads": self.options.threads,
+                "extra": dict(self.options.extra),
+            },
+        }
+
+
+def load(spec: VersionSpec) -> LoadedModel:
+    """Load SPEC on the best runtime and device it allows; blocks, so call it off the event loop."""
+    return runtimes.load_best(spec.model_dir, spec.entrypoint, spec.framework, spec.options)

@@ -1,0 +1,117 @@
+"""One inference request, from the body's bytes to the response's.
+
+On the event loop: find the deployment (404 before queueing), take a slot
+(503 when the queue is full), pick the version. In a worker thread: decode
+and check the tensors, run the model, encode the response, so large
+payloads never stall the loop. The slot and the version's reference are
+released when the thread's work is done, whatever happened to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.runtimes.base import ModelRuntimeError
+from agent.serving import codec, tensors
+from agent.serving.errors import BadRequest, ModelFailed, Overloaded
+from agent.serving.limits import Limiter
+from agent.serving.shadow import Shadow
+from agent.serving.table import ModelTable, ModelVersion
+from agent.serving.telemetry import Telemetry
+
+log = logging.getLogger("edgefleet.serving")
+
+
+@dataclass(frozen=True)
+class Answer:
+    body: bytes
+    headers: dict[str, str]
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+    infer_seconds: float
+
+
+def answer(version: ModelVersion, body: bytes, header_length: str | None) -> Answer:
+    """Run one request on VERSION; blocking, so call it in a worker thread."""
+    header, binary = codec.split_body(body, header_length)
+    request = tensors.parse_request(header, binary, version.model.signature)
+    start = time.perf_counter()
+    try:
+        outputs = version.model.infer(request.inputs)
+    except ModelRuntimeError as e:
+        raise ModelFailed(f"model '{version}' failed: {e}") from None
+    except Exception as e:
+        log.exception("%s raised on valid input", version)
+        raise ModelFailed(f"model '{version}' failed: {type(e).__name__}: {e}") from None
+    infer_seconds = time.perf_counter() - start
+    entries, blobs = tensors.encode_outputs(request, outputs)
+    response = {} if request.id is None else {"id": request.id}
+    response |= {"model_name": version.deployment, "model_version": version.version, "outputs": entries}
+    response_body, headers = codec.join_body(response, blobs)
+    return Answer(response_body, headers, request.inputs, outputs, infer_seconds)
+
+
+class Scorer:
+    def __init__(
+        self,
+        table: ModelTable,
+        limiter: Limiter,
+        telemetry: Telemetry,
+        shadow: Shadow,
+    ) -> None:
+        self.table = table
+        self.limiter = limiter
+        self.telemetry = telemetry
+        self.shadow = shadow
+        # One thread per slot: the limiter, not the pool's queue, decides who waits.
+        self._pool = ThreadPoolExecutor(limiter.max_concurrency, thread_name_prefix="infer")
+
+    async def infer(
+        self, name: str, version: str | None, body: bytes, header_length: str | None
+    ) -> tuple[bytes, dict[str, str]]:
+        start = time.perf_counter()
+        deployment = self.table.get(name)
+        if version is not None:
+            deployment.find(version)
+        try:
+            await self.limiter.acquire()
+        except Overloaded:
+            self.telemetry.rejected.inc(name)
+            raise
+        try:
+            chosen = self.table.lease(name, version)
+        except BaseException:
+            self.limiter.release()
+            raise
+        loop = asyncio.get_running_loop()
+
+        def finished(_: Future[Answer]) -> None:
+            chosen.release()
+            loop.call_soon_threadsafe(self.limiter.release)
+
+        work = self._pool.submit(answer, chosen, body, header_length)
+        work.add_done_callback(finished)
+        labels = (name, chosen.version)
+        self.telemetry.requests.inc(*labels)
+        try:
+            result = await asyncio.wrap_future(work)
+        except BadRequest:
+            self.telemetry.failures.inc(*labels, "bad_request")
+            raise
+        except ModelFailed:
+            self.telemetry.failures.inc(*labels, "model_error")
+            raise
+        self.telemetry.infer_latency.observe(result.infer_seconds, *labels)
+        self.telemetry.latency.observe(time.perf_counter() - start, *labels)
+        self.shadow.offer(chosen, result.inputs, result.outputs)
+        return result.body, result.headers
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

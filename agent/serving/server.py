@@ -1,0 +1,170 @@
+"""The serving process: the scoring API on TCP and the control API on a unix socket, one loop.
+
+Both listening sockets are opened before the loop starts, so a busy port or
+a live control socket fails at once with a clear message, and port 0 can be
+reported as the port really bound. SIGTERM/SIGINT stop both servers
+gracefully (in-flight requests finish), then the worker pools and the
+runtimes are closed and the process exits 0; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from agent.serving import app as scoring_app
+from agent.serving import control
+from agent.serving.limits import Limiter
+from agent.serving.scoring import Scorer
+from agent.serving.shadow import Shadow
+from agent.serving.table import ModelTable
+from agent.serving.telemetry import Telemetry
+
+log = logging.getLogger("edgefleet.serving")
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    control_socket: Path
+    api_key: str | None  # None: no key needed (trusted networks only)
+    host: str = "127.0.0.1"
+    port: int = 8500
+    max_concurrency: int = 2
+    max_queue: int = 16
+    shadow_concurrency: int = 1
+    graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """A unix socket at PATH that only this user can connect to (the control API has no key)."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ServeError(f"{path} exists and is not a socket; choose another --control-socket")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink()  # left behind by a server that died
+            else:
+                raise ServeError(f"another server is listening on {path}")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sock = socket.socket(socket.AF_UNIX)
+    # Created 0600 from the start: there is no moment when others could connect.
+    previous = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot create the control socket {path}: {e.strerror}") from None
+    finally:
+        os.umask(previous)
+    sock.listen()
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn installs its own signal handlers and re-raises a caught SIGTERM after
+    shutdown, so the process would end "killed by signal"; _serve_all handles
+    signals once for both servers instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_all(apps: list[tuple[FastAPI, socket.socket]], graceful_seconds: float) -> None:
+    servers = [
+        _Server(uvicorn.Config(
+            app, lifespan="off", access_log=False, log_level="warning",
+            timeout_graceful_shutdown=int(graceful_seconds),
+        ))
+        for app, _ in apps
+    ]
+
+    def stop() -> None:
+        for server in servers:
+            server.force_exit = server.should_exit  # a second signal: stop now
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, (_, sock) in zip(servers, apps)]
+    try:
+        # Either server stopping (a signal, or a failure) stops the other.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run(options: ServeOptions, api_socket: socket.socket, control_socket: socket.socket) -> None:
+    table = ModelTable()
+    limiter = Limiter(max_concurrency=options.max_concurrency, max_queue=options.max_queue)
+    telemetry = Telemetry(table, limiter)
+    shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
+    scorer = Scorer(table, limiter, telemetry, shadow)
+    apps = [
+        (scoring_app.create_app(scorer, api_key=options.api_key), api_socket),
+        (control.create_app(control.Controller(scorer)), control_socket),
+    ]
+    try:
+        await _serve_all(apps, options.graceful_seconds)
+    finally:
+        def close() -> None:
+            scorer.close()
+            shadow.close()
+            table.close_all(timeout=options.graceful_seconds)
+
+        await asyncio.to_thread(close)
+
+
+def serve(options: ServeOptions, say: Callable[[str], None] = print) -> None:
+    """Run until SIGTERM/SIGINT; ServeError if the server cannot start."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    api_socket = listen_tcp(options.host, options.port)
+    try:
+        control_socket = listen_unix(options.control_socket)
+    except ServeError:
+        api_socket.close()
+        raise
+    host, port = api_socket.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    auth = "API key required" if options.api_key else "no API key: --no-auth"
+    say(f"Scoring API (Open Inference Protocol) on {url} ({auth})")
+    say(f"Control API on unix socket {options.control_socket}")
+    say(
+        f"At most {options.max_concurrency} inferences at once,"
+        f" {options.max_queue} waiting; more get 503"
+    )
+    try:
+        asyncio.run(_run(options, api_socket, control_socket))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            options.control_socket.unlink()

@@ -1,0 +1,93 @@
+"""The metrics `edgefleet serve` exports at /metrics, declared once here.
+
+Per model and version: requests, failures by reason, latency (end to end
+and of the runtime call alone), and the shadow candidate's own numbers.
+Process-wide: inferences in flight, requests queued, 503 rejections, and
+one `model_loaded` sample per version naming its runtime and device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from agent.serving.limits import Limiter
+from agent.serving.metrics import Counter, Gauge, Histogram, Labels, Registry
+from agent.serving.table import ModelTable
+
+# Seconds; from sub-millisecond tiny models on a desktop to slow ones on a Raspberry Pi.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+MODEL = ("model", "version")
+
+
+class Telemetry:
+    def __init__(self, table: ModelTable, limiter: Limiter) -> None:
+        self.registry = r = Registry()
+        self.requests = r.add(Counter(
+            "edgefleet_serving_requests_total",
+            "Inference requests routed to a model version, whatever their outcome.", MODEL,
+        ))
+        self.failures = r.add(Counter(
+            "edgefleet_serving_failures_total",
+            "Inference requests that failed: reason bad_request (400) or model_error (500).",
+            (*MODEL, "reason"),
+        ))
+        self.latency = r.add(Histogram(
+            "edgefleet_serving_request_duration_seconds",
+            "Arrival to response of successful inferences, queue wait included.",
+            LATENCY_BUCKETS, MODEL,
+        ))
+        self.infer_latency = r.add(Histogram(
+            "edgefleet_serving_inference_duration_seconds",
+            "The runtime's infer call alone, for successful inferences.",
+            LATENCY_BUCKETS, MODEL,
+        ))
+        self.rejected = r.add(Counter(
+            "edgefleet_serving_rejected_total",
+            "Inference requests answered 503 because every slot was busy and the queue full.",
+            ("model",),
+        ))
+        r.add(Gauge(
+            "edgefleet_serving_in_flight", "Inferences running now.",
+            lambda: [((), limiter.running)],
+        ))
+        r.add(Gauge(
+            "edgefleet_serving_queue_depth", "Inference requests waiting for a slot.",
+            lambda: [((), limiter.waiting)],
+        ))
+        r.add(Gauge(
+            "edgefleet_serving_model_loaded",
+            "1 for each loaded version, with its role and the runtime and device it runs on.",
+            lambda: _loaded(table), (*MODEL, "role", "runtime", "device"),
+        ))
+        self.shadow_requests = r.add(Counter(
+            "edgefleet_serving_shadow_requests_total",
+            "Copies of primary requests run on a shadow candidate.", MODEL,
+        ))
+        self.shadow_failures = r.add(Counter(
+            "edgefleet_serving_shadow_failures_total",
+            "Shadow copies the candidate failed on.", MODEL,
+        ))
+        self.shadow_dropped = r.add(Counter(
+            "edgefleet_serving_shadow_dropped_total",
+            "Shadow copies not run because the server was busy.", MODEL,
+        ))
+        self.shadow_latency = r.add(Histogram(
+            "edgefleet_serving_shadow_duration_seconds",
+            "The candidate's infer call on shadow copies.", LATENCY_BUCKETS, MODEL,
+        ))
+        self.shadow_agreement = r.add(Counter(
+            "edgefleet_serving_shadow_agreement_total",
+            "Shadow copies whose outputs agree or disagree with the primary's.",
+            (*MODEL, "result"),
+        ))
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+def _loaded(table: ModelTable) -> Iterable[tuple[Labels, float]]:
+    for deployment in table.deployments():
+        for role, v in deployment.roles():
+            yield (deployment.name, v.version, role, v.model.runtime, v.model.device), 1.0
