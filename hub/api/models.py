@@ -7,13 +7,14 @@ from typing import Any
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
 from hub import registry, validation
 from hub.api import auth
 from hub.api.state import hub_state
+from hub.api.streaming import LargeFileResponse, receive_into
 from hub.errors import BadRequest, NotFound
 from hub.storage.blobs import check_digest
 from hub.tokens import Principal
@@ -69,14 +70,13 @@ async def upload_blob(
     declared = request.headers.get("content-length")
     writer = state.blobs.writer()
     try:
-        async for chunk in request.stream():
-            writer.write(chunk)
+        received = await receive_into(request, writer.write)
     except ClientDisconnect:
         writer.abort()
-        raise BadRequest(f"upload cut off after {writer.size} bytes; nothing was stored") from None
-    if declared is not None and declared.isdigit() and int(declared) != writer.size:
+        raise BadRequest("upload cut off by the client; nothing was stored") from None
+    if declared is not None and declared.isdigit() and int(declared) != received:
         writer.abort()
-        raise BadRequest(f"upload truncated: got {writer.size} of {declared} bytes")
+        raise BadRequest(f"upload truncated: got {received} of {declared} bytes")
     stored, size = await to_thread.run_sync(writer.commit, digest)
     request.state.audit = ("blob.upload", stored)
     return {"digest": stored, "size": size}
@@ -136,12 +136,12 @@ def show_version(
 @router.get("/models/{name}/versions/{version}/files/{path:path}", summary="Download a file")
 def download_file(
     name: str, version: str, path: str, request: Request, principal: Principal = auth.viewer
-) -> FileResponse:
+) -> LargeFileResponse:
     state = hub_state(request)
     found = registry.version_file(state.db, name, _version(version), path)
     if not state.blobs.exists(found["digest"]):
         raise NotFound(f"the bytes of {path!r} ({found['digest']}) are missing from the blob store")
-    return FileResponse(
+    return LargeFileResponse(
         state.blobs.local_path(found["digest"]),
         media_type="application/octet-stream",
         headers={"X-Content-Digest": found["digest"]},

@@ -15,12 +15,13 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from hub import oci_registry as reg
 from hub import tokens
 from hub.api.state import HubState, hub_state
+from hub.api.streaming import LargeFileResponse, receive_into
 from hub.errors import HubError
 from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobError
@@ -78,10 +79,12 @@ def _upload_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
 
 async def _receive(request: Request, upload: reg.Upload) -> None:
     """Stream the request body onto the upload; a cut-off body is an error."""
+    def write(piece: bytes) -> None:
+        upload.writer.write(piece)
+        upload.size += len(piece)
+
     try:
-        async for chunk in request.stream():
-            upload.writer.write(chunk)
-            upload.size += len(chunk)
+        await receive_into(request, write)
     except ClientDisconnect:
         raise RegistryError(400, "BLOB_UPLOAD_INVALID", "upload cut off by the client") from None
 
@@ -198,9 +201,9 @@ async def head_blob(repo: str, digest: str, request: Request) -> Response:
 
 
 @router.get("/{repo:path}/blobs/{digest}")
-async def get_blob(repo: str, digest: str, request: Request) -> FileResponse:
+async def get_blob(repo: str, digest: str, request: Request) -> LargeFileResponse:
     state, _ = await _blob(repo, digest, request)
-    return FileResponse(
+    return LargeFileResponse(
         state.blobs.local_path(digest),
         media_type="application/octet-stream",
         headers={"Docker-Content-Digest": digest},
