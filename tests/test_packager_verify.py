@@ -7,6 +7,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -319,3 +321,17 @@ def test_the_payload_digest_is_checked_before_the_signature(package: Package) ->
     assert layer["mediaType"] == SIMPLE_SIGNING and SIGNATURE_ANNOTATION in layer["annotations"]
     package.flip_byte(layer["digest"], offset=20)
     fails(package, f"signature payload {layer['digest']} under sha256-")
+
+
+def test_what_the_agent_imports_needs_only_the_stdlib_and_cryptography() -> None:
+    """The agent install has no hub dependencies (onnx, flatbuffers...): verification must not need them."""
+    code = (
+        "import sys, packager.verify, packager.cosign, packager.serving, packager.runtimes\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    roots = {name.split(".")[0] for name in done.stdout.split()}
+    allowed = set(sys.stdlib_module_names) | {"packager", "cryptography", "cffi", "_cffi_backend"}
+    # Interpreter and packaging internals (site hooks, extension modules) start with "_".
+    assert sorted(r for r in roots - allowed if not r.startswith("_")) == []
+    assert "packager.modelfile" not in done.stdout.split()
