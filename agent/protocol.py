@@ -1,0 +1,830 @@
+"""The MQTT wire protocol between the hub and its agents, in one module.
+
+Both sides import this, so a topic name, a field or a limit is defined once.
+It does no I/O: it names topics, builds payloads (bytes) and parses payloads
+strictly. Every parse error is a `ProtocolError` whose message names the
+field and the rule; a desired state the agent will not apply is a
+`ProtocolRefusal` carrying a stable reason code that the agent reports back.
+
+| topic (under edgefleet/v1/devices/{id}) | payload                          |
+|-----------------------------------------|----------------------------------|
+| desired            hub -> device, retained | signed `DesiredState`          |
+| reported           device -> hub           | `ReportedState`                |
+| telemetry          device -> hub           | `TelemetryBatch`               |
+| status             device -> hub, retained | b"online" / b"offline" (will)  |
+| commands           hub -> device           | a command with an id           |
+| commands/{cid}/result  device -> hub       | the command's answer           |
+
+Documents are JSON objects with a "schema" field; unknown fields are errors,
+so a newer peer fails loudly instead of being half understood. Timestamps are
+UTC, "2025-01-31T12:00:00.000000Z" (fixed width, so they also sort as text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
+
+from packager import signing
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+
+class ProtocolError(ValueError):
+    """A payload or topic breaks the protocol; the message says where and how."""
+
+
+class Reason(StrEnum):
+    """Why an agent refused a desired state: stable codes, reported to the hub."""
+
+    MALFORMED = "malformed"                  # not JSON, or not the document's shape
+    UNSUPPORTED_SCHEMA = "unsupported_schema"  # a schema this agent does not know
+    BAD_SIGNATURE = "bad_signature"          # unsigned, tampered, or another key
+    WRONG_DEVICE = "wrong_device"            # addressed to another device
+    # The retained desired state arrives again after every (re)subscribe, so
+    # "same generation" is normal; agents ignore it instead of reporting it.
+    ALREADY_APPLIED = "already_applied"
+    REPLAY = "replay"                        # an older generation: rollback or replay
+    EXPIRED = "expired"                      # past expires_at: a frozen, withheld hub
+    NOT_YET_VALID = "not_yet_valid"          # issued in the future beyond CLOCK_SKEW
+    # Raised by the agent's download step, not here: a package whose bytes do
+    # not match the digest the signed desired state names (mix-and-match).
+    DIGEST_MISMATCH = "digest_mismatch"
+
+
+class ProtocolRefusal(ProtocolError):
+    """A desired state the agent will not apply, with the reason it reports."""
+
+    def __init__(self, reason: Reason, message: str, *, generation: int | None = None) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.generation = generation  # as claimed by the document, when it had one
+
+
+# --- limits -----------------------------------------------------------------
+
+MAX_DESIRED_BYTES: Final = 256 * 1024
+MAX_REPORTED_BYTES: Final = 256 * 1024
+MAX_TELEMETRY_BYTES: Final = 1024 * 1024
+MAX_TELEMETRY_POINTS: Final = 1000
+MAX_VALUES_PER_POINT: Final = 64
+MAX_DEPLOYMENTS: Final = 64
+MAX_REFUSALS: Final = 16          # the agent reports its most recent refusals only
+MAX_TEXT: Final = 2000            # error and refusal messages
+CLOCK_SKEW: Final = timedelta(minutes=5)
+
+_MAX_INT: Final = 2**63 - 1       # what SQLite and most JSON readers keep exactly
+
+# --- topics -----------------------------------------------------------------
+
+ROOT: Final = "edgefleet/v1"
+_DEVICES: Final = f"{ROOT}/devices"
+
+Kind = Literal["desired", "reported", "telemetry", "status", "commands", "command_result"]
+_SIMPLE_KINDS: Final = ("desired", "reported", "telemetry", "status", "commands")
+
+# Device and command ids become topic levels: no "/", "+", "#" or leading "$".
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _check_id(value: str, what: str = "device id") -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ProtocolError(
+            f"{what} {value!r} is not valid: use 1-128 of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def desired_topic(device_id: str) -> str:
+    return f"{_DEVICES}/{_check_id(device_id)}/desired"
+
+
+def reported_topic(device_id: str) -> str:
+    return f"{_DEVICES}/{_check_id(device_id)}/reported"
+
+
+def telemetry_topic(device_id: str) -> str:
+    return f"{_DEVICES}/{_check_id(device_id)}/telemetry"
+
+
+def status_topic(device_id: str) -> str:
+    return f"{_DEVICES}/{_check_id(device_id)}/status"
+
+
+def commands_topic(device_id: str) -> str:
+    return f"{_DEVICES}/{_check_id(device_id)}/commands"
+
+
+def command_result_topic(device_id: str, command_id: str) -> str:
+    return f"{commands_topic(device_id)}/{_check_id(command_id, 'command id')}/result"
+
+
+# What the hub's ingest loop subscribes to: everything devices send.
+HUB_SUBSCRIPTIONS: Final = (
+    f"{_DEVICES}/+/reported",
+    f"{_DEVICES}/+/telemetry",
+    f"{_DEVICES}/+/status",
+    f"{_DEVICES}/+/commands/+/result",
+)
+
+
+def device_subscriptions(device_id: str) -> tuple[str, str]:
+    """What an agent subscribes to: its desired state and its commands."""
+    return desired_topic(device_id), commands_topic(device_id)
+
+
+def parse_topic(topic: str) -> tuple[str, Kind]:
+    """(device_id, kind) of a concrete edgefleet topic; ProtocolError otherwise."""
+    parts = topic.split("/") if isinstance(topic, str) else []
+    if parts[:3] == ["edgefleet", "v1", "devices"] and len(parts) >= 5 and _ID.fullmatch(parts[3]):
+        if len(parts) == 5 and parts[4] in _SIMPLE_KINDS:
+            return parts[3], cast(Kind, parts[4])
+        if len(parts) == 7 and parts[4] == "commands" and parts[6] == "result" \
+                and _ID.fullmatch(parts[5]):
+            return parts[3], "command_result"
+    raise ProtocolError(
+        f"topic {topic!r} is not an edgefleet topic: expected {_DEVICES}/<device id>/"
+        "desired|reported|telemetry|status|commands or .../commands/<command id>/result"
+    )
+
+
+def parse_command_result_topic(topic: str) -> tuple[str, str]:
+    """(device_id, command_id) of a `command_result_topic`."""
+    device_id, kind = parse_topic(topic)
+    if kind != "command_result":
+        raise ProtocolError(f"topic {topic!r} is not a command result topic")
+    return device_id, topic.split("/")[5]
+
+
+# --- JSON -------------------------------------------------------------------
+
+
+def canonical_json(value: object) -> bytes:
+    """The one encoding of a document: the exact bytes that get signed."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two readers could otherwise disagree about which duplicate counts,
+    # so the signed and the applied document would differ.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ProtocolError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ProtocolError(f"number {text} is out of range")
+    return number
+
+
+def _not_a_number(text: str) -> NoReturn:
+    raise ProtocolError(f"{text} is not valid JSON")
+
+
+def _load(payload: bytes, *, limit: int, what: str) -> object:
+    if not isinstance(payload, bytes | bytearray):
+        raise ProtocolError(f"{what} must be bytes, not {type(payload).__name__}")
+    if len(payload) > limit:
+        raise ProtocolError(f"{what} is {len(payload)} bytes; the limit is {limit}")
+    try:
+        # Decode explicitly: json.loads on bytes would also accept UTF-16/32.
+        return json.loads(
+            payload.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_float=_finite,
+            parse_constant=_not_a_number,
+        )
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+
+
+def format_time(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+
+
+def parse_time(text: str) -> datetime:
+    if not isinstance(text, str) or not _TIME.fullmatch(text):
+        raise ProtocolError(f"expected a UTC timestamp like 2025-01-31T12:00:00Z, got {text!r}")
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ProtocolError(f"{text!r} is not a real date and time") from None
+
+
+# --- strict field reader ----------------------------------------------------
+
+_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")          # the hub's model names
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# An OCI repository path: components as the distribution spec defines them.
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_RUNTIME_CHOICE = re.compile(r"[a-z0-9_]+:[A-Za-z0-9_.]+")    # "openvino:NPU", "onnxruntime:CUDA"
+_PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")  # "linux/arm64", "linux/arm/v7"
+_VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+
+
+def _describe(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value), "?")
+
+
+class _Fields:
+    """Reads one JSON object: typed getters, the path in every error, no unknown keys."""
+
+    def __init__(self, value: object, path: str) -> None:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{path}: expected an object, got {_describe(value)}")
+        self._data: dict[str, Any] = value
+        self._path = path
+        self._used: set[str] = set()
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ProtocolError(f"{self._path}.{key}: {problem}")
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def raw(self, key: str) -> Any:
+        if key not in self._data:
+            raise ProtocolError(f"{self._path}: missing field {key!r}")
+        self._used.add(key)
+        return self._data[key]
+
+    def text(self, key: str, pattern: re.Pattern[str] | None = None, max_len: int = 128) -> str:
+        value = self.raw(key)
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {_describe(value)}")
+        if not value or len(value) > max_len:
+            self.fail(key, f"expected 1-{max_len} characters, got {len(value)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            self.fail(key, f"{value!r} does not match {pattern.pattern}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(key, "not valid Unicode text")
+        return value
+
+    def text_or_null(self, key: str, max_len: int = 128) -> str | None:
+        return None if self.raw(key) is None else self.text(key, max_len=max_len)
+
+    def integer(self, key: str, low: int = 0, high: int = _MAX_INT) -> int:
+        value = self.raw(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(key, f"expected an integer, got {_describe(value)}")
+        if not low <= value <= high:
+            self.fail(key, f"{value} is outside {low}..{high}")
+        return value
+
+    def integer_or_null(self, key: str) -> int | None:
+        return None if self.raw(key) is None else self.integer(key)
+
+    def flag(self, key: str) -> bool:
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def time(self, key: str) -> datetime:
+        try:
+            return parse_time(self.raw(key))
+        except ProtocolError as exc:
+            self.fail(key, str(exc))
+
+    def obj(self, key: str) -> _Fields:
+        return _Fields(self.raw(key), self.path(key))
+
+    def path(self, key: str) -> str:
+        return f"{self._path}.{key}"
+
+    def items(self, key: str, max_items: int) -> Iterator[tuple[str, Any]]:
+        value = self.raw(key)
+        if not isinstance(value, list):
+            self.fail(key, f"expected a list, got {_describe(value)}")
+        if len(value) > max_items:
+            self.fail(key, f"{len(value)} entries; the limit is {max_items}")
+        return ((f"{self._path}.{key}[{i}]", item) for i, item in enumerate(value))
+
+    def strings(self, key: str, pattern: re.Pattern[str], max_items: int = 32) -> tuple[str, ...]:
+        result = []
+        for path, item in self.items(key, max_items):
+            if not isinstance(item, str) or not pattern.fullmatch(item):
+                raise ProtocolError(f"{path}: {item!r} does not match {pattern.pattern}")
+            result.append(item)
+        return tuple(result)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            raise ProtocolError(f"{self._path}: unknown field(s) {', '.join(map(repr, unknown))}")
+
+
+def _schema(fields: _Fields, expected: str) -> None:
+    schema = fields.raw("schema")
+    if schema != expected:
+        raise ProtocolError(f"schema is {schema!r}; expected {expected!r}")
+
+
+# --- desired state ----------------------------------------------------------
+
+DESIRED_SCHEMA: Final = "edgefleet.desired/v1"
+
+
+@dataclass(frozen=True)
+class Package:
+    repository: str     # OCI repository in the hub's registry, e.g. "models/diabetes"
+    digest: str         # the image index digest the agent must get, "sha256:..."
+    size: int           # bytes of the image index, as the registry serves it
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    prefer: tuple[str, ...] = ()   # "runtime:DEVICE", best first; empty means "any, on CPU"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A second version of a deployment, for an A/B split or in shadow.
+
+    Split (shadow false): the candidate answers `traffic` percent of requests,
+    the deployment's own version the rest. Shadow: the deployment's version
+    answers every request and a copy of `traffic` percent goes to the
+    candidate, whose answers only feed telemetry.
+    """
+
+    version: int
+    package: Package
+    runtime: RuntimeSpec
+    traffic: int
+    shadow: bool = False
+    rollout: str | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    model: str
+    version: int
+    package: Package
+    runtime: RuntimeSpec = RuntimeSpec()
+    # Percent of requests this version answers: 100, or 100 minus a split
+    # candidate's share. Redundant on purpose: a mismatch is refused.
+    traffic: int = 100
+    rollout: str | None = None
+    candidate: Candidate | None = None
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    device_id: str
+    generation: int         # grows with every change for this device; never reused
+    issued_at: datetime
+    expires_at: datetime
+    deployments: tuple[Deployment, ...]
+
+
+def _package_json(p: Package) -> dict[str, Any]:
+    return {"repository": p.repository, "digest": p.digest, "size": p.size}
+
+
+def _version_json(version: int, package: Package, runtime: RuntimeSpec, traffic: int,
+                  rollout: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"version": version, "package": _package_json(package),
+                            "runtime": {"prefer": list(runtime.prefer)}, "traffic": traffic}
+    if rollout is not None:
+        body["rollout"] = rollout
+    return body
+
+
+def _desired_json(state: DesiredState) -> dict[str, Any]:
+    deployments = []
+    for d in state.deployments:
+        body = {"name": d.name, "model": d.model,
+                **_version_json(d.version, d.package, d.runtime, d.traffic, d.rollout)}
+        if (c := d.candidate) is not None:
+            body["candidate"] = {**_version_json(c.version, c.package, c.runtime, c.traffic,
+                                                 c.rollout), "shadow": c.shadow}
+        deployments.append(body)
+    return {
+        "schema": DESIRED_SCHEMA,
+        "device_id": state.device_id,
+        "generation": state.generation,
+        "issued_at": format_time(state.issued_at),
+        "expires_at": format_time(state.expires_at),
+        "deployments": deployments,
+    }
+
+
+def _read_package(f: _Fields) -> Package:
+    p = Package(repository=f.text("repository", _REPOSITORY, max_len=255),
+                digest=f.text("digest", _DIGEST), size=f.integer("size", low=1))
+    f.done()
+    return p
+
+
+def _read_runtime(f: _Fields) -> RuntimeSpec:
+    spec = RuntimeSpec(prefer=f.strings("prefer", _RUNTIME_CHOICE))
+    f.done()
+    return spec
+
+
+def _read_candidate(f: _Fields) -> Candidate:
+    c = Candidate(
+        version=f.integer("version", low=1),
+        package=_read_package(f.obj("package")),
+        runtime=_read_runtime(f.obj("runtime")),
+        traffic=f.integer("traffic", low=1, high=100),
+        shadow=f.flag("shadow"),
+        rollout=f.text("rollout") if f.has("rollout") else None,
+    )
+    f.done()
+    return c
+
+
+def _read_deployment(f: _Fields) -> Deployment:
+    d = Deployment(
+        name=f.text("name", _NAME, max_len=64),
+        model=f.text("model", _NAME, max_len=64),
+        version=f.integer("version", low=1),
+        package=_read_package(f.obj("package")),
+        runtime=_read_runtime(f.obj("runtime")),
+        traffic=f.integer("traffic", high=100),
+        rollout=f.text("rollout") if f.has("rollout") else None,
+        candidate=_read_candidate(f.obj("candidate")) if f.has("candidate") else None,
+    )
+    f.done()
+    c = d.candidate
+    primary_share = 100 if c is None or c.shadow else 100 - c.traffic
+    if d.traffic != primary_share:
+        f.fail("traffic", f"is {d.traffic}; with this candidate it must be {primary_share}")
+    if c is not None and c.version == d.version:
+        f.fail("candidate.version", f"is the deployment's own version {d.version}")
+    if c is not None and not c.shadow and c.traffic == 100:
+        f.fail("candidate.traffic", "100 leaves the deployment's version nothing: "
+               "make the candidate the deployment's version instead")
+    return d
+
+
+def _read_desired(document: object) -> DesiredState:
+    f = _Fields(document, "desired")
+    _schema(f, DESIRED_SCHEMA)
+    deployments = tuple(_read_deployment(_Fields(item, path))
+                        for path, item in f.items("deployments", MAX_DEPLOYMENTS))
+    state = DesiredState(
+        device_id=f.text("device_id", _ID),
+        generation=f.integer("generation", low=1),
+        issued_at=f.time("issued_at"),
+        expires_at=f.time("expires_at"),
+        deployments=deployments,
+    )
+    f.done()
+    if state.expires_at <= state.issued_at:
+        f.fail("expires_at", "must be later than issued_at")
+    names = [d.name for d in deployments]
+    if len(set(names)) != len(names):
+        f.fail("deployments", f"deployment names repeat: {names}")
+    return state
+
+
+def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The payload to publish (retained) on `desired_topic`: canonical JSON,
+    signed over the canonical JSON of the document without "signature"."""
+    body = _desired_json(state)
+    _read_desired(body)  # the hub never signs what an agent would refuse as malformed
+    signature = {"keyid": signing.key_id(private_key), "alg": signing.ALGORITHM,
+                 "value": signing.sign(private_key, canonical_json(body))}
+    payload = canonical_json({**body, "signature": signature})
+    if len(payload) > MAX_DESIRED_BYTES:
+        raise ProtocolError(f"desired state is {len(payload)} bytes; the limit is "
+                            f"{MAX_DESIRED_BYTES}")
+    return payload
+
+
+def verify_desired(
+    payload: bytes,
+    *,
+    public_key: ec.EllipticCurvePublicKey,
+    device_id: str,
+    last_generation: int,
+    now: datetime,
+    max_skew: timedelta = CLOCK_SKEW,
+) -> DesiredState:
+    """The desired state in PAYLOAD if this device may apply it; else ProtocolRefusal.
+
+    The signature is checked before anything else in the document is
+    believed. LAST_GENERATION is the last one applied (0 before the first).
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    try:
+        document = _load(payload, limit=MAX_DESIRED_BYTES, what="desired state")
+    except ProtocolError as exc:
+        raise ProtocolRefusal(Reason.MALFORMED, str(exc)) from None
+    if not isinstance(document, dict):
+        raise ProtocolRefusal(Reason.MALFORMED, "desired state is not a JSON object")
+    claimed = document.get("generation")
+    generation = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else None
+
+    def refuse(reason: Reason, message: str) -> NoReturn:
+        raise ProtocolRefusal(reason, message, generation=generation)
+
+    body = {k: v for k, v in document.items() if k != "signature"}
+    try:
+        sig = _Fields(document.get("signature"), "signature")
+        keyid, alg, value = sig.text("keyid"), sig.text("alg"), sig.text("value", max_len=512)
+        sig.done()
+    except ProtocolError as exc:
+        refuse(Reason.BAD_SIGNATURE, f"no usable signature: {exc}")
+    if alg != signing.ALGORITHM:
+        refuse(Reason.BAD_SIGNATURE, f"algorithm {alg!r}; expected {signing.ALGORITHM!r}")
+    if keyid != signing.key_id(public_key):
+        refuse(Reason.BAD_SIGNATURE, f"signed by key {keyid}, but this device trusts "
+               f"{signing.key_id(public_key)}")
+    try:
+        signing.verify(public_key, canonical_json(body), value)
+    except (signing.SignatureError, ValueError) as exc:  # ValueError: unencodable text
+        refuse(Reason.BAD_SIGNATURE, str(exc))
+
+    if document.get("schema") != DESIRED_SCHEMA:
+        refuse(Reason.UNSUPPORTED_SCHEMA,
+               f"schema {document.get('schema')!r}; this agent reads {DESIRED_SCHEMA!r}")
+    try:
+        state = _read_desired(body)
+    except ProtocolError as exc:
+        refuse(Reason.MALFORMED, str(exc))
+    if state.device_id != device_id:
+        refuse(Reason.WRONG_DEVICE, f"addressed to {state.device_id!r}, not {device_id!r}")
+    if state.generation == last_generation:
+        refuse(Reason.ALREADY_APPLIED, f"generation {state.generation} is the one applied")
+    if state.generation < last_generation:
+        refuse(Reason.REPLAY, f"generation {state.generation} is older than the applied "
+               f"generation {last_generation}")
+    if now >= state.expires_at:
+        refuse(Reason.EXPIRED, f"expired at {format_time(state.expires_at)}")
+    if state.issued_at > now + max_skew:
+        refuse(Reason.NOT_YET_VALID, f"issued at {format_time(state.issued_at)}, later than "
+               f"this device's clock ({format_time(now)}) allows")
+    return state
+
+
+# --- reported state ---------------------------------------------------------
+
+REPORTED_SCHEMA: Final = "edgefleet.reported/v1"
+
+
+class UpdateState(StrEnum):
+    """Where a deployment's version is in the agent's update; see agent docs."""
+
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    STARTING = "starting"
+    SELF_TEST = "self_test"
+    SERVING = "serving"
+    FAILED = "failed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """One version on the device; a deployment with a candidate has two."""
+
+    name: str
+    model: str
+    version: int
+    state: UpdateState
+    since: datetime              # when it entered this state
+    error: str | None = None
+    runtime: str | None = None   # e.g. "onnxruntime", once loaded
+    device: str | None = None    # what it really runs on, e.g. "CPU", "GPU.0"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    generation: int | None
+    reason: Reason
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ReportedState:
+    device_id: str
+    applied_generation: int      # 0 until a desired state has been applied
+    deployments: tuple[DeploymentStatus, ...]
+    platform: str                # "linux/arm64"
+    accelerators: tuple[str, ...]  # "runtime:DEVICE" entries the device has
+    agent_version: str
+    refusals: tuple[Refusal, ...] = ()  # most recent last, at most MAX_REFUSALS
+
+
+def build_reported(state: ReportedState) -> bytes:
+    body = {
+        "schema": REPORTED_SCHEMA,
+        "device_id": state.device_id,
+        "applied_generation": state.applied_generation,
+        "deployments": [
+            {"name": d.name, "model": d.model, "version": d.version, "state": str(d.state),
+             "since": format_time(d.since), "error": d.error, "runtime": d.runtime,
+             "device": d.device}
+            for d in state.deployments
+        ],
+        "platform": state.platform,
+        "accelerators": list(state.accelerators),
+        "agent_version": state.agent_version,
+        "refusals": [
+            {"generation": r.generation, "reason": str(r.reason), "message": r.message,
+             "at": format_time(r.at)}
+            for r in state.refusals
+        ],
+    }
+    payload = canonical_json(body)
+    parse_reported(payload, device_id=state.device_id)  # never send what the hub refuses
+    return payload
+
+
+def _read_deployment_status(f: _Fields) -> DeploymentStatus:
+    state = f.text("state")
+    if state not in UpdateState.__members__.values():
+        f.fail("state", f"{state!r} is not one of {', '.join(UpdateState)}")
+    d = DeploymentStatus(
+        name=f.text("name", _NAME, max_len=64),
+        model=f.text("model", _NAME, max_len=64),
+        version=f.integer("version", low=1),
+        state=UpdateState(state),
+        since=f.time("since"),
+        error=f.text_or_null("error", max_len=MAX_TEXT),
+        runtime=f.text_or_null("runtime"),
+        device=f.text_or_null("device"),
+    )
+    f.done()
+    return d
+
+
+def _read_refusal(f: _Fields) -> Refusal:
+    reason = f.text("reason")
+    if reason not in Reason.__members__.values():
+        f.fail("reason", f"{reason!r} is not one of {', '.join(Reason)}")
+    r = Refusal(generation=f.integer_or_null("generation"), reason=Reason(reason),
+                message=f.text("message", max_len=MAX_TEXT), at=f.time("at"))
+    f.done()
+    return r
+
+
+def parse_reported(payload: bytes, *, device_id: str) -> ReportedState:
+    """The reported state DEVICE_ID (from the topic) sent; ProtocolError if malformed."""
+    f = _Fields(_load(payload, limit=MAX_REPORTED_BYTES, what="reported state"), "reported")
+    _schema(f, REPORTED_SCHEMA)
+    state = ReportedState(
+        device_id=f.text("device_id", _ID),
+        applied_generation=f.integer("applied_generation"),
+        deployments=tuple(_read_deployment_status(_Fields(item, path))
+                          for path, item in f.items("deployments", 2 * MAX_DEPLOYMENTS)),
+        platform=f.text("platform", _PLATFORM, max_len=64),
+        accelerators=f.strings("accelerators", _RUNTIME_CHOICE),
+        agent_version=f.text("agent_version", max_len=64),
+        refusals=tuple(_read_refusal(_Fields(item, path))
+                       for path, item in f.items("refusals", MAX_REFUSALS)),
+    )
+    f.done()
+    if state.device_id != device_id:
+        f.fail("device_id", f"is {state.device_id!r}, but it came from device {device_id!r}")
+    keys = [(d.name, d.version) for d in state.deployments]
+    if len(set(keys)) != len(keys):
+        f.fail("deployments", "the same deployment version is listed twice")
+    return state
+
+
+# --- telemetry ----------------------------------------------------------------
+
+TELEMETRY_SCHEMA: Final = "edgefleet.telemetry/v1"
+PointKind = Literal["system", "inference"]
+Value = int | float | str
+
+
+@dataclass(frozen=True)
+class Point:
+    seq: int                     # per device, strictly increasing, never reused
+    at: datetime
+    kind: PointKind
+    values: Mapping[str, Value]  # numbers, plus short strings such as a deployment name
+
+
+@dataclass(frozen=True)
+class TelemetryBatch:
+    """Points in sequence order. The hub stores a point only if it has not
+    seen (device_id, seq) before, so a batch resent after a reconnect is
+    harmless; gaps in seq are points the agent's bounded queue dropped."""
+
+    device_id: str
+    points: tuple[Point, ...]
+
+    @property
+    def seq_from(self) -> int:
+        return self.points[0].seq
+
+    @property
+    def seq_to(self) -> int:
+        return self.points[-1].seq
+
+
+def build_telemetry(batch: TelemetryBatch) -> bytes:
+    if not batch.points:
+        raise ProtocolError("a telemetry batch needs at least one point")
+    payload = canonical_json({
+        "schema": TELEMETRY_SCHEMA,
+        "device_id": batch.device_id,
+        "seq_from": batch.seq_from,
+        "seq_to": batch.seq_to,
+        "points": [{"seq": p.seq, "at": format_time(p.at), "kind": p.kind,
+                    "values": dict(p.values)} for p in batch.points],
+    })
+    # Same rules on both sides; an over-large batch is for the caller to split.
+    parse_telemetry(payload, device_id=batch.device_id)
+    return payload
+
+
+def _read_values(path: str, value: object) -> dict[str, Value]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{path}: expected an object, got {_describe(value)}")
+    if len(value) > MAX_VALUES_PER_POINT:
+        raise ProtocolError(f"{path}: {len(value)} values; the limit is {MAX_VALUES_PER_POINT}")
+    for name, item in value.items():
+        if not _VALUE_NAME.fullmatch(name):
+            raise ProtocolError(f"{path}: value name {name!r} does not match {_VALUE_NAME.pattern}")
+        ok = (isinstance(item, int | float) and not isinstance(item, bool)
+              and abs(item) <= _MAX_INT) or (isinstance(item, str) and len(item) <= 128)
+        if not ok:
+            raise ProtocolError(f"{path}.{name}: expected a number or a string of at most "
+                                f"128 characters, got {_describe(item)}")
+    return value
+
+
+def _read_point(f: _Fields) -> Point:
+    kind = f.text("kind")
+    if kind not in ("system", "inference"):
+        f.fail("kind", f"{kind!r} is not 'system' or 'inference'")
+    point = Point(seq=f.integer("seq"), at=f.time("at"), kind=cast(PointKind, kind),
+                  values=_read_values(f.path("values"), f.raw("values")))
+    f.done()
+    return point
+
+
+def parse_telemetry(payload: bytes, *, device_id: str) -> TelemetryBatch:
+    """The telemetry batch DEVICE_ID (from the topic) sent; ProtocolError if malformed."""
+    f = _Fields(_load(payload, limit=MAX_TELEMETRY_BYTES, what="telemetry batch"), "telemetry")
+    _schema(f, TELEMETRY_SCHEMA)
+    batch = TelemetryBatch(
+        device_id=f.text("device_id", _ID),
+        points=tuple(_read_point(_Fields(item, path))
+                     for path, item in f.items("points", MAX_TELEMETRY_POINTS)),
+    )
+    seq_from, seq_to = f.integer("seq_from"), f.integer("seq_to")
+    f.done()
+    if batch.device_id != device_id:
+        f.fail("device_id", f"is {batch.device_id!r}, but it came from device {device_id!r}")
+    if not batch.points:
+        f.fail("points", "a batch needs at least one point")
+    if any(a.seq >= b.seq for a, b in pairwise(batch.points)):
+        f.fail("points", "seq must increase strictly from point to point")
+    if (seq_from, seq_to) != (batch.seq_from, batch.seq_to):
+        f.fail("seq_from", f"{seq_from}..{seq_to} does not match the points "
+               f"({batch.seq_from}..{batch.seq_to})")
+    return batch
+
+
+# --- status -------------------------------------------------------------------
+
+ONLINE: Final = b"online"     # the birth message, retained
+OFFLINE: Final = b"offline"   # the last will, retained; also sent on a clean stop
+
+
+def parse_status(payload: bytes) -> Literal["online", "offline"]:
+    if payload == ONLINE:
+        return "online"
+    if payload == OFFLINE:
+        return "offline"
+    raise ProtocolError(f"status payload {bytes(payload[:32])!r} is not b'online' or b'offline'")
