@@ -142,6 +142,43 @@ def _v2_datatype(types: Mapping[Any, str], key: Any, framework: str) -> str:
         raise _NoV2Datatype(f"{framework} type {key!r}") from None
 
 
+# ---- V2 datatypes as numpy and runtime types -------------------------------
+
+# The numpy dtype each V2 datatype travels as between the serving layer and a
+# runtime; BYTES is an object array of bytes, as tritonclient builds it.
+NUMPY_DTYPES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+_V2_OF_NUMPY = {numpy_name: v2 for v2, numpy_name in NUMPY_DTYPES.items()}
+
+
+def v2_datatype_of_numpy(dtype_name: str) -> str | None:
+    """The V2 datatype of a numpy dtype named DTYPE_NAME ("float32" -> "FP32"), None if V2 has none.
+
+    Fixed-width byte and text strings ("bytes24", "str96") are BYTES, like object arrays.
+    """
+    if re.fullmatch(r"(bytes|str)\d*", dtype_name):
+        return "BYTES"
+    return _V2_OF_NUMPY.get(dtype_name)
+
+
+def v2_datatype_of_openvino(type_name: str) -> str | None:
+    """The V2 datatype of an OpenVINO element type ("f32" -> "FP32"), None if V2 has none."""
+    return _OPENVINO_TYPES.get(type_name)
+
+
 # ---- ONNX ------------------------------------------------------------------
 
 # TensorProto.DataType values, fixed by the ONNX spec.
