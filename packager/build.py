@@ -125,26 +125,13 @@ def build_package(
     generated from the signature. PROGRESS is called as each step starts.
     """
     chosen = choose_runtime(info.framework, runtime)
-    assert info.framework is not None  # choose_runtime refuses an unknown framework
     targets = _platforms(platforms)
     model_files = _model_files(files, info.entrypoint)
     preferences = _preferences(prefer if prefer is not None else chosen.prefer)
     tag = _tag(str(version) if tag is None else tag)
     epoch = _source_date_epoch(source_date_epoch)
     created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    signature = None if info.signature is None else info.signature.to_dict()
-    if sample_request is None and signature is not None:
-        sample_request = make_sample_request(signature)
-    serving = serving_document(
-        model=name,
-        version=version,
-        runtime=chosen.name,
-        framework=info.framework,
-        entrypoint=info.entrypoint or "",
-        signature=signature,
-        prefer=preferences,
-        sample_request=sample_request,
-    )
+    serving = _serving_json(name, version, info, chosen.name, preferences, sample_request)
     annotations = {TITLE: name, VERSION: str(version), CREATED: created}
     total = 3 + len(targets)
     report = progress or (lambda _: None)
@@ -153,7 +140,7 @@ def build_package(
     report(BuildProgress("model layer", 0, total))
     model = model_layer(store, model_files, mtime=epoch)
     report(BuildProgress("serving layer", 1, total))
-    shared = [model, serving_layer(store, canonical_json(serving), mtime=epoch)]
+    shared = [model, serving_layer(store, serving, mtime=epoch)]
 
     manifests: dict[str, Descriptor] = {}
     skipped: dict[str, str] = {}
@@ -198,6 +185,32 @@ def build_package(
     store.tag(tag, index)
     report(BuildProgress("done", total, total))
     return BuildResult(Path(layout), tag, index, manifests, skipped)
+
+
+def _serving_json(
+    name: str,
+    version: int | str,
+    info: ModelInfo,
+    runtime: str,
+    prefer: Sequence[str],
+    sample_request: Mapping[str, Any] | None,
+) -> bytes:
+    assert info.framework is not None and info.entrypoint is not None  # checked before
+    signature = None if info.signature is None else info.signature.to_dict()
+    if sample_request is None and signature is not None:
+        sample_request = make_sample_request(signature)
+    return canonical_json(
+        serving_document(
+            model=name,
+            version=version,
+            runtime=runtime,
+            framework=info.framework,
+            entrypoint=info.entrypoint,
+            signature=signature,
+            prefer=prefer,
+            sample_request=sample_request,
+        )
+    )
 
 
 def _platforms(platforms: Sequence[str]) -> list[Platform]:
