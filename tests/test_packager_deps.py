@@ -141,9 +141,11 @@ def test_real_onnxruntime_wheels_for_arm64_and_none_for_armv7(tmp_path: Path) ->
         p.name.endswith("aarch64-linux-gnu.so") for p in (tree / "onnxruntime" / "capi").iterdir()
     )
     assert not (tree / "bin").exists() and not list(tree.rglob("__pycache__"))
-    # Same tree, same layer bytes: the deps layer is reproducible.
+    assert deps(requirements, ARM64) == tree
+    # A second, independent install (its own cache) gives the same layer bytes.
+    again = PipDeps(tmp_path / "other-cache")(requirements, ARM64)
     first = deps_layer(OCILayout.create(tmp_path / "a"), tree, mtime=0)
-    second = deps_layer(OCILayout.create(tmp_path / "b"), deps(requirements, ARM64), mtime=0)
+    second = deps_layer(OCILayout.create(tmp_path / "b"), again, mtime=0)
     assert first == second
     with tarfile.open(OCILayout(tmp_path / "a").blob_path(first.descriptor.digest)) as tar:
         assert "opt/edgefleet/python/onnxruntime/__init__.py" in tar.getnames()
