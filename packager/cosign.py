@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from packager.errors import RefNotFound, VerificationError
+from packager.errors import BlobNotFound, PackagerError, RefNotFound, VerificationError
 from packager.oci import (
     CONFIG,
     MANIFEST,
@@ -73,6 +73,12 @@ def sign_package(
     again with the same key and repository changes nothing.
     """
     payload = simple_signing_payload(digest, repository)
+    try:
+        store.open(digest).close()
+    except BlobNotFound:
+        raise PackagerError(
+            f"{store} has no package {digest} to sign; build or push it first"
+        ) from None
     tag = signature_tag(digest)
     descriptor, layers = _existing(store, tag) or (None, ())
     if descriptor is not None and any(

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from packager.build import BuildResult
 from packager.cosign import SIGNATURE_ANNOTATION, SIMPLE_SIGNING, sign_package, signature_tag
-from packager.errors import BlobNotFound, RefNotFound, VerificationError
+from packager.errors import BlobNotFound, PackagerError, RefNotFound, VerificationError
 from packager.oci import INDEX, REF_NAME, Descriptor, OCILayout, canonical_json
 from packager.signing import generate_keypair, key_id, load_private_key, load_public_key
 from packager.verify import VerifiedPackage, verify_contents, verify_package
@@ -201,6 +201,14 @@ def test_a_signature_for_another_package_is_refused(tmp_path: Path, package: Pac
         VerificationError, match=f"names {package.result.digest}, not the package {other.digest}"
     ):
         verify_package(package.layout, other.index, public_key=package.public)
+
+
+def test_only_a_package_that_is_there_can_be_signed(package: Package) -> None:
+    absent = "sha256:" + "0" * 64
+    with pytest.raises(
+        PackagerError, match=f"has no package {absent} to sign; build or push it first"
+    ):
+        sign_package(package.layout, absent, package.key, REPOSITORY)
 
 
 def test_a_signature_for_another_repository_is_refused(package: Package) -> None:
