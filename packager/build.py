@@ -2,10 +2,12 @@
 
 Each image is the base image's layers (if any), the runtime's Python packages
 for its platform, the model layer and the serving layer (see
-`packager.layers`). Its config runs `edgefleet serve` with
-EDGEFLEET_SERVING pointing at /opt/edgefleet/serving.json, so the same
-package works in container mode; the base image must bring Python
-3.11 and edgefleet's agent.
+`packager.layers`). For container mode its config runs
+`edgefleet serve --host 0.0.0.0 --control-socket /run/edgefleet/control.sock`
+on port 8500: the agent mounts /run/edgefleet, passes the API key in
+EDGEFLEET_SERVE_API_KEY, and loads the model through the control socket
+from the serving.json that EDGEFLEET_SERVING points at, as in native mode.
+The base image must bring Python 3.11 and edgefleet's agent.
 
 Every timestamp is SOURCE_DATE_EPOCH: the `source_date_epoch` argument, else
 the environment variable, else 0 (1970-01-01, as most reproducible-build
@@ -66,6 +68,7 @@ from packager.tarball import check_relative_path
 
 DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm/v7")
 ENTRYPOINT = ["edgefleet", "serve"]
+COMMAND = ["--host", "0.0.0.0", "--control-socket", "/run/edgefleet/control.sock"]
 SERVING_ENV = "EDGEFLEET_SERVING"
 SCORING_PORT = "8500/tcp"
 BASE = "base"
@@ -337,7 +340,7 @@ def _image_config(
     run.update(
         Env=env,
         Entrypoint=ENTRYPOINT,
-        Cmd=None,
+        Cmd=COMMAND,
         ExposedPorts={**(run.get("ExposedPorts") or {}), SCORING_PORT: {}},
         Labels={**(run.get("Labels") or {}), **labels},
     )
@@ -345,7 +348,7 @@ def _image_config(
     config.update(platform.to_dict())
     config.update(
         created=created,
-        config={k: v for k, v in run.items() if v is not None},
+        config=run,
         rootfs={"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         history=[
             *(base.get("history") or []),

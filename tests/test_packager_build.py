@@ -137,7 +137,14 @@ def test_an_unpacked_image_has_the_model_files_and_serving_json(tmp_path: Path) 
         },
     }
     runtime_config = json.loads((tmp_path / "bundle" / "config.json").read_bytes())
-    assert runtime_config["process"]["args"] == ["edgefleet", "serve"]
+    assert runtime_config["process"]["args"] == [
+        "edgefleet",
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--control-socket",
+        "/run/edgefleet/control.sock",
+    ]
 
 
 def test_same_inputs_and_epoch_give_the_same_bytes(tmp_path: Path) -> None:
@@ -306,7 +313,7 @@ def test_a_base_images_layers_go_at_the_bottom(tmp_path: Path, as_archive: bool)
         "EDGEFLEET_SERVING=/opt/edgefleet/serving.json",
         "PYTHONPATH=/opt/edgefleet/python:/usr/lib/extra",
     ]
-    assert "Cmd" not in config["config"]
+    assert config["config"]["Cmd"][0] == "--host"
     assert len(config["rootfs"]["diff_ids"]) == 4
     assert [h["created_by"] for h in config["history"]][:2] == [
         "base",
