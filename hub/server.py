@@ -70,6 +70,7 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
         settings=settings,
         db=db,
         blobs=blobs,
+        signing_key=key,
         signing_public_key=signing.public_key_pem(key),
         mqtt_url=settings.mqtt_url or "",
         uploads=Uploads(blobs),

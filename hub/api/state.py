@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Request
 
 from hub.oci_registry import Uploads
@@ -21,6 +22,7 @@ class HubState:
     settings: HubSettings
     db: Database
     blobs: BlobStore
+    signing_key: ec.EllipticCurvePrivateKey  # in memory only: never logged, never stored in the db
     signing_public_key: str
     mqtt_url: str
     uploads: Uploads

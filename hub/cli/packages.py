@@ -1,0 +1,346 @@
+"""`edgefleet package ...` and `edgefleet keys ...`: build, sign, push, verify, export.
+
+Builds run on the machine that runs the CLI (they download wheels and
+compress layers; the hub should not stall on that). The package is pushed
+to the hub's registry as `models/NAME:VERSION` and the hub signs it with
+its own key, the key every agent pins; `--key` adds a signature of yours.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import Progress, SpinnerColumn, TextColumn
+
+from hub.cli.models import parse_ref
+from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
+from hub.cli.transfer import download_file, progress_bar
+
+
+class _Steps:
+    """Draws packager BuildProgress events as one spinner line per step."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+
+    def __call__(self, event: Any) -> None:
+        text = f"[{event.completed + 1}/{event.total}] {event.step}"
+        if self.task is None:
+            self.task = self.progress.add_task(text, total=None)
+        else:
+            self.progress.update(self.task, description=text)
+
+
+@contextmanager
+def _spinner(quiet: bool) -> Iterator[Progress]:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), disable=quiet,
+                  transient=True) as progress:
+        yield progress
+
+
+def _packager_errors() -> tuple[type[Exception], ...]:
+    from packager.errors import PackagerError
+    from packager.signing import SignatureError
+
+    return (PackagerError, SignatureError, FileExistsError)
+
+
+def _fetch_version(hub_client: Any, ref: str, dest: Path, quiet: bool) -> tuple[dict, dict[str, Path]]:
+    name, version = parse_ref(ref)
+    record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
+    files: dict[str, Path] = {}
+    with progress_bar(quiet=quiet) as progress:
+        for f in record["files"]:
+            task = progress.add_task(f"fetch {f['path']}", total=f["size"])
+            target = dest / f["path"]
+            download_file(
+                hub_client,
+                f"/api/v1/models/{name}/versions/{record['version']}/files/{f['path']}",
+                target, f["digest"], progress, task,
+            )
+            files[f["path"]] = target
+    return record, files
+
+
+@click.group()
+def package() -> None:
+    """Build, sign, verify, list and export model packages (OCI image indexes)."""
+
+
+@package.command()
+@click.argument("ref")
+@click.option("--platform", "platforms", default="linux/amd64,linux/arm64,linux/arm/v7",
+              show_default=True, help="Comma-separated OCI platforms.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "litert"]),
+              help="Serving runtime [default: from the model's framework].")
+@click.option("--base", type=click.Path(exists=True, path_type=Path),
+              help="Base image (OCI layout or archive) for container mode.")
+@click.option("--base-ref", help="Tag of the base image in --base [default: its only image].")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Write an OCI layout here instead of pushing to the hub.")
+@click.option("--deps/--no-deps", default=True, show_default=True,
+              help="Include the runtime's Python packages per platform (needed for container mode).")
+@click.option("--skip-unavailable", is_flag=True,
+              help="Leave out platforms with no wheel for a dependency instead of failing.")
+@click.option("--prefer", help="Accelerator preferences, e.g. openvino:NPU,onnxruntime:CPU.")
+@click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH",
+              help="Timestamp for every file and date in the package [env SOURCE_DATE_EPOCH; default 0].")
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also sign with this private key (e.g. from `edgefleet keys generate`).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@hub_options
+@json_option
+def build(
+    ref: str, platforms: str, runtime: str | None, base: Path | None, base_ref: str | None,
+    out: Path | None, deps: bool, skip_unavailable: bool, prefer: str | None,
+    source_date_epoch: int | None, key_path: Path | None, quiet: bool, hub: str | None,
+    token: str | None, as_json: bool,
+) -> None:
+    """Build a signed multi-platform package of MODEL:VERSION and push it to the hub.
+
+    The same model version, options and SOURCE_DATE_EPOCH always give the same
+    index digest.
+
+    Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
+    """
+    from packager.build import build_package
+    from packager.cosign import sign_package
+    from packager.deps import PipDeps
+    from packager.distribution import Registry, push_layout
+    from packager.modelfile import ModelInfo
+    from packager.oci import OCILayout
+    from packager.signing import load_private_key
+
+    hub_client = client(hub, token)
+    quiet = quiet or as_json
+    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
+        record, files = _fetch_version(hub_client, ref, Path(tmp) / "model", quiet)
+        name, version = record["name"], record["version"]
+        info = ModelInfo.from_dict(
+            {k: record[k] for k in ("framework", "entrypoint", "signature")}
+        )
+        layout_dir = out or Path(tmp) / "layout"
+        try:
+            with _spinner(quiet) as progress:
+                result = build_package(
+                    layout_dir, name=name, version=version, files=files, info=info,
+                    runtime=runtime, platforms=[p.strip() for p in platforms.split(",") if p.strip()],
+                    base_image=base, base_ref=base_ref, deps=PipDeps() if deps else None,
+                    skip_unavailable=skip_unavailable, source_date_epoch=source_date_epoch,
+                    prefer=[p.strip() for p in prefer.split(",")] if prefer else None,
+                    progress=_Steps(progress),
+                )
+            layout = OCILayout(layout_dir)
+            repository = f"models/{name}"
+            if key_path is not None:
+                sign_package(layout, result.digest, load_private_key(key_path), repository)
+            summary: dict[str, Any] = {
+                "model": name, "version": version, "digest": result.digest,
+                "platforms": sorted(result.manifests), "skipped": dict(result.skipped),
+            }
+            if out is None:
+                total = sum(p.stat().st_size for p in (layout_dir / "blobs").rglob("*") if p.is_file())
+                with Registry(hub_client.connection.hub, hub_client.connection.token) as registry, \
+                        progress_bar(quiet=quiet) as bars:
+                    task = bars.add_task(f"push {repository}:{result.tag}", total=total)
+                    refs = [r for r in layout.refs() if r == result.tag or r.endswith(".sig")]
+                    push_layout(layout, registry, repository, refs,
+                                progress=lambda n: bars.advance(task, n))
+                signed = hub_client.post(f"/api/v1/packages/{name}/{version}/sign")
+                summary["pushed"] = f"{repository}:{result.tag}"
+                summary["signature"] = signed["signature"]
+            else:
+                summary["layout"] = str(layout_dir)
+        except _packager_errors() as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        emit_one(summary, as_json=True)
+        return
+    console.print(f"Built [bold]{name}:{version}[/bold] {result.digest}")
+    console.print(f"  platforms: {', '.join(summary['platforms'])}")
+    for platform, reason in summary["skipped"].items():
+        console.print(f"  [yellow]skipped {platform}[/yellow]: {reason}")
+    if out is None:
+        console.print(f"  pushed to {hub_client.connection.hub} as {summary['pushed']}, "
+                      "signed by the hub")
+    else:
+        console.print(f"  OCI layout: {out} (tag {result.tag})"
+                      + ("" if key_path else "; unsigned: pass --key, or push to the hub"))
+
+
+@contextmanager
+def _open_source(ref: str, hub: str | None, token: str | None) -> Iterator[tuple[Any, str, str | None]]:
+    """(image source, tag, repository) for a layout/archive path or MODEL:VERSION in the hub."""
+    from packager.distribution import Registry, RemoteImage
+    from packager.oci import open_image
+
+    path_text, _, tag = ref.removeprefix("oci:").removeprefix("oci-archive:").partition(":")
+    path = Path(path_text)
+    if path.exists():
+        with open_image(path) as source:
+            if not tag:
+                refs = [r for r in source.refs() if not r.endswith(".sig")]
+                if len(refs) != 1:
+                    raise click.BadParameter(
+                        f"{path} holds {len(refs)} packages; add :TAG (one of {refs})")
+                tag = refs[0]
+            yield source, tag, None
+        return
+    name, version = parse_ref(ref)
+    hub_client = client(hub, token)
+    if version == "latest":
+        version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
+    with Registry(hub_client.connection.hub, hub_client.connection.token) as registry:
+        yield RemoteImage(registry, f"models/{name}"), version, f"models/{name}"
+
+
+@package.command()
+@click.argument("ref")
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Public key to check the signature with [default for hub packages: the hub's].")
+@click.option("--platform", "platforms", help="Only check these platforms (comma-separated).")
+@hub_options
+@json_option
+def verify(
+    ref: str, key_path: Path | None, platforms: str | None, hub: str | None, token: str | None,
+    as_json: bool,
+) -> None:
+    """Check a package's signature and the digest of every blob in it.
+
+    REF is MODEL:VERSION in the hub, an OCI layout directory or archive,
+    optionally with :TAG.
+
+    Example: edgefleet package verify ./out:2 --key cosign.pub
+    """
+    from packager.signing import key_id, load_public_key
+    from packager.verify import verify_package
+
+    try:
+        with _open_source(ref, hub, token) as (source, tag, repository):
+            if key_path is not None:
+                public = load_public_key(key_path.read_bytes())
+            elif repository is not None:
+                pem = client(hub, token).get("/api/v1/signing-key")["public_key"]
+                public = load_public_key(pem)
+            else:
+                raise click.UsageError("give --key PUBLIC_KEY to verify a local package")
+            index = source.resolve(tag)
+            verified = verify_package(
+                source, index, public_key=public,
+                platforms=[p.strip() for p in platforms.split(",")] if platforms else None,
+            )
+    except _packager_errors() as exc:
+        raise click.ClickException(f"verification failed: {exc}") from None
+    blobs = sum(len(image.layers) + 2 for image in verified.images.values())
+    result = {"ok": True, "digest": index.digest, "key": key_id(public),
+              "platforms": sorted(verified.images), "blobs_checked": blobs}
+    if as_json:
+        emit_one(result, as_json=True)
+    else:
+        console.print(f"[green]Verified[/green] {tag} {index.digest}: signed by {key_id(public)}, "
+                      f"{blobs} blobs checked across {', '.join(result['platforms'])}")
+
+
+@package.command()
+@click.argument("ref")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The OCI archive to write (e.g. pkg.tar).")
+@click.option("--platform", "platforms", help="Only these platforms (comma-separated).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@hub_options
+def export(
+    ref: str, out: Path, platforms: str | None, quiet: bool, hub: str | None, token: str | None
+) -> None:
+    """Write a package from the hub, with its signatures, as an OCI archive.
+
+    For air-gapped devices and for inspection with skopeo or umoci.
+
+    Example: edgefleet package export diabetes:2 --out diabetes-2.tar
+    """
+    from packager.distribution import Registry, pull_signature, pull_to_layout
+    from packager.oci import OCILayout, write_archive
+
+    name, version = parse_ref(ref)
+    hub_client = client(hub, token)
+    if version == "latest":
+        version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
+    try:
+        with Registry(hub_client.connection.hub, hub_client.connection.token) as registry, \
+                tempfile.TemporaryDirectory(prefix="edgefleet-export-") as tmp, \
+                progress_bar(quiet=quiet) as bars:
+            layout = OCILayout.create(Path(tmp) / "layout")
+            task = bars.add_task(f"pull models/{name}:{version}", total=None)
+            index = pull_to_layout(
+                registry, f"models/{name}", version, layout,
+                platforms=[p.strip() for p in platforms.split(",")] if platforms else None,
+                progress=lambda n: bars.advance(task, n),
+            )
+            pull_signature(registry, f"models/{name}", index.digest, layout)
+            write_archive(layout, out)
+    except _packager_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"Wrote {out} ({index.digest}, tag {version})")
+
+
+@package.command("list")
+@click.argument("model", required=False)
+@hub_options
+@json_option
+def list_(model: str | None, hub: str | None, token: str | None, as_json: bool) -> None:
+    """List packages in the hub, or those of MODEL.
+
+    Example: edgefleet package list diabetes
+    """
+    rows = client(hub, token).get("/api/v1/packages", params={"model": model})
+    emit(rows, ["model", "version", "digest", "platforms", "signed", "updated_at"],
+         as_json=as_json)
+
+
+@package.command()
+@click.argument("ref")
+@hub_options
+@json_option
+def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Show a package: platforms, and each image's layers with their roles and sizes.
+
+    Example: edgefleet package show diabetes:2
+    """
+    name, version = parse_ref(ref)
+    record = client(hub, token).get(f"/api/v1/packages/{name}/{version}")
+    if as_json:
+        emit_one(record, as_json=True)
+        return
+    images = record.pop("images")
+    emit_one(record, as_json=False)
+    for image in images:
+        console.print(f"[bold]{image['platform']}[/bold] {image['digest']}")
+        emit(image["layers"], ["role", "size", "media_type", "digest"], as_json=False)
+
+
+@click.group()
+def keys() -> None:
+    """Signing keys for packages."""
+
+
+@keys.command()
+@click.option("--dir", "directory", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where to write the pair.")
+def generate(directory: Path) -> None:
+    """Make an ECDSA P-256 key pair: cosign.key (mode 0600) and cosign.pub.
+
+    Example: edgefleet keys generate --dir ./keys
+    """
+    from packager.signing import generate_keypair
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        private, public = generate_keypair(directory)
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"Wrote {private} (mode 0600, keep it secret) and {public}")
