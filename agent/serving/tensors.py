@@ -182,6 +182,12 @@ def _from_json(item: Mapping[str, Any], datatype: str, shape: tuple[int, ...], w
         raise BadRequest(f"{where}: 'data' is a ragged nested list") from None
     if values.size:
         kinds, what = _JSON_KINDS.get(dtype.kind, ("iuf", "numbers"))
+        if dtype.kind in "iu" and values.dtype.kind in "fO":
+            # numpy turns integers beyond int64 (UINT64's top half) into float64 or
+            # objects; look at the values themselves rather than lose precision.
+            values = np.array(data, dtype=object)
+            if all(type(v) is int for v in values.flat):
+                kinds = "O"
         if values.dtype.kind not in kinds:
             raise BadRequest(f"{where}: {datatype} data must be {what}")
         if dtype.kind in "iu":
