@@ -91,6 +91,7 @@ class ModelVersion:
             **self.spec.to_dict(),
             "runtime": self.model.runtime,
             "device": self.model.device,
+            "fallback_reason": self.model.fallback_reason,
             "signature": self.model.signature.to_dict(),
             "loaded_at": self.loaded_at,
             "in_flight": self._users,
