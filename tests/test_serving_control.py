@@ -246,6 +246,15 @@ def test_ab_split_follows_the_weight(served: ServeProcess, models: dict[str, Pat
     assert served.metric('edgefleet_serving_requests_total{model="ab",version="1"}') == (
         versions["1"] + 20
     )
+    # moving the weight reloads nothing
+    everything = served.deploy("ab", {
+        **onnx_version(models["a"], "1"), "candidate": onnx_version(models["double"], "2"),
+        "traffic": 100,
+    })
+    assert everything["loaded"] == [] and everything["retired"] == []
+    with served.client() as client:
+        assert {client.post("/v2/models/ab/infer", json=REQUEST).json()["model_version"]
+                for _ in range(20)} == {"2"}
 
 
 # ---- shadow ----------------------------------------------------------------------
