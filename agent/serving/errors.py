@@ -45,12 +45,6 @@ class NotFound(ServingError):
     status = 404
 
 
-class Conflict(ServingError):
-    """A control request that cannot be done in the current state."""
-
-    status = 409
-
-
 class Unprocessable(ServingError):
     """A well-formed control request that failed: a model did not load or its self-test failed."""
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.runtimes.base import ModelRuntimeError
 from agent.serving import codec, tensors
-from agent.serving.errors import BadRequest, ModelFailed, Overloaded
+from agent.serving.errors import BadRequest, ModelFailed, Overloaded, ServingError
 from agent.serving.limits import Limiter
 from agent.serving.shadow import Shadow
 from agent.serving.table import ModelTable, ModelVersion
@@ -102,11 +102,12 @@ class Scorer:
         self.telemetry.requests.inc(*labels)
         try:
             result = await asyncio.wrap_future(work)
-        except BadRequest:
-            self.telemetry.failures.inc(*labels, "bad_request")
+        except ServingError as e:
+            reason = "bad_request" if isinstance(e, BadRequest) else "model_error"
+            self.telemetry.failures.inc(*labels, reason)
             raise
-        except ModelFailed:
-            self.telemetry.failures.inc(*labels, "model_error")
+        except Exception:
+            self.telemetry.failures.inc(*labels, "internal")
             raise
         self.telemetry.infer_latency.observe(result.infer_seconds, *labels)
         self.telemetry.latency.observe(time.perf_counter() - start, *labels)
