@@ -15,7 +15,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from modelgen import ONNX_IR_VERSION, ONNX_OPSET, expected_linear, make_onnx
+from modelgen import (
+    ONNX_IR_VERSION,
+    ONNX_OPSET,
+    expected_linear,
+    make_onnx,
+    make_openvino_ir,
+    make_tflite,
+)
 from test_serving_process import API_KEY, ServeProcess, onnx_version, start_serve
 
 X = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]], dtype=np.float32)
@@ -152,6 +159,40 @@ def test_tritonclient_bytes_round_trip(triton: Any, binary: bool) -> None:
     assert [bytes(v) if binary else v for v in result.as_numpy("t")] == (
         [w.encode() for w in words] if binary else list(words)
     )
+
+
+@pytest.mark.parametrize(
+    ("framework", "prefer", "runtime"),
+    [("onnx", "onnxruntime:CPU", "onnxruntime"), ("onnx", "openvino:CPU", "openvino"),
+     ("openvino", "openvino:CPU", "openvino"), ("tflite", "litert:CPU", "litert")],
+)
+def test_every_runtime_serves_the_same_answers(
+    served: ServeProcess, tmp_path: Path, framework: str, prefer: str, runtime: str
+) -> None:
+    onnx_path = make_onnx(tmp_path / "model.onnx")
+    entrypoint = {
+        "onnx": lambda: onnx_path,
+        "openvino": lambda: make_openvino_ir(onnx_path, tmp_path / "ir"),
+        "tflite": lambda: make_tflite(tmp_path / "tfl/model.tflite"),
+    }[framework]()
+    name = f"on-{runtime}-{framework}"
+    loaded = served.deploy(name, {
+        "version": "1", "model_dir": str(entrypoint.parent), "entrypoint": entrypoint.name,
+        "framework": framework, "runtime": {"prefer": [prefer]},
+    })
+    assert loaded["deployment"]["primary"]["runtime"] == runtime
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3],
+                                   "parameters": {"binary_data_size": X.nbytes}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
+    with served.client() as client:
+        as_json = client.post(f"/v2/models/{name}/infer", json=_x_request())
+        as_binary = client.post(f"/v2/models/{name}/infer", content=head + X.tobytes(),
+                                headers={"Inference-Header-Content-Length": str(len(head))})
+    assert as_json.status_code == as_binary.status_code == 200, as_json.text + as_binary.text
+    assert np.allclose(as_json.json()["outputs"][0]["data"], expected_linear(X).ravel(), atol=1e-5)
+    length = int(as_binary.headers["inference-header-content-length"])
+    values = np.frombuffer(as_binary.content[length:], dtype="<f4").reshape(2, 2)
+    assert np.allclose(values, expected_linear(X), atol=1e-5)
 
 
 # ---- plain JSON ------------------------------------------------------------------
