@@ -143,11 +143,6 @@ def test_tritonclient_sees_the_servers_errors(triton: Any) -> None:
     assert raised.value.status() == "401"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/runtimes/onnxruntime.py passes BYTES (object arrays of bytes) to onnxruntime,"
-    " whose Python binding wants str and stringifies bytes as \"b'...'\"",
-)
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_bytes_round_trip(triton: Any, binary: bool) -> None:
     import tritonclient.http as httpclient

@@ -132,14 +132,39 @@ class OnnxRuntimeModel:
             raise ModelRuntimeError("the model is closed")
         check_inputs(self.signature, inputs)
         try:
-            outputs = session.run(self._output_names, dict(inputs))
+            outputs = session.run(self._output_names, {k: _to_ort(k, v) for k, v in inputs.items()})
+        except ModelRuntimeError:
+            raise
         except Exception as e:  # see load(): no narrower base class to catch
             raise ModelRuntimeError(f"{NAME} failed to run the model: {e}") from e
-        return dict(zip(self._output_names, outputs, strict=True))
+        return {name: _from_ort(out) for name, out in zip(self._output_names, outputs, strict=True)}
 
     def close(self) -> None:
         # The session is freed once unreferenced; calls already running keep their reference.
         self._session = None
+
+
+def _to_ort(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES tensors arrive as object arrays of bytes; onnxruntime's string
+    tensors want str (it would turn b"hi" into the text "b'hi'")."""
+    if array.dtype != object:
+        return array
+    try:
+        return np.vectorize(
+            lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object]
+        )(array)
+    except UnicodeDecodeError:
+        raise ModelRuntimeError(
+            f"input {name!r}: onnxruntime string tensors hold UTF-8 text; these bytes are not"
+        ) from None
+
+
+def _from_ort(array: np.ndarray) -> np.ndarray:
+    """String outputs back as bytes, the V2 BYTES element type."""
+    if array.dtype != object or array.size == 0:
+        return array
+    return np.vectorize(lambda v: v.encode("utf-8") if isinstance(v, str) else v,
+                        otypes=[object])(array)
 
 
 def _device_providers() -> list[str]:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("hub.cli.devices", "device"),
     "package": ("hub.cli.packages", "package"),
     "keys": ("hub.cli.packages", "keys"),
+    "serve": ("agent.serving.cli", "serve"),
 }
 
 class LazyGroup(click.Group):
