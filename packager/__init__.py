@@ -13,10 +13,13 @@ Modules, each with one job:
 - `tarball`, `layers`: reproducible tars and the package's layers;
 - `runtimes`, `deps`, `serving`: which runtime, its wheels per platform,
   and what serving.json says;
+- `prepare`: conversion (ONNX/TFLite -> OpenVINO IR) and fp16/int8
+  optimisation before a build, with an accuracy check against the original;
 - `build`: `build_package`, writing a package to an OCI layout;
 - `signing`, `cosign`, `verify`: keys, package signatures, and the checks an
   agent runs before using a package;
-- `modelfile`: what a model's files are (framework, entrypoint, signature).
+- `modelfile`: what a model's files are (framework, entrypoint, signature);
+- `distribution`: a client for OCI registries (push, resumable pull).
 
 The agent imports `oci`, `tarball`, `layers`, `runtimes`, `serving`,
 `signing`, `cosign` and `verify`: stdlib and `cryptography` only.

@@ -154,3 +154,14 @@ def test_build_with_real_wheels_names_the_missing_platform(cli: Cli, model: str,
     built = cli.json("package", "build", model, "--out", str(tmp_path / "y"),
                      "--platform", "linux/arm64,linux/arm/v7", "--skip-unavailable")
     assert built["platforms"] == ["linux/arm64"] and "linux/arm/v7" in built["skipped"]
+
+
+def test_openvino_packages_carry_ir_and_optimisation_is_checked(cli: Cli, model: str,
+                                                                 tmp_path: Path) -> None:
+    built = cli.json("package", "build", model, "--no-deps", "--runtime", "openvino",
+                     "--out", str(tmp_path / "ov"))
+    assert built["runtime"] == "openvino" and "max abs diff" in built["accuracy"]
+    strict = cli.run("package", "build", model, "--no-deps", "--optimize", "int8",
+                     "--max-abs-diff", "1e-12", "--out", str(tmp_path / "q"), ok=False)
+    assert strict.returncode == 1 and "max abs diff" in strict.stderr
+    assert "Traceback" not in strict.stderr

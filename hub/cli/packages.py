@@ -88,6 +88,11 @@ def package() -> None:
               help="Include the runtime's Python packages per platform (needed for container mode).")
 @click.option("--skip-unavailable", is_flag=True,
               help="Leave out platforms with no wheel for a dependency instead of failing.")
+@click.option("--optimize", type=click.Choice(["fp16", "int8"]),
+              help="Shrink the model (int8: ONNX dynamic quantisation), checked for accuracy.")
+@click.option("--max-abs-diff", type=float,
+              help="Fail when the packaged model's outputs differ more than this from the "
+              "registered one's [default: relative to the outputs' scale].")
 @click.option("--prefer", help="Accelerator preferences, e.g. openvino:NPU,onnxruntime:CPU.")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH",
               help="Timestamp for every file and date in the package [env SOURCE_DATE_EPOCH; default 0].")
@@ -98,12 +103,16 @@ def package() -> None:
 @json_option
 def build(
     ref: str, platforms: str, runtime: str | None, base: Path | None, base_ref: str | None,
-    out: Path | None, deps: bool, skip_unavailable: bool, prefer: str | None,
+    out: Path | None, deps: bool, skip_unavailable: bool, optimize: str | None,
+    max_abs_diff: float | None, prefer: str | None,
     source_date_epoch: int | None, key_path: Path | None, quiet: bool, hub: str | None,
     token: str | None, as_json: bool,
 ) -> None:
     """Build a signed multi-platform package of MODEL:VERSION and push it to the hub.
 
+    ONNX models packaged for OpenVINO are converted to IR; --optimize makes fp16
+    or int8 variants. Either way the result is run beside the registered model
+    on sample inputs and the build fails if their outputs differ too much.
     The same model version, options and SOURCE_DATE_EPOCH always give the same
     index digest.
 
@@ -115,6 +124,8 @@ def build(
     from packager.distribution import Registry, push_layout
     from packager.modelfile import ModelInfo
     from packager.oci import OCILayout
+    from packager.prepare import prepare_model
+    from packager.runtimes import choose_runtime
     from packager.signing import load_private_key
 
     hub_client = client(hub, token)
@@ -128,9 +139,17 @@ def build(
         layout_dir = out or Path(tmp) / "layout"
         try:
             with _spinner(quiet) as progress:
+                chosen = choose_runtime(info.framework, runtime).name
+                task = progress.add_task(f"prepare the model for {chosen}", total=None)
+                prepared = prepare_model(
+                    files, info, runtime=chosen, optimize=optimize, work_dir=Path(tmp) / "prepared",
+                    max_abs_diff=max_abs_diff,
+                    progress=lambda text: progress.update(task, description=text),
+                )
+                progress.remove_task(task)
                 result = build_package(
-                    layout_dir, name=name, version=version, files=files, info=info,
-                    runtime=runtime, platforms=[p.strip() for p in platforms.split(",") if p.strip()],
+                    layout_dir, name=name, version=version, files=prepared.files,
+                    info=prepared.info, runtime=chosen, platforms=[p.strip() for p in platforms.split(",") if p.strip()],
                     base_image=base, base_ref=base_ref, deps=PipDeps() if deps else None,
                     skip_unavailable=skip_unavailable, source_date_epoch=source_date_epoch,
                     prefer=[p.strip() for p in prefer.split(",")] if prefer else None,
@@ -143,6 +162,8 @@ def build(
             summary: dict[str, Any] = {
                 "model": name, "version": version, "digest": result.digest,
                 "platforms": sorted(result.manifests), "skipped": dict(result.skipped),
+                "runtime": chosen, "notes": list(prepared.notes),
+                "accuracy": prepared.accuracy.describe() if prepared.accuracy else None,
             }
             if out is None:
                 total = sum(p.stat().st_size for p in (layout_dir / "blobs").rglob("*") if p.is_file())
@@ -163,7 +184,9 @@ def build(
         emit_one(summary, as_json=True)
         return
     console.print(f"Built [bold]{name}:{version}[/bold] {result.digest}")
-    console.print(f"  platforms: {', '.join(summary['platforms'])}")
+    console.print(f"  runtime: {chosen}; platforms: {', '.join(summary['platforms'])}")
+    for note in summary["notes"]:  # conversion steps and their accuracy check
+        console.print(f"  {note}")
     for platform, reason in summary["skipped"].items():
         console.print(f"  [yellow]skipped {platform}[/yellow]: {reason}")
     if out is None:
