@@ -3,6 +3,7 @@
     PUT    /control/deployments/{name}                        load or replace a deployment
     DELETE /control/deployments/{name}                        unload it
     GET    /control/state                                     what is loaded, on which runtime/device
+    GET    /control/stats                                     request counters per version (JSON)
     POST   /control/deployments/{name}/versions/{v}/self-test run a sample request on a version
 
 A PUT names the whole deployment: its primary version, optionally a
@@ -226,6 +227,10 @@ def create_app(controller: Controller) -> FastAPI:
     @app.get("/control/state")
     async def state() -> dict[str, Any]:
         return controller.state()
+
+    @app.get("/control/stats")
+    async def stats() -> list[dict[str, Any]]:
+        return controller.scorer.telemetry.stats()
 
     @app.post("/control/deployments/{name}/versions/{version}/self-test")
     async def self_test(name: str, version: str, request: Request) -> dict[str, Any]:

@@ -81,9 +81,11 @@ class Counter(_Metric):
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def samples(self) -> Iterable[str]:
+        return [_sample(self.name, self.labels, k, v) for k, v in sorted(self.snapshot().items())]
+
+    def snapshot(self) -> dict[Labels, float]:
         with self._lock:
-            values = sorted(self._values.items())
-        return [_sample(self.name, self.labels, k, v) for k, v in values]
+            return dict(self._values)
 
 
 class Gauge(_Metric):
@@ -128,9 +130,13 @@ class Histogram(_Metric):
             counts[index] += 1
             total[0] += value
 
-    def samples(self) -> Iterable[str]:
+    def snapshot(self) -> dict[Labels, tuple[list[int], float]]:
+        """Per label set: the count in each bucket (not cumulative) and the sum."""
         with self._lock:
-            values = sorted((k, (list(c), t[0])) for k, (c, t) in self._values.items())
+            return {k: (list(c), t[0]) for k, (c, t) in self._values.items()}
+
+    def samples(self) -> Iterable[str]:
+        values = sorted(self.snapshot().items())
         names = (*self.labels, "le")
         lines = []
         for key, (counts, total) in values:

@@ -86,6 +86,27 @@ class Telemetry:
     def render(self) -> str:
         return self.registry.render()
 
+    def stats(self) -> list[dict[str, object]]:
+        """Counters per model version as JSON, for the agent's telemetry: it
+        sends the differences between two reads."""
+        requests = self.requests.snapshot()
+        failures: dict[tuple[str, ...], float] = {}
+        for (model, version, _reason), count in self.failures.snapshot().items():
+            failures[(model, version)] = failures.get((model, version), 0.0) + count
+        latency = self.latency.snapshot()
+        return [
+            {
+                "model": model,
+                "version": version,
+                "requests": int(requests.get((model, version), 0)),
+                "failures": int(failures.get((model, version), 0)),
+                "latency_buckets": [None if b == float("inf") else b for b in self.latency.bounds],
+                "latency_counts": latency.get((model, version), ([], 0.0))[0],
+                "latency_sum": latency.get((model, version), ([], 0.0))[1],
+            }
+            for model, version in sorted(set(requests) | set(failures) | set(latency))
+        ]
+
 
 def _loaded(table: ModelTable) -> Iterable[tuple[Labels, float]]:
     for deployment in table.deployments():

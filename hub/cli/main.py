@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "package": ("hub.cli.packages", "package"),
     "keys": ("hub.cli.packages", "keys"),
     "serve": ("agent.serving.cli", "serve"),
+    "agent": ("agent.cli", "agent"),
 }
 
 class LazyGroup(click.Group):

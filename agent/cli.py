@@ -1,0 +1,79 @@
+"""`edgefleet agent run`: the device daemon."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def agent() -> None:
+    """Run the device agent."""
+
+
+@agent.command()
+@click.option("--hub", "hub_url", envvar="EDGEFLEET_HUB",
+              help="Hub URL; needed on the first start only [env EDGEFLEET_HUB].")
+@click.option("--token", envvar="EDGEFLEET_ENROLL_TOKEN",
+              help="Enrollment token; needed on the first start only [env EDGEFLEET_ENROLL_TOKEN].")
+@click.option("--data-dir", default="./edgefleet-agent", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Identity, state, packages and the telemetry queue live here.")
+@click.option("--name", help="Device name shown in the hub [default: the host name].")
+@click.option("--mqtt-url", help="Broker to use instead of the one the hub names at enrollment.")
+@click.option("--serve-host", default="127.0.0.1", show_default=True,
+              help="Address of the local scoring API (0.0.0.0 to serve the network).")
+@click.option("--serve-port", default=8500, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the local scoring API.")
+@click.option("--telemetry-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds between telemetry measurements.")
+@click.option("--max-concurrency", default=2, show_default=True, type=click.IntRange(1),
+              help="Inferences the scoring API runs at once.")
+@click.option("--verbose", is_flag=True, help="Log debug messages.")
+def run(
+    hub_url: str | None, token: str | None, data_dir: Path, name: str | None,
+    mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
+    max_concurrency: int, verbose: bool,
+) -> None:
+    """Enroll on first start, then keep this device on what the hub assigns it.
+
+    The scoring API's key is in DATA_DIR/serving-api-key. Stops cleanly on
+    SIGTERM or SIGINT.
+
+    Example: edgefleet agent run --hub http://hub:8080 --token efe_... --data-dir /var/lib/edgefleet
+    """
+    from agent import identity as identities
+    from agent.daemon import Agent, AgentOptions
+    from agent.identity import EnrollmentError
+    from agent.inventory import oci_platform
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = identities.load(data_dir)
+    if identity is None:
+        if not hub_url or not token:
+            raise click.UsageError(
+                f"{data_dir} holds no identity yet: give --hub and --token to enroll this device"
+            )
+        try:
+            identity = identities.enroll(data_dir, hub_url=hub_url, token=token, name=name,
+                                         platform=oci_platform(), mqtt_url=mqtt_url)
+        except EnrollmentError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"Enrolled as {identity.device_id} ({identity.name})")
+    elif mqtt_url:
+        identity = identities.Identity(**{**identity.__dict__, "mqtt_url": mqtt_url})
+    daemon = Agent(identity, AgentOptions(
+        data_dir=data_dir, serve_host=serve_host, serve_port=serve_port,
+        telemetry_interval=telemetry_interval, max_concurrency=max_concurrency,
+    ))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop_requested.set())
+    click.echo(f"Device {identity.device_id}: scoring API on http://{serve_host}:{serve_port}, "
+               f"hub {identity.hub_url}, broker {identity.mqtt_url}")
+    daemon.run()

@@ -1,0 +1,306 @@
+"""The agent daemon: one device's link to the hub, and what it runs.
+
+Start-up: load the identity and the saved state, start the serving process
+with the last known good versions, then connect to the broker. The main
+thread takes desired states from the MQTT session one at a time, checks
+each (signature, generation, expiry; agent.protocol), and converges the
+device on it through the update state machine (agent/updates.py). An
+update interrupted by a crash is resumed from its saved state. The uplink
+thread reports state and telemetry; a supervisor check restarts the serving
+process if it dies.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from agent import inventory
+from agent.identity import Identity
+from agent.mqtt import Message, MqttTimeout, Session
+from agent.package_store import PackageStore
+from agent.protocol import (
+    MAX_REFUSALS,
+    Deployment,
+    DeploymentStatus,
+    DesiredState,
+    ProtocolRefusal,
+    Reason,
+    Refusal,
+    ReportedState,
+    UpdateState,
+    build_reported,
+    desired_topic,
+    parse_time,
+    status_topic,
+    verify_desired,
+)
+from agent.state import AgentState, Serving, StateFile, Update
+from agent.supervisor import ServingError, ServingOptions, ServingProcess
+from agent.telemetry import InferenceDeltas, system_point
+from agent.telemetry_queue import TelemetryQueue
+from agent.updates import Updater, deployment_body, now
+from agent.uplink import Uplink
+from packager.distribution import Registry
+from packager.signing import load_public_key
+
+log = logging.getLogger("edgefleet.agent")
+
+
+def agent_version() -> str:
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    data_dir: Path
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8500
+    telemetry_interval: float = 10.0
+    telemetry_queue_points: int = 50_000
+    max_concurrency: int = 2
+    max_queue: int = 16
+
+
+class Agent:
+    def __init__(self, identity: Identity, options: AgentOptions) -> None:
+        self.identity = identity
+        self.options = options
+        data = options.data_dir
+        self.platform = inventory.oci_platform()
+        self.accelerators = tuple(inventory.accelerator_list())
+        self.public_key = load_public_key(identity.hub_public_key)
+        self.state_file = StateFile(data)
+        self.state: AgentState = self.state_file.load()
+        self.stop_requested = threading.Event()
+        key_file = data / "serving-api-key"
+        if not key_file.exists():
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+        self.serving = ServingProcess(data, ServingOptions(
+            options.serve_host, options.serve_port, key_file,
+            options.max_concurrency, options.max_queue,
+        ))
+        self.registry = Registry(identity.hub_url, identity.device_token)
+        self.store = PackageStore(data, platform=self.platform, public_key=self.public_key)
+        offline = Message(status_topic(identity.device_id), b"offline", retain=True)
+        self.session = Session(
+            identity.mqtt_url, client_id=identity.device_id,
+            username=identity.mqtt_username, password=identity.mqtt_password,
+            will=offline,
+            birth=Message(status_topic(identity.device_id), b"online", retain=True),
+            subscriptions=[desired_topic(identity.device_id)],
+        )
+        self.queue = TelemetryQueue(data / "telemetry.db", max_points=options.telemetry_queue_points)
+        self.deltas = InferenceDeltas()
+        self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
+                             interval=options.telemetry_interval)
+        self.updater = Updater(self.state, self.state_file, self.store, self.registry,
+                               self.serving, self.report)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop_requested is set (SIGTERM/SIGINT), then shut down cleanly."""
+        self.serving.start()
+        self._load_good_versions()
+        self.report()
+        self.session.start()
+        self.uplink.start()
+        try:
+            pending = self.state.pending_payload
+            if pending is not None:  # a desired state we were applying when we stopped
+                self.handle_desired(pending, resuming=True)
+            while not self.stop_requested.is_set():
+                self._supervise()
+                try:
+                    message = self.session.get(timeout=0.5)
+                except MqttTimeout:
+                    continue
+                if message.topic == desired_topic(self.identity.device_id):
+                    self.handle_desired(message.payload)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.uplink.stop()
+        try:
+            # A clean disconnect does not fire the last will: say it ourselves.
+            self.session.publish(status_topic(self.identity.device_id), b"offline",
+                                 retain=True, timeout=2)
+        except Exception:  # offline already: the will or the next birth covers it
+            pass
+        self.session.close()
+        self.serving.stop()
+        self.registry.close()
+        self.queue.close()
+
+    def _supervise(self) -> None:
+        if not self.serving.alive():
+            self.serving.restart()
+            self._load_good_versions()
+            self.report()
+
+    def _load_good_versions(self) -> None:
+        for name, serving in list(self.state.serving.items()):
+            try:
+                self.serving.put(name, deployment_body(serving))
+            except ServingError as exc:
+                log.error("could not load %s again: %s", name, exc)
+
+    # -- desired state ------------------------------------------------------------
+
+    def handle_desired(self, payload: bytes, *, resuming: bool = False) -> None:
+        last = self.state.applied_generation
+        try:
+            desired = verify_desired(payload, public_key=self.public_key,
+                                     device_id=self.identity.device_id, last_generation=last,
+                                     now=datetime.now(UTC))
+        except ProtocolRefusal as refusal:
+            if refusal.reason is not Reason.ALREADY_APPLIED:
+                self._refuse(refusal)
+            if resuming:
+                self.state.pending_desired = None
+                self.state_file.save(self.state)
+            return
+        log.info("applying desired state generation %d", desired.generation)
+        self.state.pending_desired = base64.b64encode(payload).decode()
+        self.state_file.save(self.state)
+        self.apply(desired)
+
+    def _refuse(self, refusal: ProtocolRefusal) -> None:
+        log.warning("refused a desired state: %s", refusal)
+        self.state.refusals = [*self.state.refusals, {
+            "generation": refusal.generation, "reason": str(refusal.reason),
+            "message": refusal.message[:2000], "at": now(),
+        }][-MAX_REFUSALS:]
+        self.state_file.save(self.state)
+        self.report()
+
+    def apply(self, desired: DesiredState) -> None:
+        wanted = {d.name for d in desired.deployments}
+        for deployment in desired.deployments:
+            self._converge(deployment, desired.generation)
+        for name in [n for n in self.state.serving if n not in wanted]:
+            try:
+                self.serving.delete(name)
+            except ServingError as exc:
+                log.warning("unloading %s: %s", name, exc)
+            del self.state.serving[name]
+        self._prune(wanted)
+        self.state.applied_generation = desired.generation
+        self.state.pending_desired = None
+        self.state_file.save(self.state)
+        self.report()
+
+    def _update_for(self, d: Deployment, role: str, generation: int) -> Update:
+        """The saved update for this version if one was interrupted, else a new one."""
+        version, package, prefer, traffic, shadow = (
+            (d.version, d.package, d.runtime.prefer, 100, False) if role == "primary" else
+            (d.candidate.version, d.candidate.package, d.candidate.runtime.prefer,  # type: ignore[union-attr]
+             d.candidate.traffic, d.candidate.shadow)  # type: ignore[union-attr]
+        )
+        saved = self.state.update
+        if saved and (saved.deployment, saved.role, saved.digest) == (d.name, role, package.digest):
+            return saved
+        return Update(
+            generation=generation, deployment=d.name, model=d.model, role=role, version=version,
+            repository=package.repository, digest=package.digest, size=package.size,
+            prefer=list(prefer), state=str(UpdateState.DOWNLOADING), since=now(),
+            traffic=0 if role == "primary" else traffic, shadow=shadow,
+        )
+
+    def _converge(self, d: Deployment, generation: int) -> None:
+        current = self.state.serving.get(d.name)
+        if current is None or current.primary.digest != d.package.digest \
+                or current.primary.prefer != list(d.runtime.prefer):
+            if not self.updater.run(self._update_for(d, "primary", generation)):
+                return  # the old version (if any) serves on; the failure is reported
+        current = self.state.serving[d.name]
+        c = d.candidate
+        if c is None:
+            if current.candidate is not None:
+                current.candidate, current.traffic, current.shadow = None, 0, False
+                self._put(current)
+            return
+        if current.candidate is None or current.candidate.digest != c.package.digest \
+                or current.candidate.prefer != list(c.runtime.prefer):
+            self.updater.run(self._update_for(d, "candidate", generation))
+        elif (current.traffic, current.shadow) != (c.traffic, c.shadow):
+            current.traffic, current.shadow = c.traffic, c.shadow
+            self._put(current)
+
+    def _put(self, serving: Serving) -> None:
+        self.state_file.save(self.state)
+        try:
+            self.serving.put(serving.name, deployment_body(serving))
+        except ServingError as exc:
+            log.error("could not change %s: %s", serving.name, exc)
+
+    def _prune(self, wanted: set[str]) -> None:
+        """Keep on disk what serves and the previous primary (for rollback); drop the rest."""
+        keep_versions: dict[str, set[int]] = {}
+        for name, s in self.state.serving.items():
+            kept = [v for v in (s.primary, s.candidate, s.previous) if v is not None]
+            keep_versions[name] = {v.version for v in kept}
+            self.store.prune(name, {Path(v.directory) for v in kept})
+        for name in {s["name"] for s in self.state.statuses} - set(self.state.serving):
+            self.store.prune(name, set())
+        latest_other: dict[str, dict] = {}
+        statuses = []
+        for s in self.state.statuses:
+            if s["name"] not in wanted:
+                continue
+            if s["version"] in keep_versions.get(s["name"], set()) and s["state"] == "serving":
+                statuses.append(s)
+            elif s["state"] in ("failed", "rolled_back"):
+                latest_other[s["name"]] = s  # only the newest failure per deployment
+        self.state.statuses = statuses + list(latest_other.values())
+
+    # -- reporting ----------------------------------------------------------------
+
+    def report(self) -> None:
+        state = ReportedState(
+            device_id=self.identity.device_id,
+            applied_generation=self.state.applied_generation,
+            deployments=tuple(
+                DeploymentStatus(
+                    name=s["name"], model=s["model"], version=s["version"],
+                    state=UpdateState(s["state"]), since=parse_time(s["since"]),
+                    error=(s["error"] or None) and s["error"][:2000], runtime=s["runtime"],
+                    device=s["device"],
+                )
+                for s in self.state.statuses
+            ),
+            platform=self.platform,
+            accelerators=self.accelerators,
+            agent_version=agent_version(),
+            refusals=tuple(
+                Refusal(r["generation"], Reason(r["reason"]), r["message"], parse_time(r["at"]))
+                for r in self.state.refusals
+            ),
+        )
+        self.uplink.report(build_reported(state))
+
+    def _measure(self) -> list[tuple[str, dict]]:
+        process = self.serving.process
+        points: list[tuple[str, dict]] = [("system", system_point(
+            self.options.data_dir, process.pid if process else None, dropped=self.queue.dropped,
+        ))]
+        try:
+            stats = self.serving.stats()
+        except Exception:  # serving restarting: no inference numbers this round
+            stats = []
+        points += [("inference", values) for values in self.deltas.points(stats)]
+        return points

@@ -1,0 +1,87 @@
+"""Who this device is: made once at enrollment, reused on every later start.
+
+First start: the device makes its own ECDSA key pair, enrolls with the
+hub's one-time token, and stores what the hub answers: its device id, its
+own credential (for the registry and MQTT), the MQTT broker and the hub's
+public signing key, which it pins: every desired state must be signed by
+that key. Everything is written with mode 0600. Later starts read it back
+and need no token.
+"""
+
+from __future__ import annotations
+
+import platform as host_platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from agent.files import read_json, write_json
+from packager import signing
+
+IDENTITY_FILE = "identity.json"
+KEY_FILE = "device.key"
+
+
+class EnrollmentError(Exception):
+    """Enrollment failed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    device_id: str
+    name: str
+    hub_url: str
+    device_token: str
+    mqtt_url: str
+    mqtt_username: str
+    mqtt_password: str
+    hub_public_key: str
+
+
+def load(data_dir: Path) -> Identity | None:
+    path = data_dir / IDENTITY_FILE
+    if not path.exists():
+        return None
+    return Identity(**read_json(path))
+
+
+def enroll(
+    data_dir: Path, *, hub_url: str, token: str, name: str | None, platform: str,
+    mqtt_url: str | None = None,
+) -> Identity:
+    """Enroll with TOKEN and store the identity; fails with EnrollmentError."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path = data_dir / KEY_FILE
+    if not key_path.exists():
+        signing.write_private_key(signing.generate_private_key(), key_path)
+    public_pem = signing.public_key_pem(signing.load_private_key(key_path))
+    name = name or host_platform.node() or "device"
+    try:
+        response = httpx.post(
+            f"{hub_url.rstrip('/')}/api/v1/enroll",
+            json={"token": token, "public_key": public_pem, "name": name, "platform": platform},
+            timeout=30,
+        )
+    except httpx.TransportError as exc:
+        raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
+    if response.status_code != 201:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise EnrollmentError(f"the hub refused the enrollment: {detail}")
+    answer = response.json()
+    mqtt = answer.get("mqtt") or {}
+    identity = Identity(
+        device_id=answer["device"]["id"],
+        name=name,
+        hub_url=hub_url.rstrip("/"),
+        device_token=answer["device_token"],
+        mqtt_url=mqtt_url or mqtt.get("url") or answer.get("mqtt_url", ""),
+        mqtt_username=mqtt.get("username") or answer["device"]["id"],
+        mqtt_password=mqtt.get("password") or answer["device_token"],
+        hub_public_key=answer["hub_public_key"],
+    )
+    write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=0o600)
+    return identity

@@ -1,0 +1,150 @@
+"""The device's package store: download, verify and stage packages.
+
+Blobs land in one local OCI layout (`DATA/store`), so a model layer shared
+by two versions is fetched and kept once, and an interrupted download
+resumes from the bytes already on disk (`packager.distribution`). In native
+mode only this platform's model and serving layers are fetched; manifests,
+configs and the signature always are, so the package can be verified.
+
+A staged version is a directory `DATA/versions/<deployment>/<version>-<digest>`
+holding `model/` (the registered files) and `serving.json`; the serving
+process loads it from there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.protocol import Package
+from packager.distribution import Registry, pull_signature, pull_to_layout
+from packager.errors import PackagerError, VerificationError
+from packager.layers import MODEL_DIR, SERVING_FILE
+from packager.oci import Descriptor, OCILayout
+from packager.verify import VerifiedImage, verify_package
+
+NATIVE_ROLES = frozenset({"model", "serving"})
+
+
+class StageError(Exception):
+    """A package could not be fetched, verified or unpacked; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    """A version unpacked and ready to load: what the serving process needs."""
+
+    directory: Path
+    model_dir: Path
+    serving: dict[str, Any]  # serving.json: runtime, framework, entrypoint, prefer, sample_request
+
+    @property
+    def entrypoint(self) -> str:
+        return str(self.serving["entrypoint"])
+
+    @property
+    def framework(self) -> str:
+        return str(self.serving["framework"])
+
+    @property
+    def sample_request(self) -> dict[str, Any] | None:
+        return self.serving.get("sample_request")
+
+
+class PackageStore:
+    def __init__(self, data_dir: Path, *, platform: str, public_key: ec.EllipticCurvePublicKey) -> None:
+        self.layout = OCILayout.create(data_dir / "store")
+        self.versions_dir = data_dir / "versions"
+        self.platform = platform
+        self.public_key = public_key
+
+    def download(self, registry: Registry, package: Package) -> Descriptor:
+        """Fetch what this device needs of PACKAGE (resumable), with its signature."""
+        try:
+            index = pull_to_layout(
+                registry, package.repository, package.digest, self.layout,
+                tag=_tag(package.digest), platforms=[self.platform], roles=NATIVE_ROLES,
+            )
+            if not pull_signature(registry, package.repository, index.digest, self.layout):
+                raise StageError(f"package {package.digest} has no signature in the registry")
+        except VerificationError as exc:
+            raise StageError(f"download of {package.digest} failed its digest check: {exc}") from None
+        except PackagerError as exc:
+            raise StageError(f"download of {package.repository}@{package.digest} failed: {exc}") from None
+        return index
+
+    def verify(self, package: Package) -> VerifiedImage:
+        """Check the signature (the pinned hub key) and every fetched blob's digest."""
+        try:
+            index = self.layout.resolve(_tag(package.digest))
+            if index.digest != package.digest:
+                raise StageError(f"the store holds {index.digest} under the tag of {package.digest}")
+            verified = verify_package(
+                self.layout, index, public_key=self.public_key,
+                platforms=[self.platform], roles=NATIVE_ROLES,
+            )
+        except PackagerError as exc:
+            raise StageError(f"verification of {package.digest} failed: {exc}") from None
+        if self.platform not in verified.images:
+            raise StageError(f"package {package.digest} has no image for {self.platform}")
+        return verified.images[self.platform]
+
+    def stage(self, deployment: str, version: int, package: Package, image: VerifiedImage) -> StagedVersion:
+        """Unpack the model and serving layers into this version's own directory."""
+        directory = self.versions_dir / deployment / f"{version}-{package.digest[7:19]}"
+        if (directory / "serving.json").exists():
+            return self.staged(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        try:
+            _extract(self.layout, image.layer("model"), f"{MODEL_DIR}/", tmp / "model")
+            _extract(self.layout, image.layer("serving"), SERVING_FILE, tmp / "serving.json")
+            json.loads((tmp / "serving.json").read_text())
+        except (OSError, tarfile.TarError, ValueError, PackagerError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StageError(f"unpacking {package.digest} failed: {exc}") from None
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+        return self.staged(directory)
+
+    def staged(self, directory: Path) -> StagedVersion:
+        return StagedVersion(directory, directory / "model",
+                             json.loads((directory / "serving.json").read_text()))
+
+    def prune(self, deployment: str, keep: set[Path]) -> None:
+        """Remove staged versions of DEPLOYMENT that are not in KEEP."""
+        parent = self.versions_dir / deployment
+        if not parent.is_dir():
+            return
+        for child in parent.iterdir():
+            if child not in keep:
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _tag(digest: str) -> str:
+    return "pkg-" + digest.removeprefix("sha256:")
+
+
+def _extract(layout: OCILayout, layer: Descriptor, member_prefix: str, dest: Path) -> None:
+    """Write the layer's files under MEMBER_PREFIX to DEST (a directory, or one file)."""
+    # Streamed ("r|*": plain or gzip): a model layer can be larger than the device's memory.
+    with layout.open(layer.digest) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.startswith(member_prefix.rstrip("/")):
+                continue
+            relative = member.name[len(member_prefix):] if member_prefix.endswith("/") else ""
+            target = dest / relative if relative else dest
+            if relative and (relative.startswith("/") or ".." in Path(relative).parts):
+                raise StageError(f"refusing unsafe path {member.name!r} in layer {layer.digest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has content
+            with open(target, "wb") as out:
+                shutil.copyfileobj(source, out)

@@ -1,0 +1,110 @@
+"""What the agent measures: the device (system points) and its models (inference points).
+
+Inference points come from the serving process's counters (`/control/stats`):
+each point is the difference since the previous read, per deployment
+version: requests, failures, and latency percentiles estimated from the
+histogram buckets that moved.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+Values = dict[str, int | float | str]
+
+
+def _mb(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def _temperature() -> float | None:
+    read = getattr(psutil, "sensors_temperatures", None)
+    try:
+        sensors = read() if read else {}
+    except OSError:
+        return None
+    readings = [t.current for entries in sensors.values() for t in entries if t.current]
+    return round(max(readings), 1) if readings else None
+
+
+def system_point(data_dir: Path, serving_pid: int | None, *, dropped: int) -> Values:
+    memory = psutil.virtual_memory()
+    values: Values = {
+        "cpu_percent": psutil.cpu_percent(None),
+        "memory_percent": memory.percent,
+        "memory_available_mb": _mb(memory.available),
+        "disk_free_mb": _mb(shutil.disk_usage(data_dir).free),
+        "agent_rss_mb": _mb(psutil.Process(os.getpid()).memory_info().rss),
+        "telemetry_dropped": dropped,
+    }
+    if serving_pid is not None:
+        try:
+            values["serving_rss_mb"] = _mb(psutil.Process(serving_pid).memory_info().rss)
+        except psutil.Error:
+            pass
+    temperature = _temperature()
+    if temperature is not None:
+        values["temperature_c"] = temperature
+    return values
+
+
+def percentile(bounds: Sequence[float | None], counts: Sequence[int], q: float) -> float | None:
+    """The Q-quantile (0..1) of a bucketed distribution, interpolated inside its bucket."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    lower = 0.0
+    for bound, count in zip(bounds, counts):
+        if count and seen + count >= rank:
+            if bound is None:  # the +Inf bucket: the best we can say is its lower edge
+                return lower
+            return lower + (bound - lower) * (rank - seen) / count
+        seen += count
+        if bound is not None:
+            lower = bound
+    return lower
+
+
+class InferenceDeltas:
+    """Turns cumulative counters into per-interval inference points."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def points(self, stats: list[dict[str, Any]]) -> list[Values]:
+        points = []
+        for row in stats:
+            key = (row["model"], row["version"])
+            before = self._last.get(key)
+            self._last[key] = row
+            requests = row["requests"] - (before["requests"] if before else 0)
+            failures = row["failures"] - (before["failures"] if before else 0)
+            if requests <= 0 and failures <= 0:
+                continue
+            counts = row["latency_counts"]
+            if before and before["latency_counts"]:
+                counts = [a - b for a, b in zip(counts, before["latency_counts"])]
+            latency_sum = row["latency_sum"] - (before["latency_sum"] if before else 0.0)
+            ok = sum(counts)
+            values: Values = {
+                "deployment": row["model"],
+                "version": int(row["version"]) if str(row["version"]).isdigit() else row["version"],
+                "count": requests,
+                "errors": failures,
+            }
+            if ok:
+                values["mean_ms"] = round(latency_sum / ok * 1000, 3)
+                for name, q in (("p50_ms", 0.5), ("p95_ms", 0.95), ("p99_ms", 0.99)):
+                    value = percentile(row["latency_buckets"], counts, q)
+                    if value is not None:
+                        values[name] = round(value * 1000, 3)
+            points.append(values)
+        return points

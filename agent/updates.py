@@ -1,0 +1,272 @@
+"""How an update proceeds, and how each failure is undone: the agent's state machine.
+
+One update moves one version of one deployment onto the device. Each state
+is saved to disk (agent/state.py) *before* its step runs, so a crash or a
+power loss resumes at a safe point. The old version keeps serving until the
+new one has passed its self-test; only then does the route switch, in one
+step inside the serving process (no request is dropped).
+
+    state          step run in it                                  next
+    -------------  ----------------------------------------------  ------------
+    downloading    fetch this platform's model + serving layers,   verifying
+                   manifests and signature (resumes via Range)
+    verifying      signature (pinned hub key), every blob digest;   staged
+                   unpack into DATA/versions/<name>/<version>-...
+    staged         (files ready; nothing to do)                    starting
+    starting       load the new version beside the old one, with   self_test
+                   no traffic (the serving process's candidate slot)
+    self_test      run the package's sample request on it          serving
+    serving        switch the route; the new version is now the    (done)
+                   good one, the old one is kept for rollback
+    failed         (the step's error is recorded)                  rolling_back
+    rolling_back   route back to the old version, unload the new   rolled_back
+    rolled_back    (done; the error stays in the reported state)
+
+After a restart the serving process starts fresh with the good versions
+only, so an update caught in starting, self_test or serving starts again at
+starting, and one caught in failed or rolling_back finishes its rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.package_store import PackageStore, StageError
+from agent.protocol import Package, UpdateState, format_time
+from agent.state import AgentState, Installed, Serving, StateFile, Update
+from agent.supervisor import ServingError, ServingProcess
+from packager.distribution import Registry
+
+log = logging.getLogger("edgefleet.agent")
+S = UpdateState
+
+NEXT = {
+    S.DOWNLOADING: S.VERIFYING,
+    S.VERIFYING: S.STAGED,
+    S.STAGED: S.STARTING,
+    S.STARTING: S.SELF_TEST,
+    S.SELF_TEST: S.SERVING,
+    S.FAILED: S.ROLLING_BACK,
+    S.ROLLING_BACK: S.ROLLED_BACK,
+}
+# Where a saved update continues after a restart (the serving process is new then).
+RESUME_AT = {
+    S.DOWNLOADING: S.DOWNLOADING,
+    S.VERIFYING: S.VERIFYING,
+    S.STAGED: S.STAGED,
+    S.STARTING: S.STARTING,
+    S.SELF_TEST: S.STARTING,
+    S.SERVING: S.STARTING,
+    S.FAILED: S.ROLLING_BACK,
+    S.ROLLING_BACK: S.ROLLING_BACK,
+}
+DOWNLOAD_ATTEMPTS = 5
+
+
+class StepFailed(Exception):
+    """A step could not be done; the update fails and is rolled back."""
+
+
+def now() -> str:
+    return format_time(datetime.now(UTC))
+
+
+def version_body(installed: Installed, *, self_test: bool = False) -> dict[str, Any]:
+    """The serving process's description of one version to load."""
+    body: dict[str, Any] = {
+        "version": str(installed.version),
+        "model_dir": str(installed.directory) + "/model",
+        "entrypoint": installed.entrypoint,
+        "framework": installed.framework,
+        "runtime": {"prefer": list(installed.prefer)},
+    }
+    if self_test and installed.sample_request:
+        body["self_test"] = installed.sample_request
+    return body
+
+
+def deployment_body(serving: Serving) -> dict[str, Any]:
+    body = version_body(serving.primary)
+    if serving.candidate is not None:
+        body["candidate"] = version_body(serving.candidate)
+        body["traffic"] = 0 if serving.shadow else serving.traffic
+        body["shadow"] = serving.shadow
+    return body
+
+
+@dataclass
+class Updater:
+    """Runs updates through the states above; REPORT is called at every transition."""
+
+    state: AgentState
+    state_file: StateFile
+    store: PackageStore
+    registry: Registry
+    serving: ServingProcess
+    report: Callable[[], None]
+    sleep: Callable[[float], None] = time.sleep
+
+    def run(self, update: Update) -> bool:
+        """Drive UPDATE to serving (True) or rolled back (False)."""
+        current = RESUME_AT[S(update.state)] if update.state in RESUME_AT else S.DOWNLOADING
+        while True:
+            self._enter(update, current)
+            if current is S.ROLLED_BACK:
+                self._finish(update)
+                return False
+            try:
+                self._step(current, update)
+            except (StepFailed, StageError, ServingError) as exc:
+                if current is S.ROLLING_BACK:
+                    # The old version could not be restored in place: the
+                    # supervisor's restart loads the good versions from disk.
+                    log.error("rollback of %s failed: %s", update.deployment, exc)
+                    self.serving.stop()
+                    self.serving.start()
+                    current = S.ROLLED_BACK
+                    continue
+                update.error = str(exc)
+                log.warning("update of %s to %s failed in %s: %s", update.deployment,
+                            update.version, current, exc)
+                current = S.FAILED
+                continue
+            if current is S.SERVING:
+                self._finish(update)
+                return True
+            current = NEXT[current]
+
+    # -- transitions ------------------------------------------------------------
+
+    def _enter(self, update: Update, new: UpdateState) -> None:
+        update.state = str(new)
+        update.since = now()
+        self.state.update = update
+        self._set_status(update.deployment, update.model, update.version, new, update.error)
+        self.state_file.save(self.state)
+        self.report()
+
+    def _finish(self, update: Update) -> None:
+        self.state.update = None
+        self.state_file.save(self.state)
+        self.report()
+
+    def _set_status(self, name: str, model: str, version: int, state: UpdateState,
+                    error: str | None, runtime: str | None = None, device: str | None = None) -> None:
+        statuses = [s for s in self.state.statuses
+                    if not (s["name"] == name and s["version"] == version)]
+        statuses.append({"name": name, "model": model, "version": version, "state": str(state),
+                         "since": now(), "error": error, "runtime": runtime, "device": device})
+        self.state.statuses = statuses
+
+    # -- steps ------------------------------------------------------------------
+
+    def _step(self, state: UpdateState, update: Update) -> None:
+        package = Package(update.repository, update.digest, update.size)
+        if state is S.DOWNLOADING:
+            self._download(package)
+        elif state is S.VERIFYING:
+            image = self.store.verify(package)
+            staged = self.store.stage(update.deployment, update.version, package, image)
+            update.staged = Installed(
+                version=update.version, digest=update.digest, directory=str(staged.directory),
+                entrypoint=staged.entrypoint, framework=staged.framework,
+                prefer=update.prefer or list(staged.serving.get("prefer") or []),
+                sample_request=staged.sample_request,
+            )
+        elif state is S.STARTING:
+            self._start(update)
+        elif state is S.SELF_TEST:
+            self._self_test(update)
+        elif state is S.SERVING:
+            self._switch(update)
+        elif state is S.ROLLING_BACK:
+            self._roll_back(update)
+
+    def _download(self, package: Package) -> None:
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                self.store.download(self.registry, package)
+                return
+            except StageError as exc:
+                if "digest" in str(exc) or attempt == DOWNLOAD_ATTEMPTS:
+                    raise
+                delay = min(2 ** attempt, 30)
+                log.warning("download attempt %d failed (%s); again in %ds", attempt, exc, delay)
+                self.sleep(delay)
+
+    def _staged(self, update: Update) -> Installed:
+        if update.staged is None:
+            raise StepFailed("the version was never staged")
+        return update.staged
+
+    def _start(self, update: Update) -> None:
+        """Load the new version beside the serving one, answering nothing yet."""
+        new = self._staged(update)
+        current = self.state.serving.get(update.deployment)
+        if current is None:
+            body = version_body(new)  # nothing serves yet: nothing to protect
+        else:
+            body = {**version_body(current.primary), "candidate": version_body(new),
+                    "traffic": 0, "shadow": False}
+        answer = self.serving.put(update.deployment, body)
+        loaded = answer["deployment"]["candidate" if current else "primary"]
+        self._set_status(update.deployment, update.model, update.version, S.STARTING, None,
+                         loaded.get("runtime"), loaded.get("device"))
+
+    def _self_test(self, update: Update) -> None:
+        new = self._staged(update)
+        if not new.sample_request:
+            return  # a package without a sample request has nothing to test with
+        self.serving.self_test(update.deployment, str(new.version), new.sample_request)
+
+    def _switch(self, update: Update) -> None:
+        new = self._staged(update)
+        current = self.state.serving.get(update.deployment)
+        if update.role == "primary":
+            target = Serving(update.deployment, update.model, primary=new,
+                             previous=current.primary if current else None)
+        elif current is None:
+            raise StepFailed("a candidate needs a primary version serving first")
+        else:
+            target = replace(current, candidate=new, traffic=update.traffic, shadow=update.shadow)
+        # Saved before the switch: if we die right after it, the restart
+        # loads this version, which has passed its self-test.
+        self.state.serving[update.deployment] = target
+        self.state_file.save(self.state)
+        answer = self.serving.put(update.deployment, deployment_body(target))
+        self._record_loaded(target, answer)
+
+    def _record_loaded(self, target: Serving, answer: dict[str, Any]) -> None:
+        described = answer["deployment"]
+        for role, installed in (("primary", target.primary), ("candidate", target.candidate)):
+            if installed is not None and described.get(role):
+                self._set_status(target.name, target.model, installed.version, S.SERVING, None,
+                                 described[role].get("runtime"), described[role].get("device"))
+
+    def _roll_back(self, update: Update) -> None:
+        current = self.state.serving.get(update.deployment)
+        if current is not None and (
+            current.primary.version == update.version or
+            (current.candidate and current.candidate.version == update.version)
+        ):
+            # Failed after the switch was saved (a restart mid-switch): undo it on disk too.
+            if current.primary.version == update.version and current.previous:
+                current.primary, current.previous = current.previous, None
+            elif current.candidate and current.candidate.version == update.version:
+                current.candidate = None
+            else:
+                del self.state.serving[update.deployment]
+                current = None
+            self.state_file.save(self.state)
+        if current is None:
+            try:
+                self.serving.delete(update.deployment)
+            except ServingError:
+                pass  # nothing was loaded under that name
+        else:
+            self.serving.put(update.deployment, deployment_body(current))
