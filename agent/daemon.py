@@ -250,10 +250,10 @@ class Agent:
 
     def _prune(self, wanted: set[str]) -> None:
         """Keep on disk what serves and the previous primary (for rollback); drop the rest."""
-        keep_versions: dict[str, set[int]] = {}
+        live: dict[str, set[int]] = {}
         for name, s in self.state.serving.items():
             kept = [v for v in (s.primary, s.candidate, s.previous) if v is not None]
-            keep_versions[name] = {v.version for v in kept}
+            live[name] = {v.version for v in (s.primary, s.candidate) if v is not None}
             self.store.prune(name, {Path(v.directory) for v in kept})
         for name in {s["name"] for s in self.state.statuses} - set(self.state.serving):
             self.store.prune(name, set())
@@ -262,7 +262,7 @@ class Agent:
         for s in self.state.statuses:
             if s["name"] not in wanted:
                 continue
-            if s["version"] in keep_versions.get(s["name"], set()) and s["state"] == "serving":
+            if s["version"] in live.get(s["name"], set()) and s["state"] == "serving":
                 statuses.append(s)
             elif s["state"] in ("failed", "rolled_back"):
                 latest_other[s["name"]] = s  # only the newest failure per deployment

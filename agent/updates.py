@@ -243,6 +243,11 @@ class Updater:
 
     def _record_loaded(self, target: Serving, answer: dict[str, Any]) -> None:
         described = answer["deployment"]
+        live = {v.version for v in (target.primary, target.candidate) if v is not None}
+        self.state.statuses = [  # versions that no longer serve stop being reported as serving
+            s for s in self.state.statuses
+            if not (s["name"] == target.name and s["state"] == "serving" and s["version"] not in live)
+        ]
         for role, installed in (("primary", target.primary), ("candidate", target.candidate)):
             if installed is not None and described.get(role):
                 self._set_status(target.name, target.model, installed.version, S.SERVING, None,
