@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
 import click
+
+
+def _pause_in(value: str | None) -> tuple[str, float] | None:
+    """EDGEFLEET_AGENT_PAUSE_IN=state:seconds, fault injection for crash tests."""
+    if not value:
+        return None
+    state, _, seconds = value.partition(":")
+    return state, float(seconds or 30)
 
 
 @click.group()
@@ -71,6 +80,7 @@ def run(
     daemon = Agent(identity, AgentOptions(
         data_dir=data_dir, serve_host=serve_host, serve_port=serve_port,
         telemetry_interval=telemetry_interval, max_concurrency=max_concurrency,
+        pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")),
     ))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop_requested.set())

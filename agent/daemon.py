@@ -70,6 +70,7 @@ class AgentOptions:
     telemetry_queue_points: int = 50_000
     max_concurrency: int = 2
     max_queue: int = 16
+    pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
 
 
 class Agent:
@@ -107,7 +108,7 @@ class Agent:
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)
         self.updater = Updater(self.state, self.state_file, self.store, self.registry,
-                               self.serving, self.report)
+                               self.serving, self.report, pause_in=options.pause_in)
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -110,6 +110,9 @@ class Updater:
     serving: ServingProcess
     report: Callable[[], None]
     sleep: Callable[[float], None] = time.sleep
+    # Fault injection for crash tests (EDGEFLEET_AGENT_PAUSE_IN=state:seconds):
+    # wait after a state is saved, so a test can kill the agent inside it.
+    pause_in: tuple[str, float] | None = None
 
     def run(self, update: Update) -> bool:
         """Drive UPDATE to serving (True) or rolled back (False)."""
@@ -149,6 +152,8 @@ class Updater:
         self._set_status(update.deployment, update.model, update.version, new, update.error)
         self.state_file.save(self.state)
         self.report()
+        if self.pause_in and self.pause_in[0] == str(new):
+            self.sleep(self.pause_in[1])
 
     def _finish(self, update: Update) -> None:
         self.state.update = None

@@ -131,3 +131,21 @@ def make_tflite(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(builder.Output()))
     return path
+
+
+def make_failing_onnx(path: Path) -> Path:
+    """A model that loads but fails on every request: it reshapes [N, 3] into [7].
+
+    Its signature looks like make_onnx's, so packaging and loading succeed and
+    only the agent's self-test (or a real request) finds the problem.
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "seven"], ["y"])],
+        "failing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+        initializer=[numpy_helper.from_array(np.array([7], dtype=np.int64), "seven")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
+    return path
