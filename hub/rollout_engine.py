@@ -1,0 +1,52 @@
+"""The thread that drives rollouts: `hub.rollouts.tick` once a second.
+
+All rollout state is in the database, so this thread holds none: killed and
+started again (with the hub), it carries on where the database says. Health
+checks read telemetry, so they run every few ticks rather than every one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from hub import rollouts
+from hub.storage.db import Database
+
+log = logging.getLogger("edgefleet.rollouts")
+
+
+class RolloutEngine:
+    def __init__(self, db: Database, notify: Callable[[Iterable[str]], None], *,
+                 interval: float = 1.0, health_every: int = 5) -> None:
+        self.db = db
+        self.notify = notify
+        self.interval = interval
+        self.health_every = health_every
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def poke(self) -> None:
+        """Tick now (a rollout was created or changed), not at the next interval."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        ticks = 0
+        while not self._stop.is_set():
+            try:
+                rollouts.tick(self.db, self.notify, check_health=ticks % self.health_every == 0)
+            except Exception:  # one bad tick must not end rollouts for good
+                log.exception("rollout tick failed")
+            ticks += 1
+            self._wake.wait(self.interval)
+            self._wake.clear()
