@@ -107,8 +107,8 @@ def enroll(
         conn.execute(
             "INSERT INTO devices (id, name, tags, public_key, platform, inventory, reported,"
             " status, last_seen, enrolled_at, enrollment_token_id, token_hash,"
-            " desired_generation, applied_generation)"
-            " VALUES (?, ?, ?, ?, ?, '{}', '{}', 'offline', NULL, ?, ?, ?, 0, 0)",
+            " desired_generation, applied_generation, published_generation)"
+            " VALUES (?, ?, ?, ?, ?, '{}', '{}', 'offline', NULL, ?, ?, ?, 0, 0, 0)",
             (device_id, name, row["tags"], public_key, platform, now(), row["id"],
              hash_secret(device_secret)),
         )

@@ -72,9 +72,22 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         {"id": str, "name": str, "tags": str, "public_key": str, "platform": str,
          "inventory": str, "reported": str, "status": str, "last_seen": str,
          "enrolled_at": str, "enrollment_token_id": str, "token_hash": str,
-         "desired_generation": int, "applied_generation": int},
+         "desired_generation": int, "applied_generation": int,
+         # The generation whose signed desired state the broker holds (retained)
+         # and when that signature expires: the publisher's catch-up after a
+         # restart or reconnect is the devices where these fall behind.
+         "published_generation": int, "published_expires_at": str},
         pk="id",
     )
+    # What each device reports per deployment version (a deployment with a
+    # candidate has two rows), replaced with every reported state. Rollouts
+    # count these: "how many devices of this wave serve version X".
+    db["deployment_status"].create(
+        {"device_id": str, "name": str, "model": str, "version": int, "state": str,
+         "error": str, "runtime": str, "device": str, "since": str, "updated_at": str},
+        pk=("device_id", "name", "version"),
+    )
+    db["deployment_status"].create_index(["name", "version", "state"])
     db["enrollment_tokens"].create(
         {"id": str, "token_hash": str, "tags": str, "expires_at": str, "max_uses": int,
          "uses": int, "created_at": str, "created_by": str, "revoked_at": str},
@@ -149,8 +162,23 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding the write lock from its first statement."""
+        """One write transaction holding the write lock from its first statement.
+
+        Inside another transaction on the same thread it is a savepoint of
+        that one, so a batch (the MQTT ingest) can call domain functions that
+        open their own transaction and still commit everything at once.
+        """
         conn = self.conn
+        if conn.in_transaction:
+            conn.execute("SAVEPOINT nested")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK TO nested")
+                conn.execute("RELEASE nested")
+                raise
+            conn.execute("RELEASE nested")
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
