@@ -1,0 +1,233 @@
+"""Signed desired states, published retained, one thread for all devices.
+
+A device's desired state is built from its deployment rows and its
+`desired_generation`, signed with the hub's key and published retained with
+QoS 1 on its desired topic, so the broker hands it to the device whenever it
+(re)subscribes: the hub never resends on a timer.
+
+The database says what is published: `devices.published_generation` and
+`published_expires_at` are written once the broker has acknowledged a state.
+So after a hub restart or a reconnect to the broker, the publisher asks
+once which devices are behind and publishes just those. Two more things
+send a device's state again:
+
+- The embedded broker forgets retained messages when the hub stops, so with
+  it every device counts as unpublished at start (`forget_published`).
+- A signed state expires (`validity`, 30 days by default), after which an
+  agent refuses it: that is the freeze a withheld hub causes. A live hub
+  signs again what would expire within a third of the validity; one query an
+  hour finds those devices, normally none.
+
+HTTP handlers never wait for the broker: they commit, call `notify`, and
+answer. Devices notified while the broker is away are caught up when it is
+back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import protocol
+from agent.mqtt import MqttError, Session
+from hub import deployments
+from hub.storage.db import Database
+
+log = logging.getLogger("edgefleet.hub.desired")
+
+DEFAULT_VALIDITY = timedelta(days=30)
+BATCH = 500              # devices signed, published and recorded together
+SWEEP_EVERY = 3600.0     # seconds between looks for states that expire soon
+
+
+def build(
+    device_id: str, generation: int, rows: Iterable[dict[str, Any]], *, issued_at: datetime,
+    validity: timedelta,
+) -> protocol.DesiredState:
+    """The desired state of DEVICE_ID from its deployment records (`deployments._record`)."""
+    return protocol.DesiredState(
+        device_id=device_id,
+        generation=generation,
+        issued_at=issued_at,
+        expires_at=issued_at + validity,
+        deployments=tuple(_deployment(row) for row in rows),
+    )
+
+
+def _deployment(row: dict[str, Any]) -> protocol.Deployment:
+    runtime = protocol.RuntimeSpec(tuple(row["prefer"]))
+    c = row["candidate"]
+    candidate = None if c is None else protocol.Candidate(
+        version=c["version"],
+        package=protocol.Package(row["repository"], c["digest"], c["size"]),
+        runtime=runtime,
+        traffic=c["traffic"],
+        shadow=c["shadow"],
+        rollout=row["rollout_id"],
+    )
+    return protocol.Deployment(
+        name=row["name"],
+        model=row["model"],
+        version=row["version"],
+        package=protocol.Package(row["repository"], row["digest"], row["size"]),
+        runtime=runtime,
+        traffic=row["traffic"],
+        rollout=row["rollout_id"],
+        candidate=candidate,
+    )
+
+
+def forget_published(db: Database) -> None:
+    """Count every device as unpublished: its broker holds no retained state."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE devices SET published_generation = 0, published_expires_at = NULL")
+
+
+def due(
+    db: Database, *, refresh_before: datetime, among: Sequence[str] | None = None
+) -> list[str]:
+    """Devices (of AMONG, or all) whose retained state is behind their desired
+    generation or expires before REFRESH_BEFORE: the ones to publish."""
+    return [r["id"] for r in db.query(
+        "SELECT id FROM devices WHERE desired_generation > 0"
+        " AND (desired_generation > published_generation"
+        "      OR published_expires_at IS NULL OR published_expires_at < ?)"
+        + ("" if among is None else " AND id IN (SELECT value FROM json_each(?))"),
+        (protocol.format_time(refresh_before),
+         *(() if among is None else (json.dumps(list(among)),))))]
+
+
+def _record_published(db: Database, published: list[tuple[str, int, str]]) -> None:
+    with db.transaction() as conn:
+        conn.executemany(
+            "UPDATE devices SET published_generation = ?, published_expires_at = ? WHERE id = ?",
+            [(generation, expires, device) for device, generation, expires in published],
+        )
+
+
+class Publisher:
+    """Signs and publishes desired states from its own thread; see the module docstring."""
+
+    def __init__(
+        self, db: Database, session: Session, key: ec.EllipticCurvePrivateKey, *,
+        validity: timedelta = DEFAULT_VALIDITY, publish_timeout: float = 30.0,
+    ) -> None:
+        if validity < timedelta(minutes=10):
+            raise ValueError(f"desired states must stay valid for at least 10 minutes, got "
+                             f"{validity}")
+        self.db, self.session, self.key = db, session, key
+        self.validity = validity
+        self.publish_timeout = publish_timeout
+        self._pending: set[str] = set()
+        self._changed = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.published = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def notify(self, device_ids: Iterable[str]) -> None:
+        """These devices' desired state may have changed (and is committed):
+        publish it soon, if it is ahead of what the broker holds."""
+        with self._changed:
+            self._pending.update(device_ids)
+            self._changed.notify()
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="desired-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the batch under way; what is left is caught up on the next start."""
+        with self._changed:
+            self._stop = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        with self._changed:
+            pending = len(self._pending)
+        return {"published": self.published, "pending": pending, "failures": self.failures,
+                "last_error": self.last_error}
+
+    def _run(self) -> None:
+        was_connected, next_sweep = False, 0.0
+        while True:
+            connected = self.session.connected
+            with self._changed:
+                if not (self._stop or (self._pending and connected)):
+                    self._changed.wait(timeout=1.0)  # also notices a (re)connect
+                if self._stop:
+                    return
+            connected = self.session.connected
+            if connected and (not was_connected or time.monotonic() >= next_sweep):
+                # (Re)connected or time to look: one query finds who is behind.
+                next_sweep = time.monotonic() + SWEEP_EVERY
+                self._catch_up()
+            was_connected = connected
+            if connected:
+                self._publish_some()
+
+    def _catch_up(self) -> None:
+        try:
+            behind = due(self.db, refresh_before=self._refresh_before())
+        except Exception:  # the loop must survive a busy or broken database
+            log.exception("looking for unpublished desired states failed")
+            return
+        if behind:
+            log.info("%d device(s) need their desired state (re)published", len(behind))
+            self.notify(behind)
+
+    def _publish_some(self) -> None:
+        with self._changed:
+            batch = [self._pending.pop() for _ in range(min(BATCH, len(self._pending)))]
+        if not batch:
+            return
+        try:
+            self._publish(batch)
+        except MqttError as exc:
+            # Still connected means the broker was slow: try again soon. Otherwise
+            # the catch-up after the reconnect covers these devices.
+            self.failures += 1
+            self.last_error = str(exc)
+            log.warning("publishing %d desired state(s) failed: %s", len(batch), exc)
+            self.notify(batch)
+            time.sleep(1.0)
+        except Exception:  # a busy or broken database: the hourly look retries
+            self.failures += 1
+            log.exception("publishing desired states for %d device(s) failed", len(batch))
+            time.sleep(1.0)
+
+    def _refresh_before(self) -> datetime:
+        return datetime.now(UTC) + self.validity / 3
+
+    def _publish(self, device_ids: list[str]) -> None:
+        behind = due(self.db, refresh_before=self._refresh_before(), among=device_ids)
+        issued_at = datetime.now(UTC)
+        expires = protocol.format_time(issued_at + self.validity)
+        published = []
+        for device_id, (generation, rows) in deployments.desired_snapshot(
+                self.db, behind).items():
+            state = build(device_id, generation, rows, issued_at=issued_at,
+                          validity=self.validity)
+            try:
+                payload = protocol.sign_desired(state, self.key)
+            except protocol.ProtocolError as exc:  # rows an agent would refuse: a hub bug
+                self.failures += 1
+                log.error("desired state of %s (generation %d) not published: %s",
+                          device_id, generation, exc)
+                continue
+            self.session.publish(protocol.desired_topic(device_id), payload, qos=1, retain=True,
+                                 timeout=self.publish_timeout)
+            published.append((device_id, generation, expires))
+        _record_published(self.db, published)
+        self.published += len(published)

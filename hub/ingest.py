@@ -1,0 +1,243 @@
+"""What devices send, written to the database in batches: status, reported state, telemetry.
+
+One thread takes messages from the hub's MQTT session and writes each batch
+in one SQLite transaction, so the cost is per batch, not per message. A
+batch is what has arrived (up to `max_batch`) when the thread comes round:
+under load batches grow by themselves, and it never waits for more while
+holding messages the broker counts as in flight.
+
+- status: `devices.status` ('online'/'offline'); last_seen
+- reported: `devices.reported` (the document), applied_generation, platform,
+  inventory (accelerators, agent version), and the device's rows in
+  `deployment_status`, replaced; only the newest report per device in a
+  batch is written
+- telemetry: `hub.telemetry.ingest`, once per (device, seq)
+
+`last_seen` is the hub's clock when a live message arrived; retained status
+messages, which the broker replays on every subscribe, are old news and do
+not touch it. A message from an unknown device, or one that breaks the
+protocol, is logged with the device and the reason, counted, and dropped;
+the loop goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import protocol
+from agent.mqtt import Message, MqttError, MqttTimeout, Session
+from hub import telemetry
+from hub.storage.db import Database, dumps, now
+
+log = logging.getLogger("edgefleet.hub.ingest")
+
+# What the hub reads. Command results are not handled yet, so not subscribed.
+SUBSCRIPTIONS = tuple(
+    f for f in protocol.HUB_SUBSCRIPTIONS
+    if f.rsplit("/", 1)[-1] in ("reported", "telemetry", "status")
+)
+
+
+@dataclass
+class Counters:
+    """Messages written and dropped: one batch's, or summed since the hub started."""
+
+    ingested: Counter[str] = field(default_factory=Counter)   # messages, by kind
+    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # by (kind, reason)
+    points: int = 0          # telemetry points stored
+    duplicate_points: int = 0  # points seen before (resent after a reconnect)
+    batches: int = 0
+    last_batch: int = 0
+
+    def add(self, other: Counters) -> None:
+        self.ingested.update(other.ingested)
+        self.dropped.update(other.dropped)
+        self.points += other.points
+        self.duplicate_points += other.duplicate_points
+        self.batches += other.batches
+        self.last_batch = other.last_batch
+
+    def as_dict(self) -> dict[str, Any]:
+        dropped: dict[str, dict[str, int]] = {}
+        for (kind, reason), count in sorted(self.dropped.items()):
+            dropped.setdefault(kind, {})[reason] = count
+        return {"ingested": dict(self.ingested), "dropped": dropped,
+                "telemetry_points": self.points, "duplicate_points": self.duplicate_points,
+                "batches": self.batches, "last_batch": self.last_batch}
+
+
+@dataclass
+class _Batch:
+    """One batch, parsed and sorted by what it changes."""
+
+    status: dict[str, str] = field(default_factory=dict)  # device -> its newest status
+    seen: set[str] = field(default_factory=set)           # devices that sent live messages
+    reported: dict[str, tuple[protocol.ReportedState, bytes]] = field(default_factory=dict)
+    telemetry: list[protocol.TelemetryBatch] = field(default_factory=list)
+
+
+def _drop(counters: Counters, kind: str, reason: str, source: str, detail: str) -> None:
+    """Count and log a dropped message; SOURCE is its device id, or its topic."""
+    counters.dropped[kind, reason] += 1
+    log.warning("dropped a %s message from %s: %s: %s", kind, source, reason, detail)
+
+
+def _parse(
+    addressed: Sequence[tuple[Message, str, str]], known: set[str], counters: Counters
+) -> _Batch:
+    batch = _Batch()
+    for message, device, kind in addressed:
+        if device not in known:
+            _drop(counters, kind, "unknown_device", device,
+                  "the hub knows no such device (never enrolled here)")
+            continue
+        try:
+            if kind == "status":
+                batch.status[device] = protocol.parse_status(message.payload)
+            elif kind == "reported":
+                report = protocol.parse_reported(message.payload, device_id=device)
+                batch.reported[device] = (report, message.payload)
+            elif kind == "telemetry":
+                batch.telemetry.append(protocol.parse_telemetry(message.payload,
+                                                                device_id=device))
+            else:
+                _drop(counters, kind, "unexpected", device, "the hub does not read these")
+                continue
+        except protocol.ProtocolError as exc:
+            _drop(counters, kind, "malformed", device, str(exc))
+            continue
+        counters.ingested[kind] += 1
+        if not message.retain:
+            batch.seen.add(device)
+    return batch
+
+
+def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
+    """Parse MESSAGES and write them in one transaction; bad ones are dropped.
+    Returns what was written and dropped.
+
+    Parsing happens before the transaction, so the write lock is held only
+    for the writes."""
+    counters = Counters(batches=1, last_batch=len(messages))
+    addressed = []
+    for message in messages:
+        try:
+            device, kind = protocol.parse_topic(message.topic)
+        except protocol.ProtocolError as exc:
+            _drop(counters, "other", "bad_topic", repr(message.topic[:200]), str(exc))
+            continue
+        addressed.append((message, device, kind))
+    known = {r["id"] for r in db.query(
+        "SELECT id FROM devices WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted({device for _, device, _ in addressed})),))}
+    batch = _parse(addressed, known, counters)
+    stamp = now()
+    with db.transaction() as conn:
+        conn.executemany("UPDATE devices SET status = ? WHERE id = ?",
+                         [(status, device) for device, status in batch.status.items()])
+        conn.executemany("UPDATE devices SET last_seen = ? WHERE id = ?",
+                         [(stamp, device) for device in batch.seen])
+        for device, (report, payload) in batch.reported.items():
+            _write_reported(conn, device, report, payload, stamp)
+        for points in batch.telemetry:
+            rows = [{"seq": p.seq, "at": protocol.format_time(p.at), "kind": p.kind,
+                     "values": p.values} for p in points.points]
+            new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
+            counters.points += new
+            counters.duplicate_points += len(rows) - new
+    return counters
+
+
+def _write_reported(
+    conn: sqlite3.Connection, device: str, report: protocol.ReportedState, payload: bytes,
+    stamp: str,
+) -> None:
+    inventory = {"accelerators": list(report.accelerators), "agent_version": report.agent_version}
+    conn.execute(
+        "UPDATE devices SET reported = ?, applied_generation = ?, platform = ?,"
+        " inventory = json_patch(COALESCE(inventory, '{}'), ?) WHERE id = ?",
+        (payload.decode("utf-8"), report.applied_generation, report.platform, dumps(inventory),
+         device),
+    )
+    conn.execute("DELETE FROM deployment_status WHERE device_id = ?", (device,))
+    conn.executemany(
+        "INSERT INTO deployment_status (device_id, name, model, version, state, error, runtime,"
+        " device, since, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(device, d.name, d.model, d.version, str(d.state), d.error, d.runtime, d.device,
+          protocol.format_time(d.since), stamp) for d in report.deployments],
+    )
+
+
+class Ingest:
+    """The loop: take what has arrived, write it, go round again; see the module docstring."""
+
+    def __init__(self, db: Database, session: Session, *, max_batch: int = 500) -> None:
+        self.db, self.session, self.max_batch = db, session, max_batch
+        self._counters = Counters()
+        self._counters_lock = threading.Lock()  # the REST API reads them from other threads
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch under way, then stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._take()
+            except MqttError:  # the session was closed under us: stopping
+                return
+            if batch:
+                self._write(batch)
+
+    def _take(self) -> list[Message]:
+        """The first message (waiting up to half a second), then whatever else is there."""
+        try:
+            batch = [self.session.get(0.5)]
+        except MqttTimeout:
+            return []
+        try:
+            while len(batch) < self.max_batch:
+                batch.append(self.session.get(0))
+        except MqttError:  # nothing more there, or closed: write what was taken
+            pass
+        return batch
+
+    def _write(self, batch: list[Message]) -> None:
+        try:
+            self._count(write_batch(self.db, batch))
+            return
+        except Exception:
+            log.exception("writing a batch of %d message(s) failed; writing them one by one",
+                          len(batch))
+        for message in batch:  # so one message that breaks the writer costs only itself
+            try:
+                self._count(write_batch(self.db, [message]))
+            except Exception as exc:
+                failed = Counters()
+                _drop(failed, message.topic.rsplit("/", 1)[-1], "write_failed",
+                      repr(message.topic[:200]), repr(exc))
+                self._count(failed)
+
+    def _count(self, counters: Counters) -> None:
+        with self._counters_lock:
+            self._counters.add(counters)
+
+    def stats(self) -> dict[str, Any]:
+        with self._counters_lock:
+            return self._counters.as_dict()
