@@ -1,8 +1,10 @@
-"""`edgefleet hub serve`: first-start setup, then the REST API and the broker.
+"""`edgefleet hub serve`: first-start setup, then the REST API, the broker and the fleet link.
 
 The REST API (uvicorn) and, unless an external broker is named, the embedded
-MQTT broker (amqtt) share one asyncio loop in one process. SIGINT/SIGTERM
-stop uvicorn gracefully; then the broker is shut down and the process exits 0.
+MQTT broker (amqtt) share one asyncio loop in one process; the fleet link
+(hub/fleet.py: ingest and desired-state publishing) runs in threads of its
+own. SIGINT/SIGTERM stop uvicorn gracefully, then the fleet link, then the
+broker, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import uvicorn
 
 from hub import tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
+from hub.fleet import FleetLink
 from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
@@ -87,18 +91,6 @@ def bind(settings: HubSettings) -> Bound:
     )
 
 
-def _broker_config(mqtt_url: str) -> dict:
-    host_port = mqtt_url.removeprefix("mqtt://")
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": host_port}},
-        "plugins": {
-            # Devices authenticate with per-device credentials once the agent
-            # work lands; until then the embedded broker is open on its bind address.
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-        },
-    }
-
-
 class _Server(uvicorn.Server):
     """uvicorn re-raises a caught SIGTERM after shutdown, so the process would
     end "killed by signal"; we handle the signals ourselves and exit 0."""
@@ -119,12 +111,22 @@ class _Server(uvicorn.Server):
 
 
 async def _run(state: HubState, bound: Bound) -> None:
-    broker = None
+    settings, broker = state.settings, None
+    username, password = settings.mqtt_username, settings.mqtt_password
     if bound.embedded_broker:
-        from amqtt.broker import Broker
+        from hub import broker_auth  # only the embedded broker needs amqtt
 
-        broker = Broker(_broker_config(bound.mqtt_url))
+        username = broker_auth.HUB_USERNAME
+        password = broker_auth.hub_secret(settings.mqtt_secret_path)
+        broker = broker_auth.embedded_broker(bound.mqtt_url, db_path=settings.db_path,
+                                             hub_password=password)
         await broker.start()
+    fleet = state.fleet = FleetLink(
+        state.db, state.signing_key, mqtt_url=bound.mqtt_url, username=username,
+        password=password, validity=timedelta(days=settings.desired_validity_days),
+        broker_keeps_retained=not bound.embedded_broker,
+    )
+    fleet.start()
     host, _, port = bound.api_url.removeprefix("http://").rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False
@@ -132,6 +134,9 @@ async def _run(state: HubState, bound: Bound) -> None:
     try:
         await _Server(config).serve()
     finally:
+        # In a thread: the embedded broker runs on this loop and must go on
+        # answering while the link finishes its batch and disconnects.
+        await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await broker.shutdown()
 

@@ -30,6 +30,18 @@ class HubSettings:
     mqtt_url: str | None = _setting(
         None, "Use this broker (mqtt://HOST:PORT) instead of starting the embedded one."
     )  # type: ignore[assignment]
+    mqtt_username: str | None = _setting(
+        None, "The hub's user on the --mqtt-url broker (it must be allowed every "
+        "edgefleet/v1/# topic; see docs/architecture.md)."
+    )  # type: ignore[assignment]
+    mqtt_password: str | None = _setting(
+        None, "Password of --mqtt-username; better set EDGEFLEET_MQTT_PASSWORD, which "
+        "`ps` does not show."
+    )  # type: ignore[assignment]
+    desired_validity_days: int = _setting(
+        30, "Days a signed desired state stays valid; agents refuse expired ones, so "
+        "devices freeze on what they run if the hub is gone that long."
+    )  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -37,6 +49,14 @@ class HubSettings:
             parts = urlsplit(self.mqtt_url)
             if parts.scheme != "mqtt" or not parts.hostname:
                 raise ValueError(f"--mqtt-url must look like mqtt://HOST:PORT, got {self.mqtt_url!r}")
+        elif self.mqtt_username is not None or self.mqtt_password is not None:
+            raise ValueError("--mqtt-username and --mqtt-password are for a --mqtt-url broker; "
+                             "the embedded broker uses the hub's own secret in the data dir")
+        if self.mqtt_password is not None and self.mqtt_username is None:
+            raise ValueError("--mqtt-password needs --mqtt-username")
+        if not 1 <= self.desired_validity_days <= 3650:
+            raise ValueError(f"--desired-validity-days must be 1-3650, got "
+                             f"{self.desired_validity_days}")
 
     @property
     def db_path(self) -> Path:
@@ -53,3 +73,8 @@ class HubSettings:
     @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
+
+    @property
+    def mqtt_secret_path(self) -> Path:
+        """The hub's password on the embedded broker."""
+        return self.data_dir / "mqtt-hub-password"

@@ -92,7 +92,8 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
         "device": device,
         "device_token": device_token,
         "hub_public_key": state.signing_public_key,
-        "mqtt_url": state.mqtt_url,
+        # The broker checks these (embedded: hub/broker_auth.py; external: its operator).
+        "mqtt": {"url": state.mqtt_url, "username": device["id"], "password": device_token},
     }
 
 

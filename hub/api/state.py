@@ -7,6 +7,7 @@ it through the `hub_state` dependency, never from a module global.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Request
@@ -15,6 +16,9 @@ from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
+
+if TYPE_CHECKING:
+    from hub.fleet import FleetLink
 
 
 @dataclass
@@ -26,6 +30,7 @@ class HubState:
     signing_public_key: str
     mqtt_url: str
     uploads: Uploads
+    fleet: FleetLink | None = None  # the MQTT link, once the server has started it
 
 
 def hub_state(request: Request) -> HubState:
