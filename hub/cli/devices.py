@@ -100,11 +100,54 @@ def list_(tags: tuple[str, ...], hub: str | None, token: str | None, as_json: bo
 @hub_options
 @json_option
 def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
-    """Show one device: tags, platform, inventory, reported state.
+    """Show one device: tags, platform, inventory, and its deployments, desired vs reported.
 
     Example: edgefleet device show dev-0a1b2c3d4e5f
     """
-    emit_one(client(hub, token).get(f"/api/v1/devices/{device_id}"), as_json=as_json)
+    hub_client = client(hub, token)
+    record = hub_client.get(f"/api/v1/devices/{device_id}")
+    deployed = hub_client.get(f"/api/v1/devices/{device_id}/deployments")
+    if as_json:
+        emit_one({**record, "deployments": {"desired": deployed["desired"],
+                                            "reported": deployed["reported"]}}, as_json=True)
+        return
+    reported = record.pop("reported")
+    emit_one(record, as_json=False)
+    console.print(f"[bold]generation[/bold]: desired {deployed['desired_generation']}, "
+                  f"published {deployed['published_generation']}, "
+                  f"applied {deployed['applied_generation']}")
+    emit(_deployment_rows(deployed), ["deployment", "desired", "reported", "error"],
+         as_json=False)
+    for refusal in reported.get("refusals", []):
+        console.print(f"[yellow]refused generation {refusal['generation']}[/yellow] at "
+                      f"{refusal['at']}: {refusal['reason']}: {refusal['message']}")
+
+
+def _deployment_rows(deployed: dict) -> list[dict[str, str]]:
+    """One row per deployment name: what the hub wants next to what the device says."""
+    desired = {d["name"]: d for d in deployed["desired"]}
+    reported: dict[str, list[dict]] = {}
+    for r in deployed["reported"]:
+        reported.setdefault(r["name"], []).append(r)
+    rows = []
+    for name in sorted(desired.keys() | reported.keys()):
+        wanted = ""
+        if (d := desired.get(name)) is not None:
+            wanted = f"{d['model']}:{d['version']}"
+            if (c := d["candidate"]) is not None:
+                kind = "shadow" if c["shadow"] else "split"
+                wanted += f" + {c['version']} ({kind} {c['traffic']}%)"
+        states = reported.get(name, [])
+        rows.append({
+            "deployment": name,
+            "desired": wanted or "(removed)",
+            "reported": ", ".join(
+                f"{r['version']} {r['state']}" + (f" on {r['runtime']}:{r['device']}"
+                                                  if r["runtime"] else "")
+                for r in states) or "(nothing yet)",
+            "error": "; ".join(r["error"] for r in states if r["error"]),
+        })
+    return rows
 
 
 @device.command()

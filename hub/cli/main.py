@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("hub.cli.hub_serve", "hub"),
     "model": ("hub.cli.models", "model"),
     "device": ("hub.cli.devices", "device"),
+    "deploy": ("hub.cli.deploy", "deploy"),
+    "undeploy": ("hub.cli.deploy", "undeploy"),
     "package": ("hub.cli.packages", "package"),
     "keys": ("hub.cli.packages", "keys"),
     "serve": ("agent.serving.cli", "serve"),

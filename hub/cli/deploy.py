@@ -1,0 +1,85 @@
+"""`edgefleet deploy` and `edgefleet undeploy`: what one device should run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from hub.cli.models import parse_ref
+from hub.cli.output import client, console, emit_one, hub_options, json_option
+
+
+def _version(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _prefer(text: str | None) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else []
+
+
+@click.command()
+@click.argument("ref", metavar="MODEL:VERSION")
+@click.option("--device", "device_id", required=True, help="The device's id (see `edgefleet device list`).")
+@click.option("--deployment", "name", help="Deployment name on the device [default: the model's name].")
+@click.option("--prefer", help="Runtimes and accelerators, best first: openvino:GPU,onnxruntime:CPU.")
+@click.option("--candidate", help="A second version beside MODEL:VERSION, for an A/B split or shadow.")
+@click.option("--traffic", type=click.IntRange(1, 100),
+              help="Percent of requests the candidate answers (split, 1-99) or gets a copy of (shadow).")
+@click.option("--shadow", is_flag=True, help="The candidate only gets copies; MODEL:VERSION answers all.")
+@hub_options
+@json_option
+def deploy(
+    ref: str, device_id: str, name: str | None, prefer: str | None, candidate: str | None,
+    traffic: int | None, shadow: bool, hub: str | None, token: str | None, as_json: bool,
+) -> None:
+    """Make a device run MODEL:VERSION; replaces that deployment's version if it has one.
+
+    The hub signs the device's new desired state and the device applies it
+    when it is online. The version needs a signed package (`edgefleet package build`).
+
+    Example: edgefleet deploy diabetes:2 --device dev-0a1b2c3d4e5f --candidate 3 --traffic 10
+    """
+    model, version = parse_ref(ref)
+    if (traffic is not None or shadow) and candidate is None:
+        raise click.UsageError("--traffic and --shadow are about a --candidate version; add one")
+    if candidate is not None and traffic is None and not shadow:
+        raise click.UsageError("a split candidate needs --traffic N (its percent of requests), "
+                               "or add --shadow")
+    if candidate is not None and not (candidate.isdigit() or candidate == "latest"):
+        raise click.BadParameter(f"{candidate!r} should be a version number of {model}",
+                                 param_hint="--candidate")
+    body: dict[str, Any] = {"model": model, "version": _version(version),
+                            "name": name or model, "prefer": _prefer(prefer)}
+    if candidate is not None:
+        body["candidate"] = {"version": _version(candidate), "traffic": traffic or 100,
+                             "shadow": shadow}
+    answer = client(hub, token).post(f"/api/v1/devices/{device_id}/deployments", json=body)
+    if as_json:
+        emit_one(answer, as_json=True)
+        return
+    d = answer["deployment"]
+    extra = ""
+    if (c := d["candidate"]) is not None:
+        extra = (f" with {d['model']}:{c['version']} in shadow on {c['traffic']}% of requests"
+                 if c["shadow"] else f" with {d['model']}:{c['version']} on {c['traffic']}%")
+    console.print(f"{device_id}: {d['name']} runs {d['model']}:{d['version']}{extra} "
+                  f"(desired generation {answer['generation']})")
+    console.print(f"[dim]Follow it with: edgefleet device show {device_id}[/dim]")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--device", "device_id", required=True, help="The device's id.")
+@hub_options
+@json_option
+def undeploy(name: str, device_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Remove deployment NAME from a device; it stops serving it.
+
+    Example: edgefleet undeploy diabetes --device dev-0a1b2c3d4e5f
+    """
+    answer = client(hub, token).delete(f"/api/v1/devices/{device_id}/deployments/{name}").json()
+    if as_json:
+        emit_one(answer, as_json=True)
+        return
+    console.print(f"{device_id}: removed {name} (desired generation {answer['generation']})")
