@@ -33,7 +33,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext

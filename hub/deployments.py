@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.protocol import MAX_DEPLOYMENTS
 from hub import packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
@@ -144,6 +145,7 @@ def assign_many(
                 " AND device_id IN (SELECT value FROM json_each(?))", (name, ids))
         }
         changed = [d for d in generations if current.get(d) != wanted]
+        _check_room(conn, [d for d in changed if d not in current])
         conn.executemany(
             "INSERT INTO deployments (device_id, name, " + ", ".join(_VALUES) + ", active,"
             " created_at, updated_at) VALUES (:device_id, :name, "
@@ -194,6 +196,17 @@ def _generations(conn: sqlite3.Connection, ids: str) -> dict[str, int]:
                                           else "")
         raise NotFound(f"no device with id {shown}; see `edgefleet device list`")
     return found
+
+
+def _check_room(conn: sqlite3.Connection, device_ids: list[str]) -> None:
+    """Refuse a new deployment on devices that have as many as a desired state holds."""
+    full = [r[0] for r in conn.execute(
+        "SELECT device_id FROM deployments WHERE active = 1 AND device_id IN"
+        " (SELECT value FROM json_each(?)) GROUP BY device_id HAVING COUNT(*) >= ?",
+        (json.dumps(device_ids), MAX_DEPLOYMENTS))]
+    if full:
+        raise Conflict(f"device {full[0]} already has {MAX_DEPLOYMENTS} deployments, the most "
+                       "one desired state holds; undeploy one first")
 
 
 def _bump(conn: sqlite3.Connection, device_ids: list[str]) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""REST endpoint for the hub's link to its devices: broker connection, ingest and publishing counters."""
+"""REST endpoint for the hub's link to its devices: broker connection and counters."""
 
 from __future__ import annotations
 

@@ -20,13 +20,19 @@ def _prefer(text: str | None) -> list[str]:
 
 @click.command()
 @click.argument("ref", metavar="MODEL:VERSION")
-@click.option("--device", "device_id", required=True, help="The device's id (see `edgefleet device list`).")
-@click.option("--deployment", "name", help="Deployment name on the device [default: the model's name].")
-@click.option("--prefer", help="Runtimes and accelerators, best first: openvino:GPU,onnxruntime:CPU.")
-@click.option("--candidate", help="A second version beside MODEL:VERSION, for an A/B split or shadow.")
+@click.option("--device", "device_id", required=True,
+              help="The device's id (see `edgefleet device list`).")
+@click.option("--deployment", "name",
+              help="Deployment name on the device [default: the model's name].")
+@click.option("--prefer",
+              help="Runtimes and accelerators, best first: openvino:GPU,onnxruntime:CPU.")
+@click.option("--candidate",
+              help="A second version beside MODEL:VERSION, for an A/B split or shadow.")
 @click.option("--traffic", type=click.IntRange(1, 100),
-              help="Percent of requests the candidate answers (split, 1-99) or gets a copy of (shadow).")
-@click.option("--shadow", is_flag=True, help="The candidate only gets copies; MODEL:VERSION answers all.")
+              help="Percent of requests the candidate answers (split, 1-99) or gets a copy "
+              "of (shadow).")
+@click.option("--shadow", is_flag=True,
+              help="The candidate only gets copies; MODEL:VERSION answers all.")
 @hub_options
 @json_option
 def deploy(
