@@ -25,6 +25,7 @@ from hub import tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
 from hub.fleet import FleetLink
+from hub.rollout_engine import RolloutEngine
 from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
@@ -127,6 +128,8 @@ async def _run(state: HubState, bound: Bound) -> None:
         broker_keeps_retained=not bound.embedded_broker,
     )
     fleet.start()
+    engine = state.rollouts = RolloutEngine(state.db, fleet.notify)
+    engine.start()
     host, _, port = bound.api_url.removeprefix("http://").rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False
@@ -136,6 +139,7 @@ async def _run(state: HubState, bound: Bound) -> None:
     finally:
         # In a thread: the embedded broker runs on this loop and must go on
         # answering while the link finishes its batch and disconnects.
+        await asyncio.to_thread(engine.stop)
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await broker.shutdown()

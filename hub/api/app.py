@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from hub.api import admin, deployments, devices, errors, fleet, models, packages, registry
+from hub.api import (
+    admin, deployments, devices, errors, fleet, models, packages, registry, rollouts,
+)
 from hub.api.audit_log import AuditLog
 from hub.api.state import HubState
 
@@ -18,7 +20,7 @@ def create_app(state: HubState) -> FastAPI:
     )
     app.state.hub = state
     errors.install(app)
-    for module in (admin, models, packages, devices, deployments, fleet):
+    for module in (admin, models, packages, devices, deployments, fleet, rollouts):
         app.include_router(module.router)
     registry.install(app)
     app.add_middleware(AuditLog, db=state.db)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Request
 
 from hub.oci_registry import Uploads
+from hub.rollout_engine import RolloutEngine
 from hub.settings import HubSettings
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
@@ -31,6 +32,7 @@ class HubState:
     mqtt_url: str
     uploads: Uploads
     fleet: FleetLink | None = None  # the MQTT link, once the server has started it
+    rollouts: RolloutEngine | None = None  # the rollout engine, once the server has started it
 
 
 def hub_state(request: Request) -> HubState:

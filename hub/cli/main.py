@@ -23,7 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("hub.cli.packages", "keys"),
     "serve": ("agent.serving.cli", "serve"),
     "agent": ("agent.cli", "agent"),
+    "rollout": ("hub.cli.rollouts", "rollout"),
 }
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -15,11 +15,11 @@ from hub.cli.models import parse_ref
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
 
 DONE = ("completed", "aborted", "rolled_back")
-# Columns of the progress table, in the order a device passes through them.
-COLUMNS = (("pending", "pending"), ("assigned", "assigned"),
-           ("downloading", "downloading"), ("verifying", "verifying"), ("staged", "staged"),
-           ("starting", "starting"), ("self_test", "self-test"), ("serving", "serving"),
-           ("failed", "failed"), ("rolled_back", "rolled back"), ("skipped", "skipped"))
+# Columns of the progress table, in the order a device passes through them; "updating"
+# gathers the agent's update states (assigned, downloading ... self_test).
+COLUMNS = ("pending", "updating", "serving", "failed", "rolled back", "skipped")
+UPDATING = ("assigned", "downloading", "verifying", "staged", "starting", "self_test")
+STYLES = {"serving": "green", "failed": "red", "rolled back": "yellow", "updating": "cyan"}
 
 
 def _percent(value: str | None) -> int | None:
@@ -106,20 +106,30 @@ def list_(state: str | None, hub: str | None, token: str | None, as_json: bool) 
                 "created_at"], as_json=as_json)
 
 
+def _counts(wave: dict[str, Any]) -> dict[str, int]:
+    return {"pending": wave.get("pending", 0),
+            "updating": sum(wave.get(state, 0) for state in UPDATING),
+            "serving": wave.get("serving", 0), "failed": wave.get("failed", 0),
+            "rolled back": wave.get("rolled_back", 0), "skipped": wave.get("skipped", 0)}
+
+
+def _bar(done: int, total: int, width: int = 10) -> Text:
+    filled = round(width * done / total) if total else 0
+    return Text.assemble(("█" * filled, "green"), ("░" * (width - filled), "dim"))
+
+
 def _progress(record: dict[str, Any]) -> Table:
     table = Table(show_edge=False, header_style="bold")
-    table.add_column("wave")
-    table.add_column("devices", justify="right")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right")
+    for title in ("wave", "devices", "", *COLUMNS):
+        table.add_column(title, justify="left" if title in ("wave", "") else "right",
+                         no_wrap=True, min_width=max(len(title), 4))
     for wave in record["waves_progress"]:
-        marker = "▶ " if wave["wave"] == record["current_wave"] and record["state"] == "running" else "  "
-        cells = []
-        for key, _ in COLUMNS:
-            n = wave.get(key, 0)
-            style = {"serving": "green", "failed": "red", "rolled_back": "yellow"}.get(key, "")
-            cells.append(Text(str(n) if n else "·", style=style if n else "dim"))
-        table.add_row(f"{marker}{wave['wave']}", str(wave["devices"]), *cells)
+        current = wave["wave"] == record["current_wave"] and record["state"] == "running"
+        counts = _counts(wave)
+        cells = [Text(str(n) if n else "·", style=STYLES.get(key, "") if n else "dim")
+                 for key, n in counts.items()]
+        table.add_row(f"{'▶' if current else ' '} {wave['wave']}", str(wave["devices"]),
+                      _bar(counts["serving"], wave["devices"]), *cells)
     return table
 
 

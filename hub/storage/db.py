@@ -123,6 +123,25 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         pk=("device_id", "seq"),
     )
     db["telemetry"].create_index(["at"])
+    # Rollouts: id "r-<seq>"; rollout_devices is each target device's wave and
+    # progress, so a restarted hub resumes every rollout where it was.
+    db["rollouts"].create(
+        {"seq": int, "id": str, "model": str, "version": int, "deployment": str, "target": str,
+         "waves": str, "max_failures": str, "soak": str, "device_timeout": str,
+         "auto_rollback": int, "traffic": int, "shadow": int, "priority": int, "prefer": str,
+         "max_error_rate": float, "max_latency_ratio": float, "state": str, "reason": str,
+         "current_wave": int, "wave_started_at": str, "created_at": str, "created_by": str,
+         "updated_at": str},
+        pk="seq",
+    )
+    db["rollouts"].create_index(["id"])
+    db["rollouts"].create_index(["state"])
+    db["rollout_devices"].create(
+        {"rollout_id": str, "device_id": str, "wave": int, "state": str, "previous_version": int,
+         "assigned_at": str, "serving_at": str, "error": str},
+        pk=("rollout_id", "device_id"),
+    )
+    db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
