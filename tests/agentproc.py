@@ -101,3 +101,39 @@ def start_agent(
 
     wait_for(live, timeout=60, what="the agent's scoring API")
     return agent
+
+
+def publish_version(hub: HubProcess, name: str, model: Path, *, extra: tuple[str, ...] = ()) -> int:
+    """Register MODEL as the next version of NAME and push its signed package; returns the version."""
+    headers = {"Authorization": f"Bearer {hub.admin_token}"}
+    with httpx.Client(base_url=hub.url, headers=headers, timeout=60) as c:
+        digest = c.post("/api/v1/blobs", content=model.read_bytes()).json()["digest"]
+        answer = c.post(f"/api/v1/models/{name}/versions",
+                        json={"files": [{"path": model.name, "digest": digest}]})
+        answer.raise_for_status()
+    version = answer.json()["version"]
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    done = subprocess.run([*EDGEFLEET, "package", "build", f"{name}:{version}", "--no-deps",
+                           "--quiet", *extra], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise AssertionError(f"package build failed:\n{done.stderr}")
+    return version
+
+
+def deploy(hub: HubProcess, device_id: str, ref: str, *extra: str) -> None:
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    done = subprocess.run([*EDGEFLEET, "deploy", ref, "--device", device_id, *extra], env=env,
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise AssertionError(f"deploy failed:\n{done.stderr}")
+
+
+def infer(agent: AgentProcess, name: str, rows: list[list[float]], *,
+          version: str | None = None, input_name: str = "x") -> dict:
+    path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+    body = {"inputs": [{"name": input_name, "datatype": "FP32", "shape": [len(rows), len(rows[0])],
+                        "data": [v for row in rows for v in row]}]}
+    answer = httpx.post(agent.url + path, json=body, timeout=30,
+                        headers={"Authorization": f"Bearer {agent.api_key}"})
+    answer.raise_for_status()
+    return answer.json()
