@@ -1,0 +1,499 @@
+"""One simulated device: the real protocol, with models that exist only as numbers.
+
+A `SimDevice` behaves as `agent.daemon.Agent` does on the wire. It logs in
+with its own identity (client id and user = its device id, clean_session
+False, last will "offline" retained on its status topic, birth "online"),
+subscribes to its desired topic, checks each desired state with
+`agent.protocol.verify_desired` against the hub key pinned at enrollment,
+reports refusals in `refusals`, moves each new version through the update
+states of agent/updates.py (the previous version serving on until the new
+one has passed its self-test) and sends sequence-numbered telemetry.
+
+What is simulated: the download, load and self-test (each state takes
+`step_latency`; `fail_rate` and `fail_versions` decide the self-test), and
+the scoring load (`requests_per_second`, `error_rate`, `latency_ms`).
+
+Each device is one task on the shared event loop (`run`), plus one while it
+applies a desired state. The task measures every `telemetry_interval`
+(also while offline, into a bounded queue, as the real agent does),
+connects when it may, and sends what is waiting: the newest reported state,
+then the queued telemetry. Everything else only sets `_wake`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from agent.daemon import agent_version
+from agent.identity import Identity
+from agent.mqtt import Message, MqttError
+from agent.protocol import (
+    MAX_REFUSALS,
+    MAX_TELEMETRY_POINTS,
+    MAX_TEXT,
+    OFFLINE,
+    ONLINE,
+    Deployment,
+    DeploymentStatus,
+    DesiredState,
+    Point,
+    ProtocolRefusal,
+    Reason,
+    Refusal,
+    ReportedState,
+    TelemetryBatch,
+    UpdateState,
+    build_reported,
+    build_telemetry,
+    desired_topic,
+    parse_reported,
+    reported_topic,
+    status_topic,
+    telemetry_topic,
+    verify_desired,
+)
+from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
+from agent.sim.options import SimOptions
+from packager.signing import load_public_key
+
+log = logging.getLogger("edgefleet.sim")
+S = UpdateState
+
+# The update path of agent/updates.py, up to the self-test that decides it.
+TRYING: Final = (S.DOWNLOADING, S.VERIFYING, S.STAGED, S.STARTING, S.SELF_TEST)
+UNDOING: Final = (S.FAILED, S.ROLLING_BACK)
+LOADED: Final = frozenset({S.STARTING, S.SELF_TEST, S.SERVING})  # states with a runtime
+QUEUE_POINTS: Final = 1000   # unsent points kept while offline; the oldest go first
+# After a crash the saved sequence number may be behind what was sent; a
+# restart continues this far beyond it so no number is used twice.
+SEQ_MARGIN: Final = 10_000
+TIMEOUT: Final = 10.0        # seconds for a CONNACK, SUBACK or PUBACK
+
+
+@dataclass
+class Slot:
+    """What one deployment name serves: (version, digest) pairs."""
+
+    model: str
+    primary: tuple[int, str]
+    candidate: tuple[int, str] | None = None
+    traffic: int = 0       # the candidate's share of requests (split) or copy (shadow)
+    shadow: bool = False
+
+    def versions(self) -> set[int]:
+        return {v for v, _ in filter(None, (self.primary, self.candidate))}
+
+
+def _around(value: float) -> float:
+    """VALUE +-50 %, so simulated devices do not act in lockstep."""
+    return value * random.uniform(0.5, 1.5)
+
+
+def _poisson_like(mean: float) -> int:
+    """A count with the spread of a Poisson variable (normal approximation when large)."""
+    if mean <= 0:
+        return 0
+    if mean > 30:
+        return max(0, round(random.gauss(mean, math.sqrt(mean))))
+    count, limit, product = 0, math.exp(-mean), random.random()
+    while product > limit:
+        count += 1
+        product *= random.random()
+    return count
+
+
+def _binomial_like(n: int, p: float) -> int:
+    if n <= 0 or p <= 0:
+        return 0
+    if n > 50:
+        return min(n, max(0, round(random.gauss(n * p, math.sqrt(n * p * (1 - p))))))
+    return sum(random.random() < p for _ in range(n))
+
+
+class SimDevice:
+    def __init__(self, identity: Identity, options: SimOptions,
+                 connect_slots: asyncio.Semaphore,
+                 on_first_connect: Callable[[], None] = lambda: None) -> None:
+        self.identity = identity
+        self.id = identity.device_id
+        self.name = identity.name
+        self.options = options
+        self._slots = connect_slots
+        self._on_first_connect = on_first_connect
+        self._public_key = load_public_key(identity.hub_public_key)
+        self._broker = parse_url(options.mqtt_url or identity.mqtt_url)
+        status = status_topic(self.id)
+        self._connect_options = ConnectOptions(
+            client_id=self.id, username=identity.mqtt_username,
+            password=identity.mqtt_password, will=Message(status, OFFLINE, retain=True),
+            clean_session=False, keepalive=options.keepalive)
+        # What the device is and has, as reported.
+        self.applied_generation = 0
+        self.serving: dict[str, Slot] = {}
+        self.statuses: dict[tuple[str, int], DeploymentStatus] = {}
+        self.refusals: list[Refusal] = []
+        # Counters.
+        self.sent = 0            # messages published and acknowledged
+        self.received = 0        # messages received
+        self.connects = 0        # successful logins
+        self.drops = 0           # times it went offline ungracefully
+        self.failed_updates = 0  # updates that ended rolled back
+        self.telemetry_dropped = 0
+        self.next_seq = 1
+        # Machinery.
+        self._client: Client | None = None
+        self._queue: deque[Point] = deque()
+        self._inbox: deque[bytes] = deque()
+        self._updater: asyncio.Task[None] | None = None
+        self._reported: bytes | None = None  # cached payload; None when the state changed
+        self._report_sent = True
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._offline_until = 0.0
+        self._connected_since = 0.0
+
+    # -- what tests and the fleet look at --------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    @property
+    def updating(self) -> bool:
+        return self._updater is not None and not self._updater.done()
+
+    def versions(self) -> dict[str, int]:
+        """Deployment name -> the version serving as its primary."""
+        return {name: slot.primary[0] for name, slot in self.serving.items()}
+
+    def state_of(self, name: str, version: int) -> UpdateState | None:
+        status = self.statuses.get((name, version))
+        return status.state if status else None
+
+    def go_offline(self, seconds: float) -> None:
+        """Drop off the network for SECONDS without a DISCONNECT: the broker
+        publishes the last will. Telemetry measured meanwhile is sent later."""
+        self._offline_until = asyncio.get_running_loop().time() + seconds
+        self.drops += 1
+        if self._client is not None:
+            self._client.abort()
+        self._wake.set()
+
+    # -- saved state -------------------------------------------------------------------
+
+    def snapshot(self, *, final: bool) -> dict[str, Any]:
+        """The state to keep across restarts. Unless FINAL (a clean stop), the
+        sequence number leaves room for points measured after this snapshot."""
+        return {
+            "reported": self._reported_payload().decode(),
+            "serving": {name: asdict(slot) for name, slot in self.serving.items()},
+            "next_seq": self.next_seq if final else self.next_seq + SEQ_MARGIN,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        reported = parse_reported(saved["reported"].encode(), device_id=self.id)
+        self.applied_generation = reported.applied_generation
+        self.statuses = {(d.name, d.version): d for d in reported.deployments}
+        self.refusals = list(reported.refusals)
+        self.serving = {
+            name: Slot(s["model"], tuple(s["primary"]),  # type: ignore[arg-type]
+                       tuple(s["candidate"]) if s["candidate"] else None,  # type: ignore[arg-type]
+                       s["traffic"], s["shadow"])
+            for name, s in saved["serving"].items()
+        }
+        self.next_seq = saved["next_seq"]
+        self._reported = None
+
+    # -- the device's life ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Live until `stop`: measure, stay connected, send; then say goodbye."""
+        loop = asyncio.get_running_loop()
+        o = self.options
+        now = loop.time()
+        next_measure = now + random.uniform(0, o.telemetry_interval)  # spread the fleet's ticks
+        next_drop = now + random.expovariate(o.offline_rate / 60) if o.offline_rate else math.inf
+        retry_at = now + random.uniform(0, o.connect_jitter)
+        attempt = 0  # failed attempts in a row: how long the next backoff is
+        was_connected = False
+        while not self._stopping:
+            self._wake.clear()
+            now = loop.time()
+            if now >= next_measure:
+                self._measure()
+                next_measure = now + o.telemetry_interval
+            if now >= next_drop:
+                self.go_offline(_around(o.offline_seconds))
+                next_drop = now + random.expovariate(o.offline_rate / 60)
+            if was_connected and self._client is None:
+                # Only a connection that held for a while resets the backoff: two
+                # devices sharing an identity would otherwise kick each other forever.
+                if now - self._connected_since >= o.backoff.stable_after:
+                    attempt = 0
+                retry_at = now + o.backoff.delay(attempt)
+                attempt += 1
+                was_connected = False
+            if self._client is None and now >= max(retry_at, self._offline_until):
+                was_connected = await self._connect()
+                if not was_connected:
+                    retry_at = loop.time() + o.backoff.delay(attempt)
+                    attempt += 1
+            if self._client is not None:
+                await self._send()
+            wake_at = min(next_measure, next_drop)
+            if self._client is None:
+                wake_at = min(wake_at, max(retry_at, self._offline_until))
+            try:
+                async with asyncio.timeout_at(wake_at):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        await self._goodbye()
+
+    def stop(self) -> None:
+        """Ask `run` to finish: it publishes "offline" and disconnects cleanly."""
+        self._stopping = True
+        self._wake.set()
+
+    async def _goodbye(self) -> None:
+        if self._updater is not None:
+            self._updater.cancel()
+        client = self._client
+        if client is None:
+            return
+        try:
+            await self._send(timeout=2.0)
+            # A clean DISCONNECT does not fire the will: say it ourselves.
+            await client.publish(Message(status_topic(self.id), OFFLINE, retain=True),
+                                 timeout=2.0)
+        except MqttError:
+            pass  # offline already: the will or the next birth covers it
+        await client.disconnect()
+
+    # -- the connection -------------------------------------------------------------------
+
+    async def _connect(self) -> bool:
+        client = Client(*self._broker, self._connect_options,
+                        on_message=self._received, on_close=lambda reason: self._lost(client))
+        async with self._slots:
+            try:
+                await client.connect(timeout=TIMEOUT)
+                await client.subscribe([(desired_topic(self.id), 1)], timeout=TIMEOUT)
+                await client.publish(Message(status_topic(self.id), ONLINE, retain=True),
+                                     timeout=TIMEOUT)
+            except MqttError as exc:
+                log.debug("%s: cannot connect: %s", self.name, exc)
+                client.abort()
+                return False
+        if not client.connected:
+            return False
+        self._client = client
+        self._connected_since = asyncio.get_running_loop().time()
+        self._report_sent = False  # the hub may have missed changes while we were away
+        self.connects += 1
+        self.sent += 1
+        if self.connects == 1:
+            self._on_first_connect()
+        return True
+
+    def _lost(self, client: Client) -> None:
+        if self._client is client:
+            self._client = None
+            self._wake.set()
+
+    def _received(self, message: Message) -> None:
+        self.received += 1
+        if message.topic != desired_topic(self.id):
+            return
+        self._inbox.append(message.payload)
+        if not self.updating:
+            self._updater = asyncio.get_running_loop().create_task(self._apply_inbox())
+
+    async def _send(self, *, timeout: float = TIMEOUT) -> None:
+        """The newest reported state if the hub has not got it, then queued telemetry."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            if not self._report_sent:
+                payload = self._reported_payload()
+                await client.publish(Message(reported_topic(self.id), payload), timeout=timeout)
+                self.sent += 1
+                self._report_sent = self._reported is payload  # unchanged while we waited
+            while self._queue:
+                batch = TelemetryBatch(self.id, tuple(
+                    self._queue[i] for i in range(min(len(self._queue), MAX_TELEMETRY_POINTS))))
+                await client.publish(Message(telemetry_topic(self.id), build_telemetry(batch)),
+                                     timeout=timeout)
+                self.sent += 1
+                while self._queue and self._queue[0].seq <= batch.seq_to:
+                    self._queue.popleft()
+        except MqttError as exc:
+            log.debug("%s: not sent yet: %s", self.name, exc)
+
+    # -- desired state --------------------------------------------------------------------
+
+    async def _apply_inbox(self) -> None:
+        while self._inbox:
+            payload = self._inbox.popleft()
+            try:
+                desired = verify_desired(payload, public_key=self._public_key, device_id=self.id,
+                                         last_generation=self.applied_generation,
+                                         now=datetime.now(UTC))
+            except ProtocolRefusal as refusal:
+                # The retained state comes again after every subscribe: not news.
+                if refusal.reason is not Reason.ALREADY_APPLIED:
+                    self._refuse(refusal)
+                continue
+            await self._apply(desired)
+
+    def _refuse(self, refusal: ProtocolRefusal) -> None:
+        log.info("%s refused a desired state: %s", self.name, refusal)
+        self.refusals = [*self.refusals, Refusal(refusal.generation, refusal.reason,
+                                                 refusal.message[:MAX_TEXT],
+                                                 datetime.now(UTC))][-MAX_REFUSALS:]
+        self._changed()
+
+    async def _apply(self, desired: DesiredState) -> None:
+        wanted = {d.name for d in desired.deployments}
+        for deployment in desired.deployments:
+            await self._converge(deployment)
+        for name in [n for n in self.serving if n not in wanted]:
+            del self.serving[name]
+        self._prune(wanted)
+        self.applied_generation = desired.generation
+        self._changed()
+
+    async def _converge(self, d: Deployment) -> None:
+        slot = self.serving.get(d.name)
+        if slot is None or slot.primary != (d.version, d.package.digest):
+            if not await self._update(d.name, d.model, d.version):
+                return  # the old version (if any) serves on; the failure is reported
+            slot = self.serving[d.name] = Slot(d.model, (d.version, d.package.digest))
+        c = d.candidate
+        if c is None:
+            slot.candidate, slot.traffic, slot.shadow = None, 0, False
+        elif slot.candidate == (c.version, c.package.digest):
+            slot.traffic, slot.shadow = c.traffic, c.shadow
+        elif await self._update(d.name, d.model, c.version):
+            slot.candidate, slot.traffic, slot.shadow = (c.version, c.package.digest), \
+                c.traffic, c.shadow
+        # Versions that no longer serve stop being reported as serving.
+        for key, status in list(self.statuses.items()):
+            if key[0] == d.name and status.state is S.SERVING and key[1] not in slot.versions():
+                del self.statuses[key]
+        self._changed()
+
+    async def _update(self, name: str, model: str, version: int) -> bool:
+        """Move one version through the update states: True once it serves."""
+        for state in TRYING:
+            self._set_status(name, model, version, state)
+            await self._step()
+        if (model, version) in self.options.fail_versions:
+            error = f"self-test failed: {model}:{version} is set to fail (--fail-versions)"
+        elif random.random() < self.options.fail_rate:
+            error = "self-test failed: a simulated failure (--fail-rate)"
+        else:
+            self._set_status(name, model, version, S.SERVING)
+            return True
+        for state in UNDOING:
+            self._set_status(name, model, version, state, error)
+            await self._step()
+        self._set_status(name, model, version, S.ROLLED_BACK, error)
+        self.failed_updates += 1
+        return False
+
+    async def _step(self) -> None:
+        if self.options.step_latency:
+            await asyncio.sleep(_around(self.options.step_latency))
+
+    def _set_status(self, name: str, model: str, version: int, state: UpdateState,
+                    error: str | None = None) -> None:
+        loaded = state in LOADED
+        self.statuses.pop((name, version), None)  # re-inserted last: the newest
+        self.statuses[name, version] = DeploymentStatus(
+            name, model, version, state, datetime.now(UTC), error,
+            runtime="onnxruntime" if loaded else None, device="CPU" if loaded else None)
+        self._changed()
+
+    def _prune(self, wanted: set[str]) -> None:
+        """As the real agent: what serves, plus the newest failure per deployment."""
+        kept: dict[tuple[str, int], DeploymentStatus] = {}
+        failures: dict[str, tuple[str, int]] = {}
+        for key, status in self.statuses.items():
+            slot = self.serving.get(key[0])
+            if key[0] not in wanted:
+                continue
+            if status.state is S.SERVING and slot is not None and key[1] in slot.versions():
+                kept[key] = status
+            elif status.state in (S.FAILED, S.ROLLED_BACK):
+                failures[key[0]] = key
+        kept.update({key: self.statuses[key] for key in failures.values()})
+        self.statuses = kept
+
+    # -- reporting and telemetry --------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._reported = None
+        self._report_sent = False
+        self._wake.set()
+
+    def _reported_payload(self) -> bytes:
+        if self._reported is None:
+            self._reported = build_reported(ReportedState(
+                device_id=self.id, applied_generation=self.applied_generation,
+                deployments=tuple(self.statuses.values()), platform=self.options.platform,
+                accelerators=self.options.accelerators, agent_version=agent_version(),
+                refusals=tuple(self.refusals)))
+        return self._reported
+
+    def _measure(self) -> None:
+        at = datetime.now(UTC)
+        points: list[tuple[str, dict[str, int | float | str]]] = [("system", {
+            "cpu_percent": round(random.uniform(20, 60) if self.updating
+                                 else random.uniform(2, 25), 1),
+            "memory_percent": round(random.uniform(30, 50), 1),
+            "memory_available_mb": round(random.uniform(800, 1200), 1),
+            "disk_free_mb": round(random.uniform(9000, 10000), 1),
+            "agent_rss_mb": round(random.uniform(40, 45), 1),
+            "telemetry_dropped": self.telemetry_dropped,
+        })]
+        points += [("inference", values) for values in self._inference()]
+        for kind, values in points:
+            if len(self._queue) >= QUEUE_POINTS:
+                self._queue.popleft()
+                self.telemetry_dropped += 1
+            self._queue.append(Point(self.next_seq, at, kind, values))  # type: ignore[arg-type]
+            self.next_seq += 1
+        self._wake.set()
+
+    def _inference(self) -> list[dict[str, int | float | str]]:
+        """One point per serving version, shaped like agent.telemetry.InferenceDeltas'."""
+        o = self.options
+        points = []
+        for name, slot in self.serving.items():
+            requests = o.requests_per_second * o.telemetry_interval
+            shares = [(slot.primary[0], 1.0 if slot.shadow else 1 - slot.traffic / 100)]
+            if slot.candidate is not None:
+                shares.append((slot.candidate[0], slot.traffic / 100))
+            for version, share in shares:
+                count = _poisson_like(requests * share)
+                if count == 0:
+                    continue
+                errors = _binomial_like(count, o.error_rate(slot.model, version))
+                mean = _around(o.latency_ms(slot.model, version))
+                values: dict[str, int | float | str] = {
+                    "deployment": name, "version": version, "count": count, "errors": errors}
+                if count > errors:
+                    values.update(mean_ms=round(mean, 3), p50_ms=round(mean * 0.9, 3),
+                                  p95_ms=round(mean * 1.8, 3), p99_ms=round(mean * 2.5, 3))
+                points.append(values)
+        return points

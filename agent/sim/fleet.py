@@ -1,0 +1,195 @@
+"""Many simulated devices in one process: enroll them, run them, count, save, stop.
+
+    async with Fleet(hub_url, token, 1000, SimOptions(data_dir=path)) as fleet:
+        await fleet.wait(lambda f: f.connected == 1000, timeout=60)
+        fleet.devices[0].go_offline(5)
+
+Device number i is named `{name_prefix}{i:05d}`; its identity (agent.identity:
+key pair, device id, credentials, pinned hub key) lives in
+DATA_DIR/devices/<name>/, so a restarted fleet is the same devices, and only
+the missing ones enroll. Their state (applied generation, what serves,
+refusals, telemetry sequence numbers) is saved in DATA_DIR/sim-state.json
+every few seconds and on stop.
+
+Connections are attempted at most `connect_concurrency` at a time, with
+jitter and backoff (agent.mqtt.BackoffPolicy), at start and after every drop:
+a thousand clients reconnecting at once is what breaks some brokers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from agent import identity as identities
+from agent.files import write_json
+from agent.identity import EnrollmentError, Identity
+from agent.protocol import UpdateState
+from agent.sim.device import SimDevice
+from agent.sim.options import SimOptions
+
+STATE_FILE: Final = "sim-state.json"
+SAVE_EVERY: Final = 10.0  # seconds; device.SEQ_MARGIN covers points measured in between
+
+
+def device_names(options: SimOptions, count: int) -> list[str]:
+    return [f"{options.name_prefix}{i:05d}" for i in range(count)]
+
+
+def unenrolled(options: SimOptions, count: int) -> int:
+    """How many of the first COUNT devices have no identity yet."""
+    return sum(not (options.data_dir / "devices" / name / identities.IDENTITY_FILE).exists()
+               for name in device_names(options, count))
+
+
+class Fleet:
+    def __init__(self, hub_url: str | None, token: str | None, count: int,
+                 options: SimOptions = SimOptions()) -> None:
+        if count < 1:
+            raise ValueError(f"a fleet needs at least one device, got {count}")
+        self.hub_url = hub_url
+        self.token = token
+        self.count = count
+        self.options = options
+        self.devices: list[SimDevice] = []
+        self.enrolled = 0           # identities ready, loaded or new: for progress output
+        self.started_at: float | None = None
+        self.all_connected_after: float | None = None  # seconds until every device was online
+        self._first_connects = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._saver: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Fleet:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.stop()
+
+    # -- start and stop -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Enroll what is missing (EnrollmentError if it cannot), then start every device."""
+        if self._tasks:
+            raise RuntimeError("this fleet is running already")
+        found = await self._identities()
+        slots = asyncio.Semaphore(self.options.connect_concurrency)
+        self.devices = [SimDevice(identity, self.options, slots, self._first_connect)
+                        for identity in found]
+        saved = self._load_state()
+        for device in self.devices:
+            if device.name in saved:
+                device.restore(saved[device.name])
+        self.started_at = time.monotonic()
+        self._tasks = [asyncio.create_task(device.run(), name=device.name)
+                       for device in self.devices]
+        self._saver = asyncio.create_task(self._save_regularly())
+
+    async def stop(self) -> None:
+        """Every device says "offline" and disconnects; the state is saved."""
+        if self._saver is not None:
+            self._saver.cancel()
+        for device in self.devices:
+            device.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.devices:
+            await self._save(final=True)
+
+    # -- what tests and the CLI look at ---------------------------------------------------
+
+    @property
+    def connected(self) -> int:
+        return sum(device.connected for device in self.devices)
+
+    async def wait(self, predicate: Callable[[Fleet], bool], *, timeout: float,
+                   what: str = "the fleet") -> None:
+        """Until PREDICATE(fleet) holds; TimeoutError naming WHAT if it does not in time."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{what}: not there after {timeout} s; now {self.status()}")
+            await asyncio.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        """Fleet counters, one JSON object (the CLI's --json-status-every line)."""
+        connected = self.connected
+        serving: Counter[str] = Counter()
+        failed = 0
+        for device in self.devices:
+            for slot in device.serving.values():
+                serving.update(f"{slot.model}:{v}" for v in sorted(slot.versions()))
+            failed += any(s.state in (UpdateState.FAILED, UpdateState.ROLLING_BACK,
+                                      UpdateState.ROLLED_BACK) for s in device.statuses.values())
+        return {
+            "devices": self.count,
+            "enrolled": self.enrolled,
+            "connected": connected,
+            "all_connected_after": self.all_connected_after,
+            "serving": dict(sorted(serving.items())),
+            "updating": sum(d.updating for d in self.devices),
+            "failed": failed,  # devices whose latest update of some deployment failed
+            "refusals": sum(len(d.refusals) for d in self.devices),
+            "connects": sum(d.connects for d in self.devices),
+            "drops": sum(d.drops for d in self.devices),
+            "sent": sum(d.sent for d in self.devices),
+            "received": sum(d.received for d in self.devices),
+            "telemetry_dropped": sum(d.telemetry_dropped for d in self.devices),
+        }
+
+    def _first_connect(self) -> None:
+        self._first_connects += 1
+        if self._first_connects == self.count and self.started_at is not None:
+            self.all_connected_after = round(time.monotonic() - self.started_at, 3)
+
+    # -- identities -------------------------------------------------------------------
+
+    async def _identities(self) -> list[Identity]:
+        directories = [self.options.data_dir / "devices" / name
+                       for name in device_names(self.options, self.count)]
+        loaded = await asyncio.to_thread(lambda: [identities.load(d) for d in directories])
+        missing = [i for i, found in enumerate(loaded) if found is None]
+        self.enrolled = self.count - len(missing)
+        if missing and not (self.hub_url and self.token):
+            raise EnrollmentError(f"{len(missing)} of {self.count} devices are not enrolled yet: "
+                                  "give the hub URL and an enrollment token")
+        todo = iter(missing)
+
+        async def enroll_some() -> None:  # one of enroll_concurrency workers
+            for i in todo:
+                loaded[i] = await asyncio.to_thread(
+                    identities.enroll, directories[i], hub_url=self.hub_url or "",
+                    token=self.token or "", name=directories[i].name,
+                    platform=self.options.platform, mqtt_url=self.options.mqtt_url)
+                self.enrolled += 1
+
+        try:
+            async with asyncio.TaskGroup() as workers:  # the first failure stops the others
+                for _ in range(min(self.options.enroll_concurrency, len(missing))):
+                    workers.create_task(enroll_some())
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [found for found in loaded if found is not None]
+
+    # -- saved state ------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self.options.data_dir / STATE_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    async def _save(self, *, final: bool) -> None:
+        state = {device.name: device.snapshot(final=final) for device in self.devices}
+        path = self.options.data_dir / STATE_FILE
+        await asyncio.to_thread(write_json, path, state)
+
+    async def _save_regularly(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_EVERY)
+            await self._save(final=False)

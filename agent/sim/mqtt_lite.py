@@ -1,0 +1,450 @@
+"""A small asyncio MQTT 3.1.1 client: thousands of broker sessions on one event loop.
+
+The agent's `agent.mqtt.Session` runs a thread per connection (paho's
+model), which is right for one device and wrong for ten thousand in one
+process. Here a connection is an `asyncio.Protocol`: bytes arrive in
+`data_received`, every waiting caller holds a future, the keepalive is a
+timer handle, and an idle connection costs no task and no thread.
+
+What it speaks (MQTT 3.1.1, OASIS standard, written from the spec):
+CONNECT (client id, will, username/password, clean_session, keepalive) and
+CONNACK; SUBSCRIBE and SUBACK; PUBLISH at QoS 0 and 1 in both directions,
+with PUBACK and the retain flag; PINGREQ and PINGRESP; DISCONNECT. Not QoS 2,
+UNSUBSCRIBE, MQTT 5 or TLS: the simulator needs none of them.
+
+One `Client` is one network connection, used once: reconnecting means a new
+`Client` (the caller owns the backoff; agent.mqtt.BackoffPolicy). Delivery:
+
+- `publish` at QoS 1 waits for the PUBACK. If the connection drops first it
+  raises `ConnectionLost`, and the caller sends again on its next
+  connection; the protocol's generations and sequence numbers make a
+  repeat harmless. (The spec's resend-with-DUP on reconnect would need the
+  state to outlive the connection; the caller already keeps it.)
+- An incoming QoS 1 message is acknowledged once `on_message` has returned,
+  so `on_message` must only record it (append to a queue), never wait.
+
+Errors reuse `agent.mqtt`'s types, so one `except MqttError` covers both
+clients; every wait has a timeout that raises `MqttTimeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+from urllib.parse import urlsplit
+
+from agent.mqtt import Message, MqttError, MqttTimeout
+
+# Control packet types (MQTT 3.1.1 section 2.2.1), shifted into the header's high nibble.
+CONNECT: Final = 0x10
+CONNACK: Final = 0x20
+PUBLISH: Final = 0x30
+PUBACK: Final = 0x40
+SUBSCRIBE: Final = 0x82  # bits 3-0 of SUBSCRIBE are fixed at 0010 (section 3.8.1)
+SUBACK: Final = 0x90
+PINGREQ: Final = 0xC0
+PINGRESP: Final = 0xD0
+DISCONNECT: Final = 0xE0
+
+MAX_REMAINING_LENGTH: Final = 268_435_455  # four length bytes (section 2.2.3)
+# Larger packets are refused before they are buffered: the protocol's
+# biggest document (a telemetry batch) is 1 MiB.
+MAX_INCOMING: Final = 2 * 2**20
+
+CONNACK_ERRORS: Final = {
+    1: "the broker does not speak MQTT 3.1.1",
+    2: "the broker refused the client id",
+    3: "the broker is unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+
+
+class ConnectionRefused(MqttError):
+    """The broker answered CONNECT with a non-zero return code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"connection refused ({code}): {CONNACK_ERRORS.get(code, 'unknown')}")
+        self.code = code
+
+
+class ConnectionLost(MqttError):
+    """The connection closed while something waited on it."""
+
+
+class ProtocolViolation(MqttError):
+    """The broker sent something MQTT 3.1.1 does not allow; the connection is closed."""
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+def encode_length(n: int) -> bytes:
+    """The variable-length "remaining length": 7 bits per byte, high bit = more follows."""
+    if not 0 <= n <= MAX_REMAINING_LENGTH:
+        raise ValueError(f"remaining length {n} is outside 0..{MAX_REMAINING_LENGTH}")
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def decode_length(buffer: bytes | bytearray, start: int) -> tuple[int, int] | None:
+    """(remaining length, index after it) read from BUFFER at START; None if incomplete."""
+    value, shift = 0, 0
+    for i in range(start, min(start + 4, len(buffer))):
+        value |= (buffer[i] & 0x7F) << shift
+        if not buffer[i] & 0x80:
+            return value, i + 1
+        shift += 7
+    if len(buffer) - start >= 4:
+        raise ProtocolViolation("remaining length is longer than four bytes")
+    return None
+
+
+def _field(data: bytes) -> bytes:
+    if len(data) > 0xFFFF:
+        raise ValueError(f"a string field is {len(data)} bytes; MQTT allows 65535")
+    return len(data).to_bytes(2, "big") + data
+
+
+def _packet(first_byte: int, body: bytes) -> bytes:
+    return bytes([first_byte]) + encode_length(len(body)) + body
+
+
+def connect_packet(client_id: str, *, username: str | None, password: str | None,
+                   will: Message | None, clean_session: bool, keepalive: int) -> bytes:
+    flags = (0x02 if clean_session else 0)
+    payload = _field(client_id.encode())
+    if will is not None:
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
+        payload += _field(will.topic.encode()) + _field(will.payload)
+    if username is not None:
+        flags |= 0x80
+        payload += _field(username.encode())
+    if password is not None:
+        if username is None:
+            raise ValueError("MQTT 3.1.1 allows a password only with a user name")
+        flags |= 0x40
+        payload += _field(password.encode())
+    header = _field(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")  # level 4: 3.1.1
+    return _packet(CONNECT, header + payload)
+
+
+def publish_packet(message: Message, packet_id: int | None) -> bytes:
+    first = PUBLISH | (message.qos << 1) | (0x01 if message.retain else 0)
+    ident = packet_id.to_bytes(2, "big") if message.qos else b""
+    return _packet(first, _field(message.topic.encode()) + ident + message.payload)
+
+
+def subscribe_packet(packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
+    body = packet_id.to_bytes(2, "big") + b"".join(
+        _field(topic.encode()) + bytes([qos]) for topic, qos in filters)
+    return _packet(SUBSCRIBE, body)
+
+
+class PacketReader:
+    """Splits a byte stream into packets, however TCP cut it up."""
+
+    def __init__(self, limit: int = MAX_INCOMING) -> None:
+        self._buffer = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """(first byte, body) of every packet completed by DATA."""
+        self._buffer += data
+        packets = []
+        start = 0
+        while len(self._buffer) - start >= 2:
+            found = decode_length(self._buffer, start + 1)
+            if found is None:
+                break
+            length, body_at = found
+            if length > self._limit:
+                raise ProtocolViolation(f"a {length}-byte packet is over the {self._limit} limit")
+            if len(self._buffer) < body_at + length:
+                break
+            packets.append((self._buffer[start], bytes(self._buffer[body_at:body_at + length])))
+            start = body_at + length
+        del self._buffer[:start]
+        return packets
+
+
+def parse_publish(first_byte: int, body: bytes) -> tuple[Message, int | None]:
+    """The message in a PUBLISH packet and its packet id (None at QoS 0)."""
+    qos = (first_byte >> 1) & 0x03
+    if qos > 1:
+        raise ProtocolViolation(f"PUBLISH at QoS {qos}; this client subscribes at QoS 0 or 1")
+    if len(body) < 2:
+        raise ProtocolViolation("PUBLISH without a topic")
+    topic_end = 2 + int.from_bytes(body[:2], "big")
+    packet_id = int.from_bytes(body[topic_end:topic_end + 2], "big") if qos else None
+    payload_at = topic_end + (2 if qos else 0)
+    if len(body) < payload_at:
+        raise ProtocolViolation("PUBLISH shorter than its topic and packet id")
+    try:
+        topic = body[2:topic_end].decode()
+    except UnicodeDecodeError:
+        raise ProtocolViolation("PUBLISH topic is not UTF-8") from None
+    return Message(topic, body[payload_at:], qos, bool(first_byte & 0x01)), packet_id
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ValueError(f"broker URL {url!r} is not mqtt://HOST[:PORT]")
+    return parts.hostname, parts.port or 1883
+
+
+# --- the connection -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """What CONNECT says; the same for every connection of one device."""
+
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    will: Message | None = None
+    clean_session: bool = True
+    keepalive: int = 60  # seconds; 0 turns the keepalive off
+
+    def __post_init__(self) -> None:
+        if not self.client_id and not self.clean_session:
+            raise ValueError("a persistent session (clean_session=False) needs a client id")
+        if not 0 <= self.keepalive <= 0xFFFF:
+            raise ValueError(f"keepalive must be 0-65535 seconds, got {self.keepalive}")
+        if self.will is not None and self.will.qos not in (0, 1):
+            raise ValueError(f"will QoS must be 0 or 1, got {self.will.qos}")
+
+
+class Client(asyncio.Protocol):
+    """One MQTT connection to HOST:PORT. `connect` opens it; `disconnect` or
+    `abort` ends it, as does the broker or the keepalive.
+
+    ON_MESSAGE is called on the event loop for every PUBLISH received; ON_CLOSE
+    once when the connection ends, with the reason (None after `disconnect`).
+    """
+
+    def __init__(self, host: str, port: int, options: ConnectOptions, *,
+                 on_message: Callable[[Message], None] = lambda message: None,
+                 on_close: Callable[[BaseException | None], None] = lambda reason: None) -> None:
+        self.host, self.port, self.options = host, port, options
+        self._on_message = on_message
+        self._on_close = on_close
+        self._reader = PacketReader()
+        self._transport: asyncio.Transport | None = None
+        self._connack: asyncio.Future[bool] | None = None
+        self._closed: asyncio.Future[BaseException | None] | None = None
+        self._close_reason: BaseException | None = None
+        self._disconnecting = False
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}  # packet id -> PUBACK/SUBACK body
+        self._next_id = 0
+        self._last_sent = 0.0
+        self._pinged_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def connected(self) -> bool:
+        return (self._connack is not None and self._connack.done()
+                and not self._connack.cancelled() and self._connack.exception() is None
+                and self._transport is not None and not self._transport.is_closing())
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.disconnect()
+
+    async def connect(self, *, timeout: float = 10.0) -> bool:
+        """Open the connection and log in; True if the broker kept a session for us."""
+        if self._closed is not None:
+            raise MqttError("a Client is one connection: make a new one to connect again")
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
+        self._connack = loop.create_future()
+        where = f"{self.host}:{self.port}"
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: self, self.host, self.port)
+                o = self.options
+                self._write(connect_packet(o.client_id, username=o.username, password=o.password,
+                                           will=o.will, clean_session=o.clean_session,
+                                           keepalive=o.keepalive))
+                return await self._connack
+        except TimeoutError:
+            error: MqttError = MqttTimeout(f"no CONNACK from {where} within {timeout} s")
+        except OSError as exc:
+            error = ConnectionLost(f"cannot connect to {where}: {exc}")
+        except MqttError as exc:
+            error = exc
+        self._fail(error)
+        raise error
+
+    async def subscribe(self, filters: Sequence[tuple[str, int]], *,
+                        timeout: float = 10.0) -> list[int]:
+        """Subscribe to (filter, QoS) pairs; the QoS the broker granted for each."""
+        packet_id = self._packet_id()
+        body = await self._request(subscribe_packet(packet_id, filters), packet_id, timeout,
+                                   "SUBACK")
+        granted = list(body[2:])
+        refused = [topic for (topic, _), code in zip(filters, granted) if code == 0x80]
+        if refused or len(granted) != len(filters):
+            raise MqttError(f"the broker refused the subscription to {', '.join(refused)}")
+        return granted
+
+    async def publish(self, message: Message, *, timeout: float = 10.0) -> None:
+        """Send MESSAGE; at QoS 1, return once the broker has acknowledged it."""
+        if message.qos == 0:
+            self._write(publish_packet(message, None))
+            return
+        if message.qos != 1:
+            raise ValueError(f"QoS must be 0 or 1, got {message.qos}")
+        packet_id = self._packet_id()
+        await self._request(publish_packet(message, packet_id), packet_id, timeout, "PUBACK")
+
+    async def disconnect(self, *, timeout: float = 5.0) -> None:
+        """Say DISCONNECT (so the broker drops the will) and close."""
+        if self._transport is None or self._closed is None or self._closed.done():
+            return
+        self._disconnecting = True
+        if not self._transport.is_closing():
+            self._transport.write(bytes([DISCONNECT, 0]))
+            self._transport.close()  # sends what is buffered first
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._closed)
+        except TimeoutError:
+            self._transport.abort()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would: the broker
+        publishes the will."""
+        self._fail(ConnectionLost("aborted"))
+
+    async def wait_closed(self) -> BaseException | None:
+        """Wait until the connection is gone; why (None after `disconnect`)."""
+        if self._closed is None:
+            raise MqttError("never connected")
+        return await asyncio.shield(self._closed)
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for first, body in self._reader.feed(data):
+                self._handle(first, body)
+        except MqttError as exc:  # a violation, or an answer written to a closing socket
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_reason is None and not self._disconnecting:
+            self._close_reason = ConnectionLost(
+                "the broker closed the connection" + (f": {exc}" if exc else ""))
+        self._closed_with(self._close_reason)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _handle(self, first: int, body: bytes) -> None:
+        kind = first & 0xF0
+        if kind == PUBLISH:
+            message, packet_id = parse_publish(first, body)
+            self._on_message(message)
+            if packet_id is not None:
+                self._write(bytes([PUBACK, 2]) + packet_id.to_bytes(2, "big"))
+        elif kind in (PUBACK, SUBACK):
+            if len(body) < 2:
+                raise ProtocolViolation(f"packet type {kind >> 4} without a packet id")
+            future = self._waiting.pop(int.from_bytes(body[:2], "big"), None)
+            if future is not None and not future.done():
+                future.set_result(body)
+        elif kind == CONNACK:
+            if len(body) != 2 or self._connack is None or self._connack.done():
+                raise ProtocolViolation("unexpected CONNACK")
+            if body[1]:
+                raise ConnectionRefused(body[1])
+            self._connack.set_result(bool(body[0] & 0x01))
+            if self.options.keepalive:
+                # A random first phase spreads the pings of devices that connected together.
+                self._schedule_ping(self.options.keepalive / 2 * random.uniform(0.5, 1.0))
+        elif kind == PINGRESP:
+            self._pinged_at = None
+        else:
+            raise ProtocolViolation(f"a client does not expect packet type {kind >> 4}")
+
+    def _schedule_ping(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._keepalive)
+
+    def _keepalive(self) -> None:
+        """Runs every keepalive/2: ping when idle that long; give up when a ping
+        has gone unanswered for a whole keepalive (the broker or the path is dead)."""
+        keepalive = self.options.keepalive
+        now = asyncio.get_running_loop().time()
+        if self._pinged_at is not None and now - self._pinged_at >= keepalive:
+            self._fail(MqttTimeout(f"no PINGRESP within the {keepalive} s keepalive"))
+            return
+        if self._pinged_at is None and now - self._last_sent >= keepalive / 2:
+            self._write(bytes([PINGREQ, 0]))
+            self._pinged_at = now
+        self._schedule_ping(keepalive / 2)
+
+    def _packet_id(self) -> int:
+        for _ in range(0xFFFF):
+            self._next_id = self._next_id % 0xFFFF + 1
+            if self._next_id not in self._waiting:
+                return self._next_id
+        raise MqttError("all 65535 packet ids are waiting for an answer")
+
+    async def _request(self, packet: bytes, packet_id: int, timeout: float, answer: str) -> bytes:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[packet_id] = future
+        try:
+            self._write(packet)
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise MqttTimeout(f"no {answer} within {timeout} s") from None
+        finally:
+            self._waiting.pop(packet_id, None)
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionLost("not connected")
+        self._transport.write(data)
+        self._last_sent = asyncio.get_running_loop().time()
+
+    def _fail(self, reason: BaseException) -> None:
+        """Close at once, without DISCONNECT, remembering the first reason."""
+        if self._close_reason is None:
+            self._close_reason = reason
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost follows and wakes every waiter
+        else:
+            self._closed_with(self._close_reason)
+
+    def _closed_with(self, reason: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        lost = reason or ConnectionLost("disconnected")
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(lost)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(lost)
+        self._waiting.clear()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(reason)
+            self._on_close(reason)

@@ -1,0 +1,96 @@
+"""What a simulated fleet does: every knob in one frozen object, checked when it is built."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.mqtt import BackoffPolicy
+
+VersionKey = tuple[str, int]  # (model, version)
+
+
+def parse_version(text: str) -> VersionKey:
+    """"diabetes:3" -> ("diabetes", 3)."""
+    model, _, version = text.strip().rpartition(":")
+    if not model or not version.isdigit() or int(version) < 1:
+        raise ValueError(f"{text!r} is not MODEL:VERSION (e.g. diabetes:3)")
+    return model, int(version)
+
+
+@dataclass(frozen=True)
+class PerVersion:
+    """A number for every model version, with overrides for some: the CLI's
+    "0.01" (everything) and "diabetes:3=0.2" (that version only)."""
+
+    default: float
+    overrides: Mapping[VersionKey, float] = field(default_factory=dict)
+
+    def __call__(self, model: str, version: int) -> float:
+        return self.overrides.get((model, version), self.default)
+
+    @classmethod
+    def parse(cls, values: Iterable[str], *, default: float) -> PerVersion:
+        overrides: dict[VersionKey, float] = {}
+        for text in values:
+            key, equals, number = text.rpartition("=")
+            try:
+                if equals:
+                    overrides[parse_version(key)] = float(number)
+                else:
+                    default = float(number)
+            except ValueError:
+                raise ValueError(f"{text!r} is neither a number nor MODEL:VERSION=NUMBER "
+                                 "(e.g. 0.01 or diabetes:3=0.2)") from None
+        return cls(default, overrides)
+
+    def check(self, what: str, high: float = math.inf) -> None:
+        for key, value in [(None, self.default), *self.overrides.items()]:
+            if not 0 <= value <= high or math.isnan(value):
+                where = f" for {key[0]}:{key[1]}" if key else ""
+                raise ValueError(f"{what}{where} must be between 0 and {high}, got {value}")
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    data_dir: Path = Path("edgefleet-sim")   # identities, and the devices' saved state
+    name_prefix: str = "sim-"                # device names: sim-00000, sim-00001, ...
+    mqtt_url: str | None = None              # instead of the broker named at enrollment
+    platform: str = "linux/arm64"
+    accelerators: tuple[str, ...] = ("onnxruntime:CPU",)
+    telemetry_interval: float = 10.0         # seconds between measurements
+    requests_per_second: float = 1.0         # simulated scoring load per device
+    step_latency: float = 0.05               # seconds per update state, +-50 % jitter
+    fail_rate: float = 0.0                   # fraction of updates that fail their self-test
+    fail_versions: frozenset[VersionKey] = frozenset()  # these always fail their self-test
+    offline_rate: float = 0.0                # drops per device per minute (ungraceful)
+    offline_seconds: float = 30.0            # how long a drop lasts, +-50 % jitter
+    error_rate: PerVersion = PerVersion(0.0)     # fraction of simulated requests that fail
+    latency_ms: PerVersion = PerVersion(20.0)    # mean simulated scoring latency
+    keepalive: int = 60                      # MQTT keepalive, seconds
+    connect_concurrency: int = 50            # connection attempts under way at once
+    connect_jitter: float = 1.0              # first attempts spread over this many seconds
+    enroll_concurrency: int = 8              # enrollment requests under way at once
+    backoff: BackoffPolicy = BackoffPolicy()
+
+    def __post_init__(self) -> None:
+        for name in ("fail_rate", "offline_rate"):
+            value = getattr(self, name)
+            high = 1.0 if name == "fail_rate" else math.inf
+            if not 0 <= value <= high:
+                raise ValueError(f"{name} must be between 0 and {high}, got {value}")
+        for name in ("telemetry_interval", "offline_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
+        for name in ("requests_per_second", "step_latency", "connect_jitter"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("connect_concurrency", "enroll_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.keepalive <= 0xFFFF:
+            raise ValueError(f"keepalive must be 1-65535 seconds, got {self.keepalive}")
+        self.error_rate.check("error_rate", high=1.0)
+        self.latency_ms.check("latency_ms")
