@@ -4,7 +4,8 @@ A `Session` keeps one broker connection alive for as long as it runs. It
 reconnects with exponential backoff and jitter, subscribes again to every
 wanted topic filter after each connect, publishes a birth message after each
 connect and leaves a last will, and hands received messages to one consumer
-(`get`, `messages`, or `amessages` for asyncio). Built on paho-mqtt 2.x.
+(`get`, `messages`, or `amessages` for asyncio; `take` and `ack` for one that
+acknowledges later). Built on paho-mqtt 2.x.
 
 Threads. Each session has one thread of its own. It runs the outer loop
 (connect, serve the connection, back off, repeat) and, while connected,
@@ -17,9 +18,11 @@ Delivery is at least once, and a slow consumer slows the broker down
 instead of losing messages:
 
 - A QoS 1 message is acknowledged (PUBACK) when the consumer takes it from
-  the inbox, not when it arrives (paho's manual_ack). A process that dies
-  with messages in its inbox has not acknowledged them, so the broker
-  delivers them again, and the broker holds back what its in-flight window
+  the inbox, not when it arrives (paho's manual_ack); a consumer that uses
+  `take` acknowledges it with `ack` when it is safe, e.g. committed to a
+  database. A process that dies with messages in its inbox, or taken and
+  not yet acknowledged, has not acknowledged them, so the broker delivers
+  them again, and the broker holds back what its in-flight window
   does not allow (MQTT 3.1.1: Mosquitto's max_inflight_messages; MQTT 5: the
   Receive Maximum we send, the inbox size).
 - Brokers do not always keep to that window (Mosquitto 2.0.11 sends a whole
@@ -39,8 +42,10 @@ instead of losing messages:
 - The session is persistent: a fixed client id with clean_session=False
   (MQTT 5: clean_start=False and a session expiry), so the broker keeps the
   subscriptions and queues QoS 1 messages while a device is offline.
-- `publish` waits for the PUBACK. `MqttTimeout` there means "not confirmed",
-  not "not delivered": a QoS 1 message can still arrive, later or twice.
+- `publish` waits for the PUBACK; `publish_many` puts a whole batch in
+  flight at once and waits for every PUBACK. `MqttTimeout` there means "not
+  confirmed", not "not delivered": a QoS 1 message can still arrive, later
+  or twice.
   The protocol's generations and sequence numbers make repeats harmless.
 
 MQTT 3.1.1 is the default (the hub's embedded broker speaks nothing else);
@@ -60,7 +65,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -125,7 +130,9 @@ class BackoffPolicy:
 
 
 @dataclass(frozen=True)
-class _Delivery:
+class Delivery:
+    """A message from `take`, not acknowledged until it is passed to `ack`."""
+
     message: Message
     mid: int
     epoch: int  # which connection it came on: a PUBACK only means something there
@@ -140,7 +147,7 @@ class _Inbox:
     def __init__(self, size: int, on_room: Callable[[], None]) -> None:
         self._size = size
         self._on_room = on_room
-        self._items: deque[_Delivery] = deque()
+        self._items: deque[Delivery] = deque()
         self._changed = threading.Condition()
         self._wakers: set[Callable[[], None]] = set()
         self.closed = False
@@ -148,7 +155,7 @@ class _Inbox:
     def full(self) -> bool:
         return len(self._items) >= self._size
 
-    def put(self, item: _Delivery) -> None:
+    def put(self, item: Delivery) -> None:
         with self._changed:
             if self.closed:
                 return  # read after close(): unacknowledged, so the broker sends it again
@@ -158,7 +165,7 @@ class _Inbox:
         for wake in wakers:
             wake()
 
-    def take(self, timeout: float | None) -> _Delivery | None:
+    def take(self, timeout: float | None) -> Delivery | None:
         """The oldest item; None on timeout or once closed."""
         with self._changed:
             self._changed.wait_for(lambda: self._items or self.closed, timeout)
@@ -467,7 +474,7 @@ class Session:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain)
-        self._inbox.put(_Delivery(message, msg.mid, self._epoch))
+        self._inbox.put(Delivery(message, msg.mid, self._epoch))
 
     def _on_write_wanted(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._wake()  # a packet was queued, maybe from another thread
@@ -532,29 +539,52 @@ class Session:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 timeout: float = 10.0) -> None:
         """Publish and wait for the broker's PUBACK, including any wait for a connection."""
+        self.publish_many([Message(topic, payload, qos, retain)], timeout=timeout)
+
+    def publish_many(self, messages: Sequence[Message], *, timeout: float = 10.0) -> None:
+        """Publish MESSAGES (each with its own qos and retain) all at once and wait
+        for every PUBACK: one round trip for the batch instead of one per message.
+        On MqttTimeout some of them may have been delivered, or may still be."""
+        if not messages:
+            return
+        first = messages[0].topic + (f" and {len(messages) - 1} more" if len(messages) > 1
+                                     else "")
         deadline = time.monotonic() + timeout
         try:
             self.wait_connected(timeout)
         except MqttTimeout as exc:
-            raise MqttTimeout(f"cannot publish to {topic}: {exc}") from None
+            raise MqttTimeout(f"cannot publish to {first}: {exc}") from None
         with self._state:
             self._awaiting += 1
         self._wake()
         try:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)} "
-                                "(a QoS 1 message is sent again after reconnecting)")
-            info.wait_for_publish(max(deadline - time.monotonic(), 0.001))
+            sent = []
+            for m in messages:
+                info = self._client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise MqttError(f"publish to {m.topic} failed: {paho.error_string(info.rc)}"
+                                    " (a QoS 1 message is sent again after reconnecting)")
+                sent.append((m.topic, info))
+            for topic, info in sent:
+                info.wait_for_publish(max(deadline - time.monotonic(), 0.001))
+                if not info.is_published():
+                    raise MqttTimeout(f"no PUBACK for {topic} within {timeout:g} s; "
+                                      "it may still be delivered")
         finally:
             with self._state:
                 self._awaiting -= 1
-        if not info.is_published():
-            raise MqttTimeout(f"no PUBACK for {topic} within {timeout:g} s; "
-                              "it may still be delivered")
 
     def get(self, timeout: float | None = None) -> Message:
         """The next message, acknowledged as it is handed over.
+
+        MqttTimeout if none arrives within TIMEOUT; MqttError once closed."""
+        return self._hand_over(self.take(timeout))
+
+    def take(self, timeout: float | None = None) -> Delivery:
+        """The next message, not acknowledged yet: pass it to `ack` once it is
+        safe (the hub's ingest: committed), so a consumer that dies first gets
+        it again. Until then it counts in the broker's in-flight window.
+        Acknowledge in the order taken: MQTT 3.1.1 wants PUBACKs in order.
 
         MqttTimeout if none arrives within TIMEOUT; MqttError once closed."""
         item = self._inbox.take(timeout)
@@ -562,7 +592,7 @@ class Session:
             if self._inbox.closed:
                 raise MqttError(f"session {self.client_id!r} is closed")
             raise MqttTimeout(f"no message within {timeout:g} s")
-        return self._hand_over(item)
+        return item
 
     def messages(self) -> Iterator[Message]:
         """Messages as they come, until the session is closed."""
@@ -595,11 +625,16 @@ class Session:
         finally:
             self._inbox.remove_waker(wake)
 
-    def _hand_over(self, item: _Delivery) -> Message:
-        if item.message.qos > 0:
+    def _hand_over(self, item: Delivery) -> Message:
+        self.ack(item)
+        return item.message
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge a message from `take`. If the connection it came on is
+        gone nothing is sent: the broker delivers the message again."""
+        if delivery.message.qos > 0:
             with self._state:
                 # A PUBACK on a later connection could acknowledge another
                 # message with the same id. The broker redelivers this one.
-                if self._connected and item.epoch == self._epoch:
-                    self._client.ack(item.mid, item.message.qos)
-        return item.message
+                if self._connected and delivery.epoch == self._epoch:
+                    self._client.ack(delivery.mid, delivery.message.qos)
