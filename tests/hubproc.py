@@ -57,8 +57,10 @@ class HubProcess:
         return self.process.returncode
 
 
-def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: float = 30) -> HubProcess:
-    port, mqtt_port = free_port(), free_port()
+def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: float = 30,
+              port: int | None = None, mqtt_port: int | None = None) -> HubProcess:
+    """Start a hub on free ports, or on PORT / MQTT_PORT (a restart where the last one ran)."""
+    port, mqtt_port = port or free_port(), mqtt_port or free_port()
     log_path = data_dir.parent / f"{data_dir.name}-hub.log"
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
