@@ -36,7 +36,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import protocol
-from agent.mqtt import MqttError, Session
+from agent.mqtt import Message, MqttError, Session
 from hub import deployments
 from hub.storage.db import Database
 
@@ -214,7 +214,7 @@ class Publisher:
         behind = due(self.db, refresh_before=self._refresh_before(), among=device_ids)
         issued_at = datetime.now(UTC)
         expires = protocol.format_time(issued_at + self.validity)
-        published = []
+        messages, published = [], []
         for device_id, (generation, rows) in deployments.desired_snapshot(
                 self.db, behind).items():
             state = build(device_id, generation, rows, issued_at=issued_at,
@@ -226,8 +226,9 @@ class Publisher:
                 log.error("desired state of %s (generation %d) not published: %s",
                           device_id, generation, exc)
                 continue
-            self.session.publish(protocol.desired_topic(device_id), payload, qos=1, retain=True,
-                                 timeout=self.publish_timeout)
+            messages.append(Message(protocol.desired_topic(device_id), payload, qos=1,
+                                    retain=True))
             published.append((device_id, generation, expires))
+        self.session.publish_many(messages, timeout=self.publish_timeout)
         _record_published(self.db, published)
         self.published += len(published)

@@ -4,7 +4,10 @@ One thread takes messages from the hub's MQTT session and writes each batch
 in one SQLite transaction, so the cost is per batch, not per message. A
 batch is what has arrived (up to `max_batch`) when the thread comes round:
 under load batches grow by themselves, and it never waits for more while
-holding messages the broker counts as in flight.
+holding messages the broker counts as in flight. The broker gets its
+acknowledgements only after the commit, so a hub that dies mid-batch loses
+nothing: the broker delivers those messages again, and writing them twice
+is harmless (telemetry is keyed by (device, seq), the rest is state).
 
 - status: `devices.status` ('online'/'offline'); last_seen
 - reported: `devices.reported` (the document), applied_generation, platform,
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import protocol
-from agent.mqtt import Message, MqttError, MqttTimeout, Session
+from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from hub import telemetry
 from hub.storage.db import Database, dumps, now
 
@@ -205,27 +208,36 @@ class Ingest:
             if batch:
                 self._write(batch)
 
-    def _take(self) -> list[Message]:
+    def _take(self) -> list[Delivery]:
         """The first message (waiting up to half a second), then whatever else is there."""
         try:
-            batch = [self.session.get(0.5)]
+            batch = [self.session.take(0.5)]
         except MqttTimeout:
             return []
         try:
             while len(batch) < self.max_batch:
-                batch.append(self.session.get(0))
+                batch.append(self.session.take(0))
         except MqttError:  # nothing more there, or closed: write what was taken
             pass
         return batch
 
-    def _write(self, batch: list[Message]) -> None:
+    def _write(self, batch: list[Delivery]) -> None:
         try:
-            self._count(write_batch(self.db, batch))
-            return
+            self._count(write_batch(self.db, [d.message for d in batch]))
         except Exception:
             log.exception("writing a batch of %d message(s) failed; writing them one by one",
                           len(batch))
-        for message in batch:  # so one message that breaks the writer costs only itself
+            self._write_one_by_one(batch)
+            return
+        for delivery in batch:
+            self.session.ack(delivery)
+
+    def _write_one_by_one(self, batch: list[Delivery]) -> None:
+        """So a message that breaks the writer costs only itself. It is acknowledged
+        all the same: left unacknowledged it would come back after every reconnect
+        and hold a place in the broker's in-flight window."""
+        for delivery in batch:
+            message = delivery.message
             try:
                 self._count(write_batch(self.db, [message]))
             except Exception as exc:
@@ -233,6 +245,7 @@ class Ingest:
                 _drop(failed, message.topic.rsplit("/", 1)[-1], "write_failed",
                       repr(message.topic[:200]), repr(exc))
                 self._count(failed)
+            self.session.ack(delivery)
 
     def _count(self, counters: Counters) -> None:
         with self._counters_lock:
