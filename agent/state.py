@@ -31,7 +31,8 @@ class Installed:
     directory: str
     entrypoint: str
     framework: str
-    prefer: list[str]
+    prefer: list[str]            # as the desired state asks (may be empty)
+    package_prefer: list[str] = field(default_factory=list)  # serving.json's default
     sample_request: dict[str, Any] | None = None
 
 

@@ -83,7 +83,7 @@ def version_body(installed: Installed, *, self_test: bool = False) -> dict[str, 
         "model_dir": str(installed.directory) + "/model",
         "entrypoint": installed.entrypoint,
         "framework": installed.framework,
-        "runtime": {"prefer": list(installed.prefer)},
+        "runtime": {"prefer": list(installed.prefer or installed.package_prefer)},
     }
     if self_test and installed.sample_request:
         body["self_test"] = installed.sample_request
@@ -180,7 +180,8 @@ class Updater:
             update.staged = Installed(
                 version=update.version, digest=update.digest, directory=str(staged.directory),
                 entrypoint=staged.entrypoint, framework=staged.framework,
-                prefer=update.prefer or list(staged.serving.get("prefer") or []),
+                prefer=list(update.prefer),
+                package_prefer=list(staged.serving.get("prefer") or []),
                 sample_request=staged.sample_request,
             )
         elif state is S.STARTING:
@@ -215,11 +216,15 @@ class Updater:
         current = self.state.serving.get(update.deployment)
         if current is None:
             body = version_body(new)  # nothing serves yet: nothing to protect
+        elif current.primary.version == new.version:
+            # The same version with other settings: the serving process loads and
+            # self-tests it before it swaps, and keeps the old one if that fails.
+            body = version_body(new, self_test=True)
         else:
             body = {**version_body(current.primary), "candidate": version_body(new),
                     "traffic": 0, "shadow": False}
         answer = self.serving.put(update.deployment, body)
-        loaded = answer["deployment"]["candidate" if current else "primary"]
+        loaded = answer["deployment"]["candidate" if "candidate" in body else "primary"]
         self._set_status(update.deployment, update.model, update.version, S.STARTING, None,
                          loaded.get("runtime"), loaded.get("device"))
 

@@ -1,0 +1,302 @@
+"""The agent end to end: a real Mosquitto, a real hub process and real agent processes.
+
+Enroll, deploy, score (plain JSON and tritonclient), update under load,
+a self-test failure rolled back, tampered packages and forged or replayed
+desired states refused, a broker outage without telemetry loss, and every
+runtime serving a tiny model of its own format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from agent import protocol
+from agent.mqtt import Session
+from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
+from hubproc import EDGEFLEET, HubProcess, start_hub
+from packager.signing import generate_private_key
+from modelgen import expected_linear, make_failing_onnx, make_onnx, make_openvino_ir, make_tflite
+from mosquitto import Mosquitto, start_mosquitto
+
+ROWS = [[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet_hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    hub = start_hub(tmp_path_factory.mktemp("hub") / "data", extra_args=("--mqtt-url", broker.url))
+    yield hub
+    assert hub.stop() == 0, hub.log()
+
+
+@pytest.fixture(scope="module")
+def versions(fleet_hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """tiny:1 and tiny:2 (same function, different bytes) and tiny:3 that fails every request."""
+    work = tmp_path_factory.mktemp("models")
+    first = publish_version(fleet_hub, "tiny", make_onnx(work / "model.onnx"))
+    (work / "v2").mkdir()
+    second = publish_version(fleet_hub, "tiny", make_onnx(work / "v2" / "model.onnx"))
+    (work / "v3").mkdir()
+    broken = publish_version(fleet_hub, "tiny", make_failing_onnx(work / "v3" / "model.onnx"))
+    return {"v1": first, "v2": second, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def device(fleet_hub: HubProcess, versions: dict[str, int],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    agent = start_agent(fleet_hub, tmp_path_factory.mktemp("agent") / "data")
+    yield agent
+    assert agent.stop() == 0, agent.log()
+
+
+def reported(hub: HubProcess, device_id: str) -> dict:
+    return httpx.get(f"{hub.url}/api/v1/devices/{device_id}/deployments",
+                     headers={"Authorization": f"Bearer {hub.admin_token}"}).json()
+
+
+def serving_version(hub: HubProcess, device_id: str, name: str = "tiny") -> int | None:
+    rows = [r for r in reported(hub, device_id)["reported"]
+            if r["name"] == name and r["state"] == "serving"]
+    return max((r["version"] for r in rows), default=None)
+
+
+def wait_serving(hub: HubProcess, agent: AgentProcess, version: int, name: str = "tiny") -> None:
+    wait_for(lambda: serving_version(hub, agent.device_id, name) == version
+             and infer(agent, name, ROWS)["model_version"] == str(version),
+             timeout=60, what=f"{name}:{version} serving on {agent.device_id}")
+
+
+def test_enroll_deploy_and_score(fleet_hub: HubProcess, device: AgentProcess,
+                                 versions: dict[str, int]) -> None:
+    record = httpx.get(f"{fleet_hub.url}/api/v1/devices/{device.device_id}",
+                       headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}).json()
+    assert record["status"] == "online" and record["platform"] == "linux/amd64"
+    deploy(fleet_hub, device.device_id, f"tiny:{versions['v1']}")
+    wait_serving(fleet_hub, device, versions["v1"])
+    answer = infer(device, "tiny", ROWS)
+    got = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(2, 2)
+    assert np.allclose(got, expected_linear(np.array(ROWS, dtype=np.float32)), atol=1e-5)
+    row = next(r for r in reported(fleet_hub, device.device_id)["reported"] if r["name"] == "tiny")
+    assert (row["runtime"], row["device"]) == ("onnxruntime", "CPU")
+    accelerators = httpx.get(
+        f"{fleet_hub.url}/api/v1/devices/{device.device_id}",
+        headers={"Authorization": f"Bearer {fleet_hub.admin_token}"},
+    ).json()["inventory"]["accelerators"]
+    assert "onnxruntime:CPU" in accelerators
+
+    client = triton.InferenceServerClient(device.url.removeprefix("http://"))
+    x = triton.InferInput("x", [2, 3], "FP32")
+    x.set_data_from_numpy(np.array(ROWS, dtype=np.float32), binary_data=True)
+    result = client.infer("tiny", [x], headers={"Authorization": f"Bearer {device.api_key}"})
+    assert np.allclose(result.as_numpy("y"), got)
+    client.close()
+
+
+def test_update_while_scoring_drops_no_request(fleet_hub: HubProcess, device: AgentProcess,
+                                               versions: dict[str, int]) -> None:
+    deploy(fleet_hub, device.device_id, f"tiny:{versions['v1']}")
+    wait_serving(fleet_hub, device, versions["v1"])
+    stop, failures, seen = threading.Event(), [], set()
+
+    def score() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {device.api_key}"}) as c:
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
+                                "data": [1.0, 2.0, 3.0]}]}
+            while not stop.is_set():
+                answer = c.post(f"{device.url}/v2/models/tiny/infer", json=body, timeout=30)
+                if answer.status_code != 200:
+                    failures.append(answer.text)
+                else:
+                    seen.add(answer.json()["model_version"])
+
+    client = threading.Thread(target=score)
+    client.start()
+    try:
+        deploy(fleet_hub, device.device_id, f"tiny:{versions['v2']}")
+        wait_serving(fleet_hub, device, versions["v2"])
+    finally:
+        stop.set()
+        client.join()
+    assert failures == []
+    assert seen == {str(versions["v1"]), str(versions["v2"])}
+
+
+def test_failing_self_test_is_rolled_back(fleet_hub: HubProcess, device: AgentProcess,
+                                          versions: dict[str, int]) -> None:
+    deploy(fleet_hub, device.device_id, f"tiny:{versions['v2']}")
+    wait_serving(fleet_hub, device, versions["v2"])
+    deploy(fleet_hub, device.device_id, f"tiny:{versions['broken']}")
+    row = wait_for(lambda: next((r for r in reported(fleet_hub, device.device_id)["reported"]
+                                 if r["version"] == versions["broken"]
+                                 and r["state"] == "rolled_back"), None),
+                   timeout=60, what="the broken version rolled back")
+    assert "self-test" in row["error"]
+    assert infer(device, "tiny", ROWS)["model_version"] == str(versions["v2"])
+    assert serving_version(fleet_hub, device.device_id) == versions["v2"]
+
+
+def test_tampered_package_is_refused(fleet_hub: HubProcess, device: AgentProcess,
+                                     tmp_path: Path) -> None:
+    deploy(fleet_hub, device.device_id, "tiny:2")
+    wait_serving(fleet_hub, device, 2)
+    model = make_onnx(tmp_path / "model.onnx", batch=4)  # other bytes: a model layer of its own
+    version = publish_version(fleet_hub, "tiny", model)
+    package = httpx.get(f"{fleet_hub.url}/api/v1/packages/tiny/{version}",
+                        headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}).json()
+    layer = package["images"][0]["layers"][0]["digest"].removeprefix("sha256:")
+    blob = next((fleet_hub.data_dir / "blobs").rglob(layer))
+    original = blob.read_bytes()
+    blob.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    try:
+        deploy(fleet_hub, device.device_id, f"tiny:{version}")
+        row = wait_for(lambda: next((r for r in reported(fleet_hub, device.device_id)["reported"]
+                                     if r["version"] == version and r["state"] == "rolled_back"),
+                                    None), timeout=60, what="the tampered version refused")
+        assert "digest" in row["error"]
+        assert infer(device, "tiny", ROWS)["model_version"] == "2"
+    finally:
+        blob.write_bytes(original)
+
+
+def test_forged_and_replayed_desired_states_are_refused(
+    fleet_hub: HubProcess, broker: Mosquitto, device: AgentProcess
+) -> None:
+    deploy(fleet_hub, device.device_id, "tiny:1")
+    wait_serving(fleet_hub, device, 1)
+    topic = protocol.desired_topic(device.device_id)
+    with Session(broker.url, client_id="test-attacker", subscriptions=[topic]) as attacker:
+        retained = attacker.get(timeout=10).payload  # the hub's signed state, as the device got it
+        applied = json.loads(retained)["generation"]
+        now = datetime.now(UTC)
+        forged = protocol.sign_desired(protocol.DesiredState(
+            device.device_id, applied + 100, now, now + timedelta(hours=1), ()),
+            generate_private_key())
+        attacker.publish(topic, forged)
+        wait_for(lambda: any(r["reason"] == "bad_signature" for r in device.state()["refusals"]),
+                 what="the forged state refused")
+        deploy(fleet_hub, device.device_id, "tiny:2")
+        wait_serving(fleet_hub, device, 2)
+        attacker.publish(topic, retained)  # a genuine but older generation: a replay
+        wait_for(lambda: any(r["reason"] == "replay" for r in device.state()["refusals"]),
+                 what="the replay refused")
+    hub_view = httpx.get(f"{fleet_hub.url}/api/v1/devices/{device.device_id}",
+                         headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}).json()
+    reasons = {r["reason"] for r in hub_view["reported"]["refusals"]}
+    assert {"bad_signature", "replay"} <= reasons
+    assert infer(device, "tiny", ROWS)["model_version"] == "2"
+
+
+def test_broker_outage_loses_no_telemetry(fleet_hub: HubProcess, broker: Mosquitto,
+                                          device: AgentProcess) -> None:
+    headers = {"Authorization": f"Bearer {fleet_hub.admin_token}"}
+
+    def points() -> list[dict]:
+        return httpx.get(f"{fleet_hub.url}/api/v1/devices/{device.device_id}/telemetry",
+                         params={"limit": 100000}, headers=headers).json()
+
+    before = wait_for(lambda: points(), what="telemetry")
+    broker.stop()
+    time.sleep(4)  # the agent measures every second while the broker is gone
+    broker.start()
+    last_seq = before[-1]["seq"]
+    after = wait_for(lambda: (p := points()) and p[-1]["seq"] > last_seq + 6 and p,
+                     timeout=60, what="telemetry after the outage")
+    seqs = [p["seq"] for p in after]
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a point is missing or repeated"
+    assert len(set(seqs)) == len(seqs)
+
+
+@pytest.mark.parametrize("fmt", ["openvino", "tflite"])
+def test_each_runtime_serves_its_own_format(fleet_hub: HubProcess, device: AgentProcess,
+                                            fmt: str, tmp_path: Path) -> None:
+    onnx_path = make_onnx(tmp_path / "model.onnx")
+    if fmt == "openvino":
+        xml = make_openvino_ir(onnx_path, tmp_path / "ir")
+        model_dir, runtime = xml.parent, "openvino"
+    else:
+        model_dir = tmp_path / "tfl"
+        model_dir.mkdir()
+        make_tflite(model_dir / "model.tflite")
+        runtime = "litert"
+    name = f"tiny-{fmt}"
+    headers = {"Authorization": f"Bearer {fleet_hub.admin_token}"}
+    with httpx.Client(base_url=fleet_hub.url, headers=headers) as c:
+        files = []
+        for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+            files.append({"path": path.name,
+                          "digest": c.post("/api/v1/blobs", content=path.read_bytes()).json()["digest"]})
+        c.post(f"/api/v1/models/{name}/versions", json={"files": files}).raise_for_status()
+    env = {**os.environ, "EDGEFLEET_HUB": fleet_hub.url, "EDGEFLEET_TOKEN": fleet_hub.admin_token}
+    subprocess.run([*EDGEFLEET, "package", "build", f"{name}:1", "--no-deps", "--quiet"],
+                   env=env, check=True, capture_output=True)
+    deploy(fleet_hub, device.device_id, f"{name}:1", "--deployment", name)
+    wait_for(lambda: serving_version(fleet_hub, device.device_id, name) == 1, timeout=60,
+             what=f"{name} serving")
+    row = next(r for r in reported(fleet_hub, device.device_id)["reported"] if r["name"] == name)
+    assert row["runtime"] == runtime
+    rows = [[1.0, 2.0, 3.0]] if fmt == "tflite" else ROWS
+    got = np.array(infer(device, name, rows)["outputs"][0]["data"], dtype=np.float32)
+    assert np.allclose(got.reshape(len(rows), 2),
+                       expected_linear(np.array(rows, dtype=np.float32)), atol=1e-5)
+    # the other deployments on the device are untouched
+    assert serving_version(fleet_hub, device.device_id, "tiny") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["downloading", "verifying", "staged", "starting", "self_test",
+                                   "serving"])
+def test_kill_9_in_each_update_state_ends_serving_a_good_version(
+    fleet_hub: HubProcess, versions: dict[str, int], tmp_path: Path, state: str
+) -> None:
+    data = tmp_path / "agent"
+    agent = start_agent(fleet_hub, data)
+    try:
+        deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+        wait_serving(fleet_hub, agent, versions["v1"])
+    finally:
+        agent.stop()
+    paused = start_agent(fleet_hub, data, port=agent.port,
+                         env={"EDGEFLEET_AGENT_PAUSE_IN": f"{state}:60"})
+    deploy(fleet_hub, paused.device_id, f"tiny:{versions['v2']}")
+    wait_for(lambda: (paused.state().get("update") or {}).get("state") == state,
+             timeout=60, what=f"the update to reach {state}")
+    serving_pid = int((data / "serving.pid").read_text())
+    paused.stop(signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{serving_pid}").exists(), timeout=10,
+             what="the serving process to die with its agent")
+    again = start_agent(fleet_hub, data, port=agent.port)
+    try:
+        # Right after the restart a good version answers, and the update then completes.
+        assert infer(again, "tiny", ROWS)["model_version"] in {str(versions["v1"]),
+                                                                str(versions["v2"])}
+        wait_serving(fleet_hub, again, versions["v2"])
+        assert again.state()["update"] is None
+    finally:
+        assert again.stop() == 0, again.log()
+
+
+def test_bad_enrollment_is_a_clear_error(fleet_hub: HubProcess, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*EDGEFLEET, "agent", "run", "--hub", fleet_hub.url, "--token", "efe_not-a-token",
+         "--data-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "unknown enrollment token" in done.stderr
+    assert "Traceback" not in done.stderr
