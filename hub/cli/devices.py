@@ -113,9 +113,6 @@ def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> N
         return
     reported = record.pop("reported")
     emit_one(record, as_json=False)
-    console.print(f"[bold]generation[/bold]: desired {deployed['desired_generation']}, "
-                  f"published {deployed['published_generation']}, "
-                  f"applied {deployed['applied_generation']}")
     emit(_deployment_rows(deployed), ["deployment", "desired", "reported", "error"],
          as_json=False)
     for refusal in reported.get("refusals", []):
@@ -145,7 +142,7 @@ def _deployment_rows(deployed: dict) -> list[dict[str, str]]:
                 f"{r['version']} {r['state']}" + (f" on {r['runtime']}:{r['device']}"
                                                   if r["runtime"] else "")
                 for r in states) or "(nothing yet)",
-            "error": "; ".join(r["error"] for r in states if r["error"]),
+            "error": "; ".join(f"{r['version']}: {r['error']}" for r in states if r["error"]),
         })
     return rows
 
