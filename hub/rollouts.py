@@ -226,7 +226,9 @@ def list_rollouts(db: Database, *, state: str | None = None) -> list[dict[str, A
     return [_public(r) for r in rows]
 
 
-def show(db: Database, rollout_id: str) -> dict[str, Any]:
+def show(db: Database, rollout_id: str, *, devices: bool = False) -> dict[str, Any]:
+    """The rollout with its progress per wave and its failed and skipped devices;
+    DEVICES adds every member device's row (wave, state, times, error)."""
     record = _public(_row(db, rollout_id))
     counts = db.query(
         "SELECT wave, state, COUNT(*) AS n FROM rollout_devices WHERE rollout_id = ?"
@@ -240,6 +242,10 @@ def show(db: Database, rollout_id: str) -> dict[str, Any]:
     record["failed_devices"] = db.query(
         "SELECT device_id, wave, state, error FROM rollout_devices WHERE rollout_id = ?"
         " AND state IN ('failed', 'skipped') ORDER BY wave, device_id LIMIT 200", (rollout_id,))
+    if devices:
+        record["devices"] = db.query(
+            "SELECT device_id, wave, state, previous_version, assigned_at, serving_at, error"
+            " FROM rollout_devices WHERE rollout_id = ? ORDER BY wave, device_id", (rollout_id,))
     return record
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,8 +58,10 @@ def list_(request: Request, state: str | None = None,
 
 
 @router.get("/rollouts/{rollout_id}", summary="One rollout: waves, progress, failed devices")
-def show(rollout_id: str, request: Request, principal: Principal = auth.viewer) -> dict:
-    return rollouts.show(hub_state(request).db, rollout_id)
+def show(rollout_id: str, request: Request,
+         devices: bool = Query(False, description="also list every device with its wave and state"),
+         principal: Principal = auth.viewer) -> dict:
+    return rollouts.show(hub_state(request).db, rollout_id, devices=devices)
 
 
 @router.post("/rollouts/{rollout_id}/{action}", summary="pause, resume, abort or rollback")

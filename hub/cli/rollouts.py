@@ -152,16 +152,30 @@ def _failures(record: dict[str, Any]) -> Table | None:
     return table
 
 
+def _devices(record: dict[str, Any]) -> Table:
+    table = Table("device", "wave", "state", "previous", "assigned", "serving since", "error",
+                  show_edge=False, header_style="bold")
+    for d in record["devices"]:
+        table.add_row(d["device_id"], str(d["wave"]), d["state"],
+                      "" if d["previous_version"] is None else str(d["previous_version"]),
+                      d["assigned_at"] or "", d["serving_at"] or "", d["error"] or "")
+    return table
+
+
 @rollout.command()
 @click.argument("rollout_id")
+@click.option("--devices", "with_devices", is_flag=True,
+              help="Also list every device of the rollout with its wave and state.")
 @hub_options
 @json_option
-def show(rollout_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
+def show(rollout_id: str, with_devices: bool, hub: str | None, token: str | None,
+         as_json: bool) -> None:
     """Show a rollout: its settings, progress per wave, and failed devices with their errors.
 
-    Example: edgefleet rollout show r-7
+    Example: edgefleet rollout show r-7 --devices
     """
-    record = client(hub, token).get(f"/api/v1/rollouts/{rollout_id}")
+    record = client(hub, token).get(f"/api/v1/rollouts/{rollout_id}",
+                                    params={"devices": "true"} if with_devices else None)
     if as_json:
         emit_one(record, as_json=True)
         return
@@ -173,6 +187,8 @@ def show(rollout_id: str, hub: str | None, token: str | None, as_json: bool) -> 
     failures = _failures(record)
     if failures is not None:
         console.print(failures)
+    if with_devices:
+        console.print(_devices(record))
 
 
 @rollout.command()
