@@ -461,6 +461,17 @@ def _take_in_joiners(db: Database, row: dict[str, Any],
     joiners = [d for d in _target_devices(db, json.loads(row["target"])) if d not in members]
     if not joiners:
         return
+    # A newer rollout of the same deployment that also targets a joiner is the one to give
+    # it a version: this older one would only make it fetch a superseded version first.
+    claimed: set[str] = set()
+    for newer in db.query(
+            "SELECT target FROM rollouts WHERE deployment = ? AND seq > ?"
+            " AND state IN ('created', 'running', 'paused', 'completed')",
+            (row["deployment"], row["seq"])):
+        claimed.update(_target_devices(db, json.loads(newer["target"])))
+    joiners = [d for d in joiners if d not in claimed]
+    if not joiners:
+        return
     wave = max(row["current_wave"], 1)
     with db.transaction() as conn:
         conn.executemany(
