@@ -15,7 +15,7 @@ import mosquitto as fixture
 from agent import protocol
 from agent.mqtt import MqttTimeout
 from conftest import Cli
-from hubproc import start_hub
+from hubproc import EDGEFLEET, start_hub
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
@@ -74,3 +74,15 @@ def test_the_documented_mosquitto_setup_lets_the_hub_and_devices_in_and_no_furth
     finally:
         assert hub.stop() == 0, hub.log()
         broker.stop()
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (("--mqtt-username", "hub"), "are for a --mqtt-url broker"),
+    (("--mqtt-url", "mqtt://127.0.0.1:1", "--mqtt-password", "x"), "needs --mqtt-username"),
+    (("--desired-validity-days", "0"), "must be 1-3650"),
+])
+def test_bad_broker_settings_are_usage_errors(tmp_path: Path, args: tuple[str, ...],
+                                              complaint: str) -> None:
+    done = subprocess.run([*EDGEFLEET, "hub", "serve", "--data-dir", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and complaint in done.stderr
