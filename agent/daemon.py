@@ -13,9 +13,12 @@ process if it dies.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,6 +64,15 @@ def agent_version() -> str:
         return "0+unknown"
 
 
+def probe_inventory(data_dir: Path) -> dict:
+    """What the device offers, found in a child process (see agent/inventory.py)."""
+    done = subprocess.run([sys.executable, "-m", "agent.inventory", str(data_dir)],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"probing the device's runtimes failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     data_dir: Path
@@ -79,7 +91,9 @@ class Agent:
         self.options = options
         data = options.data_dir
         self.platform = inventory.oci_platform()
-        self.accelerators = tuple(inventory.accelerator_list())
+        found = probe_inventory(data)
+        self.accelerators = tuple(found["accelerators"])
+        self.facts = inventory.facts(found)
         self.public_key = load_public_key(identity.hub_public_key)
         self.state_file = StateFile(data)
         self.state: AgentState = self.state_file.load()
@@ -291,6 +305,7 @@ class Agent:
                 Refusal(r["generation"], Reason(r["reason"]), r["message"], parse_time(r["at"]))
                 for r in self.state.refusals
             ),
+            inventory=self.facts,
         )
         self.uplink.report(build_reported(state))
 

@@ -131,3 +131,27 @@ def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def facts(found: dict[str, Any]) -> dict[str, int | float | str]:
+    """The inventory as the flat facts the reported state carries."""
+    values: dict[str, int | float | str] = {
+        "cpu_model": str(found["cpu"]["model"])[:128],
+        "cpu_count": found["cpu"]["count"] or 0,
+        "memory_mb": found["memory"]["total_bytes"] // 2**20,
+        "disk_mb": found["disk"]["total_bytes"] // 2**20,
+        "disk_free_mb": found["disk"]["free_bytes"] // 2**20,
+    }
+    for name, runtime in found["runtimes"].items():
+        if runtime.get("installed"):
+            values[f"{name}_version"] = str(runtime.get("version"))[:128]
+    return values
+
+
+if __name__ == "__main__":
+    # The agent runs this in a child process: importing every runtime to see
+    # what it offers costs hundreds of MB that the daemon should not keep.
+    import json
+    import sys
+
+    print(json.dumps(inventory(Path(sys.argv[1]))))

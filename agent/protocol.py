@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
@@ -639,6 +639,9 @@ class ReportedState:
     accelerators: tuple[str, ...]  # "runtime:DEVICE" entries the device has
     agent_version: str
     refusals: tuple[Refusal, ...] = ()  # most recent last, at most MAX_REFUSALS
+    # Facts for the hub's device record and targeting: cpu_model, cpu_count,
+    # memory_mb, disk_mb, <runtime>_version ... (numbers and short strings).
+    inventory: Mapping[str, Value] = field(default_factory=dict)
 
 
 def build_reported(state: ReportedState) -> bytes:
@@ -655,6 +658,7 @@ def build_reported(state: ReportedState) -> bytes:
         "platform": state.platform,
         "accelerators": list(state.accelerators),
         "agent_version": state.agent_version,
+        "inventory": dict(state.inventory),
         "refusals": [
             {"generation": r.generation, "reason": str(r.reason), "message": r.message,
              "at": format_time(r.at)}
@@ -706,6 +710,7 @@ def parse_reported(payload: bytes, *, device_id: str) -> ReportedState:
         platform=f.text("platform", _PLATFORM, max_len=64),
         accelerators=f.strings("accelerators", _RUNTIME_CHOICE),
         agent_version=f.text("agent_version", max_len=64),
+        inventory=_read_values(f.path("inventory"), f.raw("inventory")),
         refusals=tuple(_read_refusal(_Fields(item, path))
                        for path, item in f.items("refusals", MAX_REFUSALS)),
     )

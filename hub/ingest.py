@@ -158,16 +158,30 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
     return counters
 
 
+def derived_tags(report: protocol.ReportedState) -> dict[str, str]:
+    """Tags a rollout can target without anyone setting them: the CPU architecture
+    ("arch=arm64") and each accelerator ("accel.openvino.GPU=yes"). A tag an
+    operator set by hand wins over a derived one of the same key."""
+    arch = report.platform.split("/")[1]
+    tags = {"arch": arch}
+    for choice in report.accelerators:
+        runtime, _, device = choice.partition(":")
+        tags[f"accel.{runtime}.{device}"] = "yes"
+    return tags
+
+
 def _write_reported(
     conn: sqlite3.Connection, device: str, report: protocol.ReportedState, payload: bytes,
     stamp: str,
 ) -> None:
-    inventory = {"accelerators": list(report.accelerators), "agent_version": report.agent_version}
+    inventory = {**report.inventory, "accelerators": list(report.accelerators),
+                 "agent_version": report.agent_version}
     conn.execute(
         "UPDATE devices SET reported = ?, applied_generation = ?, platform = ?,"
-        " inventory = json_patch(COALESCE(inventory, '{}'), ?) WHERE id = ?",
+        " inventory = json_patch(COALESCE(inventory, '{}'), ?),"
+        " tags = json_patch(?, COALESCE(tags, '{}')) WHERE id = ?",
         (payload.decode("utf-8"), report.applied_generation, report.platform, dumps(inventory),
-         device),
+         dumps(derived_tags(report)), device),
     )
     conn.execute("DELETE FROM deployment_status WHERE device_id = ?", (device,))
     conn.executemany(

@@ -97,11 +97,13 @@ def test_enroll_deploy_and_score(fleet_hub: HubProcess, device: AgentProcess,
     assert np.allclose(got, expected_linear(np.array(ROWS, dtype=np.float32)), atol=1e-5)
     row = next(r for r in reported(fleet_hub, device.device_id)["reported"] if r["name"] == "tiny")
     assert (row["runtime"], row["device"]) == ("onnxruntime", "CPU")
-    accelerators = httpx.get(
-        f"{fleet_hub.url}/api/v1/devices/{device.device_id}",
-        headers={"Authorization": f"Bearer {fleet_hub.admin_token}"},
-    ).json()["inventory"]["accelerators"]
-    assert "onnxruntime:CPU" in accelerators
+    record = httpx.get(f"{fleet_hub.url}/api/v1/devices/{device.device_id}",
+                       headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}).json()
+    assert "onnxruntime:CPU" in record["inventory"]["accelerators"]
+    assert record["inventory"]["cpu_count"] >= 1 and record["inventory"]["memory_mb"] > 0
+    assert "onnxruntime_version" in record["inventory"]
+    # targetable without anyone tagging the device by hand
+    assert record["tags"]["arch"] == "amd64" and record["tags"]["accel.openvino.CPU"] == "yes"
 
     client = triton.InferenceServerClient(device.url.removeprefix("http://"))
     x = triton.InferInput("x", [2, 3], "FP32")
