@@ -298,7 +298,7 @@ def test_kill_9_in_each_update_state_ends_serving_a_good_version(
         first = wait_for(lambda: _try_infer(again), timeout=30, what="a version answering")
         assert first["model_version"] in {str(versions["v1"]), str(versions["v2"])}
         wait_serving(fleet_hub, again, versions["v2"])
-        assert again.state()["update"] is None
+        wait_for(lambda: again.state()["update"] is None, what="the update to be finished")
     finally:
         assert again.stop() == 0, again.log()
 

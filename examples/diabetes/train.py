@@ -1,6 +1,6 @@
 """Train a Ridge regression on scikit-learn's bundled diabetes data and save it as ONNX.
 
-Run: python examples/diabetes/train.py [--out DIR]
+Run: python examples/diabetes/train.py [--out DIR] [--alpha A]
 Writes DIR/model.onnx (default: examples/diabetes/build/) and prints its RMSE.
 The dataset ships inside scikit-learn, so nothing is downloaded.
 """
@@ -18,11 +18,11 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import train_test_split
 
 
-def train(out: Path) -> dict[str, float]:
+def train(out: Path, alpha: float = 0.1) -> dict[str, float]:
     x, y = load_diabetes(return_X_y=True)
     x = x.astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0)
-    model = Ridge(alpha=0.1).fit(x_train, y_train)
+    model = Ridge(alpha=alpha).fit(x_train, y_train)
     rmse = float(np.sqrt(np.mean((model.predict(x_test) - y_test) ** 2)))
     # LinearRegressor (ai.onnx.ml) does not load in OpenVINO; MatMul + Add runs everywhere.
     onnx_model = to_onnx(
@@ -36,8 +36,9 @@ def train(out: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "build")
+    parser.add_argument("--alpha", type=float, default=0.1, help="Ridge regularisation strength")
     args = parser.parse_args()
-    metrics = train(args.out)
+    metrics = train(args.out, args.alpha)
     print(json.dumps({"model": str(args.out / "model.onnx"), **metrics}))
 
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("agent.serving.cli", "serve"),
     "agent": ("agent.cli", "agent"),
     "rollout": ("hub.cli.rollouts", "rollout"),
+    "sim": ("agent.sim.cli", "sim"),
 }
 
 

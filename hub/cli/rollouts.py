@@ -225,6 +225,7 @@ def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, tok
     if as_json:
         emit_one(record, as_json=True)
     else:
+        console.line()
         total = sum(w["devices"] for w in record["waves_progress"])
         serving = sum(w.get("serving", 0) for w in record["waves_progress"])
         failed = sum(w.get("failed", 0) for w in record["waves_progress"])
