@@ -314,9 +314,10 @@ def roll_back(db: Database, rollout_id: str, *, actor: str,
                                     prefer=json.loads(row["prefer"]))
         notify(owned)
     with db.transaction() as conn:
+        # Failed devices stay "failed" with their error: `rollout show` lists them, and why.
         conn.execute(
             "UPDATE rollout_devices SET state = 'rolled_back' WHERE rollout_id = ?"
-            " AND assigned_at IS NOT NULL AND state != 'skipped'", (rollout_id,))
+            " AND assigned_at IS NOT NULL AND state NOT IN ('skipped', 'failed')", (rollout_id,))
     _transition(db, rollout_id, "rolled_back", reason or f"rolled back by {actor}", actor)
     return show(db, rollout_id)
 
