@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import httpx
 
-from hubproc import EDGEFLEET, HubProcess, free_port
+from hubproc import EDGEFLEET, HubProcess, free_port, stop_process
 
 T = TypeVar("T")
 
@@ -64,14 +64,7 @@ class AgentProcess:
         return self.log_path.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
 
 def start_agent(

@@ -156,5 +156,5 @@ def test_shadow_copies_are_dropped_while_the_candidate_is_busy(served: ServeProc
     assert served.metric(f"edgefleet_serving_shadow_dropped_total{labels}") >= 5
     assert primary_seconds < 5, f"primary traffic waited for its shadow: {primary_seconds:.1f}s"
     _wait_for(lambda: served.metric(
-        f'edgefleet_serving_shadow_agreement_total{{model="fast",version="2",result="agree"}}'
+        'edgefleet_serving_shadow_agreement_total{model="fast",version="2",result="agree"}'
     ) == served.metric(f"edgefleet_serving_shadow_requests_total{labels}"))

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from hubproc import stop_process
 from modelgen import expected_linear, make_onnx
 
 # Until `serve` is registered in hub/cli/main.py, start the click command directly.
@@ -67,14 +68,7 @@ class ServeProcess:
         return 0.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
 
 def start_serve(

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from hub.cli.client import HubClient
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
 from hub.cli.transfer import download_file, progress_bar, upload_file
 
@@ -54,6 +55,26 @@ def git_lineage(path: Path) -> dict[str, Any]:
     if commit is None:
         return {}
     return {"git_commit": commit, "git_dirty": bool(git("status", "--porcelain", "--", "."))}
+
+
+def download_version(
+    hub_client: HubClient, record: dict[str, Any], out: Path, *, quiet: bool
+) -> dict[str, Path]:
+    """Fetch every file of the version RECORD into OUT, digests checked; name -> path."""
+    files: dict[str, Path] = {}
+    with progress_bar(quiet=quiet) as progress:
+        for f in record["files"]:
+            rel = PurePosixPath(f["path"])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise click.ClickException(f"refusing unsafe file name from the hub: {f['path']!r}")
+            task = progress.add_task(f"download {f['path']}", total=f["size"])
+            download_file(
+                hub_client,
+                f"/api/v1/models/{record['name']}/versions/{record['version']}/files/{f['path']}",
+                out / rel, f["digest"], progress, task,
+            )
+            files[f["path"]] = out / rel
+    return files
 
 
 @click.group()
@@ -190,20 +211,7 @@ def download(ref: str, out: Path | None, quiet: bool, hub: str | None, token: st
     hub_client = client(hub, token)
     record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
     out = out or Path(f"{name}-{record['version']}")
-    with progress_bar(quiet=quiet) as progress:
-        for f in record["files"]:
-            rel = PurePosixPath(f["path"])
-            if rel.is_absolute() or ".." in rel.parts:
-                raise click.ClickException(f"refusing unsafe file name from the hub: {f['path']!r}")
-            task = progress.add_task(f"download {f['path']}", total=f["size"])
-            download_file(
-                hub_client,
-                f"/api/v1/models/{name}/versions/{record['version']}/files/{f['path']}",
-                out / rel,
-                f["digest"],
-                progress,
-                task,
-            )
+    download_version(hub_client, record, out, quiet=quiet)
     console.print(f"Downloaded {name}:{record['version']} into {out}/")
 
 

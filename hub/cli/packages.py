@@ -17,9 +17,9 @@ from typing import Any
 import click
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
-from hub.cli.models import parse_ref
+from hub.cli.models import download_version, parse_ref
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
-from hub.cli.transfer import download_file, progress_bar
+from hub.cli.transfer import progress_bar
 
 
 class _Steps:
@@ -49,23 +49,6 @@ def _packager_errors() -> tuple[type[Exception], ...]:
     from packager.signing import SignatureError
 
     return (PackagerError, SignatureError, FileExistsError)
-
-
-def _fetch_version(hub_client: Any, ref: str, dest: Path, quiet: bool) -> tuple[dict, dict[str, Path]]:
-    name, version = parse_ref(ref)
-    record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
-    files: dict[str, Path] = {}
-    with progress_bar(quiet=quiet) as progress:
-        for f in record["files"]:
-            task = progress.add_task(f"fetch {f['path']}", total=f["size"])
-            target = dest / f["path"]
-            download_file(
-                hub_client,
-                f"/api/v1/models/{name}/versions/{record['version']}/files/{f['path']}",
-                target, f["digest"], progress, task,
-            )
-            files[f["path"]] = target
-    return record, files
 
 
 @click.group()
@@ -131,7 +114,9 @@ def build(
     hub_client = client(hub, token)
     quiet = quiet or as_json
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
-        record, files = _fetch_version(hub_client, ref, Path(tmp) / "model", quiet)
+        name, version = parse_ref(ref)
+        record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
+        files = download_version(hub_client, record, Path(tmp) / "model", quiet=quiet)
         name, version = record["name"], record["version"]
         info = ModelInfo.from_dict(
             {k: record[k] for k in ("framework", "entrypoint", "signature")}
