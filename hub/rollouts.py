@@ -41,6 +41,7 @@ ACTIVE = ("running", "paused")
 TERMINAL_DEVICE = ("serving", "failed", "rolled_back", "skipped")
 # What a device reports for the new version, as the rollout counts it.
 IN_PROGRESS = ("downloading", "verifying", "staged", "starting", "self_test")
+TIMED_OUT = "no answer within the device timeout"
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -482,49 +483,68 @@ def _take_in_joiners(db: Database, row: dict[str, Any],
         _assign(db, row, joiners, notify)
 
 
+def _timed_out(device_timeout: str) -> str:
+    return f"{TIMED_OUT} ({device_timeout})"
+
+
 def _refresh_devices(db: Database, row: dict[str, Any], *, check_health: bool) -> None:
-    """Copy what assigned devices report for the new version into the rollout's rows."""
+    """Copy what assigned devices report for the new version into the rollout's rows.
+
+    A device's report counts as its answer (serving, failed) only once the device has
+    applied its newest desired state: until then what it reports about this version may
+    be left from an earlier attempt (a failure it still reports, say, while it is offline).
+    A device failed only for not answering in time is still followed, and counts as
+    serving if it does serve the version later.
+    """
     version = row["version"]
     open_rows = db.query(
-        "SELECT device_id, state, assigned_at, serving_at FROM rollout_devices"
-        " WHERE rollout_id = ? AND state NOT IN ('pending', 'failed', 'rolled_back', 'skipped')",
-        (row["id"],))
+        "SELECT device_id, state, assigned_at, serving_at, error FROM rollout_devices"
+        " WHERE rollout_id = ? AND (state NOT IN ('pending', 'failed', 'rolled_back', 'skipped')"
+        " OR (state = 'failed' AND error LIKE ? || '%'))",
+        (row["id"], TIMED_OUT))
     if not open_rows:
         return
-    ids = [r["device_id"] for r in open_rows]
+    ids = json.dumps([r["device_id"] for r in open_rows])
     reported = {r["device_id"]: r for r in db.query(
-        "SELECT device_id, state, error FROM deployment_status WHERE name = ? AND version = ?"
-        " AND device_id IN (SELECT value FROM json_each(?))",
-        (row["deployment"], version, json.dumps(ids)))}
+        "SELECT s.device_id, s.state, s.error,"
+        " COALESCE(d.applied_generation, 0) >= d.desired_generation AS fresh"
+        " FROM deployment_status s JOIN devices d ON d.id = s.device_id"
+        " WHERE s.name = ? AND s.version = ? AND s.device_id IN (SELECT value FROM json_each(?))",
+        (row["deployment"], version, ids))}
     owners = {r["device_id"]: r["rollout_id"] for r in db.query(
         "SELECT device_id, rollout_id FROM deployments WHERE name = ? AND active = 1"
         " AND device_id IN (SELECT value FROM json_each(?))",
-        (row["deployment"], json.dumps(ids)))}
+        (row["deployment"], ids))}
     timeout = parse_duration(row["device_timeout"], "device timeout")
     health = _unhealthy(db, row, [r["device_id"] for r in open_rows if r["state"] == "serving"]) \
         if check_health else {}
     updates: list[tuple[str, str | None, str | None, str]] = []
     for r in open_rows:
         device, report = r["device_id"], reported.get(r["device_id"])
-        state, error, serving_at = r["state"], None, r["serving_at"]
+        state, error, serving_at = r["state"], r["error"], r["serving_at"]
+        answer = report["state"] if report is not None and (
+            report["fresh"] or report["state"] in IN_PROGRESS) else None
         if owners.get(device) not in (row["id"], None):
             state, error = "skipped", f"taken over by rollout {owners[device]}"
+        elif r["state"] == "failed":  # timed out: only serving changes that now
+            if answer == "serving":
+                state, error, serving_at = "serving", None, now()
         elif device in health:
             state, error = "failed", health[device]
-        elif report is not None and report["state"] in ("failed", "rolling_back", "rolled_back"):
-            state, error = "failed", report["error"] or f"the device reports {report['state']}"
-        elif report is not None and report["state"] == "serving":
+        elif answer in ("failed", "rolling_back", "rolled_back"):
+            state, error = "failed", report["error"] or f"the device reports {answer}"
+        elif answer == "serving":
             state, serving_at = "serving", serving_at or now()
-        elif report is not None and report["state"] in IN_PROGRESS:
-            state = report["state"]
+        elif answer in IN_PROGRESS:
+            state = answer
         if state not in ("serving", "failed", "skipped") and _seconds_since(r["assigned_at"]) > timeout:
-            state, error = "failed", f"no answer within the device timeout ({row['device_timeout']})"
-        if (state, serving_at) != (r["state"], r["serving_at"]) or error:
+            state, error = "failed", _timed_out(row["device_timeout"])
+        if (state, error, serving_at) != (r["state"], r["error"], r["serving_at"]):
             updates.append((state, error, serving_at, device))
     if updates:
         with db.transaction() as conn:
             conn.executemany(
-                "UPDATE rollout_devices SET state = ?, error = COALESCE(?, error), serving_at = ?"
+                "UPDATE rollout_devices SET state = ?, error = ?, serving_at = ?"
                 " WHERE rollout_id = ? AND device_id = ?",
                 [(s, e, t, row["id"], d) for s, e, t, d in updates])
 
