@@ -42,6 +42,8 @@ TERMINAL_DEVICE = ("serving", "failed", "rolled_back", "skipped")
 # What a device reports for the new version, as the rollout counts it.
 IN_PROGRESS = ("downloading", "verifying", "staged", "starting", "self_test")
 TIMED_OUT = "no answer within the device timeout"
+# Fewer requests than this on a version say nothing about its error rate or latency.
+HEALTH_MIN_REQUESTS = 10
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -563,19 +565,24 @@ def _unhealthy(db: Database, row: dict[str, Any], serving: Sequence[str]) -> dic
         values = json.loads(p["metrics"])
         if values.get("deployment") != row["deployment"]:
             continue
-        t = totals.setdefault(p["device_id"], {"count": 0, "errors": 0, "p95": 0.0, "old_p95": 0.0})
+        t = totals.setdefault(p["device_id"], {"count": 0, "errors": 0, "p95": 0.0,
+                                               "old_count": 0, "old_p95": 0.0})
         if values.get("version") == new:
             t["count"] += values.get("count", 0)
             t["errors"] += values.get("errors", 0)
             t["p95"] = max(t["p95"], values.get("p95_ms", 0.0))
         else:
+            t["old_count"] += values.get("count", 0)
             t["old_p95"] = max(t["old_p95"], values.get("p95_ms", 0.0))
     verdicts = {}
     for device, t in totals.items():
-        if t["count"] >= 10 and t["errors"] / t["count"] > row["max_error_rate"]:
+        if t["count"] >= HEALTH_MIN_REQUESTS and t["errors"] / t["count"] > row["max_error_rate"]:
             verdicts[device] = (f"unhealthy: error rate {t['errors'] / t['count']:.1%} of "
                                 f"{int(t['count'])} requests is above {row['max_error_rate']:.1%}")
-        elif t["old_p95"] and t["p95"] > row["max_latency_ratio"] * t["old_p95"]:
+        # Latency too needs enough requests on both versions: the p95 of one or two
+        # requests (a fresh session's first one is slow) says nothing about a version.
+        elif (min(t["count"], t["old_count"]) >= HEALTH_MIN_REQUESTS and t["old_p95"]
+              and t["p95"] > row["max_latency_ratio"] * t["old_p95"]):
             verdicts[device] = (f"unhealthy: p95 latency {t['p95']:.1f} ms is more than "
                                 f"{row['max_latency_ratio']:g}x the previous version's "
                                 f"{t['old_p95']:.1f} ms")
