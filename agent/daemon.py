@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import inventory
 from agent.identity import Identity
@@ -51,8 +52,10 @@ from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
 from agent.updates import Updater, deployment_body, now
 from agent.uplink import Uplink
-from packager.distribution import Registry
 from packager.signing import load_public_key
+
+if TYPE_CHECKING:
+    from packager.distribution import Registry
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -107,7 +110,7 @@ class Agent:
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue,
         ))
-        self.registry = Registry(identity.hub_url, identity.device_token)
+        self._registry: Registry | None = None
         self.store = PackageStore(data, platform=self.platform, public_key=self.public_key)
         offline = Message(status_topic(identity.device_id), b"offline", retain=True)
         self.session = Session(
@@ -123,6 +126,14 @@ class Agent:
                              interval=options.telemetry_interval)
         self.updater = Updater(self.state, self.state_file, self.store, self.registry,
                                self.serving, self.report, pause_in=options.pause_in)
+
+    def registry(self) -> Registry:
+        """The hub's OCI registry client, made at the first download."""
+        if self._registry is None:
+            from packager.distribution import Registry
+
+            self._registry = Registry(self.identity.hub_url, self.identity.device_token)
+        return self._registry
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -158,7 +169,8 @@ class Agent:
             pass
         self.session.close()
         self.serving.stop()
-        self.registry.close()
+        if self._registry is not None:
+            self._registry.close()
         self.queue.close()
 
     def _supervise(self) -> None:

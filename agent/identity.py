@@ -14,8 +14,6 @@ import platform as host_platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
 from agent.files import read_json, write_json
 from packager import signing
 
@@ -57,6 +55,8 @@ def enroll(
         signing.write_private_key(signing.generate_private_key(), key_path)
     public_pem = signing.public_key_pem(signing.load_private_key(key_path))
     name = name or host_platform.node() or "device"
+    import httpx  # only enrollment needs it: the daemon stays small without it
+
     try:
         response = httpx.post(
             f"{hub_url.rstrip('/')}/api/v1/enroll",

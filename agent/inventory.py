@@ -17,8 +17,6 @@ from typing import Any
 
 import psutil
 
-from agent.runtimes import RUNTIMES, get_runtime
-from agent.runtimes.base import ModelRuntimeError
 
 # platform.machine() -> OCI architecture (and variant), as the packager names its platforms.
 _ARCHITECTURES = {
@@ -73,6 +71,10 @@ def runtimes() -> dict[str, dict[str, Any]]:
     """Per runtime: installed or not (and why), its version, and its accelerators with
     what each is, e.g. {"openvino": {"installed": True, "version": "...",
     "accelerators": {"openvino:CPU": "Intel(R) Core(TM) i5-1135G7"}}}."""
+    # Imported here: only the inventory child process pays for the runtimes.
+    from agent.runtimes import RUNTIMES, get_runtime
+    from agent.runtimes.base import ModelRuntimeError
+
     found: dict[str, dict[str, Any]] = {}
     for name in RUNTIMES:
         try:

@@ -18,16 +18,18 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import Package
-from packager.distribution import Registry, pull_signature, pull_to_layout
 from packager.errors import PackagerError, VerificationError
 from packager.layers import MODEL_DIR, SERVING_FILE
 from packager.oci import Descriptor, OCILayout
 from packager.verify import VerifiedImage, verify_package
+
+if TYPE_CHECKING:
+    from packager.distribution import Registry
 
 NATIVE_ROLES = frozenset({"model", "serving"})
 
@@ -66,6 +68,8 @@ class PackageStore:
 
     def download(self, registry: Registry, package: Package) -> Descriptor:
         """Fetch what this device needs of PACKAGE (resumable), with its signature."""
+        from packager.distribution import pull_signature, pull_to_layout
+
         try:
             index = pull_to_layout(
                 registry, package.repository, package.digest, self.layout,

@@ -10,9 +10,12 @@ loads its good versions into it again.
 from __future__ import annotations
 
 import ctypes
+import http.client
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,14 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 log = logging.getLogger("edgefleet.agent")
 PR_SET_PDEATHSIG = 1
 
 
 class ServingError(Exception):
     """The serving process refused or failed a control request."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the control socket. The stdlib client, not httpx: the agent
+    stays small (httpx with its imports costs ~14 MB the daemon need not hold)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("serving", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self._path))
 
 
 def _die_with_parent() -> None:
@@ -54,10 +69,6 @@ class ServingProcess:
         self.log_path = data_dir / "serving.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
-        self._client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)),
-            base_url="http://serving", timeout=httpx.Timeout(120.0, connect=5.0),
-        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -83,7 +94,7 @@ class ServingProcess:
             try:
                 self.state()
                 return
-            except (httpx.TransportError, ServingError):
+            except (OSError, ServingError):
                 time.sleep(0.05)
         raise ServingError(f"the serving process did not answer within {timeout:g}s")
 
@@ -118,7 +129,6 @@ class ServingProcess:
                 self.process.kill()
                 self.process.wait()
         self.pid_file.unlink(missing_ok=True)
-        self._client.close()
 
     def restart(self) -> None:
         self.restarts += 1
@@ -128,25 +138,33 @@ class ServingProcess:
 
     # -- control API ----------------------------------------------------------
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._client.request(method, path, **kwargs)
-        if response.status_code >= 400:
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        connection = _UnixConnection(self.socket, timeout=120.0)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        if response.status >= 400:
             try:
-                message = response.json().get("error", response.text)
+                message = json.loads(text).get("error", text)
             except ValueError:
-                message = response.text
+                message = text
             raise ServingError(message)
-        return response.json()
+        return json.loads(text)
 
     def put(self, name: str, body: Mapping[str, Any]) -> Any:
-        return self._call("PUT", f"/control/deployments/{name}", json=body)
+        return self._call("PUT", f"/control/deployments/{name}", body)
 
     def delete(self, name: str) -> Any:
         return self._call("DELETE", f"/control/deployments/{name}")
 
     def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any:
         return self._call("POST", f"/control/deployments/{name}/versions/{version}/self-test",
-                          json=sample)
+                          sample)
 
     def state(self) -> Any:
         return self._call("GET", "/control/state")

@@ -34,13 +34,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.package_store import PackageStore, StageError
 from agent.protocol import Package, UpdateState, format_time
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingProcess
-from packager.distribution import Registry
+
+if TYPE_CHECKING:
+    from packager.distribution import Registry
 
 log = logging.getLogger("edgefleet.agent")
 S = UpdateState
@@ -106,7 +108,7 @@ class Updater:
     state: AgentState
     state_file: StateFile
     store: PackageStore
-    registry: Registry
+    registry: Callable[[], Registry]  # made on first use: an idle agent needs no HTTP client
     serving: ServingProcess
     report: Callable[[], None]
     sleep: Callable[[float], None] = time.sleep
@@ -196,7 +198,7 @@ class Updater:
     def _download(self, package: Package) -> None:
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
-                self.store.download(self.registry, package)
+                self.store.download(self.registry(), package)
                 return
             except StageError as exc:
                 if "digest" in str(exc) or attempt == DOWNLOAD_ATTEMPTS:
