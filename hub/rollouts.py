@@ -337,8 +337,13 @@ def _seconds_since(stamp: str | None) -> float:
 
 def tick(db: Database, notify: Callable[[Iterable[str]], None], *, check_health: bool = True) -> None:
     """Move every rollout that needs it one step on."""
-    for row in db.query("SELECT * FROM rollouts WHERE state IN ('created', 'running', 'paused',"
-                        " 'completed') ORDER BY seq"):
+    # An aborted rollout assigns nothing more, but its devices that were updating when it
+    # was aborted are still followed to their outcome.
+    for row in db.query(
+            "SELECT * FROM rollouts r WHERE r.state IN ('created', 'running', 'paused', 'completed')"
+            " OR (r.state = 'aborted' AND EXISTS (SELECT 1 FROM rollout_devices d"
+            "  WHERE d.rollout_id = r.id AND d.state NOT IN ('pending', 'serving', 'failed',"
+            "  'rolled_back', 'skipped'))) ORDER BY r.seq"):
         step(db, row, notify, check_health=check_health)
 
 
@@ -499,9 +504,13 @@ def _refresh_devices(db: Database, row: dict[str, Any], *, check_health: bool) -
     serving if it does serve the version later.
     """
     version = row["version"]
+    # Once a rollout has ended, what its devices served is history: a later rollout taking
+    # them over does not rewrite it. Devices still on their way are followed to the end.
+    settled = "'pending', 'failed', 'rolled_back', 'skipped'" + (
+        ", 'serving'" if row["state"] in ("completed", "aborted") else "")
     open_rows = db.query(
         "SELECT device_id, state, assigned_at, serving_at, error FROM rollout_devices"
-        " WHERE rollout_id = ? AND (state NOT IN ('pending', 'failed', 'rolled_back', 'skipped')"
+        f" WHERE rollout_id = ? AND (state NOT IN ({settled})"
         " OR (state = 'failed' AND error LIKE ? || '%'))",
         (row["id"], TIMED_OUT))
     if not open_rows:
