@@ -27,7 +27,7 @@ from mosquitto import Mosquitto, start_mosquitto
 
 from agent import protocol
 from agent.mqtt import Message
-from agent.sim import Fleet, SimOptions
+from agent.sim import Fleet, PerVersion, SimOptions
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
 from conftest import Cli
 from hubproc import HubProcess, start_hub
@@ -127,7 +127,7 @@ def test_a_fleet_enrolls_shows_online_sends_telemetry_and_comes_back_as_itself(
                 shown = await until(lambda: _all(hub_devices(api, fleet), 20, status="online"),
                                     "20 devices online in the hub")
                 record = next(iter(shown.values()))
-                assert record["tags"] == {"site": "sim"}  # from the enrollment token
+                assert record["tags"]["site"] == "sim"  # from the enrollment token
                 assert record["platform"] == "linux/arm64" and record["name"].startswith("sim-")
                 await asyncio.sleep(1)  # a few telemetry rounds
             # A clean stop says "offline" itself (a DISCONNECT does not fire the will).
@@ -135,12 +135,15 @@ def test_a_fleet_enrolls_shows_online_sends_telemetry_and_comes_back_as_itself(
                         "20 devices offline after the stop")
             sent_first = {d.id: d.next_seq for d in fleet.devices}
 
-            # The same data dir: the same devices, no token needed, sequence numbers go on.
-            again = Fleet(None, None, 20, options(tmp_path))
-            async with again:
-                assert [d.id for d in again.devices] == ids
-                await again.wait(lambda f: f.connected == 20, timeout=15, what="reconnected")
-                await asyncio.sleep(0.6)
+            # The same data dir: the same devices, no token needed, sequence numbers go
+            # on, also for devices that sat out a smaller run in between.
+            for count in (10, 20):
+                again = Fleet(None, None, count, options(tmp_path))
+                async with again:
+                    assert [d.id for d in again.devices] == ids[:count]
+                    await again.wait(lambda f: f.connected == count, timeout=15,
+                                     what="reconnected")
+                    await asyncio.sleep(0.5)
             assert all(d.next_seq > sent_first[d.id] for d in again.devices)
         # On the wire: every point once, in order, none missing, across the restart.
         for device in again.devices:
@@ -169,7 +172,8 @@ async def _all(listing: Coroutine[Any, Any, dict[str, dict[str, Any]]], count: i
 def test_deployments_are_applied_and_a_broken_version_rolls_back(
         site: Site, tmp_path: Path) -> None:
     async def body() -> None:
-        opts = options(tmp_path, fail_versions=frozenset({("tiny", 2)}))
+        opts = options(tmp_path, fail_versions=frozenset({("tiny", 2)}), requests_per_second=100,
+                       error_rate=PerVersion(0.0, {("tiny", 1): 0.5}))
         async with site.api() as api, Fleet(site.hub.url, site.token, 20, opts) as fleet, \
                 Watcher(site.broker, "r") as watcher:
             await fleet.wait(lambda f: f.connected == 20, timeout=15, what="connected")
@@ -183,6 +187,14 @@ def test_deployments_are_applied_and_a_broken_version_rolls_back(
                              and not any(d.updating for d in f.devices),
                              timeout=15, what="tiny:1 everywhere")
             assert fleet.status()["serving"] == {"tiny:1": 20}
+
+            async def inference() -> list[dict[str, Any]]:
+                return [p["values"] for p in (await api.get(
+                    f"/api/v1/devices/{first.id}/telemetry", params={"kind": "inference"})).json()]
+            points = await until(inference, "inference telemetry")
+            assert {(p["deployment"], p["version"]) for p in points} == {("tiny", 1)}
+            # --error-rate tiny:1=0.5: about half the simulated requests fail
+            assert 0.2 < sum(p["errors"] for p in points) / sum(p["count"] for p in points) < 0.8
 
             async def reported(device_id: str) -> list[tuple[int, str]]:
                 shown = (await api.get(f"/api/v1/devices/{device_id}/deployments")).json()

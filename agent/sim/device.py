@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from agent.daemon import agent_version
 from agent.identity import Identity
 from agent.mqtt import Message, MqttError
 from agent.protocol import (
@@ -74,7 +73,7 @@ LOADED: Final = frozenset({S.STARTING, S.SELF_TEST, S.SERVING})  # states with a
 QUEUE_POINTS: Final = 1000   # unsent points kept while offline; the oldest go first
 # After a crash the saved sequence number may be behind what was sent; a
 # restart continues this far beyond it so no number is used twice.
-SEQ_MARGIN: Final = 10_000
+SEQ_MARGIN: Final = 100_000
 TIMEOUT: Final = 10.0        # seconds for a CONNACK, SUBACK or PUBACK
 
 
@@ -121,13 +120,14 @@ def _binomial_like(n: int, p: float) -> int:
 class SimDevice:
     def __init__(self, identity: Identity, options: SimOptions,
                  connect_slots: asyncio.Semaphore,
-                 on_first_connect: Callable[[], None] = lambda: None) -> None:
+                 on_connection: Callable[[SimDevice, bool], None] = lambda device, up: None
+                 ) -> None:
         self.identity = identity
         self.id = identity.device_id
         self.name = identity.name
         self.options = options
         self._slots = connect_slots
-        self._on_first_connect = on_first_connect
+        self._on_connection = on_connection  # told of every connect (True) and loss (False)
         self._public_key = load_public_key(identity.hub_public_key)
         self._broker = parse_url(options.mqtt_url or identity.mqtt_url)
         status = status_topic(self.id)
@@ -199,6 +199,10 @@ class SimDevice:
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
+        """Take back a `snapshot`; ProtocolError if its reported state no longer
+        parses (saved by another protocol version): then only the sequence
+        number is taken, and the retained desired state brings the rest back."""
+        self.next_seq = saved["next_seq"]  # first: numbers must never repeat, whatever follows
         reported = parse_reported(saved["reported"].encode(), device_id=self.id)
         self.applied_generation = reported.applied_generation
         self.statuses = {(d.name, d.version): d for d in reported.deployments}
@@ -209,7 +213,6 @@ class SimDevice:
                        s["traffic"], s["shadow"])
             for name, s in saved["serving"].items()
         }
-        self.next_seq = saved["next_seq"]
         self._reported = None
 
     # -- the device's life ----------------------------------------------------------------
@@ -266,6 +269,7 @@ class SimDevice:
     async def _goodbye(self) -> None:
         if self._updater is not None:
             self._updater.cancel()
+            await asyncio.gather(self._updater, return_exceptions=True)
         client = self._client
         if client is None:
             return
@@ -300,13 +304,13 @@ class SimDevice:
         self._report_sent = False  # the hub may have missed changes while we were away
         self.connects += 1
         self.sent += 1
-        if self.connects == 1:
-            self._on_first_connect()
+        self._on_connection(self, True)
         return True
 
     def _lost(self, client: Client) -> None:
         if self._client is client:
             self._client = None
+            self._on_connection(self, False)
             self._wake.set()
 
     def _received(self, message: Message) -> None:
@@ -451,7 +455,7 @@ class SimDevice:
             self._reported = build_reported(ReportedState(
                 device_id=self.id, applied_generation=self.applied_generation,
                 deployments=tuple(self.statuses.values()), platform=self.options.platform,
-                accelerators=self.options.accelerators, agent_version=agent_version(),
+                accelerators=self.options.accelerators, agent_version=self.options.agent_version,
                 refusals=tuple(self.refusals)))
         return self._reported
 

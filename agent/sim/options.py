@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.daemon import agent_version
 from agent.mqtt import BackoffPolicy
 
 VersionKey = tuple[str, int]  # (model, version)
@@ -74,6 +75,8 @@ class SimOptions:
     connect_jitter: float = 1.0              # first attempts spread over this many seconds
     enroll_concurrency: int = 8              # enrollment requests under way at once
     backoff: BackoffPolicy = BackoffPolicy()
+    # Read once: importlib.metadata parses the package's metadata on every call.
+    agent_version: str = field(default_factory=lambda: f"{agent_version()}+sim")
 
     def __post_init__(self) -> None:
         for name in ("fail_rate", "offline_rate"):
