@@ -256,45 +256,63 @@ def show(db: Database, rollout_id: str, *, devices: bool = False) -> dict[str, A
 
 
 def _transition(db: Database, rollout_id: str, state: str, reason: str | None,
-                actor: str = "rollout-engine") -> None:
+                actor: str = "rollout-engine", *, source: Sequence[str]) -> bool:
+    """Move the rollout to STATE if it is in one of SOURCE now; False if it is not.
+
+    The check and the change are one write transaction, so the engine and a user acting
+    at the same moment cannot undo each other (a pause overwritten by "completed", a
+    wave started after an abort)."""
     with db.transaction() as conn:
-        conn.execute("UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
-                     (state, reason, now(), rollout_id))
-    audit.record(db, actor=actor, action=f"rollout.{state}", target=rollout_id, status=200,
-                 detail=reason or "")
+        changed = conn.execute(
+            "UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ?"
+            " AND state IN (SELECT value FROM json_each(?))",
+            (state, reason, now(), rollout_id, json.dumps(list(source)))).rowcount
+        if changed:
+            audit.record(db, actor=actor, action=f"rollout.{state}", target=rollout_id,
+                         status=200, detail=reason or "")
+    return bool(changed)
+
+
+def _command(db: Database, rollout_id: str, state: str, reason: str | None, actor: str,
+             source: Sequence[str], refusal: str) -> dict[str, Any]:
+    _row(db, rollout_id)  # NotFound first
+    if not _transition(db, rollout_id, state, reason, actor, source=source):
+        raise Conflict(f"{rollout_id} is {_row(db, rollout_id)['state']}; {refusal}")
+    return show(db, rollout_id)
 
 
 def pause(db: Database, rollout_id: str, *, actor: str) -> dict[str, Any]:
-    row = _row(db, rollout_id)
-    if row["state"] not in ("created", "running"):
-        raise Conflict(f"{rollout_id} is {row['state']}; only a running rollout can be paused")
-    _transition(db, rollout_id, "paused", f"paused by {actor}", actor)
-    return show(db, rollout_id)
+    return _command(db, rollout_id, "paused", f"paused by {actor}", actor, ("created", "running"),
+                    "only a running rollout can be paused")
 
 
 def resume(db: Database, rollout_id: str, *, actor: str) -> dict[str, Any]:
-    row = _row(db, rollout_id)
-    if row["state"] != "paused":
-        raise Conflict(f"{rollout_id} is {row['state']}; only a paused rollout can be resumed")
-    _transition(db, rollout_id, "running", None, actor)
-    return show(db, rollout_id)
+    return _command(db, rollout_id, "running", None, actor, ("paused",),
+                    "only a paused rollout can be resumed")
 
 
 def abort(db: Database, rollout_id: str, *, actor: str) -> dict[str, Any]:
     """Stop here: devices keep what they run now; pending devices are never assigned."""
-    row = _row(db, rollout_id)
-    if row["state"] not in ("created", *ACTIVE):
-        raise Conflict(f"{rollout_id} is {row['state']}; it cannot be aborted")
-    _transition(db, rollout_id, "aborted", f"aborted by {actor}", actor)
-    return show(db, rollout_id)
+    return _command(db, rollout_id, "aborted", f"aborted by {actor}", actor,
+                    ("created", *ACTIVE), "it cannot be aborted")
 
 
 def roll_back(db: Database, rollout_id: str, *, actor: str,
               notify: Callable[[Iterable[str]], None], reason: str | None = None) -> dict[str, Any]:
     """Give every device that got the new version its previous one back."""
+    _row(db, rollout_id)
+    with db.transaction():
+        changed = _roll_back(db, rollout_id, actor=actor, reason=reason)
+    if changed:  # after the commit, so the publisher reads the new generations
+        notify(changed)
+    return show(db, rollout_id)
+
+
+def _roll_back(db: Database, rollout_id: str, *, actor: str, reason: str | None) -> list[str]:
+    """roll_back inside the caller's transaction; returns the devices to notify."""
     row = _row(db, rollout_id)
     if row["state"] == "rolled_back":
-        return show(db, rollout_id)
+        return []
     touched = db.query(
         "SELECT device_id, previous_version FROM rollout_devices WHERE rollout_id = ?"
         " AND assigned_at IS NOT NULL AND state != 'skipped'", (rollout_id,))
@@ -302,6 +320,7 @@ def roll_back(db: Database, rollout_id: str, *, actor: str,
     for t in touched:
         by_previous.setdefault(t["previous_version"], []).append(t["device_id"])
     name, model = row["deployment"], row["model"]
+    changed: list[str] = []
     for previous, devices in by_previous.items():
         # Only where this rollout still owns the deployment: another rollout may have taken over.
         owned = [r["device_id"] for r in db.query(
@@ -315,14 +334,15 @@ def roll_back(db: Database, rollout_id: str, *, actor: str,
         else:
             deployments.assign_many(db, owned, name=name, model=model, version=previous,
                                     prefer=json.loads(row["prefer"]))
-        notify(owned)
+        changed += owned
     with db.transaction() as conn:
         # Failed devices stay "failed" with their error: `rollout show` lists them, and why.
         conn.execute(
             "UPDATE rollout_devices SET state = 'rolled_back' WHERE rollout_id = ?"
             " AND assigned_at IS NOT NULL AND state NOT IN ('skipped', 'failed')", (rollout_id,))
-    _transition(db, rollout_id, "rolled_back", reason or f"rolled back by {actor}", actor)
-    return show(db, rollout_id)
+    _transition(db, rollout_id, "rolled_back", reason or f"rolled back by {actor}", actor,
+                source=(row["state"],))
+    return changed
 
 
 # -- the engine's tick --------------------------------------------------------------
@@ -351,7 +371,7 @@ def step(db: Database, row: dict[str, Any], notify: Callable[[Iterable[str]], No
          check_health: bool = True) -> None:
     rollout_id = row["id"]
     if row["state"] == "created":
-        _transition(db, rollout_id, "running", None)
+        _transition(db, rollout_id, "running", None, source=("created",))
         row = _row(db, rollout_id)
     _take_in_joiners(db, row, notify)
     _refresh_devices(db, row, check_health=check_health)
@@ -364,10 +384,14 @@ def step(db: Database, row: dict[str, Any], notify: Callable[[Iterable[str]], No
     if failed > allowed_failures(row["max_failures"], total):
         reason = (f"{failed} device(s) failed, more than --max-failures {row['max_failures']} "
                   f"of {total} allows")
-        _transition(db, rollout_id, "paused", reason)
-        if row["auto_rollback"]:
-            roll_back(db, rollout_id, actor="rollout-engine", notify=notify,
-                      reason=reason + "; rolled back automatically")
+        changed: list[str] = []
+        with db.transaction():
+            if (_transition(db, rollout_id, "paused", reason, source=("running",))
+                    and row["auto_rollback"]):
+                changed = _roll_back(db, rollout_id, actor="rollout-engine",
+                                     reason=reason + "; rolled back automatically")
+        if changed:
+            notify(changed)
         return
     wave = row["current_wave"]
     if wave == 0 or _wave_done(db, row):
@@ -375,7 +399,7 @@ def step(db: Database, row: dict[str, Any], notify: Callable[[Iterable[str]], No
             "SELECT MIN(wave) AS w FROM rollout_devices WHERE rollout_id = ? AND wave > ?",
             (rollout_id, wave))["w"]
         if following is None:
-            _transition(db, rollout_id, "completed", None)
+            _transition(db, rollout_id, "completed", None, source=("running",))
             return
         _start_wave(db, row, following, notify)
 
@@ -397,22 +421,27 @@ def _wave_done(db: Database, row: dict[str, Any]) -> bool:
 
 def _start_wave(db: Database, row: dict[str, Any], wave: int,
                 notify: Callable[[Iterable[str]], None]) -> None:
-    devices = [r["device_id"] for r in db.query(
-        "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND wave = ?"
-        " AND state = 'pending'", (row["id"], wave))]
-    _assign(db, row, devices, notify)
     with db.transaction() as conn:
+        fresh = _row(db, row["id"])  # under the write lock: not paused or aborted meanwhile
+        if (fresh["state"], fresh["current_wave"]) != ("running", row["current_wave"]):
+            return
+        devices = [r["device_id"] for r in db.query(
+            "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND wave = ?"
+            " AND state = 'pending'", (row["id"], wave))]
+        assigned = _assign(db, fresh, devices)
         conn.execute("UPDATE rollouts SET current_wave = ?, wave_started_at = ?, updated_at = ?"
                      " WHERE id = ?", (wave, now(), now(), row["id"]))
-    audit.record(db, actor="rollout-engine", action="rollout.wave", target=row["id"],
-                 status=200, detail=f"wave {wave}: {len(devices)} device(s)")
+        audit.record(db, actor="rollout-engine", action="rollout.wave", target=row["id"],
+                     status=200, detail=f"wave {wave}: {len(devices)} device(s)")
+    if assigned:
+        notify(assigned)
 
 
-def _assign(db: Database, row: dict[str, Any], devices: Sequence[str],
-            notify: Callable[[Iterable[str]], None]) -> None:
-    """Assign the new version to DEVICES, except where a higher-priority rollout owns the deployment."""
+def _assign(db: Database, row: dict[str, Any], devices: Sequence[str]) -> list[str]:
+    """Assign the new version to DEVICES, except where a higher-priority rollout owns the
+    deployment; returns the devices assigned, for the caller to notify after its commit."""
     if not devices:
-        return
+        return []
     name = row["deployment"]
     current = {r["device_id"]: r for r in db.query(
         "SELECT d.device_id, d.version, d.rollout_id, r.priority AS owner_priority, r.state AS owner_state"
@@ -457,7 +486,7 @@ def _assign(db: Database, row: dict[str, Any], devices: Sequence[str],
         conn.executemany(
             "UPDATE rollout_devices SET state = 'skipped', error = ? WHERE rollout_id = ?"
             " AND device_id = ?", [(reason, row["id"], d) for d, reason in skipped.items()])
-    notify([d for d in chosen if d not in skipped])
+    return [d for d in chosen if d not in skipped]
 
 
 def _take_in_joiners(db: Database, row: dict[str, Any],
@@ -481,13 +510,19 @@ def _take_in_joiners(db: Database, row: dict[str, Any],
     joiners = [d for d in joiners if d not in claimed]
     if not joiners:
         return
-    wave = max(row["current_wave"], 1)
+    assigned: list[str] = []
     with db.transaction() as conn:
+        fresh = _row(db, row["id"])  # under the write lock: not paused or aborted meanwhile
+        if fresh["state"] not in ("running", "completed"):
+            return
         conn.executemany(
             "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, wave, state)"
-            " VALUES (?, ?, ?, 'pending')", [(row["id"], d, wave) for d in joiners])
-    if row["current_wave"] >= 1:
-        _assign(db, row, joiners, notify)
+            " VALUES (?, ?, ?, 'pending')",
+            [(row["id"], d, max(fresh["current_wave"], 1)) for d in joiners])
+        if fresh["current_wave"] >= 1:
+            assigned = _assign(db, fresh, joiners)
+    if assigned:
+        notify(assigned)
 
 
 def _timed_out(device_timeout: str) -> str:
