@@ -154,6 +154,10 @@ def test_failing_self_test_is_rolled_back(fleet_hub: HubProcess, device: AgentPr
     assert "self-test" in row["error"]
     assert infer(device, "tiny", ROWS)["model_version"] == str(versions["v2"])
     assert serving_version(fleet_hub, device.device_id) == versions["v2"]
+    # on disk: the serving version and the one before it (for rollback), nothing else
+    staged = device.data_dir / "versions" / "tiny"
+    wait_for(lambda: sorted(int(d.name.split("-")[0]) for d in staged.iterdir())
+             == [versions["v1"], versions["v2"]], what="old versions pruned")
 
 
 def test_tampered_package_is_refused(fleet_hub: HubProcess, device: AgentProcess,
