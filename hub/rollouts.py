@@ -19,6 +19,26 @@ new version is unhealthy in telemetry, and then pause (and with
 auto-rollback, roll back) when failures cross the threshold, or start the
 next wave once this one serves and has soaked. Work per tick is a few
 set-based queries per rollout, never a loop of requests per device.
+
+What counts as a device's answer:
+
+- A report about the new version counts (serving, failed) only once the
+  device has applied its newest desired state; before that it may be left
+  over from an earlier attempt at the same version.
+- A device failed for not answering within the device timeout is still
+  followed: if it comes back and serves, it counts as serving.
+- Health from telemetry needs at least HEALTH_MIN_REQUESTS requests on a
+  version before its error rate or latency is judged.
+- A device another rollout takes over (higher priority) is "skipped" with
+  the reason; so is one a lower-priority rollout finds held. Once a rollout
+  has completed or been aborted, what its devices served stays as it was.
+- A joiner is taken in by the newest rollout of the deployment that
+  targets it, not by older ones it supersedes.
+
+State changes check their starting state in the same write transaction,
+and a wave is assigned under the write lock only while the rollout still
+runs, so a user's pause or abort and the engine's tick cannot undo each
+other.
 """
 
 from __future__ import annotations
