@@ -19,23 +19,23 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
-from mosquitto import Mosquitto, start_mosquitto
+from conftest import Cli
+from hubproc import HubProcess, start_hub
+from modelgen import make_onnx
+from mosquitto import Mosquitto, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
 from agent import protocol
 from agent.mqtt import Message
 from agent.sim import Fleet, PerVersion, SimOptions
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
-from conftest import Cli
-from hubproc import HubProcess, start_hub
-from modelgen import make_onnx
 from packager import signing
 
 S = protocol.UpdateState
-FAST = dict(telemetry_interval=0.2, step_latency=0.1, connect_jitter=0.2, keepalive=10)
+FAST = {"telemetry_interval": 0.2, "step_latency": 0.1, "connect_jitter": 0.2, "keepalive": 10}
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Watcher:
         self.client = Client(*parse_url(broker.url), ConnectOptions(f"watcher-{name}"),
                              on_message=lambda m: self.seen[m.topic].append(m))
 
-    async def __aenter__(self) -> Watcher:
+    async def __aenter__(self) -> Self:
         await self.client.connect()
         return self
 
@@ -141,7 +141,7 @@ def test_a_fleet_enrolls_shows_online_sends_telemetry_and_comes_back_as_itself(
                 again = Fleet(None, None, count, options(tmp_path))
                 async with again:
                     assert [d.id for d in again.devices] == ids[:count]
-                    await again.wait(lambda f: f.connected == count, timeout=15,
+                    await again.wait(lambda f, n=count: f.connected == n, timeout=15,
                                      what="reconnected")
                     await asyncio.sleep(0.5)
             assert all(d.next_seq > sent_first[d.id] for d in again.devices)
@@ -200,7 +200,7 @@ def test_deployments_are_applied_and_a_broken_version_rolls_back(
                 shown = (await api.get(f"/api/v1/devices/{device_id}/deployments")).json()
                 return sorted((r["version"], r["state"]) for r in shown["reported"])
             for device in fleet.devices:
-                await until(lambda: _equal(reported(device.id), [(1, "serving")]),
+                await until(lambda d=device: _equal(reported(d.id), [(1, "serving")]),
                             f"the hub sees {device.name} serving tiny:1")
 
             # The broken version: failed, rolled back, and version 1 serves on.
@@ -213,7 +213,7 @@ def test_deployments_are_applied_and_a_broken_version_rolls_back(
             assert all(d.versions() == {"tiny": 1} for d in broken)
             assert fleet.status()["failed"] == 2
             for device in broken:
-                shown = await until(lambda: _equal(reported(device.id),
+                shown = await until(lambda d=device: _equal(reported(d.id),
                                                    [(1, "serving"), (2, "rolled_back")]),
                                     "the hub sees the rollback")
                 assert shown
@@ -312,7 +312,7 @@ def test_the_command_line_tags_via_its_own_token_and_stops_cleanly_on_sigterm(
                "--data-dir", str(tmp_path / "cli"), "--name-prefix", "cli-",
                "--telemetry-interval", "0.2", "--json-status-every", "0.2"]
     refused = subprocess.run([*command, "--token", site.token, "--tag", "team=x"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, check=False)
     assert refused.returncode == 2 and "devices cannot choose their tags" in refused.stderr
     env = {**os.environ, "EDGEFLEET_TOKEN": site.hub.admin_token}
     process = subprocess.Popen([*command, "--tag", "team=cli"], env=env, text=True,
@@ -338,3 +338,21 @@ def test_the_command_line_tags_via_its_own_token_and_stops_cleanly_on_sigterm(
                   for d in mine):
             assert time.monotonic() < deadline, "the devices did not say offline"
             time.sleep(0.1)
+
+
+def test_the_fleet_comes_back_after_the_broker_restarts(
+        site: Site, mosquitto: Mosquitto, tmp_path: Path) -> None:
+    async def body() -> None:
+        # Enrolled with the hub, connected to a broker of their own (--mqtt-url).
+        opts = options(tmp_path, mqtt_url=mosquitto.url)
+        async with Fleet(site.hub.url, site.token, 10, opts) as fleet:
+            await fleet.wait(lambda f: f.connected == 10, timeout=15, what="connected")
+            await asyncio.to_thread(mosquitto.restart)
+            await fleet.wait(lambda f: all(d.connects == 2 for d in f.devices)
+                             and f.connected == 10, timeout=15, what="reconnected")
+            async with Watcher(mosquitto, "s") as watcher:
+                await watcher.client.subscribe([(protocol.status_topic(d.id), 1)
+                                                for d in fleet.devices])
+                await until(lambda: _now(len(watcher.seen) == 10), "retained births")
+            assert {m[-1].payload for m in watcher.seen.values()} == {protocol.ONLINE}
+    run(body)

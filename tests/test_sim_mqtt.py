@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -197,11 +198,11 @@ def test_keepalive_pings_when_idle_and_notices_a_dead_broker(mosquitto: Mosquitt
         assert idle.connected
         await idle.publish(Message("still/here", b"1"))
         paused = time.monotonic()
-        subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        os.kill(pid, signal.SIGSTOP)  # alive, but answering nothing
         try:
             reason = await asyncio.wait_for(idle.wait_closed(), 5)
         finally:
-            subprocess.run(["kill", "-CONT", str(pid)], check=True)
+            os.kill(pid, signal.SIGCONT)
         assert isinstance(reason, MqttTimeout) and "PINGRESP" in str(reason)
         assert time.monotonic() - paused < 2.5  # at most a keepalive and a half
     run(body)

@@ -24,9 +24,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from agent import identity as identities
 from agent.files import write_json
@@ -53,13 +52,13 @@ def unenrolled(options: SimOptions, count: int) -> int:
 
 class Fleet:
     def __init__(self, hub_url: str | None, token: str | None, count: int,
-                 options: SimOptions = SimOptions()) -> None:
+                 options: SimOptions | None = None) -> None:
         if count < 1:
             raise ValueError(f"a fleet needs at least one device, got {count}")
         self.hub_url = hub_url
         self.token = token
         self.count = count
-        self.options = options
+        self.options = options or SimOptions()
         self.devices: list[SimDevice] = []
         self.enrolled = 0           # identities ready, loaded or new: for progress output
         self.started_at: float | None = None
@@ -70,7 +69,7 @@ class Fleet:
         self._saver: asyncio.Task[None] | None = None
         self._saved: dict[str, Any] = {}  # by device name, including devices not running now
 
-    async def __aenter__(self) -> Fleet:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -143,6 +142,7 @@ class Fleet:
             "serving": dict(sorted(serving.items())),
             "updating": sum(d.updating for d in self.devices),
             "failed": failed,  # devices whose latest update of some deployment failed
+            "failed_updates": sum(d.failed_updates for d in self.devices),
             "refusals": sum(len(d.refusals) for d in self.devices),
             "connects": sum(d.connects for d in self.devices),
             "drops": sum(d.drops for d in self.devices),
@@ -201,6 +201,6 @@ class Fleet:
         await asyncio.to_thread(write_json, path, dict(self._saved))
 
     async def _save_regularly(self) -> None:
-        while True:
-            await asyncio.sleep(SAVE_EVERY)
+        while True:  # at once too: a crash before the first round must not reuse numbers
             await self._save(final=False)
+            await asyncio.sleep(SAVE_EVERY)

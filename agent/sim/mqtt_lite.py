@@ -34,7 +34,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, Self
 from urllib.parse import urlsplit
 
 from agent.mqtt import Message, MqttError, MqttTimeout
@@ -257,7 +257,7 @@ class Client(asyncio.Protocol):
                 and not self._connack.cancelled() and self._connack.exception() is None
                 and self._transport is not None and not self._transport.is_closing())
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 

@@ -74,7 +74,7 @@ class SimOptions:
     connect_concurrency: int = 50            # connection attempts under way at once
     connect_jitter: float = 1.0              # first attempts spread over this many seconds
     enroll_concurrency: int = 8              # enrollment requests under way at once
-    backoff: BackoffPolicy = BackoffPolicy()
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     # Read once: importlib.metadata parses the package's metadata on every call.
     agent_version: str = field(default_factory=lambda: f"{agent_version()}+sim")
 
