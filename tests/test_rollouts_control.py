@@ -145,7 +145,7 @@ def test_pause_resume_and_abort_from_the_cli(fleet: Fleet) -> None:
     fleet.tag(agents, test="control")
     fleet.deploy(agents, "tiny:1", "control")
     rollout_id = fleet.create("tiny:2", "--deployment", "control", "--target", "test=control",
-                              "--waves", "1,2,all", "--soak", "4s")["id"]
+                              "--waves", "1,2,all", "--soak", "6s")["id"]
     wait_for(lambda: fleet.show(rollout_id)["current_wave"] == 1, what="wave 1")
     paused = fleet.cli.run("rollout", "pause", rollout_id).stdout
     assert "paused" in paused and "paused by admin" in paused
@@ -155,7 +155,7 @@ def test_pause_resume_and_abort_from_the_cli(fleet: Fleet) -> None:
     wait_for(lambda: fleet.members(rollout_id)[waves[0]["device_id"]]["state"] == "serving",
              what="wave 1 serving")
     serving_at = fleet.members(rollout_id)[waves[0]["device_id"]]["serving_at"]
-    wait_for(lambda: hub_seconds_since(serving_at) > 4 + 3, timeout=20, what="the soak to pass")
+    wait_for(lambda: hub_seconds_since(serving_at) > 6 + 3, timeout=20, what="the soak to pass")
     record = fleet.show(rollout_id)
     assert (record["state"], record["current_wave"]) == ("paused", 1)
     assert [d["state"] for d in fleet.members(rollout_id).values()].count("pending") == 2
