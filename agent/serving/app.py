@@ -62,7 +62,8 @@ def create_app(scorer: Scorer, *, api_key: str | None) -> FastAPI:
         # Not ready while a model the agent asked for is still loading.
         return JSONResponse({"ready": table.ready}, 200 if table.ready else 503)
 
-    api = APIRouter(dependencies=[Depends(key_check(api_key))])
+    check_key = key_check(api_key)
+    api = APIRouter(dependencies=[Depends(check_key)])
     server_metadata = {"name": "edgefleet", "version": _server_version(), "extensions": EXTENSIONS}
 
     @api.get("/v2")
@@ -86,6 +87,7 @@ def create_app(scorer: Scorer, *, api_key: str | None) -> FastAPI:
         return {"name": name, "ready": True}
 
     async def infer(request: Request) -> Response:
+        await check_key(request)
         name, version = _model_path(request)
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
@@ -99,7 +101,9 @@ def create_app(scorer: Scorer, *, api_key: str | None) -> FastAPI:
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         api.add_api_route(prefix, model_metadata, methods=["GET"])
         api.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
-        api.add_api_route(prefix + "/infer", infer, methods=["POST"])
+        # A plain Starlette route, not a FastAPI one: the hot path skips dependency
+        # resolution and response handling it does not need (about 0.1 ms a request).
+        app.add_route(prefix + "/infer", infer, methods=["POST"])
 
     @api.get("/metrics")
     async def metrics() -> Response:

@@ -40,6 +40,9 @@ class ModelVersion:
         self._lock = threading.Lock()
         self._users = 0
         self._retired = False
+        # Recent time a request takes here (decode, infer, encode), smoothed; the
+        # scorer runs requests of versions this fast without a thread hop.
+        self.typical_seconds = float("inf")
 
     @property
     def version(self) -> str:
