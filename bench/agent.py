@@ -90,13 +90,13 @@ import onnxruntime as ort
 import psutil
 import tritonclient.http as triton
 from rich.console import Console
-from rich.table import Table
 from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from agentproc import AgentProcess, publish_version, start_agent, wait_for  # noqa: E402
 from hubproc import EDGEFLEET, HubProcess, start_hub  # noqa: E402
+from report import Row, print_table  # noqa: E402
 from modelgen import make_onnx  # noqa: E402
 
 MB = 1_000_000
@@ -120,12 +120,6 @@ Call = Callable[[], bool]  # one request; False when the server turned it away (
 Connect = Callable[[], AbstractContextManager[Call]]
 
 
-@dataclass
-class Row:
-    metric: str
-    value: str
-    baseline: str = ""
-    verdict: str = ""
 
 
 def mb(n: float) -> str:
@@ -629,16 +623,6 @@ def bench_scoring(agent: AgentProcess, model: Path, requests: int) -> list[Row]:
 # ---- main --------------------------------------------------------------------
 
 
-def print_table(rows: list[Row], title: str, caption: str) -> None:
-    table = Table(title=title, caption=caption, header_style="bold")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("baseline", justify="right")
-    table.add_column("ratio / target", justify="right")
-    for row in rows:
-        table.add_row(row.metric, row.value, row.baseline, row.verdict)
-    # Pipes and files have no width and rich would wrap the table at 80 columns.
-    Console(width=None if sys.stdout.isatty() else 150).print(table)
 
 
 def main() -> None:

@@ -88,7 +88,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
-from rich.table import Table
 
 from packager.build import DEFAULT_PLATFORMS, build_package
 from packager.deps import DepsProvider
@@ -99,6 +98,7 @@ from packager.oci import Descriptor, OCILayout, Platform, parse_index, parse_man
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hubproc import EDGEFLEET, HubProcess, start_hub  # noqa: E402
+from report import Row, print_table  # noqa: E402
 from registry import cli_env  # noqa: E402
 
 MB = 1_000_000
@@ -138,14 +138,6 @@ UPDATES = (
     Update(2, "new weights", True),
     Update(3, "serving only", False),
 )
-
-
-@dataclass
-class Row:
-    metric: str
-    value: str
-    baseline: str = ""
-    comment: str = ""
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -520,16 +512,6 @@ def bench_deps_builds(env: dict[str, str], scratch: Path, no_deps: float) -> lis
 # ---- output and main -------------------------------------------------------
 
 
-def print_table(rows: list[Row], title: str, caption: str) -> None:
-    table = Table(title=title, caption=caption, header_style="bold")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("baseline", justify="right")
-    table.add_column("ratio / comment")
-    for row in rows:
-        table.add_row(row.metric, row.value, row.baseline, row.comment)
-    # Pipes and files have no width and rich would wrap the table at 80 columns.
-    Console(width=None if sys.stdout.isatty() else 210).print(table)
 
 
 def main() -> None:

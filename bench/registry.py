@@ -59,10 +59,10 @@ from pathlib import Path
 import httpx
 import psutil
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hubproc import HubProcess, start_hub  # noqa: E402
+from report import Row, print_table  # noqa: E402
 
 CHUNK = 1 << 20
 MB = 1_000_000
@@ -77,12 +77,6 @@ TAG_FILTER = "stage=prod"
 console = Console(stderr=True)
 
 
-@dataclass
-class Row:
-    metric: str
-    value: str
-    baseline: str = ""
-    verdict: str = ""
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -417,16 +411,6 @@ def transfer_rows(t: Transfers) -> list[Row]:
     ]
 
 
-def print_table(rows: list[Row], title: str) -> None:
-    table = Table(title=title, header_style="bold")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("baseline", justify="right")
-    table.add_column("ratio / target", justify="right")
-    for row in rows:
-        table.add_row(row.metric, row.value, row.baseline, row.verdict)
-    # Pipes and files have no width and rich would wrap the table at 80 columns.
-    Console(width=None if sys.stdout.isatty() else 110).print(table)
 
 
 def main() -> None:
