@@ -2,7 +2,9 @@
 
 All rollout state is in the database, so this thread holds none: killed and
 started again (with the hub), it carries on where the database says. Health
-checks read telemetry, so they run every few ticks rather than every one.
+checks read telemetry, and completed rollouts look for devices that joined
+their target with a scan of the devices, so both run every few ticks rather
+than every one.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class RolloutEngine:
         ticks = 0
         while not self._stop.is_set():
             try:
-                rollouts.tick(self.db, self.notify, check_health=ticks % self.health_every == 0)
+                slow = ticks % self.health_every == 0
+                rollouts.tick(self.db, self.notify, check_health=slow, check_joiners=slow)
             except Exception:  # one bad tick must not end rollouts for good
                 log.exception("rollout tick failed")
             ticks += 1

@@ -158,10 +158,16 @@ class RolloutSpec:
     max_latency_ratio: float = 3.0
 
 
-def _target_devices(db: Database, target: dict[str, str]) -> list[str]:
+def _target_devices(db: Database, target: dict[str, str], *,
+                    outside: str | None = None) -> list[str]:
+    """The devices matching TARGET; with OUTSIDE, only those not yet in that rollout."""
     clauses = ["EXISTS (SELECT 1 FROM json_each(tags) WHERE key = ? AND value = ?)"
                for _ in target]
     params = [p for pair in target.items() for p in pair]
+    if outside is not None:
+        clauses.append("NOT EXISTS (SELECT 1 FROM rollout_devices m WHERE m.rollout_id = ?"
+                       " AND m.device_id = devices.id)")
+        params.append(outside)
     return [r["id"] for r in db.query(
         "SELECT id FROM devices" + (" WHERE " + " AND ".join(clauses) if clauses else ""),
         params)]
@@ -375,25 +381,34 @@ def _seconds_since(stamp: str | None) -> float:
     return (datetime.now(UTC) - then).total_seconds()
 
 
-def tick(db: Database, notify: Callable[[Iterable[str]], None], *, check_health: bool = True) -> None:
-    """Move every rollout that needs it one step on."""
+def tick(db: Database, notify: Callable[[Iterable[str]], None], *, check_health: bool = True,
+         check_joiners: bool = True) -> None:
+    """Move every rollout that needs it one step on. CHECK_JOINERS False: completed
+    rollouts do not look for devices that joined their target this time (a scan of the
+    devices each; running rollouts always do)."""
     # An aborted rollout assigns nothing more, but its devices that were updating when it
-    # was aborted are still followed to their outcome.
+    # was aborted are still followed to their outcome. A completed rollout is left alone
+    # once a newer one of the same deployment has the same target: that one takes in the
+    # joiners now, and every completed rollout kept in the tick costs a scan of the devices.
     for row in db.query(
-            "SELECT * FROM rollouts r WHERE r.state IN ('created', 'running', 'paused', 'completed')"
+            "SELECT * FROM rollouts r WHERE r.state IN ('created', 'running', 'paused')"
+            " OR (r.state = 'completed' AND NOT EXISTS (SELECT 1 FROM rollouts n"
+            "  WHERE n.deployment = r.deployment AND n.target = r.target AND n.seq > r.seq"
+            "  AND n.state IN ('created', 'running', 'paused', 'completed')))"
             " OR (r.state = 'aborted' AND EXISTS (SELECT 1 FROM rollout_devices d"
             "  WHERE d.rollout_id = r.id AND d.state NOT IN ('pending', 'serving', 'failed',"
             "  'rolled_back', 'skipped'))) ORDER BY r.seq"):
-        step(db, row, notify, check_health=check_health)
+        step(db, row, notify, check_health=check_health, check_joiners=check_joiners)
 
 
 def step(db: Database, row: dict[str, Any], notify: Callable[[Iterable[str]], None], *,
-         check_health: bool = True) -> None:
+         check_health: bool = True, check_joiners: bool = True) -> None:
     rollout_id = row["id"]
     if row["state"] == "created":
         _transition(db, rollout_id, "running", None, source=("created",))
         row = _row(db, rollout_id)
-    _take_in_joiners(db, row, notify)
+    if check_joiners or row["state"] != "completed":
+        _take_in_joiners(db, row, notify)
     _refresh_devices(db, row, check_health=check_health)
     if row["state"] != "running":
         return
@@ -514,9 +529,7 @@ def _take_in_joiners(db: Database, row: dict[str, Any],
     """Devices that match the target but joined after the rollout started get it too."""
     if row["state"] not in ("running", "completed"):
         return
-    members = {r["device_id"] for r in db.query(
-        "SELECT device_id FROM rollout_devices WHERE rollout_id = ?", (row["id"],))}
-    joiners = [d for d in _target_devices(db, json.loads(row["target"])) if d not in members]
+    joiners = _target_devices(db, json.loads(row["target"]), outside=row["id"])
     if not joiners:
         return
     # A newer rollout of the same deployment that also targets a joiner is the one to give
