@@ -142,6 +142,29 @@ def test_update_while_scoring_drops_no_request(fleet_hub: HubProcess, device: Ag
     assert seen == {str(versions["v1"]), str(versions["v2"])}
 
 
+def test_split_and_shadow_candidates(fleet_hub: HubProcess, device: AgentProcess,
+                                     versions: dict[str, int]) -> None:
+    v1, v2 = str(versions["v1"]), str(versions["v2"])
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}")
+    wait_serving(fleet_hub, device, versions["v1"])
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}", "--candidate", v2, "--traffic", "50")
+    wait_for(lambda: {r["version"] for r in reported(fleet_hub, device.device_id)["reported"]
+                      if r["name"] == "tiny" and r["state"] == "serving"}
+             == {versions["v1"], versions["v2"]}, timeout=60, what="both versions serving")
+    seen = {infer(device, "tiny", ROWS)["model_version"] for _ in range(60)}
+    assert seen == {v1, v2}  # a 50/50 split: 60 requests all on one side is a 1 in 2^59 event
+    assert infer(device, "tiny", ROWS, version=v2)["model_version"] == v2
+
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}", "--candidate", v2, "--shadow",
+           "--traffic", "100")
+    wait_for(lambda: next((d for d in device.state()["serving"].values() if d["shadow"]), None),
+             timeout=60, what="the candidate in shadow mode")
+    assert {infer(device, "tiny", ROWS)["model_version"] for _ in range(20)} == {v1}
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}")  # back to one version
+    wait_for(lambda: device.state()["serving"]["tiny"]["candidate"] is None, timeout=60,
+             what="the candidate removed")
+
+
 def test_failing_self_test_is_rolled_back(fleet_hub: HubProcess, device: AgentProcess,
                                           versions: dict[str, int]) -> None:
     deploy(fleet_hub, device.device_id, f"tiny:{versions['v2']}")
