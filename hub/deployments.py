@@ -83,7 +83,7 @@ def _check_prefer(prefer: Sequence[str]) -> list[str]:
     return list(prefer)
 
 
-def _package(db: Database, model: str, version: int | str) -> tuple[int, Manifest]:
+def signed_package(db: Database, model: str, version: int | str) -> tuple[int, Manifest]:
     """The version number and its package, which the hub must have signed."""
     number = registry.get_version(db, model, version)["version"]  # NotFound names the fix
     found = packages.resolve_package(db, model, number)  # NotFound: build one
@@ -116,7 +116,7 @@ def assign_many(
     ("latest" allowed), in one transaction. Returns each device's desired
     generation (unchanged where the deployment already was exactly this)."""
     name, prefer = _check_name(name), _check_prefer(prefer)
-    number, package = _package(db, model, version)
+    number, package = signed_package(db, model, version)
     row: dict[str, Any] = {
         "model": model, "version": number, "repository": packages.repository(model),
         "digest": package.digest, "size": package.size, "prefer": dumps(prefer),
@@ -126,7 +126,7 @@ def assign_many(
     }
     if candidate is not None:
         candidate.check()
-        c_number, c_package = _package(db, model, candidate.version)
+        c_number, c_package = signed_package(db, model, candidate.version)
         if c_number == number:
             raise InvalidInput(f"the candidate is {model}:{number}, the deployment's own "
                                "version; pick another version")

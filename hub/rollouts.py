@@ -184,7 +184,7 @@ def create(db: Database, spec: RolloutSpec, *, created_by: str) -> dict[str, Any
     if spec.traffic is not None and spec.shadow:
         raise InvalidInput("choose --traffic (an A/B split) or --shadow, not both")
     # Resolve the version and its package now: a typo fails here, not in wave 1.
-    number, _ = deployments._package(db, spec.model, spec.version)
+    number, _ = deployments.signed_package(db, spec.model, spec.version)
     name = spec.deployment or spec.model
     devices = _target_devices(db, target)
     if not devices:
