@@ -49,7 +49,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub import audit, deployments, validation
@@ -594,7 +594,9 @@ def _refresh_devices(db: Database, row: dict[str, Any], *, check_health: bool) -
         "SELECT device_id, rollout_id FROM deployments WHERE name = ? AND active = 1"
         " AND device_id IN (SELECT value FROM json_each(?))",
         (row["deployment"], ids))}
+    # Timestamps are fixed-width UTC text, so one cutoff compares them all as strings.
     timeout = parse_duration(row["device_timeout"], "device timeout")
+    stale = (datetime.now(UTC) - timedelta(seconds=timeout)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     health = _unhealthy(db, row, [r["device_id"] for r in open_rows if r["state"] == "serving"]) \
         if check_health else {}
     updates: list[tuple[str, str | None, str | None, str]] = []
@@ -616,7 +618,7 @@ def _refresh_devices(db: Database, row: dict[str, Any], *, check_health: bool) -
             state, serving_at = "serving", serving_at or now()
         elif answer in IN_PROGRESS:
             state = answer
-        if state not in ("serving", "failed", "skipped") and _seconds_since(r["assigned_at"]) > timeout:
+        if state not in ("serving", "failed", "skipped") and (r["assigned_at"] or stale) < stale:
             state, error = "failed", _timed_out(row["device_timeout"])
         if (state, error, serving_at) != (r["state"], r["error"], r["serving_at"]):
             updates.append((state, error, serving_at, device))
