@@ -14,7 +14,7 @@ from typing import Any
 
 from hub import validation
 from hub.errors import NotFound, Unauthorized
-from hub.storage.db import Database, dumps, now
+from hub.storage.db import Database, dumps, format_time, now
 from hub.tokens import DEVICE_TOKEN_PREFIX, hash_secret, new_secret
 from hub.validation import InvalidInput
 
@@ -42,7 +42,7 @@ def create_enrollment_token(
     if max_uses is not None and max_uses < 1:
         raise InvalidInput("max_uses must be at least 1 (or left out for no limit)")
     secret = new_secret(ENROLL_PREFIX)
-    expires_at = (datetime.now(UTC) + expires_in).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    expires_at = format_time(datetime.now(UTC) + expires_in)
     row = {
         "id": "enr-" + secrets.token_hex(4),
         "token_hash": hash_secret(secret),

@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,7 +53,7 @@ from typing import Any
 
 from hub import audit, deployments, validation
 from hub.errors import Conflict, NotFound
-from hub.storage.db import Database, dumps, now
+from hub.storage.db import Database, dumps, format_time, now, parse_time
 from hub.validation import InvalidInput
 
 ACTIVE = ("running", "paused")
@@ -64,15 +63,7 @@ IN_PROGRESS = ("downloading", "verifying", "staged", "starting", "self_test")
 TIMED_OUT = "no answer within the device timeout"
 # Fewer requests than this on a version say nothing about its error rate or latency.
 HEALTH_MIN_REQUESTS = 10
-_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, what: str) -> int:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise InvalidInput(f"{what} {text!r} should look like 30s, 10m, 2h or 1d")
-    return int(match.group(1)) * _SECONDS[match.group(2)]
+parse_duration = validation.duration
 
 
 @dataclass(frozen=True)
@@ -377,7 +368,7 @@ def _roll_back(db: Database, rollout_id: str, *, actor: str, reason: str | None)
 def _seconds_since(stamp: str | None) -> float:
     if not stamp:
         return 0.0
-    then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    then = parse_time(stamp)
     return (datetime.now(UTC) - then).total_seconds()
 
 
@@ -596,7 +587,7 @@ def _refresh_devices(db: Database, row: dict[str, Any], *, check_health: bool) -
         (row["deployment"], ids))}
     # Timestamps are fixed-width UTC text, so one cutoff compares them all as strings.
     timeout = parse_duration(row["device_timeout"], "device timeout")
-    stale = (datetime.now(UTC) - timedelta(seconds=timeout)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stale = format_time(datetime.now(UTC) - timedelta(seconds=timeout))
     health = _unhealthy(db, row, [r["device_id"] for r in open_rows if r["state"] == "serving"]) \
         if check_health else {}
     updates: list[tuple[str, str | None, str | None, str]] = []

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hub.storage.db import Database, dumps
+from hub.storage.db import Database, dumps, format_time
 
 KINDS = ("system", "inference")
 
@@ -59,6 +59,6 @@ def query(
 
 def prune(db: Database, *, keep: timedelta) -> int:
     """Drop points older than KEEP; one statement for the whole fleet."""
-    cutoff = (datetime.now(UTC) - keep).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cutoff = format_time(datetime.now(UTC) - keep)
     with db.transaction() as conn:
         return conn.execute("DELETE FROM telemetry WHERE at < ?", (cutoff,)).rowcount

@@ -15,12 +15,22 @@ MAX_TAG_VALUE = 256
 MAX_PATH = 255
 MAX_FILES = 1000
 
+_DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
 class InvalidInput(ValueError):
     """User input that breaks a rule; the message names the rule."""
+
+
+def duration(text: str, what: str) -> int:
+    """Seconds in '30s', '10m', '12h' or '7d' (WHAT names the option in the error)."""
+    match = _DURATION_RE.match(text.strip())
+    if not match:
+        raise InvalidInput(f"{what} {text!r} should look like 30s, 30m, 12h or 7d")
+    return int(match.group(1)) * _SECONDS[match.group(2)]
 
 
 def model_name(name: str) -> str:

@@ -15,6 +15,7 @@ from datetime import datetime
 from hub import devices, telemetry, validation
 from hub.api import auth
 from hub.api.state import hub_state
+from hub.storage.db import format_time
 from hub.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
@@ -137,5 +138,5 @@ def device_telemetry(
 ) -> list[dict[str, Any]]:
     state = hub_state(request)
     devices.get_device(state.db, device_id)
-    stamp = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+    stamp = format_time(since) if since else None
     return telemetry.query(state.db, device_id, since=stamp, kind=kind, limit=limit)

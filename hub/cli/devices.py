@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 
 import click
 
+from hub import validation
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_duration(text: str, option: str = "--expires") -> int:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} should look like 30m, 12h or 7d", param_hint=option)
-    return int(match.group(1)) * _SECONDS[match.group(2)]
+    try:
+        return validation.duration(text, option)
+    except validation.InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 @click.group()

@@ -21,9 +21,22 @@ import sqlite_utils
 SCHEMA_VERSION = 1
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def format_time(moment: datetime) -> str:
+    """Timestamps are UTC ISO 8601 strings of fixed width with a Z: sortable as text."""
+    if moment.tzinfo is None:  # naive times are taken to be UTC already
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
 def now() -> str:
-    """Timestamps are UTC ISO 8601 strings with a Z: sortable as text."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_time(datetime.now(UTC))
 
 
 def dumps(value: Any) -> str:
