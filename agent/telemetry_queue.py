@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.protocol import format_time
+
 
 @dataclass(frozen=True)
 class Point:
@@ -30,10 +32,6 @@ class Point:
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "at": self.at, "kind": self.kind, "values": self.values}
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class TelemetryQueue:
@@ -71,7 +69,7 @@ class TelemetryQueue:
         self, items: Iterable[tuple[str, Mapping[str, Any]]], *, at: str | None = None
     ) -> list[int]:
         """Queue points in one transaction; returns their sequence numbers."""
-        stamp = at or _now()
+        stamp = at or format_time(datetime.now(UTC))
         self._db.execute("BEGIN IMMEDIATE")
         try:
             seq = self._counter("next_seq")
