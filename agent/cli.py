@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
+import sys
 from pathlib import Path
 
 import click
@@ -41,11 +40,13 @@ def agent() -> None:
               help="Seconds between telemetry measurements.")
 @click.option("--max-concurrency", default=2, show_default=True, type=click.IntRange(1),
               help="Inferences the scoring API runs at once.")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
+              help="Scoring requests that wait for a free slot; more get 503 with Retry-After.")
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
 def run(
     hub_url: str | None, token: str | None, data_dir: Path, name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
-    max_concurrency: int, verbose: bool,
+    max_concurrency: int, max_queue: int, verbose: bool,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
 
@@ -55,13 +56,10 @@ def run(
     Example: edgefleet agent run --hub http://hub:8080 --token efe_... --data-dir /var/lib/edgefleet
     """
     from agent import identity as identities
-    from agent.daemon import Agent, AgentOptions
+    from agent.daemon import AgentOptions
     from agent.identity import EnrollmentError
     from agent.inventory import oci_platform
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = identities.load(data_dir)
     if identity is None:
@@ -75,15 +73,17 @@ def run(
         except EnrollmentError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"Enrolled as {identity.device_id} ({identity.name})")
-    elif mqtt_url:
-        identity = identities.Identity(**{**identity.__dict__, "mqtt_url": mqtt_url})
-    daemon = Agent(identity, AgentOptions(
-        data_dir=data_dir, serve_host=serve_host, serve_port=serve_port,
-        telemetry_interval=telemetry_interval, max_concurrency=max_concurrency,
+    options = AgentOptions(
+        data_dir=data_dir.absolute(), mqtt_url=mqtt_url, serve_host=serve_host,
+        serve_port=serve_port, telemetry_interval=telemetry_interval,
+        max_concurrency=max_concurrency, max_queue=max_queue, verbose=verbose,
         pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")),
-    ))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop_requested.set())
+    )
     click.echo(f"Device {identity.device_id}: scoring API on http://{serve_host}:{serve_port}, "
-               f"hub {identity.hub_url}, broker {identity.mqtt_url}")
-    daemon.run()
+               f"hub {identity.hub_url}, broker {mqtt_url or identity.mqtt_url}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The daemon runs for months: it starts afresh in the same process (same pid, so
+    # supervisors and signals are unaffected) without click, httpx and the enrollment's
+    # memory. See agent/__main__.py.
+    os.execv(sys.executable, [sys.executable, "-m", "agent", options.to_json()])

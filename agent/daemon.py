@@ -22,7 +22,6 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,19 +51,11 @@ from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
 from agent.updates import Updater, deployment_body, now
 from agent.uplink import Uplink
-from packager.signing import load_public_key
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
 
 log = logging.getLogger("edgefleet.agent")
-
-
-def agent_version() -> str:
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def probe_inventory(data_dir: Path) -> dict:
@@ -79,13 +70,26 @@ def probe_inventory(data_dir: Path) -> dict:
 @dataclass(frozen=True)
 class AgentOptions:
     data_dir: Path
+    mqtt_url: str | None = None  # instead of the broker named at enrollment
     serve_host: str = "127.0.0.1"
     serve_port: int = 8500
     telemetry_interval: float = 10.0
     telemetry_queue_points: int = 50_000
     max_concurrency: int = 2
     max_queue: int = 16
+    verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
+
+    def to_json(self) -> str:
+        """How `edgefleet agent run` hands the options to `python -m agent`."""
+        return json.dumps({**self.__dict__, "data_dir": str(self.data_dir)})
+
+    @classmethod
+    def from_json(cls, text: str) -> AgentOptions:
+        values = json.loads(text)
+        pause_in = values.pop("pause_in")
+        return cls(**{**values, "data_dir": Path(values["data_dir"]),
+                      "pause_in": tuple(pause_in) if pause_in else None})
 
 
 class Agent:
@@ -97,7 +101,7 @@ class Agent:
         found = probe_inventory(data)
         self.accelerators = tuple(found["accelerators"])
         self.facts = inventory.facts(found)
-        self.public_key = load_public_key(identity.hub_public_key)
+        self.agent_version = found["agent_version"]
         self.state_file = StateFile(data)
         self.state: AgentState = self.state_file.load()
         self.stop_requested = threading.Event()
@@ -111,7 +115,7 @@ class Agent:
             options.max_concurrency, options.max_queue,
         ))
         self._registry: Registry | None = None
-        self.store = PackageStore(data, platform=self.platform, public_key=self.public_key)
+        self.store = PackageStore(data, platform=self.platform, public_key=lambda: identity.hub_key)
         offline = Message(status_topic(identity.device_id), b"offline", retain=True)
         self.session = Session(
             identity.mqtt_url, client_id=identity.device_id,
@@ -191,7 +195,7 @@ class Agent:
     def handle_desired(self, payload: bytes, *, resuming: bool = False) -> None:
         last = self.state.applied_generation
         try:
-            desired = verify_desired(payload, public_key=self.public_key,
+            desired = verify_desired(payload, public_key=self.identity.hub_key,
                                      device_id=self.identity.device_id, last_generation=last,
                                      now=datetime.now(UTC))
         except ProtocolRefusal as refusal:
@@ -312,7 +316,7 @@ class Agent:
             ),
             platform=self.platform,
             accelerators=self.accelerators,
-            agent_version=agent_version(),
+            agent_version=self.agent_version,
             refusals=tuple(
                 Refusal(r["generation"], Reason(r["reason"]), r["message"], parse_time(r["at"]))
                 for r in self.state.refusals

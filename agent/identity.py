@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import platform as host_platform
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.files import read_json, write_json
-from packager import signing
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 IDENTITY_FILE = "identity.json"
 KEY_FILE = "device.key"
@@ -36,6 +40,14 @@ class Identity:
     mqtt_password: str
     hub_public_key: str
 
+    @cached_property
+    def hub_key(self) -> ec.EllipticCurvePublicKey:
+        """The pinned key, loaded at the first verification: cryptography costs an
+        idle agent 8 MB until it has something to verify."""
+        from packager import signing
+
+        return signing.load_public_key(self.hub_public_key)
+
 
 def load(data_dir: Path) -> Identity | None:
     path = data_dir / IDENTITY_FILE
@@ -49,6 +61,8 @@ def enroll(
     mqtt_url: str | None = None,
 ) -> Identity:
     """Enroll with TOKEN and store the identity; fails with EnrollmentError."""
+    from packager import signing
+
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = data_dir / KEY_FILE
     if not key_path.exists():

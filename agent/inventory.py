@@ -104,6 +104,17 @@ def accelerator_list(found: dict[str, dict[str, Any]] | None = None) -> list[str
     return [accel for entry in found.values() for accel in entry.get("accelerators", {})]
 
 
+def agent_version() -> str:
+    # importlib.metadata costs the daemon megabytes: it learns its version from the
+    # inventory child instead.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def inventory(data_dir: Path) -> dict[str, Any]:
     """The whole description, JSON-able; DATA_DIR is where the agent keeps packages."""
     memory = psutil.virtual_memory()
@@ -123,6 +134,7 @@ def inventory(data_dir: Path) -> dict[str, Any]:
         "disk": {"path": str(data_dir), "free_bytes": disk.free, "total_bytes": disk.total},
         "runtimes": found,
         "accelerators": accelerator_list(found),
+        "agent_version": agent_version(),
     }
 
 

@@ -55,7 +55,6 @@ MQTT 5 adds the session expiry and Receive Maximum above. Plain TCP only
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -602,6 +601,8 @@ class Session:
     async def amessages(self) -> AsyncIterator[Message]:
         """`messages` for asyncio: waits without a thread, and a cancelled
         wait takes nothing out of the inbox."""
+        import asyncio  # here: the threaded agent daemon need not load it
+
         loop = asyncio.get_running_loop()
         arrived = asyncio.Event()
 

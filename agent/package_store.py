@@ -18,18 +18,19 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import Package
 from packager.errors import PackagerError, VerificationError
 from packager.layers import MODEL_DIR, SERVING_FILE
 from packager.oci import Descriptor, OCILayout
-from packager.verify import VerifiedImage, verify_package
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from packager.distribution import Registry
+    from packager.verify import VerifiedImage
 
 NATIVE_ROLES = frozenset({"model", "serving"})
 
@@ -60,7 +61,10 @@ class StagedVersion:
 
 
 class PackageStore:
-    def __init__(self, data_dir: Path, *, platform: str, public_key: ec.EllipticCurvePublicKey) -> None:
+    def __init__(
+        self, data_dir: Path, *, platform: str, public_key: Callable[[], ec.EllipticCurvePublicKey],
+    ) -> None:
+        """PUBLIC_KEY gives the pinned key when the first package is verified."""
         self.layout = OCILayout.create(data_dir / "store")
         self.versions_dir = data_dir / "versions"
         self.platform = platform
@@ -85,12 +89,14 @@ class PackageStore:
 
     def verify(self, package: Package) -> VerifiedImage:
         """Check the signature (the pinned hub key) and every fetched blob's digest."""
+        from packager.verify import verify_package  # with cryptography: see __init__
+
         try:
             index = self.layout.resolve(_tag(package.digest))
             if index.digest != package.digest:
                 raise StageError(f"the store holds {index.digest} under the tag of {package.digest}")
             verified = verify_package(
-                self.layout, index, public_key=self.public_key,
+                self.layout, index, public_key=self.public_key(),
                 platforms=[self.platform], roles=NATIVE_ROLES,
             )
         except PackagerError as exc:

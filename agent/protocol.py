@@ -31,8 +31,6 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
 
-from packager import signing
-
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -511,6 +509,8 @@ def _read_desired(document: object) -> DesiredState:
 def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey) -> bytes:
     """The payload to publish (retained) on `desired_topic`: canonical JSON,
     signed over the canonical JSON of the document without "signature"."""
+    from packager import signing  # see verify_desired
+
     body = _desired_json(state)
     _read_desired(body)  # the hub never signs what an agent would refuse as malformed
     signature = {"keyid": signing.key_id(private_key), "alg": signing.ALGORITHM,
@@ -536,6 +536,10 @@ def verify_desired(
     The signature is checked before anything else in the document is
     believed. LAST_GENERATION is the last one applied (0 before the first).
     """
+    # Here, not at the top: cryptography costs an idle agent 8 MB until it has
+    # something to verify.
+    from packager import signing
+
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     try:

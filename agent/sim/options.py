@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.daemon import agent_version
+from agent.inventory import agent_version
 from agent.mqtt import BackoffPolicy
 
 VersionKey = tuple[str, int]  # (model, version)
