@@ -31,6 +31,8 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
 
+from packager.canonical import canonical_json
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -164,13 +166,6 @@ def parse_command_result_topic(topic: str) -> tuple[str, str]:
 
 
 # --- JSON -------------------------------------------------------------------
-
-
-def canonical_json(value: object) -> bytes:
-    """The one encoding of a document: the exact bytes that get signed."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, Self
 
+from packager.canonical import canonical_json
 from packager.errors import (
     BlobNotFound,
     FormatError,
@@ -71,12 +72,6 @@ LAYOUT_VERSION = "1.0.0"
 MAX_JSON_BLOB = 4 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def sha256_digest(data: bytes) -> str:
