@@ -326,7 +326,7 @@ def test_bad_binary_requests_are_400_with_the_reason(
     assert answer.json()["error"].startswith(message)
 
 
-def test_unknown_models_versions_and_paths_are_404(client: httpx.Client) -> None:
+def test_unknown_models_versions_and_paths_are_404_wrong_methods_405(client: httpx.Client) -> None:
     for path in ("/v2/models/nope", "/v2/models/nope/ready"):
         missing = client.get(path)
         assert missing.status_code == 404
@@ -336,6 +336,11 @@ def test_unknown_models_versions_and_paths_are_404(client: httpx.Client) -> None
     assert wrong.json() == {"error": "model 'linear' has no version '9'; loaded: 1"}
     assert client.get("/v2/nothing-here").status_code == 404
     assert "error" in client.get("/v2/nothing-here").json()
+    for path in ("/v2/models/linear/infer", "/v2/models/linear/versions/1/infer"):
+        not_allowed = client.get(path)
+        assert not_allowed.status_code == 405
+        assert not_allowed.headers["allow"] == "POST"
+        assert not_allowed.json() == {"error": f"Method Not Allowed: GET {path}"}
 
 
 def test_api_key_required_except_for_health(served: ServeProcess) -> None:

@@ -8,23 +8,22 @@ need no secret; they reveal nothing about the models.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
-
-from fastapi import Request
+from collections.abc import Callable, Mapping
 
 from agent.serving.errors import Unauthorized
 
 
-def key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that lets a request through only with API_KEY (None: no check)."""
+def key_check(api_key: str | None) -> Callable[[Mapping[str, str]], None]:
+    """A check of a request's headers (lower-case names) that raises Unauthorized
+    unless they carry API_KEY; None: no key needed, everything passes."""
     expected = None if api_key is None else api_key.encode()
 
-    async def check(request: Request) -> None:
+    def check(headers: Mapping[str, str]) -> None:
         if expected is None:
             return
-        given = request.headers.get("x-api-key")
+        given = headers.get("x-api-key")
         if given is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            scheme, _, token = headers.get("authorization", "").partition(" ")
             given = token.strip() if scheme.lower() == "bearer" else None
         if not given:
             raise Unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")

@@ -21,6 +21,7 @@ from agent.serving.errors import BadRequest
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 _LENGTH = struct.Struct("<I")
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps would make one per call
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
@@ -37,7 +38,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
                 f" JSON header, between 0 and the body's {len(body)} bytes"
             )
     try:
-        header = json.loads(body[:end])
+        header = json.loads(body if end == len(body) else body[:end])
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON in the inference request: {e}") from None
     if not isinstance(header, dict):
@@ -47,7 +48,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 def join_body(header: dict[str, Any], blobs: Sequence[bytes]) -> tuple[bytes, dict[str, str]]:
     """A response body and its content headers: plain JSON unless there are binary tensors."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _COMPACT_JSON.encode(header).encode()
     if not blobs:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(blobs), {

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from packager.modelfile import NUMPY_DTYPES, v2_datatype_of_numpy
+from agent.runtimes.base import datatype_of_dtype
+from packager.modelfile import NUMPY_DTYPES
 
 BYTES = "BYTES"
 
@@ -28,7 +29,7 @@ def fixed_dtype(datatype: str) -> np.dtype | None:
 
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype of a runtime's output array (str/bytes/object arrays are BYTES)."""
-    datatype = v2_datatype_of_numpy(array.dtype.name)
+    datatype = datatype_of_dtype(array.dtype)
     if datatype is None:
         raise TypeError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype")
     return datatype

@@ -45,6 +45,17 @@ class NotFound(ServingError):
     status = 404
 
 
+class MethodNotAllowed(ServingError):
+    status = 405
+
+    def __init__(self, method: str, path: str, allowed: str) -> None:
+        super().__init__(f"Method Not Allowed: {method} {path}")
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
+
+
 class Unprocessable(ServingError):
     """A well-formed control request that failed: a model did not load or its self-test failed."""
 
@@ -70,12 +81,23 @@ class Overloaded(ServingError):
         return {"Retry-After": str(self.retry_after)}
 
 
+def error_response(exc: ServingError) -> JSONResponse:
+    """EXC as the Open Inference Protocol's error body, {"error": "..."}."""
+    return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers())
+
+
+def internal_error_response(method: str, path: str) -> JSONResponse:
+    """The answer to a bug: logged here in full, the client only told where to look."""
+    log.exception("unexpected error on %s %s", method, path)
+    return JSONResponse({"error": "internal error; see the server's log"}, 500)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Answer every error as {"error": "..."}, the Open Inference Protocol's error body."""
 
     async def serving(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServingError)
-        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers())
+        return error_response(exc)
 
     async def http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -91,8 +113,7 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": "; ".join(problems)}, 400)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error; see the server's log"}, 500)
+        return internal_error_response(request.method, request.url.path)
 
     app.add_exception_handler(ServingError, serving)
     app.add_exception_handler(StarletteHTTPException, http)

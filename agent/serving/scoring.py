@@ -35,11 +35,13 @@ class Answer:
     headers: dict[str, str]
     inputs: Mapping[str, np.ndarray]
     outputs: Mapping[str, np.ndarray]
-    infer_seconds: float
+    infer_seconds: float  # the model alone
+    work_seconds: float  # decode, infer and encode: what a worker thread would spend
 
 
 def answer(version: ModelVersion, body: bytes, header_length: str | None) -> Answer:
     """Run one request on VERSION; blocking, so call it in a worker thread."""
+    began = time.perf_counter()
     header, binary = codec.split_body(body, header_length)
     request = tensors.parse_request(header, binary, version.model.signature)
     start = time.perf_counter()
@@ -55,7 +57,8 @@ def answer(version: ModelVersion, body: bytes, header_length: str | None) -> Ans
     response = {} if request.id is None else {"id": request.id}
     response |= {"model_name": version.deployment, "model_version": version.version, "outputs": entries}
     response_body, headers = codec.join_body(response, blobs)
-    return Answer(response_body, headers, request.inputs, outputs, infer_seconds)
+    return Answer(response_body, headers, request.inputs, outputs, infer_seconds,
+                  time.perf_counter() - began)
 
 
 INLINE_MAX_BODY = 16 * 1024
@@ -105,9 +108,11 @@ class Scorer:
         except Exception:
             self.telemetry.failures.inc(*labels, "internal")
             raise
-        elapsed = time.perf_counter() - start
-        chosen.typical_seconds = (elapsed if chosen.typical_seconds == float("inf")
-                                  else 0.9 * chosen.typical_seconds + 0.1 * elapsed)
+        # The work alone, not the wait or the thread hop: otherwise a version once
+        # sent to the pool would look slow because of the pool and stay there.
+        work = result.work_seconds
+        chosen.typical_seconds = (work if chosen.typical_seconds == float("inf")
+                                  else 0.9 * chosen.typical_seconds + 0.1 * work)
         self.telemetry.infer_latency.observe(result.infer_seconds, *labels)
         self.telemetry.latency.observe(time.perf_counter() - start, *labels)
         self.shadow.offer(chosen, result.inputs, result.outputs)
