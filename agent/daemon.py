@@ -206,9 +206,14 @@ class Agent:
                 self.state_file.save(self.state)
             return
         log.info("applying desired state generation %d", desired.generation)
-        self.state.pending_desired = base64.b64encode(payload).decode()
-        self.state_file.save(self.state)
-        self.apply(desired)
+        try:
+            self.state.pending_desired = base64.b64encode(payload).decode()
+            self.state_file.save(self.state)
+            self.apply(desired)
+        except OSError as exc:
+            # The disk (full, or failing) refused a state save. What serves keeps
+            # serving; the saved state says where to resume at the next start.
+            log.error("could not apply desired state generation %d: %s", desired.generation, exc)
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         log.warning("refused a desired state: %s", refusal)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Package
-from packager.errors import PackagerError, VerificationError
+from packager.errors import DiskFull, PackagerError, VerificationError
 from packager.layers import MODEL_DIR, SERVING_FILE
 from packager.oci import Descriptor, OCILayout
 
@@ -37,6 +37,10 @@ NATIVE_ROLES = frozenset({"model", "serving"})
 
 class StageError(Exception):
     """A package could not be fetched, verified or unpacked; the message says which and why."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient  # worth another try: the network failed, not the package or disk
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,13 @@ class PackageStore:
                 raise StageError(f"package {package.digest} has no signature in the registry")
         except VerificationError as exc:
             raise StageError(f"download of {package.digest} failed its digest check: {exc}") from None
+        except DiskFull as exc:
+            raise StageError(f"download of {package.digest} failed: {exc}") from None
         except PackagerError as exc:
-            raise StageError(f"download of {package.repository}@{package.digest} failed: {exc}") from None
+            raise StageError(f"download of {package.repository}@{package.digest} failed: {exc}",
+                             transient=True) from None
+        except OSError as exc:  # the store's disk: nothing another try would change
+            raise StageError(f"download of {package.digest} failed: {exc}") from None
         return index
 
     def verify(self, package: Package) -> VerifiedImage:

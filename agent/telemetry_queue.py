@@ -90,7 +90,8 @@ class TelemetryQueue:
                 )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite ends it itself on some errors, e.g. a full disk
+                self._db.execute("ROLLBACK")
             raise
         return [row[0] for row in rows]
 

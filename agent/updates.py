@@ -126,7 +126,7 @@ class Updater:
                 return False
             try:
                 self._step(current, update)
-            except (StepFailed, StageError, ServingError) as exc:
+            except (StepFailed, StageError, ServingError, OSError) as exc:  # OSError: disk
                 if current is S.ROLLING_BACK:
                     # The old version could not be restored in place: the
                     # supervisor's restart loads the good versions from disk.
@@ -201,7 +201,7 @@ class Updater:
                 self.store.download(self.registry(), package)
                 return
             except StageError as exc:
-                if "digest" in str(exc) or attempt == DOWNLOAD_ATTEMPTS:
+                if not exc.transient or attempt == DOWNLOAD_ATTEMPTS:
                     raise
                 delay = min(2 ** attempt, 30)
                 log.warning("download attempt %d failed (%s); again in %ds", attempt, exc, delay)

@@ -12,9 +12,11 @@ can check a package in the registry without copying it first.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import shutil
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,13 @@ from typing import BinaryIO
 
 import httpx
 
-from packager.errors import BlobNotFound, PackagerError, RefNotFound, VerificationError
+from packager.errors import (
+    BlobNotFound,
+    DiskFull,
+    PackagerError,
+    RefNotFound,
+    VerificationError,
+)
 from packager.layers import ROLE
 from packager.oci import (
     INDEX_TYPES,
@@ -156,6 +164,17 @@ class Registry:
         except httpx.TransportError as exc:
             raise RegistryError(
                 f"download of {descriptor.digest} cut off ({exc}); run again to resume"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # Kept, the partial blob could not finish anyway and would hold the
+            # space everything else on the disk (state files, logs) needs.
+            part.unlink(missing_ok=True)
+            free = shutil.disk_usage(part.parent).free
+            raise DiskFull(
+                f"the disk is full: blob {descriptor.digest} ({descriptor.size:,} bytes) does not"
+                f" fit in {part.parent} ({free:,} bytes free); free some space and try again"
             ) from None
         got = "sha256:" + sha.hexdigest()
         if part.stat().st_size != descriptor.size or got != descriptor.digest:

@@ -28,3 +28,7 @@ class PlatformUnavailable(PackagerError):
 
 class VerificationError(PackagerError):
     """A package failed a check: a digest, a size, a signature, or how its parts fit together."""
+
+
+class DiskFull(PackagerError):
+    """A download did not fit on the disk; what it had written was removed."""

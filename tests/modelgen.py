@@ -27,9 +27,17 @@ def expected_linear(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) @ LINEAR_W + LINEAR_B
 
 
-def make_onnx(path: Path, *, batch: int | None = None) -> Path:
-    """Input "x" FP32 [N,3], output "y" FP32 [N,2]; N is dynamic ("batch") unless BATCH is given."""
+def make_onnx(path: Path, *, batch: int | None = None, padding_mb: int = 0) -> Path:
+    """Input "x" FP32 [N,3], output "y" FP32 [N,2]; N is dynamic ("batch") unless BATCH is given.
+
+    PADDING_MB adds an unused initializer of that many MB of random (incompressible)
+    weights, for a model that is big on disk but computes the same.
+    """
     n: int | str = "batch" if batch is None else batch
+    weights = [numpy_helper.from_array(LINEAR_W, "W"), numpy_helper.from_array(LINEAR_B, "b")]
+    if padding_mb:
+        padding = np.random.default_rng(0).random(padding_mb * 2**18, dtype=np.float32)
+        weights.append(numpy_helper.from_array(padding, "padding"))
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "W"], ["xW"]),
@@ -38,7 +46,7 @@ def make_onnx(path: Path, *, batch: int | None = None) -> Path:
         "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, 2])],
-        [numpy_helper.from_array(LINEAR_W, "W"), numpy_helper.from_array(LINEAR_B, "b")],
+        weights,
     )
     model = helper.make_model(
         graph,

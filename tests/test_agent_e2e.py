@@ -2,8 +2,9 @@
 
 Enroll, deploy, score (plain JSON and tritonclient), update under load,
 a self-test failure rolled back, tampered packages and forged or replayed
-desired states refused, a broker outage without telemetry loss, and every
-runtime serving a tiny model of its own format.
+desired states refused, a broker outage without telemetry loss, a disk that
+fills up mid-download, and every runtime serving a tiny model of its own
+format.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -328,6 +330,44 @@ def test_kill_9_in_each_update_state_ends_serving_a_good_version(
         wait_for(lambda: again.state()["update"] is None, what="the update to be finished")
     finally:
         assert again.stop() == 0, again.log()
+
+
+@contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of SIZE mounted at WHERE: a real disk that really fills up."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                              str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:  # root, but without CAP_SYS_ADMIN (a container)
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_during_download_is_rolled_back_and_frees_the_space(
+    fleet_hub: HubProcess, versions: dict[str, int], tmp_path: Path
+) -> None:
+    big = publish_version(fleet_hub, "tiny", make_onnx(tmp_path / "big" / "model.onnx",
+                                                       padding_mb=4))
+    with small_disk(tmp_path / "disk", "3m") as data:
+        agent = start_agent(fleet_hub, data)
+        try:
+            deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+            wait_serving(fleet_hub, agent, versions["v1"])
+            deploy(fleet_hub, agent.device_id, f"tiny:{big}")
+            row = wait_for(lambda: next((r for r in reported(fleet_hub, agent.device_id)["reported"]
+                                         if r["version"] == big and r["state"] == "rolled_back"),
+                                        None), timeout=60, what="the big version rolled back")
+            assert "disk is full" in row["error"], row
+            assert infer(agent, "tiny", ROWS)["model_version"] == str(versions["v1"])
+            # the partial download is gone: the state file and telemetry need the room
+            assert not list((data / "store").rglob("*.part"))
+            assert agent.state()["update"] is None
+        finally:
+            assert agent.stop() == 0, agent.log()
 
 
 def test_bad_enrollment_is_a_clear_error(fleet_hub: HubProcess, tmp_path: Path) -> None:
