@@ -16,6 +16,11 @@ import sys
 from agent import identity as identities
 from agent.daemon import Agent, AgentOptions
 
+# httpx imports its command-line tool (click, rich, pygments: ~6 MB) with itself
+# unless that import fails, which it handles; the daemon's registry client never
+# needs it. A None entry in sys.modules makes the import fail.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:

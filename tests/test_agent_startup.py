@@ -27,6 +27,15 @@ def test_the_daemon_starts_without_the_heavy_modules() -> None:
     assert [m for m in HEAVY if m in loaded] == []
 
 
+def test_the_registry_client_comes_without_httpx_command_line_tool() -> None:
+    code = ("import sys, agent.__main__, packager.distribution;"
+            " print(' '.join(sorted(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "httpx" in loaded
+    assert [m for m in ("click", "rich", "pygments") if m in loaded] == []
+
+
 def test_python_m_agent_says_how_it_is_started() -> None:
     done = subprocess.run([sys.executable, "-m", "agent"], capture_output=True, text=True)
     assert done.returncode == 2
