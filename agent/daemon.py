@@ -212,7 +212,7 @@ class Agent:
             self.apply(desired)
         except OSError as exc:
             # The disk (full, or failing) refused a state save. What serves keeps
-            # serving; the saved state says where to resume at the next start.
+            # serving; the broker keeps the desired state for the next start.
             log.error("could not apply desired state generation %d: %s", desired.generation, exc)
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
