@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import inventory
-from agent.identity import Identity
+from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore
 from agent.protocol import (
@@ -195,7 +195,12 @@ class Agent:
     def handle_desired(self, payload: bytes, *, resuming: bool = False) -> None:
         last = self.state.applied_generation
         try:
-            desired = verify_desired(payload, public_key=self.identity.hub_key,
+            public_key = self.identity.hub_key
+        except IdentityError as exc:
+            self._refuse(ProtocolRefusal(Reason.BAD_SIGNATURE, str(exc)))
+            return
+        try:
+            desired = verify_desired(payload, public_key=public_key,
                                      device_id=self.identity.device_id, last_generation=last,
                                      now=datetime.now(UTC))
         except ProtocolRefusal as refusal:

@@ -29,6 +29,10 @@ class EnrollmentError(Exception):
     """Enrollment failed; the message says why and what to do."""
 
 
+class IdentityError(Exception):
+    """The stored identity cannot be used; the message says what to do."""
+
+
 @dataclass(frozen=True)
 class Identity:
     device_id: str
@@ -46,7 +50,13 @@ class Identity:
         idle agent 8 MB until it has something to verify."""
         from packager import signing
 
-        return signing.load_public_key(self.hub_public_key)
+        try:
+            return signing.load_public_key(self.hub_public_key)
+        except signing.SignatureError as exc:
+            raise IdentityError(
+                f"the hub key pinned in {IDENTITY_FILE} is unreadable ({exc}); nothing signed"
+                " can be trusted: enroll this device again"
+            ) from None
 
 
 def load(data_dir: Path) -> Identity | None:

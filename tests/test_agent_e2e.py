@@ -332,6 +332,27 @@ def test_kill_9_in_each_update_state_ends_serving_a_good_version(
         assert again.stop() == 0, again.log()
 
 
+def test_unreadable_pinned_key_refuses_desired_states_and_keeps_running(
+    fleet_hub: HubProcess, versions: dict[str, int], tmp_path: Path
+) -> None:
+    data = tmp_path / "agent"
+    agent = start_agent(fleet_hub, data)
+    assert agent.stop() == 0, agent.log()
+    identity_file = data / "identity.json"
+    identity = json.loads(identity_file.read_text())
+    identity_file.write_text(json.dumps({**identity, "hub_public_key": "not a key"}))
+    again = start_agent(fleet_hub, data, port=agent.port)
+    try:
+        deploy(fleet_hub, again.device_id, f"tiny:{versions['v1']}")
+        refusal = wait_for(lambda: next((r for r in again.state()["refusals"]
+                                         if r["reason"] == "bad_signature"), None),
+                           timeout=60, what="the desired state refused")
+        assert "enroll this device again" in refusal["message"]
+        assert again.process.poll() is None
+    finally:
+        assert again.stop() == 0, again.log()
+
+
 @contextmanager
 def small_disk(where: Path, size: str) -> Iterator[Path]:
     """A tmpfs of SIZE mounted at WHERE: a real disk that really fills up."""
