@@ -51,6 +51,7 @@ from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
 from agent.updates import Updater, deployment_body, now
 from agent.uplink import Uplink
+from packager.errors import PackagerError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -292,12 +293,21 @@ class Agent:
     def _prune(self, wanted: set[str]) -> None:
         """Keep on disk what serves and the previous primary (for rollback); drop the rest."""
         live: dict[str, set[int]] = {}
+        packages = {self.state.update.digest} if self.state.update else set()
         for name, s in self.state.serving.items():
             kept = [v for v in (s.primary, s.candidate, s.previous) if v is not None]
             live[name] = {v.version for v in (s.primary, s.candidate) if v is not None}
             self.store.prune(name, {Path(v.directory) for v in kept})
+            packages |= {v.digest for v in kept}
         for name in {s["name"] for s in self.state.statuses} - set(self.state.serving):
             self.store.prune(name, set())
+        try:
+            freed = self.store.prune_packages(packages)
+        except (PackagerError, OSError) as exc:  # housekeeping: the next apply tries again
+            log.warning("could not prune the package store: %s", exc)
+        else:
+            if freed:
+                log.info("pruned the package store: %d bytes freed", freed)
         latest_other: dict[str, dict] = {}
         statuses = []
         for s in self.state.statuses:

@@ -137,6 +137,15 @@ class PackageStore:
         return StagedVersion(directory, directory / "model",
                              json.loads((directory / "serving.json").read_text()))
 
+    def prune_packages(self, keep: set[str]) -> int:
+        """Forget every package but those KEEP names (digests) and delete the blobs
+        only they needed; the bytes freed. Unpacked versions are pruned apart (prune)."""
+        from packager.cosign import signature_tag
+
+        wanted = {_tag(d) for d in keep} | {signature_tag(d) for d in keep}
+        self.layout.untag([ref for ref in self.layout.refs() if ref not in wanted])
+        return self.layout.collect_garbage()
+
     def prune(self, deployment: str, keep: set[Path]) -> None:
         """Remove staged versions of DEPLOYMENT that are not in KEEP."""
         parent = self.versions_dir / deployment

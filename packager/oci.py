@@ -24,7 +24,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, Self
@@ -320,6 +320,10 @@ def read_blob(source: BlobSource, descriptor: Descriptor, *, what: str) -> bytes
     return buffer.getvalue()
 
 
+def _ref_of(entry: Mapping[str, Any]) -> str:
+    return entry.get("annotations", {}).get(REF_NAME, "")
+
+
 def _refs(index_json: bytes, *, where: str) -> dict[str, Descriptor]:
     entries = parse_index(index_json, what=f"index.json of {where}")
     return {d.annotations[REF_NAME]: d for d in entries if REF_NAME in d.annotations}
@@ -422,25 +426,54 @@ class OCILayout:
 
     def tag(self, ref: str, descriptor: Descriptor) -> None:
         """Point tag REF at DESCRIPTOR in index.json, replacing what REF pointed at."""
+        entry = descriptor.to_dict()
+        entry["annotations"] = {**entry.get("annotations", {}), REF_NAME: ref}
+        self._edit_refs(lambda manifests: [*[m for m in manifests if _ref_of(m) != ref], entry])
+
+    def untag(self, refs: Collection[str]) -> None:
+        """Remove the tags REFS from index.json; their blobs stay until collect_garbage."""
+        drop = set(refs)
+        self._edit_refs(lambda manifests: [m for m in manifests if _ref_of(m) not in drop])
+
+    def _edit_refs(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
         index_path = self.root / "index.json"
         # Builds into one layout may run at once; index.json is read, changed and replaced under a lock.
         with open(self.root / "index.json.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             index = parse_json(index_path.read_bytes(), what=f"index.json of {self}")
-            kept = [
-                m
-                for m in index.get("manifests", [])
-                if m.get("annotations", {}).get(REF_NAME) != ref
-            ]
-            entry = descriptor.to_dict()
-            entry["annotations"] = {**entry.get("annotations", {}), REF_NAME: ref}
             index["manifests"] = sorted(
-                [*kept, entry],
-                key=lambda m: (m.get("annotations", {}).get(REF_NAME, ""), m["digest"]),
+                change(index.get("manifests", [])), key=lambda m: (_ref_of(m), m["digest"])
             )
             tmp = index_path.with_name(".index.json.tmp")
             tmp.write_bytes(canonical_json(index))
             os.replace(tmp, index_path)
+
+    def collect_garbage(self) -> int:
+        """Delete the blobs no tag reaches through its indexes and manifests; the bytes freed.
+
+        Only files named by a digest are candidates: a download in progress
+        (a .part file beside them) is left alone.
+        """
+        reached: set[str] = set()
+        pending = list(self.refs().values())
+        while pending:
+            descriptor = pending.pop()
+            if descriptor.digest in reached:
+                continue
+            reached.add(descriptor.digest)
+            if not self.has(descriptor.digest):
+                continue  # never fetched (another platform's image, an unused layer)
+            if descriptor.media_type in INDEX_TYPES:
+                pending += parse_index(self.get(descriptor.digest), what=descriptor.digest)
+            elif descriptor.media_type in MANIFEST_TYPES:
+                manifest = parse_manifest(self.get(descriptor.digest), what=descriptor.digest)
+                pending += [manifest.config, *manifest.layers]
+        freed = 0
+        for path in (self.root / "blobs" / "sha256").iterdir():
+            if _DIGEST.fullmatch(f"sha256:{path.name}") and f"sha256:{path.name}" not in reached:
+                freed += path.stat().st_size
+                path.unlink()
+        return freed
 
 
 class OCIArchive:

@@ -29,6 +29,7 @@ from agent import protocol
 from agent.mqtt import Session
 from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
 from hubproc import EDGEFLEET, HubProcess, start_hub
+from packager.oci import OCILayout
 from packager.signing import generate_private_key
 from modelgen import expected_linear, make_failing_onnx, make_onnx, make_openvino_ir, make_tflite
 from mosquitto import Mosquitto, start_mosquitto
@@ -183,6 +184,12 @@ def test_failing_self_test_is_rolled_back(fleet_hub: HubProcess, device: AgentPr
     staged = device.data_dir / "versions" / "tiny"
     wait_for(lambda: sorted(int(d.name.split("-")[0]) for d in staged.iterdir())
              == [versions["v1"], versions["v2"]], what="old versions pruned")
+    # and in the package store only their packages: the broken one's blobs are deleted
+    serving = device.state()["serving"]["tiny"]
+    kept = {serving[role]["digest"].removeprefix("sha256:") for role in ("primary", "previous")}
+    store = OCILayout(device.data_dir / "store")
+    assert {ref for ref in store.refs() if ref.startswith("pkg-")} == {f"pkg-{d}" for d in kept}
+    assert store.collect_garbage() == 0  # nothing left that no tag reaches
 
 
 def test_tampered_package_is_refused(fleet_hub: HubProcess, device: AgentProcess,

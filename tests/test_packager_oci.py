@@ -14,6 +14,8 @@ from packager.errors import BlobNotFound, FormatError, PackagerError, RefNotFoun
 from packager.oci import (
     CONFIG,
     INDEX,
+    LAYER_TAR,
+    MANIFEST,
     REF_NAME,
     Descriptor,
     OCIArchive,
@@ -94,6 +96,32 @@ def test_layout_stores_blobs_by_digest_and_tags_them(tmp_path: Path) -> None:
         layout.open(sha256_digest(b"nothing"))
     # No temporary files are left behind next to the blobs.
     assert [p.name for p in (layout.root / "blobs").iterdir()] == ["sha256"]
+
+
+def _image(layout: OCILayout, layers: list[bytes]) -> Descriptor:
+    """An index of one manifest with LAYERS, all in LAYOUT."""
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST,
+                "config": layout.put(b"{}", CONFIG).to_dict(),
+                "layers": [layout.put(data, LAYER_TAR).to_dict() for data in layers]}
+    entry = layout.put(canonical_json(manifest), MANIFEST)
+    return layout.put(canonical_json({"schemaVersion": 2, "mediaType": INDEX,
+                                      "manifests": [entry.to_dict()]}), INDEX)
+
+
+def test_untag_then_collect_garbage_deletes_only_what_no_tag_reaches(tmp_path: Path) -> None:
+    layout = OCILayout.create(tmp_path / "layout")
+    layout.tag("old", _image(layout, [b"shared", b"old only"]))
+    layout.tag("new", _image(layout, [b"shared", b"new only"]))
+    partial = layout.blob_path(sha256_digest(b"coming")).with_suffix(".part")
+    partial.write_bytes(b"com")  # a download in progress
+    assert layout.collect_garbage() == 0  # both tagged: everything is reachable
+    layout.untag(["old", "no such tag"])
+    assert set(layout.refs()) == {"new"}
+    assert layout.collect_garbage() > 0
+    assert [layout.has(sha256_digest(b)) for b in (b"shared", b"new only", b"old only", b"{}")] == [
+        True, True, False, True]
+    assert partial.exists()
+    assert layout.collect_garbage() == 0
 
 
 def test_layout_refuses_a_directory_that_is_not_one(tmp_path: Path) -> None:
