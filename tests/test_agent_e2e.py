@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from packager.oci import OCILayout
 from packager.signing import generate_private_key
 from modelgen import expected_linear, make_failing_onnx, make_onnx, make_openvino_ir, make_tflite
 from mosquitto import Mosquitto, start_mosquitto
+from smalldisk import small_disk
 
 ROWS = [[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]]
 
@@ -360,21 +360,6 @@ def test_unreadable_pinned_key_refuses_desired_states_and_keeps_running(
         assert again.stop() == 0, again.log()
 
 
-@contextmanager
-def small_disk(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of SIZE mounted at WHERE: a real disk that really fills up."""
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                              str(where)], capture_output=True, text=True)
-    if mounted.returncode != 0:  # root, but without CAP_SYS_ADMIN (a container)
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "--lazy", str(where)], check=True)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_disk_full_during_download_is_rolled_back_and_frees_the_space(
     fleet_hub: HubProcess, versions: dict[str, int], tmp_path: Path
 ) -> None:

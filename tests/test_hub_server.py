@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from hubproc import start_hub
+from smalldisk import small_disk
 
 
 def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> None:
@@ -62,3 +63,21 @@ def test_bad_mqtt_url_is_a_usage_error(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "mqtt://HOST:PORT" in done.stderr
+
+
+def test_a_full_disk_is_a_507_that_stores_nothing_and_the_hub_goes_on(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "4m") as data:
+        hub = start_hub(data)
+        try:
+            headers = {"Authorization": f"Bearer {hub.admin_token}"}
+            too_big = os.urandom(6 * 2**20)
+            full = httpx.post(f"{hub.url}/api/v1/blobs", content=too_big, headers=headers,
+                              timeout=60)
+            assert full.status_code == 507, full.text
+            assert full.json()["error"] == "insufficient storage"
+            assert "disk is full" in full.json()["detail"]
+            assert list((data / "blobs" / "tmp").iterdir()) == []  # the partial upload is gone
+            small = httpx.post(f"{hub.url}/api/v1/blobs", content=b"fits", headers=headers)
+            assert small.status_code in (200, 201), small.text
+        finally:
+            assert hub.stop(signal.SIGTERM) == 0, hub.log()

@@ -6,7 +6,9 @@ why an action failed.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,6 +60,25 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(request, exc.status_code, text, str(exc.detail))
 
 
+def _disk_full(exc: Exception) -> bool:
+    """A write the hub's disk had no room for: ENOSPC, or SQLite's own word for it."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+async def _storage(request: Request, exc: Exception) -> JSONResponse:
+    if not _disk_full(exc):
+        return await _unexpected(request, exc)
+    # Not a bug, and the client can do nothing but wait: say so, log one line.
+    log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        request, 507, "insufficient storage",
+        "the hub's disk is full, so nothing was stored; free space in its data directory"
+        " and try again",
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(request, 500, "internal error", "see the hub's log")
@@ -69,4 +90,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, _invalid)
     app.add_exception_handler(BlobError, _blob)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(OSError, _storage)
+    app.add_exception_handler(sqlite3.OperationalError, _storage)
     app.add_exception_handler(Exception, _unexpected)

@@ -54,7 +54,11 @@ class _FileBlobWriter:
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except BaseException:
+            self.abort()  # a full disk, say: a partial file would only hold on to the space
+            raise
         self._hash.update(chunk)
         self.size += len(chunk)
 
@@ -66,13 +70,17 @@ class _FileBlobWriter:
                 f"content does not match its digest: expected {expected_digest}, got {digest} "
                 f"({self.size} bytes received)"
             )
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self._store.local_path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Same digest, same bytes: if another upload got there first, keep its copy.
-        os.replace(self._tmp, final)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final = self._store.local_path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # Same digest, same bytes: if another upload got there first, keep its copy.
+            os.replace(self._tmp, final)
+        except BaseException:
+            self.abort()
+            raise
         return digest, self.size
 
     def abort(self) -> None:
