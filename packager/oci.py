@@ -381,6 +381,11 @@ class OCILayout:
     def has(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
+    def blob_files(self) -> Iterator[Path]:
+        """The stored blobs: files named by their digest, not partial downloads beside them."""
+        return (p for p in (self.root / "blobs" / "sha256").iterdir()
+                if _DIGEST.fullmatch(f"sha256:{p.name}"))
+
     def open(self, digest: str) -> IO[bytes]:
         try:
             return open(self.blob_path(digest), "rb")
@@ -469,8 +474,8 @@ class OCILayout:
                 manifest = parse_manifest(self.get(descriptor.digest), what=descriptor.digest)
                 pending += [manifest.config, *manifest.layers]
         freed = 0
-        for path in (self.root / "blobs" / "sha256").iterdir():
-            if _DIGEST.fullmatch(f"sha256:{path.name}") and f"sha256:{path.name}" not in reached:
+        for path in self.blob_files():
+            if f"sha256:{path.name}" not in reached:
                 freed += path.stat().st_size
                 path.unlink()
         return freed
@@ -541,15 +546,10 @@ def write_archive(layout: OCILayout, dest: Path, *, mtime: int = 0) -> None:
     Only the layout's own files go in (oci-layout, index.json, blobs), not
     leftovers such as lock files or interrupted uploads.
     """
-    blobs = layout.root / "blobs" / "sha256"
     entries = [
         Entry("oci-layout", layout.root / "oci-layout"),
         Entry("index.json", layout.root / "index.json"),
-        *(
-            Entry(f"blobs/sha256/{p.name}", p)
-            for p in blobs.iterdir()
-            if _DIGEST.fullmatch(f"sha256:{p.name}")
-        ),
+        *(Entry(f"blobs/sha256/{p.name}", p) for p in layout.blob_files()),
     ]
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
