@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub.errors import HubError
@@ -84,12 +86,23 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 500, "internal error", "see the hub's log")
 
 
+E = TypeVar("E", bound=Exception)
+
+
+def add_handler(
+    app: FastAPI, exc_type: type[E], handler: Callable[[Request, E], Awaitable[Response]]
+) -> None:
+    """app.add_exception_handler, typed: Starlette declares handlers as taking any
+    Exception, though it calls each one only with instances of the type it was added for."""
+    app.add_exception_handler(exc_type, cast(Callable[[Request, Exception], Awaitable[Response]], handler))
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(HubError, _hub_error)
-    app.add_exception_handler(InvalidInput, _invalid)
-    app.add_exception_handler(BlobError, _blob)
-    app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(OSError, _storage)
-    app.add_exception_handler(sqlite3.OperationalError, _storage)
-    app.add_exception_handler(Exception, _unexpected)
+    add_handler(app, RequestValidationError, _validation)
+    add_handler(app, HubError, _hub_error)
+    add_handler(app, InvalidInput, _invalid)
+    add_handler(app, BlobError, _blob)
+    add_handler(app, StarletteHTTPException, _http)
+    add_handler(app, OSError, _storage)
+    add_handler(app, sqlite3.OperationalError, _storage)
+    add_handler(app, Exception, _unexpected)

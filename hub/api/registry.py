@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from hub import oci_registry as reg
 from hub import tokens
+from hub.api.errors import add_handler
 from hub.api.state import HubState, hub_state
 from hub.api.streaming import LargeFileResponse, receive_into
 from hub.errors import HubError
@@ -277,5 +278,5 @@ async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.include_router(router)
-    app.add_exception_handler(RegistryError, _registry_error)
+    add_handler(app, RegistryError, _registry_error)
 

@@ -16,6 +16,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -38,7 +39,7 @@ def progress_bar(*, quiet: bool = False) -> Progress:
     )
 
 
-def upload_file(client: HubClient, path: Path, progress: Progress, task: int) -> str:
+def upload_file(client: HubClient, path: Path, progress: Progress, task: TaskID) -> str:
     """Send PATH to the hub's blob store; returns its digest, checked on both ends."""
     sha = hashlib.sha256()
     size = path.stat().st_size
@@ -65,7 +66,7 @@ def upload_file(client: HubClient, path: Path, progress: Progress, task: int) ->
 
 
 def download_file(
-    client: HubClient, url: str, dest: Path, digest: str, progress: Progress, task: int
+    client: HubClient, url: str, dest: Path, digest: str, progress: Progress, task: TaskID
 ) -> None:
     """Fetch URL into DEST through a temporary file, keeping it only if the digest matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
