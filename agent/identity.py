@@ -48,7 +48,7 @@ class Identity:
     def hub_key(self) -> ec.EllipticCurvePublicKey:
         """The pinned key, loaded at the first verification: cryptography costs an
         idle agent 8 MB until it has something to verify."""
-        from packager import signing
+        from contract import signing
 
         try:
             return signing.load_public_key(self.hub_public_key)
@@ -71,7 +71,7 @@ def enroll(
     mqtt_url: str | None = None,
 ) -> Identity:
     """Enroll with TOKEN and store the identity; fails with EnrollmentError."""
-    from packager import signing
+    from contract import signing
 
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = data_dir / KEY_FILE

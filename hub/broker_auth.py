@@ -40,7 +40,7 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from agent.protocol import ProtocolError, parse_topic, status_topic
+from contract.protocol import ProtocolError, parse_topic, status_topic
 from hub.storage.db import Database
 from hub.tokens import hash_secret
 

@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import MAX_DEPLOYMENTS
+from contract.protocol import MAX_DEPLOYMENTS
 from hub import packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
 from hub.storage.db import Database, dumps, now
 from hub.validation import InvalidInput, model_name
-from packager import cosign
-from packager.runtimes import RUNTIMES
+from contract import cosign
+from contract.runtimes import RUNTIMES
 
 MAX_PREFER = 32
 _DEVICE = re.compile(r"[A-Za-z0-9_.]+")  # the accelerator part of "runtime:DEVICE"

@@ -35,7 +35,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import Message, MqttError, Session
 from hub import deployments
 from hub.storage.db import Database

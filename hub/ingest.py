@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from hub import telemetry
 from hub.storage.db import Database, dumps, now

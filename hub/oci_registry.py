@@ -21,7 +21,7 @@ from typing import Any
 
 from hub.storage.blobs import BlobError, BlobStore, BlobWriter, check_digest
 from hub.storage.db import Database, now
-from packager import oci
+from contract import oci
 
 REPO_RE = re.compile(
     r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"

@@ -17,9 +17,9 @@ from hub.errors import NotFound
 from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
-from packager import cosign, oci
-from packager.errors import BlobNotFound, RefNotFound
-from packager.layers import ROLE
+from contract import cosign, oci
+from contract.errors import BlobNotFound, RefNotFound
+from contract.layers import ROLE
 
 
 def repository(model: str) -> str:

@@ -30,7 +30,7 @@ from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
-from packager import signing
+from contract import signing
 
 log = logging.getLogger("edgefleet.hub")
 

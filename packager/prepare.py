@@ -10,7 +10,7 @@ What a package carries, by runtime:
 - openvino: OpenVINO IR. ONNX and TFLite models are converted (`openvino.convert_model`), so
   devices load the IR without converting it at every start; an IR passes through.
 - onnxruntime: the ONNX model; litert: the TFLite model. Any other pair is refused by
-  `packager.runtimes.choose_runtime`.
+  `contract.runtimes.choose_runtime`.
 
 Optimisations:
 
@@ -50,10 +50,11 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from packager.errors import PackagerError
-from packager.modelfile import NUMPY_DTYPES, ModelInfo, Signature, TensorSpec, inspect_model
-from packager.runtimes import DEFAULT_RUNTIME, RUNTIMES, choose_runtime
-from packager.serving import sample_request
+from contract.errors import PackageError
+from contract.tensors import NUMPY_DTYPES, Signature, TensorSpec
+from packager.modelfile import ModelInfo, inspect_model
+from contract.runtimes import DEFAULT_RUNTIME, RUNTIMES, choose_runtime
+from contract.serving import sample_request
 from packager.tarball import check_relative_path
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ _GENERATED_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_\d+")
 _DYNAMIC_SIZES = (1, 4)
 
 
-class PrepareError(PackagerError):
+class PrepareError(PackageError):
     """A model could not be prepared for its package; the message says what to do instead."""
 
 
@@ -208,7 +209,7 @@ def _plan(info: ModelInfo, runtime: str, optimize: str | None) -> _Plan | None:
     """The step that makes INFO's model into what RUNTIME's package carries; None: no step."""
     try:
         choose_runtime(info.framework, runtime)
-    except PackagerError as e:
+    except PackageError as e:
         raise PrepareError(str(e)) from None
     framework, entrypoint = info.framework, info.entrypoint
     assert framework is not None and entrypoint is not None  # choose_runtime checked

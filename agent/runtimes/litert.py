@@ -37,7 +37,7 @@ from agent.runtimes.base import (
     preferred_devices,
     tensor_spec,
 )
-from packager.modelfile import Signature, TensorSpec, v2_datatype_of_numpy
+from contract.tensors import Signature, TensorSpec, v2_datatype_of_numpy
 
 NAME = "litert"
 # Delegate libraries as their vendors install them on Linux.

@@ -39,7 +39,7 @@ from agent.runtimes.base import (
     preferred_devices,
     tensor_spec,
 )
-from packager.modelfile import Signature, TensorSpec, v2_datatype_of_openvino
+from contract.tensors import Signature, TensorSpec, v2_datatype_of_openvino
 
 NAME = "openvino"
 DEFAULT_PRECISION = "f32"

@@ -45,10 +45,10 @@ def _spinner(quiet: bool) -> Iterator[Progress]:
 
 
 def _packager_errors() -> tuple[type[Exception], ...]:
-    from packager.errors import PackagerError
-    from packager.signing import SignatureError
+    from contract.errors import PackageError
+    from contract.signing import SignatureError
 
-    return (PackagerError, SignatureError, FileExistsError)
+    return (PackageError, SignatureError, FileExistsError)
 
 
 @click.group()
@@ -102,14 +102,14 @@ def build(
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
     from packager.build import build_package
-    from packager.cosign import sign_package
+    from contract.cosign import sign_package
     from packager.deps import PipDeps
     from packager.distribution import Registry, push_layout
     from packager.modelfile import ModelInfo
-    from packager.oci import OCILayout
+    from contract.oci import OCILayout
     from packager.prepare import prepare_model
-    from packager.runtimes import choose_runtime
-    from packager.signing import load_private_key
+    from contract.runtimes import choose_runtime
+    from contract.signing import load_private_key
 
     hub_client = client(hub, token)
     quiet = quiet or as_json
@@ -186,7 +186,7 @@ def build(
 def _open_source(ref: str, hub: str | None, token: str | None) -> Iterator[tuple[Any, str, str | None]]:
     """(image source, tag, repository) for a layout/archive path or MODEL:VERSION in the hub."""
     from packager.distribution import Registry, RemoteImage
-    from packager.oci import open_image
+    from contract.oci import open_image
 
     path_text, _, tag = ref.removeprefix("oci:").removeprefix("oci-archive:").partition(":")
     path = Path(path_text)
@@ -226,8 +226,8 @@ def verify(
 
     Example: edgefleet package verify ./out:2 --key cosign.pub
     """
-    from packager.signing import key_id, load_public_key
-    from packager.verify import verify_package
+    from contract.signing import key_id, load_public_key
+    from contract.verify import verify_package
 
     try:
         with _open_source(ref, hub, token) as (source, tag, repository):
@@ -272,7 +272,8 @@ def export(
     Example: edgefleet package export diabetes:2 --out diabetes-2.tar
     """
     from packager.distribution import Registry, pull_signature, pull_to_layout
-    from packager.oci import OCILayout, write_archive
+    from contract.oci import OCILayout
+    from packager.archive import write_archive
 
     name, version = parse_ref(ref)
     hub_client = client(hub, token)
@@ -344,7 +345,7 @@ def generate(directory: Path) -> None:
 
     Example: edgefleet keys generate --dir ./keys
     """
-    from packager.signing import generate_keypair
+    from contract.signing import generate_keypair
 
     directory.mkdir(parents=True, exist_ok=True)
     try:

@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from packager.errors import PackagerError
+from contract.errors import PackageError
 
 SCHEMA = "edgefleet.serving/v1"
 
@@ -38,7 +38,7 @@ def sample_request(signature: Mapping[str, Any]) -> dict[str, Any]:
     for tensor in signature["inputs"]:
         datatype = tensor["datatype"]
         if datatype not in _ONE:
-            raise PackagerError(
+            raise PackageError(
                 f"input {tensor['name']!r} has datatype {datatype!r}, which is not a V2 datatype; "
                 "pass a sample request explicitly"
             )

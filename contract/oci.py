@@ -9,8 +9,8 @@ JSON blob the packager writes, because those bytes are what gets hashed.
 A layout written here keeps each package's image index as a blob; its
 `index.json` has one entry per tag (annotation org.opencontainers.image.ref.name)
 pointing at a package index or at a signature manifest, so one layout can hold
-many packages and share their blobs. An archive is a tar of a layout, written
-with the same reproducible tar writer as the layers.
+many packages and share their blobs. An archive is a tar of a layout; it is
+read here and written by the packager (packager/archive.py).
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, Self
 
-from packager.canonical import canonical_json
-from packager.errors import (
+from contract.canonical import canonical_json
+from contract.errors import (
     BlobNotFound,
     FormatError,
-    PackagerError,
+    PackageError,
     RefNotFound,
     VerificationError,
 )
-from packager.tarball import Entry, Sink, write_tar
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -98,7 +97,7 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            raise PackagerError(
+            raise PackageError(
                 f"platform {text!r} is not os/architecture[/variant], e.g. linux/arm64 or linux/arm/v7"
             )
         return cls(*parts)
@@ -227,6 +226,12 @@ def _check_header(value: Mapping[str, Any], media_types: frozenset[str], *, what
         raise FormatError(
             f"{what} has media type {media_type!r}, expected one of {sorted(media_types)}"
         )
+
+
+class Sink(Protocol):
+    """Anything bytes can be written to: a file, a hashing writer, a gzip stream."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 class HashingWriter:
@@ -360,7 +365,7 @@ class OCILayout:
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "oci-layout").exists():
             if any(root.iterdir()):
-                raise PackagerError(
+                raise PackageError(
                     f"{root} is neither empty nor an OCI layout; choose an empty or new directory"
                 )
             (root / "blobs" / "sha256").mkdir(parents=True)
@@ -538,25 +543,3 @@ def open_image(path: Path) -> Iterator[OCILayout | OCIArchive]:
     else:
         with OCIArchive(path) as archive:
             yield archive
-
-
-def write_archive(layout: OCILayout, dest: Path, *, mtime: int = 0) -> None:
-    """Write LAYOUT as an OCI archive at DEST: the same layout gives the same bytes.
-
-    Only the layout's own files go in (oci-layout, index.json, blobs), not
-    leftovers such as lock files or interrupted uploads.
-    """
-    entries = [
-        Entry("oci-layout", layout.root / "oci-layout"),
-        Entry("index.json", layout.root / "index.json"),
-        *(Entry(f"blobs/sha256/{p.name}", p) for p in layout.blob_files()),
-    ]
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write_tar(f, entries, mtime=mtime)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

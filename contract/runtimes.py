@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from packager.errors import PackagerError
+from contract.errors import PackageError
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,19 @@ DEFAULT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "lit
 def choose_runtime(framework: str | None, runtime: str | None = None) -> Runtime:
     """RUNTIME (or FRAMEWORK's default runtime), checked to run FRAMEWORK's models."""
     if framework is None:
-        raise PackagerError(
+        raise PackageError(
             "the model's framework is unknown (no .onnx, OpenVINO .xml or .tflite file among "
             "its files); register the model file itself"
         )
     name = runtime or DEFAULT_RUNTIME.get(framework)
     if name not in RUNTIMES:
-        raise PackagerError(
+        raise PackageError(
             f"unknown runtime {name!r} for a {framework} model; choose one of {', '.join(RUNTIMES)}"
         )
     chosen = RUNTIMES[name]
     if framework not in chosen.frameworks:
         usable = [r.name for r in RUNTIMES.values() if framework in r.frameworks]
-        raise PackagerError(
+        raise PackageError(
             f"runtime {name} cannot run {framework} models; use {' or '.join(usable)}"
         )
     return chosen

@@ -31,7 +31,7 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
 
-from packager.canonical import canonical_json
+from contract.canonical import canonical_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -504,7 +504,7 @@ def _read_desired(document: object) -> DesiredState:
 def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey) -> bytes:
     """The payload to publish (retained) on `desired_topic`: canonical JSON,
     signed over the canonical JSON of the document without "signature"."""
-    from packager import signing  # see verify_desired
+    from contract import signing  # see verify_desired
 
     body = _desired_json(state)
     _read_desired(body)  # the hub never signs what an agent would refuse as malformed
@@ -533,7 +533,7 @@ def verify_desired(
     """
     # Here, not at the top: cryptography costs an idle agent 8 MB until it has
     # something to verify.
-    from packager import signing
+    from contract import signing
 
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
