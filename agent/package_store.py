@@ -16,21 +16,21 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from contract.protocol import Package
 from contract.errors import DiskFull, PackageError, VerificationError
 from contract.layers import MODEL_DIR, SERVING_FILE
 from contract.oci import Descriptor, OCILayout
+from contract.protocol import Package
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from packager.distribution import Registry
     from contract.verify import VerifiedImage
+    from packager.distribution import Registry
 
 NATIVE_ROLES = frozenset({"model", "serving"})
 

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, Self
 
+from contract import names
 from contract.canonical import canonical_json
 from contract.errors import (
     BlobNotFound,
@@ -70,7 +70,6 @@ LAYOUT_VERSION = "1.0.0"
 # Manifests, configs and indexes are read whole into memory, so their size is bounded.
 MAX_JSON_BLOB = 4 * 1024 * 1024
 _CHUNK = 1024 * 1024
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
 def sha256_digest(data: bytes) -> str:
@@ -79,12 +78,11 @@ def sha256_digest(data: bytes) -> str:
 
 def check_digest(digest: str) -> str:
     """The hex part of DIGEST, which must be sha256 (it becomes a file name: nothing else gets in)."""
-    match = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
-    if match is None:
+    if not names.DIGEST.matches(digest):
         raise FormatError(
             f"{digest!r} is not a sha256 digest ('sha256:' and 64 lowercase hex digits)"
         )
-    return match.group(1)
+    return digest.removeprefix("sha256:")
 
 
 @dataclass(frozen=True)
@@ -389,7 +387,7 @@ class OCILayout:
     def blob_files(self) -> Iterator[Path]:
         """The stored blobs: files named by their digest, not partial downloads beside them."""
         return (p for p in (self.root / "blobs" / "sha256").iterdir()
-                if _DIGEST.fullmatch(f"sha256:{p.name}"))
+                if names.DIGEST.matches(f"sha256:{p.name}"))
 
     def open(self, digest: str) -> IO[bytes]:
         try:

@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from contract import cosign
 from contract.protocol import MAX_DEPLOYMENTS
+from contract.runtimes import RUNTIMES
 from hub import packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
 from hub.storage.db import Database, dumps, now
-from hub.validation import InvalidInput, model_name
-from contract import cosign
-from contract.runtimes import RUNTIMES
+from hub.validation import InvalidInput, InvalidName, model_name
 
 MAX_PREFER = 32
 _DEVICE = re.compile(r"[A-Za-z0-9_.]+")  # the accelerator part of "runtime:DEVICE"
@@ -63,7 +63,7 @@ class Candidate:
 def _check_name(name: str) -> str:
     try:
         return model_name(name)
-    except InvalidInput:
+    except InvalidName:
         raise InvalidInput(
             f"invalid deployment name {name[:80]!r}: use lower-case letters and digits, "
             "separated by single '.', '_' or '-' (at most 64)"

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from packager.deps import DEFAULT_DEPS, DepsProvider, PlatformUnavailable
+from contract import names
 from contract.errors import FormatError, PackageError
 from contract.layers import PYTHON_DIR, ROLE, SERVING_FILE
-from packager.layers import Layer, deps_layer, model_layer, serving_layer
-from packager.modelfile import ModelInfo
 from contract.oci import (
     CONFIG,
     CREATED,
@@ -57,6 +54,9 @@ from contract.oci import (
 from contract.runtimes import choose_runtime
 from contract.serving import sample_request as make_sample_request
 from contract.serving import serving_document
+from packager.deps import DEFAULT_DEPS, DepsProvider, PlatformUnavailable
+from packager.layers import Layer, deps_layer, model_layer, serving_layer
+from packager.modelfile import ModelInfo
 from packager.tarball import check_relative_path
 
 DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm/v7")
@@ -65,7 +65,6 @@ COMMAND = ["--host", "0.0.0.0", "--control-socket", "/run/edgefleet/control.sock
 SERVING_ENV = "EDGEFLEET_SERVING"
 SCORING_PORT = "8500/tcp"
 BASE = "base"
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,7 @@ def _preferences(prefer: Sequence[str]) -> list[str]:
 
 
 def _tag(tag: str) -> str:
-    if not _TAG.fullmatch(tag):
+    if not names.OCI_TAG.matches(tag):
         raise PackageError(
             f"{tag!r} cannot be a tag: use letters, digits, '_', '.' and '-' (at most 128, "
             "not starting with '.' or '-')"

@@ -51,10 +51,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from contract.errors import PackageError
-from contract.tensors import NUMPY_DTYPES, Signature, TensorSpec
-from packager.modelfile import ModelInfo, inspect_model
 from contract.runtimes import DEFAULT_RUNTIME, RUNTIMES, choose_runtime
 from contract.serving import sample_request
+from contract.tensors import NUMPY_DTYPES, Signature, TensorSpec
+from packager.modelfile import ModelInfo, inspect_model
 from packager.tarball import check_relative_path
 
 if TYPE_CHECKING:

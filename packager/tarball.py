@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, cast
 
+from contract import names
 from contract.errors import PackageError
+from contract.names import InvalidName
 from contract.oci import Sink
 
 FILE_MODE = 0o644
@@ -42,20 +44,11 @@ class Entry:
 
 
 def check_relative_path(name: str) -> str:
-    """NAME if it is a clean relative POSIX path (no '..', no absolute path, no empty part)."""
-    parts = name.split("/")
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or "\0" in name
-        or any(part in ("", ".", "..") for part in parts)
-    ):
-        raise PackageError(
-            f"file name {name!r} is not a clean relative path: use '/'-separated names "
-            "without '.', '..', empty parts or a leading '/'"
-        )
-    return name
+    """NAME if it is a clean relative POSIX path (contract.names), else PackageError."""
+    try:
+        return names.relative_path(name)
+    except InvalidName as exc:
+        raise PackageError(str(exc)) from None
 
 
 def tree_entries(root: Path, prefix: str) -> list[Entry]:

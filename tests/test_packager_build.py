@@ -398,7 +398,7 @@ def test_bad_options_fail_before_anything_is_written(
 
 def test_unclean_model_file_names_are_refused(tmp_path: Path) -> None:
     files = model_files(tmp_path / "model")
-    with pytest.raises(PackageError, match="'../labels.txt' is not a clean relative path"):
+    with pytest.raises(PackageError, match="'../labels.txt': not a clean relative path"):
         build(tmp_path / "layout", {**files, "../labels.txt": files["assets/labels.txt"]})
 
 

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub.errors import HubError
 from hub.storage.blobs import BlobError
-from hub.validation import InvalidInput
+from hub.validation import InvalidName
 
 log = logging.getLogger("edgefleet.hub")
 
@@ -47,7 +47,7 @@ async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
     return error_response(request, exc.status, exc.error, exc.detail)
 
 
-async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
+async def _invalid(request: Request, exc: InvalidName) -> JSONResponse:
     return error_response(request, 422, "invalid input", str(exc))
 
 
@@ -87,7 +87,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(HubError, _hub_error)
-    app.add_exception_handler(InvalidInput, _invalid)
+    app.add_exception_handler(InvalidName, _invalid)
     app.add_exception_handler(BlobError, _blob)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(OSError, _storage)
