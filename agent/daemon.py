@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import secrets
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from agent import inventory
 from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore
+from contract.files import write_secret
 from contract.protocol import (
     MAX_REFUSALS,
     Deployment,
@@ -107,10 +107,7 @@ class Agent:
         self.state: AgentState = self.state_file.load()
         self.stop_requested = threading.Event()
         key_file = data / "serving-api-key"
-        if not key_file.exists():
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(24))
+        write_secret(key_file, secrets.token_urlsafe(24), replace=False)
         self.serving = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue,

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.files import read_json, write_json
+from contract.files import SECRET_MODE, read_json, write_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -107,5 +107,5 @@ def enroll(
         mqtt_password=mqtt.get("password") or answer["device_token"],
         hub_public_key=answer["hub_public_key"],
     )
-    write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=0o600)
+    write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=SECRET_MODE)
     return identity

@@ -43,12 +43,11 @@ class Grammar:
         """TEXT if it is a valid name of this kind, else InvalidName with one line."""
         if not isinstance(text, str):
             raise InvalidName(f"{self.what} must be text, got {type(text).__name__}")
-        if not self.min_len <= len(text) <= self.max_len:
+        if len(text) > self.max_len:
             raise InvalidName(
-                f"{self.what} is {len(text)} characters long; "
-                f"{self.min_len}-{self.max_len} are allowed"
+                f"{self.what} is {len(text)} characters long; the limit is {self.max_len}"
             )
-        if self.pattern.fullmatch(text) is None:
+        if len(text) < self.min_len or self.pattern.fullmatch(text) is None:
             raise InvalidName(f"invalid {self.what} {_shown(text)}: {self.rule}")
         return text
 

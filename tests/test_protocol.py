@@ -376,8 +376,7 @@ def test_the_protocol_needs_only_the_stdlib() -> None:
     code = "import sys, contract.protocol; print(' '.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     modules = set(done.stdout.split())
-    ours = {m for m in modules if m.split(".")[0] in ("agent", "packager")}
-    assert ours == {"agent", "contract.protocol", "packager", "contract.canonical"}
-    foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {
-        "agent", "packager"}
+    ours = {m for m in modules if m.split(".")[0] in ("contract", "agent", "packager", "hub")}
+    assert ours == {"contract", "contract.protocol", "contract.canonical", "contract.names"}
+    foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"contract"}
     assert sorted(r for r in foreign if not r.startswith("_")) == []

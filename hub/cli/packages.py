@@ -17,6 +17,7 @@ from typing import Any
 import click
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
+from contract.runtimes import RUNTIMES
 from hub.cli.models import download_version, parse_ref
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
 from hub.cli.transfer import progress_bar
@@ -60,7 +61,7 @@ def package() -> None:
 @click.argument("ref")
 @click.option("--platform", "platforms", default="linux/amd64,linux/arm64,linux/arm/v7",
               show_default=True, help="Comma-separated OCI platforms.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "litert"]),
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)),
               help="Serving runtime [default: from the model's framework].")
 @click.option("--base", type=click.Path(exists=True, path_type=Path),
               help="Base image (OCI layout or archive) for container mode.")
@@ -101,6 +102,7 @@ def build(
 
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
+    from agent.runtimes import run_on_cpu  # to be passed in by the composition root
     from packager.build import build_package
     from contract.cosign import sign_package
     from packager.deps import PipDeps
@@ -128,6 +130,7 @@ def build(
                 task = progress.add_task(f"prepare the model for {chosen}", total=None)
                 prepared = prepare_model(
                     files, info, runtime=chosen, optimize=optimize, work_dir=Path(tmp) / "prepared",
+                    run=run_on_cpu,
                     max_abs_diff=max_abs_diff,
                     progress=lambda text: progress.update(task, description=text),
                 )
