@@ -13,7 +13,6 @@ process loads it from there.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from contract.errors import DiskFull, PackageError, VerificationError
 from contract.layers import MODEL_DIR, SERVING_FILE
 from contract.oci import Descriptor, OCILayout
+from contract.serving import read_serving
 from contract.protocol import Package
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class PackageStore:
         try:
             _extract(self.layout, image.layer("model"), f"{MODEL_DIR}/", tmp / "model")
             _extract(self.layout, image.layer("serving"), SERVING_FILE, tmp / "serving.json")
-            json.loads((tmp / "serving.json").read_text())
+            read_serving((tmp / "serving.json").read_bytes())
         except (OSError, tarfile.TarError, ValueError, PackageError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StageError(f"unpacking {package.digest} failed: {exc}") from None
@@ -135,7 +135,7 @@ class PackageStore:
 
     def staged(self, directory: Path) -> StagedVersion:
         return StagedVersion(directory, directory / "model",
-                             json.loads((directory / "serving.json").read_text()))
+                             read_serving((directory / "serving.json").read_bytes()))
 
     def prune_packages(self, keep: set[str]) -> int:
         """Forget every package but those KEEP names (digests) and delete the blobs

@@ -9,16 +9,22 @@
 
 `entrypoint` is relative to /opt/edgefleet/model/. `sample_request` is an
 Open Inference Protocol (KServe V2) request the agent sends as its self-test,
-or null when the model has no signature. Stdlib only.
+or null when the model has no signature. The packager builds it with
+`serving_document`, which reads its own output back, and the agent reads it
+with `read_serving`: one schema for both. Stdlib only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from contract.errors import PackageError
+from contract import names
+from contract.errors import FormatError, PackageError
+from contract.runtimes import RUNTIMES
+from contract.tensors import NUMPY_DTYPES
 
 SCHEMA = "edgefleet.serving/v1"
 
@@ -65,7 +71,7 @@ def serving_document(
     prefer: Sequence[str],
     sample_request: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    return {
+    document = {
         "schema": SCHEMA,
         "model": model,
         "version": version,
@@ -76,3 +82,72 @@ def serving_document(
         "prefer": list(prefer),
         "sample_request": None if sample_request is None else dict(sample_request),
     }
+    return check_serving(document)
+
+
+_FIELDS = ("schema", "model", "version", "runtime", "framework", "entrypoint", "signature",
+           "prefer", "sample_request")
+
+
+def read_serving(data: bytes) -> dict[str, Any]:
+    """serving.json's bytes as its document, or FormatError saying which field is wrong."""
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
+        raise FormatError(f"serving.json is not JSON: {exc}") from None
+    return check_serving(document)
+
+
+def check_serving(document: Any) -> dict[str, Any]:
+    """DOCUMENT if it is a serving.json this version understands, else FormatError."""
+    if not isinstance(document, dict):
+        raise FormatError("serving.json is not a JSON object")
+    if document.get("schema") != SCHEMA:
+        raise FormatError(f"serving.json has schema {document.get('schema')!r}, not {SCHEMA!r}")
+    if sorted(document) != sorted(_FIELDS):
+        raise FormatError(f"serving.json has fields {sorted(document)}; expected {sorted(_FIELDS)}")
+    try:
+        names.model_name(document["model"])
+        names.relative_path(document["entrypoint"])
+    except names.InvalidName as exc:
+        raise FormatError(f"serving.json: {exc}") from None
+    version = document["version"]
+    if not isinstance(version, int | str) or isinstance(version, bool):
+        raise FormatError(f"serving.json: version {version!r} is neither a number nor text")
+    runtime = RUNTIMES.get(document["runtime"])
+    if runtime is None or document["framework"] not in runtime.frameworks:
+        raise FormatError(
+            f"serving.json: runtime {document['runtime']!r} cannot run framework "
+            f"{document['framework']!r}"
+        )
+    prefer = document["prefer"]
+    if not isinstance(prefer, list) or not all(isinstance(p, str) and ":" in p for p in prefer):
+        raise FormatError(f"serving.json: prefer {prefer!r} is not a list of RUNTIME:DEVICE")
+    if document["signature"] is not None:
+        _check_signature(document["signature"])
+    request = document["sample_request"]
+    if request is not None and not (isinstance(request, dict)
+                                    and isinstance(request.get("inputs"), list)):
+        raise FormatError("serving.json: sample_request is not a V2 request with inputs")
+    return document
+
+
+def _check_signature(signature: Any) -> None:
+    if not isinstance(signature, dict) or sorted(signature) != ["inputs", "outputs"]:
+        raise FormatError("serving.json: signature must have exactly inputs and outputs")
+    for side in ("inputs", "outputs"):
+        tensors = signature[side]
+        if not isinstance(tensors, list):
+            raise FormatError(f"serving.json: signature.{side} is not a list")
+        for tensor in tensors:
+            if not (
+                isinstance(tensor, dict)
+                and isinstance(tensor.get("name"), str)
+                and tensor.get("datatype") in NUMPY_DTYPES
+                and isinstance(tensor.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in tensor["shape"])
+            ):
+                raise FormatError(
+                    f"serving.json: signature.{side} has {tensor!r}, not a tensor "
+                    "(name, V2 datatype, shape of integers)"
+                )
