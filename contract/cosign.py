@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from contract.canonical import canonical_json
 from contract.errors import BlobNotFound, PackageError, RefNotFound, VerificationError
 from contract.oci import (
     CONFIG,
@@ -32,7 +33,6 @@ from contract.oci import (
     Descriptor,
     ImageSource,
     ImageStore,
-    canonical_json,
     check_digest,
     parse_manifest,
     read_blob,

@@ -324,7 +324,7 @@ def read_blob(source: BlobSource, descriptor: Descriptor, *, what: str) -> bytes
 
 
 def _ref_of(entry: Mapping[str, Any]) -> str:
-    return entry.get("annotations", {}).get(REF_NAME, "")
+    return str(entry.get("annotations", {}).get(REF_NAME, ""))
 
 
 def _refs(index_json: bytes, *, where: str) -> dict[str, Descriptor]:

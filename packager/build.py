@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import names
+from contract.canonical import canonical_json
 from contract.errors import FormatError, PackageError
 from contract.layers import PYTHON_DIR, ROLE, SERVING_FILE
 from contract.oci import (
@@ -44,7 +45,6 @@ from contract.oci import (
     OCIArchive,
     OCILayout,
     Platform,
-    canonical_json,
     open_image,
     parse_index,
     parse_json,
