@@ -107,6 +107,14 @@ RELATIVE_PATH = Grammar(
 )
 FILE_PATH = Grammar(RELATIVE_PATH.what, RELATIVE_PATH.pattern, RELATIVE_PATH.rule, max_len=255)
 
+# An accelerator preference, best-first lists of which travel in desired states.
+RUNTIME_CHOICE = Grammar(
+    "accelerator preference",
+    re.compile(r"[a-z0-9_]+:[A-Za-z0-9_.]+"),
+    "RUNTIME:DEVICE, e.g. openvino:GPU or onnxruntime:CPU",
+    max_len=128,
+)
+
 MODEL_REF = re.compile(r"(?P<name>[^:]+)(?::(?P<version>[1-9][0-9]*|latest))?")
 _DURATION = re.compile(r"(?P<count>[0-9]+)(?P<unit>[smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -146,7 +154,9 @@ def model_ref(text: str) -> tuple[str, int | None]:
     """"diabetes:2" -> ("diabetes", 2); "diabetes" and "diabetes:latest" -> ("diabetes", None)."""
     found = MODEL_REF.fullmatch(text.strip())
     if found is None:
-        raise InvalidName(f"{_shown(text)} is not MODEL:VERSION (e.g. diabetes:2 or diabetes:latest)")
+        raise InvalidName(
+            f"{_shown(text)} is not MODEL:VERSION (e.g. diabetes:2 or diabetes:latest)"
+        )
     version = found["version"]
     return model_name(found["name"]), None if version in (None, "latest") else int(version)
 
@@ -155,7 +165,9 @@ def model_version(text: str) -> tuple[str, int]:
     """"diabetes:2" -> ("diabetes", 2): a reference to one version, named by its number."""
     name, version = model_ref(text)
     if version is None:
-        raise InvalidName(f"{_shown(text)} is not MODEL:VERSION with a version number (e.g. diabetes:2)")
+        raise InvalidName(
+            f"{_shown(text)} is not MODEL:VERSION with a version number (e.g. diabetes:2)"
+        )
     return name, version
 
 

@@ -77,7 +77,7 @@ def sha256_digest(data: bytes) -> str:
 
 
 def check_digest(digest: str) -> str:
-    """The hex part of DIGEST, which must be sha256 (it becomes a file name: nothing else gets in)."""
+    """The hex part of DIGEST, which must be sha256 (it becomes a file name: nothing else may)."""
     if not names.DIGEST.matches(digest):
         raise FormatError(
             f"{digest!r} is not a sha256 digest ('sha256:' and 64 lowercase hex digits)"
@@ -96,7 +96,8 @@ class Platform:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise PackageError(
-                f"platform {text!r} is not os/architecture[/variant], e.g. linux/arm64 or linux/arm/v7"
+                f"platform {text!r} is not os/architecture[/variant], "
+                "e.g. linux/arm64 or linux/arm/v7"
             )
         return cls(*parts)
 
@@ -401,7 +402,7 @@ class OCILayout:
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[HashingWriter]:
-        """A writer for one new blob; it is stored under its digest when the block ends without error."""
+        """A writer for one new blob, stored under its digest when the block ends without error."""
         fd, tmp = tempfile.mkstemp(dir=self.root / "blobs", prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -445,7 +446,8 @@ class OCILayout:
 
     def _edit_refs(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
         index_path = self.root / "index.json"
-        # Builds into one layout may run at once; index.json is read, changed and replaced under a lock.
+        # Builds into one layout may run at once: index.json is read, changed and replaced
+        # under a lock.
         with open(self.root / "index.json.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             index = parse_json(index_path.read_bytes(), what=f"index.json of {self}")

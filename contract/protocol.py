@@ -230,7 +230,6 @@ def parse_time(text: str) -> datetime:
 
 # --- strict field reader ----------------------------------------------------
 
-_RUNTIME_CHOICE = re.compile(r"[a-z0-9_]+:[A-Za-z0-9_.]+")    # "openvino:NPU", "onnxruntime:CUDA"
 _PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")  # "linux/arm64", "linux/arm/v7"
 _VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 
@@ -441,7 +440,7 @@ def _read_package(f: _Fields) -> Package:
 
 
 def _read_runtime(f: _Fields) -> RuntimeSpec:
-    spec = RuntimeSpec(prefer=f.strings("prefer", _RUNTIME_CHOICE))
+    spec = RuntimeSpec(prefer=f.strings("prefer", names.RUNTIME_CHOICE.pattern))
     f.done()
     return spec
 
@@ -710,7 +709,7 @@ def parse_reported(payload: bytes, *, device_id: str) -> ReportedState:
         deployments=tuple(_read_deployment_status(_Fields(item, path))
                           for path, item in f.items("deployments", 2 * MAX_DEPLOYMENTS)),
         platform=f.text("platform", _PLATFORM, max_len=64),
-        accelerators=f.strings("accelerators", _RUNTIME_CHOICE),
+        accelerators=f.strings("accelerators", names.RUNTIME_CHOICE.pattern),
         agent_version=f.text("agent_version", max_len=64),
         inventory=_read_values(f.path("inventory"), f.raw("inventory")),
         refusals=tuple(_read_refusal(_Fields(item, path))

@@ -121,7 +121,7 @@ def check_serving(document: Any) -> dict[str, Any]:
             f"{document['framework']!r}"
         )
     prefer = document["prefer"]
-    if not isinstance(prefer, list) or not all(isinstance(p, str) and ":" in p for p in prefer):
+    if not isinstance(prefer, list) or not all(names.RUNTIME_CHOICE.matches(p) for p in prefer):
         raise FormatError(f"serving.json: prefer {prefer!r} is not a list of RUNTIME:DEVICE")
     if document["signature"] is not None:
         _check_signature(document["signature"])
