@@ -3,7 +3,7 @@
 Start-up: load the identity and the saved state, start the serving process
 with the last known good versions, then connect to the broker. The main
 thread takes desired states from the MQTT session one at a time, checks
-each (signature, generation, expiry; agent.protocol), and converges the
+each (signature, generation, expiry; contract.protocol), and converges the
 device on it through the update state machine (agent/updates.py). An
 update interrupted by a crash is resumed from its saved state. The uplink
 thread reports state and telemetry; a supervisor check restarts the serving
@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import secrets
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from agent import inventory
 from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore
-from agent.protocol import (
+from contract.files import write_secret
+from contract.protocol import (
     MAX_REFUSALS,
     Deployment,
     DeploymentStatus,
@@ -51,7 +51,7 @@ from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
 from agent.updates import Updater, deployment_body, now
 from agent.uplink import Uplink
-from packager.errors import PackagerError
+from contract.errors import PackageError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -107,10 +107,7 @@ class Agent:
         self.state: AgentState = self.state_file.load()
         self.stop_requested = threading.Event()
         key_file = data / "serving-api-key"
-        if not key_file.exists():
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(24))
+        write_secret(key_file, secrets.token_urlsafe(24), replace=False)
         self.serving = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue,
@@ -303,7 +300,7 @@ class Agent:
             self.store.prune(name, set())
         try:
             freed = self.store.prune_packages(packages)
-        except (PackagerError, OSError) as exc:  # housekeeping: the next apply tries again
+        except (PackageError, OSError) as exc:  # housekeeping: the next apply tries again
             log.warning("could not prune the package store: %s", exc)
         else:
             if freed:

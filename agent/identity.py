@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.files import read_json, write_json
+from contract.files import SECRET_MODE, read_json, write_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,7 +48,7 @@ class Identity:
     def hub_key(self) -> ec.EllipticCurvePublicKey:
         """The pinned key, loaded at the first verification: cryptography costs an
         idle agent 8 MB until it has something to verify."""
-        from packager import signing
+        from contract import signing
 
         try:
             return signing.load_public_key(self.hub_public_key)
@@ -71,7 +71,7 @@ def enroll(
     mqtt_url: str | None = None,
 ) -> Identity:
     """Enroll with TOKEN and store the identity; fails with EnrollmentError."""
-    from packager import signing
+    from contract import signing
 
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = data_dir / KEY_FILE
@@ -107,5 +107,5 @@ def enroll(
         mqtt_password=mqtt.get("password") or answer["device_token"],
         hub_public_key=answer["hub_public_key"],
     )
-    write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=0o600)
+    write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=SECRET_MODE)
     return identity

@@ -72,7 +72,8 @@ def runtimes() -> dict[str, dict[str, Any]]:
     what each is, e.g. {"openvino": {"installed": True, "version": "...",
     "accelerators": {"openvino:CPU": "Intel(R) Core(TM) i5-1135G7"}}}."""
     # Imported here: only the inventory child process pays for the runtimes.
-    from agent.runtimes import RUNTIMES, get_runtime
+    from agent.runtimes import get_runtime
+    from contract.runtimes import RUNTIMES
     from agent.runtimes.base import ModelRuntimeError
 
     found: dict[str, dict[str, Any]] = {}

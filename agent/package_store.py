@@ -13,24 +13,24 @@ process loads it from there.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.protocol import Package
-from packager.errors import DiskFull, PackagerError, VerificationError
-from packager.layers import MODEL_DIR, SERVING_FILE
-from packager.oci import Descriptor, OCILayout
+from contract.errors import DiskFull, PackageError, VerificationError
+from contract.layers import MODEL_DIR, SERVING_FILE
+from contract.oci import Descriptor, OCILayout
+from contract.serving import read_serving
+from contract.protocol import Package
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from contract.verify import VerifiedImage
     from packager.distribution import Registry
-    from packager.verify import VerifiedImage
 
 NATIVE_ROLES = frozenset({"model", "serving"})
 
@@ -89,7 +89,7 @@ class PackageStore:
             raise StageError(f"download of {package.digest} failed its digest check: {exc}") from None
         except DiskFull as exc:
             raise StageError(f"download of {package.digest} failed: {exc}") from None
-        except PackagerError as exc:
+        except PackageError as exc:
             raise StageError(f"download of {package.repository}@{package.digest} failed: {exc}",
                              transient=True) from None
         except OSError as exc:  # the store's disk: nothing another try would change
@@ -98,7 +98,7 @@ class PackageStore:
 
     def verify(self, package: Package) -> VerifiedImage:
         """Check the signature (the pinned hub key) and every fetched blob's digest."""
-        from packager.verify import verify_package  # with cryptography: see __init__
+        from contract.verify import verify_package  # with cryptography: see __init__
 
         try:
             index = self.layout.resolve(_tag(package.digest))
@@ -108,7 +108,7 @@ class PackageStore:
                 self.layout, index, public_key=self.public_key(),
                 platforms=[self.platform], roles=NATIVE_ROLES,
             )
-        except PackagerError as exc:
+        except PackageError as exc:
             raise StageError(f"verification of {package.digest} failed: {exc}") from None
         if self.platform not in verified.images:
             raise StageError(f"package {package.digest} has no image for {self.platform}")
@@ -125,8 +125,8 @@ class PackageStore:
         try:
             _extract(self.layout, image.layer("model"), f"{MODEL_DIR}/", tmp / "model")
             _extract(self.layout, image.layer("serving"), SERVING_FILE, tmp / "serving.json")
-            json.loads((tmp / "serving.json").read_text())
-        except (OSError, tarfile.TarError, ValueError, PackagerError) as exc:
+            read_serving((tmp / "serving.json").read_bytes())
+        except (OSError, tarfile.TarError, ValueError, PackageError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StageError(f"unpacking {package.digest} failed: {exc}") from None
         shutil.rmtree(directory, ignore_errors=True)
@@ -135,12 +135,12 @@ class PackageStore:
 
     def staged(self, directory: Path) -> StagedVersion:
         return StagedVersion(directory, directory / "model",
-                             json.loads((directory / "serving.json").read_text()))
+                             read_serving((directory / "serving.json").read_bytes()))
 
     def prune_packages(self, keep: set[str]) -> int:
         """Forget every package but those KEEP names (digests) and delete the blobs
         only they needed; the bytes freed. Unpacked versions are pruned apart (prune)."""
-        from packager.cosign import signature_tag
+        from contract.cosign import signature_tag
 
         wanted = {_tag(d) for d in keep} | {signature_tag(d) for d in keep}
         self.layout.untag([ref for ref in self.layout.refs() if ref not in wanted])

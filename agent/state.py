@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.files import read_json, write_json
+from contract.files import read_json, write_json
 
 STATE_FILE = "state.json"
 

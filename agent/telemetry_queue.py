@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import format_time
+from contract.protocol import format_time
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.package_store import PackageStore, StageError
-from agent.protocol import Package, UpdateState, format_time
+from contract.protocol import Package, UpdateState, format_time
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingProcess
 

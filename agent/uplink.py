@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from agent.mqtt import MqttError, Session
-from agent.protocol import (
+from contract.protocol import (
     MAX_TELEMETRY_POINTS,
     Point,
     TelemetryBatch,

@@ -92,9 +92,9 @@ from rich.console import Console
 from packager.build import DEFAULT_PLATFORMS, build_package
 from packager.deps import DepsProvider
 from packager.distribution import Registry, pull_signature, pull_to_layout, push_layout
-from packager.layers import DEPS, MODEL, ROLE, SERVING
+from contract.layers import DEPS, MODEL, ROLE, SERVING
 from packager.modelfile import ModelInfo, inspect_model
-from packager.oci import Descriptor, OCILayout, Platform, parse_index, parse_manifest
+from contract.oci import Descriptor, OCILayout, Platform, parse_index, parse_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hubproc import EDGEFLEET, HubProcess, start_hub  # noqa: E402

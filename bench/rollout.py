@@ -101,7 +101,7 @@ thread):
   ~50,000 reported states and the engine's ticks). The simulator sets the
   pace: its status lines, due every 0.5 s, came 7-8 s apart, and it held the
   GIL in 80 % of the samples, half of them building and sending reported
-  states (agent.protocol.build_reported re-parses every payload it builds:
+  states (contract.protocol.build_reported re-parses every payload it builds:
   14 %) and 9 % building telemetry; its devices held their states after
   9-14 s and all served after 21-27 s. The hub held the GIL in 59 % of the
   samples: ingest 49 % (parsing reported states 17 %), its MQTT network
@@ -117,7 +117,7 @@ thread):
   lower when other work loads the machine), with the hub at 96-98 % of one
   core: its single ingest thread (hub/ingest.py, `Ingest._run` ->
   `write_batch`) is the bottleneck, busy ~96 % of the drain: parsing with
-  agent.protocol's strict reader 25 %, `hub.telemetry.ingest` 26 % (per
+  contract.protocol's strict reader 25 %, `hub.telemetry.ingest` 26 % (per
   message a savepoint, an executemany of 2 rows and json.dumps of each
   point's values), the commit 12 %, the `last_seen` updates 8 %,
   `format_time` 4 %. The cost is per message, not per point: with 2-point
@@ -161,7 +161,7 @@ from mosquitto import Mosquitto, start_mosquitto  # noqa: E402
 from report import Row, print_table  # noqa: E402
 
 from agent.identity import IDENTITY_FILE, Identity  # noqa: E402
-from packager import signing  # noqa: E402
+from contract import signing  # noqa: E402
 
 MB = 1_000_000
 MODEL = "tiny"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from agent.protocol import ProtocolError, parse_topic, status_topic
+from contract.files import write_secret
+from contract.protocol import ProtocolError, parse_topic, status_topic
 from hub.storage.db import Database
 from hub.tokens import hash_secret
 
@@ -53,10 +53,7 @@ _DEVICE_SUBSCRIBES = frozenset({"desired", "commands"})
 
 def hub_secret(path: Path) -> str:
     """The hub's MQTT password for the embedded broker: made once, mode 0600 from the start."""
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+    write_secret(path, secrets.token_urlsafe(32) + "\n", replace=False)
     return path.read_text().strip()
 
 

@@ -20,23 +20,21 @@ version; `reported_states` answers a rollout's "who serves version X".
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import MAX_DEPLOYMENTS
+from contract import cosign, names
+from contract.protocol import MAX_DEPLOYMENTS
+from contract.runtimes import RUNTIMES
 from hub import packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
 from hub.storage.db import Database, dumps, now
-from hub.validation import InvalidInput, model_name
-from packager import cosign
-from packager.runtimes import RUNTIMES
+from hub.validation import InvalidInput, InvalidName, model_name
 
 MAX_PREFER = 32
-_DEVICE = re.compile(r"[A-Za-z0-9_.]+")  # the accelerator part of "runtime:DEVICE"
 # The columns that make up a deployment; a change to any of them is a new generation.
 _VALUES = ("model", "version", "repository", "digest", "size", "prefer", "traffic",
            "candidate_version", "candidate_digest", "candidate_size", "candidate_traffic",
@@ -63,7 +61,7 @@ class Candidate:
 def _check_name(name: str) -> str:
     try:
         return model_name(name)
-    except InvalidInput:
+    except InvalidName:
         raise InvalidInput(
             f"invalid deployment name {name[:80]!r}: use lower-case letters and digits, "
             "separated by single '.', '_' or '-' (at most 64)"
@@ -74,8 +72,7 @@ def _check_prefer(prefer: Sequence[str]) -> list[str]:
     if len(prefer) > MAX_PREFER:
         raise InvalidInput(f"prefer lists {len(prefer)} choices; the limit is {MAX_PREFER}")
     for choice in prefer:
-        runtime, _, device = choice.partition(":")
-        if runtime not in RUNTIMES or not _DEVICE.fullmatch(device):
+        if not names.RUNTIME_CHOICE.matches(choice) or choice.partition(":")[0] not in RUNTIMES:
             raise InvalidInput(
                 f"prefer entry {choice[:80]!r} must look like RUNTIME:DEVICE with RUNTIME one "
                 f"of {', '.join(RUNTIMES)} (e.g. openvino:GPU, onnxruntime:CPU)"

@@ -35,8 +35,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import protocol
 from agent.mqtt import Message, MqttError, Session
+from contract import protocol
 from hub import deployments
 from hub.storage.db import Database
 

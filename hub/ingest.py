@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import protocol
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
+from contract import protocol
 from hub import telemetry
 from hub.storage.db import Database, dumps, now
 

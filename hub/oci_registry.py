@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from contract import names, oci
 from hub.storage.blobs import BlobError, BlobStore, BlobWriter, check_digest
 from hub.storage.db import Database, now
-from packager import oci
-
-REPO_RE = re.compile(
-    r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
-)
-TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
-MAX_REPO = 255
 
 
 class RegistryError(Exception):
@@ -46,7 +39,7 @@ class RegistryError(Exception):
 
 
 def check_repo(repo: str) -> str:
-    if len(repo) > MAX_REPO or not REPO_RE.match(repo):
+    if not names.REPOSITORY.matches(repo):
         raise RegistryError(400, "NAME_INVALID", f"invalid repository name {repo[:100]!r}")
     return repo
 
@@ -61,7 +54,7 @@ def check_reference(reference: str) -> str:
             return check_digest(reference)
         except BlobError as exc:
             raise RegistryError(400, "DIGEST_INVALID", str(exc)) from None
-    if not TAG_RE.match(reference):
+    if not names.OCI_TAG.matches(reference):
         raise RegistryError(400, "TAG_INVALID", f"invalid tag {reference[:100]!r}")
     return reference
 

@@ -12,14 +12,14 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from contract import cosign, oci
+from contract.errors import BlobNotFound, RefNotFound
+from contract.layers import ROLE
 from hub import oci_registry as reg
 from hub.errors import NotFound
 from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
-from packager import cosign, oci
-from packager.errors import BlobNotFound, RefNotFound
-from packager.layers import ROLE
 
 
 def repository(model: str) -> str:

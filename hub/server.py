@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from datetime import timedelta
 
 import uvicorn
 
+from contract.files import write_secret
 from hub import tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
@@ -30,7 +30,7 @@ from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
-from packager import signing
+from contract import signing
 
 log = logging.getLogger("edgefleet.hub")
 
@@ -50,12 +50,6 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _write_secret(path: os.PathLike[str], text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-
-
 def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
     """Create what a first start needs; later starts find it and reuse it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -69,7 +63,7 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
 
     if not settings.admin_token_path.exists():
         _, secret = tokens.create(db, name="admin", role="admin", created_by="hub")
-        _write_secret(settings.admin_token_path, secret)
+        write_secret(settings.admin_token_path, secret + "\n")
         say(f"Created an admin API token in {settings.admin_token_path} (mode 0600)")
     return HubState(
         settings=settings,

@@ -1,59 +1,28 @@
 """Checks on names, tags and file paths that come from users.
 
-Model names become OCI repository names (`models/<name>`) later, so they
-follow that grammar: lower case, digits and . _ - separators.
+The grammars are the contract's (contract/names.py), shared with the wire
+protocol and the agent, so whatever the hub stores a device accepts; they are
+imported here so the hub has one module of input checks. This module adds the
+hub's own limits and forms: how many files a version has, a tag mapping, and
+the key=value selectors of the command line and of ?tag= queries. Grammar
+refusals are `InvalidName`, the hub's other refusals `InvalidInput` (a kind of
+it); the API answers both with 422 and their one line.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import PurePosixPath
+from contract.names import InvalidName, duration, file_path, model_name, tag
 
-MAX_NAME = 64
-MAX_TAG_KEY = 64
-MAX_TAG_VALUE = 256
-MAX_PATH = 255
+__all__ = [
+    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "model_name",
+    "parse_tag_selector", "tag", "tags",
+]
+
 MAX_FILES = 1000
 
-_DURATION_RE = re.compile(r"^(\d+)([smhd])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
-_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
-
-class InvalidInput(ValueError):
-    """User input that breaks a rule; the message names the rule."""
-
-
-def duration(text: str, what: str) -> int:
-    """Seconds in '30s', '10m', '12h' or '7d' (WHAT names the option in the error)."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise InvalidInput(f"{what} {text!r} should look like 30s, 30m, 12h or 7d")
-    return int(match.group(1)) * _SECONDS[match.group(2)]
-
-
-def model_name(name: str) -> str:
-    if len(name) > MAX_NAME:
-        raise InvalidInput(f"model name is {len(name)} characters long; the limit is {MAX_NAME}")
-    if not _NAME_RE.match(name):
-        raise InvalidInput(
-            f"invalid model name {name!r}: use lower-case letters and digits, "
-            "separated by single '.', '_' or '-' (e.g. 'diabetes-ridge')"
-        )
-    return name
-
-
-def tag(key: str, value: str) -> tuple[str, str]:
-    if not key or len(key) > MAX_TAG_KEY or not _TAG_KEY_RE.match(key):
-        raise InvalidInput(
-            f"invalid tag key {key[:80]!r}: 1-{MAX_TAG_KEY} characters of letters, digits, . _ / -"
-        )
-    if len(value) > MAX_TAG_VALUE or any(ord(c) < 32 for c in value):
-        raise InvalidInput(
-            f"invalid value for tag {key!r}: at most {MAX_TAG_VALUE} printable characters"
-        )
-    return key, value
+class InvalidInput(InvalidName):
+    """User input that breaks one of the hub's own rules; the message names the rule."""
 
 
 def tags(mapping: dict[str, str]) -> dict[str, str]:
@@ -66,17 +35,3 @@ def parse_tag_selector(text: str) -> tuple[str, str]:
     if not sep:
         raise InvalidInput(f"tag filter {text[:80]!r} must look like key=value")
     return tag(key.strip(), value.strip())
-
-
-def file_path(path: str) -> str:
-    """A relative POSIX path that stays inside the model directory."""
-    if not path or len(path) > MAX_PATH:
-        raise InvalidInput(f"file name must be 1-{MAX_PATH} characters, got {len(path)}")
-    if "\\" in path or "\x00" in path or any(ord(c) < 32 for c in path):
-        raise InvalidInput(f"file name {path[:80]!r} contains a backslash or control character")
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or any(part in ("..", ".", "") for part in path.split("/")):
-        raise InvalidInput(
-            f"file name {path[:80]!r} must be a relative path without '..' or '.' components"
-        )
-    return str(pure)

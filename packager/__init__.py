@@ -6,23 +6,20 @@ platform (deps), the model files (one plain-tar layer, byte-identical on
 every platform) and serving.json. It is signed cosign-style under the tag
 `sha256-<hex>.sig`.
 
-Modules, each with one job:
+Modules, each with one job (the format itself, signatures, verification and the
+runtime table are the shared contract's, in contract/):
 
-- `oci`: the OCI format (media types, descriptors, canonical JSON, layouts,
-  archives, blob digest checks) and the `BlobSource` protocol;
-- `tarball`, `layers`: reproducible tars and the package's layers;
-- `runtimes`, `deps`, `serving`: which runtime, its wheels per platform,
-  and what serving.json says;
+- `tarball`, `layers`, `archive`: reproducible tars, the package's layers, and
+  layouts written as OCI archives;
+- `deps`: the runtime's wheels per platform;
 - `prepare`: conversion (ONNX/TFLite -> OpenVINO IR) and fp16/int8
-  optimisation before a build, with an accuracy check against the original;
+  optimisation before a build, with an accuracy check against the original
+  (run by a runner its caller passes in: the packager never imports the agent);
 - `build`: `build_package`, writing a package to an OCI layout;
-- `signing`, `cosign`, `verify`: keys, package signatures, and the checks an
-  agent runs before using a package;
-- `modelfile`: what a model's files are (framework, entrypoint, signature);
-- `distribution`: a client for OCI registries (push, resumable pull).
-
-The agent imports `oci`, `tarball`, `layers`, `runtimes`, `serving`,
-`signing`, `cosign` and `verify`: stdlib and `cryptography` only.
+- `modelfile`: what a model's files are (framework, entrypoint, signature),
+  read with onnx and flatbuffers;
+- `distribution`: a client for OCI registries (push, resumable pull), the one
+  packager module the agent imports.
 
 Copying a package elsewhere must keep its digests, or the signature no longer
 applies: `skopeo copy --all --preserve-digests` does; plain `skopeo copy`

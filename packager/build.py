@@ -15,33 +15,24 @@ tools do). The hub passes the model version's registration time. Same inputs
 and epoch, same index digest, byte for byte.
 
 The layout's index.json tags the package index (by default with the
-version), and `packager.cosign.sign_package` adds its signature beside it.
+version), and `contract.cosign.sign_package` adds its signature beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from packager.deps import DEFAULT_DEPS, DepsProvider
-from packager.errors import FormatError, PackagerError, PlatformUnavailable
-from packager.layers import (
-    PYTHON_DIR,
-    ROLE,
-    SERVING_FILE,
-    Layer,
-    deps_layer,
-    model_layer,
-    serving_layer,
-)
-from packager.modelfile import ModelInfo
-from packager.oci import (
+from contract import names
+from contract.canonical import canonical_json
+from contract.errors import FormatError, PackageError
+from contract.layers import PYTHON_DIR, ROLE, SERVING_FILE
+from contract.oci import (
     CONFIG,
     CREATED,
     INDEX,
@@ -54,16 +45,18 @@ from packager.oci import (
     OCIArchive,
     OCILayout,
     Platform,
-    canonical_json,
     open_image,
     parse_index,
     parse_json,
     parse_manifest,
     read_blob,
 )
-from packager.runtimes import choose_runtime
-from packager.serving import sample_request as make_sample_request
-from packager.serving import serving_document
+from contract.runtimes import choose_runtime
+from contract.serving import sample_request as make_sample_request
+from contract.serving import serving_document
+from packager.deps import DEFAULT_DEPS, DepsProvider, PlatformUnavailable
+from packager.layers import Layer, deps_layer, model_layer, serving_layer
+from packager.modelfile import ModelInfo
 from packager.tarball import check_relative_path
 
 DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm/v7")
@@ -72,7 +65,6 @@ COMMAND = ["--host", "0.0.0.0", "--control-socket", "/run/edgefleet/control.sock
 SERVING_ENV = "EDGEFLEET_SERVING"
 SCORING_PORT = "8500/tcp"
 BASE = "base"
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +163,7 @@ def build_package(
             manifests[str(platform)] = _put_manifest(store, config, layers, annotations, platform)
     if not manifests:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped.items())
-        raise PackagerError(f"no platform could be built: {reasons}")
+        raise PackageError(f"no platform could be built: {reasons}")
 
     report(BuildProgress("index", total - 1, total))
     index = store.put(
@@ -219,21 +211,21 @@ def _serving_json(
 def _platforms(platforms: Sequence[str]) -> list[Platform]:
     parsed = [Platform.parse(p) for p in platforms]
     if not parsed:
-        raise PackagerError("no platforms given; name at least one, e.g. linux/arm64")
+        raise PackageError("no platforms given; name at least one, e.g. linux/arm64")
     if len(set(parsed)) != len(parsed):
-        raise PackagerError(f"a platform is named twice in {', '.join(platforms)}")
+        raise PackageError(f"a platform is named twice in {', '.join(platforms)}")
     return parsed
 
 
 def _model_files(files: Mapping[str, Path], entrypoint: str | None) -> dict[str, Path]:
     if not files:
-        raise PackagerError("a package needs at least one model file")
+        raise PackageError("a package needs at least one model file")
     for name, path in files.items():
         check_relative_path(name)
         if not Path(path).is_file():
-            raise PackagerError(f"model file {name} is not a file at {path}")
+            raise PackageError(f"model file {name} is not a file at {path}")
     if entrypoint not in files:
-        raise PackagerError(
+        raise PackageError(
             f"the model's entrypoint {entrypoint!r} is not among its files ({', '.join(sorted(files))})"
         )
     return dict(files)
@@ -243,15 +235,15 @@ def _preferences(prefer: Sequence[str]) -> list[str]:
     for item in prefer:
         runtime, _, device = item.partition(":")
         if not runtime or not device:
-            raise PackagerError(
+            raise PackageError(
                 f"accelerator preference {item!r} is not runtime:DEVICE, e.g. openvino:NPU"
             )
     return list(prefer)
 
 
 def _tag(tag: str) -> str:
-    if not _TAG.fullmatch(tag):
-        raise PackagerError(
+    if not names.OCI_TAG.matches(tag):
+        raise PackageError(
             f"{tag!r} cannot be a tag: use letters, digits, '_', '.' and '-' (at most 128, "
             "not starting with '.' or '-')"
         )
@@ -266,11 +258,11 @@ def _source_date_epoch(explicit: int | None) -> int:
     try:
         epoch = int(value)
     except ValueError:
-        raise PackagerError(
+        raise PackageError(
             f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds"
         ) from None
     if epoch < 0:
-        raise PackagerError(f"SOURCE_DATE_EPOCH={epoch} is before 1970")
+        raise PackageError(f"SOURCE_DATE_EPOCH={epoch} is before 1970")
     return epoch
 
 
@@ -281,7 +273,7 @@ def _base_image(
     if ref is None:
         refs = sorted(base.refs())
         if len(refs) != 1:
-            raise PackagerError(
+            raise PackageError(
                 f"base image {base} has {len(refs)} tags ({', '.join(refs) or 'none'}); name one with base_ref"
             )
         ref = refs[0]

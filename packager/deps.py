@@ -30,8 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.errors import PackagerError, PlatformUnavailable
-from packager.oci import Platform, canonical_json
+from contract.canonical import canonical_json
+from contract.errors import PackageError
+from contract.oci import Platform
 
 PYTHON_VERSION = "3.11"
 # Devices are expected to run glibc 2.31 or newer (Debian 11, Ubuntu 20.04, Raspberry Pi OS
@@ -47,7 +48,11 @@ PIP_TIMEOUT = 30 * 60
 DepsProvider = Callable[[Sequence[str], Platform], Path]
 
 
-class DepsError(PackagerError):
+class PlatformUnavailable(PackageError):
+    """One platform cannot be built (no wheel, no base image for it); the others may be."""
+
+
+class DepsError(PackageError):
     """pip failed for a reason other than a missing wheel."""
 
 
@@ -153,7 +158,7 @@ def _pip_install(
         raise _pip_error(done.stderr, requirements, platform)
 
 
-def _pip_error(stderr: str, requirements: Sequence[str], platform: Platform) -> PackagerError:
+def _pip_error(stderr: str, requirements: Sequence[str], platform: Platform) -> PackageError:
     if "Retrying (Retry(" in stderr or "Could not fetch URL" in stderr:
         return DepsError(
             f"pip could not reach the package index to install {' '.join(requirements)} for "

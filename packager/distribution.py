@@ -24,15 +24,15 @@ from typing import BinaryIO
 
 import httpx
 
-from packager.errors import (
+from contract.errors import (
     BlobNotFound,
     DiskFull,
-    PackagerError,
+    PackageError,
     RefNotFound,
     VerificationError,
 )
-from packager.layers import ROLE
-from packager.oci import (
+from contract.layers import ROLE
+from contract.oci import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_JSON_BLOB,
@@ -50,7 +50,7 @@ ACCEPT = ", ".join(sorted(INDEX_TYPES | MANIFEST_TYPES))
 Progress = Callable[[int], None]
 
 
-class RegistryError(PackagerError):
+class RegistryError(PackageError):
     """The registry refused or failed a request; the message carries its error code."""
 
 
@@ -322,7 +322,7 @@ def pull_to_layout(
 
 def pull_signature(registry: Registry, repo: str, digest: str, layout: OCILayout) -> bool:
     """Copy the cosign signature of DIGEST into LAYOUT; False if the registry has none."""
-    from packager.cosign import signature_tag
+    from contract.cosign import signature_tag
 
     tag = signature_tag(digest)
     try:

@@ -14,8 +14,8 @@ A package image, bottom-up: the base image's layers, then
 - **serving**: /opt/edgefleet/serving.json. gzip-compressed, since a sample
   request for an image model is megabytes of repeated values.
 
-Each layer descriptor carries the annotation `dev.edgefleet.layer` naming its
-role, so an agent in native mode fetches only the model and serving layers.
+The paths and roles are the contract's (contract/layers.py). Each layer
+descriptor carries the annotation `dev.edgefleet.layer` naming its role, so an agent in native mode fetches only the model and serving layers.
 
 Reproducibility: tars come from `packager.tarball` (sorted, owner 0, fixed
 modes, every mtime = SOURCE_DATE_EPOCH), and gzip streams have mtime 0, no
@@ -32,16 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
-from packager.oci import LAYER_TAR, LAYER_TAR_GZIP, Descriptor, HashingWriter, OCILayout
+from contract.layers import DEPS, MODEL, MODEL_DIR, PYTHON_DIR, ROLE, SERVING, SERVING_FILE
+from contract.oci import LAYER_TAR, LAYER_TAR_GZIP, Descriptor, HashingWriter, OCILayout
 from packager.tarball import Entry, check_relative_path, tree_entries, write_tar
-
-ROOT = "opt/edgefleet"
-MODEL_DIR = f"{ROOT}/model"
-PYTHON_DIR = f"{ROOT}/python"
-SERVING_FILE = f"{ROOT}/serving.json"
-
-ROLE = "dev.edgefleet.layer"
-DEPS, MODEL, SERVING = "deps", "model", "serving"
 
 # Level 6 is zlib's default trade-off; fixed because the level changes the bytes.
 GZIP_LEVEL = 6

@@ -4,8 +4,8 @@ The hub calls this when a model is registered and the packager when it writes
 serving.json, so it must work without any inference runtime installed: ONNX is
 read with the `onnx` package, OpenVINO IR as plain XML, and TFLite with a small
 reader of the few flatbuffer tables it needs. Datatypes use the KServe V2 /
-Open Inference Protocol names; a dynamic dimension is -1 and a tensor of
-unknown rank gets the empty shape.
+Open Inference Protocol names (contract/tensors.py); a dynamic dimension is -1
+and a tensor of unknown rank gets the empty shape.
 """
 
 from __future__ import annotations
@@ -22,44 +22,11 @@ from typing import Any
 from flatbuffers import number_types as fbtypes
 from flatbuffers.table import Table
 
-FRAMEWORKS = ("onnx", "openvino", "tflite")
+from contract.tensors import OPENVINO_TYPES, Signature, TensorSpec
 
 
 class ModelFileError(ValueError):
     """A model file is corrupt or incomplete, or a model's files are ambiguous."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), str(d["datatype"]), tuple(int(n) for n in d["shape"]))
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Signature:
-        return cls(
-            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -142,43 +109,6 @@ def _v2_datatype(types: Mapping[Any, str], key: Any, framework: str) -> str:
         raise _NoV2Datatype(f"{framework} type {key!r}") from None
 
 
-# ---- V2 datatypes as numpy and runtime types -------------------------------
-
-# The numpy dtype each V2 datatype travels as between the serving layer and a
-# runtime; BYTES is an object array of bytes, as tritonclient builds it.
-NUMPY_DTYPES = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": "object",
-}
-_V2_OF_NUMPY = {numpy_name: v2 for v2, numpy_name in NUMPY_DTYPES.items()}
-
-
-def v2_datatype_of_numpy(dtype_name: str) -> str | None:
-    """The V2 datatype of a numpy dtype named DTYPE_NAME ("float32" -> "FP32"), None if V2 has none.
-
-    Fixed-width byte and text strings ("bytes24", "str96") are BYTES, like object arrays.
-    """
-    if re.fullmatch(r"(bytes|str)\d*", dtype_name):
-        return "BYTES"
-    return _V2_OF_NUMPY.get(dtype_name)
-
-
-def v2_datatype_of_openvino(type_name: str) -> str | None:
-    """The V2 datatype of an OpenVINO element type ("f32" -> "FP32"), None if V2 has none."""
-    return _OPENVINO_TYPES.get(type_name)
-
-
 # ---- ONNX ------------------------------------------------------------------
 
 # TensorProto.DataType values, fixed by the ONNX spec.
@@ -233,28 +163,6 @@ def _onnx_tensor(value: Any) -> TensorSpec:
 
 # ---- OpenVINO IR -----------------------------------------------------------
 
-# Parameters declare element_type ("f32"); ports declare precision ("FP32").
-_OPENVINO_TYPES = {
-    ov_name: v2
-    for element_type, precision, v2 in [
-        ("boolean", "BOOL", "BOOL"),
-        ("u8", "U8", "UINT8"),
-        ("u16", "U16", "UINT16"),
-        ("u32", "U32", "UINT32"),
-        ("u64", "U64", "UINT64"),
-        ("i8", "I8", "INT8"),
-        ("i16", "I16", "INT16"),
-        ("i32", "I32", "INT32"),
-        ("i64", "I64", "INT64"),
-        ("f16", "FP16", "FP16"),
-        ("f32", "FP32", "FP32"),
-        ("f64", "FP64", "FP64"),
-        ("string", "STRING", "BYTES"),
-    ]
-    for ov_name in (element_type, precision)
-}
-
-
 def _read_openvino(name: str, path: Path) -> Signature:
     try:
         root = ET.parse(path).getroot()
@@ -275,7 +183,7 @@ def _read_openvino(name: str, path: Path) -> Signature:
 def _ov_parameter(layer: ET.Element) -> TensorSpec:
     data = _child(layer, "data")
     port = _child(layer, "output/port")
-    datatype = _v2_datatype(_OPENVINO_TYPES, _attr(data, "element_type"), "OpenVINO")
+    datatype = _v2_datatype(OPENVINO_TYPES, _attr(data, "element_type"), "OpenVINO")
     return TensorSpec(
         _ov_tensor_name(port) or _attr(layer, "name"), datatype, _ov_shape(_attr(data, "shape"))
     )
@@ -295,7 +203,7 @@ def _ov_result(
     # A Result layer's own name is synthetic ("y/sink_port_0"); the tensor it
     # returns is named on the port that produces it, or by the producing layer in old IRs.
     name = _ov_tensor_name(source_port) or _attr(source, "name")
-    datatype = _v2_datatype(_OPENVINO_TYPES, _attr(port, "precision"), "OpenVINO")
+    datatype = _v2_datatype(OPENVINO_TYPES, _attr(port, "precision"), "OpenVINO")
     return TensorSpec(name, datatype, tuple(_ov_dim(d.text or "") for d in port.iterfind("dim")))
 
 

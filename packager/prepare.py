@@ -10,7 +10,7 @@ What a package carries, by runtime:
 - openvino: OpenVINO IR. ONNX and TFLite models are converted (`openvino.convert_model`), so
   devices load the IR without converting it at every start; an IR passes through.
 - onnxruntime: the ONNX model; litert: the TFLite model. Any other pair is refused by
-  `packager.runtimes.choose_runtime`.
+  `contract.runtimes.choose_runtime`.
 
 Optimisations:
 
@@ -24,8 +24,9 @@ Optimisations:
   which an older onnxruntime on a device may refuse. Not offered for OpenVINO or TFLite yet.
 
 Accuracy: the original runs on its framework's own runtime and the prepared model on the
-package's runtime, both on CPU at f32 through `agent.runtimes` (the code a device runs; f32
-keeps OpenVINO off bfloat16, which would blur the comparison). Inputs are the package's
+package's runtime, both on CPU at f32 through the runner the caller passes in: the agent's
+`agent.runtimes.run_on_cpu`, the code a device runs (the packager does not import the agent;
+f32 keeps OpenVINO off bfloat16, which would blur the comparison). Inputs are the package's
 sample request plus SAMPLES seeded random ones. Unless max_abs_diff is given, the allowed
 difference is DEFAULT_TOLERANCE[optimisation] times the largest reference output (at least
 1), since a fixed number would be strict for a regressor answering in the hundreds and loose
@@ -50,10 +51,11 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from packager.errors import PackagerError
-from packager.modelfile import NUMPY_DTYPES, ModelInfo, Signature, TensorSpec, inspect_model
-from packager.runtimes import DEFAULT_RUNTIME, RUNTIMES, choose_runtime
-from packager.serving import sample_request
+from contract.errors import PackageError
+from contract.runtimes import DEFAULT_RUNTIME, RUNTIMES, choose_runtime
+from contract.serving import sample_request
+from contract.tensors import NUMPY_DTYPES, Signature, TensorSpec
+from packager.modelfile import ModelInfo, inspect_model
 from packager.tarball import check_relative_path
 
 if TYPE_CHECKING:
@@ -71,7 +73,11 @@ DEFAULT_TOLERANCE: dict[str | None, float] = {None: 1e-4, "fp16": 1e-2, "int8": 
 # The optimisations each packaged model format supports.
 _OPTIMIZATIONS_OF = {"onnx": ("fp16", "int8"), "openvino": ("fp16",), "tflite": ()}
 # What to install for a library a step imports.
-_INSTALL = {"onnx": "onnx", "onnxruntime": "edgefleet[onnx]", "openvino": "edgefleet[openvino]"}
+_INSTALL = {
+    "onnx": "edgefleet[packager]",
+    "onnxruntime": f"edgefleet[{RUNTIMES['onnxruntime'].extra}]",
+    "openvino": f"edgefleet[{RUNTIMES['openvino'].extra}]",
+}
 # OpenVINO's names for the nodes it creates: type, underscore, a process-wide counter.
 _GENERATED_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_\d+")
 # Random inputs give every dynamic dimension one size in this range, so that inputs which
@@ -79,7 +85,13 @@ _GENERATED_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_\d+")
 _DYNAMIC_SIZES = (1, 4)
 
 
-class PrepareError(PackagerError):
+# What a runtime answers, as a device runs it: (runtime, model directory, entrypoint,
+# inputs) -> one answer per input, on CPU at f32. The caller passes the agent's; whatever it
+# raises fails the accuracy check with its message.
+ModelRunner = Callable[[str, Path, str, "list[Tensors]"], "list[Tensors]"]
+
+
+class PrepareError(PackageError):
     """A model could not be prepared for its package; the message says what to do instead."""
 
 
@@ -139,6 +151,7 @@ def prepare_model(
     runtime: str,
     optimize: str | None,
     work_dir: Path,
+    run: ModelRunner,
     max_abs_diff: float | None = None,
     samples: int = 16,
     seed: int = 0,
@@ -148,7 +161,8 @@ def prepare_model(
 
     OPTIMIZE is None, "fp16" or "int8". Converted or optimised models are written under
     WORK_DIR (new or empty; it must outlive the build) and checked against the original on
-    the sample request and SAMPLES random inputs drawn with SEED: AccuracyError when the
+    the sample request and SAMPLES random inputs drawn with SEED, both run by RUN (see
+    ModelRunner): AccuracyError when the
     outputs differ by more than MAX_ABS_DIFF (default: see DEFAULT_TOLERANCE). Files that
     are not the model are carried along unchanged. PROGRESS is told each step as it starts.
     """
@@ -181,8 +195,8 @@ def prepare_model(
 
     report(f"check the prepared model on {samples + 1} inputs")
     inputs = _sample_inputs(info.signature, samples, seed)
-    reference = _run(DEFAULT_RUNTIME[info.framework], original_dir, info.entrypoint, inputs)
-    answers = _run(runtime, prepared_dir, plan.entrypoint, inputs)
+    reference = _run(run, DEFAULT_RUNTIME[info.framework], original_dir, info.entrypoint, inputs)
+    answers = _run(run, runtime, prepared_dir, plan.entrypoint, inputs)
     accuracy = _compare(reference, answers, max_abs_diff, DEFAULT_TOLERANCE[optimize])
     if not accuracy.ok:
         raise AccuracyError(
@@ -208,7 +222,7 @@ def _plan(info: ModelInfo, runtime: str, optimize: str | None) -> _Plan | None:
     """The step that makes INFO's model into what RUNTIME's package carries; None: no step."""
     try:
         choose_runtime(info.framework, runtime)
-    except PackagerError as e:
+    except PackageError as e:
         raise PrepareError(str(e)) from None
     framework, entrypoint = info.framework, info.entrypoint
     assert framework is not None and entrypoint is not None  # choose_runtime checked
@@ -446,19 +460,12 @@ def _random_tensor(rng: np.random.Generator, datatype: str, shape: Sequence[int]
     return digits.astype(str).astype(object) if datatype == "BYTES" else digits.astype(dtype)
 
 
-def _run(runtime: str, model_dir: Path, entrypoint: str, inputs: list[Tensors]) -> list[Tensors]:
-    """What RUNTIME answers to each of INPUTS, on CPU at f32, as a device would run it."""
-    from agent.runtimes import get_runtime
-    from agent.runtimes.base import LoadOptions, ModelRuntimeError
-
-    options = LoadOptions(prefer=(f"{runtime}:CPU",), precision="f32", fallback=False)
+def _run(
+    run: ModelRunner, runtime: str, model_dir: Path, entrypoint: str, inputs: list[Tensors]
+) -> list[Tensors]:
     try:
-        model = get_runtime(runtime).load(model_dir, entrypoint, options)
-        try:
-            return [model.infer(one) for one in inputs]
-        finally:
-            model.close()
-    except ModelRuntimeError as e:
+        return run(runtime, model_dir, entrypoint, inputs)
+    except Exception as e:  # the runner is the caller's; its message is what helps
         raise PrepareError(f"could not run {entrypoint} on {runtime} to check it: {e}") from e
 
 

@@ -22,19 +22,16 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Protocol, cast
+from typing import IO, cast
 
-from packager.errors import PackagerError
+from contract import names
+from contract.errors import PackageError
+from contract.names import InvalidName
+from contract.oci import Sink
 
 FILE_MODE = 0o644
 EXEC_MODE = 0o755
 DIR_MODE = 0o755
-
-
-class Sink(Protocol):
-    """Anything bytes can be written to: a file, a hashing writer, a gzip stream."""
-
-    def write(self, data: bytes, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -47,20 +44,11 @@ class Entry:
 
 
 def check_relative_path(name: str) -> str:
-    """NAME if it is a clean relative POSIX path (no '..', no absolute path, no empty part)."""
-    parts = name.split("/")
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or "\0" in name
-        or any(part in ("", ".", "..") for part in parts)
-    ):
-        raise PackagerError(
-            f"file name {name!r} is not a clean relative path: use '/'-separated names "
-            "without '.', '..', empty parts or a leading '/'"
-        )
-    return name
+    """NAME if it is a clean relative POSIX path (contract.names), else PackageError."""
+    try:
+        return names.relative_path(name)
+    except InvalidName as exc:
+        raise PackageError(str(exc)) from None
 
 
 def tree_entries(root: Path, prefix: str) -> list[Entry]:
@@ -72,7 +60,7 @@ def tree_entries(root: Path, prefix: str) -> list[Entry]:
             continue
         relative = path.relative_to(root).as_posix()
         if not stat.S_ISREG(info.st_mode):
-            raise PackagerError(
+            raise PackageError(
                 f"{path} is not a regular file (symlink or special file); "
                 "replace it with a copy of its target before packaging"
             )
@@ -87,7 +75,7 @@ def write_tar(sink: Sink, entries: Iterable[Entry], *, mtime: int) -> None:
     for entry in entries:
         path = check_relative_path(entry.path)
         if path in files:
-            raise PackagerError(f"two files would be written to {path} in one tar")
+            raise PackageError(f"two files would be written to {path} in one tar")
         files[path] = entry
     directories = {
         parent.as_posix()
@@ -97,7 +85,7 @@ def write_tar(sink: Sink, entries: Iterable[Entry], *, mtime: int) -> None:
     }
     clash = directories & files.keys()
     if clash:
-        raise PackagerError(f"{min(clash)} is both a file and a directory in one tar")
+        raise PackageError(f"{min(clash)} is both a file and a directory in one tar")
     # Stream mode ("w|") only calls write(); pax keeps long and non-ASCII names intact.
     with tarfile.open(fileobj=cast(IO[bytes], sink), mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(directories | files.keys()):

@@ -2,7 +2,7 @@
 
 A `FakeDevice` is not a mock of the hub: it enrolls over REST, logs in to
 the broker with the credentials the hub handed out, and speaks
-`agent.protocol` exactly as the agent does, so tests can drive each
+`contract.protocol` exactly as the agent does, so tests can drive each
 message by hand (a resend, a malformed report, a crash). `tiny_packages`
 gives it something to deploy.
 """
@@ -20,12 +20,12 @@ from typing import Any
 
 import httpx
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import BackoffPolicy, Message, Session
 from conftest import Cli
 from hubproc import HubProcess
 from modelgen import make_onnx
-from packager import signing
+from contract import signing
 
 FAST = BackoffPolicy(initial=0.05, maximum=0.5)
 

@@ -15,7 +15,7 @@ from modelgen import make_onnx
 from packager.build import BuildResult, build_package
 from packager.deps import UnavailableWheel
 from packager.modelfile import inspect_model
-from packager.oci import Platform
+from contract.oci import Platform
 
 EPOCH = 1_700_000_000
 NAME, VERSION = "diabetes", 2

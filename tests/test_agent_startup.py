@@ -17,7 +17,7 @@ from agent.daemon import AgentOptions
 
 # Each costs an idle agent megabytes (bench/agent.py prints how many).
 HEAVY = ["click", "rich", "httpx", "cryptography", "asyncio", "importlib.metadata", "numpy",
-         "packager.verify", "packager.distribution"]
+         "contract.verify", "packager.distribution"]
 
 
 def test_the_daemon_starts_without_the_heavy_modules() -> None:

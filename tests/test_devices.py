@@ -7,7 +7,7 @@ import time
 import httpx
 
 from conftest import Cli
-from packager import signing
+from contract import signing
 
 
 def enroll(hub_url: str, token: str, name: str) -> httpx.Response:

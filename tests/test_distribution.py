@@ -11,8 +11,8 @@ import pytest
 
 from hubproc import HubProcess
 from packager.distribution import Registry
-from packager.errors import VerificationError
-from packager.oci import Descriptor
+from contract.errors import VerificationError
+from contract.oci import Descriptor
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 

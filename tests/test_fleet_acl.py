@@ -9,7 +9,7 @@ import pytest
 from agentproc import wait_for
 from fleetdevice import FAST, FakeDevice, connect, enroll
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import Message, MqttError, MqttTimeout, Session
 from hub.broker_auth import device_may
 from hubproc import HubProcess

@@ -12,7 +12,7 @@ from agentproc import wait_for
 from fleetdevice import connect, enroll, tiny_packages
 
 import mosquitto as fixture
-from agent import protocol
+from contract import protocol
 from agent.mqtt import MqttTimeout
 from conftest import Cli
 from hubproc import EDGEFLEET, start_hub

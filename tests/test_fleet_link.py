@@ -17,7 +17,7 @@ from agentproc import wait_for
 from fleetdevice import FakeDevice, connect, crashing_device, enroll, tiny_packages
 from mosquitto import Mosquitto, start_mosquitto
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import MqttTimeout, Session
 from conftest import Cli
 from hubproc import HubProcess, start_hub

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mosquitto import Mosquitto, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import BackoffPolicy, Message, MqttTimeout, Session
 
 FAST = BackoffPolicy(initial=0.05, maximum=0.5)

@@ -14,13 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
-from packager.modelfile import (
-    ModelFileError,
-    ModelInfo,
-    Signature,
-    TensorSpec,
-    inspect_model,
-)
+from contract.tensors import Signature, TensorSpec
+from packager.modelfile import ModelFileError, ModelInfo, inspect_model
 
 LINEAR = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 3)),),

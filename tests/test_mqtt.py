@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from mosquitto import Mosquitto, free_port, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import BackoffPolicy, Message, MqttError, MqttTimeout, Session
 
 FAST = BackoffPolicy(initial=0.05, maximum=0.5)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from packager.build import BuildProgress, build_package
-from packager.deps import UnavailableWheel
-from packager.errors import PackagerError, PlatformUnavailable
+from packager.deps import PlatformUnavailable, UnavailableWheel
+from contract.errors import PackageError
 from packager.layers import write_layer
 from packager.modelfile import ModelInfo
-from packager.oci import (
+from contract.oci import (
     CONFIG,
     INDEX,
     LAYER_TAR,
@@ -26,8 +26,8 @@ from packager.oci import (
     OCILayout,
     Platform,
     canonical_json,
-    write_archive,
 )
+from packager.archive import write_archive
 from packager.tarball import Entry
 from packager_fixtures import (
     EPOCH,
@@ -172,7 +172,7 @@ def test_the_epoch_comes_from_the_environment_or_defaults_to_zero(
     index = json.loads(OCILayout(tmp_path / "unset").get(unset.digest))
     assert index["annotations"]["org.opencontainers.image.created"] == "1970-01-01T00:00:00Z"
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
-    with pytest.raises(PackagerError, match="SOURCE_DATE_EPOCH='yesterday' is not a whole number"):
+    with pytest.raises(PackageError, match="SOURCE_DATE_EPOCH='yesterday' is not a whole number"):
         build(tmp_path / "bad", files, source_date_epoch=None)
 
 
@@ -240,7 +240,7 @@ def test_a_platform_without_wheels_fails_or_is_skipped(tmp_path: Path) -> None:
     assert list(result.manifests) == ["linux/amd64", "linux/arm64"]
     assert "no onnxruntime wheel for linux/arm/v7" in result.skipped["linux/arm/v7"]
     everything = FakeDeps(tmp_path / "deps", missing=["linux/amd64", "linux/arm64", "linux/arm/v7"])
-    with pytest.raises(PackagerError, match="no platform could be built"):
+    with pytest.raises(PackageError, match="no platform could be built"):
         build(tmp_path / "none", files, deps=everything, skip_unavailable=True)
 
 
@@ -391,14 +391,14 @@ def test_bad_options_fail_before_anything_is_written(
     tmp_path: Path, options: dict, message: str
 ) -> None:
     files = model_files(tmp_path / "model")
-    with pytest.raises(PackagerError, match=message):
+    with pytest.raises(PackageError, match=message):
         build(tmp_path / "layout", files, **options)
     assert not (tmp_path / "layout").exists()
 
 
 def test_unclean_model_file_names_are_refused(tmp_path: Path) -> None:
     files = model_files(tmp_path / "model")
-    with pytest.raises(PackagerError, match="'../labels.txt' is not a clean relative path"):
+    with pytest.raises(PackageError, match="'../labels.txt': not a clean relative path"):
         build(tmp_path / "layout", {**files, "../labels.txt": files["assets/labels.txt"]})
 
 

@@ -11,10 +11,10 @@ import pytest
 
 import packager.deps
 from packager.deps import DepsError, PipDeps, UnavailableWheel, pip_platform_tags
-from packager.errors import PlatformUnavailable
+from packager.deps import PlatformUnavailable
 from packager.layers import deps_layer
-from packager.oci import OCILayout, Platform
-from packager.runtimes import RUNTIMES
+from contract.oci import OCILayout, Platform
+from contract.runtimes import RUNTIMES
 
 ARM64 = Platform("linux", "arm64")
 ARMV7 = Platform("linux", "arm", "v7")

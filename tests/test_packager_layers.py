@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from packager.errors import PackagerError
-from packager.layers import ROLE, deps_layer, model_layer, serving_layer
-from packager.oci import LAYER_TAR, LAYER_TAR_GZIP, OCILayout
+from contract.errors import PackageError
+from contract.layers import ROLE
+from packager.layers import deps_layer, model_layer, serving_layer
+from contract.oci import LAYER_TAR, LAYER_TAR_GZIP, OCILayout
 from packager.tarball import Entry, check_relative_path, tree_entries, write_tar
 
 
@@ -75,14 +76,14 @@ def test_long_and_unicode_names_use_pax_without_timestamps() -> None:
 
 @pytest.mark.parametrize("name", ["", "/etc/passwd", "a/../b", "./a", "a//b", "a\\b", "a/"])
 def test_unclean_names_are_refused(name: str) -> None:
-    with pytest.raises(PackagerError, match="not a clean relative path"):
+    with pytest.raises(PackageError, match="not a clean relative path"):
         check_relative_path(name)
 
 
 def test_clashing_entries_are_refused() -> None:
-    with pytest.raises(PackagerError, match="two files would be written to a"):
+    with pytest.raises(PackageError, match="two files would be written to a"):
         tar_bytes([Entry("a", b"1"), Entry("a", b"2")])
-    with pytest.raises(PackagerError, match="a is both a file and a directory"):
+    with pytest.raises(PackageError, match="a is both a file and a directory"):
         tar_bytes([Entry("a", b"1"), Entry("a/b", b"2")])
 
 
@@ -98,7 +99,7 @@ def test_tree_entries_keep_the_exec_bit_and_refuse_symlinks(tmp_path: Path) -> N
         ("opt/python/pkg/mod.py", 0o644),
     ]
     (tmp_path / "pkg" / "link").symlink_to("mod.py")
-    with pytest.raises(PackagerError, match="is not a regular file"):
+    with pytest.raises(PackageError, match="is not a regular file"):
         tree_entries(tmp_path, "opt/python")
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from packager.errors import BlobNotFound, FormatError, PackagerError, RefNotFound, VerificationError
-from packager.oci import (
+from contract.errors import BlobNotFound, FormatError, PackageError, RefNotFound, VerificationError
+from contract.oci import (
     CONFIG,
     INDEX,
     LAYER_TAR,
@@ -28,8 +28,8 @@ from packager.oci import (
     parse_index,
     read_blob,
     sha256_digest,
-    write_archive,
 )
+from packager.archive import write_archive
 
 
 def test_canonical_json_sorts_keys_without_spaces_in_utf8() -> None:
@@ -65,7 +65,7 @@ def test_platform_parse_print_and_match() -> None:
     assert arm.to_dict() == {"architecture": "arm", "os": "linux", "variant": "v7"}
     assert Platform("linux", "arm64").matches(Platform("linux", "arm64", "v8"))
     assert not Platform("linux", "arm64").matches(Platform("linux", "amd64"))
-    with pytest.raises(PackagerError, match="os/architecture"):
+    with pytest.raises(PackageError, match="os/architecture"):
         Platform.parse("arm64")
 
 
@@ -129,7 +129,7 @@ def test_layout_refuses_a_directory_that_is_not_one(tmp_path: Path) -> None:
     (tmp_path / "stuff" / "file").write_text("x")
     with pytest.raises(FormatError, match="has no oci-layout file"):
         OCILayout(tmp_path / "stuff")
-    with pytest.raises(PackagerError, match="neither empty nor an OCI layout"):
+    with pytest.raises(PackageError, match="neither empty nor an OCI layout"):
         OCILayout.create(tmp_path / "stuff")
 
 

@@ -19,6 +19,7 @@ import pytest
 from modelgen import ONNX_IR_VERSION, ONNX_OPSET, make_onnx, make_openvino_ir, make_tflite
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.runtimes import run_on_cpu
 from packager.modelfile import ModelInfo, inspect_model
 from packager.prepare import (
     DEFAULT_TOLERANCE,
@@ -148,6 +149,7 @@ def prepare(
         runtime=runtime,
         optimize=optimize,
         work_dir=work_dir,
+        run=run_on_cpu,
         max_abs_diff=max_abs_diff,
         samples=samples,
         progress=progress,
@@ -221,7 +223,8 @@ def test_models_a_runtime_runs_as_they_are_pass_through(
         files = models[model]
         info = inspect_model(files)
         prepared = prepare_model(
-            files, info, runtime=runtime, optimize=None, work_dir=tmp_path / model
+            files, info, runtime=runtime, optimize=None, work_dir=tmp_path / model,
+            run=run_on_cpu,
         )
         assert prepared.files == files and prepared.info == info
         assert prepared.accuracy is None
@@ -452,7 +455,9 @@ def test_a_model_without_a_signature_cannot_be_checked(
     files = models["tiny"]
     info = ModelInfo("onnx", "model.onnx", None)
     with pytest.raises(PrepareError, match="no signature to check the result with"):
-        prepare_model(files, info, runtime="openvino", optimize=None, work_dir=tmp_path)
+        prepare_model(
+            files, info, runtime="openvino", optimize=None, work_dir=tmp_path, run=run_on_cpu
+        )
 
 
 def test_a_prepared_file_may_not_replace_another(

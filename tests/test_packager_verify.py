@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from packager.build import BuildResult
-from packager.cosign import SIGNATURE_ANNOTATION, SIMPLE_SIGNING, sign_package, signature_tag
-from packager.errors import BlobNotFound, PackagerError, RefNotFound, VerificationError
-from packager.oci import INDEX, REF_NAME, Descriptor, OCILayout, canonical_json
-from packager.signing import generate_keypair, key_id, load_private_key, load_public_key
-from packager.verify import VerifiedPackage, verify_contents, verify_package
+from contract.cosign import SIGNATURE_ANNOTATION, SIMPLE_SIGNING, sign_package, signature_tag
+from contract.errors import BlobNotFound, PackageError, RefNotFound, VerificationError
+from contract.oci import INDEX, REF_NAME, Descriptor, OCILayout, canonical_json
+from contract.signing import generate_keypair, key_id, load_private_key, load_public_key
+from contract.verify import VerifiedPackage, verify_contents, verify_package
 from packager_fixtures import VERSION, FakeDeps, build, model_files, needs_skopeo, skopeo
 
 REPOSITORY = "models/diabetes"
@@ -206,7 +206,7 @@ def test_a_signature_for_another_package_is_refused(tmp_path: Path, package: Pac
 def test_only_a_package_that_is_there_can_be_signed(package: Package) -> None:
     absent = "sha256:" + "0" * 64
     with pytest.raises(
-        PackagerError, match=f"has no package {absent} to sign; build or push it first"
+        PackageError, match=f"has no package {absent} to sign; build or push it first"
     ):
         sign_package(package.layout, absent, package.key, REPOSITORY)
 
@@ -334,12 +334,12 @@ def test_the_payload_digest_is_checked_before_the_signature(package: Package) ->
 def test_what_the_agent_imports_needs_only_the_stdlib_and_cryptography() -> None:
     """The agent install has no hub dependencies (onnx, flatbuffers...): verification must not need them."""
     code = (
-        "import sys, packager.verify, packager.cosign, packager.serving, packager.runtimes\n"
+        "import sys, contract.verify, contract.cosign, contract.serving, contract.runtimes\n"
         "print(' '.join(sorted(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     roots = {name.split(".")[0] for name in done.stdout.split()}
-    allowed = set(sys.stdlib_module_names) | {"packager", "cryptography", "cffi", "_cffi_backend"}
+    allowed = set(sys.stdlib_module_names) | {"contract", "cryptography", "cffi", "_cffi_backend"}
     # Interpreter and packaging internals (site hooks, extension modules) start with "_".
     assert sorted(r for r in roots - allowed if not r.startswith("_")) == []
     assert "packager.modelfile" not in done.stdout.split()

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent import protocol as p
-from packager import signing
+from contract import protocol as p
+from contract import signing
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 KEY = signing.generate_private_key()
@@ -373,11 +373,10 @@ def test_timestamps_are_fixed_width_utc() -> None:
 def test_the_protocol_needs_only_the_stdlib() -> None:
     """The hub imports it and the agent runs it: neither side's dependencies may leak in,
     and the signing module (cryptography) loads only when something is signed or verified."""
-    code = "import sys, agent.protocol; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, contract.protocol; print(' '.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     modules = set(done.stdout.split())
-    ours = {m for m in modules if m.split(".")[0] in ("agent", "packager")}
-    assert ours == {"agent", "agent.protocol", "packager", "packager.canonical"}
-    foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {
-        "agent", "packager"}
+    ours = {m for m in modules if m.split(".")[0] in ("contract", "agent", "packager", "hub")}
+    assert ours == {"contract", "contract.protocol", "contract.canonical", "contract.names"}
+    foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"contract"}
     assert sorted(r for r in foreign if not r.startswith("_")) == []

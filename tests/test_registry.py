@@ -258,7 +258,7 @@ def test_cli_errors_are_one_line(cli: Cli, tmp_path: Path) -> None:
     unreachable = cli.run("model", "list", "--hub", "http://127.0.0.1:9", ok=False)
     assert "cannot reach the hub" in unreachable.stderr and "Traceback" not in unreachable.stderr
     bad_ref = cli.run("model", "show", "x:y", ok=False)
-    assert "NAME:VERSION" in bad_ref.stderr
+    assert "MODEL:VERSION" in bad_ref.stderr
     bad_metric = cli.run("model", "register", str(make_onnx(tmp_path / "m.onnx")), "--name", "m",
                          "--metric", "rmse=high", ok=False)
     assert "not a number" in bad_metric.stderr

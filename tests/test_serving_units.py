@@ -19,7 +19,7 @@ from agent.serving.loading import VersionSpec
 from agent.serving.metrics import Counter, Gauge, Histogram, Registry
 from agent.serving.table import Deployment, ModelTable, ModelVersion
 from modelgen import make_onnx
-from packager.modelfile import Signature, TensorSpec
+from contract.tensors import Signature, TensorSpec
 
 # ---- metrics ----------------------------------------------------------------------
 

@@ -28,11 +28,11 @@ from hubproc import HubProcess, start_hub
 from modelgen import make_onnx
 from mosquitto import Mosquitto, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
-from agent import protocol
+from contract import protocol
 from agent.mqtt import Message
 from agent.sim import Fleet, PerVersion, SimOptions
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
-from packager import signing
+from contract import signing
 
 S = protocol.UpdateState
 FAST = {"telemetry_interval": 0.2, "step_latency": 0.1, "connect_jitter": 0.2, "keepalive": 10}

@@ -1,8 +1,10 @@
 """The runtimes this agent knows, and how a model finds the best one on this device.
 
-Runtime modules are imported on first use, and each imports its inference
-library only when asked, so a device with only onnxruntime installed can
-still list the others as missing.
+Which runtimes there are, what each reads and how to install it is the
+contract's table (contract/runtimes.py); the runtime called NAME is implemented
+by agent/runtimes/NAME.py. Runtime modules are imported on first use, and each
+imports its inference library only when asked, so a device with only
+onnxruntime installed can still list the others as missing.
 """
 
 from __future__ import annotations
@@ -10,32 +12,24 @@ from __future__ import annotations
 import importlib
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from agent.runtimes.base import LoadedModel, LoadOptions, ModelRuntimeError, Runtime
+from contract.runtimes import DEFAULT_RUNTIME, RUNTIMES, readers
 
-# runtime name -> module whose RUNTIME implements it
-RUNTIMES = {
-    "onnxruntime": "agent.runtimes.onnxruntime",
-    "openvino": "agent.runtimes.openvino",
-    "litert": "agent.runtimes.litert",
-}
-# runtime name -> the edgefleet extra that installs it
-_EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "tflite"}
-# model framework (packager.modelfile.FRAMEWORKS) -> the runtime made for it
-_DEFAULT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def get_runtime(name: str) -> Runtime:
     """The runtime called NAME, or ModelRuntimeError saying how to install it."""
-    try:
-        module = RUNTIMES[name]
-    except KeyError:
-        raise ModelRuntimeError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}") from None
-    runtime = cast(Runtime, importlib.import_module(module).RUNTIME)
+    if name not in RUNTIMES:
+        raise ModelRuntimeError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}")
+    runtime = cast(Runtime, importlib.import_module(f"agent.runtimes.{name}").RUNTIME)
     if not runtime.available():
         raise ModelRuntimeError(
-            f"{name} is not installed on this device: pip install 'edgefleet[{_EXTRAS[name]}]'"
+            f"{name} is not installed on this device: "
+            f"pip install 'edgefleet[{RUNTIMES[name].extra}]'"
         )
     return runtime
 
@@ -43,11 +37,25 @@ def get_runtime(name: str) -> Runtime:
 def runtime_for_framework(framework: str) -> str:
     """The runtime made for models of FRAMEWORK ("onnx" -> "onnxruntime")."""
     try:
-        return _DEFAULT_RUNTIMES[framework]
+        return DEFAULT_RUNTIME[framework]
     except KeyError:
         raise ModelRuntimeError(
-            f"no runtime for {framework!r} models; known frameworks: {', '.join(_DEFAULT_RUNTIMES)}"
+            f"no runtime for {framework!r} models; known frameworks: {', '.join(DEFAULT_RUNTIME)}"
         ) from None
+
+
+def run_on_cpu(
+    runtime: str, model_dir: Path, entrypoint: str, inputs: list[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """What RUNTIME alone answers to each of INPUTS on CPU at f32, as a device runs it
+    (f32 keeps OpenVINO off bfloat16); ModelRuntimeError when it cannot run the model.
+    """
+    options = LoadOptions(prefer=(f"{runtime}:CPU",), precision="f32", fallback=False)
+    model = get_runtime(runtime).load(model_dir, entrypoint, options)
+    try:
+        return [model.infer(one) for one in inputs]
+    finally:
+        model.close()
 
 
 def load_best(
@@ -81,7 +89,7 @@ def load_best(
             skipped.append(str(e))
             continue
         return _noting(model, skipped)
-    for name in _readers(framework) if options.fallback else []:
+    for name in readers(framework) if options.fallback else []:
         if name in tried_on_cpu:
             continue
         try:
@@ -91,17 +99,6 @@ def load_best(
             continue
         return _noting(model, skipped)
     raise ModelRuntimeError(f"no runtime could load {entrypoint}: {'; '.join(skipped)}")
-
-
-def _readers(framework: str) -> list[str]:
-    """Runtimes that can load FRAMEWORK, its own first (asking needs none of their libraries)."""
-    others = [
-        name
-        for name, module in RUNTIMES.items()
-        if framework in importlib.import_module(module).RUNTIME.frameworks
-    ]
-    own = runtime_for_framework(framework)
-    return [own, *(name for name in others if name != own)]
 
 
 def _noting(model: LoadedModel, skipped: list[str]) -> LoadedModel:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from packager.modelfile import NUMPY_DTYPES, Signature, TensorSpec, v2_datatype_of_numpy
+from contract.tensors import NUMPY_DTYPES, Signature, TensorSpec, v2_datatype_of_numpy
 
 
 class ModelRuntimeError(Exception):

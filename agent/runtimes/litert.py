@@ -37,7 +37,8 @@ from agent.runtimes.base import (
     preferred_devices,
     tensor_spec,
 )
-from packager.modelfile import Signature, TensorSpec, v2_datatype_of_numpy
+from contract.runtimes import RUNTIMES
+from contract.tensors import Signature, TensorSpec, v2_datatype_of_numpy
 
 NAME = "litert"
 # Delegate libraries as their vendors install them on Linux.
@@ -83,7 +84,7 @@ def load_delegate(name: str) -> Any:
 
 class LiteRtRuntime:
     name = NAME
-    frameworks = ("tflite",)
+    frameworks = RUNTIMES[NAME].frameworks
 
     def available(self) -> bool:
         return importable(_litert)

@@ -33,7 +33,8 @@ from agent.runtimes.base import (
     preferred_devices,
     tensor_spec,
 )
-from packager.modelfile import Signature, TensorSpec, v2_datatype_of_numpy
+from contract.runtimes import RUNTIMES
+from contract.tensors import Signature, TensorSpec, v2_datatype_of_numpy
 
 NAME = "onnxruntime"
 CPU = "CPUExecutionProvider"
@@ -64,7 +65,7 @@ def short_name(provider: str) -> str:
 
 class OnnxRuntime:
     name = NAME
-    frameworks = ("onnx",)
+    frameworks = RUNTIMES[NAME].frameworks
 
     def available(self) -> bool:
         return importable(_ort)

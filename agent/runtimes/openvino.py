@@ -39,7 +39,8 @@ from agent.runtimes.base import (
     preferred_devices,
     tensor_spec,
 )
-from packager.modelfile import Signature, TensorSpec, v2_datatype_of_openvino
+from contract.runtimes import RUNTIMES
+from contract.tensors import Signature, TensorSpec, v2_datatype_of_openvino
 
 NAME = "openvino"
 DEFAULT_PRECISION = "f32"
@@ -61,7 +62,7 @@ def _core() -> Any:
 
 class OpenVinoRuntime:
     name = NAME
-    frameworks = ("openvino", "onnx", "tflite")
+    frameworks = RUNTIMES[NAME].frameworks
 
     def available(self) -> bool:
         return importable(_ov)

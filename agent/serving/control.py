@@ -34,7 +34,7 @@ from agent.serving import codec, loading
 from agent.serving.errors import BadRequest, ServingError, Unprocessable, install_handlers
 from agent.serving.scoring import Scorer, answer
 from agent.serving.table import Deployment, ModelVersion
-from packager.modelfile import FRAMEWORKS
+from contract.tensors import FRAMEWORKS
 
 log = logging.getLogger("edgefleet.serving")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.runtimes.base import datatype_of_dtype
-from packager.modelfile import NUMPY_DTYPES
+from contract.tensors import NUMPY_DTYPES
 
 BYTES = "BYTES"
 

@@ -16,7 +16,7 @@ import numpy as np
 from agent.serving import codec
 from agent.serving.datatypes import BYTES, datatype_of, fixed_dtype
 from agent.serving.errors import BadRequest, ModelFailed
-from packager.modelfile import Signature, TensorSpec
+from contract.tensors import Signature, TensorSpec
 
 # Extensions a client may ask for that this server does not implement; ignoring
 # them would silently return something other than what was asked.

@@ -4,7 +4,7 @@ A `SimDevice` behaves as `agent.daemon.Agent` does on the wire. It logs in
 with its own identity (client id and user = its device id, clean_session
 False, last will "offline" retained on its status topic, birth "online"),
 subscribes to its desired topic, checks each desired state with
-`agent.protocol.verify_desired` against the hub key pinned at enrollment,
+`contract.protocol.verify_desired` against the hub key pinned at enrollment,
 reports refusals in `refusals`, moves each new version through the update
 states of agent/updates.py (the previous version serving on until the new
 one has passed its self-test) and sends sequence-numbered telemetry.
@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from agent.identity import Identity
 from agent.mqtt import Message, MqttError
-from agent.protocol import (
+from contract.protocol import (
     MAX_REFUSALS,
     MAX_TELEMETRY_POINTS,
     MAX_TEXT,
@@ -61,7 +61,7 @@ from agent.protocol import (
 )
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
 from agent.sim.options import SimOptions
-from packager.signing import load_public_key
+from contract.signing import load_public_key
 
 log = logging.getLogger("edgefleet.sim")
 S = UpdateState

@@ -28,9 +28,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from agent import identity as identities
-from agent.files import write_json
+from contract.files import write_json
 from agent.identity import EnrollmentError, Identity
-from agent.protocol import ProtocolError, UpdateState
+from contract.protocol import ProtocolError, UpdateState
 from agent.sim.device import SimDevice
 from agent.sim.options import SimOptions
 

@@ -9,16 +9,14 @@ from pathlib import Path
 
 from agent.inventory import agent_version
 from agent.mqtt import BackoffPolicy
+from contract import names
 
 VersionKey = tuple[str, int]  # (model, version)
 
 
 def parse_version(text: str) -> VersionKey:
     """"diabetes:3" -> ("diabetes", 3)."""
-    model, _, version = text.strip().rpartition(":")
-    if not model or not version.isdigit() or int(version) < 1:
-        raise ValueError(f"{text!r} is not MODEL:VERSION (e.g. diabetes:3)")
-    return model, int(version)
+    return names.model_version(text)
 
 
 @dataclass(frozen=True)

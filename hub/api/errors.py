@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub.errors import HubError
 from hub.storage.blobs import BlobError
-from hub.validation import InvalidInput
+from hub.validation import InvalidName
 
 log = logging.getLogger("edgefleet.hub")
 
@@ -49,7 +49,7 @@ async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
     return error_response(request, exc.status, exc.error, exc.detail)
 
 
-async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
+async def _invalid(request: Request, exc: InvalidName) -> JSONResponse:
     return error_response(request, 422, "invalid input", str(exc))
 
 
@@ -100,7 +100,7 @@ def add_handler(
 def install(app: FastAPI) -> None:
     add_handler(app, RequestValidationError, _validation)
     add_handler(app, HubError, _hub_error)
-    add_handler(app, InvalidInput, _invalid)
+    add_handler(app, InvalidName, _invalid)
     add_handler(app, BlobError, _blob)
     add_handler(app, StarletteHTTPException, _http)
     add_handler(app, OSError, _storage)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from contract.files import write_secret
+
 DEFAULT_HUB = "http://127.0.0.1:8080"
 
 
@@ -36,11 +38,7 @@ def read_config() -> dict[str, str]:
 
 def write_config(values: dict[str, str]) -> Path:
     path = config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(values, f, indent=2)
-    os.chmod(path, 0o600)
+    write_secret(path, json.dumps(values, indent=2))
     return path
 
 

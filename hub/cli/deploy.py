@@ -6,16 +6,13 @@ from typing import Any
 
 import click
 
+from contract import names
 from hub.cli.models import parse_ref
 from hub.cli.output import client, console, emit_one, hub_options, json_option
 
 
 def _version(text: str) -> int | str:
     return int(text) if text.isdigit() else text
-
-
-def _prefer(text: str | None) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()] if text else []
 
 
 @click.command()
@@ -56,7 +53,7 @@ def deploy(
         raise click.BadParameter(f"{candidate!r} should be a version number of {model}",
                                  param_hint="--candidate")
     body: dict[str, Any] = {"model": model, "version": _version(version),
-                            "name": name or model, "prefer": _prefer(prefer)}
+                            "name": name or model, "prefer": names.comma_list(prefer)}
     if candidate is not None:
         body["candidate"] = {"version": _version(candidate), "traffic": traffic or 100,
                              "shadow": shadow}

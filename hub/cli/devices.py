@@ -13,7 +13,7 @@ from hub.cli.output import client, console, emit, emit_one, hub_options, json_op
 def parse_duration(text: str, option: str = "--expires") -> int:
     try:
         return validation.duration(text, option)
-    except validation.InvalidInput as exc:
+    except validation.InvalidName as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from contract import names
 from hub.cli.client import HubClient
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
 from hub.cli.transfer import download_file, progress_bar, upload_file
@@ -15,11 +16,11 @@ from hub.cli.transfer import download_file, progress_bar, upload_file
 
 def parse_ref(ref: str) -> tuple[str, str]:
     """NAME:VERSION, NAME:latest or NAME (meaning latest)."""
-    name, _, version = ref.partition(":")
-    version = version or "latest"
-    if not name or not (version.isdigit() or version == "latest"):
-        raise click.BadParameter(f"{ref!r} should look like NAME:VERSION, e.g. diabetes:2")
-    return name, version
+    try:
+        name, version = names.model_ref(ref)
+    except names.InvalidName as exc:
+        raise click.BadParameter(str(exc)) from None
+    return name, "latest" if version is None else str(version)
 
 
 def collect_files(path: Path) -> dict[str, Path]:

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
+from contract.runtimes import RUNTIMES
 from hub.cli.models import download_version, parse_ref
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
 from hub.cli.transfer import progress_bar
@@ -45,10 +46,10 @@ def _spinner(quiet: bool) -> Iterator[Progress]:
 
 
 def _packager_errors() -> tuple[type[Exception], ...]:
-    from packager.errors import PackagerError
-    from packager.signing import SignatureError
+    from contract.errors import PackageError
+    from contract.signing import SignatureError
 
-    return (PackagerError, SignatureError, FileExistsError)
+    return (PackageError, SignatureError, FileExistsError)
 
 
 @click.group()
@@ -60,7 +61,7 @@ def package() -> None:
 @click.argument("ref")
 @click.option("--platform", "platforms", default="linux/amd64,linux/arm64,linux/arm/v7",
               show_default=True, help="Comma-separated OCI platforms.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "litert"]),
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)),
               help="Serving runtime [default: from the model's framework].")
 @click.option("--base", type=click.Path(exists=True, path_type=Path),
               help="Base image (OCI layout or archive) for container mode.")
@@ -101,15 +102,16 @@ def build(
 
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
+    from agent.runtimes import run_on_cpu  # to be passed in by the composition root
     from packager.build import build_package
-    from packager.cosign import sign_package
+    from contract.cosign import sign_package
     from packager.deps import PipDeps
     from packager.distribution import Registry, push_layout
     from packager.modelfile import ModelInfo
-    from packager.oci import OCILayout
+    from contract.oci import OCILayout
     from packager.prepare import prepare_model
-    from packager.runtimes import choose_runtime
-    from packager.signing import load_private_key
+    from contract.runtimes import choose_runtime
+    from contract.signing import load_private_key
 
     hub_client = client(hub, token)
     quiet = quiet or as_json
@@ -128,6 +130,7 @@ def build(
                 task = progress.add_task(f"prepare the model for {chosen}", total=None)
                 prepared = prepare_model(
                     files, info, runtime=chosen, optimize=optimize, work_dir=Path(tmp) / "prepared",
+                    run=run_on_cpu,
                     max_abs_diff=max_abs_diff,
                     progress=lambda text: progress.update(task, description=text),
                 )
@@ -186,7 +189,7 @@ def build(
 def _open_source(ref: str, hub: str | None, token: str | None) -> Iterator[tuple[Any, str, str | None]]:
     """(image source, tag, repository) for a layout/archive path or MODEL:VERSION in the hub."""
     from packager.distribution import Registry, RemoteImage
-    from packager.oci import open_image
+    from contract.oci import open_image
 
     path_text, _, tag = ref.removeprefix("oci:").removeprefix("oci-archive:").partition(":")
     path = Path(path_text)
@@ -226,8 +229,8 @@ def verify(
 
     Example: edgefleet package verify ./out:2 --key cosign.pub
     """
-    from packager.signing import key_id, load_public_key
-    from packager.verify import verify_package
+    from contract.signing import key_id, load_public_key
+    from contract.verify import verify_package
 
     try:
         with _open_source(ref, hub, token) as (source, tag, repository):
@@ -272,7 +275,8 @@ def export(
     Example: edgefleet package export diabetes:2 --out diabetes-2.tar
     """
     from packager.distribution import Registry, pull_signature, pull_to_layout
-    from packager.oci import OCILayout, write_archive
+    from contract.oci import OCILayout
+    from packager.archive import write_archive
 
     name, version = parse_ref(ref)
     hub_client = client(hub, token)
@@ -344,7 +348,7 @@ def generate(directory: Path) -> None:
 
     Example: edgefleet keys generate --dir ./keys
     """
-    from packager.signing import generate_keypair
+    from contract.signing import generate_keypair
 
     directory.mkdir(parents=True, exist_ok=True)
     try:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+from contract import names
 
 
 class BlobError(Exception):
@@ -23,7 +22,7 @@ class BlobError(Exception):
 
 
 def check_digest(digest: str) -> str:
-    if not DIGEST_RE.match(digest):
+    if not names.DIGEST.matches(digest):
         raise BlobError(f"not a sha256 digest: {digest[:80]!r} (expected sha256:<64 hex digits>)")
     return digest
 

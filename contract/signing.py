@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from contract.files import write_secret
 
 ALGORITHM = "ecdsa-p256-sha256"
 
@@ -34,12 +35,7 @@ def write_private_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Create with 0600 from the start: a chmod afterwards leaves a window.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(path, 0o600)
+    write_secret(path, pem)
 
 
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -31,7 +31,8 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
 
-from packager.canonical import canonical_json
+from contract import names
+from contract.canonical import canonical_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -229,12 +230,6 @@ def parse_time(text: str) -> datetime:
 
 # --- strict field reader ----------------------------------------------------
 
-_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")          # the hub's model names
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-# An OCI repository path: components as the distribution spec defines them.
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_RUNTIME_CHOICE = re.compile(r"[a-z0-9_]+:[A-Za-z0-9_.]+")    # "openvino:NPU", "onnxruntime:CUDA"
 _PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")  # "linux/arm64", "linux/arm/v7"
 _VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 
@@ -278,6 +273,13 @@ class _Fields:
             value.encode("utf-8")
         except UnicodeEncodeError:
             self.fail(key, "not valid Unicode text")
+        return value
+
+    def name(self, key: str, grammar: names.Grammar) -> str:
+        """A field holding a name of GRAMMAR: the same rule the hub checked it with."""
+        value = self.text(key, max_len=grammar.max_len)
+        if not grammar.matches(value):
+            self.fail(key, f"{value!r} does not match {grammar.pattern.pattern} ({grammar.rule})")
         return value
 
     def text_or_null(self, key: str, max_len: int = 128) -> str | None:
@@ -431,14 +433,14 @@ def _desired_json(state: DesiredState) -> dict[str, Any]:
 
 
 def _read_package(f: _Fields) -> Package:
-    p = Package(repository=f.text("repository", _REPOSITORY, max_len=255),
-                digest=f.text("digest", _DIGEST), size=f.integer("size", low=1))
+    p = Package(repository=f.name("repository", names.REPOSITORY),
+                digest=f.name("digest", names.DIGEST), size=f.integer("size", low=1))
     f.done()
     return p
 
 
 def _read_runtime(f: _Fields) -> RuntimeSpec:
-    spec = RuntimeSpec(prefer=f.strings("prefer", _RUNTIME_CHOICE))
+    spec = RuntimeSpec(prefer=f.strings("prefer", names.RUNTIME_CHOICE.pattern))
     f.done()
     return spec
 
@@ -458,8 +460,8 @@ def _read_candidate(f: _Fields) -> Candidate:
 
 def _read_deployment(f: _Fields) -> Deployment:
     d = Deployment(
-        name=f.text("name", _NAME, max_len=64),
-        model=f.text("model", _NAME, max_len=64),
+        name=f.name("name", names.MODEL_NAME),
+        model=f.name("model", names.MODEL_NAME),
         version=f.integer("version", low=1),
         package=_read_package(f.obj("package")),
         runtime=_read_runtime(f.obj("runtime")),
@@ -504,7 +506,7 @@ def _read_desired(document: object) -> DesiredState:
 def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey) -> bytes:
     """The payload to publish (retained) on `desired_topic`: canonical JSON,
     signed over the canonical JSON of the document without "signature"."""
-    from packager import signing  # see verify_desired
+    from contract import signing  # see verify_desired
 
     body = _desired_json(state)
     _read_desired(body)  # the hub never signs what an agent would refuse as malformed
@@ -533,7 +535,7 @@ def verify_desired(
     """
     # Here, not at the top: cryptography costs an idle agent 8 MB until it has
     # something to verify.
-    from packager import signing
+    from contract import signing
 
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -674,8 +676,8 @@ def _read_deployment_status(f: _Fields) -> DeploymentStatus:
     if state not in UpdateState.__members__.values():
         f.fail("state", f"{state!r} is not one of {', '.join(UpdateState)}")
     d = DeploymentStatus(
-        name=f.text("name", _NAME, max_len=64),
-        model=f.text("model", _NAME, max_len=64),
+        name=f.name("name", names.MODEL_NAME),
+        model=f.name("model", names.MODEL_NAME),
         version=f.integer("version", low=1),
         state=UpdateState(state),
         since=f.time("since"),
@@ -707,7 +709,7 @@ def parse_reported(payload: bytes, *, device_id: str) -> ReportedState:
         deployments=tuple(_read_deployment_status(_Fields(item, path))
                           for path, item in f.items("deployments", 2 * MAX_DEPLOYMENTS)),
         platform=f.text("platform", _PLATFORM, max_len=64),
-        accelerators=f.strings("accelerators", _RUNTIME_CHOICE),
+        accelerators=f.strings("accelerators", names.RUNTIME_CHOICE.pattern),
         agent_version=f.text("agent_version", max_len=64),
         inventory=_read_values(f.path("inventory"), f.raw("inventory")),
         refusals=tuple(_read_refusal(_Fields(item, path))

@@ -1,7 +1,7 @@
 """Check a package before using it: who signed it, and every blob it is made of.
 
 `verify_package` checks, in order:
-1. the signature (`packager.cosign`): made by the given public key, over a
+1. the signature (`contract.cosign`): made by the given public key, over a
    payload that names the package's index digest;
 2. the index, each manifest, each config and each layer against the
    descriptor that points at it: size, then sha256;
@@ -26,10 +26,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from packager.cosign import verify_signature
-from packager.errors import VerificationError
-from packager.layers import ROLE
-from packager.oci import (
+from contract.cosign import verify_signature
+from contract.errors import VerificationError
+from contract.layers import ROLE
+from contract.oci import (
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,

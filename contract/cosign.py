@@ -12,7 +12,7 @@ one signature: a "simple signing" payload
 application/vnd.dev.cosign.simplesigning.v1+json and the base64 DER ECDSA
 P-256 signature over it in the annotation dev.cosignproject.cosign/signature.
 The config is the near-empty one cosign writes. The keys and the signature
-scheme are `packager.signing`'s. These signatures are not in a transparency
+scheme are `contract.signing`'s. These signatures are not in a transparency
 log, so cosign needs `--insecure-ignore-tlog` to check them.
 
 Stdlib + cryptography only: the agent verifies with this module.
@@ -25,19 +25,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from packager.errors import BlobNotFound, PackagerError, RefNotFound, VerificationError
-from packager.oci import (
+from contract.canonical import canonical_json
+from contract.errors import BlobNotFound, PackageError, RefNotFound, VerificationError
+from contract.oci import (
     CONFIG,
     MANIFEST,
     Descriptor,
     ImageSource,
     ImageStore,
-    canonical_json,
     check_digest,
     parse_manifest,
     read_blob,
 )
-from packager.signing import SignatureError, key_id, sign, verify
+from contract.signing import SignatureError, key_id, sign, verify
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -76,7 +76,7 @@ def sign_package(
     try:
         store.open(digest).close()
     except BlobNotFound:
-        raise PackagerError(
+        raise PackageError(
             f"{store} has no package {digest} to sign; build or push it first"
         ) from None
     tag = signature_tag(digest)

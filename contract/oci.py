@@ -9,8 +9,8 @@ JSON blob the packager writes, because those bytes are what gets hashed.
 A layout written here keeps each package's image index as a blob; its
 `index.json` has one entry per tag (annotation org.opencontainers.image.ref.name)
 pointing at a package index or at a signature manifest, so one layout can hold
-many packages and share their blobs. An archive is a tar of a layout, written
-with the same reproducible tar writer as the layers.
+many packages and share their blobs. An archive is a tar of a layout; it is
+read here and written by the packager (packager/archive.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -29,15 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, Self
 
-from packager.canonical import canonical_json
-from packager.errors import (
+from contract import names
+from contract.canonical import canonical_json
+from contract.errors import (
     BlobNotFound,
     FormatError,
-    PackagerError,
+    PackageError,
     RefNotFound,
     VerificationError,
 )
-from packager.tarball import Entry, Sink, write_tar
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -71,7 +70,6 @@ LAYOUT_VERSION = "1.0.0"
 # Manifests, configs and indexes are read whole into memory, so their size is bounded.
 MAX_JSON_BLOB = 4 * 1024 * 1024
 _CHUNK = 1024 * 1024
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
 def sha256_digest(data: bytes) -> str:
@@ -79,13 +77,12 @@ def sha256_digest(data: bytes) -> str:
 
 
 def check_digest(digest: str) -> str:
-    """The hex part of DIGEST, which must be sha256 (it becomes a file name: nothing else gets in)."""
-    match = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
-    if match is None:
+    """The hex part of DIGEST, which must be sha256 (it becomes a file name: nothing else may)."""
+    if not names.DIGEST.matches(digest):
         raise FormatError(
             f"{digest!r} is not a sha256 digest ('sha256:' and 64 lowercase hex digits)"
         )
-    return match.group(1)
+    return digest.removeprefix("sha256:")
 
 
 @dataclass(frozen=True)
@@ -98,8 +95,9 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            raise PackagerError(
-                f"platform {text!r} is not os/architecture[/variant], e.g. linux/arm64 or linux/arm/v7"
+            raise PackageError(
+                f"platform {text!r} is not os/architecture[/variant], "
+                "e.g. linux/arm64 or linux/arm/v7"
             )
         return cls(*parts)
 
@@ -229,6 +227,12 @@ def _check_header(value: Mapping[str, Any], media_types: frozenset[str], *, what
         )
 
 
+class Sink(Protocol):
+    """Anything bytes can be written to: a file, a hashing writer, a gzip stream."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 class HashingWriter:
     """Passes bytes on to SINK (or nowhere), counting and hashing them on the way."""
 
@@ -321,7 +325,7 @@ def read_blob(source: BlobSource, descriptor: Descriptor, *, what: str) -> bytes
 
 
 def _ref_of(entry: Mapping[str, Any]) -> str:
-    return entry.get("annotations", {}).get(REF_NAME, "")
+    return str(entry.get("annotations", {}).get(REF_NAME, ""))
 
 
 def _refs(index_json: bytes, *, where: str) -> dict[str, Descriptor]:
@@ -360,7 +364,7 @@ class OCILayout:
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "oci-layout").exists():
             if any(root.iterdir()):
-                raise PackagerError(
+                raise PackageError(
                     f"{root} is neither empty nor an OCI layout; choose an empty or new directory"
                 )
             (root / "blobs" / "sha256").mkdir(parents=True)
@@ -384,7 +388,7 @@ class OCILayout:
     def blob_files(self) -> Iterator[Path]:
         """The stored blobs: files named by their digest, not partial downloads beside them."""
         return (p for p in (self.root / "blobs" / "sha256").iterdir()
-                if _DIGEST.fullmatch(f"sha256:{p.name}"))
+                if names.DIGEST.matches(f"sha256:{p.name}"))
 
     def open(self, digest: str) -> IO[bytes]:
         try:
@@ -398,7 +402,7 @@ class OCILayout:
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[HashingWriter]:
-        """A writer for one new blob; it is stored under its digest when the block ends without error."""
+        """A writer for one new blob, stored under its digest when the block ends without error."""
         fd, tmp = tempfile.mkstemp(dir=self.root / "blobs", prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -442,7 +446,8 @@ class OCILayout:
 
     def _edit_refs(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
         index_path = self.root / "index.json"
-        # Builds into one layout may run at once; index.json is read, changed and replaced under a lock.
+        # Builds into one layout may run at once: index.json is read, changed and replaced
+        # under a lock.
         with open(self.root / "index.json.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             index = parse_json(index_path.read_bytes(), what=f"index.json of {self}")
@@ -538,25 +543,3 @@ def open_image(path: Path) -> Iterator[OCILayout | OCIArchive]:
     else:
         with OCIArchive(path) as archive:
             yield archive
-
-
-def write_archive(layout: OCILayout, dest: Path, *, mtime: int = 0) -> None:
-    """Write LAYOUT as an OCI archive at DEST: the same layout gives the same bytes.
-
-    Only the layout's own files go in (oci-layout, index.json, blobs), not
-    leftovers such as lock files or interrupted uploads.
-    """
-    entries = [
-        Entry("oci-layout", layout.root / "oci-layout"),
-        Entry("index.json", layout.root / "index.json"),
-        *(Entry(f"blobs/sha256/{p.name}", p) for p in layout.blob_files()),
-    ]
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write_tar(f, entries, mtime=mtime)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

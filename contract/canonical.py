@@ -1,7 +1,7 @@
 """Canonical JSON: the one byte encoding of documents that are hashed or signed.
 
-OCI manifests and indexes (packager/oci.py) and the wire protocol's signed
-messages (agent/protocol.py) both use it. Standard library only: the agent's
+OCI manifests and indexes (contract/oci.py) and the wire protocol's signed
+messages (contract/protocol.py) both use it. Standard library only: the agent's
 protocol module imports it at start-up.
 """
 
