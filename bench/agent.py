@@ -163,7 +163,7 @@ STARTUP_PROBE = textwrap.dedent("""
 # Big dependencies first, so each row is what that dependency costs; the agent's
 # own modules last. Steps the agent does not import are left out.
 STARTUP_IMPORTS = [
-    ("click + the CLI", ["click", "hub.cli.main", "agent.cli"]),
+    ("click + the CLI", ["click", "edgefleet.cli", "agent.cli"]),
     ("numpy", ["numpy"]),
     ("cryptography", ["cryptography.hazmat.primitives.asymmetric.ec"]),
     ("rich + pygments (httpx/_main.py)", ["rich.console", "pygments.lexers"]),

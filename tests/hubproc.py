@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 
-# The installed console script, next to the interpreter running the tests.
-EDGEFLEET = [str(Path(sys.executable).parent / "edgefleet")]
+# The composition root run by the interpreter running the tests: what the console
+# script runs, without depending on where (or whether) the script is installed.
+EDGEFLEET = [sys.executable, "-m", "edgefleet"]
 
 
 def free_port() -> int:

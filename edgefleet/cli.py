@@ -1,5 +1,6 @@
-"""The `edgefleet` command: one click group, subcommands loaded on first use.
+"""The `edgefleet` command: every component's command groups, loaded on first use.
 
+This is the composition root: the only module that knows every component.
 Lazy loading keeps `edgefleet agent run` on a device from importing hub-side
 modules (and their dependencies) it does not have.
 """
@@ -49,4 +50,5 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli()
+    # The same name whether run as the console script or as `python -m edgefleet`.
+    cli(prog_name="edgefleet")
