@@ -336,7 +336,8 @@ def bench_transfers(
     pid = hub.process.pid
     result = Transfers(source.stat().st_size, RssSampler(pid).rss())
     fetched, out = scratch / "baseline-download", scratch / "cli-download"
-    register = ["model", "register", str(source), "--name", TRANSFER_MODEL, "--quiet"]
+    register = ["model", "register", str(source), "--name", TRANSFER_MODEL, "--quiet",
+                "--allow-non-model"]  # random bytes, not a model
     download = ["model", "download", f"{TRANSFER_MODEL}:1", "--out", str(out), "--quiet"]
     for _ in range(rounds):
         result.base_up.append(timed(lambda: baseline_put(base_port, source)))

@@ -45,6 +45,7 @@ class LazyGroup(click.Group):
 def cli() -> None:
     """edgefleet: take trained models to fleets of edge devices.
 
+    \b
     Example: edgefleet model register model.onnx --name diabetes
     """
 
