@@ -38,10 +38,8 @@ class HubClient:
             message = f"{body.get('error', 'error')}: {body.get('detail', '')}"
         except ValueError:
             message = response.text[:200] or response.reason_phrase
-        hint = " (pass another --token or run `edgefleet login`)" \
-            if response.status_code == 401 else ""
         # The hub's messages quote names and values users and devices chose.
-        raise click.ClickException(f"{printable(message)}{hint} [HTTP {response.status_code}]")
+        raise click.ClickException(f"{printable(message)} [HTTP {response.status_code}]")
 
     def _unreachable(self, exc: httpx.TransportError) -> click.ClickException:
         return click.ClickException(
@@ -82,6 +80,9 @@ class HubClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
+        except httpx.InvalidURL as exc:  # a name given on the command line, e.g. with a NUL
+            raise click.ClickException(
+                f"cannot ask the hub for '{printable(path)}': {printable(str(exc))}") from None
         self._fail(response)
         return response
 
