@@ -25,6 +25,12 @@ class HubClient:
         self._http = httpx.Client(base_url=connection.hub, headers=headers, timeout=TIMEOUT)
         self._probed = False
 
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
     def _fail(self, response: httpx.Response) -> None:
         if response.is_success:
             return
