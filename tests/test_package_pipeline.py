@@ -8,12 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hubproc import HubProcess
+from modelgen import make_onnx
 
 from hub.cli.client import HubClient
 from hub.cli.config import Connection
 from hub.cli.package_build import BuildEvent, BuildOptions, Stage, build_version
-from hubproc import HubProcess
-from modelgen import make_onnx
 from packager.distribution import Registry, RemoteImage
 from packager.signing import load_public_key
 from packager.verify import verify_package
