@@ -158,11 +158,18 @@ def build_version(
             return replace(package, layout=out)
         total = sum(p.stat().st_size for p in (layout_dir / "blobs").rglob("*") if p.is_file())
         text = f"push {repository}:{result.tag}"
-        progress(BuildEvent(Stage.PUSH, text, 0, total))
+        sent = 0
+
+        def pushed(n: int) -> None:
+            nonlocal sent
+            sent += n
+            progress(BuildEvent(Stage.PUSH, text, n, total))
+
+        pushed(0)
         with Registry(hub.connection.hub, hub.connection.token) as registry:
             refs = [r for r in layout.refs() if r == result.tag or r.endswith(".sig")]
-            push_layout(layout, registry, repository, refs,
-                        progress=lambda n: progress(BuildEvent(Stage.PUSH, text, n, total)))
+            push_layout(layout, registry, repository, refs, progress=pushed)
+        pushed(max(0, total - sent))  # the manifests, which go up whole without reports
         progress(BuildEvent(Stage.SIGN, "sign with the hub's key"))
         signed = hub.post(f"/api/v1/packages/{name}/{number}/sign")
         return replace(package, pushed=f"{repository}:{result.tag}", signature=signed["signature"])
