@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import httpx
 
 from hub.cli.config import Connection
 from hub.cli.output import printable
+
+if TYPE_CHECKING:
+    from packager.distribution import Registry
 
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # A hub answers its health check at once; something that takes longer is not a hub
@@ -91,6 +94,13 @@ class HubClient:
                 f"cannot ask the hub for '{printable(path)}': {printable(str(exc))}") from None
         self._fail(response)
         return response
+
+    def registry(self) -> Registry:
+        """A client of the hub's OCI registry (the packager's), once the hub has answered."""
+        from packager.distribution import Registry
+
+        self._probe()
+        return Registry(self.connection.hub, self.connection.token)
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()

@@ -105,7 +105,7 @@ def build_version(
     from packager.build import BuildProgress, build_package
     from packager.cosign import sign_package
     from packager.deps import PipDeps
-    from packager.distribution import Registry, push_layout
+    from packager.distribution import push_layout
     from packager.modelfile import ModelInfo
     from packager.oci import OCILayout
     from packager.prepare import prepare_model
@@ -166,7 +166,7 @@ def build_version(
             progress(BuildEvent(Stage.PUSH, text, n, total))
 
         pushed(0)
-        with Registry(hub.connection.hub, hub.connection.token) as registry:
+        with hub.registry() as registry:
             refs = [r for r in layout.refs() if r == result.tag or r.endswith(".sig")]
             push_layout(layout, registry, repository, refs, progress=pushed)
         pushed(max(0, total - sent))  # the manifests, which go up whole without reports

@@ -147,7 +147,7 @@ def _open_source(
     ref: str, hub: str | None, token: str | None
 ) -> Iterator[tuple[Any, str, str | None]]:
     """(image source, tag, repository) for a layout/archive path or MODEL:VERSION in the hub."""
-    from packager.distribution import Registry, RemoteImage
+    from packager.distribution import RemoteImage
     from packager.oci import open_image
 
     path_text, _, tag = ref.removeprefix("oci:").removeprefix("oci-archive:").partition(":")
@@ -166,7 +166,7 @@ def _open_source(
     hub_client = client(hub, token)
     if version == "latest":
         version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
-    with Registry(hub_client.connection.hub, hub_client.connection.token) as registry:
+    with hub_client.registry() as registry:
         yield RemoteImage(registry, f"models/{name}"), version, f"models/{name}"
 
 
@@ -235,7 +235,7 @@ def export(
     \b
     Example: edgefleet package export diabetes:2 --out diabetes-2.tar
     """
-    from packager.distribution import Registry, pull_signature, pull_to_layout
+    from packager.distribution import pull_signature, pull_to_layout
     from packager.oci import OCILayout, write_archive
 
     name, version = parse_ref(ref)
@@ -243,7 +243,7 @@ def export(
     if version == "latest":
         version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
     try:
-        with Registry(hub_client.connection.hub, hub_client.connection.token) as registry, \
+        with hub_client.registry() as registry, \
                 tempfile.TemporaryDirectory(prefix="edgefleet-export-") as tmp, \
                 progress_bar(quiet=quiet) as bars:
             layout = OCILayout.create(Path(tmp) / "layout")
