@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hubproc import EDGEFLEET, HubProcess
 from modelgen import make_onnx
+from mosquitto import start_mosquitto
 
 from hub.cli.output import printable, safe
 
@@ -118,15 +119,25 @@ def test_hub_urls_that_cannot_work_are_refused(
     assert done.returncode == 2 and says.format(port=hub.port) in done.stderr
 
 
-def test_a_port_that_is_not_a_hub_fails_with_one_line(cli: Cli, hub: HubProcess) -> None:
-    """The hub's own MQTT broker reads an HTTP request and never answers."""
-    done = subprocess.run(
-        [*EDGEFLEET, "model", "list", "--hub", f"http://127.0.0.1:{hub.mqtt_port}"],
-        env=cli.env, capture_output=True, text=True, timeout=30,
-    )
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_an_mqtt_port_is_not_a_hub_and_fails_with_one_line(
+    cli: Cli, hub: HubProcess, tmp_path: Path, broker: str
+) -> None:
+    """The hub's embedded broker reads an HTTP request and never answers; Mosquitto
+    drops the connection. Either way: one line, in seconds, not a 60 s timeout."""
+    mosquitto = start_mosquitto(tmp_path / "mosquitto") if broker == "mosquitto" else None
+    port = mosquitto.port if mosquitto else hub.mqtt_port
+    try:
+        done = subprocess.run(
+            [*EDGEFLEET, "model", "list", "--hub", f"http://127.0.0.1:{port}"],
+            env=cli.env, capture_output=True, text=True, timeout=30,
+        )
+    finally:
+        if mosquitto:
+            mosquitto.stop()
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
-    assert f"http://127.0.0.1:{hub.mqtt_port}" in done.stderr
-    assert "MQTT" in done.stderr or "cannot reach the hub" in done.stderr
+    assert f"http://127.0.0.1:{port} does not answer HTTP like an edgefleet hub" in done.stderr
+    assert "MQTT broker" in done.stderr
 
 
 def test_files_without_a_model_are_refused_unless_allowed(cli: Cli, tmp_path: Path) -> None:

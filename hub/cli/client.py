@@ -63,13 +63,14 @@ class HubClient:
         url = self.connection.hub
         try:
             response = self._http.get("/api/v1/health", timeout=PROBE_TIMEOUT)
-        except httpx.TimeoutException:
-            raise click.ClickException(
-                f"{url} did not answer like an edgefleet hub within "
-                f"{PROBE_TIMEOUT.read:.0f}s; is that the hub's REST API (default port 8080) "
-                "and not its MQTT broker?") from None
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise self._unreachable(exc) from None
+        except httpx.TransportError as exc:  # connected, but no HTTP answer came back
+            why = f"no answer within {PROBE_TIMEOUT.read:.0f} s" \
+                if isinstance(exc, httpx.TimeoutException) else printable(str(exc))
+            raise click.ClickException(
+                f"{url} does not answer HTTP like an edgefleet hub ({why}); is that the hub's "
+                "REST API (default port 8080) and not its MQTT broker?") from None
         try:
             healthy = response.json().get("status") == "ok"
         except (ValueError, AttributeError):
