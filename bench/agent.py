@@ -7,8 +7,8 @@ Run from the repository root (about 70 s on 2 cores; --quick about 30 s):
     .venv/bin/python bench/agent.py --requests 20000   # steadier percentiles
 
 Everything runs on loopback: a real `edgefleet hub serve` process with its
-embedded MQTT broker (tests/hubproc.py) and a real `edgefleet agent run`
-process enrolled on it (tests/agentproc.py), in a temporary directory that is
+embedded MQTT broker (bench/harness.py) and a real `edgefleet agent run`
+process enrolled on it (bench/harness.py), in a temporary directory that is
 removed at the end. The model is the tests' tiny ONNX model (input "x" FP32
 [-1,3], one MatMul and an Add), published as versions 1 and 2 with signed
 packages. The table goes to stdout, progress to stderr.
@@ -93,16 +93,22 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 import tritonclient.http as triton
+from harness import (
+    EDGEFLEET,
+    AgentProcess,
+    HubProcess,
+    publish_version,
+    start_agent,
+    start_hub,
+    wait_for,
+)
+from report import Row, print_table
 from rich.console import Console
 from tritonclient.utils import InferenceServerException
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from agentproc import AgentProcess, publish_version, start_agent, wait_for  # noqa: E402
-from hubproc import EDGEFLEET, HubProcess, start_hub  # noqa: E402
-from report import Row, print_table  # noqa: E402
-from modelgen import make_onnx  # noqa: E402
+from packager.samples import make_onnx
 
+ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
 MODEL = "tiny"
 ROW = [1.0, 2.0, 3.0]
@@ -163,7 +169,7 @@ STARTUP_PROBE = textwrap.dedent("""
 # Big dependencies first, so each row is what that dependency costs; the agent's
 # own modules last. Steps the agent does not import are left out.
 STARTUP_IMPORTS = [
-    ("click + the CLI", ["click", "hub.cli.main", "agent.cli"]),
+    ("click + the CLI", ["click", "edgefleet.cli", "agent.cli"]),
     ("numpy", ["numpy"]),
     ("cryptography", ["cryptography.hazmat.primitives.asymmetric.ec"]),
     ("rich + pygments (httpx/_main.py)", ["rich.console", "pygments.lexers"]),

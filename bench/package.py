@@ -8,7 +8,7 @@ half a minute or more, depending on the network to PyPI):
     .venv/bin/python bench/package.py --with-deps      # also builds with the runtime's wheels
 
 Everything runs on loopback against a real `edgefleet hub serve` process
-(tests/hubproc.py) in a temporary directory that is removed at the end. The
+(bench/harness.py) in a temporary directory that is removed at the end. The
 table goes to stdout, progress to stderr.
 
 The model is a real ONNX file (one MatMul whose float32 weights, from a
@@ -73,7 +73,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -86,7 +85,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import onnx
+from harness import EDGEFLEET, HubProcess, start_hub
 from onnx import TensorProto, helper, numpy_helper
+from registry import cli_env
+from report import Row, print_table
 from rich.console import Console
 
 from packager.build import DEFAULT_PLATFORMS, build_package
@@ -95,11 +97,6 @@ from packager.distribution import Registry, pull_signature, pull_to_layout, push
 from contract.layers import DEPS, MODEL, ROLE, SERVING
 from packager.modelfile import ModelInfo, inspect_model
 from contract.oci import Descriptor, OCILayout, Platform, parse_index, parse_manifest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hubproc import EDGEFLEET, HubProcess, start_hub  # noqa: E402
-from report import Row, print_table  # noqa: E402
-from registry import cli_env  # noqa: E402
 
 MB = 1_000_000
 MODEL_NAME = "bench-package"

@@ -6,7 +6,7 @@ Run from the repository root (takes about a minute; a quick run a few seconds):
     .venv/bin/python bench/registry.py --size-mb 50 --versions 200    # quick run
 
 Everything runs on loopback against a real `edgefleet hub serve` process
-(tests/hubproc.py) in a temporary directory that is removed at the end. The
+(bench/harness.py) in a temporary directory that is removed at the end. The
 table goes to stdout, progress to stderr.
 
 What is measured, and how to read it:
@@ -45,7 +45,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -58,15 +57,12 @@ from pathlib import Path
 
 import httpx
 import psutil
+from harness import EDGEFLEET, HubProcess, start_hub
+from report import Row, print_table
 from rich.console import Console
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hubproc import HubProcess, start_hub  # noqa: E402
-from report import Row, print_table  # noqa: E402
 
 CHUNK = 1 << 20
 MB = 1_000_000
-EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 RSS_TARGET_MB = 150.0
 SAMPLE_EVERY_S = 0.025
 COMMAND_TIMEOUT_S = 900
@@ -253,7 +249,7 @@ def cli_env(hub: HubProcess, scratch: Path) -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict[str, str]) -> None:
     done = subprocess.run(
-        [EDGEFLEET, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        [*EDGEFLEET, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
     )
     if done.returncode != 0:
         raise RuntimeError(f"edgefleet {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
@@ -336,7 +332,8 @@ def bench_transfers(
     pid = hub.process.pid
     result = Transfers(source.stat().st_size, RssSampler(pid).rss())
     fetched, out = scratch / "baseline-download", scratch / "cli-download"
-    register = ["model", "register", str(source), "--name", TRANSFER_MODEL, "--quiet"]
+    register = ["model", "register", str(source), "--name", TRANSFER_MODEL, "--quiet",
+                "--allow-non-model"]  # random bytes, not a model
     download = ["model", "download", f"{TRANSFER_MODEL}:1", "--out", str(out), "--quiet"]
     for _ in range(rounds):
         result.base_up.append(timed(lambda: baseline_put(base_port, source)))

@@ -7,8 +7,8 @@ Run from the repository root (about 3.5 minutes on 2 cores; --quick about 45 s):
     .venv/bin/python bench/rollout.py --sizes 100,1000     # chosen sizes ("max" is the step-up)
 
 Everything runs on loopback in a temporary directory that is removed at the
-end: a real Mosquitto (tests/mosquitto.py), a real `edgefleet hub serve`
-using it (`--mqtt-url`, tests/hubproc.py), the tests' tiny ONNX model
+end: a real Mosquitto (bench/harness.py), a real `edgefleet hub serve`
+using it (`--mqtt-url`, bench/harness.py), the tiny ONNX model
 published as versions 1 and 2 with signed packages, and the devices as one
 `edgefleet sim` process (agent/sim/: real MQTT sessions, real desired-state
 checks, reported states and telemetry; simulated downloads and model loads,
@@ -153,15 +153,21 @@ from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 # Ahead of this directory, whose agent.py would shadow the agent package.
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from agentproc import publish_version  # noqa: E402
-from hubproc import EDGEFLEET, HubProcess, start_hub, stop_process  # noqa: E402
-from modelgen import make_onnx  # noqa: E402
-from mosquitto import Mosquitto, start_mosquitto  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from harness import (  # noqa: E402
+    EDGEFLEET,
+    HubProcess,
+    Mosquitto,
+    publish_version,
+    start_hub,
+    start_mosquitto,
+    stop_process,
+)
 from report import Row, print_table  # noqa: E402
 
 from agent.identity import IDENTITY_FILE, Identity  # noqa: E402
 from contract import signing  # noqa: E402
+from packager.samples import make_onnx  # noqa: E402
 
 MB = 1_000_000
 MODEL = "tiny"

@@ -23,13 +23,18 @@ from pathlib import Path
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # for bench/harness.py, which starts the processes
 
-from agentproc import AgentProcess, start_agent, wait_for  # noqa: E402
-from hubproc import HubProcess, start_hub  # noqa: E402
+from bench.harness import (  # noqa: E402
+    EDGEFLEET,
+    AgentProcess,
+    HubProcess,
+    start_agent,
+    start_hub,
+    wait_for,
+)
 
 console = Console()
-EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 TARGET = "site=demo"
 
 
@@ -42,7 +47,7 @@ def edgefleet(hub: HubProcess, *args: str, check: bool = True) -> str:
     console.print(f"[dim]$ edgefleet {' '.join(args)}[/dim]")
     env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token,
            "COLUMNS": "120"}
-    done = subprocess.run([EDGEFLEET, *args], env=env, capture_output=True, text=True)
+    done = subprocess.run([*EDGEFLEET, *args], env=env, capture_output=True, text=True)
     if "--json" not in args:
         sys.stdout.write(done.stdout)  # already formatted by the CLI; do not re-wrap
     if check and done.returncode != 0:
@@ -53,7 +58,7 @@ def edgefleet(hub: HubProcess, *args: str, check: bool = True) -> str:
 
 def _quiet(hub: HubProcess, *args: str) -> str:
     env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
-    return subprocess.run([EDGEFLEET, *args], env=env, capture_output=True, text=True,
+    return subprocess.run([*EDGEFLEET, *args], env=env, capture_output=True, text=True,
                           check=True).stdout
 
 
@@ -68,7 +73,7 @@ def train(work: Path, alpha: float) -> tuple[Path, float]:
 def start_sim(hub: HubProcess, work: Path, devices: int) -> subprocess.Popen:
     log = open(work / "sim.log", "wb")  # noqa: SIM115 (the child keeps it)
     return subprocess.Popen(
-        [EDGEFLEET, "sim", "--devices", str(devices), "--hub", hub.url,
+        [*EDGEFLEET, "sim", "--devices", str(devices), "--hub", hub.url,
          "--api-token", hub.admin_token, "--tag", TARGET, "--data-dir", str(work / "sim"),
          "--telemetry-interval", "2", "--step-latency", "0.2"],
         stdout=log, stderr=subprocess.STDOUT,

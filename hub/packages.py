@@ -114,7 +114,10 @@ def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -
         platforms = _platforms(blobs, r["digest"]) if r["media_type"] in oci.INDEX_TYPES else []
         packages.append({
             "model": r["repo"].removeprefix("models/"),
-            "version": r["tag"],
+            # An int like every other listing's; a tag someone pushed that is no version
+            # number (e.g. with skopeo) is still listed, under its tag.
+            "version": int(r["tag"]) if r["tag"].isascii() and r["tag"].isdigit() else None,
+            "tag": r["tag"],
             "repository": r["repo"],
             "digest": r["digest"],
             "signed": (r["repo"], cosign.signature_tag(r["digest"])) in signed,
@@ -138,7 +141,7 @@ def show_package(db: Database, blobs: BlobStore, model: str, version: int | str)
                 for layer in manifest.layers
             ],
         })
-    listed = [p for p in list_packages(db, blobs, model=model) if p["version"] == str(version)]
+    listed = [p for p in list_packages(db, blobs, model=model) if p["tag"] == str(version)]
     with blobs.open(found.digest) as f:
         annotations = json.loads(f.read()).get("annotations", {})
     return {**listed[0], "annotations": annotations, "images": images}

@@ -25,7 +25,8 @@ LINEAGE_KEYS = ("git_commit", "git_dirty", "dataset_digest", "run_id", "source")
 def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
     for key, value in metrics.items():
         validation.tag(key, "")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
             raise InvalidInput(f"metric {key!r} must be a finite number, got {value!r}")
     return metrics
 
@@ -34,7 +35,8 @@ def _check_lineage(lineage: dict[str, Any]) -> dict[str, Any]:
     unknown = set(lineage) - set(LINEAGE_KEYS)
     if unknown:
         raise InvalidInput(
-            f"unknown lineage field(s) {', '.join(sorted(unknown))}; known: {', '.join(LINEAGE_KEYS)}"
+            f"unknown lineage field(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(LINEAGE_KEYS)}"
         )
     for key, value in lineage.items():
         if key == "git_dirty":
@@ -81,8 +83,12 @@ def register_version(
     tags: dict[str, str] | None = None,
     metrics: dict[str, float] | None = None,
     lineage: dict[str, Any] | None = None,
+    require_model: bool = False,
 ) -> dict[str, Any]:
-    """Record a new version of NAME made of FILES, given as (relative path, digest)."""
+    """Record a new version of NAME made of FILES, given as (relative path, digest).
+
+    With REQUIRE_MODEL, files among which the packager finds no model are refused.
+    """
     from packager.modelfile import ModelFileError, inspect_model
 
     validation.model_name(name)
@@ -106,6 +112,11 @@ def register_version(
         info = inspect_model({path: blobs.local_path(d) for path, d in checked.items()})
     except ModelFileError as exc:
         raise Unprocessable(str(exc)) from None
+    if require_model and info.framework is None:
+        raise Unprocessable(
+            f"none of the files ({', '.join(sorted(checked))[:200]}) is a model edgefleet can "
+            "package (.onnx, .tflite, an OpenVINO .xml with its .bin); to register them "
+            "anyway, leave out require_model (CLI: --allow-non-model)")
 
     created_at = now()
     with db.transaction() as conn:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hub.cli.reference import _walk, render
-from hub.cli.main import cli
+from edgefleet.cli import cli
+from edgefleet.reference import _walk, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cli_reference_is_current() -> None:
     assert (ROOT / "docs/cli.md").read_text() == render(), (
-        "docs/cli.md is stale: run `.venv/bin/python -m hub.cli.reference > docs/cli.md`"
+        "docs/cli.md is stale: run `.venv/bin/python -m edgefleet.reference > docs/cli.md`"
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 from agentproc import wait_for
 from fleetdevice import connect, enroll, tiny_packages
 
-import mosquitto as fixture
+import bench.harness as fixture  # the module whose CONFIG starts the broker
 from contract import protocol
 from agent.mqtt import MqttTimeout
 from conftest import Cli

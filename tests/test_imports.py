@@ -39,30 +39,9 @@ WHY = {
     "hub": "the MQTT session both sides use",
     "edgefleet": "the composition root: assembles every command group",
 }
-# Imports that break the table until the work that removes them is merged, by importing
-# module and imported module (or package); each says what removes it.
-_HARNESS = "bench/harness.py, the benchmarks' own copy of what they use from tests/"
-PENDING: dict[tuple[str, str], str] = {
-    ("hub.cli.packages", "agent.runtimes"):
-        "the composition root (edgefleet/cli.py) passing the accuracy runner in",
-    **{(importer, helper): _HARNESS for importer, helper in [
-        ("bench.agent", "agentproc"), ("bench.agent", "hubproc"), ("bench.agent", "modelgen"),
-        ("bench.package", "hubproc"), ("bench.registry", "hubproc"),
-        ("bench.rollout", "agentproc"), ("bench.rollout", "hubproc"),
-        ("bench.rollout", "modelgen"), ("bench.rollout", "mosquitto"),
-        ("examples.demo", "agentproc"), ("examples.demo", "hubproc"),
-        ("examples.litert-tiny.make_model", "modelgen"),
-    ]},
-}
-
-
 def under(target: str, name: str) -> bool:
     """TARGET is NAME or something inside it ("agent.mqtt.Session" is under "agent.mqtt")."""
     return target == name or target.startswith(f"{name}.")
-
-
-def pending(importer: str, target: str) -> bool:
-    return any(importer == who and under(target, what) for who, what in PENDING)
 
 
 def diagram() -> str:
@@ -130,17 +109,9 @@ def test_every_import_follows_the_table() -> None:
         f"{name} imports {target}"
         for name, path in modules()
         for target in imports(name, path)
-        if not allowed(name, target) and not pending(name, target)
+        if not allowed(name, target)
     )
     assert broken == []
-
-
-def test_pending_exceptions_are_still_needed() -> None:
-    """An entry of PENDING whose import is gone must go too."""
-    found = [(name, target) for name, path in modules() for target in imports(name, path)]
-    gone = [(who, what) for who, what in PENDING
-            if not any(name == who and under(target, what) for name, target in found)]
-    assert gone == []
 
 
 def test_the_shared_contract_needs_only_the_stdlib_and_cryptography() -> None:

@@ -49,7 +49,9 @@ def test_build_pushes_a_signed_three_platform_index(cli: Cli, hub: HubProcess, p
     assert pushed["platforms"] == ["linux/amd64", "linux/arm/v7", "linux/arm64"]
     assert pushed["pushed"] == "models/tiny:1" and pushed["signature"].startswith("sha256:")
     listed = cli.json("package", "list", "tiny")
-    assert [(p["version"], p["digest"], p["signed"]) for p in listed] == [("1", pushed["digest"], True)]
+    # The version is an int, as in every other listing.
+    assert [(p["version"], p["digest"], p["signed"]) for p in listed] == [
+        (1, pushed["digest"], True)]
     shown = cli.json("package", "show", "tiny:1")
     roles = [[layer["role"] for layer in image["layers"]] for image in shown["images"]]
     assert roles == [["model", "serving"]] * 3

@@ -25,7 +25,7 @@ import pytest
 from hubproc import stop_process
 from modelgen import expected_linear, make_onnx
 
-# Until `serve` is registered in hub/cli/main.py, start the click command directly.
+# Until `serve` is registered in edgefleet/cli.py, start the click command directly.
 SERVE = [sys.executable, "-c", "from agent.serving.cli import serve; serve()"]
 API_KEY = "test-serving-key"
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import mosquitto as mosquitto_fixture
+import bench.harness as mosquitto_fixture  # the module whose CONFIG starts the broker
 import pytest
 from mosquitto import Mosquitto, free_port, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 

@@ -2,19 +2,15 @@
 
 Run: python examples/litert-tiny/make_model.py [--out DIR]
 y = x @ W + b for x of shape [N, 3]: the same builder the tests use
-(tests/modelgen.py, the flatbuffers object API of ai_edge_litert's schema).
+(packager/samples.py, the flatbuffers object API of ai_edge_litert's schema).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from modelgen import make_tflite  # noqa: E402
+from packager.samples import make_tflite
 
 
 def main() -> None:

@@ -35,6 +35,9 @@ class RegisterRequest(BaseModel):
     tags: dict[str, str] = {}
     metrics: dict[str, float] = {}
     lineage: dict[str, Any] = {}
+    require_model: bool = Field(
+        False, description="refuse the version (422) unless one of its files is a model "
+        "the packager reads (.onnx, .tflite, OpenVINO .xml with its .bin)")
 
 
 def _version(text: str) -> int | str:
@@ -98,6 +101,7 @@ def register(
         tags=body.tags,
         metrics=body.metrics,
         lineage=body.lineage,
+        require_model=body.require_model,
     )
     request.state.audit = ("model.register", f"{name}:{record['version']}")
     return record

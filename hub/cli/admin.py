@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from hub.cli.config import Connection, write_config
 from hub.cli.client import HubClient
-from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
+from hub.cli.config import Connection, hub_url, write_config
+from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
 
 
 @click.command()
@@ -21,16 +21,17 @@ from hub.cli.output import client, console, emit, emit_one, hub_options, json_op
 def login(hub: str, token: str | None, token_file: Path | None) -> None:
     """Check a hub URL and token, then save them for later commands.
 
+    \b
     Example: edgefleet login --hub http://127.0.0.1:8080 --token-file ./edgefleet-data/admin-token
     """
     if token_file is not None:
         token = token_file.read_text().strip()
     if not token:
         raise click.UsageError("give --token or --token-file")
-    connection = Connection(hub.rstrip("/"), token)
+    connection = Connection(hub_url(hub), token)
     me = HubClient(connection).get("/api/v1/whoami")
     path = write_config({"hub": connection.hub, "token": token})
-    console.print(f"Logged in to {connection.hub} as {me['name']} ({me['role']}); saved to {path}")
+    say(f"Logged in to {connection.hub} as {me['name']} ({me['role']}); saved to {path}")
 
 
 @click.group()
@@ -42,20 +43,22 @@ def token() -> None:
 @click.argument("name")
 @click.option(
     "--role", type=click.Choice(["viewer", "operator", "admin"]), default="viewer",
-    show_default=True, help="viewer reads; operator also changes models and devices; admin also manages tokens.",
+    show_default=True,
+    help="viewer reads; operator also changes models and devices; admin also manages tokens.",
 )
 @hub_options
 @json_option
 def token_create(name: str, role: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Create an API token; it is shown only once.
 
+    \b
     Example: edgefleet token create ci-pipeline --role operator
     """
     record = client(hub, token).post("/api/v1/tokens", json={"name": name, "role": role})
     if as_json:
         emit_one(record, as_json=True)
         return
-    console.print(f"API token {record['id']} ({record['name']}, {record['role']}):")
+    say(f"API token {record['id']} ({record['name']}, {record['role']}):")
     click.echo(record["token"])
 
 
@@ -65,6 +68,7 @@ def token_create(name: str, role: str, hub: str | None, token: str | None, as_js
 def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
     """List API tokens.
 
+    \b
     Example: edgefleet token list
     """
     rows = client(hub, token).get("/api/v1/tokens")
@@ -78,13 +82,14 @@ def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
 def token_revoke(token_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Revoke an API token at once.
 
+    \b
     Example: edgefleet token revoke tok-1a2b3c4d
     """
     record = client(hub, token).delete(f"/api/v1/tokens/{token_id}").json()
     if as_json:
         emit_one(record, as_json=True)
     else:
-        console.print(f"Revoked {token_id} ({record['name']})")
+        say(f"Revoked {token_id} ({record['name']})")
 
 
 @click.command()
@@ -99,6 +104,7 @@ def audit(
 ) -> None:
     """Show the audit log: who did what, when, and the result.
 
+    \b
     Example: edgefleet audit --action model. --limit 20
     """
     rows = client(hub, token).get(

@@ -32,7 +32,8 @@ def read_config() -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read {path}: {exc}; run `edgefleet login` again")
+        raise click.ClickException(
+            f"cannot read {path}: {exc}; run `edgefleet login` again") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -40,6 +41,28 @@ def write_config(values: dict[str, str]) -> Path:
     path = config_path()
     write_secret(path, json.dumps(values, indent=2))
     return path
+
+
+def hub_url(text: str) -> str:
+    """TEXT checked to be a hub's base URL (scheme, host, port, no path), without a final /.
+
+    The CLI adds /api/v1/... and the registry's /v2/... itself; a URL without a scheme or
+    with a path would otherwise fail later with a misleading error.
+    """
+    url = text.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise click.BadParameter(
+            f"{text!r} has no scheme; did you mean http://{url}?", param_hint="--hub")
+    if scheme not in ("http", "https") or not rest:
+        raise click.BadParameter(
+            f"{text!r} is not an http:// or https:// URL, e.g. {DEFAULT_HUB}", param_hint="--hub")
+    host, slash, path = rest.partition("/")
+    if slash:
+        raise click.BadParameter(
+            f"{text!r} has a path (/{path}); give the hub's base URL: {scheme}://{host}",
+            param_hint="--hub")
+    return url
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,6 @@ def resolve(hub: str | None, token: str | None) -> Connection:
     """Flags win; click already folded EDGEFLEET_HUB/EDGEFLEET_TOKEN into them."""
     saved = read_config()
     return Connection(
-        hub=(hub or saved.get("hub") or DEFAULT_HUB).rstrip("/"),
+        hub=hub_url(hub or saved.get("hub") or DEFAULT_HUB),
         token=token or saved.get("token"),
     )

@@ -8,7 +8,7 @@ import click
 
 from contract import names
 from hub.cli.models import parse_ref
-from hub.cli.output import client, console, emit_one, hub_options, json_option
+from hub.cli.output import client, emit_one, hub_options, json_option, say
 
 
 def _version(text: str) -> int | str:
@@ -41,6 +41,7 @@ def deploy(
     The hub signs the device's new desired state and the device applies it
     when it is online. The version needs a signed package (`edgefleet package build`).
 
+    \b
     Example: edgefleet deploy diabetes:2 --device dev-0a1b2c3d4e5f --candidate 3 --traffic 10
     """
     model, version = parse_ref(ref)
@@ -66,9 +67,9 @@ def deploy(
     if (c := d["candidate"]) is not None:
         extra = (f" with {d['model']}:{c['version']} in shadow on {c['traffic']}% of requests"
                  if c["shadow"] else f" with {d['model']}:{c['version']} on {c['traffic']}%")
-    console.print(f"{device_id}: {d['name']} runs {d['model']}:{d['version']}{extra} "
-                  f"(desired generation {answer['generation']})")
-    console.print(f"[dim]Follow it with: edgefleet device show {device_id}[/dim]")
+    say(f"{device_id}: {d['name']} runs {d['model']}:{d['version']}{extra} "
+        f"(desired generation {answer['generation']})")
+    say((f"Follow it with: edgefleet device show {device_id}", "dim"))
 
 
 @click.command()
@@ -79,10 +80,11 @@ def deploy(
 def undeploy(name: str, device_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Remove deployment NAME from a device; it stops serving it.
 
+    \b
     Example: edgefleet undeploy diabetes --device dev-0a1b2c3d4e5f
     """
     answer = client(hub, token).delete(f"/api/v1/devices/{device_id}/deployments/{name}").json()
     if as_json:
         emit_one(answer, as_json=True)
         return
-    console.print(f"{device_id}: removed {name} (desired generation {answer['generation']})")
+    say(f"{device_id}: removed {name} (desired generation {answer['generation']})")

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import click
 
 from hub import validation
-from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
+from hub.cli.output import client, emit, emit_one, hub_options, json_option, parse_pairs, say
+
 
 def parse_duration(text: str, option: str = "--expires") -> int:
     try:
@@ -39,6 +40,7 @@ def token_create(
 ) -> None:
     """Create an enrollment token; it is shown only once.
 
+    \b
     Example: edgefleet device token create --tag site=berlin --expires 7d --max-uses 50
     """
     record = client(hub, token).post(
@@ -49,9 +51,9 @@ def token_create(
     if as_json:
         emit_one(record, as_json=True)
         return
-    console.print(f"Enrollment token {record['id']} (expires {record['expires_at']}):")
+    say(f"Enrollment token {record['id']} (expires {record['expires_at']}):")
     click.echo(record["token"])
-    console.print("[dim]On the device: edgefleet agent run --hub URL --token <token>[/dim]")
+    say(("On the device: edgefleet agent run --hub URL --token <token>", "dim"))
 
 
 @token.command("list")
@@ -60,6 +62,7 @@ def token_create(
 def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
     """List enrollment tokens (their secrets are not stored).
 
+    \b
     Example: edgefleet device token list --json
     """
     rows = client(hub, token).get("/api/v1/enrollment-tokens")
@@ -72,10 +75,11 @@ def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
 def token_revoke(token_id: str, hub: str | None, token: str | None) -> None:
     """Revoke an enrollment token; enrolled devices keep working.
 
+    \b
     Example: edgefleet device token revoke enr-1a2b3c4d
     """
     client(hub, token).delete(f"/api/v1/enrollment-tokens/{token_id}")
-    console.print(f"Revoked {token_id}")
+    say(f"Revoked {token_id}")
 
 
 @device.command("list")
@@ -85,6 +89,7 @@ def token_revoke(token_id: str, hub: str | None, token: str | None) -> None:
 def list_(tags: tuple[str, ...], hub: str | None, token: str | None, as_json: bool) -> None:
     """List enrolled devices.
 
+    \b
     Example: edgefleet device list --tag site=berlin
     """
     rows = client(hub, token).get("/api/v1/devices", params={"tag": list(tags)})
@@ -98,6 +103,7 @@ def list_(tags: tuple[str, ...], hub: str | None, token: str | None, as_json: bo
 def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Show one device: tags, platform, inventory, and its deployments, desired vs reported.
 
+    \b
     Example: edgefleet device show dev-0a1b2c3d4e5f
     """
     hub_client = client(hub, token)
@@ -112,8 +118,8 @@ def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> N
     emit(_deployment_rows(deployed), ["deployment", "desired", "reported", "error"],
          as_json=False)
     for refusal in reported.get("refusals", []):
-        console.print(f"[yellow]refused generation {refusal['generation']}[/yellow] at "
-                      f"{refusal['at']}: {refusal['reason']}: {refusal['message']}")
+        say((f"refused generation {refusal['generation']}", "yellow"),
+            f" at {refusal['at']}: {refusal['reason']}: {refusal['message']}")
 
 
 def _deployment_rows(deployed: dict) -> list[dict[str, str]]:
@@ -153,6 +159,7 @@ def tag(
 ) -> None:
     """Set tags with KEY=VALUE, remove them with KEY-.
 
+    \b
     Example: edgefleet device tag dev-0a1b2c3d4e5f site=berlin stage- arch=arm64
     """
     remove = [c[:-1] for c in changes if c.endswith("-") and "=" not in c]
@@ -163,7 +170,7 @@ def tag(
     if as_json:
         emit_one(record, as_json=True)
     else:
-        console.print(f"{device_id} tags: " + ", ".join(f"{k}={v}" for k, v in record["tags"].items()))
+        say(f"{device_id} tags: ", record["tags"])
 
 
 @device.command()
@@ -179,6 +186,7 @@ def telemetry(
 ) -> None:
     """Show a device's telemetry points, oldest first.
 
+    \b
     Example: edgefleet device telemetry dev-0a1b2c3d4e5f --since 30m --kind inference
     """
     start = datetime.now(UTC) - timedelta(seconds=parse_duration(since, "--since"))

@@ -38,6 +38,7 @@ def serve(**options: Any) -> None:
     On first start this creates the data directory, the hub's signing key and an
     admin API token, and prints where they are.
 
+    \b
     Example: edgefleet hub serve --data-dir ./hub-data --port 8080
     """
     from hub.server import serve as run

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -10,7 +12,7 @@ import click
 
 from contract import names
 from hub.cli.client import HubClient
-from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
+from hub.cli.output import client, emit, emit_one, hub_options, json_option, parse_pairs, say
 from hub.cli.transfer import download_file, progress_bar, upload_file
 
 
@@ -59,22 +61,25 @@ def git_lineage(path: Path) -> dict[str, Any]:
 
 
 def download_version(
-    hub_client: HubClient, record: dict[str, Any], out: Path, *, quiet: bool
+    hub_client: HubClient, record: dict[str, Any], out: Path,
+    progress: Callable[[str, int], None],
 ) -> dict[str, Path]:
-    """Fetch every file of the version RECORD into OUT, digests checked; name -> path."""
+    """Fetch every file of the version RECORD into OUT, digests checked; name -> path.
+
+    PROGRESS is told (file name, bytes) as each chunk arrives.
+    """
     files: dict[str, Path] = {}
-    with progress_bar(quiet=quiet) as progress:
-        for f in record["files"]:
-            rel = PurePosixPath(f["path"])
-            if rel.is_absolute() or ".." in rel.parts:
-                raise click.ClickException(f"refusing unsafe file name from the hub: {f['path']!r}")
-            task = progress.add_task(f"download {f['path']}", total=f["size"])
-            download_file(
-                hub_client,
-                f"/api/v1/models/{record['name']}/versions/{record['version']}/files/{f['path']}",
-                out / rel, f["digest"], progress, task,
-            )
-            files[f["path"]] = out / rel
+    for f in record["files"]:
+        name: str = f["path"]
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise click.ClickException(f"refusing unsafe file name from the hub: {name!r}")
+        download_file(
+            hub_client,
+            f"/api/v1/models/{record['name']}/versions/{record['version']}/files/{name}",
+            out / rel, f["digest"], partial(progress, name),
+        )
+        files[name] = out / rel
     return files
 
 
@@ -91,28 +96,33 @@ def model() -> None:
 @click.option("--description", default="", help="Free text.")
 @click.option("--dataset-digest", help="Digest of the training data, for lineage.")
 @click.option("--run-id", help="Training run id (e.g. from MLflow), for lineage.")
+@click.option("--allow-non-model", is_flag=True,
+              help="Register the files even if none is a model the packager reads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @hub_options
 @json_option
 def register(
     path: Path, name: str, tags: tuple[str, ...], metrics: tuple[str, ...], description: str,
-    dataset_digest: str | None, run_id: str | None, quiet: bool, hub: str | None,
-    token: str | None, as_json: bool,
+    dataset_digest: str | None, run_id: str | None, allow_non_model: bool, quiet: bool,
+    hub: str | None, token: str | None, as_json: bool,
 ) -> None:
     """Register a file or a directory of files as the next version of NAME.
 
     The framework (ONNX, OpenVINO IR, TFLite) and the input/output signature
-    are read from the files. Inside a git work tree the commit and dirty flag
-    are recorded too.
+    are read from the files; files among which there is no such model (a .pkl,
+    say) are refused unless --allow-non-model. Inside a git work tree the commit
+    and dirty flag are recorded too.
 
-    Example: edgefleet model register model.onnx --name diabetes --tag team=health --metric rmse=53.1
+    \b
+    Example: edgefleet model register model.onnx --name diabetes --tag team=health --metric rmse=53
     """
     metric_values: dict[str, float] = {}
     for key, value in parse_pairs(metrics, "--metric").items():
         try:
             metric_values[key] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{key}={value}: not a number", param_hint="--metric")
+            raise click.BadParameter(
+                f"{key}={value}: not a number", param_hint="--metric") from None
     lineage = git_lineage(path)
     if dataset_digest:
         lineage["dataset_digest"] = dataset_digest
@@ -129,16 +139,14 @@ def register(
         f"/api/v1/models/{name}/versions",
         json={
             "files": refs, "description": description, "tags": parse_pairs(tags, "--tag"),
-            "metrics": metric_values, "lineage": lineage,
+            "metrics": metric_values, "lineage": lineage, "require_model": not allow_non_model,
         },
     )
     if as_json:
         emit_one(record, as_json=True)
     else:
-        console.print(
-            f"Registered [bold]{record['name']}:{record['version']}[/bold] "
-            f"({record['framework'] or 'unknown framework'}, {len(record['files'])} file(s))"
-        )
+        say("Registered ", (f"{record['name']}:{record['version']}", "bold"),
+            f" ({record['framework'] or 'unknown framework'}, {len(record['files'])} file(s))")
 
 
 @model.command("list")
@@ -153,6 +161,7 @@ def list_(
 ) -> None:
     """List models, or the versions of NAME.
 
+    \b
     Example: edgefleet model list diabetes --tag stage=prod
     """
     params = {"tag": list(tags)}
@@ -177,6 +186,7 @@ def list_(
 def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Show one version: files, signature, tags, metrics, lineage.
 
+    \b
     Example: edgefleet model show diabetes:2
     """
     name, version = parse_ref(ref)
@@ -190,30 +200,35 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     emit_one(record, as_json=False)
     for kind in ("inputs", "outputs"):
         for t in signature[kind]:
-            console.print(f"[bold]{kind[:-1]}[/bold]: {t['name']} {t['datatype']} {t['shape']}")
+            say((kind[:-1], "bold"), f": {t['name']} {t['datatype']} {t['shape']}")
     emit(files, ["path", "size", "digest"], as_json=False)
     if deployments:
-        console.print("[bold]deployed on[/bold]: " + ", ".join(d["device_id"] for d in deployments))
+        say(("deployed on", "bold"), ": ", [d["device_id"] for d in deployments])
 
 
 @model.command()
 @click.argument("ref")
 @click.option(
-    "--out", type=click.Path(path_type=Path), help="Directory to write into [default: NAME-VERSION]."
+    "--out", type=click.Path(path_type=Path),
+    help="Directory to write into [default: NAME-VERSION].",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @hub_options
 def download(ref: str, out: Path | None, quiet: bool, hub: str | None, token: str | None) -> None:
     """Download a version's files; each is checked against its digest.
 
+    \b
     Example: edgefleet model download diabetes:2 --out ./diabetes
     """
     name, version = parse_ref(ref)
     hub_client = client(hub, token)
     record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
     out = out or Path(f"{name}-{record['version']}")
-    download_version(hub_client, record, out, quiet=quiet)
-    console.print(f"Downloaded {name}:{record['version']} into {out}/")
+    with progress_bar(quiet=quiet) as bars:
+        tasks = {f["path"]: bars.add_task(f"download {f['path']}", total=f["size"])
+                 for f in record["files"]}
+        download_version(hub_client, record, out, lambda path, n: bars.advance(tasks[path], n))
+    say(f"Downloaded {name}:{record['version']} into {out}/")
 
 
 @model.command()
@@ -223,6 +238,7 @@ def download(ref: str, out: Path | None, quiet: bool, hub: str | None, token: st
 def delete(ref: str, yes: bool, hub: str | None, token: str | None) -> None:
     """Delete one version (refused while a device runs it).
 
+    \b
     Example: edgefleet model delete diabetes:1 --yes
     """
     name, version = parse_ref(ref)
@@ -231,4 +247,4 @@ def delete(ref: str, yes: bool, hub: str | None, token: str | None) -> None:
     if not yes:
         click.confirm(f"Delete {name}:{version}?", abort=True)
     client(hub, token).delete(f"/api/v1/models/{name}/versions/{version}")
-    console.print(f"Deleted {name}:{version}")
+    say(f"Deleted {name}:{version}")

@@ -15,34 +15,40 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.progress import Progress, TaskID
 
 from contract.runtimes import RUNTIMES
-from hub.cli.models import download_version, parse_ref
-from hub.cli.output import client, console, emit, emit_one, hub_options, json_option
+from hub.cli.models import parse_ref
+from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
+from hub.cli.package_build import BuildEvent, BuildOptions, Stage, build_version
 from hub.cli.transfer import progress_bar
 
 
-class _Steps:
-    """Draws packager BuildProgress events as one spinner line per step."""
+class _Drawing:
+    """Draws the pipeline's BuildEvents: a bar per transfer, one spinner line per other stage."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task: Any = None
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.tasks: dict[tuple[Stage, str], TaskID] = {}
+        self.step: TaskID | None = None
 
-    def __call__(self, event: Any) -> None:
-        text = f"[{event.completed + 1}/{event.total}] {event.step}"
-        if self.task is None:
-            self.task = self.progress.add_task(text, total=None)
-        else:
-            self.progress.update(self.task, description=text)
+    def __call__(self, event: BuildEvent) -> None:
+        if event.total is None:  # a step: replaces the one before it on the same line
+            if self.step is None:
+                self.step = self.bars.add_task(event.text, total=None)
+            self.bars.update(self.step, description=event.text)
+            return
+        if self.step is not None:
+            self.bars.remove_task(self.step)
+            self.step = None
+        key = (event.stage, event.text)
+        if key not in self.tasks:
+            self.tasks[key] = self.bars.add_task(event.text, total=event.total)
+        self.bars.advance(self.tasks[key], event.advance)
 
-
-@contextmanager
-def _spinner(quiet: bool) -> Iterator[Progress]:
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), disable=quiet,
-                  transient=True) as progress:
-        yield progress
+    def finish(self) -> None:
+        if self.step is not None:
+            self.bars.remove_task(self.step)
 
 
 def _packager_errors() -> tuple[type[Exception], ...]:
@@ -69,7 +75,8 @@ def package() -> None:
 @click.option("--out", type=click.Path(path_type=Path),
               help="Write an OCI layout here instead of pushing to the hub.")
 @click.option("--deps/--no-deps", default=True, show_default=True,
-              help="Include the runtime's Python packages per platform (needed for container mode).")
+              help="Include the runtime's Python packages per platform "
+              "(needed for container mode).")
 @click.option("--skip-unavailable", is_flag=True,
               help="Leave out platforms with no wheel for a dependency instead of failing.")
 @click.option("--optimize", type=click.Choice(["fp16", "int8"]),
@@ -79,7 +86,8 @@ def package() -> None:
               "registered one's [default: relative to the outputs' scale].")
 @click.option("--prefer", help="Accelerator preferences, e.g. openvino:NPU,onnxruntime:CPU.")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH",
-              help="Timestamp for every file and date in the package [env SOURCE_DATE_EPOCH; default 0].")
+              help="Timestamp for every file and date in the package "
+              "[env SOURCE_DATE_EPOCH; default 0].")
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Also sign with this private key (e.g. from `edgefleet keys generate`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -100,96 +108,49 @@ def build(
     The same model version, options and SOURCE_DATE_EPOCH always give the same
     index digest.
 
+    \b
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
-    from agent.runtimes import run_on_cpu  # to be passed in by the composition root
-    from packager.build import build_package
-    from contract.cosign import sign_package
-    from packager.deps import PipDeps
-    from packager.distribution import Registry, push_layout
-    from packager.modelfile import ModelInfo
-    from contract.oci import OCILayout
-    from packager.prepare import prepare_model
-    from contract.runtimes import choose_runtime
-    from contract.signing import load_private_key
-
+    options = BuildOptions(
+        platforms=tuple(p.strip() for p in platforms.split(",") if p.strip()),
+        runtime=runtime, base=base, base_ref=base_ref, deps=deps,
+        skip_unavailable=skip_unavailable, optimize=optimize, max_abs_diff=max_abs_diff,
+        prefer=tuple(p.strip() for p in prefer.split(",")) if prefer else None,
+        source_date_epoch=source_date_epoch, key_path=key_path,
+    )
+    name, version = parse_ref(ref)
     hub_client = client(hub, token)
-    quiet = quiet or as_json
-    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
-        name, version = parse_ref(ref)
-        record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
-        files = download_version(hub_client, record, Path(tmp) / "model", quiet=quiet)
-        name, version = record["name"], record["version"]
-        info = ModelInfo.from_dict(
-            {k: record[k] for k in ("framework", "entrypoint", "signature")}
-        )
-        layout_dir = out or Path(tmp) / "layout"
-        try:
-            with _spinner(quiet) as progress:
-                chosen = choose_runtime(info.framework, runtime).name
-                task = progress.add_task(f"prepare the model for {chosen}", total=None)
-                prepared = prepare_model(
-                    files, info, runtime=chosen, optimize=optimize, work_dir=Path(tmp) / "prepared",
-                    run=run_on_cpu,
-                    max_abs_diff=max_abs_diff,
-                    progress=lambda text: progress.update(task, description=text),
-                )
-                progress.remove_task(task)
-                result = build_package(
-                    layout_dir, name=name, version=version, files=prepared.files,
-                    info=prepared.info, runtime=chosen, platforms=[p.strip() for p in platforms.split(",") if p.strip()],
-                    base_image=base, base_ref=base_ref, deps=PipDeps() if deps else None,
-                    skip_unavailable=skip_unavailable, source_date_epoch=source_date_epoch,
-                    prefer=[p.strip() for p in prefer.split(",")] if prefer else None,
-                    progress=_Steps(progress),
-                )
-            layout = OCILayout(layout_dir)
-            repository = f"models/{name}"
-            if key_path is not None:
-                sign_package(layout, result.digest, load_private_key(key_path), repository)
-            summary: dict[str, Any] = {
-                "model": name, "version": version, "digest": result.digest,
-                "platforms": sorted(result.manifests), "skipped": dict(result.skipped),
-                "runtime": chosen, "notes": list(prepared.notes),
-                "accuracy": prepared.accuracy.describe() if prepared.accuracy else None,
-            }
-            if out is None:
-                total = sum(p.stat().st_size for p in (layout_dir / "blobs").rglob("*") if p.is_file())
-                with Registry(hub_client.connection.hub, hub_client.connection.token) as registry, \
-                        progress_bar(quiet=quiet) as bars:
-                    task = bars.add_task(f"push {repository}:{result.tag}", total=total)
-                    refs = [r for r in layout.refs() if r == result.tag or r.endswith(".sig")]
-                    push_layout(layout, registry, repository, refs,
-                                progress=lambda n: bars.advance(task, n))
-                signed = hub_client.post(f"/api/v1/packages/{name}/{version}/sign")
-                summary["pushed"] = f"{repository}:{result.tag}"
-                summary["signature"] = signed["signature"]
-            else:
-                summary["layout"] = str(layout_dir)
-        except _packager_errors() as exc:
-            raise click.ClickException(str(exc)) from None
+    try:
+        with progress_bar(quiet=quiet or as_json) as bars:
+            drawing = _Drawing(bars)
+            built = build_version(hub_client, name, version, options, out=out, progress=drawing,
+                                  run=click.get_current_context().find_root().obj.accuracy_runner)
+            drawing.finish()
+    except _packager_errors() as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
-        emit_one(summary, as_json=True)
+        emit_one(built.to_json(), as_json=True)
         return
-    console.print(f"Built [bold]{name}:{version}[/bold] {result.digest}")
-    console.print(f"  runtime: {chosen}; platforms: {', '.join(summary['platforms'])}")
-    for note in summary["notes"]:  # conversion steps and their accuracy check
-        console.print(f"  {note}")
-    for platform, reason in summary["skipped"].items():
-        console.print(f"  [yellow]skipped {platform}[/yellow]: {reason}")
-    if out is None:
-        console.print(f"  pushed to {hub_client.connection.hub} as {summary['pushed']}, "
-                      "signed by the hub")
+    say(("Built ", ""), (f"{built.model}:{built.version}", "bold"), f" {built.digest}")
+    say(f"  runtime: {built.runtime}; platforms: {', '.join(built.platforms)}")
+    for note in built.notes:
+        say(f"  {note}")
+    for platform, reason in built.skipped.items():
+        say((f"  skipped {platform}", "yellow"), f": {reason}")
+    if built.pushed is not None:
+        say(f"  pushed to {hub_client.connection.hub} as {built.pushed}, signed by the hub")
     else:
-        console.print(f"  OCI layout: {out} (tag {result.tag})"
-                      + ("" if key_path else "; unsigned: pass --key, or push to the hub"))
+        say(f"  OCI layout: {out} (tag {built.tag})"
+            + ("" if key_path else "; unsigned: pass --key, or push to the hub"))
 
 
 @contextmanager
-def _open_source(ref: str, hub: str | None, token: str | None) -> Iterator[tuple[Any, str, str | None]]:
+def _open_source(
+    ref: str, hub: str | None, token: str | None
+) -> Iterator[tuple[Any, str, str | None]]:
     """(image source, tag, repository) for a layout/archive path or MODEL:VERSION in the hub."""
-    from packager.distribution import Registry, RemoteImage
     from contract.oci import open_image
+    from packager.distribution import RemoteImage
 
     path_text, _, tag = ref.removeprefix("oci:").removeprefix("oci-archive:").partition(":")
     path = Path(path_text)
@@ -207,7 +168,7 @@ def _open_source(ref: str, hub: str | None, token: str | None) -> Iterator[tuple
     hub_client = client(hub, token)
     if version == "latest":
         version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
-    with Registry(hub_client.connection.hub, hub_client.connection.token) as registry:
+    with hub_client.registry() as registry:
         yield RemoteImage(registry, f"models/{name}"), version, f"models/{name}"
 
 
@@ -227,6 +188,7 @@ def verify(
     REF is MODEL:VERSION in the hub, an OCI layout directory or archive,
     optionally with :TAG.
 
+    \b
     Example: edgefleet package verify ./out:2 --key cosign.pub
     """
     from contract.signing import key_id, load_public_key
@@ -254,8 +216,8 @@ def verify(
     if as_json:
         emit_one(result, as_json=True)
     else:
-        console.print(f"[green]Verified[/green] {tag} {index.digest}: signed by {key_id(public)}, "
-                      f"{blobs} blobs checked across {', '.join(result['platforms'])}")
+        say(("Verified", "green"), f" {tag} {index.digest}: signed by {key_id(public)}, "
+            f"{blobs} blobs checked across {', '.join(result['platforms'])}")
 
 
 @package.command()
@@ -272,18 +234,19 @@ def export(
 
     For air-gapped devices and for inspection with skopeo or umoci.
 
+    \b
     Example: edgefleet package export diabetes:2 --out diabetes-2.tar
     """
-    from packager.distribution import Registry, pull_signature, pull_to_layout
     from contract.oci import OCILayout
     from packager.archive import write_archive
+    from packager.distribution import pull_signature, pull_to_layout
 
     name, version = parse_ref(ref)
     hub_client = client(hub, token)
     if version == "latest":
         version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
     try:
-        with Registry(hub_client.connection.hub, hub_client.connection.token) as registry, \
+        with hub_client.registry() as registry, \
                 tempfile.TemporaryDirectory(prefix="edgefleet-export-") as tmp, \
                 progress_bar(quiet=quiet) as bars:
             layout = OCILayout.create(Path(tmp) / "layout")
@@ -297,7 +260,7 @@ def export(
             write_archive(layout, out)
     except _packager_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    console.print(f"Wrote {out} ({index.digest}, tag {version})")
+    say(f"Wrote {out} ({index.digest}, tag {version})")
 
 
 @package.command("list")
@@ -307,6 +270,7 @@ def export(
 def list_(model: str | None, hub: str | None, token: str | None, as_json: bool) -> None:
     """List packages in the hub, or those of MODEL.
 
+    \b
     Example: edgefleet package list diabetes
     """
     rows = client(hub, token).get("/api/v1/packages", params={"model": model})
@@ -321,6 +285,7 @@ def list_(model: str | None, hub: str | None, token: str | None, as_json: bool) 
 def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Show a package: platforms, and each image's layers with their roles and sizes.
 
+    \b
     Example: edgefleet package show diabetes:2
     """
     name, version = parse_ref(ref)
@@ -331,7 +296,7 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     images = record.pop("images")
     emit_one(record, as_json=False)
     for image in images:
-        console.print(f"[bold]{image['platform']}[/bold] {image['digest']}")
+        say((image["platform"], "bold"), f" {image['digest']}")
         emit(image["layers"], ["role", "size", "media_type", "digest"], as_json=False)
 
 
@@ -346,6 +311,7 @@ def keys() -> None:
 def generate(directory: Path) -> None:
     """Make an ECDSA P-256 key pair: cosign.key (mode 0600) and cosign.pub.
 
+    \b
     Example: edgefleet keys generate --dir ./keys
     """
     from contract.signing import generate_keypair
@@ -355,4 +321,4 @@ def generate(directory: Path) -> None:
         private, public = generate_keypair(directory)
     except FileExistsError as exc:
         raise click.ClickException(str(exc)) from None
-    console.print(f"Wrote {private} (mode 0600, keep it secret) and {public}")
+    say(f"Wrote {private} (mode 0600, keep it secret) and {public}")

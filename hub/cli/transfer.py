@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -17,19 +17,19 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TaskID,
-    TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from hub.cli.client import HubClient
+from hub.cli.output import TextColumn
 
 CHUNK = 1 << 20
 
 
 def progress_bar(*, quiet: bool = False) -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn(),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -66,9 +66,12 @@ def upload_file(client: HubClient, path: Path, progress: Progress, task: TaskID)
 
 
 def download_file(
-    client: HubClient, url: str, dest: Path, digest: str, progress: Progress, task: TaskID
+    client: HubClient, url: str, dest: Path, digest: str, advance: Callable[[int], None]
 ) -> None:
-    """Fetch URL into DEST through a temporary file, keeping it only if the digest matches."""
+    """Fetch URL into DEST through a temporary file, keeping it only if the digest matches.
+
+    ADVANCE is told the size of each chunk as it arrives.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     sha = hashlib.sha256()
@@ -77,10 +80,11 @@ def download_file(
             for chunk in response.iter_bytes(CHUNK):
                 out.write(chunk)
                 sha.update(chunk)
-                progress.advance(task, len(chunk))
+                advance(len(chunk))
         got = "sha256:" + sha.hexdigest()
         if got != digest:
-            raise click.ClickException(f"{dest.name}: downloaded bytes are {got}, expected {digest}")
+            raise click.ClickException(
+                f"{dest.name}: downloaded bytes are {got}, expected {digest}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Render the CLI reference (docs/cli.md) from the commands' own --help.
 
-Regenerate with: .venv/bin/python -m hub.cli.reference > docs/cli.md
+Regenerate with: .venv/bin/python -m edgefleet.reference > docs/cli.md
 A test fails when docs/cli.md no longer matches, so the docs cannot go stale.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import click
 
-from hub.cli.main import cli
+from edgefleet.cli import cli
 
 
 def _walk(command: click.Command, path: list[str]) -> Iterator[tuple[list[str], click.Command]]:
@@ -26,7 +26,7 @@ def _walk(command: click.Command, path: list[str]) -> Iterator[tuple[list[str], 
 def render() -> str:
     parts = [
         "# CLI reference\n",
-        "Generated from `--help` by `python -m hub.cli.reference`; do not edit by hand.\n",
+        "Generated from `--help` by `python -m edgefleet.reference`; do not edit by hand.\n",
     ]
     for path, command in _walk(cli, ["edgefleet"]):
         parent = None

@@ -1,5 +1,6 @@
-"""The `edgefleet` command: one click group, subcommands loaded on first use.
+"""The `edgefleet` command: every component's command groups, loaded on first use.
 
+This is the composition root: the only module that knows every component.
 Lazy loading keeps `edgefleet agent run` on a device from importing hub-side
 modules (and their dependencies) it does not have.
 """
@@ -7,6 +8,9 @@ modules (and their dependencies) it does not have.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -39,14 +43,35 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
 
+def accuracy_runner(
+    runtime: str, model_dir: Path, entrypoint: str, inputs: list[Any]
+) -> list[Any]:
+    """The packager's accuracy check runs models the way a device does: on the agent's runtimes.
+    The packager may not import the agent, so this root hands it the runner."""
+    from agent.runtimes import run_on_cpu
+
+    return run_on_cpu(runtime, model_dir, entrypoint, inputs)
+
+
+@dataclass(frozen=True)
+class Components:
+    """What one component's commands need from another, wired here (ctx.obj of every command)."""
+
+    accuracy_runner: Any = accuracy_runner
+
+
 @click.group(cls=LazyGroup)
 @click.version_option(package_name="edgefleet")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """edgefleet: take trained models to fleets of edge devices.
 
+    \b
     Example: edgefleet model register model.onnx --name diabetes
     """
+    ctx.obj = Components()
 
 
 def main() -> None:
-    cli()
+    # The same name whether run as the console script or as `python -m edgefleet`.
+    cli(prog_name="edgefleet")

@@ -1,0 +1,290 @@
+"""Real processes for benchmarks, tests and the demo: a hub, an agent, a Mosquitto broker.
+
+Each is started the way a user starts it (`edgefleet hub serve`, `edgefleet agent
+run`, `mosquitto -c`), on free loopback ports, in a directory of the caller's.
+Benchmarks import it as `harness` (it sits beside them); tests and examples as
+`bench.harness`, with the repository root on sys.path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+# The composition root run by the interpreter running the tests: what the console
+# script runs, without depending on where (or whether) the script is installed.
+EDGEFLEET = [sys.executable, "-m", "edgefleet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class HubProcess:
+    data_dir: Path
+    port: int
+    mqtt_port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        return stop_process(self.process, sig, timeout)
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    """Send SIG and wait; kill what does not end within TIMEOUT. Returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: float = 30,
+              port: int | None = None, mqtt_port: int | None = None) -> HubProcess:
+    """Start a hub on free ports, or on PORT / MQTT_PORT (a restart where the last one ran)."""
+    port, mqtt_port = port or free_port(), mqtt_port or free_port()
+    log_path = data_dir.parent / f"{data_dir.name}-hub.log"
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [*EDGEFLEET, "hub", "serve", "--data-dir", str(data_dir), "--port", str(port),
+             "--mqtt-port", str(mqtt_port), *extra_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    hub = HubProcess(data_dir, port, mqtt_port, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"hub exited with {process.returncode}:\n{hub.log()}")
+        try:
+            if httpx.get(f"{hub.url}/api/v1/health", timeout=1).status_code == 200:
+                return hub
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    hub.stop(signal.SIGKILL)
+    raise RuntimeError(f"hub did not answer within {timeout}s:\n{hub.log()}")
+
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float = 30, what: str = "it") -> T:
+    """Poll CHECK until it returns something truthy; fail naming WHAT after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def enrollment_token(hub: HubProcess, **body: object) -> str:
+    answer = httpx.post(f"{hub.url}/api/v1/enrollment-tokens", json=body,
+                        headers={"Authorization": f"Bearer {hub.admin_token}"})
+    answer.raise_for_status()
+    return answer.json()["token"]
+
+
+@dataclass
+class AgentProcess:
+    data_dir: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def device_id(self) -> str:
+        return json.loads((self.data_dir / "identity.json").read_text())["device_id"]
+
+    @property
+    def api_key(self) -> str:
+        return (self.data_dir / "serving-api-key").read_text().strip()
+
+    def state(self) -> dict:
+        return json.loads((self.data_dir / "state.json").read_text())
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        return stop_process(self.process, sig, timeout)
+
+
+def start_agent(
+    hub: HubProcess, data_dir: Path, *, port: int | None = None, token: str | None = None,
+    env: dict[str, str] | None = None, telemetry_interval: float = 1.0,
+    extra_args: tuple[str, ...] = (),
+) -> AgentProcess:
+    """Start (and on a first start, enroll) an agent; returns once its scoring API answers."""
+    port = port or free_port()
+    log_path = data_dir.parent / f"{data_dir.name}-agent.log"
+    args = [*EDGEFLEET, "agent", "run", "--data-dir", str(data_dir), "--serve-port", str(port),
+            "--telemetry-interval", str(telemetry_interval), *extra_args]
+    if not (data_dir / "identity.json").exists():
+        args += ["--hub", hub.url, "--token", token or enrollment_token(hub)]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    agent = AgentProcess(data_dir, port, process, log_path)
+
+    def live() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"agent exited with {process.returncode}:\n{agent.log()}")
+        try:
+            return httpx.get(f"{agent.url}/v2/health/live", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(live, timeout=60, what="the agent's scoring API")
+    return agent
+
+
+def publish_version(
+    hub: HubProcess, name: str, model: Path, *, extra: tuple[str, ...] = ()
+) -> int:
+    """Register MODEL as the next version of NAME and push its signed package; returns the
+    version."""
+    headers = {"Authorization": f"Bearer {hub.admin_token}"}
+    with httpx.Client(base_url=hub.url, headers=headers, timeout=60) as c:
+        digest = c.post("/api/v1/blobs", content=model.read_bytes()).json()["digest"]
+        answer = c.post(f"/api/v1/models/{name}/versions",
+                        json={"files": [{"path": model.name, "digest": digest}]})
+        answer.raise_for_status()
+    version = answer.json()["version"]
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    done = subprocess.run([*EDGEFLEET, "package", "build", f"{name}:{version}", "--no-deps",
+                           "--quiet", *extra], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise AssertionError(f"package build failed:\n{done.stderr}")
+    return version
+
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+CONFIG = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {directory}
+log_dest file {directory}/mosquitto.log
+log_type error
+log_type warning
+log_type notice
+log_type information
+{user}
+# Mosquitto's default max_queued_messages is 1000: a QoS 1 subscriber that
+# falls further behind (or is offline longer) silently loses every message
+# beyond that, with only a log line on the broker. The agent's consumer
+# acknowledges as it takes messages, so a backlog waits here, in the broker.
+max_queued_messages 100000
+# How many unacknowledged QoS 1 messages the broker has out to one MQTT 3.1.1
+# client at a time (MQTT 5 clients say their own Receive Maximum).
+max_inflight_messages 100
+"""
+
+
+@dataclass
+class Mosquitto:
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    def log(self) -> str:
+        path = self.directory / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, *, fresh: bool = False, timeout: float = 10) -> None:
+        """Start on the same port; FRESH drops the saved retained messages and sessions."""
+        if self.process is not None:
+            raise RuntimeError("mosquitto is already running")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            (self.directory / "mosquitto.db").unlink(missing_ok=True)
+        # As root, Mosquitto would switch to the "mosquitto" user, which cannot
+        # write into a test's private temp directory.
+        user = "user root" if os.geteuid() == 0 else ""
+        self.config_path.write_text(CONFIG.format(port=self.port, directory=self.directory,
+                                                  user=user))
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code, self.process = self.process.returncode, None
+                raise RuntimeError(f"mosquitto exited with {code}:\n{self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} in {timeout} s")
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop gracefully (SIGTERM: Mosquitto saves its state first)."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self, *, fresh: bool = False) -> None:
+        self.stop()
+        self.start(fresh=fresh)
+
+
+def start_mosquitto(directory: Path) -> Mosquitto:
+    broker = Mosquitto(directory)
+    broker.start()
+    return broker

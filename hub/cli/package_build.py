@@ -1,0 +1,180 @@
+"""The package build pipeline as one plain function: `build_version`.
+
+It downloads a model version's files from the hub, prepares the model for its
+runtime, builds the package, then pushes it to the hub's registry and has the
+hub sign it (or writes an OCI layout). It reports progress through a callback
+and prints nothing, so `edgefleet package build` only parses options, draws
+the progress and prints the result, and tests call it in-process.
+"""
+
+from __future__ import annotations
+
+import enum
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hub.cli.client import HubClient
+from hub.cli.models import download_version
+
+if TYPE_CHECKING:
+    from packager.prepare import ModelRunner
+
+
+class Stage(enum.Enum):
+    DOWNLOAD = "download"
+    PREPARE = "prepare"
+    BUILD = "build"
+    PUSH = "push"
+    SIGN = "sign"
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """One step of the pipeline: TEXT is what runs now.
+
+    Transfers (download, push) also carry ADVANCE, the bytes moved since the
+    last event with the same TEXT, and TOTAL, the bytes that transfer moves.
+    """
+
+    stage: Stage
+    text: str
+    advance: int = 0
+    total: int | None = None
+
+
+def _ignore(event: BuildEvent) -> None:
+    del event
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `package build` takes besides MODEL:VERSION; see its --help for each."""
+
+    platforms: tuple[str, ...]
+    runtime: str | None = None
+    base: Path | None = None
+    base_ref: str | None = None
+    deps: bool = True
+    skip_unavailable: bool = False
+    optimize: str | None = None
+    max_abs_diff: float | None = None
+    prefer: tuple[str, ...] | None = None
+    source_date_epoch: int | None = None
+    key_path: Path | None = None  # also sign with this private key
+
+
+@dataclass(frozen=True)
+class BuiltPackage:
+    model: str
+    version: int
+    digest: str
+    tag: str
+    runtime: str
+    platforms: tuple[str, ...]
+    skipped: Mapping[str, str]  # platform -> why it was left out
+    notes: tuple[str, ...]  # conversion steps and their accuracy check
+    accuracy: str | None  # how far the packaged model's outputs are from the registered one's
+    pushed: str | None = None  # REPOSITORY:TAG in the hub, when pushed
+    signature: str | None = None  # digest of the hub's signature, when pushed
+    layout: Path | None = None  # the OCI layout written, when not pushed
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "model": self.model, "version": self.version, "digest": self.digest,
+            "platforms": list(self.platforms), "skipped": dict(self.skipped),
+            "runtime": self.runtime, "notes": list(self.notes),
+            "accuracy": self.accuracy,
+        }
+        if self.pushed is not None:
+            record |= {"pushed": self.pushed, "signature": self.signature}
+        if self.layout is not None:
+            record["layout"] = str(self.layout)
+        return record
+
+
+def build_version(
+    hub: HubClient, name: str, version: str, options: BuildOptions, *, run: ModelRunner,
+    out: Path | None = None, progress: Callable[[BuildEvent], None] = _ignore,
+) -> BuiltPackage:
+    """Build model NAME's VERSION ("latest" too) and push it, signed by the hub, or write it
+    to the OCI layout OUT (signed only with OPTIONS.key_path). RUN runs a model for the
+    accuracy check of a converted or optimised one (the composition root passes the agent's
+    runtimes: the check runs the model as a device will).
+
+    Raises the hub client's one-line errors and the packager's own (PackageError,
+    SignatureError, FileExistsError) for the caller to report.
+    """
+    from packager.build import BuildProgress, build_package
+    from contract.cosign import sign_package
+    from packager.deps import PipDeps
+    from packager.distribution import push_layout
+    from packager.modelfile import ModelInfo
+    from contract.oci import OCILayout
+    from packager.prepare import prepare_model
+    from contract.runtimes import choose_runtime
+    from contract.signing import load_private_key
+
+    record = hub.get(f"/api/v1/models/{name}/versions/{version}")
+    name, number = record["name"], record["version"]
+    # Loaded before any work, so a bad key file fails at once.
+    key = load_private_key(options.key_path) if options.key_path is not None else None
+    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
+        sizes = {f["path"]: f["size"] for f in record["files"]}
+        files = download_version(
+            hub, record, Path(tmp) / "model",
+            progress=lambda path, n: progress(
+                BuildEvent(Stage.DOWNLOAD, f"download {path}", n, sizes[path])),
+        )
+        info = ModelInfo.from_dict({k: record[k] for k in ("framework", "entrypoint", "signature")})
+        runtime = choose_runtime(info.framework, options.runtime).name
+        progress(BuildEvent(Stage.PREPARE, f"prepare the model for {runtime}"))
+        prepared = prepare_model(
+            files, info, runtime=runtime, optimize=options.optimize,
+            work_dir=Path(tmp) / "prepared", run=run, max_abs_diff=options.max_abs_diff,
+            progress=lambda text: progress(BuildEvent(Stage.PREPARE, text)),
+        )
+
+        def built(event: BuildProgress) -> None:
+            progress(BuildEvent(Stage.BUILD, f"[{event.completed + 1}/{event.total}] {event.step}"))
+
+        layout_dir = out or Path(tmp) / "layout"
+        result = build_package(
+            layout_dir, name=name, version=number, files=prepared.files, info=prepared.info,
+            runtime=runtime, platforms=options.platforms, base_image=options.base,
+            base_ref=options.base_ref, deps=PipDeps() if options.deps else None,
+            skip_unavailable=options.skip_unavailable,
+            source_date_epoch=options.source_date_epoch, prefer=options.prefer, progress=built,
+        )
+        layout = OCILayout(layout_dir)
+        repository = f"models/{name}"
+        if key is not None:
+            progress(BuildEvent(Stage.SIGN, "sign with your key"))
+            sign_package(layout, result.digest, key, repository)
+        package = BuiltPackage(
+            model=name, version=number, digest=result.digest, tag=result.tag, runtime=runtime,
+            platforms=tuple(sorted(result.manifests)), skipped=dict(result.skipped),
+            notes=tuple(prepared.notes),
+            accuracy=prepared.accuracy.describe() if prepared.accuracy else None,
+        )
+        if out is not None:
+            return replace(package, layout=out)
+        total = sum(p.stat().st_size for p in (layout_dir / "blobs").rglob("*") if p.is_file())
+        text = f"push {repository}:{result.tag}"
+        sent = 0
+
+        def pushed(n: int) -> None:
+            nonlocal sent
+            sent += n
+            progress(BuildEvent(Stage.PUSH, text, n, total))
+
+        pushed(0)
+        with hub.registry() as registry:
+            refs = [r for r in layout.refs() if r == result.tag or r.endswith(".sig")]
+            push_layout(layout, registry, repository, refs, progress=pushed)
+        pushed(max(0, total - sent))  # the manifests, which go up whole without reports
+        progress(BuildEvent(Stage.SIGN, "sign with the hub's key"))
+        signed = hub.post(f"/api/v1/packages/{name}/{number}/sign")
+        return replace(package, pushed=f"{repository}:{result.tag}", signature=signed["signature"])

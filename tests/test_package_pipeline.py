@@ -1,0 +1,78 @@
+"""The package build pipeline called in-process (no CLI subprocess) against a real hub:
+download, prepare, build, push and sign, with its progress events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hubproc import HubProcess
+from modelgen import make_onnx
+
+from hub.cli.client import HubClient
+from hub.cli.config import Connection
+from agent.runtimes import run_on_cpu
+from hub.cli.package_build import BuildEvent, BuildOptions, Stage, build_version
+from packager.distribution import Registry, RemoteImage
+from contract.signing import load_public_key
+from contract.verify import verify_package
+
+ONE_PLATFORM = BuildOptions(platforms=("linux/amd64",), deps=False)
+
+
+@pytest.fixture(scope="module")
+def hub_client(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubClient]:
+    """A client of the hub, which holds pipe:1, a tiny ONNX model beside a labels file."""
+    model = make_onnx(tmp_path_factory.mktemp("pipe") / "model.onnx")
+    headers = {"Authorization": f"Bearer {hub.admin_token}"}
+    with httpx.Client(base_url=hub.url, headers=headers) as api:
+        refs = [{"path": path, "digest": api.post("/api/v1/blobs", content=data).json()["digest"]}
+                for path, data in (("model.onnx", model.read_bytes()),
+                                   ("assets/labels.txt", b"low\nhigh\n"))]
+        api.post("/api/v1/models/pipe/versions", json={"files": refs}).raise_for_status()
+    with HubClient(Connection(hub.url, hub.admin_token)) as client:
+        yield client
+
+
+def test_build_version_pushes_and_the_hub_signs(hub: HubProcess, hub_client: HubClient) -> None:
+    events: list[BuildEvent] = []
+    built = build_version(hub_client, "pipe", "latest", ONE_PLATFORM, run=run_on_cpu,
+                          progress=events.append)
+    assert (built.model, built.version, built.platforms) == ("pipe", 1, ("linux/amd64",))
+    assert built.pushed == "models/pipe:1" and built.signature and built.layout is None
+    # Stages in order, each reported at least once.
+    order = [e.stage for i, e in enumerate(events) if i == 0 or events[i - 1].stage != e.stage]
+    assert order == [Stage.DOWNLOAD, Stage.PREPARE, Stage.BUILD, Stage.PUSH, Stage.SIGN]
+    downloads = {e.text: e.total for e in events if e.stage is Stage.DOWNLOAD}
+    assert set(downloads) == {"download model.onnx", "download assets/labels.txt"}
+    assert downloads["download assets/labels.txt"] == len(b"low\nhigh\n")
+    pushes = [e for e in events if e.stage is Stage.PUSH]
+    assert sum(e.advance for e in pushes) == pushes[0].total
+    # What was pushed verifies with the hub's key, as an agent checks it.
+    pem = hub_client.get("/api/v1/signing-key")["public_key"]
+    with Registry(hub.url, hub.admin_token) as registry:
+        source = RemoteImage(registry, "models/pipe")
+        verified = verify_package(source, source.resolve("1"), public_key=load_public_key(pem))
+    assert sorted(verified.images) == ["linux/amd64"]
+    assert built.to_json()["pushed"] == "models/pipe:1"
+
+
+def test_build_version_to_a_layout_pushes_nothing(
+    hub_client: HubClient, tmp_path: Path
+) -> None:
+    events: list[BuildEvent] = []
+    built = build_version(hub_client, "pipe", "1", ONE_PLATFORM, run=run_on_cpu, out=tmp_path / "layout",
+                          progress=events.append)
+    assert built.layout == tmp_path / "layout" and (tmp_path / "layout" / "index.json").is_file()
+    assert built.pushed is None and "pushed" not in built.to_json()
+    assert {e.stage for e in events} == {Stage.DOWNLOAD, Stage.PREPARE, Stage.BUILD}
+
+
+def test_build_version_errors_are_the_packagers(hub_client: HubClient) -> None:
+    from contract.errors import PackageError
+
+    with pytest.raises(PackageError, match="sparc"):
+        build_version(hub_client, "pipe", "1", BuildOptions(platforms=("sparc",), deps=False),
+                      run=run_on_cpu)
