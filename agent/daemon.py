@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import inventory
+from agent import options as o
 from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore
@@ -72,12 +73,12 @@ def probe_inventory(data_dir: Path) -> dict:
 class AgentOptions:
     data_dir: Path
     mqtt_url: str | None = None  # instead of the broker named at enrollment
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 8500
-    telemetry_interval: float = 10.0
-    telemetry_queue_points: int = 50_000
-    max_concurrency: int = 2
-    max_queue: int = 16
+    serve_host: str = o.SERVE_HOST.default
+    serve_port: int = o.SERVE_PORT.default
+    telemetry_interval: float = o.TELEMETRY_INTERVAL.default
+    telemetry_queue_points: int = o.TELEMETRY_QUEUE_POINTS.default
+    max_concurrency: int = o.MAX_CONCURRENCY.default
+    max_queue: int = o.MAX_QUEUE.default
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
 
@@ -125,7 +126,8 @@ class Agent:
             birth=Message(status_topic(identity.device_id), b"online", retain=True),
             subscriptions=[desired_topic(identity.device_id)],
         )
-        self.queue = TelemetryQueue(data / "telemetry.db", max_points=options.telemetry_queue_points)
+        self.queue = TelemetryQueue(data / "telemetry.db",
+                                    max_points=options.telemetry_queue_points)
         self.deltas = InferenceDeltas()
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)

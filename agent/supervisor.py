@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import options as o
+
 log = logging.getLogger("edgefleet.agent")
 PR_SET_PDEATHSIG = 1
 
@@ -57,8 +59,8 @@ class ServingOptions:
     host: str
     port: int
     api_key_file: Path
-    max_concurrency: int = 2
-    max_queue: int = 16
+    max_concurrency: int = o.MAX_CONCURRENCY.default
+    max_queue: int = o.MAX_QUEUE.default
 
 
 class ServingProcess:
