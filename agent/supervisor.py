@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import options as o
+from agent.serving.body import DeploymentBody, build
 
 log = logging.getLogger("edgefleet.agent")
 PR_SET_PDEATHSIG = 1
@@ -158,8 +159,8 @@ class ServingProcess:
             raise ServingError(message)
         return json.loads(text)
 
-    def put(self, name: str, body: Mapping[str, Any]) -> Any:
-        return self._call("PUT", f"/control/deployments/{name}", body)
+    def put(self, name: str, body: DeploymentBody) -> Any:
+        return self._call("PUT", f"/control/deployments/{name}", build(body))
 
     def delete(self, name: str) -> Any:
         return self._call("DELETE", f"/control/deployments/{name}")

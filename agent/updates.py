@@ -34,10 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.package_store import PackageStore, StageError
 from agent.protocol import Package, UpdateState, format_time
+from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingProcess
 
@@ -78,27 +80,24 @@ def now() -> str:
     return format_time(datetime.now(UTC))
 
 
-def version_body(installed: Installed, *, self_test: bool = False) -> dict[str, Any]:
+def version_body(installed: Installed, *, self_test: bool = False) -> VersionBody:
     """The serving process's description of one version to load."""
-    body: dict[str, Any] = {
-        "version": str(installed.version),
-        "model_dir": str(installed.directory) + "/model",
-        "entrypoint": installed.entrypoint,
-        "framework": installed.framework,
-        "runtime": {"prefer": list(installed.prefer or installed.package_prefer)},
-    }
-    if self_test and installed.sample_request:
-        body["self_test"] = installed.sample_request
-    return body
+    return VersionBody(
+        version=str(installed.version),
+        model_dir=Path(installed.directory) / "model",
+        entrypoint=installed.entrypoint,
+        framework=installed.framework,
+        runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
+        self_test=(installed.sample_request or None) if self_test else None,
+    )
 
 
-def deployment_body(serving: Serving) -> dict[str, Any]:
-    body = version_body(serving.primary)
-    if serving.candidate is not None:
-        body["candidate"] = version_body(serving.candidate)
-        body["traffic"] = 0 if serving.shadow else serving.traffic
-        body["shadow"] = serving.shadow
-    return body
+def deployment_body(serving: Serving) -> DeploymentBody:
+    """What SERVING asks of the serving process; a shadow's traffic is its copy rate."""
+    if serving.candidate is None:
+        return DeploymentBody(version_body(serving.primary))
+    return DeploymentBody(version_body(serving.primary), version_body(serving.candidate),
+                          traffic=serving.traffic, shadow=serving.shadow)
 
 
 @dataclass
@@ -163,7 +162,8 @@ class Updater:
         self.report()
 
     def _set_status(self, name: str, model: str, version: int, state: UpdateState,
-                    error: str | None, runtime: str | None = None, device: str | None = None) -> None:
+                    error: str | None, runtime: str | None = None,
+                    device: str | None = None) -> None:
         statuses = [s for s in self.state.statuses
                     if not (s["name"] == name and s["version"] == version)]
         statuses.append({"name": name, "model": model, "version": version, "state": str(state),
@@ -217,16 +217,15 @@ class Updater:
         new = self._staged(update)
         current = self.state.serving.get(update.deployment)
         if current is None:
-            body = version_body(new)  # nothing serves yet: nothing to protect
+            body = DeploymentBody(version_body(new))  # nothing serves yet: nothing to protect
         elif current.primary.version == new.version:
             # The same version with other settings: the serving process loads and
             # self-tests it before it swaps, and keeps the old one if that fails.
-            body = version_body(new, self_test=True)
+            body = DeploymentBody(version_body(new, self_test=True))
         else:
-            body = {**version_body(current.primary), "candidate": version_body(new),
-                    "traffic": 0, "shadow": False}
+            body = DeploymentBody(version_body(current.primary), version_body(new))
         answer = self.serving.put(update.deployment, body)
-        loaded = answer["deployment"]["candidate" if "candidate" in body else "primary"]
+        loaded = answer["deployment"]["primary" if body.candidate is None else "candidate"]
         self._set_status(update.deployment, update.model, update.version, S.STARTING, None,
                          loaded.get("runtime"), loaded.get("device"))
 
@@ -258,7 +257,8 @@ class Updater:
         live = {v.version for v in (target.primary, target.candidate) if v is not None}
         self.state.statuses = [  # versions that no longer serve stop being reported as serving
             s for s in self.state.statuses
-            if not (s["name"] == target.name and s["state"] == "serving" and s["version"] not in live)
+            if not (s["name"] == target.name and s["state"] == "serving"
+                    and s["version"] not in live)
         ]
         for role, installed in (("primary", target.primary), ("candidate", target.candidate)):
             if installed is not None and described.get(role):

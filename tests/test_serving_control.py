@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from modelgen import LINEAR_B, LINEAR_W, expected_linear, make_onnx
+from onnx import numpy_helper
 from test_serving_process import ServeProcess, onnx_version, start_serve
+
+from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody, build
 
 X = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
 REQUEST = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
@@ -110,13 +111,14 @@ def test_load_state_self_test_unload(served: ServeProcess, models: dict[str, Pat
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model_dir": None}, "model_dir: Field required"),
-        ({"model_dir": "relative/dir"}, "model_dir: Value error, must be an absolute path"),
-        ({"framework": "pytorch"}, "framework: Value error, must be one of onnx, openvino, tflite"),
-        ({"version": "a/b"}, "version: String should match pattern"),
+        ({"model_dir": None}, "model_dir: required"),
+        ({"model_dir": "relative/dir"}, "model_dir: must be an absolute path"),
+        ({"framework": "pytorch"}, "framework: must be one of onnx, openvino, tflite"),
+        ({"version": "a/b"}, "version: must match"),
         ({"traffic": 10}, "traffic and shadow need a candidate"),
-        ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
-        ({"runtime": {"threads": 0}}, "runtime.threads: Input should be greater than or equal to 1"),
+        ({"traffic": True}, "traffic: expected an integer"),
+        ({"colour": "blue"}, "colour: unknown field"),
+        ({"runtime": {"threads": 0}}, "runtime.threads: must be at least 1, got 0"),
     ],
 )
 def test_bad_control_bodies_are_400(
@@ -133,10 +135,10 @@ def test_bad_control_bodies_are_400(
 def test_bad_routing_is_400(served: ServeProcess, models: dict[str, Path]) -> None:
     candidate = onnx_version(models["b"], "2")
     with served.control() as control:
-        both = control.put("/control/deployments/bad", json={
-            **onnx_version(models["a"], "1"), "candidate": candidate, "traffic": 5, "shadow": True,
+        over = control.put("/control/deployments/bad", json={
+            **onnx_version(models["a"], "1"), "candidate": candidate, "traffic": 101,
         })
-        assert both.status_code == 400 and "choose traffic (A/B split) or shadow" in both.text
+        assert over.status_code == 400 and "traffic: must be between 0 and 100, got 101" in over.text
         same = control.put("/control/deployments/bad", json={
             **onnx_version(models["a"], "1"), "candidate": onnx_version(models["b"], "1"),
         })
@@ -282,7 +284,7 @@ def test_shadow_records_the_candidate_and_never_changes_answers(
     version = {"b": "2", "double": "3", "renamed": "4"}[candidate]
     served.deploy("shadow", {
         **onnx_version(models["a"], "1"), "candidate": onnx_version(models[candidate], version),
-        "shadow": True,
+        "shadow": True, "traffic": 100,
     })
     with served.client() as client:
         for _ in range(30):
@@ -300,3 +302,30 @@ def test_shadow_records_the_candidate_and_never_changes_answers(
         assert _shadow_counts(served, version)["timed"] == counts["requests"]
     # the candidate is only ever counted as a shadow, never as serving traffic
     assert served.metric(f'edgefleet_serving_requests_total{{model="shadow",version="{version}"}}') == 0
+
+
+def test_a_shadow_at_10_percent_sees_about_10_percent_of_requests(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    # The body as the agent builds it (agent/serving/body.py), to a server whose sampling is seeded.
+    served = start_serve(tmp_path, "--seed", "10")
+    try:
+        def version(model: str, number: str) -> VersionBody:
+            return VersionBody(number, models[model], "model.onnx", "onnx",
+                               RuntimeSettings(prefer=("onnxruntime:CPU",)))
+
+        served.deploy("tenth", build(DeploymentBody(version("a", "1"), version("b", "2"),
+                                                    traffic=10, shadow=True)))
+        with served.client() as client:
+            for _ in range(400):
+                assert client.post("/v2/models/tenth/infer", json=REQUEST).json()[
+                    "model_version"] == "1"
+        labels = '{model="tenth",version="2"}'
+        copies = (served.metric(f"edgefleet_serving_shadow_requests_total{labels}")
+                  + served.metric(f"edgefleet_serving_shadow_dropped_total{labels}"))
+        # 40 expected; the bound is 2.5 standard deviations (6) either side
+        assert 25 <= copies <= 55, copies
+        assert served.metric(f"edgefleet_serving_requests_total{labels}") == 0
+        assert served.metric('edgefleet_serving_requests_total{model="tenth",version="1"}') == 400
+    finally:
+        assert served.stop() == 0, served.log()

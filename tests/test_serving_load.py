@@ -95,7 +95,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, slow_dir: Path) -> Iterator
         process.deploy("fast", {
             **onnx_version(make_onnx(tmp / "fast/model.onnx").parent, "1"),
             "candidate": onnx_version(slow_dir, "2", runtime={"threads": 1}),
-            "shadow": True,
+            "shadow": True, "traffic": 100,
         })
         yield process
     finally:

@@ -46,6 +46,8 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               type=click.IntRange(1), help=o.MAX_CONCURRENCY.help)
 @click.option("--max-queue", default=o.MAX_QUEUE.default, show_default=True,
               type=click.IntRange(0), help=o.MAX_QUEUE.help)
+@click.option("--seed", type=int, hidden=True,
+              help="Seed of the traffic split and shadow sampling, for repeatable tests.")
 def serve(
     host: str,
     port: int,
@@ -55,6 +57,7 @@ def serve(
     no_auth: bool,
     max_concurrency: int,
     max_queue: int,
+    seed: int | None,
 ) -> None:
     """Serve loaded models over the Open Inference Protocol (KServe V2) REST API.
 
@@ -76,6 +79,7 @@ def serve(
         port=port,
         max_concurrency=max_concurrency,
         max_queue=max_queue,
+        seed=seed,
     )
     try:
         run(options, say=click.echo)

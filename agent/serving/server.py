@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import stat
@@ -49,6 +50,7 @@ class ServeOptions:
     max_queue: int = o.MAX_QUEUE.default
     shadow_concurrency: int = o.SHADOW_CONCURRENCY.default
     graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
+    seed: int | None = None  # of the split and shadow sampling; tests make it repeatable
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
@@ -136,7 +138,7 @@ async def _serve_all(apps: list[tuple[FastAPI, socket.socket]], graceful_seconds
 
 async def _run(options: ServeOptions, api_socket: socket.socket,
                control_socket: socket.socket) -> None:
-    table = ModelTable()
+    table = ModelTable(random.Random(options.seed))
     limiter = Limiter(max_concurrency=options.max_concurrency, max_queue=options.max_queue)
     telemetry = Telemetry(table, limiter)
     shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
