@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.decisions import still_serving
 from agent.package_store import PackageStore, StageError
 from agent.protocol import Package, UpdateState, format_time
 from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
@@ -78,6 +79,11 @@ class StepFailed(Exception):
 
 def now() -> str:
     return format_time(datetime.now(UTC))
+
+
+def status_key(status: dict[str, Any]) -> tuple[str, int, UpdateState]:
+    """A saved status (AgentState.statuses) as agent.decisions reads it."""
+    return status["name"], status["version"], UpdateState(status["state"])
 
 
 def version_body(installed: Installed, *, self_test: bool = False) -> VersionBody:
@@ -254,12 +260,9 @@ class Updater:
 
     def _record_loaded(self, target: Serving, answer: dict[str, Any]) -> None:
         described = answer["deployment"]
-        live = {v.version for v in (target.primary, target.candidate) if v is not None}
-        self.state.statuses = [  # versions that no longer serve stop being reported as serving
-            s for s in self.state.statuses
-            if not (s["name"] == target.name and s["state"] == "serving"
-                    and s["version"] not in live)
-        ]
+        # Versions that no longer serve stop being reported as serving.
+        self.state.statuses = still_serving(self.state.statuses, status_key, target.name,
+                                            target.route())
         for role, installed in (("primary", target.primary), ("candidate", target.candidate)):
             if installed is not None and described.get(role):
                 self._set_status(target.name, target.model, installed.version, S.SERVING, None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from agent import options as o
 from agent.serving import app as scoring_app
@@ -106,7 +106,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve_all(apps: list[tuple[FastAPI, socket.socket]], graceful_seconds: float) -> None:
+async def _serve_all(apps: list[tuple[ASGIApp, socket.socket]], graceful_seconds: float) -> None:
     servers = [
         _Server(uvicorn.Config(
             app, lifespan="off", access_log=False, log_level="warning",
@@ -143,7 +143,7 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
     telemetry = Telemetry(table, limiter)
     shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
     scorer = Scorer(table, limiter, telemetry, shadow)
-    apps = [
+    apps: list[tuple[ASGIApp, socket.socket]] = [
         (scoring_app.create_app(scorer, api_key=options.api_key), api_socket),
         (control.create_app(control.Controller(scorer)), control_socket),
     ]
