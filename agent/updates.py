@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.decisions import still_serving
 from agent.package_store import PackageStore, StageError
 from agent.protocol import Package, UpdateState, format_time
 from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
-from agent.supervisor import ServingError, ServingProcess
+from agent.supervisor import ServingError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -71,6 +71,16 @@ RESUME_AT = {
     S.ROLLING_BACK: S.ROLLING_BACK,
 }
 DOWNLOAD_ATTEMPTS = 5
+
+
+class ServingControl(Protocol):
+    """What updates need of the serving process (agent/supervisor.py's ServingProcess)."""
+
+    def put(self, name: str, body: DeploymentBody) -> Any: ...
+    def delete(self, name: str) -> Any: ...
+    def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class StepFailed(Exception):
@@ -114,7 +124,7 @@ class Updater:
     state_file: StateFile
     store: PackageStore
     registry: Callable[[], Registry]  # made on first use: an idle agent needs no HTTP client
-    serving: ServingProcess
+    serving: ServingControl
     report: Callable[[], None]
     sleep: Callable[[float], None] = time.sleep
     # Fault injection for crash tests (EDGEFLEET_AGENT_PAUSE_IN=state:seconds):
