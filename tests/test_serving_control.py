@@ -90,7 +90,8 @@ def test_load_state_self_test_unload(served: ServeProcess, models: dict[str, Pat
         failed = control.post("/control/deployments/life/versions/1/self-test", json=bad)
         assert failed.status_code == 422
         assert failed.json() == {
-            "error": "self-test of 'life:1' failed: input 'x': expected FP32 [-1, 3], got FP32 [1, 2]"
+            "error": "self-test of 'life:1' failed: input 'x': expected FP32 [-1, 3], "
+                     "got FP32 [1, 2]"
         }
         missing = control.post("/control/deployments/life/versions/4/self-test", json=REQUEST)
         assert missing.status_code == 404
@@ -138,7 +139,8 @@ def test_bad_routing_is_400(served: ServeProcess, models: dict[str, Path]) -> No
         over = control.put("/control/deployments/bad", json={
             **onnx_version(models["a"], "1"), "candidate": candidate, "traffic": 101,
         })
-        assert over.status_code == 400 and "traffic: must be between 0 and 100, got 101" in over.text
+        assert over.status_code == 400
+        assert "traffic: must be between 0 and 100, got 101" in over.text
         same = control.put("/control/deployments/bad", json={
             **onnx_version(models["a"], "1"), "candidate": onnx_version(models["b"], "1"),
         })
@@ -193,7 +195,8 @@ def test_switching_versions_drops_no_request(served: ServeProcess, models: dict[
                     failures.append(f"{answer.status_code} {answer.text}")
                     continue
                 body = answer.json()
-                if not np.allclose(body["outputs"][0]["data"], expected_linear(X).ravel(), atol=1e-6):
+                if not np.allclose(body["outputs"][0]["data"], expected_linear(X).ravel(),
+                                   atol=1e-6):
                     failures.append(f"wrong answer {body}")
                 answered.append(body["model_version"])
 
@@ -239,12 +242,14 @@ def test_ab_split_follows_the_weight(served: ServeProcess, models: dict[str, Pat
             assert np.allclose(body["outputs"][0]["data"], expected.ravel(), atol=1e-5)
         # 300 expected; the bound is over 5 standard deviations (14.5) wide
         assert 225 <= versions["2"] <= 375, versions
-        pinned = {client.post("/v2/models/ab/versions/1/infer", json=REQUEST).json()["model_version"]
+        pinned = {client.post("/v2/models/ab/versions/1/infer",
+                              json=REQUEST).json()["model_version"]
                   for _ in range(20)}
         assert pinned == {"1"}
         metadata = client.get("/v2/models/ab").json()
         assert metadata["versions"] == ["1", "2"]
-    assert served.metric('edgefleet_serving_requests_total{model="ab",version="2"}') == versions["2"]
+    assert served.metric(
+        'edgefleet_serving_requests_total{model="ab",version="2"}') == versions["2"]
     assert served.metric('edgefleet_serving_requests_total{model="ab",version="1"}') == (
         versions["1"] + 20
     )
@@ -268,7 +273,8 @@ def _shadow_counts(served: ServeProcess, version: str) -> dict[str, float]:
         "requests": served.metric(f"edgefleet_serving_shadow_requests_total{{{labels}}}"),
         "dropped": served.metric(f"edgefleet_serving_shadow_dropped_total{{{labels}}}"),
         "failures": served.metric(f"edgefleet_serving_shadow_failures_total{{{labels}}}"),
-        "agree": served.metric(f'edgefleet_serving_shadow_agreement_total{{{labels},result="agree"}}'),
+        "agree": served.metric(
+            f'edgefleet_serving_shadow_agreement_total{{{labels},result="agree"}}'),
         "disagree": served.metric(
             f'edgefleet_serving_shadow_agreement_total{{{labels},result="disagree"}}'),
         "timed": served.metric(f"edgefleet_serving_shadow_duration_seconds_count{{{labels}}}"),
@@ -291,7 +297,8 @@ def test_shadow_records_the_candidate_and_never_changes_answers(
             body = client.post("/v2/models/shadow/infer", json=REQUEST).json()
             assert body["model_version"] == "1"
             assert np.allclose(body["outputs"][0]["data"], expected_linear(X).ravel(), atol=1e-6)
-    _wait_for(lambda: sum(_shadow_counts(served, version)[k] for k in ("requests", "dropped")) == 30)
+    _wait_for(lambda: sum(_shadow_counts(served, version)[k]
+                          for k in ("requests", "dropped")) == 30)
     counts = _shadow_counts(served, version)
     # a copy is run when the shadow pool is free, else dropped; sequential requests leave it free
     assert counts["requests"] >= 1
@@ -301,7 +308,8 @@ def test_shadow_records_the_candidate_and_never_changes_answers(
     if outcome != "failures":
         assert _shadow_counts(served, version)["timed"] == counts["requests"]
     # the candidate is only ever counted as a shadow, never as serving traffic
-    assert served.metric(f'edgefleet_serving_requests_total{{model="shadow",version="{version}"}}') == 0
+    assert served.metric(
+        f'edgefleet_serving_requests_total{{model="shadow",version="{version}"}}') == 0
 
 
 def test_a_shadow_at_10_percent_sees_about_10_percent_of_requests(
