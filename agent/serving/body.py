@@ -96,12 +96,13 @@ _DEPLOYMENT_FIELDS: Final = _VERSION_FIELDS | {"candidate", "traffic", "shadow"}
 _RUNTIME_FIELDS: Final = frozenset({"prefer", "precision", "threads", "extra"})
 
 
-def _object(value: Any, where: str, allowed: frozenset[str]) -> Mapping[str, Any]:
+def _object(value: Any, name: str, allowed: frozenset[str]) -> Mapping[str, Any]:
+    """VALUE as the object NAME ("" for the body itself, else "candidate", ...)."""
     if not isinstance(value, dict):
-        raise BodyError(f"{where or 'body'}: expected an object")
+        raise BodyError(f"{name or 'body'}: expected an object")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise BodyError(f"{where}{unknown[0]}: unknown field")
+        raise BodyError(f"{name + '.' if name else ''}{unknown[0]}: unknown field")
     return value
 
 
@@ -125,10 +126,11 @@ def _optional_int(value: Any, where: str, low: int, high: int | None = None) -> 
     return value
 
 
-def _runtime(value: Any, where: str) -> RuntimeSettings:
+def _runtime(value: Any, name: str) -> RuntimeSettings:
     if value is None:
         return RuntimeSettings()
-    data = _object(value, where, _RUNTIME_FIELDS)
+    data = _object(value, name, _RUNTIME_FIELDS)
+    where = name + "."
     prefer = data.get("prefer", [])
     if not isinstance(prefer, list) or not all(isinstance(p, str) and p for p in prefer):
         raise BodyError(f"{where}prefer: expected a list of \"runtime:DEVICE\" strings")
@@ -160,7 +162,7 @@ def _version(data: Mapping[str, Any], where: str) -> VersionBody:
     if self_test is not None and not isinstance(self_test, dict):
         raise BodyError(f"{where}self_test: expected an inference request object")
     return VersionBody(version, model_dir, _text(data, "entrypoint", where), framework,
-                       _runtime(data.get("runtime"), f"{where}runtime."), self_test)
+                       _runtime(data.get("runtime"), f"{where}runtime"), self_test)
 
 
 def read(value: Any) -> DeploymentBody:
