@@ -43,7 +43,7 @@ def test_the_wire_form_is_flat_with_the_primary_at_the_top() -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    (DeploymentBody(version("a/b")), "version: must match"),
+    (DeploymentBody(version("a/b")), "version: must be text matching"),
     (DeploymentBody(version("1"), version("1")), "candidate.version: must differ"),
     (DeploymentBody(version("1"), traffic=10), "traffic and shadow need a candidate"),
     (DeploymentBody(version("1"), version("2"), traffic=101), "traffic: must be between 0 and 100"),
@@ -71,7 +71,7 @@ BASE = {"version": "1", "model_dir": "/m", "entrypoint": "model.onnx", "framewor
      "candidate.colour: unknown field"),
     ({**BASE, "candidate": "2"}, "candidate: expected an object"),
     ({**BASE, "entrypoint": ""}, "entrypoint: expected a non-empty string"),
-    ({**BASE, "version": True}, "version: must match"),
+    ({**BASE, "version": True}, "version: must be text matching"),
     ({**BASE, "shadow": "yes"}, "shadow: expected true or false"),
     ({**BASE, "runtime": {"prefer": "onnxruntime:CPU"}}, "runtime.prefer: expected a list"),
     ({**BASE, "runtime": {"extra": {"threads": 4}}}, "runtime.extra: expected an object of str"),

@@ -115,7 +115,7 @@ def test_load_state_self_test_unload(served: ServeProcess, models: dict[str, Pat
         ({"model_dir": None}, "model_dir: required"),
         ({"model_dir": "relative/dir"}, "model_dir: must be an absolute path"),
         ({"framework": "pytorch"}, "framework: must be one of onnx, openvino, tflite"),
-        ({"version": "a/b"}, "version: must match"),
+        ({"version": "a/b"}, "version: must be text matching"),
         ({"traffic": 10}, "traffic and shadow need a candidate"),
         ({"traffic": True}, "traffic: expected an integer"),
         ({"colour": "blue"}, "colour: unknown field"),

@@ -150,7 +150,7 @@ def _version(data: Mapping[str, Any], where: str) -> VersionBody:
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)  # registry versions are numbers; paths and labels carry text
     if not isinstance(version, str) or not re.fullmatch(NAME_PATTERN, version):
-        raise BodyError(f"{where}version: must match {NAME_PATTERN}, got {version!r}")
+        raise BodyError(f"{where}version: must be text matching {NAME_PATTERN}")
     model_dir = Path(_text(data, "model_dir", where))
     if not model_dir.is_absolute():
         raise BodyError(f"{where}model_dir: must be an absolute path "
