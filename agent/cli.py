@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from agent import options as o
+
 
 def _pause_in(value: str | None) -> tuple[str, float] | None:
     """EDGEFLEET_AGENT_PAUSE_IN=state:seconds, fault injection for crash tests."""
@@ -32,16 +34,16 @@ def agent() -> None:
               help="Identity, state, packages and the telemetry queue live here.")
 @click.option("--name", help="Device name shown in the hub [default: the host name].")
 @click.option("--mqtt-url", help="Broker to use instead of the one the hub names at enrollment.")
-@click.option("--serve-host", default="127.0.0.1", show_default=True,
-              help="Address of the local scoring API (0.0.0.0 to serve the network).")
-@click.option("--serve-port", default=8500, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of the local scoring API.")
-@click.option("--telemetry-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds between telemetry measurements.")
-@click.option("--max-concurrency", default=2, show_default=True, type=click.IntRange(1),
-              help="Inferences the scoring API runs at once.")
-@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
-              help="Scoring requests that wait for a free slot; more get 503 with Retry-After.")
+@click.option("--serve-host", default=o.SERVE_HOST.default, show_default=True,
+              help=o.SERVE_HOST.help)
+@click.option("--serve-port", default=o.SERVE_PORT.default, show_default=True,
+              type=click.IntRange(1, 65535), help=o.SERVE_PORT.help)
+@click.option("--telemetry-interval", default=o.TELEMETRY_INTERVAL.default, show_default=True,
+              type=click.FloatRange(0.1), help=o.TELEMETRY_INTERVAL.help)
+@click.option("--max-concurrency", default=o.MAX_CONCURRENCY.default, show_default=True,
+              type=click.IntRange(1), help=o.MAX_CONCURRENCY.help)
+@click.option("--max-queue", default=o.MAX_QUEUE.default, show_default=True,
+              type=click.IntRange(0), help=o.MAX_QUEUE.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
 def run(
     hub_url: str | None, token: str | None, data_dir: Path, name: str | None,

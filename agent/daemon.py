@@ -25,12 +25,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import inventory
+from agent import options as o
+from agent.decisions import (
+    Role,
+    Route,
+    Step,
+    kept_statuses,
+    next_step,
+    recent_refusals,
+    reports_refusal,
+    target,
+    unloaded,
+    wanted_route,
+)
 from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore
 from contract.files import write_secret
 from contract.protocol import (
-    MAX_REFUSALS,
+    MAX_TEXT,
     Deployment,
     DeploymentStatus,
     DesiredState,
@@ -49,7 +62,7 @@ from agent.state import AgentState, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingOptions, ServingProcess
 from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
-from agent.updates import Updater, deployment_body, now
+from agent.updates import Updater, deployment_body, now, status_key
 from agent.uplink import Uplink
 from contract.errors import PackageError
 
@@ -72,12 +85,12 @@ def probe_inventory(data_dir: Path) -> dict:
 class AgentOptions:
     data_dir: Path
     mqtt_url: str | None = None  # instead of the broker named at enrollment
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 8500
-    telemetry_interval: float = 10.0
-    telemetry_queue_points: int = 50_000
-    max_concurrency: int = 2
-    max_queue: int = 16
+    serve_host: str = o.SERVE_HOST.default
+    serve_port: int = o.SERVE_PORT.default
+    telemetry_interval: float = o.TELEMETRY_INTERVAL.default
+    telemetry_queue_points: int = o.TELEMETRY_QUEUE_POINTS.default
+    max_concurrency: int = o.MAX_CONCURRENCY.default
+    max_queue: int = o.MAX_QUEUE.default
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
 
@@ -122,7 +135,8 @@ class Agent:
             birth=Message(status_topic(identity.device_id), b"online", retain=True),
             subscriptions=[desired_topic(identity.device_id)],
         )
-        self.queue = TelemetryQueue(data / "telemetry.db", max_points=options.telemetry_queue_points)
+        self.queue = TelemetryQueue(data / "telemetry.db",
+                                    max_points=options.telemetry_queue_points)
         self.deltas = InferenceDeltas()
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)
@@ -202,7 +216,7 @@ class Agent:
                                      device_id=self.identity.device_id, last_generation=last,
                                      now=datetime.now(UTC))
         except ProtocolRefusal as refusal:
-            if refusal.reason is not Reason.ALREADY_APPLIED:
+            if reports_refusal(refusal):
                 self._refuse(refusal)
             if resuming:
                 self.state.pending_desired = None
@@ -220,10 +234,10 @@ class Agent:
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         log.warning("refused a desired state: %s", refusal)
-        self.state.refusals = [*self.state.refusals, {
+        self.state.refusals = recent_refusals(self.state.refusals, {
             "generation": refusal.generation, "reason": str(refusal.reason),
-            "message": refusal.message[:2000], "at": now(),
-        }][-MAX_REFUSALS:]
+            "message": refusal.message[:MAX_TEXT], "at": now(),
+        })
         self.state_file.save(self.state)
         self.report()
 
@@ -231,7 +245,7 @@ class Agent:
         wanted = {d.name for d in desired.deployments}
         for deployment in desired.deployments:
             self._converge(deployment, desired.generation)
-        for name in [n for n in self.state.serving if n not in wanted]:
+        for name in unloaded(self.state.serving, wanted):
             try:
                 self.serving.delete(name)
             except ServingError as exc:
@@ -243,41 +257,37 @@ class Agent:
         self.state_file.save(self.state)
         self.report()
 
-    def _update_for(self, d: Deployment, role: str, generation: int) -> Update:
+    def _update_for(self, d: Deployment, role: Role, generation: int) -> Update:
         """The saved update for this version if one was interrupted, else a new one."""
-        version, package, prefer, traffic, shadow = (
-            (d.version, d.package, d.runtime.prefer, 100, False) if role == "primary" else
-            (d.candidate.version, d.candidate.package, d.candidate.runtime.prefer,  # type: ignore[union-attr]
-             d.candidate.traffic, d.candidate.shadow)  # type: ignore[union-attr]
-        )
+        t = target(d, role)
         saved = self.state.update
-        if saved and (saved.deployment, saved.role, saved.digest) == (d.name, role, package.digest):
+        if saved and (saved.deployment, saved.role, saved.digest) == (d.name, role,
+                                                                      t.package.digest):
             return saved
         return Update(
-            generation=generation, deployment=d.name, model=d.model, role=role, version=version,
-            repository=package.repository, digest=package.digest, size=package.size,
-            prefer=list(prefer), state=str(UpdateState.DOWNLOADING), since=now(),
-            traffic=0 if role == "primary" else traffic, shadow=shadow,
+            generation=generation, deployment=d.name, model=d.model, role=str(role),
+            version=t.version, repository=t.package.repository, digest=t.package.digest,
+            size=t.package.size, prefer=list(t.prefer), state=str(UpdateState.DOWNLOADING),
+            since=now(), traffic=t.traffic, shadow=t.shadow,
         )
 
+    def _route(self, name: str) -> Route | None:
+        serving = self.state.serving.get(name)
+        return serving.route() if serving is not None else None
+
     def _converge(self, d: Deployment, generation: int) -> None:
-        current = self.state.serving.get(d.name)
-        if current is None or current.primary.digest != d.package.digest \
-                or current.primary.prefer != list(d.runtime.prefer):
-            if not self.updater.run(self._update_for(d, "primary", generation)):
+        step = next_step(d, self._route(d.name))
+        if step is Step.UPDATE_PRIMARY:
+            if not self.updater.run(self._update_for(d, Role.PRIMARY, generation)):
                 return  # the old version (if any) serves on; the failure is reported
-        current = self.state.serving[d.name]
-        c = d.candidate
-        if c is None:
-            if current.candidate is not None:
-                current.candidate, current.traffic, current.shadow = None, 0, False
-                self._put(current)
-            return
-        if current.candidate is None or current.candidate.digest != c.package.digest \
-                or current.candidate.prefer != list(c.runtime.prefer):
-            self.updater.run(self._update_for(d, "candidate", generation))
-        elif (current.traffic, current.shadow) != (c.traffic, c.shadow):
-            current.traffic, current.shadow = c.traffic, c.shadow
+            step = next_step(d, self._route(d.name))
+        if step is Step.UPDATE_CANDIDATE:
+            self.updater.run(self._update_for(d, Role.CANDIDATE, generation))
+        elif step is Step.SET_ROUTE:
+            current, wanted = self.state.serving[d.name], wanted_route(d)
+            if wanted.candidate is None:
+                current.candidate = None
+            current.traffic, current.shadow = wanted.traffic, wanted.shadow
             self._put(current)
 
     def _put(self, serving: Serving) -> None:
@@ -288,12 +298,11 @@ class Agent:
             log.error("could not change %s: %s", serving.name, exc)
 
     def _prune(self, wanted: set[str]) -> None:
-        """Keep on disk what serves and the previous primary (for rollback); drop the rest."""
-        live: dict[str, set[int]] = {}
+        """Keep on disk what serves and the previous primary (for rollback); drop the rest.
+        Report what serves and the newest failure of each wanted deployment."""
         packages = {self.state.update.digest} if self.state.update else set()
-        for name, s in self.state.serving.items():
-            kept = [v for v in (s.primary, s.candidate, s.previous) if v is not None]
-            live[name] = {v.version for v in (s.primary, s.candidate) if v is not None}
+        for name, serving in self.state.serving.items():
+            kept = [v for v in (serving.primary, serving.candidate, serving.previous) if v]
             self.store.prune(name, {Path(v.directory) for v in kept})
             packages |= {v.digest for v in kept}
         for name in {s["name"] for s in self.state.statuses} - set(self.state.serving):
@@ -305,16 +314,8 @@ class Agent:
         else:
             if freed:
                 log.info("pruned the package store: %d bytes freed", freed)
-        latest_other: dict[str, dict] = {}
-        statuses = []
-        for s in self.state.statuses:
-            if s["name"] not in wanted:
-                continue
-            if s["version"] in live.get(s["name"], set()) and s["state"] == "serving":
-                statuses.append(s)
-            elif s["state"] in ("failed", "rolled_back"):
-                latest_other[s["name"]] = s  # only the newest failure per deployment
-        self.state.statuses = statuses + list(latest_other.values())
+        routes = {name: serving.route() for name, serving in self.state.serving.items()}
+        self.state.statuses = kept_statuses(self.state.statuses, status_key, routes, wanted)
 
     # -- reporting ----------------------------------------------------------------
 
@@ -326,7 +327,7 @@ class Agent:
                 DeploymentStatus(
                     name=s["name"], model=s["model"], version=s["version"],
                     state=UpdateState(s["state"]), since=parse_time(s["since"]),
-                    error=(s["error"] or None) and s["error"][:2000], runtime=s["runtime"],
+                    error=(s["error"] or None) and s["error"][:MAX_TEXT], runtime=s["runtime"],
                     device=s["device"],
                 )
                 for s in self.state.statuses

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.decisions import Route, Running
 from contract.files import read_json, write_json
 
 STATE_FILE = "state.json"
@@ -35,6 +36,9 @@ class Installed:
     package_prefer: list[str] = field(default_factory=list)  # serving.json's default
     sample_request: dict[str, Any] | None = None
 
+    def running(self) -> Running:
+        return Running(self.version, self.digest, tuple(self.prefer))
+
 
 @dataclass
 class Serving:
@@ -44,9 +48,14 @@ class Serving:
     model: str
     primary: Installed
     candidate: Installed | None = None
-    traffic: int = 0          # candidate's share, split mode
+    traffic: int = 0          # candidate's share: answers (split) or copies (shadow)
     shadow: bool = False
     previous: Installed | None = None  # kept on disk for a rollback
+
+    def route(self) -> Route:
+        return Route(self.primary.running(),
+                     self.candidate.running() if self.candidate else None,
+                     self.traffic, self.shadow)
 
 
 @dataclass
@@ -101,7 +110,8 @@ class AgentState:
         return cls(
             applied_generation=data.get("applied_generation", 0),
             serving=serving,
-            update=Update(**{**update, "staged": installed(update.get("staged"))}) if update else None,
+            update=(Update(**{**update, "staged": installed(update.get("staged"))})
+                    if update else None),
             pending_desired=data.get("pending_desired"),
             statuses=data.get("statuses", []),
             refusals=data.get("refusals", []),

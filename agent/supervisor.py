@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import options as o
+from agent.serving.body import DeploymentBody, build
+
 log = logging.getLogger("edgefleet.agent")
 PR_SET_PDEATHSIG = 1
 
@@ -57,8 +60,8 @@ class ServingOptions:
     host: str
     port: int
     api_key_file: Path
-    max_concurrency: int = 2
-    max_queue: int = 16
+    max_concurrency: int = o.MAX_CONCURRENCY.default
+    max_queue: int = o.MAX_QUEUE.default
 
 
 class ServingProcess:
@@ -156,8 +159,8 @@ class ServingProcess:
             raise ServingError(message)
         return json.loads(text)
 
-    def put(self, name: str, body: Mapping[str, Any]) -> Any:
-        return self._call("PUT", f"/control/deployments/{name}", body)
+    def put(self, name: str, body: DeploymentBody) -> Any:
+        return self._call("PUT", f"/control/deployments/{name}", build(body))
 
     def delete(self, name: str) -> Any:
         return self._call("DELETE", f"/control/deployments/{name}")

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.options import TELEMETRY_QUEUE_POINTS
 from contract.protocol import format_time
 
 
@@ -35,7 +36,7 @@ class Point:
 
 
 class TelemetryQueue:
-    def __init__(self, path: Path, *, max_points: int = 50_000) -> None:
+    def __init__(self, path: Path, *, max_points: int = TELEMETRY_QUEUE_POINTS.default) -> None:
         if max_points < 1:
             raise ValueError("max_points must be at least 1")
         self.max_points = max_points

@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.decisions import still_serving
 from agent.package_store import PackageStore, StageError
 from contract.protocol import Package, UpdateState, format_time
+from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
-from agent.supervisor import ServingError, ServingProcess
+from agent.supervisor import ServingError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -70,6 +73,16 @@ RESUME_AT = {
 DOWNLOAD_ATTEMPTS = 5
 
 
+class ServingControl(Protocol):
+    """What updates need of the serving process (agent/supervisor.py's ServingProcess)."""
+
+    def put(self, name: str, body: DeploymentBody) -> Any: ...
+    def delete(self, name: str) -> Any: ...
+    def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 class StepFailed(Exception):
     """A step could not be done; the update fails and is rolled back."""
 
@@ -78,27 +91,29 @@ def now() -> str:
     return format_time(datetime.now(UTC))
 
 
-def version_body(installed: Installed, *, self_test: bool = False) -> dict[str, Any]:
+def status_key(status: dict[str, Any]) -> tuple[str, int, UpdateState]:
+    """A saved status (AgentState.statuses) as agent.decisions reads it."""
+    return status["name"], status["version"], UpdateState(status["state"])
+
+
+def version_body(installed: Installed, *, self_test: bool = False) -> VersionBody:
     """The serving process's description of one version to load."""
-    body: dict[str, Any] = {
-        "version": str(installed.version),
-        "model_dir": str(installed.directory) + "/model",
-        "entrypoint": installed.entrypoint,
-        "framework": installed.framework,
-        "runtime": {"prefer": list(installed.prefer or installed.package_prefer)},
-    }
-    if self_test and installed.sample_request:
-        body["self_test"] = installed.sample_request
-    return body
+    return VersionBody(
+        version=str(installed.version),
+        model_dir=Path(installed.directory) / "model",
+        entrypoint=installed.entrypoint,
+        framework=installed.framework,
+        runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
+        self_test=(installed.sample_request or None) if self_test else None,
+    )
 
 
-def deployment_body(serving: Serving) -> dict[str, Any]:
-    body = version_body(serving.primary)
-    if serving.candidate is not None:
-        body["candidate"] = version_body(serving.candidate)
-        body["traffic"] = 0 if serving.shadow else serving.traffic
-        body["shadow"] = serving.shadow
-    return body
+def deployment_body(serving: Serving) -> DeploymentBody:
+    """What SERVING asks of the serving process; a shadow's traffic is its copy rate."""
+    if serving.candidate is None:
+        return DeploymentBody(version_body(serving.primary))
+    return DeploymentBody(version_body(serving.primary), version_body(serving.candidate),
+                          traffic=serving.traffic, shadow=serving.shadow)
 
 
 @dataclass
@@ -109,7 +124,7 @@ class Updater:
     state_file: StateFile
     store: PackageStore
     registry: Callable[[], Registry]  # made on first use: an idle agent needs no HTTP client
-    serving: ServingProcess
+    serving: ServingControl
     report: Callable[[], None]
     sleep: Callable[[float], None] = time.sleep
     # Fault injection for crash tests (EDGEFLEET_AGENT_PAUSE_IN=state:seconds):
@@ -163,7 +178,8 @@ class Updater:
         self.report()
 
     def _set_status(self, name: str, model: str, version: int, state: UpdateState,
-                    error: str | None, runtime: str | None = None, device: str | None = None) -> None:
+                    error: str | None, runtime: str | None = None,
+                    device: str | None = None) -> None:
         statuses = [s for s in self.state.statuses
                     if not (s["name"] == name and s["version"] == version)]
         statuses.append({"name": name, "model": model, "version": version, "state": str(state),
@@ -217,16 +233,15 @@ class Updater:
         new = self._staged(update)
         current = self.state.serving.get(update.deployment)
         if current is None:
-            body = version_body(new)  # nothing serves yet: nothing to protect
+            body = DeploymentBody(version_body(new))  # nothing serves yet: nothing to protect
         elif current.primary.version == new.version:
             # The same version with other settings: the serving process loads and
             # self-tests it before it swaps, and keeps the old one if that fails.
-            body = version_body(new, self_test=True)
+            body = DeploymentBody(version_body(new, self_test=True))
         else:
-            body = {**version_body(current.primary), "candidate": version_body(new),
-                    "traffic": 0, "shadow": False}
+            body = DeploymentBody(version_body(current.primary), version_body(new))
         answer = self.serving.put(update.deployment, body)
-        loaded = answer["deployment"]["candidate" if "candidate" in body else "primary"]
+        loaded = answer["deployment"]["primary" if body.candidate is None else "candidate"]
         self._set_status(update.deployment, update.model, update.version, S.STARTING, None,
                          loaded.get("runtime"), loaded.get("device"))
 
@@ -255,11 +270,9 @@ class Updater:
 
     def _record_loaded(self, target: Serving, answer: dict[str, Any]) -> None:
         described = answer["deployment"]
-        live = {v.version for v in (target.primary, target.candidate) if v is not None}
-        self.state.statuses = [  # versions that no longer serve stop being reported as serving
-            s for s in self.state.statuses
-            if not (s["name"] == target.name and s["state"] == "serving" and s["version"] not in live)
-        ]
+        # Versions that no longer serve stop being reported as serving.
+        self.state.statuses = still_serving(self.state.statuses, status_key, target.name,
+                                            target.route())
         for role, installed in (("primary", target.primary), ("candidate", target.candidate)):
             if installed is not None and described.get(role):
                 self._set_status(target.name, target.model, installed.version, S.SERVING, None,

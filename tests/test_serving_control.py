@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from modelgen import LINEAR_B, LINEAR_W, expected_linear, make_onnx
+from onnx import numpy_helper
 from test_serving_process import ServeProcess, onnx_version, start_serve
+
+from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody, build
 
 X = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
 REQUEST = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
@@ -89,7 +90,8 @@ def test_load_state_self_test_unload(served: ServeProcess, models: dict[str, Pat
         failed = control.post("/control/deployments/life/versions/1/self-test", json=bad)
         assert failed.status_code == 422
         assert failed.json() == {
-            "error": "self-test of 'life:1' failed: input 'x': expected FP32 [-1, 3], got FP32 [1, 2]"
+            "error": "self-test of 'life:1' failed: input 'x': expected FP32 [-1, 3], "
+                     "got FP32 [1, 2]"
         }
         missing = control.post("/control/deployments/life/versions/4/self-test", json=REQUEST)
         assert missing.status_code == 404
@@ -110,13 +112,14 @@ def test_load_state_self_test_unload(served: ServeProcess, models: dict[str, Pat
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model_dir": None}, "model_dir: Field required"),
-        ({"model_dir": "relative/dir"}, "model_dir: Value error, must be an absolute path"),
-        ({"framework": "pytorch"}, "framework: Value error, must be one of onnx, openvino, tflite"),
-        ({"version": "a/b"}, "version: String should match pattern"),
+        ({"model_dir": None}, "model_dir: required"),
+        ({"model_dir": "relative/dir"}, "model_dir: must be an absolute path"),
+        ({"framework": "pytorch"}, "framework: must be one of onnx, openvino, tflite"),
+        ({"version": "a/b"}, "version: must be text matching"),
         ({"traffic": 10}, "traffic and shadow need a candidate"),
-        ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
-        ({"runtime": {"threads": 0}}, "runtime.threads: Input should be greater than or equal to 1"),
+        ({"traffic": True}, "traffic: expected an integer"),
+        ({"colour": "blue"}, "colour: unknown field"),
+        ({"runtime": {"threads": 0}}, "runtime.threads: must be at least 1, got 0"),
     ],
 )
 def test_bad_control_bodies_are_400(
@@ -133,10 +136,11 @@ def test_bad_control_bodies_are_400(
 def test_bad_routing_is_400(served: ServeProcess, models: dict[str, Path]) -> None:
     candidate = onnx_version(models["b"], "2")
     with served.control() as control:
-        both = control.put("/control/deployments/bad", json={
-            **onnx_version(models["a"], "1"), "candidate": candidate, "traffic": 5, "shadow": True,
+        over = control.put("/control/deployments/bad", json={
+            **onnx_version(models["a"], "1"), "candidate": candidate, "traffic": 101,
         })
-        assert both.status_code == 400 and "choose traffic (A/B split) or shadow" in both.text
+        assert over.status_code == 400
+        assert "traffic: must be between 0 and 100, got 101" in over.text
         same = control.put("/control/deployments/bad", json={
             **onnx_version(models["a"], "1"), "candidate": onnx_version(models["b"], "1"),
         })
@@ -191,7 +195,8 @@ def test_switching_versions_drops_no_request(served: ServeProcess, models: dict[
                     failures.append(f"{answer.status_code} {answer.text}")
                     continue
                 body = answer.json()
-                if not np.allclose(body["outputs"][0]["data"], expected_linear(X).ravel(), atol=1e-6):
+                if not np.allclose(body["outputs"][0]["data"], expected_linear(X).ravel(),
+                                   atol=1e-6):
                     failures.append(f"wrong answer {body}")
                 answered.append(body["model_version"])
 
@@ -237,12 +242,14 @@ def test_ab_split_follows_the_weight(served: ServeProcess, models: dict[str, Pat
             assert np.allclose(body["outputs"][0]["data"], expected.ravel(), atol=1e-5)
         # 300 expected; the bound is over 5 standard deviations (14.5) wide
         assert 225 <= versions["2"] <= 375, versions
-        pinned = {client.post("/v2/models/ab/versions/1/infer", json=REQUEST).json()["model_version"]
+        pinned = {client.post("/v2/models/ab/versions/1/infer",
+                              json=REQUEST).json()["model_version"]
                   for _ in range(20)}
         assert pinned == {"1"}
         metadata = client.get("/v2/models/ab").json()
         assert metadata["versions"] == ["1", "2"]
-    assert served.metric('edgefleet_serving_requests_total{model="ab",version="2"}') == versions["2"]
+    assert served.metric(
+        'edgefleet_serving_requests_total{model="ab",version="2"}') == versions["2"]
     assert served.metric('edgefleet_serving_requests_total{model="ab",version="1"}') == (
         versions["1"] + 20
     )
@@ -266,7 +273,8 @@ def _shadow_counts(served: ServeProcess, version: str) -> dict[str, float]:
         "requests": served.metric(f"edgefleet_serving_shadow_requests_total{{{labels}}}"),
         "dropped": served.metric(f"edgefleet_serving_shadow_dropped_total{{{labels}}}"),
         "failures": served.metric(f"edgefleet_serving_shadow_failures_total{{{labels}}}"),
-        "agree": served.metric(f'edgefleet_serving_shadow_agreement_total{{{labels},result="agree"}}'),
+        "agree": served.metric(
+            f'edgefleet_serving_shadow_agreement_total{{{labels},result="agree"}}'),
         "disagree": served.metric(
             f'edgefleet_serving_shadow_agreement_total{{{labels},result="disagree"}}'),
         "timed": served.metric(f"edgefleet_serving_shadow_duration_seconds_count{{{labels}}}"),
@@ -282,14 +290,15 @@ def test_shadow_records_the_candidate_and_never_changes_answers(
     version = {"b": "2", "double": "3", "renamed": "4"}[candidate]
     served.deploy("shadow", {
         **onnx_version(models["a"], "1"), "candidate": onnx_version(models[candidate], version),
-        "shadow": True,
+        "shadow": True, "traffic": 100,
     })
     with served.client() as client:
         for _ in range(30):
             body = client.post("/v2/models/shadow/infer", json=REQUEST).json()
             assert body["model_version"] == "1"
             assert np.allclose(body["outputs"][0]["data"], expected_linear(X).ravel(), atol=1e-6)
-    _wait_for(lambda: sum(_shadow_counts(served, version)[k] for k in ("requests", "dropped")) == 30)
+    _wait_for(lambda: sum(_shadow_counts(served, version)[k]
+                          for k in ("requests", "dropped")) == 30)
     counts = _shadow_counts(served, version)
     # a copy is run when the shadow pool is free, else dropped; sequential requests leave it free
     assert counts["requests"] >= 1
@@ -299,4 +308,32 @@ def test_shadow_records_the_candidate_and_never_changes_answers(
     if outcome != "failures":
         assert _shadow_counts(served, version)["timed"] == counts["requests"]
     # the candidate is only ever counted as a shadow, never as serving traffic
-    assert served.metric(f'edgefleet_serving_requests_total{{model="shadow",version="{version}"}}') == 0
+    assert served.metric(
+        f'edgefleet_serving_requests_total{{model="shadow",version="{version}"}}') == 0
+
+
+def test_a_shadow_at_10_percent_sees_about_10_percent_of_requests(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    # The body as the agent builds it (agent/serving/body.py), to a server whose sampling is seeded.
+    served = start_serve(tmp_path, "--seed", "10")
+    try:
+        def version(model: str, number: str) -> VersionBody:
+            return VersionBody(number, models[model], "model.onnx", "onnx",
+                               RuntimeSettings(prefer=("onnxruntime:CPU",)))
+
+        served.deploy("tenth", build(DeploymentBody(version("a", "1"), version("b", "2"),
+                                                    traffic=10, shadow=True)))
+        with served.client() as client:
+            for _ in range(400):
+                assert client.post("/v2/models/tenth/infer", json=REQUEST).json()[
+                    "model_version"] == "1"
+        labels = '{model="tenth",version="2"}'
+        copies = (served.metric(f"edgefleet_serving_shadow_requests_total{labels}")
+                  + served.metric(f"edgefleet_serving_shadow_dropped_total{labels}"))
+        # 40 expected; the bound is 2.5 standard deviations (6) either side
+        assert 25 <= copies <= 55, copies
+        assert served.metric(f"edgefleet_serving_requests_total{labels}") == 0
+        assert served.metric('edgefleet_serving_requests_total{model="tenth",version="1"}') == 400
+    finally:
+        assert served.stop() == 0, served.log()

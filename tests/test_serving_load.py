@@ -17,9 +17,8 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from modelgen import LINEAR_B, LINEAR_W, ONNX_IR_VERSION, ONNX_OPSET, expected_linear, make_onnx
+from onnx import TensorProto, helper, numpy_helper
 from test_serving_process import ServeProcess, onnx_version, start_serve
 
 SLOW_ROUNDS = 8
@@ -62,7 +61,8 @@ def make_slow_onnx(path: Path) -> Path:
 
 def _request(rows: int) -> dict[str, object]:
     x = np.tile(np.array([1.0, 2.0, 3.0], np.float32), (rows, 1))
-    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 3], "data": x.ravel().tolist()}]}
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 3],
+                        "data": x.ravel().tolist()}]}
 
 
 def _rows_for(client: httpx.Client, path: str, seconds: float) -> int:
@@ -95,7 +95,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, slow_dir: Path) -> Iterator
         process.deploy("fast", {
             **onnx_version(make_onnx(tmp / "fast/model.onnx").parent, "1"),
             "candidate": onnx_version(slow_dir, "2", runtime={"threads": 1}),
-            "shadow": True,
+            "shadow": True, "traffic": 100,
         })
         yield process
     finally:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from agent import options as o
+
 
 def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> str | None:
     given = [flag for flag, value in
@@ -28,10 +30,9 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the scoring API listens on (0.0.0.0 for every interface).")
-@click.option("--port", default=8500, show_default=True, type=click.IntRange(0, 65535),
-              help="Port of the scoring API (0 picks a free one).")
+@click.option("--host", default=o.SERVE_HOST.default, show_default=True, help=o.SERVE_HOST.help)
+@click.option("--port", default=o.SERVE_PORT.default, show_default=True,
+              type=click.IntRange(0, 65535), help=f"{o.SERVE_PORT.help} 0 picks a free one.")
 @click.option("--control-socket", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Unix socket for the agent's control API (created mode 0600).")
@@ -41,10 +42,12 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read the key from this file (keeps it out of the process list).")
 @click.option("--no-auth", is_flag=True, help="Serve without a key; only on a network you trust.")
-@click.option("--max-concurrency", default=2, show_default=True, type=click.IntRange(1),
-              help="Inferences running at once (one worker thread each).")
-@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
-              help="Requests waiting for a slot before more get 503 with Retry-After.")
+@click.option("--max-concurrency", default=o.MAX_CONCURRENCY.default, show_default=True,
+              type=click.IntRange(1), help=o.MAX_CONCURRENCY.help)
+@click.option("--max-queue", default=o.MAX_QUEUE.default, show_default=True,
+              type=click.IntRange(0), help=o.MAX_QUEUE.help)
+@click.option("--seed", type=int, hidden=True,
+              help="Seed of the traffic split and shadow sampling, for repeatable tests.")
 def serve(
     host: str,
     port: int,
@@ -54,6 +57,7 @@ def serve(
     no_auth: bool,
     max_concurrency: int,
     max_queue: int,
+    seed: int | None,
 ) -> None:
     """Serve loaded models over the Open Inference Protocol (KServe V2) REST API.
 
@@ -62,9 +66,11 @@ def serve(
     else, /metrics included, needs the API key. SIGTERM or Ctrl-C finish
     in-flight requests and exit 0.
 
-    Example: edgefleet serve --control-socket /run/edgefleet/serve.sock --api-key-file /etc/edgefleet/serve.key --host 0.0.0.0
+    Example: edgefleet serve --control-socket /run/edgefleet/serve.sock
+    --api-key-file /etc/edgefleet/serve.key --host 0.0.0.0
     """
-    from agent.serving.server import ServeError, ServeOptions, serve as run
+    from agent.serving.server import ServeError, ServeOptions
+    from agent.serving.server import serve as run
 
     options = ServeOptions(
         control_socket=control_socket.absolute(),
@@ -73,6 +79,7 @@ def serve(
         port=port,
         max_concurrency=max_concurrency,
         max_queue=max_queue,
+        seed=seed,
     )
     try:
         run(options, say=click.echo)

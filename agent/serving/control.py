@@ -2,13 +2,15 @@
 
     PUT    /control/deployments/{name}                        load or replace a deployment
     DELETE /control/deployments/{name}                        unload it
-    GET    /control/state                                     what is loaded, on which runtime/device
+    GET    /control/state                                     what is loaded, and where
     GET    /control/stats                                     request counters per version (JSON)
     POST   /control/deployments/{name}/versions/{v}/self-test run a sample request on a version
 
-A PUT names the whole deployment: its primary version, optionally a
-candidate with a traffic share or shadow mode, and per version an optional
-self-test request (the package's serving.json sample). Versions already
+A PUT names the whole deployment (its body is declared in
+agent/serving/body.py): its primary version, optionally a candidate that
+answers a share of the requests (split) or sees a copy of a share of them
+(shadow), and per version an optional self-test request (the package's
+serving.json sample). Versions already
 loaded with the same settings are reused; new ones are loaded off the event
 loop and self-tested before anything changes. Only then is the route
 swapped, in one step, and the versions left over retire: they close once
@@ -23,89 +25,40 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.runtimes.base import LoadOptions
+from agent.serving import body as body_schema
 from agent.serving import codec, loading
+from agent.serving.body import NAME_PATTERN, DeploymentBody, VersionBody
 from agent.serving.errors import BadRequest, ServingError, Unprocessable, install_handlers
 from agent.serving.scoring import Scorer, answer
 from agent.serving.table import Deployment, ModelVersion
-from contract.tensors import FRAMEWORKS
 
 log = logging.getLogger("edgefleet.serving")
 
-# Names and versions appear in URL paths and metric labels.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+def spec_of(body: VersionBody) -> loading.VersionSpec:
+    """What the serving process loads for BODY."""
+    r = body.runtime
+    options = LoadOptions(prefer=r.prefer, precision=r.precision, threads=r.threads,
+                          extra=dict(r.extra))
+    return loading.VersionSpec(body.version, body.model_dir, body.entrypoint, body.framework,
+                               options)
 
 
-class RuntimeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prefer: list[str] = Field(default_factory=list, description='"runtime:DEVICE", best first')
-    precision: str | None = None
-    threads: int | None = Field(None, ge=1)
-    extra: dict[str, str] = Field(default_factory=dict)
-
-
-class VersionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: str = Field(pattern=NAME_PATTERN)
-    model_dir: Path
-    entrypoint: str
-    framework: str
-    runtime: RuntimeBody = Field(default_factory=RuntimeBody)
-    self_test: dict[str, Any] | None = Field(
-        None, description="an inference request run on this version before it serves"
-    )
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value: Any) -> Any:
-        # Registry versions are numbers; paths and labels carry them as text.
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("model_dir")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path (the server's working directory is not the agent's)")
-        return value
-
-    @field_validator("framework")
-    @classmethod
-    def _framework(cls, value: str) -> str:
-        if value not in FRAMEWORKS:
-            raise ValueError(f"must be one of {', '.join(FRAMEWORKS)}")
-        return value
-
-    def spec(self) -> loading.VersionSpec:
-        options = LoadOptions(
-            prefer=tuple(self.runtime.prefer),
-            precision=self.runtime.precision,
-            threads=self.runtime.threads,
-            extra=self.runtime.extra,
-        )
-        return loading.VersionSpec(self.version, self.model_dir, self.entrypoint, self.framework, options)
-
-
-class DeploymentBody(VersionBody):
-    candidate: VersionBody | None = None
-    traffic: int = Field(0, ge=0, le=100, description="percent of unversioned requests to the candidate")
-    shadow: bool = Field(False, description="mirror primary requests to the candidate")
-
-    @model_validator(mode="after")
-    def _routing(self) -> DeploymentBody:
-        if self.candidate is None:
-            if self.traffic or self.shadow:
-                raise ValueError("traffic and shadow need a candidate")
-        elif self.candidate.version == self.version:
-            raise ValueError(f"the candidate's version must differ from the primary's ({self.version})")
-        if self.shadow and self.traffic:
-            raise ValueError("choose traffic (A/B split) or shadow, not both")
-        return self
+def read_body(raw: bytes) -> DeploymentBody:
+    """The PUT body, read strictly (agent/serving/body.py); BadRequest with the first problem."""
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"the body is not JSON: {e}") from None
+    try:
+        return body_schema.read(value)
+    except body_schema.BodyError as e:
+        raise BadRequest(str(e)) from None
 
 
 class Controller:
@@ -121,7 +74,7 @@ class Controller:
                 fresh: list[ModelVersion] = []
                 tests: dict[str, Any] = {}
                 try:
-                    primary = await self._version(name, body, current, fresh, tests)
+                    primary = await self._version(name, body.primary, current, fresh, tests)
                     candidate = None
                     if body.candidate is not None:
                         candidate = await self._version(name, body.candidate, current, fresh, tests)
@@ -131,7 +84,8 @@ class Controller:
                     raise
                 deployment = Deployment(name, primary, candidate, body.traffic, body.shadow)
                 retired = self.table.install(deployment)
-        log.info("deployment %s: %s", name, ", ".join(f"{r} {v.version}" for r, v in deployment.roles()))
+        log.info("deployment %s: %s", name,
+                 ", ".join(f"{r} {v.version}" for r, v in deployment.roles()))
         return {
             "deployment": deployment.describe(),
             "loaded": [v.version for v in fresh],
@@ -148,7 +102,7 @@ class Controller:
         tests: dict[str, Any],
     ) -> ModelVersion:
         """The loaded version BODY asks for: the current one if its settings are the same."""
-        spec = body.spec()
+        spec = spec_of(body)
         for _, existing in current.roles() if current else ():
             if existing.spec == spec:
                 return existing
@@ -169,7 +123,7 @@ class Controller:
         return version
 
     async def self_test(self, version: ModelVersion, sample: bytes) -> dict[str, Any]:
-        """Run SAMPLE (an inference request) on VERSION; Unprocessable with the reason if it fails."""
+        """Run SAMPLE (an inference request) on VERSION; Unprocessable with the reason if not."""
         started = time.perf_counter()
         try:
             result = await asyncio.to_thread(answer, version, sample, None)
@@ -216,9 +170,9 @@ def create_app(controller: Controller) -> FastAPI:
     install_handlers(app)
 
     @app.put("/control/deployments/{name}")
-    async def put(name: str, body: DeploymentBody) -> dict[str, Any]:
+    async def put(name: str, request: Request) -> dict[str, Any]:
         _check_name(name)
-        return await controller.put(name, body)
+        return await controller.put(name, read_body(await request.body()))
 
     @app.delete("/control/deployments/{name}")
     async def delete(name: str) -> dict[str, Any]:

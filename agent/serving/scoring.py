@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +55,9 @@ def answer(version: ModelVersion, body: bytes, header_length: str | None) -> Ans
         raise ModelFailed(f"model '{version}' failed: {type(e).__name__}: {e}") from None
     infer_seconds = time.perf_counter() - start
     entries, blobs = tensors.encode_outputs(request, outputs)
-    response = {} if request.id is None else {"id": request.id}
-    response |= {"model_name": version.deployment, "model_version": version.version, "outputs": entries}
+    response: dict[str, Any] = {} if request.id is None else {"id": request.id}
+    response |= {"model_name": version.deployment, "model_version": version.version,
+                 "outputs": entries}
     response_body, headers = codec.join_body(response, blobs)
     return Answer(response_body, headers, request.inputs, outputs, infer_seconds,
                   time.perf_counter() - began)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import stat
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
+from agent import options as o
 from agent.serving import app as scoring_app
 from agent.serving import control
 from agent.serving.limits import Limiter
@@ -42,12 +44,13 @@ class ServeError(Exception):
 class ServeOptions:
     control_socket: Path
     api_key: str | None  # None: no key needed (trusted networks only)
-    host: str = "127.0.0.1"
-    port: int = 8500
-    max_concurrency: int = 2
-    max_queue: int = 16
-    shadow_concurrency: int = 1
+    host: str = o.SERVE_HOST.default
+    port: int = o.SERVE_PORT.default
+    max_concurrency: int = o.MAX_CONCURRENCY.default
+    max_queue: int = o.MAX_QUEUE.default
+    shadow_concurrency: int = o.SHADOW_CONCURRENCY.default
     graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
+    seed: int | None = None  # of the split and shadow sampling; tests make it repeatable
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
@@ -61,7 +64,8 @@ def listen_tcp(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
     return sock
 
 
@@ -102,7 +106,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve_all(apps: list[tuple[FastAPI, socket.socket]], graceful_seconds: float) -> None:
+async def _serve_all(apps: list[tuple[ASGIApp, socket.socket]], graceful_seconds: float) -> None:
     servers = [
         _Server(uvicorn.Config(
             app, lifespan="off", access_log=False, log_level="warning",
@@ -119,7 +123,8 @@ async def _serve_all(apps: list[tuple[FastAPI, socket.socket]], graceful_seconds
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, (_, sock) in zip(servers, apps)]
+    tasks = [asyncio.create_task(s.serve(sockets=[sock]))
+             for s, (_, sock) in zip(servers, apps, strict=True)]
     try:
         # Either server stopping (a signal, or a failure) stops the other.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -131,13 +136,14 @@ async def _serve_all(apps: list[tuple[FastAPI, socket.socket]], graceful_seconds
             loop.remove_signal_handler(sig)
 
 
-async def _run(options: ServeOptions, api_socket: socket.socket, control_socket: socket.socket) -> None:
-    table = ModelTable()
+async def _run(options: ServeOptions, api_socket: socket.socket,
+               control_socket: socket.socket) -> None:
+    table = ModelTable(random.Random(options.seed))
     limiter = Limiter(max_concurrency=options.max_concurrency, max_queue=options.max_queue)
     telemetry = Telemetry(table, limiter)
     shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
     scorer = Scorer(table, limiter, telemetry, shadow)
-    apps = [
+    apps: list[tuple[ASGIApp, socket.socket]] = [
         (scoring_app.create_app(scorer, api_key=options.api_key), api_socket),
         (control.create_app(control.Controller(scorer)), control_socket),
     ]

@@ -2,8 +2,9 @@
 
 A deployment (a name clients use) routes to a primary version and optionally
 a candidate: a share of the requests without a version in their path goes to
-the candidate (A/B), or every request answered by the primary is mirrored to
-it (shadow). Replacing a deployment swaps its route in one step under the
+the candidate (A/B), or the same share of the requests answered by the
+primary is mirrored to it (shadow). The table's random source decides which
+requests; tests give it a seed. Replacing a deployment swaps its route in one step under the
 table's lock; versions it no longer uses are retired, and a retired version
 is closed by whoever lets go of it last, so requests already running on it
 finish first. Routing takes a reference under the same lock, so no request
@@ -109,8 +110,8 @@ class Deployment:
     name: str
     primary: ModelVersion
     candidate: ModelVersion | None = None
-    traffic: int = 0  # percent of requests without a version that the candidate answers
-    shadow: bool = False  # the candidate sees a copy of what the primary answers
+    traffic: int = 0  # percent of requests the candidate answers (split) or sees a copy of
+    shadow: bool = False  # the candidate sees copies of what the primary answers
 
     def roles(self) -> Iterator[tuple[str, ModelVersion]]:
         yield "primary", self.primary
@@ -160,7 +161,7 @@ class ModelTable:
             deployment = self._get(name)
             if version is not None:
                 chosen = deployment.find(version)
-            elif deployment.candidate is not None and self._rng.random() * 100 < deployment.traffic:
+            elif deployment.candidate is not None and self._sampled(deployment, shadow=False):
                 chosen = deployment.candidate
             else:
                 chosen = deployment.primary
@@ -171,15 +172,13 @@ class ModelTable:
         """The candidate that should see a copy of a request ANSWERED_BY the primary, if any."""
         with self._lock:
             deployment = self._deployments.get(name)
-            if (
-                deployment is None
-                or not deployment.shadow
-                or deployment.candidate is None
-                or deployment.primary is not answered_by
-            ):
+            if deployment is None or deployment.primary is not answered_by:
                 return None
-            deployment.candidate.acquire()
-            return deployment.candidate
+            candidate = deployment.candidate
+            if candidate is None or not self._sampled(deployment, shadow=True):
+                return None
+            candidate.acquire()
+            return candidate
 
     def install(self, deployment: Deployment) -> list[ModelVersion]:
         """Route DEPLOYMENT's name to it; returns the versions it replaced, now retiring."""
@@ -214,7 +213,8 @@ class ModelTable:
         deadline = time.monotonic() + timeout
         for version in waiting:
             if not version.closed.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("%s did not close within %ss (%d requests running)", version, timeout, version.users)
+                log.warning("%s did not close within %ss (%d requests running)",
+                            version, timeout, version.users)
 
     @contextlib.contextmanager
     def loading(self, name: str) -> Iterator[None]:
@@ -239,6 +239,10 @@ class ModelTable:
             loaded = ", ".join(sorted(self._deployments)) or "none"
             raise NotFound(f"no model named '{name}'; loaded: {loaded}")
         return deployment
+
+    def _sampled(self, deployment: Deployment, *, shadow: bool) -> bool:
+        """Whether this request is one of the candidate's share, in the mode asked about."""
+        return deployment.shadow is shadow and self._rng.random() * 100 < deployment.traffic
 
     def _retire(self, versions: list[ModelVersion]) -> None:
         for version in versions:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agent.identity import EnrollmentError
+from agent.options import TELEMETRY_INTERVAL
 from agent.sim.fleet import Fleet, unenrolled
 from agent.sim.options import PerVersion, SimOptions, parse_version
 
@@ -67,8 +68,8 @@ def _enrollment_token(hub_url: str, api_token: str, tags: dict[str, str]) -> str
                    "instead of --token.")
 @click.option("--platform", default="linux/arm64", show_default=True,
               help="Platform the devices report.")
-@click.option("--telemetry-interval", default=10.0, show_default=True,
-              type=click.FloatRange(0.01), help="Seconds between telemetry measurements.")
+@click.option("--telemetry-interval", default=TELEMETRY_INTERVAL.default, show_default=True,
+              type=click.FloatRange(0.01), help=TELEMETRY_INTERVAL.help)
 @click.option("--rps", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Simulated scoring requests per second per device.")
 @click.option("--step-latency", default=0.05, show_default=True, type=click.FloatRange(0),
@@ -111,7 +112,8 @@ def sim(count: int, hub_url: str | None, token: str | None, api_token: str | Non
     to stderr, --json-status-every lines to stdout. SIGINT or SIGTERM: every
     device says "offline" and disconnects; the exit code is 0.
 
-    Example: edgefleet sim --devices 1000 --hub http://hub:8080 --token efe_... --fail-versions diabetes:3 --json-status-every 5
+    Example: edgefleet sim --devices 1000 --hub http://hub:8080 --token efe_...
+    --fail-versions diabetes:3 --json-status-every 5
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -4,10 +4,13 @@ A `SimDevice` behaves as `agent.daemon.Agent` does on the wire. It logs in
 with its own identity (client id and user = its device id, clean_session
 False, last will "offline" retained on its status topic, birth "online"),
 subscribes to its desired topic, checks each desired state with
-`contract.protocol.verify_desired` against the hub key pinned at enrollment,
-reports refusals in `refusals`, moves each new version through the update
-states of agent/updates.py (the previous version serving on until the new
-one has passed its self-test) and sends sequence-numbered telemetry.
+`agent.protocol.verify_desired` against the hub key pinned at enrollment,
+reports refusals in `refusals`, decides what to update, unload and report
+with the agent's own decisions (agent/decisions.py: a new version, or the
+same one with new runtime preferences, is an update), moves each update
+through the states of agent/updates.py (the previous version serving on
+until the new one has passed its self-test) and sends sequence-numbered
+telemetry.
 
 What is simulated: the download, load and self-test (each state takes
 `step_latency`; `fail_rate` and `fail_versions` decide the self-test), and
@@ -32,10 +35,23 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from agent.decisions import (
+    Role,
+    Route,
+    Running,
+    Step,
+    kept_statuses,
+    next_step,
+    recent_refusals,
+    reports_refusal,
+    still_serving,
+    target,
+    unloaded,
+    wanted_route,
+)
 from agent.identity import Identity
 from agent.mqtt import Message, MqttError
 from contract.protocol import (
-    MAX_REFUSALS,
     MAX_TELEMETRY_POINTS,
     MAX_TEXT,
     OFFLINE,
@@ -44,8 +60,8 @@ from contract.protocol import (
     DeploymentStatus,
     DesiredState,
     Point,
+    ProtocolError,
     ProtocolRefusal,
-    Reason,
     Refusal,
     ReportedState,
     TelemetryBatch,
@@ -79,16 +95,31 @@ TIMEOUT: Final = 10.0        # seconds for a CONNACK, SUBACK or PUBACK
 
 @dataclass
 class Slot:
-    """What one deployment name serves: (version, digest) pairs."""
+    """What one deployment name serves."""
 
     model: str
-    primary: tuple[int, str]
-    candidate: tuple[int, str] | None = None
-    traffic: int = 0       # the candidate's share of requests (split) or copy (shadow)
-    shadow: bool = False
+    route: Route
 
-    def versions(self) -> set[int]:
-        return {v for v, _ in filter(None, (self.primary, self.candidate))}
+    @classmethod
+    def restore(cls, saved: dict[str, Any]) -> Slot:
+        """A Slot from its `asdict`; ProtocolError if it is not one (an older sim's)."""
+        try:
+            r = saved["route"]
+            primary, candidate = (
+                Running(v["version"], v["digest"], tuple(v["prefer"])) if v else None
+                for v in (r["primary"], r["candidate"]))
+            if primary is None:
+                raise TypeError("no primary")
+            return cls(saved["model"], Route(primary, candidate, r["traffic"], r["shadow"]))
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"a saved deployment is not in this sim's format ({exc})") from None
+
+
+def _status_key(item: tuple[tuple[str, int], DeploymentStatus]
+                ) -> tuple[str, int, UpdateState]:
+    """One of SimDevice.statuses' items as agent.decisions reads it."""
+    (name, version), status = item
+    return name, version, status.state
 
 
 def _around(value: float) -> float:
@@ -145,6 +176,7 @@ class SimDevice:
         self.received = 0        # messages received
         self.connects = 0        # successful logins
         self.drops = 0           # times it went offline ungracefully
+        self.updates = 0         # updates run, whatever their outcome
         self.failed_updates = 0  # updates that ended rolled back
         self.telemetry_dropped = 0
         self.next_seq = 1
@@ -172,7 +204,7 @@ class SimDevice:
 
     def versions(self) -> dict[str, int]:
         """Deployment name -> the version serving as its primary."""
-        return {name: slot.primary[0] for name, slot in self.serving.items()}
+        return {name: slot.route.primary.version for name, slot in self.serving.items()}
 
     def state_of(self, name: str, version: int) -> UpdateState | None:
         status = self.statuses.get((name, version))
@@ -200,19 +232,15 @@ class SimDevice:
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Take back a `snapshot`; ProtocolError if its reported state no longer
-        parses (saved by another protocol version): then only the sequence
+        parses (saved by another protocol or sim version): then only the sequence
         number is taken, and the retained desired state brings the rest back."""
         self.next_seq = saved["next_seq"]  # first: numbers must never repeat, whatever follows
         reported = parse_reported(saved["reported"].encode(), device_id=self.id)
+        serving = {name: Slot.restore(s) for name, s in saved["serving"].items()}
         self.applied_generation = reported.applied_generation
         self.statuses = {(d.name, d.version): d for d in reported.deployments}
         self.refusals = list(reported.refusals)
-        self.serving = {
-            name: Slot(s["model"], tuple(s["primary"]),  # type: ignore[arg-type]
-                       tuple(s["candidate"]) if s["candidate"] else None,  # type: ignore[arg-type]
-                       s["traffic"], s["shadow"])
-            for name, s in saved["serving"].items()
-        }
+        self.serving = serving
         self._reported = None
 
     # -- the device's life ----------------------------------------------------------------
@@ -353,24 +381,22 @@ class SimDevice:
                                          last_generation=self.applied_generation,
                                          now=datetime.now(UTC))
             except ProtocolRefusal as refusal:
-                # The retained state comes again after every subscribe: not news.
-                if refusal.reason is not Reason.ALREADY_APPLIED:
+                if reports_refusal(refusal):
                     self._refuse(refusal)
                 continue
             await self._apply(desired)
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         log.info("%s refused a desired state: %s", self.name, refusal)
-        self.refusals = [*self.refusals, Refusal(refusal.generation, refusal.reason,
-                                                 refusal.message[:MAX_TEXT],
-                                                 datetime.now(UTC))][-MAX_REFUSALS:]
+        self.refusals = recent_refusals(self.refusals, Refusal(
+            refusal.generation, refusal.reason, refusal.message[:MAX_TEXT], datetime.now(UTC)))
         self._changed()
 
     async def _apply(self, desired: DesiredState) -> None:
         wanted = {d.name for d in desired.deployments}
         for deployment in desired.deployments:
             await self._converge(deployment)
-        for name in [n for n in self.serving if n not in wanted]:
+        for name in unloaded(self.serving, wanted):
             del self.serving[name]
         self._prune(wanted)
         self.applied_generation = desired.generation
@@ -378,26 +404,29 @@ class SimDevice:
 
     async def _converge(self, d: Deployment) -> None:
         slot = self.serving.get(d.name)
-        if slot is None or slot.primary != (d.version, d.package.digest):
-            if not await self._update(d.name, d.model, d.version):
+        step = next_step(d, slot.route if slot else None)
+        if step is Step.UPDATE_PRIMARY:
+            primary = target(d, Role.PRIMARY)
+            if not await self._update(d.name, d.model, primary.version):
                 return  # the old version (if any) serves on; the failure is reported
-            slot = self.serving[d.name] = Slot(d.model, (d.version, d.package.digest))
-        c = d.candidate
-        if c is None:
-            slot.candidate, slot.traffic, slot.shadow = None, 0, False
-        elif slot.candidate == (c.version, c.package.digest):
-            slot.traffic, slot.shadow = c.traffic, c.shadow
-        elif await self._update(d.name, d.model, c.version):
-            slot.candidate, slot.traffic, slot.shadow = (c.version, c.package.digest), \
-                c.traffic, c.shadow
+            slot = self.serving[d.name] = Slot(d.model, Route(primary.running()))
+            step = next_step(d, slot.route)
+        assert slot is not None  # serving: it was there, or its update has just succeeded
+        if step is Step.UPDATE_CANDIDATE:
+            candidate = target(d, Role.CANDIDATE)
+            if await self._update(d.name, d.model, candidate.version):
+                slot.route = Route(slot.route.primary, candidate.running(), candidate.traffic,
+                                   candidate.shadow)
+        elif step is Step.SET_ROUTE:
+            slot.route = wanted_route(d)
         # Versions that no longer serve stop being reported as serving.
-        for key, status in list(self.statuses.items()):
-            if key[0] == d.name and status.state is S.SERVING and key[1] not in slot.versions():
-                del self.statuses[key]
+        self.statuses = dict(still_serving(list(self.statuses.items()), _status_key, d.name,
+                                           slot.route))
         self._changed()
 
     async def _update(self, name: str, model: str, version: int) -> bool:
         """Move one version through the update states: True once it serves."""
+        self.updates += 1
         for state in TRYING:
             self._set_status(name, model, version, state)
             await self._step()
@@ -429,19 +458,9 @@ class SimDevice:
         self._changed()
 
     def _prune(self, wanted: set[str]) -> None:
-        """As the real agent: what serves, plus the newest failure per deployment."""
-        kept: dict[tuple[str, int], DeploymentStatus] = {}
-        failures: dict[str, tuple[str, int]] = {}
-        for key, status in self.statuses.items():
-            slot = self.serving.get(key[0])
-            if key[0] not in wanted:
-                continue
-            if status.state is S.SERVING and slot is not None and key[1] in slot.versions():
-                kept[key] = status
-            elif status.state in (S.FAILED, S.ROLLED_BACK):
-                failures[key[0]] = key
-        kept.update({key: self.statuses[key] for key in failures.values()})
-        self.statuses = kept
+        routes = {name: slot.route for name, slot in self.serving.items()}
+        self.statuses = dict(kept_statuses(list(self.statuses.items()), _status_key, routes,
+                                           wanted))
 
     # -- reporting and telemetry --------------------------------------------------------
 
@@ -485,9 +504,10 @@ class SimDevice:
         points = []
         for name, slot in self.serving.items():
             requests = o.requests_per_second * o.telemetry_interval
-            shares = [(slot.primary[0], 1.0 if slot.shadow else 1 - slot.traffic / 100)]
-            if slot.candidate is not None:
-                shares.append((slot.candidate[0], slot.traffic / 100))
+            r = slot.route
+            shares = [(r.primary.version, 1.0 if r.shadow else 1 - r.traffic / 100)]
+            if r.candidate is not None:
+                shares.append((r.candidate.version, r.traffic / 100))
             for version, share in shares:
                 count = _poisson_like(requests * share)
                 if count == 0:

@@ -131,7 +131,7 @@ class Fleet:
         failed = 0
         for device in self.devices:
             for slot in device.serving.values():
-                serving.update(f"{slot.model}:{v}" for v in sorted(slot.versions()))
+                serving.update(f"{slot.model}:{v}" for v in sorted(slot.route.versions()))
             failed += any(s.state in (UpdateState.FAILED, UpdateState.ROLLING_BACK,
                                       UpdateState.ROLLED_BACK) for s in device.statuses.values())
         return {

@@ -139,7 +139,9 @@ def connect_packet(client_id: str, *, username: str | None, password: str | None
 
 def publish_packet(message: Message, packet_id: int | None) -> bytes:
     first = PUBLISH | (message.qos << 1) | (0x01 if message.retain else 0)
-    ident = packet_id.to_bytes(2, "big") if message.qos else b""
+    if message.qos and packet_id is None:
+        raise ValueError("a QoS 1 message needs a packet id")
+    ident = packet_id.to_bytes(2, "big") if message.qos and packet_id is not None else b""
     return _packet(first, _field(message.topic.encode()) + ident + message.payload)
 
 
@@ -297,7 +299,8 @@ class Client(asyncio.Protocol):
         body = await self._request(subscribe_packet(packet_id, filters), packet_id, timeout,
                                    "SUBACK")
         granted = list(body[2:])
-        refused = [topic for (topic, _), code in zip(filters, granted) if code == 0x80]
+        refused = [topic for (topic, _), code in zip(filters, granted, strict=False)
+                   if code == 0x80]
         if refused or len(granted) != len(filters):
             raise MqttError(f"the broker refused the subscription to {', '.join(refused)}")
         return granted

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import options as o
 from agent.inventory import agent_version
 from agent.mqtt import BackoffPolicy
 from contract import names
@@ -59,7 +60,7 @@ class SimOptions:
     mqtt_url: str | None = None              # instead of the broker named at enrollment
     platform: str = "linux/arm64"
     accelerators: tuple[str, ...] = ("onnxruntime:CPU",)
-    telemetry_interval: float = 10.0         # seconds between measurements
+    telemetry_interval: float = o.TELEMETRY_INTERVAL.default
     requests_per_second: float = 1.0         # simulated scoring load per device
     step_latency: float = 0.05               # seconds per update state, +-50 % jitter
     fail_rate: float = 0.0                   # fraction of updates that fail their self-test

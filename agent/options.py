@@ -1,0 +1,34 @@
+"""The agent's options, each declared once: its default and what it means.
+
+`edgefleet agent run` (agent/cli.py), `edgefleet serve` (agent/serving/cli.py),
+the simulator (agent/sim) and the dataclasses that carry the options through
+the code (AgentOptions, ServingOptions, ServeOptions, SimOptions) all read
+their defaults and help texts here, so a changed default changes everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Option(Generic[T]):
+    default: T
+    help: str
+
+
+SERVE_HOST: Option[str] = Option(
+    "127.0.0.1", "Address of the local scoring API (0.0.0.0 to serve the network).")
+SERVE_PORT: Option[int] = Option(8500, "Port of the local scoring API.")
+MAX_CONCURRENCY: Option[int] = Option(
+    2, "Inferences the scoring API runs at once (one worker thread each).")
+MAX_QUEUE: Option[int] = Option(
+    16, "Scoring requests that wait for a free slot; more get 503 with Retry-After.")
+SHADOW_CONCURRENCY: Option[int] = Option(
+    1, "Shadow copies running at once; copies beyond it are dropped and counted.")
+TELEMETRY_INTERVAL: Option[float] = Option(10.0, "Seconds between telemetry measurements.")
+TELEMETRY_QUEUE_POINTS: Option[int] = Option(
+    50_000, "Telemetry points kept on disk while offline; the oldest go first.")
