@@ -95,6 +95,13 @@ def _platforms(blobs: BlobStore, digest: str) -> list[dict[str, Any]]:
     ]
 
 
+def image_platforms(blobs: BlobStore, digest: str) -> list[oci.Platform]:
+    """The platforms the package (index) DIGEST has an image for."""
+    with blobs.open(digest) as f:
+        entries = oci.parse_index(f.read(), what=f"index {digest}")
+    return [e.platform for e in entries if e.platform is not None]
+
+
 def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -> list[dict]:
     rows = db.query(
         "SELECT t.repo, t.tag, t.digest, t.updated_at, m.media_type, m.size FROM oci_tags t"

@@ -15,7 +15,7 @@ MAX_TAG_VALUE = 256
 MAX_PATH = 255
 MAX_FILES = 1000
 
-_DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+_DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")  # ASCII digits: \d also takes "٣"
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -25,9 +25,24 @@ class InvalidInput(ValueError):
     """User input that breaks a rule; the message names the rule."""
 
 
+def is_number(text: str) -> bool:
+    """Only the ASCII digits 0-9: str.isdigit also takes '²' (which int() refuses) and
+    '٣' (which int() reads as 3), and a number the user sees must be the one stored."""
+    return text.isascii() and text.isdigit()
+
+
+def version(value: int | str) -> int | str:
+    """A version as a route or a body gives it: a number (ASCII digits) or 'latest'."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9:
+        return value
+    if isinstance(value, str) and (value == "latest" or (is_number(value) and len(value) <= 9)):
+        return value if value == "latest" else int(value)
+    raise InvalidInput(f"version must be a number or 'latest', got {str(value)[:20]!r}")
+
+
 def duration(text: str, what: str) -> int:
     """Seconds in '30s', '10m', '12h' or '7d' (WHAT names the option in the error)."""
-    match = _DURATION_RE.match(text.strip())
+    match = _DURATION_RE.fullmatch(text.strip())
     if not match:
         raise InvalidInput(f"{what} {text!r} should look like 30s, 30m, 12h or 7d")
     return int(match.group(1)) * _SECONDS[match.group(2)]
