@@ -77,6 +77,9 @@ class InProcessHub:
                 repo.put(layout.get(blob.digest), blob.media_type)
             repo.put(layout.get(entry.digest), entry.media_type)
         repo.tag(str(version), repo.put(layout.get(index.digest), index.media_type))
+        self.sign(model, version)
+
+    def sign(self, model: str, version: int) -> None:
         packages.sign(self.db, self.state.blobs, self.state.signing_key, model, version,
                       reference=f"testserver/{packages.repository(model)}")
 

@@ -86,7 +86,8 @@ async def act(rollout_id: str, action: str, request: Request,
         "rollback": lambda: commands.roll_back(state.db, rollout_id, actor=principal.name,
                                                notify=_notify(request)),
     }
-    if action not in actions:
+    if action not in actions:  # audited under a fixed name: the path is anyone's text
+        request.state.audit = ("rollout.unknown-action", rollout_id)
         raise InvalidInput(f"unknown action {action[:40]!r}; use one of {', '.join(actions)}")
     request.state.audit = (f"rollout.{action}", rollout_id)
     record = await run_in_threadpool(actions[action])
