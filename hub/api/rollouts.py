@@ -63,9 +63,14 @@ def create(body: RolloutRequest, request: Request, principal: Principal = auth.o
 
 
 @router.get("/rollouts", summary="List rollouts, newest first")
-def list_(request: Request, state: RolloutState | None = None,
+def list_(request: Request,
+          state: str | None = Query(None, description="only rollouts in this state"),
           principal: Principal = auth.viewer) -> list[dict[str, Any]]:
-    return reads.list_rollouts(hub_state(request).db, state=state)
+    if state and state not in set(RolloutState):
+        raise InvalidInput(f"unknown state {state[:40]!r}; use one of "
+                           f"{', '.join(s.value for s in RolloutState)}")
+    return reads.list_rollouts(hub_state(request).db,
+                               state=RolloutState(state) if state else None)
 
 
 @router.get("/rollouts/{rollout_id}", summary="One rollout: waves, progress, soak, failed devices")

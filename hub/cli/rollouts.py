@@ -126,7 +126,7 @@ def list_(state: str | None, hub: str | None, token: str | None, as_json: bool) 
 
     Example: edgefleet rollout list --state running
     """
-    rows = client(hub, token).get("/api/v1/rollouts", params={"state": state})
+    rows = client(hub, token).get("/api/v1/rollouts", params={"state": state} if state else None)
     emit(rows, ["id", "model", "version", "state", "current_wave", "devices", "serving", "failed",
                 "created_at", "reason"], as_json=as_json)
 
