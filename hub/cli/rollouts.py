@@ -239,8 +239,9 @@ def _devices(record: dict[str, Any]) -> Table:
 @json_option
 def show(rollout_id: str, with_devices: bool, hub: str | None, token: str | None,
          as_json: bool) -> None:
-    """Show a rollout: its settings, progress per wave, soak, and failed devices with their
-    errors.
+    """Show a rollout: settings, progress per wave, soak, failed devices.
+
+    Failed and skipped devices are listed with their errors; --devices lists them all.
 
     Example: edgefleet rollout show r-7 --devices
     """
@@ -287,8 +288,10 @@ def _line(record: dict[str, Any]) -> str:
 @json_option
 def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, token: str | None,
           as_json: bool) -> None:
-    """Follow a rollout until it completes, pauses, fails, aborts or rolls back: drawn live
-    on a terminal, one plain line per change otherwise (logs, CI).
+    """Follow a rollout until it completes or stops.
+
+    It stops at paused, failed, aborted or rolled back. On a terminal its progress is
+    drawn live; otherwise (logs, CI) one plain line is printed per change.
 
     \b
     Exit codes:
@@ -369,7 +372,8 @@ def _action(name: str, verb: str, example: str) -> click.Command:
 
 _action("pause", "Stop starting new waves; devices keep what they have.",
         "edgefleet rollout pause r-7")
-_action("resume", "Carry on with a paused rollout.", "edgefleet rollout resume r-7")
+_action("resume", "Carry on with a paused rollout, or a failed one whose cause is fixed.",
+        "edgefleet rollout resume r-7")
 _action("abort", "End a rollout where it is; pending devices never get the version.",
         "edgefleet rollout abort r-7")
 _action("rollback", "Give every device that got the new version its previous one back.",
