@@ -8,6 +8,7 @@ at enrollment), writing a cosign signature into the same repository.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,7 +19,7 @@ from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
 from packager import cosign, oci
-from packager.errors import BlobNotFound, RefNotFound
+from packager.errors import BlobNotFound, PackagerError, RefNotFound
 from packager.layers import ROLE
 
 
@@ -95,11 +96,22 @@ def _platforms(blobs: BlobStore, digest: str) -> list[dict[str, Any]]:
     ]
 
 
-def image_platforms(blobs: BlobStore, digest: str) -> list[oci.Platform]:
-    """The platforms the package (index) DIGEST has an image for."""
+def platform_coverage(blobs: BlobStore, digest: str,
+                      wanted: Iterable[str]) -> tuple[list[str], set[str]]:
+    """The platforms the package (index) DIGEST has images for, and those of WANTED
+    (device platforms, os/arch[/variant]) it has none for; arm64 matches arm64/v8."""
     with blobs.open(digest) as f:
         entries = oci.parse_index(f.read(), what=f"index {digest}")
-    return [e.platform for e in entries if e.platform is not None]
+    have = [e.platform for e in entries if e.platform is not None]
+    lacking = set()
+    for text in wanted:
+        try:
+            platform = oci.Platform.parse(text)
+        except PackagerError:  # not a platform: nothing to compare
+            continue
+        if not any(platform.matches(p) for p in have):
+            lacking.add(text)
+    return [str(p) for p in have], lacking
 
 
 def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -> list[dict]:

@@ -18,7 +18,6 @@ from hub.storage.blobs import BlobStore
 from hub.storage.db import Database, dumps, now
 from hub.validation import InvalidInput
 from packager.errors import PackagerError
-from packager.oci import Platform
 
 Notify = Callable[[Iterable[str]], None]
 
@@ -91,22 +90,23 @@ def _refuse_candidate_serving(db: Database, spec: specs.RolloutSpec,
 
 def _refuse_missing_platforms(db: Database, blobs: BlobStore, spec: specs.RolloutSpec,
                               digest: str, devices: Sequence[str]) -> None:
-    have = packages.image_platforms(blobs, digest)
-    lacking: dict[str, list[str]] = {}
+    # Devices that have not reported yet have no platform: their own update will tell.
+    platforms: dict[str, list[str]] = {}
     for r in db.query("SELECT id, platform FROM devices WHERE platform IS NOT NULL"
                       " AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
                       (json.dumps(list(devices)),)):
-        try:
-            platform = Platform.parse(r["platform"])
-        except PackagerError:  # a device that never said: its update tells
-            continue
-        if not any(platform.matches(p) for p in have):
-            lacking.setdefault(str(platform), []).append(r["id"])
+        platforms.setdefault(r["platform"], []).append(r["id"])
+    try:
+        have, lacking = packages.platform_coverage(blobs, digest, platforms)
+    except (PackagerError, OSError) as exc:
+        raise Conflict(f"the package of {spec.model}:{spec.version} cannot be read ({exc}); "
+                       f"build it again with `edgefleet package build "
+                       f"{spec.model}:{spec.version}`") from None
     if lacking:
-        what = "; ".join(f"{p} ({_few(ids)})" for p, ids in sorted(lacking.items()))
+        what = "; ".join(f"{p} ({_few(platforms[p])})" for p in sorted(lacking))
         raise InvalidInput(
             f"the package of {spec.model}:{spec.version} has no image for {what}; it has "
-            f"{', '.join(str(p) for p in have) or 'none'}: build it with `edgefleet package "
+            f"{', '.join(have) or 'none'}: build it with `edgefleet package "
             f"build {spec.model}:{spec.version} --platform ...` or narrow the target")
 
 

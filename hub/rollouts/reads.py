@@ -53,18 +53,28 @@ def show(db: Database, rollout_id: str, *, devices: bool = False,
     record["failed_devices"] = db.query(
         "SELECT device_id, wave, state, error FROM rollout_devices WHERE rollout_id = ?"
         " AND state IN ('failed', 'skipped') ORDER BY wave, device_id LIMIT 200", (rollout_id,))
-    record.update(soak_ends_at=None, soak_left_s=None, next_wave_at=None)
-    if row["state"] == RolloutState.RUNNING and row["current_wave"] >= 1:
-        rollout = store.load(db, row)
-        ends = store.soak_ends(db, rollout)
-        if ends is not None:
-            moment = at or datetime.now(UTC)
-            record["soak_ends_at"] = format_time(ends)
-            record["soak_left_s"] = max(0, round((ends - moment).total_seconds()))
-            if store.next_wave(db, rollout) is not None:
-                record["next_wave_at"] = record["soak_ends_at"]
+    record.update(_soak(db, row, at or datetime.now(UTC)))
     if devices:
         record["devices"] = db.query(
             "SELECT device_id, wave, state, previous_version, assigned_at, serving_at, error"
             " FROM rollout_devices WHERE rollout_id = ? ORDER BY wave, device_id", (rollout_id,))
     return record
+
+
+def _soak(db: Database, row: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """When the running wave's soak ends, the seconds left at AT, and when the next wave
+    starts (None while the wave's devices have not all answered, or with no next wave)."""
+    soak: dict[str, Any] = {"soak_ends_at": None, "soak_left_s": None, "next_wave_at": None}
+    if row["state"] != RolloutState.RUNNING or row["current_wave"] < 1:
+        return soak
+    try:
+        rollout = store.load(db, row)
+    except ValueError:  # a spec from an older hub that no longer passes: the engine
+        return soak     # fails the rollout, with the reason, on its next tick
+    ends = store.soak_ends(db, rollout)
+    if ends is not None:
+        soak["soak_ends_at"] = format_time(ends)
+        soak["soak_left_s"] = max(0, round((ends - at).total_seconds()))
+        if store.next_wave(db, rollout) is not None:
+            soak["next_wave_at"] = soak["soak_ends_at"]
+    return soak
