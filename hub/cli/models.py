@@ -11,13 +11,14 @@ import click
 from hub.cli.client import HubClient
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
 from hub.cli.transfer import download_file, progress_bar, upload_file
+from hub.validation import is_number
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
     """NAME:VERSION, NAME:latest or NAME (meaning latest)."""
     name, _, version = ref.partition(":")
     version = version or "latest"
-    if not name or not (version.isdigit() or version == "latest"):
+    if not name or not (is_number(version) or version == "latest"):
         raise click.BadParameter(f"{ref!r} should look like NAME:VERSION, e.g. diabetes:2")
     return name, version
 

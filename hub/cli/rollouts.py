@@ -19,6 +19,7 @@ from hub.cli.output import client, console, emit, emit_one, hub_options, json_op
 from hub.rollouts import states
 from hub.rollouts.spec import OPTIONS
 from hub.rollouts.states import RolloutState
+from hub.validation import is_number
 
 # `rollout watch` exit codes (documented in its help and in docs/architecture.md); 1 and
 # 2 are click's own (an error talking to the hub, a usage error).
@@ -37,7 +38,7 @@ def _percent(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip().removesuffix("%")
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 99:
+    if not is_number(text) or not 1 <= int(text) <= 99:
         raise click.BadParameter(f"{value!r}: give a share from 1% to 99%", param_hint="--traffic")
     return int(text)
 
