@@ -108,13 +108,13 @@ def test_defaults_come_from_the_spec_module(hub: InProcessHub) -> None:
     record = post(hub).json()
     for name in ("waves", "max_failures", "soak", "device_timeout", "auto_rollback", "traffic",
                  "shadow", "priority", "max_error_rate", "max_latency_ratio"):
-        assert record[name] == specs.default(name), name
+        assert record[name] == specs.OPTIONS[name].default, name
     schema = hub.client.get("/openapi.json").json()["components"]["schemas"]["RolloutRequest"]
     assert schema["properties"]["waves"]["description"] == specs.OPTIONS["waves"].help
     from hub.cli.rollouts import create
 
     shown = {p.name: p for p in create.params}
-    assert shown["soak"].default == specs.default("soak")
+    assert shown["soak"].default == specs.OPTIONS["soak"].default
     assert shown["soak"].help == specs.OPTIONS["soak"].help
 
 

@@ -54,10 +54,6 @@ _PERCENT = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
 _COUNT = re.compile(r"[0-9]{1,9}")
 
 
-def default(name: str) -> Any:
-    return OPTIONS[name].default
-
-
 def _percent(text: str, what: str, *, low_open: bool) -> float | None:
     """The share in 'N%' (ASCII digits, at most 100), None when TEXT is no percentage."""
     if not text.endswith("%"):
@@ -165,7 +161,8 @@ class Duration:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    """A rollout as the engine runs it; every field checked (`parse`), none text to parse."""
+    """A rollout as the engine runs it; every field checked (`parse`), none text to parse.
+    No defaults here: OPTIONS has them, and `parse` applies them."""
 
     model: str
     version: int
@@ -175,13 +172,13 @@ class RolloutSpec:
     max_failures: Share
     soak: Duration
     device_timeout: Duration
-    auto_rollback: bool = False
-    traffic: int | None = None
-    shadow: bool = False
-    priority: int = 0
-    prefer: tuple[str, ...] = ()
-    max_error_rate: float = 0.05
-    max_latency_ratio: float = 3.0
+    auto_rollback: bool
+    traffic: int | None
+    shadow: bool
+    priority: int
+    prefer: tuple[str, ...]
+    max_error_rate: float
+    max_latency_ratio: float
 
     @property
     def split(self) -> bool:
