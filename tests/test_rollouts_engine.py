@@ -276,3 +276,15 @@ def test_a_rollout_from_an_older_hub_gets_its_typed_spec_once(hub: InProcessHub,
     assert store.row(hub.db, rollout_id)["spec"] == spec.to_json()
     engine.tick()
     assert reads.show(hub.db, rollout_id)["current_wave"] == 1
+
+
+def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
+    path = tmp_path / "old.db"
+    Database(path)
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("ALTER TABLE rollouts DROP COLUMN spec")
+    old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    old.close()
+    db = Database(path)
+    assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
+    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "2"}
