@@ -91,7 +91,7 @@ class Engine:
                           check_joiners=check_joiners)
             except sqlite3.OperationalError as exc:  # busy or full: not the rollout's fault
                 log.warning("rollout %s: %s; trying again next tick", found["id"], exc)
-            except Exception as exc:  # noqa: BLE001 - stored on the rollout, see below
+            except Exception as exc:  # stored on that rollout: the others go on
                 self._failed(found["id"], exc)
 
     def _failed(self, rollout_id: str, exc: Exception) -> None:
