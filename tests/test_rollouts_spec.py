@@ -67,6 +67,7 @@ def post(hub: InProcessHub, **body: Any) -> Any:
     ({"deployment": "Bad Name"}, "invalid deployment name 'Bad Name'"),
     ({"model": "Tiny"}, "invalid model name 'Tiny'"),
     ({"target": {"bad key!": "x"}}, "invalid tag key 'bad key!'"),
+    ({"target": {f"k{n}": "v" for n in range(33)}}, "the target has 33 tags; the most"),
     ({"traffic": 10, "version": 1},
      "deployment tiny already serves tiny:1 on 2 target device(s) (dev-a, dev-b), so it "
      "cannot be their A/B or shadow candidate"),

@@ -50,6 +50,7 @@ OPTIONS: dict[str, Option] = {
 }
 MAX_PRIORITY = 1_000_000
 MAX_WAVES = 100
+MAX_TARGET = 32  # key=value pairs in a target: each is one clause of the device query
 _PERCENT = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
 _COUNT = re.compile(r"[0-9]{1,9}")
 
@@ -249,6 +250,9 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
     InvalidInput with one line naming the option otherwise. What needs the database
     (the package, the devices) is `commands.create`'s to check."""
     validation.model_name(model)
+    if len(target) > MAX_TARGET:
+        raise InvalidInput(f"the target has {len(target)} tags; the most it takes is "
+                           f"{MAX_TARGET}")
     if traffic is not None and shadow:
         raise InvalidInput("choose --traffic (an A/B split) or --shadow, not both")
     if traffic is not None and not 1 <= traffic <= 99:
