@@ -288,3 +288,29 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
     db = Database(path)
     assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "2"}
+
+
+def test_a_manual_deploy_during_a_rollout_is_a_takeover_the_rollback_leaves_alone(
+        hub: InProcessHub, engine: Engine) -> None:
+    rollout_id = create(hub, soak="1h")
+    engine.tick()
+    serve(hub, DEVICES)
+    engine.tick()
+    manual, removed = DEVICES[0], DEVICES[1]
+    deployments.assign(hub.db, manual, name="tiny", model="tiny", version=3)
+    deployments.unassign(hub.db, removed, "tiny")
+    engine.tick()
+    states = members(hub.db, rollout_id)
+    assert (states[manual]["state"], states[manual]["error"]) == (
+        "skipped", "taken over by a manual deploy")
+    assert (states[removed]["state"], states[removed]["error"]) == (
+        "skipped", "taken over by removing it by hand (undeploy)")
+    answer = hub.client.post(f"/api/v1/rollouts/{rollout_id}/rollback").json()
+    assert answer["state"] == "rolled_back"
+    states = members(hub.db, rollout_id)
+    assert {d: s["state"] for d, s in states.items()} == {
+        manual: "skipped", removed: "skipped", DEVICES[2]: "rolled_back",
+        DEVICES[3]: "rolled_back"}
+    assert deployments.for_device(hub.db, manual)[0]["version"] == 3
+    assert deployments.for_device(hub.db, removed) == []
+    assert deployments.for_device(hub.db, DEVICES[2])[0]["version"] == 1

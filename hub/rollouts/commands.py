@@ -174,9 +174,16 @@ def roll_back_in(db: Database, rollout: store.Rollout, *, actor: str,
                                     version=previous, prefer=spec.prefer)
         changed += owned
     with db.transaction() as conn:
-        # Failed devices stay "failed" with their error: `rollout show` lists them, and why.
+        # Only the devices given their previous version back are rolled back; failed ones
+        # stay "failed" with their error (`rollout show` lists them, and why), and those
+        # that someone or something else took over meanwhile say so.
         conn.execute(
-            "UPDATE rollout_devices SET state = 'rolled_back' WHERE rollout_id = ?"
-            " AND assigned_at IS NOT NULL AND state NOT IN ('skipped', 'failed')", (rollout.id,))
+            "UPDATE rollout_devices SET state = CASE WHEN device_id IN (SELECT value FROM"
+            " json_each(?)) THEN 'rolled_back' ELSE 'skipped' END, error = CASE WHEN"
+            " device_id IN (SELECT value FROM json_each(?)) THEN error ELSE"
+            " 'not rolled back: its deployment was taken over before the rollback' END"
+            " WHERE rollout_id = ? AND assigned_at IS NOT NULL"
+            " AND state NOT IN ('skipped', 'failed')",
+            (json.dumps(changed), json.dumps(changed), rollout.id))
     store.transition(db, rollout.id, Event.ROLL_BACK, reason or f"rolled back by {actor}", actor)
     return changed

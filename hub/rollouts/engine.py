@@ -301,8 +301,8 @@ class Engine:
         updates = []
         for r in open_rows:
             device, report = r["device_id"], reported.get(r["device_id"])
-            change = self._judge(rollout, r, report, owners.get(device), verdicts.get(device),
-                                 stale)
+            change = self._judge(rollout, r, report, self._holder(owners, device),
+                                 verdicts.get(device), stale)
             if change != (r["state"], r["error"], r["serving_at"]):
                 updates.append((*change, rollout.id, device))
         if updates:
@@ -311,8 +311,15 @@ class Engine:
                     "UPDATE rollout_devices SET state = ?, error = ?, serving_at = ?"
                     " WHERE rollout_id = ? AND device_id = ?", updates)
 
+    @staticmethod
+    def _holder(owners: dict[str, str | None], device: str) -> str:
+        """Who holds the device's deployment now: a rollout id, or what a user did."""
+        if device not in owners:
+            return "removing it by hand (undeploy)"
+        return f"rollout {owners[device]}" if owners[device] else "a manual deploy"
+
     def _judge(self, rollout: store.Rollout, r: dict[str, Any], report: dict[str, Any] | None,
-               owner: str | None, unhealthy: str | None,
+               holder: str, unhealthy: str | None,
                stale: str) -> tuple[str, str | None, str | None]:
         """One device's next (state, error, serving_at) from the evidence of this tick."""
         answer = None
@@ -320,7 +327,7 @@ class Engine:
             answer = report["state"]
         reported = FROM_REPORT.get(answer) if answer is not None else None
         evidence: set[Evidence] = set()
-        if owner not in (rollout.id, None):
+        if holder != f"rollout {rollout.id}":
             evidence.add(Evidence.TAKEN_OVER)
         if unhealthy is not None:
             evidence.add(Evidence.UNHEALTHY)
@@ -334,7 +341,7 @@ class Engine:
             evidence.add(Evidence.TIMED_OUT)
         state, why = next_device_state(D(r["state"]), evidence, reported)
         errors: dict[Evidence | None, str | None] = {
-            Evidence.TAKEN_OVER: f"taken over by rollout {owner}",
+            Evidence.TAKEN_OVER: f"taken over by {holder}",
             Evidence.UNHEALTHY: unhealthy,
             Evidence.REPORTS_FAILURE: (report or {}).get("error") or
             f"the device reports {answer}",
