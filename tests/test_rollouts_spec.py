@@ -196,3 +196,12 @@ def test_the_tables_are_complete() -> None:
     assert states.next_device_state(
         DeviceState.FAILED, {Evidence.REPORTS_PROGRESS, Evidence.TIMED_OUT},
         DeviceState.STAGED) == (DeviceState.FAILED, None)
+
+
+def test_an_upload_chunk_starting_at_a_non_ascii_number_is_refused(hub: InProcessHub) -> None:
+    started = hub.client.post("/v2/models/tiny/blobs/uploads/")
+    assert started.status_code == 202, started.text
+    answer = hub.client.patch(started.headers["location"], content=b"x",
+                              headers={"Content-Range": b"\xb2-0"})
+    assert answer.status_code == 416, answer.text
+    hub.state.uploads.cancel("models/tiny", started.headers["location"].rsplit("/", 1)[1])

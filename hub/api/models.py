@@ -66,7 +66,7 @@ async def upload_blob(
     except ClientDisconnect:
         writer.abort()
         raise BadRequest("upload cut off by the client; nothing was stored") from None
-    if declared is not None and declared.isdigit() and int(declared) != received:
+    if declared is not None and validation.is_number(declared) and int(declared) != received:
         writer.abort()
         raise BadRequest(f"upload truncated: got {received} of {declared} bytes")
     stored, size = await to_thread.run_sync(writer.commit, digest)
