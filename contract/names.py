@@ -116,8 +116,14 @@ RUNTIME_CHOICE = Grammar(
 )
 
 MODEL_REF = re.compile(r"(?P<name>[^:]+)(?::(?P<version>[1-9][0-9]*|latest))?")
-_DURATION = re.compile(r"(?P<count>[0-9]+)(?P<unit>[smhd])")
+_DURATION = re.compile(r"(?P<count>[0-9]{1,9})(?P<unit>[smhd])")  # ASCII: \d takes "٣"
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def is_number(text: str) -> bool:
+    """Only the ASCII digits 0-9: str.isdigit also takes '²' (which int() refuses) and
+    '٣' (which int() reads as 3), and a number the user sees must be the one stored."""
+    return text.isascii() and text.isdigit()
 
 
 def model_name(text: object) -> str:

@@ -58,7 +58,7 @@ class Candidate:
                                f"{self.traffic}")
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     try:
         return model_name(name)
     except InvalidName:
@@ -68,7 +68,7 @@ def _check_name(name: str) -> str:
         ) from None
 
 
-def _check_prefer(prefer: Sequence[str]) -> list[str]:
+def check_prefer(prefer: Sequence[str]) -> list[str]:
     if len(prefer) > MAX_PREFER:
         raise InvalidInput(f"prefer lists {len(prefer)} choices; the limit is {MAX_PREFER}")
     for choice in prefer:
@@ -112,7 +112,7 @@ def assign_many(
     """Make deployment NAME on every device in DEVICE_IDS run MODEL:VERSION
     ("latest" allowed), in one transaction. Returns each device's desired
     generation (unchanged where the deployment already was exactly this)."""
-    name, prefer = _check_name(name), _check_prefer(prefer)
+    name, prefer = check_name(name), check_prefer(prefer)
     number, package = signed_package(db, model, version)
     row: dict[str, Any] = {
         "model": model, "version": number, "repository": packages.repository(model),

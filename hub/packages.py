@@ -8,12 +8,13 @@ at enrollment), writing a cosign signature into the same repository.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from contract import cosign, oci
-from contract.errors import BlobNotFound, RefNotFound
+from contract.errors import BlobNotFound, PackageError, RefNotFound
 from contract.layers import ROLE
 from hub import oci_registry as reg
 from hub.errors import NotFound
@@ -93,6 +94,24 @@ def _platforms(blobs: BlobStore, digest: str) -> list[dict[str, Any]]:
         {"platform": str(e.platform) if e.platform else None, "digest": e.digest}
         for e in entries
     ]
+
+
+def platform_coverage(blobs: BlobStore, digest: str,
+                      wanted: Iterable[str]) -> tuple[list[str], set[str]]:
+    """The platforms the package (index) DIGEST has images for, and those of WANTED
+    (device platforms, os/arch[/variant]) it has none for; arm64 matches arm64/v8."""
+    with blobs.open(digest) as f:
+        entries = oci.parse_index(f.read(), what=f"index {digest}")
+    have = [e.platform for e in entries if e.platform is not None]
+    lacking = set()
+    for text in wanted:
+        try:
+            platform = oci.Platform.parse(text)
+        except PackageError:  # not a platform: nothing to compare
+            continue
+        if not any(platform.matches(p) for p in have):
+            lacking.add(text)
+    return [str(p) for p in have], lacking
 
 
 def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -> list[dict]:

@@ -189,13 +189,14 @@ def _require_model(db: Database, name: str) -> None:
 
 
 def _version_row(db: Database, name: str, version: int | str) -> dict[str, Any]:
+    version = validation.version(version)
     if version == "latest":
         row = db.query_one(
             "SELECT * FROM model_versions WHERE model = ? ORDER BY version DESC LIMIT 1", (name,)
         )
     else:
         row = db.query_one(
-            "SELECT * FROM model_versions WHERE model = ? AND version = ?", (name, int(version))
+            "SELECT * FROM model_versions WHERE model = ? AND version = ?", (name, version)
         )
     if row is None:
         _require_model(db, name)

@@ -1,4 +1,4 @@
-"""The thread that drives rollouts: `hub.rollouts.tick` once a second.
+"""The thread that drives rollouts: `hub.rollouts.engine.Engine.tick` once a second.
 
 All rollout state is in the database, so this thread holds none: killed and
 started again (with the hub), it carries on where the database says. Health
@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 
-from hub import rollouts
+from hub.rollouts.engine import Engine
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.rollouts")
@@ -22,8 +22,7 @@ log = logging.getLogger("edgefleet.rollouts")
 class RolloutEngine:
     def __init__(self, db: Database, notify: Callable[[Iterable[str]], None], *,
                  interval: float = 1.0, health_every: int = 5) -> None:
-        self.db = db
-        self.notify = notify
+        self.engine = Engine(db, notify)
         self.interval = interval
         self.health_every = health_every
         self._stop = threading.Event()
@@ -47,8 +46,8 @@ class RolloutEngine:
         while not self._stop.is_set():
             try:
                 slow = ticks % self.health_every == 0
-                rollouts.tick(self.db, self.notify, check_health=slow, check_joiners=slow)
-            except Exception:  # one bad tick must not end rollouts for good
+                self.engine.tick(check_health=slow, check_joiners=slow)
+            except Exception:  # the database gone: one bad tick must not end rollouts for good
                 log.exception("rollout tick failed")
             ticks += 1
             self._wake.wait(self.interval)

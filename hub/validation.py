@@ -11,11 +11,11 @@ it); the API answers both with 422 and their one line.
 
 from __future__ import annotations
 
-from contract.names import InvalidName, duration, file_path, model_name, tag
+from contract.names import InvalidName, duration, file_path, is_number, model_name, tag
 
 __all__ = [
-    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "model_name",
-    "parse_tag_selector", "tag", "tags",
+    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "is_number",
+    "model_name", "parse_tag_selector", "tag", "tags", "version",
 ]
 
 MAX_FILES = 1000
@@ -23,6 +23,15 @@ MAX_FILES = 1000
 
 class InvalidInput(InvalidName):
     """User input that breaks one of the hub's own rules; the message names the rule."""
+
+
+def version(value: int | str) -> int | str:
+    """A version as a route or a body gives it: a number (ASCII digits) or 'latest'."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9:
+        return value
+    if isinstance(value, str) and (value == "latest" or (is_number(value) and len(value) <= 9)):
+        return value if value == "latest" else int(value)
+    raise InvalidInput(f"version must be a number or 'latest', got {str(value)[:20]!r}")
 
 
 def tags(mapping: dict[str, str]) -> dict[str, str]:

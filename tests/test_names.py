@@ -127,7 +127,8 @@ def test_a_file_name_the_hub_accepts_is_one_a_package_can_carry(path: str) -> No
 @pytest.mark.parametrize("grammar", [g for g in vars(names).values()
                                      if isinstance(g, names.Grammar)])
 def test_no_grammar_lets_a_trailing_newline_through(grammar: names.Grammar) -> None:
-    example = {"tag value": "v", "digest": DIGEST}.get(grammar.what, "a")
+    example = {"tag value": "v", "digest": DIGEST,
+               "accelerator preference": "onnxruntime:CPU"}.get(grammar.what, "a")
     assert grammar.matches(example)
     assert not grammar.matches(example + "\n")
 

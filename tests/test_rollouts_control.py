@@ -76,7 +76,7 @@ def test_a_broken_version_stops_at_the_first_wave_and_is_rolled_back(fleet: Flee
     assert "rolled_back" in shown and agent.device_id in shown
     assert error[:40] in " ".join(shown.split())
     watched = fleet.cli.run("rollout", "watch", rollout_id, ok=False)
-    assert watched.returncode == 1 and "Summary: rolled_back" in watched.stdout
+    assert watched.returncode == 3 and "Summary: rolled_back" in watched.stdout
     actions = [e["action"] for e in fleet.audit(rollout_id) if e["actor"] == "rollout-engine"]
     assert actions[-2:] == ["rollout.paused", "rollout.rolled_back"]
     assert actions.count("rollout.wave") == 1
@@ -160,7 +160,7 @@ def test_pause_resume_and_abort_from_the_cli(fleet: Fleet) -> None:
     assert (record["state"], record["current_wave"]) == ("paused", 1)
     assert [d["state"] for d in fleet.members(rollout_id).values()].count("pending") == 2
     watched = fleet.cli.run("rollout", "watch", rollout_id, ok=False)
-    assert watched.returncode == 1 and "Summary: paused" in watched.stdout
+    assert watched.returncode == 3 and "Summary: paused" in watched.stdout
 
     # Resumed: wave 2 starts at once (wave 1 has soaked); then aborted during its soak.
     assert "running" in fleet.cli.run("rollout", "resume", rollout_id).stdout

@@ -40,14 +40,6 @@ class RegisterRequest(BaseModel):
         "the packager reads (.onnx, .tflite, OpenVINO .xml with its .bin)")
 
 
-def _version(text: str) -> int | str:
-    if text == "latest":
-        return text
-    if not text.isdigit() or len(text) > 9:
-        raise validation.InvalidInput(f"version must be a number or 'latest', got {text[:20]!r}")
-    return int(text)
-
-
 def _selectors(tag: list[str]) -> list[tuple[str, str]]:
     return [validation.parse_tag_selector(t) for t in tag]
 
@@ -77,7 +69,7 @@ async def upload_blob(
     except ClientDisconnect:
         writer.abort()
         raise BadRequest("upload cut off by the client; nothing was stored") from None
-    if declared is not None and declared.isdigit() and int(declared) != received:
+    if declared is not None and validation.is_number(declared) and int(declared) != received:
         writer.abort()
         raise BadRequest(f"upload truncated: got {received} of {declared} bytes")
     stored, size = await to_thread.run_sync(writer.commit, digest)
@@ -134,7 +126,7 @@ def list_versions(
 def show_version(
     name: str, version: str, request: Request, principal: Principal = auth.viewer
 ) -> dict[str, Any]:
-    return registry.get_version(hub_state(request).db, name, _version(version))
+    return registry.get_version(hub_state(request).db, name, validation.version(version))
 
 
 @router.get("/models/{name}/versions/{version}/files/{path:path}", summary="Download a file")
@@ -142,7 +134,7 @@ def download_file(
     name: str, version: str, path: str, request: Request, principal: Principal = auth.viewer
 ) -> LargeFileResponse:
     state = hub_state(request)
-    found = registry.version_file(state.db, name, _version(version), path)
+    found = registry.version_file(state.db, name, validation.version(version), path)
     if not state.blobs.exists(found["digest"]):
         raise NotFound(f"the bytes of {path!r} ({found['digest']}) are missing from the blob store")
     return LargeFileResponse(
@@ -158,7 +150,7 @@ async def delete_version(
 ) -> Response:
     state = hub_state(request)
     request.state.audit = ("model.delete", f"{name}:{version}")
-    number = _version(version)
+    number = validation.version(version)
     if number == "latest":
         raise validation.InvalidInput("name the version to delete explicitly, not 'latest'")
     await run_in_threadpool(registry.delete_version, state.db, state.blobs, name, number)

@@ -27,6 +27,7 @@ from hub.errors import HubError
 from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobError
 from hub.tokens import Principal
+from hub.validation import is_number
 
 router = APIRouter(prefix="/v2", include_in_schema=False)
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="edgefleet"'}
@@ -149,7 +150,7 @@ async def upload_chunk(repo: str, upload_id: str, request: Request) -> Response:
     content_range = request.headers.get("content-range")
     if content_range:
         start, _, _ = content_range.removeprefix("bytes=").partition("-")
-        if not start.isdigit() or int(start) != upload.size:
+        if not is_number(start) or int(start) != upload.size:
             raise RegistryError(
                 416, "BLOB_UPLOAD_INVALID",
                 f"chunk starts at {start}, the upload has {upload.size} bytes",

@@ -9,10 +9,11 @@ import click
 from contract import names
 from hub.cli.models import parse_ref
 from hub.cli.output import client, emit_one, hub_options, json_option, say
+from hub.validation import is_number
 
 
 def _version(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    return int(text) if is_number(text) else text
 
 
 @click.command()
@@ -50,7 +51,7 @@ def deploy(
     if candidate is not None and traffic is None and not shadow:
         raise click.UsageError("a split candidate needs --traffic N (its percent of requests), "
                                "or add --shadow")
-    if candidate is not None and not (candidate.isdigit() or candidate == "latest"):
+    if candidate is not None and not (is_number(candidate) or candidate == "latest"):
         raise click.BadParameter(f"{candidate!r} should be a version number of {model}",
                                  param_hint="--candidate")
     body: dict[str, Any] = {"model": model, "version": _version(version),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -13,26 +16,47 @@ from rich.text import Text
 
 from hub.cli.models import parse_ref
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
+from hub.rollouts import states
+from hub.rollouts.spec import OPTIONS
+from hub.rollouts.states import RolloutState
+from hub.validation import is_number
 
-DONE = ("completed", "aborted", "rolled_back")
+# `rollout watch` exit codes (documented in its help and in docs/architecture.md); 1 and
+# 2 are click's own (an error talking to the hub, a usage error).
+EXIT_COMPLETED = 0
+EXIT_STOPPED = 3     # paused, failed, aborted or rolled back: it did not complete
+EXIT_TIMED_OUT = 4   # --timeout passed first
+STOPPED = ("paused", "failed", "aborted", "rolled_back")
 # Columns of the progress table, in the order a device passes through them; "updating"
 # gathers the agent's update states (assigned, downloading ... self_test).
 COLUMNS = ("pending", "updating", "serving", "failed", "rolled back", "skipped")
-UPDATING = ("assigned", "downloading", "verifying", "staged", "starting", "self_test")
+UPDATING = tuple(sorted(s.value for s in states.UPDATING))
 STYLES = {"serving": "green", "failed": "red", "rolled back": "yellow", "updating": "cyan"}
 
 
 def _percent(value: str | None) -> int | None:
     if value is None:
         return None
-    text = value.strip().rstrip("%")
-    if not text.isdigit() or not 1 <= int(text) <= 99:
+    text = value.strip().removesuffix("%")
+    if not is_number(text) or not 1 <= int(text) <= 99:
         raise click.BadParameter(f"{value!r}: give a share from 1% to 99%", param_hint="--traffic")
     return int(text)
 
 
 def _target(text: str) -> dict[str, str]:
     return parse_pairs([p for p in text.split(",") if p.strip()], "--target")
+
+
+def _option(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A `rollout create` option whose default and help are the spec's (hub/rollouts/spec.py)."""
+    declared = OPTIONS[name]
+    flag = "--" + name.replace("_", "-")
+    if isinstance(declared.default, bool):
+        return click.option(flag, is_flag=True, help=declared.help, **kwargs)
+    if declared.default is None or declared.default == ():
+        return click.option(flag, help=declared.help, **kwargs)
+    return click.option(flag, default=declared.default, show_default=True, help=declared.help,
+                        **kwargs)
 
 
 @click.group()
@@ -44,35 +68,31 @@ def rollout() -> None:
 @click.argument("ref")
 @click.option("--target", required=True, help="Tag selector, e.g. 'site=berlin,arch=arm64'.")
 @click.option("--deployment", help="Deployment name on the devices [default: the model name].")
-@click.option("--waves", default="100%", show_default=True,
-              help="Cumulative waves: 5%,25%,100% or 10,100,all.")
-@click.option("--max-failures", default="0", show_default=True,
-              help="Failures allowed before the rollout pauses: 5% of the target, or a count.")
-@click.option("--soak", default="0s", show_default=True,
-              help="How long a wave must serve healthily before the next one starts.")
-@click.option("--device-timeout", default="15m", show_default=True,
-              help="A device that has not answered by then counts as failed.")
-@click.option("--auto-rollback", is_flag=True,
-              help="When failures cross the threshold, give every device its old version back.")
-@click.option("--traffic", callback=lambda ctx, param, value: _percent(value),
-              help="A/B: the new version takes this share of requests beside the old one (10%).")
-@click.option("--shadow", is_flag=True,
-              help="The new version sees a copy of the traffic; only the old one answers.")
-@click.option("--priority", default=0, show_default=True,
-              help="Wins over lower-priority rollouts of the same deployment on a device.")
-@click.option("--prefer", help="Accelerator preferences, e.g. openvino:NPU,onnxruntime:CPU.")
-@click.option("--max-error-rate", default=0.05, show_default=True,
-              help="A device whose new version errs more than this (telemetry) counts as failed.")
+@_option("waves")
+@_option("max_failures")
+@_option("soak")
+@_option("device_timeout")
+@_option("auto_rollback")
+@_option("traffic", callback=lambda ctx, param, value: _percent(value))
+@_option("shadow")
+@_option("priority", type=int)
+@_option("prefer")
+@_option("max_error_rate", type=float)
+@_option("max_latency_ratio", type=float)
 @hub_options
 @json_option
 def create(
     ref: str, target: str, deployment: str | None, waves: str, max_failures: str, soak: str,
     device_timeout: str, auto_rollback: bool, traffic: int | None, shadow: bool, priority: int,
-    prefer: str | None, max_error_rate: float, hub: str | None, token: str | None, as_json: bool,
+    prefer: str | None, max_error_rate: float, max_latency_ratio: float, hub: str | None,
+    token: str | None, as_json: bool,
 ) -> None:
     """Start rolling MODEL:VERSION out to the devices matching --target.
 
-    Example: edgefleet rollout create diabetes:2 --target site=berlin --waves 5%,25%,100% --max-failures 5% --auto-rollback
+    \b
+    Example:
+      edgefleet rollout create diabetes:2 --target site=berlin \\
+        --waves 5%,25%,100% --max-failures 5% --auto-rollback
     """
     name, version = parse_ref(ref)
     record = client(hub, token).post("/api/v1/rollouts", json={
@@ -80,20 +100,26 @@ def create(
         "waves": waves, "max_failures": max_failures, "soak": soak,
         "device_timeout": device_timeout, "auto_rollback": auto_rollback, "traffic": traffic,
         "shadow": shadow, "priority": priority, "max_error_rate": max_error_rate,
+        "max_latency_ratio": max_latency_ratio,
         "prefer": [p.strip() for p in prefer.split(",")] if prefer else [],
     })
     if as_json:
         emit_one(record, as_json=True)
         return
-    sizes = ", ".join(str(w["devices"]) for w in record["waves_progress"])
-    console.print(f"Rollout [bold]{record['id']}[/bold]: {name}:{record['version']} to "
-                  f"{sum(w['devices'] for w in record['waves_progress'])} device(s) in waves of {sizes}")
+    total = sum(w["devices"] for w in record["waves_progress"])
+    if total:
+        sizes = ", ".join(str(w["devices"]) for w in record["waves_progress"])
+        console.print(f"Rollout [bold]{record['id']}[/bold]: {name}:{record['version']} to "
+                      f"{total} device(s) in waves of {sizes}")
+    else:
+        console.print(f"Rollout [bold]{record['id']}[/bold]: {name}:{record['version']}; no "
+                      "device matches the target yet: devices that join it get the version")
     console.print(f"[dim]Follow it with: edgefleet rollout watch {record['id']}[/dim]")
 
 
 @rollout.command("list")
-@click.option("--state", type=click.Choice(["created", "running", "paused", "completed",
-                                            "aborted", "rolled_back"]), help="Only this state.")
+@click.option("--state", type=click.Choice([s.value for s in RolloutState]),
+              help="Only this state.")
 @hub_options
 @json_option
 def list_(state: str | None, hub: str | None, token: str | None, as_json: bool) -> None:
@@ -101,9 +127,9 @@ def list_(state: str | None, hub: str | None, token: str | None, as_json: bool) 
 
     Example: edgefleet rollout list --state running
     """
-    rows = client(hub, token).get("/api/v1/rollouts", params={"state": state})
+    rows = client(hub, token).get("/api/v1/rollouts", params={"state": state} if state else None)
     emit(rows, ["id", "model", "version", "state", "current_wave", "devices", "serving", "failed",
-                "created_at"], as_json=as_json)
+                "created_at", "reason"], as_json=as_json)
 
 
 def _counts(wave: dict[str, Any]) -> dict[str, int]:
@@ -135,12 +161,56 @@ def _progress(record: dict[str, Any]) -> Table:
 
 def _header(record: dict[str, Any]) -> Text:
     color = {"completed": "green", "rolled_back": "yellow", "paused": "yellow",
-             "aborted": "red"}.get(record["state"], "cyan")
+             "aborted": "red", "failed": "red"}.get(record["state"], "cyan")
     text = Text.assemble((record["id"], "bold"), f" {record['model']}:{record['version']} ",
                          (record["state"], color))
     if record.get("reason"):
         text.append(f" — {record['reason']}")
     return text
+
+
+def _duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else (
+        f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
+
+
+def _clock(stamp: str) -> str:
+    """A hub timestamp as the local time of day (with the date when not today)."""
+    moment = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).astimezone()
+    today = moment.date() == datetime.now().astimezone().date()
+    return moment.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S")
+
+
+def _soak(record: dict[str, Any], *, countdown: bool = True) -> str | None:
+    """The current wave's soak: time left and the next wave's start; None when none runs.
+    Without COUNTDOWN only what changes when the rollout does (for one line per change)."""
+    if record["state"] != "running" or not record.get("current_wave"):
+        return None
+    if record.get("soak_ends_at") is None:
+        return f"wave {record['current_wave']}: waiting for its devices, then soak {record['soak']}"
+    left = f"{_duration(record['soak_left_s'])} left, " if countdown else ""
+    if record.get("next_wave_at"):
+        return (f"wave {record['current_wave']} soaking: {left}next wave at "
+                f"{_clock(record['next_wave_at'])}")
+    return f"last wave soaking: {left}completes at {_clock(record['soak_ends_at'])}"
+
+
+def _settings(record: dict[str, Any]) -> str:
+    target = ", ".join(f"{k}={v}" for k, v in record["target"].items()) or "every device"
+    parts = [f"target {target}", f"deployment {record['deployment']}",
+             f"waves {record['waves']}", f"max failures {record['max_failures']}",
+             f"soak {record['soak']}", f"device timeout {record['device_timeout']}",
+             f"auto-rollback {'on' if record['auto_rollback'] else 'off'}",
+             f"priority {record['priority']}"]
+    if record.get("traffic") is not None:
+        parts.append(f"A/B {record['traffic']}%")
+    if record.get("shadow"):
+        parts.append("shadow")
+    if record.get("prefer"):
+        parts.append("prefer " + ",".join(record["prefer"]))
+    return ", ".join(parts)
 
 
 def _failures(record: dict[str, Any]) -> Table | None:
@@ -170,7 +240,9 @@ def _devices(record: dict[str, Any]) -> Table:
 @json_option
 def show(rollout_id: str, with_devices: bool, hub: str | None, token: str | None,
          as_json: bool) -> None:
-    """Show a rollout: its settings, progress per wave, and failed devices with their errors.
+    """Show a rollout: settings, progress per wave, soak, failed devices.
+
+    Failed and skipped devices are listed with their errors; --devices lists them all.
 
     Example: edgefleet rollout show r-7 --devices
     """
@@ -180,15 +252,33 @@ def show(rollout_id: str, with_devices: bool, hub: str | None, token: str | None
         emit_one(record, as_json=True)
         return
     console.print(_header(record))
-    console.print(f"target {record['target']}, waves {record['waves']}, max failures "
-                  f"{record['max_failures']}, soak {record['soak']}, device timeout "
-                  f"{record['device_timeout']}, auto-rollback {record['auto_rollback']}")
+    console.print(_settings(record), highlight=False)
+    soak = _soak(record)
+    if soak:
+        console.print(soak, highlight=False)
     console.print(_progress(record))
     failures = _failures(record)
     if failures is not None:
         console.print(failures)
     if with_devices:
         console.print(_devices(record))
+
+
+def _line(record: dict[str, Any]) -> str:
+    """One plain line of a rollout's progress, for logs and CI."""
+    counts: dict[str, int] = dict.fromkeys(COLUMNS, 0)
+    for wave in record["waves_progress"]:
+        for key, n in _counts(wave).items():
+            counts[key] += n
+    text = (f"{record['id']} {record['state']} wave {record['current_wave']}/"
+            f"{len(record['waves_progress'])}: " + ", ".join(
+                f"{n} {key}" for key, n in counts.items() if n or key in ("serving", "failed")))
+    soak = _soak(record, countdown=False)
+    if soak:
+        text += f"; {soak}"
+    if record.get("reason"):
+        text += f" — {record['reason']}"
+    return text
 
 
 @rollout.command()
@@ -199,11 +289,20 @@ def show(rollout_id: str, with_devices: bool, hub: str | None, token: str | None
 @json_option
 def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, token: str | None,
           as_json: bool) -> None:
-    """Draw a rollout's progress live until it completes, pauses, aborts or rolls back.
+    """Follow a rollout until it completes or stops.
 
-    Exits 0 when the rollout completed, 1 otherwise; --json prints the final state.
+    It stops at paused, failed, aborted or rolled back. On a terminal its progress is
+    drawn live; otherwise (logs, CI) one plain line is printed per change.
 
-    Example: edgefleet rollout watch r-7
+    \b
+    Exit codes:
+      0  the rollout completed
+      3  it stopped without completing: paused, failed, aborted or rolled back
+      4  --timeout passed first
+      1  the hub could not be asked (2: a usage error)
+    With --json the final state is printed.
+
+    Example: edgefleet rollout watch r-7 --timeout 3600
     """
     hub_client = client(hub, token)
     started = time.monotonic()
@@ -211,17 +310,34 @@ def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, tok
     def fetch() -> dict[str, Any]:
         return hub_client.get(f"/api/v1/rollouts/{rollout_id}")
 
+    def over(record: dict[str, Any]) -> bool:
+        return record["state"] in (*states.ENDED, *STOPPED) or bool(
+            timeout and time.monotonic() - started > timeout)
+
     record = fetch()
-    with Live(console=console, refresh_per_second=4, transient=as_json) as live:
+    if console.is_terminal and not as_json:
+        with Live(console=console, refresh_per_second=4) as live:
+            while True:
+                soak = _soak(record)
+                live.update(Group(_header(record), *([Text(soak)] if soak else []),
+                                  _progress(record)))
+                if over(record):
+                    break
+                time.sleep(interval)
+                record = fetch()
+    else:
+        last = None
         while True:
-            parts: list[Any] = [_header(record), _progress(record)]
-            live.update(Group(*parts))
-            if record["state"] in (*DONE, "paused"):
-                break
-            if timeout and time.monotonic() - started > timeout:
+            line = _line(record)
+            if line != last and not as_json:
+                click.echo(f"{datetime.now().astimezone():%H:%M:%S} {line}")
+                sys.stdout.flush()
+                last = line
+            if over(record):
                 break
             time.sleep(interval)
             record = fetch()
+    timed_out = record["state"] not in (*states.ENDED, *STOPPED)
     if as_json:
         emit_one(record, as_json=True)
     else:
@@ -230,11 +346,15 @@ def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, tok
         serving = sum(w.get("serving", 0) for w in record["waves_progress"])
         failed = sum(w.get("failed", 0) for w in record["waves_progress"])
         console.print(f"Summary: {record['state']}; {serving}/{total} serving, {failed} failed, "
-                      f"{int(time.monotonic() - started)}s watched")
+                      f"{int(time.monotonic() - started)}s watched"
+                      + (f"; gave up after --timeout {timeout:g}s" if timed_out else ""),
+                      highlight=False)
         failures = _failures(record)
         if failures is not None:
             console.print(failures)
-    raise SystemExit(0 if record["state"] == "completed" else 1)
+    if timed_out:
+        raise SystemExit(EXIT_TIMED_OUT)
+    raise SystemExit(EXIT_COMPLETED if record["state"] == "completed" else EXIT_STOPPED)
 
 
 def _action(name: str, verb: str, example: str) -> click.Command:
@@ -251,8 +371,10 @@ def _action(name: str, verb: str, example: str) -> click.Command:
     return rollout.command(name)(click.argument("rollout_id")(command))
 
 
-_action("pause", "Stop starting new waves; devices keep what they have.", "edgefleet rollout pause r-7")
-_action("resume", "Carry on with a paused rollout.", "edgefleet rollout resume r-7")
+_action("pause", "Stop starting new waves; devices keep what they have.",
+        "edgefleet rollout pause r-7")
+_action("resume", "Carry on with a paused rollout, or a failed one whose cause is fixed.",
+        "edgefleet rollout resume r-7")
 _action("abort", "End a rollout where it is; pending devices never get the version.",
         "edgefleet rollout abort r-7")
 _action("rollback", "Give every device that got the new version its previous one back.",

@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -55,6 +55,7 @@ class _Schema(sqlite_utils.Database):
 def _create_schema(db: _Schema) -> None:
     db.enable_wal()
     if "models" in db.table_names():
+        _migrate(db)
         return
     db["models"].create(
         {"name": str, "created_at": str, "next_version": int}, pk="name"
@@ -153,7 +154,7 @@ def _create_schema(db: _Schema) -> None:
          "auto_rollback": int, "traffic": int, "shadow": int, "priority": int, "prefer": str,
          "max_error_rate": float, "max_latency_ratio": float, "state": str, "reason": str,
          "current_wave": int, "wave_started_at": str, "created_at": str, "created_by": str,
-         "updated_at": str},
+         "updated_at": str, "spec": str},
         pk="seq",
     )
     db["rollouts"].create_index(["id"])
@@ -165,6 +166,17 @@ def _create_schema(db: _Schema) -> None:
     )
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+
+
+def _migrate(db: sqlite_utils.Database) -> None:
+    """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
+    version = int(db["meta"].get("schema_version")["value"])
+    if version < 2:
+        # The rollout's typed spec (hub/rollouts/spec.py); rows from before it get theirs
+        # from their text columns on first use.
+        db["rollouts"].add_column("spec", str)
+    if version < SCHEMA_VERSION:
+        db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
 class Database:

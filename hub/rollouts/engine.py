@@ -1,0 +1,355 @@
+"""The engine's tick: every rollout that needs it moved one step on, from what the
+database says, so a hub killed mid-rollout resumes where it was.
+
+Each tick, per rollout: take in devices that joined the target, assign the
+current wave (one transaction for the whole wave), read what its devices
+report, fail the ones that never answer within the device timeout or whose
+new version is unhealthy in telemetry (states.DEVICE_MOVES), and then pause
+(and with auto-rollback, roll back) when failures cross the threshold, or
+start the next wave once this one serves and has soaked. Work per tick is a
+few set-based queries per rollout, never a loop of requests per device.
+
+Each rollout's step is isolated: an error in one (a package deleted under
+it, a bug) is stored on that rollout as state `failed` with the error as its
+reason, and the tick goes on with the others. A busy database is no error
+of the rollout's: its step is tried again next tick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hub import audit, deployments
+from hub.errors import HubError
+from hub.rollouts import commands, health, store
+from hub.rollouts.states import (
+    ANSWERED,
+    CLAIMING,
+    FROM_REPORT,
+    HOLDING,
+    IN_PROGRESS,
+    DeviceState,
+    Event,
+    Evidence,
+    RolloutState,
+    next_device_state,
+)
+from hub.storage.db import Database, format_time
+from hub.validation import InvalidInput
+
+log = logging.getLogger("edgefleet.rollouts")
+Clock = Callable[[], datetime]
+TIMED_OUT = "no answer within the device timeout"
+R, D = RolloutState, DeviceState
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _states(states: Iterable[str]) -> str:
+    return json.dumps(sorted(states))
+
+
+class Engine:
+    """Moves rollouts on; NOTIFY is told the devices whose desired state changed (after
+    the commit); CLOCK is the time the engine judges soaks and timeouts by."""
+
+    def __init__(self, db: Database, notify: Callable[[Iterable[str]], None], *,
+                 clock: Clock = system_clock) -> None:
+        self.db, self.notify, self.clock = db, notify, clock
+        self._logged: set[tuple[str, str]] = set()  # errors of ended rollouts, logged once
+
+    def _now(self) -> str:
+        return format_time(self.clock())
+
+    def tick(self, *, check_health: bool = True, check_joiners: bool = True) -> None:
+        """Move every rollout that needs it one step on. CHECK_JOINERS False: completed
+        rollouts do not look for devices that joined their target this time (a scan of
+        the devices each; running rollouts always do)."""
+        # An aborted rollout assigns nothing more, but its devices that were updating when
+        # it was aborted are still followed to their outcome. A completed rollout is left
+        # alone once a newer one of the same deployment has the same target: that one takes
+        # in the joiners now, and every completed rollout kept in the tick costs a scan.
+        due = self.db.query(
+            "SELECT * FROM rollouts r WHERE r.state IN ('created', 'running', 'paused', 'failed')"
+            " OR (r.state = 'completed' AND NOT EXISTS (SELECT 1 FROM rollouts n"
+            "  WHERE n.deployment = r.deployment AND n.target = r.target AND n.seq > r.seq"
+            "  AND n.state IN (SELECT value FROM json_each(?))))"
+            " OR (r.state = 'aborted' AND EXISTS (SELECT 1 FROM rollout_devices d"
+            "  WHERE d.rollout_id = r.id AND d.state != 'pending'"
+            "  AND d.state NOT IN (SELECT value FROM json_each(?)))) ORDER BY r.seq",
+            (_states(CLAIMING), _states(ANSWERED)))
+        for found in due:
+            try:
+                self.step(store.load(self.db, found), check_health=check_health,
+                          check_joiners=check_joiners)
+            except sqlite3.OperationalError as exc:  # busy or full: not the rollout's fault
+                log.warning("rollout %s: %s; trying again next tick", found["id"], exc)
+            except Exception as exc:  # stored on that rollout: the others go on
+                self._failed(found["id"], exc)
+
+    def _failed(self, rollout_id: str, exc: Exception) -> None:
+        """Store EXC on the rollout (state failed) so the others go on and users see it."""
+        if isinstance(exc, HubError | InvalidInput | ValueError):
+            what = str(exc)
+        else:
+            what = f"internal error ({type(exc).__name__}: {exc}); see the hub's log"
+        what = " ".join(what.split())[:500]
+        reason = (f"{what}; fix the cause and `edgefleet rollout resume {rollout_id}`, or "
+                  "abort it")
+        try:
+            stored = store.transition(self.db, rollout_id, Event.ERROR, reason)
+        except Exception:  # the database itself: logged below, tried again next tick
+            stored = False
+        if stored:
+            log.warning("rollout %s failed: %s", rollout_id, what,
+                        exc_info=not isinstance(exc, HubError | InvalidInput | ValueError))
+        elif (rollout_id, what) not in self._logged:
+            self._logged.add((rollout_id, what))
+            log.error("rollout %s: %s (logged once)", rollout_id, what)
+
+    def step(self, rollout: store.Rollout, *, check_health: bool = True,
+             check_joiners: bool = True) -> None:
+        if rollout.state == R.CREATED:
+            store.transition(self.db, rollout.id, Event.START, None)
+            rollout = store.get(self.db, rollout.id)
+        if check_joiners or rollout.state != R.COMPLETED:
+            self._take_in_joiners(rollout)
+        self._refresh_devices(rollout, check_health=check_health)
+        if rollout.state != R.RUNNING:
+            return
+        spec = rollout.spec
+        counts = self.db.query_one(
+            "SELECT COUNT(*) AS total, COALESCE(SUM(state = 'failed'), 0) AS failed"
+            " FROM rollout_devices WHERE rollout_id = ?", (rollout.id,)) or {}
+        total, failed = counts.get("total", 0), counts.get("failed", 0)
+        if failed > spec.allowed_failures(total):
+            reason = (f"{failed} device(s) failed, more than --max-failures "
+                      f"{spec.max_failures} of {total} allows")
+            changed: list[str] = []
+            with self.db.transaction():
+                if (store.transition(self.db, rollout.id, Event.TOO_MANY_FAILURES, reason)
+                        and spec.auto_rollback):
+                    changed = commands.roll_back_in(
+                        self.db, rollout, actor="rollout-engine",
+                        reason=reason + "; rolled back automatically")
+            if changed:
+                self.notify(changed)
+            return
+        if rollout.current_wave > 0:
+            ends = store.soak_ends(self.db, rollout)
+            if ends is None or ends > self.clock():
+                return
+        following = store.next_wave(self.db, rollout)
+        if following is None:
+            store.transition(self.db, rollout.id, Event.COMPLETE, None)
+            return
+        self._start_wave(rollout, following)
+
+    def _start_wave(self, rollout: store.Rollout, wave: int) -> None:
+        with self.db.transaction() as conn:
+            fresh = store.row(self.db, rollout.id)  # under the write lock: not paused meanwhile
+            if (fresh["state"], fresh["current_wave"]) != (R.RUNNING, rollout.current_wave):
+                return
+            devices = [r["device_id"] for r in self.db.query(
+                "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND wave = ?"
+                " AND state = 'pending'", (rollout.id, wave))]
+            assigned = self._assign(rollout, devices)
+            stamp = self._now()
+            conn.execute("UPDATE rollouts SET current_wave = ?, wave_started_at = ?,"
+                         " updated_at = ? WHERE id = ?", (wave, stamp, stamp, rollout.id))
+            audit.record(self.db, actor="rollout-engine", action="rollout.wave",
+                         target=rollout.id, status=200,
+                         detail=f"wave {wave}: {len(devices)} device(s)")
+        if assigned:
+            self.notify(assigned)
+
+    def _assign(self, rollout: store.Rollout, devices: Sequence[str]) -> list[str]:
+        """Assign the new version to DEVICES, except where a higher-priority rollout holds
+        the deployment; returns the devices assigned, for the caller to notify after its
+        commit."""
+        if not devices:
+            return []
+        spec = rollout.spec
+        current = {r["device_id"]: r for r in self.db.query(
+            "SELECT d.device_id, d.version, d.rollout_id, r.priority AS owner_priority,"
+            " r.state AS owner_state FROM deployments d LEFT JOIN rollouts r"
+            " ON r.id = d.rollout_id WHERE d.name = ? AND d.active = 1"
+            " AND d.device_id IN (SELECT value FROM json_each(?))",
+            (spec.deployment, json.dumps(list(devices))))}
+        skipped: dict[str, str] = {}
+        for device in devices:
+            owner = current.get(device)
+            if (owner and owner["rollout_id"] and owner["rollout_id"] != rollout.id
+                    and owner["owner_state"] in HOLDING
+                    and owner["owner_priority"] > spec.priority):
+                skipped[device] = (f"deployment {spec.deployment} is held by "
+                                   f"{owner['rollout_id']} with priority "
+                                   f"{owner['owner_priority']} > {spec.priority}")
+        chosen = [d for d in devices if d not in skipped]
+        if chosen and not spec.split:
+            deployments.assign_many(self.db, chosen, name=spec.deployment, model=spec.model,
+                                    version=spec.version, prefer=spec.prefer,
+                                    rollout_id=rollout.id, priority=spec.priority)
+        elif chosen:
+            candidate = deployments.Candidate(spec.version, spec.traffic or 100, spec.shadow)
+            by_primary: dict[int, list[str]] = {}
+            for device in chosen:
+                if device not in current:
+                    skipped[device] = "an A/B or shadow rollout needs a version already serving"
+                elif current[device]["version"] == spec.version:
+                    skipped[device] = (f"it already serves {spec.model}:{spec.version}, so "
+                                       "that cannot be its candidate")
+                else:
+                    by_primary.setdefault(current[device]["version"], []).append(device)
+            for primary, group in by_primary.items():
+                deployments.assign_many(self.db, group, name=spec.deployment, model=spec.model,
+                                        version=primary, candidate=candidate,
+                                        prefer=spec.prefer, rollout_id=rollout.id,
+                                        priority=spec.priority)
+        stamp = self._now()
+        assigned = [d for d in chosen if d not in skipped]
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "UPDATE rollout_devices SET state = 'assigned', assigned_at = ?,"
+                " previous_version = ? WHERE rollout_id = ? AND device_id = ?",
+                [(stamp, current[d]["version"] if d in current else None, rollout.id, d)
+                 for d in assigned])
+            conn.executemany(
+                "UPDATE rollout_devices SET state = 'skipped', error = ? WHERE rollout_id = ?"
+                " AND device_id = ?", [(why, rollout.id, d) for d, why in skipped.items()])
+        return assigned
+
+    def _take_in_joiners(self, rollout: store.Rollout) -> None:
+        """Devices that match the target but joined after the rollout started get it too."""
+        if rollout.state not in (R.RUNNING, R.COMPLETED):
+            return
+        joiners = store.target_devices(self.db, rollout.spec.target, outside=rollout.id)
+        if not joiners:
+            return
+        # A newer rollout of the same deployment that also targets a joiner is the one to
+        # give it a version: this older one would only make it fetch a superseded one first.
+        claimed: set[str] = set()
+        for newer in self.db.query(
+                "SELECT * FROM rollouts WHERE deployment = ? AND seq > ?"
+                " AND state IN (SELECT value FROM json_each(?))",
+                (rollout.spec.deployment, rollout.seq, _states(CLAIMING))):
+            claimed.update(store.target_devices(self.db, store.stored_spec(self.db, newer).target))
+        joiners = [d for d in joiners if d not in claimed]
+        if not joiners:
+            return
+        assigned: list[str] = []
+        with self.db.transaction() as conn:
+            fresh = store.row(self.db, rollout.id)  # under the write lock: not paused meanwhile
+            if fresh["state"] not in (R.RUNNING, R.COMPLETED):
+                return
+            conn.executemany(
+                "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, wave, state)"
+                " VALUES (?, ?, ?, 'pending')",
+                [(rollout.id, d, max(fresh["current_wave"], 1)) for d in joiners])
+            # A rollout completed with no device (its target matched none yet) has
+            # started no wave, and its joiners are assigned at once all the same.
+            if fresh["current_wave"] >= 1 or fresh["state"] == R.COMPLETED:
+                assigned = self._assign(rollout, joiners)
+        if assigned:
+            self.notify(assigned)
+
+    def _refresh_devices(self, rollout: store.Rollout, *, check_health: bool) -> None:
+        """Move the rollout's open devices by what they report (states.DEVICE_MOVES).
+
+        A device's report counts as its answer (serving, failed) only once the device has
+        applied its newest desired state: until then what it reports about this version
+        may be left from an earlier attempt (a failure it still reports, say, while it is
+        offline). A device failed only for not answering in time is still followed, and
+        counts as serving if it does serve the version later.
+        """
+        spec = rollout.spec
+        # Once a rollout has ended, what its devices served is history: a later rollout
+        # taking them over does not rewrite it. Devices still on their way are followed.
+        settled = {D.PENDING, D.FAILED, D.ROLLED_BACK, D.SKIPPED}
+        if rollout.state in (R.COMPLETED, R.ABORTED):
+            settled.add(D.SERVING)
+        open_rows = self.db.query(
+            "SELECT device_id, state, assigned_at, serving_at, error FROM rollout_devices"
+            " WHERE rollout_id = ? AND (state NOT IN (SELECT value FROM json_each(?))"
+            " OR (state = 'failed' AND error LIKE ? || '%'))",
+            (rollout.id, _states(settled), TIMED_OUT))
+        if not open_rows:
+            return
+        ids = json.dumps([r["device_id"] for r in open_rows])
+        reported = {r["device_id"]: r for r in self.db.query(
+            "SELECT s.device_id, s.state, s.error,"
+            " COALESCE(d.applied_generation, 0) >= d.desired_generation AS fresh"
+            " FROM deployment_status s JOIN devices d ON d.id = s.device_id"
+            " WHERE s.name = ? AND s.version = ?"
+            " AND s.device_id IN (SELECT value FROM json_each(?))",
+            (spec.deployment, spec.version, ids))}
+        owners = {r["device_id"]: r["rollout_id"] for r in self.db.query(
+            "SELECT device_id, rollout_id FROM deployments WHERE name = ? AND active = 1"
+            " AND device_id IN (SELECT value FROM json_each(?))", (spec.deployment, ids))}
+        # Timestamps are fixed-width UTC text, so one cutoff compares them all as strings.
+        stale = format_time(self.clock() - timedelta(seconds=spec.device_timeout.seconds))
+        verdicts = health.unhealthy(
+            self.db, spec, [r["device_id"] for r in open_rows if r["state"] == D.SERVING],
+            since=rollout.wave_started_at or rollout.created_at) if check_health else {}
+        updates = []
+        for r in open_rows:
+            device, report = r["device_id"], reported.get(r["device_id"])
+            change = self._judge(rollout, r, report, self._holder(owners, device),
+                                 verdicts.get(device), stale)
+            if change != (r["state"], r["error"], r["serving_at"]):
+                updates.append((*change, rollout.id, device))
+        if updates:
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "UPDATE rollout_devices SET state = ?, error = ?, serving_at = ?"
+                    " WHERE rollout_id = ? AND device_id = ?", updates)
+
+    @staticmethod
+    def _holder(owners: dict[str, str | None], device: str) -> str:
+        """Who holds the device's deployment now: a rollout id, or what a user did."""
+        if device not in owners:
+            return "removing it by hand (undeploy)"
+        return f"rollout {owners[device]}" if owners[device] else "a manual deploy"
+
+    def _judge(self, rollout: store.Rollout, r: dict[str, Any], report: dict[str, Any] | None,
+               holder: str, unhealthy: str | None,
+               stale: str) -> tuple[str, str | None, str | None]:
+        """One device's next (state, error, serving_at) from the evidence of this tick."""
+        answer = None
+        if report is not None and (report["fresh"] or report["state"] in IN_PROGRESS):
+            answer = report["state"]
+        reported = FROM_REPORT.get(answer) if answer is not None else None
+        evidence: set[Evidence] = set()
+        if holder != f"rollout {rollout.id}":
+            evidence.add(Evidence.TAKEN_OVER)
+        if unhealthy is not None:
+            evidence.add(Evidence.UNHEALTHY)
+        if reported == D.FAILED:
+            evidence.add(Evidence.REPORTS_FAILURE)
+        elif reported == D.SERVING:
+            evidence.add(Evidence.REPORTS_SERVING)
+        elif reported is not None:
+            evidence.add(Evidence.REPORTS_PROGRESS)
+        if (r["assigned_at"] or stale) < stale:
+            evidence.add(Evidence.TIMED_OUT)
+        state, why = next_device_state(D(r["state"]), evidence, reported)
+        errors: dict[Evidence | None, str | None] = {
+            Evidence.TAKEN_OVER: f"taken over by {holder}",
+            Evidence.UNHEALTHY: unhealthy,
+            Evidence.REPORTS_FAILURE: (report or {}).get("error") or
+            f"the device reports {answer}",
+            Evidence.REPORTS_SERVING: None,
+            Evidence.TIMED_OUT: f"{TIMED_OUT} ({rollout.spec.device_timeout})",
+        }
+        error = errors[why] if why in errors else r["error"]
+        serving_at = r["serving_at"]
+        if state == D.SERVING and r["state"] != D.SERVING:
+            serving_at = serving_at or self._now()
+        return state.value, error, serving_at

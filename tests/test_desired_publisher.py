@@ -1,0 +1,136 @@
+"""hub.desired.Publisher in process: its session is injected, so a small stand-in for the
+MQTT session (connected or not, acknowledging or failing) shows what it publishes, what
+it records as published, and how it catches up after a reconnect. The database and the
+signatures are real; the MQTT session itself is tested against Mosquitto elsewhere
+(tests/test_fleet_session.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from contract import protocol
+from agent.mqtt import Message, MqttError
+from hub import deployments
+from hub.desired import Publisher
+from hub.storage.db import Database
+from contract import cosign, signing
+
+DEVICES = ["dev-a", "dev-b", "dev-c"]
+DIGEST = f"sha256:{1:064x}"
+
+
+class Session:
+    """What Publisher uses of agent.mqtt.Session: `connected` and `publish_many`."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.fail_next = 0
+        self.published: list[Message] = []
+        self.lock = threading.Lock()
+
+    def publish_many(self, messages: Sequence[Message], *, timeout: float = 10.0) -> None:
+        with self.lock:
+            if self.fail_next:
+                self.fail_next -= 1
+                raise MqttError("no PUBACK within 0.1 s")
+            self.published.extend(messages)
+
+    def topics(self) -> list[str]:
+        with self.lock:
+            return [m.topic for m in self.published]
+
+
+def wait(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def db(hub_db: Database) -> Database:
+    with hub_db.transaction() as conn:
+        conn.execute("INSERT INTO models VALUES ('tiny', 'now', 2)")
+        conn.execute("INSERT INTO model_versions (model, version, created_at, tags, metrics,"
+                     " lineage) VALUES ('tiny', 1, 'now', '{}', '{}', '{}')")
+        conn.execute("INSERT INTO oci_manifests VALUES ('models/tiny', ?, ?, 512, 'now')",
+                     (DIGEST, "application/vnd.oci.image.index.v1+json"))
+        conn.execute("INSERT INTO oci_tags VALUES ('models/tiny', '1', ?, 'now')", (DIGEST,))
+        conn.execute("INSERT INTO oci_tags VALUES ('models/tiny', ?, 'sha256:ff', 'now')",
+                     (cosign.signature_tag(DIGEST),))
+        conn.executemany(
+            "INSERT INTO devices (id, name, tags, desired_generation, applied_generation,"
+            " published_generation) VALUES (?, ?, '{}', 0, 0, 0)", [(d, d) for d in DEVICES])
+    return hub_db
+
+
+@pytest.fixture
+def running(db: Database) -> Iterator[tuple[Publisher, Session]]:
+    session = Session()
+    publisher = Publisher(db, session, signing.generate_private_key())  # type: ignore[arg-type]
+    publisher.start()
+    yield publisher, session
+    publisher.stop()
+
+
+def published(db: Database) -> dict[str, int]:
+    return {r["id"]: r["published_generation"] for r in db.query(
+        "SELECT id, published_generation FROM devices ORDER BY id")}
+
+
+def test_notified_devices_get_one_signed_retained_state_each(
+        db: Database, running: tuple[Publisher, Session]) -> None:
+    publisher, session = running
+    deployments.assign_many(db, DEVICES[:2], name="tiny", model="tiny", version=1)
+    publisher.notify(DEVICES[:2])
+    wait(lambda: published(db) == {"dev-a": 1, "dev-b": 1, "dev-c": 0}, "the states recorded")
+    assert sorted(session.topics()) == [protocol.desired_topic(d) for d in DEVICES[:2]]
+    message = next(m for m in session.published if m.topic == protocol.desired_topic("dev-a"))
+    assert (message.qos, message.retain) == (1, True)
+    state = protocol.verify_desired(message.payload, public_key=publisher.key.public_key(),
+                                    device_id="dev-a", last_generation=0,
+                                    now=datetime.now(UTC))
+    assert (state.generation, state.deployments[0].version) == (1, 1)
+    # Notified again with nothing new: nothing is sent again.
+    publisher.notify(DEVICES[:2])
+    time.sleep(0.3)
+    assert len(session.topics()) == 2
+    assert publisher.stats()["published"] == 2
+
+
+def test_a_failed_batch_is_tried_again(db: Database,
+                                       running: tuple[Publisher, Session]) -> None:
+    publisher, session = running
+    session.fail_next = 1
+    deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
+    publisher.notify(DEVICES)
+    wait(lambda: set(published(db).values()) == {1}, "every state recorded after a retry",
+         timeout=15)
+    stats = publisher.stats()
+    assert (stats["failures"], stats["last_error"]) == (1, "no PUBACK within 0.1 s")
+    assert sorted(session.topics()) == sorted(protocol.desired_topic(d) for d in DEVICES)
+
+
+def test_changes_made_while_disconnected_are_caught_up_on_reconnect(
+        db: Database, running: tuple[Publisher, Session]) -> None:
+    publisher, session = running
+    session.connected = False
+    deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
+    # Nobody notified (say the hub restarted since): the catch-up finds them all.
+    time.sleep(0.3)
+    assert session.topics() == []
+    session.connected = True
+    wait(lambda: set(published(db).values()) == {1}, "the catch-up after the reconnect")
+    assert len(session.topics()) == len(DEVICES)
+
+
+def test_validity_shorter_than_ten_minutes_is_refused(db: Database) -> None:
+    with pytest.raises(ValueError, match="at least 10 minutes"):
+        Publisher(db, Session(), signing.generate_private_key(),  # type: ignore[arg-type]
+                  validity=timedelta(minutes=5))
