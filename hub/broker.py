@@ -53,11 +53,12 @@ class BrokerError(RuntimeError):
     """The managed broker cannot run; the message says what to do."""
 
 
-def find_mosquitto() -> Path:
-    found = shutil.which("mosquitto", path=os.pathsep.join(
+def find_mosquitto(given: str | None = None) -> Path:
+    """GIVEN (--mosquitto), or `mosquitto` on PATH or where Debian puts it."""
+    found = shutil.which(given) if given else shutil.which("mosquitto", path=os.pathsep.join(
         [os.environ.get("PATH", ""), *_SEARCH_PATH]))
     if found is None:
-        raise BrokerError(INSTALL_HINT)
+        raise BrokerError(f"no {given or 'mosquitto'} found. {INSTALL_HINT}")
     return Path(found)
 
 

@@ -119,7 +119,7 @@ class _Server(uvicorn.Server):
 
 def _managed_broker(state: HubState, bound: Bound, password: str) -> ManagedBroker:
     settings = state.settings
-    mosquitto = find_mosquitto()
+    mosquitto = find_mosquitto(settings.mosquitto)
     host, _, port = bound.mqtt_url.removeprefix("mqtt://").rpartition(":")
     config = BrokerConfig(host=host, port=int(port), directory=settings.broker_dir,
                           plugin=find_plugin(mosquitto),
@@ -171,7 +171,7 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     bound = bind(settings)
     if bound.managed_broker:
         try:
-            find_plugin(find_mosquitto())  # before anything is created: one line, no traceback
+            find_plugin(find_mosquitto(settings.mosquitto))  # before anything is created: one line, no traceback
         except BrokerError as exc:
             raise SystemExit(f"error: {exc}") from None
     state = initialise(settings, say)

@@ -39,6 +39,10 @@ class HubSettings:
         None, "Password of --mqtt-username; better set EDGEFLEET_MQTT_PASSWORD, which "
         "`ps` does not show."
     )  # type: ignore[assignment]
+    mosquitto: str | None = _setting(
+        None, "The Mosquitto program the hub runs as its broker (default: `mosquitto` "
+        "on PATH or in /usr/sbin)."
+    )  # type: ignore[assignment]
     mqtt_max_queued_messages: int = _setting(
         100_000, "Messages the managed broker queues per client beyond those in flight "
         "(the hub during a burst, a device while offline); more are dropped, so size "
