@@ -49,6 +49,10 @@ _PLUGIN = "mosquitto_dynamic_security.so"
 _SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 
+# A broker that keeps dying is started again less and less often.
+_RESTARTS = BackoffPolicy(initial=0.5, maximum=30, stable_after=60)
+
+
 class BrokerError(RuntimeError):
     """The managed broker cannot run; the message says what to do."""
 
@@ -105,7 +109,7 @@ class ManagedBroker:
     def __init__(
         self, config: BrokerConfig, *, hub_password: str, devices: Callable[[], Collection[str]],
         on_restart: Callable[[], None], mosquitto: Path,
-        backoff: BackoffPolicy = BackoffPolicy(initial=0.5, maximum=30, stable_after=60),
+        backoff: BackoffPolicy = _RESTARTS,
     ) -> None:
         """DEVICES answers the ids of the devices that exist (the database);
         ON_RESTART is called before the broker is started again after dying."""

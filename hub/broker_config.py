@@ -151,9 +151,13 @@ def login_document(
     still one of DEVICES. Device passwords exist only there, hashed: the hub
     keeps its device tokens only as sha256, so a lost file means enrolling
     those devices again."""
-    kept = [c for c in (existing or {}).get("clients", [])
-            if isinstance(c, dict) and c.get("username") in devices
-            and c.get("username") not in (HUB_USERNAME, ADMIN_USERNAME)]
+    # A kept device's password hash stays; its client id and role are rebuilt
+    # from today's rules, whatever the file said.
+    kept = list({c["username"]: {**c, "clientid": c["username"], "roles": [
+                    {"rolename": device_role(c["username"])["rolename"]}]}
+                 for c in (existing or {}).get("clients", [])
+                 if isinstance(c, dict) and c.get("username") in devices
+                 and c.get("username") not in (HUB_USERNAME, ADMIN_USERNAME)}.values())
     clients = [
         {"username": HUB_USERNAME, "clientid": HUB_CLIENT_ID,
          "roles": [{"rolename": _HUB_ROLE}], **_hashed(hub_password, salt(12))},
@@ -161,13 +165,11 @@ def login_document(
          "roles": [{"rolename": _ADMIN_ROLE}], **_hashed(hub_password, salt(12))},
         *kept,
     ]
-    roles = _fixed_roles() + [device_role(c["username"]) for c in kept]
-    document = {"clients": clients, "roles": roles, "groups": [],
-                "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
-                                     "subscribe": False, "unsubscribe": False}}
-    assert all(r["rolename"] for r in roles) and len({c["username"] for c in clients}) == \
-        len(clients), "login document with duplicate clients"
-    return document
+    return {"clients": clients, "roles": _fixed_roles() + [device_role(c["username"])
+                                                           for c in kept],
+            "groups": [],
+            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                 "subscribe": False, "unsubscribe": False}}
 
 
 def device_commands(device_id: str, password: str) -> list[dict[str, Any]]:

@@ -31,8 +31,8 @@ from hub.broker import BrokerError, ManagedBroker, find_mosquitto, find_plugin, 
 from hub.broker_admin import BrokerAdmin
 from hub.broker_config import HUB_USERNAME, BrokerConfig
 from hub.fleet import FleetLink
-from hub.rollout_engine import RolloutEngine
 from hub.oci_registry import Uploads
+from hub.rollout_engine import RolloutEngine
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
@@ -170,8 +170,8 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     logging.getLogger("transitions").setLevel(logging.WARNING)
     bound = bind(settings)
     if bound.managed_broker:
-        try:
-            find_plugin(find_mosquitto(settings.mosquitto))  # before anything is created: one line, no traceback
+        try:  # before anything is created: one line, no traceback
+            find_plugin(find_mosquitto(settings.mosquitto))
         except BrokerError as exc:
             raise SystemExit(f"error: {exc}") from None
     state = initialise(settings, say)

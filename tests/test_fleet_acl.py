@@ -10,11 +10,11 @@ import paho.mqtt.client as paho
 import pytest
 from agentproc import wait_for
 from fleetdevice import FAST, FakeDevice, connect, enroll
+from hubproc import HubProcess
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
 from agent.mqtt import MqttError, MqttTimeout, Session
-from hubproc import HubProcess
 
 
 @pytest.fixture

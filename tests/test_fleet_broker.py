@@ -14,12 +14,12 @@ import httpx
 import psutil
 import pytest
 from agentproc import wait_for
+from conftest import Cli
 from fleetdevice import FAST, FakeDevice, connect, enroll, tiny_packages
+from hubproc import EDGEFLEET, HubProcess, start_hub
 
 from agent import protocol
 from agent.mqtt import MqttError, MqttTimeout, Session
-from conftest import Cli
-from hubproc import EDGEFLEET, HubProcess, start_hub
 
 
 @pytest.fixture(scope="module")
