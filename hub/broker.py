@@ -1,10 +1,9 @@
 """The managed broker: a Mosquitto process the hub configures, starts and keeps running.
 
-Before every start the hub writes `DATA/broker/mosquitto.conf` and the
-dynamic-security plugin's `dynamic-security.json` (hub/broker_config.py:
-the hub's logins from its secret, the device logins the broker kept, minus
-devices deleted meanwhile). Device logins change while it runs through the
-plugin's control topic (hub/broker_admin.py), never by a restart.
+Before every start `prepare` writes its files into `DATA/broker/`
+(hub/broker_logins.py: configuration, ACL, logins of the devices that
+exist). Device logins change while it runs by `reload` (SIGHUP), never by a
+restart.
 
 A supervisor thread starts the process and waits on it. A broker that dies
 is logged and started again after a backoff; since it may have lost
@@ -19,7 +18,6 @@ Mosquitto saves its state and exits.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import secrets
@@ -28,15 +26,13 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from agent.mqtt import BackoffPolicy
-from hub import broker_config
 from hub.broker_config import BrokerConfig
 
 log = logging.getLogger("edgefleet.hub.broker")
@@ -45,7 +41,6 @@ _broker_log = logging.getLogger("edgefleet.broker")
 INSTALL_HINT = ("Mosquitto 2 is needed for the hub's broker: install it with "
                 "`apt-get install mosquitto` (Debian/Ubuntu), or run your own broker "
                 "and give --mqtt-url")
-_PLUGIN = "mosquitto_dynamic_security.so"
 _SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 
@@ -66,19 +61,6 @@ def find_mosquitto(given: str | None = None) -> Path:
     return Path(found)
 
 
-def find_plugin(mosquitto: Path) -> Path:
-    """The dynamic-security plugin, which every Mosquitto 2 build ships."""
-    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    prefix = mosquitto.resolve().parent.parent
-    for directory in (Path("/usr/lib") / multiarch, Path("/usr/lib/mosquitto"),
-                      prefix / "lib", prefix / "lib" / "mosquitto", Path("/usr/local/lib")):
-        if (directory / _PLUGIN).is_file():
-            return directory / _PLUGIN
-    raise BrokerError(f"{mosquitto} has no {_PLUGIN} beside it: the hub needs "
-                      "Mosquitto 2 with its dynamic-security plugin (Debian: "
-                      "`apt-get install mosquitto`), or give --mqtt-url")
-
-
 def hub_secret(path: Path) -> str:
     """The hub's broker password: made once, mode 0600 from the first byte."""
     if not path.exists():
@@ -86,17 +68,6 @@ def hub_secret(path: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
     return path.read_text().strip()
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace PATH atomically, readable by its owner only."""
-    partial = path.with_name(path.name + ".tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 def _die_with_parent() -> None:
@@ -107,15 +78,14 @@ def _die_with_parent() -> None:
 
 class ManagedBroker:
     def __init__(
-        self, config: BrokerConfig, *, hub_password: str, devices: Callable[[], Collection[str]],
+        self, config: BrokerConfig, *, prepare: Callable[[], None],
         on_restart: Callable[[], None], mosquitto: Path,
         backoff: BackoffPolicy = _RESTARTS,
     ) -> None:
-        """DEVICES answers the ids of the devices that exist (the database);
-        ON_RESTART is called before the broker is started again after dying."""
+        """PREPARE writes the broker's files before each start; ON_RESTART is
+        called before the broker is started again after dying."""
         self.config = config
-        self._hub_password = hub_password
-        self._devices = devices
+        self._prepare = prepare
         self._on_restart = on_restart
         self._mosquitto = mosquitto
         self._backoff = backoff
@@ -137,7 +107,7 @@ class ManagedBroker:
     def start(self, timeout: float = 15) -> None:
         """Start the broker and return once it listens; BrokerError if it does not."""
         self.config.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.config.directory, 0o700)
+        os.chmod(self.config.directory, 0o700)  # also a directory made before, by anyone
         self.lost_state = not (self.config.directory / "mosquitto.db").exists()
         self._thread = threading.Thread(target=self._supervise, name="broker-supervisor",
                                         daemon=True)
@@ -164,6 +134,15 @@ class ManagedBroker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def reload(self) -> bool:
+        """Make the running broker read its logins and ACL again; False if it is not running."""
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                return False
+            process.send_signal(signal.SIGHUP)
+            return True
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             process = self._process
@@ -180,7 +159,8 @@ class ManagedBroker:
             began = time.monotonic()
             try:
                 why = self._serve(self._spawn(), first)
-            except OSError as exc:  # the config could not be written, or no exec
+            except Exception as exc:  # its files could not be written, or no exec
+                log.exception("starting mosquitto failed")
                 why = str(exc)
             if first and not self._started.is_set():
                 self._failure = f"mosquitto could not start: {why}"
@@ -204,7 +184,7 @@ class ManagedBroker:
                 log.exception("preparing for the broker's restart failed")
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self._write_files()
+        self._prepare()
         process = subprocess.Popen(
             [str(self._mosquitto), "-c", str(self.config.directory / "mosquitto.conf")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -258,26 +238,3 @@ class ManagedBroker:
             if error:
                 tail[:] = [*tail[-2:], line]
             _broker_log.log(logging.ERROR if error else logging.INFO, "%s", line)
-
-    def _write_files(self) -> None:
-        path = self.config.logins_path
-        existing: dict[str, Any] | None = None
-        if path.exists():
-            try:
-                existing = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                kept = path.with_name(path.name + ".unreadable")
-                os.replace(path, kept)
-                log.error("the broker's logins (%s) were unreadable (%s), kept as %s: devices "
-                          "enrolled before must enroll again", path, exc, kept)
-        devices = set(self._devices())
-        document = broker_config.login_document(existing, hub_password=self._hub_password,
-                                                devices=devices)
-        missing = devices - broker_config.device_logins(document)
-        if missing:
-            log.warning("%d device(s) have no broker login and cannot connect (enrolled "
-                        "before the managed broker, or its logins file was lost): enroll them "
-                        "again, e.g. %s", len(missing), ", ".join(sorted(missing)[:5]))
-        _write_private(path, json.dumps(document, indent=1))
-        _write_private(self.config.directory / "mosquitto.conf",
-                       broker_config.mosquitto_conf(self.config))

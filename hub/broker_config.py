@@ -1,27 +1,24 @@
-"""What the managed Mosquitto is told: its configuration file and its logins.
+"""What the managed Mosquitto is told: its configuration, its logins and its topic ACL.
 
-Pure builders, no I/O: `mosquitto_conf` writes the broker's settings and
-`login_document` the dynamic-security plugin's file (clients, roles, ACLs).
-`device_commands` and `removal_commands` are the same logins as requests to
-the plugin's `$CONTROL/dynamic-security/v1` topic, for a running broker.
+Pure builders, no I/O. Mosquitto reads three files the hub writes into
+`DATA/broker/`: `mosquitto.conf` (`mosquitto_conf`), `acl` (`ACL`, the same
+for every fleet: `%u` patterns confine each device to its own topics) and
+`passwd` (`password_file`: one line per login, PBKDF2-SHA512 hashed, the
+format `mosquitto_passwd` writes).
 
-Three identities exist on the managed broker:
+Logins: the hub as `edgefleet-hub` with the hub's secret; a device as its
+device id with its device token; `edgefleet-canary`, whose password changes
+with every write of the file, so the hub can tell when Mosquitto has
+reloaded it (hub/broker_logins.py). Mosquitto uses each login's user name
+as its client id (`use_username_as_clientid`), so a client cannot present
+another's client id at all.
 
-- `edgefleet-hub` (client id `edgefleet-hub`): the hub's ingest and
-  publisher session; every `edgefleet/v1/#` topic.
-- `edgefleet-admin` (client id `edgefleet-hub-admin`): the hub's control
-  session; only the plugin's `$CONTROL` topics. Both use the hub's secret
-  (`DATA/mqtt-hub-password`).
-- a device: user and client id = its device id, password = its device token.
-  Its role (`device-ID`) allows publishing to its own reported, telemetry
-  and status topics and subscribing to its own desired and commands topics.
-  Mosquitto 2.0's plugin expands no `%u` in ACLs, hence one role per device.
-
-Everything not allowed is denied (the plugin's default ACL access is set to
-deny). Command results are not allowed yet: nothing reads them, and their
-topic has a level per command id, so a device could hold any number of
-retained messages there; without them a device has three retained slots of
-at most `MAX_PACKET_BYTES`.
+A device may publish to its own reported, telemetry and status topics and
+subscribe to (and receive) its own desired and commands topics. Command
+results are not allowed yet: nothing reads them, and their topic has a
+level per command id, so a device could keep any number of retained
+messages there; without them a device has three retained slots of at most
+`MAX_PACKET_BYTES`.
 """
 
 from __future__ import annotations
@@ -29,20 +26,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Callable, Collection, Mapping
+import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent import protocol
 
 HUB_USERNAME = "edgefleet-hub"
-HUB_CLIENT_ID = "edgefleet-hub"
-ADMIN_USERNAME = "edgefleet-admin"
-ADMIN_CLIENT_ID = "edgefleet-hub-admin"
-CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
-RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
-_HUB_ROLE, _ADMIN_ROLE, _DEVICE_ROLE_PREFIX = "edgefleet-hub", "edgefleet-admin", "device-"
+CANARY_USERNAME = "edgefleet-canary"
 
 # The largest payload of the protocol (a telemetry batch) plus room for the
 # topic and the fixed header. Bigger packets are refused and their sender
@@ -62,7 +54,8 @@ MAX_QUEUED_BYTES = 512 * 2**20
 # A device gone this long loses its persistent session (its retained desired
 # state stays, so it converges on return).
 PERSISTENT_CLIENT_EXPIRATION = "60d"
-_ITERATIONS = 101  # what mosquitto_ctrl uses; the secrets are random, not passwords people chose
+_ITERATIONS = 101  # what mosquitto_passwd uses; the secrets are random, not chosen by people
+_LINE = re.compile(r"([^:\s]+):(\$7\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+)")
 
 
 @dataclass(frozen=True)
@@ -72,23 +65,26 @@ class BrokerConfig:
     host: str
     port: int
     directory: Path
-    plugin: Path
     max_queued_messages: int
     user: str  # Mosquitto started as root switches to this user
 
     @property
-    def logins_path(self) -> Path:
-        return self.directory / "dynamic-security.json"
+    def password_path(self) -> Path:
+        return self.directory / "passwd"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.directory / "acl"
 
 
 def mosquitto_conf(config: BrokerConfig) -> str:
     return "\n".join([
         "# Written by `edgefleet hub serve` at every start of the broker: edits are lost.",
-        "per_listener_settings false",
         f"listener {config.port} {config.host}",
         "allow_anonymous false",
-        f"plugin {config.plugin}",
-        f"plugin_opt_config_file {config.logins_path}",
+        f"password_file {config.password_path}",
+        f"acl_file {config.acl_path}",
+        "use_username_as_clientid true",
         "persistence true",
         f"persistence_location {config.directory}/",
         "autosave_interval 60",
@@ -98,6 +94,9 @@ def mosquitto_conf(config: BrokerConfig) -> str:
         f"max_inflight_bytes {MAX_INFLIGHT_BYTES}",
         f"max_queued_messages {config.max_queued_messages}",
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        # Small packets (a PUBACK, then a desired state) go out at once, not
+        # after the peer's delayed ACK (~40 ms each).
+        "set_tcp_nodelay true",
         f"user {config.user}",
         "log_dest stderr",
         "log_type error",
@@ -109,86 +108,46 @@ def mosquitto_conf(config: BrokerConfig) -> str:
     ])
 
 
-def _acl(kind: str, topic: str) -> dict[str, Any]:
-    return {"acltype": kind, "topic": topic, "allow": True}
+def _pattern(topic: Callable[[str], str]) -> str:
+    """TOPIC of the device whose user name it is, as a Mosquitto ACL pattern."""
+    return topic("ID").replace("/ID/", "/%u/", 1)
 
 
-def device_role(device_id: str) -> dict[str, Any]:
-    """The role confining DEVICE_ID to its own topics."""
-    acls = [_acl("publishClientSend", topic(device_id)) for topic in
-            (protocol.reported_topic, protocol.telemetry_topic, protocol.status_topic)]
-    for topic in protocol.device_subscriptions(device_id):
-        acls += [_acl("subscribeLiteral", topic), _acl("unsubscribeLiteral", topic),
-                 _acl("publishClientReceive", topic)]
-    return {"rolename": _DEVICE_ROLE_PREFIX + device_id, "acls": acls}
+ACL = "\n".join([
+    f"user {HUB_USERNAME}",
+    f"topic readwrite {protocol.ROOT}/#",
+    "",
+    *(f"pattern write {_pattern(t)}" for t in
+      (protocol.reported_topic, protocol.telemetry_topic, protocol.status_topic)),
+    *(f"pattern read {_pattern(t)}" for t in (protocol.desired_topic, protocol.commands_topic)),
+    "",
+])
 
 
-def _fixed_roles() -> list[dict[str, Any]]:
-    every = f"{protocol.ROOT}/#"
-    control = "$CONTROL/dynamic-security/#"
-    return [
-        {"rolename": _HUB_ROLE, "acls": [
-            _acl("publishClientSend", every), _acl("publishClientReceive", every),
-            _acl("subscribePattern", every), _acl("unsubscribePattern", every)]},
-        {"rolename": _ADMIN_ROLE, "acls": [
-            _acl("publishClientSend", control), _acl("publishClientReceive", control),
-            _acl("subscribeLiteral", RESPONSE_TOPIC), _acl("unsubscribeLiteral", RESPONSE_TOPIC)]},
-    ]
-
-
-def _hashed(password: str, salt: bytes) -> dict[str, Any]:
+def password_line(username: str, password: str, salt: bytes) -> str:
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _ITERATIONS)
-    return {"password": base64.b64encode(digest).decode(),
-            "salt": base64.b64encode(salt).decode(), "iterations": _ITERATIONS}
+    return (f"{username}:$7${_ITERATIONS}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}")
 
 
-def login_document(
-    existing: Mapping[str, Any] | None, *, hub_password: str, devices: Collection[str],
+def parse_password_file(text: str) -> dict[str, str]:
+    """User name -> the rest of its line; lines that are no login are left out."""
+    return {m[1]: m[2] for line in text.splitlines() if (m := _LINE.fullmatch(line.strip()))}
+
+
+def password_file(
+    logins: dict[str, str], *, hub_password: str, canary: str,
     salt: Callable[[int], bytes] = os.urandom,
-) -> dict[str, Any]:
-    """The plugin's file: the hub's two logins (from HUB_PASSWORD), and the
-    device logins of EXISTING (the file the broker kept) whose device is
-    still one of DEVICES. Device passwords exist only there, hashed: the hub
-    keeps its device tokens only as sha256, so a lost file means enrolling
-    those devices again."""
-    # A kept device's password hash stays; its client id and role are rebuilt
-    # from today's rules, whatever the file said.
-    kept = list({c["username"]: {**c, "clientid": c["username"], "roles": [
-                    {"rolename": device_role(c["username"])["rolename"]}]}
-                 for c in (existing or {}).get("clients", [])
-                 if isinstance(c, dict) and c.get("username") in devices
-                 and c.get("username") not in (HUB_USERNAME, ADMIN_USERNAME)}.values())
-    clients = [
-        {"username": HUB_USERNAME, "clientid": HUB_CLIENT_ID,
-         "roles": [{"rolename": _HUB_ROLE}], **_hashed(hub_password, salt(12))},
-        {"username": ADMIN_USERNAME, "clientid": ADMIN_CLIENT_ID,
-         "roles": [{"rolename": _ADMIN_ROLE}], **_hashed(hub_password, salt(12))},
-        *kept,
-    ]
-    return {"clients": clients, "roles": _fixed_roles() + [device_role(c["username"])
-                                                           for c in kept],
-            "groups": [],
-            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
-                                 "subscribe": False, "unsubscribe": False}}
+) -> str:
+    """The file from LOGINS (device id -> hashed line, as `parse_password_file`
+    reads them), with the hub's and the canary's logins made afresh."""
+    lines = [password_line(HUB_USERNAME, hub_password, salt(12)),
+             password_line(CANARY_USERNAME, canary, salt(12))]
+    lines += [f"{device}:{hashed}" for device, hashed in sorted(logins.items())
+              if device not in (HUB_USERNAME, CANARY_USERNAME)]
+    return "\n".join(lines) + "\n"
 
 
-def device_commands(device_id: str, password: str) -> list[dict[str, Any]]:
-    """Plugin commands that let DEVICE_ID in, confined to its own topics."""
-    role = device_role(device_id)
-    return [
-        {"command": "createRole", **role},
-        {"command": "createClient", "username": device_id, "password": password,
-         "clientid": device_id, "roles": [{"rolename": role["rolename"]}]},
-    ]
-
-
-def removal_commands(device_id: str) -> list[dict[str, Any]]:
-    """Plugin commands that remove DEVICE_ID's login; the broker drops its connection."""
-    return [{"command": "deleteClient", "username": device_id},
-            {"command": "deleteRole", "rolename": _DEVICE_ROLE_PREFIX + device_id}]
-
-
-def device_logins(document: Mapping[str, Any]) -> set[str]:
-    """The device ids that have a login in the plugin's DOCUMENT."""
-    return {c["username"] for c in document.get("clients", []) if isinstance(c, dict)
-            and c.get("username") not in (HUB_USERNAME, ADMIN_USERNAME)}
+def device_logins(logins: dict[str, str], devices: Collection[str]) -> dict[str, str]:
+    """The logins of LOGINS that belong to one of DEVICES (the rest were deleted)."""
+    return {d: hashed for d, hashed in logins.items() if d in devices}

@@ -27,9 +27,9 @@ import uvicorn
 from hub import desired, devices, tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
-from hub.broker import BrokerError, ManagedBroker, find_mosquitto, find_plugin, hub_secret
-from hub.broker_admin import BrokerAdmin
+from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
 from hub.broker_config import HUB_USERNAME, BrokerConfig
+from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
 from hub.oci_registry import Uploads
 from hub.rollout_engine import RolloutEngine
@@ -117,17 +117,19 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def _managed_broker(state: HubState, bound: Bound, password: str) -> ManagedBroker:
+def _managed_broker(state: HubState, bound: Bound,
+                    password: str) -> tuple[ManagedBroker, BrokerLogins]:
     settings = state.settings
-    mosquitto = find_mosquitto(settings.mosquitto)
     host, _, port = bound.mqtt_url.removeprefix("mqtt://").rpartition(":")
     config = BrokerConfig(host=host, port=int(port), directory=settings.broker_dir,
-                          plugin=find_plugin(mosquitto),
                           max_queued_messages=settings.mqtt_max_queued_messages,
                           user=pwd.getpwuid(os.geteuid()).pw_name)
-    return ManagedBroker(config, hub_password=password, devices=lambda: devices.ids(state.db),
-                         on_restart=lambda: desired.forget_published(state.db),
-                         mosquitto=mosquitto)
+    broker = ManagedBroker(config, prepare=lambda: logins.write_all(),
+                           on_restart=lambda: desired.forget_published(state.db),
+                           mosquitto=find_mosquitto(settings.mosquitto))
+    logins = BrokerLogins(config, hub_password=password, devices=lambda: devices.ids(state.db),
+                          reload=broker.reload)
+    return broker, logins
 
 
 async def _run(state: HubState, bound: Bound) -> None:
@@ -135,12 +137,10 @@ async def _run(state: HubState, bound: Bound) -> None:
     username, password = settings.mqtt_username, settings.mqtt_password
     if bound.managed_broker:
         username, password = HUB_USERNAME, hub_secret(settings.mqtt_secret_path)
-        broker = _managed_broker(state, bound, password)
+        broker, state.broker = _managed_broker(state, bound, password)
         await asyncio.to_thread(broker.start)
         if broker.lost_state:  # a first start, or its saved state is gone: publish everything
             desired.forget_published(state.db)
-        state.broker = BrokerAdmin(bound.mqtt_url, password=password)
-        state.broker.start()
     fleet = state.fleet = FleetLink(
         state.db, state.signing_key, mqtt_url=bound.mqtt_url, username=username,
         password=password, validity=timedelta(days=settings.desired_validity_days),
@@ -159,8 +159,6 @@ async def _run(state: HubState, bound: Bound) -> None:
     finally:
         await asyncio.to_thread(engine.stop)
         await asyncio.to_thread(fleet.stop)
-        if state.broker is not None:
-            await asyncio.to_thread(state.broker.close)
         if broker is not None:
             await asyncio.to_thread(broker.stop)
 
@@ -171,7 +169,7 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     bound = bind(settings)
     if bound.managed_broker:
         try:  # before anything is created: one line, no traceback
-            find_plugin(find_mosquitto(settings.mosquitto))
+            find_mosquitto(settings.mosquitto)
         except BrokerError as exc:
             raise SystemExit(f"error: {exc}") from None
     state = initialise(settings, say)

@@ -28,7 +28,7 @@ def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> 
         # the managed broker accepts MQTT connections; its logins are the owner's only
         with socket.create_connection(("127.0.0.1", hub.mqtt_port), timeout=5):
             pass
-        for private in (data / "broker", data / "broker" / "dynamic-security.json",
+        for private in (data / "broker", data / "broker" / "passwd",
                         data / "mqtt-hub-password"):
             assert stat.S_IMODE(os.stat(private).st_mode) & 0o077 == 0, private
         first_key, first_token = key.read_bytes(), hub.admin_token

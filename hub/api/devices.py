@@ -94,7 +94,7 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
         "device": device,
         "device_token": device_token,
         "hub_public_key": state.signing_public_key,
-        # The managed broker has them already (hub/broker_admin.py); an external one's
+        # The managed broker has them already (hub/broker_logins.py); an external one's
         # operator adds them.
         "mqtt": {"url": state.mqtt_url, "username": device["id"], "password": device_token},
     }
