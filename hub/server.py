@@ -2,7 +2,7 @@
 
 Unless an external broker is named (--mqtt-url), the hub starts Mosquitto
 and keeps it running (hub/broker.py) and manages its device logins
-(hub/broker_admin.py). The REST API (uvicorn) runs on the asyncio loop; the
+(hub/broker_logins.py). The REST API (uvicorn) runs on the asyncio loop; the
 fleet link (hub/fleet.py: ingest and desired-state publishing) and the
 broker's supervisor run in threads of their own. SIGINT/SIGTERM stop
 uvicorn gracefully, then the fleet link, then the broker, and the process
