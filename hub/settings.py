@@ -63,6 +63,9 @@ class HubSettings:
             parts = urlsplit(self.mqtt_url)
             if parts.scheme != "mqtt" or not parts.hostname:
                 raise ValueError(f"--mqtt-url must look like mqtt://HOST:PORT, got {self.mqtt_url!r}")
+            if self.mosquitto is not None:
+                raise ValueError("--mosquitto is for the broker the hub runs; --mqtt-url names "
+                                 "a broker you run")
         elif self.mqtt_username is not None or self.mqtt_password is not None:
             raise ValueError("--mqtt-username and --mqtt-password are for a --mqtt-url broker; "
                              "the managed broker uses the hub's own secret in the data dir")
