@@ -87,8 +87,10 @@ def enroll(
 
     Returns the device and its own credential (shown once, stored hashed),
     which the device uses from then on instead of the enrollment token.
-    GRANT(device_id, credential) gives it its broker login before the
-    transaction commits: if it raises, nothing is stored and no use is spent.
+    GRANT(device_id, credential) gives it its broker login once the device
+    is stored (the database's write lock is not held while the broker
+    reloads); if it raises, the device is removed again and the token's use
+    given back.
     """
     if not 1 <= len(name) <= 128:
         raise InvalidInput("device name must be 1-128 characters")
@@ -115,8 +117,15 @@ def enroll(
             (device_id, name, row["tags"], public_key, platform, now(), row["id"],
              hash_secret(device_secret)),
         )
-        if grant is not None:
+    if grant is not None:
+        try:
             grant(device_id, device_secret)
+        except Exception:
+            delete_device(db, device_id)
+            with db.transaction() as conn:
+                conn.execute("UPDATE enrollment_tokens SET uses = uses - 1 WHERE id = ?",
+                             (row["id"],))
+            raise
     return get_device(db, device_id), device_secret
 
 
