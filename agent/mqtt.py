@@ -48,7 +48,7 @@ instead of losing messages:
   or twice.
   The protocol's generations and sequence numbers make repeats harmless.
 
-MQTT 3.1.1 is the default (the hub's embedded broker speaks nothing else);
+MQTT 3.1.1 is the default (what every broker speaks);
 MQTT 5 adds the session expiry and Receive Maximum above. Plain TCP only
 (mqtt://) for now.
 """

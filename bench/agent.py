@@ -7,7 +7,7 @@ Run from the repository root (about 70 s on 2 cores; --quick about 30 s):
     .venv/bin/python bench/agent.py --requests 20000   # steadier percentiles
 
 Everything runs on loopback: a real `edgefleet hub serve` process with its
-embedded MQTT broker (bench/harness.py) and a real `edgefleet agent run`
+managed Mosquitto broker (bench/harness.py) and a real `edgefleet agent run`
 process enrolled on it (bench/harness.py), in a temporary directory that is
 removed at the end. The model is the tests' tiny ONNX model (input "x" FP32
 [-1,3], one MatMul and an Add), published as versions 1 and 2 with signed

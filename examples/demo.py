@@ -1,6 +1,6 @@
 """The main job, end to end on one machine: what README.md's first command runs.
 
-A hub with its embedded MQTT broker, one real agent on this machine and a
+A hub with its managed MQTT broker (Mosquitto), one real agent on this machine and a
 few simulated devices (`edgefleet sim`, speaking the real protocol). The
 diabetes model is trained, registered as two versions, packaged and signed,
 rolled out (version 1 everywhere, then version 2 in waves with a failure
@@ -101,7 +101,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     hub = agent = sim = None
     try:
-        step("1. Start the hub (REST API + embedded MQTT broker)")
+        step("1. Start the hub (REST API + managed Mosquitto broker)")
         hub = start_hub(args.data_dir)
         console.print(hub.log().strip())
 

@@ -11,8 +11,9 @@ So after a hub restart or a reconnect to the broker, the publisher asks
 once which devices are behind and publishes just those. Two more things
 send a device's state again:
 
-- The embedded broker forgets retained messages when the hub stops, so with
-  it every device counts as unpublished at start (`forget_published`).
+- A broker that lost its retained messages (the managed one started without
+  its saved state, or restarted after dying between two saves) makes every
+  device count as unpublished (`forget_published`).
 - A signed state expires (`validity`, 30 days by default), after which an
   agent refuses it: that is the freeze a withheld hub causes. A live hub
   signs again what would expire within a third of the validity; one query an

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -80,12 +80,17 @@ def revoke_enrollment_token(db: Database, token_id: str) -> None:
 
 
 def enroll(
-    db: Database, *, secret: str, public_key: str, name: str, platform: str | None = None
+    db: Database, *, secret: str, public_key: str, name: str, platform: str | None = None,
+    grant: Callable[[str, str], None] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Spend one use of an enrollment token on a new device record.
 
     Returns the device and its own credential (shown once, stored hashed),
     which the device uses from then on instead of the enrollment token.
+    GRANT(device_id, credential) gives it its broker login once the device
+    is stored (the database's write lock is not held while the broker
+    reloads); if it raises, the device is removed again and the token's use
+    given back.
     """
     if not 1 <= len(name) <= 128:
         raise InvalidInput("device name must be 1-128 characters")
@@ -112,6 +117,15 @@ def enroll(
             (device_id, name, row["tags"], public_key, platform, now(), row["id"],
              hash_secret(device_secret)),
         )
+    if grant is not None:
+        try:
+            grant(device_id, device_secret)
+        except Exception:
+            delete_device(db, device_id)
+            with db.transaction() as conn:
+                conn.execute("UPDATE enrollment_tokens SET uses = uses - 1 WHERE id = ?",
+                             (row["id"],))
+            raise
     return get_device(db, device_id), device_secret
 
 
@@ -143,6 +157,21 @@ def get_device(db: Database, device_id: str) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"no device with id {device_id!r}; see `edgefleet device list`")
     return _device_record(row)
+
+
+def ids(db: Database) -> set[str]:
+    """Every enrolled device's id."""
+    return {r["id"] for r in db.query("SELECT id FROM devices")}
+
+
+def delete_device(db: Database, device_id: str) -> None:
+    """Forget a device: its record and credential, what it should run and
+    reported, and its telemetry. Rollout records keep its id as history."""
+    with db.transaction() as conn:
+        if not conn.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount:
+            raise NotFound(f"no device with id {device_id!r}; see `edgefleet device list`")
+        for table in ("deployments", "deployment_status", "telemetry"):
+            conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
 
 def update_tags(

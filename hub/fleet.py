@@ -6,34 +6,53 @@ desired states over the same session. Starting does not wait for the
 broker: the session connects in the background and keeps reconnecting, so
 a hub whose broker is down still serves its REST API, and catches up once
 the broker is back.
+
+"Connected" alone can lie: a session whose subscriptions a broker dropped,
+or an ingest loop stuck on the database, looks connected and receives
+nothing. So the hub sends itself a heartbeat through the broker every
+`heartbeat` seconds (QoS 0, on a topic only the hub may use) and the ingest
+loop notes its arrival; `status` says `receiving: false` once none has
+arrived for three intervals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.mqtt import Session
+from contract import protocol
+from agent.mqtt import Message, MqttError, Session
 from hub import desired
-from hub.ingest import SUBSCRIPTIONS, Ingest
+from hub.ingest import HEARTBEAT_TOPIC, SUBSCRIPTIONS, Ingest
 from hub.storage.db import Database
 
+log = logging.getLogger("edgefleet.hub.fleet")
+
 CLIENT_ID = "edgefleet-hub"
+_MISSED_BEATS = 3  # heartbeats missed before the link counts as not receiving
 
 
 class FleetLink:
     def __init__(
         self, db: Database, key: ec.EllipticCurvePrivateKey, *, mqtt_url: str,
         username: str | None, password: str | None, validity: timedelta,
-        broker_keeps_retained: bool,
+        heartbeat: float = 10.0, broker_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
-        """BROKER_KEEPS_RETAINED is false for the embedded broker, which starts
-        empty with the hub: then every device's desired state is published again."""
+        """BROKER_STATUS describes the managed broker's process; None for an external one."""
+        if heartbeat <= 0:
+            raise ValueError(f"the heartbeat interval must be positive, not {heartbeat}")
         self.mqtt_url = mqtt_url
-        self._broker_keeps_retained = broker_keeps_retained
+        self._heartbeat = heartbeat
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
+        self._started_at = time.monotonic()
+        self._broker_status = broker_status
         # The inbox is the ingest loop's largest batch, twice over: reading
         # from the broker pauses only when the loop falls well behind.
         self.session = Session(mqtt_url, client_id=CLIENT_ID, username=username,
@@ -43,26 +62,66 @@ class FleetLink:
         self.publisher = desired.Publisher(db, self.session, key, validity=validity)
 
     def start(self) -> None:
-        if not self._broker_keeps_retained:
-            desired.forget_published(self.db)
+        self._started_at = time.monotonic()
+        self._stop.clear()
         self.session.start()
         self.ingest.start()
         self.publisher.start()
+        self._beating = threading.Thread(target=self._beat, name="mqtt-heartbeat", daemon=True)
+        self._beating.start()
 
     def stop(self) -> None:
         """Stop publishing, finish the batch being written, disconnect."""
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
         self.publisher.stop()
         self.ingest.stop()
         self.session.close()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat):
+            if not self.session.connected:
+                continue
+            try:
+                self.session.publish(HEARTBEAT_TOPIC, b"", qos=0, timeout=self._heartbeat)
+            except MqttError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+
+    def receiving(self) -> bool:
+        """Has a heartbeat come back within the last three intervals (or is the
+        link younger than that)?"""
+        limit = _MISSED_BEATS * self._heartbeat
+        last = self.ingest.heartbeat_at
+        now = time.monotonic()
+        if last is None:
+            return now - self._started_at < limit
+        return now - last < limit
 
     def notify(self, device_ids: Iterable[str]) -> None:
         """These devices' desired state changed and is committed: publish it."""
         self.publisher.notify(device_ids)
 
+    def forget(self, device_id: str) -> None:
+        """Clear a deleted device's retained messages (its desired state and
+        status) from the broker; best effort, a broker not reachable keeps them."""
+        try:
+            self.session.publish_many([
+                Message(protocol.desired_topic(device_id), b"", retain=True),
+                Message(protocol.status_topic(device_id), b"", retain=True)], timeout=5)
+        except MqttError as exc:
+            log.warning("could not clear the retained messages of deleted device %s: %s",
+                        device_id, exc)
+
     def status(self) -> dict[str, Any]:
+        last = self.ingest.heartbeat_at
         return {
             "mqtt_url": self.mqtt_url,
             "connected": self.session.connected,
+            "receiving": self.receiving(),
+            "last_heartbeat_seconds_ago": None if last is None
+            else round(time.monotonic() - last, 1),
+            "broker": self._broker_status() if self._broker_status else {"managed": False},
             "ingest": self.ingest.stats(),
             "desired": self.publisher.stats(),
         }

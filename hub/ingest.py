@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,11 +42,14 @@ from hub.storage.db import Database, dumps, now
 
 log = logging.getLogger("edgefleet.hub.ingest")
 
+# The hub's message to itself through the broker (hub/fleet.py): its arrival
+# here proves that this loop still receives. Only the hub may use the topic.
+HEARTBEAT_TOPIC = f"{protocol.ROOT}/hub/heartbeat"
 # What the hub reads. Command results are not handled yet, so not subscribed.
-SUBSCRIPTIONS = tuple(
+SUBSCRIPTIONS = (*(
     f for f in protocol.HUB_SUBSCRIPTIONS
     if f.rsplit("/", 1)[-1] in ("reported", "telemetry", "status")
-)
+), HEARTBEAT_TOPIC)
 
 
 @dataclass
@@ -201,6 +205,7 @@ class Ingest:
         self._counters_lock = threading.Lock()  # the REST API reads them from other threads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat_at: float | None = None  # time.monotonic() when the last one arrived
 
     def start(self) -> None:
         self._stop.clear()
@@ -236,6 +241,14 @@ class Ingest:
         return batch
 
     def _write(self, batch: list[Delivery]) -> None:
+        beats = [d for d in batch if d.message.topic == HEARTBEAT_TOPIC]
+        if beats:
+            self.heartbeat_at = time.monotonic()
+            for delivery in beats:
+                self.session.ack(delivery)
+            batch = [d for d in batch if d.message.topic != HEARTBEAT_TOPIC]
+            if not batch:
+                return
         try:
             self._count(write_batch(self.db, [d.message for d in batch]))
         except Exception:

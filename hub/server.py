@@ -1,10 +1,12 @@
-"""`edgefleet hub serve`: first-start setup, then the REST API, the broker and the fleet link.
+"""`edgefleet hub serve`: first-start setup, then the broker, the REST API and the fleet link.
 
-The REST API (uvicorn) and, unless an external broker is named, the embedded
-MQTT broker (amqtt) share one asyncio loop in one process; the fleet link
-(hub/fleet.py: ingest and desired-state publishing) runs in threads of its
-own. SIGINT/SIGTERM stop uvicorn gracefully, then the fleet link, then the
-broker, and the process exits 0.
+Unless an external broker is named (--mqtt-url), the hub starts Mosquitto
+and keeps it running (hub/broker.py) and manages its device logins
+(hub/broker_logins.py). The REST API (uvicorn) runs on the asyncio loop; the
+fleet link (hub/fleet.py: ingest and desired-state publishing) and the
+broker's supervisor run in threads of their own. SIGINT/SIGTERM stop
+uvicorn gracefully, then the fleet link, then the broker, and the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -21,12 +25,15 @@ from datetime import timedelta
 import uvicorn
 
 from contract.files import write_secret
-from hub import tokens
+from hub import desired, devices, tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
+from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
+from hub.broker_config import HUB_USERNAME, BrokerConfig
+from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
-from hub.rollout_engine import RolloutEngine
 from hub.oci_registry import Uploads
+from hub.rollout_engine import RolloutEngine
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
@@ -41,7 +48,7 @@ class Bound:
 
     api_url: str
     mqtt_url: str
-    embedded_broker: bool
+    managed_broker: bool
 
 
 def free_port(host: str) -> int:
@@ -79,7 +86,7 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
 def bind(settings: HubSettings) -> Bound:
     port = settings.port or free_port(settings.host)
     if settings.mqtt_url:
-        return Bound(f"http://{settings.host}:{port}", settings.mqtt_url, embedded_broker=False)
+        return Bound(f"http://{settings.host}:{port}", settings.mqtt_url, managed_broker=False)
     mqtt_port = settings.mqtt_port or free_port(settings.host)
     return Bound(
         f"http://{settings.host}:{port}", f"mqtt://{settings.host}:{mqtt_port}", True
@@ -105,21 +112,35 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def _managed_broker(state: HubState, bound: Bound,
+                    password: str) -> tuple[ManagedBroker, BrokerLogins]:
+    settings = state.settings
+    host, _, port = bound.mqtt_url.removeprefix("mqtt://").rpartition(":")
+    config = BrokerConfig(host=host, port=int(port), directory=settings.broker_dir,
+                          max_queued_messages=settings.mqtt_max_queued_messages,
+                          user=pwd.getpwuid(os.geteuid()).pw_name)
+    broker = ManagedBroker(config, prepare=lambda: logins.write_all(),
+                           on_restart=lambda: desired.forget_published(state.db),
+                           mosquitto=find_mosquitto(settings.mosquitto))
+    logins = BrokerLogins(config, hub_password=password, devices=lambda: devices.ids(state.db),
+                          reload=broker.reload)
+    return broker, logins
+
+
 async def _run(state: HubState, bound: Bound) -> None:
     settings, broker = state.settings, None
     username, password = settings.mqtt_username, settings.mqtt_password
-    if bound.embedded_broker:
-        from hub import broker_auth  # only the embedded broker needs amqtt
-
-        username = broker_auth.HUB_USERNAME
-        password = broker_auth.hub_secret(settings.mqtt_secret_path)
-        broker = broker_auth.embedded_broker(bound.mqtt_url, db_path=settings.db_path,
-                                             hub_password=password)
-        await broker.start()
+    if bound.managed_broker:
+        username, password = HUB_USERNAME, hub_secret(settings.mqtt_secret_path)
+        broker, state.broker = _managed_broker(state, bound, password)
+        await asyncio.to_thread(broker.start)
+        if broker.lost_state:  # a first start, or its saved state is gone: publish everything
+            desired.forget_published(state.db)
     fleet = state.fleet = FleetLink(
         state.db, state.signing_key, mqtt_url=bound.mqtt_url, username=username,
         password=password, validity=timedelta(days=settings.desired_validity_days),
-        broker_keeps_retained=not bound.embedded_broker,
+        heartbeat=settings.heartbeat_seconds,
+        broker_status=broker.status if broker is not None else None,
     )
     fleet.start()
     engine = state.rollouts = RolloutEngine(state.db, fleet.notify)
@@ -131,23 +152,28 @@ async def _run(state: HubState, bound: Bound) -> None:
     try:
         await _Server(config).serve()
     finally:
-        # In a thread: the embedded broker runs on this loop and must go on
-        # answering while the link finishes its batch and disconnects.
         await asyncio.to_thread(engine.stop)
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
-            await broker.shutdown()
+            await asyncio.to_thread(broker.stop)
 
 
 def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     bound = bind(settings)
+    if bound.managed_broker:
+        try:  # before anything is created: one line, no traceback
+            find_mosquitto(settings.mosquitto)
+        except BrokerError as exc:
+            raise SystemExit(f"error: {exc}") from None
     state = initialise(settings, say)
     state.mqtt_url = bound.mqtt_url
-    broker_kind = "embedded broker" if bound.embedded_broker else "external broker"
+    broker_kind = "managed Mosquitto" if bound.managed_broker else "external broker"
     say(f"REST API on {bound.api_url} (OpenAPI docs at {bound.api_url}/docs)")
     say(f"MQTT on {bound.mqtt_url} ({broker_kind})")
     say(f"Log in with: edgefleet login --hub {bound.api_url} --token-file {settings.admin_token_path}")
-    asyncio.run(_run(state, bound))
+    try:
+        asyncio.run(_run(state, bound))
+    except BrokerError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -21,14 +21,15 @@ class HubSettings:
         Path("./edgefleet-data"), "Where the hub keeps its database, blobs and keys."
     )  # type: ignore[assignment]
     host: str = _setting(
-        "127.0.0.1", "Address the REST API and the embedded broker listen on."
+        "127.0.0.1", "Address the REST API and the managed broker listen on."
     )  # type: ignore[assignment]
     port: int = _setting(8080, "Port of the REST API (0 picks a free one).")  # type: ignore[assignment]
     mqtt_port: int = _setting(
-        1883, "Port of the embedded MQTT broker (0 picks a free one)."
+        1883, "Port of the managed MQTT broker, Mosquitto (0 picks a free one)."
     )  # type: ignore[assignment]
     mqtt_url: str | None = _setting(
-        None, "Use this broker (mqtt://HOST:PORT) instead of starting the embedded one."
+        None, "Use this broker (mqtt://HOST:PORT) instead of starting and managing "
+        "Mosquitto; its operator sets up logins and ACLs (docs/architecture.md)."
     )  # type: ignore[assignment]
     mqtt_username: str | None = _setting(
         None, "The hub's user on the --mqtt-url broker (it must be allowed every "
@@ -37,6 +38,19 @@ class HubSettings:
     mqtt_password: str | None = _setting(
         None, "Password of --mqtt-username; better set EDGEFLEET_MQTT_PASSWORD, which "
         "`ps` does not show."
+    )  # type: ignore[assignment]
+    mosquitto: str | None = _setting(
+        None, "The Mosquitto program the hub runs as its broker (default: `mosquitto` "
+        "on PATH or in /usr/sbin)."
+    )  # type: ignore[assignment]
+    mqtt_max_queued_messages: int = _setting(
+        100_000, "Messages the managed broker queues per client beyond those in flight "
+        "(the hub during a burst, a device while offline); more are dropped, so size "
+        "it for the fleet's bursts."
+    )  # type: ignore[assignment]
+    heartbeat_seconds: int = _setting(
+        10, "How often the hub sends itself a message through the broker; GET "
+        "/fleet/status says receiving: false after three are missed."
     )  # type: ignore[assignment]
     desired_validity_days: int = _setting(
         30, "Days a signed desired state stays valid; agents refuse expired ones, so "
@@ -49,11 +63,19 @@ class HubSettings:
             parts = urlsplit(self.mqtt_url)
             if parts.scheme != "mqtt" or not parts.hostname:
                 raise ValueError(f"--mqtt-url must look like mqtt://HOST:PORT, got {self.mqtt_url!r}")
+            if self.mosquitto is not None:
+                raise ValueError("--mosquitto is for the broker the hub runs; --mqtt-url names "
+                                 "a broker you run")
         elif self.mqtt_username is not None or self.mqtt_password is not None:
             raise ValueError("--mqtt-username and --mqtt-password are for a --mqtt-url broker; "
-                             "the embedded broker uses the hub's own secret in the data dir")
+                             "the managed broker uses the hub's own secret in the data dir")
         if self.mqtt_password is not None and self.mqtt_username is None:
             raise ValueError("--mqtt-password needs --mqtt-username")
+        if not 100 <= self.mqtt_max_queued_messages <= 100_000_000:
+            raise ValueError(f"--mqtt-max-queued-messages must be 100-100000000, got "
+                             f"{self.mqtt_max_queued_messages}")
+        if not 1 <= self.heartbeat_seconds <= 3600:
+            raise ValueError(f"--heartbeat-seconds must be 1-3600, got {self.heartbeat_seconds}")
         if not 1 <= self.desired_validity_days <= 3650:
             raise ValueError(f"--desired-validity-days must be 1-3650, got "
                              f"{self.desired_validity_days}")
@@ -75,6 +97,11 @@ class HubSettings:
         return self.data_dir / "admin-token"
 
     @property
+    def broker_dir(self) -> Path:
+        """The managed broker's configuration, logins and saved state."""
+        return self.data_dir / "broker"
+
+    @property
     def mqtt_secret_path(self) -> Path:
-        """The hub's password on the embedded broker."""
+        """The hub's password on the managed broker."""
         return self.data_dir / "mqtt-hub-password"

@@ -80,6 +80,10 @@ def test_the_documented_mosquitto_setup_lets_the_hub_and_devices_in_and_no_furth
     (("--mqtt-username", "hub"), "are for a --mqtt-url broker"),
     (("--mqtt-url", "mqtt://127.0.0.1:1", "--mqtt-password", "x"), "needs --mqtt-username"),
     (("--desired-validity-days", "0"), "must be 1-3650"),
+    (("--mqtt-url", "mqtt://127.0.0.1:1", "--mosquitto", "/usr/sbin/mosquitto"),
+     "--mosquitto is for the broker the hub runs"),
+    (("--heartbeat-seconds", "0"), "must be 1-3600"),
+    (("--mqtt-max-queued-messages", "5"), "must be 100-100000000"),
 ])
 def test_bad_broker_settings_are_usage_errors(tmp_path: Path, args: tuple[str, ...],
                                               complaint: str) -> None:

@@ -1,4 +1,4 @@
-"""The hub's side of the device link, end to end, on the embedded broker and on Mosquitto.
+"""The hub's side of the device link, end to end, on the managed broker and on an external one.
 
 A real `edgefleet hub serve`; deployments made with the CLI; a device that
 is a real MQTT session speaking the real protocol (tests/fleetdevice.py).
@@ -40,7 +40,7 @@ class Link:
         return self.get("/api/v1/fleet/status")
 
 
-@pytest.fixture(scope="module", params=["embedded", "mosquitto"])
+@pytest.fixture(scope="module", params=["managed", "mosquitto"])
 def link(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[Link]:
     base = tmp_path_factory.mktemp(request.param)
@@ -156,7 +156,7 @@ def test_bad_messages_are_dropped_and_counted_while_good_ones_flow(
     dropped = link.fleet()["ingest"]["dropped"]
     for kind in ("reported", "telemetry", "status"):
         assert dropped[kind]["malformed"] == before.get(kind, {}).get("malformed", 0) + 1
-    if link.kind == "mosquitto":  # the embedded broker lets no unknown device in at all
+    if link.kind == "mosquitto":  # the managed broker lets no unknown device in at all
         with Session(link.fleet()["mqtt_url"], client_id="dev-nobody") as stranger:
             stranger.publish(protocol.telemetry_topic("dev-nobody"), b"{}")
         wait_for(lambda: link.fleet()["ingest"]["dropped"].get("telemetry", {})

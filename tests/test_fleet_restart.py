@@ -11,6 +11,7 @@ from agentproc import wait_for
 from fleetdevice import connect, enroll, tiny_packages
 from mosquitto import Mosquitto, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
+from contract import protocol
 from agent.mqtt import MqttTimeout
 from conftest import Cli
 from hubproc import HubProcess, start_hub
@@ -58,24 +59,27 @@ def test_a_restart_republishes_nothing_and_a_deploy_during_an_outage_arrives_aft
         assert hub.stop() == 0, hub.log()
 
 
-def test_the_embedded_broker_gets_every_desired_state_again_after_a_restart(
+def test_the_managed_broker_keeps_logins_and_desired_states_across_a_hub_restart(
         tmp_path: Path) -> None:
     hub = start_hub(tmp_path / "data")
     try:
         cli = Cli(hub, tmp_path)
         tiny_packages(hub, cli, tmp_path)
-        enrollment = enroll(hub, "cam")
-        device = connect(enrollment)
+        device = connect(enroll(hub, "cam"))
         cli.run("deploy", "tiny:1", "--device", device.id)
         assert device.desired().generation == 1
-        device.session.close()
         assert hub.stop() == 0
 
-        hub = start_hub(tmp_path / "data")  # a new broker, on a new port, that knows nothing
-        enrollment["mqtt"]["url"] = f"mqtt://127.0.0.1:{hub.mqtt_port}"
-        again = connect(enrollment)
-        assert again.desired().generation == 1
-        assert fleet(hub)["desired"]["published"] == 1
-        again.session.close()
+        hub = start_hub(tmp_path / "data", port=hub.port, mqtt_port=hub.mqtt_port)
+        # The device's login survived, and so did its retained state (sent
+        # again on its resubscribe), which the hub did not publish again.
+        device.session.wait_connected(30)
+        wait_for(lambda: fleet(hub)["connected"], what="the hub's broker connection")
+        with pytest.raises(protocol.ProtocolRefusal, match="already_applied"):
+            device.desired()
+        assert fleet(hub)["desired"]["published"] == 0
+        cli.run("deploy", "tiny:2", "--device", device.id)
+        assert device.desired().generation == 2
+        device.session.close()
     finally:
         assert hub.stop() == 0, hub.log()

@@ -25,9 +25,12 @@ def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> 
         assert str(token_file) in hub.log() and str(key) in hub.log()
         # the secrets themselves never reach the log
         assert hub.admin_token not in hub.log() and "PRIVATE KEY" not in hub.log()
-        # the embedded broker accepts MQTT connections
+        # the managed broker accepts MQTT connections; its logins are the owner's only
         with socket.create_connection(("127.0.0.1", hub.mqtt_port), timeout=5):
             pass
+        for private in (data / "broker", data / "broker" / "passwd",
+                        data / "mqtt-hub-password"):
+            assert stat.S_IMODE(os.stat(private).st_mode) & 0o077 == 0, private
         first_key, first_token = key.read_bytes(), hub.admin_token
     finally:
         assert hub.stop(signal.SIGTERM) == 0
@@ -44,11 +47,12 @@ def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> 
         assert again.stop(signal.SIGINT) == 0
 
 
-def test_external_broker_url_skips_the_embedded_one(tmp_path: Path) -> None:
+def test_external_broker_url_skips_the_managed_one(tmp_path: Path) -> None:
     hub = start_hub(tmp_path / "data", extra_args=("--mqtt-url", "mqtt://127.0.0.1:1"))
     try:
         assert httpx.get(f"{hub.url}/api/v1/health").json()["mqtt_url"] == "mqtt://127.0.0.1:1"
         assert "external broker" in hub.log()
+        assert not (tmp_path / "data" / "broker").exists()
     finally:
         assert hub.stop() == 0
 

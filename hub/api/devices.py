@@ -86,6 +86,7 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
             public_key=body.public_key,
             name=body.name,
             platform=body.platform,
+            grant=state.broker.add_device if state.broker is not None else None,
         )
     )
     request.state.audit = ("device.enroll", device["id"])
@@ -93,7 +94,8 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
         "device": device,
         "device_token": device_token,
         "hub_public_key": state.signing_public_key,
-        # The broker checks these (embedded: hub/broker_auth.py; external: its operator).
+        # The managed broker has them already (hub/broker_logins.py); an external one's
+        # operator adds them.
         "mqtt": {"url": state.mqtt_url, "username": device["id"], "password": device_token},
     }
 
@@ -115,6 +117,23 @@ def show_device(
     device_id: str, request: Request, principal: Principal = auth.viewer
 ) -> dict[str, Any]:
     return devices.get_device(hub_state(request).db, device_id)
+
+
+@router.delete("/devices/{device_id}", status_code=204, summary="Delete a device: its "
+               "credential and broker login stop working at once, its deployments go")
+def delete_device(
+    device_id: str, request: Request, principal: Principal = auth.operator
+) -> Response:
+    request.state.audit = ("device.delete", device_id)
+    state = hub_state(request)
+    devices.get_device(state.db, device_id)
+    # The broker first: if it cannot be told, nothing changes and the caller may retry.
+    if state.broker is not None:
+        state.broker.remove_device(device_id)
+    devices.delete_device(state.db, device_id)
+    if state.fleet is not None:
+        state.fleet.forget(device_id)
+    return Response(status_code=204)
 
 
 @router.patch("/devices/{device_id}/tags", summary="Set or remove device tags")

@@ -19,6 +19,7 @@ from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
 
 if TYPE_CHECKING:
+    from hub.broker_logins import BrokerLogins
     from hub.fleet import FleetLink
 
 
@@ -33,6 +34,7 @@ class HubState:
     uploads: Uploads
     fleet: FleetLink | None = None  # the MQTT link, once the server has started it
     rollouts: RolloutEngine | None = None  # the rollout engine, once the server has started it
+    broker: BrokerLogins | None = None  # device logins on the managed broker (None: external)
 
 
 def hub_state(request: Request) -> HubState:

@@ -1,8 +1,8 @@
 """Moving large bodies without holding them or stalling the event loop.
 
 Uploads are gathered into ~1 MiB pieces and hashed and written in a worker
-thread, so a big upload neither blocks other requests nor the embedded
-broker on the same loop. Downloads are sent in 1 MiB pieces, not
+thread, so a big upload does not block other requests on the same
+loop. Downloads are sent in 1 MiB pieces, not
 Starlette's 64 KiB, to cut the per-chunk thread hand-offs.
 """
 

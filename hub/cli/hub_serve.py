@@ -33,7 +33,7 @@ def hub() -> None:
 @hub.command()
 @_settings_options
 def serve(**options: Any) -> None:
-    """Start the REST API and, unless --mqtt-url is given, an embedded MQTT broker.
+    """Start the REST API and, unless --mqtt-url is given, a managed Mosquitto broker.
 
     On first start this creates the data directory, the hub's signing key and an
     admin API token, and prints where they are.
