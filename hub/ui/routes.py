@@ -298,6 +298,7 @@ def rollouts_list(request: Request) -> HTMLResponse:
 
 @router.post("/rollouts")
 async def rollout_create(request: Request) -> Response:
+    request.state.audit = ("rollout.create", "")
     me, form = await _operator_form(request)
     entered = {k: form.get(k, "") for k in (*FORM_FIELDS, "auto_rollback")}
     try:
@@ -334,6 +335,7 @@ def rollout_progress(rollout_id: str, request: Request) -> JSONResponse:
 
 @router.post("/rollouts/{rollout_id}/{action}")
 async def rollout_action(rollout_id: str, action: str, request: Request) -> Response:
+    request.state.audit = (f"rollout.{action[:20]}", rollout_id)  # refusals are logged as such
     me, _ = await _operator_form(request)
     if action not in ACTIONS:
         raise InvalidInput(f"unknown action {action[:20]!r}; use one of {', '.join(ACTIONS)}")
