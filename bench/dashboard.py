@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Ahead of this directory, whose agent.py would shadow the agent package.
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from browser import chromium, sign_in  # noqa: E402
+from playwright.sync_api import Browser, Page  # noqa: E402
 from hubproc import HubProcess, start_hub  # noqa: E402
 from report import Row, print_table  # noqa: E402
 
@@ -136,13 +137,17 @@ def server_time(client: httpx.Client, path: str, runs: int) -> float:
     return statistics.median(times)
 
 
-def browser_times(hub: HubProcess, paths: list[str], runs: int) -> dict[str, tuple[float, float]]:
-    """path -> (first contentful paint, load event), seconds after navigation start."""
+def browser_times(hub: HubProcess, paths: list[str], runs: int,
+                  screenshots: Path | None) -> dict[str, tuple[float, float]]:
+    """path -> (first contentful paint, load event), seconds after navigation start.
+    SCREENSHOTS: a directory for a picture of the first two pages, desktop and phone."""
     found: dict[str, tuple[float, float]] = {}
     with chromium() as browser, browser.new_context(
             viewport={"width": 1280, "height": 900}) as context:
         page = context.new_page()
         sign_in(page, hub.url, hub.admin_token)
+        if screenshots is not None:
+            take_screenshots(browser, page, hub, paths, screenshots)
         for path in paths:
             paints, loads = [], []
             for _ in range(runs):
@@ -161,6 +166,23 @@ def browser_times(hub: HubProcess, paths: list[str], runs: int) -> dict[str, tup
     return found
 
 
+def take_screenshots(browser: Browser, page: Page, hub: HubProcess, paths: list[str],
+                     directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    page.goto(hub.url + paths[0])
+    page.screenshot(path=directory / "fleet-10k.png")
+    device = next(p for p in paths if "window=24h" in p)
+    page.goto(hub.url + device)
+    page.screenshot(path=directory / "device-24h.png", full_page=True)
+    with browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                             device_scale_factor=2) as phone_context:
+        phone = phone_context.new_page()
+        sign_in(phone, hub.url, hub.admin_token)
+        for name, path in (("phone-fleet.png", paths[0]), ("phone-device.png", device)):
+            phone.goto(hub.url + path)
+            phone.screenshot(path=directory / name)
+
+
 def query_rows(db_path: Path, runs: int, label: str) -> list[Row]:
     """The fleet page's statements one by one, with their plans."""
     conn = sqlite3.connect(db_path)
@@ -171,6 +193,7 @@ def query_rows(db_path: Path, runs: int, label: str) -> list[Row]:
         "count by platform": ("SELECT platform, COUNT(*) FROM devices GROUP BY platform", []),
         "count by tag (json_each)": (
             "SELECT t.key, t.value, COUNT(*) FROM devices, json_each(devices.tags) t"
+            " WHERE t.key != 'arch' AND substr(t.key, 1, 6) != 'accel.'"
             " GROUP BY t.key, t.value", []),
         "page 1, no filter": ("SELECT id FROM devices ORDER BY name, id LIMIT 50", []),
         "page 3, status + tag": (
@@ -214,6 +237,9 @@ def main() -> None:
     parser.add_argument("--telemetry-devices", type=int, default=100,
                         help="devices besides the measured one with 24 h of system points")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--screenshots", type=Path, metavar="DIR",
+                        help="also save pictures of the fleet and device pages here "
+                             "(desktop and phone), e.g. docs/screenshots")
     args = parser.parse_args()
     rnd = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-dash-") as tmp:
@@ -237,7 +263,7 @@ def main() -> None:
                               cookies={"edgefleet_session": hub.admin_token}) as client:
                 server = {name: server_time(client, path, args.runs)
                           for name, path in pages.items()}
-            browser = browser_times(hub, list(pages.values()), args.runs)
+            browser = browser_times(hub, list(pages.values()), args.runs, args.screenshots)
             rows = []
             for name, path in pages.items():
                 paint, load = browser[path]

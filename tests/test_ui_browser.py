@@ -35,7 +35,7 @@ from conftest import Cli
 from hubproc import EDGEFLEET, HubProcess, start_hub, stop_process
 from modelgen import make_onnx
 from mosquitto import Mosquitto, start_mosquitto
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_TAG = '<img src=x onerror="alert(2)">'
@@ -180,15 +180,22 @@ def admin(browser: Browser) -> Iterator[BrowserContext]:
 
 @pytest.fixture
 def page(site: Site, admin: BrowserContext) -> Iterator[Page]:
-    """A signed-in admin's tab; a page that opens an alert() fails the test."""
-    dialogs: list[str] = []
+    """A signed-in admin's tab; a dialog (an injected alert()) or a script error on any
+    page fails the test."""
+    trouble: list[str] = []
+
+    def dialog(opened: Dialog) -> None:
+        trouble.append(f"dialog {opened.message!r}")
+        opened.dismiss()
+
     tab = admin.new_page()
-    tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    tab.on("dialog", dialog)
+    tab.on("pageerror", lambda error: trouble.append(f"script error {error}"))
     if not admin.cookies(site.hub.url + "/ui/"):
         sign_in(tab, site.hub.url, site.hub.admin_token)
     yield tab
     tab.close()
-    assert not dialogs, f"a dialog opened: {dialogs}"
+    assert not trouble, trouble
 
 
 def _facet(page: Page, name: str) -> dict[str, int]:

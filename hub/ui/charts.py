@@ -47,11 +47,12 @@ class Chart:
 
 
 def nice_ceiling(value: float) -> float:
-    """The smallest of 1, 2, 2.5, 5 x 10^n at or above VALUE (an axis's top)."""
+    """The smallest of 1, 2, 4, 5 x 10^n at or above VALUE: an axis's top whose
+    quarters (the grid lines) are short numbers too."""
     if value <= 0:
         return 1.0
     power = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
+    for step in (1, 2, 4, 5, 10):
         if value <= step * power + 1e-12:
             return step * power
     return 10 * power

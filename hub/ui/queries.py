@@ -102,8 +102,11 @@ def facets(db: Database) -> Facets:
         accelerator=_pairs(db, "SELECT a.value AS k, COUNT(*) AS n FROM devices,"
                                " json_each(devices.inventory, '$.accelerators') a"
                                " GROUP BY a.value ORDER BY n DESC"),
+        # Without the tags the hub derives from reports (hub.ingest.derived_tags: arch,
+        # accel.*): the platform and accelerator counts say the same.
         tag=_pairs(db, "SELECT t.key || '=' || t.value AS k, COUNT(*) AS n FROM devices,"
-                       " json_each(devices.tags) t GROUP BY t.key, t.value"
+                       " json_each(devices.tags) t WHERE t.key != 'arch'"
+                       " AND substr(t.key, 1, 6) != 'accel.' GROUP BY t.key, t.value"
                        f" ORDER BY n DESC, k LIMIT {TOP_TAGS}"),
     )
 
@@ -159,7 +162,7 @@ class DeviceTelemetry:
     points: int
     cpu: list[Series]
     memory: list[Series]
-    requests: list[Series]
+    requests: list[Series]   # per second
     error_rate: list[Series]
     latency: list[Series]
 
@@ -172,15 +175,16 @@ def device_telemetry(db: Database, device_id: str, window: timedelta,
     end = end or datetime.now(UTC)
     start = end - window
     width = window.total_seconds() / BUCKETS
-    since, t0 = format_time(start), start.timestamp()
+    since, until, t0 = format_time(start), format_time(end), start.timestamp()
     first = _first_seq_since(db, device_id, since)
     # julianday: SQLite 3.40 (Debian 12) has no unixepoch(..., 'subsec').
     bucket = "CAST(((julianday(at) - 2440587.5) * 86400.0 - ?) / ? AS INTEGER)"
     system = db.query(
         f"SELECT {bucket} AS b, AVG(json_extract(metrics, '$.cpu_percent')) AS cpu,"
         " AVG(json_extract(metrics, '$.memory_percent')) AS memory, COUNT(*) AS n"
-        " FROM telemetry WHERE device_id = ? AND seq >= ? AND at >= ? AND kind = 'system'"
-        " GROUP BY b ORDER BY b", (t0, width, device_id, first, since))
+        " FROM telemetry WHERE device_id = ? AND seq >= ? AND at >= ? AND at <= ?"
+        " AND kind = 'system'"
+        " GROUP BY b ORDER BY b", (t0, width, device_id, first, since, until))
     inference = db.query(
         f"SELECT {bucket} AS b, json_extract(metrics, '$.deployment') AS deployment,"
         " json_extract(metrics, '$.version') AS version,"
@@ -192,8 +196,10 @@ def device_telemetry(db: Database, device_id: str, window: timedelta,
         " SUM(json_extract(metrics, '$.p95_ms') * json_extract(metrics, '$.count'))"
         "  / SUM(CASE WHEN json_extract(metrics, '$.p95_ms') IS NOT NULL"
         "   THEN json_extract(metrics, '$.count') END) AS p95, COUNT(*) AS n"
-        " FROM telemetry WHERE device_id = ? AND seq >= ? AND at >= ? AND kind = 'inference'"
-        " GROUP BY b, deployment, version ORDER BY b", (t0, width, device_id, first, since))
+        " FROM telemetry WHERE device_id = ? AND seq >= ? AND at >= ? AND at <= ?"
+        " AND kind = 'inference'"
+        " GROUP BY b, deployment, version ORDER BY b",
+        (t0, width, device_id, first, since, until))
 
     def at(b: int) -> float:
         return t0 + (b + 0.5) * width
@@ -210,7 +216,7 @@ def device_telemetry(db: Database, device_id: str, window: timedelta,
     for r in inference:
         key = f"{r['deployment']} v{r['version']}"
         x = at(r["b"])
-        requests.setdefault(key, Series(key)).points.append((x, r["requests"] or 0))
+        requests.setdefault(key, Series(key)).points.append((x, (r["requests"] or 0) / width))
         if r["requests"]:
             errors.setdefault(key, Series(key)).points.append(
                 (x, 100 * (r["errors"] or 0) / r["requests"]))

@@ -9,7 +9,7 @@ and the role the API would ask for; buttons a role may not use are not shown.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class UiRoute(APIRoute):
     """Turns the hub's errors into pages (or JSON for the polling endpoint), and a
     missing or dead session into the sign-in page."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
@@ -218,7 +218,7 @@ def device(device_id: str, request: Request, window: str = "1h") -> HTMLResponse
                                  y_max=y_max)
 
     shown = [chart("CPU", "%", data.cpu, 100.0), chart("Memory", "%", data.memory, 100.0),
-             chart("Requests per bucket", "requests", data.requests),
+             chart("Requests", "per second", data.requests),
              chart("Error rate", "%", data.error_rate),
              chart("Latency p50 / p95", "ms", data.latency)]
     return page("device.html", **base, device=record, window=window_name,
