@@ -229,6 +229,8 @@ def test_sign_in_refuses_a_wrong_token_and_the_fleet_counts_match_the_api(
     assert tab.locator("#fleet-total").inner_text() == f"{len(devices)} devices"
     assert _facet(tab, "status") == dict(Counter(d["status"] for d in devices))
     assert _facet(tab, "platform") == dict(Counter(d["platform"] or "unknown" for d in devices))
+    assert _facet(tab, "accelerator") == dict(Counter(
+        a for d in devices for a in d["inventory"].get("accelerators", [])))
     tags = Counter(f"{k}={v}" for d in devices for k, v in d["tags"].items())
     shown = _facet(tab, "tag")
     assert shown == {k: tags[k] for k in shown} and shown["ring=good"] == 4
