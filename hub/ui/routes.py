@@ -8,7 +8,6 @@ and the role the API would ask for; buttons a role may not use are not shown.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,6 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
-from markupsafe import Markup
 
 from hub import deployments, devices, packages, registry, rollouts, tokens
 from hub.api import rollouts as rollouts_api
@@ -66,14 +64,8 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(ago=_ago, short_time=_short_time,
-                       qs=lambda params: urlencode(params), tojson_attr=_json_attr)
+    env.filters.update(ago=_ago, short_time=_short_time, qs=lambda params: urlencode(params))
     return env
-
-
-def _json_attr(value: Any) -> Markup:
-    """JSON for a data- attribute: autoescaping quotes it; Markup keeps it from being escaped twice."""
-    return Markup.escape(json.dumps(value, sort_keys=True))
 
 
 ENV = _environment()
@@ -118,11 +110,11 @@ class UiRoute(APIRoute):
 router = APIRouter(prefix="/ui", route_class=UiRoute, include_in_schema=False)
 
 
-def _base(request: Request, active: str) -> tuple[Database, Principal, dict[str, Any]]:
+def _base(request: Request, active: str) -> tuple[Database, dict[str, Any]]:
+    """The database, and what every page's frame needs: who, their CSRF token, their role."""
     db = hub_state(request).db
     me, csrf = session.current(request, db)
-    return db, me, {"me": me, "csrf": csrf, "active": active,
-                    "can_operate": me.can("operator")}
+    return db, {"me": me, "csrf": csrf, "active": active, "can_operate": me.can("operator")}
 
 
 async def _operator_form(request: Request) -> tuple[Principal, dict[str, str]]:
@@ -164,8 +156,11 @@ async def signin(request: Request) -> Response:
     request.state.audit = ("ui.signin", "")
     if not nonce or form.get(session.CSRF_FIELD) != nonce:
         request.state.audit_detail = "sign-in form without its CSRF cookie"
-        return page("signin.html", 403, me=None, next=_next(form.get("next", "")), csrf=nonce,
-                    error="This sign-in form has expired; it was reloaded, try again.")
+        fresh = session.signin_nonce(request)
+        refused = page("signin.html", 403, me=None, next=_next(form.get("next", "")), csrf=fresh,
+                       error="This sign-in form had expired; it was reloaded, try again.")
+        session.keep_signin_nonce(refused, request, fresh)
+        return refused
     secret = form.get("token", "").strip()
     try:
         principal = await run_in_threadpool(tokens.authenticate, hub_state(request).db, secret)
@@ -198,7 +193,7 @@ async def signout(request: Request) -> Response:
 
 @router.get("/fleet")
 def fleet(request: Request) -> HTMLResponse:
-    db, _, base = _base(request, "fleet")
+    db, base = _base(request, "fleet")
     wanted = queries.FleetFilter.parse(dict(request.query_params))
     return page("fleet.html", **base, f=wanted, facets=queries.facets(db),
                 listing=queries.device_page(db, wanted))
@@ -206,7 +201,7 @@ def fleet(request: Request) -> HTMLResponse:
 
 @router.get("/devices/{device_id}")
 def device(device_id: str, request: Request, window: str = "1h") -> HTMLResponse:
-    db, _, base = _base(request, "fleet")
+    db, base = _base(request, "fleet")
     record = devices.get_device(db, device_id)
     window_name, span = queries.checked_window(window)
     data = queries.device_telemetry(db, device_id, span)
@@ -234,13 +229,13 @@ def device(device_id: str, request: Request, window: str = "1h") -> HTMLResponse
 
 @router.get("/models")
 def models(request: Request) -> HTMLResponse:
-    db, _, base = _base(request, "models")
+    db, base = _base(request, "models")
     return page("models.html", **base, models=registry.list_models(db))
 
 
 @router.get("/models/{name}")
 def model(name: str, request: Request) -> HTMLResponse:
-    db, _, base = _base(request, "models")
+    db, base = _base(request, "models")
     state = hub_state(request)
     versions = registry.list_versions(db, name, limit=100)
     built = {p["version"]: p for p in packages.list_packages(db, state.blobs, model=name)}
@@ -286,7 +281,7 @@ def _rollout_request(form: dict[str, str]) -> rollouts_api.RolloutRequest:
 
 def _rollouts_page(request: Request, status: int = 200, error: str | None = None,
                    entered: dict[str, str] | None = None) -> HTMLResponse:
-    db, _, base = _base(request, "rollouts")
+    db, base = _base(request, "rollouts")
     return page("rollouts.html", status, **base, rollouts=rollouts.list_rollouts(db),
                 models=registry.list_models(db), error=error, entered=entered or {})
 
@@ -322,7 +317,7 @@ def _progress(db: Database, rollout_id: str) -> dict[str, Any]:
 
 @router.get("/rollouts/{rollout_id}")
 def rollout(rollout_id: str, request: Request) -> HTMLResponse:
-    db, _, base = _base(request, "rollouts")
+    db, base = _base(request, "rollouts")
     return page("rollout.html", **base, r=_progress(db, rollout_id), actions=ACTIONS)
 
 
@@ -348,7 +343,7 @@ async def rollout_action(rollout_id: str, action: str, request: Request) -> Resp
 
 @router.get("/audit")
 def audit_log(request: Request) -> HTMLResponse:
-    db, _, base = _base(request, "audit")
+    db, base = _base(request, "audit")
     wanted = queries.AuditFilter.parse(dict(request.query_params))
     entries = queries.audit_entries(db, wanted)
     older = {**{k: v for k, v in wanted.__dict__.items() if v and k != "before"},
