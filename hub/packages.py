@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from contract import cosign, oci
 from contract.errors import BlobNotFound, PackageError, RefNotFound
 from contract.layers import ROLE
+from contract.names import is_number
 from hub import oci_registry as reg
 from hub.errors import NotFound
 from hub.oci_registry import RegistryError
@@ -135,7 +136,7 @@ def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -
             "model": r["repo"].removeprefix("models/"),
             # An int like every other listing's; a tag someone pushed that is no version
             # number (e.g. with skopeo) is still listed, under its tag.
-            "version": int(r["tag"]) if r["tag"].isascii() and r["tag"].isdigit() else None,
+            "version": int(r["tag"]) if is_number(r["tag"]) else None,
             "tag": r["tag"],
             "repository": r["repo"],
             "digest": r["digest"],

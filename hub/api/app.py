@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from hub import ui
 from hub.api import (
     admin, deployments, devices, errors, fleet, models, packages, registry, rollouts,
 )
@@ -23,5 +24,6 @@ def create_app(state: HubState) -> FastAPI:
     for module in (admin, models, packages, devices, deployments, fleet, rollouts):
         app.include_router(module.router)
     registry.install(app)
+    ui.install(app)  # the dashboard at /ui
     app.add_middleware(AuditLog, db=state.db)
     return app

@@ -168,7 +168,7 @@ def _create_schema(db: _Schema) -> None:
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
-def _migrate(db: sqlite_utils.Database) -> None:
+def _migrate(db: _Schema) -> None:
     """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
     version = int(db["meta"].get("schema_version")["value"])
     if version < 2:
@@ -177,6 +177,16 @@ def _migrate(db: sqlite_utils.Database) -> None:
         db["rollouts"].add_column("spec", str)
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+
+
+# Indexes added after the first schema, created on every open so existing hubs get them
+# too. The dashboard's fleet page counts by status and platform and pages through the
+# devices by name (bench/dashboard.py measures what they buy).
+LATER_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS devices_status ON devices (status)",
+    "CREATE INDEX IF NOT EXISTS devices_platform ON devices (platform)",
+    "CREATE INDEX IF NOT EXISTS devices_name_id ON devices (name, id)",
+)
 
 
 class Database:
@@ -189,7 +199,10 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        _create_schema(_Schema(self._connect()))
+        conn = self._connect()
+        _create_schema(_Schema(conn))
+        for statement in LATER_INDEXES:
+            conn.execute(statement)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
