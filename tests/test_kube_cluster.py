@@ -1,0 +1,202 @@
+"""Kubernetes mode against a real API server (etcd, kube-apiserver, controller manager,
+scheduler) with kwok's fake nodes: the fixture, inventory, apply, drift, undo, RBAC."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, utils
+
+from agent.kube.apply import KubeError, Namespace, NotOurs
+from agent.kube.inventory import read_inventory
+from agent.kube.manifests import Release, Resources, Target, Workload
+from agent.kube.rollout import Phase
+from kube import KubeCluster, kube_cluster  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
+REGISTRY = "hub.test:5000"
+PLATFORMS = ("linux/amd64", "linux/arm64")
+
+
+def release(version: int) -> Release:
+    return Release("tiny", version, "models/tiny", f"sha256:{version:064x}")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.3)
+
+
+@pytest.fixture
+def admin(kube_cluster: KubeCluster) -> Iterator[client.ApiClient]:  # noqa: F811
+    with kube_cluster.admin_client() as api:
+        yield api
+
+
+@pytest.fixture
+def namespace(admin: client.ApiClient) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(admin)
+    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespaced_secret(name, {"metadata": {"name": "scoring-key"},
+                                         "stringData": {"api-key": "k" * 32}})
+    yield name
+    core.delete_namespace(name)
+
+
+def test_a_deployment_becomes_ready_on_kwok_nodes(admin: client.ApiClient,
+                                                  namespace: str) -> None:
+    apps = client.AppsV1Api(admin)
+    labels = {"app": "smoke"}
+    apps.create_namespaced_deployment(namespace, {
+        "metadata": {"name": "smoke"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+    })
+    ready = wait_for("2 ready replicas", lambda: apps.read_namespaced_deployment(
+        "smoke", namespace).status.ready_replicas == 2)
+    assert ready
+    pods = client.CoreV1Api(admin).list_namespaced_pod(namespace).items
+    assert {p.spec.node_name for p in pods} <= {"kwok-amd64", "kwok-arm64"}
+
+
+def test_inventory_reads_nodes_architectures_and_accelerators(admin: client.ApiClient) -> None:
+    inv = read_inventory(admin)
+    assert inv["kubernetes_version"] == "v1.37.2"
+    assert inv["nodes"] == {"total": 2, "schedulable": 2}
+    assert inv["platforms"] == ["linux/amd64", "linux/arm64"]
+    assert inv["cpu"]["allocatable_millicores"] == 6000
+    assert inv["memory"]["allocatable_bytes"] == 24 * 2**30
+    assert inv["accelerators"] == {"nvidia.com/gpu": 1}
+
+
+def target(namespace: str) -> Target:
+    return Target(namespace=namespace, agent="cluster-1", registry=REGISTRY,
+                  api_key_secret="scoring-key")
+
+
+def test_deploy_update_drift_and_prune(admin: client.ApiClient, namespace: str) -> None:
+    ns = Namespace(admin, target(namespace))
+    v1 = Workload("tiny", release(1), PLATFORMS)
+    applied = ns.deploy(v1)
+    assert applied.drift == ()
+    assert ns.follow(v1.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
+
+    v2 = Workload("tiny", release(2), PLATFORMS, previous=release(1))
+    ns.deploy(v2)
+    status = ns.follow(v2.object_name, timeout=60, poll=0.3)
+    assert status.phase is Phase.COMPLETE, status.message
+    live = client.AppsV1Api(admin).read_namespaced_deployment(v2.object_name, namespace)
+    assert live.spec.template.spec.containers[0].image == \
+        f"{REGISTRY}/models/tiny@{release(2).digest}"
+
+    # Someone scales by hand (as kubectl scale does, through the scale subresource):
+    client.AppsV1Api(admin).patch_namespaced_deployment_scale(
+        v2.object_name, namespace, {"spec": {"replicas": 3}}, field_manager="kubectl")
+    again = ns.deploy(v2)
+    assert again.drift == (f"Deployment {v2.object_name}: replicas 3, desired 1",)
+    assert again.deployment["spec"]["replicas"] == 1
+
+    # A second deployment, then the desired state drops the first.
+    other = Workload("other.model", release(1), PLATFORMS)
+    ns.deploy(other)
+    assert ns.prune(keep={other.object_name}) == ["tiny"]
+    assert [d["metadata"]["name"] for d in ns.deployments()] == [other.object_name]
+    assert client.CoreV1Api(admin).list_namespaced_service(namespace).items[0].metadata.name \
+        == other.object_name
+
+
+def test_objects_of_someone_else_are_never_touched(admin: client.ApiClient,
+                                                   namespace: str) -> None:
+    apps = client.AppsV1Api(admin)
+    labels = {"app": "theirs"}
+    apps.create_namespaced_deployment(namespace, {
+        "metadata": {"name": "ef-tiny"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+    })
+    ns = Namespace(admin, target(namespace))
+    with pytest.raises(NotOurs, match="is not this agent's"):
+        ns.deploy(Workload("tiny", release(1), PLATFORMS))
+    assert apps.read_namespaced_deployment("ef-tiny", namespace).spec.template.spec \
+        .containers[0].image == "busybox"
+    assert ns.prune(keep=()) == []
+    assert apps.read_namespaced_deployment("ef-tiny", namespace)
+
+
+def test_a_release_that_never_gets_ready_is_undone(admin: client.ApiClient,
+                                                   namespace: str) -> None:
+    ns = Namespace(admin, target(namespace))
+    good = Workload("tiny", release(1), PLATFORMS, progress_deadline_seconds=10)
+    ns.deploy(good)
+    assert ns.follow(good.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
+
+    # Asks for more GPUs than any node has: its pods stay Pending, the deadline passes.
+    bad = Workload("tiny", release(2), PLATFORMS, previous=release(1),
+                   resources=Resources(accelerators={"nvidia.com/gpu": 4}),
+                   progress_deadline_seconds=10)
+    ns.deploy(bad)
+    status = ns.follow(bad.object_name, timeout=90, poll=0.5)
+    assert status.phase is Phase.DEADLINE_EXCEEDED, status.message
+    assert status.available == 1   # the old pod kept serving all along
+    pods = client.CoreV1Api(admin).list_namespaced_pod(
+        namespace, field_selector="status.phase=Pending").items
+    events = wait_for("scheduling events", lambda: ns.events([p.metadata.name for p in pods]))
+    assert any("FailedScheduling" in e and "nvidia.com/gpu" in e for e in events), events
+
+    back = ns.undo(bad.object_name, bad)
+    assert back.release == release(1) and back.previous is None
+    status = ns.follow(bad.object_name, timeout=60, poll=0.3)
+    assert status.phase is Phase.COMPLETE, status.message
+    live = client.AppsV1Api(admin).read_namespaced_deployment(bad.object_name, namespace)
+    assert live.spec.template.spec.containers[0].image.endswith(release(1).digest)
+    with pytest.raises(KubeError, match="no previous release"):
+        ns.undo(bad.object_name, bad)
+
+
+def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
+        kube_cluster: KubeCluster, admin: client.ApiClient, tmp_path: Path) -> None:  # noqa: F811
+    for name in ("namespace.yaml", "rbac.yaml", "secret.yaml", "agent.yaml"):
+        utils.create_from_yaml(admin, str(EXAMPLES / name))
+    kubeconfig = kube_cluster.service_account_kubeconfig("edgefleet", "edgefleet-agent",
+                                                         tmp_path / "agent.kubeconfig")
+    with kube_cluster.client(kubeconfig) as agent_api:
+        # Everything the agent does in its namespace is allowed ...
+        ns = Namespace(agent_api, Target(namespace="edgefleet", agent="cluster-1",
+                                         registry=REGISTRY,
+                                         api_key_secret="edgefleet-scoring-key"))
+        workload = Workload("tiny", release(1), PLATFORMS)
+        ns.deploy(workload)
+        assert ns.follow(workload.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
+        assert ns.events(["no-such-pod"]) == []
+        assert read_inventory(agent_api)["nodes"]["total"] == 2
+        # ... and nothing outside it, nor other secrets inside it.
+        outside = Namespace(agent_api, Target(namespace="default", agent="cluster-1",
+                                              registry=REGISTRY, api_key_secret="k"))
+        with pytest.raises(KubeError, match="403") as refused:
+            outside.deploy(workload)
+        assert "cannot get resource" in str(refused.value)
+        core = client.CoreV1Api(agent_api)
+        for attempt in (lambda: core.list_namespaced_pod("kube-system"),
+                        lambda: core.list_pod_for_all_namespaces(),
+                        lambda: core.read_namespaced_secret("edgefleet-agent", "edgefleet"),
+                        lambda: core.delete_node("kwok-amd64")):
+            with pytest.raises(client.ApiException) as caught:
+                attempt()
+            assert caught.value.status == 403
+        assert ns.prune(keep=()) == ["tiny"]
