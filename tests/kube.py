@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -240,8 +241,7 @@ class KubeCluster:
                     f"--cert-dir={self.directory / name}"]
             if name == "kube-controller-manager":
                 args += [f"--service-account-private-key-file={pki.service_account_key}",
-                         f"--root-ca-file={pki.ca}", "--use-service-account-credentials=false",
-                         "--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle"]
+                         f"--root-ca-file={pki.ca}", "--use-service-account-credentials=false"]
             self._spawn(name, args)
         self._spawn("kwok", [
             f"--kubeconfig={self.admin_kubeconfig}",
@@ -265,12 +265,14 @@ class KubeCluster:
     def _check_alive(self) -> None:
         for name, process in self.processes.items():
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)[-4000:]}")
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n"
+                                   + self.log(name)[-4000:])
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        cert = (str(self.pki.admin_cert), str(self.pki.admin_key))
-        with httpx.Client(verify=str(self.pki.ca), cert=cert, timeout=5) as http:
+        tls = ssl.create_default_context(cafile=str(self.pki.ca))
+        tls.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
+        with httpx.Client(verify=tls, timeout=5) as http:
             while True:
                 self._check_alive()
                 try:

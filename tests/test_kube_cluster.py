@@ -3,6 +3,8 @@ scheduler) with kwok's fake nodes: the fixture, inventory, apply, drift, undo, R
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -96,7 +98,7 @@ def test_deploy_update_drift_and_prune(admin: client.ApiClient, namespace: str) 
     assert applied.drift == ()
     assert ns.follow(v1.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
 
-    v2 = Workload("tiny", release(2), PLATFORMS, previous=release(1))
+    v2 = Workload("tiny", release(2), PLATFORMS, previous=v1)
     ns.deploy(v2)
     status = ns.follow(v2.object_name, timeout=60, poll=0.3)
     assert status.phase is Phase.COMPLETE, status.message
@@ -147,7 +149,7 @@ def test_a_release_that_never_gets_ready_is_undone(admin: client.ApiClient,
     assert ns.follow(good.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
 
     # Asks for more GPUs than any node has: its pods stay Pending, the deadline passes.
-    bad = Workload("tiny", release(2), PLATFORMS, previous=release(1),
+    bad = Workload("tiny", release(2), PLATFORMS, previous=good,
                    resources=Resources(accelerators={"nvidia.com/gpu": 4}),
                    progress_deadline_seconds=10)
     ns.deploy(bad)
@@ -159,14 +161,14 @@ def test_a_release_that_never_gets_ready_is_undone(admin: client.ApiClient,
     events = wait_for("scheduling events", lambda: ns.events([p.metadata.name for p in pods]))
     assert any("FailedScheduling" in e and "nvidia.com/gpu" in e for e in events), events
 
-    back = ns.undo(bad.object_name, bad)
-    assert back.release == release(1) and back.previous is None
+    back = ns.undo(bad.object_name)
+    assert back == good
     status = ns.follow(bad.object_name, timeout=60, poll=0.3)
     assert status.phase is Phase.COMPLETE, status.message
     live = client.AppsV1Api(admin).read_namespaced_deployment(bad.object_name, namespace)
     assert live.spec.template.spec.containers[0].image.endswith(release(1).digest)
-    with pytest.raises(KubeError, match="no previous release"):
-        ns.undo(bad.object_name, bad)
+    with pytest.raises(KubeError, match="no previous workload"):
+        ns.undo(bad.object_name)
 
 
 def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
@@ -178,8 +180,10 @@ def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
     with kube_cluster.client(kubeconfig) as agent_api:
         # Everything the agent does in its namespace is allowed ...
         ns = Namespace(agent_api, Target(namespace="edgefleet", agent="cluster-1",
-                                         registry=REGISTRY,
+                                         registry=REGISTRY, pull_secret="edgefleet-registry",
                                          api_key_secret="edgefleet-scoring-key"))
+        ns.set_pull_secret("device-1", "first")
+        ns.set_pull_secret("device-1", "second")   # updated in place
         workload = Workload("tiny", release(1), PLATFORMS)
         ns.deploy(workload)
         assert ns.follow(workload.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
@@ -191,6 +195,11 @@ def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
         with pytest.raises(KubeError, match="403") as refused:
             outside.deploy(workload)
         assert "cannot get resource" in str(refused.value)
+        other_secret = Namespace(agent_api, Target(
+            namespace="edgefleet", agent="cluster-1", registry=REGISTRY,
+            pull_secret="someone-elses", api_key_secret="k"))
+        with pytest.raises(KubeError, match="403"):
+            other_secret.set_pull_secret("device-1", "pw")
         core = client.CoreV1Api(agent_api)
         for attempt in (lambda: core.list_namespaced_pod("kube-system"),
                         lambda: core.list_pod_for_all_namespaces(),
@@ -200,3 +209,22 @@ def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
                 attempt()
             assert caught.value.status == 403
         assert ns.prune(keep=()) == ["tiny"]
+    secret = client.CoreV1Api(admin).read_namespaced_secret("edgefleet-registry", "edgefleet")
+    assert secret.type == "kubernetes.io/dockerconfigjson"
+    config = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))
+    assert config["auths"][REGISTRY]["password"] == "second"
+
+
+def test_an_api_server_that_is_down_is_one_retryable_line(kube_cluster: KubeCluster,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    from hubproc import free_port
+    from kube import write_kubeconfig
+
+    kubeconfig = write_kubeconfig(tmp_path / "down.kubeconfig",
+                                  server=f"https://127.0.0.1:{free_port()}",
+                                  ca=kube_cluster.pki.ca, user={"token": "x"})
+    with kube_cluster.client(kubeconfig) as api:
+        with pytest.raises(KubeError) as caught:
+            Namespace(api, target("edge")).deploy(Workload("tiny", release(1), PLATFORMS))
+    assert caught.value.retryable and caught.value.status is None
+    assert "API server not reached" in str(caught.value) and "\n" not in str(caught.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,8 @@ from agent.kube.manifests import (
     check_workload_objects,
     deployment_manifest,
     object_name,
-    releases_of,
+    pull_secret_manifest,
+    workloads_of,
     service_manifest,
 )
 
@@ -30,10 +32,14 @@ RELEASE_1 = Release("diabetes", 1, "models/diabetes", DIGEST_1)
 RELEASE_2 = Release("diabetes", 2, "models/diabetes", DIGEST_2)
 
 
+PREVIOUS = Workload("diabetes", RELEASE_1, ("linux/amd64",), replicas=3,
+                    resources=Resources(cpu="1", memory="2Gi"))
+
+
 def workload(**changes: object) -> Workload:
     base: dict[str, object] = {"name": "diabetes", "release": RELEASE_2,
                                "platforms": ("linux/amd64", "linux/arm/v7"),
-                               "previous": RELEASE_1}
+                               "previous": PREVIOUS}
     return Workload(**{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -43,7 +49,8 @@ def test_deployment_runs_the_package_by_digest_with_key_probes_and_affinity() ->
                                         accelerators={"nvidia.com/gpu": 1})))
     assert d["metadata"]["name"] == "ef-diabetes" and d["metadata"]["namespace"] == "edge"
     assert d["metadata"]["annotations"][ANNOTATION_DIGEST] == DIGEST_2
-    assert json.loads(d["metadata"]["annotations"][ANNOTATION_PREVIOUS])["digest"] == DIGEST_1
+    assert json.loads(d["metadata"]["annotations"][ANNOTATION_PREVIOUS])["release"]["digest"] \
+        == DIGEST_1
     spec = d["spec"]
     assert spec["replicas"] == 2
     assert spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
@@ -85,22 +92,38 @@ def test_object_names_are_dns_labels_and_never_shared() -> None:
         assert len(n) <= 63 and n[0].isalpha()
 
 
-def test_releases_read_back_from_the_live_object() -> None:
-    d = deployment_manifest(TARGET, workload())
-    assert releases_of(d) == (RELEASE_2, RELEASE_1)
-    first = deployment_manifest(TARGET, workload(release=RELEASE_1, previous=None))
-    assert releases_of(first) == (RELEASE_1, None)
+def test_workloads_read_back_from_the_live_object() -> None:
+    w = workload(resources=Resources(accelerators={"nvidia.com/gpu": 2}))
+    current, previous = workloads_of(deployment_manifest(TARGET, w))
+    assert current == Workload(w.name, w.release, w.platforms, resources=w.resources)
+    assert previous == PREVIOUS
+    first = deployment_manifest(TARGET, workload(previous=None))
+    assert workloads_of(first)[1] is None
+    with pytest.raises(ManifestError, match="previous workload is of 'other'"):
+        deployment_manifest(TARGET, workload(previous=Workload("other", RELEASE_1, ("linux/amd64",))))
 
 
-def test_a_tampered_previous_annotation_is_refused() -> None:
+@pytest.mark.parametrize(("tamper", "message"), [
+    (lambda p: p["release"].update(digest="sha256:nothex"), "not sha256"),
+    (lambda p: p.update(replicas="3"), "not an integer"),
+    (lambda p: p.update(platforms=["plan9/amd64"]), "not linux/ARCH"),
+    (lambda p: p.update(extra=1), "exactly"),
+    (lambda p: p["resources"].update(accelerators=[]), "must be an object"),
+])
+def test_a_tampered_previous_annotation_is_refused(tamper: Any, message: str) -> None:
     d = deployment_manifest(TARGET, workload())
-    d["metadata"]["annotations"][ANNOTATION_PREVIOUS] = json.dumps(
-        {"model": "x", "version": 1, "repository": "models/x", "digest": "sha256:nothex"})
-    with pytest.raises(ManifestError, match="not sha256"):
-        releases_of(d)
+    previous = json.loads(d["metadata"]["annotations"][ANNOTATION_PREVIOUS])
+    tamper(previous)
+    d["metadata"]["annotations"][ANNOTATION_PREVIOUS] = json.dumps(previous)
+    with pytest.raises(ManifestError, match=message):
+        workloads_of(d)
+
+
+def test_an_annotation_that_is_not_json_is_refused() -> None:
+    d = deployment_manifest(TARGET, workload())
     d["metadata"]["annotations"][ANNOTATION_PREVIOUS] = "{"
     with pytest.raises(ManifestError, match="not JSON"):
-        releases_of(d)
+        workloads_of(d)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -146,3 +169,17 @@ def test_the_self_check_catches_what_a_builder_must_never_produce() -> None:
     d["spec"]["selector"]["matchLabels"][LABEL_DEPLOYMENT] = "other"
     with pytest.raises(ManifestError, match="selector"):
         check_workload_objects(d, TARGET)
+
+
+def test_pull_secret_holds_the_agents_registry_login() -> None:
+    import base64
+
+    secret = pull_secret_manifest(TARGET, "device-1", "s3cret")
+    assert secret["metadata"]["name"] == "hub-pull"
+    config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    login = config["auths"]["hub.example:5000"]
+    assert base64.b64decode(login["auth"]) == b"device-1:s3cret"
+    with pytest.raises(ManifestError, match="user name"):
+        pull_secret_manifest(TARGET, "a:b", "pw")
+    with pytest.raises(ManifestError, match="no pull secret"):
+        pull_secret_manifest(Target("edge", "a", "hub", "key"), "u", "p")

@@ -64,6 +64,14 @@ def test_deadline_exceeded_from_the_controllers_condition() -> None:
     assert "timed out progressing" in status.message
 
 
+def test_a_deadline_verdict_about_the_replica_set_undone_is_stale() -> None:
+    # Right after an undo, the condition still names the failed ReplicaSet.
+    undone = deployment(total=3, conditions=[{
+        "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "ef-m-bad" has timed out progressing.'}])
+    assert rollout_status(undone, RS, []).phase is Phase.PROGRESSING
+
+
 def test_crash_loop_of_a_new_pod_fails_before_the_deadline() -> None:
     pods = [pod("old-1", "old", restarts=9, waiting="CrashLoopBackOff"),   # not the new revision
             pod("new-1", "new", restarts=4, waiting="CrashLoopBackOff", ready=False)]

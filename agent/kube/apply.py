@@ -32,8 +32,9 @@ from agent.kube.manifests import (
     deployment_manifest,
     owner_labels,
     owner_selector,
-    releases_of,
+    pull_secret_manifest,
     service_manifest,
+    workloads_of,
 )
 from agent.kube.rollout import RolloutStatus, describe_events, rollout_status
 
@@ -102,7 +103,8 @@ class Namespace:
 
     def _read(self, kind: str, name: str) -> dict[str, Any] | None:
         read = {"Deployment": self._apps.read_namespaced_deployment,
-                "Service": self._core.read_namespaced_service}[kind]
+                "Service": self._core.read_namespaced_service,
+                "Secret": self._core.read_namespaced_secret}[kind]
         try:
             found: dict[str, Any] = call_json(f"read {kind} {self.target.namespace}/{name}",
                                               read, name, self.target.namespace)
@@ -134,7 +136,8 @@ class Namespace:
     def _apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         patch = {"Deployment": self._apps.patch_namespaced_deployment,
-                 "Service": self._core.patch_namespaced_service}[kind]
+                 "Service": self._core.patch_namespaced_service,
+                 "Secret": self._core.patch_namespaced_secret}[kind]
         applied: dict[str, Any] = call_json(
             f"apply {kind} {self.target.namespace}/{name}", patch, name, self.target.namespace,
             manifest, field_manager=MANAGER, force=True, field_validation="Strict",
@@ -167,24 +170,26 @@ class Namespace:
                             f"not: {e}", e.status) from None
         return Applied(applied, drift)
 
-    def undo(self, name: str, workload: Workload) -> Workload:
-        """Back to the release before the current one of Deployment NAME, as written on
-        it (so this works after a restart too); WORKLOAD gives everything else. Returns
-        the workload now applied; KubeError if there is nothing to go back to."""
+    def set_pull_secret(self, username: str, password: str) -> None:
+        """Create or update the image pull secret the target names (only ever that one)."""
+        manifest = pull_secret_manifest(self.target, username, password)
+        self._claim(manifest)
+        self._apply(manifest)
+
+    def undo(self, name: str) -> Workload:
+        """Back to the workload before the current one of Deployment NAME (an object
+        name), as written on it, so this works after a restart too. Returns the
+        workload now applied; KubeError if there is nothing to go back to."""
         live = self.deployment(name)
         if live is None:
             raise KubeError(f"undo {self.target.namespace}/{name}: no such Deployment of ours",
                             404)
-        _, previous = releases_of(live)
+        _, previous = workloads_of(live)
         if previous is None:
-            raise KubeError(f"undo {self.target.namespace}/{name}: no previous release "
+            raise KubeError(f"undo {self.target.namespace}/{name}: no previous workload "
                             "recorded", 409)
-        back = Workload(name=workload.name, release=previous, platforms=workload.platforms,
-                        previous=None, replicas=workload.replicas,
-                        resources=workload.resources,
-                        progress_deadline_seconds=workload.progress_deadline_seconds)
-        self.deploy(back)
-        return back
+        self.deploy(previous)
+        return previous
 
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Delete this agent's Deployments and Services whose object name is not in KEEP;

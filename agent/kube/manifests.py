@@ -7,9 +7,10 @@ package's image from the hub's registry *by digest* (the tag could move),
 with the scoring API key from a Secret, probes on the serving health
 endpoints, and node affinity to the package's platforms.
 
-The previous release rides along as an annotation of the Deployment (not of
-its pod template, so it does not change the template's hash): undoing a
-failed rollout re-applies exactly that release, and the ReplicaSet still
+The workload applied and the one before it ride along as JSON annotations of
+the Deployment (not of its pod template, so they do not change the
+template's hash): undoing a failed rollout re-applies exactly the previous
+workload (image, resources, replicas, platforms), and the ReplicaSet still
 running it takes over again without a new rollout of its own.
 
 Every builder checks its own output (`check_workload_objects`) before it is
@@ -18,6 +19,7 @@ returned; a bad input is a ManifestError with one line.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -40,8 +42,8 @@ COMPONENT: Final = "edgefleet-serving"
 # characters), the package digest (71 characters), the release to undo to.
 ANNOTATION_DEPLOYMENT: Final = "edgefleet.dev/deployment-name"
 ANNOTATION_DIGEST: Final = "edgefleet.dev/package-digest"
-ANNOTATION_RELEASE: Final = "edgefleet.dev/release"             # Release as JSON, lossless
-ANNOTATION_PREVIOUS: Final = "edgefleet.dev/previous-release"   # the same, to undo to
+ANNOTATION_WORKLOAD: Final = "edgefleet.dev/workload"             # Workload as JSON, lossless
+ANNOTATION_PREVIOUS: Final = "edgefleet.dev/previous-workload"    # the one to undo to
 
 CONTAINER: Final = "serving"
 # As packager/build.py's image config: `edgefleet serve` on 8500, the control
@@ -65,6 +67,12 @@ _PREFIX = "ef-"
 
 class ManifestError(ValueError):
     """A release or target that cannot become valid Kubernetes objects; one line."""
+
+
+def _keys(value: object, expected: set[str], what: str) -> None:
+    if not isinstance(value, dict) or set(value) != expected:
+        raise ManifestError(f"{what} must be an object with exactly {', '.join(sorted(expected))}; "
+                            f"got {value!r:.200}")
 
 
 def object_name(deployment: str) -> str:
@@ -93,10 +101,8 @@ class Release:
 
     @classmethod
     def from_json(cls, value: object) -> Release:
-        if not isinstance(value, dict) or set(value) != {"model", "version", "repository",
-                                                         "digest"}:
-            raise ManifestError(f"a release must have model, version, repository and digest; "
-                                f"got {value!r:.200}")
+        _keys(value, {"model", "version", "repository", "digest"}, "release")
+        assert isinstance(value, dict)
         release = cls(model=value["model"], version=value["version"],
                       repository=value["repository"], digest=value["digest"])
         _check_release(release)
@@ -112,6 +118,19 @@ class Resources:
     cpu: str = "250m"
     memory: str = "512Mi"
     accelerators: Mapping[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cpu": self.cpu, "memory": self.memory,
+                "accelerators": dict(sorted(self.accelerators.items()))}
+
+    @classmethod
+    def from_json(cls, value: object) -> Resources:
+        _keys(value, {"cpu", "memory", "accelerators"}, "resources")
+        assert isinstance(value, dict)
+        if not isinstance(value["accelerators"], dict):
+            raise ManifestError("resources.accelerators must be an object")
+        return cls(cpu=str(value["cpu"]), memory=str(value["memory"]),
+                   accelerators=dict(value["accelerators"]))
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,7 @@ class Workload:
     name: str                            # the desired state's deployment name
     release: Release
     platforms: tuple[str, ...]           # the package's, e.g. ("linux/amd64", "linux/arm64")
-    previous: Release | None = None      # what an undo goes back to
+    previous: Workload | None = None     # what an undo goes back to (its own previous unused)
     replicas: int = 1
     resources: Resources = Resources()
     progress_deadline_seconds: int = 300
@@ -141,6 +160,28 @@ class Workload:
     @property
     def object_name(self) -> str:
         return object_name(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but `previous`."""
+        return {"name": self.name, "release": self.release.to_json(),
+                "platforms": list(self.platforms), "replicas": self.replicas,
+                "resources": self.resources.to_json(),
+                "progress_deadline_seconds": self.progress_deadline_seconds}
+
+    @classmethod
+    def from_json(cls, value: object) -> Workload:
+        _keys(value, {"name", "release", "platforms", "replicas", "resources",
+                      "progress_deadline_seconds"}, "workload")
+        assert isinstance(value, dict)
+        if not isinstance(value["platforms"], list) or not isinstance(value["name"], str):
+            raise ManifestError("workload name must be a string and platforms a list")
+        workload = cls(name=value["name"], release=Release.from_json(value["release"]),
+                       platforms=tuple(str(p) for p in value["platforms"]),
+                       replicas=value["replicas"],
+                       resources=Resources.from_json(value["resources"]),
+                       progress_deadline_seconds=value["progress_deadline_seconds"])
+        _check_workload(workload)
+        return workload
 
 
 def image_reference(target: Target, release: Release) -> str:
@@ -166,14 +207,14 @@ def _labels(target: Target, workload: Workload) -> dict[str, str]:
     }
 
 
-def _release_json(release: Release) -> str:
-    return json.dumps(release.to_json(), sort_keys=True, separators=(",", ":"))
+def _workload_json(workload: Workload) -> str:
+    return json.dumps(workload.to_json(), sort_keys=True, separators=(",", ":"))
 
 
 def _annotations(workload: Workload) -> dict[str, str]:
     return {
         ANNOTATION_DEPLOYMENT: workload.name,
-        ANNOTATION_RELEASE: _release_json(workload.release),
+        ANNOTATION_WORKLOAD: _workload_json(workload),
         ANNOTATION_DIGEST: workload.release.digest,
     }
 
@@ -230,7 +271,7 @@ def deployment_manifest(target: Target, workload: Workload) -> dict[str, Any]:
     labels = _labels(target, workload)
     annotations = _annotations(workload)
     if workload.previous is not None:
-        annotations[ANNOTATION_PREVIOUS] = _release_json(workload.previous)
+        annotations[ANNOTATION_PREVIOUS] = _workload_json(workload.previous)
     pod: dict[str, Any] = {
         "containers": [_container(target, workload)],
         "volumes": [{"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
@@ -290,25 +331,48 @@ def service_manifest(target: Target, workload: Workload) -> dict[str, Any]:
     return manifest
 
 
-def _read_release(annotations: Mapping[str, str], key: str) -> Release:
+def _read_workload(annotations: Mapping[str, str], key: str) -> Workload:
     try:
         document = json.loads(annotations[key])
     except ValueError:
         raise ManifestError(f"annotation {key} is not JSON") from None
-    return Release.from_json(document)
+    return Workload.from_json(document)
 
 
-def releases_of(deployment: Mapping[str, Any]) -> tuple[Release, Release | None]:
-    """The current and previous release written on a live Deployment of ours."""
+def pull_secret_manifest(target: Target, username: str, password: str) -> dict[str, Any]:
+    """The kubernetes.io/dockerconfigjson Secret TARGET.pull_secret that lets the nodes
+    pull from the hub's registry with the agent's own credentials, checked."""
+    if target.pull_secret is None:
+        raise ManifestError("the target names no pull secret")
+    if not username or ":" in username or not password:
+        raise ManifestError("registry credentials need a user name without ':' and a password")
+    auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+    config = {"auths": {target.registry: {"username": username, "password": password,
+                                          "auth": auth}}}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": target.pull_secret, "namespace": target.namespace,
+                     "labels": owner_labels(target)},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(
+            json.dumps(config, sort_keys=True).encode()).decode()},
+    }
+    check_workload_objects(manifest, target)
+    return manifest
+
+
+def workloads_of(deployment: Mapping[str, Any]) -> tuple[Workload, Workload | None]:
+    """The current and previous workload written on a live Deployment of ours."""
     meta = deployment.get("metadata") or {}
     annotations = meta.get("annotations") or {}
-    if ANNOTATION_RELEASE not in annotations:
-        raise ManifestError(f"deployment {meta.get('name')!r} has no {ANNOTATION_RELEASE} "
+    if ANNOTATION_WORKLOAD not in annotations:
+        raise ManifestError(f"deployment {meta.get('name')!r} has no {ANNOTATION_WORKLOAD} "
                             "annotation: not made by edgefleet")
-    current = _read_release(annotations, ANNOTATION_RELEASE)
+    current = _read_workload(annotations, ANNOTATION_WORKLOAD)
     if ANNOTATION_PREVIOUS not in annotations:
         return current, None
-    return current, _read_release(annotations, ANNOTATION_PREVIOUS)
+    return current, _read_workload(annotations, ANNOTATION_PREVIOUS)
 
 
 # --- checks -----------------------------------------------------------------
@@ -342,11 +406,23 @@ def _check_inputs(target: Target, workload: Workload) -> None:
     for secret in (target.api_key_secret, target.pull_secret):
         if secret is not None and not _DNS_SUBDOMAIN.fullmatch(secret):
             raise ManifestError(f"secret name {secret!r} is not a DNS subdomain")
-    _check_release(workload.release)
+    _check_workload(workload)
     if workload.previous is not None:
-        _check_release(workload.previous)
+        if workload.previous.name != workload.name:
+            raise ManifestError(f"the previous workload is of {workload.previous.name!r}, "
+                                f"not {workload.name!r}")
+        _check_workload(workload.previous)
+
+
+def _check_workload(workload: Workload) -> None:
+    _check_release(workload.release)
+    for what, number in (("replicas", workload.replicas),
+                         ("progress deadline", workload.progress_deadline_seconds)):
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ManifestError(f"{what} {number!r} is not an integer")
     if not workload.platforms:
         raise ManifestError(f"deployment {workload.name!r}: the package names no platform")
+    _architectures(workload.platforms)
     if not 0 <= workload.replicas <= 1000:
         raise ManifestError(f"replicas {workload.replicas} is not within 0..1000")
     if not 10 <= workload.progress_deadline_seconds <= 86400:

@@ -9,6 +9,7 @@ already, however much of the progress deadline is left.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -86,6 +87,14 @@ def _container_failure(pod: Mapping[str, Any]) -> tuple[int, str | None]:
     return restarts, reason
 
 
+def _about_another_replica_set(condition: Mapping[str, Any],
+                               rs: Mapping[str, Any] | None) -> bool:
+    """Whether a timed-out condition names a ReplicaSet other than the current one: after
+    an undo the controller keeps the old verdict until its next sync."""
+    named = re.match(r'ReplicaSet "([^"]+)"', str(condition.get("message", "")))
+    return rs is not None and named is not None and named.group(1) != rs["metadata"]["name"]
+
+
 def rollout_status(deployment: Mapping[str, Any], replica_sets: Sequence[Mapping[str, Any]],
                    pods: Sequence[Mapping[str, Any]]) -> RolloutStatus:
     """Where DEPLOYMENT's rollout is, given its namespace's REPLICA_SETS and PODS
@@ -124,7 +133,8 @@ def rollout_status(deployment: Mapping[str, Any], replica_sets: Sequence[Mapping
                       "controller")
     for condition in status.get("conditions") or ():
         if condition.get("type") == "Progressing" \
-                and condition.get("reason") == "ProgressDeadlineExceeded":
+                and condition.get("reason") == "ProgressDeadlineExceeded" \
+                and not _about_another_replica_set(condition, rs):
             return result(Phase.DEADLINE_EXCEEDED, f"deployment {name} missed its progress "
                           f"deadline: {condition.get('message', '')}".rstrip(": "))
     if failing:
