@@ -28,10 +28,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -57,6 +58,20 @@ FAKE_NODES = (
     FakeNode("kwok-amd64", "amd64", extended=(("nvidia.com/gpu", "1"),)),
     FakeNode("kwok-arm64", "arm64", cpu="2", memory="8Gi"),
 )
+
+
+def core_v1(api: Any) -> Any:
+    """CoreV1Api without its types: tests read answers whose shape they know, and every
+    field of the typed models is Optional."""
+    from kubernetes import client
+
+    return client.CoreV1Api(api)
+
+
+def apps_v1(api: Any) -> Any:
+    from kubernetes import client
+
+    return client.AppsV1Api(api)
 
 
 def k8s_bin_dir() -> Path:
@@ -286,10 +301,8 @@ class KubeCluster:
                 time.sleep(0.2)
 
     def _add_nodes(self) -> None:
-        from kubernetes import client
-
         with self.admin_client() as api:
-            core = client.CoreV1Api(api)
+            core = core_v1(api)
             for node in self.nodes:
                 capacity = {"cpu": node.cpu, "memory": node.memory, "pods": "110",
                             **dict(node.extended)}
@@ -315,12 +328,11 @@ class KubeCluster:
     def _wait_for_default_service_account(self, timeout: float) -> None:
         # Pods are refused until the controller manager made the namespace's
         # default ServiceAccount; nodes count once kwok reports them Ready.
-        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         deadline = time.monotonic() + timeout
         with self.admin_client() as api:
-            core = client.CoreV1Api(api)
+            core = core_v1(api)
             while True:
                 self._check_alive()
                 try:
@@ -340,10 +352,8 @@ class KubeCluster:
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path,
                                    seconds: int = 3600) -> Path:
         """A kubeconfig that authenticates as ServiceAccount NAMESPACE/NAME (which must exist)."""
-        from kubernetes import client
-
         with self.admin_client() as api:
-            token = client.CoreV1Api(api).create_namespaced_service_account_token(
+            token = core_v1(api).create_namespaced_service_account_token(
                 name, namespace,
                 {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                  "spec": {"expirationSeconds": seconds}},

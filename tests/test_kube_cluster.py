@@ -18,7 +18,7 @@ from agent.kube.apply import KubeError, Namespace, NotOurs
 from agent.kube.inventory import read_inventory
 from agent.kube.manifests import Release, Resources, Target, Workload
 from agent.kube.rollout import Phase
-from kube import KubeCluster, kube_cluster  # noqa: F401  (the fixture)
+from kube import KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def admin(kube_cluster: KubeCluster) -> Iterator[client.ApiClient]:  # noqa: F81
 @pytest.fixture
 def namespace(admin: client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
-    core = client.CoreV1Api(admin)
+    core = core_v1(admin)
     core.create_namespace({"metadata": {"name": name}})
     core.create_namespaced_secret(name, {"metadata": {"name": "scoring-key"},
                                          "stringData": {"api-key": "k" * 32}})
@@ -61,7 +61,7 @@ def namespace(admin: client.ApiClient) -> Iterator[str]:
 
 def test_a_deployment_becomes_ready_on_kwok_nodes(admin: client.ApiClient,
                                                   namespace: str) -> None:
-    apps = client.AppsV1Api(admin)
+    apps = apps_v1(admin)
     labels = {"app": "smoke"}
     apps.create_namespaced_deployment(namespace, {
         "metadata": {"name": "smoke"},
@@ -72,7 +72,7 @@ def test_a_deployment_becomes_ready_on_kwok_nodes(admin: client.ApiClient,
     ready = wait_for("2 ready replicas", lambda: apps.read_namespaced_deployment(
         "smoke", namespace).status.ready_replicas == 2)
     assert ready
-    pods = client.CoreV1Api(admin).list_namespaced_pod(namespace).items
+    pods = core_v1(admin).list_namespaced_pod(namespace).items
     assert {p.spec.node_name for p in pods} <= {"kwok-amd64", "kwok-arm64"}
 
 
@@ -102,12 +102,12 @@ def test_deploy_update_drift_and_prune(admin: client.ApiClient, namespace: str) 
     ns.deploy(v2)
     status = ns.follow(v2.object_name, timeout=60, poll=0.3)
     assert status.phase is Phase.COMPLETE, status.message
-    live = client.AppsV1Api(admin).read_namespaced_deployment(v2.object_name, namespace)
+    live = apps_v1(admin).read_namespaced_deployment(v2.object_name, namespace)
     assert live.spec.template.spec.containers[0].image == \
         f"{REGISTRY}/models/tiny@{release(2).digest}"
 
     # Someone scales by hand (as kubectl scale does, through the scale subresource):
-    client.AppsV1Api(admin).patch_namespaced_deployment_scale(
+    apps_v1(admin).patch_namespaced_deployment_scale(
         v2.object_name, namespace, {"spec": {"replicas": 3}}, field_manager="kubectl")
     again = ns.deploy(v2)
     assert again.drift == (f"Deployment {v2.object_name}: replicas 3, desired 1",)
@@ -118,13 +118,13 @@ def test_deploy_update_drift_and_prune(admin: client.ApiClient, namespace: str) 
     ns.deploy(other)
     assert ns.prune(keep={other.object_name}) == ["tiny"]
     assert [d["metadata"]["name"] for d in ns.deployments()] == [other.object_name]
-    assert client.CoreV1Api(admin).list_namespaced_service(namespace).items[0].metadata.name \
+    assert core_v1(admin).list_namespaced_service(namespace).items[0].metadata.name \
         == other.object_name
 
 
 def test_objects_of_someone_else_are_never_touched(admin: client.ApiClient,
                                                    namespace: str) -> None:
-    apps = client.AppsV1Api(admin)
+    apps = apps_v1(admin)
     labels = {"app": "theirs"}
     apps.create_namespaced_deployment(namespace, {
         "metadata": {"name": "ef-tiny"},
@@ -156,7 +156,7 @@ def test_a_release_that_never_gets_ready_is_undone(admin: client.ApiClient,
     status = ns.follow(bad.object_name, timeout=90, poll=0.5)
     assert status.phase is Phase.DEADLINE_EXCEEDED, status.message
     assert status.available == 1   # the old pod kept serving all along
-    pods = client.CoreV1Api(admin).list_namespaced_pod(
+    pods = core_v1(admin).list_namespaced_pod(
         namespace, field_selector="status.phase=Pending").items
     events = wait_for("scheduling events", lambda: ns.events([p.metadata.name for p in pods]))
     assert any("FailedScheduling" in e and "nvidia.com/gpu" in e for e in events), events
@@ -165,7 +165,7 @@ def test_a_release_that_never_gets_ready_is_undone(admin: client.ApiClient,
     assert back == good
     status = ns.follow(bad.object_name, timeout=60, poll=0.3)
     assert status.phase is Phase.COMPLETE, status.message
-    live = client.AppsV1Api(admin).read_namespaced_deployment(bad.object_name, namespace)
+    live = apps_v1(admin).read_namespaced_deployment(bad.object_name, namespace)
     assert live.spec.template.spec.containers[0].image.endswith(release(1).digest)
     with pytest.raises(KubeError, match="no previous workload"):
         ns.undo(bad.object_name)
@@ -200,7 +200,7 @@ def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
             pull_secret="someone-elses", api_key_secret="k"))
         with pytest.raises(KubeError, match="403"):
             other_secret.set_pull_secret("device-1", "pw")
-        core = client.CoreV1Api(agent_api)
+        core = core_v1(agent_api)
         for attempt in (lambda: core.list_namespaced_pod("kube-system"),
                         lambda: core.list_pod_for_all_namespaces(),
                         lambda: core.read_namespaced_secret("edgefleet-agent", "edgefleet"),
@@ -209,7 +209,7 @@ def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
                 attempt()
             assert caught.value.status == 403
         assert ns.prune(keep=()) == ["tiny"]
-    secret = client.CoreV1Api(admin).read_namespaced_secret("edgefleet-registry", "edgefleet")
+    secret = core_v1(admin).read_namespaced_secret("edgefleet-registry", "edgefleet")
     assert secret.type == "kubernetes.io/dockerconfigjson"
     config = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))
     assert config["auths"][REGISTRY]["password"] == "second"
@@ -228,3 +228,76 @@ def test_an_api_server_that_is_down_is_one_retryable_line(kube_cluster: KubeClus
             Namespace(api, target("edge")).deploy(Workload("tiny", release(1), PLATFORMS))
     assert caught.value.retryable and caught.value.status is None
     assert "API server not reached" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def play_kubelet(core: Any, pod: Any, *, crash: bool) -> None:
+    """Report POD's status as a kubelet would: serving, or crash-looping after 3 restarts."""
+    container: dict[str, Any] = {"name": "serving", "image": pod.spec.containers[0].image,
+                                 "imageID": "", "ready": not crash}
+    if crash:
+        container.update(restartCount=3, started=False,
+                         state={"waiting": {"reason": "CrashLoopBackOff",
+                                            "message": "back-off 40s restarting failed container"}},
+                         lastState={"terminated": {"exitCode": 1, "reason": "Error",
+                                                   "startedAt": _now(), "finishedAt": _now()}})
+    else:
+        container.update(restartCount=0, started=True, state={"running": {"startedAt": _now()}})
+    ready = "False" if crash else "True"
+    core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": {
+        "phase": "Running", "startTime": _now(), "hostIP": "10.244.9.1", "podIP": "10.244.9.2",
+        "conditions": [{"type": t, "status": s, "lastTransitionTime": _now()} for t, s in
+                       (("PodScheduled", "True"), ("Initialized", "True"),
+                        ("ContainersReady", ready), ("Ready", ready))],
+        "containerStatuses": [container]}})
+
+
+def test_a_crash_looping_release_is_undone(admin: client.ApiClient, namespace: str) -> None:
+    # A node kwok leaves alone: the test is its kubelet, to make a pod crash-loop.
+    core = core_v1(admin)
+    node = "kubelet-riscv64"
+    capacity = {"cpu": "4", "memory": "8Gi", "pods": "10"}
+    core.create_node({"metadata": {"name": node, "labels": {"kubernetes.io/arch": "riscv64",
+                                                            "kubernetes.io/os": "linux"}},
+                      "status": {"capacity": capacity, "allocatable": capacity,
+                                 "conditions": [{"type": "Ready", "status": "True",
+                                                 "lastHeartbeatTime": _now(),
+                                                 "lastTransitionTime": _now()}]}})
+    try:
+        ns = Namespace(admin, target(namespace))
+
+        def pods_to_run(crash: bool) -> None:
+            pending = wait_for("a pod on the node", lambda: [
+                p for p in core.list_namespaced_pod(namespace).items
+                if p.spec.node_name == node and not p.status.container_statuses
+                and p.metadata.deletion_timestamp is None])
+            for pod in pending:
+                play_kubelet(core, pod, crash=crash)
+
+        good = Workload("tiny", release(1), ("linux/riscv64",))
+        ns.deploy(good)
+        pods_to_run(crash=False)
+        assert ns.follow(good.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
+
+        bad = Workload("tiny", release(2), ("linux/riscv64",), previous=good)
+        ns.deploy(bad)
+        pods_to_run(crash=True)
+        status = ns.follow(bad.object_name, timeout=60, poll=0.3)
+        assert status.phase is Phase.FAILING, status.message
+        assert "CrashLoopBackOff" in status.message and status.restarts == 3
+        assert status.ready == 1   # the old pod still serves
+
+        assert ns.undo(bad.object_name) == good
+        # The kubelet confirms the crashing pod is gone once the controller deletes it.
+        doomed = wait_for("the crashing pod deleted", lambda: [
+            p for p in core.list_namespaced_pod(namespace).items
+            if p.metadata.deletion_timestamp is not None])
+        for pod in doomed:
+            core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=0)
+        status = ns.follow(bad.object_name, timeout=60, poll=0.3)
+        assert status.phase is Phase.COMPLETE, status.message
+    finally:
+        core.delete_node(node)

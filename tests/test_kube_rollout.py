@@ -103,8 +103,8 @@ def test_events_are_one_line_each_warnings_only_newest_last() -> None:
                                        "Pod p: BackOff: Back-off restarting"]
 
 
-def node(name: str, arch: str, *, ready: bool = True, cordoned: bool = False,
-         **allocatable: str) -> dict[str, Any]:
+def node(name: str, arch: str, allocatable: dict[str, str], *, ready: bool = True,
+         cordoned: bool = False) -> dict[str, Any]:
     return {"metadata": {"name": name, "labels": {"kubernetes.io/arch": arch}},
             "spec": {"unschedulable": cordoned},
             "status": {"nodeInfo": {"architecture": arch, "operatingSystem": "linux"},
@@ -114,11 +114,12 @@ def node(name: str, arch: str, *, ready: bool = True, cordoned: bool = False,
 
 def test_inventory_counts_schedulable_nodes_and_accelerators() -> None:
     nodes = [
-        node("a", "amd64", cpu="3900m", memory="15Gi", pods="110",
-             **{"nvidia.com/gpu": "2", "hugepages-2Mi": "0", "ephemeral-storage": "100Gi"}),
-        node("b", "arm64", cpu="2", memory="8Gi", **{"gpu.intel.com/i915": "1"}),
-        node("c", "arm64", cpu="8", memory="32Gi", cordoned=True),
-        node("d", "riscv64", cpu="8", memory="32Gi", ready=False),
+        node("a", "amd64", {"cpu": "3900m", "memory": "15Gi", "pods": "110",
+                            "nvidia.com/gpu": "2", "hugepages-2Mi": "0",
+                            "ephemeral-storage": "100Gi"}),
+        node("b", "arm64", {"cpu": "2", "memory": "8Gi", "gpu.intel.com/i915": "1"}),
+        node("c", "arm64", {"cpu": "8", "memory": "32Gi"}, cordoned=True),
+        node("d", "riscv64", {"cpu": "8", "memory": "32Gi"}, ready=False),
     ]
     inv = summarize(nodes, {"gitVersion": "v1.37.2"})
     assert inv["nodes"] == {"total": 4, "schedulable": 2}
