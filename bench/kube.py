@@ -21,8 +21,7 @@ namespace:
 clock from the first apply to the last rollout seen complete, polled every
 0.2 s (one read of each Deployment, its ReplicaSets and pods per poll, as
 `Namespace.rollout` does). With kwok the pods cost nothing, so the numbers are
-the control plane's and the agent's: the controller manager's and
-scheduler's client rate limits (20 requests/s by default) dominate at 50.
+the control plane's and the agent's; "apply" is the agent's share.
 """
 
 from __future__ import annotations
