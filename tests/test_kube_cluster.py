@@ -112,6 +112,15 @@ def test_deploy_update_drift_and_prune(admin: client.ApiClient, namespace: str) 
     again = ns.deploy(v2)
     assert again.drift == (f"Deployment {v2.object_name}: replicas 3, desired 1",)
     assert again.deployment["spec"]["replicas"] == 1
+    # ... and edits the image (as kubectl set image does, a strategic merge patch):
+    apps_v1(admin).patch_namespaced_deployment(v2.object_name, namespace, {"spec": {
+        "template": {"spec": {"containers": [{"name": "serving", "image": "evil:latest"}]}}}},
+        field_manager="kubectl-set")
+    again = ns.deploy(v2)
+    assert again.drift == (f"Deployment {v2.object_name}: image evil:latest, desired "
+                           f"{REGISTRY}/models/tiny@{release(2).digest}",)
+    assert again.deployment["spec"]["template"]["spec"]["containers"][0]["image"] \
+        .endswith(release(2).digest)
 
     # A second deployment, then the desired state drops the first.
     other = Workload("other.model", release(1), PLATFORMS)
