@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,40 @@ def test_a_crash_looping_release_is_undone(admin: client.ApiClient, namespace: s
         assert status.phase is Phase.COMPLETE, status.message
     finally:
         core.delete_node(node)
+
+
+def test_update_outcomes_serving_rolled_back_failed(admin: client.ApiClient,
+                                                   namespace: str) -> None:
+    from agent.kube.update import Result, update
+
+    ns = Namespace(admin, target(namespace))
+    looks: list[Any] = []
+    v1 = Workload("tiny", release(1), PLATFORMS, progress_deadline_seconds=10)
+    first = update(ns, v1, poll=0.3, on_status=looks.append)
+    assert first.result is Result.SERVING and first.workload == v1
+    assert looks[-1].ready == looks[-1].desired == 1
+
+    v2 = replace(v1, release=release(2))
+    second = update(ns, v2, poll=0.3)
+    assert second.result is Result.SERVING and second.workload.previous == v1
+
+    # Asks for 4 GPUs: never scheduled, the deadline passes, back to v2 with the reason.
+    v3 = replace(v1, release=release(3), resources=Resources(accelerators={"nvidia.com/gpu": 4}))
+    third = update(ns, v3, poll=0.3)
+    assert third.result is Result.ROLLED_BACK, third.message
+    assert third.workload == v2 and "progress deadline" in third.message
+    assert any("FailedScheduling" in e and "nvidia.com/gpu" in e for e in third.events), \
+        third.events
+    live = apps_v1(admin).read_namespaced_deployment(v1.object_name, namespace)
+    assert live.spec.template.spec.containers[0].image.endswith(release(2).digest)
+
+    # The same workload again (an agent restarted mid-update): followed, still serving.
+    again = update(ns, v2, poll=0.3)
+    assert again.result is Result.SERVING and again.workload == v2   # undo kept no previous
+
+    # A first release that fails leaves nothing behind.
+    lone = Workload("lone", release(1), ("linux/s390x",), progress_deadline_seconds=10)
+    failed = update(ns, lone, poll=0.3)
+    assert failed.result is Result.FAILED and "objects were removed" in failed.message
+    assert ns.deployment(lone.object_name) is None
+    assert [d["metadata"]["name"] for d in ns.deployments()] == [v1.object_name]

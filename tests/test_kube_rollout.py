@@ -35,7 +35,8 @@ def pod(name: str, template_hash: str, *, restarts: int = 0, waiting: str | None
     state = {"waiting": {"reason": waiting, "message": "back-off 40s"}} if waiting \
         else {"running": {}}
     return {"metadata": {"name": name, "labels": {"pod-template-hash": template_hash}},
-            "status": {"containerStatuses": [{"name": "serving", "restartCount": restarts,
+            "status": {"conditions": [{"type": "Ready", "status": str(ready)}],
+                       "containerStatuses": [{"name": "serving", "restartCount": restarts,
                                               "ready": ready, "state": state,
                                               "lastState": {"terminated": {"exitCode": 3}}}]}}
 
@@ -77,6 +78,7 @@ def test_crash_loop_of_a_new_pod_fails_before_the_deadline() -> None:
             pod("new-1", "new", restarts=4, waiting="CrashLoopBackOff", ready=False)]
     status = rollout_status(deployment(available=0), RS, pods)
     assert status.phase is Phase.FAILING and status.failing_pods == ("new-1",)
+    assert status.unready_pods == ("new-1",)
     assert status.restarts == 4
     assert "CrashLoopBackOff" in status.message and "\n" not in status.message
 

@@ -191,29 +191,37 @@ class Namespace:
         self.deploy(previous)
         return previous
 
-    def prune(self, keep: Iterable[str]) -> list[str]:
-        """Delete this agent's Deployments and Services whose object name is not in KEEP;
-        returns the deployment names (as the desired state had them) removed."""
-        keep = set(keep)
+    def remove(self, name: str) -> None:
+        """Delete this agent's Deployment and Service named NAME (an object name), if there;
+        objects of that name that are not ours are left alone."""
         ns = self.target.namespace
-        removed = []
-        services = call_json(f"list Services in {ns}", self._core.list_namespaced_service, ns,
-                             label_selector=owner_selector(self.target))["items"]
-        doomed = [("Deployment", d, self._apps.delete_namespaced_deployment)
-                  for d in self.deployments()]
-        doomed += [("Service", s, self._core.delete_namespaced_service) for s in services]
-        for kind, obj, delete in doomed:
-            name = obj["metadata"]["name"]
-            if name in keep:
+        for kind, delete in (("Deployment", self._apps.delete_namespaced_deployment),
+                             ("Service", self._core.delete_namespaced_service)):
+            live = self._read(kind, name)
+            if live is None or not self._is_ours(live):
                 continue
             try:
                 call_json(f"delete {kind} {ns}/{name}", delete, name, ns)
             except KubeError as e:
                 if e.status != 404:   # gone already: what we wanted
                     raise
-            if kind == "Deployment":
-                removed.append((obj["metadata"].get("annotations") or {})
-                               .get(ANNOTATION_DEPLOYMENT, name))
+
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Delete this agent's Deployments and Services whose object name is not in KEEP;
+        returns the deployment names (as the desired state had them) removed."""
+        keep = set(keep)
+        services = call_json(f"list Services in {self.target.namespace}",
+                             self._core.list_namespaced_service, self.target.namespace,
+                             label_selector=owner_selector(self.target))["items"]
+        removed = []
+        names = {d["metadata"]["name"]: (d["metadata"].get("annotations") or {})
+                 .get(ANNOTATION_DEPLOYMENT, d["metadata"]["name"]) for d in self.deployments()}
+        for name in sorted(set(names) | {s["metadata"]["name"] for s in services}):
+            if name in keep:
+                continue
+            self.remove(name)
+            if name in names:
+                removed.append(names[name])
         return removed
 
     # --- following -------------------------------------------------------
@@ -235,13 +243,17 @@ class Namespace:
         return rollout_status(live, replica_sets, pods)
 
     def follow(self, name: str, *, timeout: float, poll: float = 1.0,
+               on_status: Callable[[RolloutStatus], None] | None = None,
                clock: Callable[[], float] = time.monotonic,
                sleep: Callable[[float], None] = time.sleep) -> RolloutStatus:
         """Look at NAME's rollout every POLL seconds until it is done (complete or
-        failed) or TIMEOUT passed; returns the last look."""
+        failed) or TIMEOUT passed; returns the last look. ON_STATUS sees every look
+        (ready/desired replicas and restarts, for telemetry)."""
         deadline = clock() + timeout
         while True:
             status = self.rollout(name)
+            if on_status is not None:
+                on_status(status)
             if status.done or clock() >= deadline:
                 return status
             sleep(poll)

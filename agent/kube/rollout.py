@@ -44,6 +44,7 @@ class RolloutStatus:
     restarts: int                  # of the new revision's containers
     message: str                   # one line, for the reported state
     failing_pods: tuple[str, ...] = ()
+    unready_pods: tuple[str, ...] = ()   # of the new revision, failing or not
 
     @property
     def done(self) -> bool:
@@ -67,6 +68,11 @@ def new_replica_set(deployment: Mapping[str, Any],
                 == revision:
             return rs
     return None
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def _container_failure(pod: Mapping[str, Any]) -> tuple[int, str | None]:
@@ -111,6 +117,7 @@ def rollout_status(deployment: Mapping[str, Any], replica_sets: Sequence[Mapping
     rs = new_replica_set(deployment, replica_sets)
     restarts = 0
     failing: list[tuple[str, str]] = []
+    unready: list[str] = []
     if rs is not None:
         template_hash = (rs["metadata"].get("labels") or {}).get(TEMPLATE_HASH)
         for pod in pods:
@@ -122,10 +129,12 @@ def rollout_status(deployment: Mapping[str, Any], replica_sets: Sequence[Mapping
             restarts += pod_restarts
             if reason is not None:
                 failing.append((meta["name"], reason))
+            if not _ready(pod):
+                unready.append(meta["name"])
 
     def result(phase: Phase, message: str) -> RolloutStatus:
         return RolloutStatus(phase, desired, updated, ready, available, restarts,
-                             message, tuple(p for p, _ in failing))
+                             message, tuple(p for p, _ in failing), tuple(unready))
 
     generation = deployment["metadata"].get("generation", 0)
     if status.get("observedGeneration", 0) < generation:
