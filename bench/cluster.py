@@ -2,8 +2,8 @@
 
 Run from the repository root after `.ci/k8s-tools` (about 1 minute on 2 cores):
 
-    .venv/bin/python bench/kube.py                  # 1 and 50 deployments
-    .venv/bin/python bench/kube.py --sizes 1,10,100
+    .venv/bin/python bench/cluster.py                  # 1 and 50 deployments
+    .venv/bin/python bench/cluster.py --sizes 1,10,100
 
 A real control plane (etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler) with two kwok nodes of 64 CPUs each runs on loopback in a temporary
