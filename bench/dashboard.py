@@ -50,10 +50,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 # Ahead of this directory, whose agent.py would shadow the agent package.
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from browser import chromium, sign_in  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench.browser import chromium, sign_in  # noqa: E402
 from playwright.sync_api import Browser, Page  # noqa: E402
-from hubproc import HubProcess, start_hub  # noqa: E402
+from bench.harness import HubProcess, start_hub  # noqa: E402
 from report import Row, print_table  # noqa: E402
 
 from hub.storage.db import Database, format_time  # noqa: E402

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 from agentproc import wait_for
-from browser import available, chromium, sign_in
+from bench.browser import available, chromium, sign_in
 from conftest import Cli
 from hubproc import EDGEFLEET, HubProcess, start_hub, stop_process
 from modelgen import make_onnx
