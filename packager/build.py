@@ -1,13 +1,15 @@
 """Build a package: an OCI image index with one image per platform, written to an OCI layout.
 
-Each image is the base image's layers (if any), the runtime's Python packages
-for its platform, the model layer and the serving layer (see
-`packager.layers`). For container mode its config runs
+A native package's image is the model layer and the serving layer (see
+`packager.layers`); a runnable image (container mode, asked for with DEPS)
+adds below them the base image's layers, the runtime's and the serving
+process's Python packages for its platform, and edgefleet's own serving code
+(`packager.image`). Its config runs
 `edgefleet serve --host 0.0.0.0 --control-socket /run/edgefleet/control.sock`
 on port 8500: the agent mounts /run/edgefleet, passes the API key in
 EDGEFLEET_SERVE_API_KEY, and loads the model through the control socket
 from the serving.json that EDGEFLEET_SERVING points at, as in native mode.
-The base image must bring Python 3.11 and edgefleet's agent.
+The base image must bring Python 3.11 (`packager.base` makes one from Debian).
 
 Every timestamp is SOURCE_DATE_EPOCH: the `source_date_epoch` argument, else
 the environment variable, else 0 (1970-01-01, as most reproducible-build
@@ -29,8 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from packager.deps import DEFAULT_DEPS, DepsProvider
+from packager.deps import DepsProvider
 from packager.errors import FormatError, PackagerError, PlatformUnavailable
+from packager.image import SERVE_REQUIREMENTS, app_layer
 from packager.layers import (
     PYTHON_DIR,
     ROLE,
@@ -109,7 +112,7 @@ def build_package(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     base_image: Path | None = None,
     base_ref: str | None = None,
-    deps: DepsProvider | None = DEFAULT_DEPS,
+    deps: DepsProvider | None = None,
     skip_unavailable: bool = False,
     source_date_epoch: int | None = None,
     prefer: Sequence[str] | None = None,
@@ -120,8 +123,8 @@ def build_package(
     """Build model NAME VERSION from FILES (relative name -> file) into the OCI layout LAYOUT.
 
     INFO is what `packager.modelfile.inspect_model` says about FILES. DEPS
-    provides each platform's Python packages (None: native mode only, no deps
-    layer). BASE_IMAGE is an OCI layout or archive (BASE_REF picks its tag when
+    provides each platform's Python packages and makes the images runnable
+    (None: native mode only, no deps or edgefleet layer). BASE_IMAGE is an OCI layout or archive (BASE_REF picks its tag when
     it has several). With SKIP_UNAVAILABLE, a platform that has no wheel or no
     base image is left out instead of failing the build. PREFER overrides the
     runtime's accelerator preference; SAMPLE_REQUEST the self-test request
@@ -136,43 +139,56 @@ def build_package(
     created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     serving = _serving_json(name, version, info, chosen.name, preferences, sample_request)
     annotations = {TITLE: name, VERSION: str(version), CREATED: created}
-    total = 3 + len(targets)
+
+    requirements = (*chosen.requirements, *SERVE_REQUIREMENTS)
+    # Base images and wheels are what a platform can lack: all are found before any layer is
+    # built, so a missing platform fails (or is skipped) at once, not after the others' work.
+    prepare = bool(base_image or deps)
+    total = 3 + len(targets) * (2 if prepare else 1)
+    step = 0
     report = progress or (lambda _: None)
 
     store = OCILayout.create(layout)
-    report(BuildProgress("model layer", 0, total))
-    model = model_layer(store, model_files, mtime=epoch)
-    report(BuildProgress("serving layer", 1, total))
-    shared = [model, serving_layer(store, serving, mtime=epoch)]
-
-    manifests: dict[str, Descriptor] = {}
+    sources: dict[Platform, tuple[list[Layer], dict[str, Any], Path | None]] = {}
     skipped: dict[str, str] = {}
     with open_image(base_image) if base_image else contextlib.nullcontext() as base:
-        for done, platform in enumerate(targets, start=2):
-            report(BuildProgress(f"image for {platform}", done, total))
+        for platform in targets if prepare else ():
+            report(BuildProgress(f"base and wheels for {platform}", step, total))
+            step += 1
             try:
                 base_layers, base_config = (
                     _base_image(store, base, base_ref, platform) if base else ([], {})
                 )
-                own = (
-                    [deps_layer(store, deps(chosen.requirements, platform), mtime=epoch)]
-                    if deps
-                    else []
-                )
+                tree = deps(requirements, platform) if deps else None
             except PlatformUnavailable as exc:
                 if not skip_unavailable:
                     raise
                 skipped[str(platform)] = str(exc)
                 continue
-            layers = [*base_layers, *own, *shared]
-            config = _image_config(
-                base_config, platform, layers, created=created, labels=annotations, deps=bool(own)
-            )
-            manifests[str(platform)] = _put_manifest(store, config, layers, annotations, platform)
-    if not manifests:
+            sources[platform] = (base_layers, base_config, tree)
+    if not prepare:
+        sources = {platform: ([], {}, None) for platform in targets}
+    if not sources:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped.items())
         raise PackagerError(f"no platform could be built: {reasons}")
 
+    report(BuildProgress("model layer", step, total))
+    model = model_layer(store, model_files, mtime=epoch)
+    report(BuildProgress("serving layer", step + 1, total))
+    shared = [model, serving_layer(store, serving, mtime=epoch)]
+    app = app_layer(store, mtime=epoch) if deps else None
+    step += 2
+
+    manifests: dict[str, Descriptor] = {}
+    for platform, (base_layers, base_config, tree) in sources.items():
+        report(BuildProgress(f"image for {platform}", step, total))
+        step += 1
+        own = [deps_layer(store, tree, mtime=epoch)] if tree else []
+        layers = [*base_layers, *own, *([app] if app else []), *shared]
+        config = _image_config(
+            base_config, platform, layers, created=created, labels=annotations, deps=bool(own)
+        )
+        manifests[str(platform)] = _put_manifest(store, config, layers, annotations, platform)
     report(BuildProgress("index", total - 1, total))
     index = store.put(
         canonical_json(
