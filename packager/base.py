@@ -113,34 +113,31 @@ def can_run(arch: str) -> bool:
         return False
 
 
+def check_debian_platform(platform: Platform) -> None:
+    """PlatformUnavailable, saying what to do, unless this machine can build PLATFORM's base."""
+    arch = debian_architecture(platform)
+    if not can_run(arch):
+        raise PlatformUnavailable(
+            f"cannot build a Debian base for {platform} on this {host.machine()} machine: the "
+            f"kernel has no {_QEMU[arch]} binfmt handler (apt-get install qemu-user-static "
+            "binfmt-support), or give a base image with --base"
+        )
+
+
 def debian_base(
-    platforms: Sequence[str],
-    *,
-    spec: BaseSpec = BaseSpec(),
-    cache_dir: Path | None = None,
-    skip_unavailable: bool = False,
+    platforms: Sequence[str], *, spec: BaseSpec = BaseSpec(), cache_dir: Path | None = None
 ) -> tuple[Path, str]:
     """An OCI layout and tag holding a base image index for PLATFORMS, built where not cached.
 
-    A platform this machine cannot build raises PlatformUnavailable before any
-    work, or is left out of the index with SKIP_UNAVAILABLE.
+    Every platform is checked (`check_debian_platform`) before anything is built.
     """
     targets = [Platform.parse(p) for p in platforms]
-    buildable = []
+    if not targets:
+        raise PackagerError("no platforms given for a Debian base")
     for target in targets:
-        arch = debian_architecture(target)
-        if can_run(arch):
-            buildable.append(target)
-        elif not skip_unavailable:
-            raise PlatformUnavailable(
-                f"cannot build a Debian base for {target} on this {host.machine()} machine: the "
-                f"kernel has no {_QEMU[arch]} binfmt handler (apt-get install qemu-user-static "
-                "binfmt-support), or give a base image with --base"
-            )
-    if not buildable:
-        raise PlatformUnavailable(f"no Debian base can be built here for {', '.join(platforms)}")
+        check_debian_platform(target)
     layout = OCILayout.create(cache_dir or default_cache_dir())
-    images = [_platform_image(layout, spec, target) for target in buildable]
+    images = [_platform_image(layout, spec, target) for target in targets]
     index = canonical_json(
         {"schemaVersion": 2, "mediaType": INDEX, "manifests": [d.to_dict() for d in images]}
     )

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from packager.base import BaseSpec, check_debian_platform, debian_base
 from packager.deps import DepsProvider
 from packager.errors import FormatError, PackagerError, PlatformUnavailable
 from packager.image import SERVE_REQUIREMENTS, app_layer
@@ -113,6 +114,7 @@ def build_package(
     base_image: Path | None = None,
     base_ref: str | None = None,
     deps: DepsProvider | None = None,
+    debian: BaseSpec | None = None,
     skip_unavailable: bool = False,
     source_date_epoch: int | None = None,
     prefer: Sequence[str] | None = None,
@@ -124,9 +126,11 @@ def build_package(
 
     INFO is what `packager.modelfile.inspect_model` says about FILES. DEPS
     provides each platform's Python packages and makes the images runnable
-    (None: native mode only, no deps or edgefleet layer). BASE_IMAGE is an OCI layout or archive (BASE_REF picks its tag when
-    it has several). With SKIP_UNAVAILABLE, a platform that has no wheel or no
-    base image is left out instead of failing the build. PREFER overrides the
+    (None: native mode only, no deps or edgefleet layer). BASE_IMAGE is an
+    OCI layout or archive (BASE_REF picks its tag when it has several);
+    DEBIAN instead builds one from Debian packages (`packager.base`). With
+    SKIP_UNAVAILABLE, a platform that has no wheel or no base image is left
+    out instead of failing the build. PREFER overrides the
     runtime's accelerator preference; SAMPLE_REQUEST the self-test request
     generated from the signature. PROGRESS is called as each step starts.
     """
@@ -141,54 +145,83 @@ def build_package(
     annotations = {TITLE: name, VERSION: str(version), CREATED: created}
 
     requirements = (*chosen.requirements, *SERVE_REQUIREMENTS)
-    # Base images and wheels are what a platform can lack: all are found before any layer is
-    # built, so a missing platform fails (or is skipped) at once, not after the others' work.
-    prepare = bool(base_image or deps)
-    total = 3 + len(targets) * (2 if prepare else 1)
-    step = 0
+    if debian is not None and base_image is not None:
+        raise PackagerError("give a base image or a Debian base spec, not both")
+    uses_base = base_image is not None or debian is not None
+    total = 3 + len(targets) * (1 + bool(deps) + uses_base) + (debian is not None)
+    done = 0
     report = progress or (lambda _: None)
+
+    def step(name: str) -> None:
+        nonlocal done
+        report(BuildProgress(name, done, total))
+        done += 1
+
+    skipped: dict[str, str] = {}
+
+    def unavailable(platform: Platform, exc: PlatformUnavailable) -> None:
+        if not skip_unavailable:
+            raise exc
+        skipped[str(platform)] = str(exc)
+
+    # Wheels and base images are what a platform can lack. Both are found before any layer is
+    # built, wheels first (pip answers in seconds, a Debian base takes minutes), so a missing
+    # platform fails (or is skipped) at once, not after the others' work.
+    trees: dict[Platform, Path | None] = {}
+    for platform in targets:
+        if deps is None:
+            trees[platform] = None
+            continue
+        step(f"wheels for {platform}")
+        try:
+            trees[platform] = deps(requirements, platform)
+        except PlatformUnavailable as exc:
+            unavailable(platform, exc)
+    if debian is not None:
+        for platform in list(trees):
+            try:
+                check_debian_platform(platform)
+            except PlatformUnavailable as exc:
+                unavailable(platform, exc)
+                del trees[platform]
+        if trees:
+            step("Debian base image")
+            base_image, base_ref = debian_base([str(p) for p in trees], spec=debian)
 
     store = OCILayout.create(layout)
     sources: dict[Platform, tuple[list[Layer], dict[str, Any], Path | None]] = {}
-    skipped: dict[str, str] = {}
     with open_image(base_image) if base_image else contextlib.nullcontext() as base:
-        for platform in targets if prepare else ():
-            report(BuildProgress(f"base and wheels for {platform}", step, total))
-            step += 1
-            try:
-                base_layers, base_config = (
-                    _base_image(store, base, base_ref, platform) if base else ([], {})
-                )
-                tree = deps(requirements, platform) if deps else None
-            except PlatformUnavailable as exc:
-                if not skip_unavailable:
-                    raise
-                skipped[str(platform)] = str(exc)
-                continue
+        for platform, tree in trees.items():
+            base_layers: list[Layer] = []
+            base_config: dict[str, Any] = {}
+            if base is not None:
+                step(f"base image for {platform}")
+                try:
+                    base_layers, base_config = _base_image(store, base, base_ref, platform)
+                except PlatformUnavailable as exc:
+                    unavailable(platform, exc)
+                    continue
             sources[platform] = (base_layers, base_config, tree)
-    if not prepare:
-        sources = {platform: ([], {}, None) for platform in targets}
     if not sources:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped.items())
         raise PackagerError(f"no platform could be built: {reasons}")
 
-    report(BuildProgress("model layer", step, total))
+    step("model layer")
     model = model_layer(store, model_files, mtime=epoch)
-    report(BuildProgress("serving layer", step + 1, total))
+    step("serving layer")
     shared = [model, serving_layer(store, serving, mtime=epoch)]
     app = app_layer(store, mtime=epoch) if deps else None
-    step += 2
 
     manifests: dict[str, Descriptor] = {}
     for platform, (base_layers, base_config, tree) in sources.items():
-        report(BuildProgress(f"image for {platform}", step, total))
-        step += 1
+        step(f"image for {platform}")
         own = [deps_layer(store, tree, mtime=epoch)] if tree else []
         layers = [*base_layers, *own, *([app] if app else []), *shared]
         config = _image_config(
             base_config, platform, layers, created=created, labels=annotations, deps=bool(own)
         )
         manifests[str(platform)] = _put_manifest(store, config, layers, annotations, platform)
+
     report(BuildProgress("index", total - 1, total))
     index = store.put(
         canonical_json(

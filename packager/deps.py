@@ -57,8 +57,8 @@ class UnavailableWheel(PlatformUnavailable):
         self.platform = platform
         super().__init__(
             f"no {package} wheel for {platform} (CPython {PYTHON_VERSION}, glibc <= "
-            f"2.{MAX_GLIBC_MINOR}) on the package index; build without {platform} "
-            "(skip_unavailable), or without Python dependencies for native mode only (deps=None)"
+            f"2.{MAX_GLIBC_MINOR}) on the package index; leave {platform} out of --platform or "
+            "pass --skip-unavailable (a native-mode package, without --image, needs no wheels)"
         )
 
 

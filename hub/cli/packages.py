@@ -62,15 +62,20 @@ def package() -> None:
               show_default=True, help="Comma-separated OCI platforms.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "litert"]),
               help="Serving runtime [default: from the model's framework].")
+@click.option("--image", is_flag=True,
+              help="Make each platform's image runnable (container mode): a base with Python, the "
+              "runtime's wheels and `edgefleet serve`. Without it the package is for native mode.")
 @click.option("--base", type=click.Path(exists=True, path_type=Path),
-              help="Base image (OCI layout or archive) for container mode.")
+              help="Base image (OCI layout or archive) for --image [default: Debian 12 with "
+              "python3, built here with mmdebstrap and cached].")
 @click.option("--base-ref", help="Tag of the base image in --base [default: its only image].")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Write an OCI layout here instead of pushing to the hub.")
-@click.option("--deps/--no-deps", default=True, show_default=True,
-              help="Include the runtime's Python packages per platform (needed for container mode).")
+# Native packages have no deps layer now; scripts and tests written when it was the default
+# still pass --no-deps, which asks for what is the default.
+@click.option("--no-deps", "no_deps", is_flag=True, hidden=True)
 @click.option("--skip-unavailable", is_flag=True,
-              help="Leave out platforms with no wheel for a dependency instead of failing.")
+              help="With --image: leave out platforms with no wheel or base instead of failing.")
 @click.option("--optimize", type=click.Choice(["fp16", "int8"]),
               help="Shrink the model (int8: ONNX dynamic quantisation), checked for accuracy.")
 @click.option("--max-abs-diff", type=float,
@@ -85,8 +90,8 @@ def package() -> None:
 @hub_options
 @json_option
 def build(
-    ref: str, platforms: str, runtime: str | None, base: Path | None, base_ref: str | None,
-    out: Path | None, deps: bool, skip_unavailable: bool, optimize: str | None,
+    ref: str, platforms: str, runtime: str | None, image: bool, base: Path | None,
+    base_ref: str | None, out: Path | None, no_deps: bool, skip_unavailable: bool, optimize: str | None,
     max_abs_diff: float | None, prefer: str | None,
     source_date_epoch: int | None, key_path: Path | None, quiet: bool, hub: str | None,
     token: str | None, as_json: bool,
@@ -101,7 +106,11 @@ def build(
 
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
+    from packager.base import BaseSpec
     from packager.build import build_package
+
+    if no_deps and (image or base):
+        raise click.UsageError("--no-deps and --image/--base exclude each other: an image needs its deps")
     from packager.cosign import sign_package
     from packager.deps import PipDeps
     from packager.distribution import Registry, push_layout
@@ -135,7 +144,9 @@ def build(
                 result = build_package(
                     layout_dir, name=name, version=version, files=prepared.files,
                     info=prepared.info, runtime=chosen, platforms=[p.strip() for p in platforms.split(",") if p.strip()],
-                    base_image=base, base_ref=base_ref, deps=PipDeps() if deps else None,
+                    base_image=base, base_ref=base_ref,
+                    deps=PipDeps() if image or base else None,
+                    debian=BaseSpec() if image and base is None else None,
                     skip_unavailable=skip_unavailable, source_date_epoch=source_date_epoch,
                     prefer=[p.strip() for p in prefer.split(",")] if prefer else None,
                     progress=_Steps(progress),
