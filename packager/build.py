@@ -34,13 +34,17 @@ from typing import Any
 from packager.base import BaseSpec, check_debian_platform, debian_base
 from packager.deps import DepsProvider
 from packager.errors import FormatError, PackagerError, PlatformUnavailable
-from packager.image import SERVE_REQUIREMENTS, app_layer
+from packager.image import (
+    SERVE_REQUIREMENTS,
+    app_layer,
+    cached_deps_layer,
+    default_layer_cache,
+)
 from packager.layers import (
     PYTHON_DIR,
     ROLE,
     SERVING_FILE,
     Layer,
-    deps_layer,
     model_layer,
     serving_layer,
 )
@@ -115,6 +119,7 @@ def build_package(
     base_ref: str | None = None,
     deps: DepsProvider | None = None,
     debian: BaseSpec | None = None,
+    layer_cache: Path | None = None,
     skip_unavailable: bool = False,
     source_date_epoch: int | None = None,
     prefer: Sequence[str] | None = None,
@@ -128,7 +133,8 @@ def build_package(
     provides each platform's Python packages and makes the images runnable
     (None: native mode only, no deps or edgefleet layer). BASE_IMAGE is an
     OCI layout or archive (BASE_REF picks its tag when it has several);
-    DEBIAN instead builds one from Debian packages (`packager.base`). With
+    DEBIAN instead builds one from Debian packages (`packager.base`);
+    LAYER_CACHE keeps built deps layers (default ~/.cache/edgefleet/layers). With
     SKIP_UNAVAILABLE, a platform that has no wheel or no base image is left
     out instead of failing the build. PREFER overrides the
     runtime's accelerator preference; SAMPLE_REQUEST the self-test request
@@ -210,12 +216,12 @@ def build_package(
     model = model_layer(store, model_files, mtime=epoch)
     step("serving layer")
     shared = [model, serving_layer(store, serving, mtime=epoch)]
-    app = app_layer(store, mtime=epoch) if deps else None
+    app = app_layer(store) if deps else None
 
     manifests: dict[str, Descriptor] = {}
     for platform, (base_layers, base_config, tree) in sources.items():
         step(f"image for {platform}")
-        own = [deps_layer(store, tree, mtime=epoch)] if tree else []
+        own = [cached_deps_layer(store, tree, layer_cache or default_layer_cache())] if tree else []
         layers = [*base_layers, *own, *([app] if app else []), *shared]
         config = _image_config(
             base_config, platform, layers, created=created, labels=annotations, deps=bool(own)

@@ -9,20 +9,29 @@ imports, under /opt/edgefleet/python (the image's PYTHONPATH), and
 image needs no hub, no MQTT and no CLI. It is pure Python, so one blob
 serves every platform, and it changes only when edgefleet does.
 
-Its bytes depend only on the code (tars from `packager.tarball`, gzip with
-mtime 0): the same edgefleet gives the same layer.
+Layers that do not depend on the model version (the base, deps and this
+one) are written with mtime LAYER_EPOCH, not the package's SOURCE_DATE_EPOCH:
+so every version built with the same wheels and edgefleet shares their
+blobs, and a model-only update downloads the model layer and a few kB. The
+deps layer (~50 MB of gzip, most of a warm build's time) is also kept in a
+cache beside the wheels, keyed by its tree's files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
 from pathlib import Path
 
-from packager.layers import PYTHON_DIR, Layer, write_layer
-from packager.oci import OCILayout
+from packager.errors import PackagerError
+from packager.layers import PYTHON_DIR, Layer, deps_layer, write_layer
+from packager.oci import Descriptor, OCILayout, canonical_json
 from packager.tarball import EXEC_MODE, Entry, tree_entries
 
 APP = "edgefleet"  # the layer's role
+LAYER_EPOCH = 0
 # What `edgefleet serve` imports besides the runtime's own requirements (kept in step with
 # pyproject.toml's agent extra by tests/test_packager_image.py).
 SERVE_REQUIREMENTS = (
@@ -58,5 +67,41 @@ def app_entries() -> list[Entry]:
     return entries
 
 
-def app_layer(layout: OCILayout, *, mtime: int) -> Layer:
-    return write_layer(layout, app_entries(), role=APP, compress=True, mtime=mtime)
+def app_layer(layout: OCILayout) -> Layer:
+    return write_layer(layout, app_entries(), role=APP, compress=True, mtime=LAYER_EPOCH)
+
+
+def default_layer_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgefleet" / "layers"
+
+
+def cached_deps_layer(layout: OCILayout, tree: Path, cache_dir: Path) -> Layer:
+    """`deps_layer` of TREE at LAYER_EPOCH, from CACHE_DIR when TREE's files were seen before."""
+    cache = OCILayout.create(cache_dir)
+    record = cache_dir / f"{_tree_key(tree)}.json"
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+            layer = Layer(Descriptor.from_dict(saved["descriptor"], what=str(record)),
+                          str(saved["diff_id"]))
+            layout.copy_from(cache, layer.descriptor, what=f"cached deps layer {record}")
+            return layer
+        except (OSError, ValueError, KeyError, PackagerError):
+            record.unlink(missing_ok=True)  # a broken cache entry is rebuilt, never trusted
+    layer = deps_layer(cache, tree, mtime=LAYER_EPOCH)
+    layout.copy_from(cache, layer.descriptor, what=f"deps layer of {tree}")
+    partial = record.with_suffix(".tmp")
+    partial.write_bytes(canonical_json(
+        {"descriptor": layer.descriptor.to_dict(), "diff_id": layer.diff_id}))
+    os.replace(partial, record)
+    return layer
+
+
+def _tree_key(tree: Path) -> str:
+    """A hash of TREE's file names, sizes and modification times."""
+    digest = hashlib.sha256(str(tree.resolve()).encode())
+    for path in sorted(tree.rglob("*")):
+        info = path.lstat()
+        digest.update(f"{path.relative_to(tree)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return "deps-" + digest.hexdigest()[:32]

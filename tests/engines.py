@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import docker
+import docker  # type: ignore[import-untyped]  # docker 7 ships no types
 import pytest
 
 ENGINES = ("podman", "docker")

@@ -7,6 +7,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from packager.errors import PlatformUnavailable
 from packager.image import LAUNCHER, SERVE_REQUIREMENTS, app_entries, app_layer
 from packager.oci import OCILayout, Platform
 from hubproc import free_port
-from packager_fixtures import EPOCH, build, model_files, run, skopeo
+from packager_fixtures import EPOCH, FakeDeps, build, model_files, run, skopeo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,14 +36,44 @@ def test_the_edgefleet_layer_holds_the_serving_code_and_a_launcher(tmp_path: Pat
     assert paths[LAUNCHER].mode == 0o755
     assert "opt/edgefleet/python/agent/serving/cli.py" in paths
     assert not [p for p in paths if "__pycache__" in p or p.startswith("opt/edgefleet/python/hub")]
-    first = app_layer(OCILayout.create(tmp_path / "a"), mtime=EPOCH)
-    again = app_layer(OCILayout.create(tmp_path / "b"), mtime=EPOCH)
+    first = app_layer(OCILayout.create(tmp_path / "a"))
+    again = app_layer(OCILayout.create(tmp_path / "b"))
     assert first == again
 
 
 def test_a_platform_without_qemu_or_debian_name_is_unavailable() -> None:
     with pytest.raises(PlatformUnavailable, match="no Debian base for linux/s390"):
         check_debian_platform(Platform.parse("linux/s390"))
+
+
+def layers(result: BuildResult, platform: str = "linux/amd64") -> dict[str, str]:
+    """Role -> layer digest of PLATFORM's image."""
+    layout = OCILayout(result.layout)
+    manifest = json.loads(layout.get(result.manifests[platform].digest))
+    return {layer["annotations"]["dev.edgefleet.layer"]: layer["digest"]
+            for layer in manifest["layers"]}
+
+
+def test_a_model_only_update_shares_the_deps_and_edgefleet_layers(tmp_path: Path) -> None:
+    files, deps = model_files(tmp_path / "model"), FakeDeps(tmp_path / "deps")
+    options: dict[str, Any] = {"deps": deps, "layer_cache": tmp_path / "cache",
+                               "platforms": ["linux/amd64"]}
+    first = layers(build(tmp_path / "layout", files, **options))
+    later = layers(build(tmp_path / "layout", files, version=3, source_date_epoch=EPOCH + 86400,
+                         **options))
+    assert first["deps"] == later["deps"] and first["edgefleet"] == later["edgefleet"]
+    assert first["serving"] != later["serving"]
+
+
+def test_a_damaged_deps_layer_cache_is_rebuilt_not_trusted(tmp_path: Path) -> None:
+    files, deps = model_files(tmp_path / "model"), FakeDeps(tmp_path / "deps")
+    options: dict[str, Any] = {"deps": deps, "layer_cache": tmp_path / "cache",
+                               "platforms": ["linux/amd64"]}
+    first = build(tmp_path / "a", files, **options)
+    cached = OCILayout(tmp_path / "cache").blob_path(layers(first)["deps"])
+    cached.write_bytes(b"not the layer")
+    again = build(tmp_path / "b", files, **options)
+    assert again.digest == first.digest
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
+import docker  # type: ignore[import-untyped]  # docker 7 ships no types
+import docker.errors  # type: ignore[import-untyped]
 import requests.exceptions
-from docker.models.containers import Container
-from docker.types import LogConfig
+from docker.models.containers import Container  # type: ignore[import-untyped]
+from docker.types import LogConfig  # type: ignore[import-untyped]
 
 LABEL = "dev.edgefleet"
 MANAGED = f"{LABEL}.managed"
