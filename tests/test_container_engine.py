@@ -175,3 +175,15 @@ def test_an_engine_that_is_down_is_a_transient_error(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as failed:
         down.find()
     assert failed.value.transient and time.monotonic() - started < 10
+
+
+def test_a_container_out_of_memory_is_reported_as_such(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    run = spec(pull(driver, hub, device, verified), verified, tmp_path, restart_retries=1,
+               limits=Limits(memory_bytes=24 * 1024 * 1024))
+    driver.run(run)
+    with pytest.raises(EngineError, match="out of memory"):
+        driver.wait_control(run, timeout=120)
+    status = driver.status(run.name)
+    assert status.exit_code == 137 and status.restarts == 1

@@ -44,6 +44,7 @@ PACKAGE = f"{LABEL}.package"
 CONTROL_DIR = "/run/edgefleet"
 CONTROL_SOCKET = "control.sock"
 API_KEY_ENV = "EDGEFLEET_SERVE_API_KEY"
+ENDED = frozenset({"exited", "dead"})
 STOP_SECONDS = 30  # the serving process finishes in-flight requests on SIGTERM
 # Docker 20.10's API, which podman 4's compatible API serves too; fixed so that making a
 # client asks the engine nothing.
@@ -110,6 +111,11 @@ class ContainerStatus:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def ended(self) -> bool:
+        """Exited for good: engines pass through other states (podman: stopped) while restarting."""
+        return self.state in ENDED
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ class ContainerEngine:
                 except OSError:
                     pass
             status = self.status(spec.name)
-            if status.state not in ("created", "running", "restarting"):
+            if status.ended:
                 raise EngineError(f"{spec.name} {_ended(status)} before serving; last log lines:\n"
                                   f"{self.logs(spec.name)}")
             if time.monotonic() > deadline:
@@ -318,7 +324,7 @@ def _status(container: Container) -> ContainerStatus:
         version=labels.get(VERSION, ""),
         package=labels.get(PACKAGE, ""),
         state=status,
-        exit_code=int(exit_code) if status == "exited" and exit_code is not None else None,
+        exit_code=int(exit_code) if status in ENDED and exit_code is not None else None,
         oom_killed=bool(state.get("OOMKilled")),
         restarts=int(attrs.get("RestartCount") or 0),
         error=str(state.get("Error") or ""),
@@ -328,6 +334,9 @@ def _status(container: Container) -> ContainerStatus:
 def _ended(status: ContainerStatus) -> str:
     if status.oom_killed:
         return "ran out of memory (OOM-killed)"
+    if status.exit_code == 137:
+        # podman on cgroup v1 does not report OOMKilled; SIGKILL from nobody else is the OOM killer.
+        return "was killed (code 137: out of memory at its limit, or SIGKILL)"
     if status.error:
         return f"could not start ({status.error})"
     return f"exited with code {status.exit_code}"
