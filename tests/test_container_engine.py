@@ -187,3 +187,16 @@ def test_a_container_out_of_memory_is_reported_as_such(
         driver.wait_control(run, timeout=120)
     status = driver.status(run.name)
     assert status.exit_code == 137 and status.restarts == 1
+
+
+def test_an_image_is_removed_once_no_container_uses_it(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    image = pull(driver, hub, device, verified)
+    run = spec(image, verified, tmp_path)
+    driver.run(run)
+    driver.remove_image(image)  # in use: kept
+    assert image in [i.id for i in driver.client.images.list()]
+    driver.stop(run.name, timeout=1)
+    driver.remove_image(image)
+    assert image not in [i.id for i in driver.client.images.list()]
