@@ -1,13 +1,15 @@
 """A base image made from Debian packages, with no engine and no Docker Hub: Python 3.11 for packages.
 
-`debian_base` runs `mmdebstrap` (minbase + python3 + ca-certificates) for each
+`DebianBase` runs `mmdebstrap` (minbase + python3 + ca-certificates) for each
 platform and stores the result as an OCI image: one gzip layer, rewritten by
 `packager.tarball.rewrite_tar` (sorted, fixed mtimes, numeric owners), and a
 config that runs python3. Images are cached in one OCI layout
 (`~/.cache/edgefleet/bases`), tagged with the hash of their inputs (suite,
 mirrors, packages, platform, epoch), so the 30-120 s debootstrap runs once
 per machine; the multi-platform index a build asks for is tagged with the
-hash of its images. Nothing in the cache changes once written: delete the
+hash of its images. Given the hub's registry, bases are shared through it
+(repository `bases/debian`, same tags): built once per fleet, pulled by
+every other build machine. Nothing in the cache changes once written: delete the
 directory to move to newer Debian packages.
 
 A base's epoch is fixed (BASE_EPOCH), not the package's SOURCE_DATE_EPOCH:
@@ -34,9 +36,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, TYPE_CHECKING, cast
 
-from packager.errors import PackagerError, PlatformUnavailable
+from packager.errors import PackagerError, PlatformUnavailable, RefNotFound
 from packager.layers import GZIP_LEVEL
 from packager.oci import (
     CONFIG,
@@ -48,8 +50,12 @@ from packager.oci import (
     OCILayout,
     Platform,
     canonical_json,
+    parse_manifest,
 )
 from packager.tarball import rewrite_tar
+
+if TYPE_CHECKING:
+    from packager.distribution import Registry
 
 # What numpy, onnxruntime, openvino and ai-edge-litert manylinux wheels load besides
 # CPython 3.11: glibc, libstdc++ and libgcc_s, all in minbase already.
@@ -58,6 +64,7 @@ SUITE = "bookworm"  # Debian 12: Python 3.11, the version packages are built for
 MIRROR = "http://deb.debian.org/debian"
 SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 BASE_EPOCH = 0
+REPOSITORY = "bases/debian"  # in the hub's registry, tagged with each image's cache key
 MMDEBSTRAP_TIMEOUT = 30 * 60
 ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8")
 DEBIAN_ARCHITECTURES = {"linux/amd64": "amd64", "linux/arm64": "arm64", "linux/arm/v7": "armhf"}
@@ -124,35 +131,84 @@ def check_debian_platform(platform: Platform) -> None:
         )
 
 
-def debian_base(
-    platforms: Sequence[str], *, spec: BaseSpec = BaseSpec(), cache_dir: Path | None = None
-) -> tuple[Path, str]:
-    """An OCI layout and tag holding a base image index for PLATFORMS, built where not cached.
+@dataclass(frozen=True)
+class DebianBase:
+    """Debian base images for builds: from the local cache, else the hub's registry, else built.
 
-    Every platform is checked (`check_debian_platform`) before anything is built.
+    With REGISTRY, a base another machine built and pushed to REPOSITORY
+    (tag: the spec's key for the platform) is pulled instead of built, so a
+    machine without qemu can still build that platform's images; with PUSH,
+    a base built here is pushed there for the others.
     """
-    targets = [Platform.parse(p) for p in platforms]
-    if not targets:
-        raise PackagerError("no platforms given for a Debian base")
-    for target in targets:
-        check_debian_platform(target)
-    layout = OCILayout.create(cache_dir or default_cache_dir())
-    images = [_platform_image(layout, spec, target) for target in targets]
-    index = canonical_json(
-        {"schemaVersion": 2, "mediaType": INDEX, "manifests": [d.to_dict() for d in images]}
-    )
-    tag = "index-" + hashlib.sha256(index).hexdigest()[:32]
-    layout.tag(tag, layout.put(index, INDEX))
-    return layout.root, tag
 
+    spec: BaseSpec = BaseSpec()
+    cache_dir: Path | None = None
+    registry: Registry | None = None
+    repository: str = REPOSITORY
+    push: bool = False
 
-def _platform_image(layout: OCILayout, spec: BaseSpec, platform: Platform) -> Descriptor:
-    key = spec.key(platform)
-    refs = layout.refs()
-    if key in refs:
-        return Descriptor(
-            refs[key].media_type, refs[key].digest, refs[key].size, platform=platform
+    def check(self, platform: Platform) -> None:
+        """PlatformUnavailable, saying what to do, unless PLATFORM's base can be had."""
+        key = self.spec.key(platform)
+        if key in self._layout().refs() or self._remote(key) is not None:
+            return
+        check_debian_platform(platform)
+
+    def __call__(self, platforms: Sequence[str]) -> tuple[Path, str]:
+        """An OCI layout and tag holding a base image index for PLATFORMS."""
+        targets = [Platform.parse(p) for p in platforms]
+        if not targets:
+            raise PackagerError("no platforms given for a Debian base")
+        for target in targets:
+            self.check(target)
+        layout = self._layout()
+        images = [self._image(layout, target) for target in targets]
+        index = canonical_json(
+            {"schemaVersion": 2, "mediaType": INDEX, "manifests": [d.to_dict() for d in images]}
         )
+        tag = "index-" + hashlib.sha256(index).hexdigest()[:32]
+        layout.tag(tag, layout.put(index, INDEX))
+        return layout.root, tag
+
+    def _layout(self) -> OCILayout:
+        return OCILayout.create(self.cache_dir or default_cache_dir())
+
+    def _image(self, layout: OCILayout, platform: Platform) -> Descriptor:
+        key = self.spec.key(platform)
+        remote = self._remote(key)
+        if key not in layout.refs():
+            if remote is not None:
+                self._pull(layout, key, remote)
+            else:
+                _build_image(layout, self.spec, platform, key)
+        if self.registry is not None and self.push and remote is None:
+            from packager.distribution import push_layout
+
+            push_layout(layout, self.registry, self.repository, [key])
+        found = layout.resolve(key)
+        return Descriptor(found.media_type, found.digest, found.size, platform=platform)
+
+    def _remote(self, key: str) -> tuple[Descriptor, bytes] | None:
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.manifest(self.repository, key)
+        except RefNotFound:
+            return None
+
+    def _pull(self, layout: OCILayout, key: str, remote: tuple[Descriptor, bytes]) -> None:
+        assert self.registry is not None
+        descriptor, body = remote
+        manifest = parse_manifest(body, what=f"base image {self.repository}:{key}")
+        for blob in (manifest.config, *manifest.layers):
+            self.registry.download_blob(self.repository, blob, layout.blob_path(blob.digest))
+        if not layout.has(descriptor.digest):
+            with layout.writer() as out:
+                out.write(body)
+        layout.tag(key, descriptor)
+
+
+def _build_image(layout: OCILayout, spec: BaseSpec, platform: Platform, key: str) -> None:
     arch = debian_architecture(platform)
     with tempfile.TemporaryDirectory(prefix="edgefleet-base-") as work:
         rootfs = Path(work) / "rootfs.tar"
@@ -181,7 +237,6 @@ def _platform_image(layout: OCILayout, spec: BaseSpec, platform: Platform) -> De
         MANIFEST,
     )
     layout.tag(key, manifest)
-    return Descriptor(manifest.media_type, manifest.digest, manifest.size, platform=platform)
 
 
 def _mmdebstrap(spec: BaseSpec, arch: str, out: Path) -> None:

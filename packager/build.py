@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from packager.base import BaseSpec, check_debian_platform, debian_base
+from packager.base import DebianBase
 from packager.deps import DepsProvider
 from packager.errors import FormatError, PackagerError, PlatformUnavailable
 from packager.image import (
@@ -118,7 +118,7 @@ def build_package(
     base_image: Path | None = None,
     base_ref: str | None = None,
     deps: DepsProvider | None = None,
-    debian: BaseSpec | None = None,
+    debian: DebianBase | None = None,
     layer_cache: Path | None = None,
     skip_unavailable: bool = False,
     source_date_epoch: int | None = None,
@@ -186,13 +186,13 @@ def build_package(
     if debian is not None:
         for platform in list(trees):
             try:
-                check_debian_platform(platform)
+                debian.check(platform)
             except PlatformUnavailable as exc:
                 unavailable(platform, exc)
                 del trees[platform]
         if trees:
             step("Debian base image")
-            base_image, base_ref = debian_base([str(p) for p in trees], spec=debian)
+            base_image, base_ref = debian([str(p) for p in trees])
 
     store = OCILayout.create(layout)
     sources: dict[Platform, tuple[list[Layer], dict[str, Any], Path | None]] = {}

@@ -13,13 +13,14 @@ import httpx
 import pytest
 
 from engines import Engine, engine  # noqa: F401  (fixture)
-from packager.base import BaseSpec, check_debian_platform
+from packager.base import DebianBase, check_debian_platform
 from packager.build import BuildResult
 from packager.deps import PipDeps
+from packager.distribution import Registry
 from packager.errors import PlatformUnavailable
 from packager.image import LAUNCHER, SERVE_REQUIREMENTS, app_entries, app_layer
 from packager.oci import OCILayout, Platform
-from hubproc import free_port
+from hubproc import HubProcess, free_port
 from packager_fixtures import EPOCH, FakeDeps, build, model_files, run, skopeo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,14 +82,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildResult]:
     """A runnable linux/amd64 image of the tiny model: Debian base (cached), real wheels."""
     root = tmp_path_factory.mktemp("image")
     yield build(root / "layout", model_files(root / "model"), platforms=["linux/amd64"],
-                deps=PipDeps(), debian=BaseSpec())
+                deps=PipDeps(), debian=DebianBase())
 
 
 @pytest.mark.slow
 def test_the_image_is_reproducible_and_readable_by_skopeo_and_umoci(
         image: BuildResult, tmp_path: Path) -> None:
     again = build(tmp_path / "again", model_files(tmp_path / "model"), platforms=["linux/amd64"],
-                  deps=PipDeps(), debian=BaseSpec())
+                  deps=PipDeps(), debian=DebianBase())
     assert again.digest == image.digest
     inspected = json.loads(skopeo("inspect", "--config", f"oci:{image.layout}:{image.tag}"))
     assert inspected["config"]["Entrypoint"] == ["edgefleet", "serve"]
@@ -138,3 +139,17 @@ def test_the_image_answers_an_inference_request(
         assert answer.json()["outputs"][0]["shape"] == [1, 2]
     finally:
         container.remove(force=True)
+
+
+@pytest.mark.slow
+def test_a_debian_base_is_shared_through_the_hubs_registry(
+        image: BuildResult, hub: HubProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Registry(hub.url, hub.admin_token) as registry:
+        # The base the image fixture built (cached on this machine) goes to the hub...
+        built, tag = DebianBase(registry=registry, push=True)(["linux/amd64"])
+        # ...and a machine without it, and without mmdebstrap, pulls it instead of building.
+        monkeypatch.setenv("PATH", str(tmp_path))
+        pulled, again = DebianBase(cache_dir=tmp_path / "cache", registry=registry)(["linux/amd64"])
+    assert again == tag
+    assert OCILayout(pulled).resolve(tag).digest == OCILayout(built).resolve(tag).digest

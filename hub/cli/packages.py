@@ -106,11 +106,10 @@ def build(
 
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
-    from packager.base import BaseSpec
-    from packager.build import build_package
-
     if no_deps and (image or base):
         raise click.UsageError("--no-deps and --image/--base exclude each other: an image needs its deps")
+    from packager.base import DebianBase
+    from packager.build import build_package
     from packager.cosign import sign_package
     from packager.deps import PipDeps
     from packager.distribution import Registry, push_layout
@@ -141,16 +140,21 @@ def build(
                     progress=lambda text: progress.update(task, description=text),
                 )
                 progress.remove_task(task)
-                result = build_package(
-                    layout_dir, name=name, version=version, files=prepared.files,
-                    info=prepared.info, runtime=chosen, platforms=[p.strip() for p in platforms.split(",") if p.strip()],
-                    base_image=base, base_ref=base_ref,
-                    deps=PipDeps() if image or base else None,
-                    debian=BaseSpec() if image and base is None else None,
-                    skip_unavailable=skip_unavailable, source_date_epoch=source_date_epoch,
-                    prefer=[p.strip() for p in prefer.split(",")] if prefer else None,
-                    progress=_Steps(progress),
-                )
+                # The Debian base is shared through the hub's registry: pulled if another
+                # build pushed it, else built here (and pushed with the package).
+                with Registry(hub_client.connection.hub, hub_client.connection.token) as registry:
+                    result = build_package(
+                        layout_dir, name=name, version=version, files=prepared.files,
+                        info=prepared.info, runtime=chosen,
+                        platforms=[p.strip() for p in platforms.split(",") if p.strip()],
+                        base_image=base, base_ref=base_ref,
+                        deps=PipDeps() if image or base else None,
+                        debian=DebianBase(registry=registry, push=out is None)
+                        if image and base is None else None,
+                        skip_unavailable=skip_unavailable, source_date_epoch=source_date_epoch,
+                        prefer=[p.strip() for p in prefer.split(",")] if prefer else None,
+                        progress=_Steps(progress),
+                    )
             layout = OCILayout(layout_dir)
             repository = f"models/{name}"
             if key_path is not None:
