@@ -122,6 +122,8 @@ def test_a_signed_image_is_pulled_run_and_serves(
     host = attrs["HostConfig"]
     assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 512 * 1024 * 1024
     assert host["RestartPolicy"]["Name"] == "on-failure"
+    # Bounded logs: dockerd shows max-size here; podman applies it (`podman inspect`: Size).
+    assert host["LogConfig"]["Type"] == "json-file"
     assert attrs["Config"]["Labels"][MANAGED] == "1"
     assert attrs["Config"]["Labels"][DEPLOYMENT] == "tiny"
     [found] = driver.find("tiny")
