@@ -94,12 +94,11 @@ def spec(image: str, verified: VerifiedRef, tmp_path: Path, **changes: Any) -> R
     ), **changes)
 
 
-def load(run: RunSpec) -> httpx.Response:
+def load(run: RunSpec, verified: VerifiedRef) -> httpx.Response:
+    """What the agent does next: load the version (and self-test it) through the control socket."""
     transport = httpx.HTTPTransport(uds=str(run.control_dir / "control.sock"))
     with httpx.Client(transport=transport, base_url="http://serving", timeout=60) as control:
-        return control.put("/control/deployments/tiny", json={
-            "version": "1", "model_dir": "/opt/edgefleet/model", "entrypoint": "model.onnx",
-            "framework": "onnx"})
+        return control.put("/control/deployments/tiny", json=verified.load_request(run.version))
 
 
 def test_a_signed_image_is_pulled_run_and_serves(
@@ -111,7 +110,9 @@ def test_a_signed_image_is_pulled_run_and_serves(
     started = driver.run(run)
     assert (started.deployment, started.version, started.package) == ("tiny", "1", verified.index)
     driver.wait_control(run)
-    assert load(run).status_code == 200
+    loaded = load(run, verified)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["self_test"]["1"]["outputs"][0]["shape"] == [1, 2]
     url = f"http://127.0.0.1:{run.port}/v2/models/tiny/infer"
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
     assert httpx.post(url, json=body).status_code == 401
