@@ -43,6 +43,7 @@ from packager.layers import GZIP_LEVEL
 from packager.oci import (
     CONFIG,
     INDEX,
+    INDEX_TYPES,
     LAYER_TAR_GZIP,
     MANIFEST,
     Descriptor,
@@ -198,14 +199,54 @@ class DebianBase:
 
     def _pull(self, layout: OCILayout, key: str, remote: tuple[Descriptor, bytes]) -> None:
         assert self.registry is not None
-        descriptor, body = remote
-        manifest = parse_manifest(body, what=f"base image {self.repository}:{key}")
-        for blob in (manifest.config, *manifest.layers):
-            self.registry.download_blob(self.repository, blob, layout.blob_path(blob.digest))
-        if not layout.has(descriptor.digest):
-            with layout.writer() as out:
-                out.write(body)
-        layout.tag(key, descriptor)
+        store_image(self.registry, self.repository, remote, layout, tag=key)
+
+
+def pull_base(registry: Registry, reference: str, layout: OCILayout) -> str:
+    """Copy the base image REFERENCE (REPOSITORY:TAG or REPOSITORY@DIGEST in REGISTRY) into
+    LAYOUT: an image index with every platform, or one image. Its tag in LAYOUT is returned."""
+    repository, tag = _split_reference(reference)
+    try:
+        remote = registry.manifest(repository, tag)
+    except RefNotFound:
+        raise PackagerError(
+            f"base image {reference} is not in the hub's registry {registry.url} (and no such "
+            "file or directory exists); push it there, or give an OCI layout or archive"
+        ) from None
+    ref = "base"
+    if remote[0].media_type in INDEX_TYPES:
+        from packager.distribution import pull_to_layout
+
+        pull_to_layout(registry, repository, tag, layout, tag=ref)
+    else:
+        store_image(registry, repository, remote, layout, tag=ref)
+    return ref
+
+
+def store_image(registry: Registry, repository: str, remote: tuple[Descriptor, bytes],
+                layout: OCILayout, *, tag: str) -> None:
+    """One image (its manifest REMOTE, config and layers) from REGISTRY into LAYOUT as TAG."""
+    descriptor, body = remote
+    manifest = parse_manifest(body, what=f"image {repository}@{descriptor.digest}")
+    for blob in (manifest.config, *manifest.layers):
+        registry.download_blob(repository, blob, layout.blob_path(blob.digest))
+    if not layout.has(descriptor.digest):
+        with layout.writer() as out:
+            out.write(body)
+    layout.tag(tag, descriptor)
+
+
+def _split_reference(reference: str) -> tuple[str, str]:
+    repository, at, digest = reference.partition("@")
+    if at:
+        return repository, digest
+    repository, colon, tag = reference.rpartition(":")
+    if not colon or "/" in tag or not repository:
+        raise PackagerError(
+            f"--base {reference!r} is not a file, a directory or REPOSITORY:TAG in the hub's "
+            "registry, e.g. bases/python:3.11"
+        )
+    return repository, tag
 
 
 def _build_image(layout: OCILayout, spec: BaseSpec, platform: Platform, key: str) -> None:

@@ -19,7 +19,9 @@ import pytest
 from conftest import Cli
 from hubproc import HubProcess
 from modelgen import make_onnx
+from packager.distribution import Registry, push_layout
 from packager.oci import OCILayout
+from test_packager_build import make_base_image
 
 
 def skopeo(*args: str) -> str:
@@ -146,6 +148,25 @@ def test_build_errors_are_clear(cli: Cli, model: str) -> None:
     assert "sparc" in bad_platform.stderr and "Traceback" not in bad_platform.stderr
     local = cli.run("package", "verify", "/nonexistent-dir:1", ok=False)
     assert local.returncode != 0 and "Traceback" not in local.stderr
+    for base, says in (("nosuch-dir", "is not a file, a directory or REPOSITORY:TAG"),
+                       ("bases/nosuch:1", "is not in the hub's registry")):
+        failed = cli.run("package", "build", model, "--base", base, ok=False)
+        assert says in failed.stderr and "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_a_base_image_can_come_from_the_hubs_registry(cli: Cli, hub: HubProcess, model: str,
+                                                       tmp_path: Path) -> None:
+    base = make_base_image(tmp_path / "base", ["linux/amd64", "linux/arm64"])
+    with Registry(hub.url, hub.admin_token) as registry:
+        push_layout(OCILayout(base), registry, "bases/python", ["3.11"])
+    built = cli.json("package", "build", model, "--base", "bases/python:3.11", "--platform",
+                     "linux/amd64", "--out", str(tmp_path / "out"))
+    layout = OCILayout(tmp_path / "out")
+    index = json.loads(layout.get(built["digest"]))
+    manifest = json.loads(layout.get(index["manifests"][0]["digest"]))
+    assert [layer["annotations"]["dev.edgefleet.layer"] for layer in manifest["layers"]] == [
+        "base", "deps", "edgefleet", "model", "serving"]
 
 
 def test_the_default_build_is_native_and_needs_no_wheels(cli: Cli, model: str, tmp_path: Path) -> None:

@@ -65,9 +65,10 @@ def package() -> None:
 @click.option("--image", is_flag=True,
               help="Make each platform's image runnable (container mode): a base with Python, the "
               "runtime's wheels and `edgefleet serve`. Without it the package is for native mode.")
-@click.option("--base", type=click.Path(exists=True, path_type=Path),
-              help="Base image (OCI layout or archive) for --image [default: Debian 12 with "
-              "python3, built here with mmdebstrap and cached].")
+@click.option("--base",
+              help="Base image for --image: an OCI layout or archive, or REPOSITORY:TAG in the "
+              "hub's registry [default: Debian 12 with python3, built with mmdebstrap, cached "
+              "and kept in the hub's registry].")
 @click.option("--base-ref", help="Tag of the base image in --base [default: its only image].")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Write an OCI layout here instead of pushing to the hub.")
@@ -90,7 +91,7 @@ def package() -> None:
 @hub_options
 @json_option
 def build(
-    ref: str, platforms: str, runtime: str | None, image: bool, base: Path | None,
+    ref: str, platforms: str, runtime: str | None, image: bool, base: str | None,
     base_ref: str | None, out: Path | None, no_deps: bool, skip_unavailable: bool, optimize: str | None,
     max_abs_diff: float | None, prefer: str | None,
     source_date_epoch: int | None, key_path: Path | None, quiet: bool, hub: str | None,
@@ -108,7 +109,7 @@ def build(
     """
     if no_deps and (image or base):
         raise click.UsageError("--no-deps and --image/--base exclude each other: an image needs its deps")
-    from packager.base import DebianBase
+    from packager.base import DebianBase, pull_base
     from packager.build import build_package
     from packager.cosign import sign_package
     from packager.deps import PipDeps
@@ -143,11 +144,17 @@ def build(
                 # The Debian base is shared through the hub's registry: pulled if another
                 # build pushed it, else built here (and pushed with the package).
                 with Registry(hub_client.connection.hub, hub_client.connection.token) as registry:
+                    base_image = Path(base) if base and Path(base).exists() else None
+                    if base and base_image is None:
+                        task = progress.add_task(f"pull the base image {base}", total=None)
+                        base_image = Path(tmp) / "base"
+                        base_ref = pull_base(registry, base, OCILayout.create(base_image))
+                        progress.remove_task(task)
                     result = build_package(
                         layout_dir, name=name, version=version, files=prepared.files,
                         info=prepared.info, runtime=chosen,
                         platforms=[p.strip() for p in platforms.split(",") if p.strip()],
-                        base_image=base, base_ref=base_ref,
+                        base_image=base_image, base_ref=base_ref,
                         deps=PipDeps() if image or base else None,
                         debian=DebianBase(registry=registry, push=out is None)
                         if image and base is None else None,
