@@ -120,9 +120,6 @@ class PipDeps:
         return tree
 
 
-# The cache directory is looked up when a build runs, so one instance serves every build.
-DEFAULT_DEPS: DepsProvider = PipDeps()
-
 
 def _pip_install(
     requirements: Sequence[str], platform: Platform, tags: list[str], target: Path, pip_cache: Path
