@@ -120,7 +120,6 @@ class PipDeps:
         return tree
 
 
-
 def _pip_install(
     requirements: Sequence[str], platform: Platform, tags: list[str], target: Path, pip_cache: Path
 ) -> None:
