@@ -228,7 +228,14 @@ class ContainerEngine:
                     return
                 except OSError:
                     pass
-            status = self.status(spec.name)
+            try:
+                status = self.status(spec.name)
+            except EngineError as exc:
+                # podman fails an inspect racing a dying container ("read /proc/PID/cgroup").
+                if not exc.transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                continue
             if status.ended:
                 raise EngineError(f"{spec.name} {_ended(status)} before serving; last log lines:\n"
                                   f"{self.logs(spec.name)}")
