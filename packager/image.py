@@ -42,8 +42,13 @@ _PACKAGES = ("agent", "contract", "packager")
 LAUNCHER = "usr/local/bin/edgefleet"
 _LAUNCHER = b'''#!/usr/bin/env python3
 """edgefleet in a package image: only the serving process, `edgefleet serve [OPTIONS]`."""
+import signal
 import sys
 
+# As a container's PID 1 this process ignores SIGTERM until it handles it: without this, a
+# container stopped while still importing would wait for the engine's SIGKILL. The server
+# installs its own graceful handler once it runs.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 if sys.argv[1:2] != ["serve"]:
     sys.exit("this image runs only `edgefleet serve`; see `edgefleet serve --help`")
 from agent.serving.cli import serve

@@ -203,3 +203,18 @@ def test_an_image_is_removed_once_no_container_uses_it(
     driver.stop(run.name, timeout=1)
     driver.remove_image(image)
     assert image not in [i.id for i in driver.client.images.list()]
+
+
+def test_after_a_restart_only_the_kept_containers_stay(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    image = pull(driver, hub, device, verified)
+    old = spec(image, verified, tmp_path / "old", version=1)
+    new = spec(image, verified, tmp_path / "new", version=2)
+    driver.run(old)
+    driver.run(new)
+    # A fresh driver, as an agent restarted after a kill -9 makes, finds both by label.
+    restarted = ContainerEngine(driver.client)
+    assert [c.name for c in restarted.find("tiny")] == sorted([old.name, new.name])
+    assert restarted.prune(keep={new.name}) == [old.name]
+    assert [c.version for c in restarted.find()] == ["2"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,19 @@ class ContainerEngine:
                                 all=True, filters={"label": labels})
         found = [_status(c) for c in containers]
         return sorted(found, key=lambda s: s.name)
+
+    def prune(self, keep: Collection[str]) -> list[str]:
+        """Stop and remove the agent's containers not named in KEEP; the names removed.
+
+        After a restart (even a kill -9) the agent keeps the containers of the
+        versions its saved state serves and ends every other one it started.
+        """
+        removed = []
+        for found in self.find():
+            if found.name not in keep:
+                self.stop(found.name)
+                removed.append(found.name)
+        return removed
 
     def status(self, name: str) -> ContainerStatus:
         container = self._call(f"inspect {name}", self.client.containers.get, name)
