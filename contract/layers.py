@@ -19,3 +19,4 @@ ROLE: Final = "dev.edgefleet.layer"
 DEPS: Final = "deps"
 MODEL: Final = "model"
 SERVING: Final = "serving"
+APP: Final = "edgefleet"  # edgefleet's own serving code, in runnable images

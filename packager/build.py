@@ -1,13 +1,15 @@
 """Build a package: an OCI image index with one image per platform, written to an OCI layout.
 
-Each image is the base image's layers (if any), the runtime's Python packages
-for its platform, the model layer and the serving layer (see
-`packager.layers`). For container mode its config runs
+A native package's image is the model layer and the serving layer (see
+`packager.layers`); a runnable image (container mode, asked for with DEPS)
+adds below them the base image's layers, the runtime's and the serving
+process's Python packages for its platform, and edgefleet's own serving code
+(`packager.image`). Its config runs
 `edgefleet serve --host 0.0.0.0 --control-socket /run/edgefleet/control.sock`
 on port 8500: the agent mounts /run/edgefleet, passes the API key in
 EDGEFLEET_SERVE_API_KEY, and loads the model through the control socket
 from the serving.json that EDGEFLEET_SERVING points at, as in native mode.
-The base image must bring Python 3.11 and edgefleet's agent.
+The base image must bring Python 3.11 (`packager.base` makes one from Debian).
 
 Every timestamp is SOURCE_DATE_EPOCH: the `source_date_epoch` argument, else
 the environment variable, else 0 (1970-01-01, as most reproducible-build
@@ -54,8 +56,15 @@ from contract.oci import (
 from contract.runtimes import choose_runtime
 from contract.serving import sample_request as make_sample_request
 from contract.serving import serving_document
-from packager.deps import DEFAULT_DEPS, DepsProvider, PlatformUnavailable
-from packager.layers import Layer, deps_layer, model_layer, serving_layer
+from packager.base import DebianBase
+from packager.deps import DepsProvider, PlatformUnavailable
+from packager.image import (
+    SERVE_REQUIREMENTS,
+    app_layer,
+    cached_deps_layer,
+    default_layer_cache,
+)
+from packager.layers import Layer, model_layer, serving_layer
 from packager.modelfile import ModelInfo
 from packager.tarball import check_relative_path
 
@@ -101,7 +110,9 @@ def build_package(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     base_image: Path | None = None,
     base_ref: str | None = None,
-    deps: DepsProvider | None = DEFAULT_DEPS,
+    deps: DepsProvider | None = None,
+    debian: DebianBase | None = None,
+    layer_cache: Path | None = None,
     skip_unavailable: bool = False,
     source_date_epoch: int | None = None,
     prefer: Sequence[str] | None = None,
@@ -112,10 +123,13 @@ def build_package(
     """Build model NAME VERSION from FILES (relative name -> file) into the OCI layout LAYOUT.
 
     INFO is what `packager.modelfile.inspect_model` says about FILES. DEPS
-    provides each platform's Python packages (None: native mode only, no deps
-    layer). BASE_IMAGE is an OCI layout or archive (BASE_REF picks its tag when
-    it has several). With SKIP_UNAVAILABLE, a platform that has no wheel or no
-    base image is left out instead of failing the build. PREFER overrides the
+    provides each platform's Python packages and makes the images runnable
+    (None: native mode only, no deps or edgefleet layer). BASE_IMAGE is an
+    OCI layout or archive (BASE_REF picks its tag when it has several);
+    DEBIAN instead builds one from Debian packages (`packager.base`);
+    LAYER_CACHE keeps built deps layers (default ~/.cache/edgefleet/layers). With
+    SKIP_UNAVAILABLE, a platform that has no wheel or no base image is left
+    out instead of failing the build. PREFER overrides the
     runtime's accelerator preference; SAMPLE_REQUEST the self-test request
     generated from the signature. PROGRESS is called as each step starts.
     """
@@ -128,42 +142,84 @@ def build_package(
     created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     serving = _serving_json(name, version, info, chosen.name, preferences, sample_request)
     annotations = {TITLE: name, VERSION: str(version), CREATED: created}
-    total = 3 + len(targets)
+
+    requirements = (*chosen.requirements, *SERVE_REQUIREMENTS)
+    if debian is not None and base_image is not None:
+        raise PackageError("give a base image or a Debian base spec, not both")
+    uses_base = base_image is not None or debian is not None
+    total = 3 + len(targets) * (1 + bool(deps) + uses_base) + (debian is not None)
+    done = 0
     report = progress or (lambda _: None)
 
-    store = OCILayout.create(layout)
-    report(BuildProgress("model layer", 0, total))
-    model = model_layer(store, model_files, mtime=epoch)
-    report(BuildProgress("serving layer", 1, total))
-    shared = [model, serving_layer(store, serving, mtime=epoch)]
+    def step(name: str) -> None:
+        nonlocal done
+        report(BuildProgress(name, done, total))
+        done += 1
 
-    manifests: dict[str, Descriptor] = {}
     skipped: dict[str, str] = {}
-    with open_image(base_image) if base_image else contextlib.nullcontext() as base:
-        for done, platform in enumerate(targets, start=2):
-            report(BuildProgress(f"image for {platform}", done, total))
+
+    def unavailable(platform: Platform, exc: PlatformUnavailable) -> None:
+        if not skip_unavailable:
+            raise exc
+        skipped[str(platform)] = str(exc)
+
+    # Wheels and base images are what a platform can lack. Both are found before any layer is
+    # built, wheels first (pip answers in seconds, a Debian base takes minutes), so a missing
+    # platform fails (or is skipped) at once, not after the others' work.
+    trees: dict[Platform, Path | None] = {}
+    for platform in targets:
+        if deps is None:
+            trees[platform] = None
+            continue
+        step(f"wheels for {platform}")
+        try:
+            trees[platform] = deps(requirements, platform)
+        except PlatformUnavailable as exc:
+            unavailable(platform, exc)
+    if debian is not None:
+        for platform in list(trees):
             try:
-                base_layers, base_config = (
-                    _base_image(store, base, base_ref, platform) if base else ([], {})
-                )
-                own = (
-                    [deps_layer(store, deps(chosen.requirements, platform), mtime=epoch)]
-                    if deps
-                    else []
-                )
+                debian.check(platform)
             except PlatformUnavailable as exc:
-                if not skip_unavailable:
-                    raise
-                skipped[str(platform)] = str(exc)
-                continue
-            layers = [*base_layers, *own, *shared]
-            config = _image_config(
-                base_config, platform, layers, created=created, labels=annotations, deps=bool(own)
-            )
-            manifests[str(platform)] = _put_manifest(store, config, layers, annotations, platform)
-    if not manifests:
+                unavailable(platform, exc)
+                del trees[platform]
+        if trees:
+            step("Debian base image")
+            base_image, base_ref = debian([str(p) for p in trees])
+
+    store = OCILayout.create(layout)
+    sources: dict[Platform, tuple[list[Layer], dict[str, Any], Path | None]] = {}
+    with open_image(base_image) if base_image else contextlib.nullcontext() as base:
+        for platform, tree in trees.items():
+            base_layers: list[Layer] = []
+            base_config: dict[str, Any] = {}
+            if base is not None:
+                step(f"base image for {platform}")
+                try:
+                    base_layers, base_config = _base_image(store, base, base_ref, platform)
+                except PlatformUnavailable as exc:
+                    unavailable(platform, exc)
+                    continue
+            sources[platform] = (base_layers, base_config, tree)
+    if not sources:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped.items())
         raise PackageError(f"no platform could be built: {reasons}")
+
+    step("model layer")
+    model = model_layer(store, model_files, mtime=epoch)
+    step("serving layer")
+    shared = [model, serving_layer(store, serving, mtime=epoch)]
+    app = app_layer(store) if deps else None
+
+    manifests: dict[str, Descriptor] = {}
+    for platform, (base_layers, base_config, tree) in sources.items():
+        step(f"image for {platform}")
+        own = [cached_deps_layer(store, tree, layer_cache or default_layer_cache())] if tree else []
+        layers = [*base_layers, *own, *([app] if app else []), *shared]
+        config = _image_config(
+            base_config, platform, layers, created=created, labels=annotations, deps=bool(own)
+        )
+        manifests[str(platform)] = _put_manifest(store, config, layers, annotations, platform)
 
     report(BuildProgress("index", total - 1, total))
     index = store.put(

@@ -62,8 +62,8 @@ class UnavailableWheel(PlatformUnavailable):
         self.platform = platform
         super().__init__(
             f"no {package} wheel for {platform} (CPython {PYTHON_VERSION}, glibc <= "
-            f"2.{MAX_GLIBC_MINOR}) on the package index; build without {platform} "
-            "(skip_unavailable), or without Python dependencies for native mode only (deps=None)"
+            f"2.{MAX_GLIBC_MINOR}) on the package index; leave {platform} out of --platform or "
+            "pass --skip-unavailable (a native-mode package, without --image, needs no wheels)"
         )
 
 
@@ -123,10 +123,6 @@ class PipDeps:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return tree
-
-
-# The cache directory is looked up when a build runs, so one instance serves every build.
-DEFAULT_DEPS: DepsProvider = PipDeps()
 
 
 def _pip_install(

@@ -110,3 +110,56 @@ def _info(path: str, kind: bytes, mode: int, size: int, mtime: int) -> tarfile.T
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def rewrite_tar(source: Path, sink: Sink, *, mtime: int) -> int:
+    """Write the tar SOURCE (a root filesystem) to SINK reproducibly; the entries left out.
+
+    Unlike `write_tar` this keeps what a root filesystem needs: symlinks, hard
+    links, owners (numeric only) and modes with setuid bits. Entries are sorted
+    by path, every mtime is MTIME, and extended headers are dropped (xattrs
+    and sub-second times differ between builds). Device nodes and fifos are
+    left out: container engines make /dev themselves. A hard link always points
+    at the first path of its group in sorted order.
+    """
+    skipped = 0
+    with tarfile.open(source, mode="r:*") as tar:
+        members: dict[str, tarfile.TarInfo] = {}
+        for member in tar.getmembers():
+            path = member.name.removeprefix("./").rstrip("/")
+            if not path or path == ".":
+                continue
+            check_relative_path(path)
+            if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+                skipped += 1
+                continue
+            members[path] = member
+        # Hard-link groups: the original file and its links, keyed by the original's path.
+        groups: dict[str, list[str]] = {}
+        for path, member in members.items():
+            if member.islnk():
+                target = member.linkname.removeprefix("./")
+                if target not in members or not members[target].isreg():
+                    raise PackageError(f"hard link {path} points at {target}, not a file in the tar")
+                groups.setdefault(target, [target]).append(path)
+        first = {path: min(group) for group in groups.values() for path in group}
+        with tarfile.open(
+            fileobj=cast(IO[bytes], sink), mode="w|", format=tarfile.PAX_FORMAT
+        ) as out:
+            for path in sorted(members):
+                member = members[path]
+                original = member.linkname.removeprefix("./") if member.islnk() else path
+                info = _info(path, member.type, member.mode, 0, mtime)
+                info.uid, info.gid = member.uid, member.gid
+                if member.isdir() or member.issym():
+                    info.linkname = member.linkname
+                    out.addfile(info)
+                elif first.get(path, path) != path:
+                    info.type, info.linkname = tarfile.LNKTYPE, first[path]
+                    out.addfile(info)
+                else:
+                    data = members[original]
+                    info.type, info.mode, info.size = tarfile.REGTYPE, data.mode, data.size
+                    info.uid, info.gid = data.uid, data.gid
+                    out.addfile(info, tar.extractfile(data))
+    return skipped

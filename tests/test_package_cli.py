@@ -19,6 +19,9 @@ import pytest
 from conftest import Cli
 from hubproc import HubProcess
 from modelgen import make_onnx
+from packager.distribution import Registry, push_layout
+from contract.oci import OCILayout
+from test_packager_build import make_base_image
 
 
 def skopeo(*args: str) -> str:
@@ -147,15 +150,52 @@ def test_build_errors_are_clear(cli: Cli, model: str) -> None:
     assert "sparc" in bad_platform.stderr and "Traceback" not in bad_platform.stderr
     local = cli.run("package", "verify", "/nonexistent-dir:1", ok=False)
     assert local.returncode != 0 and "Traceback" not in local.stderr
+    for base, says in (("nosuch-dir", "is not a file, a directory or REPOSITORY:TAG"),
+                       ("bases/nosuch:1", "is not in the hub's registry")):
+        failed = cli.run("package", "build", model, "--base", base, ok=False)
+        assert says in failed.stderr and "Traceback" not in failed.stderr
 
 
 @pytest.mark.slow
-def test_build_with_real_wheels_names_the_missing_platform(cli: Cli, model: str, tmp_path: Path) -> None:
-    failed = cli.run("package", "build", model, "--out", str(tmp_path / "x"), ok=False)
+def test_a_base_image_can_come_from_the_hubs_registry(cli: Cli, hub: HubProcess, model: str,
+                                                       tmp_path: Path) -> None:
+    base = make_base_image(tmp_path / "base", ["linux/amd64", "linux/arm64"])
+    with Registry(hub.url, hub.admin_token) as registry:
+        push_layout(OCILayout(base), registry, "bases/python", ["3.11"])
+    built = cli.json("package", "build", model, "--base", "bases/python:3.11", "--platform",
+                     "linux/amd64", "--out", str(tmp_path / "out"))
+    layout = OCILayout(tmp_path / "out")
+    index = json.loads(layout.get(built["digest"]))
+    manifest = json.loads(layout.get(index["manifests"][0]["digest"]))
+    assert [layer["annotations"]["dev.edgefleet.layer"] for layer in manifest["layers"]] == [
+        "base", "deps", "edgefleet", "model", "serving"]
+
+
+def test_the_default_build_is_native_and_needs_no_wheels(cli: Cli, model: str, tmp_path: Path) -> None:
+    built = cli.json("package", "build", model, "--out", str(tmp_path / "native"))
+    assert built["platforms"] == ["linux/amd64", "linux/arm/v7", "linux/arm64"]
+    layout = OCILayout(tmp_path / "native")
+    index = json.loads(layout.get(built["digest"]))
+    manifest = json.loads(layout.get(index["manifests"][0]["digest"]))
+    assert [layer["annotations"]["dev.edgefleet.layer"] for layer in manifest["layers"]] == [
+        "model", "serving"]
+
+
+@pytest.mark.slow
+def test_image_build_with_real_wheels_names_the_missing_platform_first(
+        cli: Cli, model: str, tmp_path: Path) -> None:
+    failed = cli.run("package", "build", model, "--image", "--out", str(tmp_path / "x"), ok=False)
     assert "onnxruntime" in failed.stderr and "linux/arm/v7" in failed.stderr
-    built = cli.json("package", "build", model, "--out", str(tmp_path / "y"),
-                     "--platform", "linux/arm64,linux/arm/v7", "--skip-unavailable")
-    assert built["platforms"] == ["linux/arm64"] and "linux/arm/v7" in built["skipped"]
+    assert "--skip-unavailable" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (tmp_path / "x").exists()  # found before any layer was written
+    built = cli.json("package", "build", model, "--image", "--out", str(tmp_path / "y"),
+                     "--platform", "linux/amd64,linux/arm/v7", "--skip-unavailable")
+    assert built["platforms"] == ["linux/amd64"] and "linux/arm/v7" in built["skipped"]
+    layout = OCILayout(tmp_path / "y")
+    index = json.loads(layout.get(built["digest"]))
+    manifest = json.loads(layout.get(index["manifests"][0]["digest"]))
+    assert [layer["annotations"]["dev.edgefleet.layer"] for layer in manifest["layers"]] == [
+        "base", "deps", "edgefleet", "model", "serving"]
 
 
 def test_openvino_packages_carry_ir_and_optimisation_is_checked(cli: Cli, model: str,

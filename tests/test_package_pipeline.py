@@ -19,7 +19,7 @@ from packager.distribution import Registry, RemoteImage
 from contract.signing import load_public_key
 from contract.verify import verify_package
 
-ONE_PLATFORM = BuildOptions(platforms=("linux/amd64",), deps=False)
+ONE_PLATFORM = BuildOptions(platforms=("linux/amd64",))
 
 
 @pytest.fixture(scope="module")
@@ -74,5 +74,5 @@ def test_build_version_errors_are_the_packagers(hub_client: HubClient) -> None:
     from contract.errors import PackageError
 
     with pytest.raises(PackageError, match="sparc"):
-        build_version(hub_client, "pipe", "1", BuildOptions(platforms=("sparc",), deps=False),
+        build_version(hub_client, "pipe", "1", BuildOptions(platforms=("sparc",)),
                       run=run_on_cpu)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from packager.build import BuildProgress, build_package
-from packager.deps import PlatformUnavailable, UnavailableWheel
 from contract.errors import PackageError
+from packager.deps import PlatformUnavailable, UnavailableWheel
+from packager.image import SERVE_REQUIREMENTS
 from packager.layers import write_layer
 from packager.modelfile import ModelInfo
 from contract.oci import (
@@ -215,16 +216,17 @@ def test_configs_describe_their_platform_and_layers(tmp_path: Path) -> None:
 def test_deps_are_asked_per_platform_and_go_below_the_model(tmp_path: Path) -> None:
     deps = FakeDeps(tmp_path / "deps")
     build(tmp_path / "layout", model_files(tmp_path / "model"), deps=deps)
+    wanted = ("onnxruntime", "numpy", *SERVE_REQUIREMENTS)
     assert deps.calls == [
-        (("onnxruntime", "numpy"), "linux/amd64"),
-        (("onnxruntime", "numpy"), "linux/arm64"),
-        (("onnxruntime", "numpy"), "linux/arm/v7"),
+        (wanted, "linux/amd64"),
+        (wanted, "linux/arm64"),
+        (wanted, "linux/arm/v7"),
     ]
     layout = OCILayout(tmp_path / "layout")
     amd64, amd64_config = image(layout, "linux/amd64")
     arm64, _ = image(layout, "linux/arm64")
     roles = [layer["annotations"]["dev.edgefleet.layer"] for layer in amd64["layers"]]
-    assert roles == ["deps", "model", "serving"]
+    assert roles == ["deps", "edgefleet", "model", "serving"]
     assert amd64["layers"][0]["mediaType"] == LAYER_TAR_GZIP
     assert amd64["layers"][0] != arm64["layers"][0]
     assert amd64["layers"][1:] == arm64["layers"][1:]
@@ -306,7 +308,7 @@ def test_a_base_images_layers_go_at_the_bottom(tmp_path: Path, as_archive: bool)
     layout = OCILayout(tmp_path / "layout")
     manifest, config = image(layout, "linux/arm64")
     roles = [layer["annotations"]["dev.edgefleet.layer"] for layer in manifest["layers"]]
-    assert roles == ["base", "deps", "model", "serving"]
+    assert roles == ["base", "deps", "edgefleet", "model", "serving"]
     assert b"base for linux/arm64" in gzip.decompress(layout.get(manifest["layers"][0]["digest"]))
     assert config["config"]["Env"] == [
         "PATH=/usr/bin",
@@ -314,7 +316,7 @@ def test_a_base_images_layers_go_at_the_bottom(tmp_path: Path, as_archive: bool)
         "PYTHONPATH=/opt/edgefleet/python:/usr/lib/extra",
     ]
     assert config["config"]["Cmd"][0] == "--host"
-    assert len(config["rootfs"]["diff_ids"]) == 4
+    assert len(config["rootfs"]["diff_ids"]) == 5
     assert [h["created_by"] for h in config["history"]][:2] == [
         "base",
         "edgefleet package: deps layer",

@@ -104,11 +104,11 @@ def test_the_signature_is_what_cosign_writes_and_checks(package: Package) -> Non
 
 
 def test_a_flipped_byte_in_a_layer_is_named_by_layer_role_and_platform(package: Package) -> None:
-    model = package.manifest("linux/amd64")["layers"][1]
+    model = package.manifest("linux/amd64")["layers"][2]
     package.flip_byte(model["digest"])
     fails(
         package,
-        f"blob {model['digest']} of layer 2 (model) of linux/amd64 does not match its descriptor: "
+        f"blob {model['digest']} of layer 3 (model) of linux/amd64 does not match its descriptor: "
         "digest mismatch, its content hashes to sha256:",
     )
 
@@ -133,14 +133,14 @@ def test_a_flipped_byte_in_a_config_is_caught(package: Package) -> None:
 
 
 def test_a_truncated_or_missing_blob_is_caught(package: Package) -> None:
-    serving = package.manifest("linux/amd64")["layers"][2]
+    serving = package.manifest("linux/amd64")["layers"][3]
     path = package.layout.blob_path(serving["digest"])
     path.write_bytes(path.read_bytes()[:-1])
-    fails(package, "layer 3 (serving) of linux/amd64 does not match its descriptor: size mismatch")
+    fails(package, "layer 4 (serving) of linux/amd64 does not match its descriptor: size mismatch")
     path.unlink()
     fails(
         package,
-        f"blob {serving['digest']} of layer 3 (serving) of linux/amd64 is missing from OCI layout",
+        f"blob {serving['digest']} of layer 4 (serving) of linux/amd64 is missing from OCI layout",
     )
 
 
@@ -273,11 +273,11 @@ def test_verify_works_on_any_blob_source(package: Package) -> None:
     verify_package(
         source, package.result.index, public_key=package.public, platforms=["linux/arm64"]
     )
-    model = package.manifest("linux/arm64")["layers"][1]["digest"]
+    model = package.manifest("linux/arm64")["layers"][2]["digest"]
     del blobs[model]
     with pytest.raises(
         VerificationError,
-        match="layer 2 \\(model\\) of linux/arm64 is missing from the download cache",
+        match="layer 3 \\(model\\) of linux/arm64 is missing from the download cache",
     ):
         verify_package(
             source, package.result.index, public_key=package.public, platforms=["linux/arm64"]

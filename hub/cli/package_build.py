@@ -55,9 +55,9 @@ class BuildOptions:
 
     platforms: tuple[str, ...]
     runtime: str | None = None
-    base: Path | None = None
+    image: bool = False  # runnable images (container mode): base, deps and edgefleet layers
+    base: str | None = None  # an OCI layout or archive, or REPOSITORY:TAG in the hub's registry
     base_ref: str | None = None
-    deps: bool = True
     skip_unavailable: bool = False
     optimize: str | None = None
     max_abs_diff: float | None = None
@@ -107,6 +107,7 @@ def build_version(
     Raises the hub client's one-line errors and the packager's own (PackageError,
     SignatureError, FileExistsError) for the caller to report.
     """
+    from packager.base import DebianBase, pull_base
     from packager.build import BuildProgress, build_package
     from contract.cosign import sign_package
     from packager.deps import PipDeps
@@ -141,13 +142,28 @@ def build_version(
             progress(BuildEvent(Stage.BUILD, f"[{event.completed + 1}/{event.total}] {event.step}"))
 
         layout_dir = out or Path(tmp) / "layout"
-        result = build_package(
-            layout_dir, name=name, version=number, files=prepared.files, info=prepared.info,
-            runtime=runtime, platforms=options.platforms, base_image=options.base,
-            base_ref=options.base_ref, deps=PipDeps() if options.deps else None,
-            skip_unavailable=options.skip_unavailable,
-            source_date_epoch=options.source_date_epoch, prefer=options.prefer, progress=built,
-        )
+        runnable = options.image or options.base is not None
+        with hub.registry() as registry:
+            base_image = Path(options.base) if options.base else None
+            base_ref = options.base_ref
+            if options.base and base_image is not None and not base_image.exists():
+                # Not a file here: a base in the hub's registry, e.g. one an earlier build pushed.
+                progress(BuildEvent(Stage.BUILD, f"pull the base image {options.base}"))
+                base_image = Path(tmp) / "base"
+                base_ref = pull_base(registry, options.base, OCILayout.create(base_image))
+            result = build_package(
+                layout_dir, name=name, version=number, files=prepared.files,
+                info=prepared.info, runtime=runtime, platforms=options.platforms,
+                base_image=base_image, base_ref=base_ref,
+                deps=PipDeps() if runnable else None,
+                # The Debian base is shared through the hub's registry: pulled if another
+                # build pushed it, else built here (and pushed with the package).
+                debian=DebianBase(registry=registry, push=out is None)
+                if options.image and options.base is None else None,
+                skip_unavailable=options.skip_unavailable,
+                source_date_epoch=options.source_date_epoch, prefer=options.prefer,
+                progress=built,
+            )
         layout = OCILayout(layout_dir)
         repository = f"models/{name}"
         if key is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from rich.progress import Progress, TaskID
 
+from contract import names
 from contract.runtimes import RUNTIMES
 from hub.cli.models import parse_ref
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
@@ -69,16 +70,21 @@ def package() -> None:
               show_default=True, help="Comma-separated OCI platforms.")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)),
               help="Serving runtime [default: from the model's framework].")
-@click.option("--base", type=click.Path(exists=True, path_type=Path),
-              help="Base image (OCI layout or archive) for container mode.")
+@click.option("--image", is_flag=True,
+              help="Make each platform's image runnable (container mode): a base with Python, the "
+              "runtime's wheels and `edgefleet serve`. Without it the package is for native mode.")
+@click.option("--base",
+              help="Base image for --image: an OCI layout or archive, or REPOSITORY:TAG in the "
+              "hub's registry [default: Debian 12 with python3, built with mmdebstrap, cached "
+              "and kept in the hub's registry].")
 @click.option("--base-ref", help="Tag of the base image in --base [default: its only image].")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Write an OCI layout here instead of pushing to the hub.")
-@click.option("--deps/--no-deps", default=True, show_default=True,
-              help="Include the runtime's Python packages per platform "
-              "(needed for container mode).")
+# Native packages have no deps layer now; scripts and tests written when it was the default
+# still pass --no-deps, which asks for what is the default.
+@click.option("--no-deps", "no_deps", is_flag=True, hidden=True)
 @click.option("--skip-unavailable", is_flag=True,
-              help="Leave out platforms with no wheel for a dependency instead of failing.")
+              help="With --image: leave out platforms with no wheel or base instead of failing.")
 @click.option("--optimize", type=click.Choice(["fp16", "int8"]),
               help="Shrink the model (int8: ONNX dynamic quantisation), checked for accuracy.")
 @click.option("--max-abs-diff", type=float,
@@ -94,8 +100,9 @@ def package() -> None:
 @hub_options
 @json_option
 def build(
-    ref: str, platforms: str, runtime: str | None, base: Path | None, base_ref: str | None,
-    out: Path | None, deps: bool, skip_unavailable: bool, optimize: str | None,
+    ref: str, platforms: str, runtime: str | None, image: bool, base: str | None,
+    base_ref: str | None, out: Path | None, no_deps: bool, skip_unavailable: bool,
+    optimize: str | None,
     max_abs_diff: float | None, prefer: str | None,
     source_date_epoch: int | None, key_path: Path | None, quiet: bool, hub: str | None,
     token: str | None, as_json: bool,
@@ -111,11 +118,14 @@ def build(
     \b
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
     """
+    if no_deps and (image or base):
+        raise click.UsageError("--no-deps and --image/--base exclude each other: an image needs "
+                               "its deps")
     options = BuildOptions(
-        platforms=tuple(p.strip() for p in platforms.split(",") if p.strip()),
-        runtime=runtime, base=base, base_ref=base_ref, deps=deps,
+        platforms=tuple(names.comma_list(platforms)),
+        runtime=runtime, image=image, base=base, base_ref=base_ref,
         skip_unavailable=skip_unavailable, optimize=optimize, max_abs_diff=max_abs_diff,
-        prefer=tuple(p.strip() for p in prefer.split(",")) if prefer else None,
+        prefer=tuple(names.comma_list(prefer)) if prefer else None,
         source_date_epoch=source_date_epoch, key_path=key_path,
     )
     name, version = parse_ref(ref)

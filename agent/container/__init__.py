@@ -1,0 +1,5 @@
+"""Container mode: the package's image run by a container engine (podman or Docker).
+
+`images` checks a package in the hub's registry before the engine pulls it;
+`engine` is the driver (pull, run, find, status, stop) over the Docker API.
+"""
