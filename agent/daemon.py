@@ -41,6 +41,13 @@ from agent.decisions import (
 from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore
+from agent.state import AgentState, Serving, StateFile, Update
+from agent.supervisor import ServingError, ServingOptions, ServingProcess
+from agent.telemetry import InferenceDeltas, system_point
+from agent.telemetry_queue import TelemetryQueue
+from agent.updates import Updater, deployment_body, now, status_key
+from agent.uplink import Uplink
+from contract.errors import PackageError
 from contract.files import write_secret
 from contract.protocol import (
     MAX_TEXT,
@@ -58,13 +65,6 @@ from contract.protocol import (
     status_topic,
     verify_desired,
 )
-from agent.state import AgentState, Serving, StateFile, Update
-from agent.supervisor import ServingError, ServingOptions, ServingProcess
-from agent.telemetry import InferenceDeltas, system_point
-from agent.telemetry_queue import TelemetryQueue
-from agent.updates import Updater, deployment_body, now, status_key
-from agent.uplink import Uplink
-from contract.errors import PackageError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
-from contract.protocol import MAX_REFUSALS, Deployment, Package, ProtocolRefusal, Reason, UpdateState
+from contract.protocol import (
+    MAX_REFUSALS,
+    Deployment,
+    Package,
+    ProtocolRefusal,
+    Reason,
+    UpdateState,
+)
 
 T = TypeVar("T")
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import psutil
 
-
 # platform.machine() -> OCI architecture (and variant), as the packager names its platforms.
 _ARCHITECTURES = {
     "x86_64": "amd64",
@@ -73,8 +72,8 @@ def runtimes() -> dict[str, dict[str, Any]]:
     "accelerators": {"openvino:CPU": "Intel(R) Core(TM) i5-1135G7"}}}."""
     # Imported here: only the inventory child process pays for the runtimes.
     from agent.runtimes import get_runtime
-    from contract.runtimes import RUNTIMES
     from agent.runtimes.base import ModelRuntimeError
+    from contract.runtimes import RUNTIMES
 
     found: dict[str, dict[str, Any]] = {}
     for name in RUNTIMES:

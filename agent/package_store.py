@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from contract.errors import DiskFull, PackageError, VerificationError
 from contract.layers import MODEL_DIR, SERVING_FILE
 from contract.oci import Descriptor, OCILayout
-from contract.serving import read_serving
 from contract.protocol import Package
+from contract.serving import read_serving
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec

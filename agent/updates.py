@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.decisions import still_serving
 from agent.package_store import PackageStore, StageError
-from contract.protocol import Package, UpdateState, format_time
 from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
+from contract.protocol import Package, UpdateState, format_time
 
 if TYPE_CHECKING:
     from packager.distribution import Registry

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from agent.mqtt import MqttError, Session
+from agent.telemetry_queue import TelemetryQueue
 from contract.protocol import (
     MAX_TELEMETRY_POINTS,
     Point,
@@ -25,7 +26,6 @@ from contract.protocol import (
     reported_topic,
     telemetry_topic,
 )
-from agent.telemetry_queue import TelemetryQueue
 
 log = logging.getLogger("edgefleet.agent")
 PUBLISH_TIMEOUT = 10.0

@@ -93,6 +93,9 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 import tritonclient.http as triton
+from rich.console import Console
+from tritonclient.utils import InferenceServerException
+
 from harness import (
     EDGEFLEET,
     AgentProcess,
@@ -102,11 +105,8 @@ from harness import (
     start_hub,
     wait_for,
 )
-from report import Row, print_table
-from rich.console import Console
-from tritonclient.utils import InferenceServerException
-
 from packager.samples import make_onnx
+from report import Row, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000

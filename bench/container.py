@@ -53,11 +53,11 @@ sys.path.insert(0, str(BENCH.parent))
 from agent.container.engine import ContainerEngine, Limits, RunSpec  # noqa: E402
 from agent.container.images import VerifiedRef, verify_remote  # noqa: E402
 from agent.package_store import PackageStore  # noqa: E402
-from contract.protocol import Package  # noqa: E402
 from bench.harness import EDGEFLEET, HubProcess, free_port, start_hub  # noqa: E402
-from packager.samples import make_onnx  # noqa: E402
 from contract import signing  # noqa: E402
+from contract.protocol import Package  # noqa: E402
 from packager.distribution import Registry  # noqa: E402
+from packager.samples import make_onnx  # noqa: E402
 from report import Row, print_table  # noqa: E402
 
 PLATFORM = "linux/amd64"

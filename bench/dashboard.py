@@ -51,13 +51,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 # Ahead of this directory, whose agent.py would shadow the agent package.
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench.browser import chromium, sign_in  # noqa: E402
 from playwright.sync_api import Browser, Page  # noqa: E402
-from bench.harness import HubProcess, start_hub  # noqa: E402
-from report import Row, print_table  # noqa: E402
 
+from bench.browser import chromium, sign_in  # noqa: E402
+from bench.harness import HubProcess, start_hub  # noqa: E402
 from hub.storage.db import Database, format_time  # noqa: E402
 from hub.ui import queries  # noqa: E402
+from report import Row, print_table  # noqa: E402
 
 FLEET_GOAL_S = 1.0
 TELEMETRY_INTERVAL = timedelta(seconds=10)

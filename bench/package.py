@@ -86,18 +86,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 import onnx
-from harness import EDGEFLEET, HubProcess, start_hub
 from onnx import TensorProto, helper, numpy_helper
-from registry import cli_env
-from report import Row, print_table
 from rich.console import Console
 
+from contract.layers import DEPS, MODEL, ROLE, SERVING
+from contract.oci import Descriptor, OCILayout, Platform, parse_index, parse_manifest
+from harness import EDGEFLEET, HubProcess, start_hub
 from packager.build import DEFAULT_PLATFORMS, build_package
 from packager.deps import DepsProvider
 from packager.distribution import Registry, pull_signature, pull_to_layout, push_layout
-from contract.layers import DEPS, MODEL, ROLE, SERVING
 from packager.modelfile import ModelInfo, inspect_model
-from contract.oci import Descriptor, OCILayout, Platform, parse_index, parse_manifest
+from registry import cli_env
+from report import Row, print_table
 
 MB = 1_000_000
 MODEL_NAME = "bench-package"

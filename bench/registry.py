@@ -57,9 +57,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+from rich.console import Console
+
 from harness import EDGEFLEET, HubProcess, start_hub
 from report import Row, print_table
-from rich.console import Console
 
 CHUNK = 1 << 20
 MB = 1_000_000

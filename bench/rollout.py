@@ -154,6 +154,8 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parent.parent
 # Ahead of this directory, whose agent.py would shadow the agent package.
 sys.path.insert(0, str(ROOT))
+from agent.identity import IDENTITY_FILE, Identity  # noqa: E402
+from contract import signing  # noqa: E402
 from harness import (  # noqa: E402
     EDGEFLEET,
     HubProcess,
@@ -163,11 +165,8 @@ from harness import (  # noqa: E402
     start_mosquitto,
     stop_process,
 )
-from report import Row, print_table  # noqa: E402
-
-from agent.identity import IDENTITY_FILE, Identity  # noqa: E402
-from contract import signing  # noqa: E402
 from packager.samples import make_onnx  # noqa: E402
+from report import Row, print_table  # noqa: E402
 
 MB = 1_000_000
 MODEL = "tiny"

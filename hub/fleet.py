@@ -26,8 +26,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from contract import protocol
 from agent.mqtt import Message, MqttError, Session
+from contract import protocol
 from hub import desired
 from hub.ingest import HEARTBEAT_TOPIC, SUBSCRIPTIONS, Ingest
 from hub.storage.db import Database

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 import uvicorn
 
+from contract import signing
 from contract.files import write_secret
 from hub import desired, devices, tokens
 from hub.api.app import create_app
@@ -37,7 +38,6 @@ from hub.rollout_engine import RolloutEngine
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
-from contract import signing
 
 log = logging.getLogger("edgefleet.hub")
 

@@ -39,8 +39,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
 from contract.errors import PackageError, RefNotFound
-from packager.deps import PlatformUnavailable
-from packager.layers import GZIP_LEVEL
 from contract.oci import (
     CONFIG,
     INDEX,
@@ -54,6 +52,8 @@ from contract.oci import (
     canonical_json,
     parse_manifest,
 )
+from packager.deps import PlatformUnavailable
+from packager.layers import GZIP_LEVEL
 from packager.tarball import rewrite_tar
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import httpx
 
@@ -194,7 +194,7 @@ class Registry:
         return True
 
     def push_blob(
-        self, repo: str, descriptor: Descriptor, stream: BinaryIO, *,
+        self, repo: str, descriptor: Descriptor, stream: IO[bytes], *,
         progress: Progress | None = None,
     ) -> None:
         """Monolithic upload of one blob (streamed), unless the registry has it already."""

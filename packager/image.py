@@ -25,11 +25,11 @@ import json
 import os
 from pathlib import Path
 
-from contract.errors import PackageError
-from packager.layers import PYTHON_DIR, Layer, deps_layer, write_layer
 from contract.canonical import canonical_json
+from contract.errors import PackageError
 from contract.layers import APP
 from contract.oci import Descriptor, OCILayout
+from packager.layers import PYTHON_DIR, Layer, deps_layer, write_layer
 from packager.tarball import EXEC_MODE, Entry, tree_entries
 
 LAYER_EPOCH = 0

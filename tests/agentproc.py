@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import httpx
-from hubproc import EDGEFLEET, HubProcess
 
 from bench.harness import (
     AgentProcess,
@@ -16,6 +15,7 @@ from bench.harness import (
     start_agent,
     wait_for,
 )
+from hubproc import EDGEFLEET, HubProcess
 
 __all__ = ["AgentProcess", "deploy", "enrollment_token", "infer", "publish_version",
            "start_agent", "wait_for"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
 from hubproc import EDGEFLEET, HubProcess, start_hub
 

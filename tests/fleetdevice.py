@@ -20,12 +20,11 @@ from typing import Any
 
 import httpx
 
-from contract import protocol
 from agent.mqtt import BackoffPolicy, Message, Session
 from conftest import Cli
+from contract import protocol, signing
 from hubproc import HubProcess
 from modelgen import make_onnx
-from contract import signing
 
 FAST = BackoffPolicy(initial=0.05, maximum=0.5)
 

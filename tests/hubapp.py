@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from modelgen import make_onnx
 
+from contract import oci, signing
 from hub import deployments, packages, registry, tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
@@ -23,7 +23,7 @@ from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database, now
-from contract import oci, signing
+from modelgen import make_onnx
 from packager.build import build_package
 from packager.modelfile import inspect_model
 

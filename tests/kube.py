@@ -10,7 +10,13 @@ from collections.abc import Iterator
 import pytest
 
 from bench.kube import (  # noqa: F401  (names the tests take from here)
-    FakeNode, KubeCluster, MissingBinaries, apps_v1, core_v1, k8s_bin_dir, write_kubeconfig,
+    FakeNode,
+    KubeCluster,
+    MissingBinaries,
+    apps_v1,
+    core_v1,
+    k8s_bin_dir,
+    write_kubeconfig,
 )
 
 

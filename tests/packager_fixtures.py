@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from contract.oci import Platform
 from modelgen import make_onnx
 from packager.build import BuildResult, build_package
 from packager.deps import UnavailableWheel
 from packager.modelfile import inspect_model
-from contract.oci import Platform
 
 EPOCH = 1_700_000_000
 NAME, VERSION = "diabetes", 2

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from agentproc import AgentProcess, enrollment_token, infer, start_agent, wait_for
 from conftest import Cli
 from hubproc import HubProcess, start_hub

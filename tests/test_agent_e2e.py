@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from contract import protocol
 from agent.mqtt import Session
 from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
-from hubproc import EDGEFLEET, HubProcess, start_hub
+from contract import protocol
 from contract.oci import OCILayout
 from contract.signing import generate_private_key
+from hubproc import EDGEFLEET, HubProcess, start_hub
 from modelgen import expected_linear, make_failing_onnx, make_onnx, make_openvino_ir, make_tflite
 from mosquitto import Mosquitto, start_mosquitto
 from smalldisk import small_disk

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
 from pathlib import Path
 
 from agent.daemon import AgentOptions

@@ -17,21 +17,21 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from hubproc import HubProcess
-from packager_fixtures import build as build_package
-from packager_fixtures import model_files
 
 from agent.package_store import PackageStore, StageError
-from contract.protocol import Package
-from contract.protocol import UpdateState as S
 from agent.serving.body import DeploymentBody, build
 from agent.state import AgentState, StateFile, Update
 from agent.supervisor import ServingError
 from agent.updates import Updater, now
 from contract import signing
 from contract.cosign import sign_package, signature_tag
-from packager.distribution import Registry, push_layout
 from contract.oci import OCILayout
+from contract.protocol import Package
+from contract.protocol import UpdateState as S
+from hubproc import HubProcess
+from packager.distribution import Registry, push_layout
+from packager_fixtures import build as build_package
+from packager_fixtures import model_files
 
 PLATFORM = "linux/amd64"
 REPOSITORY = "models/unit"

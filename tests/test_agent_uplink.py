@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mosquitto import Mosquitto, mosquitto  # noqa: F401  (fixture)
 
 from agent.mqtt import BackoffPolicy, MqttTimeout, Session
+from agent.telemetry_queue import TelemetryQueue
+from agent.uplink import Uplink
 from contract.protocol import (
     ReportedState,
     build_reported,
@@ -24,8 +25,7 @@ from contract.protocol import (
     reported_topic,
     telemetry_topic,
 )
-from agent.telemetry_queue import TelemetryQueue
-from agent.uplink import Uplink
+from mosquitto import Mosquitto, mosquitto  # noqa: F401  (fixture)
 
 DEVICE = "dev-uplink"
 QUICK = BackoffPolicy(initial=0.1, maximum=0.5)

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Cli
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import Cli
+from hub.cli.output import printable, safe
 from hubproc import EDGEFLEET, HubProcess
 from modelgen import make_onnx
 from mosquitto import start_mosquitto
-
-from hub.cli.output import printable, safe
 
 MARKUP = "[/]"
 ESCAPE = "red\x1b[31m alarm\x07 [link=https://evil.example]click[/link]"

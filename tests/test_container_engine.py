@@ -26,10 +26,10 @@ from agent.container.engine import (
 )
 from agent.container.images import ImageCheckError, VerifiedRef, verify_remote
 from conftest import Cli
+from contract import signing
 from engines import Engine, engine  # noqa: F401  (fixture)
 from hubproc import HubProcess, free_port
 from modelgen import make_onnx
-from contract import signing
 from packager.distribution import Registry
 
 pytestmark = pytest.mark.slow

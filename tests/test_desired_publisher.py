@@ -13,12 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from contract import protocol
 from agent.mqtt import Message, MqttError
+from contract import cosign, protocol, signing
 from hub import deployments
 from hub.desired import Publisher
 from hub.storage.db import Database
-from contract import cosign, signing
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 DIGEST = f"sha256:{1:064x}"

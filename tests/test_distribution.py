@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hubproc import HubProcess
-from packager.distribution import Registry
 from contract.errors import VerificationError
 from contract.oci import Descriptor
+from hubproc import HubProcess
+from packager.distribution import Registry
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 

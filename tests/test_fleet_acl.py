@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import httpx
 import paho.mqtt.client as paho
 import pytest
-from agentproc import wait_for
-from fleetdevice import FAST, FakeDevice, connect, enroll
-from hubproc import HubProcess
 from paho.mqtt.enums import CallbackAPIVersion
 
-from contract import protocol
 from agent.mqtt import MqttTimeout, Session
+from agentproc import wait_for
+from contract import protocol
+from fleetdevice import FAST, FakeDevice, connect, enroll
+from hubproc import HubProcess
 
 
 @pytest.fixture

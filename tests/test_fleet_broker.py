@@ -14,14 +14,13 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+
+from agent.mqtt import MqttError, MqttTimeout, Session
 from agentproc import wait_for
 from conftest import Cli
+from contract import protocol, signing
 from fleetdevice import FAST, FakeDevice, connect, enroll, tiny_packages
 from hubproc import EDGEFLEET, HubProcess, start_hub
-
-from contract import protocol
-from agent.mqtt import MqttError, MqttTimeout, Session
-from contract import signing
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from contract import protocol
+from contract import cosign, protocol, signing
 from hub import deployments, desired
 from hub.deployments import Candidate
 from hub.errors import Conflict, NotFound
 from hub.storage.db import Database
 from hub.validation import InvalidInput
-from contract import cosign, signing
 
 DIGESTS = {v: f"sha256:{v:064x}" for v in (1, 2, 3)}
 DEVICES = ["dev-a", "dev-b", "dev-c"]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agentproc import wait_for
-from fleetdevice import connect, enroll, tiny_packages
 
 import bench.harness as fixture  # the module whose CONFIG starts the broker
-from contract import protocol
 from agent.mqtt import MqttTimeout
+from agentproc import wait_for
 from conftest import Cli
+from contract import protocol
+from fleetdevice import connect, enroll, tiny_packages
 from hubproc import EDGEFLEET, start_hub
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"

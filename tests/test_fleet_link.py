@@ -13,14 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
-from agentproc import wait_for
-from fleetdevice import FakeDevice, connect, crashing_device, enroll, tiny_packages
-from mosquitto import Mosquitto, start_mosquitto
 
-from contract import protocol
 from agent.mqtt import MqttTimeout, Session
+from agentproc import wait_for
 from conftest import Cli
+from contract import protocol
+from fleetdevice import FakeDevice, connect, crashing_device, enroll, tiny_packages
 from hubproc import HubProcess, start_hub
+from mosquitto import Mosquitto, start_mosquitto
 
 
 @dataclass

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agentproc import wait_for
-from fleetdevice import connect, enroll, tiny_packages
-from mosquitto import Mosquitto, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
-from contract import protocol
 from agent.mqtt import MqttTimeout
+from agentproc import wait_for
 from conftest import Cli
+from contract import protocol
+from fleetdevice import connect, enroll, tiny_packages
 from hubproc import HubProcess, start_hub
+from mosquitto import Mosquitto, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
 
 def fleet(hub: HubProcess) -> dict:

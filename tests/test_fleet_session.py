@@ -4,10 +4,10 @@ acknowledging only once a message is safe, and publishing a batch in one go."""
 from __future__ import annotations
 
 import pytest
-from mosquitto import Mosquitto, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
-from contract import protocol
 from agent.mqtt import BackoffPolicy, Message, MqttTimeout, Session
+from contract import protocol
+from mosquitto import Mosquitto, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
 FAST = BackoffPolicy(initial=0.05, maximum=0.5)
 TOPIC = protocol.telemetry_topic("dev-1")

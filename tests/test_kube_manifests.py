@@ -20,8 +20,8 @@ from agent.kube.manifests import (
     deployment_manifest,
     object_name,
     pull_secret_manifest,
-    workloads_of,
     service_manifest,
+    workloads_of,
 )
 
 DIGEST_1 = "sha256:" + "1" * 64

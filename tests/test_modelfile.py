@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
 from contract.tensors import Signature, TensorSpec
+from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
 from packager.modelfile import ModelFileError, ModelInfo, inspect_model
 
 LINEAR = Signature(

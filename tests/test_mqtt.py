@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from mosquitto import Mosquitto, free_port, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
-from contract import protocol
 from agent.mqtt import BackoffPolicy, Message, MqttError, MqttTimeout, Session
+from contract import protocol
+from mosquitto import Mosquitto, free_port, mosquitto  # noqa: F401  (mosquitto: the fixture)
 
 FAST = BackoffPolicy(initial=0.05, maximum=0.5)
 PROTOCOLS = pytest.mark.parametrize("version", ["3.1.1", "5"])

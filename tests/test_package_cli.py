@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from conftest import Cli
+from contract.oci import OCILayout
 from hubproc import HubProcess
 from modelgen import make_onnx
 from packager.distribution import Registry, push_layout
-from contract.oci import OCILayout
 from test_packager_build import make_base_image
 
 

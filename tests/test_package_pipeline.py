@@ -8,16 +8,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hubproc import HubProcess
-from modelgen import make_onnx
 
-from hub.cli.client import HubClient
-from hub.cli.config import Connection
 from agent.runtimes import run_on_cpu
-from hub.cli.package_build import BuildEvent, BuildOptions, Stage, build_version
-from packager.distribution import Registry, RemoteImage
 from contract.signing import load_public_key
 from contract.verify import verify_package
+from hub.cli.client import HubClient
+from hub.cli.config import Connection
+from hub.cli.package_build import BuildEvent, BuildOptions, Stage, build_version
+from hubproc import HubProcess
+from modelgen import make_onnx
+from packager.distribution import Registry, RemoteImage
 
 ONE_PLATFORM = BuildOptions(platforms=("linux/amd64",))
 

@@ -12,12 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.build import BuildProgress, build_package
 from contract.errors import PackageError
-from packager.deps import PlatformUnavailable, UnavailableWheel
-from packager.image import SERVE_REQUIREMENTS
-from packager.layers import write_layer
-from packager.modelfile import ModelInfo
 from contract.oci import (
     CONFIG,
     INDEX,
@@ -29,6 +24,11 @@ from contract.oci import (
     canonical_json,
 )
 from packager.archive import write_archive
+from packager.build import BuildProgress, build_package
+from packager.deps import PlatformUnavailable, UnavailableWheel
+from packager.image import SERVE_REQUIREMENTS
+from packager.layers import write_layer
+from packager.modelfile import ModelInfo
 from packager.tarball import Entry
 from packager_fixtures import (
     EPOCH,

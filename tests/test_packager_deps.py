@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 
 import packager.deps
-from packager.deps import DepsError, PipDeps, UnavailableWheel, pip_platform_tags
-from packager.deps import PlatformUnavailable
-from packager.layers import deps_layer
 from contract.oci import OCILayout, Platform
 from contract.runtimes import RUNTIMES
+from packager.deps import (
+    DepsError,
+    PipDeps,
+    PlatformUnavailable,
+    UnavailableWheel,
+    pip_platform_tags,
+)
+from packager.layers import deps_layer
 
 ARM64 = Platform("linux", "arm64")
 ARMV7 = Platform("linux", "arm", "v7")

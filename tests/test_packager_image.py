@@ -12,15 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
+from contract.oci import OCILayout, Platform
 from engines import Engine, engine  # noqa: F401  (fixture)
+from hubproc import HubProcess, free_port
 from packager.base import DebianBase, check_debian_platform
 from packager.build import BuildResult
 from packager.deps import PipDeps, PlatformUnavailable
 from packager.distribution import Registry
-
 from packager.image import LAUNCHER, SERVE_REQUIREMENTS, app_entries, app_layer
-from contract.oci import OCILayout, Platform
-from hubproc import HubProcess, free_port
 from packager_fixtures import EPOCH, FakeDeps, build, model_files, run, skopeo
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ import pytest
 
 from contract.errors import PackageError
 from contract.layers import ROLE
-from packager.layers import deps_layer, model_layer, serving_layer
 from contract.oci import LAYER_TAR, LAYER_TAR_GZIP, OCILayout
+from packager.layers import deps_layer, model_layer, serving_layer
 from packager.tarball import Entry, check_relative_path, tree_entries, write_tar
 
 

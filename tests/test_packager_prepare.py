@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from modelgen import ONNX_IR_VERSION, ONNX_OPSET, make_onnx, make_openvino_ir, make_tflite
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.runtimes import run_on_cpu
+from modelgen import ONNX_IR_VERSION, ONNX_OPSET, make_onnx, make_openvino_ir, make_tflite
 from packager.modelfile import ModelInfo, inspect_model
 from packager.prepare import (
     DEFAULT_TOLERANCE,

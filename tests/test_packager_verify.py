@@ -16,12 +16,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from packager.build import BuildResult
 from contract.cosign import SIGNATURE_ANNOTATION, SIMPLE_SIGNING, sign_package, signature_tag
 from contract.errors import BlobNotFound, PackageError, RefNotFound, VerificationError
 from contract.oci import INDEX, REF_NAME, Descriptor, OCILayout, canonical_json
 from contract.signing import generate_keypair, key_id, load_private_key, load_public_key
 from contract.verify import VerifiedPackage, verify_contents, verify_package
+from packager.build import BuildResult
 from packager_fixtures import VERSION, FakeDeps, build, model_files, needs_skopeo, skopeo
 
 REPOSITORY = "models/diabetes"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+
 from agentproc import publish_version, wait_for
 from hubproc import EDGEFLEET
 from modelgen import make_onnx

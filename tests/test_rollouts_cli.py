@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hubapp import InProcessHub
 
 from hub.cli import rollouts as cli
 from hub.cli.client import HubClient
 from hub.cli.config import Connection
 from hub.rollouts import reads
 from hub.rollouts.engine import Engine
+from hubapp import InProcessHub
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+
 from agentproc import publish_version, wait_for
 from modelgen import make_failing_onnx, make_onnx
 from rolloutfleet import Fleet, parse_time, start_fleet

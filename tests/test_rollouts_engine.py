@@ -13,13 +13,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hubapp import InProcessHub
 
+from contract import cosign
 from hub import deployments
 from hub.rollouts import reads, store
 from hub.rollouts.engine import Engine
 from hub.storage.db import Database, format_time
-from contract import cosign
+from hubapp import InProcessHub
 
 DEVICES = ["dev-a", "dev-b", "dev-c", "dev-d"]
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+
 from agentproc import publish_version, wait_for
 from modelgen import make_onnx
 from rolloutfleet import Fleet, parse_time, start_fleet

@@ -8,13 +8,13 @@ import json
 from typing import Any
 
 import pytest
-from hubapp import InProcessHub
 
 from hub.rollouts import spec as specs
 from hub.rollouts import states
 from hub.rollouts.spec import Duration, RolloutSpec, Share
 from hub.rollouts.states import DeviceState, Event, Evidence, RolloutState
 from hub.validation import InvalidInput
+from hubapp import InProcessHub
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
 
 from agent.runtimes import get_runtime, load_best, runtime_for_framework
 from agent.runtimes.base import LoadedModel, LoadOptions, ModelRuntimeError
+from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
 from packager.modelfile import inspect_model
 
 BATCH = np.arange(12, dtype=np.float32).reshape(4, 3) / 7 - 0.5

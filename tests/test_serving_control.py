@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from modelgen import LINEAR_B, LINEAR_W, expected_linear, make_onnx
 from onnx import numpy_helper
-from test_serving_process import ServeProcess, onnx_version, start_serve
 
 from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody, build
+from modelgen import LINEAR_B, LINEAR_W, expected_linear, make_onnx
+from test_serving_process import ServeProcess, onnx_version, start_serve
 
 X = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
 REQUEST = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}

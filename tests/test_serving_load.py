@@ -17,8 +17,9 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from modelgen import LINEAR_B, LINEAR_W, ONNX_IR_VERSION, ONNX_OPSET, expected_linear, make_onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from modelgen import LINEAR_B, LINEAR_W, ONNX_IR_VERSION, ONNX_OPSET, expected_linear, make_onnx
 from test_serving_process import ServeProcess, onnx_version, start_serve
 
 SLOW_ROUNDS = 8

@@ -18,8 +18,8 @@ from agent.serving.limits import Limiter
 from agent.serving.loading import VersionSpec
 from agent.serving.metrics import Counter, Gauge, Histogram, Registry
 from agent.serving.table import Deployment, ModelTable, ModelVersion
-from modelgen import make_onnx
 from contract.tensors import Signature, TensorSpec
+from modelgen import make_onnx
 
 # ---- metrics ----------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from agent.identity import Identity
 from agent.mqtt import Message
+from agent.sim.device import SimDevice
+from agent.sim.options import SimOptions
+from contract import signing
 from contract.protocol import Deployment as Wanted
 from contract.protocol import (
     DesiredState,
@@ -17,9 +20,6 @@ from contract.protocol import (
     desired_topic,
     sign_desired,
 )
-from agent.sim.device import SimDevice
-from agent.sim.options import SimOptions
-from contract import signing
 
 DIGEST = "sha256:" + "a" * 64
 

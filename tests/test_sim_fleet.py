@@ -23,16 +23,15 @@ from typing import Any, Self
 
 import httpx
 import pytest
-from conftest import Cli
-from hubproc import HubProcess, start_hub
-from modelgen import make_onnx
-from mosquitto import Mosquitto, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
-from contract import protocol
 from agent.mqtt import Message
 from agent.sim import Fleet, PerVersion, SimOptions
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
-from contract import signing
+from conftest import Cli
+from contract import protocol, signing
+from hubproc import HubProcess, start_hub
+from modelgen import make_onnx
+from mosquitto import Mosquitto, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
 S = protocol.UpdateState
 FAST = {"telemetry_interval": 0.2, "step_latency": 0.1, "connect_jitter": 0.2, "keepalive": 10}

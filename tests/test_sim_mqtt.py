@@ -12,10 +12,9 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import bench.harness as mosquitto_fixture  # the module whose CONFIG starts the broker
 import pytest
-from mosquitto import Mosquitto, free_port, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
+import bench.harness as mosquitto_fixture  # the module whose CONFIG starts the broker
 from agent.mqtt import Message, MqttError, MqttTimeout
 from agent.sim.mqtt_lite import (
     Client,
@@ -30,6 +29,7 @@ from agent.sim.mqtt_lite import (
     parse_url,
     publish_packet,
 )
+from mosquitto import Mosquitto, free_port, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
 
 def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -29,13 +29,14 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
+
 from agentproc import wait_for
 from bench.browser import available, chromium, sign_in
 from conftest import Cli
 from hubproc import EDGEFLEET, HubProcess, start_hub, stop_process
 from modelgen import make_onnx
 from mosquitto import Mosquitto, start_mosquitto
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_TAG = '<img src=x onerror="alert(2)">'

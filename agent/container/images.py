@@ -79,8 +79,8 @@ def verify_remote(
     public_key: ec.EllipticCurvePublicKey,
 ) -> VerifiedRef:
     """Check the signature and this platform's manifest and config of package DIGEST."""
-    from packager.distribution import RemoteImage
     from contract.verify import verify_package
+    from packager.distribution import RemoteImage
 
     source = RemoteImage(registry, repository)
     try:

@@ -51,6 +51,8 @@ from agent.decisions import (
 )
 from agent.identity import Identity
 from agent.mqtt import Message, MqttError
+from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
+from agent.sim.options import SimOptions
 from contract.protocol import (
     MAX_TELEMETRY_POINTS,
     MAX_TEXT,
@@ -75,8 +77,6 @@ from contract.protocol import (
     telemetry_topic,
     verify_desired,
 )
-from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
-from agent.sim.options import SimOptions
 from contract.signing import load_public_key
 
 log = logging.getLogger("edgefleet.sim")

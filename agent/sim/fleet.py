@@ -28,11 +28,11 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from agent import identity as identities
-from contract.files import write_json
 from agent.identity import EnrollmentError, Identity
-from contract.protocol import ProtocolError, UpdateState
 from agent.sim.device import SimDevice
 from agent.sim.options import SimOptions
+from contract.files import write_json
+from contract.protocol import ProtocolError, UpdateState
 
 log = logging.getLogger("edgefleet.sim")
 

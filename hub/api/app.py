@@ -6,7 +6,15 @@ from fastapi import FastAPI
 
 from hub import ui
 from hub.api import (
-    admin, deployments, devices, errors, fleet, models, packages, registry, rollouts,
+    admin,
+    deployments,
+    devices,
+    errors,
+    fleet,
+    models,
+    packages,
+    registry,
+    rollouts,
 )
 from hub.api.audit_log import AuditLog
 from hub.api.state import HubState

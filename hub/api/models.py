@@ -151,7 +151,7 @@ async def delete_version(
     state = hub_state(request)
     request.state.audit = ("model.delete", f"{name}:{version}")
     number = validation.version(version)
-    if number == "latest":
+    if not isinstance(number, int):
         raise validation.InvalidInput("name the version to delete explicitly, not 'latest'")
     await run_in_threadpool(registry.delete_version, state.db, state.blobs, name, number)
     return Response(status_code=204)

@@ -107,16 +107,16 @@ def build_version(
     Raises the hub client's one-line errors and the packager's own (PackageError,
     SignatureError, FileExistsError) for the caller to report.
     """
+    from contract.cosign import sign_package
+    from contract.oci import OCILayout
+    from contract.runtimes import choose_runtime
+    from contract.signing import load_private_key
     from packager.base import DebianBase, pull_base
     from packager.build import BuildProgress, build_package
-    from contract.cosign import sign_package
     from packager.deps import PipDeps
     from packager.distribution import push_layout
     from packager.modelfile import ModelInfo
-    from contract.oci import OCILayout
     from packager.prepare import prepare_model
-    from contract.runtimes import choose_runtime
-    from contract.signing import load_private_key
 
     record = hub.get(f"/api/v1/models/{name}/versions/{version}")
     name, number = record["name"], record["version"]

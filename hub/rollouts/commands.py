@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from contract.errors import PackageError
 from hub import deployments, packages, validation
 from hub.errors import Conflict
 from hub.rollouts import reads, store
@@ -17,7 +18,6 @@ from hub.rollouts.states import DeviceState, Event
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database, dumps, now
 from hub.validation import InvalidInput
-from contract.errors import PackageError
 
 Notify = Callable[[Iterable[str]], None]
 
