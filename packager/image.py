@@ -36,10 +36,11 @@ LAYER_EPOCH = 0
 # What `edgefleet serve` imports besides the runtime's own requirements (kept in step with
 # pyproject.toml's agent extra by tests/test_packager_image.py).
 SERVE_REQUIREMENTS = (
-    "click>=8.1", "fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "flatbuffers>=24",
+    "click>=8.1", "fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6",
 )
-# Our top-level packages the serving process imports (contract: once issue 10 lands).
-_PACKAGES = ("agent", "contract", "packager")
+# Our top-level packages the serving process imports (tests/test_imports.py keeps the agent
+# off the packager's build side).
+_PACKAGES = ("agent", "contract")
 LAUNCHER = "usr/local/bin/edgefleet"
 _LAUNCHER = b'''#!/usr/bin/env python3
 """edgefleet in a package image: only the serving process, `edgefleet serve [OPTIONS]`."""

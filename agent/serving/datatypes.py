@@ -1,6 +1,6 @@
 """Open Inference Protocol datatypes as the wire carries them.
 
-The names and their numpy counterparts are packager.modelfile's; this adds
+The names and their numpy counterparts are contract.tensors'; this adds
 what the wire needs: the binary tensor extension is little-endian, so each
 fixed-size type maps to an explicitly little-endian dtype. BYTES tensors are
 numpy object arrays of `bytes`. BF16 has no numpy dtype and is not served.
