@@ -18,6 +18,7 @@ from agent.identity import EnrollmentError
 from agent.options import TELEMETRY_INTERVAL
 from agent.sim.fleet import Fleet, unenrolled
 from agent.sim.options import PerVersion, SimOptions, parse_version
+from contract import names
 
 
 def _tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -124,7 +125,7 @@ def sim(count: int, hub_url: str | None, token: str | None, api_token: str | Non
             telemetry_interval=telemetry_interval, requests_per_second=rps,
             step_latency=step_latency, fail_rate=fail_rate,
             fail_versions=frozenset(parse_version(v) for text in fail_versions
-                                    for v in text.split(",") if v.strip()),
+                                    for v in names.comma_list(text)),
             offline_rate=offline_rate, offline_seconds=offline_seconds,
             error_rate=PerVersion.parse(error_rates, default=0.0),
             latency_ms=PerVersion.parse(latencies, default=20.0),

@@ -216,7 +216,7 @@ def verify(
             index = source.resolve(tag)
             verified = verify_package(
                 source, index, public_key=public,
-                platforms=[p.strip() for p in platforms.split(",")] if platforms else None,
+                platforms=names.comma_list(platforms) or None,
             )
     except _packager_errors() as exc:
         raise click.ClickException(f"verification failed: {exc}") from None
@@ -263,7 +263,7 @@ def export(
             task = bars.add_task(f"pull models/{name}:{version}", total=None)
             index = pull_to_layout(
                 registry, f"models/{name}", version, layout,
-                platforms=[p.strip() for p in platforms.split(",")] if platforms else None,
+                platforms=names.comma_list(platforms) or None,
                 progress=lambda n: bars.advance(task, n),
             )
             pull_signature(registry, f"models/{name}", index.digest, layout)

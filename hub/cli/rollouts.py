@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from contract import names
 from hub.cli.models import parse_ref
 from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
 from hub.rollouts import states
@@ -44,7 +45,7 @@ def _percent(value: str | None) -> int | None:
 
 
 def _target(text: str) -> dict[str, str]:
-    return parse_pairs([p for p in text.split(",") if p.strip()], "--target")
+    return parse_pairs(names.comma_list(text), "--target")
 
 
 def _option(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -101,7 +102,7 @@ def create(
         "device_timeout": device_timeout, "auto_rollback": auto_rollback, "traffic": traffic,
         "shadow": shadow, "priority": priority, "max_error_rate": max_error_rate,
         "max_latency_ratio": max_latency_ratio,
-        "prefer": [p.strip() for p in prefer.split(",")] if prefer else [],
+        "prefer": names.comma_list(prefer),
     })
     if as_json:
         emit_one(record, as_json=True)
