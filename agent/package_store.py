@@ -86,7 +86,9 @@ class PackageStore:
             if not pull_signature(registry, package.repository, index.digest, self.layout):
                 raise StageError(f"package {package.digest} has no signature in the registry")
         except VerificationError as exc:
-            raise StageError(f"download of {package.digest} failed its digest check: {exc}") from None
+            raise StageError(
+                f"download of {package.digest} failed its digest check: {exc}"
+            ) from None
         except DiskFull as exc:
             raise StageError(f"download of {package.digest} failed: {exc}") from None
         except PackageError as exc:
@@ -103,7 +105,9 @@ class PackageStore:
         try:
             index = self.layout.resolve(_tag(package.digest))
             if index.digest != package.digest:
-                raise StageError(f"the store holds {index.digest} under the tag of {package.digest}")
+                raise StageError(
+                    f"the store holds {index.digest} under the tag of {package.digest}"
+                )
             verified = verify_package(
                 self.layout, index, public_key=self.public_key(),
                 platforms=[self.platform], roles=NATIVE_ROLES,
@@ -114,7 +118,9 @@ class PackageStore:
             raise StageError(f"package {package.digest} has no image for {self.platform}")
         return verified.images[self.platform]
 
-    def stage(self, deployment: str, version: int, package: Package, image: VerifiedImage) -> StagedVersion:
+    def stage(
+        self, deployment: str, version: int, package: Package, image: VerifiedImage
+    ) -> StagedVersion:
         """Unpack the model and serving layers into this version's own directory."""
         directory = self.versions_dir / deployment / f"{version}-{package.digest[7:19]}"
         if (directory / "serving.json").exists():

@@ -62,7 +62,7 @@ def percentile(bounds: Sequence[float | None], counts: Sequence[int], q: float) 
     rank = q * total
     seen = 0
     lower = 0.0
-    for bound, count in zip(bounds, counts):
+    for bound, count in zip(bounds, counts, strict=True):
         if count and seen + count >= rank:
             if bound is None:  # the +Inf bucket: the best we can say is its lower edge
                 return lower
@@ -91,7 +91,8 @@ class InferenceDeltas:
                 continue
             counts = row["latency_counts"]
             if before and before["latency_counts"]:
-                counts = [a - b for a, b in zip(counts, before["latency_counts"])]
+                # empty after restart
+                counts = [a - b for a, b in zip(counts, before["latency_counts"], strict=False)]
             latency_sum = row["latency_sum"] - (before["latency_sum"] if before else 0.0)
             ok = sum(counts)
             values: Values = {

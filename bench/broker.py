@@ -24,9 +24,10 @@ Measured on the 2-core build machine (load ~3), 10,000 devices: add 94 ms,
 remove 57 ms, add 1.1 s once all 10,000 are connected (a reload checks
 every connected client's login again; changes made during one go together
 in the next); broker RSS 8 MiB idle, 11 MiB with 10,000 logins, 19 MiB with
-10,000 connected (~0.8 KiB each); ~2,700 CONNECTs/s. Mosquitto's dynamic-security plugin, tried first, took 1.4 s
-per change and 120 MiB for the same logins (it saves its whole JSON file
-after each change and needs one role per device).
+10,000 connected (~0.8 KiB each); ~2,700 CONNECTs/s. Mosquitto's
+dynamic-security plugin, tried first, took 1.4 s per change and 120 MiB for
+the same logins (it saves its whole JSON file after each change and needs
+one role per device).
 """
 
 from __future__ import annotations

@@ -111,7 +111,10 @@ def _referenced(media_type: str, document: dict[str, Any]) -> tuple[list[str], l
     """(blob digests, manifest digests) a manifest or index points at."""
     if media_type in oci.INDEX_TYPES:
         return [], [m["digest"] for m in document.get("manifests", [])]
-    blobs = [document["config"]["digest"], *(layer["digest"] for layer in document.get("layers", []))]
+    blobs = [
+        document["config"]["digest"],
+        *(layer["digest"] for layer in document.get("layers", [])),
+    ]
     return blobs, []
 
 

@@ -172,7 +172,10 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     broker_kind = "managed Mosquitto" if bound.managed_broker else "external broker"
     say(f"REST API on {bound.api_url} (OpenAPI docs at {bound.api_url}/docs)")
     say(f"MQTT on {bound.mqtt_url} ({broker_kind})")
-    say(f"Log in with: edgefleet login --hub {bound.api_url} --token-file {settings.admin_token_path}")
+    say(
+        f"Log in with: edgefleet login --hub {bound.api_url}"
+        f" --token-file {settings.admin_token_path}"
+    )
     try:
         asyncio.run(_run(state, bound))
     except BrokerError as exc:

@@ -62,7 +62,9 @@ class HubSettings:
         if self.mqtt_url is not None:
             parts = urlsplit(self.mqtt_url)
             if parts.scheme != "mqtt" or not parts.hostname:
-                raise ValueError(f"--mqtt-url must look like mqtt://HOST:PORT, got {self.mqtt_url!r}")
+                raise ValueError(
+                    f"--mqtt-url must look like mqtt://HOST:PORT, got {self.mqtt_url!r}"
+                )
             if self.mosquitto is not None:
                 raise ValueError("--mosquitto is for the broker the hub runs; --mqtt-url names "
                                  "a broker you run")

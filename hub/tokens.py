@@ -62,7 +62,8 @@ def create(db: Database, *, name: str, role: str, created_by: str) -> tuple[dict
     }
     with db.transaction() as conn:
         conn.execute(
-            "INSERT INTO api_tokens (id, name, role, token_hash, created_at, created_by, revoked_at)"
+            "INSERT INTO api_tokens"
+            " (id, name, role, token_hash, created_at, created_by, revoked_at)"
             " VALUES (:id, :name, :role, :token_hash, :created_at, :created_by, :revoked_at)",
             record,
         )

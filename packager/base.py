@@ -1,4 +1,4 @@
-"""A base image made from Debian packages, with no engine and no Docker Hub: Python 3.11 for packages.
+"""A base image from Debian packages, with no engine and no Docker Hub: Python 3.11 for packages.
 
 `DebianBase` runs `mmdebstrap` (minbase + python3 + ca-certificates) for each
 platform and stores the result as an OCI image: one gzip layer, rewritten by

@@ -282,7 +282,8 @@ def _model_files(files: Mapping[str, Path], entrypoint: str | None) -> dict[str,
             raise PackageError(f"model file {name} is not a file at {path}")
     if entrypoint not in files:
         raise PackageError(
-            f"the model's entrypoint {entrypoint!r} is not among its files ({', '.join(sorted(files))})"
+            f"the model's entrypoint {entrypoint!r} is not among its files"
+            f" ({', '.join(sorted(files))})"
         )
     return dict(files)
 
@@ -330,7 +331,8 @@ def _base_image(
         refs = sorted(base.refs())
         if len(refs) != 1:
             raise PackageError(
-                f"base image {base} has {len(refs)} tags ({', '.join(refs) or 'none'}); name one with base_ref"
+                f"base image {base} has {len(refs)} tags ({', '.join(refs) or 'none'});"
+                " name one with base_ref"
             )
         ref = refs[0]
     what = f"base image {base}:{ref}"
@@ -353,7 +355,7 @@ def _base_image(
     if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
         raise FormatError(f"config of {what} does not list one diff_id per layer")
     layers = []
-    for number, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids), start=1):
+    for number, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True), start=1):
         if layer.media_type not in LAYER_TYPES:
             raise FormatError(
                 f"layer {number} of {what} has unsupported media type {layer.media_type}"

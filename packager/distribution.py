@@ -307,7 +307,9 @@ def pull_to_layout(
 
     store_json(index, body)
     for entry in parse_index(body, what=f"index {repo}:{reference}"):
-        if platforms is not None and (entry.platform is None or str(entry.platform) not in platforms):
+        if platforms is not None and (
+            entry.platform is None or str(entry.platform) not in platforms
+        ):
             continue
         _, manifest_body = registry.manifest(repo, entry.digest)
         store_json(entry, manifest_body)

@@ -15,7 +15,8 @@ A package image, bottom-up: the base image's layers, then
   request for an image model is megabytes of repeated values.
 
 The paths and roles are the contract's (contract/layers.py). Each layer
-descriptor carries the annotation `dev.edgefleet.layer` naming its role, so an agent in native mode fetches only the model and serving layers.
+descriptor carries the annotation `dev.edgefleet.layer` naming its role, so
+an agent in native mode fetches only the model and serving layers.
 
 Reproducibility: tars come from `packager.tarball` (sorted, owner 0, fixed
 modes, every mtime = SOURCE_DATE_EPOCH), and gzip streams have mtime 0, no

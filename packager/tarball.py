@@ -140,7 +140,9 @@ def rewrite_tar(source: Path, sink: Sink, *, mtime: int) -> int:
             if member.islnk():
                 target = member.linkname.removeprefix("./")
                 if target not in members or not members[target].isreg():
-                    raise PackageError(f"hard link {path} points at {target}, not a file in the tar")
+                    raise PackageError(
+                        f"hard link {path} points at {target}, not a file in the tar"
+                    )
                 groups.setdefault(target, [target]).append(path)
         first = {path: min(group) for group in groups.values() for path in group}
         with tarfile.open(

@@ -49,7 +49,9 @@ class Cli:
             env={**self.env, **(env or {})}, cwd=cwd,
         )
         if ok and done.returncode != 0:
-            raise AssertionError(f"edgefleet {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"edgefleet {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+            )
         return done
 
     def json(self, *args: str) -> object:

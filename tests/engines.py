@@ -42,7 +42,9 @@ class Engine:
             capture_output=True, text=True, timeout=600, check=False,
         )
         if done.returncode != 0:
-            raise AssertionError(f"skopeo could not load {layout}:{ref} into {self.name}: {done.stderr}")
+            raise AssertionError(
+                f"skopeo could not load {layout}:{ref} into {self.name}: {done.stderr}"
+            )
 
 
 def _script(*args: str) -> subprocess.CompletedProcess[str]:

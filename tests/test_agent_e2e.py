@@ -280,8 +280,10 @@ def test_each_runtime_serves_its_own_format(fleet_hub: HubProcess, device: Agent
     with httpx.Client(base_url=fleet_hub.url, headers=headers) as c:
         files = []
         for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
-            files.append({"path": path.name,
-                          "digest": c.post("/api/v1/blobs", content=path.read_bytes()).json()["digest"]})
+            files.append({
+                "path": path.name,
+                "digest": c.post("/api/v1/blobs", content=path.read_bytes()).json()["digest"],
+            })
         c.post(f"/api/v1/models/{name}/versions", json={"files": files}).raise_for_status()
     env = {**os.environ, "EDGEFLEET_HUB": fleet_hub.url, "EDGEFLEET_TOKEN": fleet_hub.admin_token}
     subprocess.run([*EDGEFLEET, "package", "build", f"{name}:1", "--no-deps", "--quiet"],

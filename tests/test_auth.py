@@ -22,7 +22,9 @@ def client_for(hub: HubProcess, token: str | None) -> httpx.Client:
 def role_tokens(hub: HubProcess) -> dict[str, str]:
     with client_for(hub, hub.admin_token) as admin:
         return {
-            role: admin.post("/api/v1/tokens", json={"name": f"t-{role}", "role": role}).json()["token"]
+            role: admin.post(
+                "/api/v1/tokens", json={"name": f"t-{role}", "role": role}
+            ).json()["token"]
             for role in ("viewer", "operator")
         }
 
@@ -84,7 +86,9 @@ def test_unknown_role_is_rejected(cli: Cli, api: httpx.Client) -> None:
     assert bad.returncode == 2 and "root" in bad.stderr
 
 
-def test_login_saves_config_and_later_commands_use_it(hub: HubProcess, cli: Cli, tmp_path: Path) -> None:
+def test_login_saves_config_and_later_commands_use_it(
+    hub: HubProcess, cli: Cli, tmp_path: Path
+) -> None:
     env = {"EDGEFLEET_HUB": "", "EDGEFLEET_TOKEN": ""}
     cli.run("login", "--hub", hub.url, "--token-file", str(hub.data_dir / "admin-token"), env=env)
     config = Path(cli.env["EDGEFLEET_CONFIG"])

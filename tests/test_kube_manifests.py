@@ -100,7 +100,9 @@ def test_workloads_read_back_from_the_live_object() -> None:
     first = deployment_manifest(TARGET, workload(previous=None))
     assert workloads_of(first)[1] is None
     with pytest.raises(ManifestError, match="previous workload is of 'other'"):
-        deployment_manifest(TARGET, workload(previous=Workload("other", RELEASE_1, ("linux/amd64",))))
+        deployment_manifest(
+            TARGET, workload(previous=Workload("other", RELEASE_1, ("linux/amd64",)))
+        )
 
 
 @pytest.mark.parametrize(("tamper", "message"), [

@@ -25,7 +25,7 @@ def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small image made by umoci (a third-party tool), so we do not test ourselves with ourselves."""
+    """A small image made by umoci (a third-party tool): we do not test ourselves with ourselves."""
     root = tmp_path_factory.mktemp("umoci")
     lay = root / "layout"
     subprocess.run(["umoci", "init", "--layout", str(lay)], check=True)
@@ -95,7 +95,9 @@ def test_manifest_get_head_by_tag_and_digest(hub: HubProcess) -> None:
             assert got.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
             assert got.headers["docker-content-digest"] == digest == sha(got.content)
             head = c.head(f"/v2/models/plain/manifests/{ref}")
-            assert head.status_code == 200 and int(head.headers["content-length"]) == len(got.content)
+            assert head.status_code == 200 and (
+                int(head.headers["content-length"]) == len(got.content)
+            )
 
 
 def test_chunked_upload_and_range_reads(hub: HubProcess) -> None:

@@ -48,7 +48,9 @@ def pushed(hub: HubProcess, model: str, tmp_path_factory: pytest.TempPathFactory
     return cli.json("package", "build", model, "--no-deps")
 
 
-def test_build_pushes_a_signed_three_platform_index(cli: Cli, hub: HubProcess, pushed: dict) -> None:
+def test_build_pushes_a_signed_three_platform_index(
+    cli: Cli, hub: HubProcess, pushed: dict
+) -> None:
     assert pushed["platforms"] == ["linux/amd64", "linux/arm/v7", "linux/arm64"]
     assert pushed["pushed"] == "models/tiny:1" and pushed["signature"].startswith("sha256:")
     listed = cli.json("package", "list", "tiny")
@@ -69,7 +71,9 @@ def test_build_pushes_a_signed_three_platform_index(cli: Cli, hub: HubProcess, p
     assert arm["Architecture"] == "arm64"
 
 
-def test_verify_with_the_hubs_key_and_with_a_wrong_key(cli: Cli, pushed: dict, tmp_path: Path) -> None:
+def test_verify_with_the_hubs_key_and_with_a_wrong_key(
+    cli: Cli, pushed: dict, tmp_path: Path
+) -> None:
     ok = cli.json("package", "verify", "tiny:1")
     assert ok["ok"] and ok["digest"] == pushed["digest"] and ok["blobs_checked"] == 12
     cli.run("keys", "generate", "--dir", str(tmp_path))
@@ -89,7 +93,9 @@ def test_reproducible_builds_give_the_same_digest(cli: Cli, pushed: dict, tmp_pa
     assert later["digest"] != first["digest"]
 
 
-def test_export_reads_with_skopeo_and_unpacks_with_umoci(cli: Cli, pushed: dict, tmp_path: Path) -> None:
+def test_export_reads_with_skopeo_and_unpacks_with_umoci(
+    cli: Cli, pushed: dict, tmp_path: Path
+) -> None:
     archive = tmp_path / "tiny.tar"
     cli.run("package", "export", "tiny:1", "--out", str(archive), "--quiet")
     assert json.loads(skopeo("inspect", "--raw", f"oci-archive:{archive}:1"))["manifests"]
@@ -171,7 +177,9 @@ def test_a_base_image_can_come_from_the_hubs_registry(cli: Cli, hub: HubProcess,
         "base", "deps", "edgefleet", "model", "serving"]
 
 
-def test_the_default_build_is_native_and_needs_no_wheels(cli: Cli, model: str, tmp_path: Path) -> None:
+def test_the_default_build_is_native_and_needs_no_wheels(
+    cli: Cli, model: str, tmp_path: Path
+) -> None:
     built = cli.json("package", "build", model, "--out", str(tmp_path / "native"))
     assert built["platforms"] == ["linux/amd64", "linux/arm/v7", "linux/arm64"]
     layout = OCILayout(tmp_path / "native")

@@ -63,8 +63,8 @@ def test_build_version_to_a_layout_pushes_nothing(
     hub_client: HubClient, tmp_path: Path
 ) -> None:
     events: list[BuildEvent] = []
-    built = build_version(hub_client, "pipe", "1", ONE_PLATFORM, run=run_on_cpu, out=tmp_path / "layout",
-                          progress=events.append)
+    built = build_version(hub_client, "pipe", "1", ONE_PLATFORM, run=run_on_cpu,
+                          out=tmp_path / "layout", progress=events.append)
     assert built.layout == tmp_path / "layout" and (tmp_path / "layout" / "index.json").is_file()
     assert built.pushed is None and "pushed" not in built.to_json()
     assert {e.stage for e in events} == {Stage.DOWNLOAD, Stage.PREPARE, Stage.BUILD}

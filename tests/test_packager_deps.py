@@ -1,4 +1,4 @@
-"""Python dependencies per platform: pip's platform tags, its errors, the cache, and a real download."""
+"""Python dependencies per platform: pip's platform tags, its errors, the cache, a real download."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Runnable package images: the edgefleet layer, the Debian base, and a real image on real engines."""
+"""Runnable package images: the edgefleet layer, the Debian base, a real image on real engines."""
 
 from __future__ import annotations
 

@@ -160,7 +160,10 @@ def test_an_index_listing_a_manifest_under_another_platform_is_caught(package: P
         verify_package(package.layout, forged, public_key=package.public)
     with pytest.raises(
         VerificationError,
-        match="manifest for linux/arm64 is for a linux/amd64 image: the index lists it under the wrong platform",
+        match=(
+            "manifest for linux/arm64 is for a linux/amd64 image:"
+            " the index lists it under the wrong platform"
+        ),
     ):
         verify_contents(package.layout, forged)
 
@@ -244,7 +247,7 @@ def test_a_missing_platform_is_named(package: Package) -> None:
 
 
 class DictSource:
-    """Blobs held in memory, like an agent's download cache: the BlobSource protocol is all it needs."""
+    """Blobs held in memory, like an agent's download cache: BlobSource is all it needs."""
 
     def __init__(self, blobs: dict[str, bytes], tags: dict[str, Descriptor]) -> None:
         self.blobs, self.tags = blobs, tags
@@ -332,7 +335,7 @@ def test_the_payload_digest_is_checked_before_the_signature(package: Package) ->
 
 
 def test_what_the_agent_imports_needs_only_the_stdlib_and_cryptography() -> None:
-    """The agent install has no hub dependencies (onnx, flatbuffers...): verification must not need them."""
+    """The agent install has no hub dependencies (onnx, flatbuffers...); verifying needs none."""
     code = (
         "import sys, contract.verify, contract.cosign, contract.serving, contract.runtimes\n"
         "print(' '.join(sorted(sys.modules)))"

@@ -27,7 +27,9 @@ def upload(api: httpx.Client, data: bytes) -> str:
     return response.json()["digest"]
 
 
-def register(api: httpx.Client, name: str, files: dict[str, bytes], **extra: object) -> httpx.Response:
+def register(
+    api: httpx.Client, name: str, files: dict[str, bytes], **extra: object
+) -> httpx.Response:
     refs = [{"path": p, "digest": upload(api, data)} for p, data in files.items()]
     return api.post(f"/api/v1/models/{name}/versions", json={"files": refs, **extra})
 
@@ -129,7 +131,9 @@ def test_delete_refused_while_deployed_then_allowed(api: httpx.Client, hub: HubP
     assert register(api, "deployed", {"w.bin": b"v3"}).json()["version"] == 3
 
 
-def test_deleting_a_version_drops_blobs_nothing_else_uses(api: httpx.Client, hub: HubProcess) -> None:
+def test_deleting_a_version_drops_blobs_nothing_else_uses(
+    api: httpx.Client, hub: HubProcess
+) -> None:
     shared, own = b"shared-by-two-versions", b"only-in-version-one"
     register(api, "gc", {"a.bin": shared, "b.bin": own})
     register(api, "gc", {"a.bin": shared})
@@ -148,7 +152,9 @@ def test_lineage_from_git_work_tree(cli: Cli, tmp_path: Path) -> None:
     make_onnx(repo / "model.onnx")
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "model"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     cli.run("model", "register", str(repo / "model.onnx"), "--name", "lineage",
             "--dataset-digest", "sha256:" + "0" * 64, "--run-id", "run-42")
     lineage = cli.json("model", "show", "lineage:1")["lineage"]
@@ -161,7 +167,9 @@ def test_lineage_from_git_work_tree(cli: Cli, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def existing(hub: HubProcess) -> None:
-    with httpx.Client(base_url=hub.url, headers={"Authorization": f"Bearer {hub.admin_token}"}) as c:
+    with httpx.Client(
+        base_url=hub.url, headers={"Authorization": f"Bearer {hub.admin_token}"}
+    ) as c:
         assert register(c, "existing", {"w.bin": b"w"}).status_code == 201
 
 
@@ -177,12 +185,14 @@ def existing(hub: HubProcess) -> None:
         ("POST", "/api/v1/models/bad/versions", {"json": {"files": "model.onnx"}}, 422, "files"),
         ("POST", "/api/v1/models/bad/versions", {"json": {"files": []}}, 422, "files"),
         ("POST", "/api/v1/models/bad/versions",
-         {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}], "metrics": {"x": "y"}}},
+         {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}],
+                   "metrics": {"x": "y"}}},
          422, "metrics"),
         ("POST", "/api/v1/models/" + "a" * 300 + "/versions",
          {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}]}}, 422, "limit is 64"),
         ("POST", "/api/v1/models/Bad Name/versions",
-         {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}]}}, 422, "invalid model name"),
+         {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}]}},
+         422, "invalid model name"),
         ("POST", "/api/v1/models/bad/versions",
          {"json": {"files": [{"path": "../../etc/passwd", "digest": "sha256:" + "1" * 64}]}},
          422, "relative path"),
@@ -192,7 +202,8 @@ def existing(hub: HubProcess) -> None:
         ("POST", "/api/v1/models/bad/versions",
          {"json": {"files": [{"path": "a", "digest": "md5:abc"}]}}, 400, "not a sha256 digest"),
         ("POST", "/api/v1/models/bad/versions",
-         {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}]}}, 422, "never uploaded"),
+         {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}]}},
+         422, "never uploaded"),
         ("POST", "/api/v1/models/bad/versions",
          {"json": {"files": [{"path": "a", "digest": "sha256:" + "1" * 64}], "lineage": {"x": 1}}},
          422, "unknown lineage"),
@@ -243,10 +254,14 @@ def test_truncated_upload_stores_nothing(hub: HubProcess, api: httpx.Client) -> 
 
 def test_download_is_checked_and_supports_range(api: httpx.Client) -> None:
     register(api, "ranged", {"w.bin": bytes(range(256)) * 4})
-    response = api.get("/api/v1/models/ranged/versions/1/files/w.bin", headers={"Range": "bytes=10-19"})
+    response = api.get(
+        "/api/v1/models/ranged/versions/1/files/w.bin", headers={"Range": "bytes=10-19"}
+    )
     assert response.status_code == 206 and response.content == bytes(range(10, 20))
     whole = api.get("/api/v1/models/ranged/versions/1/files/w.bin")
-    assert whole.headers["x-content-digest"] == "sha256:" + hashlib.sha256(whole.content).hexdigest()
+    assert (
+        whole.headers["x-content-digest"] == "sha256:" + hashlib.sha256(whole.content).hexdigest()
+    )
     assert api.get("/api/v1/models/ranged/versions/1/files/nope.bin").status_code == 404
 
 

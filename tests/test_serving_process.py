@@ -175,7 +175,8 @@ def test_busy_port_fails_with_a_clear_message(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [*SERVE, "--port", str(port), "--control-socket", str(tmp_path / "s.sock"), "--no-auth"],
+            [*SERVE, "--port", str(port), "--control-socket", str(tmp_path / "s.sock"),
+             "--no-auth"],
             capture_output=True, text=True, timeout=60,
         )
     assert done.returncode == 1

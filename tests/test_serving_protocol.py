@@ -1,4 +1,4 @@
-"""The Open Inference Protocol over HTTP: tritonclient unchanged, plain JSON, errors, auth, metrics."""
+"""The Open Inference Protocol over HTTP: tritonclient as is, plain JSON, errors, auth, metrics."""
 
 from __future__ import annotations
 
@@ -367,7 +367,9 @@ _SAMPLE = re.compile(
     rf"{_NAME}(?:\{{[a-zA-Z_][a-zA-Z0-9_]*={_LABEL_VALUE}(?:,[a-zA-Z_][a-zA-Z0-9_]*={_LABEL_VALUE})*\}})?"
     r" (?:[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|Inf)|NaN)"
 )
-_COMMENT = re.compile(rf"# (?:HELP {_NAME} .*|TYPE {_NAME} (?:counter|gauge|histogram|summary|untyped))")
+_COMMENT = re.compile(
+    rf"# (?:HELP {_NAME} .*|TYPE {_NAME} (?:counter|gauge|histogram|summary|untyped))"
+)
 
 
 def test_metrics_parse_and_count_what_was_asked(served: ServeProcess, tmp_path: Path) -> None:
@@ -382,7 +384,9 @@ def test_metrics_parse_and_count_what_was_asked(served: ServeProcess, tmp_path: 
     text = answer.text
     assert text.endswith("\n")
     for line in text.splitlines():
-        assert _COMMENT.fullmatch(line) or _SAMPLE.fullmatch(line), f"not exposition format: {line!r}"
+        assert _COMMENT.fullmatch(line) or _SAMPLE.fullmatch(line), (
+            f"not exposition format: {line!r}"
+        )
     labels = '{model="counted",version="3"}'
     assert served.metric(f"edgefleet_serving_requests_total{labels}") == 7
     assert served.metric(

@@ -89,9 +89,13 @@ def _signature(datatype: str, shape: tuple[int, ...] = (-1,)) -> Signature:
     return Signature((TensorSpec("a", datatype, shape),), (TensorSpec("b", datatype, shape),))
 
 
-def _parse(datatype: str, data: object, shape: list[int], spec_shape: tuple[int, ...] = (-1,)) -> np.ndarray:
+def _parse(
+    datatype: str, data: object, shape: list[int], spec_shape: tuple[int, ...] = (-1,)
+) -> np.ndarray:
     header = {"inputs": [{"name": "a", "datatype": datatype, "shape": shape, "data": data}]}
-    return tensors.parse_request(header, memoryview(b""), _signature(datatype, spec_shape)).inputs["a"]
+    return tensors.parse_request(
+        header, memoryview(b""), _signature(datatype, spec_shape)
+    ).inputs["a"]
 
 
 @pytest.mark.parametrize(
@@ -203,7 +207,9 @@ def versions(tmp_path: Path) -> list[ModelVersion]:
     return [ModelVersion("m", spec, load_best(model_dir, "model.onnx", "onnx")) for spec in specs]
 
 
-def test_a_replaced_version_closes_only_after_its_last_request(versions: list[ModelVersion]) -> None:
+def test_a_replaced_version_closes_only_after_its_last_request(
+    versions: list[ModelVersion],
+) -> None:
     one, two = versions
     table = ModelTable()
     table.install(Deployment("m", one))

@@ -29,7 +29,8 @@ def test_full_queue_drops_oldest_and_counts(tmp_path: Path) -> None:
 def test_sequence_survives_a_killed_process(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     script = (
-        "import os, sys; from pathlib import Path; from agent.telemetry_queue import TelemetryQueue;"
+        "import os, sys; from pathlib import Path;"
+        " from agent.telemetry_queue import TelemetryQueue;"
         f"q = TelemetryQueue(Path({str(path)!r})); q.extend([('system', {{}})] * 7); os._exit(9)"
     )
     assert subprocess.run([sys.executable, "-c", script]).returncode == 9

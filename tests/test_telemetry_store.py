@@ -34,7 +34,9 @@ def test_resent_points_are_stored_once(tmp_path: Path) -> None:
 def test_query_filters_and_retention(tmp_path: Path) -> None:
     db = Database(tmp_path / "hub.db")
     telemetry.ingest(db, "dev-1", points(1, 5, ago=timedelta(days=10)))
-    telemetry.ingest(db, "dev-1", [{"seq": 6, "at": stamp(), "kind": "system", "values": {"cpu": 3}}])
+    telemetry.ingest(
+        db, "dev-1", [{"seq": 6, "at": stamp(), "kind": "system", "values": {"cpu": 3}}]
+    )
     assert [p["seq"] for p in telemetry.query(db, "dev-1", since=stamp(timedelta(hours=1)))] == [6]
     assert [p["seq"] for p in telemetry.query(db, "dev-1", kind="inference")] == [1, 2, 3, 4, 5]
     assert [p["seq"] for p in telemetry.query(db, "dev-1", limit=2)] == [5, 6]

@@ -139,7 +139,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 cli.run("package", "build", f"tiny:{version}", "--no-deps",
                         "--platform", "linux/arm64")
             viewer = _token(api, "/api/v1/tokens", {"name": "watcher", "role": "viewer"})
-            good = _token(api, "/api/v1/enrollment-tokens", {"tags": {"site": "ui", "ring": "good"}})
+            good = _token(
+                api, "/api/v1/enrollment-tokens", {"tags": {"site": "ui", "ring": "good"}}
+            )
             bad = _token(api, "/api/v1/enrollment-tokens", {"tags": {"site": "ui", "ring": "bad"}})
             hostile = _token(api, "/api/v1/enrollment-tokens", {"tags": {"site": "elsewhere"}})
             enrolled = api.post("/api/v1/enroll", json={

@@ -71,7 +71,9 @@ class Limits:
         if self.cpus is not None and not self.cpus > 0:
             raise ValueError(f"cpus must be above 0, not {self.cpus}")
         if self.memory_bytes is not None and self.memory_bytes < 6 * 1024 * 1024:
-            raise ValueError(f"memory must be at least 6 MiB (engines refuse less), not {self.memory_bytes}")
+            raise ValueError(
+                f"memory must be at least 6 MiB (engines refuse less), not {self.memory_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,10 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"edgefleet-{self.deployment}-{self.version}-{self.package.removeprefix('sha256:')[:12]}"
+        return (
+            f"edgefleet-{self.deployment}-{self.version}"
+            f"-{self.package.removeprefix('sha256:')[:12]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,9 @@ class ContainerEngine:
             client = docker.DockerClient(base_url=host, timeout=int(timeout), version=API_VERSION)
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the container engine at {host}: {exc}") from None
-        return cls(client, Path(host.removeprefix("unix://")) if host.startswith("unix://") else None)
+        return cls(
+            client, Path(host.removeprefix("unix://")) if host.startswith("unix://") else None
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -198,7 +205,9 @@ class ContainerEngine:
             limits["nano_cpus"] = int(spec.limits.cpus * 1e9)
         if spec.limits.memory_bytes is not None:
             # Equal to the memory limit: no swap on top, so an OOM shows as an OOM.
-            limits.update(mem_limit=spec.limits.memory_bytes, memswap_limit=spec.limits.memory_bytes)
+            limits.update(
+                mem_limit=spec.limits.memory_bytes, memswap_limit=spec.limits.memory_bytes
+            )
         container = self._call(
             f"start {spec.name}", self.client.containers.run, spec.image,
             command=["--host", "127.0.0.1", "--port", str(spec.port),
@@ -286,7 +295,9 @@ class ContainerEngine:
         container = self._call(f"inspect {name}", self.client.containers.get, name)
         stats = self._call(f"read the stats of {name}", container.stats, stream=False)
         cpu, before = stats.get("cpu_stats") or {}, stats.get("precpu_stats") or {}
-        used = _nested(cpu, "cpu_usage", "total_usage") - _nested(before, "cpu_usage", "total_usage")
+        used = (
+            _nested(cpu, "cpu_usage", "total_usage") - _nested(before, "cpu_usage", "total_usage")
+        )
         system = int(cpu.get("system_cpu_usage") or 0) - int(before.get("system_cpu_usage") or 0)
         cpus = int(cpu.get("online_cpus") or 1)
         memory = stats.get("memory_stats") or {}

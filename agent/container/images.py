@@ -101,7 +101,9 @@ def verify_remote(
     except VerificationError as exc:
         raise ImageCheckError(f"verification of {repository}@{digest} failed: {exc}") from None
     except PackageError as exc:
-        raise ImageCheckError(f"cannot check {repository}@{digest}: {exc}", transient=True) from None
+        raise ImageCheckError(
+            f"cannot check {repository}@{digest}: {exc}", transient=True
+        ) from None
     return VerifiedRef(repository, digest, image.manifest.digest, config, serving)
 
 

@@ -99,7 +99,9 @@ class ScoringAPI:
         self._check_key(headers)
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
-            raise BadRequest(f"Content-Encoding {encoding} is not supported; send the body uncompressed")
+            raise BadRequest(
+                f"Content-Encoding {encoding} is not supported; send the body uncompressed"
+            )
         body = await request.body()
         content, response_headers = await self.scorer.infer(
             name, version, body, headers.get(codec.HEADER_LENGTH)

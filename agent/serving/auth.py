@@ -26,7 +26,9 @@ def key_check(api_key: str | None) -> Callable[[Mapping[str, str]], None]:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             given = token.strip() if scheme.lower() == "bearer" else None
         if not given:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            )
         if not hmac.compare_digest(given.encode(), expected):
             raise Unauthorized("invalid API key")
 

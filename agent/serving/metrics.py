@@ -40,7 +40,7 @@ def _number(value: float) -> str:
 def _sample(name: str, names: Sequence[str], values: Sequence[str], value: float) -> str:
     if not names:
         return f"{name} {_number(value)}"
-    pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, values))
+    pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, values, strict=True))
     return f"{name}{{{pairs}}} {_number(value)}"
 
 
@@ -141,9 +141,11 @@ class Histogram(_Metric):
         lines = []
         for key, (counts, total) in values:
             cumulative = 0
-            for bound, count in zip(self.bounds, counts):
+            for bound, count in zip(self.bounds, counts, strict=True):
                 cumulative += count
-                lines.append(_sample(f"{self.name}_bucket", names, (*key, _number(bound)), cumulative))
+                lines.append(
+                    _sample(f"{self.name}_bucket", names, (*key, _number(bound)), cumulative)
+                )
             lines.append(_sample(f"{self.name}_sum", self.labels, key, total))
             lines.append(_sample(f"{self.name}_count", self.labels, key, cumulative))
         return lines

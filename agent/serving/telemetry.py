@@ -30,7 +30,8 @@ class Telemetry:
         ))
         self.failures = r.add(Counter(
             "edgefleet_serving_failures_total",
-            "Inference requests that failed: reason bad_request (400), model_error or internal (500).",
+            "Inference requests that failed: reason bad_request (400),"
+            " model_error or internal (500).",
             (*MODEL, "reason"),
         ))
         self.latency = r.add(Histogram(

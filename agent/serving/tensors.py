@@ -95,7 +95,9 @@ def describe(spec: TensorSpec) -> str:
 # ---- inputs ----------------------------------------------------------------
 
 
-def _inputs(header: Mapping[str, Any], binary: memoryview, signature: Signature) -> dict[str, np.ndarray]:
+def _inputs(
+    header: Mapping[str, Any], binary: memoryview, signature: Signature
+) -> dict[str, np.ndarray]:
     specs = {spec.name: spec for spec in signature.inputs}
     listed = header.get("inputs")
     if not isinstance(listed, list):
@@ -158,13 +160,17 @@ def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
     # An empty expected shape is a tensor of unknown rank: any shape goes.
     if not expected:
         return True
-    return len(shape) == len(expected) and all(e in (-1, n) for n, e in zip(shape, expected))
+    return len(shape) == len(expected) and all(
+        e in (-1, n) for n, e in zip(shape, expected, strict=True)
+    )
 
 
 _JSON_KINDS = {"b": ("b", "true/false values"), "i": ("iu", "integers"), "u": ("iu", "integers")}
 
 
-def _from_json(item: Mapping[str, Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _from_json(
+    item: Mapping[str, Any], datatype: str, shape: tuple[int, ...], where: str
+) -> np.ndarray:
     data = item.get("data")
     if not isinstance(data, list):
         raise BadRequest(f"{where} needs a 'data' list or parameters.binary_data_size")
@@ -220,7 +226,9 @@ def _flatten_strings(data: list[Any], where: str) -> list[str]:
     return flat
 
 
-def _from_binary(chunk: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _from_binary(
+    chunk: memoryview, datatype: str, shape: tuple[int, ...], where: str
+) -> np.ndarray:
     count = math.prod(shape)
     dtype = fixed_dtype(datatype)
     if dtype is None:
@@ -258,7 +266,9 @@ def _outputs(
             raise BadRequest("each entry of 'outputs' must be an object with a 'name'")
         where = f"output '{item['name']}'"
         if item["name"] not in known:
-            raise BadRequest(f"unknown {where}; the model's outputs are: {_names(signature.outputs)}")
+            raise BadRequest(
+                f"unknown {where}; the model's outputs are: {_names(signature.outputs)}"
+            )
         binary = _parameters(item, where).get("binary_data", default_binary)
         if not isinstance(binary, bool):
             raise BadRequest(f"{where}: parameters.binary_data must be true or false")

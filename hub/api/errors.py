@@ -39,7 +39,10 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     problems = exc.errors()
     if any(p.get("type") == "json_invalid" or tuple(p["loc"]) == ("body",) for p in problems):
         return error_response(
-            request, 400, "malformed JSON", "the request body must be a JSON object (Content-Type: application/json)"
+            request,
+            400,
+            "malformed JSON",
+            "the request body must be a JSON object (Content-Type: application/json)",
         )
     detail = "; ".join(f"{_location(p['loc'])}: {p['msg']}" for p in problems[:10])
     return error_response(request, 422, "invalid input", detail)
@@ -94,7 +97,9 @@ def add_handler(
 ) -> None:
     """app.add_exception_handler, typed: Starlette declares handlers as taking any
     Exception, though it calls each one only with instances of the type it was added for."""
-    app.add_exception_handler(exc_type, cast(Callable[[Request, Exception], Awaitable[Response]], handler))
+    app.add_exception_handler(
+        exc_type, cast(Callable[[Request, Exception], Awaitable[Response]], handler)
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -60,7 +60,9 @@ async def _authorize(request: Request, state: HubState, *, push: bool) -> Princi
     )
     if not allowed:
         need = "an operator token" if push else "a viewer or device token"
-        raise RegistryError(403, "DENIED", f"this needs {need}; {principal.name} is {principal.role}")
+        raise RegistryError(
+            403, "DENIED", f"this needs {need}; {principal.name} is {principal.role}"
+        )
     return principal
 
 

@@ -143,8 +143,8 @@ def device_page(db: Database, fleet_filter: FleetFilter) -> DevicePage:
 
 # -- telemetry ---------------------------------------------------------------------
 
-WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "6h": timedelta(hours=6), "24h": timedelta(hours=24),
-           "7d": timedelta(days=7)}
+WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "6h": timedelta(hours=6),
+           "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 BUCKETS = 120  # points per line: enough for a chart a phone's width, few enough to draw fast
 
 
