@@ -130,3 +130,20 @@ def test_watch_exit_codes_say_how_it_ended(hub: InProcessHub, ticking: Engine) -
     done = run("watch", running)
     assert done.exit_code == 3 and "Summary: rolled_back" in done.output
     assert run("watch", running, "--json").exit_code == 3
+
+
+def test_a_devices_error_is_shown_as_text_by_show_and_watch(hub: InProcessHub) -> None:
+    """An error a device reports is untrusted text: Rich markup in it (`[/]` would crash the
+    renderer, `[link=...]` would make a link) and terminal escapes are shown, not obeyed."""
+    rollout_id = create(hub, "--waves", "all")
+    engine = Engine(hub.db, hub.notify)
+    engine.tick()
+    hostile = "[/] [link=https://evil.example]x[/link] \x1b[31mred\x1b]0;title\x07"
+    hub.applied(DEVICES)
+    hub.report(DEVICES[:1], "tiny", "tiny", 2, "failed", error=hostile)
+    engine.tick()
+    for args in (("show", rollout_id), ("show", rollout_id, "--devices"),
+                 ("watch", rollout_id, "--interval", "0.05", "--timeout", "0.2")):
+        out = run(*args).output
+        assert "[/] [link=https://evil.example]x[/link]" in out, out
+        assert "\x1b" not in out and "\x07" not in out, out

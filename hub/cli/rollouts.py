@@ -16,7 +16,19 @@ from rich.text import Text
 
 from contract import names
 from hub.cli.models import parse_ref
-from hub.cli.output import client, console, emit, emit_one, hub_options, json_option, parse_pairs
+from hub.cli.output import (
+    client,
+    console,
+    emit,
+    emit_one,
+    hub_options,
+    json_option,
+    parse_pairs,
+    printable,
+    safe,
+    say,
+    table,
+)
 from hub.rollouts import states
 from hub.rollouts.spec import OPTIONS
 from hub.rollouts.states import RolloutState
@@ -110,12 +122,12 @@ def create(
     total = sum(w["devices"] for w in record["waves_progress"])
     if total:
         sizes = ", ".join(str(w["devices"]) for w in record["waves_progress"])
-        console.print(f"Rollout [bold]{record['id']}[/bold]: {name}:{record['version']} to "
-                      f"{total} device(s) in waves of {sizes}")
+        say("Rollout ", (record["id"], "bold"),
+            f": {name}:{record['version']} to {total} device(s) in waves of {sizes}")
     else:
-        console.print(f"Rollout [bold]{record['id']}[/bold]: {name}:{record['version']}; no "
-                      "device matches the target yet: devices that join it get the version")
-    console.print(f"[dim]Follow it with: edgefleet rollout watch {record['id']}[/dim]")
+        say("Rollout ", (record["id"], "bold"), f": {name}:{record['version']}; no device "
+            "matches the target yet: devices that join it get the version")
+    say((f"Follow it with: edgefleet rollout watch {record['id']}", "dim"))
 
 
 @rollout.command("list")
@@ -146,27 +158,28 @@ def _bar(done: int, total: int, width: int = 10) -> Text:
 
 
 def _progress(record: dict[str, Any]) -> Table:
-    table = Table(show_edge=False, header_style="bold")
+    grid = Table(show_edge=False, header_style="bold")
     for title in ("wave", "devices", "", *COLUMNS):
-        table.add_column(title, justify="left" if title in ("wave", "") else "right",
-                         no_wrap=True, min_width=max(len(title), 4))
+        grid.add_column(title, justify="left" if title in ("wave", "") else "right",
+                        no_wrap=True, min_width=max(len(title), 4))
     for wave in record["waves_progress"]:
         current = wave["wave"] == record["current_wave"] and record["state"] == "running"
         counts = _counts(wave)
         cells = [Text(str(n) if n else "·", style=STYLES.get(key, "") if n else "dim")
                  for key, n in counts.items()]
-        table.add_row(f"{'▶' if current else ' '} {wave['wave']}", str(wave["devices"]),
-                      _bar(counts["serving"], wave["devices"]), *cells)
-    return table
+        grid.add_row(f"{'▶' if current else ' '} {wave['wave']}", str(wave["devices"]),
+                     _bar(counts["serving"], wave["devices"]), *cells)
+    return grid
 
 
 def _header(record: dict[str, Any]) -> Text:
     color = {"completed": "green", "rolled_back": "yellow", "paused": "yellow",
              "aborted": "red", "failed": "red"}.get(record["state"], "cyan")
-    text = Text.assemble((record["id"], "bold"), f" {record['model']}:{record['version']} ",
-                         (record["state"], color))
+    text = Text.assemble(safe(record["id"], "bold"),
+                         safe(f" {record['model']}:{record['version']} "),
+                         safe(record["state"], color))
     if record.get("reason"):
-        text.append(f" — {record['reason']}")
+        text.append_text(safe(f" — {record['reason']}"))
     return text
 
 
@@ -198,7 +211,7 @@ def _soak(record: dict[str, Any], *, countdown: bool = True) -> str | None:
     return f"last wave soaking: {left}completes at {_clock(record['soak_ends_at'])}"
 
 
-def _settings(record: dict[str, Any]) -> str:
+def _settings(record: dict[str, Any]) -> Text:
     target = ", ".join(f"{k}={v}" for k, v in record["target"].items()) or "every device"
     parts = [f"target {target}", f"deployment {record['deployment']}",
              f"waves {record['waves']}", f"max failures {record['max_failures']}",
@@ -211,26 +224,23 @@ def _settings(record: dict[str, Any]) -> str:
         parts.append("shadow")
     if record.get("prefer"):
         parts.append("prefer " + ",".join(record["prefer"]))
-    return ", ".join(parts)
+    return safe(", ".join(parts))
 
 
 def _failures(record: dict[str, Any]) -> Table | None:
     if not record["failed_devices"]:
         return None
-    table = Table("device", "wave", "state", "error", show_edge=False, header_style="bold red")
-    for f in record["failed_devices"]:
-        table.add_row(f["device_id"], str(f["wave"]), f["state"], f["error"] or "")
-    return table
+    return table(["device", "wave", "state", "error"],
+                 [[f["device_id"], f["wave"], f["state"], f["error"] or ""]
+                  for f in record["failed_devices"]], header_style="bold red")
 
 
 def _devices(record: dict[str, Any]) -> Table:
-    table = Table("device", "wave", "state", "previous", "assigned", "serving since", "error",
-                  show_edge=False, header_style="bold")
-    for d in record["devices"]:
-        table.add_row(d["device_id"], str(d["wave"]), d["state"],
-                      "" if d["previous_version"] is None else str(d["previous_version"]),
-                      d["assigned_at"] or "", d["serving_at"] or "", d["error"] or "")
-    return table
+    return table(["device", "wave", "state", "previous", "assigned", "serving since", "error"],
+                 [[d["device_id"], d["wave"], d["state"],
+                   "" if d["previous_version"] is None else d["previous_version"],
+                   d["assigned_at"] or "", d["serving_at"] or "", d["error"] or ""]
+                  for d in record["devices"]])
 
 
 @rollout.command()
@@ -256,7 +266,7 @@ def show(rollout_id: str, with_devices: bool, hub: str | None, token: str | None
     console.print(_settings(record), highlight=False)
     soak = _soak(record)
     if soak:
-        console.print(soak, highlight=False)
+        console.print(safe(soak))
     console.print(_progress(record))
     failures = _failures(record)
     if failures is not None:
@@ -320,7 +330,7 @@ def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, tok
         with Live(console=console, refresh_per_second=4) as live:
             while True:
                 soak = _soak(record)
-                live.update(Group(_header(record), *([Text(soak)] if soak else []),
+                live.update(Group(_header(record), *([safe(soak)] if soak else []),
                                   _progress(record)))
                 if over(record):
                     break
@@ -331,7 +341,7 @@ def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, tok
         while True:
             line = _line(record)
             if line != last and not as_json:
-                click.echo(f"{datetime.now().astimezone():%H:%M:%S} {line}")
+                click.echo(f"{datetime.now().astimezone():%H:%M:%S} {printable(line)}")
                 sys.stdout.flush()
                 last = line
             if over(record):
@@ -346,10 +356,9 @@ def watch(rollout_id: str, interval: float, timeout: float, hub: str | None, tok
         total = sum(w["devices"] for w in record["waves_progress"])
         serving = sum(w.get("serving", 0) for w in record["waves_progress"])
         failed = sum(w.get("failed", 0) for w in record["waves_progress"])
-        console.print(f"Summary: {record['state']}; {serving}/{total} serving, {failed} failed, "
-                      f"{int(time.monotonic() - started)}s watched"
-                      + (f"; gave up after --timeout {timeout:g}s" if timed_out else ""),
-                      highlight=False)
+        say(f"Summary: {record['state']}; {serving}/{total} serving, {failed} failed, "
+            f"{int(time.monotonic() - started)}s watched"
+            + (f"; gave up after --timeout {timeout:g}s" if timed_out else ""))
         failures = _failures(record)
         if failures is not None:
             console.print(failures)
