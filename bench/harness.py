@@ -271,12 +271,7 @@ class Mosquitto:
         """Stop gracefully (SIGTERM: Mosquitto saves its state first)."""
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout=timeout)
         self.process = None
 
     def restart(self, *, fresh: bool = False) -> None:
