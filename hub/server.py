@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import pwd
@@ -81,6 +83,37 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
         mqtt_url=settings.mqtt_url or "",
         uploads=Uploads(blobs),
     )
+
+
+def lock_data_dir(settings: HubSettings) -> int:
+    """Take DATA/hub.lock for this process's lifetime (the descriptor is returned to keep):
+    two hubs on one data dir would run two rollout engines on one database."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = settings.data_dir / "hub.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"error: another hub (pid {holder}) is using {settings.data_dir}; "
+                         "stop it, or give this one another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """SystemExit naming FLAG when HOST:PORT is taken: said before anything is announced."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and Mosquitto do
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise SystemExit(f"error: port {port} on {host} is taken; stop what uses it, "
+                             f"or choose another with {flag}") from None
 
 
 def bind(settings: HubSettings) -> Bound:
@@ -161,8 +194,11 @@ async def _run(state: HubState, bound: Bound) -> None:
 def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    lock = lock_data_dir(settings)  # held until the process ends
     bound = bind(settings)
+    check_port(settings.host, int(bound.api_url.rpartition(":")[2]), "--port")
     if bound.managed_broker:
+        check_port(settings.host, int(bound.mqtt_url.rpartition(":")[2]), "--mqtt-port")
         try:  # before anything is created: one line, no traceback
             find_mosquitto(settings.mosquitto)
         except BrokerError as exc:
@@ -180,3 +216,5 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
         asyncio.run(_run(state, bound))
     except BrokerError as exc:
         raise SystemExit(f"error: {exc}") from None
+    finally:
+        os.close(lock)

@@ -69,6 +69,37 @@ def test_bad_mqtt_url_is_a_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2 and "mqtt://HOST:PORT" in done.stderr
 
 
+def test_a_second_hub_on_the_same_data_dir_or_port_exits_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from hubproc import EDGEFLEET
+
+    data = tmp_path / "data"
+    first = start_hub(data)
+    try:
+        def second(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*EDGEFLEET, "hub", "serve", *args], capture_output=True,
+                                  text=True, timeout=60)
+
+        same_dir = second("--data-dir", str(data), "--port", "0", "--mqtt-port", "0")
+        assert same_dir.returncode == 1, same_dir.stderr
+        assert same_dir.stderr.strip() == (
+            f"error: another hub (pid {first.process.pid}) is using {data}; stop it, or give "
+            "this one another --data-dir")
+        for flag, port in (("--port", first.port), ("--mqtt-port", first.mqtt_port)):
+            ports = {"--port": "0", "--mqtt-port": "0", flag: str(port)}
+            taken = second("--data-dir", str(tmp_path / f"other{flag}"),
+                           *(part for option in ports.items() for part in option))
+            assert taken.returncode == 1, taken.stderr
+            assert taken.stderr.strip().endswith(f"choose another with {flag}"), taken.stderr
+            assert "Traceback" not in taken.stderr and "REST API on" not in taken.stdout
+        assert httpx.get(f"{first.url}/api/v1/health").status_code == 200
+    finally:
+        first.stop()
+    # The lock dies with its process: the next start takes the data dir again.
+    start_hub(data).stop()
+
+
 def test_a_full_disk_is_a_507_that_stores_nothing_and_the_hub_goes_on(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", "4m") as data:
         hub = start_hub(data)
