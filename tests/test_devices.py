@@ -63,3 +63,12 @@ def test_device_errors(cli: Cli, api: httpx.Client) -> None:
     assert bad_tag.status_code == 422
     bad_duration = cli.run("device", "token", "create", "--expires", "soon", ok=False)
     assert "30m, 12h or 7d" in bad_duration.stderr
+
+
+def test_enrollment_refuses_a_public_key_that_is_no_p256_key(cli: Cli, api: httpx.Client) -> None:
+    made = cli.json("device", "token", "create", "--max-uses", "1")
+    refused = httpx.post(f"{api.base_url}/api/v1/enroll", json={
+        "token": made["token"], "public_key": "not a key", "name": "liar"})
+    assert refused.status_code == 422 and "public_key" in refused.json()["detail"]
+    # Nothing was used up: the token still enrolls a device with a real key.
+    assert enroll(str(api.base_url), made["token"], "honest").status_code == 201

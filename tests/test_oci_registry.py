@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract import signing
 from hubproc import HubProcess
 
 
@@ -184,7 +185,8 @@ def test_auth_basic_bearer_roles_and_devices(hub: HubProcess, api: httpx.Client)
         assert denied.status_code == 403 and denied.json()["errors"][0]["code"] == "DENIED"
     enrollment = api.post("/api/v1/enrollment-tokens", json={}).json()
     device = httpx.post(f"{hub.url}/api/v1/enroll", json={
-        "token": enrollment["token"], "public_key": "k", "name": "puller"}).json()
+        "token": enrollment["token"], "name": "puller",
+        "public_key": signing.public_key_pem(signing.generate_private_key())}).json()
     with registry_client(hub, device["device_token"]) as c:
         assert c.get("/v2/models/plain/manifests/1").status_code == 200
         assert c.post("/v2/models/plain/blobs/uploads/").status_code == 403

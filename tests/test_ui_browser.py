@@ -34,6 +34,7 @@ from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
 from agentproc import wait_for
 from bench.browser import available, chromium, sign_in
 from conftest import Cli
+from contract import signing
 from hubproc import EDGEFLEET, HubProcess, start_hub, stop_process
 from modelgen import make_onnx
 from mosquitto import Mosquitto, start_mosquitto
@@ -145,7 +146,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             bad = _token(api, "/api/v1/enrollment-tokens", {"tags": {"site": "ui", "ring": "bad"}})
             hostile = _token(api, "/api/v1/enrollment-tokens", {"tags": {"site": "elsewhere"}})
             enrolled = api.post("/api/v1/enroll", json={
-                "token": hostile, "public_key": "unused", "name": HOSTILE})
+                "token": hostile, "name": HOSTILE,
+                "public_key": signing.public_key_pem(signing.generate_private_key())})
             enrolled.raise_for_status()
             hostile_id = enrolled.json()["device"]["id"]
             api.patch(f"/api/v1/devices/{hostile_id}/tags",

@@ -8,8 +8,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from contract import signing
 from hub import devices, telemetry, validation
 from hub.api import auth
 from hub.api.state import hub_state
@@ -32,6 +33,17 @@ class EnrollRequest(BaseModel):
     public_key: str = Field(max_length=4096)
     name: str = Field(max_length=128)
     platform: str | None = Field(None, max_length=64)
+
+    @field_validator("public_key")
+    @classmethod
+    def _a_p256_key(cls, pem: str) -> str:
+        # Checked before the token is used: a key no signature can be checked with would
+        # enroll a device that can never prove who it is.
+        try:
+            signing.load_public_key(pem)
+        except signing.SignatureError as exc:
+            raise ValueError(str(exc)) from None
+        return pem
 
 
 class TagsRequest(BaseModel):
