@@ -89,6 +89,7 @@ def lock_data_dir(settings: HubSettings) -> int:
     """Take DATA/hub.lock for this process's lifetime (the descriptor is returned to keep):
     two hubs on one data dir would run two rollout engines on one database."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.data_dir.chmod(0o700)  # one made before (or by hand) may be world-readable
     path = settings.data_dir / "hub.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -16,8 +16,10 @@ from smalldisk import small_disk
 
 def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # made beforehand, readable by all: the hub closes it
     hub = start_hub(data)
     try:
+        assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
         key = data / "keys" / "hub-signing.key"
         token_file = data / "admin-token"
         for secret in (key, token_file):
