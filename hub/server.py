@@ -195,15 +195,16 @@ async def _run(state: HubState, bound: Bound) -> None:
 def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    lock = lock_data_dir(settings)  # held until the process ends
     bound = bind(settings)
-    check_port(settings.host, int(bound.api_url.rpartition(":")[2]), "--port")
     if bound.managed_broker:
-        check_port(settings.host, int(bound.mqtt_url.rpartition(":")[2]), "--mqtt-port")
         try:  # before anything is created: one line, no traceback
             find_mosquitto(settings.mosquitto)
         except BrokerError as exc:
             raise SystemExit(f"error: {exc}") from None
+    lock = lock_data_dir(settings)  # held until the process ends
+    check_port(settings.host, int(bound.api_url.rpartition(":")[2]), "--port")
+    if bound.managed_broker:
+        check_port(settings.host, int(bound.mqtt_url.rpartition(":")[2]), "--mqtt-port")
     state = initialise(settings, say)
     state.mqtt_url = bound.mqtt_url
     broker_kind = "managed Mosquitto" if bound.managed_broker else "external broker"
