@@ -20,3 +20,9 @@ DEPS: Final = "deps"
 MODEL: Final = "model"
 SERVING: Final = "serving"
 APP: Final = "edgefleet"  # edgefleet's own serving code, in runnable images
+
+# Index annotations of a package pushed to a hub: its variant of the model version, and the
+# build inputs that made it (canonical JSON), which a later build of that variant is
+# compared with: the same inputs are the same package, other inputs need another variant.
+VARIANT: Final = "dev.edgefleet.variant"
+BUILD: Final = "dev.edgefleet.build"

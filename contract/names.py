@@ -115,6 +115,17 @@ RUNTIME_CHOICE = Grammar(
     max_len=128,
 )
 
+# A package variant of one model version (runtime, optimisation, platform set): a short
+# name that becomes part of its OCI tag, VERSION-VARIANT (the default variant's is VERSION).
+VARIANT = Grammar(
+    "variant name",
+    re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*"),
+    "use lower-case letters and digits, separated by single '.', '_' or '-' (e.g. 'int8')",
+    max_len=32,
+)
+DEFAULT_VARIANT = "default"
+_PACKAGE_TAG = re.compile(r"(?P<version>[1-9][0-9]{0,17})(?:-(?P<variant>.+))?")
+
 MODEL_REF = re.compile(r"(?P<name>[^:]+)(?::(?P<version>[1-9][0-9]*|latest))?")
 _DURATION = re.compile(r"(?P<count>[0-9]{1,9})(?P<unit>[smhd])")  # ASCII: \d takes "٣"
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -154,6 +165,29 @@ def relative_path(text: object) -> str:
 def file_path(text: object) -> str:
     """A registered model file's name: a clean relative path of at most 255 characters."""
     return FILE_PATH.check(text)
+
+
+def variant(text: object) -> str:
+    return VARIANT.check(text)
+
+
+def package_tag(version: int, variant_name: str = DEFAULT_VARIANT) -> str:
+    """The OCI tag of VERSION's package VARIANT_NAME in repository models/NAME: the
+    default variant keeps the plain version number, so packages from before variants
+    are the default variant of their version."""
+    variant(variant_name)
+    return str(version) if variant_name == DEFAULT_VARIANT else f"{version}-{variant_name}"
+
+
+def parse_package_tag(text: str) -> tuple[int, str] | None:
+    """(version, variant) of a package tag; None for any other tag (signatures, bases)."""
+    found = _PACKAGE_TAG.fullmatch(text)
+    if found is None:
+        return None
+    name = found["variant"] or DEFAULT_VARIANT
+    if not VARIANT.matches(name) or found["variant"] == DEFAULT_VARIANT:
+        return None
+    return int(found["version"]), name
 
 
 def model_ref(text: str) -> tuple[str, int | None]:

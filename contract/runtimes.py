@@ -59,6 +59,23 @@ RUNTIMES = {
     )
 }
 
+# The platforms an agent runs on, so the only ones a package may name. A native package
+# carries no wheels (the device brings its runtime); a runnable image (--image) also needs
+# the runtime's wheels (`Runtime.platforms`), which the build looks for before any work.
+DEVICE_PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm/v7")
+_SAME_PLATFORM = {"linux/arm64/v8": "linux/arm64"}
+
+
+def check_platforms(platforms: list[str] | tuple[str, ...]) -> None:
+    """PackageError naming the first of PLATFORMS no agent runs on (windows/amd64, say):
+    a package for it would be accepted now and fail a device that joins later."""
+    for platform in platforms:
+        if _SAME_PLATFORM.get(platform, platform) not in DEVICE_PLATFORMS:
+            raise PackageError(
+                f"platform {platform!r} is not one an edgefleet agent runs on; use --platform "
+                f"with {', '.join(DEVICE_PLATFORMS)}")
+
+
 # The runtime a framework's models get unless the caller picks another: the one made for it.
 DEFAULT_RUNTIME = {
     framework: next(r.name for r in RUNTIMES.values() if r.frameworks[0] == framework)

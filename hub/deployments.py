@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contract import cosign, names
+from contract import names
+from contract.names import DEFAULT_VARIANT
 from contract.protocol import MAX_DEPLOYMENTS
 from contract.runtimes import RUNTIMES
-from hub import packages, registry
+from hub import package_use, packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
 from hub.storage.db import Database, dumps, now
@@ -36,9 +37,9 @@ from hub.validation import InvalidInput, InvalidName, model_name
 
 MAX_PREFER = 32
 # The columns that make up a deployment; a change to any of them is a new generation.
-_VALUES = ("model", "version", "repository", "digest", "size", "prefer", "traffic",
-           "candidate_version", "candidate_digest", "candidate_size", "candidate_traffic",
-           "candidate_shadow", "rollout_id", "priority")
+_VALUES = ("model", "version", "variant", "repository", "digest", "size", "prefer", "traffic",
+           "candidate_version", "candidate_variant", "candidate_digest", "candidate_size",
+           "candidate_traffic", "candidate_shadow", "rollout_id", "priority")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Candidate:
     version: int | str
     traffic: int
     shadow: bool = False
+    variant: str = DEFAULT_VARIANT
 
     def check(self) -> None:
         high = 100 if self.shadow else 99
@@ -80,19 +82,23 @@ def check_prefer(prefer: Sequence[str]) -> list[str]:
     return list(prefer)
 
 
-def signed_package(db: Database, model: str, version: int | str) -> tuple[int, Manifest]:
-    """The version number and its package, which the hub must have signed."""
+def signed_package(db: Database, model: str, version: int | str,
+                   variant: str = DEFAULT_VARIANT) -> tuple[int, Manifest]:
+    """The version number and its package VARIANT, which the hub must have signed."""
+    try:
+        names.variant(variant)
+    except names.InvalidName as exc:
+        raise InvalidInput(str(exc)) from None
     number = registry.get_version(db, model, version)["version"]  # NotFound names the fix
-    found = packages.resolve_package(db, model, number)  # NotFound: build one
-    signature = db.query_one(
-        "SELECT 1 FROM oci_tags WHERE repo = ? AND tag = ?",
-        (packages.repository(model), cosign.signature_tag(found.digest)),
-    )
-    if signature is None:
+    found = packages.resolve_package(db, model, number, variant)  # NotFound: build one
+    if not packages.is_signed(db, model, found):
+        flag = "" if variant == DEFAULT_VARIANT else f" --variant {variant}"
+        query = "" if variant == DEFAULT_VARIANT else f"?variant={variant}"
         raise Conflict(
-            f"the package of {model}:{number} is not signed, and agents refuse unsigned "
-            f"packages; sign it with `edgefleet package build {model}:{number}` (which signs "
-            f"what it pushes) or POST /api/v1/packages/{model}/{number}/sign"
+            f"the package of {package_use.named(model, number, variant)} is not signed, and "
+            f"agents refuse unsigned packages; sign it with `edgefleet package build "
+            f"{model}:{number}{flag}` (which signs what it pushes) or POST "
+            f"/api/v1/packages/{model}/{number}/sign{query}"
         )
     return number, found
 
@@ -104,30 +110,33 @@ def assign_many(
     name: str,
     model: str,
     version: int | str,
+    variant: str = DEFAULT_VARIANT,
     prefer: Sequence[str] = (),
     candidate: Candidate | None = None,
     rollout_id: str | None = None,
     priority: int = 0,
 ) -> dict[str, int]:
     """Make deployment NAME on every device in DEVICE_IDS run MODEL:VERSION
-    ("latest" allowed), in one transaction. Returns each device's desired
-    generation (unchanged where the deployment already was exactly this)."""
+    ("latest" allowed) in its package VARIANT, in one transaction. Returns each device's
+    desired generation (unchanged where the deployment already was exactly this)."""
     name, prefer = check_name(name), check_prefer(prefer)
-    number, package = signed_package(db, model, version)
+    number, package = signed_package(db, model, version, variant)
     row: dict[str, Any] = {
-        "model": model, "version": number, "repository": packages.repository(model),
+        "model": model, "version": number, "variant": variant,
+        "repository": packages.repository(model),
         "digest": package.digest, "size": package.size, "prefer": dumps(prefer),
-        "traffic": 100, "candidate_version": None, "candidate_digest": None,
-        "candidate_size": None, "candidate_traffic": None, "candidate_shadow": None,
-        "rollout_id": rollout_id, "priority": priority,
+        "traffic": 100, "candidate_version": None, "candidate_variant": None,
+        "candidate_digest": None, "candidate_size": None, "candidate_traffic": None,
+        "candidate_shadow": None, "rollout_id": rollout_id, "priority": priority,
     }
     if candidate is not None:
         candidate.check()
-        c_number, c_package = signed_package(db, model, candidate.version)
+        c_number, c_package = signed_package(db, model, candidate.version, candidate.variant)
         if c_number == number:
             raise InvalidInput(f"the candidate is {model}:{number}, the deployment's own "
                                "version; pick another version")
-        row.update(candidate_version=c_number, candidate_digest=c_package.digest,
+        row.update(candidate_version=c_number, candidate_variant=candidate.variant,
+                   candidate_digest=c_package.digest,
                    candidate_size=c_package.size, candidate_traffic=candidate.traffic,
                    candidate_shadow=int(candidate.shadow),
                    traffic=100 if candidate.shadow else 100 - candidate.traffic)
@@ -218,12 +227,15 @@ def _bump(conn: sqlite3.Connection, device_ids: list[str]) -> dict[str, int]:
 def _record(row: dict[str, Any]) -> dict[str, Any]:
     candidate = None
     if row["candidate_version"] is not None:
-        candidate = {"version": row["candidate_version"], "digest": row["candidate_digest"],
+        candidate = {"version": row["candidate_version"],
+                     "variant": row["candidate_variant"] or DEFAULT_VARIANT,
+                     "digest": row["candidate_digest"],
                      "size": row["candidate_size"], "traffic": row["candidate_traffic"],
                      "shadow": bool(row["candidate_shadow"])}
     return {
         "name": row["name"], "model": row["model"], "version": row["version"],
-        "repository": row["repository"], "digest": row["digest"], "size": row["size"],
+        "variant": row["variant"] or DEFAULT_VARIANT, "repository": row["repository"],
+        "digest": row["digest"], "size": row["size"],
         "prefer": json.loads(row["prefer"]), "traffic": row["traffic"], "candidate": candidate,
         "rollout_id": row["rollout_id"], "priority": row["priority"],
         "updated_at": row["updated_at"],

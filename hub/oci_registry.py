@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract import names, oci
+from contract.names import parse_package_tag
+from hub import package_use
 from hub.storage.blobs import BlobError, BlobStore, BlobWriter, check_digest
 from hub.storage.db import Database, now
 
@@ -161,6 +163,7 @@ def put_manifest(
             "INSERT OR IGNORE INTO oci_repo_blobs (repo, digest) VALUES (?, ?)", (repo, digest)
         )
         if not is_digest(reference):
+            _refuse_package_change(db, conn, repo, reference, digest)
             conn.execute(
                 "INSERT INTO oci_tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(repo, tag) DO UPDATE SET digest = excluded.digest,"
@@ -168,6 +171,22 @@ def put_manifest(
                 (repo, reference, digest, now()),
             )
     return digest
+
+
+def _refuse_package_change(db: Database, conn: Any, repo: str, tag: str, digest: str) -> None:
+    """A model package's tag never moves (devices running it would get other bytes under
+    the same name): 409 naming what uses it. Read in the write transaction, so two pushes
+    of one new tag cannot both win."""
+    parsed = parse_package_tag(tag) if repo.startswith("models/") else None
+    if parsed is None:
+        return
+    row = conn.execute("SELECT digest FROM oci_tags WHERE repo = ? AND tag = ?",
+                       (repo, tag)).fetchone()
+    if row is None or row[0] == digest:
+        return
+    version, variant = parsed
+    raise RegistryError(409, "DENIED", package_use.refusal(
+        db, repo.removeprefix("models/"), version, variant, row[0]))
 
 
 def tags(db: Database, repo: str, *, n: int | None = None, last: str | None = None) -> list[str]:

@@ -1,8 +1,13 @@
-"""Packages in the hub's registry: which model version has one, signing, listing.
+"""Packages in the hub's registry: which model version has which, signing, listing.
 
-A package of model NAME version V lives in repository `models/NAME` under
-tag `V`. The hub signs packages with its own key (the key every agent pins
-at enrollment), writing a cosign signature into the same repository.
+A version may have several packages, its variants (another runtime, an int8
+optimisation, another platform set), each named: the default variant of model
+NAME version V lives in repository `models/NAME` under tag `V`, variant X under
+`V-X` (`contract.names.package_tag`). A package never changes once pushed: the
+registry refuses to move its tag (409), and a build with other inputs under a
+taken variant name is refused before any work (`check_build`, 409 naming what
+uses it). The hub signs packages with its own key (the key every agent pins at
+enrollment), writing a cosign signature into the same repository.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from contract import cosign, oci
+from contract.canonical import canonical_json
 from contract.errors import BlobNotFound, PackageError, RefNotFound
-from contract.layers import ROLE
-from contract.names import is_number
+from contract.layers import BUILD, ROLE
+from contract.names import DEFAULT_VARIANT, is_number, package_tag, parse_package_tag
 from hub import oci_registry as reg
-from hub.errors import NotFound
+from hub import package_use
+from hub.errors import Conflict, NotFound
 from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
@@ -66,23 +73,82 @@ class RepoStore:
         reg.put_manifest(self.db, self.blobs, self.repo, ref, descriptor.media_type, body)
 
 
-def resolve_package(db: Database, model: str, version: int | str) -> reg.Manifest:
+def _number(version: int | str) -> int:
+    if isinstance(version, int):
+        return version
+    if not is_number(version) or len(version) > 18:
+        raise NotFound(f"no package of version {version[:40]!r}: give a version number")
+    return int(version)
+
+
+def resolve_package(db: Database, model: str, version: int | str,
+                    variant: str = DEFAULT_VARIANT) -> reg.Manifest:
+    tag = package_tag(_number(version), variant)
     try:
-        return reg.resolve(db, repository(model), str(version))
+        return reg.resolve(db, repository(model), tag)
     except RegistryError:
+        flag = "" if variant == DEFAULT_VARIANT else f" --variant {variant}"
+        others = [p["variant"] for p in list_packages_of(db, model, _number(version))]
+        also = f" (it has {', '.join(others)})" if others else ""
         raise NotFound(
-            f"{model}:{version} has no package yet; build one with "
-            f"`edgefleet package build {model}:{version}`"
+            f"{package_use.named(model, version, variant)} has no package yet{also}; build one"
+            " with "
+            f"`edgefleet package build {model}:{version}{flag}`"
         ) from None
+
+
+def list_packages_of(db: Database, model: str, version: int) -> list[dict[str, Any]]:
+    """The variants VERSION has packages for, each {variant, digest}."""
+    found = []
+    for r in db.query("SELECT tag, digest FROM oci_tags WHERE repo = ? ORDER BY tag",
+                      (repository(model),)):
+        parsed = parse_package_tag(r["tag"])
+        if parsed is not None and parsed[0] == version:
+            found.append({"variant": parsed[1], "digest": r["digest"]})
+    return found
+
+
+def build_record(blobs: BlobStore, digest: str) -> dict[str, Any] | None:
+    """The build inputs recorded on the package (index) DIGEST, None for one built before
+    they were recorded or pushed by other tools."""
+    with blobs.open(digest) as f:
+        annotations = json.loads(f.read()).get("annotations") or {}
+    text = annotations.get(BUILD)
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_build(db: Database, blobs: BlobStore, model: str, version: int | str, variant: str,
+                build: dict[str, Any]) -> dict[str, Any]:
+    """Whether a build of MODEL:VERSION's VARIANT with the inputs BUILD may go ahead:
+    {"exists": false} when the variant has no package yet; {"exists": true, digest, signed}
+    when it has one built from the same inputs (building again would give it back, so there
+    is nothing to do); Conflict (409) naming what uses it when it has a different one."""
+    number = _number(version)
+    try:
+        found = resolve_package(db, model, number, variant)
+    except NotFound:
+        return {"exists": False}
+    if build_record(blobs, found.digest) == json.loads(canonical_json(build)):
+        return {"exists": True, "digest": found.digest, "signed": is_signed(db, model, found)}
+    raise Conflict(package_use.refusal(db, model, number, variant, found.digest))
+
+
+def is_signed(db: Database, model: str, found: reg.Manifest) -> bool:
+    return db.query_one("SELECT 1 FROM oci_tags WHERE repo = ? AND tag = ?",
+                        (repository(model), cosign.signature_tag(found.digest))) is not None
 
 
 def sign(
     db: Database, blobs: BlobStore, key: ec.EllipticCurvePrivateKey, model: str,
-    version: int | str, *, reference: str,
+    version: int | str, *, reference: str, variant: str = DEFAULT_VARIANT,
 ) -> str:
-    """Sign the package of MODEL:VERSION with the hub's key; REFERENCE is the
+    """Sign MODEL:VERSION's package VARIANT with the hub's key; REFERENCE is the
     image name written into the signed payload (registry host and repository)."""
-    found = resolve_package(db, model, version)
+    found = resolve_package(db, model, version, variant)
     store = RepoStore(db, blobs, repository(model))
     signature = cosign.sign_package(store, found.digest, key, reference)
     return signature.digest
@@ -132,11 +198,13 @@ def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -
     packages = []
     for r in rows:
         platforms = _platforms(blobs, r["digest"]) if r["media_type"] in oci.INDEX_TYPES else []
+        # An int like every other listing's; a tag someone pushed that is no package tag
+        # (e.g. with skopeo) is still listed, under its tag.
+        version, variant = parse_package_tag(r["tag"]) or (None, None)
         packages.append({
             "model": r["repo"].removeprefix("models/"),
-            # An int like every other listing's; a tag someone pushed that is no version
-            # number (e.g. with skopeo) is still listed, under its tag.
-            "version": int(r["tag"]) if is_number(r["tag"]) else None,
+            "version": version,
+            "variant": variant,
             "tag": r["tag"],
             "repository": r["repo"],
             "digest": r["digest"],
@@ -147,8 +215,9 @@ def list_packages(db: Database, blobs: BlobStore, *, model: str | None = None) -
     return packages
 
 
-def show_package(db: Database, blobs: BlobStore, model: str, version: int | str) -> dict:
-    found = resolve_package(db, model, version)
+def show_package(db: Database, blobs: BlobStore, model: str, version: int | str,
+                 variant: str = DEFAULT_VARIANT) -> dict:
+    found = resolve_package(db, model, version, variant)
     images = []
     for entry in _platforms(blobs, found.digest):
         with blobs.open(entry["digest"]) as f:
@@ -161,7 +230,10 @@ def show_package(db: Database, blobs: BlobStore, model: str, version: int | str)
                 for layer in manifest.layers
             ],
         })
-    listed = [p for p in list_packages(db, blobs, model=model) if p["tag"] == str(version)]
+    tag = package_tag(_number(version), variant)
+    listed = [p for p in list_packages(db, blobs, model=model) if p["tag"] == tag]
     with blobs.open(found.digest) as f:
         annotations = json.loads(f.read()).get("annotations", {})
-    return {**listed[0], "annotations": annotations, "images": images}
+    return {**listed[0], "annotations": annotations, "build": build_record(blobs, found.digest),
+            "used_by": package_use.users(db, model, _number(version), variant),
+            "images": images}

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from hub import validation
+from hub import package_use, validation
 from hub.errors import Conflict, NotFound, Unprocessable
 from hub.storage.blobs import BlobStore, check_digest
 from hub.storage.db import Database, dumps, now
@@ -233,7 +233,8 @@ def version_file(db: Database, name: str, version: int | str, path: str) -> dict
 
 
 def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> None:
-    """Forget a version; refused while an active deployment still runs it."""
+    """Forget a version; refused (409, naming them) while a deployment, a rollout under way
+    or such a rollout's rollback needs it."""
     with db.transaction() as conn:
         row = conn.execute(
             "SELECT id FROM model_versions WHERE model = ? AND version = ?", (name, version)
@@ -241,17 +242,14 @@ def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> N
         if row is None:
             _require_model(db, name)
             raise NotFound(f"model {name!r} has no version {version}")
-        users = [
-            r[0] for r in conn.execute(
-                "SELECT device_id FROM deployments WHERE model = ? AND active = 1"
-                " AND (version = ? OR candidate_version = ?) ORDER BY device_id LIMIT 6",
-                (name, version, version),
-            )
-        ]
+        # Deployments that run it, rollouts under way that ship it, and their devices
+        # whose rollback would give it back: each would fail without its package.
+        users = package_use.users(db, name, version)
         if users:
-            shown = ", ".join(users[:5]) + (" and more" if len(users) > 5 else "")
             raise Conflict(
-                f"{name}:{version} is deployed on {shown}; deploy another version there first"
+                f"{name}:{version} is still needed: {package_use.describe(users)}; deploy "
+                "another version there, or let those rollouts end (`edgefleet rollout abort "
+                "ID`, or roll them back) first"
             )
         digests = [
             r[0] for r in conn.execute(

@@ -118,6 +118,7 @@ def build_package(
     prefer: Sequence[str] | None = None,
     sample_request: Mapping[str, Any] | None = None,
     tag: str | None = None,
+    index_annotations: Mapping[str, str] | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
 ) -> BuildResult:
     """Build model NAME VERSION from FILES (relative name -> file) into the OCI layout LAYOUT.
@@ -131,7 +132,9 @@ def build_package(
     SKIP_UNAVAILABLE, a platform that has no wheel or no base image is left
     out instead of failing the build. PREFER overrides the
     runtime's accelerator preference; SAMPLE_REQUEST the self-test request
-    generated from the signature. PROGRESS is called as each step starts.
+    generated from the signature. INDEX_ANNOTATIONS go on the index only (the hub's build
+    pipeline records the variant and build inputs there). PROGRESS is called as each step
+    starts.
     """
     chosen = choose_runtime(info.framework, runtime)
     targets = _platforms(platforms)
@@ -228,7 +231,7 @@ def build_package(
                 "schemaVersion": 2,
                 "mediaType": INDEX,
                 "manifests": [d.to_dict() for d in manifests.values()],
-                "annotations": annotations,
+                "annotations": {**annotations, **(index_annotations or {})},
             }
         ),
         INDEX,

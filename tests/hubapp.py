@@ -69,19 +69,25 @@ class InProcessHub:
         record = registry.register_version(self.db, self.state.blobs, name=model,
                                            files=[("model.onnx", digest)], created_by="test")
         assert record["version"] == version
+        self.push(model, layout, str(version), str(version))
+        self.sign(model, version)
+
+    def push(self, model: str, layout: oci.OCILayout, ref: str, tag: str) -> str:
+        """Put LAYOUT's package REF into the hub's repository of MODEL under TAG, as the
+        registry's push does; returns the index digest."""
         repo = packages.RepoStore(self.db, self.state.blobs, packages.repository(model))
-        index = layout.resolve(str(version))
+        index = layout.resolve(ref)
         for entry in oci.parse_index(layout.get(index.digest), what="index"):
             manifest = oci.parse_manifest(layout.get(entry.digest), what="manifest")
             for blob in (manifest.config, *manifest.layers):
                 repo.put(layout.get(blob.digest), blob.media_type)
             repo.put(layout.get(entry.digest), entry.media_type)
-        repo.tag(str(version), repo.put(layout.get(index.digest), index.media_type))
-        self.sign(model, version)
+        repo.tag(tag, repo.put(layout.get(index.digest), index.media_type))
+        return index.digest
 
-    def sign(self, model: str, version: int) -> None:
+    def sign(self, model: str, version: int, variant: str = "default") -> None:
         packages.sign(self.db, self.state.blobs, self.state.signing_key, model, version,
-                      reference=f"testserver/{packages.repository(model)}")
+                      reference=f"testserver/{packages.repository(model)}", variant=variant)
 
     def deploy(self, devices: Sequence[str], model: str, version: int, name: str) -> None:
         deployments.assign_many(self.db, devices, name=name, model=model, version=version)

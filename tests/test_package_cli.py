@@ -158,7 +158,8 @@ def test_build_errors_are_clear(cli: Cli, model: str) -> None:
     assert local.returncode != 0 and "Traceback" not in local.stderr
     for base, says in (("nosuch-dir", "is not a file, a directory or REPOSITORY:TAG"),
                        ("bases/nosuch:1", "is not in the hub's registry")):
-        failed = cli.run("package", "build", model, "--base", base, ok=False)
+        failed = cli.run("package", "build", model, "--base", base, "--variant", "based",
+                         ok=False)
         assert says in failed.stderr and "Traceback" not in failed.stderr
 
 

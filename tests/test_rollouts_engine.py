@@ -283,11 +283,18 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
     Database(path)
     old = sqlite3.connect(path, isolation_level=None)
     old.execute("ALTER TABLE rollouts DROP COLUMN spec")
+    for table, column in OLDER_THAN_3:
+        old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)
     assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
-    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "2"}
+    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "3"}
+
+
+# The columns schema version 3 added (package variants).
+OLDER_THAN_3 = (("deployments", "variant"), ("deployments", "candidate_variant"),
+                ("rollout_devices", "previous_variant"))
 
 
 def test_a_manual_deploy_during_a_rollout_is_a_takeover_the_rollback_leaves_alone(

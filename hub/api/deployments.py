@@ -13,17 +13,20 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.names import DEFAULT_VARIANT
 from hub import deployments, devices
 from hub.api import auth
 from hub.api.state import HubState, hub_state
 from hub.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["deployments"])
+VARIANT_HELP = "the version's package variant, as named at build"
 
 
 class CandidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int | Literal["latest"]
+    variant: str = Field(DEFAULT_VARIANT, max_length=64, description=VARIANT_HELP)
     traffic: int = Field(description="split: percent of requests it answers (1-99); shadow: "
                          "percent of requests copied to it (1-100)")
     shadow: bool = False
@@ -33,6 +36,7 @@ class DeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64)
     version: int | Literal["latest"]
+    variant: str = Field(DEFAULT_VARIANT, max_length=64, description=VARIANT_HELP)
     name: str | None = Field(None, max_length=64, description="deployment name; default: "
                              "the model's name")
     prefer: list[str] = Field([], description="runtime:DEVICE choices, best first")
@@ -53,11 +57,12 @@ async def deploy(
     name = body.name or body.model
     request.state.audit = ("device.deploy", f"{device_id}/{name}")
     candidate = None if body.candidate is None else deployments.Candidate(
-        body.candidate.version, body.candidate.traffic, body.candidate.shadow)
+        body.candidate.version, body.candidate.traffic, body.candidate.shadow,
+        body.candidate.variant)
     generation = await run_in_threadpool(
         lambda: deployments.assign(
             state.db, device_id, name=name, model=body.model, version=body.version,
-            prefer=body.prefer, candidate=candidate)
+            variant=body.variant, prefer=body.prefer, candidate=candidate)
     )
     _publish(state, device_id)
     desired = await run_in_threadpool(deployments.for_device, state.db, device_id)

@@ -28,6 +28,7 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(max_length=64)
     version: int | str = Field(description="a version number or 'latest'")
+    variant: str = _option("variant", max_length=64)
     target: dict[str, str] = Field(description="tag selector; every key=value must match")
     deployment: str | None = Field(None, max_length=64,
                                    description="deployment name on the devices; the model's")

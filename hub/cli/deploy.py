@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from contract import names
+from contract.names import DEFAULT_VARIANT
 from hub.cli.models import parse_ref
 from hub.cli.output import client, emit_one, hub_options, json_option, say
 from hub.validation import is_number
@@ -24,6 +25,8 @@ def _version(text: str) -> int | str:
               help="Deployment name on the device [default: the model's name].")
 @click.option("--prefer",
               help="Runtimes and accelerators, best first: openvino:GPU,onnxruntime:CPU.")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
+              help="The version's package variant, as named by `package build --variant`.")
 @click.option("--candidate",
               help="A second version beside MODEL:VERSION, for an A/B split or shadow.")
 @click.option("--traffic", type=click.IntRange(1, 100),
@@ -31,11 +34,14 @@ def _version(text: str) -> int | str:
               "of (shadow).")
 @click.option("--shadow", is_flag=True,
               help="The candidate only gets copies; MODEL:VERSION answers all.")
+@click.option("--candidate-variant", default=DEFAULT_VARIANT, show_default=True,
+              help="The candidate's package variant.")
 @hub_options
 @json_option
 def deploy(
-    ref: str, device_id: str, name: str | None, prefer: str | None, candidate: str | None,
-    traffic: int | None, shadow: bool, hub: str | None, token: str | None, as_json: bool,
+    ref: str, device_id: str, name: str | None, prefer: str | None, variant: str,
+    candidate: str | None, traffic: int | None, shadow: bool, candidate_variant: str,
+    hub: str | None, token: str | None, as_json: bool,
 ) -> None:
     """Make a device run MODEL:VERSION; replaces that deployment's version if it has one.
 
@@ -54,11 +60,11 @@ def deploy(
     if candidate is not None and not (is_number(candidate) or candidate == "latest"):
         raise click.BadParameter(f"{candidate!r} should be a version number of {model}",
                                  param_hint="--candidate")
-    body: dict[str, Any] = {"model": model, "version": _version(version),
+    body: dict[str, Any] = {"model": model, "version": _version(version), "variant": variant,
                             "name": name or model, "prefer": names.comma_list(prefer)}
     if candidate is not None:
         body["candidate"] = {"version": _version(candidate), "traffic": traffic or 100,
-                             "shadow": shadow}
+                             "shadow": shadow, "variant": candidate_variant}
     answer = client(hub, token).post(f"/api/v1/devices/{device_id}/deployments", json=body)
     if as_json:
         emit_one(answer, as_json=True)
@@ -68,7 +74,9 @@ def deploy(
     if (c := d["candidate"]) is not None:
         extra = (f" with {d['model']}:{c['version']} in shadow on {c['traffic']}% of requests"
                  if c["shadow"] else f" with {d['model']}:{c['version']} on {c['traffic']}%")
-    say(f"{device_id}: {d['name']} runs {d['model']}:{d['version']}{extra} "
+    runs = f"{d['model']}:{d['version']}" + (
+        "" if d["variant"] == DEFAULT_VARIANT else f" (variant {d['variant']})")
+    say(f"{device_id}: {d['name']} runs {runs}{extra} "
         f"(desired generation {answer['generation']})")
     say((f"Follow it with: edgefleet device show {device_id}", "dim"))
 

@@ -1,8 +1,12 @@
 """The package build pipeline as one plain function: `build_version`.
 
-It downloads a model version's files from the hub, prepares the model for its
-runtime, builds the package, then pushes it to the hub's registry and has the
-hub sign it (or writes an OCI layout). It reports progress through a callback
+It asks the hub first whether the package variant exists: built from the same
+inputs, there is nothing to do (the build would give the same digest); from
+other inputs, the hub refuses (409, naming what uses it) before any work,
+since a package never changes. Otherwise it downloads a model version's
+files from the hub, prepares the model for its runtime, builds the package,
+then pushes it to the hub's registry and has the hub sign it (or writes an
+OCI layout). It reports progress through a callback
 and prints nothing, so `edgefleet package build` only parses options, draws
 the progress and prints the result, and tests call it in-process.
 """
@@ -10,12 +14,16 @@ the progress and prints the result, and tests call it in-process.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from contract.names import DEFAULT_VARIANT
 from hub.cli.client import HubClient
 from hub.cli.models import download_version
 
@@ -54,6 +62,7 @@ class BuildOptions:
     """What `package build` takes besides MODEL:VERSION; see its --help for each."""
 
     platforms: tuple[str, ...]
+    variant: str = DEFAULT_VARIANT  # the package's name among the version's packages
     runtime: str | None = None
     image: bool = False  # runnable images (container mode): base, deps and edgefleet layers
     base: str | None = None  # an OCI layout or archive, or REPOSITORY:TAG in the hub's registry
@@ -65,11 +74,29 @@ class BuildOptions:
     source_date_epoch: int | None = None
     key_path: Path | None = None  # also sign with this private key
 
+    def inputs(self, runtime: str, files: Mapping[str, str]) -> dict[str, Any]:
+        """What makes the package (FILES: the version's path -> digest): recorded on it,
+        so a later build of its variant is known to be the same package (nothing to do) or
+        another one (refused)."""
+        epoch = self.source_date_epoch
+        listed = json.dumps(sorted(files.items())).encode()
+        return {
+            "files": "sha256:" + hashlib.sha256(listed).hexdigest(), "runtime": runtime,
+            "platforms": sorted(self.platforms), "skip_unavailable": self.skip_unavailable,
+            "image": self.image or self.base is not None, "base": self.base,
+            "base_ref": self.base_ref, "optimize": self.optimize,
+            "max_abs_diff": self.max_abs_diff,
+            "prefer": list(self.prefer) if self.prefer is not None else None,
+            "source_date_epoch": str(epoch) if epoch is not None
+            else os.environ.get("SOURCE_DATE_EPOCH", "0"),
+        }
+
 
 @dataclass(frozen=True)
 class BuiltPackage:
     model: str
     version: int
+    variant: str
     digest: str
     tag: str
     runtime: str
@@ -80,10 +107,12 @@ class BuiltPackage:
     pushed: str | None = None  # REPOSITORY:TAG in the hub, when pushed
     signature: str | None = None  # digest of the hub's signature, when pushed
     layout: Path | None = None  # the OCI layout written, when not pushed
+    unchanged: bool = False  # the hub had this very package already: nothing was built
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "model": self.model, "version": self.version, "digest": self.digest,
+            "model": self.model, "version": self.version, "variant": self.variant,
+            "digest": self.digest, "unchanged": self.unchanged,
             "platforms": list(self.platforms), "skipped": dict(self.skipped),
             "runtime": self.runtime, "notes": list(self.notes),
             "accuracy": self.accuracy,
@@ -107,9 +136,12 @@ def build_version(
     Raises the hub client's one-line errors and the packager's own (PackageError,
     SignatureError, FileExistsError) for the caller to report.
     """
+    from contract.canonical import canonical_json
     from contract.cosign import sign_package
+    from contract.layers import BUILD, VARIANT
+    from contract.names import package_tag
     from contract.oci import OCILayout
-    from contract.runtimes import choose_runtime
+    from contract.runtimes import check_platforms, choose_runtime
     from contract.signing import load_private_key
     from packager.base import DebianBase, pull_base
     from packager.build import BuildProgress, build_package
@@ -120,8 +152,27 @@ def build_version(
 
     record = hub.get(f"/api/v1/models/{name}/versions/{version}")
     name, number = record["name"], record["version"]
+    tag = package_tag(number, options.variant)
     # Loaded before any work, so a bad key file fails at once.
     key = load_private_key(options.key_path) if options.key_path is not None else None
+    runtime = choose_runtime(record["framework"], options.runtime).name
+    check_platforms(options.platforms)
+    inputs = options.inputs(runtime, {f["path"]: f["digest"] for f in record["files"]})
+    if out is None:
+        variant = {"variant": options.variant}
+        found = hub.get(f"/api/v1/packages/{name}/{number}/check",  # 409 if the name is taken
+                        params={**variant, "build": json.dumps(inputs)})
+        if found["exists"]:
+            if not found["signed"]:
+                progress(BuildEvent(Stage.SIGN, "sign with the hub's key"))
+                hub.post(f"/api/v1/packages/{name}/{number}/sign", params=variant)
+            shown = hub.get(f"/api/v1/packages/{name}/{number}", params=variant)
+            return BuiltPackage(
+                model=name, version=number, variant=options.variant, digest=found["digest"],
+                tag=tag, runtime=runtime, platforms=tuple(sorted(shown["platforms"])),
+                skipped={}, notes=("already built from the same inputs: nothing to do",),
+                accuracy=None, pushed=f"models/{name}:{tag}",
+                unchanged=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         sizes = {f["path"]: f["size"] for f in record["files"]}
         files = download_version(
@@ -130,7 +181,6 @@ def build_version(
                 BuildEvent(Stage.DOWNLOAD, f"download {path}", n, sizes[path])),
         )
         info = ModelInfo.from_dict({k: record[k] for k in ("framework", "entrypoint", "signature")})
-        runtime = choose_runtime(info.framework, options.runtime).name
         progress(BuildEvent(Stage.PREPARE, f"prepare the model for {runtime}"))
         prepared = prepare_model(
             files, info, runtime=runtime, optimize=options.optimize,
@@ -161,7 +211,9 @@ def build_version(
                 debian=DebianBase(registry=registry, push=out is None)
                 if options.image and options.base is None else None,
                 skip_unavailable=options.skip_unavailable,
-                source_date_epoch=options.source_date_epoch, prefer=options.prefer,
+                source_date_epoch=options.source_date_epoch, prefer=options.prefer, tag=tag,
+                index_annotations={VARIANT: options.variant,
+                                   BUILD: canonical_json(inputs).decode()},
                 progress=built,
             )
         layout = OCILayout(layout_dir)
@@ -170,7 +222,8 @@ def build_version(
             progress(BuildEvent(Stage.SIGN, "sign with your key"))
             sign_package(layout, result.digest, key, repository)
         package = BuiltPackage(
-            model=name, version=number, digest=result.digest, tag=result.tag, runtime=runtime,
+            model=name, version=number, variant=options.variant, digest=result.digest,
+            tag=result.tag, runtime=runtime,
             platforms=tuple(sorted(result.manifests)), skipped=dict(result.skipped),
             notes=tuple(prepared.notes),
             accuracy=prepared.accuracy.describe() if prepared.accuracy else None,
@@ -192,5 +245,6 @@ def build_version(
             push_layout(layout, registry, repository, refs, progress=pushed)
         pushed(max(0, total - sent))  # the manifests, which go up whole without reports
         progress(BuildEvent(Stage.SIGN, "sign with the hub's key"))
-        signed = hub.post(f"/api/v1/packages/{name}/{number}/sign")
+        signed = hub.post(f"/api/v1/packages/{name}/{number}/sign",
+                          params={"variant": options.variant})
         return replace(package, pushed=f"{repository}:{result.tag}", signature=signed["signature"])

@@ -18,6 +18,7 @@ import click
 from rich.progress import Progress, TaskID
 
 from contract import names
+from contract.names import DEFAULT_VARIANT, package_tag
 from contract.runtimes import RUNTIMES
 from hub.cli.models import parse_ref
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
@@ -52,6 +53,13 @@ class _Drawing:
             self.bars.remove_task(self.step)
 
 
+def _variant(text: str) -> str:
+    try:
+        return names.variant(text)
+    except names.InvalidName as exc:
+        raise click.BadParameter(str(exc), param_hint="--variant") from None
+
+
 def _packager_errors() -> tuple[type[Exception], ...]:
     from contract.errors import PackageError
     from contract.signing import SignatureError
@@ -68,6 +76,9 @@ def package() -> None:
 @click.argument("ref")
 @click.option("--platform", "platforms", default="linux/amd64,linux/arm64,linux/arm/v7",
               show_default=True, help="Comma-separated OCI platforms.")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
+              help="Name of this package among the version's packages (e.g. int8, openvino); "
+              "a package never changes, so other options need another name.")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)),
               help="Serving runtime [default: from the model's framework].")
 @click.option("--image", is_flag=True,
@@ -100,7 +111,7 @@ def package() -> None:
 @hub_options
 @json_option
 def build(
-    ref: str, platforms: str, runtime: str | None, image: bool, base: str | None,
+    ref: str, platforms: str, variant: str, runtime: str | None, image: bool, base: str | None,
     base_ref: str | None, out: Path | None, no_deps: bool, skip_unavailable: bool,
     optimize: str | None,
     max_abs_diff: float | None, prefer: str | None,
@@ -113,16 +124,19 @@ def build(
     or int8 variants. Either way the result is run beside the registered model
     on sample inputs and the build fails if their outputs differ too much.
     The same model version, options and SOURCE_DATE_EPOCH always give the same
-    index digest.
+    index digest, and building them again does nothing. A package never changes:
+    another runtime, optimisation or platform set is another --variant of the
+    version, which deploy and rollout create name with their --variant.
 
     \b
     Example: edgefleet package build diabetes:2 --platform linux/amd64,linux/arm64
+    Example: edgefleet package build diabetes:2 --optimize int8 --variant int8
     """
     if no_deps and (image or base):
         raise click.UsageError("--no-deps and --image/--base exclude each other: an image needs "
                                "its deps")
     options = BuildOptions(
-        platforms=tuple(names.comma_list(platforms)),
+        platforms=tuple(names.comma_list(platforms)), variant=_variant(variant),
         runtime=runtime, image=image, base=base, base_ref=base_ref,
         skip_unavailable=skip_unavailable, optimize=optimize, max_abs_diff=max_abs_diff,
         prefer=tuple(names.comma_list(prefer)) if prefer else None,
@@ -141,13 +155,17 @@ def build(
     if as_json:
         emit_one(built.to_json(), as_json=True)
         return
-    say(("Built ", ""), (f"{built.model}:{built.version}", "bold"), f" {built.digest}")
+    what = f"{built.model}:{built.version}" + (
+        "" if built.variant == DEFAULT_VARIANT else f" variant {built.variant}")
+    say(("Unchanged " if built.unchanged else "Built ", ""), (what, "bold"), f" {built.digest}")
     say(f"  runtime: {built.runtime}; platforms: {', '.join(built.platforms)}")
     for note in built.notes:
         say(f"  {note}")
     for platform, reason in built.skipped.items():
         say((f"  skipped {platform}", "yellow"), f": {reason}")
-    if built.pushed is not None:
+    if built.unchanged:
+        say(f"  already in {hub_client.connection.hub} as {built.pushed}, signed by the hub")
+    elif built.pushed is not None:
         say(f"  pushed to {hub_client.connection.hub} as {built.pushed}, signed by the hub")
     else:
         say(f"  OCI layout: {out} (tag {built.tag})"
@@ -156,7 +174,7 @@ def build(
 
 @contextmanager
 def _open_source(
-    ref: str, hub: str | None, token: str | None
+    ref: str, variant: str, hub: str | None, token: str | None
 ) -> Iterator[tuple[Any, str, str | None]]:
     """(image source, tag, repository) for a layout/archive path or MODEL:VERSION in the hub."""
     from contract.oci import open_image
@@ -179,7 +197,8 @@ def _open_source(
     if version == "latest":
         version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
     with hub_client.registry() as registry:
-        yield RemoteImage(registry, f"models/{name}"), version, f"models/{name}"
+        yield (RemoteImage(registry, f"models/{name}"), package_tag(int(version), variant),
+               f"models/{name}")
 
 
 @package.command()
@@ -187,10 +206,13 @@ def _open_source(
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Public key to check the signature with [default for hub packages: the hub's].")
 @click.option("--platform", "platforms", help="Only check these platforms (comma-separated).")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
+              help="Which of the version's packages.")
 @hub_options
 @json_option
 def verify(
-    ref: str, key_path: Path | None, platforms: str | None, hub: str | None, token: str | None,
+    ref: str, key_path: Path | None, platforms: str | None, variant: str, hub: str | None,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Check a package's signature and the digest of every blob in it.
@@ -205,7 +227,7 @@ def verify(
     from contract.verify import verify_package
 
     try:
-        with _open_source(ref, hub, token) as (source, tag, repository):
+        with _open_source(ref, _variant(variant), hub, token) as (source, tag, repository):
             if key_path is not None:
                 public = load_public_key(key_path.read_bytes())
             elif repository is not None:
@@ -236,9 +258,12 @@ def verify(
               help="The OCI archive to write (e.g. pkg.tar).")
 @click.option("--platform", "platforms", help="Only these platforms (comma-separated).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
+              help="Which of the version's packages.")
 @hub_options
 def export(
-    ref: str, out: Path, platforms: str | None, quiet: bool, hub: str | None, token: str | None
+    ref: str, out: Path, platforms: str | None, quiet: bool, variant: str, hub: str | None,
+    token: str | None,
 ) -> None:
     """Write a package from the hub, with its signatures, as an OCI archive.
 
@@ -255,14 +280,15 @@ def export(
     hub_client = client(hub, token)
     if version == "latest":
         version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
+    tag = package_tag(int(version), _variant(variant))
     try:
         with hub_client.registry() as registry, \
                 tempfile.TemporaryDirectory(prefix="edgefleet-export-") as tmp, \
                 progress_bar(quiet=quiet) as bars:
             layout = OCILayout.create(Path(tmp) / "layout")
-            task = bars.add_task(f"pull models/{name}:{version}", total=None)
+            task = bars.add_task(f"pull models/{name}:{tag}", total=None)
             index = pull_to_layout(
-                registry, f"models/{name}", version, layout,
+                registry, f"models/{name}", tag, layout,
                 platforms=names.comma_list(platforms) or None,
                 progress=lambda n: bars.advance(task, n),
             )
@@ -270,7 +296,7 @@ def export(
             write_archive(layout, out)
     except _packager_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    say(f"Wrote {out} ({index.digest}, tag {version})")
+    say(f"Wrote {out} ({index.digest}, tag {tag})")
 
 
 @package.command("list")
@@ -284,22 +310,28 @@ def list_(model: str | None, hub: str | None, token: str | None, as_json: bool) 
     Example: edgefleet package list diabetes
     """
     rows = client(hub, token).get("/api/v1/packages", params={"model": model})
-    emit(rows, ["model", "version", "digest", "platforms", "signed", "updated_at"],
+    emit(rows, ["model", "version", "variant", "digest", "platforms", "signed", "updated_at"],
          as_json=as_json)
 
 
 @package.command()
 @click.argument("ref")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
+              help="Which of the version's packages.")
 @hub_options
 @json_option
-def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
+def show(ref: str, variant: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """Show a package: platforms, and each image's layers with their roles and sizes.
 
     \b
     Example: edgefleet package show diabetes:2
     """
     name, version = parse_ref(ref)
-    record = client(hub, token).get(f"/api/v1/packages/{name}/{version}")
+    hub_client = client(hub, token)
+    if version == "latest":
+        version = str(hub_client.get(f"/api/v1/models/{name}/versions/latest")["version"])
+    record = hub_client.get(f"/api/v1/packages/{name}/{version}",
+                            params={"variant": _variant(variant)})
     if as_json:
         emit_one(record, as_json=True)
         return

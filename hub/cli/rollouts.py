@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from contract import names
+from contract.names import DEFAULT_VARIANT
 from hub.cli.models import parse_ref
 from hub.cli.output import (
     client,
@@ -81,6 +82,7 @@ def rollout() -> None:
 @click.argument("ref")
 @click.option("--target", required=True, help="Tag selector, e.g. 'site=berlin,arch=arm64'.")
 @click.option("--deployment", help="Deployment name on the devices [default: the model name].")
+@_option("variant")
 @_option("waves")
 @_option("max_failures")
 @_option("soak")
@@ -95,7 +97,8 @@ def rollout() -> None:
 @hub_options
 @json_option
 def create(
-    ref: str, target: str, deployment: str | None, waves: str, max_failures: str, soak: str,
+    ref: str, target: str, deployment: str | None, variant: str, waves: str, max_failures: str,
+    soak: str,
     device_timeout: str, auto_rollback: bool, traffic: int | None, shadow: bool, priority: int,
     prefer: str | None, max_error_rate: float, max_latency_ratio: float, hub: str | None,
     token: str | None, as_json: bool,
@@ -109,8 +112,8 @@ def create(
     """
     name, version = parse_ref(ref)
     record = client(hub, token).post("/api/v1/rollouts", json={
-        "model": name, "version": version, "target": _target(target), "deployment": deployment,
-        "waves": waves, "max_failures": max_failures, "soak": soak,
+        "model": name, "version": version, "variant": variant, "target": _target(target),
+        "deployment": deployment, "waves": waves, "max_failures": max_failures, "soak": soak,
         "device_timeout": device_timeout, "auto_rollback": auto_rollback, "traffic": traffic,
         "shadow": shadow, "priority": priority, "max_error_rate": max_error_rate,
         "max_latency_ratio": max_latency_ratio,
@@ -120,12 +123,14 @@ def create(
         emit_one(record, as_json=True)
         return
     total = sum(w["devices"] for w in record["waves_progress"])
+    shipped = f"{name}:{record['version']}" + (
+        "" if record["variant"] == DEFAULT_VARIANT else f" (variant {record['variant']})")
     if total:
         sizes = ", ".join(str(w["devices"]) for w in record["waves_progress"])
         say("Rollout ", (record["id"], "bold"),
-            f": {name}:{record['version']} to {total} device(s) in waves of {sizes}")
+            f": {shipped} to {total} device(s) in waves of {sizes}")
     else:
-        say("Rollout ", (record["id"], "bold"), f": {name}:{record['version']}; no device "
+        say("Rollout ", (record["id"], "bold"), f": {shipped}; no device "
             "matches the target yet: devices that join it get the version")
     say((f"Follow it with: edgefleet rollout watch {record['id']}", "dim"))
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from contract.errors import PackageError
+from contract.names import DEFAULT_VARIANT
 from hub import deployments, packages, validation
 from hub.errors import Conflict
 from hub.rollouts import reads, store
@@ -37,7 +38,7 @@ def create(db: Database, blobs: BlobStore, *, model: str, version: int | str, cr
     validation.model_name(model)
     checked = validation.version(version)
     spec = specs.parse(model=model, version=0, **options)  # the text first: no lookup wasted
-    number, package = deployments.signed_package(db, model, checked)
+    number, package = deployments.signed_package(db, model, checked, spec.variant)
     spec = dataclasses.replace(spec, version=number)
     devices = store.target_devices(db, spec.target)
     if spec.split:
@@ -152,14 +153,16 @@ def roll_back_in(db: Database, rollout: store.Rollout, *, actor: str,
     if store.row(db, rollout.id)["state"] == "rolled_back":
         return []
     touched = db.query(
-        "SELECT device_id, previous_version FROM rollout_devices WHERE rollout_id = ?"
-        " AND assigned_at IS NOT NULL AND state != 'skipped'", (rollout.id,))
-    by_previous: dict[int | None, list[str]] = {}
+        "SELECT device_id, previous_version, previous_variant FROM rollout_devices"
+        " WHERE rollout_id = ? AND assigned_at IS NOT NULL AND state != 'skipped'",
+        (rollout.id,))
+    by_previous: dict[tuple[int | None, str], list[str]] = {}
     for t in touched:
-        by_previous.setdefault(t["previous_version"], []).append(t["device_id"])
+        key = (t["previous_version"], t["previous_variant"] or DEFAULT_VARIANT)
+        by_previous.setdefault(key, []).append(t["device_id"])
     spec = rollout.spec
     changed: list[str] = []
-    for previous, devices in by_previous.items():
+    for (previous, variant), devices in by_previous.items():
         # Only where this rollout still owns the deployment: another rollout may have taken over.
         owned = [r["device_id"] for r in db.query(
             "SELECT device_id FROM deployments WHERE name = ? AND rollout_id = ? AND active = 1"
@@ -171,7 +174,7 @@ def roll_back_in(db: Database, rollout: store.Rollout, *, actor: str,
             deployments.unassign_many(db, owned, spec.deployment)
         else:
             deployments.assign_many(db, owned, name=spec.deployment, model=spec.model,
-                                    version=previous, prefer=spec.prefer)
+                                    version=previous, variant=variant, prefer=spec.prefer)
         changed += owned
     with db.transaction() as conn:
         # Only the devices given their previous version back are rolled back; failed ones

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from contract.names import DEFAULT_VARIANT
 from hub import audit, deployments
 from hub.errors import HubError
 from hub.rollouts import commands, health, store
@@ -178,7 +179,8 @@ class Engine:
             return []
         spec = rollout.spec
         current = {r["device_id"]: r for r in self.db.query(
-            "SELECT d.device_id, d.version, d.rollout_id, r.priority AS owner_priority,"
+            "SELECT d.device_id, d.version, d.variant, d.rollout_id,"
+            " r.priority AS owner_priority,"
             " r.state AS owner_state FROM deployments d LEFT JOIN rollouts r"
             " ON r.id = d.rollout_id WHERE d.name = ? AND d.active = 1"
             " AND d.device_id IN (SELECT value FROM json_each(?))",
@@ -195,11 +197,13 @@ class Engine:
         chosen = [d for d in devices if d not in skipped]
         if chosen and not spec.split:
             deployments.assign_many(self.db, chosen, name=spec.deployment, model=spec.model,
-                                    version=spec.version, prefer=spec.prefer,
+                                    version=spec.version, variant=spec.variant,
+                                    prefer=spec.prefer,
                                     rollout_id=rollout.id, priority=spec.priority)
         elif chosen:
-            candidate = deployments.Candidate(spec.version, spec.traffic or 100, spec.shadow)
-            by_primary: dict[int, list[str]] = {}
+            candidate = deployments.Candidate(spec.version, spec.traffic or 100, spec.shadow,
+                                              spec.variant)
+            by_primary: dict[tuple[int, str], list[str]] = {}
             for device in chosen:
                 if device not in current:
                     skipped[device] = "an A/B or shadow rollout needs a version already serving"
@@ -207,10 +211,12 @@ class Engine:
                     skipped[device] = (f"it already serves {spec.model}:{spec.version}, so "
                                        "that cannot be its candidate")
                 else:
-                    by_primary.setdefault(current[device]["version"], []).append(device)
-            for primary, group in by_primary.items():
+                    serving = current[device]
+                    key = (serving["version"], serving["variant"] or DEFAULT_VARIANT)
+                    by_primary.setdefault(key, []).append(device)
+            for (primary, variant), group in by_primary.items():
                 deployments.assign_many(self.db, group, name=spec.deployment, model=spec.model,
-                                        version=primary, candidate=candidate,
+                                        version=primary, variant=variant, candidate=candidate,
                                         prefer=spec.prefer, rollout_id=rollout.id,
                                         priority=spec.priority)
         stamp = self._now()
@@ -218,9 +224,11 @@ class Engine:
         with self.db.transaction() as conn:
             conn.executemany(
                 "UPDATE rollout_devices SET state = 'assigned', assigned_at = ?,"
-                " previous_version = ? WHERE rollout_id = ? AND device_id = ?",
-                [(stamp, current[d]["version"] if d in current else None, rollout.id, d)
-                 for d in assigned])
+                " previous_version = ?, previous_variant = ? WHERE rollout_id = ?"
+                " AND device_id = ?",
+                [(stamp, current[d]["version"] if d in current else None,
+                  (current[d]["variant"] or DEFAULT_VARIANT) if d in current else None,
+                  rollout.id, d) for d in assigned])
             conn.executemany(
                 "UPDATE rollout_devices SET state = 'skipped', error = ? WHERE rollout_id = ?"
                 " AND device_id = ?", [(why, rollout.id, d) for d, why in skipped.items()])

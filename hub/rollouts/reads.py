@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from contract.names import DEFAULT_VARIANT
 from hub.rollouts import store
 from hub.rollouts.states import RolloutState
 from hub.storage.db import Database, format_time
@@ -18,7 +19,14 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     record["prefer"] = json.loads(row["prefer"])
     record["auto_rollback"] = bool(row["auto_rollback"])
     record["shadow"] = bool(row["shadow"])
+    record["variant"] = _variant(row["spec"])
     return record
+
+
+def _variant(spec: str | None) -> str:
+    # Read from the stored spec without checking the rest: a listing shows what is stored.
+    value = json.loads(spec).get("variant") if spec else None
+    return value if isinstance(value, str) else DEFAULT_VARIANT
 
 
 def list_rollouts(db: Database, *, state: RolloutState | None = None) -> list[dict[str, Any]]:
@@ -56,7 +64,8 @@ def show(db: Database, rollout_id: str, *, devices: bool = False,
     record.update(_soak(db, row, at or datetime.now(UTC)))
     if devices:
         record["devices"] = db.query(
-            "SELECT device_id, wave, state, previous_version, assigned_at, serving_at, error"
+            "SELECT device_id, wave, state, previous_version, previous_variant, assigned_at,"
+            " serving_at, error"
             " FROM rollout_devices WHERE rollout_id = ? ORDER BY wave, device_id", (rollout_id,))
     return record
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from contract import names
+from contract.names import DEFAULT_VARIANT
 from hub import deployments, validation
 from hub.validation import InvalidInput
 
@@ -28,6 +30,8 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {
+    "variant": Option(DEFAULT_VARIANT, "The version's package variant to roll out, as named "
+                                       "by `package build --variant`."),
     "waves": Option("100%", "Cumulative waves: 5%,25%,100% or 10,100,all; the last covers all."),
     "max_failures": Option("0", "Failures allowed before the rollout pauses: a share of the "
                                 "target (5%, at most 100%) or a count (3)."),
@@ -167,6 +171,7 @@ class RolloutSpec:
 
     model: str
     version: int
+    variant: str
     deployment: str
     target: Mapping[str, str]
     waves: tuple[Share, ...]
@@ -194,7 +199,8 @@ class RolloutSpec:
     def to_json(self) -> str:
         """The stored form; read back at once, so what is stored is what `from_json` reads."""
         text = json.dumps({
-            "model": self.model, "version": self.version, "deployment": self.deployment,
+            "model": self.model, "version": self.version, "variant": self.variant,
+            "deployment": self.deployment,
             "target": dict(self.target), "waves": [w.to_json() for w in self.waves],
             "max_failures": self.max_failures.to_json(), "soak_s": self.soak.seconds,
             "device_timeout_s": self.device_timeout.seconds, "auto_rollback": self.auto_rollback,
@@ -218,10 +224,14 @@ class RolloutSpec:
             return item
 
         target, prefer = get("target", dict), get("prefer", list)
+        # Specs stored before package variants name none: theirs is the default.
+        variant = value.get("variant", DEFAULT_VARIANT) if isinstance(value, dict) else None
+        if not isinstance(variant, str) or not names.VARIANT.matches(variant):
+            raise ValueError(f"stored rollout spec: variant is {variant!r}")
         if not all(isinstance(v, str) for v in (*target.values(), *prefer)):
             raise ValueError("stored rollout spec: target and prefer hold strings")
         return cls(
-            model=get("model", str), version=get("version", int),
+            model=get("model", str), version=get("version", int), variant=variant,
             deployment=get("deployment", str), target=target,
             waves=tuple(Share.from_json(w, "wave") for w in get("waves", list)),
             max_failures=Share.from_json(get("max_failures", dict), "max_failures"),
@@ -235,6 +245,7 @@ class RolloutSpec:
 
 
 def parse(*, model: str, version: int, deployment: str | None, target: Mapping[str, str],
+          variant: str = OPTIONS["variant"].default,
           waves: str = OPTIONS["waves"].default,
           max_failures: str = OPTIONS["max_failures"].default,
           soak: str = OPTIONS["soak"].default,
@@ -250,6 +261,10 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
     InvalidInput with one line naming the option otherwise. What needs the database
     (the package, the devices) is `commands.create`'s to check."""
     validation.model_name(model)
+    try:
+        names.variant(variant)
+    except names.InvalidName as exc:
+        raise InvalidInput(str(exc)) from None
     if len(target) > MAX_TARGET:
         raise InvalidInput(f"the target has {len(target)} tags; the most it takes is "
                            f"{MAX_TARGET}")
@@ -271,7 +286,7 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
         raise InvalidInput("device timeout must be at least 1s")
     planned, threshold = parse_waves(waves), parse_max_failures(max_failures)
     return RolloutSpec(
-        model=model, version=version,
+        model=model, version=version, variant=variant,
         deployment=deployments.check_name(deployment or model),
         target=validation.tags(dict(target)), waves=planned, max_failures=threshold,
         soak=Duration(validation.duration(soak, "soak")), device_timeout=Duration(timeout),

@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -85,6 +85,7 @@ def _create_schema(db: _Schema) -> None:
          "digest": str, "size": int, "prefer": str, "traffic": int,
          "candidate_version": int, "candidate_digest": str, "candidate_size": int,
          "candidate_traffic": int, "candidate_shadow": int,
+         "variant": str, "candidate_variant": str,
          "rollout_id": str, "priority": int, "active": int, "created_at": str,
          "updated_at": str},
         pk=("device_id", "name"),
@@ -161,7 +162,7 @@ def _create_schema(db: _Schema) -> None:
     db["rollouts"].create_index(["state"])
     db["rollout_devices"].create(
         {"rollout_id": str, "device_id": str, "wave": int, "state": str, "previous_version": int,
-         "assigned_at": str, "serving_at": str, "error": str},
+         "previous_variant": str, "assigned_at": str, "serving_at": str, "error": str},
         pk=("rollout_id", "device_id"),
     )
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
@@ -175,6 +176,17 @@ def _migrate(db: _Schema) -> None:
         # The rollout's typed spec (hub/rollouts/spec.py); rows from before it get theirs
         # from their text columns on first use.
         db["rollouts"].add_column("spec", str)
+    if version < 3:
+        # Package variants (hub/packages.py): every package built before them is its
+        # version's default variant, and so is every deployment of one.
+        db["deployments"].add_column("variant", str)
+        db["deployments"].add_column("candidate_variant", str)
+        db["rollout_devices"].add_column("previous_variant", str)
+        db.execute("UPDATE deployments SET variant = 'default'")
+        db.execute("UPDATE deployments SET candidate_variant = 'default'"
+                   " WHERE candidate_version IS NOT NULL")
+        db.execute("UPDATE rollout_devices SET previous_variant = 'default'"
+                   " WHERE previous_version IS NOT NULL")
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
