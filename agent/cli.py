@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +19,24 @@ def _pause_in(value: str | None) -> tuple[str, float] | None:
         return None
     state, _, seconds = value.partition(":")
     return state, float(seconds or 30)
+
+
+def _check_serve_port(host: str, port: int) -> None:
+    """One line naming --serve-port when HOST:PORT is taken (another agent on this machine),
+    said before enrolling: a device that enrolled and then could not serve would be left
+    behind at the hub."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the scoring server does
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise click.ClickException(f"cannot serve on {host}:{port} ({exc.strerror}); "
+                                           "choose another --serve-host") from None
+            raise click.ClickException(
+                f"port {port} on {host} is taken (another agent on this machine?); stop what "
+                "uses it, or choose another with --serve-port") from None
 
 
 @click.group()
@@ -69,6 +89,7 @@ def run(
             raise click.UsageError(
                 f"{data_dir} holds no identity yet: give --hub and --token to enroll this device"
             )
+        _check_serve_port(serve_host, serve_port)
         try:
             identity = identities.enroll(data_dir, hub_url=hub_url, token=token, name=name,
                                          platform=oci_platform(), mqtt_url=mqtt_url)

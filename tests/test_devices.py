@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 
 import httpx
 
@@ -72,3 +74,23 @@ def test_enrollment_refuses_a_public_key_that_is_no_p256_key(cli: Cli, api: http
     assert refused.status_code == 422 and "public_key" in refused.json()["detail"]
     # Nothing was used up: the token still enrolls a device with a real key.
     assert enroll(str(api.base_url), made["token"], "honest").status_code == 201
+
+
+def test_an_agent_whose_serving_port_is_taken_says_so_before_enrolling(
+        cli: Cli, api: httpx.Client, tmp_path: Path) -> None:
+    made = cli.json("device", "token", "create")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failed = cli.run("agent", "run", "--hub", str(api.base_url), "--token", made["token"],
+                         "--data-dir", str(tmp_path / "agent"), "--name", "second-agent",
+                         "--serve-host", "127.0.0.1", "--serve-port", str(port), ok=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        f"Error: port {port} on 127.0.0.1 is taken (another agent on this machine?); stop "
+        "what uses it, or choose another with --serve-port"]
+    # Nothing was enrolled: no orphan device, the token unused, no identity on disk.
+    assert "second-agent" not in {d["name"] for d in cli.json("device", "list")}
+    assert {t["id"]: t for t in cli.json("device", "token", "list")}[made["id"]]["uses"] == 0
+    assert not (tmp_path / "agent" / "identity.json").exists()

@@ -4,6 +4,7 @@ download, prepare, build, push and sign, with its progress events."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -76,3 +77,40 @@ def test_build_version_errors_are_the_packagers(hub_client: HubClient) -> None:
     with pytest.raises(PackageError, match="sparc"):
         build_version(hub_client, "pipe", "1", BuildOptions(platforms=("sparc",)),
                       run=run_on_cpu)
+
+
+def test_a_package_never_changes_and_variants_keep_both(hub_client: HubClient) -> None:
+    import click
+
+    first = build_version(hub_client, "pipe", "1", ONE_PLATFORM, run=run_on_cpu)
+    # The same inputs again: nothing is built or pushed, and the digest is the same.
+    events: list[BuildEvent] = []
+    again = build_version(hub_client, "pipe", "1", ONE_PLATFORM, run=run_on_cpu,
+                          progress=events.append)
+    assert again.unchanged and again.digest == first.digest and not events
+    # Other inputs under the same name: refused by the hub before any work, naming the way.
+    two = BuildOptions(platforms=("linux/amd64", "linux/arm64"))
+    events.clear()
+    with pytest.raises(click.ClickException) as refused:
+        build_version(hub_client, "pipe", "1", two, run=run_on_cpu, progress=events.append)
+    assert "pipe:1 already has a package" in refused.value.message
+    assert "--variant NAME" in refused.value.message and "[HTTP 409]" in refused.value.message
+    assert not events
+    # Under a variant name of its own, both packages stay.
+    both = build_version(hub_client, "pipe", "1", replace(two, variant="two"), run=run_on_cpu)
+    assert both.pushed == "models/pipe:1-two" and both.digest != first.digest
+    listed = hub_client.get("/api/v1/packages", params={"model": "pipe"})
+    assert {(p["variant"], p["digest"], p["signed"]) for p in listed} >= {
+        ("default", first.digest, True), ("two", both.digest, True)}
+    assert hub_client.get("/api/v1/packages/pipe/1")["digest"] == first.digest
+
+
+def test_a_platform_no_agent_runs_on_is_refused_before_any_work(hub_client: HubClient) -> None:
+    from contract.errors import PackageError
+
+    events: list[BuildEvent] = []
+    with pytest.raises(PackageError, match="'windows/amd64' is not one an edgefleet agent"):
+        build_version(hub_client, "pipe", "1",
+                      BuildOptions(platforms=("linux/amd64", "windows/amd64"), variant="win"),
+                      run=run_on_cpu, progress=events.append)
+    assert not events
