@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -37,7 +38,7 @@ from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
 from hub.oci_registry import Uploads
 from hub.rollout_engine import RolloutEngine
-from hub.settings import HubSettings
+from hub.settings import UNSPECIFIED, HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
 
@@ -51,6 +52,28 @@ class Bound:
     api_url: str
     mqtt_url: str
     managed_broker: bool
+
+
+def advertised(settings: HubSettings, bound: Bound) -> tuple[str, str]:
+    """The REST API's and the broker's addresses as devices and users are told them: the
+    public ones when given, else the bound ones with a wildcard host (0.0.0.0, which means
+    nothing to a device) replaced by this machine's name."""
+    machine = socket.gethostname()
+
+    def reachable(url: str) -> str:
+        parts = urlsplit(url)
+        if parts.hostname not in UNSPECIFIED:
+            return url
+        return parts._replace(netloc=f"{machine}:{parts.port}").geturl()
+
+    api_url = settings.public_url.rstrip("/") if settings.public_url else reachable(bound.api_url)
+    if settings.mqtt_public_url:
+        return api_url, settings.mqtt_public_url.rstrip("/")
+    mqtt = urlsplit(bound.mqtt_url)
+    if settings.public_url and mqtt.hostname in UNSPECIFIED | {"127.0.0.1", "localhost"}:
+        host = urlsplit(settings.public_url).hostname
+        return api_url, mqtt._replace(netloc=f"{host}:{mqtt.port}").geturl()
+    return api_url, reachable(bound.mqtt_url)
 
 
 def free_port(host: str) -> int:
@@ -206,12 +229,12 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     if bound.managed_broker:
         check_port(settings.host, int(bound.mqtt_url.rpartition(":")[2]), "--mqtt-port")
     state = initialise(settings, say)
-    state.mqtt_url = bound.mqtt_url
+    api_url, state.mqtt_url = advertised(settings, bound)
     broker_kind = "managed Mosquitto" if bound.managed_broker else "external broker"
-    say(f"REST API on {bound.api_url} (OpenAPI docs at {bound.api_url}/docs)")
-    say(f"MQTT on {bound.mqtt_url} ({broker_kind})")
+    say(f"REST API on {api_url} (OpenAPI docs at {api_url}/docs)")
+    say(f"MQTT on {state.mqtt_url} ({broker_kind}; the address devices get)")
     say(
-        f"Log in with: edgefleet login --hub {bound.api_url}"
+        f"Log in with: edgefleet login --hub {api_url}"
         f" --token-file {settings.admin_token_path}"
     )
     try:

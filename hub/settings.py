@@ -15,6 +15,25 @@ def _setting(default: object, help: str) -> object:
     return field(default=default, metadata={"help": help})
 
 
+# Addresses that mean "every interface" to a listener and nothing to a device.
+UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
+
+
+def _check_public(url: str | None, flag: str, schemes: tuple[str, ...], example: str) -> None:
+    """URL must be one a device can reach: its scheme, a host that is no wildcard, a port."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (parts.scheme not in schemes or not parts.hostname or parts.hostname in UNSPECIFIED
+            or port is None or parts.path not in ("", "/") or parts.query):
+        raise ValueError(f"{flag} must be an address devices reach, like {example} (no "
+                         f"0.0.0.0, no path), got {url!r}")
+
+
 @dataclass(frozen=True)
 class HubSettings:
     data_dir: Path = _setting(
@@ -26,6 +45,14 @@ class HubSettings:
     port: int = _setting(8080, "Port of the REST API (0 picks a free one).")  # type: ignore[assignment]
     mqtt_port: int = _setting(
         1883, "Port of the managed MQTT broker, Mosquitto (0 picks a free one)."
+    )  # type: ignore[assignment]
+    public_url: str | None = _setting(
+        None, "The hub's address as devices and users reach it, e.g. http://hub.lan:8080 "
+        "[default: --host and --port; this machine's name for --host 0.0.0.0]."
+    )  # type: ignore[assignment]
+    mqtt_public_url: str | None = _setting(
+        None, "The broker address handed to devices at enrollment, e.g. mqtt://hub.lan:1883 "
+        "[default: --public-url's host with the broker's port]."
     )  # type: ignore[assignment]
     mqtt_url: str | None = _setting(
         None, "Use this broker (mqtt://HOST:PORT) instead of starting and managing "
@@ -59,6 +86,9 @@ class HubSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        _check_public(self.public_url, "--public-url", ("http", "https"), "http://hub.lan:8080")
+        _check_public(self.mqtt_public_url, "--mqtt-public-url", ("mqtt", "mqtts"),
+                      "mqtt://hub.lan:1883")
         if self.mqtt_url is not None:
             parts = urlsplit(self.mqtt_url)
             if parts.scheme != "mqtt" or not parts.hostname:

@@ -9,7 +9,12 @@ import stat
 from pathlib import Path
 
 import httpx
+import pytest
 
+from bench.harness import enrollment_token
+from contract import signing
+from hub.server import Bound, advertised
+from hub.settings import HubSettings
 from hubproc import start_hub
 from smalldisk import small_disk
 
@@ -118,3 +123,49 @@ def test_a_full_disk_is_a_507_that_stores_nothing_and_the_hub_goes_on(tmp_path: 
             assert small.status_code in (200, 201), small.text
         finally:
             assert hub.stop(signal.SIGTERM) == 0, hub.log()
+
+
+def test_devices_get_reachable_addresses_never_a_wildcard(tmp_path: Path) -> None:
+    machine = socket.gethostname()
+    bound = Bound("http://0.0.0.0:8080", "mqtt://0.0.0.0:1883", managed_broker=True)
+    plain = HubSettings(data_dir=tmp_path, host="0.0.0.0")
+    assert advertised(plain, bound) == (f"http://{machine}:8080", f"mqtt://{machine}:1883")
+    public = HubSettings(data_dir=tmp_path, host="0.0.0.0", public_url="https://hub.lan:443/")
+    assert advertised(public, bound) == ("https://hub.lan:443", "mqtt://hub.lan:1883")
+    both = HubSettings(data_dir=tmp_path, public_url="http://hub.lan:8080",
+                       mqtt_public_url="mqtts://mq.lan:8883")
+    loopback = Bound("http://127.0.0.1:8080", "mqtt://127.0.0.1:1883", managed_broker=True)
+    assert advertised(both, loopback) == ("http://hub.lan:8080", "mqtts://mq.lan:8883")
+    assert advertised(HubSettings(data_dir=tmp_path), loopback) == (
+        "http://127.0.0.1:8080", "mqtt://127.0.0.1:1883")
+    for flag, bad in (("public_url", "http://0.0.0.0:8080"), ("public_url", "hub.lan:8080"),
+                      ("public_url", "http://hub.lan:8080/api/v1"),
+                      ("public_url", "http://hub.lan"),
+                      ("mqtt_public_url", "http://hub.lan:1883"),
+                      ("mqtt_public_url", "mqtt://[::]:1883")):
+        with pytest.raises(ValueError, match="must be an address devices reach"):
+            HubSettings(data_dir=tmp_path, **{flag: bad})
+
+
+def test_a_hub_on_every_interface_hands_devices_its_public_addresses(tmp_path: Path) -> None:
+    hub = start_hub(tmp_path / "data", extra_args=("--host", "0.0.0.0"))
+    try:
+        told = httpx.get(f"{hub.url}/api/v1/health").json()["mqtt_url"]
+        assert told == f"mqtt://{socket.gethostname()}:{hub.mqtt_port}"
+        announced = [line for line in hub.log().splitlines()
+                     if line.startswith(("REST API on", "MQTT on", "Log in with"))]
+        assert len(announced) == 3 and f"MQTT on {told}" in announced[1]
+        assert not any("0.0.0.0" in line for line in announced)
+    finally:
+        assert hub.stop(signal.SIGTERM) == 0
+    hub = start_hub(tmp_path / "data", extra_args=(
+        "--host", "0.0.0.0", "--public-url", "http://hub.example:9999"))
+    try:
+        token = enrollment_token(hub)
+        key = signing.public_key_pem(signing.generate_private_key())
+        enrolled = httpx.post(f"{hub.url}/api/v1/enroll", json={
+            "token": token, "public_key": key, "name": "far", "platform": "linux/amd64"})
+        assert enrolled.json()["mqtt"]["url"] == f"mqtt://hub.example:{hub.mqtt_port}"
+        assert "edgefleet login --hub http://hub.example:9999" in hub.log()
+    finally:
+        assert hub.stop(signal.SIGTERM) == 0
