@@ -43,10 +43,10 @@ class Cli:
         }
 
     def run(self, *args: str, ok: bool = True, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+            cwd: Path | None = None, input: str = "") -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [*EDGEFLEET, *args], capture_output=True, text=True, timeout=300,
-            env={**self.env, **(env or {})}, cwd=cwd,
+            env={**self.env, **(env or {})}, cwd=cwd, input=input,
         )
         if ok and done.returncode != 0:
             raise AssertionError(

@@ -94,3 +94,25 @@ def test_an_agent_whose_serving_port_is_taken_says_so_before_enrolling(
     assert "second-agent" not in {d["name"] for d in cli.json("device", "list")}
     assert {t["id"]: t for t in cli.json("device", "token", "list")}[made["id"]]["uses"] == 0
     assert not (tmp_path / "agent" / "identity.json").exists()
+
+
+def test_device_delete_asks_first_and_decommissions(cli: Cli, api: httpx.Client) -> None:
+    made = cli.json("device", "token", "create", "--max-uses", "2")
+    first = enroll(str(api.base_url), made["token"], "to-go").json()["device"]["id"]
+    second = enroll(str(api.base_url), made["token"], "also-to-go").json()["device"]["id"]
+    kept = cli.run("device", "delete", first, input="n\n", ok=False)
+    assert kept.returncode == 1 and "Aborted" in kept.stderr
+    assert cli.json("device", "show", first)["id"] == first
+    gone = cli.run("device", "delete", first, input="y\n")
+    assert f"Delete device {first} (to-go)?" in gone.stdout
+    assert f"Deleted device {first} (to-go)" in gone.stdout
+    assert "no device with id" in cli.run("device", "show", first, ok=False).stderr
+    needs_yes = cli.run("device", "delete", second, "--json", ok=False)
+    assert needs_yes.returncode == 2 and "add --yes" in needs_yes.stderr
+    assert cli.json("device", "delete", second, "--yes") == {
+        "id": second, "name": "also-to-go", "deleted": True}
+    audit = api.get("/api/v1/audit").json()
+    assert {(a["action"], a["target"]) for a in audit} >= {
+        ("device.delete", first), ("device.delete", second)}
+    missing = cli.run("device", "delete", "dev-nope", "--yes", ok=False)
+    assert missing.stderr.count("\n") == 1 and "no device with id 'dev-nope'" in missing.stderr

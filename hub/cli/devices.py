@@ -1,4 +1,4 @@
-"""`edgefleet device ...`: enrollment tokens, the device list, device tags."""
+"""`edgefleet device ...`: enrollment tokens, the device list, device tags, delete."""
 
 from __future__ import annotations
 
@@ -120,6 +120,33 @@ def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> N
     for refusal in reported.get("refusals", []):
         say((f"refused generation {refusal['generation']}", "yellow"),
             f" at {refusal['at']}: {refusal['reason']}: {refusal['message']}")
+
+
+@device.command()
+@click.argument("device_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@hub_options
+@json_option
+def delete(device_id: str, yes: bool, hub: str | None, token: str | None,
+           as_json: bool) -> None:
+    """Delete (decommission) a device: its credentials and broker login stop working at
+    once, its deployments and desired state are cleared; audited. It must enroll again to
+    come back.
+
+    \b
+    Example: edgefleet device delete dev-0a1b2c3d4e5f --yes
+    """
+    hub_client = client(hub, token)
+    record = hub_client.get(f"/api/v1/devices/{device_id}")  # a wrong id fails before asking
+    if not yes:
+        if as_json:
+            raise click.UsageError("--json cannot ask for confirmation; add --yes")
+        click.confirm(f"Delete device {device_id} ({record['name']})?", abort=True)
+    hub_client.delete(f"/api/v1/devices/{device_id}")
+    if as_json:
+        emit_one({"id": device_id, "name": record["name"], "deleted": True}, as_json=True)
+        return
+    say(f"Deleted device {device_id} ({record['name']})")
 
 
 def _deployment_rows(deployed: dict) -> list[dict[str, str]]:
