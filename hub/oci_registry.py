@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from contract import names, oci
+from contract import cosign, names, oci
 from contract.names import parse_package_tag
 from hub import package_use
 from hub.storage.blobs import BlobError, BlobStore, BlobWriter, check_digest
@@ -94,11 +95,13 @@ def has_blob(db: Database, blobs: BlobStore, repo: str, digest: str) -> bool:
     return linked is not None and blobs.exists(digest)
 
 
+_LINK = ("INSERT INTO oci_repo_blobs (repo, digest, linked_at) VALUES (?, ?, ?)"
+         " ON CONFLICT (repo, digest) DO UPDATE SET linked_at = excluded.linked_at")
+
+
 def link_blob(db: Database, repo: str, digest: str) -> None:
     with db.transaction() as conn:
-        conn.execute(
-            "INSERT OR IGNORE INTO oci_repo_blobs (repo, digest) VALUES (?, ?)", (repo, digest)
-        )
+        conn.execute(_LINK, (repo, digest, now()))
 
 
 def mount_blob(db: Database, blobs: BlobStore, repo: str, digest: str, source: str) -> bool:
@@ -159,9 +162,7 @@ def put_manifest(
             " VALUES (?, ?, ?, ?, ?)",
             (repo, digest, media_type, size, now()),
         )
-        conn.execute(
-            "INSERT OR IGNORE INTO oci_repo_blobs (repo, digest) VALUES (?, ?)", (repo, digest)
-        )
+        conn.execute(_LINK, (repo, digest, now()))
         if not is_digest(reference):
             _refuse_package_change(db, conn, repo, reference, digest)
             conn.execute(
@@ -187,6 +188,62 @@ def _refuse_package_change(db: Database, conn: Any, repo: str, tag: str, digest:
     version, variant = parsed
     raise RegistryError(409, "DENIED", package_use.refusal(
         db, repo.removeprefix("models/"), version, variant, row[0]))
+
+
+def untag_packages(conn: sqlite3.Connection, repo: str, version: int) -> list[str]:
+    """Remove the tags of VERSION's packages (every variant) in REPO and their cosign
+    signature tags, in the caller's transaction; returns the index digests they named."""
+    rows = conn.execute("SELECT tag, digest FROM oci_tags WHERE repo = ?", (repo,)).fetchall()
+    doomed = {tag: digest for tag, digest in rows
+              if (parsed := parse_package_tag(tag)) is not None and parsed[0] == version}
+    # A signature goes with the last tag naming its package.
+    kept = {digest for tag, digest in rows if tag not in doomed}
+    signatures = [cosign.signature_tag(d) for d in set(doomed.values()) - kept]
+    conn.execute("DELETE FROM oci_tags WHERE repo = ? AND tag IN (SELECT value FROM"
+                 " json_each(?))", (repo, json.dumps([*doomed, *signatures])))
+    return sorted(set(doomed.values()))
+
+
+def collect_garbage(conn: sqlite3.Connection, blobs: BlobStore, repo: str, *,
+                    before: str) -> list[str]:
+    """Drop what no tag of REPO reaches any more, in the caller's (write) transaction:
+    manifests, then blob links, then the blobs no repository and no model version uses.
+    Manifests made and blobs linked at or after BEFORE are spared: a push in progress
+    links its blobs and puts its child manifests before the tag that reaches them.
+    Returns the digests deleted from the blob store."""
+    kinds = {r[0]: (r[1], r[2]) for r in conn.execute(
+        "SELECT digest, media_type, created_at FROM oci_manifests WHERE repo = ?", (repo,))}
+    reached: set[str] = set()
+    todo = [r[0] for r in conn.execute("SELECT digest FROM oci_tags WHERE repo = ?", (repo,))]
+    while todo:
+        digest = todo.pop()
+        if digest in reached or digest not in kinds:
+            continue
+        reached.add(digest)
+        with blobs.open(digest) as f:
+            blob_refs, manifest_refs = _referenced(kinds[digest][0], json.loads(f.read()))
+        reached.update(blob_refs)
+        todo.extend(manifest_refs)
+    young = {d for d, (_, created) in kinds.items() if created >= before}
+    stale = [d for d in kinds if d not in reached and d not in young]
+    conn.execute("DELETE FROM oci_manifests WHERE repo = ? AND digest IN (SELECT value FROM"
+                 " json_each(?))", (repo, json.dumps(stale)))
+    unlinked = [r[0] for r in conn.execute(
+        "SELECT digest FROM oci_repo_blobs WHERE repo = ? AND (linked_at IS NULL OR"
+        " linked_at < ?)", (repo, before))
+        if r[0] not in reached and r[0] not in young]
+    conn.execute("DELETE FROM oci_repo_blobs WHERE repo = ? AND digest IN (SELECT value FROM"
+                 " json_each(?))", (repo, json.dumps(unlinked)))
+    deleted = []
+    for digest in unlinked:
+        used = conn.execute(
+            "SELECT 1 FROM oci_repo_blobs WHERE digest = ?"
+            " UNION ALL SELECT 1 FROM model_files WHERE digest = ? LIMIT 1",
+            (digest, digest)).fetchone()
+        if used is None:
+            blobs.delete(digest)
+            deleted.append(digest)
+    return deleted
 
 
 def tags(db: Database, repo: str, *, n: int | None = None, last: str | None = None) -> list[str]:

@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hub import package_use, validation
+from hub import oci_registry, package_use, validation
 from hub.errors import Conflict, NotFound, Unprocessable
 from hub.storage.blobs import BlobStore, check_digest
-from hub.storage.db import Database, dumps, now
+from hub.storage.db import Database, dumps, format_time, now
 from hub.validation import InvalidInput
 
 MAX_DESCRIPTION = 10_000
+# Blobs linked and manifests put this recently may belong to a push still in progress
+# (its tag, which would reach them, comes last): garbage collection leaves them.
+PUSH_GRACE = timedelta(hours=1)
 LINEAGE_KEYS = ("git_commit", "git_dirty", "dataset_digest", "run_id", "source")
 
 
@@ -258,6 +262,12 @@ def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> N
         ]
         conn.execute("DELETE FROM model_files WHERE version_id = ?", (row[0],))
         conn.execute("DELETE FROM model_versions WHERE id = ?", (row[0],))
+        # Its packages (every variant, with their signatures) go with it, and what only
+        # they used: collected in this transaction, sparing a push in progress.
+        repo = f"models/{name}"
+        oci_registry.untag_packages(conn, repo, version)
+        before = format_time(datetime.now(UTC) - PUSH_GRACE)
+        oci_registry.collect_garbage(conn, blobs, repo, before=before)
         # Identical files are stored once: drop a blob only when nothing else uses it.
         for digest in digests:
             still_used = conn.execute(

@@ -294,7 +294,7 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
 
 # The columns schema version 3 added (package variants).
 OLDER_THAN_3 = (("deployments", "variant"), ("deployments", "candidate_variant"),
-                ("rollout_devices", "previous_variant"))
+                ("rollout_devices", "previous_variant"), ("oci_repo_blobs", "linked_at"))
 
 
 def test_a_manual_deploy_during_a_rollout_is_a_takeover_the_rollback_leaves_alone(

@@ -139,7 +139,10 @@ def _create_schema(db: _Schema) -> None:
     db["oci_tags"].create(
         {"repo": str, "tag": str, "digest": str, "updated_at": str}, pk=("repo", "tag")
     )
-    db["oci_repo_blobs"].create({"repo": str, "digest": str}, pk=("repo", "digest"))
+    # linked_at: when a push last linked the blob, so garbage collection spares the blobs
+    # of a push in progress (linked, not yet referenced by its manifest).
+    db["oci_repo_blobs"].create({"repo": str, "digest": str, "linked_at": str},
+                                pk=("repo", "digest"))
     db["oci_repo_blobs"].create_index(["digest"])
     # Each point once: the agent numbers its points, a resend hits the primary key.
     db["telemetry"].create(
@@ -182,6 +185,7 @@ def _migrate(db: _Schema) -> None:
         db["deployments"].add_column("variant", str)
         db["deployments"].add_column("candidate_variant", str)
         db["rollout_devices"].add_column("previous_variant", str)
+        db["oci_repo_blobs"].add_column("linked_at", str)  # NULL: linked long ago
         db.execute("UPDATE deployments SET variant = 'default'")
         db.execute("UPDATE deployments SET candidate_variant = 'default'"
                    " WHERE candidate_version IS NOT NULL")
