@@ -103,6 +103,12 @@ def test_a_package_never_changes_and_variants_keep_both(hub_client: HubClient) -
     assert {(p["variant"], p["digest"], p["signed"]) for p in listed} >= {
         ("default", first.digest, True), ("two", both.digest, True)}
     assert hub_client.get("/api/v1/packages/pipe/1")["digest"] == first.digest
+    # The push of a dozen requests is one row of the audit log, named by its tag.
+    rows = [(a["action"], a["target"]) for a in hub_client.get("/api/v1/audit",
+                                                               params={"limit": 1000})
+            if "models/pipe" in a["target"] or "/v2/" in a["action"]]
+    assert rows.count(("registry.push", "models/pipe:1-two")) == 1
+    assert not [r for r in rows if r[0] != "registry.push"], rows
 
 
 def test_a_platform_no_agent_runs_on_is_refused_before_any_work(hub_client: HubClient) -> None:

@@ -2,7 +2,9 @@
 
 Handlers name their action with `request.state.audit = (action, target)`;
 requests that never got that far (bad token, malformed body) are logged
-with their method and path.
+with their method and path. A handler that is one step of a larger change
+(a blob upload of a registry push) sets `request.state.audit_quiet`: the
+step is logged only if it fails.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ class AuditLog:
             await self.app(scope, receive, send_and_note)
         finally:
             state = scope.get("state", {})
-            principal = state.get("principal")
-            actor = principal.name if principal else state.get("audit_actor", "anonymous")
-            action, target = state.get("audit", (f"{scope['method']} {scope['path']}", ""))
-            await run_in_threadpool(
-                audit.record,
-                self.db,
-                actor=actor,
-                action=action,
-                target=target,
-                status=status,
-                detail=state.get("audit_detail", ""),
-            )
+            if not (state.get("audit_quiet") and status < 400):
+                await self._record(state, scope, status)
+
+    async def _record(self, state: dict, scope: Scope, status: int) -> None:
+        principal = state.get("principal")
+        actor = principal.name if principal else state.get("audit_actor", "anonymous")
+        action, target = state.get("audit", (f"{scope['method']} {scope['path']}", ""))
+        await run_in_threadpool(
+            audit.record,
+            self.db,
+            actor=actor,
+            action=action,
+            target=target,
+            status=status,
+            detail=state.get("audit_detail", ""),
+        )

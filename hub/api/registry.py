@@ -70,6 +70,11 @@ async def _access(request: Request, repo: str, *, push: bool) -> HubState:
     state = hub_state(request)
     reg.check_repo(repo)
     await _authorize(request, state, push=push)
+    if push:
+        # A push is a dozen requests (blob uploads, child manifests by digest); the audit
+        # log keeps one row for it, its tag (put_manifest), and any step that failed.
+        request.state.audit = ("registry.upload", repo)
+        request.state.audit_quiet = True
     return state
 
 
@@ -241,6 +246,7 @@ async def get_manifest(repo: str, reference: str, request: Request) -> Response:
 async def put_manifest(repo: str, reference: str, request: Request) -> Response:
     state = await _access(request, repo, push=True)
     request.state.audit = ("registry.push", f"{repo}:{reference}")
+    request.state.audit_quiet = reg.is_digest(reference)  # the tag comes last: the push
     body = await request.body()
     media_type = request.headers.get("content-type", "").split(";")[0].strip()
     digest = await run_in_threadpool(
