@@ -150,7 +150,9 @@ def assign_many(
                 "SELECT * FROM deployments WHERE name = ? AND active = 1"
                 " AND device_id IN (SELECT value FROM json_each(?))", (name, ids))
         }
-        changed = [d for d in generations if current.get(d) != wanted]
+        retry = _refused_or_failed(conn, ids, name, generations,
+                                   [row["version"], row["candidate_version"]])
+        changed = [d for d in generations if current.get(d) != wanted or d in retry]
         _check_room(conn, [d for d in changed if d not in current])
         conn.executemany(
             "INSERT INTO deployments (device_id, name, " + ", ".join(_VALUES) + ", active,"
@@ -202,6 +204,23 @@ def _generations(conn: sqlite3.Connection, ids: str) -> dict[str, int]:
                                           else "")
         raise NotFound(f"no device with id {shown}; see `edgefleet device list`")
     return found
+
+
+def _refused_or_failed(conn: sqlite3.Connection, ids: str, name: str,
+                       generations: dict[str, int], versions: list[int | None]) -> set[str]:
+    """Devices that report deployment NAME's VERSIONS failed, or refused their current
+    desired state: assigning the same again is a retry, which needs a new generation
+    (an agent ignores a generation it has seen)."""
+    failed = {r[0] for r in conn.execute(
+        "SELECT device_id FROM deployment_status WHERE name = ? AND state IN ('failed',"
+        " 'rolled_back') AND version IN (SELECT value FROM json_each(?))"
+        " AND device_id IN (SELECT value FROM json_each(?))",
+        (name, json.dumps([v for v in versions if v is not None]), ids))}
+    refused = {r[0] for r in conn.execute(
+        "SELECT d.id FROM devices d, json_each(d.reported, '$.refusals') r"
+        " WHERE d.id IN (SELECT value FROM json_each(?))"
+        " AND json_extract(r.value, '$.generation') = d.desired_generation", (ids,))}
+    return (failed | refused) & set(generations)
 
 
 def _check_room(conn: sqlite3.Connection, device_ids: list[str]) -> None:
@@ -267,11 +286,23 @@ def desired_snapshot(
     return snapshot
 
 
+FAILED_STATES = ("failed", "rolled_back")
+
+
 def reported_for_device(db: Database, device_id: str) -> list[dict[str, Any]]:
-    """What the device last reported, one row per deployment version."""
-    return db.query(
+    """What the device last reported, one row per deployment version, less failures that
+    a later report made stale: an agent goes on reporting a deployment's newest failure,
+    but once another version of it started serving after that failure, the failure is
+    history (`rollout show` keeps it where it mattered)."""
+    rows = db.query(
         "SELECT name, model, version, state, error, runtime, device, since, updated_at"
         " FROM deployment_status WHERE device_id = ? ORDER BY name, version", (device_id,))
+    served_since: dict[str, str] = {}
+    for r in rows:
+        if r["state"] == "serving" and r["since"]:
+            served_since[r["name"]] = max(served_since.get(r["name"], ""), r["since"])
+    return [r for r in rows if not (r["state"] in FAILED_STATES and r["since"]
+                                    and r["since"] < served_since.get(r["name"], ""))]
 
 
 def reported_states(

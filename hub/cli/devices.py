@@ -117,7 +117,7 @@ def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> N
     emit_one(record, as_json=False)
     emit(_deployment_rows(deployed), ["deployment", "desired", "reported", "error"],
          as_json=False)
-    for refusal in reported.get("refusals", []):
+    for refusal in current_refusals(reported, record.get("applied_generation")):
         say((f"refused generation {refusal['generation']}", "yellow"),
             f" at {refusal['at']}: {refusal['reason']}: {refusal['message']}")
 
@@ -147,6 +147,13 @@ def delete(device_id: str, yes: bool, hub: str | None, token: str | None,
         emit_one({"id": device_id, "name": record["name"], "deleted": True}, as_json=True)
         return
     say(f"Deleted device {device_id} ({record['name']})")
+
+
+def current_refusals(reported: dict, applied: int | None) -> list[dict]:
+    """The refused desired states that still matter: those newer than the generation the
+    device has applied since (a later one it took makes an older refusal history)."""
+    return [r for r in reported.get("refusals", [])
+            if applied is None or r.get("generation", 0) > applied]
 
 
 def _deployment_rows(deployed: dict) -> list[dict[str, str]]:
