@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -252,4 +253,23 @@ def test_the_broker_going_away_closes_the_client(mosquitto: Mosquitto) -> None:
         assert isinstance(reason, ConnectionLost) and closed == [reason]
         mosquitto.process.wait()
         mosquitto.process = None
+    run(body)
+
+
+def test_connecting_during_a_broker_outage_leaves_no_unretrieved_future() -> None:
+    """A simulated fleet retries its connections through an outage: each failed attempt
+    must end quietly, not in 'Future exception was never retrieved' on the loop."""
+    async def body() -> None:
+        reported: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: reported.append(context["message"]))
+        port = free_port()  # nothing listens: the broker is down
+        for attempt in range(20):
+            down = Client("127.0.0.1", port, ConnectOptions(f"outage-{attempt}"))
+            with pytest.raises(ConnectionLost, match="cannot connect"):
+                await down.connect()
+            del down
+        gc.collect()
+        await asyncio.sleep(0)
+        assert reported == []
     run(body)

@@ -442,11 +442,15 @@ class Client(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         lost = reason or ConnectionLost("disconnected")
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(lost)
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(lost)
+        pending = [f for f in (self._connack, *self._waiting.values())
+                   if f is not None and not f.done()]
+        for future in pending:
+            future.set_exception(lost)
+            # Whoever waits gets it; with nobody waiting (a connection refused before the
+            # CONNACK was awaited, as every retry during a broker outage is), asyncio would
+            # log "Future exception was never retrieved" for it. The reason is told by
+            # connect() and wait_closed() anyway, so this one is marked as read.
+            future.exception()
         self._waiting.clear()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(reason)
