@@ -270,3 +270,15 @@ def test_deleting_a_version_collects_its_packages_but_spares_a_push_in_progress(
     # What is left still serves: deployable, its every blob there.
     deployments.assign(hub.db, "dev-b", name="tiny", model="tiny", version=3)
     assert hub.client.get("/v2/models/tiny/manifests/3").status_code == 200
+
+
+def test_the_dashboard_lists_every_variant_of_a_version(hub: InProcessHub) -> None:
+    from hub.ui.session import COOKIE
+
+    hub.client.cookies.set(COOKIE, hub.client.headers["Authorization"].removeprefix("Bearer "))
+    page = hub.client.get("/ui/models/tiny")
+    assert page.status_code == 200
+    int8 = packages.resolve_package(hub.db, "tiny", 2, "int8").digest
+    default = packages.resolve_package(hub.db, "tiny", 2).digest
+    assert f"variant int8: <span class=\"mono\">{int8[:19]}" in page.text
+    assert default[:19] in page.text

@@ -240,7 +240,9 @@ def model(name: str, request: Request) -> HTMLResponse:
     db, base = _base(request, "models")
     state = hub_state(request)
     versions = registry.list_versions(db, name, limit=100)
-    built = {p["version"]: p for p in packages.list_packages(db, state.blobs, model=name)}
+    built: dict[int, list[dict]] = {}  # a version's packages, one per variant
+    for package in packages.list_packages(db, state.blobs, model=name):
+        built.setdefault(package["version"], []).append(package)
     return page("model.html", **base, name=name, versions=versions, packages=built,
                 running=queries.where_versions_run(db, name))
 
