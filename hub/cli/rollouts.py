@@ -123,8 +123,7 @@ def create(
         emit_one(record, as_json=True)
         return
     total = sum(w["devices"] for w in record["waves_progress"])
-    shipped = f"{name}:{record['version']}" + (
-        "" if record["variant"] == DEFAULT_VARIANT else f" (variant {record['variant']})")
+    shipped = f"{name}:{record['version']}{_variant(record)}"
     if total:
         sizes = ", ".join(str(w["devices"]) for w in record["waves_progress"])
         say("Rollout ", (record["id"], "bold"),
@@ -177,11 +176,17 @@ def _progress(record: dict[str, Any]) -> Table:
     return grid
 
 
+def _variant(record: dict[str, Any]) -> str:
+    """' (variant X)' for a rollout of a version's package variant X, else nothing."""
+    variant = record.get("variant", DEFAULT_VARIANT)
+    return "" if variant == DEFAULT_VARIANT else f" (variant {variant})"
+
+
 def _header(record: dict[str, Any]) -> Text:
     color = {"completed": "green", "rolled_back": "yellow", "paused": "yellow",
              "aborted": "red", "failed": "red"}.get(record["state"], "cyan")
     text = Text.assemble(safe(record["id"], "bold"),
-                         safe(f" {record['model']}:{record['version']} "),
+                         safe(f" {record['model']}:{record['version']}{_variant(record)} "),
                          safe(record["state"], color))
     if record.get("reason"):
         text.append_text(safe(f" — {record['reason']}"))
