@@ -19,7 +19,6 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from contract import cosign, oci
-from contract.canonical import canonical_json
 from contract.errors import BlobNotFound, PackageError, RefNotFound
 from contract.layers import BUILD, ROLE
 from contract.names import DEFAULT_VARIANT, is_number, package_tag, parse_package_tag
@@ -88,24 +87,19 @@ def resolve_package(db: Database, model: str, version: int | str,
         return reg.resolve(db, repository(model), tag)
     except RegistryError:
         flag = "" if variant == DEFAULT_VARIANT else f" --variant {variant}"
-        others = [p["variant"] for p in list_packages_of(db, model, _number(version))]
+        others = variants_of(db, model, _number(version))
         also = f" (it has {', '.join(others)})" if others else ""
-        raise NotFound(
-            f"{package_use.named(model, version, variant)} has no package yet{also}; build one"
-            " with "
-            f"`edgefleet package build {model}:{version}{flag}`"
-        ) from None
+        raise NotFound(f"{package_use.named(model, version, variant)} has no package yet{also};"
+                       f" build one with `edgefleet package build {model}:{version}{flag}`"
+                       ) from None
 
 
-def list_packages_of(db: Database, model: str, version: int) -> list[dict[str, Any]]:
-    """The variants VERSION has packages for, each {variant, digest}."""
-    found = []
-    for r in db.query("SELECT tag, digest FROM oci_tags WHERE repo = ? ORDER BY tag",
-                      (repository(model),)):
-        parsed = parse_package_tag(r["tag"])
-        if parsed is not None and parsed[0] == version:
-            found.append({"variant": parsed[1], "digest": r["digest"]})
-    return found
+def variants_of(db: Database, model: str, version: int) -> list[str]:
+    """The variants VERSION of MODEL has packages for."""
+    tags = [r["tag"] for r in db.query("SELECT tag FROM oci_tags WHERE repo = ? ORDER BY tag",
+                                       (repository(model),))]
+    return [parsed[1] for t in tags
+            if (parsed := parse_package_tag(t)) is not None and parsed[0] == version]
 
 
 def build_record(blobs: BlobStore, digest: str) -> dict[str, Any] | None:
@@ -132,7 +126,7 @@ def check_build(db: Database, blobs: BlobStore, model: str, version: int | str, 
         found = resolve_package(db, model, number, variant)
     except NotFound:
         return {"exists": False}
-    if build_record(blobs, found.digest) == json.loads(canonical_json(build)):
+    if build_record(blobs, found.digest) == build:
         return {"exists": True, "digest": found.digest, "signed": is_signed(db, model, found)}
     raise Conflict(package_use.refusal(db, model, number, variant, found.digest))
 
