@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 
 from contract.names import DEFAULT_VARIANT
+from hub.rollouts.states import HOLDING, RolloutState
 from hub.storage.db import Database
 
 # Rollouts that may still assign their version or roll back to the one before it.
-UNDER_WAY = ("created", "running", "paused", "failed")
+UNDER_WAY = sorted({RolloutState.CREATED, *HOLDING})
 _SHOWN = 3
 
 
