@@ -143,12 +143,6 @@ def build_version(
     from contract.oci import OCILayout
     from contract.runtimes import check_platforms, choose_runtime
     from contract.signing import load_private_key
-    from packager.base import DebianBase, pull_base
-    from packager.build import BuildProgress, build_package
-    from packager.deps import PipDeps
-    from packager.distribution import push_layout
-    from packager.modelfile import ModelInfo
-    from packager.prepare import prepare_model
 
     record = hub.get(f"/api/v1/models/{name}/versions/{version}")
     name, number = record["name"], record["version"]
@@ -173,6 +167,14 @@ def build_version(
                 skipped={}, notes=("already built from the same inputs: nothing to do",),
                 accuracy=None, pushed=f"models/{name}:{tag}",
                 unchanged=True)
+    # The build side is loaded only now: a build with nothing to do is answered without it.
+    from packager.base import DebianBase, pull_base
+    from packager.build import BuildProgress, build_package
+    from packager.deps import PipDeps
+    from packager.distribution import push_layout
+    from packager.modelfile import ModelInfo
+    from packager.prepare import prepare_model
+
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         sizes = {f["path"]: f["size"] for f in record["files"]}
         files = download_version(
