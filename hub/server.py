@@ -36,6 +36,7 @@ from hub.broker_config import HUB_USERNAME, BrokerConfig
 from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
 from hub.oci_registry import Uploads
+from hub.retention import Retention
 from hub.rollout_engine import RolloutEngine
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
@@ -179,6 +180,8 @@ async def _run(state: HubState, bound: Bound) -> None:
     fleet.start()
     engine = state.rollouts = RolloutEngine(state.db, fleet.notify)
     engine.start()
+    retention = state.retention = Retention(state.db, settings.retention)
+    retention.start()
     host, _, port = bound.api_url.removeprefix("http://").rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False
@@ -187,6 +190,7 @@ async def _run(state: HubState, bound: Bound) -> None:
         await _Server(config).serve()
     finally:
         await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(retention.stop)
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await asyncio.to_thread(broker.stop)

@@ -21,6 +21,7 @@ from hub.storage.db import Database
 if TYPE_CHECKING:
     from hub.broker_logins import BrokerLogins
     from hub.fleet import FleetLink
+    from hub.retention import Retention
 
 
 @dataclass
@@ -35,6 +36,7 @@ class HubState:
     fleet: FleetLink | None = None  # the MQTT link, once the server has started it
     rollouts: RolloutEngine | None = None  # the rollout engine, once the server has started it
     broker: BrokerLogins | None = None  # device logins on the managed broker (None: external)
+    retention: Retention | None = None  # telemetry rollups and deletion, once started
 
 
 def hub_state(request: Request) -> HubState:

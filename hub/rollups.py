@@ -1,0 +1,151 @@
+"""Telemetry rollups as values: per-minute and per-hour aggregates of raw points (pure).
+
+A rollup is one (device, period, bucket start, kind, deployment, version): how many raw
+points fell in it and, per numeric value, a `Stat` (count, sum, min, max and a small
+histogram). The histogram's buckets are fixed (a quarter of a power of two wide, by sign),
+so stats of the same value merge by adding counts: minute and hour rollups are built from
+the same points, and a point that arrives late merges into the rollup already stored.
+Percentiles read from it are within about 9% of the true value (half a bucket).
+
+System points have no deployment and version (""); inference points are keyed by theirs
+(`values.deployment`, `values.version`), which are not aggregated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from hub.storage.db import format_time, parse_time
+
+MINUTE: Final = 60
+HOUR: Final = 3600
+PERIODS: Final = {"minute": MINUTE, "hour": HOUR}
+_STEPS_PER_DOUBLING: Final = 4  # bucket width: 2**(1/4), about 19%
+_KEYS: Final = ("deployment", "version")  # what names an inference series, not aggregated
+
+
+def _bucket(value: float) -> str:
+    if value == 0:
+        return "0"
+    index = math.floor(math.log2(abs(value)) * _STEPS_PER_DOUBLING)
+    return f"{'+' if value > 0 else '-'}{index}"
+
+
+def _middle(bucket: str) -> float:
+    """The bucket's geometric middle: its representative value."""
+    if bucket == "0":
+        return 0.0
+    size = 2 ** ((int(bucket[1:]) + 0.5) / _STEPS_PER_DOUBLING)
+    return size if bucket[0] == "+" else -size
+
+
+def _order(bucket: str) -> tuple[int, int]:
+    if bucket == "0":
+        return (0, 0)
+    index = int(bucket[1:])
+    return (1, index) if bucket[0] == "+" else (-1, -index)
+
+
+@dataclass
+class Stat:
+    """One value's aggregate over a rollup's points."""
+
+    n: int = 0
+    sum: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+    histogram: dict[str, int] = field(default_factory=dict)
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        self.sum += value
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        key = _bucket(value)
+        self.histogram[key] = self.histogram.get(key, 0) + 1
+
+    def merge(self, other: Stat) -> None:
+        self.n += other.n
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        for key, count in other.histogram.items():
+            self.histogram[key] = self.histogram.get(key, 0) + count
+
+    def quantile(self, q: float) -> float | None:
+        """The Q-quantile (0..1) of the values, from the histogram, kept inside [min, max]."""
+        if self.n == 0:
+            return None
+        rank, seen = q * self.n, 0
+        for key in sorted(self.histogram, key=_order):
+            seen += self.histogram[key]
+            if seen >= rank:
+                return min(max(_middle(key), self.min), self.max)
+        return self.max
+
+    def to_json(self) -> list[Any]:
+        return [self.n, self.sum, self.min, self.max, self.histogram]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> Stat:
+        n, total, low, high, histogram = raw
+        return cls(int(n), float(total), float(low), float(high),
+                   {str(k): int(v) for k, v in histogram.items()})
+
+    def summary(self) -> dict[str, float | int | None]:
+        """What a reader gets: count, sum, mean, min, max, p50, p95, p99."""
+        return {"count": self.n, "sum": self.sum, "mean": self.sum / self.n if self.n else None,
+                "min": self.min, "max": self.max, "p50": self.quantile(0.5),
+                "p95": self.quantile(0.95), "p99": self.quantile(0.99)}
+
+
+Key = tuple[str, int, str, str, str, str]  # device, period, start, kind, deployment, version
+
+
+@dataclass
+class Rollup:
+    points: int = 0
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    def add(self, values: Mapping[str, Any]) -> None:
+        self.points += 1
+        for name, value in values.items():
+            if name in _KEYS or isinstance(value, str) or isinstance(value, bool):
+                continue
+            self.stats.setdefault(name, Stat()).add(float(value))
+
+    def merge(self, other: Rollup) -> None:
+        self.points += other.points
+        for name, stat in other.stats.items():
+            self.stats.setdefault(name, Stat()).merge(stat)
+
+    def dumps(self) -> str:
+        return json.dumps({name: s.to_json() for name, s in sorted(self.stats.items())},
+                          separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, points: int, text: str) -> Rollup:
+        return cls(points, {name: Stat.from_json(raw) for name, raw in json.loads(text).items()})
+
+
+def bucket_start(at: datetime, period: int) -> str:
+    seconds = int(at.timestamp())
+    return format_time(datetime.fromtimestamp(seconds - seconds % period, tz=at.tzinfo))
+
+
+def roll_up(points: Iterable[tuple[str, str, str, Mapping[str, Any]]]) -> dict[Key, Rollup]:
+    """(device, at, kind, values) points -> their minute and hour rollups."""
+    found: dict[Key, Rollup] = {}
+    for device, at, kind, values in points:
+        moment = parse_time(at)
+        deployment = str(values.get("deployment", "")) if kind == "inference" else ""
+        version = str(values.get("version", "")) if kind == "inference" else ""
+        for period in (MINUTE, HOUR):
+            key = (device, period, bucket_start(moment, period), kind, deployment, version)
+            found.setdefault(key, Rollup()).add(values)
+    return found
