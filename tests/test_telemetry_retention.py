@@ -13,15 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from contract import signing
 from hub import devices, rollups, telemetry, tokens
 from hub.api.app import create_app
-from hub.api.state import HubState
-from hub.oci_registry import Uploads
 from hub.retention import Retention, RetentionPolicy, prune_batch, roll_up_batch
 from hub.settings import HubSettings
-from hub.storage.blobs import FileBlobStore
 from hub.storage.db import SCHEMA_VERSION, Database, format_time
+from hubapp import bare_state
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -214,13 +211,9 @@ def test_the_resolution_follows_the_window(back: timedelta, span: timedelta,
 
 @pytest.fixture
 def api(tmp_path: Path, db: Database) -> Iterator[TestClient]:
-    key = signing.generate_private_key()
-    blobs = FileBlobStore(tmp_path / "blobs")
-    state = HubState(settings=HubSettings(data_dir=tmp_path), db=db, blobs=blobs,
-                     signing_key=key, signing_public_key=signing.public_key_pem(key),
-                     mqtt_url="", uploads=Uploads(blobs))
     _, secret = tokens.create(db, name="viewer", role="viewer", created_by="test")
-    with TestClient(create_app(state), headers={"Authorization": f"Bearer {secret}"}) as client:
+    with TestClient(create_app(bare_state(tmp_path, db)),
+                    headers={"Authorization": f"Bearer {secret}"}) as client:
         yield client
 
 
