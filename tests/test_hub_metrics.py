@@ -154,9 +154,13 @@ def test_a_real_hub_serves_metrics_on_its_own_port_and_notices_devices_that_died
     talker.start()
     try:
         dying.telemetry(range(1, 4))
-        got = wait_for(lambda: (s := samples(httpx.get(scrape).text)).get(
-            'edgefleet_devices{status="online"}') == 2 and s.get(
-            "edgefleet_ingest_points_total", 0) >= 3 and s, what="both devices online")
+
+        def both_online() -> dict[str, float] | None:
+            got = samples(httpx.get(scrape).text)
+            online = got.get('edgefleet_devices{status="online"}') == 2
+            return got if online and got.get("edgefleet_ingest_points_total", 0) >= 3 else None
+
+        got = wait_for(both_online, what="both devices online, their points stored")
         assert got["edgefleet_broker_connected"] == 1
         assert got["edgefleet_broker_process_running"] == 1
         assert got['edgefleet_ingest_messages_total{kind="telemetry"}'] >= 1
