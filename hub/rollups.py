@@ -13,6 +13,7 @@ System points have no deployment and version (""); inference points are keyed by
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from hub.storage.db import format_time, parse_time
+from hub.storage.db import format_time
 
 MINUTE: Final = 60
 HOUR: Final = 3600
@@ -29,6 +30,7 @@ _STEPS_PER_DOUBLING: Final = 4  # bucket width: 2**(1/4), about 19%
 _KEYS: Final = ("deployment", "version")  # what names an inference series, not aggregated
 
 
+@functools.lru_cache(maxsize=65_536)  # devices repeat values (CPU % to one decimal)
 def _bucket(value: float) -> str:
     if value == 0:
         return "0"
@@ -62,10 +64,13 @@ class Stat:
     histogram: dict[str, int] = field(default_factory=dict)
 
     def add(self, value: float) -> None:
+        # Called for every value of every point rolled up: plain comparisons, no builtins.
         self.n += 1
         self.sum += value
-        self.min = min(self.min, value)
-        self.max = max(self.max, value)
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
         key = _bucket(value)
         self.histogram[key] = self.histogram.get(key, 0) + 1
 
@@ -139,13 +144,21 @@ def bucket_start(at: datetime, period: int) -> str:
 
 
 def roll_up(points: Iterable[tuple[str, str, str, Mapping[str, Any]]]) -> dict[Key, Rollup]:
-    """(device, at, kind, values) points -> their minute and hour rollups."""
-    found: dict[Key, Rollup] = {}
+    """(device, at, kind, values) points -> their minute rollups, and the hour rollups
+    those make. AT is as stored (fixed width, UTC: hub.storage.db.format_time), so a
+    bucket's start is a prefix of it."""
+    minutes: dict[Key, Rollup] = {}
     for device, at, kind, values in points:
-        moment = parse_time(at)
-        deployment = str(values.get("deployment", "")) if kind == "inference" else ""
-        version = str(values.get("version", "")) if kind == "inference" else ""
-        for period in (MINUTE, HOUR):
-            key = (device, period, bucket_start(moment, period), kind, deployment, version)
-            found.setdefault(key, Rollup()).add(values)
+        inference = kind == "inference"
+        key = (device, MINUTE, at[:16] + ":00.000000Z", kind,
+               str(values.get("deployment", "")) if inference else "",
+               str(values.get("version", "")) if inference else "")
+        rollup = minutes.get(key)
+        if rollup is None:
+            rollup = minutes[key] = Rollup()
+        rollup.add(values)
+    found = dict(minutes)
+    for (device, _, start, *series), rollup in minutes.items():
+        hour = (device, HOUR, start[:13] + ":00:00.000000Z", *series)
+        found.setdefault(hour, Rollup()).merge(rollup)  # type: ignore[arg-type]
     return found
