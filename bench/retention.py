@@ -10,13 +10,16 @@ too, so they share its GIL as they do there):
    loaded first so it has work throughout), alternating A B A B. The ratio is the rate
    with retention over the rate without, in the same run: 1.0 is "no cost".
 2. **A month in accelerated time.** DEVICES devices each send a system and an
-   inference point every INTERVAL simulated seconds for DAYS days; after each simulated
-   hour the retention pass runs with its clock (injected) at that hour: nothing sleeps.
-   Printed: the database's size and rows per table at the end, and, from the bytes per
-   row measured, what the same retention holds at a 10-second interval (the agent's
-   default), where each table's row count is known exactly (raw: 2 points per 10 s
-   for `raw` hours; minute rollups: 2 a minute for `minute` days; hour rollups: 2 an
-   hour for the days simulated).
+   inference point every INTERVAL simulated seconds (default: one of each an hour) for
+   DAYS days; after each simulated hour the retention pass runs with its clock
+   (injected) at that hour: nothing sleeps. Printed: what the database holds at the end.
+   A second, dense run (a few devices at the agent's default 10 s for a day) measures
+   the bytes a raw point, a minute rollup (6 points a kind) and an hour rollup (360)
+   take; with those, the size the full fleet at 10 s reaches is computed from the rows
+   each table then holds, which the retention settings fix exactly (raw: 2 points per
+   10 s for 48 h; minute rollups: 2 a minute for 14 days; hour rollups: 2 an hour for
+   the days simulated). Simulating 1,000 devices at 10 s for a month (518M points)
+   would take hours on 2 cores.
 
 Run: `.venv/bin/python bench/retention.py` (about 5-8 min on 2 shared cores);
 `--quick` for a smoke run.
@@ -120,7 +123,7 @@ def measure_ingest(directory: Path, devices: int, backlog: int, seconds: float,
     print(f"building {needed} telemetry messages ...", flush=True)
     built = messages(ids, needed, 1 + 2 * per_device, rng)
     batches = iter([built[i:i + BATCH] for i in range(0, len(built), BATCH)])
-    retention = Retention(db, RetentionPolicy(), interval=0.2)
+    retention = Retention(db, RetentionPolicy(), interval=0.2)  # the hub's own settings
     rates: dict[str, list[float]] = {"alone": [], "with retention": []}
     for phase in ("alone", "with retention", "alone", "with retention"):
         if phase == "with retention":
@@ -156,69 +159,85 @@ def table_bytes(db: Database) -> dict[str, int]:
     return sizes
 
 
-def simulate_month(directory: Path, devices: int, days: int, interval: int,
-                   rng: random.Random) -> list[Row]:
-    db = Database(directory / "month.db")
+def simulate(path: Path, devices: int, hours: int, interval: int, rng: random.Random
+             ) -> dict[str, float]:
+    """DEVICES devices measuring every INTERVAL simulated seconds for HOURS, a retention
+    pass after each simulated hour (its clock injected). What the database holds then."""
+    db = Database(path)
     ids = add_devices(db, devices)
-    policy = RetentionPolicy()
     start = datetime(2026, 1, 1, tzinfo=UTC)
     seqs = dict.fromkeys(ids, 1)
     # Each device measures at its own offset within the interval, as a real fleet does.
     offsets = {d: rng.uniform(0, interval) for d in ids}
-    per_hour = 3600 // interval
-    started = time.perf_counter()
-    inserted = 0
-    for hour in range(days * 24):
+    started, inserted = time.perf_counter(), 0
+    for hour in range(hours):
         base = start + timedelta(hours=hour)
         with db.transaction():
             for device in ids:
                 points = []
-                for i in range(per_hour):
+                for i in range(3600 // interval):
                     points += points_for(device, seqs[device],
                                          base + timedelta(seconds=offsets[device] + i * interval),
                                          rng)
                     seqs[device] += 2
                 inserted += telemetry.ingest(db, device, points)
         clock = base + timedelta(hours=1)
-        Retention(db, policy, clock=lambda clock=clock: clock, pause=0).run_once()
+        Retention(db, RetentionPolicy(), clock=lambda clock=clock: clock, pause=0,
+                  duty=1).run_once()
         if hour % 24 == 23:
-            print(f"  day {hour // 24 + 1}: {inserted:,} points in "
-                  f"{time.perf_counter() - started:.0f} s, database "
-                  f"{os.path.getsize(db.path) / 1e6:,.0f} MB", flush=True)
+            print(f"  {path.stem} day {hour // 24 + 1}: {inserted:,} points in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    elapsed = time.perf_counter() - started
-    size = os.path.getsize(db.path)
-    free = db.query_one("PRAGMA freelist_count")
-    page = db.query_one("PRAGMA page_size")
+    found: dict[str, float] = {"points": inserted, "seconds": time.perf_counter() - started,
+                               "file": os.path.getsize(db.path)}
+    free, page = db.query_one("PRAGMA freelist_count"), db.query_one("PRAGMA page_size")
     assert free is not None and page is not None
-    freed = free["freelist_count"] * page["page_size"]
-    counts = {t: (db.query_one(f"SELECT COUNT(*) AS n FROM {t}") or {"n": 0})["n"]
-              for t in ("telemetry", "telemetry_rollups")}
-    by_period = {r["period"]: r["n"] for r in db.query(
-        "SELECT period, COUNT(*) AS n FROM telemetry_rollups GROUP BY period")}
+    found["free"] = free["freelist_count"] * page["page_size"]
     sizes = table_bytes(db)
-    raw_row = sizes.get("telemetry", 0) / max(counts["telemetry"], 1)
-    rollup_row = sizes.get("telemetry_rollups", 0) / max(counts["telemetry_rollups"], 1)
-    # At a 10 s interval: rows each table holds once every retention is full.
+    found["raw"] = (db.query_one("SELECT COUNT(*) AS n FROM telemetry") or {"n": 0})["n"]
+    found["raw_bytes"] = sizes.get("telemetry", 0)
+    # The rollup table's bytes split between the periods by the bytes of their rows.
+    shares = {r["period"]: r for r in db.query(
+        "SELECT period, COUNT(*) AS n, SUM(length(stats) + length(device_id) + length(start)"
+        " + length(kind) + length(deployment) + length(version) + 16) AS b"
+        " FROM telemetry_rollups GROUP BY period")}
+    total = sum(r["b"] for r in shares.values()) or 1
+    for name, period in (("minute", 60), ("hour", 3600)):
+        row = shares.get(period, {"n": 0, "b": 0})
+        found[name] = row["n"]
+        found[name + "_bytes"] = sizes.get("telemetry_rollups", 0) * row["b"] / total
+    return found
+
+
+def per_row(found: dict[str, float], name: str) -> float:
+    return found[name + "_bytes"] / max(found[name], 1)
+
+
+def month_rows(month: dict[str, float], dense: dict[str, float], devices: int, days: int,
+               interval: int, dense_devices: int, dense_hours: int) -> list[Row]:
+    policy = RetentionPolicy()
+    # At the agent's 10 s: the rows each table holds after DAYS (each retention full).
     full = {"raw": devices * 2 * policy.raw.total_seconds() / 10,
             "minute": devices * 2 * min(policy.minute, timedelta(days=days)).total_seconds() / 60,
-            "hour": devices * 2 * days * 24}
-    estimate = full["raw"] * raw_row + (full["minute"] + full["hour"]) * rollup_row
+            "hour": devices * 2 * days * 24.0}
+    estimate = {name: rows * per_row(dense, name) for name, rows in full.items()}
     return [
         Row(f"simulated: {devices:,} devices x {days} days, 2 points every {interval} s",
-            f"{inserted:,} points", verdict=f"{elapsed:.0f} s ({inserted / elapsed:,.0f}/s "
-            "incl. rollups)"),
-        Row("database file at the end", f"{size / 1e6:,.0f} MB",
-            verdict=f"{freed / 1e6:,.0f} MB of it free pages, reused"),
-        Row("raw points kept (48 h)", f"{counts['telemetry']:,}",
-            verdict=f"{raw_row:.0f} B/row"),
-        Row("minute rollups kept (14 d) / hour rollups (400 d)",
-            f"{by_period.get(60, 0):,} / {by_period.get(3600, 0):,}",
-            verdict=f"{rollup_row:.0f} B/row"),
-        Row("estimate at 10 s: raw / minute / hour rows",
-            f"{full['raw'] / 1e6:.1f}M / {full['minute'] / 1e6:.1f}M / {full['hour'] / 1e6:.1f}M"),
-        Row("estimate at 10 s: database size after the month", f"{estimate / 1e9:,.1f} GB",
-            verdict="from the bytes per row above"),
+            f"{month['points']:,.0f} points",
+            verdict=f"{month['seconds']:.0f} s ({month['points'] / month['seconds']:,.0f}/s "
+            "with the passes)"),
+        Row("  database file at the end", f"{month['file'] / 1e6:,.0f} MB",
+            verdict=f"{month['free'] / 1e6:,.0f} MB of it free pages, reused"),
+        Row("  raw points / minute rollups / hour rollups kept",
+            f"{month['raw']:,.0f} / {month['minute']:,.0f} / {month['hour']:,.0f}"),
+        Row(f"dense: {dense_devices} devices x {dense_hours} h at 10 s: bytes per row",
+            f"{per_row(dense, 'raw'):.0f} / {per_row(dense, 'minute'):.0f} / "
+            f"{per_row(dense, 'hour'):.0f}", verdict="raw / minute / hour"),
+        Row(f"estimate, {devices:,} devices at 10 s after {days} days: rows",
+            f"{full['raw'] / 1e6:.1f}M / {full['minute'] / 1e6:.1f}M / {full['hour'] / 1e6:.1f}M",
+            verdict="raw 48 h / minute 14 d / hour"),
+        Row("  database size", f"{sum(estimate.values()) / 1e9:,.1f} GB",
+            verdict=" / ".join(f"{v / 1e9:.1f}" for v in estimate.values()) + " GB"),
     ]
 
 
@@ -226,8 +245,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--interval", type=int, default=600,
-                        help="simulated seconds between a device's measurements (divides 3600)")
+    parser.add_argument("--interval", type=int, default=3600,
+                        help="simulated seconds between a device's measurements in the month "
+                        "(divides 3600)")
+    parser.add_argument("--dense-devices", type=int, default=50,
+                        help="devices of the run at 10 s that measures bytes per row")
+    parser.add_argument("--dense-hours", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=8.0,
                         help="length of each ingest phase (A B A B)")
     parser.add_argument("--backlog", type=int, default=400_000,
@@ -237,6 +260,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.devices, args.days, args.seconds, args.backlog = 100, 3, 2.0, 40_000
+        args.dense_devices, args.dense_hours = 5, 3
     if 3600 % args.interval:
         parser.error("--interval must divide 3600")
     rng = random.Random(17)
@@ -244,7 +268,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgefleet-retention-") as tmp:
         rows = measure_ingest(Path(tmp), args.devices, args.backlog, args.seconds, rng)
         print("simulating the month ...", flush=True)
-        rows += simulate_month(Path(tmp), args.devices, args.days, args.interval, rng)
+        month = simulate(Path(tmp) / "month.db", args.devices, args.days * 24, args.interval,
+                         rng)
+        dense = simulate(Path(tmp) / "dense.db", args.dense_devices, args.dense_hours, 10, rng)
+        rows += month_rows(month, dense, args.devices, args.days, args.interval,
+                           args.dense_devices, args.dense_hours)
     print_table(rows, "Telemetry retention",
                 f"load average before the run: {load:.1f}; {json.dumps(vars(args))}")
 

@@ -4,8 +4,11 @@ One thread of its own, so ingest never waits for it beyond one short transaction
 pass first rolls up the raw points stored since the last one (hub/rollups.py: per
 device and version, per minute and per hour), then deletes raw points older than
 `raw`, minute rollups older than `minute` and hour rollups older than `hour`. Each
-step is a transaction of at most `batch` rows with a pause after it, so ingest's
-writes get the lock in between.
+step is a transaction of at most `batch` rows with a rest after it, so ingest's
+writes get the lock in between; the rest is long enough that the thread is busy at
+most `duty` of the time (a quarter by default): in the same process, it would
+otherwise take half the CPU from ingest while it catches up a backlog
+(bench/retention.py measures both).
 
 Which raw points are rolled up is kept per device (`telemetry_rolled`: the highest
 seq done). Agents number points in the order they measure them, so a point that
@@ -40,7 +43,7 @@ class RetentionPolicy:
     raw: timedelta = timedelta(hours=48)
     minute: timedelta = timedelta(days=14)
     hour: timedelta = timedelta(days=400)
-    batch: int = 2000  # rows per transaction
+    batch: int = 1000  # rows per transaction
 
     def __post_init__(self) -> None:
         if self.raw < timedelta(hours=1):
@@ -131,13 +134,13 @@ class Retention:
     def __init__(
         self, db: Database, policy: RetentionPolicy, *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        interval: float = 30.0, pause: float = 0.05,
+        interval: float = 30.0, pause: float = 0.05, duty: float = 0.25,
     ) -> None:
-        if interval <= 0 or pause < 0:
-            raise ValueError(f"retention interval must be positive and pause not negative, "
-                             f"got {interval} and {pause}")
+        if interval <= 0 or pause < 0 or not 0 < duty <= 1:
+            raise ValueError(f"retention needs a positive interval, a pause not negative and "
+                             f"a duty in (0, 1]; got {interval}, {pause} and {duty}")
         self.db, self.policy, self.clock = db, policy, clock
-        self.interval, self.pause = interval, pause
+        self.interval, self.pause, self.duty = interval, pause, duty
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -172,21 +175,29 @@ class Retention:
         started = time.monotonic()
         _track_new_devices(self.db)
         while not self._stop.is_set():
+            step = time.monotonic()
             done = roll_up_batch(self.db, self.policy.batch)
             self._count(rolled_up=done)
             if done < self.policy.batch:
                 break
-            self._stop.wait(self.pause)
+            self._rest(step)
         now = self.clock()
         for resolution in ("raw", "minute", "hour"):
             cutoff = now - self.policy.keep(resolution)
             while not self._stop.is_set():
+                step = time.monotonic()
                 gone = prune_batch(self.db, resolution, cutoff, self.policy.batch)
                 self._count(deleted={resolution: gone})
                 if gone < self.policy.batch:
                     break
-                self._stop.wait(self.pause)
+                self._rest(step)
         self._count(passes=1, last_pass_seconds=round(time.monotonic() - started, 3))
+
+    def _rest(self, since: float) -> None:
+        """After a step that began at SINCE: a pause, at least long enough to keep the
+        thread busy no more than DUTY of the time."""
+        busy = time.monotonic() - since
+        self._stop.wait(max(self.pause, busy * (1 - self.duty) / self.duty))
 
     def _count(self, **change: Any) -> None:
         with self._lock:

@@ -102,7 +102,7 @@ def test_raw_points_are_rolled_up_per_minute_and_hour_then_deleted_past_retentio
     # Nothing is deleted before it is rolled up, however old.
     assert prune_batch(db, "raw", NOW, 1000) == 0
 
-    retention = Retention(db, POLICY, clock=lambda: NOW, pause=0)
+    retention = Retention(db, POLICY, clock=lambda: NOW, pause=0, duty=1)
     retention.run_once()
     stats = retention.stats()
     assert stats["rolled_up"] == len(dev1) + 60 and stats["passes"] == 1
@@ -145,7 +145,7 @@ def test_raw_points_are_rolled_up_per_minute_and_hour_then_deleted_past_retentio
 
     # Rollups go when their own time is up.
     later = NOW + timedelta(days=15)
-    Retention(db, POLICY, clock=lambda: later, pause=0).run_once()
+    Retention(db, POLICY, clock=lambda: later, pause=0, duty=1).run_once()
     assert not [r for r in rollup_rows(db, 60) if r["start"] < format_time(later - POLICY.minute)]
     assert len([r for r in rollup_rows(db, 3600) if r["device_id"] == "dev-1"]) == len(hours)
     assert not telemetry.query(db, "dev-2")  # 15 days on, every raw point is gone
@@ -157,7 +157,7 @@ def test_raw_points_are_rolled_up_per_minute_and_hour_then_deleted_past_retentio
 
 def test_rolling_up_while_ingest_writes_counts_every_point_once(db: Database) -> None:
     add_device(db, "dev-1")
-    retention = Retention(db, POLICY, clock=lambda: NOW, interval=0.001, pause=0)
+    retention = Retention(db, POLICY, clock=lambda: NOW, interval=0.001, pause=0, duty=1)
     retention.start()
     written = 0
     try:
@@ -167,7 +167,7 @@ def test_rolling_up_while_ingest_writes_counts_every_point_once(db: Database) ->
     finally:
         retention.stop()
     assert retention.stats()["failures"] == 0
-    Retention(db, POLICY, clock=lambda: NOW, pause=0).run_once()  # what the last pass left
+    Retention(db, POLICY, clock=lambda: NOW, pause=0, duty=1).run_once()  # the rest
     for period in (60, 3600):
         assert sum(r["points"] for r in rollup_rows(db, period)) == written
 
@@ -187,7 +187,7 @@ def test_a_schema_2_database_is_upgraded_and_its_points_rolled_up(tmp_path: Path
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}
     assert roll_up_batch(db, 100) == 0  # the device is not tracked until a pass starts
-    Retention(db, POLICY, clock=lambda: NOW, pause=0).run_once()
+    Retention(db, POLICY, clock=lambda: NOW, pause=0, duty=1).run_once()
     assert [r["points"] for r in rollup_rows(db, 3600)] == [1]
     assert not telemetry.query(db, "dev-1")  # rolled up, then past raw retention
     Database(path)  # opening again changes nothing
@@ -222,7 +222,7 @@ def test_the_api_reads_raw_points_or_rollups_by_the_window_and_says_which(
     add_device(db, "dev-1")
     now = datetime.now(UTC).replace(microsecond=0)
     fill(db, "dev-1", now - timedelta(days=3), 3 * 24 * 6, timedelta(minutes=10))
-    Retention(db, RetentionPolicy(), pause=0).run_once()
+    Retention(db, RetentionPolicy(), pause=0, duty=1).run_once()
     path = "/api/v1/devices/dev-1/telemetry"
 
     recent = api.get(path, params={"since": format_time(now - timedelta(hours=1))})
@@ -253,7 +253,7 @@ def test_the_dashboard_draws_a_week_from_hour_rollups(db: Database) -> None:
 
     add_device(db, "dev-1")
     fill(db, "dev-1", NOW - timedelta(days=7), 7 * 24 * 6, timedelta(minutes=10))
-    Retention(db, POLICY, clock=lambda: NOW, pause=0).run_once()
+    Retention(db, POLICY, clock=lambda: NOW, pause=0, duty=1).run_once()
     data = queries.device_telemetry(db, "dev-1", timedelta(days=7), end=NOW, policy=POLICY)
     assert data.points == 2 * 7 * 24 * 6
     assert len(data.cpu[0].points) == queries.BUCKETS  # 168 hours into 120 buckets
