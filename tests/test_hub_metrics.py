@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from agentproc import wait_for
+from conftest import Cli
 from fleetdevice import connect, enroll
 from hub import liveness, tokens
 from hub.api.app import create_app
@@ -168,6 +169,13 @@ def test_a_real_hub_serves_metrics_on_its_own_port_and_notices_devices_that_died
         assert "edgefleet_ingest_lag_seconds" in got
         assert httpx.get(f"{hub.url}/metrics").status_code == 401  # the API's port asks
         assert httpx.get(f"{hub.url}/metrics", headers=auth).status_code == 200
+
+        # The CLI's telemetry command works with its defaults and says what it read.
+        cli = Cli(hub, tmp_path)
+        shown = cli.run("device", "telemetry", victim["device"]["id"]).stdout
+        assert "raw points since" in shown and "inference" in shown, shown
+        week = cli.run("device", "telemetry", victim["device"]["id"], "--since", "7d").stdout
+        assert "per-hour rollups since" in week, week
 
         # The victim dies while the hub (and its broker) are down, and no broker ever
         # says so: it has no last will, as with a broker that loses them.
