@@ -4,6 +4,7 @@ die while it is down: the hub's liveness marks them offline."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import warnings
@@ -23,6 +24,8 @@ from hub.prometheus import CONTENT_TYPE, Exposition, Histogram
 from hub.storage.db import Database, format_time
 from hubapp import bare_state
 from hubproc import free_port, start_hub
+
+ROOT = Path(__file__).resolve().parent.parent
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -204,3 +207,19 @@ def test_a_real_hub_serves_metrics_on_its_own_port_and_notices_devices_that_died
         talker.join()
         alive.session.close()
         assert hub.stop() == 0, hub.log()
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_hub_serves(
+        api: tuple[TestClient, Database]) -> None:
+    client, db = api
+    _, viewer = tokens.create(db, name="viewer", role="viewer", created_by="test")
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {viewer}"}).text
+    served = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE):
+        served |= {name + suffix for suffix in {
+            "counter": ("_total",), "gauge": ("",),
+            "histogram": ("_bucket", "_sum", "_count")}[kind]}
+    dashboard = json.loads((ROOT / "examples/grafana/edgefleet-hub.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel.get("targets", ())
+            for name in re.findall(r"edgefleet_[a-z_]+", target["expr"])}
+    assert len(used) > 20 and used <= served, used - served
