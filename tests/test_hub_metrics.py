@@ -9,17 +9,21 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
+from agent.mqtt import Message
 from agentproc import wait_for
 from conftest import Cli
+from contract import protocol
 from fleetdevice import connect, enroll
 from hub import liveness, tokens
 from hub.api.app import create_app
+from hub.ingest import write_batch
 from hub.prometheus import CONTENT_TYPE, Exposition, Histogram
 from hub.storage.db import Database, format_time
 from hubapp import bare_state
@@ -132,6 +136,26 @@ def test_silent_devices_are_marked_offline_only_while_the_hub_can_hear(tmp_path:
     assert {r["id"]: r["status"] for r in db.query("SELECT id, status FROM devices")} == {
         "dev-old": "offline", "dev-new": "offline", "dev-never": "offline",
         "dev-gone": "offline"}
+
+
+def test_a_live_message_brings_a_device_marked_silent_back_online(tmp_path: Path) -> None:
+    db = Database(tmp_path / "hub.db")
+    with db.transaction() as conn:
+        conn.executemany("INSERT INTO devices (id, name, tags, status) VALUES (?, ?, '{}',"
+                         " 'offline')", [(d, d) for d in ("dev-a", "dev-b", "dev-c")])
+
+    def points(device: str) -> Message:
+        now = datetime.now(UTC)
+        return Message(protocol.telemetry_topic(device), protocol.build_telemetry(
+            protocol.TelemetryBatch(device, (protocol.Point(1, now, "system", {"cpu": 1}),))))
+
+    write_batch(db, [
+        points("dev-a"),                                          # alive again
+        points("dev-b"), Message(protocol.status_topic("dev-b"), protocol.OFFLINE),  # its goodbye
+        replace(points("dev-c"), retain=True),                    # old news from the broker
+    ])
+    assert {r["id"]: r["status"] for r in db.query("SELECT id, status FROM devices")} == {
+        "dev-a": "online", "dev-b": "offline", "dev-c": "offline"}
 
 
 def test_a_real_hub_serves_metrics_on_its_own_port_and_notices_devices_that_died_while_down(
