@@ -168,6 +168,9 @@ class Retention:
                 log.warning("telemetry retention pass failed: %s; retrying in %ss",
                             exc, self.interval)
                 self._count(failures=1)
+            except Exception:  # a bug: logged whole, and the thread keeps going
+                log.exception("telemetry retention pass failed; retrying in %ss", self.interval)
+                self._count(failures=1)
             self._stop.wait(self.interval)
 
     def run_once(self) -> None:
