@@ -18,7 +18,7 @@ from contract import cosign
 from hub import deployments
 from hub.rollouts import reads, store
 from hub.rollouts.engine import Engine
-from hub.storage.db import Database, format_time
+from hub.storage.db import SCHEMA_VERSION, Database, format_time
 from hubapp import InProcessHub
 
 DEVICES = ["dev-a", "dev-b", "dev-c", "dev-d"]
@@ -283,11 +283,13 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
     Database(path)
     old = sqlite3.connect(path, isolation_level=None)
     old.execute("ALTER TABLE rollouts DROP COLUMN spec")
+    old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 3
     old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)
     assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
-    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "2"}
+    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
+        "value": str(SCHEMA_VERSION)}
 
 
 def test_a_manual_deploy_during_a_rollout_is_a_takeover_the_rollback_leaves_alone(
