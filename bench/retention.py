@@ -17,11 +17,12 @@ too, so they share its GIL as they do there):
    the bytes a raw point, a minute rollup (6 points a kind) and an hour rollup (360)
    take; with those, the size the full fleet at 10 s reaches is computed from the rows
    each table then holds, which the retention settings fix exactly (raw: 2 points per
-   10 s for 48 h; minute rollups: 2 a minute for 14 days; hour rollups: 2 an hour for
+   10 s for 48 h; minute rollups: 2 a minute for 7 days; hour rollups: 2 an hour for
    the days simulated). Simulating 1,000 devices at 10 s for a month (518M points)
    would take hours on 2 cores.
 
-Run: `.venv/bin/python bench/retention.py` (about 5-8 min on 2 shared cores);
+Run: `.venv/bin/python bench/retention.py` (40 min on 2 cores under a load of 20; the
+month is most of it: `--days 1` for a shorter one);
 `--quick` for a smoke run.
 """
 
@@ -235,7 +236,7 @@ def month_rows(month: dict[str, float], dense: dict[str, float], devices: int, d
             f"{per_row(dense, 'hour'):.0f}", verdict="raw / minute / hour"),
         Row(f"estimate, {devices:,} devices at 10 s after {days} days: rows",
             f"{full['raw'] / 1e6:.1f}M / {full['minute'] / 1e6:.1f}M / {full['hour'] / 1e6:.1f}M",
-            verdict="raw 48 h / minute 14 d / hour"),
+            verdict=f"raw {policy.raw} / minute {policy.minute.days} d / hour"),
         Row("  database size", f"{sum(estimate.values()) / 1e9:,.1f} GB",
             verdict=" / ".join(f"{v / 1e9:.1f}" for v in estimate.values()) + " GB"),
     ]

@@ -41,7 +41,7 @@ class RetentionPolicy:
     """How long each resolution is kept; checked when made."""
 
     raw: timedelta = timedelta(hours=48)
-    minute: timedelta = timedelta(days=14)
+    minute: timedelta = timedelta(days=7)
     hour: timedelta = timedelta(days=400)
     batch: int = 1000  # rows per transaction
 

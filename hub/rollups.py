@@ -94,19 +94,38 @@ class Stat:
         return self.max
 
     def to_json(self) -> list[Any]:
-        return [self.n, self.sum, self.min, self.max, self.histogram]
+        """[n, sum, min, max, zeros, positive run, negative run]: a run is the first
+        bucket index and the counts from there on, a third the size of a JSON object of
+        the same buckets (bench/retention.py measures the bytes a rollup takes)."""
+        runs: dict[str, dict[int, int]] = {"+": {}, "-": {}}
+        for key, count in self.histogram.items():
+            if key != "0":
+                runs[key[0]][int(key[1:])] = count
+        return [self.n, self.sum, self.min, self.max, self.histogram.get("0", 0),
+                _run(runs["+"]), _run(runs["-"])]
 
     @classmethod
     def from_json(cls, raw: list[Any]) -> Stat:
-        n, total, low, high, histogram = raw
-        return cls(int(n), float(total), float(low), float(high),
-                   {str(k): int(v) for k, v in histogram.items()})
+        n, total, low, high, zeros, positive, negative = raw
+        histogram = {"0": int(zeros)} if zeros else {}
+        for sign, run in (("+", positive), ("-", negative)):
+            for offset, count in enumerate(run[1:]):
+                if count:
+                    histogram[f"{sign}{run[0] + offset}"] = int(count)
+        return cls(int(n), float(total), float(low), float(high), histogram)
 
     def summary(self) -> dict[str, float | int | None]:
         """What a reader gets: count, sum, mean, min, max, p50, p95, p99."""
         return {"count": self.n, "sum": self.sum, "mean": self.sum / self.n if self.n else None,
                 "min": self.min, "max": self.max, "p50": self.quantile(0.5),
                 "p95": self.quantile(0.95), "p99": self.quantile(0.99)}
+
+
+def _run(counts: dict[int, int]) -> list[int]:
+    if not counts:
+        return []
+    first = min(counts)
+    return [first, *(counts.get(i, 0) for i in range(first, max(counts) + 1))]
 
 
 Key = tuple[str, int, str, str, str, str]  # device, period, start, kind, deployment, version
