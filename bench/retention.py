@@ -236,7 +236,8 @@ def month_rows(month: dict[str, float], dense: dict[str, float], devices: int, d
             f"{per_row(dense, 'hour'):.0f}", verdict="raw / minute / hour"),
         Row(f"estimate, {devices:,} devices at 10 s after {days} days: rows",
             f"{full['raw'] / 1e6:.1f}M / {full['minute'] / 1e6:.1f}M / {full['hour'] / 1e6:.1f}M",
-            verdict=f"raw {policy.raw} / minute {policy.minute.days} d / hour"),
+            verdict=f"raw {policy.raw.total_seconds() / 3600:.0f} h / minute "
+            f"{policy.minute.days} d / hour"),
         Row("  database size", f"{sum(estimate.values()) / 1e9:,.1f} GB",
             verdict=" / ".join(f"{v / 1e9:.1f}" for v in estimate.values()) + " GB"),
     ]
