@@ -166,11 +166,13 @@ def ids(db: Database) -> set[str]:
 
 def delete_device(db: Database, device_id: str) -> None:
     """Forget a device: its record and credential, what it should run and
-    reported, and its telemetry. Rollout records keep its id as history."""
+    reported, and its telemetry, raw and rolled up. Rollout records keep its id as
+    history."""
     with db.transaction() as conn:
         if not conn.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount:
             raise NotFound(f"no device with id {device_id!r}; see `edgefleet device list`")
-        for table in ("deployments", "deployment_status", "telemetry"):
+        for table in ("deployments", "deployment_status", "telemetry", "telemetry_rollups",
+                      "telemetry_rolled"):
             conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
 

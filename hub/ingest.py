@@ -9,7 +9,8 @@ acknowledgements only after the commit, so a hub that dies mid-batch loses
 nothing: the broker delivers those messages again, and writing them twice
 is harmless (telemetry is keyed by (device, seq), the rest is state).
 
-- status: `devices.status` ('online'/'offline'); last_seen
+- status: `devices.status` ('online'/'offline'); last_seen, and 'online' for any
+  live message (hub/liveness.py marks devices silent too long 'offline')
 - reported: `devices.reported` (the document), applied_generation, platform,
   inventory (accelerators, agent version), and the device's rows in
   `deployment_status`, replaced; only the newest report per device in a
@@ -32,13 +33,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
 from hub import telemetry
-from hub.storage.db import Database, dumps, now
+from hub.storage.db import Database, dumps, format_time
 
 log = logging.getLogger("edgefleet.hub.ingest")
 
@@ -62,6 +64,10 @@ class Counters:
     duplicate_points: int = 0  # points seen before (resent after a reconnect)
     batches: int = 0
     last_batch: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # messages a batch -> batches
+    # The hub's clock minus the newest telemetry point's time in the last batch that had
+    # any: how far behind the devices' measurements the database is (clock skew included).
+    lag_seconds: float | None = None
 
     def add(self, other: Counters) -> None:
         self.ingested.update(other.ingested)
@@ -70,6 +76,9 @@ class Counters:
         self.duplicate_points += other.duplicate_points
         self.batches += other.batches
         self.last_batch = other.last_batch
+        self.batch_sizes.update(other.batch_sizes)
+        if other.lag_seconds is not None:
+            self.lag_seconds = other.lag_seconds
 
     def as_dict(self) -> dict[str, Any]:
         dropped: dict[str, dict[str, int]] = {}
@@ -132,7 +141,8 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
 
     Parsing happens before the transaction, so the write lock is held only
     for the writes."""
-    counters = Counters(batches=1, last_batch=len(messages))
+    counters = Counters(batches=1, last_batch=len(messages),
+                        batch_sizes=Counter({len(messages): 1}))
     addressed = []
     for message in messages:
         try:
@@ -145,12 +155,19 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
         "SELECT id FROM devices WHERE id IN (SELECT value FROM json_each(?))",
         (json.dumps(sorted({device for _, device, _ in addressed})),))}
     batch = _parse(addressed, known, counters)
-    stamp = now()
+    clock = datetime.now(UTC)
+    stamp = format_time(clock)
+    if batch.telemetry:
+        newest = max(points.points[-1].at for points in batch.telemetry)
+        counters.lag_seconds = (clock - newest).total_seconds()
     with db.transaction() as conn:
         conn.executemany("UPDATE devices SET status = ? WHERE id = ?",
                          [(status, device) for device, status in batch.status.items()])
-        conn.executemany("UPDATE devices SET last_seen = ? WHERE id = ?",
-                         [(stamp, device) for device in batch.seen])
+        # A live message says the device is there: online again if hub/liveness.py had
+        # marked it offline for its silence (unless the batch has its own status news).
+        conn.executemany("UPDATE devices SET last_seen = ?, status = CASE WHEN ? THEN status"
+                         " ELSE 'online' END WHERE id = ?",
+                         [(stamp, device in batch.status, device) for device in batch.seen])
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
         for points in batch.telemetry:
@@ -281,3 +298,10 @@ class Ingest:
     def stats(self) -> dict[str, Any]:
         with self._counters_lock:
             return self._counters.as_dict()
+
+    def totals(self) -> Counters:
+        """A copy of the counters since the hub started (hub/metrics.py reads them)."""
+        with self._counters_lock:
+            c = self._counters
+            return replace(c, ingested=Counter(c.ingested), dropped=Counter(c.dropped),
+                           batch_sizes=Counter(c.batch_sizes))

@@ -31,12 +31,15 @@ from contract import signing
 from contract.files import write_secret
 from hub import desired, devices, tokens
 from hub.api.app import create_app
+from hub.api.metrics import standalone as metrics_app
 from hub.api.state import HubState
 from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
 from hub.broker_config import HUB_USERNAME, BrokerConfig
 from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
+from hub.liveness import Liveness
 from hub.oci_registry import Uploads
+from hub.retention import Retention
 from hub.rollout_engine import RolloutEngine
 from hub.settings import UNSPECIFIED, HubSettings
 from hub.storage.blobs import FileBlobStore
@@ -169,6 +172,14 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+class _MetricsServer(uvicorn.Server):
+    """The --metrics-port listener: the API's server owns the signals and stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def _managed_broker(state: HubState, bound: Bound,
                     password: str) -> tuple[ManagedBroker, BrokerLogins]:
     settings = state.settings
@@ -202,14 +213,32 @@ async def _run(state: HubState, bound: Bound) -> None:
     fleet.start()
     engine = state.rollouts = RolloutEngine(state.db, fleet.notify)
     engine.start()
+    retention = state.retention = Retention(state.db, settings.retention)
+    retention.start()
+    liveness = state.liveness = Liveness(
+        state.db, receiving=fleet.receiving, interval=settings.heartbeat_seconds,
+        silent_for=timedelta(seconds=settings.heartbeat_seconds
+                             * settings.device_offline_heartbeats))
+    liveness.start()
     host, _, port = bound.api_url.removeprefix("http://").rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False
     )
+    scraped = None
+    if settings.metrics_port:
+        scraped = _MetricsServer(uvicorn.Config(
+            metrics_app(state), host=host, port=settings.metrics_port, log_level="warning",
+            access_log=False))
+        scraping = asyncio.create_task(scraped.serve())
     try:
         await _Server(config).serve()
     finally:
+        if scraped is not None:
+            scraped.should_exit = True
+            await scraping
         await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(retention.stop)
+        await asyncio.to_thread(liveness.stop)
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await asyncio.to_thread(broker.stop)
@@ -228,11 +257,15 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     check_port(settings.host, int(bound.api_url.rpartition(":")[2]), "--port")
     if bound.managed_broker:
         check_port(settings.host, int(bound.mqtt_url.rpartition(":")[2]), "--mqtt-port")
+    if settings.metrics_port:
+        check_port(settings.host, settings.metrics_port, "--metrics-port")
     state = initialise(settings, say)
     api_url, state.mqtt_url = advertised(settings, bound)
     broker_kind = "managed Mosquitto" if bound.managed_broker else "external broker"
     say(f"REST API on {api_url} (OpenAPI docs at {api_url}/docs)")
     say(f"MQTT on {state.mqtt_url} ({broker_kind}; the address devices get)")
+    if settings.metrics_port:
+        say(f"Metrics on http://{settings.host}:{settings.metrics_port}/metrics (no token)")
     say(
         f"Log in with: edgefleet login --hub {api_url}"
         f" --token-file {settings.admin_token_path}"

@@ -7,8 +7,11 @@ the help text, the defaults and the docs all come from this one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from hub.retention import RetentionPolicy
 
 
 def _setting(default: object, help: str) -> object:
@@ -83,6 +86,26 @@ class HubSettings:
         30, "Days a signed desired state stays valid; agents refuse expired ones, so "
         "devices freeze on what they run if the hub is gone that long."
     )  # type: ignore[assignment]
+    telemetry_raw_hours: int = _setting(
+        48, "Hours raw telemetry points are kept; then only their per-minute and per-hour "
+        "rollups (longer windows are read from those)."
+    )  # type: ignore[assignment]
+    telemetry_minute_days: int = _setting(
+        7, "Days per-minute telemetry rollups are kept (the largest of the three: about "
+        "13 GB for 1,000 devices reporting every 10 s; bench/retention.py)."
+    )  # type: ignore[assignment]
+    telemetry_hour_days: int = _setting(
+        400, "Days per-hour telemetry rollups are kept."
+    )  # type: ignore[assignment]
+    device_offline_heartbeats: int = _setting(
+        6, "A device the hub has heard nothing from for this many --heartbeat-seconds "
+        "(agents send telemetry every 10 s by default) counts as offline, even if the "
+        "broker never said so."
+    )  # type: ignore[assignment]
+    metrics_port: int = _setting(
+        0, "Also serve the hub's Prometheus metrics, without authentication, on this port "
+        "of --host (0: none; /metrics on --port always answers with any API token)."
+    )  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -111,6 +134,22 @@ class HubSettings:
         if not 1 <= self.desired_validity_days <= 3650:
             raise ValueError(f"--desired-validity-days must be 1-3650, got "
                              f"{self.desired_validity_days}")
+        if not 2 <= self.device_offline_heartbeats <= 1000:
+            raise ValueError(f"--device-offline-heartbeats must be 2-1000, got "
+                             f"{self.device_offline_heartbeats}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be 0-65535, got {self.metrics_port}")
+        _ = self.retention  # building the policy checks the three retention settings
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        try:
+            return RetentionPolicy(raw=timedelta(hours=self.telemetry_raw_hours),
+                                   minute=timedelta(days=self.telemetry_minute_days),
+                                   hour=timedelta(days=self.telemetry_hour_days))
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"--telemetry-raw-hours/--telemetry-minute-days/"
+                             f"--telemetry-hour-days: {exc}") from None
 
     @property
     def db_path(self) -> Path:

@@ -4,15 +4,22 @@ Agents number their points per device; a batch resent after a reconnect
 hits the (device_id, seq) primary key and is ignored, so ingestion is
 idempotent. A batch is one transaction, so the ingest loop's cost is per
 batch, not per point.
+
+Raw points are kept for a while, then only their per-minute and per-hour
+rollups (hub/retention.py, hub/rollups.py); a reader asks for a window and
+gets the finest resolution that holds it (`choose_resolution`), each item
+saying which it is.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Final
 
+from hub import rollups
+from hub.retention import RetentionPolicy
 from hub.storage.db import Database, dumps, format_time
 
 KINDS = ("system", "inference")
@@ -36,29 +43,78 @@ def query(
     device_id: str,
     *,
     since: str | None = None,
+    until: str | None = None,
     kind: str | None = None,
     limit: int = 1000,
 ) -> list[dict[str, Any]]:
+    """The device's raw points in [SINCE, UNTIL), the newest LIMIT of them, oldest first."""
     clauses, params = ["device_id = ?"], [device_id]
-    if since:
-        clauses.append("at >= ?")
-        params.append(since)
-    if kind:
-        clauses.append("kind = ?")
-        params.append(kind)
+    for clause, value in (("at >= ?", since), ("at < ?", until), ("kind = ?", kind)):
+        if value:
+            clauses.append(clause)
+            params.append(value)
     rows = db.query(
         "SELECT seq, at, kind, metrics FROM telemetry WHERE " + " AND ".join(clauses)
         + " ORDER BY seq DESC LIMIT ?",
         [*params, limit],
     )
     return [
-        {"seq": r["seq"], "at": r["at"], "kind": r["kind"], "values": json.loads(r["metrics"])}
+        {"resolution": "raw", "seq": r["seq"], "at": r["at"], "kind": r["kind"],
+         "values": json.loads(r["metrics"])}
         for r in reversed(rows)
     ]
 
 
-def prune(db: Database, *, keep: timedelta) -> int:
-    """Drop points older than KEEP; one statement for the whole fleet."""
-    cutoff = format_time(datetime.now(UTC) - keep)
-    with db.transaction() as conn:
-        return conn.execute("DELETE FROM telemetry WHERE at < ?", (cutoff,)).rowcount
+# The longest window read from raw points, and from minute rollups: beyond these a window
+# has more rows than a chart or a terminal shows (6 h of 10 s points is 2,160 a kind).
+RAW_SPAN: Final = timedelta(hours=6)
+MINUTE_SPAN: Final = timedelta(days=3)
+
+
+def choose_resolution(since: datetime, until: datetime, now: datetime,
+                      policy: RetentionPolicy) -> str:
+    """raw, minute or hour: the finest that still holds the whole window and is not
+    too many rows for it."""
+    span, age = until - since, now - since
+    if age <= policy.raw and span <= RAW_SPAN:
+        return "raw"
+    if age <= policy.minute and span <= MINUTE_SPAN:
+        return "minute"
+    return "hour"
+
+
+def query_rollups(
+    db: Database,
+    device_id: str,
+    resolution: str,
+    *,
+    since: datetime,
+    until: datetime,
+    kind: str | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """The device's RESOLUTION rollups ('minute' or 'hour') whose buckets start in
+    [SINCE, UNTIL) (SINCE rounded down to its bucket), the newest LIMIT, oldest first."""
+    period = rollups.PERIODS[resolution]
+    params: list[Any] = [device_id, period, rollups.bucket_start(since, period),
+                         format_time(until)]
+    where = "device_id = ? AND period = ? AND start >= ? AND start < ?"
+    if kind:
+        where += " AND kind = ?"
+        params.append(kind)
+    rows = db.query("SELECT * FROM telemetry_rollups WHERE " + where
+                    + " ORDER BY start DESC, kind, deployment, version DESC LIMIT ?",
+                    [*params, limit])
+    return [_rollup_item(resolution, r) for r in reversed(rows)]
+
+
+def _rollup_item(resolution: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    rollup = rollups.Rollup.loads(row["points"], row["stats"])
+    item: dict[str, Any] = {"resolution": resolution, "start": row["start"], "kind": row["kind"]}
+    if row["kind"] == "inference":
+        version = row["version"]
+        item["deployment"] = row["deployment"]
+        item["version"] = int(version) if version.isascii() and version.isdigit() else version
+    item["points"] = rollup.points
+    item["values"] = {name: stat.summary() for name, stat in rollup.stats.items()}
+    return item

@@ -138,15 +138,21 @@ def hub_db(tmp_path: Path) -> Database:
     return Database(tmp_path / "hub.db")
 
 
+def bare_state(tmp_path: Path, db: Database) -> HubState:
+    """What the server hands the REST API, on DB and a blob store under TMP_PATH; no
+    broker, fleet link or background threads."""
+    key = signing.generate_private_key()
+    blobs = FileBlobStore(tmp_path / "blobs")
+    return HubState(settings=HubSettings(data_dir=tmp_path, port=0, mqtt_port=0), db=db,
+                    blobs=blobs, signing_key=key, signing_public_key=signing.public_key_pem(key),
+                    mqtt_url="", uploads=Uploads(blobs))
+
+
 @pytest.fixture
 def inproc(tmp_path: Path, hub_db: Database,
            built_packages: dict[int, Path]) -> Iterator[InProcessHub]:
     """The hub's REST API in process (create_app + TestClient as admin) on its own data."""
-    key = signing.generate_private_key()
-    blobs = FileBlobStore(tmp_path / "blobs")
-    state = HubState(settings=HubSettings(data_dir=tmp_path, port=0, mqtt_port=0), db=hub_db,
-                     blobs=blobs, signing_key=key, signing_public_key=signing.public_key_pem(key),
-                     mqtt_url="", uploads=Uploads(blobs))
+    state = bare_state(tmp_path, hub_db)
     _, secret = tokens.create(hub_db, name="admin", role="admin", created_by="test")
     with TestClient(create_app(state), headers={"Authorization": f"Bearer {secret}"}) as client:
         yield InProcessHub(state, client, built_packages)

@@ -18,7 +18,7 @@ from contract import cosign
 from hub import deployments
 from hub.rollouts import reads, store
 from hub.rollouts.engine import Engine
-from hub.storage.db import Database, format_time
+from hub.storage.db import SCHEMA_VERSION, Database, format_time
 from hubapp import InProcessHub
 
 DEVICES = ["dev-a", "dev-b", "dev-c", "dev-d"]
@@ -285,11 +285,13 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
     old.execute("ALTER TABLE rollouts DROP COLUMN spec")
     for table, column in OLDER_THAN_3:
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
     old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)
     assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
-    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "3"}
+    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
+        "value": str(SCHEMA_VERSION)}
 
 
 # The columns schema version 3 added (package variants).

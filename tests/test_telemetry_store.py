@@ -1,4 +1,5 @@
-"""The hub's telemetry store: exactly-once ingestion, queries, retention (real SQLite)."""
+"""The hub's telemetry store: exactly-once ingestion and queries (real SQLite; retention
+is tests/test_telemetry_retention.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_resent_points_are_stored_once(tmp_path: Path) -> None:
     assert [p["seq"] for p in stored] == list(range(1, 151))
 
 
-def test_query_filters_and_retention(tmp_path: Path) -> None:
+def test_query_filters(tmp_path: Path) -> None:
     db = Database(tmp_path / "hub.db")
     telemetry.ingest(db, "dev-1", points(1, 5, ago=timedelta(days=10)))
     telemetry.ingest(
@@ -40,5 +41,6 @@ def test_query_filters_and_retention(tmp_path: Path) -> None:
     assert [p["seq"] for p in telemetry.query(db, "dev-1", since=stamp(timedelta(hours=1)))] == [6]
     assert [p["seq"] for p in telemetry.query(db, "dev-1", kind="inference")] == [1, 2, 3, 4, 5]
     assert [p["seq"] for p in telemetry.query(db, "dev-1", limit=2)] == [5, 6]
-    assert telemetry.prune(db, keep=timedelta(days=7)) == 5
-    assert [p["seq"] for p in telemetry.query(db, "dev-1")] == [6]
+    older = telemetry.query(db, "dev-1", until=stamp(timedelta(hours=1)))
+    assert [p["seq"] for p in older] == [1, 2, 3, 4, 5]
+    assert {p["resolution"] for p in older} == {"raw"}

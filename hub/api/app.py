@@ -11,6 +11,7 @@ from hub.api import (
     devices,
     errors,
     fleet,
+    metrics,
     models,
     packages,
     registry,
@@ -29,9 +30,10 @@ def create_app(state: HubState) -> FastAPI:
     )
     app.state.hub = state
     errors.install(app)
-    for module in (admin, models, packages, devices, deployments, fleet, rollouts):
+    for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics):
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui
     app.add_middleware(AuditLog, db=state.db)
+    app.add_middleware(metrics.RequestMetrics, metrics=state.metrics)  # outermost: times all
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -156,16 +156,41 @@ def tag_device(
     )
 
 
-@router.get("/devices/{device_id}/telemetry", summary="A device's telemetry points, oldest first")
+def _utc(moment: datetime) -> datetime:
+    """A time without a zone is taken to be UTC."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@router.get("/devices/{device_id}/telemetry", summary="A device's telemetry, oldest first: "
+            "raw points or per-minute/per-hour rollups, the finest that holds the window")
 def device_telemetry(
     device_id: str,
     request: Request,
-    since: datetime | None = Query(None, description="ISO 8601 time; only points at or after it"),
+    response: Response,
+    since: datetime | None = Query(None, description="ISO 8601 time; only points at or after "
+                                   "it (default: an hour before `until`)"),
+    until: datetime | None = Query(None, description="ISO 8601 time; only points before it "
+                                   "(default: now)"),
     kind: Literal["system", "inference"] | None = None,
+    resolution: Literal["auto", "raw", "minute", "hour"] = Query(
+        "auto", description="auto: raw points for windows up to 6 h within raw retention, "
+        "minute rollups up to 3 days within theirs, else hour rollups"),
     limit: int = Query(1000, ge=1, le=100_000),
     principal: Principal = auth.viewer,
 ) -> list[dict[str, Any]]:
     state = hub_state(request)
     devices.get_device(state.db, device_id)
-    stamp = format_time(since) if since else None
-    return telemetry.query(state.db, device_id, since=stamp, kind=kind, limit=limit)
+    now = datetime.now(UTC)
+    end = _utc(until) if until else now
+    start = _utc(since) if since else end - timedelta(hours=1)
+    chosen = resolution if resolution != "auto" else telemetry.choose_resolution(
+        start, end, now, state.settings.retention)
+    # Each item says its resolution too; the header says it when there is none.
+    response.headers["X-Edgefleet-Resolution"] = chosen
+    if chosen == "raw":
+        # Without SINCE every raw point kept may come back, as before rollups existed.
+        return telemetry.query(state.db, device_id, since=format_time(start) if since else None,
+                               until=format_time(end) if until else None, kind=kind,
+                               limit=limit)
+    return telemetry.query_rollups(state.db, device_id, chosen, since=start, until=end,
+                                   kind=kind, limit=limit)

@@ -6,12 +6,13 @@ it through the `hub_state` dependency, never from a module global.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Request
 
+from hub.metrics import HubMetrics
 from hub.oci_registry import Uploads
 from hub.rollout_engine import RolloutEngine
 from hub.settings import HubSettings
@@ -21,6 +22,8 @@ from hub.storage.db import Database
 if TYPE_CHECKING:
     from hub.broker_logins import BrokerLogins
     from hub.fleet import FleetLink
+    from hub.liveness import Liveness
+    from hub.retention import Retention
 
 
 @dataclass
@@ -35,6 +38,9 @@ class HubState:
     fleet: FleetLink | None = None  # the MQTT link, once the server has started it
     rollouts: RolloutEngine | None = None  # the rollout engine, once the server has started it
     broker: BrokerLogins | None = None  # device logins on the managed broker (None: external)
+    retention: Retention | None = None  # telemetry rollups and deletion, once started
+    liveness: Liveness | None = None  # devices silent too long marked offline, once started
+    metrics: HubMetrics = field(default_factory=HubMetrics)  # counted as requests happen
 
 
 def hub_state(request: Request) -> HubState:

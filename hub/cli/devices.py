@@ -207,32 +207,54 @@ def tag(
         say(f"{device_id} tags: ", record["tags"])
 
 
+_RESOLUTIONS = {"raw": "raw points", "minute": "per-minute rollups",
+                "hour": "per-hour rollups"}
+
+
 @device.command()
 @click.argument("device_id")
 @click.option("--since", default="1h", show_default=True, help="How far back: 30m, 12h, 7d.")
 @click.option("--kind", type=click.Choice(["system", "inference"]), help="Only this kind of point.")
+@click.option("--resolution", type=click.Choice(["auto", "raw", "minute", "hour"]),
+              default="auto", show_default=True,
+              help="auto: raw points up to 6 h back, minute rollups up to 3 days, else hour "
+              "rollups (older raw points and minute rollups are deleted by the hub).")
 @click.option("--limit", default=1000, show_default=True, help="Newest points to show.")
 @hub_options
 @json_option
 def telemetry(
-    device_id: str, since: str, kind: str | None, limit: int, hub: str | None,
-    token: str | None, as_json: bool,
+    device_id: str, since: str, kind: str | None, resolution: str, limit: int,
+    hub: str | None, token: str | None, as_json: bool,
 ) -> None:
-    """Show a device's telemetry points, oldest first.
+    """Show a device's telemetry, oldest first: raw points or rollups (mean/p95/max).
 
     \b
     Example: edgefleet device telemetry dev-0a1b2c3d4e5f --since 30m --kind inference
+    Example: edgefleet device telemetry dev-0a1b2c3d4e5f --since 7d
     """
     start = datetime.now(UTC) - timedelta(seconds=parse_duration(since, "--since"))
-    rows = client(hub, token).get(
-        f"/api/v1/devices/{device_id}/telemetry",
-        params={"since": start.isoformat(), "kind": kind, "limit": limit},
-    )
+    with client(hub, token) as hub_client:
+        answer = hub_client.request(
+            "GET", f"/api/v1/devices/{device_id}/telemetry",
+            params={"since": start.isoformat(), "kind": kind, "limit": limit,
+                    "resolution": resolution})
+    rows = answer.json()
     if as_json:
         emit(rows, [], as_json=True)
         return
-    emit(
-        [{**r, "values": json.dumps(r["values"], separators=(",", ":"))} for r in rows],
-        ["seq", "at", "kind", "values"],
-        as_json=False,
-    )
+    chosen = answer.headers.get("x-edgefleet-resolution", "raw")
+    say((f"{_RESOLUTIONS.get(chosen, chosen)} since {start:%Y-%m-%d %H:%M:%S}Z", "dim"))
+    if chosen == "raw":
+        emit([{**r, "values": json.dumps(r["values"], separators=(",", ":"))} for r in rows],
+             ["seq", "at", "kind", "values"], as_json=False)
+        return
+    emit([{"start": r["start"], "kind": r["kind"], "points": r["points"],
+           "series": f"{r['deployment']} v{r['version']}" if "deployment" in r else "",
+           "values (mean/p95/max)": " ".join(
+               f"{name}={_num(v['mean'])}/{_num(v['p95'])}/{_num(v['max'])}"
+               for name, v in sorted(r["values"].items()))} for r in rows],
+         ["start", "kind", "series", "points", "values (mean/p95/max)"], as_json=False)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

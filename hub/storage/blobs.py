@@ -40,6 +40,7 @@ class BlobStore(Protocol):
     def local_path(self, digest: str) -> Path: ...
     def writer(self) -> BlobWriter: ...
     def delete(self, digest: str) -> None: ...
+    def usage(self) -> tuple[int, int]: ...  # (blobs, bytes) stored
 
 
 class _FileBlobWriter:
@@ -119,3 +120,16 @@ class FileBlobStore:
 
     def delete(self, digest: str) -> None:
         self.local_path(digest).unlink(missing_ok=True)
+
+    def usage(self) -> tuple[int, int]:
+        """How many blobs are stored and their bytes: a walk of the directories."""
+        count = total = 0
+        for prefix in os.scandir(self.root / "sha256") if (self.root / "sha256").is_dir() else ():
+            if prefix.is_dir():
+                for entry in os.scandir(prefix.path):
+                    try:
+                        total += entry.stat().st_size
+                    except FileNotFoundError:  # deleted while we looked
+                        continue
+                    count += 1
+        return count, total

@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -169,7 +169,21 @@ def _create_schema(db: _Schema) -> None:
         pk=("rollout_id", "device_id"),
     )
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
+    _add_telemetry_rollups(db)
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+
+
+def _add_telemetry_rollups(db: _Schema) -> None:
+    """Schema 3: per-minute and per-hour telemetry aggregates (hub/rollups.py) and, per
+    device, the last raw point rolled up (hub/retention.py). Raw points already stored
+    are rolled up by the first passes after the upgrade."""
+    db["telemetry_rollups"].create(
+        {"device_id": str, "period": int, "start": str, "kind": str, "deployment": str,
+         "version": str, "points": int, "stats": str},
+        pk=("device_id", "period", "start", "kind", "deployment", "version"),
+    )
+    db["telemetry_rollups"].create_index(["period", "start"])  # retention deletes oldest first
+    db["telemetry_rolled"].create({"device_id": str, "seq": int}, pk="device_id")
 
 
 def _migrate(db: _Schema) -> None:
@@ -191,6 +205,8 @@ def _migrate(db: _Schema) -> None:
                    " WHERE candidate_version IS NOT NULL")
         db.execute("UPDATE rollout_devices SET previous_variant = 'default'"
                    " WHERE previous_version IS NOT NULL")
+    if version < 4:
+        _add_telemetry_rollups(db)
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 

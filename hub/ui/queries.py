@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hub.storage.db import Database, format_time
+from hub import rollups, telemetry
+from hub.retention import RetentionPolicy
+from hub.storage.db import Database, format_time, parse_time
 
 PAGE_SIZE = 50
 TOP_TAGS = 40  # tag values shown as facets; the search box finds the rest
@@ -167,13 +169,20 @@ class DeviceTelemetry:
 
 
 def device_telemetry(db: Database, device_id: str, window: timedelta,
-                     end: datetime | None = None) -> DeviceTelemetry:
-    """The device's telemetry in WINDOW before END, averaged into BUCKETS time buckets:
-    CPU and memory from system points; requests, error rate and p50/p95 latency per
-    deployment version from inference points (latencies weighted by request count)."""
+                     end: datetime | None = None,
+                     policy: RetentionPolicy | None = None) -> DeviceTelemetry:
+    """The device's telemetry in WINDOW before END (now), averaged into BUCKETS time
+    buckets: CPU and memory from system points; requests, error rate and p50/p95 latency
+    per deployment version from inference points. Read from raw points (latencies
+    weighted by request count) or, for windows longer than raw points are read for,
+    from rollups (telemetry.choose_resolution; latencies are the points' means)."""
     end = end or datetime.now(UTC)
     start = end - window
     width = window.total_seconds() / BUCKETS
+    resolution = telemetry.choose_resolution(start, end, end, policy or RetentionPolicy())
+    if resolution != "raw":
+        return _series(start.timestamp(), width, end,
+                       *_rollup_buckets(db, device_id, resolution, start, end, width))
     since, until, t0 = format_time(start), format_time(end), start.timestamp()
     first = _first_seq_since(db, device_id, since)
     # julianday: SQLite 3.40 (Debian 12) has no unixepoch(..., 'subsec').
@@ -199,15 +208,67 @@ def device_telemetry(db: Database, device_id: str, window: timedelta,
         " AND kind = 'inference'"
         " GROUP BY b, deployment, version ORDER BY b",
         (t0, width, device_id, first, since, until))
+    return _series(t0, width, end, system, inference)
+
+
+def _rollup_buckets(db: Database, device_id: str, resolution: str, start: datetime,
+                    end: datetime, width: float) -> tuple[list[dict[str, Any]],
+                                                          list[dict[str, Any]]]:
+    """What the raw path's two queries give (bucket rows of system and inference
+    aggregates), from the rollups whose middle falls in each bucket."""
+    period = rollups.PERIODS[resolution]
+    t0 = start.timestamp()
+    system: dict[int, dict[str, Any]] = {}
+    inference: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for r in db.query("SELECT * FROM telemetry_rollups WHERE device_id = ? AND period = ?"
+                      " AND start >= ? AND start < ?",
+                      (device_id, period, rollups.bucket_start(start, period), format_time(end))):
+        middle = parse_time(r["start"]).timestamp() + period / 2
+        if not t0 <= middle < end.timestamp():
+            continue
+        b = int((middle - t0) // width)
+        stats = rollups.Rollup.loads(r["points"], r["stats"])
+        if r["kind"] == "system":
+            row = system.setdefault(b, {"b": b, "n": 0})
+            row["n"] += stats.points
+            for name, column in (("cpu_percent", "cpu"), ("memory_percent", "memory")):
+                _add_mean(row, column, stats.stats.get(name))
+        else:
+            row = inference.setdefault((b, r["deployment"], r["version"]), {
+                "b": b, "deployment": r["deployment"], "version": r["version"], "n": 0,
+                "requests": 0.0, "errors": 0.0})
+            row["n"] += stats.points
+            for name in ("count", "errors"):
+                found = stats.stats.get(name)
+                row["requests" if name == "count" else name] += found.sum if found else 0.0
+            for name in ("p50", "p95"):
+                _add_mean(row, name, stats.stats.get(f"{name}_ms"))
+    for row in [*system.values(), *inference.values()]:
+        for column in ("cpu", "memory", "p50", "p95"):
+            if column + "_n" in row:
+                row[column] = row.pop(column + "_sum") / row.pop(column + "_n")
+    return (sorted(system.values(), key=lambda r: r["b"]),
+            sorted(inference.values(), key=lambda r: r["b"]))
+
+
+def _add_mean(row: dict[str, Any], column: str, stat: rollups.Stat | None) -> None:
+    if stat is not None and stat.n:
+        row[column + "_sum"] = row.get(column + "_sum", 0.0) + stat.sum
+        row[column + "_n"] = row.get(column + "_n", 0) + stat.n
+
+
+def _series(t0: float, width: float, end: datetime, system: list[dict[str, Any]],
+            inference: list[dict[str, Any]]) -> DeviceTelemetry:
+    """Bucket rows -> the lines of the device page's charts."""
 
     def at(b: int) -> float:
         return t0 + (b + 0.5) * width
 
     cpu, memory = Series("CPU %"), Series("memory %")
     for r in system:
-        if r["cpu"] is not None:
+        if r.get("cpu") is not None:
             cpu.points.append((at(r["b"]), r["cpu"]))
-        if r["memory"] is not None:
+        if r.get("memory") is not None:
             memory.points.append((at(r["b"]), r["memory"]))
     requests: dict[str, Series] = {}
     errors: dict[str, Series] = {}
@@ -220,7 +281,7 @@ def device_telemetry(db: Database, device_id: str, window: timedelta,
             errors.setdefault(key, Series(key)).points.append(
                 (x, 100 * (r["errors"] or 0) / r["requests"]))
         for name in ("p50", "p95"):
-            if r[name] is not None:
+            if r.get(name) is not None:
                 label = f"{key} {name}"
                 latency.setdefault(label, Series(label)).points.append((x, r[name]))
     count = sum(r["n"] for r in system) + sum(r["n"] for r in inference)

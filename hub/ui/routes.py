@@ -206,7 +206,8 @@ def device(device_id: str, request: Request, window: str = "1h") -> HTMLResponse
     db, base = _base(request, "fleet")
     record = devices.get_device(db, device_id)
     window_name, span = queries.checked_window(window)
-    data = queries.device_telemetry(db, device_id, span)
+    data = queries.device_telemetry(db, device_id, span,
+                                    policy=hub_state(request).settings.retention)
     gap = 3 * span.total_seconds() / queries.BUCKETS  # more than two empty buckets: a gap
 
     def chart(title: str, unit: str, series: list[queries.Series],
