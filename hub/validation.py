@@ -19,6 +19,8 @@ __all__ = [
 ]
 
 MAX_FILES = 1000
+MAX_VERSION = 10**9 - 1  # `version()` reads at most nine digits
+MAX_OFFSET = 10**9  # list offsets: far past any page, well inside SQLite's integers
 
 
 class InvalidInput(InvalidName):
