@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from agent.serving.errors import BadRequest
+from contract.jsondepth import nests_deeper
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
+MAX_JSON_DEPTH = 40  # the request, its inputs, a tensor of numpy's 32 dimensions, and room
 _LENGTH = struct.Struct("<I")
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps would make one per call
 
@@ -37,13 +39,20 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
                 f"{HEADER_LENGTH} is {header_length!r}; it must be the size in bytes of the"
                 f" JSON header, between 0 and the body's {len(body)} bytes"
             )
+    text = body if end == len(body) else body[:end]
+    if nests_deeper(text, MAX_JSON_DEPTH):
+        raise BadRequest(f"the inference request nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        header = json.loads(body if end == len(body) else body[:end])
-    except (ValueError, UnicodeDecodeError) as e:
+        header = json.loads(text, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(f"malformed JSON in the inference request: {e}") from None
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     return header, memoryview(body)[end:]
+
+
+def _not_json(constant: str) -> float:
+    raise BadRequest(f"{constant} is not JSON; send non-finite numbers as binary tensor data")
 
 
 def join_body(header: dict[str, Any], blobs: Sequence[bytes]) -> tuple[bytes, dict[str, str]]:

@@ -25,8 +25,8 @@ Version = Annotated[int, Field(ge=1, le=validation.MAX_VERSION)] | Literal["late
 class CandidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Version
-    traffic: int = Field(ge=1, le=100, description="split: percent of requests it answers (1-99); shadow: "
-                         "percent of requests copied to it (1-100)")
+    traffic: int = Field(ge=1, le=100, description="split: percent of requests it answers "
+                         "(1-99); shadow: percent of requests copied to it (1-100)")
     shadow: bool = False
 
 

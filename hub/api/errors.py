@@ -62,7 +62,8 @@ async def _blob(request: Request, exc: BlobError) -> JSONResponse:
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    text = {404: "not found", 405: "method not allowed", 413: "payload too large"}.get(exc.status_code, "error")
+    text = {404: "not found", 405: "method not allowed", 413: "payload too large"}.get(
+        exc.status_code, "error")
     return error_response(request, exc.status_code, text, str(exc.detail))
 
 

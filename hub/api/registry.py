@@ -270,7 +270,8 @@ async def delete_manifest(repo: str, reference: str, request: Request) -> Respon
 
 @router.get("/{repo:path}/tags/list")
 async def list_tags(
-    repo: str, request: Request, n: int | None = Query(None, ge=0, le=10_000), last: str | None = None
+    repo: str, request: Request, n: int | None = Query(None, ge=0, le=10_000),
+    last: str | None = None,
 ) -> Response:
     state = await _access(request, repo, push=False)
     found = await run_in_threadpool(lambda: reg.tags(state.db, repo, n=n, last=last))
