@@ -12,6 +12,7 @@ from hub.api import (
     errors,
     fleet,
     models,
+    openapi,
     packages,
     registry,
     rollouts,
@@ -35,6 +36,7 @@ def create_app(state: HubState) -> FastAPI:
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui
+    openapi.install(app)
     app.add_middleware(RequestGate, db=state.db,
                        max_request_bytes=state.settings.max_request_bytes,
                        max_upload_bytes=state.settings.max_upload_bytes)

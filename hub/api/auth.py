@@ -26,7 +26,7 @@ async def authenticate(request: Request, db: Database) -> Principal:
     return await run_in_threadpool(tokens.authenticate, db, secret.strip())
 
 
-async def _principal(request: Request, state: HubState = Depends(hub_state)) -> Principal:
+async def current_principal(request: Request, state: HubState = Depends(hub_state)) -> Principal:
     # The request gate (hub/api/limits.py) authenticated requests with a body already.
     principal = getattr(request.state, "principal", None)
     if principal is None:
@@ -36,7 +36,7 @@ async def _principal(request: Request, state: HubState = Depends(hub_state)) -> 
 
 
 def require(role: str) -> Callable[..., object]:
-    async def check(principal: Principal = Depends(_principal)) -> Principal:
+    async def check(principal: Principal = Depends(current_principal)) -> Principal:
         principal.require(role)
         return principal
 
