@@ -55,7 +55,8 @@ BINARY: Final = {("GET", "/api/v1/models/{name}/versions/{version}/files/{path}"
 
 
 def _authenticated(dependant: Dependant) -> bool:
-    return any(d.call is auth.current_principal or _authenticated(d) for d in dependant.dependencies)
+    return any(d.call is auth.current_principal or _authenticated(d)
+               for d in dependant.dependencies)
 
 
 def _statuses(route: RouteContext, method: str) -> set[int]:
