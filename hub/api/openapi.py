@@ -111,11 +111,13 @@ def install(app: FastAPI) -> None:
             # FastAPI keeps included routers as such; this walks their routes as its own
             # document builder does.
             for route in iter_route_contexts(app.routes):
-                if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
+                path = route.path_format
+                if not isinstance(route.original_route, APIRoute) or not route.include_in_schema \
+                        or path is None:
                     continue
                 for method in route.methods or ():
-                    operation = schema["paths"][route.path_format][method.lower()]
-                    _declare(operation, method, route.path_format, _statuses(route, method))
+                    operation = schema["paths"][path][method.lower()]
+                    _declare(operation, method, path, _statuses(route, method))
             app.openapi_schema = schema
         return app.openapi_schema
 
