@@ -13,28 +13,18 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from contract import signing
-from hubproc import HubProcess, start_hub
+from hubproc import HubProcess
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance")
 EXAMPLES = 10  # per operation and phase; the coverage phase adds its own edge cases
 ROLES = ("admin", "operator", "viewer", "device")
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = start_hub(tmp_path_factory.mktemp("conformance") / "data")
-    try:
-        yield process
-    finally:
-        assert process.stop() == 0, process.log()
 
 
 @pytest.fixture(scope="module")

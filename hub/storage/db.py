@@ -29,7 +29,8 @@ def format_time(moment: datetime) -> str:
     """Timestamps are UTC ISO 8601 strings of fixed width with a Z: sortable as text."""
     if moment.tzinfo is None:  # naive times are taken to be UTC already
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+    # isoformat, not strftime: glibc's %Y writes the year 999 as "999", not "0999".
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:
