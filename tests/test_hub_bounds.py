@@ -172,3 +172,22 @@ def test_registry_tag_page_size_is_bounded(hub: TestClient) -> None:
     for n in ("1e20", "100000000000000000000", "10001"):
         response = hub.get(f"/v2/models/tiny/tags/list?n={n}")
         assert response.status_code == 422, response.text
+
+
+def test_api_tokens_expire_with_a_clear_401(hub: TestClient) -> None:
+    made = hub.post("/api/v1/tokens", json={"name": "ci", "role": "viewer", "expires_in": 3600})
+    assert made.status_code == 201 and made.json()["expires_at"], made.text
+    ci = {"Authorization": f"Bearer {made.json()['token']}"}
+    assert hub.get("/api/v1/whoami", headers=ci).json()["name"] == "ci"
+    db = hub.app.state.hub.db  # type: ignore[attr-defined]
+    with db.transaction() as conn:
+        conn.execute("UPDATE api_tokens SET expires_at = '2020-01-01T00:00:00.000000Z'"
+                     " WHERE name = 'ci'")
+    one_line(hub.get("/api/v1/whoami", headers=ci), 401,
+             "API token 'ci' expired at 2020-01-01T00:00:00.000000Z; ask an admin for a new one")
+    one_line(hub.post("/api/v1/tokens", json={"name": "x", "role": "viewer"}, headers=ci), 401,
+             "expired at")
+    for seconds in (59, 10**20):
+        one_line(hub.post("/api/v1/tokens", json={"name": "x", "role": "viewer",
+                                                  "expires_in": seconds}), 422, "expires_in")
+    assert "expires_at" in hub.get("/api/v1/tokens").json()[0]

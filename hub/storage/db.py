@@ -188,6 +188,10 @@ LATER_INDEXES = (
     "CREATE INDEX IF NOT EXISTS devices_platform ON devices (platform)",
     "CREATE INDEX IF NOT EXISTS devices_name_id ON devices (name, id)",
 )
+# Columns added after the first schema, the same way: (table, column, SQL type).
+LATER_COLUMNS = (
+    ("api_tokens", "expires_at", "TEXT"),  # NULL: the token does not expire
+)
 
 
 class Database:
@@ -204,6 +208,9 @@ class Database:
         _create_schema(_Schema(conn))
         for statement in LATER_INDEXES:
             conn.execute(statement)
+        for table, column, kind in LATER_COLUMNS:
+            if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
