@@ -11,10 +11,18 @@ it); the API answers both with 422 and their one line.
 
 from __future__ import annotations
 
-from contract.names import InvalidName, duration, file_path, is_number, model_name, tag
+from contract.names import (
+    InvalidName,
+    duration,
+    file_path,
+    file_tree,
+    is_number,
+    model_name,
+    tag,
+)
 
 __all__ = [
-    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "is_number",
+    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "file_tree", "is_number",
     "model_name", "parse_tag_selector", "tag", "tags", "version",
 ]
 

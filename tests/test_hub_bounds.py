@@ -191,3 +191,39 @@ def test_api_tokens_expire_with_a_clear_401(hub: TestClient) -> None:
         one_line(hub.post("/api/v1/tokens", json={"name": "x", "role": "viewer",
                                                   "expires_in": seconds}), 422, "expires_in")
     assert "expires_at" in hub.get("/api/v1/tokens").json()[0]
+
+
+def _blob(hub: TestClient, data: bytes) -> str:
+    answer = hub.post("/api/v1/blobs", content=data)
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["digest"])
+
+
+def test_file_names_the_cli_cannot_write_are_refused(hub: TestClient) -> None:
+    digest = _blob(hub, b"weights")
+
+    def register(*paths: str) -> Any:
+        return hub.post("/api/v1/models/names/versions",
+                        json={"files": [{"path": p, "digest": digest} for p in paths]})
+
+    one_line(register("a", "a/b"), 422, "file 'a' would also be the directory of 'a/b'")
+    one_line(register("x/" + "n" * 250), 422, "is 250 bytes; a part may have 249")
+    one_line(register("é" * 125), 422, "is 250 bytes")  # bytes, not characters
+    made = register("n" * 249, "we#ird?name.bin", "a/b", "a2")
+    assert made.status_code == 201, made.text
+
+
+def test_range_errors_answer_in_each_apis_shape(hub: TestClient) -> None:
+    digest = _blob(hub, bytes(100))
+    assert hub.post("/api/v1/models/ranged/versions",
+                    json={"files": [{"path": "w.bin", "digest": digest}]}).status_code == 201
+    url = "/api/v1/models/ranged/versions/1/files/w.bin"
+    past = hub.get(url, headers={"Range": "bytes=500-"})
+    one_line(past, 416, "starts past the end of the 100-byte file")
+    assert past.headers["content-range"] == "bytes */100"
+    one_line(hub.get(url, headers={"Range": "lines=1-2"}), 400, "Only support bytes range")
+    assert hub.get(url, headers={"Range": "bytes=10-19"}).content == bytes(10)
+    start = hub.post(f"/v2/models/ranged/blobs/uploads/?digest={digest}", content=bytes(100))
+    assert start.status_code == 201, start.text
+    oci = hub.get(f"/v2/models/ranged/blobs/{digest}", headers={"Range": "bytes=500-"})
+    assert oci.status_code == 416 and oci.json()["errors"][0]["code"] == "RANGE_INVALID"

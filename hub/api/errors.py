@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub.errors import HubError
+from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobError
 from hub.validation import InvalidName
 
@@ -34,6 +35,15 @@ def error_response(request: Request, status: int, error: str, detail: str) -> JS
 def _location(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or "request"
+
+
+def registry_response(exc: RegistryError) -> JSONResponse:
+    """EXC in the distribution spec's error shape, which the /v2/ routes answer in."""
+    return JSONResponse(
+        {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]},
+        status_code=exc.status,
+        headers=exc.headers,
+    )
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

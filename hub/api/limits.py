@@ -18,13 +18,12 @@ routes before they read; their bodies are streamed, and counted as they pass.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.jsondepth import nests_deeper
@@ -93,16 +92,8 @@ def _is_json(scope: Scope) -> bool:
     return not kind or "json" in kind.lower()
 
 
-Refusal = Callable[[Scope, int, str, str], Response]
-
-
-def _hub_refusal(scope: Scope, status: int, error: str, detail: str) -> Response:
+def _refusal(scope: Scope, status: int, error: str, detail: str) -> Response:
     return error_response(Request(scope), status, error, detail)
-
-
-def _registry_refusal(scope: Scope, status: int, error: str, detail: str) -> Response:
-    code = {413: "SIZE_INVALID"}.get(status, "UNSUPPORTED")
-    return JSONResponse({"errors": [{"code": code, "message": detail, "detail": None}]}, status)
 
 
 class RequestGate:
@@ -118,11 +109,12 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        refuse: Refusal = _registry_refusal if path.startswith("/v2/") else _hub_refusal
         if _is_upload(method, path):
-            # The route authenticates before it reads; only then does the count start.
-            limit = self.max_upload_bytes if "/blobs" in path else self.max_request_bytes
-            await self._streamed(scope, receive, send, limit, refuse)
+            # The route authenticates before it reads; only then does the count start, and
+            # the route answers a BodyTooLarge in its own shape (the registry's for /v2/).
+            blob = path == "/api/v1/blobs" or "/blobs/uploads/" in path
+            limit = self.max_upload_bytes if blob else self.max_request_bytes
+            await self._streamed(scope, receive, send, limit)
             return
         if method not in BODY_METHODS or not path.startswith("/api/v1/"):
             await self.app(scope, counted(receive, self.max_request_bytes), send)
@@ -134,12 +126,12 @@ class RequestGate:
             try:
                 principal = await authenticate(Request(scope), self.db)
             except HubError as exc:
-                await refuse(scope, exc.status, exc.error, exc.detail)(scope, receive, send)
+                await _refusal(scope, exc.status, exc.error, exc.detail)(scope, receive, send)
                 return
             scope.setdefault("state", {})["principal"] = principal
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
-            await self._too_large(scope, receive, send, limit, refuse)
+            await self._too_large(scope, receive, send, limit)
             return
         body = bytearray()
         more = True
@@ -150,17 +142,16 @@ class RequestGate:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                await self._too_large(scope, receive, send, limit, refuse)
+                await self._too_large(scope, receive, send, limit)
                 return
         if _is_json(scope) and nests_deeper(body, MAX_JSON_DEPTH):
-            await refuse(scope, 400, "malformed JSON",
+            await _refusal(scope, 400, "malformed JSON",
                          f"the body nests deeper than {MAX_JSON_DEPTH} levels")(
                 scope, receive, send)
             return
         await self.app(scope, _replay(bytes(body), receive), send)
 
-    async def _streamed(self, scope: Scope, receive: Receive, send: Send, limit: int,
-                        refuse: Refusal) -> None:
+    async def _streamed(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
             # Refused when the route first reads the body, i.e. after it authenticated.
@@ -171,10 +162,8 @@ class RequestGate:
         await self.app(scope, counted(receive, limit), send)
 
     @staticmethod
-    async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int,
-                         refuse: Refusal) -> None:
+    async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         # The server reads what is left of the body and drops it, so the connection
         # stays usable for the client's next request.
-        response: Callable[..., Awaitable[None]] = refuse(
-            scope, 413, "payload too large", BodyTooLarge(limit).detail)
-        await response(scope, receive, send)
+        await _refusal(scope, 413, "payload too large", BodyTooLarge(limit).detail)(
+            scope, receive, send)

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from hub import registry, validation
 from hub.api import auth
+from hub.api.errors import error_response
 from hub.api.limits import BodyTooLarge
 from hub.api.state import hub_state
 from hub.api.streaming import LargeFileResponse, receive_into
@@ -145,6 +146,7 @@ def download_file(
         state.blobs.local_path(found["digest"]),
         media_type="application/octet-stream",
         headers={"X-Content-Digest": found["digest"]},
+        refuse=lambda status, detail: error_response(request, status, "bad range", detail),
     )
 
 

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from hub import oci_registry as reg
 from hub import tokens
-from hub.api.errors import add_handler
+from hub.api.errors import add_handler, registry_response
 from hub.api.limits import BodyTooLarge
 from hub.api.state import HubState, hub_state
 from hub.api.streaming import LargeFileResponse, receive_into
@@ -218,6 +218,8 @@ async def get_blob(repo: str, digest: str, request: Request) -> LargeFileRespons
         state.blobs.local_path(digest),
         media_type="application/octet-stream",
         headers={"Docker-Content-Digest": digest},
+        refuse=lambda status, detail: registry_response(
+            RegistryError(status, "RANGE_INVALID", detail)),
     )
 
 
@@ -283,11 +285,7 @@ async def list_tags(
 
 async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
     request.state.audit_detail = exc.message
-    return JSONResponse(
-        {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]},
-        status_code=exc.status,
-        headers=exc.headers,
-    )
+    return registry_response(exc)
 
 
 def install(app: FastAPI) -> None:
