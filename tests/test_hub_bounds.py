@@ -227,3 +227,38 @@ def test_range_errors_answer_in_each_apis_shape(hub: TestClient) -> None:
     assert start.status_code == 201, start.text
     oci = hub.get(f"/v2/models/ranged/blobs/{digest}", headers={"Range": "bytes=500-"})
     assert oci.status_code == 416 and oci.json()["errors"][0]["code"] == "RANGE_INVALID"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("GET", "/api/v1/models/tiny/versions/%C2%B2", None, 422),
+    ("GET", "/api/v1/models/tiny/versions/%D9%A3", None, 422),
+    ("GET", "/api/v1/models/tiny/versions/%C2%B2/files/x", None, 422),
+    ("DELETE", "/api/v1/models/tiny/versions/%C2%B2", None, 422),
+    ("POST", "/api/v1/rollouts", {"model": "m", "version": 1, "target": {}, "waves": "abc%"}, 422),
+    *(("POST", "/api/v1/rollouts", {"model": "m", "version": 1, "target": {},
+                                    "max_failures": bad}, 422)
+      for bad in ("abc%", "nan%", "inf%", "-5%", "1e400%")),
+    ("POST", "/api/v1/rollouts/r-1/%0a%1b[31mjunk", None, 422),
+    ("GET", "/api/v1/devices/d/telemetry?since=0001-01-01T00:00:00%2B05:00", None, 404),
+    ("GET", "/api/v1/devices?tag=" + "k" * 5_000, None, 422),
+])
+def test_what_gave_500s_is_a_4xx_with_one_line(hub: TestClient, method: str, path: str,
+                                               body: object, status: int) -> None:
+    one_line(hub.request(method, path, json=body), status, "")
+
+
+def test_audit_actions_of_refused_paths_are_printable(hub: TestClient) -> None:
+    hub.post("/api/v1/nowhere/%0a%1b[31m")
+    entry = hub.get("/api/v1/audit", params={"limit": 1}).json()[0]
+    assert entry["action"] == "POST /api/v1/nowhere/\\n\\x1b[31m", entry
+
+
+def test_a_time_before_year_one_in_utc_is_422(hub: TestClient) -> None:
+    db = hub.app.state.hub.db  # type: ignore[attr-defined]
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, status, desired_generation,"
+                     " applied_generation, published_generation, enrolled_at)"
+                     " VALUES ('d', 'd', '{}', 'online', 0, 0, 0, '2026-01-01T00:00:00Z')")
+    one_line(hub.get("/api/v1/devices/d/telemetry?since=0001-01-01T00:00:00%2B05:00"), 422,
+             "out of range")
+    assert hub.get("/api/v1/devices/d/telemetry?since=0001-01-01T00:00:00Z").json() == []
