@@ -172,6 +172,7 @@ def test_registry_tag_page_size_is_bounded(hub: TestClient) -> None:
     for n in ("1e20", "100000000000000000000", "10001"):
         response = hub.get(f"/v2/models/tiny/tags/list?n={n}")
         assert response.status_code == 422, response.text
+        assert response.json()["errors"][0]["message"].startswith("n: ")
 
 
 def test_api_tokens_expire_with_a_clear_401(hub: TestClient) -> None:

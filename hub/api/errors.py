@@ -56,6 +56,8 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
             "the request body must be a JSON object (Content-Type: application/json)",
         )
     detail = "; ".join(f"{_location(p['loc'])}: {p['msg']}" for p in problems[:10])
+    if request.url.path.startswith("/v2/"):  # the registry answers in the spec's shape
+        return registry_response(RegistryError(422, "UNSUPPORTED", detail))
     return error_response(request, 422, "invalid input", detail)
 
 
