@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from agent.serving import codec
+from agent.serving.errors import PayloadTooLarge
 from modelgen import make_onnx
 from test_serving_process import API_KEY, ServeProcess, onnx_version, start_serve
 
@@ -102,3 +104,11 @@ def test_nan_in_is_400_and_a_non_finite_output_is_422_unless_binary(
 
 def test_the_log_has_no_traceback(served: ServeProcess) -> None:
     assert "Traceback" not in served.log() and "RecursionError" not in served.log()
+
+
+def test_the_json_part_has_a_limit_of_its_own() -> None:
+    json_part = b'{"inputs": [' + b" " * codec.MAX_JSON_BYTES + b"]}"
+    with pytest.raises(PayloadTooLarge, match="send large tensors as binary data"):
+        codec.split_body(json_part, None)
+    header, binary = codec.split_body(b'{"inputs": []}' + bytes(codec.MAX_JSON_BYTES), "14")
+    assert header == {"inputs": []} and len(binary) == codec.MAX_JSON_BYTES
