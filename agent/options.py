@@ -25,6 +25,10 @@ SERVE_HOST: Option[str] = Option(
 SERVE_PORT: Option[int] = Option(8500, "Port of the local scoring API.")
 MAX_CONCURRENCY: Option[int] = Option(
     2, "Inferences the scoring API runs at once (one worker thread each).")
+MAX_BODY_BYTES: Option[int] = Option(
+    32 << 20, "Largest scoring request body read, in bytes; larger ones get 413. Each running "
+    "inference holds one body, so memory is bounded by this times --max-concurrency; the "
+    "JSON part of a body may have 8 MiB (parsed JSON takes ~27 times its size).")
 MAX_QUEUE: Option[int] = Option(
     16, "Scoring requests that wait for a free slot; more get 503 with Retry-After.")
 SHADOW_CONCURRENCY: Option[int] = Option(

@@ -10,6 +10,7 @@ through ("diabetes\\n"); a `fullmatch` does not. Every refusal is one
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -162,9 +163,39 @@ def relative_path(text: object) -> str:
     return RELATIVE_PATH.check(text)
 
 
+def partial_name(name: str) -> str:
+    """Where a download of the file NAME is written until its digest is checked."""
+    return f".{name}.part"
+
+
+# What one part of a path may take: file systems allow 255 bytes a name (NAME_MAX),
+# and a download's partial file adds its prefix and suffix to the last part.
+MAX_NAME_BYTES = 255 - len(partial_name("").encode())
+
+
 def file_path(text: object) -> str:
-    """A registered model file's name: a clean relative path of at most 255 characters."""
-    return FILE_PATH.check(text)
+    """A registered model file's name: a clean relative path of at most 255 characters,
+    each part short enough that a download can write it (MAX_NAME_BYTES)."""
+    path = FILE_PATH.check(text)
+    for part in path.split("/"):
+        size = len(part.encode())
+        if size > MAX_NAME_BYTES:
+            raise InvalidName(f"file name {_shown(path)}: {_shown(part)} is {size} bytes; "
+                              f"a part may have {MAX_NAME_BYTES} (a download adds "
+                              f"{partial_name('')!r} to the 255 bytes file systems allow)")
+    return path
+
+
+def file_tree(paths: Iterable[str]) -> None:
+    """PATHS can all be files at once: none is a directory of another ('a' beside 'a/b')."""
+    files = set(paths)
+    for path in sorted(files):
+        parts = path.split("/")
+        for end in range(1, len(parts)):
+            parent = "/".join(parts[:end])
+            if parent in files:
+                raise InvalidName(f"file {_shown(parent)} would also be the directory of "
+                                  f"{_shown(path)}; rename one of them")
 
 
 def variant(text: object) -> str:

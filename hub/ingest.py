@@ -20,8 +20,12 @@ is harmless (telemetry is keyed by (device, seq), the rest is state).
 `last_seen` is the hub's clock when a live message arrived; retained status
 messages, which the broker replays on every subscribe, are old news and do
 not touch it. A message from an unknown device, or one that breaks the
-protocol, is logged with the device and the reason, counted, and dropped;
-the loop goes on.
+protocol, is counted and dropped, and the loop goes on; the log gets one
+line per kind and reason a minute at most (hub/repeats.py), naming the
+latest device and reason and how many more there were. Telemetry points
+stamped outside a sane window of the hub's clock (`OLDEST_POINT` back,
+`NEWEST_POINT` ahead: a device clock that is wrong, or lies) are counted
+and dropped the same way; the rest of their message is stored.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
 from hub import telemetry
+from hub.repeats import Repeats
 from hub.storage.db import Database, dumps, format_time
 
 log = logging.getLogger("edgefleet.hub.ingest")
@@ -52,6 +57,10 @@ SUBSCRIPTIONS = (*(
     f for f in protocol.HUB_SUBSCRIPTIONS
     if f.rsplit("/", 1)[-1] in ("reported", "telemetry", "status")
 ), HEARTBEAT_TOPIC)
+# Points older than this (an agent queues at most ~6 days offline) or further ahead
+# than this (clock skew) are dropped: a point of 9999-12-31 would stay "newest" for ever.
+OLDEST_POINT = timedelta(days=30)
+NEWEST_POINT = timedelta(minutes=10)
 
 
 @dataclass
@@ -62,18 +71,22 @@ class Counters:
     dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # by (kind, reason)
     points: int = 0          # telemetry points stored
     duplicate_points: int = 0  # points seen before (resent after a reconnect)
+    points_out_of_window: int = 0  # points stamped too far from the hub's clock, dropped
     batches: int = 0
     last_batch: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)  # messages a batch -> batches
     # The hub's clock minus the newest telemetry point's time in the last batch that had
     # any: how far behind the devices' measurements the database is (clock skew included).
     lag_seconds: float | None = None
+    # One batch's latest log line per (kind, reason); the loop hands them to its Repeats.
+    notes: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def add(self, other: Counters) -> None:
         self.ingested.update(other.ingested)
         self.dropped.update(other.dropped)
         self.points += other.points
         self.duplicate_points += other.duplicate_points
+        self.points_out_of_window += other.points_out_of_window
         self.batches += other.batches
         self.last_batch = other.last_batch
         self.batch_sizes.update(other.batch_sizes)
@@ -86,6 +99,7 @@ class Counters:
             dropped.setdefault(kind, {})[reason] = count
         return {"ingested": dict(self.ingested), "dropped": dropped,
                 "telemetry_points": self.points, "duplicate_points": self.duplicate_points,
+                "points_out_of_window": self.points_out_of_window,
                 "batches": self.batches, "last_batch": self.last_batch}
 
 
@@ -100,9 +114,11 @@ class _Batch:
 
 
 def _drop(counters: Counters, kind: str, reason: str, source: str, detail: str) -> None:
-    """Count and log a dropped message; SOURCE is its device id, or its topic."""
+    """Count a dropped message and note why for the log; SOURCE is its device id, or
+    its topic."""
     counters.dropped[kind, reason] += 1
-    log.warning("dropped a %s message from %s: %s: %s", kind, source, reason, detail)
+    counters.notes[kind, reason] = (f"dropped a {kind} message from {source}: {reason}: "
+                                    f"{detail[:300]}")
 
 
 def _parse(
@@ -170,9 +186,17 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                          [(stamp, device in batch.status, device) for device in batch.seen])
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
+        oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
         for points in batch.telemetry:
+            kept = [p for p in points.points if oldest <= p.at <= newest]
+            if len(kept) < len(points.points):
+                outside = len(points.points) - len(kept)
+                counters.points_out_of_window += outside
+                counters.notes["telemetry", "out_of_window"] = (
+                    f"dropped {outside} telemetry point(s) from {points.device_id}: stamped "
+                    f"outside {protocol.format_time(oldest)}..{protocol.format_time(newest)}")
             rows = [{"seq": p.seq, "at": protocol.format_time(p.at), "kind": p.kind,
-                     "values": p.values} for p in points.points]
+                     "values": p.values} for p in kept]
             new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
             counters.points += new
             counters.duplicate_points += len(rows) - new
@@ -220,6 +244,7 @@ class Ingest:
         self.db, self.session, self.max_batch = db, session, max_batch
         self._counters = Counters()
         self._counters_lock = threading.Lock()  # the REST API reads them from other threads
+        self._repeats = Repeats(log)  # the ingest thread's only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat_at: float | None = None  # time.monotonic() when the last one arrived
@@ -236,13 +261,16 @@ class Ingest:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                batch = self._take()
-            except MqttError:  # the session was closed under us: stopping
-                return
-            if batch:
-                self._write(batch)
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = self._take()
+                except MqttError:  # the session was closed under us: stopping
+                    return
+                if batch:
+                    self._write(batch)
+        finally:
+            self._repeats.flush()
 
     def _take(self) -> list[Delivery]:
         """The first message (waiting up to half a second), then whatever else is there."""
@@ -292,6 +320,9 @@ class Ingest:
             self.session.ack(delivery)
 
     def _count(self, counters: Counters) -> None:
+        for key, line in counters.notes.items():
+            count = counters.dropped.get(key, 1)
+            self._repeats.note(key, line, count)
         with self._counters_lock:
             self._counters.add(counters)
 

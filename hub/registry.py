@@ -111,6 +111,7 @@ def register_version(
         checked[path] = check_digest(digest)
         if not blobs.exists(digest):
             raise Unprocessable(f"file {path!r}: blob {digest} was never uploaded")
+    validation.file_tree(checked)
     sizes = {digest: blobs.size(digest) for digest in checked.values()}
     try:
         info = inspect_model({path: blobs.local_path(d) for path, d in checked.items()})

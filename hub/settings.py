@@ -106,6 +106,14 @@ class HubSettings:
         0, "Also serve the hub's Prometheus metrics, without authentication, on this port "
         "of --host (0: none; /metrics on --port always answers with any API token)."
     )  # type: ignore[assignment]
+    max_request_bytes: int = _setting(
+        4 << 20, "Largest request body the REST API reads (JSON bodies, OCI manifests); "
+        "larger ones are answered 413 before they are read."
+    )  # type: ignore[assignment]
+    max_upload_bytes: int = _setting(
+        64 << 30, "Largest file one upload may send (POST /api/v1/blobs, one request of "
+        "an OCI blob upload); the upload stops with 413 where it passes this."
+    )  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -131,6 +139,12 @@ class HubSettings:
                              f"{self.mqtt_max_queued_messages}")
         if not 1 <= self.heartbeat_seconds <= 3600:
             raise ValueError(f"--heartbeat-seconds must be 1-3600, got {self.heartbeat_seconds}")
+        if not 64 << 10 <= self.max_request_bytes <= 1 << 30:
+            raise ValueError(f"--max-request-bytes must be 65536-1073741824, got "
+                             f"{self.max_request_bytes}")
+        if not 1 << 20 <= self.max_upload_bytes <= 1 << 50:
+            raise ValueError(f"--max-upload-bytes must be 1048576-{1 << 50}, got "
+                             f"{self.max_upload_bytes}")
         if not 1 <= self.desired_validity_days <= 3650:
             raise ValueError(f"--desired-validity-days must be 1-3650, got "
                              f"{self.desired_validity_days}")

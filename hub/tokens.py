@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from hub.errors import Forbidden, NotFound, Unauthorized
-from hub.storage.db import Database, now
+from hub.storage.db import Database, format_time, now
 from hub.validation import InvalidInput
 
 ROLES = ("viewer", "operator", "admin")  # each role can do everything the one before can
@@ -44,12 +45,19 @@ def new_secret(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(32)
 
 
-def create(db: Database, *, name: str, role: str, created_by: str) -> tuple[dict, str]:
-    """Make a token; returns its record and the secret, which is never stored."""
+MAX_LIFETIME = timedelta(days=3650)
+
+
+def create(db: Database, *, name: str, role: str, created_by: str,
+           expires_in: timedelta | None = None) -> tuple[dict, str]:
+    """Make a token, valid for EXPIRES_IN (None: until revoked); returns its record and
+    the secret, which is never stored."""
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     if not 1 <= len(name) <= 64:
         raise InvalidInput("token name must be 1-64 characters")
+    if expires_in is not None and not timedelta(minutes=1) <= expires_in <= MAX_LIFETIME:
+        raise InvalidInput("a token expires between 1 minute and 3650 days after it is made")
     secret = new_secret(TOKEN_PREFIX)
     record = {
         "id": "tok-" + secrets.token_hex(4),
@@ -59,12 +67,15 @@ def create(db: Database, *, name: str, role: str, created_by: str) -> tuple[dict
         "created_at": now(),
         "created_by": created_by,
         "revoked_at": None,
+        "expires_at": None if expires_in is None
+        else format_time(datetime.now(UTC) + expires_in),
     }
     with db.transaction() as conn:
         conn.execute(
             "INSERT INTO api_tokens"
-            " (id, name, role, token_hash, created_at, created_by, revoked_at)"
-            " VALUES (:id, :name, :role, :token_hash, :created_at, :created_by, :revoked_at)",
+            " (id, name, role, token_hash, created_at, created_by, revoked_at, expires_at)"
+            " VALUES (:id, :name, :role, :token_hash, :created_at, :created_by, :revoked_at,"
+            " :expires_at)",
             record,
         )
     return public(record), secret
@@ -83,13 +94,16 @@ def authenticate(db: Database, secret: str) -> Principal:
             raise Unauthorized("unknown device token; enroll the device again")
         return Principal(device["id"], device["id"], DEVICE_ROLE)
     row = db.query_one(
-        "SELECT id, name, role, revoked_at FROM api_tokens WHERE token_hash = ?",
+        "SELECT id, name, role, revoked_at, expires_at FROM api_tokens WHERE token_hash = ?",
         (hash_secret(secret),),
     )
     if row is None:
         raise Unauthorized("unknown API token; create one with `edgefleet token create`")
     if row["revoked_at"]:
         raise Unauthorized(f"API token {row['name']!r} was revoked at {row['revoked_at']}")
+    if row["expires_at"] and row["expires_at"] <= now():
+        raise Unauthorized(f"API token {row['name']!r} expired at {row['expires_at']}; "
+                           "ask an admin for a new one (`edgefleet token create`)")
     return Principal(row["id"], row["name"], row["role"])
 
 

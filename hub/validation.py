@@ -11,14 +11,24 @@ it); the API answers both with 422 and their one line.
 
 from __future__ import annotations
 
-from contract.names import InvalidName, duration, file_path, is_number, model_name, tag
+from contract.names import (
+    InvalidName,
+    duration,
+    file_path,
+    file_tree,
+    is_number,
+    model_name,
+    tag,
+)
 
 __all__ = [
-    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "is_number",
+    "MAX_FILES", "InvalidInput", "InvalidName", "duration", "file_path", "file_tree", "is_number",
     "model_name", "parse_tag_selector", "tag", "tags", "version",
 ]
 
 MAX_FILES = 1000
+MAX_VERSION = 10**9 - 1  # `version()` reads at most nine digits
+MAX_OFFSET = 10**9  # list offsets: far past any page, well inside SQLite's integers
 
 
 class InvalidInput(InvalidName):

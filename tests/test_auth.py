@@ -79,6 +79,17 @@ def test_revoked_token_stops_working(hub: HubProcess, cli: Cli) -> None:
     assert all("token_hash" not in t and "token" not in t for t in listed.values())
 
 
+def test_tokens_take_an_expiry(hub: HubProcess, cli: Cli) -> None:
+    made = cli.json("token", "create", "for-a-month", "--expires", "30d")
+    assert made["expires_at"][:4].isdigit()
+    with client_for(hub, made["token"]) as c:
+        assert c.get("/api/v1/whoami").json()["name"] == "for-a-month"
+    listed = {t["id"]: t for t in cli.json("token", "list")}
+    assert listed[made["id"]]["expires_at"] == made["expires_at"]
+    bad = cli.run("token", "create", "x", "--expires", "soon", ok=False)
+    assert bad.returncode == 2 and "--expires" in bad.stderr and "30m, 12h or 7d" in bad.stderr
+
+
 def test_unknown_role_is_rejected(cli: Cli, api: httpx.Client) -> None:
     response = api.post("/api/v1/tokens", json={"name": "x", "role": "root"})
     assert response.status_code == 422 and "unknown role" in response.json()["detail"]

@@ -169,3 +169,33 @@ def test_a_hub_on_every_interface_hands_devices_its_public_addresses(tmp_path: P
         assert "edgefleet login --hub http://hub.example:9999" in hub.log()
     finally:
         assert hub.stop(signal.SIGTERM) == 0
+
+
+def test_a_full_disk_is_answered_cleanly_and_the_lost_audit_said_once(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "8m") as data:
+        hub = start_hub(data)
+        try:
+            with httpx.Client(base_url=hub.url, timeout=60,
+                              headers={"Authorization": f"Bearer {hub.admin_token}"}) as api:
+                filler = os.open(data / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    while os.write(filler, bytes(1 << 16)):
+                        pass
+                except OSError:
+                    pass
+                finally:
+                    os.close(filler)
+                for i in range(5):  # on one kept-alive connection
+                    full = api.post("/api/v1/tokens", json={"name": f"t{i}", "role": "viewer"})
+                    assert full.status_code == 507, full.text
+                    assert full.json()["error"] == "insufficient storage"
+                assert api.get("/api/v1/whoami").status_code == 200
+                (data / "filler").unlink()
+                after = api.post("/api/v1/tokens", json={"name": "after", "role": "viewer"})
+                assert after.status_code == 201, after.text
+            log = hub.log()
+            assert log.count("audit entries cannot be written") == 1, log
+            assert "audit entries are written again; 5 were lost" in log
+            assert "Traceback" not in log
+        finally:
+            assert hub.stop(signal.SIGTERM) == 0, hub.log()

@@ -75,6 +75,17 @@ def test_multi_file_model_keeps_every_file(cli: Cli, tmp_path: Path) -> None:
         assert (tmp_path / "back" / rel).read_bytes() == (src / rel).read_bytes()
 
 
+def test_names_the_hub_takes_the_cli_downloads(api: httpx.Client, cli: Cli,
+                                               tmp_path: Path) -> None:
+    files = {"n" * 249: b"long", "we#ird?name%20.bin": b"hash", "dir/x #1": b"space"}
+    assert register(api, "hostile", files).status_code == 201
+    cli.run("model", "download", "hostile:1", "--out", str(tmp_path / "back"))
+    for name, data in files.items():
+        assert (tmp_path / "back" / name).read_bytes() == data
+    refused = register(api, "hostile", {"a": b"1", "a/b": b"2"})
+    assert refused.status_code == 422 and "directory of 'a/b'" in refused.json()["detail"]
+
+
 def test_tag_filtering(api: httpx.Client, cli: Cli) -> None:
     register(api, "tagged", {"m.bin": b"a"}, tags={"stage": "dev", "team": "a"})
     register(api, "tagged", {"m.bin": b"b"}, tags={"stage": "prod", "team": "a"})

@@ -24,11 +24,13 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from agent import options as o
 from agent.serving import codec
 from agent.serving.auth import key_check
 from agent.serving.errors import (
     BadRequest,
     MethodNotAllowed,
+    PayloadTooLarge,
     ServingError,
     error_response,
     install_handlers,
@@ -70,11 +72,13 @@ class ScoringAPI:
     """The scoring API as an ASGI app: .../infer answered here, the rest by REST (FastAPI)."""
 
     def __init__(
-        self, scorer: Scorer, rest: FastAPI, check_key: Callable[[Mapping[str, str]], None]
+        self, scorer: Scorer, rest: FastAPI, check_key: Callable[[Mapping[str, str]], None],
+        *, max_body_bytes: int,
     ) -> None:
         self.scorer = scorer
         self.rest = rest
         self._check_key = check_key
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = _INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
@@ -102,14 +106,33 @@ class ScoringAPI:
             raise BadRequest(
                 f"Content-Encoding {encoding} is not supported; send the body uncompressed"
             )
-        body = await request.body()
+        limit = self.max_body_bytes
+        declared = headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(_too_large(limit))
         content, response_headers = await self.scorer.infer(
-            name, version, body, headers.get(codec.HEADER_LENGTH)
+            name, version, lambda: _read_body(request, limit), headers.get(codec.HEADER_LENGTH)
         )
         return Response(content, headers=response_headers)
 
 
-def create_app(scorer: Scorer, *, api_key: str | None) -> ScoringAPI:
+def _too_large(limit: int) -> str:
+    return (f"the request body is larger than this server reads ({limit} bytes); send"
+            " smaller batches, or start it with a larger --max-body-bytes")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes LIMIT rather than once it is all in."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(_too_large(limit))
+    return bytes(body)
+
+
+def create_app(scorer: Scorer, *, api_key: str | None,
+               max_body_bytes: int = o.MAX_BODY_BYTES.default) -> ScoringAPI:
     table = scorer.table
     app = FastAPI(title="edgefleet serve", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
@@ -163,4 +186,4 @@ def create_app(scorer: Scorer, *, api_key: str | None) -> ScoringAPI:
 
     app.include_router(health)
     app.include_router(api)
-    return ScoringAPI(scorer, app, check_key)
+    return ScoringAPI(scorer, app, check_key, max_body_bytes=max_body_bytes)

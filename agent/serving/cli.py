@@ -46,6 +46,8 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               type=click.IntRange(1), help=o.MAX_CONCURRENCY.help)
 @click.option("--max-queue", default=o.MAX_QUEUE.default, show_default=True,
               type=click.IntRange(0), help=o.MAX_QUEUE.help)
+@click.option("--max-body-bytes", default=o.MAX_BODY_BYTES.default, show_default=True,
+              type=click.IntRange(1024, 1 << 34), help=o.MAX_BODY_BYTES.help)
 @click.option("--seed", type=int, hidden=True,
               help="Seed of the traffic split and shadow sampling, for repeatable tests.")
 def serve(
@@ -57,6 +59,7 @@ def serve(
     no_auth: bool,
     max_concurrency: int,
     max_queue: int,
+    max_body_bytes: int,
     seed: int | None,
 ) -> None:
     """Serve loaded models over the Open Inference Protocol (KServe V2) REST API.
@@ -79,6 +82,7 @@ def serve(
         port=port,
         max_concurrency=max_concurrency,
         max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
         seed=seed,
     )
     try:

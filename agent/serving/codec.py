@@ -16,10 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from agent.serving.errors import BadRequest
+from agent.serving.errors import BadRequest, PayloadTooLarge
+from contract.jsondepth import nests_deeper
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
+MAX_JSON_DEPTH = 40  # the request, its inputs, a tensor of numpy's 32 dimensions, and room
+# Parsed JSON takes ~27 times its size (24 MiB of numbers peaked at +644 MiB), binary
+# tensor data about once: the JSON part of a body has a limit of its own.
+MAX_JSON_BYTES = 8 << 20
 _LENGTH = struct.Struct("<I")
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps would make one per call
 
@@ -37,13 +42,24 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
                 f"{HEADER_LENGTH} is {header_length!r}; it must be the size in bytes of the"
                 f" JSON header, between 0 and the body's {len(body)} bytes"
             )
+    if end > MAX_JSON_BYTES:
+        raise PayloadTooLarge(
+            f"the request's JSON is {end} bytes; this server parses at most {MAX_JSON_BYTES}:"
+            " send large tensors as binary data (the binary_tensor_data extension)")
+    text = body if end == len(body) else body[:end]
+    if nests_deeper(text, MAX_JSON_DEPTH):
+        raise BadRequest(f"the inference request nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        header = json.loads(body if end == len(body) else body[:end])
-    except (ValueError, UnicodeDecodeError) as e:
+        header = json.loads(text, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(f"malformed JSON in the inference request: {e}") from None
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     return header, memoryview(body)[end:]
+
+
+def _not_json(constant: str) -> float:
+    raise BadRequest(f"{constant} is not JSON; send non-finite numbers as binary tensor data")
 
 
 def join_body(header: dict[str, Any], blobs: Sequence[bytes]) -> tuple[bytes, dict[str, str]]:

@@ -53,7 +53,7 @@ def read_body(raw: bytes) -> DeploymentBody:
     """The PUT body, read strictly (agent/serving/body.py); BadRequest with the first problem."""
     try:
         value = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise BadRequest(f"the body is not JSON: {e}") from None
     try:
         return body_schema.read(value)

@@ -56,6 +56,13 @@ class MethodNotAllowed(ServingError):
         return {"Allow": self.allowed}
 
 
+class PayloadTooLarge(ServingError):
+    """The body is larger than the server reads; refused before it is read, or where it
+    passed the limit."""
+
+    status = 413
+
+
 class Unprocessable(ServingError):
     """A well-formed control request that failed: a model did not load or its self-test failed."""
 

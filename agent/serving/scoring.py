@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +83,11 @@ class Scorer:
         self._pool = ThreadPoolExecutor(limiter.max_concurrency, thread_name_prefix="infer")
 
     async def infer(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
+        self, name: str, version: str | None, read_body: Callable[[], Awaitable[bytes]],
+        header_length: str | None,
     ) -> tuple[bytes, dict[str, str]]:
+        """Answer one request. Its body is read only once it has a slot, so bodies in
+        memory are bounded by the running inferences, not by the clients waiting."""
         start = time.perf_counter()
         deployment = self.table.get(name)
         if version is not None:
@@ -95,6 +98,7 @@ class Scorer:
             self.telemetry.rejected.inc(name)
             raise
         try:
+            body = await read_body()
             chosen = self.table.lease(name, version)
         except BaseException:
             self.limiter.release()

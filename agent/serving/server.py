@@ -48,6 +48,7 @@ class ServeOptions:
     port: int = o.SERVE_PORT.default
     max_concurrency: int = o.MAX_CONCURRENCY.default
     max_queue: int = o.MAX_QUEUE.default
+    max_body_bytes: int = o.MAX_BODY_BYTES.default
     shadow_concurrency: int = o.SHADOW_CONCURRENCY.default
     graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
     seed: int | None = None  # of the split and shadow sampling; tests make it repeatable
@@ -144,7 +145,8 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
     shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
     scorer = Scorer(table, limiter, telemetry, shadow)
     apps: list[tuple[ASGIApp, socket.socket]] = [
-        (scoring_app.create_app(scorer, api_key=options.api_key), api_socket),
+        (scoring_app.create_app(scorer, api_key=options.api_key,
+                                max_body_bytes=options.max_body_bytes), api_socket),
         (control.create_app(control.Controller(scorer)), control_socket),
     ]
     try:

@@ -15,7 +15,7 @@ import numpy as np
 
 from agent.serving import codec
 from agent.serving.datatypes import BYTES, datatype_of, fixed_dtype
-from agent.serving.errors import BadRequest, ModelFailed
+from agent.serving.errors import BadRequest, ModelFailed, Unprocessable
 from contract.tensors import Signature, TensorSpec
 
 # Extensions a client may ask for that this server does not implement; ignoring
@@ -285,6 +285,11 @@ def _to_bytes(array: np.ndarray, datatype: str) -> bytes:
 
 def _to_json(array: np.ndarray, datatype: str, name: str) -> list[Any]:
     flat = array.reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        raise Unprocessable(
+            f"output '{name}' holds NaN or infinity, which JSON cannot carry;"
+            " request it with parameters.binary_data true"
+        )
     if datatype != BYTES:
         return flat.tolist()
     try:

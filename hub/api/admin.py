@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -19,6 +20,9 @@ class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64)
     role: str
+    expires_in: int | None = Field(None, ge=60, le=tokens.MAX_LIFETIME.days * 86_400,
+                                   description="seconds until the token stops working; "
+                                   "none: until revoked")
 
 
 @router.get("/health", summary="Is the hub up? (no token needed)")
@@ -38,7 +42,8 @@ def create_token(
 ) -> dict[str, Any]:
     request.state.audit = ("token.create", body.name)
     record, secret = tokens.create(
-        hub_state(request).db, name=body.name, role=body.role, created_by=principal.name
+        hub_state(request).db, name=body.name, role=body.role, created_by=principal.name,
+        expires_in=None if body.expires_in is None else timedelta(seconds=body.expires_in),
     )
     return {**record, "token": secret}
 

@@ -13,11 +13,14 @@ from hub.api import (
     fleet,
     metrics,
     models,
+    openapi,
     packages,
     registry,
     rollouts,
 )
 from hub.api.audit_log import AuditLog
+from hub.api.errors import Unexpected
+from hub.api.limits import RequestGate
 from hub.api.state import HubState
 
 
@@ -34,6 +37,11 @@ def create_app(state: HubState) -> FastAPI:
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui
+    openapi.install(app)
+    app.add_middleware(RequestGate, db=state.db,
+                       max_request_bytes=state.settings.max_request_bytes,
+                       max_upload_bytes=state.settings.max_upload_bytes)
+    app.add_middleware(Unexpected)  # a bug is one 500 line, and the connection stays
     app.add_middleware(AuditLog, db=state.db)
     app.add_middleware(metrics.RequestMetrics, metrics=state.metrics)  # outermost: times all
     return app

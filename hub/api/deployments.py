@@ -7,39 +7,40 @@ the broker is reachable again.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.names import DEFAULT_VARIANT
-from hub import deployments, devices
+from hub import deployments, devices, validation
 from hub.api import auth
 from hub.api.state import HubState, hub_state
 from hub.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["deployments"])
 VARIANT_HELP = "the version's package variant, as named at build"
+Version = Annotated[int, Field(ge=1, le=validation.MAX_VERSION)] | Literal["latest"]
 
 
 class CandidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | Literal["latest"]
+    version: Version
     variant: str = Field(DEFAULT_VARIANT, max_length=64, description=VARIANT_HELP)
-    traffic: int = Field(description="split: percent of requests it answers (1-99); shadow: "
-                         "percent of requests copied to it (1-100)")
+    traffic: int = Field(ge=1, le=100, description="split: percent of requests it answers "
+                         "(1-99); shadow: percent of requests copied to it (1-100)")
     shadow: bool = False
 
 
 class DeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64)
-    version: int | Literal["latest"]
+    version: Version
     variant: str = Field(DEFAULT_VARIANT, max_length=64, description=VARIANT_HELP)
     name: str | None = Field(None, max_length=64, description="deployment name; default: "
                              "the model's name")
-    prefer: list[str] = Field([], description="runtime:DEVICE choices, best first")
+    prefer: list[str] = Field([], max_length=32, description="runtime:DEVICE choices, best first")
     candidate: CandidateRequest | None = None
 
 

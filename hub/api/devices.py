@@ -18,13 +18,15 @@ from hub.storage.db import format_time
 from hub.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
+MAX_TOKEN_SECONDS = 10 * 365 * 86_400
 
 
 class EnrollmentTokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tags: dict[str, str] = {}
-    expires_in: int = Field(86_400, ge=1, description="seconds until the token expires")
-    max_uses: int | None = Field(None, ge=1)
+    expires_in: int = Field(86_400, ge=1, le=MAX_TOKEN_SECONDS,
+                            description="seconds until the token expires (at most 10 years)")
+    max_uses: int | None = Field(None, ge=1, le=1_000_000_000)
 
 
 class EnrollRequest(BaseModel):
@@ -115,7 +117,7 @@ def list_devices(
     request: Request,
     tag: list[str] = Query([], description="key=value, may repeat (all must match)"),
     limit: int = Query(1000, ge=1, le=100_000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=validation.MAX_OFFSET),
     principal: Principal = auth.viewer,
 ) -> list[dict[str, Any]]:
     selectors = [validation.parse_tag_selector(t) for t in tag]

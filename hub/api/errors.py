@@ -16,8 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub.errors import HubError
+from hub.oci_registry import RegistryError
 from hub.storage.blobs import BlobError
 from hub.validation import InvalidName
 
@@ -35,6 +37,15 @@ def _location(loc: tuple) -> str:
     return ".".join(parts) or "request"
 
 
+def registry_response(exc: RegistryError) -> JSONResponse:
+    """EXC in the distribution spec's error shape, which the /v2/ routes answer in."""
+    return JSONResponse(
+        {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]},
+        status_code=exc.status,
+        headers=exc.headers,
+    )
+
+
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = exc.errors()
     if any(p.get("type") == "json_invalid" or tuple(p["loc"]) == ("body",) for p in problems):
@@ -45,6 +56,8 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
             "the request body must be a JSON object (Content-Type: application/json)",
         )
     detail = "; ".join(f"{_location(p['loc'])}: {p['msg']}" for p in problems[:10])
+    if request.url.path.startswith("/v2/"):  # the registry answers in the spec's shape
+        return registry_response(RegistryError(422, "UNSUPPORTED", detail))
     return error_response(request, 422, "invalid input", detail)
 
 
@@ -61,7 +74,8 @@ async def _blob(request: Request, exc: BlobError) -> JSONResponse:
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    text = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "error")
+    text = {404: "not found", 405: "method not allowed", 413: "payload too large"}.get(
+        exc.status_code, "error")
     return error_response(request, exc.status_code, text, str(exc.detail))
 
 
@@ -73,6 +87,7 @@ def _disk_full(exc: Exception) -> bool:
 
 
 async def _storage(request: Request, exc: Exception) -> JSONResponse:
+    """507 for a full disk, 500 (logged) for anything else."""
     if not _disk_full(exc):
         return await _unexpected(request, exc)
     # Not a bug, and the client can do nothing but wait: say so, log one line.
@@ -85,8 +100,46 @@ async def _storage(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(request, 500, "internal error", "see the hub's log")
+
+
+async def _out_of_range(request: Request, exc: OverflowError) -> JSONResponse:
+    # A number past what the database stores; every route bounds its numbers, so this
+    # is the net under one that was missed, not the way a range is checked.
+    return error_response(request, 422, "invalid input", f"a number is out of range: {exc}")
+
+
+class Unexpected:
+    """Answers what no handler took (a bug) with one JSON line, logged once in full.
+
+    Starlette's own last-resort handler answers too, but then re-raises, and the
+    server closes the connection: a kept-alive client's next request would fail
+    as well. This catches it first, so the connection stays."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting)
+        except Exception as exc:
+            request = Request(scope)
+            if started:  # half an answer is out; nothing can be said any more
+                log.error("error after answering %s %s", request.method, request.url.path,
+                          exc_info=exc)
+                return
+            await (await _storage(request, exc))(scope, receive, send)
 
 
 E = TypeVar("E", bound=Exception)
@@ -110,4 +163,4 @@ def install(app: FastAPI) -> None:
     add_handler(app, StarletteHTTPException, _http)
     add_handler(app, OSError, _storage)
     add_handler(app, sqlite3.OperationalError, _storage)
-    add_handler(app, Exception, _unexpected)
+    add_handler(app, OverflowError, _out_of_range)

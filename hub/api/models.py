@@ -13,6 +13,8 @@ from starlette.requests import ClientDisconnect
 
 from hub import registry, validation
 from hub.api import auth
+from hub.api.errors import error_response
+from hub.api.limits import BodyTooLarge
 from hub.api.state import hub_state
 from hub.api.streaming import LargeFileResponse, receive_into
 from hub.errors import BadRequest, NotFound
@@ -69,6 +71,9 @@ async def upload_blob(
     except ClientDisconnect:
         writer.abort()
         raise BadRequest("upload cut off by the client; nothing was stored") from None
+    except BodyTooLarge:
+        writer.abort()
+        raise
     if declared is not None and validation.is_number(declared) and int(declared) != received:
         writer.abort()
         raise BadRequest(f"upload truncated: got {received} of {declared} bytes")
@@ -114,7 +119,7 @@ def list_versions(
     request: Request,
     tag: list[str] = Query([], description="key=value, may repeat (all must match)"),
     limit: int = Query(100, ge=1, le=10_000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=validation.MAX_OFFSET),
     principal: Principal = auth.viewer,
 ) -> list[dict[str, Any]]:
     return registry.list_versions(
@@ -141,6 +146,7 @@ def download_file(
         state.blobs.local_path(found["digest"]),
         media_type="application/octet-stream",
         headers={"X-Content-Digest": found["digest"]},
+        refuse=lambda status, detail: error_response(request, status, "bad range", detail),
     )
 
 

@@ -20,7 +20,8 @@ from starlette.requests import ClientDisconnect
 
 from hub import oci_registry as reg
 from hub import tokens
-from hub.api.errors import add_handler
+from hub.api.errors import add_handler, registry_response
+from hub.api.limits import BodyTooLarge
 from hub.api.state import HubState, hub_state
 from hub.api.streaming import LargeFileResponse, receive_into
 from hub.errors import HubError
@@ -86,8 +87,11 @@ def _upload_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
     }
 
 
-async def _receive(request: Request, upload: reg.Upload) -> None:
-    """Stream the request body onto the upload; a cut-off body is an error."""
+async def _receive(request: Request, state: HubState, repo: str, upload_id: str) -> None:
+    """Stream the request body onto the upload; a cut-off body is an error, and one
+    past the hub's limit ends the upload."""
+    upload = state.uploads.get(repo, upload_id)
+
     def write(piece: bytes) -> None:
         upload.writer.write(piece)
         upload.size += len(piece)
@@ -96,6 +100,9 @@ async def _receive(request: Request, upload: reg.Upload) -> None:
         await receive_into(request, write)
     except ClientDisconnect:
         raise RegistryError(400, "BLOB_UPLOAD_INVALID", "upload cut off by the client") from None
+    except BodyTooLarge as exc:
+        state.uploads.cancel(repo, upload_id)
+        raise RegistryError(413, "SIZE_INVALID", exc.detail) from None
 
 
 async def _complete(state: HubState, repo: str, upload_id: str, digest: str) -> Response:
@@ -145,7 +152,7 @@ async def start_upload(
             )
     upload_id = state.uploads.start(repo)
     if digest is not None:  # monolithic upload in one POST
-        await _receive(request, state.uploads.get(repo, upload_id))
+        await _receive(request, state, repo, upload_id)
         return await _complete(state, repo, upload_id, digest)
     return Response(status_code=202, headers=_upload_headers(repo, upload_id, 0))
 
@@ -163,7 +170,7 @@ async def upload_chunk(repo: str, upload_id: str, request: Request) -> Response:
                 f"chunk starts at {start}, the upload has {upload.size} bytes",
                 headers=_upload_headers(repo, upload_id, upload.size),
             )
-    await _receive(request, upload)
+    await _receive(request, state, repo, upload_id)
     return Response(status_code=202, headers=_upload_headers(repo, upload_id, upload.size))
 
 
@@ -174,7 +181,7 @@ async def finish_upload(
     state = await _access(request, repo, push=True)
     if digest is None:
         raise RegistryError(400, "DIGEST_INVALID", "the final PUT needs ?digest=sha256:...")
-    await _receive(request, state.uploads.get(repo, upload_id))
+    await _receive(request, state, repo, upload_id)
     return await _complete(state, repo, upload_id, digest)
 
 
@@ -216,6 +223,8 @@ async def get_blob(repo: str, digest: str, request: Request) -> LargeFileRespons
         state.blobs.local_path(digest),
         media_type="application/octet-stream",
         headers={"Docker-Content-Digest": digest},
+        refuse=lambda status, detail: registry_response(
+            RegistryError(status, "RANGE_INVALID", detail)),
     )
 
 
@@ -247,7 +256,10 @@ async def put_manifest(repo: str, reference: str, request: Request) -> Response:
     state = await _access(request, repo, push=True)
     request.state.audit = ("registry.push", f"{repo}:{reference}")
     request.state.audit_quiet = reg.is_digest(reference)  # the tag comes last: the push
-    body = await request.body()
+    try:
+        body = await request.body()
+    except BodyTooLarge as exc:
+        raise RegistryError(413, "MANIFEST_INVALID", exc.detail) from None
     media_type = request.headers.get("content-type", "").split(";")[0].strip()
     digest = await run_in_threadpool(
         reg.put_manifest, state.db, state.blobs, repo, reference, media_type, body
@@ -266,7 +278,8 @@ async def delete_manifest(repo: str, reference: str, request: Request) -> Respon
 
 @router.get("/{repo:path}/tags/list")
 async def list_tags(
-    repo: str, request: Request, n: int | None = Query(None, ge=0), last: str | None = None
+    repo: str, request: Request, n: int | None = Query(None, ge=0, le=10_000),
+    last: str | None = None,
 ) -> Response:
     state = await _access(request, repo, push=False)
     found = await run_in_threadpool(lambda: reg.tags(state.db, repo, n=n, last=last))
@@ -278,11 +291,7 @@ async def list_tags(
 
 async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
     request.state.audit_detail = exc.message
-    return JSONResponse(
-        {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]},
-        status_code=exc.status,
-        headers=exc.headers,
-    )
+    return registry_response(exc)
 
 
 def install(app: FastAPI) -> None:

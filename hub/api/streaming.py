@@ -3,16 +3,23 @@
 Uploads are gathered into ~1 MiB pieces and hashed and written in a worker
 thread, so a big upload does not block other requests on the same
 loop. Downloads are sent in 1 MiB pieces, not
-Starlette's 64 KiB, to cut the per-chunk thread hand-offs.
+Starlette's 64 KiB, to cut the per-chunk thread hand-offs, and a Range they
+cannot serve is refused in the caller's error shape (Starlette answers
+text/plain).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Any
 
 from anyio import to_thread
 from fastapi import Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 PIECE = 1 << 20
 
@@ -35,5 +42,40 @@ async def receive_into(request: Request, write: Callable[[bytes], None]) -> int:
     return total
 
 
+# (status, detail) -> the error response in the API's own shape.
+Refusal = Callable[[int, str], Response]
+
+
 class LargeFileResponse(FileResponse):
     chunk_size = PIECE
+
+    def __init__(self, path: str | os.PathLike[str], *, refuse: Refusal, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.refuse = refuse
+
+    def _range_problem(self, scope: Scope) -> tuple[int, str, int] | None:
+        """(status, detail, file size) if the request's Range cannot be served."""
+        headers = Headers(scope=scope)
+        wanted, if_range = headers.get("range"), headers.get("if-range")
+        if wanted is None or scope["method"] not in ("GET", "HEAD") or (
+                if_range is not None and not self._should_use_range(if_range)):
+            return None
+        size = os.stat(self.path).st_size
+        try:
+            self._parse_range_header(wanted, size)
+        except MalformedRangeHeader as exc:
+            return 400, f"bad Range header {wanted[:60]!r}: {exc.content}", size
+        except RangeNotSatisfiable:
+            return 416, f"Range {wanted[:60]!r} starts past the end of the {size}-byte file", size
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = self._range_problem(scope)
+        if problem is None:
+            await super().__call__(scope, receive, send)
+            return
+        status, detail, size = problem
+        response = self.refuse(status, detail)
+        if status == 416:
+            response.headers["Content-Range"] = f"bytes */{size}"
+        await response(scope, receive, send)

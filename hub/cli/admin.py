@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from contract.names import InvalidName, duration
 from hub.cli.client import HubClient
 from hub.cli.config import Connection, hub_url, write_config
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
@@ -46,19 +47,29 @@ def token() -> None:
     show_default=True,
     help="viewer reads; operator also changes models and devices; admin also manages tokens.",
 )
+@click.option("--expires", metavar="DURATION",
+              help="Stop working after this long (30m, 12h, 90d); default: until revoked.")
 @hub_options
 @json_option
-def token_create(name: str, role: str, hub: str | None, token: str | None, as_json: bool) -> None:
+def token_create(name: str, role: str, expires: str | None, hub: str | None, token: str | None,
+                 as_json: bool) -> None:
     """Create an API token; it is shown only once.
 
     \b
-    Example: edgefleet token create ci-pipeline --role operator
+    Example: edgefleet token create ci-pipeline --role operator --expires 90d
     """
-    record = client(hub, token).post("/api/v1/tokens", json={"name": name, "role": role})
+    body: dict[str, object] = {"name": name, "role": role}
+    if expires is not None:
+        try:
+            body["expires_in"] = duration(expires, "--expires")
+        except InvalidName as exc:
+            raise click.BadParameter(str(exc), param_hint="--expires") from None
+    record = client(hub, token).post("/api/v1/tokens", json=body)
     if as_json:
         emit_one(record, as_json=True)
         return
-    say(f"API token {record['id']} ({record['name']}, {record['role']}):")
+    until = f", expires {record['expires_at']}" if record.get("expires_at") else ""
+    say(f"API token {record['id']} ({record['name']}, {record['role']}{until}):")
     click.echo(record["token"])
 
 
@@ -72,7 +83,8 @@ def token_list(hub: str | None, token: str | None, as_json: bool) -> None:
     Example: edgefleet token list
     """
     rows = client(hub, token).get("/api/v1/tokens")
-    emit(rows, ["id", "name", "role", "created_at", "created_by", "revoked_at"], as_json=as_json)
+    emit(rows, ["id", "name", "role", "created_at", "created_by", "expires_at", "revoked_at"],
+         as_json=as_json)
 
 
 @token.command("revoke")

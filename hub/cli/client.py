@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import click
 import httpx
@@ -19,6 +20,13 @@ TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # A hub answers its health check at once; something that takes longer is not a hub
 # (an MQTT broker, say, reads the request and never answers).
 PROBE_TIMEOUT = httpx.Timeout(5.0)
+
+
+def _quoted(path: str) -> str:
+    """PATH with every name in it percent-encoded: paths are built from names users
+    and devices chose (a file 'a#b' or 'x?y'), never from encoded text, and queries
+    go as params."""
+    return quote(path, safe="/")
 
 
 class HubClient:
@@ -87,12 +95,9 @@ class HubClient:
             # httpx would send an unset option as "name=", which the hub reads as a value.
             kwargs["params"] = {k: v for k, v in kwargs["params"].items() if v is not None}
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, _quoted(path), **kwargs)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
-        except httpx.InvalidURL as exc:  # a name given on the command line, e.g. with a NUL
-            raise click.ClickException(
-                f"cannot ask the hub for '{printable(path)}': {printable(str(exc))}") from None
         self._fail(response)
         return response
 
@@ -119,7 +124,7 @@ class HubClient:
     def stream(self, path: str) -> Iterator[httpx.Response]:
         self._probe()
         try:
-            with self._http.stream("GET", path) as response:
+            with self._http.stream("GET", _quoted(path)) as response:
                 if not response.is_success:
                     response.read()
                     self._fail(response)

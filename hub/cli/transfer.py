@@ -21,6 +21,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from contract import names
 from hub.cli.client import HubClient
 from hub.cli.output import TextColumn
 
@@ -73,7 +74,7 @@ def download_file(
     ADVANCE is told the size of each chunk as it arrives.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
+    tmp = dest.with_name(names.partial_name(dest.name))
     sha = hashlib.sha256()
     try:
         with client.stream(url) as response, open(tmp, "wb") as out:

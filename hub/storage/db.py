@@ -29,7 +29,8 @@ def format_time(moment: datetime) -> str:
     """Timestamps are UTC ISO 8601 strings of fixed width with a Z: sortable as text."""
     if moment.tzinfo is None:  # naive times are taken to be UTC already
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+    # isoformat, not strftime: glibc's %Y writes the year 999 as "999", not "0999".
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:
@@ -219,6 +220,10 @@ LATER_INDEXES = (
     "CREATE INDEX IF NOT EXISTS devices_platform ON devices (platform)",
     "CREATE INDEX IF NOT EXISTS devices_name_id ON devices (name, id)",
 )
+# Columns added after the first schema, the same way: (table, column, SQL type).
+LATER_COLUMNS = (
+    ("api_tokens", "expires_at", "TEXT"),  # NULL: the token does not expire
+)
 
 
 class Database:
@@ -235,6 +240,9 @@ class Database:
         _create_schema(_Schema(conn))
         for statement in LATER_INDEXES:
             conn.execute(statement)
+        for table, column, kind in LATER_COLUMNS:
+            if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
