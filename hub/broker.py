@@ -98,7 +98,7 @@ class ManagedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.config.host}:{self.config.port}"
+        return self.config.url
 
     # --- lifecycle --------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
 
 if TYPE_CHECKING:
+    from hub.broker_certs import BrokerCertificates
     from hub.broker_logins import BrokerLogins
     from hub.fleet import FleetLink
 
@@ -35,6 +36,9 @@ class HubState:
     fleet: FleetLink | None = None  # the MQTT link, once the server has started it
     rollouts: RolloutEngine | None = None  # the rollout engine, once the server has started it
     broker: BrokerLogins | None = None  # device logins on the managed broker (None: external)
+    # Device certificates, when the managed broker speaks TLS (then `broker` is None).
+    certificates: BrokerCertificates | None = None
+    trust_pem: str | None = None  # what clients pin and verify the hub with (None: --insecure)
 
 
 def hub_state(request: Request) -> HubState:
