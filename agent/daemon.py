@@ -140,7 +140,8 @@ class Agent:
             subscriptions=[desired_topic(identity.device_id)],
         )
         self.mqtt_tls: ssl.SSLContext | None = None
-        self._renewal_check = 0.0  # monotonic time of the next look at the certificate
+        # When to look at the broker certificate's expiry next (monotonic).
+        self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
         if identity.mqtt_url.startswith("mqtts://"):
             self.mqtt_tls = identities.mqtt_tls(data, identity)
             self.session.use_tls(self.mqtt_tls)

@@ -16,12 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.identity import CERT_FILE, KEY_FILE, Identity, hub_tls
-from contract import signing, tls
+from contract import tls
 from contract.files import write_secret
 
 log = logging.getLogger("edgefleet.agent.renewal")
 
 CHECK_EVERY = 3600.0  # seconds between looks at the certificate's expiry
+# The first look comes a while after start: reading a certificate loads cryptography,
+# which an idle daemon does without (tests/test_agent_startup.py).
+FIRST_CHECK = 600.0
 
 
 def renew_if_due(data_dir: Path, identity: Identity, context: ssl.SSLContext | None,
@@ -34,7 +37,9 @@ def renew_if_due(data_dir: Path, identity: Identity, context: ssl.SSLContext | N
     if not tls.renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc,
                            now or datetime.now(UTC)):
         return False
-    import httpx  # only now: the daemon stays small without it
+    import httpx  # only now: the daemon stays small without them
+
+    from contract import signing
 
     csr = tls.build_csr(signing.load_private_key(key_path))
     try:

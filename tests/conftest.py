@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import tempfile
@@ -21,7 +22,10 @@ import httpx
 import pytest
 
 from hub.pki import Authority
+from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
+from hubproc import EDGEFLEET, HubProcess, start_hub
 
+_CA_DIRECTORY = pytest.StashKey[Path]()
 # Modules about the managed broker's password logins, which exist only in plain text.
 PLAIN_TEXT_MODULES = ("test_fleet_broker", "test_fleet_acl")
 
@@ -36,6 +40,13 @@ def pytest_configure(config: pytest.Config) -> None:
     bundle.write_text(authority.pem + "".join(p.read_text() for p in roots if p.is_file()))
     os.environ["EDGEFLEET_HARNESS_CA"] = str(directory)
     os.environ["SSL_CERT_FILE"] = str(bundle)
+    config.stash[_CA_DIRECTORY] = directory
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_CA_DIRECTORY, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,9 +58,6 @@ def _plain_text_hubs(request: pytest.FixtureRequest) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGEFLEET_HARNESS_INSECURE", "1")
         yield
-
-from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
-from hubproc import EDGEFLEET, HubProcess, start_hub
 
 
 @pytest.fixture(scope="module")
