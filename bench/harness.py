@@ -63,8 +63,10 @@ class HubProcess:
 
     @property
     def ca_path(self) -> Path:
-        """The CA the hub's TLS chains to (it exists once the hub has started)."""
-        return self.data_dir / "tls" / "ca.pem"
+        """What the hub's TLS chains to (it exists once the hub has started): its own CA,
+        or with --tls-cert the trust anchor it wrote from that file."""
+        trust = self.data_dir / "tls" / "trust.pem"
+        return trust if trust.exists() else self.data_dir / "tls" / "ca.pem"
 
     @property
     def verify(self) -> ssl.SSLContext | bool:

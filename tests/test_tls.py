@@ -160,3 +160,24 @@ def test_enrollment_tokens_and_requests_are_read_strictly() -> None:
     with pytest.raises(tls.TlsError, match="not a PEM certificate request"):
         tls.read_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE "
                      "REQUEST-----\n")
+
+
+def test_a_users_certificate_is_served_and_pinned(tmp_path: Path) -> None:
+    users = Authority(tmp_path / "users-ca")
+    cert, key = tmp_path / "hub.pem", tmp_path / "hub.key"
+    users.key_and_certificate(key, cert, "hub.example", days=30,
+                              hosts=["hub.example", "127.0.0.1"])
+    cert.write_text(cert.read_text() + users.pem)  # the chain, its CA last
+    hub = start_hub(tmp_path / "data", extra_args=("--tls-cert", str(cert), "--tls-key", str(key)))
+    try:
+        assert hub.ca_path.read_text() == users.pem
+        token = httpx.post(f"{hub.url}/api/v1/enrollment-tokens", json={}, headers=admin(hub),
+                           verify=hub.verify).json()["token"]
+        assert tls.split_token(token)[1] == tls.fingerprint(users.pem)
+        data = tmp_path / "device"
+        identity = identities.enroll(data, hub_url=hub.url, token=token, name="users-ca",
+                                     platform="linux/amd64")
+        # the broker serves the user's certificate too; the device's own is the hub CA's
+        assert accepted(hub, identities.mqtt_tls(data, identity), identity.device_id)
+    finally:
+        assert hub.stop() == 0, hub.log()
