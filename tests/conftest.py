@@ -26,8 +26,9 @@ from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub
 from hubproc import EDGEFLEET, HubProcess, start_hub
 
 _CA_DIRECTORY = pytest.StashKey[Path]()
-# Modules about the managed broker's password logins, which exist only in plain text.
-PLAIN_TEXT_MODULES = ("test_fleet_broker", "test_fleet_acl")
+# Modules about the managed broker's password logins, which exist only in plain text, and
+# the container engines' pulls (the engines would need the run's CA in their own trust).
+PLAIN_TEXT_MODULES = ("test_fleet_broker", "test_fleet_acl", "test_container_engine")
 
 
 def pytest_configure(config: pytest.Config) -> None:
