@@ -81,6 +81,11 @@ class BrokerCertificates:
         """Before the broker starts: its configuration, the ACL and the CRL."""
         with self._lock:
             self._write_crl()
+            missing = pki.without_certificate(self.db)
+            if missing:
+                log.warning("%d device(s) have no valid broker certificate and cannot connect "
+                            "(enrolled before TLS, or without a certificate request): enroll "
+                            "them again, e.g. %s", len(missing), ", ".join(missing[:5]))
             write_secret(self.config.acl_path, broker_config.ACL)
             write_secret(self.config.directory / "mosquitto.conf",
                          broker_config.mosquitto_conf(self.config))

@@ -207,3 +207,11 @@ def revoked_serials(db: Database) -> list[int]:
     rows = db.query("SELECT serial FROM device_certificates WHERE revoked_at IS NOT NULL"
                     " AND not_after > ?", (now(),))
     return [int(r["serial"]) for r in rows]
+
+
+def without_certificate(db: Database) -> list[str]:
+    """Devices with no certificate that is neither revoked nor expired."""
+    rows = db.query("SELECT id FROM devices WHERE id NOT IN (SELECT device_id FROM"
+                    " device_certificates WHERE revoked_at IS NULL AND not_after > ?)"
+                    " ORDER BY id", (now(),))
+    return [r["id"] for r in rows]
