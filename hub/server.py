@@ -196,7 +196,7 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def _managed_broker(state: HubState, bound: Bound, password: str,
+def _managed_broker(state: HubState, bound: Bound,
                     served: Transport | None) -> ManagedBroker:
     """The broker, with its identities on STATE: certificates, or logins (--insecure)."""
     settings = state.settings
@@ -216,7 +216,8 @@ def _managed_broker(state: HubState, bound: Bound, password: str,
             state.db, served.authority, config, reload=broker.reload)
     else:
         identities = state.broker = BrokerLogins(
-            config, hub_password=password, devices=lambda: devices.ids(state.db),
+            config, hub_password=hub_secret(settings.mqtt_secret_path),
+            devices=lambda: devices.ids(state.db),
             reload=broker.reload)
     return broker
 
@@ -225,10 +226,10 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
     settings, broker = state.settings, None
     username, password = settings.mqtt_username, settings.mqtt_password
     if bound.managed_broker:
-        username, password = HUB_USERNAME, hub_secret(settings.mqtt_secret_path)
-        broker = _managed_broker(state, bound, password, served)
-        if served is not None:
-            username = password = None  # its certificate is its identity
+        broker = _managed_broker(state, bound, served)
+        # With TLS the hub's certificate is its identity; else its secret in the data dir.
+        username = None if served else HUB_USERNAME
+        password = None if served else hub_secret(settings.mqtt_secret_path)
         await asyncio.to_thread(broker.start)
         if broker.lost_state:  # a first start, or its saved state is gone: publish everything
             desired.forget_published(state.db)

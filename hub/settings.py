@@ -130,5 +130,5 @@ class HubSettings:
 
     @property
     def mqtt_secret_path(self) -> Path:
-        """The hub's password on the managed broker."""
+        """The hub's password on the managed broker (--insecure: with TLS its certificate)."""
         return self.data_dir / "mqtt-hub-password"
