@@ -276,6 +276,9 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
         check_port(settings.host, int(bound.mqtt_url.rpartition(":")[2]), "--mqtt-port")
     state = initialise(settings, say)
     state.mqtt_url = bound.mqtt_url
+    if bound.managed_broker and settings.public_host:  # what devices are told to connect to
+        state.mqtt_url = (f"{bound.mqtt_url.partition('://')[0]}://{settings.public_host}:"
+                          f"{bound.mqtt_host_port[1]}")
     served = transport(settings, say)
     if served is None:
         log.warning("--insecure: REST and MQTT are PLAIN TEXT with no certificates; anyone on "

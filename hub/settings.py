@@ -64,8 +64,9 @@ class HubSettings:
         None, "The private key of --tls-cert (PEM)."
     )  # type: ignore[assignment]
     public_host: str | None = _setting(
-        None, "The name or address devices reach the hub by, put in the certificate the hub "
-        "makes (localhost, 127.0.0.1 and --host are always in it)."
+        None, "The name or address devices reach the hub by: put in the certificate the hub "
+        "makes (localhost, 127.0.0.1 and --host are always in it) and in the broker URL "
+        "enrollment answers."
     )  # type: ignore[assignment]
     desired_validity_days: int = _setting(
         30, "Days a signed desired state stays valid; agents refuse expired ones, so "

@@ -16,7 +16,7 @@ from agent import identity as identities
 from agent.mqtt import MqttTimeout, Session
 from agent.renewal import renew_if_due
 from agentproc import wait_for
-from contract import tls
+from contract import signing, tls
 from fleetdevice import FAST, connect, enroll
 from hub.broker_certs import connack
 from hub.pki import Authority
@@ -181,3 +181,18 @@ def test_a_users_certificate_is_served_and_pinned(tmp_path: Path) -> None:
         assert accepted(hub, identities.mqtt_tls(data, identity), identity.device_id)
     finally:
         assert hub.stop() == 0, hub.log()
+
+
+def test_a_certificate_request_that_is_no_p256_request_is_refused_before_the_token_is_used(
+        hub: HubProcess) -> None:
+    made = httpx.post(f"{hub.url}/api/v1/enrollment-tokens", json={"max_uses": 1},
+                      headers=admin(hub)).json()["token"]
+    secret, _ = tls.split_token(made)
+    key = signing.generate_private_key()
+    body = {"token": secret, "name": "x", "public_key": signing.public_key_pem(key)}
+    for csr in ("not a request", tls.build_csr(key).replace("A", "B", 3), "x" * 5000):
+        refused = httpx.post(f"{hub.url}/api/v1/enroll", json={**body, "csr": csr})
+        assert refused.status_code == 422, refused.text
+        assert "\n" not in refused.json()["detail"]
+    assert httpx.post(f"{hub.url}/api/v1/enroll",
+                      json={**body, "csr": tls.build_csr(key)}).status_code == 201
