@@ -196,3 +196,20 @@ def test_a_certificate_request_that_is_no_p256_request_is_refused_before_the_tok
         assert "\n" not in refused.json()["detail"]
     assert httpx.post(f"{hub.url}/api/v1/enroll",
                       json={**body, "csr": tls.build_csr(key)}).status_code == 201
+
+
+def test_the_public_host_is_in_the_certificate_and_the_broker_url(tmp_path: Path) -> None:
+    hub = start_hub(tmp_path / "data", extra_args=("--public-host", "localhost"))
+    try:
+        token = httpx.post(f"{hub.url}/api/v1/enrollment-tokens", json={},
+                           headers=admin(hub)).json()["token"]
+        data = tmp_path / "device"
+        identity = identities.enroll(data, hub_url=f"https://localhost:{hub.port}", token=token,
+                                     name="by-name", platform="linux/amd64")
+        assert identity.mqtt_url == f"mqtts://localhost:{hub.mqtt_port}"
+        session = Session(identity.mqtt_url, client_id=identity.device_id, backoff=FAST)
+        session.use_tls(identities.mqtt_tls(data, identity))
+        with session:
+            session.wait_connected(15)
+    finally:
+        assert hub.stop() == 0, hub.log()
