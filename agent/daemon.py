@@ -16,15 +16,18 @@ import base64
 import json
 import logging
 import secrets
+import ssl
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import inventory
+from agent import identity as identities
+from agent import inventory, renewal
 from agent import options as o
 from agent.decisions import (
     Role,
@@ -130,11 +133,18 @@ class Agent:
         offline = Message(status_topic(identity.device_id), b"offline", retain=True)
         self.session = Session(
             identity.mqtt_url, client_id=identity.device_id,
-            username=identity.mqtt_username, password=identity.mqtt_password,
+            username=None if identity.mqtt_certificate else identity.mqtt_username,
+            password=None if identity.mqtt_certificate else identity.mqtt_password,
             will=offline,
             birth=Message(status_topic(identity.device_id), b"online", retain=True),
             subscriptions=[desired_topic(identity.device_id)],
         )
+        self.mqtt_tls: ssl.SSLContext | None = None
+        # When to look at the broker certificate's expiry next (monotonic).
+        self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
+        if identity.mqtt_url.startswith("mqtts://"):
+            self.mqtt_tls = identities.mqtt_tls(data, identity)
+            self.session.use_tls(self.mqtt_tls)
         self.queue = TelemetryQueue(data / "telemetry.db",
                                     max_points=options.telemetry_queue_points)
         self.deltas = InferenceDeltas()
@@ -148,7 +158,9 @@ class Agent:
         if self._registry is None:
             from packager.distribution import Registry
 
-            self._registry = Registry(self.identity.hub_url, self.identity.device_token)
+            self._registry = Registry(self.identity.hub_url, self.identity.device_token,
+                                      verify=identities.hub_tls(self.options.data_dir,
+                                                                self.identity))
         return self._registry
 
     # -- lifecycle ----------------------------------------------------------------
@@ -190,6 +202,9 @@ class Agent:
         self.queue.close()
 
     def _supervise(self) -> None:
+        if time.monotonic() >= self._renewal_check:
+            self._renewal_check = time.monotonic() + renewal.CHECK_EVERY
+            renewal.renew_if_due(self.options.data_dir, self.identity, self.mqtt_tls)
         if not self.serving.alive():
             self.serving.restart()
             self._load_good_versions()

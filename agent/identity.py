@@ -6,23 +6,33 @@ own credential (for the registry and MQTT), the MQTT broker and the hub's
 public signing key, which it pins: every desired state must be signed by
 that key. Everything is written with mode 0600. Later starts read it back
 and need no token.
+
+Over TLS the enrollment token pins the hub's CA (contract/tls.py): the
+device fetches the CA, keeps it only if its SHA-256 is the pinned one
+(`hub-ca.pem`), and verifies the hub with it from then on. It sends a
+certificate request for its key and keeps the certificate the hub issues
+(`device.pem`): its identity on the hub's broker.
 """
 
 from __future__ import annotations
 
 import platform as host_platform
+import ssl
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contract.files import SECRET_MODE, read_json, write_json
+from contract import tls
+from contract.files import SECRET_MODE, read_json, write_atomic, write_json, write_secret
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
 IDENTITY_FILE = "identity.json"
 KEY_FILE = "device.key"
+CA_FILE = "hub-ca.pem"  # the hub's pinned CA: REST and the broker are verified with it
+CERT_FILE = "device.pem"  # the device's broker certificate
 
 
 class EnrollmentError(Exception):
@@ -43,6 +53,8 @@ class Identity:
     mqtt_username: str
     mqtt_password: str
     hub_public_key: str
+    tls: bool = False  # the hub's CA is pinned (CA_FILE); False: a hub run with --insecure
+    mqtt_certificate: bool = False  # the broker knows this device by CERT_FILE, not a password
 
     @cached_property
     def hub_key(self) -> ec.EllipticCurvePublicKey:
@@ -73,20 +85,35 @@ def enroll(
     """Enroll with TOKEN and store the identity; fails with EnrollmentError."""
     from contract import signing
 
+    try:
+        secret, pin = tls.split_token(token)
+    except tls.TlsError as exc:
+        raise EnrollmentError(str(exc)) from None
+    if hub_url.startswith("https://") and pin is None:
+        raise EnrollmentError("this enrollment token pins no CA, so the hub at "
+                              f"{hub_url} cannot be checked: copy the whole token the hub "
+                              "printed (efe_....<64 hex digits>)")
+    if hub_url.startswith("http://") and pin is not None:
+        raise EnrollmentError(f"the token pins the hub's CA, but {hub_url} is plain HTTP: "
+                              "use https://")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = data_dir / KEY_FILE
     if not key_path.exists():
         signing.write_private_key(signing.generate_private_key(), key_path)
-    public_pem = signing.public_key_pem(signing.load_private_key(key_path))
+    key = signing.load_private_key(key_path)
+    public_pem = signing.public_key_pem(key)
     name = name or host_platform.node() or "device"
     import httpx  # only enrollment needs it: the daemon stays small without it
 
+    body = {"token": secret, "public_key": public_pem, "name": name, "platform": platform}
+    verify: ssl.SSLContext | bool = True
+    if pin is not None:
+        write_atomic(data_dir / CA_FILE, pinned_ca(hub_url, pin).encode())
+        verify = tls.client_context(data_dir / CA_FILE)
+        body["csr"] = tls.build_csr(key)
     try:
-        response = httpx.post(
-            f"{hub_url.rstrip('/')}/api/v1/enroll",
-            json={"token": token, "public_key": public_pem, "name": name, "platform": platform},
-            timeout=30,
-        )
+        response = httpx.post(f"{hub_url.rstrip('/')}/api/v1/enroll", json=body, timeout=30,
+                              verify=verify)
     except httpx.TransportError as exc:
         raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
     if response.status_code != 201:
@@ -97,6 +124,8 @@ def enroll(
         raise EnrollmentError(f"the hub refused the enrollment: {detail}")
     answer = response.json()
     mqtt = answer.get("mqtt") or {}
+    if mqtt.get("certificate"):
+        write_secret(data_dir / CERT_FILE, mqtt["certificate"])
     identity = Identity(
         device_id=answer["device"]["id"],
         name=name,
@@ -104,8 +133,42 @@ def enroll(
         device_token=answer["device_token"],
         mqtt_url=mqtt_url or mqtt.get("url") or answer.get("mqtt_url", ""),
         mqtt_username=mqtt.get("username") or answer["device"]["id"],
-        mqtt_password=mqtt.get("password") or answer["device_token"],
+        mqtt_password="" if mqtt.get("certificate") else
+        mqtt.get("password") or answer["device_token"],
         hub_public_key=answer["hub_public_key"],
+        tls=pin is not None,
+        mqtt_certificate=bool(mqtt.get("certificate")),
     )
     write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=SECRET_MODE)
     return identity
+
+
+def pinned_ca(hub_url: str, pin: str) -> str:
+    """The hub's CA, fetched without trusting anyone yet and kept only if its SHA-256 is PIN."""
+    import httpx
+
+    try:  # unverified on purpose: the pin decides, and nothing secret is sent
+        response = httpx.get(f"{hub_url.rstrip('/')}/api/v1/tls/ca", timeout=30, verify=False)
+        response.raise_for_status()
+        pem = str(response.json()["certificate"])
+        found = tls.fingerprint(pem)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise EnrollmentError(f"cannot get the CA of the hub at {hub_url}: {exc}") from None
+    if found != pin:
+        raise EnrollmentError(
+            f"the hub at {hub_url} presents a CA with SHA-256 {found}, but the enrollment token "
+            f"pins {pin}: this is not the hub that made the token (or something is in "
+            "between); nothing was sent. Check --hub, or get a new token")
+    return tls.certificates(pem)[0] + "\n"
+
+
+def mqtt_tls(data_dir: Path, identity: Identity) -> ssl.SSLContext:
+    """Verifies the broker with the pinned CA and presents the device certificate."""
+    return tls.client_context(data_dir / CA_FILE,
+                              data_dir / CERT_FILE if identity.mqtt_certificate else None,
+                              data_dir / KEY_FILE if identity.mqtt_certificate else None)
+
+
+def hub_tls(data_dir: Path, identity: Identity) -> ssl.SSLContext | bool:
+    """How the hub's REST API is verified: with the pinned CA, or (http://) not at all."""
+    return tls.client_context(data_dir / CA_FILE) if identity.tls else True

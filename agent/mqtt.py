@@ -61,6 +61,7 @@ import math
 import random
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -225,9 +226,9 @@ class Session:
         backoff: BackoffPolicy = BackoffPolicy(),
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/") \
-                or parts.query or parts.username:
-            raise ValueError(f"broker URL {url!r} is not mqtt://HOST[:PORT] "
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname \
+                or parts.path not in ("", "/") or parts.query or parts.username:
+            raise ValueError(f"broker URL {url!r} is not mqtt://HOST[:PORT] or mqtts://... "
                              "(give credentials as username/password)")
         if not client_id:
             raise ValueError("a Session needs a fixed client id: the broker keeps its "
@@ -238,7 +239,10 @@ class Session:
             raise ValueError(f"inbox_size must be 1..65535, not {inbox_size}")
         self.url = url
         self.client_id = client_id
-        self._host, self._port = parts.hostname, parts.port or 1883
+        self._host = parts.hostname
+        self._port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        self._tls = parts.scheme == "mqtts"
+        self._tls_set = False
         self._v5 = protocol == "5"
         self._keepalive = keepalive
         self._session_expiry = session_expiry
@@ -290,6 +294,15 @@ class Session:
         self._up_since: float | None = None
         self._last_error: str | None = None
 
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """For an mqtts:// URL, before `start`: CONTEXT verifies the broker and holds the
+        client certificate, if any. Load a renewed certificate into the same context
+        (`load_cert_chain`): the next connection presents it."""
+        if not self._tls:
+            raise ValueError(f"{self.url} is plain MQTT; TLS needs mqtts://")
+        self._client.tls_set_context(context)
+        self._tls_set = True
+
     # --- lifecycle ------------------------------------------------------------
 
     def __enter__(self) -> Session:
@@ -306,6 +319,8 @@ class Session:
             if self._running:
                 raise MqttError(f"session {self.client_id!r} is already running; "
                                 "a Session is not re-entrant")
+            if self._tls and not self._tls_set:
+                raise MqttError(f"{self.url} needs TLS: call use_tls before start")
             self._running, self._closing, self._last_error = True, False, None
         self._stop.clear()
         self._inbox.reopen()

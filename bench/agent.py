@@ -661,7 +661,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
         scratch = Path(tmp)
         model = make_onnx(scratch / "model" / "model.onnx")
-        hub = start_hub(scratch / "hub")
+        hub = start_hub(scratch / "hub", tls=False)  # bench/tls.py measures TLS
         try:
             console.log("publishing two versions of the tiny model")
             versions = (publish_version(hub, MODEL, model), publish_version(hub, MODEL, model))

@@ -169,7 +169,7 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-container-") as tmp:
         scratch = Path(tmp)
-        hub = start_hub(scratch / "hub")
+        hub = start_hub(scratch / "hub", tls=False)  # engines pull over plain HTTP
         serving = None
         try:
             console.log("registering and building two versions (--image)")

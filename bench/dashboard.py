@@ -243,7 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     rnd = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-dash-") as tmp:
-        hub = start_hub(Path(tmp) / "data")
+        hub = start_hub(Path(tmp) / "data", tls=False)  # bench/tls.py measures TLS
         try:
             db_path = hub.data_dir / "hub.db"
             begun = time.perf_counter()

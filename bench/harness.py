@@ -4,14 +4,25 @@ Each is started the way a user starts it (`edgefleet hub serve`, `edgefleet agen
 run`, `mosquitto -c`), on free loopback ports, in a directory of the caller's.
 Benchmarks import it as `harness` (it sits beside them); tests and examples as
 `bench.harness`, with the repository root on sys.path.
+
+Hubs run with TLS, as by default, unless started with `tls=False` (then
+`--insecure`). Each hub's CA is `HubProcess.ca_path`; the harness verifies
+with it, and agents pin it through their enrollment tokens. A CA directory
+named by `EDGEFLEET_HARNESS_CA` (ca.key, ca.pem) is copied into each new hub's
+data dir before its first start, so one test run trusts one CA for every hub
+(tests/conftest.py makes it and points SSL_CERT_FILE at it for their plain
+httpx calls and CLI processes); `EDGEFLEET_HARNESS_INSECURE=1` makes `tls=False`
+the default (for a test module about plain-text logins).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,10 +51,27 @@ class HubProcess:
     mqtt_port: int
     process: subprocess.Popen
     log_path: Path
+    tls: bool = True
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def ca_path(self) -> Path:
+        """What the hub's TLS chains to (it exists once the hub has started): its own CA,
+        or with --tls-cert the trust anchor it wrote from that file."""
+        trust = self.data_dir / "tls" / "trust.pem"
+        return trust if trust.exists() else self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client verifies this hub with."""
+        return ssl.create_default_context(cafile=str(self.ca_path)) if self.tls else True
 
     @property
     def admin_token(self) -> str:
@@ -69,9 +97,20 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
 
 
 def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: float = 30,
-              port: int | None = None, mqtt_port: int | None = None) -> HubProcess:
-    """Start a hub on free ports, or on PORT / MQTT_PORT (a restart where the last one ran)."""
+              port: int | None = None, mqtt_port: int | None = None,
+              tls: bool | None = None) -> HubProcess:
+    """Start a hub on free ports, or on PORT / MQTT_PORT (a restart where the last one ran);
+    TLS False runs it with --insecure (default: see the module's docstring)."""
+    if tls is None:
+        tls = os.environ.get("EDGEFLEET_HARNESS_INSECURE") != "1"
     port, mqtt_port = port or free_port(), mqtt_port or free_port()
+    shared = os.environ.get("EDGEFLEET_HARNESS_CA")
+    if tls and shared and not (data_dir / "tls" / "ca.key").exists():
+        (data_dir / "tls").mkdir(parents=True, mode=0o700)
+        for name in ("ca.key", "ca.pem"):
+            shutil.copy2(Path(shared) / name, data_dir / "tls" / name)
+    if not tls:
+        extra_args = ("--insecure", *extra_args)
     log_path = data_dir.parent / f"{data_dir.name}-hub.log"
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
@@ -81,15 +120,16 @@ def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: floa
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    hub = HubProcess(data_dir, port, mqtt_port, process, log_path)
+    hub = HubProcess(data_dir, port, mqtt_port, process, log_path, tls)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"hub exited with {process.returncode}:\n{hub.log()}")
         try:
-            if httpx.get(f"{hub.url}/api/v1/health", timeout=1).status_code == 200:
+            if (not tls or hub.ca_path.exists()) and httpx.get(
+                    f"{hub.url}/api/v1/health", timeout=1, verify=hub.verify).status_code == 200:
                 return hub
-        except httpx.TransportError:
+        except (httpx.TransportError, ssl.SSLError):
             pass
         time.sleep(0.1)
     hub.stop(signal.SIGKILL)
@@ -113,7 +153,8 @@ def wait_for(check: Callable[[], T | None], *, timeout: float = 30, what: str = 
 
 def enrollment_token(hub: HubProcess, **body: object) -> str:
     answer = httpx.post(f"{hub.url}/api/v1/enrollment-tokens", json=body,
-                        headers={"Authorization": f"Bearer {hub.admin_token}"})
+                        headers={"Authorization": f"Bearer {hub.admin_token}"},
+                        verify=hub.verify)
     answer.raise_for_status()
     return answer.json()["token"]
 
@@ -182,13 +223,14 @@ def publish_version(
     """Register MODEL as the next version of NAME and push its signed package; returns the
     version."""
     headers = {"Authorization": f"Bearer {hub.admin_token}"}
-    with httpx.Client(base_url=hub.url, headers=headers, timeout=60) as c:
+    with httpx.Client(base_url=hub.url, headers=headers, timeout=60, verify=hub.verify) as c:
         digest = c.post("/api/v1/blobs", content=model.read_bytes()).json()["digest"]
         answer = c.post(f"/api/v1/models/{name}/versions",
                         json={"files": [{"path": model.name, "digest": digest}]})
         answer.raise_for_status()
     version = answer.json()["version"]
-    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token,
+           **({"EDGEFLEET_CA": str(hub.ca_path)} if hub.tls else {})}
     done = subprocess.run([*EDGEFLEET, "package", "build", f"{name}:{version}", "--no-deps",
                            "--quiet", *extra], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:

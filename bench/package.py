@@ -534,7 +534,7 @@ def main() -> None:
         # Version 3 is version 2's file again, so only its serving options differ.
         per_version = [models[0], models[1], models[1]]
         info = inspect_model({MODEL_FILE: models[0]})
-        hub = start_hub(scratch / "hub")
+        hub = start_hub(scratch / "hub", tls=False)  # bench/tls.py measures TLS
         try:
             env = cli_env(hub, scratch)
             register(models[0], env)

@@ -431,7 +431,7 @@ def main() -> None:
         digest = write_random_file(source, args.size_mb * MB)
         served = scratch / "served"
         served.mkdir()
-        hub = start_hub(scratch / "hub")
+        hub = start_hub(scratch / "hub", tls=False)  # bench/tls.py measures TLS
         try:
             with baseline_server(served) as base_port:
                 console.log(f"{args.rounds} rounds of uploads and downloads, baseline and CLI")

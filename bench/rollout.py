@@ -467,7 +467,8 @@ class Stack:
 def open_stack(root: Path, sampler: Sampler) -> Iterator[Stack]:
     broker = start_mosquitto(root / "mosquitto")
     try:
-        hub = start_hub(root / "hub", extra_args=("--mqtt-url", broker.url))
+        hub = start_hub(root / "hub", extra_args=("--mqtt-url", broker.url),
+                        tls=False)  # bench/tls.py measures TLS
         try:
             model = make_onnx(root / "model" / "model.onnx")
             versions = (publish_version(hub, MODEL, model), publish_version(hub, MODEL, model))

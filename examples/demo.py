@@ -46,7 +46,7 @@ def edgefleet(hub: HubProcess, *args: str, check: bool = True) -> str:
     """Run the CLI as a user would; --json answers are for this script, not shown."""
     console.print(f"[dim]$ edgefleet {' '.join(args)}[/dim]")
     env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token,
-           "COLUMNS": "120"}
+           "EDGEFLEET_CA": str(hub.ca_path), "COLUMNS": "120"}
     done = subprocess.run([*EDGEFLEET, *args], env=env, capture_output=True, text=True)
     if "--json" not in args:
         sys.stdout.write(done.stdout)  # already formatted by the CLI; do not re-wrap
@@ -57,7 +57,8 @@ def edgefleet(hub: HubProcess, *args: str, check: bool = True) -> str:
 
 
 def _quiet(hub: HubProcess, *args: str) -> str:
-    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token,
+           "EDGEFLEET_CA": str(hub.ca_path)}
     return subprocess.run([*EDGEFLEET, *args], env=env, capture_output=True, text=True,
                           check=True).stdout
 
@@ -76,7 +77,7 @@ def start_sim(hub: HubProcess, work: Path, devices: int) -> subprocess.Popen:
         [*EDGEFLEET, "sim", "--devices", str(devices), "--hub", hub.url,
          "--api-token", hub.admin_token, "--tag", TARGET, "--data-dir", str(work / "sim"),
          "--telemetry-interval", "2", "--step-latency", "0.2"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "EDGEFLEET_CA": str(hub.ca_path)},
     )
 
 

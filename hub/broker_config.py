@@ -6,6 +6,11 @@ for every fleet: `%u` patterns confine each device to its own topics) and
 `passwd` (`password_file`: one line per login, PBKDF2-SHA512 hashed, the
 format `mosquitto_passwd` writes).
 
+With TLS (the default) the listener is `mqtts://` and a client's identity is
+its certificate (`BrokerTls`): Mosquitto takes the common name as the user
+name, checks the CA and the CRL, and reads no password file
+(hub/broker_certs.py manages the CRL instead of `passwd`).
+
 Logins: the hub as `edgefleet-hub` with the hub's secret; a device as its
 device id with its device token; `edgefleet-canary`, whose password changes
 with every write of the file, so the hub can tell when Mosquitto has
@@ -59,6 +64,21 @@ _LINE = re.compile(r"([^:\s]+):(\$7\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+)")
 
 
 @dataclass(frozen=True)
+class BrokerTls:
+    """The TLS listener's files: clients must present a certificate of CAFILE not in CRLFILE,
+    and its common name is their user name (and so their client id)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def lines(self, crlfile: Path) -> list[str]:
+        return [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
+                f"crlfile {crlfile}", "tls_version tlsv1.2", "require_certificate true",
+                "use_identity_as_username true"]
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """Where the managed broker listens and keeps its files."""
 
@@ -67,6 +87,7 @@ class BrokerConfig:
     directory: Path
     max_queued_messages: int
     user: str  # Mosquitto started as root switches to this user
+    tls: BrokerTls | None = None  # None: plain text, logins by password (--insecure)
 
     @property
     def password_path(self) -> Path:
@@ -76,13 +97,22 @@ class BrokerConfig:
     def acl_path(self) -> Path:
         return self.directory / "acl"
 
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / "crl.pem"
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
 
 def mosquitto_conf(config: BrokerConfig) -> str:
     return "\n".join([
         "# Written by `edgefleet hub serve` at every start of the broker: edits are lost.",
         f"listener {config.port} {config.host}",
         "allow_anonymous false",
-        f"password_file {config.password_path}",
+        *(config.tls.lines(config.crl_path) if config.tls
+          else [f"password_file {config.password_path}"]),
         f"acl_file {config.acl_path}",
         "use_username_as_clientid true",
         "persistence true",

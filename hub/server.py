@@ -1,10 +1,14 @@
 """`edgefleet hub serve`: first-start setup, then the broker, the REST API and the fleet link.
 
 Unless an external broker is named (--mqtt-url), the hub starts Mosquitto
-and keeps it running (hub/broker.py) and manages its device logins
-(hub/broker_logins.py). The REST API (uvicorn) runs on the asyncio loop; the
-fleet link (hub/fleet.py: ingest and desired-state publishing) and the
-broker's supervisor run in threads of their own. SIGINT/SIGTERM stop
+and keeps it running (hub/broker.py) and manages its device identities:
+client certificates and their revocation list (hub/broker_certs.py), or with
+--insecure password logins (hub/broker_logins.py). The REST API is HTTPS
+and the managed broker's listener TLS, with the hub's own CA (hub/pki.py)
+or the user's --tls-cert; only --insecure serves plain text, and says so.
+The REST API (uvicorn) runs on the asyncio loop; the fleet link
+(hub/fleet.py: ingest and desired-state publishing) and the broker's
+supervisor run in threads of their own. SIGINT/SIGTERM stop
 uvicorn gracefully, then the fleet link, then the broker, and the process
 exits 0.
 """
@@ -23,18 +27,20 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import uvicorn
 
-from contract import signing
-from contract.files import write_secret
-from hub import desired, devices, tokens
+from contract import signing, tls
+from contract.files import write_atomic, write_secret
+from hub import desired, devices, pki, tokens
 from hub.api.app import create_app
 from hub.api.metrics import standalone as metrics_app
 from hub.api.state import HubState
 from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
-from hub.broker_config import HUB_USERNAME, BrokerConfig
+from hub.broker_certs import BrokerCertificates
+from hub.broker_config import HUB_USERNAME, BrokerConfig, BrokerTls
 from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
 from hub.liveness import Liveness
@@ -55,6 +61,11 @@ class Bound:
     api_url: str
     mqtt_url: str
     managed_broker: bool
+
+    @property
+    def mqtt_host_port(self) -> tuple[str, int]:
+        host, _, port = self.mqtt_url.partition("://")[2].rpartition(":")
+        return host, int(port)
 
 
 def advertised(settings: HubSettings, bound: Bound) -> tuple[str, str]:
@@ -77,6 +88,13 @@ def advertised(settings: HubSettings, bound: Bound) -> tuple[str, str]:
         host = urlsplit(settings.public_url).hostname
         return api_url, mqtt._replace(netloc=f"{host}:{mqtt.port}").geturl()
     return api_url, reachable(bound.mqtt_url)
+
+
+def _advertised_hosts(settings: HubSettings) -> list[str | None]:
+    """The host names `advertised` may hand out, for the server certificate."""
+    public = [settings.public_url, settings.mqtt_public_url]
+    return [urlsplit(url).hostname for url in public if url] + (
+        [socket.gethostname()] if settings.host in UNSPECIFIED else [])
 
 
 def free_port(host: str) -> int:
@@ -145,12 +163,51 @@ def check_port(host: str, port: int, flag: str) -> None:
 
 def bind(settings: HubSettings) -> Bound:
     port = settings.port or free_port(settings.host)
+    api = f"{'http' if settings.insecure else 'https'}://{settings.host}:{port}"
     if settings.mqtt_url:
-        return Bound(f"http://{settings.host}:{port}", settings.mqtt_url, managed_broker=False)
+        return Bound(api, settings.mqtt_url, managed_broker=False)
     mqtt_port = settings.mqtt_port or free_port(settings.host)
-    return Bound(
-        f"http://{settings.host}:{port}", f"mqtt://{settings.host}:{mqtt_port}", True
-    )
+    scheme = "mqtt" if settings.insecure else "mqtts"
+    return Bound(api, f"{scheme}://{settings.host}:{mqtt_port}", True)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """The files TLS is served with (hub/pki.py)."""
+
+    authority: pki.Authority  # signs the broker's client certificates
+    certfile: Path
+    keyfile: Path
+    trust_pem: str  # what clients pin and verify the server with
+    trust_path: Path  # ... as a file
+
+
+def transport(settings: HubSettings, say: Callable[[str], None]) -> Transport | None:
+    """The CA (made on first start), and the server certificate; None with --insecure."""
+    if settings.insecure:
+        return None
+    made = not (settings.tls_dir / "ca.key").exists()
+    authority = pki.Authority(settings.tls_dir)
+    if made:
+        say(f"Created the hub's certificate authority: {authority.paths.ca_cert} "
+            f"(key mode 0600)")
+    if settings.tls_cert and settings.tls_key:
+        certfile, keyfile = Path(settings.tls_cert), Path(settings.tls_key)
+        try:
+            trust = pki.trust_anchor(certfile)
+        except (OSError, tls.TlsError) as exc:
+            raise SystemExit(f"error: --tls-cert: {exc}") from None
+        trust_path = settings.tls_dir / "trust.pem"
+        write_atomic(trust_path, trust.encode())
+    else:
+        authority.server_certificate(pki.server_hosts(settings.host, *_advertised_hosts(settings)))
+        certfile, keyfile, trust = (authority.paths.server_cert, authority.paths.server_key,
+                                    authority.pem)
+        trust_path = authority.paths.ca_cert
+    # The hub's own broker identity, made afresh each start.
+    authority.key_and_certificate(authority.paths.hub_key, authority.paths.hub_cert,
+                                  HUB_USERNAME, days=pki.SERVER_DAYS)
+    return Transport(authority, certfile, keyfile, trust, trust_path)
 
 
 class _Server(uvicorn.Server):
@@ -181,26 +238,39 @@ class _MetricsServer(uvicorn.Server):
 
 
 def _managed_broker(state: HubState, bound: Bound,
-                    password: str) -> tuple[ManagedBroker, BrokerLogins]:
+                    served: Transport | None) -> ManagedBroker:
+    """The broker, with its identities on STATE: certificates, or logins (--insecure)."""
     settings = state.settings
-    host, _, port = bound.mqtt_url.removeprefix("mqtt://").rpartition(":")
-    config = BrokerConfig(host=host, port=int(port), directory=settings.broker_dir,
+    host, port = bound.mqtt_host_port
+    config = BrokerConfig(host=host, port=port, directory=settings.broker_dir,
                           max_queued_messages=settings.mqtt_max_queued_messages,
-                          user=pwd.getpwuid(os.geteuid()).pw_name)
-    broker = ManagedBroker(config, prepare=lambda: logins.write_all(),
+                          user=pwd.getpwuid(os.geteuid()).pw_name,
+                          tls=BrokerTls(served.authority.paths.ca_cert, served.certfile,
+                                        served.keyfile) if served else None)
+    broker = ManagedBroker(config, prepare=lambda: identities.write_all(),
                            on_restart=lambda: desired.forget_published(state.db),
                            mosquitto=find_mosquitto(settings.mosquitto))
-    logins = BrokerLogins(config, hub_password=password, devices=lambda: devices.ids(state.db),
-                          reload=broker.reload)
-    return broker, logins
+    identities: BrokerCertificates | BrokerLogins
+    if served is not None:
+        pki.ensure_table(state.db)
+        identities = state.certificates = BrokerCertificates(
+            state.db, served.authority, config, reload=broker.reload)
+    else:
+        identities = state.broker = BrokerLogins(
+            config, hub_password=hub_secret(settings.mqtt_secret_path),
+            devices=lambda: devices.ids(state.db),
+            reload=broker.reload)
+    return broker
 
 
-async def _run(state: HubState, bound: Bound) -> None:
+async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
     settings, broker = state.settings, None
     username, password = settings.mqtt_username, settings.mqtt_password
     if bound.managed_broker:
-        username, password = HUB_USERNAME, hub_secret(settings.mqtt_secret_path)
-        broker, state.broker = _managed_broker(state, bound, password)
+        broker = _managed_broker(state, bound, served)
+        # With TLS the hub's certificate is its identity; else its secret in the data dir.
+        username = None if served else HUB_USERNAME
+        password = None if served else hub_secret(settings.mqtt_secret_path)
         await asyncio.to_thread(broker.start)
         if broker.lost_state:  # a first start, or its saved state is gone: publish everything
             desired.forget_published(state.db)
@@ -210,6 +280,10 @@ async def _run(state: HubState, bound: Bound) -> None:
         heartbeat=settings.heartbeat_seconds,
         broker_status=broker.status if broker is not None else None,
     )
+    if bound.mqtt_url.startswith("mqtts://") and served is not None:
+        paths = served.authority.paths
+        fleet.session.use_tls(tls.client_context(served.trust_path, paths.hub_cert,
+                                                 paths.hub_key))
     fleet.start()
     engine = state.rollouts = RolloutEngine(state.db, fleet.notify)
     engine.start()
@@ -220,9 +294,11 @@ async def _run(state: HubState, bound: Bound) -> None:
         silent_for=timedelta(seconds=settings.heartbeat_seconds
                              * settings.device_offline_heartbeats))
     liveness.start()
-    host, _, port = bound.api_url.removeprefix("http://").rpartition(":")
+    host, _, port = bound.api_url.partition("://")[2].rpartition(":")
     config = uvicorn.Config(
-        create_app(state), host=host, port=int(port), log_level="info", access_log=False
+        create_app(state), host=host, port=int(port), log_level="info", access_log=False,
+        ssl_certfile=served.certfile if served else None,
+        ssl_keyfile=served.keyfile if served else None,
     )
     scraped = None
     if settings.metrics_port:
@@ -261,6 +337,12 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
         check_port(settings.host, settings.metrics_port, "--metrics-port")
     state = initialise(settings, say)
     api_url, state.mqtt_url = advertised(settings, bound)
+    served = transport(settings, say)
+    if served is None:
+        log.warning("--insecure: REST and MQTT are PLAIN TEXT with no certificates; anyone on "
+                    "the network can read and change tokens, packages and desired states")
+    else:
+        state.trust_pem = served.trust_pem
     broker_kind = "managed Mosquitto" if bound.managed_broker else "external broker"
     say(f"REST API on {api_url} (OpenAPI docs at {api_url}/docs)")
     say(f"MQTT on {state.mqtt_url} ({broker_kind}; the address devices get)")
@@ -269,9 +351,13 @@ def serve(settings: HubSettings, say: Callable[[str], None] = print) -> None:
     say(
         f"Log in with: edgefleet login --hub {api_url}"
         f" --token-file {settings.admin_token_path}"
+        + (f" --ca {served.trust_path}" if served else "")
     )
+    if served is not None:
+        say(f"TLS: clients trust {served.trust_path} "
+            f"(sha256 {tls.fingerprint(served.trust_pem)})")
     try:
-        asyncio.run(_run(state, bound))
+        asyncio.run(_run(state, bound, served))
     except BrokerError as exc:
         raise SystemExit(f"error: {exc}") from None
     finally:

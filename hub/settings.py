@@ -82,6 +82,17 @@ class HubSettings:
         10, "How often the hub sends itself a message through the broker; GET "
         "/fleet/status says receiving: false after three are missed."
     )  # type: ignore[assignment]
+    insecure: bool = _setting(
+        False, "Plain HTTP and MQTT, no certificates: anyone on the network reads and "
+        "changes everything (tokens, models, desired states). For tests on one host only."
+    )  # type: ignore[assignment]
+    tls_cert: str | None = _setting(
+        None, "Serve this PEM certificate (then its issuers; clients pin and trust the last "
+        "one in the file) instead of one from the hub's own CA in DATA/tls."
+    )  # type: ignore[assignment]
+    tls_key: str | None = _setting(
+        None, "The private key of --tls-cert (PEM)."
+    )  # type: ignore[assignment]
     desired_validity_days: int = _setting(
         30, "Days a signed desired state stays valid; agents refuse expired ones, so "
         "devices freeze on what they run if the hub is gone that long."
@@ -134,6 +145,11 @@ class HubSettings:
                              "the managed broker uses the hub's own secret in the data dir")
         if self.mqtt_password is not None and self.mqtt_username is None:
             raise ValueError("--mqtt-password needs --mqtt-username")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.insecure and self.tls_cert:
+            raise ValueError("--insecure serves plain text: --tls-cert and --tls-key are "
+                             "for TLS")
         if not 100 <= self.mqtt_max_queued_messages <= 100_000_000:
             raise ValueError(f"--mqtt-max-queued-messages must be 100-100000000, got "
                              f"{self.mqtt_max_queued_messages}")
@@ -187,6 +203,11 @@ class HubSettings:
         return self.data_dir / "broker"
 
     @property
+    def tls_dir(self) -> Path:
+        """The hub's CA and the certificates it made for itself."""
+        return self.data_dir / "tls"
+
+    @property
     def mqtt_secret_path(self) -> Path:
-        """The hub's password on the managed broker."""
+        """The hub's password on the managed broker (--insecure: with TLS its certificate)."""
         return self.data_dir / "mqtt-hub-password"

@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import shutil
+import ssl
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +67,15 @@ def _describe(response: httpx.Response) -> str:
 class Registry:
     """One registry endpoint (e.g. http://hub:8080) and the token to use there."""
 
-    def __init__(self, url: str, token: str | None, *, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, token: str | None, *, timeout: float = 60.0,
+                 verify: ssl.SSLContext | bool = True) -> None:
+        """VERIFY: how an https:// registry's certificate is checked (a device passes
+        a context trusting its hub's CA)."""
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+            verify=verify,
         )
 
     def close(self) -> None:

@@ -1,18 +1,64 @@
-"""Shared fixtures: a real hub process, an HTTP client for it, and the CLI."""
+"""Shared fixtures: a real hub process, an HTTP client for it, and the CLI.
+
+Hubs run with TLS. One CA serves every hub of the run (bench/harness.py copies
+it into each new data dir), and SSL_CERT_FILE names it beside the usual roots,
+so the tests' own httpx calls and the CLI processes they start trust the hubs
+as a user who ran `edgefleet login --ca` would.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import ssl
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import certifi
 import httpx
 import pytest
 
+from hub.pki import Authority
 from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
 from hubproc import EDGEFLEET, HubProcess, start_hub
+
+_CA_DIRECTORY = pytest.StashKey[Path]()
+# Modules about the managed broker's password logins, which exist only in plain text, and
+# the container engines' pulls (the engines would need the run's CA in their own trust).
+PLAIN_TEXT_MODULES = ("test_fleet_broker", "test_fleet_acl", "test_container_engine")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "EDGEFLEET_HARNESS_CA" in os.environ:  # a run inside a run (xdist, pytester)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="edgefleet-test-ca-"))
+    authority = Authority(directory)
+    roots = [Path(certifi.where()), Path(ssl.get_default_verify_paths().openssl_cafile)]
+    bundle = directory / "bundle.pem"
+    bundle.write_text(authority.pem + "".join(p.read_text() for p in roots if p.is_file()))
+    os.environ["EDGEFLEET_HARNESS_CA"] = str(directory)
+    os.environ["SSL_CERT_FILE"] = str(bundle)
+    config.stash[_CA_DIRECTORY] = directory
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_CA_DIRECTORY, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _plain_text_hubs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The hubs of PLAIN_TEXT_MODULES run with --insecure."""
+    if request.module.__name__.rpartition(".")[2] not in PLAIN_TEXT_MODULES:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEFLEET_HARNESS_INSECURE", "1")
+        yield
 
 
 @pytest.fixture(scope="module")

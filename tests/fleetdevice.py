@@ -22,7 +22,8 @@ import httpx
 
 from agent.mqtt import BackoffPolicy, Message, Session
 from conftest import Cli
-from contract import protocol, signing
+from contract import protocol, signing, tls
+from contract.files import write_secret
 from hubproc import HubProcess
 from modelgen import make_onnx
 
@@ -47,16 +48,27 @@ def tiny_packages(hub: HubProcess, cli: Cli, directory: Path) -> dict[int, str]:
 
 
 def enroll(hub: HubProcess, name: str) -> dict[str, Any]:
-    """A new device's enrollment answer: device, device_token, hub_public_key, mqtt."""
+    """A new device's enrollment answer: device, device_token, hub_public_key, mqtt; over
+    TLS also its key and certificate (written beside the hub's data dir) as `tls`."""
     auth = {"Authorization": f"Bearer {hub.admin_token}"}
     token = httpx.post(f"{hub.url}/api/v1/enrollment-tokens", json={}, headers=auth)
     token.raise_for_status()
-    answer = httpx.post(f"{hub.url}/api/v1/enroll", json={
-        "token": token.json()["token"], "name": name, "platform": "linux/amd64",
-        "public_key": signing.public_key_pem(signing.generate_private_key()),
-    })
+    key = signing.generate_private_key()
+    body = {"token": token.json()["token"], "name": name, "platform": "linux/amd64",
+            "public_key": signing.public_key_pem(key)}
+    if hub.tls:
+        body["csr"] = tls.build_csr(key)
+    answer = httpx.post(f"{hub.url}/api/v1/enroll", json=body)
     assert answer.status_code == 201, answer.text
-    return answer.json()
+    enrolled = answer.json()
+    if "certificate" in enrolled["mqtt"]:
+        files = hub.data_dir.parent / "devices" / enrolled["device"]["id"]
+        files.mkdir(parents=True)
+        signing.write_private_key(key, files / "device.key")
+        write_secret(files / "device.pem", enrolled["mqtt"]["certificate"])
+        enrolled["tls"] = [str(hub.ca_path), str(files / "device.pem"),
+                           str(files / "device.key")]
+    return enrolled
 
 
 @dataclass
@@ -124,12 +136,14 @@ def connect(enrollment: dict[str, Any], *, password: str | None = None,
     status = protocol.status_topic(device_id)
     settings: dict[str, Any] = {
         "client_id": device_id, "username": mqtt["username"],
-        "password": mqtt["password"] if password is None else password,
+        "password": mqtt.get("password") if password is None else password,
         "birth": Message(status, protocol.ONLINE, retain=True),
         "will": Message(status, protocol.OFFLINE, retain=True),
         "subscriptions": [protocol.desired_topic(device_id)], "backoff": FAST, **options,
     }
     session = Session(mqtt["url"], **settings)
+    if "tls" in enrollment:
+        session.use_tls(tls.client_context(*map(Path, enrollment["tls"])))
     session.start()
     return FakeDevice(enrollment, session)
 

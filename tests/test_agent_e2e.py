@@ -26,7 +26,7 @@ import tritonclient.http as triton
 
 from agent.mqtt import Session
 from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
-from contract import protocol
+from contract import protocol, tls
 from contract.oci import OCILayout
 from contract.signing import generate_private_key
 from hubproc import EDGEFLEET, HubProcess, start_hub
@@ -386,8 +386,10 @@ def test_disk_full_during_download_is_rolled_back_and_frees_the_space(
 
 
 def test_bad_enrollment_is_a_clear_error(fleet_hub: HubProcess, tmp_path: Path) -> None:
+    # the right hub (its CA pinned), an unknown secret
+    token = tls.pinned_token("efe_not-a-token", tls.fingerprint(fleet_hub.ca_path.read_text()))
     done = subprocess.run(
-        [*EDGEFLEET, "agent", "run", "--hub", fleet_hub.url, "--token", "efe_not-a-token",
+        [*EDGEFLEET, "agent", "run", "--hub", fleet_hub.url, "--token", token,
          "--data-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "unknown enrollment token" in done.stderr
     assert "Traceback" not in done.stderr

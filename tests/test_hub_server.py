@@ -35,8 +35,9 @@ def test_first_start_creates_secrets_and_restart_reuses_them(tmp_path: Path) -> 
         # the managed broker accepts MQTT connections; its logins are the owner's only
         with socket.create_connection(("127.0.0.1", hub.mqtt_port), timeout=5):
             pass
-        for private in (data / "broker", data / "broker" / "passwd",
-                        data / "mqtt-hub-password"):
+        for private in (data / "broker", data / "broker" / "crl.pem",
+                        data / "tls", data / "tls" / "ca.key",
+                        data / "tls" / "server.key", data / "tls" / "hub-client.key"):
             assert stat.S_IMODE(os.stat(private).st_mode) & 0o077 == 0, private
         first_key, first_token = key.read_bytes(), hub.admin_token
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from agent.identity import EnrollmentError
 from agent.options import TELEMETRY_INTERVAL
 from agent.sim.fleet import Fleet, unenrolled
 from agent.sim.options import PerVersion, SimOptions, parse_version
-from contract import names
+from contract import names, tls
 
 
 def _tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -32,11 +33,14 @@ def _tags(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _enrollment_token(hub_url: str, api_token: str, tags: dict[str, str]) -> str:
-    """A new enrollment token carrying TAGS, made with the user's API token."""
+    """A new enrollment token carrying TAGS, made with the user's API token (an https
+    hub verified with EDGEFLEET_CA, as the CLI does, else the system's roots)."""
+    ca = os.environ.get("EDGEFLEET_CA")
     try:
         answer = httpx.post(f"{hub_url.rstrip('/')}/api/v1/enrollment-tokens",
                             json={"tags": tags}, timeout=30,
-                            headers={"Authorization": f"Bearer {api_token}"})
+                            headers={"Authorization": f"Bearer {api_token}"},
+                            verify=tls.client_context(Path(ca)) if ca else True)
     except httpx.TransportError as exc:
         raise click.ClickException(f"cannot reach the hub at {hub_url}: {exc}") from None
     if answer.status_code != 201:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from agent import identity as identities
 from agent.decisions import (
     Role,
     Route,
@@ -160,11 +161,15 @@ class SimDevice:
         self._slots = connect_slots
         self._on_connection = on_connection  # told of every connect (True) and loss (False)
         self._public_key = load_public_key(identity.hub_public_key)
-        self._broker = parse_url(options.mqtt_url or identity.mqtt_url)
+        url = options.mqtt_url or identity.mqtt_url
+        self._broker = parse_url(url)
+        self._tls = identities.mqtt_tls(options.data_dir / "devices" / identity.name, identity) \
+            if url.startswith("mqtts://") else None
         status = status_topic(self.id)
+        password = None if identity.mqtt_certificate else identity.mqtt_password
         self._connect_options = ConnectOptions(
-            client_id=self.id, username=identity.mqtt_username,
-            password=identity.mqtt_password, will=Message(status, OFFLINE, retain=True),
+            client_id=self.id, username=None if password is None else identity.mqtt_username,
+            password=password, will=Message(status, OFFLINE, retain=True),
             clean_session=False, keepalive=options.keepalive)
         # What the device is and has, as reported.
         self.applied_generation = 0
@@ -313,7 +318,7 @@ class SimDevice:
     # -- the connection -------------------------------------------------------------------
 
     async def _connect(self) -> bool:
-        client = Client(*self._broker, self._connect_options,
+        client = Client(*self._broker, self._connect_options, tls=self._tls,
                         on_message=self._received, on_close=lambda reason: self._lost(client))
         async with self._slots:
             try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -199,9 +200,9 @@ def parse_publish(first_byte: int, body: bytes) -> tuple[Message, int | None]:
 
 def parse_url(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ValueError(f"broker URL {url!r} is not mqtt://HOST[:PORT]")
-    return parts.hostname, parts.port or 1883
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker URL {url!r} is not mqtt://HOST[:PORT] or mqtts://...")
+    return parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
 
 # --- the connection -----------------------------------------------------------
@@ -237,8 +238,11 @@ class Client(asyncio.Protocol):
 
     def __init__(self, host: str, port: int, options: ConnectOptions, *,
                  on_message: Callable[[Message], None] = lambda message: None,
-                 on_close: Callable[[BaseException | None], None] = lambda reason: None) -> None:
+                 on_close: Callable[[BaseException | None], None] = lambda reason: None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """TLS: connect over TLS with this context (mqtts://)."""
         self.host, self.port, self.options = host, port, options
+        self._tls = tls
         self._on_message = on_message
         self._on_close = on_close
         self._reader = PacketReader()
@@ -277,7 +281,7 @@ class Client(asyncio.Protocol):
         where = f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(lambda: self, self.host, self.port)
+                await loop.create_connection(lambda: self, self.host, self.port, ssl=self._tls)
                 o = self.options
                 self._write(connect_packet(o.client_id, username=o.username, password=o.password,
                                            will=o.will, clean_session=o.clean_session,

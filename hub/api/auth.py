@@ -44,5 +44,6 @@ def require(role: str) -> Callable[..., object]:
 
 
 viewer = Depends(require("viewer"))
+device = Depends(require(tokens.DEVICE_ROLE))
 operator = Depends(require("operator"))
 admin = Depends(require("admin"))

@@ -10,12 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from contract import signing
+from contract import signing, tls
 from hub import devices, telemetry, validation
 from hub.api import auth
 from hub.api.state import hub_state
+from hub.errors import Forbidden, NotFound
 from hub.storage.db import format_time
 from hub.tokens import Principal
+from hub.validation import InvalidInput
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 MAX_TOKEN_SECONDS = 10 * 365 * 86_400
@@ -35,6 +37,18 @@ class EnrollRequest(BaseModel):
     public_key: str = Field(max_length=4096)
     name: str = Field(max_length=128)
     platform: str | None = Field(None, max_length=64)
+    csr: str | None = Field(None, max_length=tls.MAX_CSR_BYTES,
+                            description="PEM request for the device's broker certificate")
+
+    @field_validator("csr")
+    @classmethod
+    def _a_request(cls, pem: str | None) -> str | None:
+        if pem is not None:
+            try:
+                tls.read_csr(pem)
+            except tls.TlsError as exc:
+                raise ValueError(str(exc)) from None
+        return pem
 
     @field_validator("public_key")
     @classmethod
@@ -46,6 +60,11 @@ class EnrollRequest(BaseModel):
         except signing.SignatureError as exc:
             raise ValueError(str(exc)) from None
         return pem
+
+
+class CertificateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    csr: str = Field(max_length=tls.MAX_CSR_BYTES)
 
 
 class TagsRequest(BaseModel):
@@ -67,7 +86,19 @@ def create_enrollment_token(
         created_by=principal.name,
     )
     request.state.audit = ("enrollment_token.create", record["id"])
-    return {**record, "token": secret}
+    trust = hub_state(request).trust_pem
+    # The token carries the fingerprint of the CA the device will trust (kubeadm-style).
+    return {**record, "token": tls.pinned_token(secret, tls.fingerprint(trust)) if trust
+            else secret}
+
+
+@router.get("/tls/ca", summary="The certificate the hub's TLS chains to (no token needed; "
+            "devices check it against the fingerprint in their enrollment token)")
+def trust_anchor(request: Request) -> dict[str, Any]:
+    trust = hub_state(request).trust_pem
+    if trust is None:
+        raise NotFound("this hub runs with --insecure: it has no TLS certificate")
+    return {"certificate": trust, "fingerprint": tls.fingerprint(trust)}
 
 
 @router.get("/enrollment-tokens", summary="List enrollment tokens")
@@ -91,18 +122,31 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
     state = hub_state(request)
     request.state.audit_actor = "enrollment"
     request.state.audit = ("device.enroll", body.name)
+    certificates, issued = state.certificates, []
+
+    def issue(device_id: str, secret: str) -> None:
+        # Without a request the device has no broker identity until it asks for one at
+        # POST /devices/{id}/certificate.
+        if certificates is not None and body.csr is not None:
+            issued.append(certificates.issue(device_id, body.csr))
+
+    try:
+        secret, _ = tls.split_token(body.token)  # the pin is for the device to check
+    except tls.TlsError as exc:
+        raise InvalidInput(f"token: {exc}") from None
     device, device_token = await run_in_threadpool(
         lambda: devices.enroll(
             state.db,
-            secret=body.token,
+            secret=secret,
             public_key=body.public_key,
             name=body.name,
             platform=body.platform,
-            grant=state.broker.add_device if state.broker is not None else None,
+            grant=state.broker.add_device if state.broker is not None
+            else issue if certificates is not None else None,
         )
     )
     request.state.audit = ("device.enroll", device["id"])
-    return {
+    answer = {
         "device": device,
         "device_token": device_token,
         "hub_public_key": state.signing_public_key,
@@ -110,6 +154,27 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
         # operator adds them.
         "mqtt": {"url": state.mqtt_url, "username": device["id"], "password": device_token},
     }
+    if certificates is not None:  # the certificate is the broker identity: no password
+        answer["mqtt"] = {"url": state.mqtt_url, "username": device["id"],
+                          **({"certificate": issued[0]} if issued else {})}
+    return answer
+
+
+@router.post("/devices/{device_id}/certificate", summary="A device renews its broker "
+             "certificate (its own device token; a request for its own key)")
+def renew_certificate(device_id: str, body: CertificateRequest, request: Request,
+                      principal: Principal = auth.device) -> dict[str, Any]:
+    request.state.audit = ("device.certificate", device_id)
+    state = hub_state(request)
+    if principal.name != device_id:
+        raise Forbidden(f"a device renews its own certificate, not {device_id!r}")
+    if state.certificates is None:
+        raise NotFound("this hub issues no device certificates (--insecure, or an external "
+                       "broker)")
+    try:
+        return {"certificate": state.certificates.issue(device_id, body.csr)}
+    except tls.TlsError as exc:
+        raise InvalidInput(f"csr: {exc}") from None
 
 
 @router.get("/devices", summary="List devices")
@@ -142,6 +207,8 @@ def delete_device(
     # The broker first: if it cannot be told, nothing changes and the caller may retry.
     if state.broker is not None:
         state.broker.remove_device(device_id)
+    if state.certificates is not None:
+        state.certificates.revoke(device_id)
     devices.delete_device(state.db, device_id)
     if state.fleet is not None:
         state.fleet.forget(device_id)

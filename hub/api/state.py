@@ -20,6 +20,7 @@ from hub.storage.blobs import BlobStore
 from hub.storage.db import Database
 
 if TYPE_CHECKING:
+    from hub.broker_certs import BrokerCertificates
     from hub.broker_logins import BrokerLogins
     from hub.fleet import FleetLink
     from hub.liveness import Liveness
@@ -41,6 +42,9 @@ class HubState:
     retention: Retention | None = None  # telemetry rollups and deletion, once started
     liveness: Liveness | None = None  # devices silent too long marked offline, once started
     metrics: HubMetrics = field(default_factory=HubMetrics)  # counted as requests happen
+    # Device certificates, when the managed broker speaks TLS (then `broker` is None).
+    certificates: BrokerCertificates | None = None
+    trust_pem: str | None = None  # what clients pin and verify the hub with (None: --insecure)
 
 
 def hub_state(request: Request) -> HubState:

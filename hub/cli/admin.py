@@ -19,19 +19,25 @@ from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
     "--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Read the token from this file (e.g. the hub's admin-token).",
 )
-def login(hub: str, token: str | None, token_file: Path | None) -> None:
+@click.option(
+    "--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="EDGEFLEET_CA",
+    help="Verify the hub with this CA certificate (the hub prints it: DATA/tls/ca.pem) "
+    "[env EDGEFLEET_CA].",
+)
+def login(hub: str, token: str | None, token_file: Path | None, ca: Path | None) -> None:
     """Check a hub URL and token, then save them for later commands.
 
     \b
-    Example: edgefleet login --hub http://127.0.0.1:8080 --token-file ./edgefleet-data/admin-token
+    Example: edgefleet login --hub https://hub:8080 --token-file d/admin-token --ca d/tls/ca.pem
     """
     if token_file is not None:
         token = token_file.read_text().strip()
     if not token:
         raise click.UsageError("give --token or --token-file")
-    connection = Connection(hub_url(hub), token)
+    connection = Connection(hub_url(hub), token, str(ca.absolute()) if ca else None)
     me = HubClient(connection).get("/api/v1/whoami")
-    path = write_config({"hub": connection.hub, "token": token})
+    path = write_config({"hub": connection.hub, "token": token,
+                         **({"ca": connection.ca} if connection.ca else {})})
     say(f"Logged in to {connection.hub} as {me['name']} ({me['role']}); saved to {path}")
 
 

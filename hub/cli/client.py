@@ -33,7 +33,8 @@ class HubClient:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         headers = {"Authorization": f"Bearer {connection.token}"} if connection.token else {}
-        self._http = httpx.Client(base_url=connection.hub, headers=headers, timeout=TIMEOUT)
+        self._http = httpx.Client(base_url=connection.hub, headers=headers, timeout=TIMEOUT,
+                                  verify=connection.verify())
         self._probed = False
 
     def __enter__(self) -> HubClient:
@@ -59,6 +60,11 @@ class HubClient:
         raise click.ClickException(f"{printable(message)} [HTTP {response.status_code}]")
 
     def _unreachable(self, exc: httpx.TransportError) -> click.ClickException:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return click.ClickException(
+                f"the certificate of {self.connection.hub} is not trusted "
+                f"({printable(str(exc))}): give the hub's CA with `edgefleet login --ca "
+                "DATA/tls/ca.pem` or EDGEFLEET_CA (the hub prints where it is)")
         return click.ClickException(
             f"cannot reach the hub at {self.connection.hub}: {printable(str(exc))}. "
             "Is `edgefleet hub serve` running there?")
@@ -106,7 +112,8 @@ class HubClient:
         from packager.distribution import Registry
 
         self._probe()
-        return Registry(self.connection.hub, self.connection.token)
+        return Registry(self.connection.hub, self.connection.token,
+                        verify=self.connection.verify())
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()

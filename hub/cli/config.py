@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from contract import tls
 from contract.files import write_secret
 
 DEFAULT_HUB = "http://127.0.0.1:8080"
@@ -69,12 +71,17 @@ def hub_url(text: str) -> str:
 class Connection:
     hub: str
     token: str | None
+    ca: str | None = None  # the CA file an https:// hub is verified with (None: the system's)
+
+    def verify(self) -> ssl.SSLContext | bool:
+        return tls.client_context(Path(self.ca)) if self.ca else True
 
 
 def resolve(hub: str | None, token: str | None) -> Connection:
-    """Flags win; click already folded EDGEFLEET_HUB/EDGEFLEET_TOKEN into them."""
+    """Flags win; click already folded EDGEFLEET_HUB/EDGEFLEET_TOKEN into them. The CA is
+    EDGEFLEET_CA, else the one saved by `edgefleet login` for that hub."""
     saved = read_config()
-    return Connection(
-        hub=hub_url(hub or saved.get("hub") or DEFAULT_HUB),
-        token=token or saved.get("token"),
-    )
+    url = hub_url(hub or saved.get("hub") or DEFAULT_HUB)
+    saved_ca = saved.get("ca") if url == saved.get("hub") else None
+    return Connection(hub=url, token=token or saved.get("token"),
+                      ca=os.environ.get("EDGEFLEET_CA") or saved_ca)

@@ -18,6 +18,7 @@ def _settings_options(fn: Any) -> Any:
             "--" + f.name.replace("_", "-"),
             default=str(default) if isinstance(default, Path) else default,
             type=int if f.type == "int" else None,
+            is_flag=f.type == "bool",
             show_default=default is not None,
             envvar="EDGEFLEET_" + f.name.upper(),
             help=f.metadata["help"],

@@ -1,0 +1,61 @@
+"""The device's broker certificate, renewed before it expires with no operator action.
+
+Once less than a third of its validity remains (`contract.tls.renewal_due`)
+the agent sends the hub a new certificate request for its key over
+authenticated REST (its device token, the pinned CA) and keeps the answer.
+The MQTT session's TLS context loads it, so the next connection presents
+it; the open one carries on. A hub that cannot be reached is asked again at
+the next check: the old certificate is still valid for a third of its life.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.identity import CERT_FILE, KEY_FILE, Identity, hub_tls
+from contract import tls
+from contract.files import write_secret
+
+log = logging.getLogger("edgefleet.agent.renewal")
+
+CHECK_EVERY = 3600.0  # seconds between looks at the certificate's expiry
+# The first look comes a while after start: reading a certificate loads cryptography,
+# which an idle daemon does without (tests/test_agent_startup.py).
+FIRST_CHECK = 600.0
+
+
+def renew_if_due(data_dir: Path, identity: Identity, context: ssl.SSLContext | None,
+                 now: datetime | None = None) -> bool:
+    """Renew DATA_DIR's certificate if due, loading it into CONTEXT; True if renewed."""
+    cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
+    if not identity.mqtt_certificate:
+        return False
+    cert = tls.read_certificate(cert_path.read_text())
+    if not tls.renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc,
+                           now or datetime.now(UTC)):
+        return False
+    import httpx  # only now: the daemon stays small without them
+
+    from contract import signing
+
+    csr = tls.build_csr(signing.load_private_key(key_path))
+    try:
+        response = httpx.post(
+            f"{identity.hub_url}/api/v1/devices/{identity.device_id}/certificate",
+            json={"csr": csr}, headers={"Authorization": f"Bearer {identity.device_token}"},
+            verify=hub_tls(data_dir, identity), timeout=30)
+        response.raise_for_status()
+        pem = str(response.json()["certificate"])
+        renewed = tls.read_certificate(pem)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        log.warning("could not renew the broker certificate (valid until %s): %s; trying again "
+                    "in %.0f s", cert.not_valid_after_utc, exc, CHECK_EVERY)
+        return False
+    write_secret(cert_path, pem)
+    if context is not None:
+        context.load_cert_chain(str(cert_path), str(key_path))
+    log.info("renewed the broker certificate: valid until %s", renewed.not_valid_after_utc)
+    return True
