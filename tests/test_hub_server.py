@@ -152,7 +152,7 @@ def test_a_hub_on_every_interface_hands_devices_its_public_addresses(tmp_path: P
     hub = start_hub(tmp_path / "data", extra_args=("--host", "0.0.0.0"))
     try:
         told = httpx.get(f"{hub.url}/api/v1/health").json()["mqtt_url"]
-        assert told == f"mqtt://{socket.gethostname()}:{hub.mqtt_port}"
+        assert told == f"mqtts://{socket.gethostname()}:{hub.mqtt_port}"
         announced = [line for line in hub.log().splitlines()
                      if line.startswith(("REST API on", "MQTT on", "Log in with"))]
         assert len(announced) == 3 and f"MQTT on {told}" in announced[1]
@@ -160,14 +160,14 @@ def test_a_hub_on_every_interface_hands_devices_its_public_addresses(tmp_path: P
     finally:
         assert hub.stop(signal.SIGTERM) == 0
     hub = start_hub(tmp_path / "data", extra_args=(
-        "--host", "0.0.0.0", "--public-url", "http://hub.example:9999"))
+        "--host", "0.0.0.0", "--public-url", "https://hub.example:9999"))
     try:
         token = enrollment_token(hub)
         key = signing.public_key_pem(signing.generate_private_key())
         enrolled = httpx.post(f"{hub.url}/api/v1/enroll", json={
             "token": token, "public_key": key, "name": "far", "platform": "linux/amd64"})
-        assert enrolled.json()["mqtt"]["url"] == f"mqtt://hub.example:{hub.mqtt_port}"
-        assert "edgefleet login --hub http://hub.example:9999" in hub.log()
+        assert enrolled.json()["mqtt"]["url"] == f"mqtts://hub.example:{hub.mqtt_port}"
+        assert "edgefleet login --hub https://hub.example:9999" in hub.log()
     finally:
         assert hub.stop(signal.SIGTERM) == 0
 

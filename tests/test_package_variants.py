@@ -26,7 +26,7 @@ from hub import deployments, packages
 from hub.oci_registry import RegistryError
 from hub.rollouts import reads
 from hub.rollouts.engine import Engine
-from hub.storage.db import Database
+from hub.storage.db import SCHEMA_VERSION, Database
 from hubapp import InProcessHub
 from modelgen import make_onnx
 from packager.build import build_package
@@ -219,10 +219,12 @@ def test_a_database_from_before_variants_is_migrated(tmp_path: Path,
                           ("rollout_devices", "previous_variant"),
                           ("oci_repo_blobs", "linked_at")):
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
     old.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)
-    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {"value": "3"}
+    assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
+        "value": str(SCHEMA_VERSION)}
     assert {d["variant"] for d in deployments.for_device(db, "dev-a")} == {"default"}
     assert {r["variant"] for r in db.query("SELECT variant FROM deployments")} == {"default"}
     # And it runs: a deployment of a variant on the migrated database.

@@ -172,12 +172,12 @@ def test_rolling_up_while_ingest_writes_counts_every_point_once(db: Database) ->
         assert sum(r["points"] for r in rollup_rows(db, period)) == written
 
 
-def test_a_schema_2_database_is_upgraded_and_its_points_rolled_up(tmp_path: Path) -> None:
+def test_a_schema_3_database_is_upgraded_and_its_points_rolled_up(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     Database(path)
     conn = sqlite3.connect(path)  # what a hub before rollups left behind
     conn.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled;"
-                       " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+                       " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
     conn.execute("INSERT INTO devices (id, name, tags) VALUES ('dev-1', 'one', '{}')")
     conn.execute("INSERT INTO telemetry VALUES ('dev-1', 1, ?, 'system', '{\"cpu_percent\":7}')",
                  (format_time(NOW - timedelta(days=5)),))
