@@ -26,7 +26,10 @@ SERVE_PORT: Option[int] = Option(8500, "Port of the local scoring API.")
 MAX_CONCURRENCY: Option[int] = Option(
     2, "Inferences the scoring API runs at once (one worker thread each).")
 MAX_QUEUE: Option[int] = Option(
-    16, "Scoring requests that wait for a free slot; more get 503 with Retry-After.")
+    128, "Scoring requests that wait for a free slot; more get 503 with Retry-After.")
+MAX_WAIT_MS: Option[int] = Option(
+    500, "A scoring request whose estimated wait for a slot is longer gets 503 with Retry-After"
+    " at once (0: no wait budget, only --max-queue).")
 SHADOW_CONCURRENCY: Option[int] = Option(
     1, "Shadow copies running at once; copies beyond it are dropped and counted.")
 TELEMETRY_INTERVAL: Option[float] = Option(10.0, "Seconds between telemetry measurements.")

@@ -50,6 +50,18 @@ class ModelVersion:
         return self.spec.version
 
     @property
+    def expected_seconds(self) -> float:
+        """The work a request here is expected to take, for the wait budget; 0 until measured."""
+        typical = self.typical_seconds
+        return 0.0 if typical == float("inf") else typical
+
+    def observe(self, work_seconds: float) -> None:
+        """Fold one request's work time into typical_seconds."""
+        typical = self.typical_seconds
+        self.typical_seconds = (work_seconds if typical == float("inf")
+                                else 0.9 * typical + 0.1 * work_seconds)
+
+    @property
     def users(self) -> int:
         return self._users
 
