@@ -109,8 +109,10 @@ class Batcher:
         infer: Callable[[Inputs], Outputs],
         limiter: Limiter,
         pool: ThreadPoolExecutor,
+        observe: Callable[[int], None] = lambda rows: None,
     ) -> None:
         self.policy = policy
+        self._observe = observe  # each batch's rows, for the metrics
         self._infer = infer
         self._limiter = limiter
         self._pool = pool
@@ -197,6 +199,7 @@ class Batcher:
             results, seconds = done.result()
             outcomes = list(results)
         total_rows = sum(item.rows for item in batch)
+        self._observe(total_rows)
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():  # the client went away
                 continue

@@ -208,8 +208,13 @@ class Scorer:
             return None
         batcher = self._batchers.get(version)
         if batcher is None:
+            labels = (version.deployment, version.version)
+
+            def observe(rows: int) -> None:
+                self.telemetry.batch_rows.observe(rows, *labels)
+
             batcher = Batcher(policy, functools.partial(run_model, version), self.limiter,
-                              self._pool)
+                              self._pool, observe)
             self._batchers[version] = batcher
         return batcher
 

@@ -1,0 +1,206 @@
+"""Adaptive batching and the wait budget.
+
+Batched answers equal unbatched ones on every runtime installed; a bad request
+in a batch fails alone; concurrent requests to a serving process really share
+runtime calls (the batch-rows histogram says so) and each gets its own rows
+back; a model without a free batch dimension refuses batching at load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from agent.runtimes import load_best
+from agent.runtimes.base import LoadedModel, LoadOptions
+from agent.serving.batching import batch_key, run_batch, unbatchable
+from agent.serving.body import Batching, BodyError
+from agent.serving.errors import Overloaded
+from agent.serving.limits import Limiter
+from contract.tensors import Signature, TensorSpec
+from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
+from test_serving_process import ServeProcess, onnx_version, start_serve
+
+ROWS = (1, 3, 2, 1, 5)
+
+
+def _inputs(seed: int, rows: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(size=(rows, 3)).astype(np.float32)}
+
+
+def _model(tmp: Path, runtime: str) -> LoadedModel:
+    onnx = make_onnx(tmp / "model.onnx")
+    if runtime == "onnxruntime":
+        return load_best(tmp, "model.onnx", "onnx", LoadOptions(prefer=("onnxruntime:CPU",)))
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+        make_openvino_ir(onnx, tmp)
+        return load_best(tmp, "model.xml", "openvino",
+                         LoadOptions(prefer=("openvino:CPU",), precision="f32"))
+    pytest.importorskip("ai_edge_litert")
+    make_tflite(tmp / "model.tflite")
+    return load_best(tmp, "model.tflite", "tflite", LoadOptions(prefer=("litert:CPU",)))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "litert"])
+def test_batched_answers_equal_unbatched_ones(tmp_path: Path, runtime: str) -> None:
+    model = _model(tmp_path, runtime)
+    try:
+        assert model.runtime == runtime
+        assert unbatchable(model.signature) is None
+        batch = [_inputs(seed, rows) for seed, rows in enumerate(ROWS)]
+        assert len({batch_key(inputs) for inputs in batch}) == 1
+        calls: list[int] = []
+
+        def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            calls.append(len(inputs["x"]))
+            return model.infer(inputs)
+
+        merged = run_batch(infer, batch)
+        assert calls == [sum(ROWS)]  # one runtime call for them all
+        for inputs, result in zip(batch, merged, strict=True):
+            assert not isinstance(result, Exception)
+            alone = model.infer(inputs)
+            assert result.keys() == alone.keys()
+            for name in alone:
+                assert result[name].shape == alone[name].shape
+                # Same values; a runtime may pick another kernel for another batch size,
+                # so equal to float32 rounding rather than bit for bit.
+                np.testing.assert_allclose(result[name], alone[name], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(result["y"], expected_linear(inputs["x"]), atol=1e-5)
+    finally:
+        model.close()
+
+
+def test_a_failing_batch_runs_each_request_alone(tmp_path: Path) -> None:
+    model = _model(tmp_path, "onnxruntime")
+    try:
+        good = _inputs(0, 2)
+        bad = {"x": np.ones((1, 3), np.float64)}  # wrong dtype: the merged call fails
+        results = run_batch(model.infer, [good, bad, good])
+        assert isinstance(results[1], Exception)
+        for result in (results[0], results[2]):
+            assert not isinstance(result, Exception)
+            np.testing.assert_allclose(result["y"], expected_linear(good["x"]), atol=1e-5)
+    finally:
+        model.close()
+
+
+def test_requests_of_other_shapes_never_share_a_call() -> None:
+    assert batch_key(_inputs(0, 2)) != batch_key({"x": np.ones((2, 4), np.float32)})
+    assert batch_key(_inputs(0, 2)) == batch_key(_inputs(1, 7))
+    assert batch_key({"a": np.ones((2, 1)), "b": np.ones((3, 1))}) is None
+
+
+def test_only_models_with_a_free_batch_dimension_batch() -> None:
+    fixed = Signature((TensorSpec("x", "FP32", (1, 3)),), (TensorSpec("y", "FP32", (-1, 2)),))
+    assert unbatchable(fixed) == "input 'x' has shape [1, 3], not a free first (batch) dimension"
+    unknown = Signature((TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "FP32", ()),))
+    assert "output 'y' has shape unknown" in (unbatchable(unknown) or "")
+
+
+def test_batching_settings_are_checked() -> None:
+    with pytest.raises(BodyError, match="max_batch_size: must be between 2 and 4096"):
+        Batching(1)
+    with pytest.raises(BodyError, match="max_delay_ms: must be between 0 and 1000"):
+        Batching(8, 5000)
+
+
+# ---- the wait budget ------------------------------------------------------------------
+
+
+def test_a_request_that_would_wait_over_budget_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(max_concurrency=2, max_queue=100, max_wait=0.2)
+        # two slow requests (0.15 s each) run, a third waits 0.15 s (0.3 s of work, 2 slots);
+        # a fourth would wait 0.225 s
+        for _ in range(2):
+            await limiter.acquire(0.15)
+        queued = asyncio.create_task(limiter.acquire(0.15))
+        await asyncio.sleep(0)
+        assert limiter.estimated_wait() == pytest.approx(0.225)
+        with pytest.raises(Overloaded) as refused:
+            await limiter.acquire(0.15)
+        assert "wait about 225 ms, over its budget of 200 ms" in refused.value.message
+        assert refused.value.retry_after == 1
+        # many sub-millisecond requests fit in the same budget
+        fast = Limiter(max_concurrency=2, max_queue=100, max_wait=0.1)
+        await fast.acquire(0.0005)
+        await fast.acquire(0.0005)
+        waiting = [asyncio.create_task(fast.acquire(0.0005)) for _ in range(30)]
+        await asyncio.sleep(0)
+        assert fast.waiting == 30
+        for _ in range(32):
+            fast.release(0.0005)
+            await asyncio.sleep(0)
+        await asyncio.gather(*waiting)
+        limiter.release(0.15)
+        await queued
+
+    asyncio.run(scenario())
+
+
+# ---- in a serving process ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    tmp = tmp_path_factory.mktemp("batching")
+    process = start_serve(tmp / "serve", "--max-concurrency", "1")
+    try:
+        model = make_onnx(tmp / "linear/model.onnx").parent
+        process.deploy("linear", onnx_version(
+            model, "1", batching={"max_batch_size": 64, "max_delay_ms": 20}))
+        yield process
+    finally:
+        assert process.stop() == 0, process.log()
+    assert "Traceback" not in process.log()
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_rows(served: ServeProcess) -> None:
+    clients = 16
+    answers: dict[int, tuple[int, list[float]]] = {}
+    start = threading.Barrier(clients)
+
+    def score(i: int) -> None:
+        x = _inputs(i, 1 + i % 3)["x"]
+        with httpx.Client(base_url=served.url, timeout=30,
+                          headers={"X-API-Key": "test-serving-key"}) as client:
+            start.wait()
+            answer = client.post("/v2/models/linear/infer", json={"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                 "data": x.ravel().tolist()}]})
+        answers[i] = (answer.status_code, answer.json()["outputs"][0]["data"])
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (status, data) in answers.items():
+        assert status == 200
+        x = _inputs(i, 1 + i % 3)["x"]
+        np.testing.assert_allclose(data, expected_linear(x).ravel(), atol=1e-5)
+    labels = 'model="linear",version="1"'
+    calls = served.metric(f"edgefleet_serving_batch_rows_count{{{labels}}}")
+    rows = served.metric(f"edgefleet_serving_batch_rows_sum{{{labels}}}")
+    assert rows == sum(1 + i % 3 for i in range(clients))
+    assert calls < clients  # some requests shared a runtime call
+
+
+def test_batching_a_model_without_a_batch_dimension_is_refused(
+    served: ServeProcess, tmp_path: Path
+) -> None:
+    fixed = make_onnx(tmp_path / "fixed/model.onnx", batch=1).parent
+    with served.control() as control:
+        answer = control.put("/control/deployments/fixed", json=onnx_version(
+            fixed, "1", batching={"max_batch_size": 8}))
+    assert answer.status_code == 422
+    assert answer.json() == {"error": "version '1' cannot batch: input 'x' has shape [1, 3],"
+                                      " not a free first (batch) dimension"}
