@@ -31,6 +31,11 @@ from agent.serving.body import Batching
 from agent.serving.limits import Limiter
 from contract.tensors import Signature
 
+# A batch whose runtime call usually takes less than this runs on the event loop:
+# the hop to a worker thread would cost more than the call (scoring.py does the same).
+INLINE_MAX_SECONDS = 0.0003
+INLINE_MAX_ROWS = 8
+
 Inputs = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 # One request's result: its outputs, the runtime call's seconds, its share of the batch's seconds.
@@ -120,6 +125,7 @@ class Batcher:
         self._rows = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._typical = float("inf")  # smoothed seconds of one runtime call, small batches
 
     def submit(
         self, inputs: Inputs, expected: float, release: Callable[[], None]
@@ -172,11 +178,27 @@ class Batcher:
 
     def _start(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
+        rows = sum(item.rows for item in batch)
 
         def work() -> tuple[list[Outputs | Exception], float]:
             started = time.perf_counter()
             results = run_batch(self._infer, [item.inputs for item in batch])
-            return results, time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            if rows <= INLINE_MAX_ROWS:
+                self._typical = (seconds if self._typical == float("inf")
+                                 else 0.9 * self._typical + 0.1 * seconds)
+            return results, seconds
+
+        if rows <= INLINE_MAX_ROWS and self._typical < INLINE_MAX_SECONDS:
+            inline: Future[tuple[list[Outputs | Exception], float]] = Future()
+            try:
+                inline.set_result(work())
+            except Exception as e:
+                inline.set_exception(e)
+            for item in batch:
+                item.release()
+            self._finish(batch, inline)
+            return
 
         def finished(done: Future[tuple[list[Outputs | Exception], float]]) -> None:
             for item in batch:
