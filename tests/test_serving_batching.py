@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -23,8 +24,11 @@ from agent.serving.batching import batch_key, run_batch, unbatchable
 from agent.serving.body import Batching, BodyError
 from agent.serving.errors import Overloaded
 from agent.serving.limits import Limiter
+from agent.serving.oip import messages
 from contract.tensors import Signature, TensorSpec
 from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
+from test_serving_grpc import call, grpc_address
+from test_serving_load import _request, _rows_for, _wait_for, make_slow_onnx
 from test_serving_process import ServeProcess, onnx_version, start_serve
 
 ROWS = (1, 3, 2, 1, 5)
@@ -204,3 +208,47 @@ def test_batching_a_model_without_a_batch_dimension_is_refused(
     assert answer.status_code == 422
     assert answer.json() == {"error": "version '1' cannot batch: input 'x' has shape [1, 3],"
                                       " not a free first (batch) dimension"}
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    tmp = tmp_path_factory.mktemp("budget")
+    process = start_serve(tmp / "serve", "--max-concurrency", "1", "--max-wait-ms", "100",
+                          "--grpc-port", "0")
+    try:
+        process.deploy("slow", onnx_version(make_slow_onnx(tmp / "slow/model.onnx"), "1",
+                                            runtime={"threads": 1}))
+        yield process
+    finally:
+        assert process.stop() == 0, process.log()
+    assert "Traceback" not in process.log()
+
+
+def test_over_the_wait_budget_is_503_at_once_over_rest_and_grpc(slow: ServeProcess) -> None:
+    with slow.client() as client:
+        # About a second per request, measured once, so the server knows this version's pace.
+        rows = _rows_for(client, "/v2/models/slow/infer", seconds=1.0)
+        assert client.post("/v2/models/slow/infer", json=_request(rows)).status_code == 200
+        statuses: list[int] = []
+        running = threading.Thread(target=lambda: statuses.append(
+            client.post("/v2/models/slow/infer", json=_request(rows)).status_code))
+        running.start()
+        _wait_for(lambda: slow.metric("edgefleet_serving_in_flight") == 1)
+        with slow.client() as other:
+            refused = other.post("/v2/models/slow/infer", json=_request(1))
+        assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "over its budget of 100 ms" in refused.json()["error"]
+
+        request = messages.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend(
+            [1.0, 2.0, 3.0])
+        with grpc.insecure_channel(grpc_address(slow)) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                call(channel, "ModelInfer", request)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "over its budget of 100 ms" in error.value.details()
+        assert dict(error.value.trailing_metadata())["retry-after"] >= "1"
+        running.join()
+    assert statuses == [200]
+    assert slow.metric('edgefleet_serving_rejected_total{model="slow"}') == 2

@@ -165,6 +165,7 @@ class Controller:
                 "max_wait_ms": None if limiter.max_wait is None else limiter.max_wait * 1000,
                 "in_flight": limiter.running,
                 "queued": limiter.waiting,
+                "backlog_seconds": round(limiter.backlog, 6),
             },
         }
 

@@ -142,7 +142,7 @@ class Scorer:
         start = time.perf_counter()
         deployment = self.table.get(name)
         target = deployment.primary if version is None else deployment.find(version)
-        expected = target.expected_seconds
+        expected = target.expected_seconds(call.size)
         try:
             self.limiter.admit(expected, queued=self.limiter.busy)
         except Overloaded:
@@ -170,7 +170,7 @@ class Scorer:
             raise
         # The work alone, not the wait or the thread hop: otherwise a version once
         # sent to the pool would look slow because of the pool and stay there.
-        chosen.observe(result.work_seconds)
+        chosen.observe(result.work_seconds, call.size)
         self.telemetry.infer_latency.observe(result.infer_seconds, *labels)
         self.telemetry.latency.observe(time.perf_counter() - start, *labels)
         self.shadow.offer(chosen, result.inputs, result.outputs)
