@@ -2,9 +2,11 @@
 
 One process serves the Open Inference Protocol (KServe V2) REST API on TCP
 (and, with --grpc-port, its gRPC API) and a small control API for the agent
-on a unix socket; all on one asyncio loop (uvicorn, grpcio's asyncio server). The event loop only moves bytes: decoding,
-validation, inference and encoding run in a thread pool sized to the
-concurrency limit, since the runtimes release the GIL while they compute.
+on a unix socket; all on one asyncio loop (uvicorn, grpcio's asyncio server).
+The event loop mostly moves bytes: decoding, validation, inference and
+encoding run in a thread pool sized to the concurrency limit, since the
+runtimes release the GIL while they compute (small, fast requests excepted:
+see scoring.py).
 
 Modules, one job each:
 

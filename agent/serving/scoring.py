@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import time
-import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,8 +126,6 @@ class Scorer:
         self.shadow = shadow
         # One thread per slot: the limiter, not the pool's queue, decides who waits.
         self._pool = ThreadPoolExecutor(limiter.max_concurrency, thread_name_prefix="infer")
-        self._batchers: weakref.WeakKeyDictionary[ModelVersion, Batcher] = (
-            weakref.WeakKeyDictionary())
 
     async def infer(
         self, name: str, version: str | None, body: bytes, header_length: str | None
@@ -206,7 +203,7 @@ class Scorer:
         policy = version.spec.batching
         if policy is None:
             return None
-        batcher = self._batchers.get(version)
+        batcher = version.batcher
         if batcher is None:
             labels = (version.deployment, version.version)
 
@@ -215,7 +212,7 @@ class Scorer:
 
             batcher = Batcher(policy, functools.partial(run_model, version), self.limiter,
                               self._pool, observe)
-            self._batchers[version] = batcher
+            version.batcher = batcher
         return batcher
 
     async def _batched(

@@ -20,11 +20,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.runtimes.base import LoadedModel
 from agent.serving.errors import NotFound
 from agent.serving.loading import VersionSpec
+
+if TYPE_CHECKING:
+    from agent.serving.batching import Batcher
 
 log = logging.getLogger("edgefleet.serving")
 
@@ -45,6 +48,9 @@ class ModelVersion:
         # scorer runs requests of versions this fast without a thread hop.
         self.typical_seconds = float("inf")
         self._seconds_per_byte = 0.0  # recent work per byte received, for the wait budget
+        # The scorer's Batcher when the version batches (made at its first request); held
+        # here so it goes when the version goes.
+        self.batcher: Batcher | None = None
 
     @property
     def version(self) -> str:
