@@ -18,6 +18,9 @@ loop) run for --seconds per row, every request one row of 64 floats:
   to off, at 1, 8 and 32 clients.
 * onnxruntime direct: InferenceSession.run on one row in a loop in this
   process: the ceiling of one caller without any server.
+* heavier model: the same MLP with three hidden layers of 1024 (~9 MB of
+  weights, read on every call however many rows it has), batching off and
+  on: what merging requests buys when the runtime call dominates.
 * shedding: a slow model (~N ms per call, tuned at start to about 20 ms)
   with --max-wait-ms 100 under 32 clients: how many requests are answered,
   how many get 503 and how fast the 503 comes (it should be at once).
@@ -288,7 +291,31 @@ def main() -> None:
         finally:
             server.process.send_signal(signal.SIGTERM)
             server.process.wait(60)
+        heavy(tmp, x, counts, args.seconds)
         shedding(tmp, args.seconds)
+
+
+def heavy(tmp: Path, x: np.ndarray, counts: list[int], seconds: float) -> None:
+    """A model whose call is memory-bound (~9 MB of weights read per call): what batching buys."""
+    server = start(tmp / "heavy-serve", "--max-concurrency", "2")
+    try:
+        model = make_mlp(tmp / "heavy/model.onnx", hidden=1024, layers=3)
+        server.deploy("heavy", version(model, "1"))
+        server.deploy("heavy-batched", version(
+            model, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
+        alone = onnxruntime_direct(model, x, seconds)
+        print("-- heavier model: 64 -> 3 x 1024 -> 16 (~9 MB of weights), REST binary")
+        print(row("onnxruntime direct (1 caller)", alone, None))
+        for clients in counts:
+            off = load("http", server.url, rest_request(server.url, "heavy", x, True), clients,
+                       seconds)
+            print(row(f"{clients} client(s), batching off", off, None))
+            on = load("http", server.url, rest_request(server.url, "heavy-batched", x, True),
+                      clients, seconds)
+            print(row(f"{clients} client(s), batching on (vs off)", on, off))
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(60)
 
 
 def shedding(tmp: Path, seconds: float) -> None:
