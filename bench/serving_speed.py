@@ -16,6 +16,10 @@ loop) run for --seconds per row, every request one row of 64 floats:
   the request serialized once. Rows: requests/s, p50 and p99 latency, and
   the ratio of each transport's throughput to REST JSON's, and batching on
   to off, at 1, 8 and 32 clients.
+* bare FastAPI + onnxruntime: a uvicorn process with one FastAPI route that
+  reads the JSON request, runs the session and answers JSON, nothing else:
+  the baseline the issue compares with (REST JSON and batched REST binary
+  rows give their ratio to it).
 * onnxruntime direct: InferenceSession.run on one row in a loop in this
   process: the ceiling of one caller without any server.
 * heavier model: the same MLP with three hidden layers of 1024 (~9 MB of
@@ -38,6 +42,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -132,6 +137,50 @@ def start(tmp: Path, *args: str) -> Server:
             raise SystemExit(f"serve exited:\n{text}")
         time.sleep(0.05)
     raise SystemExit("serve did not start")
+
+
+# The baseline: FastAPI and onnxruntime with nothing else (no auth, no checks, no metrics),
+# taking the same REST JSON request.
+BARE_APP = """
+import sys
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from fastapi import FastAPI, Request
+
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+app = FastAPI()
+
+@app.post("/v2/models/{name}/infer")
+async def infer(name: str, request: Request) -> dict:
+    tensor = (await request.json())["inputs"][0]
+    x = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+    (y,) = session.run(None, {"x": x})
+    return {"model_name": name, "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.ravel().tolist()}]}
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
+            access_log=False)
+"""
+
+
+def start_bare(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", BARE_APP, str(model_dir / "model.onnx"),
+                                str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit("the bare FastAPI server did not start")
 
 
 # ---- requests -------------------------------------------------------------------------
@@ -264,6 +313,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         mlp = make_mlp(tmp / "mlp/model.onnx")
         server = start(tmp / "serve", "--max-concurrency", "2")
+        bare, bare_url = start_bare(mlp)
         try:
             server.deploy("mlp", version(mlp, "1"))
             server.deploy("mlp-batched", version(
@@ -273,9 +323,12 @@ def main() -> None:
             print(row("onnxruntime direct (1 caller)", direct, None))
             for clients in counts:
                 print(f"-- {clients} client(s)")
+                floor = load("http", bare_url, rest_request(bare_url, "mlp", x, False),
+                             clients, args.seconds)
+                print(row("bare FastAPI + onnxruntime, JSON", floor, None))
                 base = load("http", server.url, rest_request(server.url, "mlp", x, False),
                             clients, args.seconds)
-                print(row("REST JSON", base, None))
+                print(row("REST JSON     (vs bare)", base, floor))
                 binary = load("http", server.url, rest_request(server.url, "mlp", x, True),
                               clients, args.seconds)
                 print(row("REST binary   (vs JSON)", binary, base))
@@ -288,7 +341,10 @@ def main() -> None:
                 grpc_batched = load("grpc", server.grpc, grpc_request("mlp-batched", x),
                                     clients, args.seconds)
                 print(row("gRPC batched  (vs unbatched)", grpc_batched, over_grpc))
+                print(row("REST binary batched (vs bare)", batched, floor))
         finally:
+            bare.send_signal(signal.SIGTERM)
+            bare.wait(60)
             server.process.send_signal(signal.SIGTERM)
             server.process.wait(60)
         heavy(tmp, x, counts, args.seconds)
