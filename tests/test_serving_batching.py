@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 
@@ -151,51 +150,93 @@ def test_a_request_that_would_wait_over_budget_is_refused_at_once() -> None:
 
 
 # ---- in a serving process ------------------------------------------------------------
+# Requests that arrive while the only slot is busy wait in the batcher, so those sent while
+# a slow request computes all share the next call: no timing decides what is batched.
+
+ROWS_OF = [1 + i % 3 for i in range(12)]
+LABELS = 'model="linear",version="1"'
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("batching")
-    process = start_serve(tmp / "serve", "--max-concurrency", "1")
+    process = start_serve(tmp / "serve", "--max-concurrency", "1", "--max-wait-ms", "0",
+                          "--grpc-port", "0")
     try:
         model = make_onnx(tmp / "linear/model.onnx").parent
-        process.deploy("linear", onnx_version(
-            model, "1", batching={"max_batch_size": 64, "max_delay_ms": 20}))
+        process.deploy("linear", onnx_version(model, "1", batching={"max_batch_size": 64}))
+        process.deploy("slow", onnx_version(make_slow_onnx(tmp / "slow/model.onnx"), "1",
+                                            runtime={"threads": 1}))
         yield process
     finally:
         assert process.stop() == 0, process.log()
     assert "Traceback" not in process.log()
 
 
-def test_concurrent_requests_share_calls_and_get_their_own_rows(served: ServeProcess) -> None:
-    clients = 16
+def _while_the_slot_is_busy(served: ServeProcess, send: list[threading.Thread]) -> None:
+    """Start SEND while a slow request holds the only slot; return when all are answered."""
+    with served.client() as client:
+        rows = _rows_for(client, "/v2/models/slow/infer", seconds=2.0)
+        busy = threading.Thread(target=lambda: client.post("/v2/models/slow/infer",
+                                                           json=_request(rows)))
+        busy.start()
+        _wait_for(lambda: served.metric("edgefleet_serving_in_flight") == 1)
+        for t in send:
+            t.start()
+        _wait_for(lambda: served.metric("edgefleet_serving_queue_depth") == len(send))
+        busy.join()
+    for t in send:
+        t.join()
+
+
+def _batches(served: ServeProcess) -> tuple[float, float]:
+    return (served.metric(f"edgefleet_serving_batch_rows_count{{{LABELS}}}"),
+            served.metric(f"edgefleet_serving_batch_rows_sum{{{LABELS}}}"))
+
+
+def test_requests_that_wait_share_one_call_and_get_their_own_rows(served: ServeProcess) -> None:
     answers: dict[int, tuple[int, list[float]]] = {}
-    start = threading.Barrier(clients)
 
     def score(i: int) -> None:
-        x = _inputs(i, 1 + i % 3)["x"]
-        with httpx.Client(base_url=served.url, timeout=30,
-                          headers={"X-API-Key": "test-serving-key"}) as client:
-            start.wait()
+        x = _inputs(i, ROWS_OF[i])["x"]
+        with served.client() as client:
             answer = client.post("/v2/models/linear/infer", json={"inputs": [
                 {"name": "x", "datatype": "FP32", "shape": list(x.shape),
                  "data": x.ravel().tolist()}]})
         answers[i] = (answer.status_code, answer.json()["outputs"][0]["data"])
 
-    threads = [threading.Thread(target=score, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls, rows = _batches(served)
+    _while_the_slot_is_busy(served, [threading.Thread(target=score, args=(i,))
+                                     for i in range(len(ROWS_OF))])
     for i, (status, data) in answers.items():
         assert status == 200
-        x = _inputs(i, 1 + i % 3)["x"]
-        np.testing.assert_allclose(data, expected_linear(x).ravel(), atol=1e-5)
-    labels = 'model="linear",version="1"'
-    calls = served.metric(f"edgefleet_serving_batch_rows_count{{{labels}}}")
-    rows = served.metric(f"edgefleet_serving_batch_rows_sum{{{labels}}}")
-    assert rows == sum(1 + i % 3 for i in range(clients))
-    assert calls < clients  # some requests shared a runtime call
+        np.testing.assert_allclose(data, expected_linear(_inputs(i, ROWS_OF[i])["x"]).ravel(),
+                                   atol=1e-5)
+    assert len(answers) == len(ROWS_OF)
+    assert _batches(served) == (calls + 1, rows + sum(ROWS_OF))
+
+
+def test_grpc_requests_are_batched_too(served: ServeProcess) -> None:
+    answers: dict[int, np.ndarray] = {}
+
+    def score(i: int, channel: grpc.Channel) -> None:
+        x = _inputs(100 + i, ROWS_OF[i])["x"]
+        request = messages.ModelInferRequest(model_name="linear")
+        request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        response = call(channel, "ModelInfer", request)
+        answers[i] = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(
+            tuple(response.outputs[0].shape))
+
+    calls, rows = _batches(served)
+    with grpc.insecure_channel(grpc_address(served)) as channel:
+        _while_the_slot_is_busy(served, [threading.Thread(target=score, args=(i, channel))
+                                         for i in range(len(ROWS_OF))])
+    for i, y in answers.items():
+        np.testing.assert_allclose(y, expected_linear(_inputs(100 + i, ROWS_OF[i])["x"]),
+                                   atol=1e-5)
+    assert len(answers) == len(ROWS_OF)
+    assert _batches(served) == (calls + 1, rows + sum(ROWS_OF))
 
 
 def test_batching_a_model_without_a_batch_dimension_is_refused(
