@@ -4,6 +4,8 @@ messages tritonclient was built with."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from agent.serving.oip import compile as oip_compile
 from agent.serving.oip import messages
 from modelgen import expected_linear, make_onnx
-from test_serving_process import API_KEY, ServeProcess, onnx_version, start_serve
+from test_serving_process import API_KEY, SERVE, ServeProcess, onnx_version, start_serve
 from test_serving_protocol import make_string_echo
 
 X = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]], dtype=np.float32)
@@ -223,3 +225,19 @@ def test_messages_are_wire_compatible_with_tritonclients() -> None:
     service = theirs.services_by_name["GRPCInferenceService"]
     for method in ours.services_by_name["GRPCInferenceService"].methods:
         assert service.methods_by_name[method.name].input_type.name == method.input_type.name
+
+
+def test_a_busy_grpc_port_fails_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*SERVE, "--port", "0", "--grpc-port", str(port), "--control-socket",
+             str(tmp_path / "s.sock"), "--no-auth"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for gRPC" in done.stderr
+    assert "choose another --grpc-port" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "s.sock").exists()
