@@ -27,7 +27,9 @@ loop) run for --seconds per row, every request one row of 64 floats:
   on: what merging requests buys when the runtime call dominates.
 * shedding: a slow model (~N ms per call, tuned at start to about 20 ms)
   with --max-wait-ms 100 under 32 clients: how many requests are answered,
-  how many get 503 and how fast the 503 comes (it should be at once).
+  how many get 503 and how fast the 503 comes (it should be at once), and
+  from the server's own histogram how long the answered ones took inside it
+  (body received to response, queue wait included) against the budget.
 
 The client shares the 2 cores with the server, so absolute figures are low
 and noisy; compare the ratios within one run. Other jobs on the machine skew
@@ -374,6 +376,18 @@ def heavy(tmp: Path, x: np.ndarray, counts: list[int], seconds: float) -> None:
         server.process.wait(60)
 
 
+def server_side(server: Server, model: str) -> str:
+    """How many of MODEL's answered requests took at most 0.1/0.25/0.5 s in the server,
+    from its request-duration histogram (the client's clock adds its own queueing)."""
+    text = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": KEY}).text
+    counts = dict(re.findall(
+        rf'edgefleet_serving_request_duration_seconds_bucket{{model="{model}",version="1",'
+        r'le="([^"]+)"} (\d+)', text))
+    total = int(counts.get("+Inf", 0)) or 1
+    return ", ".join(f"{100 * int(counts[le]) / total:.0f}% <= {le} s"
+                     for le in ("0.1", "0.25", "0.5") if le in counts)
+
+
 def shedding(tmp: Path, seconds: float) -> None:
     """A ~20 ms model, 32 clients, a 100 ms wait budget: what is answered, what is refused."""
     server = start(tmp / "shed", "--max-concurrency", "2", "--max-wait-ms", "100")
@@ -394,6 +408,8 @@ def shedding(tmp: Path, seconds: float) -> None:
               " --max-concurrency 2")
         print(row("1 client", one, None))
         print(row("32 clients", burst, None))
+        print(f"{'':<34} server side (body in to response, wait included), answered:"
+              f" {server_side(server, 'slow')}")
         refused = burst.refusals
         if refused:
             print(f"{'':<34} 503s: {len(refused)}, answered in p50"
