@@ -64,11 +64,15 @@ def agent() -> None:
               type=click.IntRange(1), help=o.MAX_CONCURRENCY.help)
 @click.option("--max-queue", default=o.MAX_QUEUE.default, show_default=True,
               type=click.IntRange(0), help=o.MAX_QUEUE.help)
+@click.option("--max-wait-ms", default=o.MAX_WAIT_MS.default, show_default=True,
+              type=click.IntRange(0, 3_600_000), help=o.MAX_WAIT_MS.help)
+@click.option("--serve-grpc-port", type=click.IntRange(1, 65535), help=o.SERVE_GRPC_PORT.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
 def run(
     hub_url: str | None, token: str | None, data_dir: Path, name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
-    max_concurrency: int, max_queue: int, verbose: bool,
+    max_concurrency: int, max_queue: int, max_wait_ms: int, serve_grpc_port: int | None,
+    verbose: bool,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
 
@@ -99,7 +103,8 @@ def run(
     options = AgentOptions(
         data_dir=data_dir.absolute(), mqtt_url=mqtt_url, serve_host=serve_host,
         serve_port=serve_port, telemetry_interval=telemetry_interval,
-        max_concurrency=max_concurrency, max_queue=max_queue, verbose=verbose,
+        max_concurrency=max_concurrency, max_queue=max_queue, max_wait_ms=max_wait_ms,
+        serve_grpc_port=serve_grpc_port, verbose=verbose,
         pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")),
     )
     click.echo(f"Device {identity.device_id}: scoring API on http://{serve_host}:{serve_port}, "

@@ -94,6 +94,8 @@ class AgentOptions:
     telemetry_queue_points: int = o.TELEMETRY_QUEUE_POINTS.default
     max_concurrency: int = o.MAX_CONCURRENCY.default
     max_queue: int = o.MAX_QUEUE.default
+    max_wait_ms: int = o.MAX_WAIT_MS.default
+    serve_grpc_port: int | None = o.SERVE_GRPC_PORT.default
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
 
@@ -126,7 +128,8 @@ class Agent:
         write_secret(key_file, secrets.token_urlsafe(24), replace=False)
         self.serving = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
-            options.max_concurrency, options.max_queue,
+            options.max_concurrency, options.max_queue, options.max_wait_ms,
+            options.serve_grpc_port,
         ))
         self._registry: Registry | None = None
         self.store = PackageStore(data, platform=self.platform, public_key=lambda: identity.hub_key)

@@ -30,7 +30,12 @@ MAX_BODY_BYTES: Option[int] = Option(
     "inference holds one body, so memory is bounded by this times --max-concurrency; the "
     "JSON part of a body may have 8 MiB (parsed JSON takes ~27 times its size).")
 MAX_QUEUE: Option[int] = Option(
-    16, "Scoring requests that wait for a free slot; more get 503 with Retry-After.")
+    128, "Scoring requests that wait for a free slot; more get 503 with Retry-After.")
+MAX_WAIT_MS: Option[int] = Option(
+    500, "A scoring request whose estimated wait for a slot is longer gets 503 with Retry-After"
+    " at once (0: no wait budget, only --max-queue).")
+SERVE_GRPC_PORT: Option[int | None] = Option(
+    None, "Port of the local scoring API over gRPC (Open Inference Protocol); off unless given.")
 SHADOW_CONCURRENCY: Option[int] = Option(
     1, "Shadow copies running at once; copies beyond it are dropped and counted.")
 TELEMETRY_INTERVAL: Option[float] = Option(10.0, "Seconds between telemetry measurements.")

@@ -62,6 +62,8 @@ class ServingOptions:
     api_key_file: Path
     max_concurrency: int = o.MAX_CONCURRENCY.default
     max_queue: int = o.MAX_QUEUE.default
+    max_wait_ms: int = o.MAX_WAIT_MS.default
+    grpc_port: int | None = o.SERVE_GRPC_PORT.default
 
 
 class ServingProcess:
@@ -82,7 +84,9 @@ class ServingProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agent.serving", "--host", o.host, "--port", str(o.port),
                  "--control-socket", str(self.socket), "--api-key-file", str(o.api_key_file),
-                 "--max-concurrency", str(o.max_concurrency), "--max-queue", str(o.max_queue)],
+                 "--max-concurrency", str(o.max_concurrency), "--max-queue", str(o.max_queue),
+                 "--max-wait-ms", str(o.max_wait_ms),
+                 *(() if o.grpc_port is None else ("--grpc-port", str(o.grpc_port)))],
                 stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from agent.serving.body import (
+    Batching,
     BodyError,
     DeploymentBody,
     RuntimeSettings,
@@ -30,6 +31,8 @@ def version(number: str, **extra: Any) -> VersionBody:
     DeploymentBody(version("1", self_test=SAMPLE)),
     DeploymentBody(version("1"), version("2"), traffic=30),
     DeploymentBody(version("1"), version("2", self_test=SAMPLE), traffic=10, shadow=True),
+    DeploymentBody(version("1", batching=Batching(32)), version("2", batching=Batching(8, 5)),
+                   traffic=10),
 ])
 def test_what_is_built_reads_back_the_same(body: DeploymentBody) -> None:
     assert read(build(body)) == body
@@ -76,6 +79,15 @@ BASE = {"version": "1", "model_dir": "/m", "entrypoint": "model.onnx", "framewor
     ({**BASE, "runtime": {"prefer": "onnxruntime:CPU"}}, "runtime.prefer: expected a list"),
     ({**BASE, "runtime": {"extra": {"threads": 4}}}, "runtime.extra: expected an object of str"),
     ({**BASE, "self_test": [1]}, "self_test: expected an inference request object"),
+    ({**BASE, "batching": {"max_delay_ms": 1}}, "batching.max_batch_size: required"),
+    ({**BASE, "batching": {"max_batch_size": 1}},
+     "batching.max_batch_size: must be between 2 and 4096, got 1"),
+    ({**BASE, "batching": {"max_batch_size": 8, "max_delay_ms": -1}},
+     "batching.max_delay_ms: must be between 0 and 1000, got -1"),
+    ({**BASE, "batching": {"max_batch_size": 8, "preferred": [4]}},
+     "batching.preferred: unknown field"),
+    ({**BASE, "candidate": {**BASE, "version": "2", "batching": 8}},
+     "candidate.batching: expected an object"),
 ])
 def test_the_reader_is_strict(value: Any, message: str) -> None:
     with pytest.raises(BodyError, match=message):

@@ -90,7 +90,9 @@ def slow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, slow_dir: Path) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("load")
-    process = start_serve(tmp / "serve", "--max-concurrency", "1", "--max-queue", "1")
+    # --max-wait-ms 0: the count alone limits the queue here (the wait budget has its own test)
+    process = start_serve(tmp / "serve", "--max-concurrency", "1", "--max-queue", "1",
+                          "--max-wait-ms", "0")
     try:
         process.deploy("slow", onnx_version(slow_dir, "1", runtime={"threads": 1}))
         process.deploy("fast", {

@@ -1,10 +1,12 @@
 """`edgefleet serve`: the device's scoring server (the agent's data plane).
 
 One process serves the Open Inference Protocol (KServe V2) REST API on TCP
-and a small control API for the agent on a unix socket; both are uvicorn
-servers on one asyncio loop. The event loop only moves bytes: decoding,
-validation, inference and encoding run in a thread pool sized to the
-concurrency limit, since the runtimes release the GIL while they compute.
+(and, with --grpc-port, its gRPC API) and a small control API for the agent
+on a unix socket; all on one asyncio loop (uvicorn, grpcio's asyncio server).
+The event loop mostly moves bytes: decoding, validation, inference and
+encoding run in a thread pool sized to the concurrency limit, since the
+runtimes release the GIL while they compute (small, fast requests excepted:
+see scoring.py).
 
 Modules, one job each:
 
@@ -14,14 +16,16 @@ Modules, one job each:
     errors      the errors a request can end with, each with its HTTP status
     metrics     Prometheus counters, gauges, histograms and their text format
     telemetry   the metrics this process exports
-    limits      bounded concurrency with a bounded wait queue
+    limits      bounded concurrency; waiting bounded by count and by a wait budget
+    batching    concurrent requests to one version merged into one runtime call
     table       loaded versions (reference counted) and the deployment routes
     loading     what the agent asks to load, and the one call into agent.runtimes
     shadow      mirrored requests to a candidate, bounded and dropped under load
-    scoring     one inference request from bytes in to bytes out
+    scoring     one inference request from bytes in to bytes out, any wire format
     auth        the API key check
     app         the OIP REST routes and /metrics
     control     the agent's control API
+    oip/        the gRPC API: oip.proto, its compiled descriptor, messages, wire, service
     server      both uvicorn servers in one loop; clean exit on SIGTERM/SIGINT
     cli         the `serve` click command
 """

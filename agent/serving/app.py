@@ -43,14 +43,14 @@ from agent.serving.table import Deployment, ModelVersion
 EXTENSIONS = ["binary_tensor_data"]
 
 
-def _server_version() -> str:
+def server_version() -> str:
     try:
         return package_version("edgefleet")
     except PackageNotFoundError:
         return "unknown"
 
 
-def _metadata(deployment: Deployment, version: ModelVersion) -> dict[str, Any]:
+def metadata_of(deployment: Deployment, version: ModelVersion) -> dict[str, Any]:
     signature = version.model.signature
     return {
         "name": deployment.name,
@@ -111,7 +111,8 @@ class ScoringAPI:
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(_too_large(limit))
         content, response_headers = await self.scorer.infer(
-            name, version, lambda: _read_body(request, limit), headers.get(codec.HEADER_LENGTH)
+            name, version, lambda: _read_body(request, limit), headers.get(codec.HEADER_LENGTH),
+            int(declared) if declared.isascii() and declared.isdigit() else 0,
         )
         return Response(content, headers=response_headers)
 
@@ -154,7 +155,7 @@ def create_app(scorer: Scorer, *, api_key: str | None,
         check_key(request.headers)
 
     api = APIRouter(dependencies=[Depends(key_dependency)])
-    server_metadata = {"name": "edgefleet", "version": _server_version(), "extensions": EXTENSIONS}
+    server_metadata = {"name": "edgefleet", "version": server_version(), "extensions": EXTENSIONS}
 
     @api.get("/v2")
     async def metadata() -> dict[str, Any]:
@@ -166,7 +167,7 @@ def create_app(scorer: Scorer, *, api_key: str | None,
         name, version = _model_path(request)
         deployment = table.get(name)
         chosen = deployment.primary if version is None else deployment.find(version)
-        return _metadata(deployment, chosen)
+        return metadata_of(deployment, chosen)
 
     async def model_ready(request: Request) -> dict[str, Any]:
         name, version = _model_path(request)

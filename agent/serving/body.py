@@ -9,6 +9,7 @@ daemon imports this module and stays free of pydantic.
     {"version": "3", "model_dir": "/abs/dir", "entrypoint": "model.onnx",
      "framework": "onnx", "runtime": {"prefer": ["onnxruntime:CPU"], ...},
      "self_test": {...inference request...},            optional
+     "batching": {"max_batch_size": 32, "max_delay_ms": 0},  optional (off)
      "candidate": {...the same fields...},              optional
      "traffic": 10, "shadow": false}
 
@@ -43,6 +44,26 @@ class RuntimeSettings:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
+MAX_BATCH_SIZE: Final = 4096
+MAX_BATCH_DELAY_MS: Final = 1000
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Concurrent requests to a version share runtime calls (agent/serving/batching.py)."""
+
+    max_batch_size: int               # rows per runtime call, at least 2
+    max_delay_ms: int = 0             # how long a batch's first request waits for more
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_batch_size <= MAX_BATCH_SIZE:
+            raise BodyError(f"batching.max_batch_size: must be between 2 and {MAX_BATCH_SIZE},"
+                            f" got {self.max_batch_size}")
+        if not 0 <= self.max_delay_ms <= MAX_BATCH_DELAY_MS:
+            raise BodyError(f"batching.max_delay_ms: must be between 0 and {MAX_BATCH_DELAY_MS},"
+                            f" got {self.max_delay_ms}")
+
+
 @dataclass(frozen=True)
 class VersionBody:
     version: str
@@ -51,6 +72,7 @@ class VersionBody:
     framework: str                    # onnx, openvino, tflite
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     self_test: Mapping[str, Any] | None = None  # an inference request run before it serves
+    batching: Batching | None = None  # None: every request is a runtime call of its own
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,9 @@ def _version_json(v: VersionBody) -> dict[str, Any]:
     }
     if v.self_test is not None:
         out["self_test"] = dict(v.self_test)
+    if v.batching is not None:
+        out["batching"] = {"max_batch_size": v.batching.max_batch_size,
+                           "max_delay_ms": v.batching.max_delay_ms}
     return out
 
 
@@ -93,7 +118,8 @@ def build(body: DeploymentBody) -> dict[str, Any]:
 # -- reader ---------------------------------------------------------------------------
 
 _VERSION_FIELDS: Final = frozenset(
-    {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test"})
+    {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test", "batching"})
+_BATCHING_FIELDS: Final = frozenset({"max_batch_size", "max_delay_ms"})
 _DEPLOYMENT_FIELDS: Final = _VERSION_FIELDS | {"candidate", "traffic", "shadow"}
 _RUNTIME_FIELDS: Final = frozenset({"prefer", "precision", "threads", "extra"})
 
@@ -164,7 +190,20 @@ def _version(data: Mapping[str, Any], where: str) -> VersionBody:
     if self_test is not None and not isinstance(self_test, dict):
         raise BodyError(f"{where}self_test: expected an inference request object")
     return VersionBody(version, model_dir, _text(data, "entrypoint", where), framework,
-                       _runtime(data.get("runtime"), f"{where}runtime"), self_test)
+                       _runtime(data.get("runtime"), f"{where}runtime"), self_test,
+                       _batching(data.get("batching"), f"{where}batching"))
+
+
+def _batching(value: Any, name: str) -> Batching | None:
+    if value is None:
+        return None
+    data = _object(value, name, _BATCHING_FIELDS)
+    size = _optional_int(data.get("max_batch_size"), f"{name}.max_batch_size", 2, MAX_BATCH_SIZE)
+    if size is None:
+        raise BodyError(f"{name}.max_batch_size: required")
+    delay = _optional_int(data.get("max_delay_ms"), f"{name}.max_delay_ms", 0,
+                          MAX_BATCH_DELAY_MS)
+    return Batching(size, delay or 0)
 
 
 def read(value: Any) -> DeploymentBody:

@@ -48,6 +48,11 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               type=click.IntRange(0), help=o.MAX_QUEUE.help)
 @click.option("--max-body-bytes", default=o.MAX_BODY_BYTES.default, show_default=True,
               type=click.IntRange(1024, 1 << 34), help=o.MAX_BODY_BYTES.help)
+@click.option("--max-wait-ms", default=o.MAX_WAIT_MS.default, show_default=True,
+              type=click.IntRange(0, 3_600_000), help=o.MAX_WAIT_MS.help)
+@click.option("--grpc-port", type=click.IntRange(0, 65535),
+              help="Also serve the Open Inference Protocol over gRPC on this port (0 picks a"
+              " free one); off unless given. Needs the grpc extra.")
 @click.option("--seed", type=int, hidden=True,
               help="Seed of the traffic split and shadow sampling, for repeatable tests.")
 def serve(
@@ -60,9 +65,12 @@ def serve(
     max_concurrency: int,
     max_queue: int,
     max_body_bytes: int,
+    max_wait_ms: int,
+    grpc_port: int | None,
     seed: int | None,
 ) -> None:
-    """Serve loaded models over the Open Inference Protocol (KServe V2) REST API.
+    """Serve loaded models over the Open Inference Protocol (KServe V2) REST API
+    (and gRPC with --grpc-port).
 
     The agent starts this process and tells it what to load through the
     control socket. Health endpoints (/v2/health/*) are open; everything
@@ -83,6 +91,8 @@ def serve(
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
+        max_wait_ms=max_wait_ms,
+        grpc_port=grpc_port,
         seed=seed,
     )
     try:

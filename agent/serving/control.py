@@ -30,11 +30,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from agent.runtimes.base import LoadOptions
+from agent.serving import batching, codec, loading
 from agent.serving import body as body_schema
-from agent.serving import codec, loading
 from agent.serving.body import NAME_PATTERN, DeploymentBody, VersionBody
 from agent.serving.errors import BadRequest, ServingError, Unprocessable, install_handlers
-from agent.serving.scoring import Scorer, answer
+from agent.serving.scoring import RestCall, Scorer, answer
 from agent.serving.table import Deployment, ModelVersion
 
 log = logging.getLogger("edgefleet.serving")
@@ -46,7 +46,7 @@ def spec_of(body: VersionBody) -> loading.VersionSpec:
     options = LoadOptions(prefer=r.prefer, precision=r.precision, threads=r.threads,
                           extra=dict(r.extra))
     return loading.VersionSpec(body.version, body.model_dir, body.entrypoint, body.framework,
-                               options)
+                               options, body.batching)
 
 
 def read_body(raw: bytes) -> DeploymentBody:
@@ -116,6 +116,9 @@ class Controller:
             raise Unprocessable(f"version '{spec.version}' did not load: {e}") from None
         version = ModelVersion(name, spec, model)
         fresh.append(version)
+        why = None if spec.batching is None else batching.unbatchable(model.signature)
+        if why is not None:
+            raise Unprocessable(f"version '{spec.version}' cannot batch: {why}")
         log.info("loaded %s on %s:%s in %.2fs", version, model.runtime, model.device,
                  time.perf_counter() - started)
         if body.self_test is not None:
@@ -126,7 +129,7 @@ class Controller:
         """Run SAMPLE (an inference request) on VERSION; Unprocessable with the reason if not."""
         started = time.perf_counter()
         try:
-            result = await asyncio.to_thread(answer, version, sample, None)
+            result = await asyncio.to_thread(answer, version, RestCall(None, body=sample))
         except ServingError as e:
             raise Unprocessable(f"self-test of '{version}' failed: {e.message}") from None
         header, _ = codec.split_body(result.body, result.headers.get(codec.HEADER_LENGTH))
@@ -159,8 +162,10 @@ class Controller:
             "limits": {
                 "max_concurrency": limiter.max_concurrency,
                 "max_queue": limiter.max_queue,
+                "max_wait_ms": None if limiter.max_wait is None else limiter.max_wait * 1000,
                 "in_flight": limiter.running,
                 "queued": limiter.waiting,
+                "backlog_seconds": round(limiter.backlog, 6),
             },
         }
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from agent import runtimes
 from agent.runtimes.base import LoadedModel, LoadOptions
+from agent.serving.body import Batching
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class VersionSpec:
     entrypoint: str  # the model file, relative to model_dir
     framework: str  # "onnx" | "openvino" | "tflite"
     options: LoadOptions = field(default_factory=LoadOptions)
+    batching: Batching | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +36,10 @@ class VersionSpec:
                 "precision": self.options.precision,
                 "threads": self.options.threads,
                 "extra": dict(self.options.extra),
+            },
+            "batching": None if self.batching is None else {
+                "max_batch_size": self.batching.max_batch_size,
+                "max_delay_ms": self.batching.max_delay_ms,
             },
         }
 

@@ -49,6 +49,8 @@ class ServeOptions:
     max_concurrency: int = o.MAX_CONCURRENCY.default
     max_queue: int = o.MAX_QUEUE.default
     max_body_bytes: int = o.MAX_BODY_BYTES.default
+    max_wait_ms: int = o.MAX_WAIT_MS.default  # 0: no wait budget
+    grpc_port: int | None = None  # None: no gRPC API; 0: any free port
     shadow_concurrency: int = o.SHADOW_CONCURRENCY.default
     graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
     seed: int | None = None  # of the split and shadow sampling; tests make it repeatable
@@ -138,9 +140,10 @@ async def _serve_all(apps: list[tuple[ASGIApp, socket.socket]], graceful_seconds
 
 
 async def _run(options: ServeOptions, api_socket: socket.socket,
-               control_socket: socket.socket) -> None:
+               control_socket: socket.socket, say: Callable[[str], None]) -> None:
     table = ModelTable(random.Random(options.seed))
-    limiter = Limiter(max_concurrency=options.max_concurrency, max_queue=options.max_queue)
+    limiter = Limiter(max_concurrency=options.max_concurrency, max_queue=options.max_queue,
+                      max_wait=options.max_wait_ms / 1000 or None)
     telemetry = Telemetry(table, limiter)
     shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
     scorer = Scorer(table, limiter, telemetry, shadow)
@@ -149,9 +152,27 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
                                 max_body_bytes=options.max_body_bytes), api_socket),
         (control.create_app(control.Controller(scorer)), control_socket),
     ]
+    grpc_server = None
+    if options.grpc_port is not None:
+        # Imported here: grpcio is optional, and costs memory a REST-only device need not spend.
+        try:
+            from agent.serving.oip import service
+        except ImportError as e:
+            raise ServeError(f"--grpc-port needs grpcio ({e}): pip install 'edgefleet[grpc]'"
+                             ) from None
+        try:
+            grpc_server, port = service.create_server(scorer, options.api_key, options.host,
+                                                      options.grpc_port)
+        except service.BindError as e:
+            raise ServeError(f"{e}; choose another --grpc-port") from None
+        await grpc_server.start()
+        say(f"gRPC API (Open Inference Protocol) on {options.host}:{port}")
     try:
         await _serve_all(apps, options.graceful_seconds)
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(options.graceful_seconds)
+
         def close() -> None:
             scorer.close()
             shadow.close()
@@ -174,12 +195,13 @@ def serve(options: ServeOptions, say: Callable[[str], None] = print) -> None:
     auth = "API key required" if options.api_key else "no API key: --no-auth"
     say(f"Scoring API (Open Inference Protocol) on {url} ({auth})")
     say(f"Control API on unix socket {options.control_socket}")
+    budget = f" or an estimated wait over {options.max_wait_ms} ms" if options.max_wait_ms else ""
     say(
         f"At most {options.max_concurrency} inferences at once,"
-        f" {options.max_queue} waiting; more get 503"
+        f" {options.max_queue} waiting; more{budget} get 503"
     )
     try:
-        asyncio.run(_run(options, api_socket, control_socket))
+        asyncio.run(_run(options, api_socket, control_socket, say))
     finally:
         with contextlib.suppress(FileNotFoundError):
             options.control_socket.unlink()

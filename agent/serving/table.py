@@ -20,11 +20,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.runtimes.base import LoadedModel
 from agent.serving.errors import NotFound
 from agent.serving.loading import VersionSpec
+
+if TYPE_CHECKING:
+    from agent.serving.batching import Batcher
 
 log = logging.getLogger("edgefleet.serving")
 
@@ -44,10 +47,30 @@ class ModelVersion:
         # Recent time a request takes here (decode, infer, encode), smoothed; the
         # scorer runs requests of versions this fast without a thread hop.
         self.typical_seconds = float("inf")
+        self._seconds_per_byte = 0.0  # recent work per byte received, for the wait budget
+        # The scorer's Batcher when the version batches (made at its first request); held
+        # here so it goes when the version goes.
+        self.batcher: Batcher | None = None
 
     @property
     def version(self) -> str:
         return self.spec.version
+
+    def expected_seconds(self, size: int) -> float:
+        """The work a request of SIZE bytes is expected to take here, for the wait budget:
+        recent seconds per byte received times SIZE (0 until measured). Per byte, so a
+        queue of large requests weighs more than one of small ones."""
+        return self._seconds_per_byte * size
+
+    def observe(self, work_seconds: float, size: int) -> None:
+        """Fold one request's work time (and its SIZE in bytes) into the estimates."""
+        typical = self.typical_seconds
+        self.typical_seconds = (work_seconds if typical == float("inf")
+                                else 0.9 * typical + 0.1 * work_seconds)
+        rate = work_seconds / max(size, 1)
+        # Faster to follow than typical_seconds: the budget should notice a slow spell.
+        self._seconds_per_byte = (rate if not self._seconds_per_byte
+                                  else 0.7 * self._seconds_per_byte + 0.3 * rate)
 
     @property
     def users(self) -> int:

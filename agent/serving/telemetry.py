@@ -19,6 +19,7 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 MODEL = ("model", "version")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 class Telemetry:
@@ -44,9 +45,14 @@ class Telemetry:
             "The runtime's infer call alone, for successful inferences.",
             LATENCY_BUCKETS, MODEL,
         ))
+        self.batch_rows = r.add(Histogram(
+            "edgefleet_serving_batch_rows",
+            "Rows per runtime call of versions that batch (agent/serving/batching.py).",
+            BATCH_BUCKETS, MODEL,
+        ))
         self.rejected = r.add(Counter(
             "edgefleet_serving_rejected_total",
-            "Inference requests answered 503 because every slot was busy and the queue full.",
+            "Inference requests answered 503: the queue was full or the wait over budget.",
             ("model",),
         ))
         r.add(Gauge(

@@ -78,7 +78,7 @@ def encode_outputs(
             raise ModelFailed(f"output '{out.name}': {e}") from None
         entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(array.shape)}
         if out.binary:
-            raw = _to_bytes(array, datatype)
+            raw = to_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
@@ -89,7 +89,7 @@ def encode_outputs(
 
 def describe(spec: TensorSpec) -> str:
     """'FP32 [-1, 3]': how error messages show what a tensor must be."""
-    return f"{spec.datatype} {_shape(spec.shape) if spec.shape else 'of any shape'}"
+    return f"{spec.datatype} {shape_text(spec.shape) if spec.shape else 'of any shape'}"
 
 
 # ---- inputs ----------------------------------------------------------------
@@ -110,14 +110,16 @@ def _inputs(
         name = item["name"]
         where = f"input '{name}'"
         if name not in specs:
-            raise BadRequest(f"unknown {where}; the model's inputs are: {_names(signature.inputs)}")
+            raise BadRequest(
+                f"unknown {where}; the model's inputs are: {names_text(signature.inputs)}")
         if name in arrays:
             raise BadRequest(f"{where} is given more than once")
         shape = _request_shape(item, where)
         datatype = item.get("datatype")
         spec = specs[name]
-        if datatype != spec.datatype or not _fits(shape, spec.shape):
-            raise BadRequest(f"{where}: expected {describe(spec)}, got {datatype} {_shape(shape)}")
+        if datatype != spec.datatype or not fits(shape, spec.shape):
+            raise BadRequest(
+                f"{where}: expected {describe(spec)}, got {datatype} {shape_text(shape)}")
         size = _parameters(item, where).get("binary_data_size")
         if size is None:
             arrays[name] = _from_json(item, spec.datatype, shape, where)
@@ -131,7 +133,7 @@ def _inputs(
                 f"{where}: binary_data_size {size} reaches past the end of the binary data"
                 f" ({len(binary) - offset} bytes left)"
             )
-        arrays[name] = _from_binary(binary[offset : offset + size], spec.datatype, shape, where)
+        arrays[name] = from_binary(binary[offset : offset + size], spec.datatype, shape, where)
         offset += size
     if offset != len(binary):
         raise BadRequest(
@@ -142,7 +144,7 @@ def _inputs(
     if missing:
         raise BadRequest(
             f"missing input {', '.join(repr(m) for m in missing)}; the model's inputs are:"
-            f" {_names(signature.inputs)}"
+            f" {names_text(signature.inputs)}"
         )
     return arrays
 
@@ -156,7 +158,7 @@ def _request_shape(item: Mapping[str, Any], where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
+def fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
     # An empty expected shape is a tensor of unknown rank: any shape goes.
     if not expected:
         return True
@@ -226,7 +228,7 @@ def _flatten_strings(data: list[Any], where: str) -> list[str]:
     return flat
 
 
-def _from_binary(
+def from_binary(
     chunk: memoryview, datatype: str, shape: tuple[int, ...], where: str
 ) -> np.ndarray:
     count = math.prod(shape)
@@ -235,8 +237,8 @@ def _from_binary(
         return codec.decode_bytes(chunk, count, where).reshape(shape)
     if len(chunk) != count * dtype.itemsize:
         raise BadRequest(
-            f"{where}: shape {_shape(shape)} of {datatype} needs {count * dtype.itemsize} bytes,"
-            f" got {len(chunk)}"
+            f"{where}: shape {shape_text(shape)} of {datatype} needs"
+            f" {count * dtype.itemsize} bytes, got {len(chunk)}"
         )
     if datatype == "BOOL" and count and np.frombuffer(chunk, dtype=np.uint8).max() > 1:
         raise BadRequest(f"{where}: BOOL bytes must be 0 or 1")
@@ -245,7 +247,7 @@ def _from_binary(
 
 def _check_count(got: int, count: int, shape: tuple[int, ...], where: str) -> None:
     if got != count:
-        raise BadRequest(f"{where}: shape {_shape(shape)} needs {count} values, got {got}")
+        raise BadRequest(f"{where}: shape {shape_text(shape)} needs {count} values, got {got}")
 
 
 # ---- outputs ---------------------------------------------------------------
@@ -267,7 +269,7 @@ def _outputs(
         where = f"output '{item['name']}'"
         if item["name"] not in known:
             raise BadRequest(
-                f"unknown {where}; the model's outputs are: {_names(signature.outputs)}"
+                f"unknown {where}; the model's outputs are: {names_text(signature.outputs)}"
             )
         binary = _parameters(item, where).get("binary_data", default_binary)
         if not isinstance(binary, bool):
@@ -276,7 +278,7 @@ def _outputs(
     return tuple(wanted)
 
 
-def _to_bytes(array: np.ndarray, datatype: str) -> bytes:
+def to_bytes(array: np.ndarray, datatype: str) -> bytes:
     if datatype == BYTES:
         return codec.encode_bytes(array)
     dtype = fixed_dtype(datatype)
@@ -314,9 +316,9 @@ def _parameters(item: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     return parameters
 
 
-def _shape(shape: Sequence[int]) -> str:
+def shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def _names(specs: Sequence[TensorSpec]) -> str:
+def names_text(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"'{s.name}' {describe(s)}" for s in specs)

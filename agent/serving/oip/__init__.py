@@ -1,0 +1,2 @@
+"""The Open Inference Protocol over gRPC: oip.proto, its compiled descriptor, the
+messages, the wire format and the service."""

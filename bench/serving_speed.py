@@ -1,0 +1,425 @@
+"""Benchmark the serving process's transports, batching and load shedding, in one run.
+
+    .venv/bin/python bench/serving_speed.py              # ~2 min on 2 cores
+    .venv/bin/python bench/serving_speed.py --seconds 1  # quick look
+
+One `edgefleet serve` process (--max-concurrency 2, --grpc-port 0) serves a
+small MLP (input "x" FP32 [N, 64], 64 -> 256 -> 256 -> 16 with ReLU, built
+here with onnx) twice: "mlp" answers each request with its own runtime call,
+"mlp-batched" has adaptive batching on (max_batch_size 64, max_delay_ms 0).
+Closed-loop clients (each sends its next request when the last is answered,
+one keep-alive connection or channel each, all in this process on one asyncio
+loop) run for --seconds per row, every request one row of 64 floats:
+
+* REST JSON and REST binary: raw HTTP/1.1 on asyncio streams (prepared
+  bytes, no client library in the way); gRPC: grpcio's asyncio channel with
+  the request serialized once. Rows: requests/s, p50 and p99 latency, and
+  the ratio of each transport's throughput to REST JSON's, and batching on
+  to off, at 1, 8 and 32 clients.
+* bare FastAPI + onnxruntime: a uvicorn process with one FastAPI route that
+  reads the JSON request, runs the session and answers JSON, nothing else:
+  the baseline the issue compares with (REST JSON and batched REST binary
+  rows give their ratio to it).
+* onnxruntime direct: InferenceSession.run on one row in a loop in this
+  process: the ceiling of one caller without any server.
+* heavier model: the same MLP with three hidden layers of 1024 (~9 MB of
+  weights, read on every call however many rows it has), batching off and
+  on: what merging requests buys when the runtime call dominates.
+* shedding: a slow model (~N ms per call, tuned at start to about 20 ms)
+  with --max-wait-ms 100 under 32 clients: how many requests are answered,
+  how many get 503 and how fast the 503 comes (it should be at once), and
+  from the server's own histogram how long the answered ones took inside it
+  (body received to response, queue wait included) against the budget.
+
+The client shares the 2 cores with the server, so absolute figures are low
+and noisy; compare the ratios within one run. Other jobs on the machine skew
+everything: say so when quoting numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.serving.oip import messages  # noqa: E402
+
+WIDTH = 64
+KEY = "bench-serving-key"
+# Anchored: Inference-Header-Content-Length ends in the same words.
+_LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")
+
+
+def make_mlp(path: Path, hidden: int = 256, layers: int = 2, out: int = 16) -> Path:
+    """x FP32 [N, 64] -> ReLU(x W1 + b1) ... -> y FP32 [N, OUT]; weights seeded."""
+    rng = np.random.default_rng(0)
+    nodes, weights, last, size = [], [], "x", WIDTH
+    for i in range(layers):
+        weights += [numpy_helper.from_array(
+                        (rng.normal(size=(size, hidden)) / np.sqrt(size)).astype(np.float32),
+                        f"W{i}"),
+                    numpy_helper.from_array(np.zeros(hidden, np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [last, f"W{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"h{i}"])]
+        last, size = f"h{i}", hidden
+    weights.append(numpy_helper.from_array(
+        (rng.normal(size=(size, out)) / np.sqrt(size)).astype(np.float32), "Wout"))
+    nodes.append(helper.make_node("MatMul", [last, "Wout"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out])],
+        weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path.parent
+
+
+def version(model_dir: Path, v: str, **extra: Any) -> dict[str, Any]:
+    return {"version": v, "model_dir": str(model_dir), "entrypoint": "model.onnx",
+            "framework": "onnx", "runtime": {"prefer": ["onnxruntime:CPU"], "threads": 1},
+            **extra}
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    grpc: str
+    control_socket: Path
+
+    def deploy(self, name: str, body: dict[str, Any]) -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.control_socket)),
+                          base_url="http://serve", timeout=120) as control:
+            answer = control.put(f"/control/deployments/{name}", json=body)
+        if answer.status_code != 200:
+            raise SystemExit(f"deploy {name}: {answer.text}")
+
+
+def start(tmp: Path, *args: str) -> Server:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "key").write_text(KEY)
+    log = tmp / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.serving", "--port", "0", "--grpc-port", "0",
+         "--control-socket", str(tmp / "s.sock"), "--api-key-file", str(tmp / "key"), *args],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        rest = re.search(r"on (http://127\.0\.0\.1:\d+)", text)
+        grpc_at = re.search(r"gRPC API \(Open Inference Protocol\) on (\S+)", text)
+        if rest and grpc_at:
+            return Server(process, rest.group(1), grpc_at.group(1), tmp / "s.sock")
+        if process.poll() is not None:
+            raise SystemExit(f"serve exited:\n{text}")
+        time.sleep(0.05)
+    raise SystemExit("serve did not start")
+
+
+# The baseline: FastAPI and onnxruntime with nothing else (no auth, no checks, no metrics),
+# taking the same REST JSON request.
+BARE_APP = """
+import sys
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from fastapi import FastAPI, Request
+
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+app = FastAPI()
+
+@app.post("/v2/models/{name}/infer")
+async def infer(name: str, request: Request) -> dict:
+    tensor = (await request.json())["inputs"][0]
+    x = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+    (y,) = session.run(None, {"x": x})
+    return {"model_name": name, "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.ravel().tolist()}]}
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
+            access_log=False)
+"""
+
+
+def start_bare(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", BARE_APP, str(model_dir / "model.onnx"),
+                                str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit("the bare FastAPI server did not start")
+
+
+# ---- requests -------------------------------------------------------------------------
+
+
+def rest_request(url: str, name: str, x: np.ndarray, binary: bool) -> bytes:
+    host = url.removeprefix("http://")
+    tensor: dict[str, Any] = {"name": "x", "datatype": "FP32", "shape": list(x.shape)}
+    if binary:
+        raw = x.astype("<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps({"inputs": [tensor], "outputs": [
+            {"name": "y", "parameters": {"binary_data": True}}]}).encode()
+        body = head + raw
+        extra = f"Inference-Header-Content-Length: {len(head)}\r\n"
+    else:
+        tensor["data"] = x.ravel().tolist()
+        body = json.dumps({"inputs": [tensor]}).encode()
+        extra = "Content-Type: application/json\r\n"
+    return (f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: {host}\r\n"
+            f"X-API-Key: {KEY}\r\n{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def grpc_request(name: str, x: np.ndarray) -> bytes:
+    request = messages.ModelInferRequest(model_name=name)
+    request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    return bytes(request.SerializeToString())
+
+
+@dataclass
+class Run:
+    done: int
+    statuses: dict[int, int]
+    latencies: list[float]  # of successes
+    refusals: list[float]  # of 503s
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.statuses.get(200, 0) / self.seconds
+
+    def p(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        return statistics.quantiles(self.latencies, n=100)[int(q) - 1] * 1000
+
+
+async def _http_client(url: str, payload: bytes, until: float, run: Run) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        while time.perf_counter() < until:
+            began = time.perf_counter()
+            writer.write(payload)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = int(_LENGTH.search(head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            took = time.perf_counter() - began
+            run.statuses[status] = run.statuses.get(status, 0) + 1
+            (run.latencies if status == 200 else run.refusals).append(took)
+    finally:
+        writer.close()
+
+
+async def _grpc_client(address: str, payload: bytes, until: float, run: Run) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        infer = channel.unary_unary(f"/{messages.SERVICE}/ModelInfer")
+        metadata = (("x-api-key", KEY),)
+        while time.perf_counter() < until:
+            began = time.perf_counter()
+            try:
+                await infer(payload, metadata=metadata)
+                status = 200
+            except grpc.aio.AioRpcError as e:
+                status = 503 if e.code() == grpc.StatusCode.UNAVAILABLE else 500
+            took = time.perf_counter() - began
+            run.statuses[status] = run.statuses.get(status, 0) + 1
+            (run.latencies if status == 200 else run.refusals).append(took)
+
+
+def load(kind: str, target: str, payload: bytes, clients: int, seconds: float) -> Run:
+    run = Run(0, {}, [], [], seconds)
+
+    async def main() -> None:
+        until = time.perf_counter() + seconds
+        client = _grpc_client if kind == "grpc" else _http_client
+        await asyncio.gather(*(client(target, payload, until, run) for _ in range(clients)))
+
+    asyncio.run(main())
+    return run
+
+
+def onnxruntime_direct(model_dir: Path, x: np.ndarray, seconds: float) -> Run:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    run = Run(0, {}, [], [], seconds)
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        began = time.perf_counter()
+        session.run(None, {"x": x})
+        run.latencies.append(time.perf_counter() - began)
+    run.statuses[200] = len(run.latencies)
+    return run
+
+
+# ---- the run --------------------------------------------------------------------------
+
+
+def row(label: str, run: Run, base: Run | None) -> str:
+    ratio = f"{run.rate / base.rate:5.2f}x" if base and base.rate else "     "
+    errors = sum(n for s, n in run.statuses.items() if s != 200)
+    return (f"{label:<34} {run.rate:9.0f}/s  p50 {run.p(50):7.2f} ms  p99 {run.p(99):7.2f} ms"
+            f"  {ratio}  {'errors ' + str(errors) if errors else ''}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per row (default 3)")
+    parser.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    x = np.random.default_rng(1).normal(size=(1, WIDTH)).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
+        tmp = Path(tmp_name)
+        mlp = make_mlp(tmp / "mlp/model.onnx")
+        server = start(tmp / "serve", "--max-concurrency", "2")
+        bare, bare_url = start_bare(mlp)
+        try:
+            server.deploy("mlp", version(mlp, "1"))
+            server.deploy("mlp-batched", version(
+                mlp, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
+            direct = onnxruntime_direct(mlp, x, args.seconds)
+            print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores shared)")
+            print(row("onnxruntime direct (1 caller)", direct, None))
+            for clients in counts:
+                print(f"-- {clients} client(s)")
+                floor = load("http", bare_url, rest_request(bare_url, "mlp", x, False),
+                             clients, args.seconds)
+                print(row("bare FastAPI + onnxruntime, JSON", floor, None))
+                base = load("http", server.url, rest_request(server.url, "mlp", x, False),
+                            clients, args.seconds)
+                print(row("REST JSON     (vs bare)", base, floor))
+                binary = load("http", server.url, rest_request(server.url, "mlp", x, True),
+                              clients, args.seconds)
+                print(row("REST binary   (vs JSON)", binary, base))
+                over_grpc = load("grpc", server.grpc, grpc_request("mlp", x), clients,
+                                 args.seconds)
+                print(row("gRPC          (vs JSON)", over_grpc, base))
+                batched = load("http", server.url, rest_request(server.url, "mlp-batched", x,
+                                                                  True), clients, args.seconds)
+                print(row("REST binary batched (vs unbatched)", batched, binary))
+                grpc_batched = load("grpc", server.grpc, grpc_request("mlp-batched", x),
+                                    clients, args.seconds)
+                print(row("gRPC batched  (vs unbatched)", grpc_batched, over_grpc))
+                print(row("REST binary batched (vs bare)", batched, floor))
+        finally:
+            bare.send_signal(signal.SIGTERM)
+            bare.wait(60)
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(60)
+        heavy(tmp, x, counts, args.seconds)
+        shedding(tmp, args.seconds)
+
+
+def heavy(tmp: Path, x: np.ndarray, counts: list[int], seconds: float) -> None:
+    """A model whose call is memory-bound (~9 MB of weights read per call): what batching buys."""
+    server = start(tmp / "heavy-serve", "--max-concurrency", "2")
+    try:
+        model = make_mlp(tmp / "heavy/model.onnx", hidden=1024, layers=3)
+        server.deploy("heavy", version(model, "1"))
+        server.deploy("heavy-batched", version(
+            model, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
+        alone = onnxruntime_direct(model, x, seconds)
+        print("-- heavier model: 64 -> 3 x 1024 -> 16 (~9 MB of weights), REST binary")
+        print(row("onnxruntime direct (1 caller)", alone, None))
+        for clients in counts:
+            off = load("http", server.url, rest_request(server.url, "heavy", x, True), clients,
+                       seconds)
+            print(row(f"{clients} client(s), batching off", off, None))
+            on = load("http", server.url, rest_request(server.url, "heavy-batched", x, True),
+                      clients, seconds)
+            print(row(f"{clients} client(s), batching on (vs off)", on, off))
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(60)
+
+
+def server_side(server: Server, model: str) -> str:
+    """How many of MODEL's answered requests took at most 0.1/0.25/0.5 s in the server,
+    from its request-duration histogram (the client's clock adds its own queueing)."""
+    text = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": KEY}).text
+    counts = dict(re.findall(
+        rf'edgefleet_serving_request_duration_seconds_bucket{{model="{model}",version="1",'
+        r'le="([^"]+)"} (\d+)', text))
+    total = int(counts.get("+Inf", 0)) or 1
+    return ", ".join(f"{100 * int(counts[le]) / total:.0f}% <= {le} s"
+                     for le in ("0.1", "0.25", "0.5") if le in counts)
+
+
+def shedding(tmp: Path, seconds: float) -> None:
+    """A ~20 ms model, 32 clients, a 100 ms wait budget: what is answered, what is refused."""
+    server = start(tmp / "shed", "--max-concurrency", "2", "--max-wait-ms", "100")
+    try:
+        hidden = 512
+        model = make_mlp(tmp / "slow/model.onnx", hidden=hidden, layers=2)
+        server.deploy("slow", version(model, "1"))
+        rows = 64
+        x = np.ones((rows, WIDTH), np.float32)
+        probe = load("http", server.url, rest_request(server.url, "slow", x, True), 1, 1.0)
+        per_call = probe.p(50) / 1000
+        rows = max(1, int(rows * 0.02 / max(per_call, 1e-4)))
+        x = np.ones((rows, WIDTH), np.float32)
+        payload = rest_request(server.url, "slow", x, True)
+        one = load("http", server.url, payload, 1, seconds)
+        burst = load("http", server.url, payload, 32, seconds)
+        print(f"-- shedding: slow model, {rows} rows per request, --max-wait-ms 100,"
+              " --max-concurrency 2")
+        print(row("1 client", one, None))
+        print(row("32 clients", burst, None))
+        print(f"{'':<34} server side (body in to response, wait included), answered:"
+              f" {server_side(server, 'slow')}")
+        refused = burst.refusals
+        if refused:
+            print(f"{'':<34} 503s: {len(refused)}, answered in p50"
+                  f" {statistics.median(refused) * 1000:.2f} ms"
+                  f" (max {max(refused) * 1000:.2f} ms); answered p99 {burst.p(99):.0f} ms"
+                  " (budget 100 ms + one call)")
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(60)
+
+
+if __name__ == "__main__":
+    main()
