@@ -9,12 +9,19 @@ daemon imports this module and stays free of pydantic.
     {"version": "3", "model_dir": "/abs/dir", "entrypoint": "model.onnx",
      "framework": "onnx", "runtime": {"prefer": ["onnxruntime:CPU"], ...},
      "self_test": {...inference request...},            optional
+     "upstream": "http://127.0.0.1:PORT/v2/models/NAME/versions/V",  optional
      "candidate": {...the same fields...},              optional
      "traffic": 10, "shadow": false}
 
 `traffic` is the candidate's share in percent: of the requests without a
 version in their path that it answers (A/B split), or, with `shadow`, of
 the primary's requests that it sees a copy of.
+
+`upstream` (container mode) names a version served by another edgefleet
+serving process on this host's loopback (a container's private port): it is
+not loaded here but proxied to, with the same routing, self-test, metrics
+and draining as a local version. Loopback only: containers never get traffic
+from anywhere but this front.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from contract.tensors import FRAMEWORKS
 
 # Names and versions appear in URL paths and metric labels.
 NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+UPSTREAM_PATTERN: Final = (
+    rf"http://127\.0\.0\.1:[1-9][0-9]{{0,4}}/v2/models/{NAME_PATTERN}/versions/{NAME_PATTERN}"
+)
 
 
 class BodyError(ValueError):
@@ -51,6 +61,7 @@ class VersionBody:
     framework: str                    # onnx, openvino, tflite
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     self_test: Mapping[str, Any] | None = None  # an inference request run before it serves
+    upstream: str | None = None       # served elsewhere on loopback: proxied, not loaded
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,8 @@ def _version_json(v: VersionBody) -> dict[str, Any]:
     }
     if v.self_test is not None:
         out["self_test"] = dict(v.self_test)
+    if v.upstream is not None:
+        out["upstream"] = v.upstream
     return out
 
 
@@ -93,7 +106,7 @@ def build(body: DeploymentBody) -> dict[str, Any]:
 # -- reader ---------------------------------------------------------------------------
 
 _VERSION_FIELDS: Final = frozenset(
-    {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test"})
+    {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test", "upstream"})
 _DEPLOYMENT_FIELDS: Final = _VERSION_FIELDS | {"candidate", "traffic", "shadow"}
 _RUNTIME_FIELDS: Final = frozenset({"prefer", "precision", "threads", "extra"})
 
@@ -163,8 +176,13 @@ def _version(data: Mapping[str, Any], where: str) -> VersionBody:
     self_test = data.get("self_test")
     if self_test is not None and not isinstance(self_test, dict):
         raise BodyError(f"{where}self_test: expected an inference request object")
+    upstream = data.get("upstream")
+    if upstream is not None and (not isinstance(upstream, str)
+                                 or not re.fullmatch(UPSTREAM_PATTERN, upstream)):
+        raise BodyError(f"{where}upstream: must be http://127.0.0.1:PORT/v2/models/NAME/"
+                        "versions/VERSION (a private port on loopback)")
     return VersionBody(version, model_dir, _text(data, "entrypoint", where), framework,
-                       _runtime(data.get("runtime"), f"{where}runtime"), self_test)
+                       _runtime(data.get("runtime"), f"{where}runtime"), self_test, upstream)
 
 
 def read(value: Any) -> DeploymentBody:

@@ -145,7 +145,8 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
     scorer = Scorer(table, limiter, telemetry, shadow)
     apps: list[tuple[ASGIApp, socket.socket]] = [
         (scoring_app.create_app(scorer, api_key=options.api_key), api_socket),
-        (control.create_app(control.Controller(scorer)), control_socket),
+        # Containers (upstream versions) take the same key as the device's scoring address.
+        (control.create_app(control.Controller(scorer, options.api_key)), control_socket),
     ]
     try:
         await _serve_all(apps, options.graceful_seconds)
