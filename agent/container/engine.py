@@ -41,6 +41,7 @@ MANAGED = f"{LABEL}.managed"
 DEPLOYMENT = f"{LABEL}.deployment"
 VERSION = f"{LABEL}.version"
 PACKAGE = f"{LABEL}.package"
+PORT = f"{LABEL}.port"  # its private scoring port: a restarted agent adopts it by that
 CONTROL_DIR = "/run/edgefleet"
 CONTROL_SOCKET = "control.sock"
 API_KEY_ENV = "EDGEFLEET_SERVE_API_KEY"
@@ -107,6 +108,7 @@ class ContainerStatus:
     deployment: str
     version: str
     package: str
+    port: int | None  # its private scoring port
     state: str  # created, running, restarting, exited, ...
     exit_code: int | None
     oom_killed: bool
@@ -174,6 +176,11 @@ class ContainerEngine:
         auth = {"username": username, "password": password}
         self._call(f"pull {reference}@{manifest}", self.client.api.pull, reference,
                    tag=manifest, auth_config=auth)
+        return self.check_image(registry, repository, manifest, config)
+
+    def check_image(self, registry: str, repository: str, manifest: str, config: str) -> str:
+        """The id of the image pulled as REGISTRY/REPOSITORY@MANIFEST, which must be CONFIG."""
+        reference = f"{registry}/{repository}"
         image = self._call(f"inspect {reference}@{manifest}",
                            self.client.images.get, f"{reference}@{manifest}")
         if _digest(image.id) != config:
@@ -183,14 +190,24 @@ class ContainerEngine:
             )
         return str(image.id)
 
-    def remove_image(self, image: str) -> None:
+    def remove_image(self, image: str) -> int | None:
+        """Remove IMAGE; the bytes it took (0 if it was gone), None while a container uses it."""
         try:
+            size = int(self._call(f"inspect image {image}", self.client.images.get,
+                                  image).attrs.get("Size") or 0)
             self.client.images.remove(image, force=False)
+        except EngineError as exc:
+            if "not found" in str(exc):
+                return 0
+            raise
         except docker.errors.NotFound:
-            pass
+            return 0
         except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # still used by a container: kept until that is removed
-                raise EngineError(f"cannot remove image {image}: {_explain(exc)}") from None
+            if exc.status_code == 409:  # still used by a container: kept until that is removed
+                return None
+            raise EngineError(f"cannot remove image {image}: {_explain(exc)}",
+                              transient=_is_transient(exc)) from None
+        return size
 
     # -- containers -----------------------------------------------------------
 
@@ -199,7 +216,7 @@ class ContainerEngine:
         spec.control_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._remove_named(spec.name)
         labels = {**spec.extra_labels, MANAGED: "1", DEPLOYMENT: spec.deployment,
-                  VERSION: str(spec.version), PACKAGE: spec.package}
+                  VERSION: str(spec.version), PACKAGE: spec.package, PORT: str(spec.port)}
         limits: dict[str, Any] = {}
         if spec.limits.cpus is not None:
             limits["nano_cpus"] = int(spec.limits.cpus * 1e9)
@@ -354,6 +371,7 @@ def _status(container: Container) -> ContainerStatus:
         deployment=labels.get(DEPLOYMENT, ""),
         version=labels.get(VERSION, ""),
         package=labels.get(PACKAGE, ""),
+        port=int(labels[PORT]) if str(labels.get(PORT, "")).isdigit() else None,
         state=status,
         exit_code=int(exit_code) if status in ENDED and exit_code is not None else None,
         oom_killed=bool(state.get("OOMKilled")),
