@@ -167,7 +167,7 @@ class Agent:
         from agent.container.watch import ContainerWatch
 
         o, identity = self.options, self.identity
-        engine = ContainerEngine.connect(o.docker_host)
+        engine = ContainerEngine.connect(o.docker_host, owner=identity.device_id)
         memory = o.container_memory_mb * 2**20 if o.container_memory_mb else None
         serving = ContainerServing(front, engine, self._installed, data_dir=o.data_dir,
                                    api_key_file=key_file,

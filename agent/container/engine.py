@@ -41,6 +41,7 @@ MANAGED = f"{LABEL}.managed"
 DEPLOYMENT = f"{LABEL}.deployment"
 VERSION = f"{LABEL}.version"
 PACKAGE = f"{LABEL}.package"
+OWNER = f"{LABEL}.owner"  # the device (agent) that started it: agents may share an engine
 PORT = f"{LABEL}.port"  # its private scoring port: a restarted agent adopts it by that
 CONTROL_DIR = "/run/edgefleet"
 CONTROL_SOCKET = "control.sock"
@@ -92,11 +93,12 @@ class RunSpec:
     restart_retries: int = 3  # on-failure restarts before the container stays exited
     log_bytes: int = 1024 * 1024  # per log file; two are kept
     extra_labels: Mapping[str, str] = field(default_factory=dict)
+    owner: str = ""  # the device id of the agent that runs it, when agents share an engine
 
     @property
     def name(self) -> str:
         return (
-            f"edgefleet-{self.deployment}-{self.version}"
+            f"edgefleet-{self.owner + '-' if self.owner else ''}{self.deployment}-{self.version}"
             f"-{self.package.removeprefix('sha256:')[:12]}"
         )
 
@@ -133,12 +135,15 @@ class Usage:
 
 
 class ContainerEngine:
-    def __init__(self, client: docker.DockerClient, socket_path: Path | None = None) -> None:
+    def __init__(self, client: docker.DockerClient, socket_path: Path | None = None, *,
+                 owner: str = "") -> None:
         self.client = client
         self.socket_path = socket_path  # the engine's unix socket, when it has one
+        self.owner = owner  # set: only containers labelled with this owner are this agent's
 
     @classmethod
-    def connect(cls, docker_host: str | None = None, *, timeout: float = 60) -> ContainerEngine:
+    def connect(cls, docker_host: str | None = None, *, timeout: float = 60,
+                owner: str = "") -> ContainerEngine:
         """The engine at DOCKER_HOST (a unix:// URL), or at the DOCKER_HOST environment variable.
 
         Nothing is asked of the engine yet: an agent starts while its engine is down.
@@ -149,7 +154,8 @@ class ContainerEngine:
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the container engine at {host}: {exc}") from None
         return cls(
-            client, Path(host.removeprefix("unix://")) if host.startswith("unix://") else None
+            client, Path(host.removeprefix("unix://")) if host.startswith("unix://") else None,
+            owner=owner,
         )
 
     def close(self) -> None:
@@ -174,8 +180,13 @@ class ContainerEngine:
         """
         reference = f"{registry}/{repository}"
         auth = {"username": username, "password": password}
-        self._call(f"pull {reference}@{manifest}", self.client.api.pull, reference,
-                   tag=manifest, auth_config=auth)
+        progress = self._call(f"pull {reference}@{manifest}", self.client.api.pull, reference,
+                              tag=manifest, auth_config=auth, stream=True, decode=True)
+        # A failed pull is a line of the progress stream, not an HTTP error.
+        for line in self._call(f"pull {reference}@{manifest}", list, progress):
+            if isinstance(line, dict) and line.get("error"):
+                raise EngineError(f"the engine could not pull {reference}@{manifest}: "
+                                  f"{' '.join(str(line['error']).split())[:500]}")
         return self.check_image(registry, repository, manifest, config)
 
     def check_image(self, registry: str, repository: str, manifest: str, config: str) -> str:
@@ -216,7 +227,8 @@ class ContainerEngine:
         spec.control_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._remove_named(spec.name)
         labels = {**spec.extra_labels, MANAGED: "1", DEPLOYMENT: spec.deployment,
-                  VERSION: str(spec.version), PACKAGE: spec.package, PORT: str(spec.port)}
+                  VERSION: str(spec.version), PACKAGE: spec.package, PORT: str(spec.port),
+                  **({OWNER: spec.owner} if spec.owner else {})}
         limits: dict[str, Any] = {}
         if spec.limits.cpus is not None:
             limits["nano_cpus"] = int(spec.limits.cpus * 1e9)
@@ -284,7 +296,8 @@ class ContainerEngine:
 
     def find(self, deployment: str | None = None) -> list[ContainerStatus]:
         """The agent's own containers (by label), of DEPLOYMENT or all, oldest first."""
-        labels = [f"{MANAGED}=1"] + ([f"{DEPLOYMENT}={deployment}"] if deployment else [])
+        labels = [f"{MANAGED}=1"] + ([f"{DEPLOYMENT}={deployment}"] if deployment else []) \
+            + ([f"{OWNER}={self.owner}"] if self.owner else [])
         containers = self._call("list containers", self.client.containers.list,
                                 all=True, filters={"label": labels})
         found = [_status(c) for c in containers]

@@ -168,7 +168,7 @@ class ContainerServing:
                                  "(staged by an agent in native mode): deploy it again")
         spec = RunSpec(deployment=name, version=installed.version, package=installed.digest,
                        image=installed.image, port=port, api_key=self._api_key(),
-                       control_dir=Path(), limits=self.limits)
+                       control_dir=Path(), limits=self.limits, owner=self.engine.owner)
         # Short: a unix socket path must fit in 108 bytes.
         short = hashlib.sha256(spec.name.encode()).hexdigest()[:12]
         return replace(spec, control_dir=self.runs_dir / short)
