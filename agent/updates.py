@@ -25,6 +25,16 @@ step inside the serving process (no request is dropped).
 After a restart the serving process starts fresh with the good versions
 only, so an update caught in starting, self_test or serving starts again at
 starting, and one caught in failed or rolling_back finishes its rollback.
+
+Container mode (`agent run --mode container`) runs the same table with
+other parts: the store is agent/container/store.py (downloading checks the
+signature, then the engine pulls the image by digest; verifying checks the
+engine's image id against the signed config) and the serving side is
+agent/container/serving.py (starting runs the version's container on a
+private port and puts it behind the front; serving switches the front and
+removes the old container once drained). A serving side that is down
+(`transient`: the engine) is waited for with backoff, reported in the state
+the update waits in, before the step counts as failed.
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ def versions(fleet_hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) ->
     """tiny:1 and tiny:2 (same function, other bytes), tiny:3 failing every request, and
     tiny:4 (other bytes again) for tampering."""
     work = tmp_path_factory.mktemp("models")
+    for sub in ("v1", "v2", "v3", "v4"):
+        (work / sub).mkdir()
     made = {
         "v1": make_onnx(work / "v1" / "model.onnx"),
         "v2": make_onnx(work / "v2" / "model.onnx"),
@@ -120,10 +122,11 @@ def wait_serving(hub: HubProcess, agent: AgentProcess, version: int) -> None:
 
 def containers(engine: Engine, agent: AgentProcess) -> list[dict]:  # noqa: F811
     """The agent's containers, as the engine lists them (name, state, version label)."""
-    found = engine.client.containers.list(
+    # The list call alone: inspecting each would race with the agent removing them.
+    found = engine.client.api.containers(
         all=True, filters={"label": [f"{MANAGED}=1", f"{OWNER}={agent.device_id}"]})
-    return sorted(({"name": c.name, "state": c.status,
-                    "version": c.labels.get("dev.edgefleet.version")} for c in found),
+    return sorted(({"name": c["Names"][0].lstrip("/"), "state": c["State"],
+                    "version": c["Labels"].get("dev.edgefleet.version")} for c in found),
                   key=lambda c: c["name"])
 
 
@@ -175,7 +178,7 @@ def test_deploy_self_test_and_score_through_the_agent(
         return httpx.get(f"{fleet_hub.url}/api/v1/devices/{device.device_id}/telemetry",
                          params={"kind": "system"},
                          headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}
-                         ).json()["points"]
+                         ).json()
 
     point = wait_for(lambda: next((p["values"] for p in system_points()
                                    if p["values"].get("containers_running") == 1), None),
@@ -240,8 +243,7 @@ def test_a_tampered_image_never_runs(
     package = httpx.get(f"{fleet_hub.url}/api/v1/packages/tiny/{version}",
                         headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}).json()
     image = next(i for i in package["images"] if i["platform"] == PLATFORM)
-    model = next(layer for layer in image["layers"]
-                 if layer.get("annotations", {}).get("dev.edgefleet.layer") == "model")
+    model = next(layer for layer in image["layers"] if layer["role"] == "model")
     blob = next((fleet_hub.data_dir / "blobs").rglob(model["digest"].removeprefix("sha256:")))
     original = blob.read_bytes()
     blob.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))

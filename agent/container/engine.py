@@ -298,9 +298,16 @@ class ContainerEngine:
         """The agent's own containers (by label), of DEPLOYMENT or all, oldest first."""
         labels = [f"{MANAGED}=1"] + ([f"{DEPLOYMENT}={deployment}"] if deployment else []) \
             + ([f"{OWNER}={self.owner}"] if self.owner else [])
-        containers = self._call("list containers", self.client.containers.list,
-                                all=True, filters={"label": labels})
-        found = [_status(c) for c in containers]
+        listed = self._call("list containers", self.client.api.containers,
+                            all=True, filters={"label": labels})
+        found = []
+        for summary in listed:
+            try:
+                found.append(self.status(summary["Id"]))
+            except EngineError as exc:
+                # Removed between the list and its inspection (podman answers 500 for that).
+                if "no such container" not in str(exc) and "not found" not in str(exc):
+                    raise
         return sorted(found, key=lambda s: s.name)
 
     def prune(self, keep: Collection[str]) -> list[str]:
