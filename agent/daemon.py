@@ -169,8 +169,11 @@ class Agent:
         o, identity = self.options, self.identity
         engine = ContainerEngine.connect(o.docker_host, owner=identity.device_id)
         memory = o.container_memory_mb * 2**20 if o.container_memory_mb else None
+        # A CUDA device found by the inventory's runtimes: containers get the GPUs.
+        gpus = any(a.partition(":")[2].upper().startswith(("CUDA", "TENSORRT"))
+                   for a in self.accelerators)
         serving = ContainerServing(front, engine, self._installed, data_dir=o.data_dir,
-                                   api_key_file=key_file,
+                                   api_key_file=key_file, gpus=gpus,
                                    limits=Limits(cpus=o.container_cpus, memory_bytes=memory))
         store = ContainerStore(o.data_dir, engine, registry=self.registry,
                                hub_url=identity.hub_url, username=identity.device_id,

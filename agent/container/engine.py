@@ -34,7 +34,7 @@ import docker  # type: ignore[import-untyped]  # docker 7 ships no types
 import docker.errors  # type: ignore[import-untyped]
 import requests.exceptions
 from docker.models.containers import Container  # type: ignore[import-untyped]
-from docker.types import LogConfig  # type: ignore[import-untyped]
+from docker.types import DeviceRequest, LogConfig  # type: ignore[import-untyped]
 
 LABEL = "dev.edgefleet"
 MANAGED = f"{LABEL}.managed"
@@ -91,6 +91,7 @@ class RunSpec:
     control_dir: Path  # host directory mounted at /run/edgefleet (the control socket)
     limits: Limits = Limits()
     restart_retries: int = 3  # on-failure restarts before the container stays exited
+    gpus: bool = False  # every GPU through the engine's device requests (NVIDIA toolkit)
     log_bytes: int = 1024 * 1024  # per log file; two are kept
     extra_labels: Mapping[str, str] = field(default_factory=dict)
     owner: str = ""  # the device id of the agent that runs it, when agents share an engine
@@ -232,6 +233,8 @@ class ContainerEngine:
         limits: dict[str, Any] = {}
         if spec.limits.cpus is not None:
             limits["nano_cpus"] = int(spec.limits.cpus * 1e9)
+        if spec.gpus:
+            limits["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
         if spec.limits.memory_bytes is not None:
             # Equal to the memory limit: no swap on top, so an OOM shows as an OOM.
             limits.update(

@@ -69,14 +69,16 @@ def free_port() -> int:
 class ContainerServing:
     def __init__(self, front: ServingProcess, engine: ContainerEngine,
                  installed: Callable[[str, str], Installed | None], *, data_dir: Path,
-                 api_key_file: Path, limits: Limits | None = None) -> None:
-        """INSTALLED finds the staged version of a deployment by (name, version)."""
+                 api_key_file: Path, limits: Limits | None = None, gpus: bool = False) -> None:
+        """INSTALLED finds the staged version of a deployment by (name, version); GPUS: give
+        containers the device's GPUs (the inventory found one)."""
         self.front = front
         self.engine = engine
         self.installed = installed
         self.runs_dir = data_dir / "containers"
         self.api_key_file = api_key_file
         self.limits = limits or Limits()
+        self.gpus = gpus
 
     # -- the front: supervised by the daemon as the native serving process is ----
 
@@ -168,7 +170,8 @@ class ContainerServing:
                                  "(staged by an agent in native mode): deploy it again")
         spec = RunSpec(deployment=name, version=installed.version, package=installed.digest,
                        image=installed.image, port=port, api_key=self._api_key(),
-                       control_dir=Path(), limits=self.limits, owner=self.engine.owner)
+                       control_dir=Path(), limits=self.limits, owner=self.engine.owner,
+                       gpus=self.gpus)
         # Short: a unix socket path must fit in 108 bytes.
         short = hashlib.sha256(spec.name.encode()).hexdigest()[:12]
         return replace(spec, control_dir=self.runs_dir / short)
