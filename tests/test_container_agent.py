@@ -30,7 +30,7 @@ import tritonclient.http as triton
 
 from agent.container.engine import MANAGED, OWNER
 from agentproc import AgentProcess, deploy, infer, start_agent, wait_for
-from engines import Engine, engine  # noqa: F401  (fixture)
+from engines import SCRIPT, Engine, engine  # noqa: F401  (fixture)
 from hubproc import EDGEFLEET, HubProcess, start_hub
 from modelgen import expected_linear, make_failing_onnx, make_onnx
 from mosquitto import Mosquitto, start_mosquitto
@@ -295,3 +295,33 @@ def test_kill_9_mid_update_ends_serving_with_no_orphan(
         for leftover in engine.client.containers.list(
                 all=True, filters={"label": f"{OWNER}={agent.device_id}"}):
             leftover.remove(force=True)
+
+
+def test_an_engine_that_is_down_is_reported_and_the_agent_waits_for_it(
+        fleet_hub: HubProcess, versions: dict[str, int], tmp_path: Path) -> None:
+    """A podman of its own, started only after the agent (the shared engines stay up)."""
+    directory = tmp_path / "engine"
+    agent = start_agent(fleet_hub, tmp_path / "agent", extra_args=(
+        "--mode", "container", "--docker-host", f"unix://{directory}/podman.sock"))
+
+    def inventory() -> dict:
+        return httpx.get(f"{fleet_hub.url}/api/v1/devices/{agent.device_id}",
+                         headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}
+                         ).json()["inventory"]
+
+    try:
+        wait_for(lambda: "not running" in inventory().get("container_engine_error", ""),
+                 timeout=60, what="the engine reported down")
+        assert agent.process.poll() is None
+        started = subprocess.run(["bash", str(SCRIPT), "start", "podman", str(directory)],
+                                 capture_output=True, text=True, timeout=120, check=False)
+        assert started.returncode == 0, started.stderr
+        wait_for(lambda: inventory().get("container_engine") == "podman"
+                 and inventory().get("container_engine_error") == "", timeout=120,
+                 what="the engine reported up")
+        deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+        wait_serving(fleet_hub, agent, versions["v1"])
+    finally:
+        assert agent.stop() == 0, agent.log()
+        subprocess.run(["bash", str(SCRIPT), "stop", "podman", str(directory)],
+                       capture_output=True, timeout=120, check=False)

@@ -80,8 +80,8 @@ class ContainerWatch:
         if self.engine:
             facts = {"container_engine": self.engine["engine"],
                      "container_engine_version": self.engine["version"][:128]}
-        if self.error:
-            facts["container_engine_error"] = self.error[:128]
+        # Always sent: the hub merges inventories, so a cleared error must be said.
+        facts["container_engine_error"] = (self.error or "")[:128]
         return facts
 
 
