@@ -256,7 +256,9 @@ class Agent:
         assert isinstance(self.serving, ContainerServing)
         serving = self.serving
         was = (dict(watch.engine), watch.error)
-        wanted = {name: {serving.name_of(name, v) for v in (s.primary, s.candidate) if v}
+        # A version staged in native mode has no image: loading it says so ("deploy it again").
+        wanted = {name: {serving.name_of(name, v) for v in (s.primary, s.candidate)
+                         if v and v.image}
                   for name, s in self.state.serving.items()}
         broken = watch.check(wanted)
         if watch.error is None:  # the engine answers: load what could not be loaded before
