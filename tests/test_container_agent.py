@@ -259,6 +259,38 @@ def test_a_tampered_image_never_runs(
         blob.write_bytes(original)
 
 
+def test_a_container_removed_behind_the_agents_back_is_started_again(
+        fleet_hub: HubProcess, device: AgentProcess, versions: dict[str, int],
+        engine: Engine) -> None:  # noqa: F811
+    deploy(fleet_hub, device.device_id, f"tiny:{versions['v2']}")
+    wait_serving(fleet_hub, device, versions["v2"])
+    [found] = containers(engine, device)
+    engine.client.containers.get(found["name"]).remove(force=True)
+    wait_for(lambda: _try_infer(device), timeout=120, what="the version answering again")
+    wait_containers(engine, device, [versions["v2"]])
+    row = wait_for(lambda: next((r for r in reported(fleet_hub, device.device_id)["reported"]
+                                 if r["version"] == versions["v2"] and r["error"]), None),
+                   timeout=60, what="the restart reported")
+    assert row["state"] == "serving" and "gone" in row["error"]
+
+
+def test_an_image_that_runs_out_of_memory_is_rolled_back_with_its_log(
+        fleet_hub: HubProcess, versions: dict[str, int], engine: Engine,  # noqa: F811
+        tmp_path: Path) -> None:
+    agent = start_agent(fleet_hub, tmp_path / "agent", extra_args=(
+        "--mode", "container", "--docker-host", engine.docker_host,
+        "--container-memory-mb", "24"))
+    try:
+        deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+        row = wait_for(lambda: next((r for r in reported(fleet_hub, agent.device_id)["reported"]
+                                     if r["state"] == "rolled_back"), None),
+                       timeout=240, what="the version rolled back")
+        assert "out of memory" in row["error"] and "last log lines" in row["error"]
+        wait_containers(engine, agent, [])
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
 def _try_infer(agent: AgentProcess) -> dict | None:
     try:
         return infer(agent, "tiny", ROWS)

@@ -17,6 +17,7 @@ Modules, one job each:
     limits      bounded concurrency with a bounded wait queue
     table       loaded versions (reference counted) and the deployment routes
     loading     what the agent asks to load, and the one call into agent.runtimes
+    upstream    a version served by a container on loopback, proxied (container mode)
     shadow      mirrored requests to a candidate, bounded and dropped under load
     scoring     one inference request from bytes in to bytes out
     auth        the API key check
