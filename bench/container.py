@@ -199,6 +199,8 @@ def through_agents(hub: HubProcess, scratch: Path, docker_host: str, requests: i
                    engine_name: str) -> list[Row]:
     """Desired state to serving, and scoring, through a container-mode and a native agent."""
     rows = []
+    for mode in ("container", "native"):
+        (scratch / f"agent-{mode}").mkdir()
     agents = {
         "container": start_agent(hub, scratch / "agent-container" / "data", extra_args=(
             "--mode", "container", "--docker-host", docker_host)),
