@@ -219,6 +219,28 @@ def test_switch_versions_under_load_drops_no_request(
     assert seen == {str(versions["v1"]), str(versions["v2"])}
 
 
+def test_split_and_shadow_between_containers(
+        fleet_hub: HubProcess, device: AgentProcess, versions: dict[str, int],
+        engine: Engine) -> None:  # noqa: F811
+    v1, v2 = str(versions["v1"]), str(versions["v2"])
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}", "--candidate", v2, "--traffic", "50")
+    wait_for(lambda: {r["version"] for r in reported(fleet_hub, device.device_id)["reported"]
+                      if r["name"] == "tiny" and r["state"] == "serving"}
+             == {versions["v1"], versions["v2"]}, timeout=240, what="both versions serving")
+    wait_containers(engine, device, sorted([versions["v1"], versions["v2"]]))
+    seen = {infer(device, "tiny", ROWS)["model_version"] for _ in range(60)}
+    assert seen == {v1, v2}  # a 50/50 split: 60 requests all on one side is a 1 in 2^59 event
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}", "--candidate", v2, "--shadow",
+           "--traffic", "100")
+    wait_for(lambda: device.state()["serving"]["tiny"]["shadow"], timeout=240,
+             what="the candidate in shadow mode")
+    assert {infer(device, "tiny", ROWS)["model_version"] for _ in range(20)} == {v1}
+    deploy(fleet_hub, device.device_id, f"tiny:{v1}")  # back to one version, one container
+    wait_for(lambda: device.state()["serving"]["tiny"]["candidate"] is None, timeout=240,
+             what="the candidate removed")
+    wait_containers(engine, device, [versions["v1"]])
+
+
 def test_an_image_failing_its_self_test_is_rolled_back(
         fleet_hub: HubProcess, device: AgentProcess, versions: dict[str, int],
         engine: Engine) -> None:  # noqa: F811
