@@ -242,3 +242,18 @@ def test_a_watch_reports_an_engine_that_is_down_and_backs_off(tmp_path: Path) ->
     assert waits == [1, 2, 4, 8, 8]
     facts = watch.facts()
     assert "not running" in facts["container_engine_error"] and "container_engine" not in facts
+
+
+def test_gpus_are_asked_for_through_the_engines_device_requests(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    """A stand-in: this machine has no GPU and no NVIDIA container toolkit. dockerd refuses
+    the request (no device driver has the `gpu` capability); podman's Docker API takes it
+    and drops it, which the driver finds and refuses. Either way a GPU deployment never
+    runs on the CPU unnoticed, and the error is one line naming why."""
+    run = spec(pull(driver, hub, device, verified), verified, tmp_path, gpus=True)
+    expected = "capabilities: \\[\\[gpu\\]\\]" if driver.describe()["engine"] == "docker" \
+        else "dropped the GPU device request"
+    with pytest.raises(EngineError, match=expected):
+        driver.run(run)
+    assert driver.find() == []

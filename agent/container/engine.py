@@ -240,18 +240,33 @@ class ContainerEngine:
             limits.update(
                 mem_limit=spec.limits.memory_bytes, memswap_limit=spec.limits.memory_bytes
             )
-        container = self._call(
-            f"start {spec.name}", self.client.containers.run, spec.image,
-            command=["--host", "127.0.0.1", "--port", str(spec.port),
-                     "--control-socket", f"{CONTROL_DIR}/{CONTROL_SOCKET}"],
-            name=spec.name, detach=True, network_mode="host", labels=labels,
-            environment={API_KEY_ENV: spec.api_key},
-            volumes={str(spec.control_dir): {"bind": CONTROL_DIR, "mode": "rw"}},
-            restart_policy={"Name": "on-failure", "MaximumRetryCount": spec.restart_retries},
-            log_config=LogConfig(type="json-file",
-                                 config={"max-size": str(spec.log_bytes), "max-file": "2"}),
-            stop_signal="SIGTERM", **limits,
-        )
+        try:
+            container = self._call(
+                f"start {spec.name}", self.client.containers.run, spec.image,
+                command=["--host", "127.0.0.1", "--port", str(spec.port),
+                         "--control-socket", f"{CONTROL_DIR}/{CONTROL_SOCKET}"],
+                name=spec.name, detach=True, network_mode="host", labels=labels,
+                environment={API_KEY_ENV: spec.api_key},
+                volumes={str(spec.control_dir): {"bind": CONTROL_DIR, "mode": "rw"}},
+                restart_policy={"Name": "on-failure",
+                                "MaximumRetryCount": spec.restart_retries},
+                log_config=LogConfig(type="json-file",
+                                     config={"max-size": str(spec.log_bytes), "max-file": "2"}),
+                stop_signal="SIGTERM", **limits,
+            )
+        except EngineError:
+            try:  # created but not started (a refused device request...): not left behind
+                self._remove_named(spec.name)
+            except EngineError:
+                pass
+            raise
+        if spec.gpus and not (container.attrs.get("HostConfig") or {}).get("DeviceRequests"):
+            # podman 4's Docker API takes device requests and drops them: never run on the
+            # CPU while the deployment counts on a GPU.
+            self._remove_named(spec.name)
+            raise EngineError("the engine dropped the GPU device request (podman's Docker API "
+                              "does not pass them on): use dockerd with the NVIDIA container "
+                              "toolkit for GPUs")
         return self.status(container.id)
 
     def wait_control(self, spec: RunSpec, timeout: float = 60) -> None:
