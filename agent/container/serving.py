@@ -101,9 +101,6 @@ class ContainerServing:
     def stats(self) -> Any:
         return self.front.stats()
 
-    def state(self) -> Any:
-        return self.front.state()
-
     # -- ServingControl -----------------------------------------------------------
 
     def put(self, name: str, body: DeploymentBody) -> dict[str, Any]:
