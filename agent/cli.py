@@ -67,25 +67,38 @@ def agent() -> None:
 @click.option("--max-wait-ms", default=o.MAX_WAIT_MS.default, show_default=True,
               type=click.IntRange(0, 3_600_000), help=o.MAX_WAIT_MS.help)
 @click.option("--serve-grpc-port", type=click.IntRange(1, 65535), help=o.SERVE_GRPC_PORT.help)
+@click.option("--mode", type=click.Choice(["native", "container"]), default=o.MODE.default,
+              show_default=True, help=o.MODE.help)
+@click.option("--docker-host", envvar="DOCKER_HOST", help=o.DOCKER_HOST.help)
+@click.option("--container-cpus", type=click.FloatRange(0.01), help=o.CONTAINER_CPUS.help)
+@click.option("--container-memory-mb", type=click.IntRange(6), help=o.CONTAINER_MEMORY_MB.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
 def run(
     hub_url: str | None, token: str | None, data_dir: Path, name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
     max_concurrency: int, max_queue: int, max_wait_ms: int, serve_grpc_port: int | None,
-    verbose: bool,
+    mode: str, docker_host: str | None, container_cpus: float | None,
+    container_memory_mb: int | None, verbose: bool,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
 
     The scoring API's key is in DATA_DIR/serving-api-key. Stops cleanly on
-    SIGTERM or SIGINT.
+    SIGTERM or SIGINT. With --mode container each version runs as a container
+    of its package image (built with `package build --image`) on the engine at
+    --docker-host; the scoring API stays at --serve-host:--serve-port.
 
+    \b
     Example: edgefleet agent run --hub http://hub:8080 --token efe_... --data-dir /var/lib/edgefleet
+    Example: edgefleet agent run --mode container --docker-host unix:///run/podman/podman.sock
     """
     from agent import identity as identities
     from agent.daemon import AgentOptions
     from agent.identity import EnrollmentError
     from agent.inventory import oci_platform
 
+    if mode == "container" and docker_host and not docker_host.startswith("unix://"):
+        raise click.BadParameter("give the engine's unix socket as unix:///PATH",
+                                 param_hint="--docker-host")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = identities.load(data_dir)
     if identity is None:
@@ -105,8 +118,11 @@ def run(
         serve_port=serve_port, telemetry_interval=telemetry_interval,
         max_concurrency=max_concurrency, max_queue=max_queue, max_wait_ms=max_wait_ms,
         serve_grpc_port=serve_grpc_port, verbose=verbose,
-        pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")),
+        pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")), mode=mode,
+        docker_host=docker_host if mode == "container" else None,
+        container_cpus=container_cpus, container_memory_mb=container_memory_mb,
     )
+
     click.echo(f"Device {identity.device_id}: scoring API on http://{serve_host}:{serve_port}, "
                f"hub {identity.hub_url}, broker {mqtt_url or identity.mqtt_url}")
     sys.stdout.flush()

@@ -43,8 +43,8 @@ from agent.decisions import (
 )
 from agent.identity import Identity, IdentityError
 from agent.mqtt import Message, MqttTimeout, Session
-from agent.package_store import PackageStore
-from agent.state import AgentState, Serving, StateFile, Update
+from agent.package_store import PackageStore, StageError
+from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingOptions, ServingProcess
 from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
@@ -70,6 +70,9 @@ from contract.protocol import (
 )
 
 if TYPE_CHECKING:
+    from agent.container.serving import ContainerServing
+    from agent.container.store import ContainerStore
+    from agent.container.watch import ContainerWatch
     from packager.distribution import Registry
 
 log = logging.getLogger("edgefleet.agent")
@@ -98,6 +101,10 @@ class AgentOptions:
     serve_grpc_port: int | None = o.SERVE_GRPC_PORT.default
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
+    mode: str = o.MODE.default  # "native" or "container"
+    docker_host: str | None = None  # container mode: the engine (else DOCKER_HOST)
+    container_cpus: float | None = None
+    container_memory_mb: int | None = None
 
     def to_json(self) -> str:
         """How `edgefleet agent run` hands the options to `python -m agent`."""
@@ -126,13 +133,21 @@ class Agent:
         self.stop_requested = threading.Event()
         key_file = data / "serving-api-key"
         write_secret(key_file, secrets.token_urlsafe(24), replace=False)
-        self.serving = ServingProcess(data, ServingOptions(
+        front = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue, options.max_wait_ms,
             options.serve_grpc_port,
         ))
         self._registry: Registry | None = None
-        self.store = PackageStore(data, platform=self.platform, public_key=lambda: identity.hub_key)
+        self.serving: ServingProcess | ContainerServing = front
+        self.store: PackageStore | ContainerStore
+        self.watch: ContainerWatch | None = None
+        self._not_loaded: set[str] = set()  # good versions a (re)start could not load
+        if options.mode == "container":
+            self.serving, self.store, self.watch = self._container_mode(front, key_file)
+        else:
+            self.store = PackageStore(data, platform=self.platform,
+                                      public_key=lambda: identity.hub_key)
         offline = Message(status_topic(identity.device_id), b"offline", retain=True)
         self.session = Session(
             identity.mqtt_url, client_id=identity.device_id,
@@ -156,6 +171,41 @@ class Agent:
         self.updater = Updater(self.state, self.state_file, self.store, self.registry,
                                self.serving, self.report, pause_in=options.pause_in)
 
+    def _container_mode(self, front: ServingProcess, key_file: Path
+                        ) -> tuple[ContainerServing, ContainerStore, ContainerWatch]:
+        """Versions run as containers of the package images; FRONT stays the scoring address."""
+        from agent.container.engine import ContainerEngine, Limits
+        from agent.container.serving import ContainerServing
+        from agent.container.store import ContainerStore
+        from agent.container.watch import ContainerWatch
+
+        o, identity = self.options, self.identity
+        engine = ContainerEngine.connect(o.docker_host, owner=identity.device_id)
+        memory = o.container_memory_mb * 2**20 if o.container_memory_mb else None
+        # A CUDA device found by the inventory's runtimes: containers get the GPUs.
+        gpus = any(a.partition(":")[2].upper().startswith(("CUDA", "TENSORRT"))
+                   for a in self.accelerators)
+        serving = ContainerServing(front, engine, self._installed, data_dir=o.data_dir,
+                                   api_key_file=key_file, gpus=gpus,
+                                   limits=Limits(cpus=o.container_cpus, memory_bytes=memory))
+        store = ContainerStore(o.data_dir, engine, registry=self.registry,
+                               hub_url=identity.hub_url, username=identity.device_id,
+                               password=identity.device_token, platform=self.platform,
+                               public_key=lambda: identity.hub_key)
+        return serving, store, ContainerWatch(serving)
+
+    def _installed(self, name: str, version: str) -> Installed | None:
+        """The staged version VERSION of deployment NAME (container mode runs it)."""
+        update = self.state.update
+        if update and update.deployment == name and update.staged \
+                and str(update.staged.version) == version:
+            return update.staged
+        serving = self.state.serving.get(name)
+        for installed in (serving.primary, serving.candidate, serving.previous) if serving else ():
+            if installed is not None and str(installed.version) == version:
+                return installed
+        return None
+
     def registry(self) -> Registry:
         """The hub's OCI registry client, made at the first download."""
         if self._registry is None:
@@ -172,6 +222,8 @@ class Agent:
         """Run until stop_requested is set (SIGTERM/SIGINT), then shut down cleanly."""
         self.serving.start()
         self._load_good_versions()
+        if self.watch is not None:
+            self._watch_containers(self.watch)  # orphans of a killed agent go first thing
         self.report()
         self.session.start()
         self.uplink.start()
@@ -212,13 +264,49 @@ class Agent:
             self.serving.restart()
             self._load_good_versions()
             self.report()
+        if self.watch is not None and self.watch.due():
+            self._watch_containers(self.watch)
+
+    def _watch_containers(self, watch: ContainerWatch) -> None:
+        """Orphans removed, crashed containers started again (container mode)."""
+        from agent.container.serving import ContainerServing
+
+        assert isinstance(self.serving, ContainerServing)
+        serving = self.serving
+        was = (dict(watch.engine), watch.error)
+        # A version staged in native mode has no image: loading it says so ("deploy it again").
+        wanted = {name: {serving.name_of(name, v) for v in (s.primary, s.candidate)
+                         if v and v.image}
+                  for name, s in self.state.serving.items()}
+        broken = watch.check(wanted)
+        if watch.error is None:  # the engine answers: load what could not be loaded before
+            broken |= {name: "" for name in self._not_loaded - broken.keys()
+                       if name in self.state.serving}
+        for name, why in broken.items():
+            log.warning("%s: %s; loading it again", name, why or "not loaded")
+            self._load(name, self.state.serving[name], note=why or None)
+        if broken or (dict(watch.engine), watch.error) != was:
+            self.facts = {**{k: v for k, v in self.facts.items()
+                             if not k.startswith("container_engine")}, **watch.facts()}
+            self.report()
 
     def _load_good_versions(self) -> None:
         for name, serving in list(self.state.serving.items()):
-            try:
-                self.serving.put(name, deployment_body(serving))
-            except ServingError as exc:
-                log.error("could not load %s again: %s", name, exc)
+            self._load(name, serving)
+
+    def _load(self, name: str, serving: Serving, note: str | None = None) -> None:
+        """Load NAME's good versions again; NOTE (why) goes on their reported status."""
+        try:
+            self.serving.put(name, deployment_body(serving))
+            self._not_loaded.discard(name)
+        except ServingError as exc:
+            log.error("could not load %s again: %s", name, exc)
+            self._not_loaded.add(name)
+            note = f"{note + '; ' if note else ''}could not load it again: {exc}"
+        if note is not None:
+            for status in self.state.statuses:
+                if status["name"] == name and status["state"] == str(UpdateState.SERVING):
+                    status["error"] = note[:MAX_TEXT]
 
     # -- desired state ------------------------------------------------------------
 
@@ -327,7 +415,7 @@ class Agent:
             self.store.prune(name, set())
         try:
             freed = self.store.prune_packages(packages)
-        except (PackageError, OSError) as exc:  # housekeeping: the next apply tries again
+        except (PackageError, StageError, OSError) as exc:  # housekeeping: next apply tries again
             log.warning("could not prune the package store: %s", exc)
         else:
             if freed:
@@ -371,4 +459,15 @@ class Agent:
         except Exception:  # serving restarting: no inference numbers this round
             stats = []
         points += [("inference", values) for values in self.deltas.points(stats)]
+        if self.watch is not None:
+            points[0][1].update(self._container_values(self.watch))
         return points
+
+    def _container_values(self, watch: ContainerWatch) -> dict[str, int | float]:
+        """Container mode's part of the system point: the engine and its containers."""
+        from agent.container.serving import ContainerServing
+
+        assert isinstance(self.serving, ContainerServing)
+        if watch.error is not None:
+            return {"container_engine_up": 0}
+        return {"container_engine_up": 1, **self.serving.measure()}

@@ -41,3 +41,13 @@ SHADOW_CONCURRENCY: Option[int] = Option(
 TELEMETRY_INTERVAL: Option[float] = Option(10.0, "Seconds between telemetry measurements.")
 TELEMETRY_QUEUE_POINTS: Option[int] = Option(
     50_000, "Telemetry points kept on disk while offline; the oldest go first.")
+MODE: Option[str] = Option(
+    "native", "native: models run in the agent's serving process; container: each version runs "
+    "as a container of its package image (Docker API: dockerd or podman), behind the same "
+    "scoring address.")
+DOCKER_HOST: Option[str | None] = Option(
+    None, "Container mode: the engine's socket, e.g. unix:///run/podman/podman.sock "
+    "[default: $DOCKER_HOST, else unix:///var/run/docker.sock].")
+CONTAINER_CPUS: Option[float | None] = Option(None, "Container mode: CPUs each container may use.")
+CONTAINER_MEMORY_MB: Option[int | None] = Option(
+    None, "Container mode: memory limit of each container in MiB (no swap on top).")

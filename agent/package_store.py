@@ -50,6 +50,7 @@ class StagedVersion:
     directory: Path
     model_dir: Path
     serving: dict[str, Any]  # serving.json: runtime, framework, entrypoint, prefer, sample_request
+    image: str | None = None  # container mode: the engine's image id (paths are the image's)
 
     @property
     def entrypoint(self) -> str:

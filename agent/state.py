@@ -35,6 +35,7 @@ class Installed:
     prefer: list[str]            # as the desired state asks (may be empty)
     package_prefer: list[str] = field(default_factory=list)  # serving.json's default
     sample_request: dict[str, Any] | None = None
+    image: str | None = None     # container mode: the engine's image id (the signed config)
 
     def running(self) -> Running:
         return Running(self.version, self.digest, tuple(self.prefer))

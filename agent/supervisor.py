@@ -66,10 +66,52 @@ class ServingOptions:
     grpc_port: int | None = o.SERVE_GRPC_PORT.default
 
 
-class ServingProcess:
+class ControlClient:
+    """The control API of a serving process at SOCKET: the agent's own child, or the one
+    inside a container (container mode)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket = socket_path
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        connection = _UnixConnection(self.socket, timeout=120.0)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        if response.status >= 400:
+            try:
+                message = json.loads(text).get("error", text)
+            except ValueError:
+                message = text
+            raise ServingError(message)
+        return json.loads(text)
+
+    def put(self, name: str, body: DeploymentBody) -> Any:
+        return self._call("PUT", f"/control/deployments/{name}", build(body))
+
+    def delete(self, name: str) -> Any:
+        return self._call("DELETE", f"/control/deployments/{name}")
+
+    def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any:
+        return self._call("POST", f"/control/deployments/{name}/versions/{version}/self-test",
+                          sample)
+
+    def state(self) -> Any:
+        return self._call("GET", "/control/state")
+
+    def stats(self) -> Any:
+        return self._call("GET", "/control/stats")
+
+
+class ServingProcess(ControlClient):
     def __init__(self, data_dir: Path, options: ServingOptions) -> None:
+        super().__init__(data_dir / "control.sock")
         self.options = options
-        self.socket = data_dir / "control.sock"
         self.pid_file = data_dir / "serving.pid"
         self.log_path = data_dir / "serving.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -142,39 +184,3 @@ class ServingProcess:
         log.warning("the serving process died (exit %s); starting it again",
                     self.process.returncode if self.process else None)
         self.start()
-
-    # -- control API ----------------------------------------------------------
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        connection = _UnixConnection(self.socket, timeout=120.0)
-        try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            connection.request(method, path, body=payload, headers=headers)
-            response = connection.getresponse()
-            text = response.read().decode("utf-8", "replace")
-        finally:
-            connection.close()
-        if response.status >= 400:
-            try:
-                message = json.loads(text).get("error", text)
-            except ValueError:
-                message = text
-            raise ServingError(message)
-        return json.loads(text)
-
-    def put(self, name: str, body: DeploymentBody) -> Any:
-        return self._call("PUT", f"/control/deployments/{name}", build(body))
-
-    def delete(self, name: str) -> Any:
-        return self._call("DELETE", f"/control/deployments/{name}")
-
-    def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any:
-        return self._call("POST", f"/control/deployments/{name}/versions/{version}/self-test",
-                          sample)
-
-    def state(self) -> Any:
-        return self._call("GET", "/control/state")
-
-    def stats(self) -> Any:
-        return self._call("GET", "/control/stats")

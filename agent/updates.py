@@ -25,6 +25,16 @@ step inside the serving process (no request is dropped).
 After a restart the serving process starts fresh with the good versions
 only, so an update caught in starting, self_test or serving starts again at
 starting, and one caught in failed or rolling_back finishes its rollback.
+
+Container mode (`agent run --mode container`) runs the same table with
+other parts: the store is agent/container/store.py (downloading checks the
+signature, then the engine pulls the image by digest; verifying checks the
+engine's image id against the signed config) and the serving side is
+agent/container/serving.py (starting runs the version's container on a
+private port and puts it behind the front; serving switches the front and
+removes the old container once drained). A serving side that is down
+(`transient`: the engine) is waited for with backoff, reported in the state
+the update waits in, before the step counts as failed.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.decisions import still_serving
-from agent.package_store import PackageStore, StageError
+from agent.package_store import StagedVersion, StageError
 from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
@@ -71,6 +81,8 @@ RESUME_AT = {
     S.ROLLING_BACK: S.ROLLING_BACK,
 }
 DOWNLOAD_ATTEMPTS = 5
+# A serving side that is down for a while (container mode: the engine) is waited for.
+SERVING_ATTEMPTS = 8
 
 
 class ServingControl(Protocol):
@@ -81,6 +93,16 @@ class ServingControl(Protocol):
     def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
+
+
+class PackageSource(Protocol):
+    """Where versions come from: the package store (native mode; agent/package_store.py) or
+    the container engine (container mode; agent/container/store.py)."""
+
+    def download(self, registry: Registry, package: Package) -> Any: ...
+    def verify(self, package: Package) -> Any: ...
+    def stage(self, deployment: str, version: int, package: Package,
+              image: Any) -> StagedVersion: ...
 
 
 class StepFailed(Exception):
@@ -122,7 +144,7 @@ class Updater:
 
     state: AgentState
     state_file: StateFile
-    store: PackageStore
+    store: PackageSource
     registry: Callable[[], Registry]  # made on first use: an idle agent needs no HTTP client
     serving: ServingControl
     report: Callable[[], None]
@@ -134,6 +156,7 @@ class Updater:
     def run(self, update: Update) -> bool:
         """Drive UPDATE to serving (True) or rolled back (False)."""
         current = RESUME_AT[S(update.state)] if update.state in RESUME_AT else S.DOWNLOADING
+        waits = 0
         while True:
             self._enter(update, current)
             if current is S.ROLLED_BACK:
@@ -141,24 +164,43 @@ class Updater:
                 return False
             try:
                 self._step(current, update)
-            except (StepFailed, StageError, ServingError, OSError) as exc:  # OSError: disk
-                if current is S.ROLLING_BACK:
-                    # The old version could not be restored in place: the
-                    # supervisor's restart loads the good versions from disk.
-                    log.error("rollback of %s failed: %s", update.deployment, exc)
-                    self.serving.stop()
-                    self.serving.start()
-                    current = S.ROLLED_BACK
+            except ServingError as exc:
+                if getattr(exc, "transient", False) and waits < SERVING_ATTEMPTS:
+                    # Reported in the state it waits in; the step runs again after the wait.
+                    waits += 1
+                    delay = min(2 ** waits, 30)
+                    log.warning("%s of %s: %s; again in %ds", current, update.deployment, exc,
+                                delay)
+                    self._set_status(update.deployment, update.model, update.version, current,
+                                     f"waiting: {exc}"[:1000])
+                    self.state_file.save(self.state)
+                    self.report()
+                    self.sleep(delay)
                     continue
-                update.error = str(exc)
-                log.warning("update of %s to %s failed in %s: %s", update.deployment,
-                            update.version, current, exc)
-                current = S.FAILED
+                current = self._failed(update, current, exc)
                 continue
+            except (StepFailed, StageError, OSError) as exc:  # OSError: disk
+                current = self._failed(update, current, exc)
+                continue
+            waits = 0
             if current is S.SERVING:
                 self._finish(update)
                 return True
             current = NEXT[current]
+
+    def _failed(self, update: Update, current: UpdateState, exc: Exception) -> UpdateState:
+        """Where an update goes after EXC in CURRENT."""
+        if current is S.ROLLING_BACK:
+            # The old version could not be restored in place: the
+            # supervisor's restart loads the good versions from disk.
+            log.error("rollback of %s failed: %s", update.deployment, exc)
+            self.serving.stop()
+            self.serving.start()
+            return S.ROLLED_BACK
+        update.error = str(exc)
+        log.warning("update of %s to %s failed in %s: %s", update.deployment,
+                    update.version, current, exc)
+        return S.FAILED
 
     # -- transitions ------------------------------------------------------------
 
@@ -200,7 +242,7 @@ class Updater:
                 entrypoint=staged.entrypoint, framework=staged.framework,
                 prefer=list(update.prefer),
                 package_prefer=list(staged.serving.get("prefer") or []),
-                sample_request=staged.sample_request,
+                sample_request=staged.sample_request, image=staged.image,
             )
         elif state is S.STARTING:
             self._start(update)

@@ -26,6 +26,13 @@ and signed by the hub; a device is enrolled and its credentials are used.
   target is the model layer plus a few kB.
 * scoring: --requests sequential OIP requests to version 2, p50 and p95,
   through the container's port and through the native serving process.
+* through the agent: two real agents (Mosquitto, the hub's desired states),
+  one `--mode container` on the same engine (its images removed first, so
+  version 1 pulls the whole image and version 2 the model layer), one
+  native; from `edgefleet deploy` to the device's address answering with
+  the new version (pull or download, verify, container start, load,
+  self-test through the front, switch), and scoring p50 through each
+  agent's one address (container mode adds the front's proxy hop).
 """
 
 from __future__ import annotations
@@ -53,7 +60,16 @@ sys.path.insert(0, str(BENCH.parent))
 from agent.container.engine import ContainerEngine, Limits, RunSpec  # noqa: E402
 from agent.container.images import VerifiedRef, verify_remote  # noqa: E402
 from agent.package_store import PackageStore  # noqa: E402
-from bench.harness import EDGEFLEET, HubProcess, free_port, start_hub  # noqa: E402
+from bench.harness import (  # noqa: E402
+    EDGEFLEET,
+    AgentProcess,
+    HubProcess,
+    free_port,
+    start_agent,
+    start_hub,
+    start_mosquitto,
+    wait_for,
+)
 from contract import signing  # noqa: E402
 from contract.protocol import Package  # noqa: E402
 from packager.distribution import Registry  # noqa: E402
@@ -99,10 +115,10 @@ def load(path: Path, body: dict[str, Any]) -> None:
         raise RuntimeError(f"load failed: {answer.text}")
 
 
-def latencies(port: int, requests: int) -> list[float]:
+def latencies(port: int, requests: int, api_key: str = API_KEY) -> list[float]:
     url = f"http://127.0.0.1:{port}/v2/models/bench/infer"
     samples = []
-    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+    with httpx.Client(headers={"Authorization": f"Bearer {api_key}"}) as client:
         for _ in range(requests):
             started = time.perf_counter()
             client.post(url, json=BODY).raise_for_status()
@@ -160,6 +176,57 @@ def image_blobs(registry: Registry, ref: VerifiedRef) -> dict[str, int]:
     return blobs
 
 
+def answers(agent: AgentProcess, version: int) -> bool:
+    try:
+        answer = httpx.post(f"{agent.url}/v2/models/bench/infer", json=BODY, timeout=10,
+                            headers={"Authorization": f"Bearer {agent.api_key}"})
+    except httpx.TransportError:
+        return False
+    return answer.status_code == 200 and answer.json()["model_version"] == str(version)
+
+
+def deploy_and_wait(hub: HubProcess, agent: AgentProcess, version: int) -> float:
+    """Seconds from `edgefleet deploy bench:VERSION` to the agent's address answering with it."""
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    started = time.perf_counter()
+    subprocess.run([*EDGEFLEET, "deploy", f"bench:{version}", "--device", agent.device_id],
+                   env=env, capture_output=True, check=True, timeout=60)
+    wait_for(lambda: answers(agent, version), timeout=600, what=f"bench:{version} serving")
+    return time.perf_counter() - started
+
+
+def through_agents(hub: HubProcess, scratch: Path, docker_host: str, requests: int,
+                   engine_name: str) -> list[Row]:
+    """Desired state to serving, and scoring, through a container-mode and a native agent."""
+    rows = []
+    for mode in ("container", "native"):
+        (scratch / f"agent-{mode}").mkdir()
+    agents = {
+        "container": start_agent(hub, scratch / "agent-container" / "data", extra_args=(
+            "--mode", "container", "--docker-host", docker_host)),
+        "native": start_agent(hub, scratch / "agent-native" / "data"),
+    }
+    try:
+        for version in (1, 2):
+            console.log(f"through the agents: version {version}")
+            seconds = {mode: deploy_and_wait(hub, agent, version)
+                       for mode, agent in agents.items()}
+            label = "first version (whole image)" if version == 1 else "model-only update"
+            rows.append(Row(f"desired state to serving, {label}, agent {engine_name}",
+                            f"{seconds['container']:.2f} s", f"native {seconds['native']:.2f} s",
+                            f"{seconds['container'] / seconds['native']:.1f}x"))
+        p50 = {mode: statistics.median(latencies(agent.port, requests, agent.api_key))
+               for mode, agent in agents.items()}
+        rows.append(Row("scoring p50 through the agent's address",
+                        f"container {p50['container'] * 1e3:.2f} ms",
+                        f"native {p50['native'] * 1e3:.2f} ms",
+                        f"{p50['container'] / p50['native']:.1f}x"))
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=["podman", "docker"], default="podman")
@@ -169,7 +236,9 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-container-") as tmp:
         scratch = Path(tmp)
-        hub = start_hub(scratch / "hub", tls=False)  # engines pull over plain HTTP
+        broker = start_mosquitto(scratch / "mosquitto")
+        # Plain text: the engines pull from the hub without its CA in their trust store.
+        hub = start_hub(scratch / "hub", tls=False, extra_args=("--mqtt-url", broker.url))
         serving = None
         try:
             console.log("registering and building two versions (--image)")
@@ -242,12 +311,17 @@ def main() -> None:
                                     f"{statistics.median(samples) * 1e3:.2f} / "
                                     f"{samples[int(len(samples) * 0.95)] * 1e3:.2f} ms"))
                 driver.stop(container[2][1].name, timeout=5)
+                for ref in refs.values():  # so that the agent pulls as a new device would
+                    driver.remove_image(ref.config)
+                rows += through_agents(hub, scratch, f"unix://{driver.socket_path}",
+                                       args.requests, args.engine)
             registry.close()
         finally:
             if serving is not None:
                 serving.terminate()
                 serving.wait(30)
             hub.stop()
+            broker.stop()
     print_table(rows, f"container mode ({args.engine}) against native mode")
 
 

@@ -205,13 +205,17 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
 
 def derived_tags(report: protocol.ReportedState) -> dict[str, str]:
     """Tags a rollout can target without anyone setting them: the CPU architecture
-    ("arch=arm64") and each accelerator ("accel.openvino.GPU=yes"). A tag an
+    ("arch=arm64"), each accelerator ("accel.openvino.GPU=yes") and, for a device
+    in container mode, its engine ("runtime.container=podman"). A tag an
     operator set by hand wins over a derived one of the same key."""
     arch = report.platform.split("/")[1]
     tags = {"arch": arch}
     for choice in report.accelerators:
         runtime, _, device = choice.partition(":")
         tags[f"accel.{runtime}.{device}"] = "yes"
+    engine = report.inventory.get("container_engine")
+    if engine:
+        tags["runtime.container"] = str(engine)
     return tags
 
 

@@ -22,7 +22,7 @@ from agent.package_store import PackageStore, StageError
 from agent.serving.body import DeploymentBody, build
 from agent.state import AgentState, StateFile, Update
 from agent.supervisor import ServingError
-from agent.updates import Updater, now
+from agent.updates import SERVING_ATTEMPTS, Updater, now
 from contract import signing
 from contract.cosign import sign_package, signature_tag
 from contract.oci import OCILayout
@@ -114,16 +114,24 @@ def test_a_package_the_registry_does_not_have_is_a_stage_error(pushed: Pushed,
 # ---- updater ---------------------------------------------------------------------------
 
 
+class EngineDown(ServingError):
+    transient = True
+
+
 @dataclass
 class FakeServing:
     """A serving control that records each request; FAIL_SELF_TEST makes self-tests fail."""
 
     fail_self_test: set[str] = field(default_factory=set)
+    down_for: int = 0  # puts that fail as a serving side that is down (container engine)
     puts: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     tested: list[str] = field(default_factory=list)
 
     def put(self, name: str, body: DeploymentBody) -> Any:
+        if self.down_for:
+            self.down_for -= 1
+            raise EngineDown("cannot list containers: the engine is not running")
         sent = build(body)  # the body is checked exactly as on the way to the real process
         self.puts.append(sent)
 
@@ -267,3 +275,23 @@ def test_the_state_file_holds_each_state_before_its_step_runs(pushed: Pushed,
     assert device.updater.run(update(pushed, 1))
     assert on_disk == ["downloading", "verifying", "staged", "starting", "self_test",
                        "serving", "idle"]
+
+
+def test_a_serving_side_that_is_down_is_waited_for_in_its_state(pushed: Pushed,
+                                                                device: Device) -> None:
+    device.serving.down_for = 2
+    waiting: list[str] = []
+    device.updater.report = lambda: waiting.extend(
+        s["error"] for s in device.state.statuses if (s["error"] or "").startswith("waiting"))
+    assert device.updater.run(update(pushed, 1))
+    assert waiting and "engine is not running" in waiting[0]
+    assert device.state.serving["d"].primary.version == 1
+
+
+def test_a_serving_side_down_for_too_long_rolls_the_update_back(pushed: Pushed,
+                                                                device: Device) -> None:
+    device.serving.down_for = 100
+    assert not device.updater.run(update(pushed, 1))
+    [status] = device.state.statuses
+    assert status["state"] == "rolled_back" and "engine is not running" in status["error"]
+    assert device.serving.down_for == 100 - SERVING_ATTEMPTS - 1

@@ -25,6 +25,10 @@ from agent.container.engine import (
     RunSpec,
 )
 from agent.container.images import ImageCheckError, VerifiedRef, verify_remote
+from agent.container.serving import ContainerServing
+from agent.container.watch import ContainerWatch
+from agent.mqtt import BackoffPolicy
+from agent.supervisor import ServingOptions, ServingProcess
 from conftest import Cli
 from contract import signing
 from engines import Engine, engine  # noqa: F401  (fixture)
@@ -218,3 +222,38 @@ def test_after_a_restart_only_the_kept_containers_stay(
     assert [c.name for c in restarted.find("tiny")] == sorted([old.name, new.name])
     assert restarted.prune(keep={new.name}) == [old.name]
     assert [c.version for c in restarted.find()] == ["2"]
+
+
+def test_a_watch_reports_an_engine_that_is_down_and_backs_off(tmp_path: Path) -> None:
+    down = ContainerEngine.connect(f"unix://{tmp_path}/none.sock", timeout=5)
+    front = ServingProcess(tmp_path, ServingOptions("127.0.0.1", free_port(), tmp_path / "key"))
+    serving = ContainerServing(front, down, lambda name, version: None, data_dir=tmp_path,
+                               api_key_file=tmp_path / "key")
+    now = [0.0]
+    watch = ContainerWatch(serving, clock=lambda: now[0],
+                           policy=BackoffPolicy(initial=1.0, maximum=8.0, jitter=0.0))
+    waits = []
+    for _ in range(5):
+        assert watch.check({"tiny": {"edgefleet-tiny-1-0123456789ab"}}) == {}
+        started = now[0]
+        while not watch.due():
+            now[0] += 1
+        waits.append(now[0] - started)
+    assert waits == [1, 2, 4, 8, 8]
+    facts = watch.facts()
+    assert "not running" in facts["container_engine_error"] and "container_engine" not in facts
+
+
+def test_gpus_are_asked_for_through_the_engines_device_requests(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    """A stand-in: this machine has no GPU and no NVIDIA container toolkit. dockerd refuses
+    the request (no device driver has the `gpu` capability); podman's Docker API takes it
+    and drops it, which the driver finds and refuses. Either way a GPU deployment never
+    runs on the CPU unnoticed, and the error is one line naming why."""
+    run = spec(pull(driver, hub, device, verified), verified, tmp_path, gpus=True)
+    expected = "capabilities: \\[\\[gpu\\]\\]" if driver.describe()["engine"] == "docker" \
+        else "dropped the GPU device request"
+    with pytest.raises(EngineError, match=expected):
+        driver.run(run)
+    assert driver.find() == []

@@ -34,13 +34,15 @@ import docker  # type: ignore[import-untyped]  # docker 7 ships no types
 import docker.errors  # type: ignore[import-untyped]
 import requests.exceptions
 from docker.models.containers import Container  # type: ignore[import-untyped]
-from docker.types import LogConfig  # type: ignore[import-untyped]
+from docker.types import DeviceRequest, LogConfig  # type: ignore[import-untyped]
 
 LABEL = "dev.edgefleet"
 MANAGED = f"{LABEL}.managed"
 DEPLOYMENT = f"{LABEL}.deployment"
 VERSION = f"{LABEL}.version"
 PACKAGE = f"{LABEL}.package"
+OWNER = f"{LABEL}.owner"  # the device (agent) that started it: agents may share an engine
+PORT = f"{LABEL}.port"  # its private scoring port: a restarted agent adopts it by that
 CONTROL_DIR = "/run/edgefleet"
 CONTROL_SOCKET = "control.sock"
 API_KEY_ENV = "EDGEFLEET_SERVE_API_KEY"
@@ -89,13 +91,15 @@ class RunSpec:
     control_dir: Path  # host directory mounted at /run/edgefleet (the control socket)
     limits: Limits = Limits()
     restart_retries: int = 3  # on-failure restarts before the container stays exited
+    gpus: bool = False  # every GPU through the engine's device requests (NVIDIA toolkit)
     log_bytes: int = 1024 * 1024  # per log file; two are kept
     extra_labels: Mapping[str, str] = field(default_factory=dict)
+    owner: str = ""  # the device id of the agent that runs it, when agents share an engine
 
     @property
     def name(self) -> str:
         return (
-            f"edgefleet-{self.deployment}-{self.version}"
+            f"edgefleet-{self.owner + '-' if self.owner else ''}{self.deployment}-{self.version}"
             f"-{self.package.removeprefix('sha256:')[:12]}"
         )
 
@@ -107,6 +111,7 @@ class ContainerStatus:
     deployment: str
     version: str
     package: str
+    port: int | None  # its private scoring port
     state: str  # created, running, restarting, exited, ...
     exit_code: int | None
     oom_killed: bool
@@ -131,12 +136,15 @@ class Usage:
 
 
 class ContainerEngine:
-    def __init__(self, client: docker.DockerClient, socket_path: Path | None = None) -> None:
+    def __init__(self, client: docker.DockerClient, socket_path: Path | None = None, *,
+                 owner: str = "") -> None:
         self.client = client
         self.socket_path = socket_path  # the engine's unix socket, when it has one
+        self.owner = owner  # set: only containers labelled with this owner are this agent's
 
     @classmethod
-    def connect(cls, docker_host: str | None = None, *, timeout: float = 60) -> ContainerEngine:
+    def connect(cls, docker_host: str | None = None, *, timeout: float = 60,
+                owner: str = "") -> ContainerEngine:
         """The engine at DOCKER_HOST (a unix:// URL), or at the DOCKER_HOST environment variable.
 
         Nothing is asked of the engine yet: an agent starts while its engine is down.
@@ -147,7 +155,8 @@ class ContainerEngine:
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot use the container engine at {host}: {exc}") from None
         return cls(
-            client, Path(host.removeprefix("unix://")) if host.startswith("unix://") else None
+            client, Path(host.removeprefix("unix://")) if host.startswith("unix://") else None,
+            owner=owner,
         )
 
     def close(self) -> None:
@@ -172,8 +181,18 @@ class ContainerEngine:
         """
         reference = f"{registry}/{repository}"
         auth = {"username": username, "password": password}
-        self._call(f"pull {reference}@{manifest}", self.client.api.pull, reference,
-                   tag=manifest, auth_config=auth)
+        progress = self._call(f"pull {reference}@{manifest}", self.client.api.pull, reference,
+                              tag=manifest, auth_config=auth, stream=True, decode=True)
+        # A failed pull is a line of the progress stream, not an HTTP error.
+        for line in self._call(f"pull {reference}@{manifest}", list, progress):
+            if isinstance(line, dict) and line.get("error"):
+                raise EngineError(f"the engine could not pull {reference}@{manifest}: "
+                                  f"{' '.join(str(line['error']).split())[:500]}")
+        return self.check_image(registry, repository, manifest, config)
+
+    def check_image(self, registry: str, repository: str, manifest: str, config: str) -> str:
+        """The id of the image pulled as REGISTRY/REPOSITORY@MANIFEST, which must be CONFIG."""
+        reference = f"{registry}/{repository}"
         image = self._call(f"inspect {reference}@{manifest}",
                            self.client.images.get, f"{reference}@{manifest}")
         if _digest(image.id) != config:
@@ -183,14 +202,24 @@ class ContainerEngine:
             )
         return str(image.id)
 
-    def remove_image(self, image: str) -> None:
+    def remove_image(self, image: str) -> int | None:
+        """Remove IMAGE; the bytes it took (0 if it was gone), None while a container uses it."""
         try:
+            size = int(self._call(f"inspect image {image}", self.client.images.get,
+                                  image).attrs.get("Size") or 0)
             self.client.images.remove(image, force=False)
+        except EngineError as exc:
+            if "not found" in str(exc):
+                return 0
+            raise
         except docker.errors.NotFound:
-            pass
+            return 0
         except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # still used by a container: kept until that is removed
-                raise EngineError(f"cannot remove image {image}: {_explain(exc)}") from None
+            if exc.status_code == 409:  # still used by a container: kept until that is removed
+                return None
+            raise EngineError(f"cannot remove image {image}: {_explain(exc)}",
+                              transient=_is_transient(exc)) from None
+        return size
 
     # -- containers -----------------------------------------------------------
 
@@ -199,27 +228,45 @@ class ContainerEngine:
         spec.control_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._remove_named(spec.name)
         labels = {**spec.extra_labels, MANAGED: "1", DEPLOYMENT: spec.deployment,
-                  VERSION: str(spec.version), PACKAGE: spec.package}
+                  VERSION: str(spec.version), PACKAGE: spec.package, PORT: str(spec.port),
+                  **({OWNER: spec.owner} if spec.owner else {})}
         limits: dict[str, Any] = {}
         if spec.limits.cpus is not None:
             limits["nano_cpus"] = int(spec.limits.cpus * 1e9)
+        if spec.gpus:
+            limits["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
         if spec.limits.memory_bytes is not None:
             # Equal to the memory limit: no swap on top, so an OOM shows as an OOM.
             limits.update(
                 mem_limit=spec.limits.memory_bytes, memswap_limit=spec.limits.memory_bytes
             )
-        container = self._call(
-            f"start {spec.name}", self.client.containers.run, spec.image,
-            command=["--host", "127.0.0.1", "--port", str(spec.port),
-                     "--control-socket", f"{CONTROL_DIR}/{CONTROL_SOCKET}"],
-            name=spec.name, detach=True, network_mode="host", labels=labels,
-            environment={API_KEY_ENV: spec.api_key},
-            volumes={str(spec.control_dir): {"bind": CONTROL_DIR, "mode": "rw"}},
-            restart_policy={"Name": "on-failure", "MaximumRetryCount": spec.restart_retries},
-            log_config=LogConfig(type="json-file",
-                                 config={"max-size": str(spec.log_bytes), "max-file": "2"}),
-            stop_signal="SIGTERM", **limits,
-        )
+        try:
+            container = self._call(
+                f"start {spec.name}", self.client.containers.run, spec.image,
+                command=["--host", "127.0.0.1", "--port", str(spec.port),
+                         "--control-socket", f"{CONTROL_DIR}/{CONTROL_SOCKET}"],
+                name=spec.name, detach=True, network_mode="host", labels=labels,
+                environment={API_KEY_ENV: spec.api_key},
+                volumes={str(spec.control_dir): {"bind": CONTROL_DIR, "mode": "rw"}},
+                restart_policy={"Name": "on-failure",
+                                "MaximumRetryCount": spec.restart_retries},
+                log_config=LogConfig(type="json-file",
+                                     config={"max-size": str(spec.log_bytes), "max-file": "2"}),
+                stop_signal="SIGTERM", **limits,
+            )
+        except EngineError:
+            try:  # created but not started (a refused device request...): not left behind
+                self._remove_named(spec.name)
+            except EngineError:
+                pass
+            raise
+        if spec.gpus and not (container.attrs.get("HostConfig") or {}).get("DeviceRequests"):
+            # podman 4's Docker API takes device requests and drops them: never run on the
+            # CPU while the deployment counts on a GPU.
+            self._remove_named(spec.name)
+            raise EngineError("the engine dropped the GPU device request (podman's Docker API "
+                              "does not pass them on): use dockerd with the NVIDIA container "
+                              "toolkit for GPUs")
         return self.status(container.id)
 
     def wait_control(self, spec: RunSpec, timeout: float = 60) -> None:
@@ -267,10 +314,18 @@ class ContainerEngine:
 
     def find(self, deployment: str | None = None) -> list[ContainerStatus]:
         """The agent's own containers (by label), of DEPLOYMENT or all, oldest first."""
-        labels = [f"{MANAGED}=1"] + ([f"{DEPLOYMENT}={deployment}"] if deployment else [])
-        containers = self._call("list containers", self.client.containers.list,
-                                all=True, filters={"label": labels})
-        found = [_status(c) for c in containers]
+        labels = [f"{MANAGED}=1"] + ([f"{DEPLOYMENT}={deployment}"] if deployment else []) \
+            + ([f"{OWNER}={self.owner}"] if self.owner else [])
+        listed = self._call("list containers", self.client.api.containers,
+                            all=True, filters={"label": labels})
+        found = []
+        for summary in listed:
+            try:
+                found.append(self.status(summary["Id"]))
+            except EngineError as exc:
+                # Removed between the list and its inspection (podman answers 500 for that).
+                if "no such container" not in str(exc) and "not found" not in str(exc):
+                    raise
         return sorted(found, key=lambda s: s.name)
 
     def prune(self, keep: Collection[str]) -> list[str]:
@@ -354,6 +409,7 @@ def _status(container: Container) -> ContainerStatus:
         deployment=labels.get(DEPLOYMENT, ""),
         version=labels.get(VERSION, ""),
         package=labels.get(PACKAGE, ""),
+        port=int(labels[PORT]) if str(labels.get(PORT, "")).isdigit() else None,
         state=status,
         exit_code=int(exit_code) if status in ENDED and exit_code is not None else None,
         oom_killed=bool(state.get("OOMKilled")),

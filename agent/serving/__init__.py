@@ -20,6 +20,7 @@ Modules, one job each:
     batching    concurrent requests to one version merged into one runtime call
     table       loaded versions (reference counted) and the deployment routes
     loading     what the agent asks to load, and the one call into agent.runtimes
+    upstream    a version served by a container on loopback, proxied (container mode)
     shadow      mirrored requests to a candidate, bounded and dropped under load
     scoring     one inference request from bytes in to bytes out, any wire format
     auth        the API key check

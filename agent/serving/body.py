@@ -10,12 +10,19 @@ daemon imports this module and stays free of pydantic.
      "framework": "onnx", "runtime": {"prefer": ["onnxruntime:CPU"], ...},
      "self_test": {...inference request...},            optional
      "batching": {"max_batch_size": 32, "max_delay_ms": 0},  optional (off)
+     "upstream": "http://127.0.0.1:PORT/v2/models/NAME/versions/V",  optional
      "candidate": {...the same fields...},              optional
      "traffic": 10, "shadow": false}
 
 `traffic` is the candidate's share in percent: of the requests without a
 version in their path that it answers (A/B split), or, with `shadow`, of
 the primary's requests that it sees a copy of.
+
+`upstream` (container mode) names a version served by another edgefleet
+serving process on this host's loopback (a container's private port): it is
+not loaded here but proxied to, with the same routing, self-test, metrics
+and draining as a local version. Loopback only: containers never get traffic
+from anywhere but this front.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from contract.tensors import FRAMEWORKS
 
 # Names and versions appear in URL paths and metric labels.
 NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+UPSTREAM_PATTERN: Final = (
+    rf"http://127\.0\.0\.1:[1-9][0-9]{{0,4}}/v2/models/{NAME_PATTERN}/versions/{NAME_PATTERN}"
+)
 
 
 class BodyError(ValueError):
@@ -73,6 +83,7 @@ class VersionBody:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     self_test: Mapping[str, Any] | None = None  # an inference request run before it serves
     batching: Batching | None = None  # None: every request is a runtime call of its own
+    upstream: str | None = None       # served elsewhere on loopback: proxied, not loaded
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,8 @@ def _version_json(v: VersionBody) -> dict[str, Any]:
     if v.batching is not None:
         out["batching"] = {"max_batch_size": v.batching.max_batch_size,
                            "max_delay_ms": v.batching.max_delay_ms}
+    if v.upstream is not None:
+        out["upstream"] = v.upstream
     return out
 
 
@@ -118,7 +131,8 @@ def build(body: DeploymentBody) -> dict[str, Any]:
 # -- reader ---------------------------------------------------------------------------
 
 _VERSION_FIELDS: Final = frozenset(
-    {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test", "batching"})
+    {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test", "batching",
+     "upstream"})
 _BATCHING_FIELDS: Final = frozenset({"max_batch_size", "max_delay_ms"})
 _DEPLOYMENT_FIELDS: Final = _VERSION_FIELDS | {"candidate", "traffic", "shadow"}
 _RUNTIME_FIELDS: Final = frozenset({"prefer", "precision", "threads", "extra"})
@@ -189,9 +203,14 @@ def _version(data: Mapping[str, Any], where: str) -> VersionBody:
     self_test = data.get("self_test")
     if self_test is not None and not isinstance(self_test, dict):
         raise BodyError(f"{where}self_test: expected an inference request object")
+    upstream = data.get("upstream")
+    if upstream is not None and (not isinstance(upstream, str)
+                                 or not re.fullmatch(UPSTREAM_PATTERN, upstream)):
+        raise BodyError(f"{where}upstream: must be http://127.0.0.1:PORT/v2/models/NAME/"
+                        "versions/VERSION (a private port on loopback)")
     return VersionBody(version, model_dir, _text(data, "entrypoint", where), framework,
                        _runtime(data.get("runtime"), f"{where}runtime"), self_test,
-                       _batching(data.get("batching"), f"{where}batching"))
+                       _batching(data.get("batching"), f"{where}batching"), upstream)
 
 
 def _batching(value: Any, name: str) -> Batching | None:

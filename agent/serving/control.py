@@ -46,7 +46,7 @@ def spec_of(body: VersionBody) -> loading.VersionSpec:
     options = LoadOptions(prefer=r.prefer, precision=r.precision, threads=r.threads,
                           extra=dict(r.extra))
     return loading.VersionSpec(body.version, body.model_dir, body.entrypoint, body.framework,
-                               options, body.batching)
+                               options, body.batching, body.upstream)
 
 
 def read_body(raw: bytes) -> DeploymentBody:
@@ -62,8 +62,10 @@ def read_body(raw: bytes) -> DeploymentBody:
 
 
 class Controller:
-    def __init__(self, scorer: Scorer) -> None:
+    def __init__(self, scorer: Scorer, upstream_key: str | None = None) -> None:
+        """UPSTREAM_KEY: the API key of the containers upstream versions proxy to."""
         self.scorer = scorer
+        self.upstream_key = upstream_key
         self.table = scorer.table
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -107,11 +109,11 @@ class Controller:
             if existing.spec == spec:
                 return existing
         entry = spec.model_dir / spec.entrypoint
-        if not entry.is_file():
+        if spec.upstream is None and not entry.is_file():
             raise Unprocessable(f"version '{spec.version}': model file {entry} does not exist")
         started = time.perf_counter()
         try:
-            model = await asyncio.to_thread(loading.load, spec)
+            model = await asyncio.to_thread(loading.load, spec, self.upstream_key)
         except Exception as e:
             raise Unprocessable(f"version '{spec.version}' did not load: {e}") from None
         version = ModelVersion(name, spec, model)

@@ -2,7 +2,8 @@
 
 Everything that touches `agent.runtimes` from the serving process goes
 through `load`, so the choice of runtime (by the device's accelerator
-preferences) lives in one place.
+preferences) lives in one place. A version with an `upstream` (container
+mode) is not loaded here: `load` connects to it (agent/serving/upstream.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class VersionSpec:
     framework: str  # "onnx" | "openvino" | "tflite"
     options: LoadOptions = field(default_factory=LoadOptions)
     batching: Batching | None = None
+    upstream: str | None = None  # served by a container on loopback (see body.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,9 +43,15 @@ class VersionSpec:
                 "max_batch_size": self.batching.max_batch_size,
                 "max_delay_ms": self.batching.max_delay_ms,
             },
+            **({"upstream": self.upstream} if self.upstream else {}),
         }
 
 
-def load(spec: VersionSpec) -> LoadedModel:
-    """Load SPEC on the best runtime and device it allows; blocks, so call it off the event loop."""
+def load(spec: VersionSpec, upstream_key: str | None = None) -> LoadedModel:
+    """Load SPEC on the best runtime and device it allows, or connect to its upstream with
+    UPSTREAM_KEY as the API key; blocks, so call it off the event loop."""
+    if spec.upstream is not None:
+        from agent.serving.upstream import connect
+
+        return connect(spec.upstream, upstream_key)
     return runtimes.load_best(spec.model_dir, spec.entrypoint, spec.framework, spec.options)

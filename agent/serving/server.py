@@ -150,7 +150,8 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
     apps: list[tuple[ASGIApp, socket.socket]] = [
         (scoring_app.create_app(scorer, api_key=options.api_key,
                                 max_body_bytes=options.max_body_bytes), api_socket),
-        (control.create_app(control.Controller(scorer)), control_socket),
+        # Containers (upstream versions) take the same key as the device's scoring address.
+        (control.create_app(control.Controller(scorer, options.api_key)), control_socket),
     ]
     grpc_server = None
     if options.grpc_port is not None:
