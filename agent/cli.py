@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from agent import options as o
+from agent.kube.options import kube_options
 
 
 def _pause_in(value: str | None) -> tuple[str, float] | None:
@@ -45,10 +47,15 @@ def agent() -> None:
 @click.option("--max-queue", default=o.MAX_QUEUE.default, show_default=True,
               type=click.IntRange(0), help=o.MAX_QUEUE.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
+@click.option("--mode", type=click.Choice(["native", "kubernetes"]), default="native",
+              show_default=True, envvar="EDGEFLEET_AGENT_MODE",
+              help="native: serve on this device; kubernetes: this cluster namespace is the "
+                   "device (see the Kubernetes options) [env EDGEFLEET_AGENT_MODE].")
+@kube_options
 def run(
     hub_url: str | None, token: str | None, data_dir: Path, name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
-    max_concurrency: int, max_queue: int, verbose: bool,
+    max_concurrency: int, max_queue: int, verbose: bool, mode: str, **kube: Any,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
 
@@ -62,6 +69,14 @@ def run(
     from agent.identity import EnrollmentError
     from agent.inventory import oci_platform
 
+    if mode == "kubernetes":
+        from agent.kube.cli import run_kubernetes
+
+        run_kubernetes(hub_url=hub_url, token=token, data_dir=data_dir, name=name,
+                       mqtt_url=mqtt_url, telemetry_interval=telemetry_interval,
+                       verbose=verbose, pause_in=_pause_in(os.environ.get(
+                           "EDGEFLEET_AGENT_PAUSE_IN")), **kube)
+        return
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = identities.load(data_dir)
     if identity is None:
