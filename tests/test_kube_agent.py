@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -271,6 +270,24 @@ def test_an_agent_killed_mid_update_resumes_it(
     assert len(images) == len(set(images)), images
 
 
+def test_a_b_split_and_shadow_are_refused_for_clusters(
+        hub: HubProcess, cluster_agent: KubeAgent, versions: list[int]) -> None:
+    first, second, _ = versions
+    # Deployed by hand: the cluster serves the primary and reports the candidate failed.
+    deploy(hub, cluster_agent.device_id, f"tiny:{first}", "--candidate", str(second),
+           "--traffic", "10")
+    row = wait_state(hub, cluster_agent, second, "failed")
+    assert "not supported on a Kubernetes target" in row["error"], row
+    assert reported(hub, cluster_agent.device_id, first, "serving")
+    # A rollout with a split is refused before it starts when its target has a cluster.
+    env = {**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token}
+    done = subprocess.run([*EDGEFLEET, "rollout", "create", f"tiny:{second}", "--target",
+                           "site=lab", "--traffic", "10"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "Kubernetes clusters" in done.stderr, done.stderr
+    deploy(hub, cluster_agent.device_id, f"tiny:{first}")   # no candidate: back to normal
+
+
 def test_a_hub_rollout_over_the_cluster_and_a_native_device(
         hub: HubProcess, cluster_agent: KubeAgent, admin: client.ApiClient, namespace: str,
         versions: list[int], tmp_path: Path) -> None:
@@ -292,4 +309,3 @@ def test_a_hub_rollout_over_the_cluster_and_a_native_device(
         assert live_image(admin, namespace).endswith(digest_of(hub, second))
     finally:
         assert native.stop() == 0, native.log()
-        time.sleep(0)  # nothing to wait for: the rollout's state is the hub's
