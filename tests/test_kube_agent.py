@@ -13,7 +13,6 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ import pytest
 from kubernetes import client
 
 from agentproc import AgentProcess, deploy, enrollment_token, publish_version, start_agent, wait_for
-from hubproc import EDGEFLEET, HubProcess, start_hub, stop_process
-from kube import KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401  (the fixture)
+from hubproc import EDGEFLEET, HubProcess, start_hub
+from kube import KubeAgentProcess, KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401
+from kube import start_kube_agent as start
 from modelgen import make_onnx
 from mosquitto import Mosquitto, start_mosquitto
 
@@ -74,25 +74,6 @@ def namespace(admin: client.ApiClient) -> Iterator[str]:
     core.delete_namespace(name)
 
 
-@dataclass
-class KubeAgent:
-    data_dir: Path
-    process: subprocess.Popen
-    log_path: Path
-
-    @property
-    def device_id(self) -> str:
-        import json
-
-        return str(json.loads((self.data_dir / "identity.json").read_text())["device_id"])
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        return stop_process(self.process, sig, timeout=30)
-
-
 def api(hub: HubProcess, path: str, **kwargs: Any) -> Any:
     answer = httpx.request(kwargs.pop("method", "GET"), f"{hub.url}/api/v1{path}",
                            headers={"Authorization": f"Bearer {hub.admin_token}"}, timeout=30,
@@ -102,35 +83,15 @@ def api(hub: HubProcess, path: str, **kwargs: Any) -> Any:
 
 
 def start_kube_agent(hub: HubProcess, kube: KubeCluster, namespace: str, data_dir: Path, *,
-                     env: dict[str, str] | None = None) -> KubeAgent:
-    log_path = data_dir.parent / f"{data_dir.name}-agent.log"
-    args = [*EDGEFLEET, "agent", "run", "--mode", "kubernetes", "--data-dir", str(data_dir),
-            "--kubeconfig", str(kube.admin_kubeconfig), "--namespace", namespace,
-            "--progress-deadline", "10", "--telemetry-interval", "1"]
-    if not (data_dir / "identity.json").exists():
-        args += ["--hub", hub.url, "--token", enrollment_token(hub, tags={"site": "lab"})]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    agent = KubeAgent(data_dir, process, log_path)
-
-    def online() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"agent exited with {process.returncode}:\n{agent.log()}")
-        if not (data_dir / "identity.json").exists():
-            return False
-        record = api(hub, f"/devices/{agent.device_id}")
-        # Online, and its first reported state (with the inventory) is in.
-        return record["status"] == "online" and "agent_version" in (record["inventory"] or {})
-
-    wait_for(online, timeout=60, what="the cluster agent online")
-    return agent
+                     env: dict[str, str] | None = None) -> KubeAgentProcess:
+    return start(hub, kube.admin_kubeconfig, namespace, data_dir, tags={"site": "lab"}, env=env,
+                 extra_args=("--progress-deadline", "10", "--telemetry-interval", "1"))
 
 
 @pytest.fixture(scope="module")
 def cluster_agent(hub: HubProcess, kube_cluster: KubeCluster, namespace: str,  # noqa: F811
                   versions: list[int], tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[KubeAgent]:
+                  ) -> Iterator[KubeAgentProcess]:
     agent = start_kube_agent(hub, kube_cluster, namespace,
                              tmp_path_factory.mktemp("kube-agent") / "data")
     yield agent
@@ -143,7 +104,7 @@ def reported(hub: HubProcess, device_id: str, version: int, state: str) -> dict 
     return next((r for r in rows if r["version"] == version and r["state"] == state), None)
 
 
-def wait_state(hub: HubProcess, agent: KubeAgent, version: int, state: str,
+def wait_state(hub: HubProcess, agent: KubeAgentProcess, version: int, state: str,
                timeout: float = 120) -> dict:
     return wait_for(lambda: reported(hub, agent.device_id, version, state), timeout=timeout,
                     what=f"tiny:{version} {state} on the cluster\n{agent.log()[-3000:]}")
@@ -159,7 +120,7 @@ def digest_of(hub: HubProcess, version: int) -> str:
 
 
 def test_the_cluster_enrolls_with_its_inventory_and_is_tagged(
-        hub: HubProcess, cluster_agent: KubeAgent) -> None:
+        hub: HubProcess, cluster_agent: KubeAgentProcess) -> None:
     record = api(hub, f"/devices/{cluster_agent.device_id}")
     assert record["platform"] == "linux/amd64"
     inventory = record["inventory"]
@@ -173,7 +134,7 @@ def test_the_cluster_enrolls_with_its_inventory_and_is_tagged(
 
 
 def test_deploy_and_update_roll_the_deployment_and_report_replicas(
-        hub: HubProcess, cluster_agent: KubeAgent, admin: client.ApiClient, namespace: str,
+        hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient, namespace: str,
         versions: list[int]) -> None:
     first, second, _ = versions
     deploy(hub, cluster_agent.device_id, f"tiny:{first}")
@@ -202,7 +163,7 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
 
 
 def test_a_version_whose_pods_never_get_ready_is_undone(
-        hub: HubProcess, cluster_agent: KubeAgent, admin: client.ApiClient, namespace: str,
+        hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient, namespace: str,
         versions: list[int]) -> None:
     first, second, third = versions
     deploy(hub, cluster_agent.device_id, f"tiny:{second}")
@@ -223,7 +184,7 @@ def test_a_version_whose_pods_never_get_ready_is_undone(
 
 
 def test_a_tampered_package_never_reaches_the_cluster(
-        hub: HubProcess, cluster_agent: KubeAgent, admin: client.ApiClient, namespace: str,
+        hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient, namespace: str,
         versions: list[int], tmp_path: Path) -> None:
     deploy(hub, cluster_agent.device_id, f"tiny:{versions[0]}")
     wait_state(hub, cluster_agent, versions[0], "serving")
@@ -245,7 +206,7 @@ def test_a_tampered_package_never_reaches_the_cluster(
 
 
 def test_an_agent_killed_mid_update_resumes_it(
-        hub: HubProcess, kube_cluster: KubeCluster, cluster_agent: KubeAgent,  # noqa: F811
+        hub: HubProcess, kube_cluster: KubeCluster, cluster_agent: KubeAgentProcess,  # noqa: F811
         admin: client.ApiClient, namespace: str, versions: list[int]) -> None:
     first, second, _ = versions
     deploy(hub, cluster_agent.device_id, f"tiny:{first}")
@@ -271,7 +232,7 @@ def test_an_agent_killed_mid_update_resumes_it(
 
 
 def test_a_b_split_and_shadow_are_refused_for_clusters(
-        hub: HubProcess, cluster_agent: KubeAgent, versions: list[int]) -> None:
+        hub: HubProcess, cluster_agent: KubeAgentProcess, versions: list[int]) -> None:
     first, second, _ = versions
     # Deployed by hand: the cluster serves the primary and reports the candidate failed.
     deploy(hub, cluster_agent.device_id, f"tiny:{first}", "--candidate", str(second),
@@ -289,7 +250,7 @@ def test_a_b_split_and_shadow_are_refused_for_clusters(
 
 
 def test_a_hub_rollout_over_the_cluster_and_a_native_device(
-        hub: HubProcess, cluster_agent: KubeAgent, admin: client.ApiClient, namespace: str,
+        hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient, namespace: str,
         versions: list[int], tmp_path: Path) -> None:
     first, second, _ = versions
     native: AgentProcess = start_agent(hub, tmp_path / "native",
