@@ -85,7 +85,8 @@ def api(hub: HubProcess, path: str, **kwargs: Any) -> Any:
 def start_kube_agent(hub: HubProcess, kube: KubeCluster, namespace: str, data_dir: Path, *,
                      env: dict[str, str] | None = None) -> KubeAgentProcess:
     return start(hub, kube.admin_kubeconfig, namespace, data_dir, tags={"site": "lab"}, env=env,
-                 extra_args=("--progress-deadline", "10", "--telemetry-interval", "1"))
+                 extra_args=("--progress-deadline", "10", "--telemetry-interval", "1",
+                             "--reconcile-interval", "2"))
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,35 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
     assert values["deployment"] == "tiny"
     assert values["ready_replicas"] == values["desired_replicas"] == 1
     assert values["restarts"] == 0
+
+
+def test_hand_edits_are_brought_back_and_counted(
+        hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient,
+        namespace: str, versions: list[int]) -> None:
+    first = versions[0]
+    deploy(hub, cluster_agent.device_id, f"tiny:{first}")
+    wait_state(hub, cluster_agent, first, "serving")
+    apps = apps_v1(admin)
+    apps.patch_namespaced_deployment_scale("ef-tiny", namespace, {"spec": {"replicas": 3}},
+                                           field_manager="kubectl")
+    apps.patch_namespaced_deployment("ef-tiny", namespace, {"spec": {"template": {"spec": {
+        "containers": [{"name": "serving", "image": "evil:latest"}]}}}},
+        field_manager="kubectl-set")
+    wait_for(lambda: (live := apps.read_namespaced_deployment("ef-tiny", namespace)).spec
+             .replicas == 1 and live.spec.template.spec.containers[0].image.endswith(
+                 digest_of(hub, first)), timeout=30, what="the hand edits undone")
+    assert "drift brought back: Deployment ef-tiny: replicas 3, desired 1" in \
+        cluster_agent.log()
+    wait_for(lambda: [p for p in api(hub, f"/devices/{cluster_agent.device_id}"
+                                          "/telemetry?kind=inference")
+                      if p["values"].get("drift_corrected", 0) >= 1], timeout=30,
+             what="drift counted in telemetry")
+    # A Deployment deleted by hand comes back too.
+    apps.delete_namespaced_deployment("ef-tiny", namespace)
+    wait_for(lambda: apps.list_namespaced_deployment(namespace).items, timeout=30,
+             what="the deleted Deployment back")
+    wait_for(lambda: "Deployment ef-tiny was gone" in cluster_agent.log(), timeout=10,
+             what="the deletion logged as drift")
 
 
 def test_a_version_whose_pods_never_get_ready_is_undone(

@@ -17,7 +17,7 @@ def run_kubernetes(*, hub_url: str | None, token: str | None, data_dir: Path, na
                    pause_in: tuple[str, float] | None, kubeconfig: Path | None,
                    namespace: str | None, registry: str | None, api_key_secret: str,
                    pull_secret: str, replicas: int, cpu: str, memory: str,
-                   progress_deadline: int) -> None:
+                   progress_deadline: int, reconcile_interval: float) -> None:
     from agent import identity as identities
     from agent.identity import EnrollmentError
     from agent.kube.apply import KubeError
@@ -73,6 +73,7 @@ def run_kubernetes(*, hub_url: str | None, token: str | None, data_dir: Path, na
         kubeconfig=kubeconfig.absolute() if kubeconfig else None, mqtt_url=mqtt_url,
         api_key_secret=api_key_secret, pull_secret=pull_secret or None, replicas=replicas,
         cpu=cpu, memory=memory, progress_deadline=progress_deadline,
+        reconcile_interval=reconcile_interval,
         telemetry_interval=telemetry_interval, verbose=verbose, pause_in=pause_in)
     click.echo(f"Device {identity.device_id}: Kubernetes namespace {namespace}, images from "
                f"{registry}, hub {identity.hub_url}, broker {mqtt_url or identity.mqtt_url}")

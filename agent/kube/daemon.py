@@ -13,6 +13,9 @@ a device has its serving process and package store:
   rollout is undone to the previous image digest;
 - a deployment the desired state no longer names is pruned from the
   namespace (only the agent's own objects, by label);
+- every `reconcile_interval` seconds, between desired states, what serves is
+  applied again: hand edits (a `kubectl scale`, an edited image, a deleted
+  Deployment) are logged as drift, counted in telemetry and brought back;
 - an A/B split or a shadow candidate is not run: the candidate is reported
   failed with why (docs/architecture.md, Kubernetes mode);
 - telemetry: a system point for the agent and per deployment an inference
@@ -25,6 +28,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,7 @@ from agent.mqtt import Message, MqttTimeout, Session
 from agent.state import StateFile
 from agent.telemetry import system_point
 from agent.telemetry_queue import TelemetryQueue
-from agent.updates import Updater, now, status_key
+from agent.updates import StepFailed, Updater, now, status_key
 from agent.uplink import Uplink
 from contract.protocol import (
     Deployment,
@@ -75,6 +79,7 @@ class KubeOptions:
     telemetry_interval: float = o.TELEMETRY_INTERVAL.default
     telemetry_queue_points: int = o.TELEMETRY_QUEUE_POINTS.default
     poll: float = 1.0                # seconds between looks at a rollout
+    reconcile_interval: float = 60.0  # seconds between drift checks
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
 
@@ -148,6 +153,7 @@ class KubeAgent(Agent):
                              interval=options.telemetry_interval)
         self.updater = Updater(self.state, self.state_file, None, self.registry, None,
                                self.report, pause_in=options.pause_in, driver=self.driver)
+        self.drift: dict[str, int] = {}   # deployment -> hand edits brought back so far
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -160,7 +166,11 @@ class KubeAgent(Agent):
             pending = self.state.pending_payload
             if pending is not None:  # a desired state we were applying when we stopped
                 self.handle_desired(pending, resuming=True)
+            next_reconcile = time.monotonic() + self.kube_options.reconcile_interval
             while not self.stop_requested.is_set():
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + self.kube_options.reconcile_interval
                 try:
                     message = self.session.get(timeout=0.5)
                 except MqttTimeout:
@@ -191,6 +201,19 @@ class KubeAgent(Agent):
             self.ns.set_pull_secret(self.identity.device_id, self.identity.device_token)
         except KubeError as exc:   # reported; every pull then fails visibly in its events
             log.error("could not write the image pull secret: %s", exc)
+
+    def reconcile(self) -> None:
+        """Bring what serves back where someone changed it by hand (see the docstring)."""
+        for name, serving in list(self.state.serving.items()):
+            try:
+                drift = self.driver.reconcile(serving)
+            except (KubeError, StepFailed) as exc:   # the next round tries again
+                log.error("could not check %s for drift: %s", name, exc)
+                continue
+            for line in drift:
+                log.warning("drift brought back: %s", line)
+            if drift:
+                self.drift[name] = self.drift.get(name, 0) + len(drift)
 
     # -- desired state ------------------------------------------------------------
 
@@ -257,12 +280,15 @@ class KubeAgent(Agent):
             except KubeError as exc:  # the API server is away: no numbers this round
                 log.debug("no rollout status for %s: %s", name, exc)
                 continue
-            points.append(("inference", replica_point(name, serving.primary.version, status)))
+            points.append(("inference", replica_point(name, serving.primary.version, status,
+                                                      self.drift.get(name, 0))))
         return points
 
 
-def replica_point(name: str, version: int, status: RolloutStatus) -> dict[str, Any]:
-    """One deployment's replicas as an inference point's values."""
+def replica_point(name: str, version: int, status: RolloutStatus,
+                  drift: int) -> dict[str, Any]:
+    """One deployment's replicas (and hand edits undone so far) as an inference point."""
     return {"deployment": name, "version": version, "ready_replicas": status.ready,
             "desired_replicas": status.desired, "updated_replicas": status.updated,
-            "available_replicas": status.available, "restarts": status.restarts}
+            "available_replicas": status.available, "restarts": status.restarts,
+            "drift_corrected": drift}

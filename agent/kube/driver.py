@@ -5,7 +5,7 @@
     downloading    nothing: the cluster's nodes pull the image, by digest
     verifying      signature, index, every platform's manifest, config and serving
                    layer checked in the hub's registry (agent/kube/package.py);
-                   serving.json and the platforms kept under DATA/versions
+                   serving.json and the workload kept under DATA/versions
     starting       the Deployment (and Service) applied with the workload serving
                    now recorded as the one to undo to; its rollout followed until
                    complete, failed (deadline, crash loop, image or config errors)
@@ -31,7 +31,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,7 +53,7 @@ log = logging.getLogger("edgefleet.agent")
 S = UpdateState
 T = TypeVar("T")
 ATTEMPTS = 5
-PLATFORMS_FILE = "platforms.json"
+WORKLOAD_FILE = "workload.json"   # beside serving.json: the Workload this version runs as
 RUNTIME = "kubernetes"   # what the reported state names as a cluster version's runtime
 
 
@@ -111,8 +111,14 @@ class KubeDriver:
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        workload = Workload(
+            name=update.deployment,
+            release=Release(update.model, update.version, update.repository, update.digest),
+            platforms=checked.platforms, replicas=self.settings.replicas,
+            resources=self.settings.resources,
+            progress_deadline_seconds=self.settings.progress_deadline_seconds)
         (tmp / "serving.json").write_text(json.dumps(checked.serving))
-        (tmp / PLATFORMS_FILE).write_text(json.dumps(list(checked.platforms)))
+        (tmp / WORKLOAD_FILE).write_text(json.dumps(workload.to_json()))
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
         serving = checked.serving
@@ -123,19 +129,10 @@ class KubeDriver:
             sample_request=serving.get("sample_request"),
         )
 
-    def workload(self, update: Update) -> Workload:
+    def _roll_out(self, update: Update) -> None:
         if update.staged is None:
             raise StepFailed("the version was never verified")
-        platforms = json.loads((Path(update.staged.directory) / PLATFORMS_FILE).read_text())
-        return Workload(
-            name=update.deployment,
-            release=Release(update.model, update.version, update.repository, update.digest),
-            platforms=tuple(platforms), replicas=self.settings.replicas,
-            resources=self.settings.resources,
-            progress_deadline_seconds=self.settings.progress_deadline_seconds)
-
-    def _roll_out(self, update: Update) -> None:
-        workload = self.workload(update)
+        workload = staged_workload(update.staged)
         target, applied = self._retrying(f"applying {workload.object_name}",
                                          lambda: begin(self.ns, workload))
         for line in applied.drift:
@@ -174,6 +171,20 @@ class KubeDriver:
             self._retrying(f"undoing {name}", lambda: self.ns.undo(name))
             log.info("undid %s: back to version %d", name, previous.release.version)
 
+    # -- between updates ----------------------------------------------------------
+
+    def reconcile(self, serving: Serving) -> tuple[str, ...]:
+        """Apply SERVING's workload again, as the live Deployment records it (or from
+        the verified version if the Deployment was deleted); the drift brought back.
+        Raises KubeError."""
+        name = object_name(serving.name)
+        live = self.ns.deployment(name)
+        if live is None:
+            self.ns.deploy(staged_workload(serving.primary))
+            return (f"Deployment {name} was gone",)
+        current, previous = workloads_of(live)
+        return self.ns.deploy(replace(current, previous=previous)).drift
+
     # -- helpers ----------------------------------------------------------------
 
     def _look(self, status: RolloutStatus) -> None:
@@ -193,3 +204,13 @@ class KubeDriver:
                 log.warning("%s failed (%s); again in %ds", what, exc, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def staged_workload(installed: Installed) -> Workload:
+    """The workload a verified version runs as (kept beside its serving.json)."""
+    try:
+        return Workload.from_json(json.loads(
+            (Path(installed.directory) / WORKLOAD_FILE).read_text()))
+    except (OSError, ValueError) as exc:   # ManifestError is a ValueError
+        raise StepFailed(f"version {installed.version} has no readable {WORKLOAD_FILE}: "
+                         f"{exc}") from None

@@ -40,6 +40,9 @@ _OPTIONS = (
     click.option("--progress-deadline", type=click.IntRange(10, 86400), default=300,
                  show_default=True,
                  help="Kubernetes: seconds a rollout may make no progress before it is undone."),
+    click.option("--reconcile-interval", type=click.FloatRange(1), default=60.0,
+                 show_default=True,
+                 help="Kubernetes: seconds between checks that bring hand edits back."),
 )
 
 
