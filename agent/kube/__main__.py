@@ -39,7 +39,11 @@ def main(argv: list[str]) -> int:
         return 1
     if options.mqtt_url:
         identity = dataclasses.replace(identity, mqtt_url=options.mqtt_url)
-    api = api_client(options.kubeconfig)
+    try:
+        api = api_client(options.kubeconfig)
+    except KubeError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     delay = 1.0
     while True:
         try:

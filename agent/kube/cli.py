@@ -39,6 +39,15 @@ def run_kubernetes(*, hub_url: str | None, token: str | None, data_dir: Path, na
                                "the device)")
     if kubeconfig is not None and not kubeconfig.is_file():
         raise click.BadParameter(f"{kubeconfig} does not exist", param_hint="--kubeconfig")
+    try:   # the builders' own checks, before enrolling rather than at the first update
+        deployment_manifest(
+            Target(namespace, "check", registry or "registry.check", api_key_secret,
+                   pull_secret=pull_secret or None),
+            Workload("check", Release("check", 1, "models/check", "sha256:" + "0" * 64),
+                     ("linux/amd64",), replicas=replicas, resources=Resources(cpu, memory),
+                     progress_deadline_seconds=progress_deadline))
+    except ManifestError as exc:
+        raise click.UsageError(str(exc)) from None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = identities.load(data_dir)
     if identity is None:
@@ -49,7 +58,8 @@ def run_kubernetes(*, hub_url: str | None, token: str | None, data_dir: Path, na
             with api_client(kubeconfig) as api:
                 platform = cluster_platform(read_inventory(api))
         except KubeError as exc:
-            raise click.ClickException(f"cannot read the cluster's inventory: {exc}") from None
+            raise click.ClickException(f"cannot read the cluster's inventory: {exc}; check "
+                                       "--kubeconfig and that the API server is up") from None
         try:
             identity = identities.enroll(data_dir, hub_url=hub_url, token=token,
                                          name=name or f"kubernetes-{namespace}",
@@ -59,15 +69,6 @@ def run_kubernetes(*, hub_url: str | None, token: str | None, data_dir: Path, na
         click.echo(f"Enrolled as {identity.device_id} ({identity.name})")
     hub = urlsplit(identity.hub_url)
     registry = registry or hub.netloc
-    try:   # the builders' own checks, here rather than at the first update
-        deployment_manifest(
-            Target(namespace, identity.device_id, registry, api_key_secret,
-                   pull_secret=pull_secret or None),
-            Workload("check", Release("check", 1, "models/check", "sha256:" + "0" * 64),
-                     ("linux/amd64",), replicas=replicas, resources=Resources(cpu, memory),
-                     progress_deadline_seconds=progress_deadline))
-    except ManifestError as exc:
-        raise click.UsageError(str(exc)) from None
     options = KubeOptions(
         data_dir=data_dir.absolute(), namespace=namespace, registry=registry,
         kubeconfig=kubeconfig.absolute() if kubeconfig else None, mqtt_url=mqtt_url,

@@ -98,13 +98,19 @@ class KubeOptions:
 
 
 def api_client(kubeconfig: Path | None) -> client.ApiClient:
-    """The API server's client: from KUBECONFIG, or in a pod its service account."""
+    """The API server's client: from KUBECONFIG, or in a pod its service account.
+    KubeError (not retryable) if that configuration cannot be read."""
     from kubernetes import config
 
-    if kubeconfig is not None:
-        return config.new_client_from_config(config_file=str(kubeconfig))
-    configuration = client.Configuration()
-    config.load_incluster_config(client_configuration=configuration)
+    try:
+        if kubeconfig is not None:
+            return config.new_client_from_config(config_file=str(kubeconfig))
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+    except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
+        where = kubeconfig or "the in-cluster service account"
+        raise KubeError(f"cannot use {where}: {' '.join(str(exc).split())[:300]}",
+                        400) from None
     return client.ApiClient(configuration)
 
 
