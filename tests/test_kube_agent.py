@@ -3,7 +3,8 @@ API server (etcd, controller manager, scheduler; kwok's nodes) and the agent pro
 
 Enroll with the cluster's inventory, deploy and update through the hub, a hub rollout
 over the cluster and a native device, a version whose pods never get ready undone, a
-tampered package never applied, the agent killed mid-update and resumed, telemetry.
+tampered package never applied, the agent killed mid-update and resumed, telemetry,
+hand edits brought back; the agent runs with the install manifests' least-privilege Role.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from kubernetes import client
+import yaml  # type: ignore[import-untyped]
+from kubernetes import client, utils
 
 from agentproc import AgentProcess, deploy, enrollment_token, publish_version, start_agent, wait_for
 from hubproc import EDGEFLEET, HubProcess, start_hub
@@ -28,6 +30,7 @@ from modelgen import make_onnx
 from mosquitto import Mosquitto, start_mosquitto
 
 pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,27 @@ def namespace(admin: client.ApiClient) -> Iterator[str]:
     core.delete_namespace(name)
 
 
+@pytest.fixture(scope="module")
+def agent_kubeconfig(kube_cluster: KubeCluster, admin: client.ApiClient,  # noqa: F811
+                     namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The install manifests' ServiceAccount and least-privilege Role, in NAMESPACE (the
+    cluster-wide read of nodes under names of its own): the agent runs with only that."""
+    documents = list(yaml.safe_load_all((EXAMPLES / "rbac.yaml").read_text()))
+    for document in documents:
+        meta = document["metadata"]
+        if "namespace" in meta:
+            meta["namespace"] = namespace
+        else:
+            meta["name"] = f"{namespace}-nodes"
+        if document["kind"] == "ClusterRoleBinding":
+            document["roleRef"]["name"] = f"{namespace}-nodes"
+        for subject in document.get("subjects", ()):
+            subject["namespace"] = namespace
+        utils.create_from_dict(admin, document)
+    return kube_cluster.service_account_kubeconfig(
+        namespace, "edgefleet-agent", tmp_path_factory.mktemp("sa") / "agent.kubeconfig")
+
+
 def api(hub: HubProcess, path: str, **kwargs: Any) -> Any:
     answer = httpx.request(kwargs.pop("method", "GET"), f"{hub.url}/api/v1{path}",
                            headers={"Authorization": f"Bearer {hub.admin_token}"}, timeout=30,
@@ -82,18 +106,18 @@ def api(hub: HubProcess, path: str, **kwargs: Any) -> Any:
     return answer.json()
 
 
-def start_kube_agent(hub: HubProcess, kube: KubeCluster, namespace: str, data_dir: Path, *,
+def start_kube_agent(hub: HubProcess, kubeconfig: Path, namespace: str, data_dir: Path, *,
                      env: dict[str, str] | None = None) -> KubeAgentProcess:
-    return start(hub, kube.admin_kubeconfig, namespace, data_dir, tags={"site": "lab"}, env=env,
+    return start(hub, kubeconfig, namespace, data_dir, tags={"site": "lab"}, env=env,
                  extra_args=("--progress-deadline", "10", "--telemetry-interval", "1",
                              "--reconcile-interval", "2"))
 
 
 @pytest.fixture(scope="module")
-def cluster_agent(hub: HubProcess, kube_cluster: KubeCluster, namespace: str,  # noqa: F811
+def cluster_agent(hub: HubProcess, agent_kubeconfig: Path, namespace: str,
                   versions: list[int], tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[KubeAgentProcess]:
-    agent = start_kube_agent(hub, kube_cluster, namespace,
+    agent = start_kube_agent(hub, agent_kubeconfig, namespace,
                              tmp_path_factory.mktemp("kube-agent") / "data")
     yield agent
     if agent.process.poll() is None:
@@ -236,14 +260,14 @@ def test_a_tampered_package_never_reaches_the_cluster(
 
 
 def test_an_agent_killed_mid_update_resumes_it(
-        hub: HubProcess, kube_cluster: KubeCluster, cluster_agent: KubeAgentProcess,  # noqa: F811
+        hub: HubProcess, agent_kubeconfig: Path, cluster_agent: KubeAgentProcess,
         admin: client.ApiClient, namespace: str, versions: list[int]) -> None:
     first, second, _ = versions
     deploy(hub, cluster_agent.device_id, f"tiny:{first}")
     wait_state(hub, cluster_agent, first, "serving")
     assert cluster_agent.stop() == 0, cluster_agent.log()
     # Paused once the Deployment is rolled out and self_test is saved: killed there.
-    paused = start_kube_agent(hub, kube_cluster, namespace, cluster_agent.data_dir,
+    paused = start_kube_agent(hub, agent_kubeconfig, namespace, cluster_agent.data_dir,
                               env={"EDGEFLEET_AGENT_PAUSE_IN": "self_test:60"})
     deploy(hub, cluster_agent.device_id, f"tiny:{second}")
     wait_for(lambda: (paused.data_dir / "state.json").exists()
@@ -251,7 +275,7 @@ def test_an_agent_killed_mid_update_resumes_it(
              timeout=60, what="the update paused in self_test")
     assert live_image(admin, namespace).endswith(digest_of(hub, second))
     paused.stop(signal.SIGKILL)
-    resumed = start_kube_agent(hub, kube_cluster, namespace, cluster_agent.data_dir)
+    resumed = start_kube_agent(hub, agent_kubeconfig, namespace, cluster_agent.data_dir)
     cluster_agent.process = resumed.process   # the fixture stops this one
     wait_state(hub, resumed, second, "serving")
     # Followed again, not rolled again: one ReplicaSet per version.
