@@ -25,6 +25,10 @@ step inside the serving process (no request is dropped).
 After a restart the serving process starts fresh with the good versions
 only, so an update caught in starting, self_test or serving starts again at
 starting, and one caught in failed or rolling_back finishes its rollback.
+
+The steps above are native mode's. Another mode passes an `UpdateDriver`
+that runs its own steps through the same states, saves and reports
+(Kubernetes mode: agent/kube/driver.py).
 """
 
 from __future__ import annotations
