@@ -14,6 +14,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from kubernetes import client, utils
 
+from agent.kube.apply import Namespace
+from agent.kube.manifests import Target, workloads_of
 from agentproc import AgentProcess, deploy, enrollment_token, publish_version, start_agent, wait_for
 from hubproc import EDGEFLEET, HubProcess, start_hub
 from kube import KubeAgentProcess, KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401
@@ -214,6 +217,16 @@ def test_hand_edits_are_brought_back_and_counted(
              what="the deleted Deployment back")
     wait_for(lambda: "Deployment ef-tiny was gone" in cluster_agent.log(), timeout=10,
              what="the deletion logged as drift")
+    # Another version left applied (as an undo that could not reach the API server would):
+    # the version the agent reports serving comes back.
+    ours = Namespace(admin, Target(namespace, cluster_agent.device_id, "elsewhere:5000",
+                                   "edgefleet-scoring-key"))
+    current, _ = workloads_of(wait_for(lambda: ours.deployment("ef-tiny"), timeout=10))
+    ours.deploy(replace(current, release=replace(current.release, version=99,
+                                                 digest="sha256:" + "9" * 64)))
+    wait_for(lambda: live_image(admin, namespace).endswith(digest_of(hub, first)), timeout=30,
+             what="the serving version back")
+    assert f"Deployment ef-tiny ran version 99, not {first}" in cluster_agent.log()
 
 
 def test_a_version_whose_pods_never_get_ready_is_undone(

@@ -15,7 +15,8 @@ a device has its serving process and package store:
   namespace (only the agent's own objects, by label);
 - every `reconcile_interval` seconds, between desired states, what serves is
   applied again: hand edits (a `kubectl scale`, an edited image, a deleted
-  Deployment) are logged as drift, counted in telemetry and brought back;
+  Deployment, another version) are logged as drift, counted in telemetry and
+  brought back;
 - an A/B split or a shadow candidate is not run: the candidate is reported
   failed with why (docs/architecture.md, Kubernetes mode);
 - telemetry: a system point for the agent and per deployment an inference

@@ -174,15 +174,21 @@ class KubeDriver:
     # -- between updates ----------------------------------------------------------
 
     def reconcile(self, serving: Serving) -> tuple[str, ...]:
-        """Apply SERVING's workload again, as the live Deployment records it (or from
-        the verified version if the Deployment was deleted); the drift brought back.
-        Raises KubeError."""
+        """Apply SERVING's version again (as the live Deployment records it, with what
+        it would undo to); the drift brought back. A Deployment deleted by hand, or left
+        on another version by an undo that could not reach the API server, gets the
+        verified version that serves. Raises KubeError or StepFailed."""
         name = object_name(serving.name)
+        wanted = staged_workload(serving.primary)
         live = self.ns.deployment(name)
         if live is None:
-            self.ns.deploy(staged_workload(serving.primary))
+            self.ns.deploy(wanted)
             return (f"Deployment {name} was gone",)
         current, previous = workloads_of(live)
+        if current.release.digest != wanted.release.digest:
+            self.ns.deploy(wanted)
+            return (f"Deployment {name} ran version {current.release.version}, not "
+                    f"{wanted.release.version}",)
         return self.ns.deploy(replace(current, previous=previous)).drift
 
     # -- helpers ----------------------------------------------------------------
