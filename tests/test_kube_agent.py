@@ -26,7 +26,7 @@ from kubernetes import client, utils
 from agent.kube.apply import Namespace
 from agent.kube.manifests import Target, workloads_of
 from agentproc import AgentProcess, deploy, enrollment_token, publish_version, start_agent, wait_for
-from hubproc import EDGEFLEET, HubProcess, start_hub
+from hubproc import EDGEFLEET, HubProcess, free_port, start_hub, stop_process
 from kube import KubeAgentProcess, KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401
 from kube import start_kube_agent as start
 from modelgen import make_onnx
@@ -296,6 +296,29 @@ def test_an_agent_killed_mid_update_resumes_it(
     images = sorted(rs.spec.template.spec.containers[0].image.rsplit("@", 1)[1]
                     for rs in replica_sets)
     assert len(images) == len(set(images)), images
+
+
+def test_an_api_server_that_is_away_is_waited_for_not_exited_on(
+        hub: HubProcess, kube_cluster: KubeCluster, cluster_agent: KubeAgentProcess,  # noqa: F811
+        agent_kubeconfig: Path, namespace: str, tmp_path: Path) -> None:
+    assert cluster_agent.stop() == 0, cluster_agent.log()
+    down = tmp_path / "down.kubeconfig"   # the agent's own, with nothing at the address
+    down.write_text(agent_kubeconfig.read_text().replace(
+        kube_cluster.url, f"https://127.0.0.1:{free_port()}"))
+    log_path = tmp_path / "down-agent.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*EDGEFLEET, "agent", "run", "--mode", "kubernetes", "--data-dir",
+             str(cluster_agent.data_dir), "--kubeconfig", str(down), "--namespace", namespace],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: log_path.read_text().count("API server not reached") >= 2,
+                 timeout=30, what=f"retries logged\n{log_path.read_text()}")
+        assert process.poll() is None, log_path.read_text()
+    finally:
+        stop_process(process)
+    restarted = start_kube_agent(hub, agent_kubeconfig, namespace, cluster_agent.data_dir)
+    cluster_agent.process = restarted.process   # the fixture stops this one
 
 
 def test_a_b_split_and_shadow_are_refused_for_clusters(

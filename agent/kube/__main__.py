@@ -3,7 +3,9 @@
 `edgefleet agent run --mode kubernetes` checks its options, enrolls on the
 first start and execs this (as agent/__main__.py for a device). The API
 server may be away when the agent starts: it waits for it with backoff
-rather than exit, since a pod that exits only restarts to wait again.
+(before connecting to the broker: the inventory it reports comes from the
+API server) rather than exit, since a pod that exits only restarts to wait
+again. A kubeconfig that cannot be read is an exit with its one line.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if options.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A retry line per attempt while the API server is away; KubeError says it once.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     identity = identities.load(options.data_dir)
     if identity is None:
         print(f"{options.data_dir} holds no identity: run `edgefleet agent run --mode kubernetes "
