@@ -7,10 +7,12 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from agent import options as o
+from agent.kube.options import kube_options
 
 
 def _pause_in(value: str | None) -> tuple[str, float] | None:
@@ -67,18 +69,20 @@ def agent() -> None:
 @click.option("--max-wait-ms", default=o.MAX_WAIT_MS.default, show_default=True,
               type=click.IntRange(0, 3_600_000), help=o.MAX_WAIT_MS.help)
 @click.option("--serve-grpc-port", type=click.IntRange(1, 65535), help=o.SERVE_GRPC_PORT.help)
-@click.option("--mode", type=click.Choice(["native", "container"]), default=o.MODE.default,
-              show_default=True, help=o.MODE.help)
+@click.option("--mode", type=click.Choice(["native", "container", "kubernetes"]),
+              default=o.MODE.default, show_default=True, envvar="EDGEFLEET_AGENT_MODE",
+              help=o.MODE.help)
 @click.option("--docker-host", envvar="DOCKER_HOST", help=o.DOCKER_HOST.help)
 @click.option("--container-cpus", type=click.FloatRange(0.01), help=o.CONTAINER_CPUS.help)
 @click.option("--container-memory-mb", type=click.IntRange(6), help=o.CONTAINER_MEMORY_MB.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
+@kube_options
 def run(
     hub_url: str | None, token: str | None, data_dir: Path, name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
     max_concurrency: int, max_queue: int, max_wait_ms: int, serve_grpc_port: int | None,
     mode: str, docker_host: str | None, container_cpus: float | None,
-    container_memory_mb: int | None, verbose: bool,
+    container_memory_mb: int | None, verbose: bool, **kube: Any,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
 
@@ -96,6 +100,14 @@ def run(
     from agent.identity import EnrollmentError
     from agent.inventory import oci_platform
 
+    if mode == "kubernetes":
+        from agent.kube.cli import run_kubernetes
+
+        run_kubernetes(hub_url=hub_url, token=token, data_dir=data_dir, name=name,
+                       mqtt_url=mqtt_url, telemetry_interval=telemetry_interval,
+                       verbose=verbose, pause_in=_pause_in(os.environ.get(
+                           "EDGEFLEET_AGENT_PAUSE_IN")), **kube)
+        return
     if mode == "container" and docker_host and not docker_host.startswith("unix://"):
         raise click.BadParameter("give the engine's unix socket as unix:///PATH",
                                  param_hint="--docker-host")

@@ -44,7 +44,8 @@ TELEMETRY_QUEUE_POINTS: Option[int] = Option(
 MODE: Option[str] = Option(
     "native", "native: models run in the agent's serving process; container: each version runs "
     "as a container of its package image (Docker API: dockerd or podman), behind the same "
-    "scoring address.")
+    "scoring address; kubernetes: this cluster namespace is the device (see the Kubernetes "
+    "options) [env EDGEFLEET_AGENT_MODE].")
 DOCKER_HOST: Option[str | None] = Option(
     None, "Container mode: the engine's socket, e.g. unix:///run/podman/podman.sock "
     "[default: $DOCKER_HOST, else unix:///var/run/docker.sock].")

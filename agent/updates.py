@@ -35,6 +35,9 @@ private port and puts it behind the front; serving switches the front and
 removes the old container once drained). A serving side that is down
 (`transient`: the engine) is waited for with backoff, reported in the state
 the update waits in, before the step counts as failed.
+
+Kubernetes mode instead passes an `UpdateDriver` (agent/kube/driver.py)
+that runs its own steps through the same states, saves and reports.
 """
 
 from __future__ import annotations
@@ -109,6 +112,21 @@ class StepFailed(Exception):
     """A step could not be done; the update fails and is rolled back."""
 
 
+class UpdateDriver(Protocol):
+    """Another mode's steps (Kubernetes: agent/kube/driver.py), run through the same
+    states, saves and reports; without one, the native steps below run."""
+
+    def step(self, state: UpdateState, update: Update,
+             current: Serving | None) -> Installed | None:
+        """Run STATE's step (not SERVING's); VERIFYING returns the staged version.
+        Raises StepFailed."""
+        ...
+
+    def switch(self, update: Update, target: Serving) -> dict[str, Any]:
+        """SERVING's step once TARGET is saved; answers as the serving process's PUT."""
+        ...
+
+
 def now() -> str:
     return format_time(datetime.now(UTC))
 
@@ -144,14 +162,15 @@ class Updater:
 
     state: AgentState
     state_file: StateFile
-    store: PackageSource
+    store: PackageSource | None       # native and container mode's (None with a driver)
     registry: Callable[[], Registry]  # made on first use: an idle agent needs no HTTP client
-    serving: ServingControl
+    serving: ServingControl | None    # native mode's (None with a driver)
     report: Callable[[], None]
     sleep: Callable[[float], None] = time.sleep
     # Fault injection for crash tests (EDGEFLEET_AGENT_PAUSE_IN=state:seconds):
     # wait after a state is saved, so a test can kill the agent inside it.
     pause_in: tuple[str, float] | None = None
+    driver: UpdateDriver | None = None
 
     def run(self, update: Update) -> bool:
         """Drive UPDATE to serving (True) or rolled back (False)."""
@@ -194,8 +213,9 @@ class Updater:
             # The old version could not be restored in place: the
             # supervisor's restart loads the good versions from disk.
             log.error("rollback of %s failed: %s", update.deployment, exc)
-            self.serving.stop()
-            self.serving.start()
+            if self.serving is not None:
+                self.serving.stop()
+                self.serving.start()
             return S.ROLLED_BACK
         update.error = str(exc)
         log.warning("update of %s to %s failed in %s: %s", update.deployment,
@@ -231,6 +251,17 @@ class Updater:
     # -- steps ------------------------------------------------------------------
 
     def _step(self, state: UpdateState, update: Update) -> None:
+        if self.driver is not None and state is not S.SERVING:
+            current = (self._unsave_switch(update) if state is S.ROLLING_BACK
+                       else self.state.serving.get(update.deployment))
+            installed = self.driver.step(state, update, current)
+            if installed is not None:
+                update.staged = installed
+            return
+        if state is S.SERVING:
+            self._switch(update)
+            return
+        assert self.store is not None, "native mode has a package store"
         package = Package(update.repository, update.digest, update.size)
         if state is S.DOWNLOADING:
             self._download(package)
@@ -248,12 +279,11 @@ class Updater:
             self._start(update)
         elif state is S.SELF_TEST:
             self._self_test(update)
-        elif state is S.SERVING:
-            self._switch(update)
         elif state is S.ROLLING_BACK:
             self._roll_back(update)
 
     def _download(self, package: Package) -> None:
+        assert self.store is not None
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 self.store.download(self.registry(), package)
@@ -272,6 +302,7 @@ class Updater:
 
     def _start(self, update: Update) -> None:
         """Load the new version beside the serving one, answering nothing yet."""
+        assert self.serving is not None
         new = self._staged(update)
         current = self.state.serving.get(update.deployment)
         if current is None:
@@ -288,6 +319,7 @@ class Updater:
                          loaded.get("runtime"), loaded.get("device"))
 
     def _self_test(self, update: Update) -> None:
+        assert self.serving is not None
         new = self._staged(update)
         if not new.sample_request:
             return  # a package without a sample request has nothing to test with
@@ -307,7 +339,11 @@ class Updater:
         # loads this version, which has passed its self-test.
         self.state.serving[update.deployment] = target
         self.state_file.save(self.state)
-        answer = self.serving.put(update.deployment, deployment_body(target))
+        if self.driver is not None:
+            answer = self.driver.switch(update, target)
+        else:
+            assert self.serving is not None
+            answer = self.serving.put(update.deployment, deployment_body(target))
         self._record_loaded(target, answer)
 
     def _record_loaded(self, target: Serving, answer: dict[str, Any]) -> None:
@@ -321,6 +357,18 @@ class Updater:
                                  described[role].get("runtime"), described[role].get("device"))
 
     def _roll_back(self, update: Update) -> None:
+        assert self.serving is not None
+        current = self._unsave_switch(update)
+        if current is None:
+            try:
+                self.serving.delete(update.deployment)
+            except ServingError:
+                pass  # nothing was loaded under that name
+        else:
+            self.serving.put(update.deployment, deployment_body(current))
+
+    def _unsave_switch(self, update: Update) -> Serving | None:
+        """What serves UPDATE's deployment once a switch to it, saved already, is undone."""
         current = self.state.serving.get(update.deployment)
         if current is not None and (
             current.primary.version == update.version or
@@ -335,10 +383,4 @@ class Updater:
                 del self.state.serving[update.deployment]
                 current = None
             self.state_file.save(self.state)
-        if current is None:
-            try:
-                self.serving.delete(update.deployment)
-            except ServingError:
-                pass  # nothing was loaded under that name
-        else:
-            self.serving.put(update.deployment, deployment_body(current))
+        return current

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import os
+import signal
 import ssl
 import subprocess
 import time
@@ -36,7 +39,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from bench.harness import free_port, stop_process
+from bench.harness import (
+    EDGEFLEET,
+    HubProcess,
+    enrollment_token,
+    free_port,
+    stop_process,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_TOOLS = REPO / ".ci" / "k8s-tools"
@@ -368,3 +378,50 @@ class KubeCluster:
         for name in reversed(list(self.processes)):
             stop_process(self.processes[name], timeout=15)
         self.processes.clear()
+
+
+@dataclass
+class KubeAgentProcess:
+    """`edgefleet agent run --mode kubernetes` as a child process."""
+
+    data_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def device_id(self) -> str:
+        return str(json.loads((self.data_dir / "identity.json").read_text())["device_id"])
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        return stop_process(self.process, sig, timeout=30)
+
+
+def start_kube_agent(hub: HubProcess, kubeconfig: Path, namespace: str, data_dir: Path, *,
+                     tags: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                     extra_args: tuple[str, ...] = ()) -> KubeAgentProcess:
+    """Start (and on a first start, enroll) a cluster agent for NAMESPACE; returns once the
+    hub has its first reported state (with the cluster's inventory)."""
+    log_path = data_dir.parent / f"{data_dir.name}-agent.log"
+    args = [*EDGEFLEET, "agent", "run", "--mode", "kubernetes", "--data-dir", str(data_dir),
+            "--kubeconfig", str(kubeconfig), "--namespace", namespace, *extra_args]
+    if not (data_dir / "identity.json").exists():
+        args += ["--hub", hub.url, "--token", enrollment_token(hub, tags=tags or {})]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    agent = KubeAgentProcess(data_dir, process, log_path)
+
+    def reported() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"agent exited with {process.returncode}:\n{agent.log()}")
+        if not (data_dir / "identity.json").exists():
+            return False
+        record = httpx.get(f"{hub.url}/api/v1/devices/{agent.device_id}", timeout=10,
+                           headers={"Authorization": f"Bearer {hub.admin_token}"}).json()
+        return record["status"] == "online" and "agent_version" in (record["inventory"] or {})
+
+    wait_for(reported, timeout=60, what="the cluster agent's first reported state")
+    return agent

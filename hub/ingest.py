@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -216,6 +216,22 @@ def derived_tags(report: protocol.ReportedState) -> dict[str, str]:
     engine = report.inventory.get("container_engine")
     if engine:
         tags["runtime.container"] = str(engine)
+    return {**tags, **cluster_tags(report.inventory)}
+
+
+def cluster_tags(inventory: Mapping[str, object]) -> dict[str, str]:
+    """A Kubernetes agent's (agent/kube/inventory.py facts): "runtime.kubernetes=true",
+    each architecture its nodes have ("arch.arm64=yes") and each extended resource
+    with its count ("accel.kubernetes.nvidia.com_gpu=2")."""
+    if "kubernetes_version" not in inventory:
+        return {}
+    tags = {"runtime.kubernetes": "true"}
+    for platform in str(inventory.get("platforms", "")).split(","):
+        if platform.count("/") >= 1:
+            tags[f"arch.{platform.split('/')[1]}"] = "yes"
+    for name, value in inventory.items():
+        if name.startswith("accelerator."):
+            tags[f"accel.kubernetes.{name.removeprefix('accelerator.')}"[:64]] = str(value)
     return tags
 
 

@@ -11,11 +11,13 @@ import pytest
 
 from bench.kube import (  # noqa: F401  (names the tests take from here)
     FakeNode,
+    KubeAgentProcess,
     KubeCluster,
     MissingBinaries,
     apps_v1,
     core_v1,
     k8s_bin_dir,
+    start_kube_agent,
     write_kubeconfig,
 )
 

@@ -60,8 +60,10 @@ def test_deployment_runs_the_package_by_digest_with_key_probes_and_affinity() ->
     (container,) = pod["containers"]
     assert container["image"] == f"hub.example:5000/models/diabetes@{DIGEST_2}"
     assert pod["imagePullSecrets"] == [{"name": "hub-pull"}]
-    assert container["env"] == [{"name": "EDGEFLEET_SERVE_API_KEY", "valueFrom": {
-        "secretKeyRef": {"name": "scoring-key", "key": "api-key"}}}]
+    assert container["env"] == [
+        {"name": "EDGEFLEET_SERVE_API_KEY", "valueFrom": {
+            "secretKeyRef": {"name": "scoring-key", "key": "api-key"}}},
+        {"name": "EDGEFLEET_SERVE_LOAD", "value": f"diabetes:{RELEASE_2.version}"}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["resources"] == {

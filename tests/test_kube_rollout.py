@@ -131,4 +131,9 @@ def test_inventory_counts_schedulable_nodes_and_accelerators() -> None:
     assert inv["accelerators"] == {"gpu.intel.com/i915": 1, "nvidia.com/gpu": 2}
     flat = facts(inv)
     assert flat["node_count"] == 4 and flat["cpu_count"] == 5.9
-    assert flat["accelerator:nvidia.com/gpu"] == 2 and flat["kubernetes_version"] == "v1.37.2"
+    assert flat["accelerator.nvidia.com_gpu"] == 2 and flat["kubernetes_version"] == "v1.37.2"
+    assert flat["accelerator.gpu.intel.com_i915"] == 1
+    assert flat["platforms"] == "linux/amd64,linux/arm64"
+    # What a reported state carries must pass the protocol's own reader.
+    from contract.protocol import _read_values
+    assert _read_values("inventory", flat) == flat

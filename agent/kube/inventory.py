@@ -10,6 +10,7 @@ agent without it still reports the version and says why the rest is missing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
@@ -81,9 +82,18 @@ def facts(inventory: Mapping[str, Any]) -> dict[str, int | float | str]:
         "cpu_count": inventory["cpu"]["allocatable_millicores"] / 1000,
         "memory_mb": inventory["memory"]["allocatable_bytes"] // 2**20,
     }
+    platforms = ",".join(inventory["platforms"])
+    if platforms:
+        values["platforms"] = platforms[:128]
     for resource, count in inventory["accelerators"].items():
-        values[f"accelerator:{resource}"[:128]] = count
+        values[fact_name(resource)] = count
     return values
+
+
+def fact_name(resource: str) -> str:
+    """An extended resource as a reported fact's name ("nvidia.com/gpu" ->
+    "accelerator.nvidia.com_gpu"): the protocol's value names have no / or -."""
+    return ("accelerator." + re.sub(r"[^A-Za-z0-9_.]", "_", resource))[:64]
 
 
 def read_inventory(api_client: client.ApiClient) -> dict[str, Any]:

@@ -52,6 +52,7 @@ SERVING_PORT: Final = 8500
 PORT_NAME: Final = "oip"
 RUN_DIR: Final = "/run/edgefleet"
 API_KEY_ENV: Final = "EDGEFLEET_SERVE_API_KEY"
+LOAD_ENV: Final = "EDGEFLEET_SERVE_LOAD"   # as agent/serving/autoload.py reads it
 READY_PATH: Final = "/v2/health/ready"
 LIVE_PATH: Final = "/v2/health/live"
 
@@ -245,7 +246,10 @@ def _container(target: Target, workload: Workload) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "env": [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
-            "name": target.api_key_secret, "key": target.api_key_field}}}],
+                     "name": target.api_key_secret, "key": target.api_key_field}}},
+                # The pod loads and self-tests the image's own package before it is
+                # ready: no agent drives it (agent/serving/autoload.py).
+                {"name": LOAD_ENV, "value": f"{workload.name}:{workload.release.version}"}],
         "resources": {
             "requests": {"cpu": res.cpu, "memory": res.memory, **extended},
             "limits": {"memory": res.memory, **extended},

@@ -45,6 +45,7 @@ class RolloutStatus:
     message: str                   # one line, for the reported state
     failing_pods: tuple[str, ...] = ()
     unready_pods: tuple[str, ...] = ()   # of the new revision, failing or not
+    name: str = ""                 # the Deployment's
 
     @property
     def done(self) -> bool:
@@ -134,7 +135,7 @@ def rollout_status(deployment: Mapping[str, Any], replica_sets: Sequence[Mapping
 
     def result(phase: Phase, message: str) -> RolloutStatus:
         return RolloutStatus(phase, desired, updated, ready, available, restarts,
-                             message, tuple(p for p, _ in failing), tuple(unready))
+                             message, tuple(p for p, _ in failing), tuple(unready), name)
 
     generation = deployment["metadata"].get("generation", 0)
     if status.get("observedGeneration", 0) < generation:

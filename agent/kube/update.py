@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from agent.kube.apply import Namespace
+from agent.kube.apply import Applied, Namespace
 from agent.kube.manifests import Workload, workloads_of
 from agent.kube.rollout import Phase, RolloutStatus
 
@@ -42,10 +42,9 @@ class Outcome:
     events: tuple[str, ...] = ()   # the failing pods' warning events, one line each
 
 
-def update(ns: Namespace, workload: Workload, *, poll: float = 1.0,
-           on_status: Callable[[RolloutStatus], None] | None = None) -> Outcome:
-    """Take WORKLOAD's deployment to WORKLOAD (its `previous` is ignored: the live
-    one is used). ON_STATUS sees every look at the rollout (for telemetry)."""
+def begin(ns: Namespace, workload: Workload) -> tuple[Workload, Applied]:
+    """Apply WORKLOAD (its `previous` is ignored: the live one is used); returns what
+    was applied, with the workload an undo goes back to, and the drift found."""
     live = ns.deployment(workload.object_name)
     serving, previous = workloads_of(live) if live is not None else (None, None)
     if serving is not None and _same(serving, workload):
@@ -54,14 +53,31 @@ def update(ns: Namespace, workload: Workload, *, poll: float = 1.0,
         target = replace(workload, previous=previous)
     else:
         target = replace(workload, previous=serving)
-    applied = ns.deploy(target)
-    timeout = workload.progress_deadline_seconds + VERDICT_GRACE_SECONDS
+    return target, ns.deploy(target)
+
+
+def verdict_timeout(workload: Workload) -> float:
+    """How long to follow WORKLOAD's rollout before deciding without the controller."""
+    return workload.progress_deadline_seconds + VERDICT_GRACE_SECONDS
+
+
+def why_failed(ns: Namespace, status: RolloutStatus, timeout: float) -> tuple[str, tuple[str, ...]]:
+    """A rollout that did not complete: the reason in one line, and its pods' warnings."""
+    reason = status.message if status.failed else \
+        f"no verdict within {timeout:.0f} s: {status.message}"
+    return reason, tuple(ns.events(status.failing_pods or status.unready_pods))
+
+
+def update(ns: Namespace, workload: Workload, *, poll: float = 1.0,
+           on_status: Callable[[RolloutStatus], None] | None = None) -> Outcome:
+    """Take WORKLOAD's deployment to WORKLOAD (its `previous` is ignored: the live
+    one is used). ON_STATUS sees every look at the rollout (for telemetry)."""
+    target, applied = begin(ns, workload)
+    timeout = verdict_timeout(workload)
     status = ns.follow(target.object_name, timeout=timeout, poll=poll, on_status=on_status)
     if status.phase is Phase.COMPLETE:
         return Outcome(Result.SERVING, target, status.message, applied.drift)
-    reason = status.message if status.failed else \
-        f"no verdict within {timeout:.0f} s: {status.message}"
-    events = tuple(ns.events(status.failing_pods or status.unready_pods))
+    reason, events = why_failed(ns, status, timeout)
     if target.previous is None:
         ns.remove(target.object_name)
         return Outcome(Result.FAILED, target, f"{reason}; its objects were removed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -55,6 +56,10 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               " free one); off unless given. Needs the grpc extra.")
 @click.option("--seed", type=int, hidden=True,
               help="Seed of the traffic split and shadow sampling, for repeatable tests.")
+@click.option("--load", "load", envvar="EDGEFLEET_SERVE_LOAD", metavar="NAME:VERSION",
+              help="Load the package this image carries (serving.json at $EDGEFLEET_SERVING) "
+                   "as NAME:VERSION and self-test it before answering; no agent needed "
+                   "[env EDGEFLEET_SERVE_LOAD].")
 def serve(
     host: str,
     port: int,
@@ -68,6 +73,7 @@ def serve(
     max_wait_ms: int,
     grpc_port: int | None,
     seed: int | None,
+    load: str | None,
 ) -> None:
     """Serve loaded models over the Open Inference Protocol (KServe V2) REST API
     (and gRPC with --grpc-port).
@@ -80,8 +86,16 @@ def serve(
     Example: edgefleet serve --control-socket /run/edgefleet/serve.sock
     --api-key-file /etc/edgefleet/serve.key --host 0.0.0.0
     """
+    from agent.serving.autoload import DEFAULT_SERVING, SERVING_ENV, Autoload, AutoloadError
     from agent.serving.server import ServeError, ServeOptions
     from agent.serving.server import serve as run
+
+    autoload = None
+    if load:
+        try:
+            autoload = Autoload.parse(load, Path(os.environ.get(SERVING_ENV, DEFAULT_SERVING)))
+        except AutoloadError as e:
+            raise click.BadParameter(str(e), param_hint="--load") from None
 
     options = ServeOptions(
         control_socket=control_socket.absolute(),
@@ -94,6 +108,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         grpc_port=grpc_port,
         seed=seed,
+        autoload=autoload,
     )
     try:
         run(options, say=click.echo)

@@ -27,6 +27,8 @@ from starlette.types import ASGIApp
 from agent import options as o
 from agent.serving import app as scoring_app
 from agent.serving import control
+from agent.serving.autoload import Autoload, AutoloadError
+from agent.serving.errors import ServingError
 from agent.serving.limits import Limiter
 from agent.serving.scoring import Scorer
 from agent.serving.shadow import Shadow
@@ -54,6 +56,7 @@ class ServeOptions:
     shadow_concurrency: int = o.SHADOW_CONCURRENCY.default
     graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
     seed: int | None = None  # of the split and shadow sampling; tests make it repeatable
+    autoload: Autoload | None = None  # load this image's package at start (Kubernetes mode)
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
@@ -147,11 +150,12 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
     telemetry = Telemetry(table, limiter)
     shadow = Shadow(table, limiter, telemetry, concurrency=options.shadow_concurrency)
     scorer = Scorer(table, limiter, telemetry, shadow)
+    # Containers (upstream versions) take the same key as the device's scoring address.
+    controller = control.Controller(scorer, options.api_key)
     apps: list[tuple[ASGIApp, socket.socket]] = [
         (scoring_app.create_app(scorer, api_key=options.api_key,
                                 max_body_bytes=options.max_body_bytes), api_socket),
-        # Containers (upstream versions) take the same key as the device's scoring address.
-        (control.create_app(control.Controller(scorer, options.api_key)), control_socket),
+        (control.create_app(controller), control_socket),
     ]
     grpc_server = None
     if options.grpc_port is not None:
@@ -169,6 +173,10 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
         await grpc_server.start()
         say(f"gRPC API (Open Inference Protocol) on {options.host}:{port}")
     try:
+        if options.autoload is not None:
+            # Before the servers start: the readiness probe gets no answer until the
+            # model is loaded and its self-test passed (see agent/serving/autoload.py).
+            await _autoload(controller, options.autoload)
         await _serve_all(apps, options.graceful_seconds)
     finally:
         if grpc_server is not None:
@@ -180,6 +188,17 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
             table.close_all(timeout=options.graceful_seconds)
 
         await asyncio.to_thread(close)
+
+
+async def _autoload(controller: control.Controller, autoload: Autoload) -> None:
+    try:
+        answer = await controller.put(autoload.name, autoload.body())
+    except (ServingError, AutoloadError) as exc:
+        raise ServeError(f"could not load {autoload.name}:{autoload.version}: {exc}") from None
+    tests = answer["self_test"].get(autoload.version)
+    log.info("loaded %s:%s%s", autoload.name, autoload.version,
+             f", self-test passed in {tests['milliseconds']['total']} ms" if tests else
+             " (the package has no sample request to self-test with)")
 
 
 def serve(options: ServeOptions, say: Callable[[str], None] = print) -> None:

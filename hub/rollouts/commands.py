@@ -43,6 +43,7 @@ def create(db: Database, blobs: BlobStore, *, model: str, version: int | str, cr
     devices = store.target_devices(db, spec.target)
     if spec.split:
         _refuse_candidate_serving(db, spec, devices)
+        _refuse_clusters(db, devices)
     _refuse_missing_platforms(db, blobs, spec, package.digest, devices)
     stamp = now()
     with db.transaction() as conn:
@@ -87,6 +88,19 @@ def _refuse_candidate_serving(db: Database, spec: specs.RolloutSpec,
             f"deployment {spec.deployment} already serves {spec.model}:{spec.version} on "
             f"{len(serving)} target device(s) ({_few(serving)}), so it cannot be their A/B or "
             "shadow candidate; pick another version or a target without them")
+
+
+def _refuse_clusters(db: Database, devices: Sequence[str]) -> None:
+    # A cluster agent runs one Deployment per deployment (agent/kube/daemon.py); it
+    # would report the candidate failed, so the rollout is refused up front.
+    clusters = [r["id"] for r in db.query(
+        "SELECT id FROM devices WHERE json_extract(tags, '$.\"runtime.kubernetes\"') = 'true'"
+        " AND id IN (SELECT value FROM json_each(?)) ORDER BY id", (json.dumps(list(devices)),))]
+    if clusters:
+        raise InvalidInput(
+            f"{len(clusters)} target device(s) are Kubernetes clusters ({_few(clusters)}), "
+            "which run no A/B split or shadow: narrow the target (e.g. add a tag the "
+            "clusters lack) or roll out without --traffic/--shadow")
 
 
 def _refuse_missing_platforms(db: Database, blobs: BlobStore, spec: specs.RolloutSpec,

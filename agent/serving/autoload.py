@@ -1,0 +1,62 @@
+"""`edgefleet serve --load NAME:VERSION`: load the package this image carries, at start.
+
+In Kubernetes mode no agent sits next to the serving pod to drive its
+control socket, and none needs to: the pod's image *is* the package (its
+model and serving layers are the image's files, pulled by the signed digest
+and checked by the container runtime). So the serving process loads the
+model named by the image's serving.json (`EDGEFLEET_SERVING`, set in the
+image config by the packager) as deployment NAME, version VERSION, and runs
+the package's sample request on it before its scoring API starts answering:
+`/v2/health/ready` (the pod's readiness probe) only succeeds once the
+self-test has passed, and a failing load or self-test exits the process
+(non-zero), which Kubernetes shows as a crash loop. The Deployment sets
+`EDGEFLEET_SERVE_LOAD`; nothing is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.serving.body import NAME_PATTERN, DeploymentBody, RuntimeSettings, VersionBody
+from contract.errors import PackageError
+from contract.layers import SERVING_FILE
+from contract.serving import read_serving
+
+ENV: str = "EDGEFLEET_SERVE_LOAD"
+SERVING_ENV: str = "EDGEFLEET_SERVING"   # the image config's: where serving.json is
+DEFAULT_SERVING: str = f"/{SERVING_FILE}"
+
+
+class AutoloadError(ValueError):
+    """What to load cannot be read; one line."""
+
+
+@dataclass(frozen=True)
+class Autoload:
+    name: str
+    version: str
+    serving_file: Path
+
+    @classmethod
+    def parse(cls, text: str, serving_file: Path) -> Autoload:
+        """NAME:VERSION as --load takes it."""
+        name, sep, version = text.partition(":")
+        if not sep or not re.fullmatch(NAME_PATTERN, name) \
+                or not re.fullmatch(NAME_PATTERN, version):
+            raise AutoloadError(f"--load {text[:80]!r} is not NAME:VERSION")
+        return cls(name, version, serving_file)
+
+    def body(self) -> DeploymentBody:
+        """The control body that loads and self-tests this image's model."""
+        try:
+            serving = read_serving(self.serving_file.read_bytes())
+        except (OSError, PackageError) as exc:
+            raise AutoloadError(f"cannot read {self.serving_file}: {exc}") from None
+        return DeploymentBody(VersionBody(
+            version=self.version, model_dir=self.serving_file.parent / "model",
+            entrypoint=serving["entrypoint"], framework=serving["framework"],
+            runtime=RuntimeSettings(prefer=tuple(serving.get("prefer") or ())),
+            self_test=serving.get("sample_request"),
+        ))

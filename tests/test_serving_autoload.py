@@ -1,0 +1,72 @@
+"""`edgefleet serve --load NAME:VERSION` (EDGEFLEET_SERVE_LOAD): a serving pod in Kubernetes
+mode loads and self-tests the package its image carries, with no agent at its control socket.
+
+The layout is the package image's: /opt/edgefleet/serving.json (EDGEFLEET_SERVING) beside
+/opt/edgefleet/model/. kwok's pods do not run, so this is where the pod's side is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from contract.serving import sample_request, serving_document
+from modelgen import expected_linear, make_failing_onnx, make_onnx
+from test_serving_process import API_KEY, SERVE, start_serve
+
+SIGNATURE = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+             "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]}
+
+
+def image_root(root: Path, make: object) -> Path:
+    """ROOT laid out as a package image's /opt/edgefleet, the model made by MAKE."""
+    (root / "model").mkdir(parents=True)
+    make(root / "model" / "model.onnx")  # type: ignore[operator]
+    (root / "serving.json").write_text(json.dumps(serving_document(
+        model="tiny", version=4, runtime="onnxruntime", framework="onnx",
+        entrypoint="model.onnx", signature=SIGNATURE, prefer=["onnxruntime:CPU"],
+        sample_request=sample_request(SIGNATURE))))
+    return root / "serving.json"
+
+
+def test_the_image_s_model_is_loaded_and_self_tested_before_it_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(tmp_path / "opt", make_onnx)))
+    served = start_serve(tmp_path / "run", "--load", "tiny:4")
+    try:
+        assert httpx.get(f"{served.url}/v2/health/ready").status_code == 200
+        rows = [[1.0, 2.0, 3.0]]
+        with served.client() as client:
+            answer = client.post("/v2/models/tiny/infer", json={"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": rows[0]}]}).json()
+        assert answer["model_version"] == "4"
+        assert np.allclose(answer["outputs"][0]["data"],
+                           expected_linear(np.array(rows, dtype=np.float32)).ravel(), atol=1e-5)
+        assert "self-test passed" in served.log()
+    finally:
+        assert served.stop() == 0
+
+
+def test_a_failing_self_test_exits_non_zero_before_answering(tmp_path: Path) -> None:
+    serving = image_root(tmp_path / "opt", make_failing_onnx)
+    done = subprocess.run(
+        [*SERVE, "--port", "0", "--control-socket", str(tmp_path / "serve.sock"),
+         "--api-key", API_KEY], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "EDGEFLEET_SERVING": str(serving), "EDGEFLEET_SERVE_LOAD": "tiny:4"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"Error: could not load tiny:4: self-test of .* failed", done.stderr), \
+        done.stderr
+    assert not (tmp_path / "serve.sock").exists()
+
+
+def test_a_bad_load_value_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([*SERVE, "--control-socket", str(tmp_path / "s.sock"), "--no-auth",
+                           "--load", "no version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not NAME:VERSION" in done.stderr, done.stderr
