@@ -29,6 +29,10 @@ class EnrollmentError(Exception):
     """Enrollment failed; the message says why and what to do."""
 
 
+class HubUnreachable(EnrollmentError):
+    """The hub could not be reached: worth trying again later."""
+
+
 class IdentityError(Exception):
     """The stored identity cannot be used; the message says what to do."""
 
@@ -88,7 +92,9 @@ def enroll(
             timeout=30,
         )
     except httpx.TransportError as exc:
-        raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
+        raise HubUnreachable(f"cannot reach the hub at {hub_url}: {exc}") from None
+    if response.status_code >= 500:
+        raise HubUnreachable(f"the hub at {hub_url} cannot enroll now ({response.status_code})")
     if response.status_code != 201:
         try:
             detail = response.json().get("detail", response.text)
