@@ -7,7 +7,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -192,7 +192,7 @@ def forget_token(config_path: Path, data_dir: Path) -> None:
 @click.option("--systemctl", default="systemctl", hidden=True,
               help="The systemctl command to run (tests).")
 def install(
-    hub_url: str | None, token_file: click.utils.LazyFile | None, ca_fingerprint: str | None,
+    hub_url: str | None, token_file: TextIO | None, ca_fingerprint: str | None,
     name: str | None, serve_host: str, serve_port: int, no_start: bool, uninstall: bool,
     purge: bool, root: Path, systemctl: str,
 ) -> None:

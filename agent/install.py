@@ -166,7 +166,7 @@ def install(
     sysusers = _under(root, SYSUSERS_PATH)
     sysusers.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(sysusers, sysusers_text().encode())
-    run(["systemd-sysusers", *_root_flag(root), str(SYSUSERS_PATH)])
+    run(["systemd-sysusers", *_root_flag(root), str(sysusers)])
     done.append(f"user {USER} ({SYSUSERS_PATH})")
     unit = _under(root, UNIT_PATH)
     unit.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def uninstall(
         else:
             run([*systemctl, *_root_flag(root), "disable", UNIT_NAME])
         unit.unlink()
-        done.append(f"stopped, disabled and removed {UNIT_NAME}")
+        done.append(f"disabled and removed {UNIT_NAME}")
         if root == Path("/"):
             run([*systemctl, "daemon-reload"])
     for path in (CONFIG_PATH, SYSUSERS_PATH):
