@@ -183,6 +183,11 @@ def forget_token(config_path: Path, data_dir: Path) -> None:
 @click.option("--serve-port", default=o.SERVE_PORT.default, show_default=True,
               type=click.IntRange(1, 65535), help=o.SERVE_PORT.help)
 @click.option("--no-start", is_flag=True, help="Enable the service but do not start it now.")
+@click.option("--python", default=sys.executable, show_default="this Python", hidden=True,
+              help="The interpreter the service runs (a device image's, when building one).")
+@click.option("--first-boot-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True,
+              help="Device images: no token now; at first boot the enrollment file is taken "
+                   "from this path (on the boot partition).")
 @click.option("--uninstall", is_flag=True, help="Stop, disable and remove what install wrote.")
 @click.option("--purge", is_flag=True,
               help="With --uninstall: also remove /var/lib/edgefleet (the device's identity).")
@@ -193,8 +198,8 @@ def forget_token(config_path: Path, data_dir: Path) -> None:
               help="The systemctl command to run (tests).")
 def install(
     hub_url: str | None, token_file: TextIO | None, ca_fingerprint: str | None,
-    name: str | None, serve_host: str, serve_port: int, no_start: bool, uninstall: bool,
-    purge: bool, root: Path, systemctl: str,
+    name: str | None, serve_host: str, serve_port: int, no_start: bool, python: str,
+    first_boot_file: Path | None, uninstall: bool, purge: bool, root: Path, systemctl: str,
 ) -> None:
     """Install the agent as a systemd service of this machine, enrolled on its first start.
 
@@ -219,21 +224,45 @@ def install(
         else:
             if purge:
                 raise click.UsageError("--purge goes with --uninstall")
-            if not hub_url:
-                raise click.UsageError("--hub is needed")
-            token = token_file.read().strip() if token_file is not None else None
-            try:
-                config = enrollment.EnrollmentConfig(
-                    hub=hub_url.rstrip("/"), token=token or None, name=name,
-                    ca_fingerprint=enrollment.normal_fingerprint(ca_fingerprint)
-                    if ca_fingerprint else None)
-            except enrollment.EnrollmentFileError as exc:
-                raise click.UsageError(str(exc)) from None
-            settings = installer.UnitSettings(python=sys.executable, serve_host=serve_host,
-                                              serve_port=serve_port)
+            settings = installer.UnitSettings(python=python, serve_host=serve_host,
+                                              serve_port=serve_port,
+                                              first_boot_file=first_boot_file)
+            config = None if first_boot_file else _install_config(hub_url, token_file, name,
+                                                                   ca_fingerprint)
             done = installer.install(root, config, settings, systemctl=shlex.split(systemctl),
                                      start=not no_start)
     except installer.InstallError as exc:
         raise click.ClickException(str(exc)) from None
     for line in done:
         click.echo(line)
+
+
+def _install_config(
+    hub_url: str | None, token_file: TextIO | None, name: str | None, ca_fingerprint: str | None,
+) -> enrollment.EnrollmentConfig:
+    if not hub_url:
+        raise click.UsageError("--hub is needed")
+    if token_file is None:
+        raise click.UsageError("--token-file is needed ('-' reads the token from stdin)")
+    try:
+        return enrollment.EnrollmentConfig(
+            hub=hub_url.rstrip("/"), token=token_file.read().strip(), name=name,
+            ca_fingerprint=enrollment.normal_fingerprint(ca_fingerprint) if ca_fingerprint
+            else None)
+    except enrollment.EnrollmentFileError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@agent.command("take-enrollment", hidden=True)
+@click.option("--from", "source", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--to", "target", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def take_enrollment(source: Path, target: Path) -> None:
+    """First boot of a device image (as root): check the enrollment file on the boot partition,
+    move it to the root-only TARGET, and delete it there (a FAT partition has no owners)."""
+    from contract.files import write_secret
+
+    config = _read_enrollment_file(source)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_secret(target, enrollment.render(config))
+    source.unlink()
+    click.echo(f"edgefleet: enrollment for {config.hub} taken from {source}")

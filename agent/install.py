@@ -26,11 +26,13 @@ from contract import enrollment
 from contract.files import write_atomic, write_secret
 
 UNIT_NAME = "edgefleet-agent.service"
+FIRST_BOOT_UNIT = "edgefleet-enrollment.service"
 USER = "edgefleet"
 STATE_DIR = Path("/var/lib/edgefleet")
 CONFIG_PATH = Path("/etc/edgefleet/enrollment.conf")
 UNIT_PATH = Path("/etc/systemd/system") / UNIT_NAME
 SYSUSERS_PATH = Path("/usr/lib/sysusers.d/edgefleet.conf")
+FIRST_BOOT_PATH = Path("/etc/systemd/system") / FIRST_BOOT_UNIT
 CREDENTIAL = "enrollment"
 
 Runner = Callable[[Sequence[str]], None]
@@ -84,12 +86,17 @@ class UnitSettings:
     python: str  # the interpreter whose environment holds edgefleet
     serve_host: str = "127.0.0.1"
     serve_port: int = 8500
+    # A device image: the enrollment file comes from this file on the boot partition at
+    # first boot, and the agent's messages go to the console too (no one is logged in).
+    first_boot_file: Path | None = None
 
     def __post_init__(self) -> None:
-        for value in (self.python, self.serve_host):
+        for value in (self.python, self.serve_host, str(self.first_boot_file or "")):
             # A unit file is line-based and systemd expands % and $: refuse what would change it.
-            if not value or any(c in value for c in "\n\r%$\"' \\"):
+            if any(c in value for c in "\n\r%$\"' \\"):
                 raise InstallError(f"{value!r} cannot be written into a unit file")
+        if self.first_boot_file is not None and not self.first_boot_file.is_absolute():
+            raise InstallError(f"the first-boot file must be absolute: {self.first_boot_file}")
         if not Path(self.python).is_absolute():
             raise InstallError(f"the interpreter path must be absolute, got {self.python!r}")
         if self.python.startswith(("/home/", "/root/", "/run/user/")):
@@ -130,6 +137,7 @@ def unit_text(settings: UnitSettings) -> str:
         # Waiting for the network or a hub at first boot is no failure to start.
         "TimeoutStartSec=infinity",
         "Environment=PYTHONUNBUFFERED=1",
+        *(["StandardOutput=journal+console"] if settings.first_boot_file else []),
         *HARDENING,
         "",
         "[Install]",
@@ -137,6 +145,31 @@ def unit_text(settings: UnitSettings) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def first_boot_text(settings: UnitSettings) -> str:
+    """The oneshot that moves the boot partition's enrollment file to the root-only one."""
+    assert settings.first_boot_file is not None
+    source = settings.first_boot_file
+    return "\n".join([
+        "# Written by `edgefleet agent install --first-boot-file` for device images.",
+        "[Unit]",
+        "Description=edgefleet: take the enrollment file from the boot partition",
+        f"Before={UNIT_NAME}",
+        f"RequiresMountsFor={source.parent}",
+        f"ConditionPathExists={source}",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={settings.python} -m edgefleet agent take-enrollment --from {source}"
+        f" --to {CONFIG_PATH}",
+        "StandardOutput=journal+console",
+        "StandardError=journal+console",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])
 
 
 def sysusers_text() -> str:
@@ -148,21 +181,30 @@ def _under(root: Path, path: Path) -> Path:
 
 
 def install(
-    root: Path, config: enrollment.EnrollmentConfig, settings: UnitSettings,
+    root: Path, config: enrollment.EnrollmentConfig | None, settings: UnitSettings,
     *, systemctl: Sequence[str], run: Runner = run_command, start: bool = True,
 ) -> list[str]:
     """Write the unit, the user and the enrollment file under ROOT, then enable (and start).
 
     Returns what was done, one line each. ROOT other than / only writes files and tells
-    systemctl `--root`, for images and tests."""
-    if config.token is None and not _under(root, STATE_DIR / "identity.json").exists():
-        raise InstallError("an enrollment token is needed: give --token-file (or --token -)")
+    systemctl `--root`, for images and tests. CONFIG None: a device image, whose
+    enrollment file comes from the boot partition (settings.first_boot_file)."""
     done = []
-    config_path = _under(root, CONFIG_PATH)
-    config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config_path.parent.chmod(0o700)
-    write_secret(config_path, enrollment.render(config))
-    done.append(f"wrote {CONFIG_PATH} (root only)")
+    units = [UNIT_NAME]
+    if config is None:
+        if settings.first_boot_file is None:
+            raise InstallError("an enrollment token is needed: give --token-file")
+        first_boot = _under(root, FIRST_BOOT_PATH)
+        first_boot.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(first_boot, first_boot_text(settings).encode())
+        units.append(FIRST_BOOT_UNIT)
+        done.append(f"wrote {FIRST_BOOT_PATH} (takes {settings.first_boot_file} at boot)")
+    else:
+        config_path = _under(root, CONFIG_PATH)
+        config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config_path.parent.chmod(0o700)
+        write_secret(config_path, enrollment.render(config))
+        done.append(f"wrote {CONFIG_PATH} (root only)")
     sysusers = _under(root, SYSUSERS_PATH)
     sysusers.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(sysusers, sysusers_text().encode())
@@ -174,11 +216,11 @@ def install(
     done.append(f"wrote {UNIT_PATH}")
     if root == Path("/"):
         run([*systemctl, "daemon-reload"])
-        run([*systemctl, "enable", *(["--now"] if start else []), UNIT_NAME])
+        run([*systemctl, "enable", *(["--now"] if start else []), *units])
         done.append(f"enabled {UNIT_NAME}" + (" and started it" if start else ""))
     else:
-        run([*systemctl, *_root_flag(root), "enable", UNIT_NAME])
-        done.append(f"enabled {UNIT_NAME} (starts at the next boot)")
+        run([*systemctl, *_root_flag(root), "enable", *units])
+        done.append(f"enabled {', '.join(units)} (starts at the next boot)")
     return done
 
 
@@ -188,16 +230,18 @@ def uninstall(
     """Stop and disable the service and remove what `install` wrote; PURGE also removes the
     state (the device's identity: it must then enroll again with a new token)."""
     done = []
-    unit = _under(root, UNIT_PATH)
-    if unit.exists():
+    for name, path in ((UNIT_NAME, UNIT_PATH), (FIRST_BOOT_UNIT, FIRST_BOOT_PATH)):
+        unit = _under(root, path)
+        if not unit.exists():
+            continue
         if root == Path("/"):
-            run([*systemctl, "disable", "--now", UNIT_NAME])
+            run([*systemctl, "disable", "--now", name])
         else:
-            run([*systemctl, *_root_flag(root), "disable", UNIT_NAME])
+            run([*systemctl, *_root_flag(root), "disable", name])
         unit.unlink()
-        done.append(f"disabled and removed {UNIT_NAME}")
-        if root == Path("/"):
-            run([*systemctl, "daemon-reload"])
+        done.append(f"disabled and removed {name}")
+    if root == Path("/") and done:
+        run([*systemctl, "daemon-reload"])
     for path in (CONFIG_PATH, SYSUSERS_PATH):
         target = _under(root, path)
         if target.exists():
