@@ -125,6 +125,11 @@ def run(
         if enrollment_file is not None:
             config = _read_enrollment_file(enrollment_file)
             hub_url, token, name = config.hub, config.token, name or config.name
+            if config.serving_api_key:
+                from contract.files import write_secret
+
+                write_secret(data_dir / "serving-api-key", config.serving_api_key,
+                             replace=False)
             if token is None:
                 raise click.ClickException(
                     f"enrollment file {enrollment_file} holds no token and {data_dir} no "

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"efe_[A-Za-z0-9_-]{8,200}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-KEYS = ("hub", "token", "ca_fingerprint", "name")
+_API_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
+KEYS = ("hub", "token", "ca_fingerprint", "name", "serving_api_key")
 
 
 class EnrollmentFileError(ValueError):
@@ -29,6 +30,8 @@ class EnrollmentConfig:
     token: str | None = None
     ca_fingerprint: str | None = None  # sha256 of the hub's CA certificate, lower-case hex
     name: str | None = None
+    # The scoring API's key for the devices of a batch (default: each device makes its own).
+    serving_api_key: str | None = None
 
     def __post_init__(self) -> None:
         _check("hub", self.hub)
@@ -57,6 +60,8 @@ def _check(key: str, value: str) -> None:
         raise EnrollmentFileError("ca_fingerprint: needs the certificate's sha256 as 64 hex digits")
     elif key == "name" and not _NAME.fullmatch(value):
         raise EnrollmentFileError(f"name: {value!r} is no device name (letters, digits, ._-)")
+    elif key == "serving_api_key" and not _API_KEY.fullmatch(value):
+        raise EnrollmentFileError("serving_api_key: needs 16-128 letters, digits, _ or -")
 
 
 def parse(text: str) -> EnrollmentConfig:
