@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent import install as installer
+from agent.identity import reachable_broker
 from agentproc import enrollment_token, start_agent
 from contract import enrollment
 from hubproc import EDGEFLEET, HubProcess, stop_process
@@ -215,3 +216,14 @@ def test_a_bad_enrollment_file_is_one_line_and_an_unreachable_hub_is_retried(
             assert process.poll() is None
         finally:
             stop_process(process)
+
+
+@pytest.mark.parametrize(("broker", "hub_url", "reached"), [
+    ("mqtt://127.0.0.1:1883", "http://10.0.2.2:8080", "mqtt://10.0.2.2:1883"),
+    ("mqtt://0.0.0.0:1883", "http://hub.lan:8080", "mqtt://hub.lan:1883"),
+    ("mqtt://127.0.0.1:1883", "http://127.0.0.1:8080", "mqtt://127.0.0.1:1883"),
+    ("mqtt://broker.lan:1883", "http://10.0.2.2:8080", "mqtt://broker.lan:1883"),
+])
+def test_a_broker_announced_on_loopback_is_reached_where_the_hub_was(
+        broker: str, hub_url: str, reached: str) -> None:
+    assert reachable_broker(broker, hub_url) == reached

@@ -144,7 +144,7 @@ def _wheels(settings: BuildSettings, into: Path) -> Path:
     cls = settings.device_class
     requirement = f"edgefleet[{','.join(cls.extras)}]"
     own = into / "own"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
           "--quiet", "--wheel-dir", str(own), str(SOURCE_ROOT)],
          what="building edgefleet's wheel", env={"SOURCE_DATE_EPOCH": str(settings.epoch)})
     key = hashlib.sha256(canonical_json({
@@ -153,6 +153,7 @@ def _wheels(settings: BuildSettings, into: Path) -> Path:
     })).hexdigest()[:32]
     deps = settings.cache_dir / "wheels" / key
     if not deps.is_dir():
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix=".wheels-"))
         try:
             _run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(staging),
