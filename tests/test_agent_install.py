@@ -111,7 +111,8 @@ def test_install_on_this_machine_runs_systemctl_as_given(tmp_path: Path) -> None
     root = tmp_path / "root"
     config = enrollment.EnrollmentConfig(hub="http://hub:8080", token=TOKEN)
     settings = installer.UnitSettings(python="/opt/edgefleet/bin/python")
-    installer.install(root, config, settings, systemctl=["systemctl"], run=calls.append)
+    installer.install(root, config, settings, systemctl=["systemctl"],
+                      run=lambda argv: calls.append(list(argv)))
     assert calls[1:] == [["systemctl", f"--root={root}", "enable", installer.UNIT_NAME]]
     assert calls[0][0] == "systemd-sysusers"
 
