@@ -129,6 +129,14 @@ def write_enrollment(image: Path, config_text: str) -> None:
         staged.unlink()
 
 
+def list_enrollment_dir(image: Path) -> list[str]:
+    """The names in the boot partition's edgefleet/ directory of IMAGE."""
+    done = _run(["mdir", "-b", "-i", f"{image}@@{_esp_offset(image)}", f"::/{ENROLLMENT_DIR}"],
+                {"MTOOLS_SKIP_CHECK": "1"})
+    return sorted(line.rstrip("/").rpartition("/")[2] for line in done.stdout.splitlines()
+                  if line.strip())
+
+
 def _esp_offset(image: Path) -> int:
     done = _run(["sfdisk", "--json", str(image)], {})
     try:
