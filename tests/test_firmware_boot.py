@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from agentproc import deploy, enrollment_token, publish_version, wait_for
-from hubproc import EDGEFLEET, HubProcess, free_port, stop_process
 
+from agentproc import deploy, enrollment_token, publish_version, wait_for
 from contract import enrollment
+from hubproc import EDGEFLEET, HubProcess, free_port, stop_process
 from packager.firmware import disk
 from packager.samples import expected_linear, make_onnx
 
