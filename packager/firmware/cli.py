@@ -71,6 +71,8 @@ def enroll(image: Path, enrollment_file: TextIO) -> None:
     The file is `edgefleet agent install`'s format: hub=URL and token=efe_... lines,
     optionally ca_fingerprint=, name=, serving_api_key=. Every device flashed from
     IMAGE enrolls with it (a token with enough uses) and gets its own identity.
+
+    Example: edgefleet firmware enroll images/generic-amd64.img enrollment.conf
     """
     from contract import enrollment
     from packager.firmware import disk
