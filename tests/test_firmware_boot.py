@@ -68,6 +68,8 @@ def booted(image: Path, hub: HubProcess, tmp_path: Path) -> Iterator[tuple[Path,
     shutil.copy(OVMF, vars_file)
     qemu = subprocess.Popen([
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "1",
+        # numpy needs x86-64-v2 (SSE4.2, POPCNT) at least; TCG's default CPU has less.
+        "-cpu", "max",
         "-bios", str(OVMF), "-display", "none", "-no-reboot", "-serial", f"file:{console}",
         "-drive", f"file={copy},format=raw,if=virtio",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:8500",

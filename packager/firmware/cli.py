@@ -9,6 +9,8 @@ from typing import TextIO
 
 import click
 
+from contract.errors import PackageError
+
 
 @click.group()
 def firmware() -> None:
@@ -56,7 +58,7 @@ def build(device_class: str, out_dir: Path, mirror: str | None, no_security_mirr
     started = time.monotonic()
     try:
         result = builder.build(settings, log=lambda line: click.echo(f"==> {line}", err=True))
-    except builder.PackageError as exc:
+    except PackageError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{result.image} ({result.image.stat().st_size / 2**20:.0f} MiB) in "
                f"{time.monotonic() - started:.0f} s; contents in {result.packages}")
@@ -89,3 +91,41 @@ def enroll(image: Path, enrollment_file: TextIO) -> None:
     except disk.DiskError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{image}: enrolls with {config.hub} at first boot", file=sys.stdout)
+
+
+@firmware.command("agent-image")
+@click.option("--platform", "platforms", multiple=True, default=["linux/amd64", "linux/arm64"],
+              show_default=True, help="OCI platform; repeat for several.")
+@click.option("--runtime", "runtimes", multiple=True, default=["onnxruntime"],
+              show_default=True, help="Runtime installed in the image; repeat for several.")
+@click.option("--out", "layout", default="agent-image", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="OCI layout to write.")
+@click.option("--tag", default="latest", show_default=True, help="Tag in the layout.")
+@click.option("--epoch", type=int, help="SOURCE_DATE_EPOCH [default: the last commit's].")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="PEM private key (the hub's keys/hub-signing.key) to sign the image with.")
+def agent_image(platforms: tuple[str, ...], runtimes: tuple[str, ...], layout: Path, tag: str,
+                epoch: int | None, sign_key: Path | None) -> None:
+    """Build the agent as a multi-platform OCI image (container hosts, Kubernetes).
+
+    The image runs `edgefleet agent run` with its state in the volume
+    /var/lib/edgefleet and the enrollment file mounted at
+    /run/secrets/edgefleet-enrollment. Copy it with `skopeo copy --all
+    --preserve-digests oci:LAYOUT:TAG ...` to keep the signature valid.
+
+    Example: edgefleet firmware agent-image --out agent-image --sign-key hub/keys/hub-signing.key
+    """
+    from contract import signing
+    from packager.agent_image import build_agent_image
+    from packager.firmware.build import default_epoch
+
+    key = signing.load_private_key(sign_key) if sign_key else None
+    try:
+        image = build_agent_image(
+            layout, platforms, runtimes=runtimes, tag=tag, key=key,
+            epoch=default_epoch() if epoch is None else epoch,
+            log=lambda line: click.echo(f"==> {line}", err=True))
+    except PackageError as exc:
+        raise click.ClickException(str(exc)) from None
+    signed = " (signed)" if key else ""
+    click.echo(f"{layout}:{tag} {image.index.digest}{signed}: {', '.join(image.manifests)}")
