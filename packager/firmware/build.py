@@ -190,7 +190,7 @@ def _mmdebstrap(settings: BuildSettings, rootfs: Path, wheels: Path) -> None:
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         # The .debs stay in the cache between builds: a warm build downloads nothing.
-        "--skip=download/empty",
+        "--skip=download/empty", "--skip=essential/unlink",
         f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives && cp -a {debs}/. '
         '"$1"/var/cache/apt/archives/',
         f'--customize-hook=cp -a "$1"/var/cache/apt/archives/*.deb {debs}/ 2>/dev/null; '
