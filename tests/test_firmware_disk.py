@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hubproc import EDGEFLEET
 
+from hubproc import EDGEFLEET
 from packager.firmware import disk
 
 TOKEN = "efe_" + "t0ken" * 6
