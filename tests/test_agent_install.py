@@ -16,6 +16,7 @@ import pytest
 from agent import install as installer
 from agent.identity import reachable_broker
 from agentproc import enrollment_token, start_agent
+from conftest import Cli
 from contract import enrollment
 from hubproc import EDGEFLEET, HubProcess, stop_process
 
@@ -228,3 +229,18 @@ def test_a_bad_enrollment_file_is_one_line_and_an_unreachable_hub_is_retried(
 def test_a_broker_announced_on_loopback_is_reached_where_the_hub_was(
         broker: str, hub_url: str, reached: str) -> None:
     assert reachable_broker(broker, hub_url) == reached
+
+
+def test_the_hub_cli_writes_an_enrollment_file_for_images(cli: Cli, hub: HubProcess,
+                                                          tmp_path: Path) -> None:
+    path = tmp_path / "enrollment.conf"
+    cli.run("device", "token", "create", "--max-uses", "5", "--image-config", str(path),
+            "--device-hub", "http://10.0.2.2:8080/")
+    assert mode(path) == 0o600
+    config = enrollment.parse(path.read_text())
+    assert config.hub == "http://10.0.2.2:8080" and config.token is not None
+    cli.run("device", "token", "create", "--image-config", str(tmp_path / "default.conf"))
+    assert enrollment.parse((tmp_path / "default.conf").read_text()).hub == hub.url
+    done = cli.run("device", "token", "create", "--image-config", str(tmp_path / "bad.conf"),
+                   "--device-hub", "ftp://x", ok=False)
+    assert done.returncode == 2 and "--device-hub: hub: 'ftp://x' is no" in done.stderr
