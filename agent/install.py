@@ -53,7 +53,7 @@ def run_command(argv: Sequence[str]) -> None:
         raise InstallError(f"`{' '.join(argv)}` failed: {said[-1] if said else done.returncode}")
 
 
-# Every option here was checked with the agent running under it (tests/test_agent_install.py
+# Every option here was checked with the agent running under it (tests/test_firmware_boot.py
 # boots it in the device image): it writes only its state directory and /tmp, binds a TCP
 # port above 1024, talks TCP and unix sockets, and the serving child needs no new privileges.
 # MemoryDenyWriteExecute stays off: onnxruntime and OpenVINO JIT-compile kernels.
