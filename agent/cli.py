@@ -52,9 +52,11 @@ def _pause_in(value: str | None) -> tuple[str, float] | None:
 
 def _enroll(
     data_dir: Path, hub_url: str, token: str, name: str | None, mqtt_url: str | None,
+    *, retry: bool,
 ) -> Identity:
-    """Enroll; a hub that cannot be reached is tried again with backoff (at first boot the
-    network may come up late), a refusal ends the command with the hub's reason."""
+    """Enroll; with RETRY (a service, from an enrollment file) a hub that cannot be reached
+    is tried again with backoff, since at first boot the network may come up late. A refusal,
+    or an unreachable hub without RETRY (someone at a terminal), ends the command."""
     from agent import identity as identities
     from agent.inventory import oci_platform
     from agent.mqtt import BackoffPolicy
@@ -66,6 +68,8 @@ def _enroll(
             return identities.enroll(data_dir, hub_url=hub_url, token=token, name=name,
                                      platform=oci_platform(), mqtt_url=mqtt_url)
         except identities.HubUnreachable as exc:
+            if not retry:
+                raise click.ClickException(str(exc)) from None
             wait = backoff.delay(attempt)
             click.echo(f"{exc}; trying again in {wait:.0f} s", err=True)
             time.sleep(wait)
@@ -138,7 +142,8 @@ def run(
             raise click.UsageError(
                 f"{data_dir} holds no identity yet: give --hub and --token to enroll this device"
             )
-        identity = _enroll(data_dir, hub_url, token, name, mqtt_url)
+        identity = _enroll(data_dir, hub_url, token, name, mqtt_url,
+                           retry=enrollment_file is not None)
         click.echo(f"Enrolled as {identity.device_id} ({identity.name})")
     _notify_ready()
     options = AgentOptions(

@@ -218,6 +218,11 @@ def test_a_bad_enrollment_file_is_one_line_and_an_unreachable_hub_is_retried(
             assert process.poll() is None
         finally:
             stop_process(process)
+    # At a terminal (--hub and --token) an unreachable hub is one line, not a wait.
+    done = edgefleet("agent", "run", "--data-dir", str(tmp_path / "d"), "--hub",
+                     "http://127.0.0.1:9", "--token", TOKEN, ok=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: cannot reach the hub at http://127.0.0.1:9")
 
 
 @pytest.mark.parametrize(("broker", "hub_url", "reached"), [
