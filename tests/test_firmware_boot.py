@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -50,37 +49,43 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / f"{CLASS}.img"
 
 
-@pytest.fixture
-def booted(image: Path, hub: HubProcess, tmp_path: Path) -> Iterator[tuple[Path, int, str, Path]]:
-    """A copy of the image with an enrollment file on its boot partition, running in QEMU.
-    Yields (disk, forwarded scoring port, serving API key, console log)."""
-    copy = tmp_path / "disk.img"
+def enrolled_copy(image: Path, copy: Path, config: enrollment.EnrollmentConfig) -> Path:
+    """A copy of IMAGE (sparse) with CONFIG's enrollment file on its boot partition."""
     subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
-    api_key = secrets.token_urlsafe(24)
-    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
-                                         token=enrollment_token(hub), serving_api_key=api_key)
     done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(copy), "-"],
                           input=enrollment.render(config), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    port = free_port()
-    console = tmp_path / "console.log"
-    vars_file = tmp_path / "OVMF_VARS.fd"
-    shutil.copy(OVMF, vars_file)
-    qemu = subprocess.Popen([
+    return copy
+
+
+def start_vm(disk: Path, console: Path, port: int) -> subprocess.Popen[bytes]:
+    """DISK booted in QEMU; the guest's scoring port 8500 is the host's PORT."""
+    return subprocess.Popen([
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "1",
         # numpy needs x86-64-v2 (SSE4.2, POPCNT) at least; TCG's default CPU has less.
         "-cpu", "max",
         "-bios", str(OVMF), "-display", "none", "-no-reboot", "-serial", f"file:{console}",
-        "-drive", f"file={copy},format=raw,if=virtio",
+        "-drive", f"file={disk},format=raw,if=virtio",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:8500",
         "-device", "virtio-net-pci,netdev=net0",
-    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def booted(image: Path, hub: HubProcess, tmp_path: Path) -> Iterator[tuple[Path, int, str, Path]]:
+    """A copy of the image with an enrollment file on its boot partition, running in QEMU.
+    Yields (disk, forwarded scoring port, serving API key, console log)."""
+    api_key = secrets.token_urlsafe(24)
+    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
+                                         token=enrollment_token(hub), serving_api_key=api_key)
+    copy = enrolled_copy(image, tmp_path / "disk.img", config)
+    port = free_port()
+    console = tmp_path / "console.log"
+    qemu = start_vm(copy, console, port)
     try:
         yield copy, port, api_key, console
     finally:
         stop_process(qemu, timeout=10)
-        if qemu.stderr is not None:
-            qemu.stderr.close()
 
 
 def devices(hub: HubProcess) -> list[dict]:
@@ -122,3 +127,26 @@ def test_the_image_boots_enrolls_by_itself_and_serves_a_deployed_model(
     assert answer["outputs"][0]["data"] == pytest.approx(expected, rel=1e-5)
     # The token left the boot partition at first boot.
     assert "enrollment.conf" not in disk.list_enrollment_dir(copy)
+
+
+def test_two_devices_flashed_from_one_enrolled_image_get_two_identities(
+        image: Path, hub: HubProcess, tmp_path: Path) -> None:
+    before = {d["id"] for d in devices(hub)}
+    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
+                                         token=enrollment_token(hub, max_uses=2))
+    flashed = enrolled_copy(image, tmp_path / "flashed.img", config)
+    machines = []
+    try:
+        for number in (1, 2):
+            card = tmp_path / f"card{number}.img"
+            subprocess.run(["cp", "--sparse=always", str(flashed), str(card)], check=True)
+            machines.append(start_vm(card, tmp_path / f"console{number}.log", free_port()))
+
+        def both_online() -> set[str] | None:
+            new = {d["id"] for d in devices(hub) if d["status"] == "online"} - before
+            return new if len(new) == 2 else None
+
+        assert len(wait_for(both_online, timeout=1800, what="both devices online")) == 2
+    finally:
+        for machine in machines:
+            stop_process(machine, timeout=10)
