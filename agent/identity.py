@@ -16,12 +16,14 @@ certificate request for its key and keeps the certificate the hub issues
 
 from __future__ import annotations
 
+import ipaddress
 import platform as host_platform
 import ssl
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from contract import tls
 from contract.files import SECRET_MODE, read_json, write_atomic, write_json, write_secret
@@ -37,6 +39,10 @@ CERT_FILE = "device.pem"  # the device's broker certificate
 
 class EnrollmentError(Exception):
     """Enrollment failed; the message says why and what to do."""
+
+
+class HubUnreachable(EnrollmentError):
+    """The hub could not be reached: worth trying again later."""
 
 
 class IdentityError(Exception):
@@ -78,6 +84,31 @@ def load(data_dir: Path) -> Identity | None:
     return Identity(**read_json(path))
 
 
+def reachable_broker(broker_url: str, hub_url: str) -> str:
+    """BROKER_URL as this device can reach it: a hub that binds its broker to a loopback or
+    wildcard address announces that address, which means this device itself; the broker is
+    then on the host the device reached the hub at (a VM's 10.0.2.2, a NAT's address)."""
+    broker = urlsplit(broker_url)
+    hub_host = urlsplit(hub_url).hostname
+    if broker.hostname is None or hub_host is None:
+        return broker_url
+    try:
+        address = ipaddress.ip_address(broker.hostname)
+    except ValueError:
+        return broker_url
+    if not (address.is_loopback or address.is_unspecified) or _is_loopback(hub_host):
+        return broker_url
+    host = f"[{hub_host}]" if ":" in hub_host else hub_host
+    return broker._replace(netloc=f"{host}:{broker.port}" if broker.port else host).geturl()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def enroll(
     data_dir: Path, *, hub_url: str, token: str, name: str | None, platform: str,
     mqtt_url: str | None = None,
@@ -115,7 +146,9 @@ def enroll(
         response = httpx.post(f"{hub_url.rstrip('/')}/api/v1/enroll", json=body, timeout=30,
                               verify=verify)
     except httpx.TransportError as exc:
-        raise EnrollmentError(f"cannot reach the hub at {hub_url}: {exc}") from None
+        raise HubUnreachable(f"cannot reach the hub at {hub_url}: {exc}") from None
+    if response.status_code >= 500:
+        raise HubUnreachable(f"the hub at {hub_url} cannot enroll now ({response.status_code})")
     if response.status_code != 201:
         try:
             detail = response.json().get("detail", response.text)
@@ -131,7 +164,8 @@ def enroll(
         name=name,
         hub_url=hub_url.rstrip("/"),
         device_token=answer["device_token"],
-        mqtt_url=mqtt_url or mqtt.get("url") or answer.get("mqtt_url", ""),
+        mqtt_url=mqtt_url or reachable_broker(mqtt.get("url") or answer.get("mqtt_url", ""),
+                                              hub_url),
         mqtt_username=mqtt.get("username") or answer["device"]["id"],
         mqtt_password="" if mqtt.get("certificate") else
         mqtt.get("password") or answer["device_token"],

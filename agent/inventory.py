@@ -9,6 +9,7 @@ not installed, or fails to start, is reported absent with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import struct
@@ -115,6 +116,18 @@ def agent_version() -> str:
         return "0+unknown"
 
 
+# Written into device images by `edgefleet firmware build`: the class the device booted from.
+IMAGE_INFO = Path("/etc/edgefleet/image.json")
+
+
+def image_info(path: Path = IMAGE_INFO) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def inventory(data_dir: Path) -> dict[str, Any]:
     """The whole description, JSON-able; DATA_DIR is where the agent keeps packages."""
     memory = psutil.virtual_memory()
@@ -135,6 +148,7 @@ def inventory(data_dir: Path) -> dict[str, Any]:
         "runtimes": found,
         "accelerators": accelerator_list(found),
         "agent_version": agent_version(),
+        "image": image_info(),
     }
 
 
@@ -156,6 +170,11 @@ def facts(found: dict[str, Any]) -> dict[str, int | float | str]:
         "disk_mb": found["disk"]["total_bytes"] // 2**20,
         "disk_free_mb": found["disk"]["free_bytes"] // 2**20,
     }
+    image = found.get("image") or {}
+    if isinstance(image.get("class"), str):
+        values["image_class"] = image["class"][:128]
+    if isinstance(image.get("source_date_epoch"), int):
+        values["image_built"] = image["source_date_epoch"]
     for name, runtime in found["runtimes"].items():
         if runtime.get("installed"):
             values[f"{name}_version"] = str(runtime.get("version"))[:128]
@@ -165,7 +184,6 @@ def facts(found: dict[str, Any]) -> dict[str, int | float | str]:
 if __name__ == "__main__":
     # The agent runs this in a child process: importing every runtime to see
     # what it offers costs hundreds of MB that the daemon should not keep.
-    import json
     import sys
 
     print(json.dumps(inventory(Path(sys.argv[1]))))

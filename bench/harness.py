@@ -198,7 +198,7 @@ def start_agent(
     log_path = data_dir.parent / f"{data_dir.name}-agent.log"
     args = [*EDGEFLEET, "agent", "run", "--data-dir", str(data_dir), "--serve-port", str(port),
             "--telemetry-interval", str(telemetry_interval), *extra_args]
-    if not (data_dir / "identity.json").exists():
+    if not (data_dir / "identity.json").exists() and "--enrollment-file" not in extra_args:
         args += ["--hub", hub.url, "--token", token or enrollment_token(hub)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("agent.cli", "agent"),
     "rollout": ("hub.cli.rollouts", "rollout"),
     "sim": ("agent.sim.cli", "sim"),
+    "firmware": ("packager.firmware.cli", "firmware"),
 }
 
 

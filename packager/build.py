@@ -199,7 +199,7 @@ def build_package(
             if base is not None:
                 step(f"base image for {platform}")
                 try:
-                    base_layers, base_config = _base_image(store, base, base_ref, platform)
+                    base_layers, base_config = base_image_layers(store, base, base_ref, platform)
                 except PlatformUnavailable as exc:
                     unavailable(platform, exc)
                     continue
@@ -326,7 +326,7 @@ def _source_date_epoch(explicit: int | None) -> int:
     return epoch
 
 
-def _base_image(
+def base_image_layers(
     store: OCILayout, base: OCILayout | OCIArchive, ref: str | None, platform: Platform
 ) -> tuple[list[Layer], dict[str, Any]]:
     """The base's layers for PLATFORM, copied into STORE, and its config."""

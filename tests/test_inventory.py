@@ -91,3 +91,16 @@ def test_a_broken_runtime_is_reported_with_its_error(monkeypatch: pytest.MonkeyP
     assert found["openvino"]["installed"] is True
     assert "plugins.xml not found" in found["openvino"]["error"]
     assert inventory.accelerator_list(found) == ["onnxruntime:CPU", "litert:CPU"]
+
+
+def test_a_device_image_s_class_is_reported_as_facts(tmp_path: Path) -> None:
+    from agent import inventory as inv
+
+    info = tmp_path / "image.json"
+    info.write_text('{"class": "generic-amd64", "source_date_epoch": 1700000000}')
+    found = inv.inventory(tmp_path)
+    found["image"] = inv.image_info(info)
+    facts = inv.facts(found)
+    assert facts["image_class"] == "generic-amd64" and facts["image_built"] == 1700000000
+    info.write_text("[not an object")
+    assert inv.image_info(info) is None

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import click
 
+from contract import enrollment
+from contract.files import write_secret
 from hub import validation
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, parse_pairs, say
 
@@ -32,28 +36,47 @@ def token() -> None:
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE given to devices that enroll.")
 @click.option("--expires", default="24h", show_default=True, help="Lifetime: 30m, 12h, 7d.")
 @click.option("--max-uses", type=click.IntRange(min=1), help="How many devices may use it.")
+@click.option("--image-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the enrollment file for device images (edgefleet firmware "
+                   "enroll) or agent install here, mode 0600.")
+@click.option("--device-hub", help="Hub URL the devices use in that file [default: --hub].")
 @hub_options
 @json_option
 def token_create(
-    tags: tuple[str, ...], expires: str, max_uses: int | None, hub: str | None,
-    token: str | None, as_json: bool,
+    tags: tuple[str, ...], expires: str, max_uses: int | None, image_config: Path | None,
+    device_hub: str | None, hub: str | None, token: str | None, as_json: bool,
 ) -> None:
     """Create an enrollment token; it is shown only once.
 
     \b
     Example: edgefleet device token create --tag site=berlin --expires 7d --max-uses 50
     """
-    record = client(hub, token).post(
+    api = client(hub, token)
+    # Checked before the token exists: a bad URL must not cost a token no one sees.
+    device_config = _device_config(device_hub or api.connection.hub) if image_config else None
+    record = api.post(
         "/api/v1/enrollment-tokens",
         json={"tags": parse_pairs(tags, "--tag"), "expires_in": parse_duration(expires),
               "max_uses": max_uses},
     )
+    if image_config is not None and device_config is not None:
+        write_secret(image_config, enrollment.render(replace(device_config,
+                                                             token=record["token"])))
+        say(f"Enrollment file for devices: {image_config} "
+            f"(edgefleet firmware enroll IMAGE {image_config})")
     if as_json:
         emit_one(record, as_json=True)
         return
     say(f"Enrollment token {record['id']} (expires {record['expires_at']}):")
     click.echo(record["token"])
     say(("On the device: edgefleet agent run --hub URL --token <token>", "dim"))
+
+
+def _device_config(hub_url: str) -> enrollment.EnrollmentConfig:
+    try:
+        return enrollment.EnrollmentConfig(hub=hub_url.rstrip("/"))
+    except enrollment.EnrollmentFileError as exc:
+        raise click.UsageError(f"--device-hub: {exc}") from None
 
 
 @token.command("list")

@@ -1,0 +1,152 @@
+"""The amd64 device image, built from Debian packages and booted in real QEMU (software
+emulation: no KVM), enrolls with a real hub on the host by itself, takes a deployment and
+answers a scoring request from the host through a forwarded port.
+
+QEMU's user networking puts the host at 10.0.2.2 inside the guest (the hub listens on the
+host's loopback, which the guest reaches there). The image is built by `edgefleet firmware
+build` (debs and wheels cached under ~/.cache/edgefleet/firmware, so only the first build
+downloads); EDGEFLEET_FIRMWARE_IMAGE names an image built before instead. The boot-to-online
+time is printed (pytest -s) and recorded in firmware-images/README.md; nothing here asserts
+a duration.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from agentproc import deploy, enrollment_token, publish_version, wait_for
+from contract import enrollment
+from hubproc import EDGEFLEET, HubProcess, free_port, stop_process
+from packager.firmware import disk
+from packager.samples import expected_linear, make_onnx
+
+pytestmark = pytest.mark.slow
+CLASS = "generic-amd64"
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+ROWS = [[1.0, 2.0, 3.0]]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("EDGEFLEET_FIRMWARE_IMAGE")
+    if given:
+        return Path(given)
+    out = tmp_path_factory.mktemp("firmware")
+    started = time.monotonic()
+    done = subprocess.run([*EDGEFLEET, "firmware", "build", CLASS, "--out", str(out)],
+                          capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr
+    print(f"\nfirmware build: {time.monotonic() - started:.0f} s; {done.stdout.strip()}")
+    return out / f"{CLASS}.img"
+
+
+def enrolled_copy(image: Path, copy: Path, config: enrollment.EnrollmentConfig) -> Path:
+    """A copy of IMAGE (sparse) with CONFIG's enrollment file on its boot partition."""
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(copy), "-"],
+                          input=enrollment.render(config), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return copy
+
+
+def start_vm(disk: Path, console: Path, port: int) -> subprocess.Popen[bytes]:
+    """DISK booted in QEMU; the guest's scoring port 8500 is the host's PORT."""
+    return subprocess.Popen([
+        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "1",
+        # numpy needs x86-64-v2 (SSE4.2, POPCNT) at least; TCG's default CPU has less.
+        "-cpu", "max",
+        "-bios", str(OVMF), "-display", "none", "-no-reboot", "-serial", f"file:{console}",
+        "-drive", f"file={disk},format=raw,if=virtio",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:8500",
+        "-device", "virtio-net-pci,netdev=net0",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def booted(image: Path, hub: HubProcess, tmp_path: Path) -> Iterator[tuple[Path, int, str, Path]]:
+    """A copy of the image with an enrollment file on its boot partition, running in QEMU.
+    Yields (disk, forwarded scoring port, serving API key, console log)."""
+    api_key = secrets.token_urlsafe(24)
+    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
+                                         token=enrollment_token(hub), serving_api_key=api_key)
+    copy = enrolled_copy(image, tmp_path / "disk.img", config)
+    port = free_port()
+    console = tmp_path / "console.log"
+    qemu = start_vm(copy, console, port)
+    try:
+        yield copy, port, api_key, console
+    finally:
+        stop_process(qemu, timeout=10)
+
+
+def devices(hub: HubProcess) -> list[dict]:
+    answer = httpx.get(f"{hub.url}/api/v1/devices", timeout=10,
+                       headers={"Authorization": f"Bearer {hub.admin_token}"})
+    answer.raise_for_status()
+    return answer.json()
+
+
+def test_the_image_boots_enrolls_by_itself_and_serves_a_deployed_model(
+        booted: tuple[Path, int, str, Path], hub: HubProcess, tmp_path: Path) -> None:
+    copy, port, api_key, console = booted
+    started = time.monotonic()
+
+    def online() -> dict | None:
+        return next((d for d in devices(hub) if d["status"] == "online"), None)
+
+    device = wait_for(online, timeout=1800, what="the booted image to come online")
+    print(f"\nboot to online: {time.monotonic() - started:.0f} s")
+    log = console.read_text(errors="replace")
+    assert "enrollment for http://10.0.2.2" in log
+
+    version = publish_version(hub, "tiny", make_onnx(tmp_path / "model.onnx"))
+    deploy(hub, device["id"], f"tiny:{version}")
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": ROWS[0]}]}
+
+    def scored() -> dict | None:
+        try:
+            answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/tiny/infer", json=body,
+                                headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        except httpx.TransportError:
+            return None
+        return answer.json() if answer.status_code == 200 else None
+
+    deploy_started = time.monotonic()
+    answer = wait_for(scored, timeout=1800, what="the device to serve tiny")
+    print(f"deploy to serving: {time.monotonic() - deploy_started:.0f} s")
+    expected = expected_linear(np.array(ROWS, dtype=np.float32)).ravel().tolist()
+    assert answer["outputs"][0]["data"] == pytest.approx(expected, rel=1e-5)
+    # The token left the boot partition at first boot.
+    assert "enrollment.conf" not in disk.list_enrollment_dir(copy)
+
+
+def test_two_devices_flashed_from_one_enrolled_image_get_two_identities(
+        image: Path, hub: HubProcess, tmp_path: Path) -> None:
+    before = {d["id"] for d in devices(hub)}
+    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
+                                         token=enrollment_token(hub, max_uses=2))
+    flashed = enrolled_copy(image, tmp_path / "flashed.img", config)
+    machines = []
+    try:
+        for number in (1, 2):
+            card = tmp_path / f"card{number}.img"
+            subprocess.run(["cp", "--sparse=always", str(flashed), str(card)], check=True)
+            machines.append(start_vm(card, tmp_path / f"console{number}.log", free_port()))
+
+        def both_online() -> set[str] | None:
+            new = {d["id"] for d in devices(hub) if d["status"] == "online"} - before
+            return new if len(new) == 2 else None
+
+        assert len(wait_for(both_online, timeout=1800, what="both devices online")) == 2
+    finally:
+        for machine in machines:
+            stop_process(machine, timeout=10)

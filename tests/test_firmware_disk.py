@@ -1,0 +1,78 @@
+"""The disk image assembly with the real tools (mkfs.vfat, mtools, mkfs.ext4, sfdisk) on a
+small stand-in root filesystem: a GPT with the EFI and root partitions, the same bytes from
+the same inputs, and the enrollment file put on the boot partition and refused when bad."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hubproc import EDGEFLEET
+from packager.firmware import disk
+
+TOKEN = "efe_" + "t0ken" * 6
+
+
+def fake_rootfs(root: Path) -> Path:
+    for path, data in {"boot/vmlinuz-6.1.0-1-amd64": b"kernel",
+                       "boot/initrd.img-6.1.0-1-amd64": b"initrd",
+                       "usr/lib/systemd/boot/efi/systemd-bootx64.efi": b"MZ loader",
+                       "etc/hostname": b"edgefleet\n"}.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return root
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    work = tmp_path_factory.mktemp("disk")
+    rootfs = fake_rootfs(work / "rootfs")
+    made = []
+    for name in ("one", "two"):
+        (work / name).mkdir()
+        image = work / f"{name}.img"
+        disk.make_disk(rootfs, image, work / name, name="test-class", epoch=1_700_000_000)
+        made.append(image)
+    return made
+
+
+def test_the_disk_has_an_efi_and_a_root_partition_with_fixed_ids(images: list[Path]) -> None:
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(images[0])], check=True,
+                                      capture_output=True, text=True).stdout)["partitiontable"]
+    assert table["label"] == "gpt"
+    assert [p["type"] for p in table["partitions"]] == [disk.ESP_TYPE, disk.ROOT_X86_64_TYPE]
+    root_uuid = table["partitions"][1]["uuid"].lower()
+    assert f"PARTUUID={root_uuid} / ext4" in disk.fstab("test-class", 1_700_000_000)
+    assert f"root=PARTUUID={root_uuid}" in disk.kernel_command_line("test-class", 1_700_000_000)
+    assert disk.list_enrollment_dir(images[0]) == ["README.txt"]
+
+
+def test_the_same_inputs_give_the_same_disk(images: list[Path]) -> None:
+    assert sha256(images[0]) == sha256(images[1])
+
+
+def test_an_enrollment_file_goes_on_the_boot_partition_and_a_bad_one_is_refused(
+        images: list[Path], tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(images[0]), str(image)], check=True)
+    done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(image), "-"],
+                          input="hub=http://hub.lan:8080\n", capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "Error: enrollment file: token: missing"
+    done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(image), "-"],
+                          input=f"hub=http://hub.lan:8080\ntoken={TOKEN}\n",
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert disk.list_enrollment_dir(image) == ["README.txt", "enrollment.conf"]
+    not_a_disk = tmp_path / "zeros.img"
+    not_a_disk.write_bytes(bytes(1 << 20))
+    with pytest.raises(disk.DiskError):
+        disk.write_enrollment(not_a_disk, "hub=http://h:1\n")
