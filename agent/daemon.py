@@ -99,6 +99,7 @@ class AgentOptions:
     max_queue: int = o.MAX_QUEUE.default
     max_wait_ms: int = o.MAX_WAIT_MS.default
     serve_grpc_port: int | None = o.SERVE_GRPC_PORT.default
+    max_body_bytes: int = o.MAX_BODY_BYTES.default
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
     mode: str = o.MODE.default  # "native" or "container"
@@ -136,7 +137,7 @@ class Agent:
         front = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue, options.max_wait_ms,
-            options.serve_grpc_port,
+            options.serve_grpc_port, options.max_body_bytes,
         ))
         self._registry: Registry | None = None
         self.serving: ServingProcess | ContainerServing = front

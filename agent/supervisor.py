@@ -64,6 +64,7 @@ class ServingOptions:
     max_queue: int = o.MAX_QUEUE.default
     max_wait_ms: int = o.MAX_WAIT_MS.default
     grpc_port: int | None = o.SERVE_GRPC_PORT.default
+    max_body_bytes: int = o.MAX_BODY_BYTES.default
 
 
 class ControlClient:
@@ -127,7 +128,7 @@ class ServingProcess(ControlClient):
                 [sys.executable, "-m", "agent.serving", "--host", o.host, "--port", str(o.port),
                  "--control-socket", str(self.socket), "--api-key-file", str(o.api_key_file),
                  "--max-concurrency", str(o.max_concurrency), "--max-queue", str(o.max_queue),
-                 "--max-wait-ms", str(o.max_wait_ms),
+                 "--max-wait-ms", str(o.max_wait_ms), "--max-body-bytes", str(o.max_body_bytes),
                  *(() if o.grpc_port is None else ("--grpc-port", str(o.grpc_port)))],
                 stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
