@@ -179,7 +179,10 @@ class AgentProcess:
         return (self.data_dir / "serving-api-key").read_text().strip()
 
     def state(self) -> dict:
-        return json.loads((self.data_dir / "state.json").read_text())
+        """The agent's saved state; empty until it has saved one (a fresh agent saves its
+        first when something happens)."""
+        path = self.data_dir / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def log(self) -> str:
         return self.log_path.read_text()

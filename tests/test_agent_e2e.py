@@ -353,7 +353,7 @@ def test_unreadable_pinned_key_refuses_desired_states_and_keeps_running(
     again = start_agent(fleet_hub, data, port=agent.port)
     try:
         deploy(fleet_hub, again.device_id, f"tiny:{versions['v1']}")
-        refusal = wait_for(lambda: next((r for r in again.state()["refusals"]
+        refusal = wait_for(lambda: next((r for r in again.state().get("refusals", [])
                                          if r["reason"] == "bad_signature"), None),
                            timeout=60, what="the desired state refused")
         assert "enroll this device again" in refusal["message"]
