@@ -32,7 +32,7 @@ from hub import desired, devices, tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
 from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
-from hub.broker_config import HUB_USERNAME, BrokerConfig
+from hub.broker_config import BrokerConfig, hub_username
 from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
 from hub.oci_registry import Uploads
@@ -154,18 +154,26 @@ def _managed_broker(state: HubState, bound: Bound,
                           max_queued_messages=settings.mqtt_max_queued_messages,
                           user=pwd.getpwuid(os.geteuid()).pw_name)
     broker = ManagedBroker(config, prepare=lambda: logins.write_all(),
-                           on_restart=lambda: desired.forget_published(state.db),
+                           on_restart=lambda: _broker_lost_state(state),
                            mosquitto=find_mosquitto(settings.mosquitto))
     logins = BrokerLogins(config, hub_password=password, devices=lambda: devices.ids(state.db),
                           reload=broker.reload)
     return broker, logins
 
 
+def _broker_lost_state(state: HubState) -> None:
+    """The broker died and may come back without its retained desired states."""
+    desired.forget_published(state.db)
+    if state.fleet is not None:
+        state.fleet.publisher.catch_up()
+
+
 async def _run(state: HubState, bound: Bound) -> None:
     settings, broker = state.settings, None
     username, password = settings.mqtt_username, settings.mqtt_password
     if bound.managed_broker:
-        username, password = HUB_USERNAME, hub_secret(settings.mqtt_secret_path)
+        password = hub_secret(settings.mqtt_secret_path)
+        username = hub_username(password)
         broker, state.broker = _managed_broker(state, bound, password)
         await asyncio.to_thread(broker.start)
         if broker.lost_state:  # a first start, or its saved state is gone: publish everything
