@@ -361,6 +361,19 @@ class Session:
             self._running = self._connected = self._ready = False
             self._state.notify_all()
 
+    def reconnect(self) -> None:
+        """Drop the connection and connect again: for one that looks
+        open but no longer delivers (the caller's heartbeat tells). A no-op
+        while not connected."""
+        with self._lifecycle:
+            with self._state:
+                if self._stop.is_set() or not self._connected:
+                    return
+            log.warning("%s: reconnecting to %s: the connection stopped delivering",
+                        self.client_id, self.url)
+            self._client.disconnect()
+        self._wake()
+
     def _run(self) -> None:
         """The outer loop: connect, serve the connection, back off, again."""
         attempt = 0
@@ -516,6 +529,14 @@ class Session:
         """Connected, and the wanted subscriptions are in place."""
         with self._state:
             return self._ready
+
+    @property
+    def connection(self) -> int | None:
+        """The number of the current connection while `connected`, else None.
+        It grows with every connect, so a caller that polls sees a reconnect
+        even when it happened between two looks."""
+        with self._state:
+            return self._epoch if self._ready else None
 
     def wait_connected(self, timeout: float) -> None:
         """Return once connected with subscriptions in place; MqttTimeout if not in time."""

@@ -240,10 +240,12 @@ class ManagedBroker:
 
     @staticmethod
     def _forward(stream: IO[bytes], tail: list[str]) -> None:
-        """Log each line of the broker's; TAIL keeps its last errors."""
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").rstrip()
-            error = "rror" in line
-            if error:
-                tail[:] = [*tail[-2:], line]
-            _broker_log.log(logging.ERROR if error else logging.INFO, "%s", line)
+        """Log each line of the broker's; TAIL keeps its last errors. Closes STREAM
+        at its end (one pipe per start of the broker)."""
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip()
+                error = "rror" in line
+                if error:
+                    tail[:] = [*tail[-2:], line]
+                _broker_log.log(logging.ERROR if error else logging.INFO, "%s", line)

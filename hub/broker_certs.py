@@ -58,10 +58,12 @@ def connack(host: str, port: int, context: ssl.SSLContext, client_id: str,
 
 class BrokerCertificates:
     def __init__(self, db: Database, authority: pki.Authority,
-                 config: broker_config.BrokerConfig, *, reload: Callable[[], bool],
-                 timeout: float = 10) -> None:
-        """RELOAD asks the running broker to read its files again (False: it is not running)."""
+                 config: broker_config.BrokerConfig, *, hub_name: str,
+                 reload: Callable[[], bool], timeout: float = 10) -> None:
+        """HUB_NAME: the common name of the hub's own certificate (`hub_username`).
+        RELOAD asks the running broker to read its files again (False: it is not running)."""
         self.db = db
+        self.hub_name = hub_name
         self.authority = authority
         self.config = config
         self._reload = reload
@@ -86,7 +88,7 @@ class BrokerCertificates:
                 log.warning("%d device(s) have no valid broker certificate and cannot connect "
                             "(enrolled before TLS, or without a certificate request): enroll "
                             "them again, e.g. %s", len(missing), ", ".join(missing[:5]))
-            write_secret(self.config.acl_path, broker_config.ACL)
+            write_secret(self.config.acl_path, broker_config.acl(self.hub_name))
             write_secret(self.config.directory / "mosquitto.conf",
                          broker_config.mosquitto_conf(self.config))
 

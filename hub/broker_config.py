@@ -1,8 +1,8 @@
 """What the managed Mosquitto is told: its configuration, its logins and its topic ACL.
 
 Pure builders, no I/O. Mosquitto reads three files the hub writes into
-`DATA/broker/`: `mosquitto.conf` (`mosquitto_conf`), `acl` (`ACL`, the same
-for every fleet: `%u` patterns confine each device to its own topics) and
+`DATA/broker/`: `mosquitto.conf` (`mosquitto_conf`), `acl` (`acl`: the hub's
+user line, then `%u` patterns confine each device to its own topics) and
 `passwd` (`password_file`: one line per login, PBKDF2-SHA512 hashed, the
 format `mosquitto_passwd` writes).
 
@@ -11,12 +11,26 @@ its certificate (`BrokerTls`): Mosquitto takes the common name as the user
 name, checks the CA and the CRL, and reads no password file
 (hub/broker_certs.py manages the CRL instead of `passwd`).
 
-Logins: the hub as `edgefleet-hub` with the hub's secret; a device as its
-device id with its device token; `edgefleet-canary`, whose password changes
-with every write of the file, so the hub can tell when Mosquitto has
-reloaded it (hub/broker_logins.py). Mosquitto uses each login's user name
-as its client id (`use_username_as_clientid`), so a client cannot present
-another's client id at all.
+Logins: the hub as `edgefleet-hub-<hash of the hub's secret>` (`hub_username`)
+with the hub's secret (with TLS that name is its certificate's common name); a
+device as its device id with its device token; `edgefleet-canary`, whose
+password changes with every write of the file, so the hub can tell when
+Mosquitto has reloaded it (hub/broker_logins.py).
+Mosquitto uses each login's user name as its client id
+(`use_username_as_clientid`), so a client cannot present another's client id
+at all.
+
+Why the hub's user name is not guessable: Mosquitto 2.0.11 unhooks the client
+holding a client id from its index of clients by id when *another* connection
+that presented that id fails to log in (context__remove_from_by_id looks the
+id up and deletes whatever it finds; fixed in later 2.0.x). The legitimate
+client stays connected, but its persistent session is lost, and the next
+reload (SIGHUP: every enrollment and deletion) frees the ACL without
+re-attaching it to that client, which keeps a dangling pointer to it: from
+then on everything it publishes or is sent is denied, or the broker crashes.
+Only a login with `user` lines in the ACL (the hub's) has such a pointer;
+devices are matched by patterns. A name no attacker can present keeps the
+hub's entry in that index.
 
 A device may publish to its own reported, telemetry and status topics and
 subscribe to (and receive) its own desired and commands topics. Command
@@ -38,7 +52,7 @@ from pathlib import Path
 
 from contract import protocol
 
-HUB_USERNAME = "edgefleet-hub"
+HUB_USERNAME = "edgefleet-hub"  # what the hub's login starts with (`hub_username`)
 CANARY_USERNAME = "edgefleet-canary"
 
 # The largest payload of the protocol (a telemetry batch) plus room for the
@@ -143,15 +157,23 @@ def _pattern(topic: Callable[[str], str]) -> str:
     return topic("ID").replace("/ID/", "/%u/", 1)
 
 
-ACL = "\n".join([
-    f"user {HUB_USERNAME}",
-    f"topic readwrite {protocol.ROOT}/#",
-    "",
-    *(f"pattern write {_pattern(t)}" for t in
-      (protocol.reported_topic, protocol.telemetry_topic, protocol.status_topic)),
-    *(f"pattern read {_pattern(t)}" for t in (protocol.desired_topic, protocol.commands_topic)),
-    "",
-])
+def hub_username(hub_password: str) -> str:
+    """The hub's login on the managed broker: not guessable, see the module docstring."""
+    return f"{HUB_USERNAME}-{hashlib.sha256(hub_password.encode()).hexdigest()[:16]}"
+
+
+def acl(hub: str) -> str:
+    """The ACL file, with HUB as the hub's user name."""
+    return "\n".join([
+        f"user {hub}",
+        f"topic readwrite {protocol.ROOT}/#",
+        "",
+        *(f"pattern write {_pattern(t)}" for t in
+          (protocol.reported_topic, protocol.telemetry_topic, protocol.status_topic)),
+        *(f"pattern read {_pattern(t)}" for t in (protocol.desired_topic,
+                                                   protocol.commands_topic)),
+        "",
+    ])
 
 
 def password_line(username: str, password: str, salt: bytes) -> str:
@@ -171,10 +193,10 @@ def password_file(
 ) -> str:
     """The file from LOGINS (device id -> hashed line, as `parse_password_file`
     reads them), with the hub's and the canary's logins made afresh."""
-    lines = [password_line(HUB_USERNAME, hub_password, salt(12)),
+    lines = [password_line(hub_username(hub_password), hub_password, salt(12)),
              password_line(CANARY_USERNAME, canary, salt(12))]
     lines += [f"{device}:{hashed}" for device, hashed in sorted(logins.items())
-              if device not in (HUB_USERNAME, CANARY_USERNAME)]
+              if not device.startswith((HUB_USERNAME, CANARY_USERNAME))]
     return "\n".join(lines) + "\n"
 
 

@@ -100,7 +100,8 @@ class BrokerLogins:
                             "before the managed broker, or its passwd file was lost): enroll "
                             "them again, e.g. %s", len(missing), ", ".join(sorted(missing)[:5]))
             self._write(kept)
-            write_secret(self.config.acl_path, broker_config.ACL)
+            write_secret(self.config.acl_path,
+                         broker_config.acl(broker_config.hub_username(self._hub_password)))
             write_secret(self.config.directory / "mosquitto.conf",
                           broker_config.mosquitto_conf(self.config))
 

@@ -129,6 +129,7 @@ class Publisher:
         self._pending: set[str] = set()
         self._changed = threading.Condition()
         self._stop = False
+        self._look = False  # catch_up() asked for a look at who is behind
         self._thread: threading.Thread | None = None
         self.published = 0
         self.failures = 0
@@ -160,23 +161,35 @@ class Publisher:
         return {"published": self.published, "pending": pending, "failures": self.failures,
                 "last_error": self.last_error}
 
+    def catch_up(self) -> None:
+        """Look soon for every device that is behind (the broker lost what it held)."""
+        with self._changed:
+            self._look = True
+            self._changed.notify()
+
     def _run(self) -> None:
-        was_connected, next_sweep = False, 0.0
+        # The session's connection number, not just "connected": a reconnect
+        # quicker than this loop's poll still shows, and may have met a broker
+        # that lost what it held, so each new connection gets one catch-up.
+        seen, next_sweep = None, 0.0
         while True:
-            connected = self.session.connected
+            connection = self.session.connection
             with self._changed:
-                if not (self._stop or (self._pending and connected)):
+                if not self._stop and (connection is None or not (
+                        self._look or self._pending or connection != seen)):
                     self._changed.wait(timeout=1.0)  # also notices a (re)connect
                 if self._stop:
                     return
-            connected = self.session.connected
-            if connected and (not was_connected or time.monotonic() >= next_sweep):
-                # (Re)connected or time to look: one query finds who is behind.
+            connection = self.session.connection
+            if connection is None:
+                continue  # a look asked for waits for the connection
+            with self._changed:
+                look, self._look = self._look, False
+            if look or connection != seen or time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_EVERY
                 self._catch_up()
-            was_connected = connected
-            if connected:
-                self._publish_some()
+            seen = connection
+            self._publish_some()
 
     def _catch_up(self) -> None:
         try:

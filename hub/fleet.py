@@ -1,6 +1,7 @@
 """The hub's link to its devices: one MQTT session, the ingest loop and the publisher.
 
-The session (client id `edgefleet-hub`) subscribes to what devices send;
+The session (client id `edgefleet-hub`; the managed broker names it by its
+login) subscribes to what devices send;
 `hub.ingest` writes that to the database and `hub.desired` publishes their
 desired states over the same session. Starting does not wait for the
 broker: the session connects in the background and keeps reconnecting, so
@@ -13,6 +14,12 @@ nothing. So the hub sends itself a heartbeat through the broker every
 `heartbeat` seconds (QoS 0, on a topic only the hub may use) and the ingest
 loop notes its arrival; `status` says `receiving: false` once none has
 arrived for three intervals.
+
+A link that has not been receiving for `_STALE_BEATS` intervals while
+connected reconnects: a new connection is the one cure for a broker that
+stopped delivering on an open one (Mosquitto 2.0.11 denied everything to a
+client whose ACL it lost, see hub/broker_config.py). A frozen broker shows
+as `receiving: false` long before.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ log = logging.getLogger("edgefleet.hub.fleet")
 
 CLIENT_ID = "edgefleet-hub"
 _MISSED_BEATS = 3  # heartbeats missed before the link counts as not receiving
+_STALE_BEATS = 10  # ... and before a connected link reconnects
 
 
 class FleetLink:
@@ -80,8 +88,15 @@ class FleetLink:
         self.session.close()
 
     def _beat(self) -> None:
+        since = time.monotonic()  # of the connection or the last forced reconnect
         while not self._stop.wait(self._heartbeat):
             if not self.session.connected:
+                since = time.monotonic()
+                continue
+            last = max(since, self.ingest.heartbeat_at or since)
+            if time.monotonic() - last >= _STALE_BEATS * self._heartbeat:
+                self.session.reconnect()
+                since = time.monotonic()
                 continue
             try:
                 self.session.publish(HEARTBEAT_TOPIC, b"", qos=0, timeout=self._heartbeat)

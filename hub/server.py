@@ -40,7 +40,7 @@ from hub.api.metrics import standalone as metrics_app
 from hub.api.state import HubState
 from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
 from hub.broker_certs import BrokerCertificates
-from hub.broker_config import HUB_USERNAME, BrokerConfig, BrokerTls
+from hub.broker_config import BrokerConfig, BrokerTls, hub_username
 from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
 from hub.liveness import Liveness
@@ -205,8 +205,10 @@ def transport(settings: HubSettings, say: Callable[[str], None]) -> Transport | 
                                     authority.pem)
         trust_path = authority.paths.ca_cert
     # The hub's own broker identity, made afresh each start.
+    # Its common name is its broker login: not guessable (hub/broker_config.py says why).
     authority.key_and_certificate(authority.paths.hub_key, authority.paths.hub_cert,
-                                  HUB_USERNAME, days=pki.SERVER_DAYS)
+                                  hub_username(hub_secret(settings.mqtt_secret_path)),
+                                  days=pki.SERVER_DAYS)
     return Transport(authority, certfile, keyfile, trust, trust_path)
 
 
@@ -248,13 +250,14 @@ def _managed_broker(state: HubState, bound: Bound,
                           tls=BrokerTls(served.authority.paths.ca_cert, served.certfile,
                                         served.keyfile) if served else None)
     broker = ManagedBroker(config, prepare=lambda: identities.write_all(),
-                           on_restart=lambda: desired.forget_published(state.db),
+                           on_restart=lambda: _broker_lost_state(state),
                            mosquitto=find_mosquitto(settings.mosquitto))
     identities: BrokerCertificates | BrokerLogins
     if served is not None:
         pki.ensure_table(state.db)
         identities = state.certificates = BrokerCertificates(
-            state.db, served.authority, config, reload=broker.reload)
+            state.db, served.authority, config,
+            hub_name=hub_username(hub_secret(settings.mqtt_secret_path)), reload=broker.reload)
     else:
         identities = state.broker = BrokerLogins(
             config, hub_password=hub_secret(settings.mqtt_secret_path),
@@ -263,14 +266,21 @@ def _managed_broker(state: HubState, bound: Bound,
     return broker
 
 
+def _broker_lost_state(state: HubState) -> None:
+    """The broker died and may come back without its retained desired states."""
+    desired.forget_published(state.db)
+    if state.fleet is not None:
+        state.fleet.publisher.catch_up()
+
+
 async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
     settings, broker = state.settings, None
     username, password = settings.mqtt_username, settings.mqtt_password
     if bound.managed_broker:
         broker = _managed_broker(state, bound, served)
         # With TLS the hub's certificate is its identity; else its secret in the data dir.
-        username = None if served else HUB_USERNAME
         password = None if served else hub_secret(settings.mqtt_secret_path)
+        username = None if served else hub_username(hub_secret(settings.mqtt_secret_path))
         await asyncio.to_thread(broker.start)
         if broker.lost_state:  # a first start, or its saved state is gone: publish everything
             desired.forget_published(state.db)

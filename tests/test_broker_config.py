@@ -15,17 +15,24 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
 def test_the_password_file_keeps_existing_devices_only_and_makes_the_hubs_login_afresh(
         ) -> None:
+    hub = broker_config.hub_username("s3cret")
     old = broker_config.password_file({"dev-a": "$7$101$c2FsdA==$aGFzaA==",
                                        "dev-deleted": "$7$101$c2FsdA==$aGFzaA=="},
-                                      hub_password="old", canary="c1")
+                                      hub_password="s3cret", canary="c1")
     logins = broker_config.parse_password_file(old + "garbage line\n\n")
-    assert set(logins) == {"edgefleet-hub", "edgefleet-canary", "dev-a", "dev-deleted"}
-    kept = broker_config.device_logins(logins, {"dev-a", "dev-c", "edgefleet-hub"})
-    assert set(kept) == {"dev-a", "edgefleet-hub"}
+    assert set(logins) == {hub, "edgefleet-canary", "dev-a", "dev-deleted"}
+    kept = broker_config.device_logins(logins, {"dev-a", "dev-c", hub})
+    assert set(kept) == {"dev-a", hub}
     new = broker_config.parse_password_file(
         broker_config.password_file(kept, hub_password="s3cret", canary="c2"))
-    assert set(new) == {"edgefleet-hub", "edgefleet-canary", "dev-a"}
-    assert new["dev-a"] == logins["dev-a"] and new["edgefleet-hub"] != logins["edgefleet-hub"]
+    assert set(new) == {hub, "edgefleet-canary", "dev-a"}
+    assert new["dev-a"] == logins["dev-a"] and new[hub] != logins[hub]
+
+
+def test_the_hubs_login_is_no_name_anyone_could_present_as_a_client_id() -> None:
+    hub = broker_config.hub_username("s3cret")
+    assert hub.startswith("edgefleet-hub-") and hub != broker_config.hub_username("other")
+    assert "s3cret" not in hub
 
 
 def test_passwords_are_hashed_as_mosquitto_passwd_does(tmp_path: Path) -> None:
@@ -42,13 +49,14 @@ def test_passwords_are_hashed_as_mosquitto_passwd_does(tmp_path: Path) -> None:
 
 
 def test_the_acl_confines_devices_to_their_own_topics_and_is_the_documented_one() -> None:
-    lines = broker_config.ACL.splitlines()
+    acl = broker_config.acl(broker_config.HUB_USERNAME)  # as documented for an external broker
+    lines = acl.splitlines()
     patterns = [line for line in lines if line.startswith("pattern ")]
     assert all("/devices/%u/" in line for line in patterns)
     assert not any("commands/" in line for line in patterns)  # no command results yet
     assert "pattern write edgefleet/v1/devices/%u/desired" not in lines
     documented = DOCS.read_text().split("# /etc/mosquitto/acl\n", 1)[1].split("```", 1)[0]
-    assert documented.split() == broker_config.ACL.split()
+    assert documented.split() == acl.split()
 
 
 def test_the_config_sets_every_limit() -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from agent.mqtt import Message, MqttError
 from contract import cosign, protocol, signing
-from hub import deployments
+from hub import deployments, desired
 from hub.desired import Publisher
 from hub.storage.db import Database
 
@@ -24,13 +24,27 @@ DIGEST = f"sha256:{1:064x}"
 
 
 class Session:
-    """What Publisher uses of agent.mqtt.Session: `connected` and `publish_many`."""
+    """What Publisher uses of agent.mqtt.Session: `connection` and `publish_many`."""
 
     def __init__(self) -> None:
-        self.connected = True
+        self._connected = True
+        self.epoch = 1  # the connection's number: each connect makes a new one
         self.fail_next = 0
         self.published: list[Message] = []
         self.lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @connected.setter
+    def connected(self, up: bool) -> None:
+        self.epoch += up and not self._connected
+        self._connected = up
+
+    @property
+    def connection(self) -> int | None:
+        return self.epoch if self._connected else None
 
     def publish_many(self, messages: Sequence[Message], *, timeout: float = 10.0) -> None:
         with self.lock:
@@ -116,17 +130,45 @@ def test_a_failed_batch_is_tried_again(db: Database,
     assert sorted(session.topics()) == sorted(protocol.desired_topic(d) for d in DEVICES)
 
 
-def test_changes_made_while_disconnected_are_caught_up_on_reconnect(
+def test_changes_made_while_disconnected_are_caught_up_on_reconnect(db: Database) -> None:
+    session = Session()
+    session.connected = False
+    publisher = Publisher(db, session, signing.generate_private_key())  # type: ignore[arg-type]
+    publisher.start()
+    try:
+        deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
+        # Nobody notified (say the hub restarted since): the catch-up finds them all.
+        time.sleep(0.3)
+        assert session.topics() == []
+        session.connected = True
+        wait(lambda: set(published(db).values()) == {1}, "the catch-up after the reconnect")
+        assert len(session.topics()) == len(DEVICES)
+    finally:
+        publisher.stop()
+
+
+def test_a_reconnect_quicker_than_the_publishers_look_is_caught_up_all_the_same(
         db: Database, running: tuple[Publisher, Session]) -> None:
     publisher, session = running
-    session.connected = False
-    deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
-    # Nobody notified (say the hub restarted since): the catch-up finds them all.
+    deployments.assign_many(db, DEVICES[:1], name="tiny", model="tiny", version=1)
+    publisher.notify(DEVICES[:1])
+    wait(lambda: len(session.topics()) == 1, "the first state")  # the first look is done
+    deployments.assign_many(db, DEVICES[1:], name="tiny", model="tiny", version=1)
     time.sleep(0.3)
-    assert session.topics() == []
-    session.connected = True
+    assert len(session.topics()) == 1  # nobody notified
+    session.epoch += 1  # never seen disconnected
     wait(lambda: set(published(db).values()) == {1}, "the catch-up after the reconnect")
-    assert len(session.topics()) == len(DEVICES)
+
+
+def test_a_broker_that_lost_its_retained_states_gets_them_all_again(
+        db: Database, running: tuple[Publisher, Session]) -> None:
+    publisher, session = running
+    deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
+    publisher.notify(DEVICES)
+    wait(lambda: set(published(db).values()) == {1}, "the states recorded")
+    desired.forget_published(db)  # the managed broker died and was started again
+    publisher.catch_up()
+    wait(lambda: len(session.topics()) == 2 * len(DEVICES), "every state published again")
 
 
 def test_validity_shorter_than_ten_minutes_is_refused(db: Database) -> None:
