@@ -87,6 +87,25 @@ def probe_inventory(data_dir: Path) -> dict:
     return json.loads(done.stdout)
 
 
+def device_session(identity: Identity, data_dir: Path) -> tuple[Session, ssl.SSLContext | None]:
+    """The MQTT session to the hub's broker (desired states in; birth, will, state out) and,
+    over mqtts://, its TLS context: the pinned CA, and the device certificate if the broker
+    knows the device by it (the context renewal loads a new certificate into)."""
+    session = Session(
+        identity.mqtt_url, client_id=identity.device_id,
+        username=None if identity.mqtt_certificate else identity.mqtt_username,
+        password=None if identity.mqtt_certificate else identity.mqtt_password,
+        will=Message(status_topic(identity.device_id), b"offline", retain=True),
+        birth=Message(status_topic(identity.device_id), b"online", retain=True),
+        subscriptions=[desired_topic(identity.device_id)],
+    )
+    if not identity.mqtt_url.startswith("mqtts://"):
+        return session, None
+    context = identities.mqtt_tls(data_dir, identity)
+    session.use_tls(context)
+    return session, context
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     data_dir: Path
@@ -123,7 +142,7 @@ class Agent:
     def __init__(self, identity: Identity, options: AgentOptions) -> None:
         self.identity = identity
         self.options = options
-        data = options.data_dir
+        data = self.data_dir = options.data_dir
         self.platform = inventory.oci_platform()
         found = probe_inventory(data)
         self.accelerators = tuple(found["accelerators"])
@@ -149,21 +168,9 @@ class Agent:
         else:
             self.store = PackageStore(data, platform=self.platform,
                                       public_key=lambda: identity.hub_key)
-        offline = Message(status_topic(identity.device_id), b"offline", retain=True)
-        self.session = Session(
-            identity.mqtt_url, client_id=identity.device_id,
-            username=None if identity.mqtt_certificate else identity.mqtt_username,
-            password=None if identity.mqtt_certificate else identity.mqtt_password,
-            will=offline,
-            birth=Message(status_topic(identity.device_id), b"online", retain=True),
-            subscriptions=[desired_topic(identity.device_id)],
-        )
-        self.mqtt_tls: ssl.SSLContext | None = None
+        self.session, self.mqtt_tls = device_session(identity, data)
         # When to look at the broker certificate's expiry next (monotonic).
         self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
-        if identity.mqtt_url.startswith("mqtts://"):
-            self.mqtt_tls = identities.mqtt_tls(data, identity)
-            self.session.use_tls(self.mqtt_tls)
         self.queue = TelemetryQueue(data / "telemetry.db",
                                     max_points=options.telemetry_queue_points)
         self.deltas = InferenceDeltas()
@@ -213,8 +220,7 @@ class Agent:
             from packager.distribution import Registry
 
             self._registry = Registry(self.identity.hub_url, self.identity.device_token,
-                                      verify=identities.hub_tls(self.options.data_dir,
-                                                                self.identity))
+                                      verify=identities.hub_tls(self.data_dir, self.identity))
         return self._registry
 
     # -- lifecycle ----------------------------------------------------------------
@@ -258,15 +264,18 @@ class Agent:
         self.queue.close()
 
     def _supervise(self) -> None:
-        if time.monotonic() >= self._renewal_check:
-            self._renewal_check = time.monotonic() + renewal.CHECK_EVERY
-            renewal.renew_if_due(self.options.data_dir, self.identity, self.mqtt_tls)
+        self._renew_if_due()
         if not self.serving.alive():
             self.serving.restart()
             self._load_good_versions()
             self.report()
         if self.watch is not None and self.watch.due():
             self._watch_containers(self.watch)
+
+    def _renew_if_due(self) -> None:
+        if time.monotonic() >= self._renewal_check:
+            self._renewal_check = time.monotonic() + renewal.CHECK_EVERY
+            renewal.renew_if_due(self.data_dir, self.identity, self.mqtt_tls)
 
     def _watch_containers(self, watch: ContainerWatch) -> None:
         """Orphans removed, crashed containers started again (container mode)."""
@@ -453,7 +462,7 @@ class Agent:
     def _measure(self) -> list[tuple[str, dict]]:
         process = self.serving.process
         points: list[tuple[str, dict]] = [("system", system_point(
-            self.options.data_dir, process.pid if process else None, dropped=self.queue.dropped,
+            self.data_dir, process.pid if process else None, dropped=self.queue.dropped,
         ))]
         try:
             stats = self.serving.stats()

@@ -1,4 +1,4 @@
-"""`edgefleet agent run --mode kubernetes` end to end: a real hub, a real Mosquitto, a real
+"""`edgefleet agent run --mode kubernetes` end to end: a real hub (TLS, its own Mosquitto), a real
 API server (etcd, controller manager, scheduler; kwok's nodes) and the agent process.
 
 Enroll with the cluster's inventory, deploy and update through the hub, a hub rollout
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -30,23 +31,16 @@ from hubproc import EDGEFLEET, HubProcess, free_port, start_hub, stop_process
 from kube import KubeAgentProcess, KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401
 from kube import start_kube_agent as start
 from modelgen import make_onnx
-from mosquitto import Mosquitto, start_mosquitto
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield mosquitto
-    mosquitto.stop()
-
-
-@pytest.fixture(scope="module")
-def hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = start_hub(tmp_path_factory.mktemp("hub") / "data",
-                        extra_args=("--mqtt-url", broker.url))
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """With TLS and its own broker: the agent verifies the hub's REST, registry and
+    broker with the CA its token pinned, and is known to the broker by its certificate."""
+    process = start_hub(tmp_path_factory.mktemp("hub") / "data")
     yield process
     assert process.stop() == 0, process.log()
 
@@ -134,7 +128,13 @@ def reported(hub: HubProcess, device_id: str, version: int, state: str) -> dict 
 
 def wait_state(hub: HubProcess, agent: KubeAgentProcess, version: int, state: str,
                timeout: float = 120) -> dict:
-    return wait_for(lambda: reported(hub, agent.device_id, version, state), timeout=timeout,
+    def seen() -> dict | None:
+        if agent.process.poll() is not None:   # a crashed agent reports nothing: say so now
+            raise AssertionError(f"the cluster agent exited with {agent.process.returncode}:"
+                                 f"\n{agent.log()[-3000:]}")
+        return reported(hub, agent.device_id, version, state)
+
+    return wait_for(seen, timeout=timeout,
                     what=f"tiny:{version} {state} on the cluster\n{agent.log()[-3000:]}")
 
 
@@ -169,7 +169,7 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
     row = wait_state(hub, cluster_agent, first, "serving")
     assert row["runtime"] == "kubernetes" and row["device"] == f"{namespace}: 1/1 ready"
     assert live_image(admin, namespace) == \
-        f"{hub.url.removeprefix('http://')}/models/tiny@{digest_of(hub, first)}"
+        f"{urlsplit(hub.url).netloc}/models/tiny@{digest_of(hub, first)}"
     live = apps_v1(admin).read_namespaced_deployment("ef-tiny", namespace)
     env = {e.name: e.value for e in live.spec.template.spec.containers[0].env}
     assert env["EDGEFLEET_SERVE_LOAD"] == f"tiny:{first}"

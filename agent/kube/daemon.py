@@ -37,7 +37,8 @@ from typing import Any
 from kubernetes import client
 
 from agent import options as o
-from agent.daemon import Agent
+from agent import renewal
+from agent.daemon import Agent, device_session
 from agent.decisions import Role, Step, kept_statuses, next_step, target, unloaded
 from agent.identity import Identity
 from agent.kube.apply import KubeError, Namespace
@@ -45,7 +46,7 @@ from agent.kube.driver import RUNTIME, KubeDriver, WorkloadSettings
 from agent.kube.inventory import facts
 from agent.kube.manifests import Resources, Target, object_name
 from agent.kube.rollout import RolloutStatus
-from agent.mqtt import Message, MqttTimeout, Session
+from agent.mqtt import MqttTimeout
 from agent.state import StateFile
 from agent.telemetry import system_point
 from agent.telemetry_queue import TelemetryQueue
@@ -129,7 +130,7 @@ class KubeAgent(Agent):
                  inventory: dict[str, Any], agent_version: str) -> None:
         self.identity = identity
         self.kube_options = options
-        data = options.data_dir
+        data = self.data_dir = options.data_dir   # what the inherited registry() reads
         self.api = api
         self.platform = cluster_platform(inventory)
         self.accelerators = ()
@@ -147,13 +148,10 @@ class KubeAgent(Agent):
             WorkloadSettings(options.replicas, Resources(options.cpu, options.memory),
                              options.progress_deadline),
             poll=options.poll)
-        self.session = Session(
-            identity.mqtt_url, client_id=identity.device_id,
-            username=identity.mqtt_username, password=identity.mqtt_password,
-            will=Message(status_topic(identity.device_id), b"offline", retain=True),
-            birth=Message(status_topic(identity.device_id), b"online", retain=True),
-            subscriptions=[desired_topic(identity.device_id)],
-        )
+        # As a device's: the pinned CA and the device certificate on an mqtts:// broker,
+        # the certificate renewed before it expires.
+        self.session, self.mqtt_tls = device_session(identity, data)
+        self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
         self.queue = TelemetryQueue(data / "telemetry.db",
                                     max_points=options.telemetry_queue_points)
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
@@ -175,6 +173,7 @@ class KubeAgent(Agent):
                 self.handle_desired(pending, resuming=True)
             next_reconcile = time.monotonic() + self.kube_options.reconcile_interval
             while not self.stop_requested.is_set():
+                self._renew_if_due()
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.kube_options.reconcile_interval
@@ -264,7 +263,7 @@ class KubeAgent(Agent):
 
     def _prune_versions(self, wanted: set[str]) -> None:
         """Keep the verified serving.json of what serves and of the previous version."""
-        versions = self.kube_options.data_dir / "versions"
+        versions = self.data_dir / "versions"
         keep = {Path(v.directory) for s in self.state.serving.values()
                 for v in (s.primary, s.previous) if v is not None}
         if self.state.update is not None and self.state.update.staged is not None:
@@ -280,7 +279,7 @@ class KubeAgent(Agent):
 
     def _measure(self) -> list[tuple[str, dict]]:
         points: list[tuple[str, dict]] = [("system", system_point(
-            self.kube_options.data_dir, None, dropped=self.queue.dropped))]
+            self.data_dir, None, dropped=self.queue.dropped))]
         for name, serving in list(self.state.serving.items()):
             try:
                 status = self.ns.rollout(object_name(name))
