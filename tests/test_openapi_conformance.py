@@ -8,9 +8,11 @@ $EDGEFLEET_ARTIFACTS when it is set."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +54,12 @@ def test_the_hub_answers_as_its_openapi_says(hub: HubProcess, credentials: dict[
          "--checks", CHECKS, "--header", f"Authorization: Bearer {credentials[role]}",
          "--max-examples", str(EXAMPLES), "--seed", "1", "--workers", "1", "--no-shrink",
          "--phases", "examples,coverage,fuzzing", "--request-timeout", "30",
+         *(("--tls-verify", str(hub.ca_path)) if hub.tls else ()),
          "--report", "json", "--report-json-path", str(report)],
         capture_output=True, text=True, timeout=600, check=False)
     assert report.exists(), run.stdout + run.stderr
     result = json.loads(report.read_text())
+    assert result["operations"] is not None, run.stdout[-3000:] + run.stderr[-3000:]
     figures = {"role": role, "operations": result["operations"]["tested"],
                "requests": result["test_cases"]["generated"],
                "failures": result["test_cases"]["unique_failures"],
@@ -102,7 +106,10 @@ def test_errors_leave_the_connection_open(hub: HubProcess) -> None:
         (b"GET /api/v1/devices?offset=1e20 HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", b"422"),
         (b"GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", b"200"),
     ]
-    with socket.create_connection(("127.0.0.1", hub.port), timeout=30) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection(("127.0.0.1", hub.port), timeout=30))
+        if isinstance(hub.verify, ssl.SSLContext):
+            sock = stack.enter_context(hub.verify.wrap_socket(sock, server_hostname="127.0.0.1"))
         for request, status in requests:
             answer = _exchange(sock, request)
             assert answer.split(b" ")[1] == status, answer[:300]
