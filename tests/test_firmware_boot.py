@@ -26,11 +26,12 @@ import pytest
 
 from agentproc import deploy, enrollment_token, publish_version, wait_for
 from contract import enrollment, tls
+from firmwareimage import BUILD_TIMEOUT
 from hubproc import EDGEFLEET, HubProcess, free_port, start_hub, stop_process
 from packager.firmware import disk
 from packager.samples import expected_linear, make_onnx
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT)]
 GUEST_HOST = "10.0.2.2"  # the host, as QEMU's user network shows it to the guest
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 ROWS = [[1.0, 2.0, 3.0]]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from firmwareimage import BUILD_TIMEOUT
 from hubproc import EDGEFLEET
 from packager.firmware import disk
 
@@ -62,6 +63,7 @@ def test_the_disk_has_an_efi_and_a_root_partition_with_fixed_ids(images: list[Pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT)
 def test_the_built_amd64_image_has_the_same_layout_and_no_enrollment(amd64_image: Path) -> None:
     info = json.loads(amd64_image.with_suffix(".json").read_text())
     assert info["image"] == amd64_image.name and info["sha256"] == sha256(amd64_image)
