@@ -237,10 +237,9 @@ def forget_token(config_path: Path, data_dir: Path) -> None:
 @agent.command()
 @click.option("--hub", "hub_url", help="Hub URL, e.g. https://hub.example.com:8080.")
 @click.option("--token-file", type=click.File("r"),
-              help="File holding the enrollment token ('-': read it from stdin). The token is "
-                   "never taken as an argument: arguments are visible to every user.")
-@click.option("--ca-fingerprint", help="sha256 of the hub's CA certificate (hex, colons allowed); "
-                                        "the device trusts no other.")
+              help="File holding the enrollment token ('-': read it from stdin), whole: for "
+                   "an https hub it pins the hub's CA. The token is never taken as an "
+                   "argument: arguments are visible to every user.")
 @click.option("--name", help="Device name shown in the hub [default: the host name].")
 @click.option("--serve-host", default=o.SERVE_HOST.default, show_default=True,
               help=o.SERVE_HOST.help)
@@ -261,7 +260,7 @@ def forget_token(config_path: Path, data_dir: Path) -> None:
 @click.option("--systemctl", default="systemctl", hidden=True,
               help="The systemctl command to run (tests).")
 def install(
-    hub_url: str | None, token_file: TextIO | None, ca_fingerprint: str | None,
+    hub_url: str | None, token_file: TextIO | None,
     name: str | None, serve_host: str, serve_port: int, no_start: bool, python: str,
     first_boot_file: Path | None, uninstall: bool, purge: bool, root: Path, systemctl: str,
 ) -> None:
@@ -291,8 +290,7 @@ def install(
             settings = installer.UnitSettings(python=python, serve_host=serve_host,
                                               serve_port=serve_port,
                                               first_boot_file=first_boot_file)
-            config = None if first_boot_file else _install_config(hub_url, token_file, name,
-                                                                   ca_fingerprint)
+            config = None if first_boot_file else _install_config(hub_url, token_file, name)
             done = installer.install(root, config, settings, systemctl=shlex.split(systemctl),
                                      start=not no_start)
     except installer.InstallError as exc:
@@ -302,7 +300,7 @@ def install(
 
 
 def _install_config(
-    hub_url: str | None, token_file: TextIO | None, name: str | None, ca_fingerprint: str | None,
+    hub_url: str | None, token_file: TextIO | None, name: str | None,
 ) -> enrollment.EnrollmentConfig:
     if not hub_url:
         raise click.UsageError("--hub is needed")
@@ -310,9 +308,7 @@ def _install_config(
         raise click.UsageError("--token-file is needed ('-' reads the token from stdin)")
     try:
         return enrollment.EnrollmentConfig(
-            hub=hub_url.rstrip("/"), token=token_file.read().strip(), name=name,
-            ca_fingerprint=enrollment.normal_fingerprint(ca_fingerprint) if ca_fingerprint
-            else None)
+            hub=hub_url.rstrip("/"), token=token_file.read().strip(), name=name)
     except enrollment.EnrollmentFileError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -118,15 +118,9 @@ def enroll(
 
     try:
         secret, pin = tls.split_token(token)
+        tls.check_pin(hub_url, pin)
     except tls.TlsError as exc:
         raise EnrollmentError(str(exc)) from None
-    if hub_url.startswith("https://") and pin is None:
-        raise EnrollmentError("this enrollment token pins no CA, so the hub at "
-                              f"{hub_url} cannot be checked: copy the whole token the hub "
-                              "printed (efe_....<64 hex digits>)")
-    if hub_url.startswith("http://") and pin is not None:
-        raise EnrollmentError(f"the token pins the hub's CA, but {hub_url} is plain HTTP: "
-                              "use https://")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = data_dir / KEY_FILE
     if not key_path.exists():

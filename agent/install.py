@@ -3,7 +3,7 @@
 What is installed, all under ROOT (`/` on a device; a temporary directory in tests):
 
     etc/systemd/system/edgefleet-agent.service   the unit (unit_text)
-    etc/edgefleet/enrollment.conf                hub, token, CA fingerprint: root, 0600
+    etc/edgefleet/enrollment.conf                hub, token (pins the CA): root, 0600
     usr/lib/sysusers.d/edgefleet.conf            the `edgefleet` system user
 
 The agent runs as `edgefleet`, which cannot read the root-only enrollment file:

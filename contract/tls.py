@@ -71,6 +71,16 @@ def split_token(token: str) -> tuple[str, str | None]:
     return secret, pin
 
 
+def check_pin(hub_url: str, pin: str | None) -> None:
+    """TlsError unless PIN fits HUB_URL: an https:// hub is checked against a pinned CA,
+    and a pin for a plain http:// hub would be a promise nobody keeps."""
+    if hub_url.startswith("https://") and pin is None:
+        raise TlsError(f"this enrollment token pins no CA, so the hub at {hub_url} cannot be "
+                       "checked: copy the whole token the hub printed (efe_....<64 hex digits>)")
+    if hub_url.startswith("http://") and pin is not None:
+        raise TlsError(f"the token pins the hub's CA, but {hub_url} is plain HTTP: use https://")
+
+
 def build_csr(key: ec.EllipticCurvePrivateKey) -> str:
     """A PEM signing request for KEY (the hub chooses the name it certifies)."""
     from cryptography import x509

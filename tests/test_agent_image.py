@@ -32,6 +32,7 @@ def test_unknown_runtimes_are_refused() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two builds on a loaded machine
 def test_the_agent_image_is_reproducible_signed_and_runs_the_agent(tmp_path: Path) -> None:
     key = generate_private_key()
     first = agent_image.build_agent_image(tmp_path / "a", ["linux/amd64"], epoch=1_700_000_000,

@@ -17,11 +17,11 @@ from agent import install as installer
 from agent.identity import reachable_broker
 from agentproc import enrollment_token, start_agent
 from conftest import Cli
-from contract import enrollment
+from contract import enrollment, tls
 from hubproc import EDGEFLEET, HubProcess, stop_process
 
-TOKEN = "efe_" + "s3cr3t-token_" * 3
-FINGERPRINT = ":".join(["AB"] * 32)
+TOKEN = "efe_" + "s3cr3t-token_" * 3  # for a hub run with --insecure
+PINNED = f"{TOKEN}.{'ab' * 32}"  # for a TLS hub: the token pins its CA
 
 
 def edgefleet(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -36,9 +36,8 @@ def mode(path: Path) -> int:
 
 
 def install_into(root: Path, token_file: Path) -> subprocess.CompletedProcess[str]:
-    return edgefleet("agent", "install", "--root", str(root), "--hub", "http://10.0.2.2:8080/",
-                     "--token-file", str(token_file), "--ca-fingerprint", FINGERPRINT,
-                     "--name", "shelf-7")
+    return edgefleet("agent", "install", "--root", str(root), "--hub", "https://10.0.2.2:8080/",
+                     "--token-file", str(token_file), "--name", "shelf-7")
 
 
 needs_systemd_tools = pytest.mark.skipif(
@@ -52,14 +51,14 @@ def test_install_writes_a_root_only_enrollment_file_a_user_and_an_enabled_unit(
     root = tmp_path / "root"
     root.mkdir()
     token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
+    token_file.write_text(PINNED + "\n")
     install_into(root, token_file)
 
     config = root / "etc/edgefleet/enrollment.conf"
     assert mode(config) == 0o600 and mode(config.parent) == 0o700
     assert (config.stat().st_uid, config.stat().st_gid) == (0, 0)
     assert enrollment.parse(config.read_text()) == enrollment.EnrollmentConfig(
-        hub="http://10.0.2.2:8080", token=TOKEN, ca_fingerprint="ab" * 32, name="shelf-7")
+        hub="https://10.0.2.2:8080", token=PINNED, name="shelf-7")
     unit = root / "etc/systemd/system/edgefleet-agent.service"
     text = unit.read_text()
     assert mode(unit) == 0o644 and TOKEN not in text
@@ -86,7 +85,7 @@ def test_uninstall_reverses_install_and_keeps_the_identity_unless_purged(tmp_pat
     root = tmp_path / "root"
     root.mkdir()
     token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
+    token_file.write_text(PINNED)
     install_into(root, token_file)
     state = root / "var/lib/edgefleet"
     state.mkdir(parents=True)
@@ -147,7 +146,10 @@ def test_unit_settings_refuse_what_the_service_could_not_run(python: str) -> Non
     ("hub=http://h:1\ntokn=efe_abcdefghij\n", "line 2: unknown key 'tokn'"),
     ("hub=http://h:1\njust a line\n", "line 2: expected key=value"),
     ("hub=http://h:1/api\n", "is no http(s)://host[:port] URL"),
-    (f"hub=http://h:1\nca_fingerprint={'ab' * 31}\n", "ca_fingerprint: needs"),
+    (f"hub=https://h:1\nca_fingerprint={'ab' * 32}\n", "line 2: no ca_fingerprint key: the token"),
+    (f"hub=https://h:1\ntoken={TOKEN}\n", "token: this enrollment token pins no CA"),
+    (f"hub=http://h:1\ntoken={PINNED}\n", "token: the token pins the hub's CA, but"),
+    (f"hub=https://h:1\ntoken={TOKEN}.{'ab' * 31}\n", "token: the enrollment token's CA"),
     ("hub=http://h:1\ntoken=efe_short\n", "token: not an enrollment token"),
     ("hub=http://h:1\nname=../etc\n", "name: '../etc' is no device name"),
 ])
@@ -163,10 +165,9 @@ def test_a_refused_token_is_never_repeated_in_the_error() -> None:
     assert "xxxx" not in str(caught.value)
 
 
-def test_the_file_reads_back_as_written_with_comments_and_colons() -> None:
-    config = enrollment.parse(f"# provisioned\n hub = https://hub:8443 \ntoken={TOKEN}\n"
-                              f"ca_fingerprint={FINGERPRINT}\n")
-    assert config.ca_fingerprint == "ab" * 32
+def test_the_file_reads_back_as_written_with_comments_and_spaces() -> None:
+    config = enrollment.parse(f"# provisioned\n hub = https://hub:8443 \ntoken={PINNED}\n")
+    assert config.token == PINNED
     assert enrollment.parse(enrollment.render(config)) == config
     assert "token" not in enrollment.render(config.without_token())
 
@@ -240,10 +241,15 @@ def test_the_hub_cli_writes_an_enrollment_file_for_images(cli: Cli, hub: HubProc
                                                           tmp_path: Path) -> None:
     path = tmp_path / "enrollment.conf"
     cli.run("device", "token", "create", "--max-uses", "5", "--image-config", str(path),
-            "--device-hub", "http://10.0.2.2:8080/")
+            "--device-hub", f"https://10.0.2.2:{hub.port}/")
     assert mode(path) == 0o600
     config = enrollment.parse(path.read_text())
-    assert config.hub == "http://10.0.2.2:8080" and config.token is not None
+    assert config.hub == f"https://10.0.2.2:{hub.port}" and config.token is not None
+    assert tls.split_token(config.token)[1] == tls.fingerprint(hub.ca_path.read_text())
+    done = cli.run("device", "token", "create", "--image-config", str(tmp_path / "plain.conf"),
+                   "--device-hub", "http://10.0.2.2:8080", ok=False)
+    assert done.returncode == 2 and "http://10.0.2.2:8080 is http, but the hub" in done.stderr
+    assert not (tmp_path / "plain.conf").exists()
     cli.run("device", "token", "create", "--image-config", str(tmp_path / "default.conf"))
     assert enrollment.parse((tmp_path / "default.conf").read_text()).hub == hub.url
     done = cli.run("device", "token", "create", "--image-config", str(tmp_path / "bad.conf"),

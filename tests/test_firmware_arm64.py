@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from firmwareimage import BUILD_TIMEOUT
 from hubproc import EDGEFLEET
 from packager.base import can_run
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(BUILD_TIMEOUT),
     pytest.mark.skipif(not can_run("arm64"), reason="this kernel has no qemu-aarch64 binfmt "
                        "handler (apt-get install qemu-user-static binfmt-support)"),
 ]
@@ -24,7 +26,7 @@ AARCH64 = 183  # ELF e_machine
 
 def test_the_arm64_root_filesystem_has_the_agent_and_its_services(tmp_path: Path) -> None:
     done = subprocess.run([*EDGEFLEET, "firmware", "build", CLASS, "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     assert done.returncode == 0, done.stderr
     print(f"\n{done.stdout.strip()}")
     with tarfile.open(tmp_path / f"{CLASS}-rootfs.tar") as tar:

@@ -3,20 +3,21 @@ emulation: no KVM), enrolls with a real hub on the host by itself, takes a deplo
 answers a scoring request from the host through a forwarded port.
 
 QEMU's user networking puts the host at 10.0.2.2 inside the guest (the hub listens on the
-host's loopback, which the guest reaches there). The image is built by `edgefleet firmware
-build` (debs and wheels cached under ~/.cache/edgefleet/firmware, so only the first build
-downloads); EDGEFLEET_FIRMWARE_IMAGE names an image built before instead. The boot-to-online
-time is printed (pytest -s) and recorded in firmware-images/README.md; nothing here asserts
-a duration.
+host's loopback, which the guest reaches there). The hub runs TLS, with --public-url
+https://10.0.2.2:PORT: its certificate then names 10.0.2.2 and it tells devices to use
+mqtts://10.0.2.2:MQTT_PORT; the enrollment file's token pins the hub's CA. The image is the
+session's (tests/firmwareimage.py: built, or the same inputs' image from the cache). The
+boot-to-online time is printed (pytest -s) and recorded in firmware-images/README.md;
+nothing here asserts a duration.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -24,29 +25,32 @@ import numpy as np
 import pytest
 
 from agentproc import deploy, enrollment_token, publish_version, wait_for
-from contract import enrollment
-from hubproc import EDGEFLEET, HubProcess, free_port, stop_process
+from contract import enrollment, tls
+from firmwareimage import BUILD_TIMEOUT
+from hubproc import EDGEFLEET, HubProcess, free_port, start_hub, stop_process
 from packager.firmware import disk
 from packager.samples import expected_linear, make_onnx
 
-pytestmark = pytest.mark.slow
-CLASS = "generic-amd64"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT)]
+GUEST_HOST = "10.0.2.2"  # the host, as QEMU's user network shows it to the guest
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 ROWS = [[1.0, 2.0, 3.0]]
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("EDGEFLEET_FIRMWARE_IMAGE")
-    if given:
-        return Path(given)
-    out = tmp_path_factory.mktemp("firmware")
-    started = time.monotonic()
-    done = subprocess.run([*EDGEFLEET, "firmware", "build", CLASS, "--out", str(out)],
-                          capture_output=True, text=True, timeout=3600)
-    assert done.returncode == 0, done.stderr
-    print(f"\nfirmware build: {time.monotonic() - started:.0f} s; {done.stdout.strip()}")
-    return out / f"{CLASS}.img"
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """The hub as the guests reach it: https://10.0.2.2:PORT, in its certificate."""
+    port = free_port()
+    process = start_hub(tmp_path_factory.mktemp("hub") / "data", port=port,
+                        extra_args=("--public-url", f"https://{GUEST_HOST}:{port}"))
+    assert process.tls
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+def guest_config(hub: HubProcess, **token: object) -> enrollment.EnrollmentConfig:
+    return enrollment.EnrollmentConfig(hub=f"https://{GUEST_HOST}:{hub.port}",
+                                       token=enrollment_token(hub, **token))
 
 
 def enrolled_copy(image: Path, copy: Path, config: enrollment.EnrollmentConfig) -> Path:
@@ -72,13 +76,15 @@ def start_vm(disk: Path, console: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.fixture
-def booted(image: Path, hub: HubProcess, tmp_path: Path) -> Iterator[tuple[Path, int, str, Path]]:
+def booted(amd64_image: Path, hub: HubProcess,
+           tmp_path: Path) -> Iterator[tuple[Path, int, str, Path]]:
     """A copy of the image with an enrollment file on its boot partition, running in QEMU.
     Yields (disk, forwarded scoring port, serving API key, console log)."""
     api_key = secrets.token_urlsafe(24)
-    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
-                                         token=enrollment_token(hub), serving_api_key=api_key)
-    copy = enrolled_copy(image, tmp_path / "disk.img", config)
+    config = replace(guest_config(hub), serving_api_key=api_key)
+    assert config.token is not None
+    assert tls.split_token(config.token)[1] == tls.fingerprint(hub.ca_path.read_text())
+    copy = enrolled_copy(amd64_image, tmp_path / "disk.img", config)
     port = free_port()
     console = tmp_path / "console.log"
     qemu = start_vm(copy, console, port)
@@ -106,7 +112,7 @@ def test_the_image_boots_enrolls_by_itself_and_serves_a_deployed_model(
     device = wait_for(online, timeout=1800, what="the booted image to come online")
     print(f"\nboot to online: {time.monotonic() - started:.0f} s")
     log = console.read_text(errors="replace")
-    assert "enrollment for http://10.0.2.2" in log
+    assert f"enrollment for https://{GUEST_HOST}:{hub.port}" in log
 
     version = publish_version(hub, "tiny", make_onnx(tmp_path / "model.onnx"))
     deploy(hub, device["id"], f"tiny:{version}")
@@ -130,11 +136,9 @@ def test_the_image_boots_enrolls_by_itself_and_serves_a_deployed_model(
 
 
 def test_two_devices_flashed_from_one_enrolled_image_get_two_identities(
-        image: Path, hub: HubProcess, tmp_path: Path) -> None:
+        amd64_image: Path, hub: HubProcess, tmp_path: Path) -> None:
     before = {d["id"] for d in devices(hub)}
-    config = enrollment.EnrollmentConfig(hub=f"http://10.0.2.2:{hub.port}",
-                                         token=enrollment_token(hub, max_uses=2))
-    flashed = enrolled_copy(image, tmp_path / "flashed.img", config)
+    flashed = enrolled_copy(amd64_image, tmp_path / "flashed.img", guest_config(hub, max_uses=2))
     machines = []
     try:
         for number in (1, 2):

@@ -1,6 +1,7 @@
 """The disk image assembly with the real tools (mkfs.vfat, mtools, mkfs.ext4, sfdisk) on a
 small stand-in root filesystem: a GPT with the EFI and root partitions, the same bytes from
-the same inputs, and the enrollment file put on the boot partition and refused when bad."""
+the same inputs, and the enrollment file put on the boot partition and refused when bad;
+then the same layout on the session's real amd64 image (tests/firmwareimage.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from firmwareimage import BUILD_TIMEOUT
 from hubproc import EDGEFLEET
 from packager.firmware import disk
 
-TOKEN = "efe_" + "t0ken" * 6
+TOKEN = "efe_" + "t0ken" * 6 + "." + "ab" * 32  # pins the hub's CA
 
 
 def fake_rootfs(root: Path) -> Path:
@@ -28,7 +30,8 @@ def fake_rootfs(root: Path) -> Path:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +47,27 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return made
 
 
-def test_the_disk_has_an_efi_and_a_root_partition_with_fixed_ids(images: list[Path]) -> None:
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(images[0])], check=True,
+def check_layout(image: Path, name: str, epoch: int) -> None:
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True,
                                       capture_output=True, text=True).stdout)["partitiontable"]
     assert table["label"] == "gpt"
     assert [p["type"] for p in table["partitions"]] == [disk.ESP_TYPE, disk.ROOT_X86_64_TYPE]
     root_uuid = table["partitions"][1]["uuid"].lower()
-    assert f"PARTUUID={root_uuid} / ext4" in disk.fstab("test-class", 1_700_000_000)
-    assert f"root=PARTUUID={root_uuid}" in disk.kernel_command_line("test-class", 1_700_000_000)
-    assert disk.list_enrollment_dir(images[0]) == ["README.txt"]
+    assert f"PARTUUID={root_uuid} / ext4" in disk.fstab(name, epoch)
+    assert f"root=PARTUUID={root_uuid}" in disk.kernel_command_line(name, epoch)
+    assert disk.list_enrollment_dir(image) == ["README.txt"]
+
+
+def test_the_disk_has_an_efi_and_a_root_partition_with_fixed_ids(images: list[Path]) -> None:
+    check_layout(images[0], "test-class", 1_700_000_000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_the_built_amd64_image_has_the_same_layout_and_no_enrollment(amd64_image: Path) -> None:
+    info = json.loads(amd64_image.with_suffix(".json").read_text())
+    assert info["image"] == amd64_image.name and info["sha256"] == sha256(amd64_image)
+    check_layout(amd64_image, info["class"], info["source_date_epoch"])
 
 
 def test_the_same_inputs_give_the_same_disk(images: list[Path]) -> None:
@@ -64,11 +79,17 @@ def test_an_enrollment_file_goes_on_the_boot_partition_and_a_bad_one_is_refused(
     image = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(images[0]), str(image)], check=True)
     done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(image), "-"],
-                          input="hub=http://hub.lan:8080\n", capture_output=True, text=True)
+                          input="hub=https://hub.lan:8443\n", capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip() == "Error: enrollment file: token: missing"
     done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(image), "-"],
                           input=f"hub=http://hub.lan:8080\ntoken={TOKEN}\n",
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("Error: enrollment file: token: the token pins the hub's "
+                                   "CA, but http://hub.lan:8080 is plain HTTP: use https://")
+    done = subprocess.run([*EDGEFLEET, "firmware", "enroll", str(image), "-"],
+                          input=f"hub=https://hub.lan:8443\ntoken={TOKEN}\n",
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert disk.list_enrollment_dir(image) == ["README.txt", "enrollment.conf"]

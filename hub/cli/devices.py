@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -53,7 +54,8 @@ def token_create(
     """
     api = client(hub, token)
     # Checked before the token exists: a bad URL must not cost a token no one sees.
-    device_config = _device_config(device_hub or api.connection.hub) if image_config else None
+    device_config = (_device_config(device_hub or api.connection.hub, api.connection.hub)
+                     if image_config else None)
     record = api.post(
         "/api/v1/enrollment-tokens",
         json={"tags": parse_pairs(tags, "--tag"), "expires_in": parse_duration(expires),
@@ -72,11 +74,17 @@ def token_create(
     say(("On the device: edgefleet agent run --hub URL --token <token>", "dim"))
 
 
-def _device_config(hub_url: str) -> enrollment.EnrollmentConfig:
+def _device_config(hub_url: str, api_url: str) -> enrollment.EnrollmentConfig:
     try:
-        return enrollment.EnrollmentConfig(hub=hub_url.rstrip("/"))
+        config = enrollment.EnrollmentConfig(hub=hub_url.rstrip("/"))
     except enrollment.EnrollmentFileError as exc:
         raise click.UsageError(f"--device-hub: {exc}") from None
+    # A hub's tokens pin its CA exactly when it runs TLS, and a pinned token needs https.
+    if urlsplit(hub_url).scheme != urlsplit(api_url).scheme:
+        raise click.UsageError(f"--device-hub: {hub_url} is {urlsplit(hub_url).scheme}, but "
+                               f"the hub at {api_url} is {urlsplit(api_url).scheme}: use the "
+                               "same scheme")
+    return config
 
 
 @token.command("list")

@@ -18,6 +18,13 @@ Steps, each cached or cheap on a second run (cache: ~/.cache/edgefleet/firmware)
    initrd; ext4 root) or CLASS-rootfs.tar, CLASS.packages.txt (every Debian package and
    Python distribution with its version) and CLASS.json (what was built, sizes, sha256).
 
+A built image is kept in the cache too (images/CLASS/KEY/), KEY a hash of every input: the
+class, the contents of edgefleet's wheel, this build code, the Debian package selection,
+suite, mirrors and epoch, and the dependency wheels' key. A build whose inputs hash to a
+kept KEY copies the kept image instead of running mmdebstrap (`--rebuild` builds anyway);
+one image per class is kept. The mirror's contents are no input: a kept image has the
+package versions of the day it was built (CLASS.packages.txt lists them).
+
 Reproducible as far as Debian allows: SOURCE_DATE_EPOCH clamps every time stamp,
 partition and filesystem ids are derived from the class and the epoch, but the package
 versions are whatever the mirror serves that day (pin --mirror to a snapshot URL to fix
@@ -34,8 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from contract.canonical import canonical_json
@@ -57,6 +65,7 @@ BASE_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "iproute2", 
 # A bootable disk: Debian's kernel and initramfs, and systemd-boot's EFI binary.
 DISK_PACKAGES = ("linux-image-amd64", "initramfs-tools", "systemd-boot-efi")
 TIMEOUT = 60 * 60
+DONE = "complete"  # written last into a kept image's directory
 Log = Callable[[str], None]
 
 
@@ -78,6 +87,7 @@ class BuildSettings:
     mirror: str = MIRROR
     security_mirror: str | None = SECURITY_MIRROR
     suite: str = SUITE
+    rebuild: bool = False  # build even when the image cache holds this build's inputs
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -99,36 +109,20 @@ def build(settings: BuildSettings, log: Log) -> BuildResult:
     if shutil.which("mmdebstrap") is None:
         raise FirmwareError("mmdebstrap is not installed: apt-get install mmdebstrap")
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-firmware-") as work_name:
         work = Path(work_name)
         started = time.monotonic()
         log(f"wheels for {cls.platform} (edgefleet[{','.join(cls.extras)}])")
-        wheels = _wheels(settings, work / "wheels")
-        seconds["wheels"] = time.monotonic() - started
-
-        started = time.monotonic()
-        rootfs = work / "rootfs"
-        log(f"root filesystem: mmdebstrap {settings.suite} {cls.debian_architecture}")
-        _mmdebstrap(settings, rootfs, wheels)
-        _configure(settings, rootfs)
-        seconds["rootfs"] = time.monotonic() - started
-
-        packages = settings.out_dir / f"{cls.name}.packages.txt"
-        packages.write_text(_manifest(rootfs))
-        started = time.monotonic()
-        if cls.disk_image:
-            image = settings.out_dir / f"{cls.name}.img"
-            log(f"disk image {image}")
-            disk.make_disk(rootfs, image, work, name=cls.name, epoch=settings.epoch)
-        else:
-            image = settings.out_dir / f"{cls.name}-rootfs.tar"
-            log(f"root filesystem archive {image}")
-            _tar(rootfs, image, settings.epoch)
-        seconds["image"] = time.monotonic() - started
-        shutil.rmtree(rootfs)
-    info = settings.out_dir / f"{cls.name}.json"
-    info.write_text(json.dumps({
+        wheels, deps_key = _wheels(settings, work / "wheels")
+        wheels_seconds = time.monotonic() - started
+        kept = settings.cache_dir / "images" / cls.name / image_key(settings, wheels, deps_key)
+        if not settings.rebuild and (kept / DONE).is_file():
+            log(f"cached image {kept} (built before from the same inputs)")
+            _copy_outputs(kept, settings.out_dir, cls)
+            return _result(settings.out_dir, cls, {})
+        seconds = {"wheels": wheels_seconds, **_build(settings, work, wheels, log)}
+    image = settings.out_dir / _image_name(cls)
+    (settings.out_dir / f"{cls.name}.json").write_text(json.dumps({
         "class": cls.name, "platform": cls.platform, "suite": settings.suite,
         "mirror": settings.mirror, "source_date_epoch": settings.epoch,
         "image": image.name, "size": image.stat().st_size,
@@ -136,11 +130,90 @@ def build(settings: BuildSettings, log: Log) -> BuildResult:
         "enrollment_file": FIRST_BOOT_FILE if cls.disk_image else None,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }, indent=2, sort_keys=True) + "\n")
+    _keep(settings.out_dir, kept, cls)
+    return _result(settings.out_dir, cls, seconds)
+
+
+def _build(settings: BuildSettings, work: Path, wheels: Path, log: Log) -> dict[str, float]:
+    """The root filesystem, then the image and its package list in OUT; seconds per step."""
+    cls = settings.device_class
+    seconds: dict[str, float] = {}
+    started = time.monotonic()
+    rootfs = work / "rootfs"
+    log(f"root filesystem: mmdebstrap {settings.suite} {cls.debian_architecture}")
+    _mmdebstrap(settings, rootfs, wheels)
+    _configure(settings, rootfs)
+    seconds["rootfs"] = time.monotonic() - started
+    (settings.out_dir / f"{cls.name}.packages.txt").write_text(_manifest(rootfs))
+    started = time.monotonic()
+    image = settings.out_dir / _image_name(cls)
+    if cls.disk_image:
+        log(f"disk image {image}")
+        disk.make_disk(rootfs, image, work, name=cls.name, epoch=settings.epoch)
+    else:
+        log(f"root filesystem archive {image}")
+        _tar(rootfs, image, settings.epoch)
+    seconds["image"] = time.monotonic() - started
+    shutil.rmtree(rootfs)
+    return seconds
+
+
+def _image_name(cls: DeviceClass) -> str:
+    return f"{cls.name}.img" if cls.disk_image else f"{cls.name}-rootfs.tar"
+
+
+def _outputs(cls: DeviceClass) -> tuple[str, ...]:
+    return _image_name(cls), f"{cls.name}.packages.txt", f"{cls.name}.json"
+
+
+def _result(out_dir: Path, cls: DeviceClass, seconds: dict[str, float]) -> BuildResult:
+    image, packages, info = (out_dir / name for name in _outputs(cls))
     return BuildResult(image, packages, info, seconds)
 
 
-def _wheels(settings: BuildSettings, into: Path) -> Path:
-    """edgefleet's wheel (built now) beside its dependencies' (cached) in one directory."""
+def image_key(settings: BuildSettings, wheels: Path, deps_key: str) -> str:
+    """The hash of every input of a build but the mirror's contents (see the docstring)."""
+    [own] = wheels.glob("edgefleet-*.whl")
+    code = sorted([*Path(__file__).parent.glob("*.py"),
+                   SOURCE_ROOT / "agent" / "install.py", SOURCE_ROOT / "packager" / "deps.py"])
+    return hashlib.sha256(canonical_json({
+        "class": asdict(settings.device_class), "suite": settings.suite,
+        "mirror": settings.mirror, "security_mirror": settings.security_mirror,
+        "packages": list(settings.packages), "epoch": settings.epoch,
+        "dependencies": deps_key, "wheel": _wheel_digest(own),
+        "code": {p.relative_to(SOURCE_ROOT).as_posix(): _sha256(p) for p in code},
+    })).hexdigest()[:32]
+
+
+def _wheel_digest(wheel: Path) -> str:
+    """SHA-256 over a wheel's member names and contents (not its zip time stamps)."""
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as archive:
+        for member in sorted(archive.namelist()):
+            digest.update(member.encode() + b"\0")
+            digest.update(hashlib.sha256(archive.read(member)).digest())
+    return digest.hexdigest()
+
+
+def _copy_outputs(source: Path, target: Path, cls: DeviceClass) -> None:
+    for name in _outputs(cls):
+        # --sparse=always: a disk image is mostly holes, and stays so.
+        _run(["cp", "--sparse=always", str(source / name), str(target / name)],
+             what=f"copying {name}")
+
+
+def _keep(out_dir: Path, kept: Path, cls: DeviceClass) -> None:
+    """OUT's image in the cache as KEPT, replacing the class's older ones (they are large)."""
+    for old in kept.parent.glob("*"):
+        shutil.rmtree(old, ignore_errors=True)
+    kept.mkdir(parents=True)
+    _copy_outputs(out_dir, kept, cls)
+    (kept / DONE).write_text("")  # last: an interrupted copy is no cache entry
+
+
+def _wheels(settings: BuildSettings, into: Path) -> tuple[Path, str]:
+    """edgefleet's wheel (built now) beside its dependencies' (cached) in one directory, and
+    the dependencies' cache key."""
     cls = settings.device_class
     requirement = f"edgefleet[{','.join(cls.extras)}]"
     own = into / "own"
@@ -170,7 +243,7 @@ def _wheels(settings: BuildSettings, into: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
     for wheel in deps.glob("*.whl"):
         shutil.copy2(wheel, own / wheel.name)
-    return own
+    return own, key
 
 
 def _mmdebstrap(settings: BuildSettings, rootfs: Path, wheels: Path) -> None:

@@ -28,15 +28,20 @@ def firmware() -> None:
 @click.option("--epoch", type=int, help="SOURCE_DATE_EPOCH for every time stamp "
                                         "[default: $SOURCE_DATE_EPOCH, else the last commit's].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Cache of wheels and .debs [default: ~/.cache/edgefleet/firmware].")
+              help="Cache of wheels, .debs and built images "
+                   "[default: ~/.cache/edgefleet/firmware].")
+@click.option("--rebuild", is_flag=True,
+              help="Build even if the cache holds an image built from the same inputs.")
 def build(device_class: str, out_dir: Path, mirror: str | None, no_security_mirror: bool,
-          epoch: int | None, cache_dir: Path | None) -> None:
+          epoch: int | None, cache_dir: Path | None, rebuild: bool) -> None:
     """Build CLASS's image: a class name from firmware-images/classes/ or a .toml file.
 
     \b
     linux/amd64 classes give OUT/CLASS.img, a raw GPT disk (UEFI, systemd-boot) to
     write to a disk or boot in a VM; others OUT/CLASS-rootfs.tar. Beside it:
-    CLASS.packages.txt (every package and version) and CLASS.json. Needs root
+    CLASS.packages.txt (every package and version) and CLASS.json. An image built
+    before from the same inputs (class, source, package selection, epoch) is copied
+    from the cache instead. Needs root
     (mmdebstrap), and qemu-user-static for a foreign architecture.
 
     Example: sudo edgefleet firmware build generic-amd64 --out images/
@@ -54,6 +59,7 @@ def build(device_class: str, out_dir: Path, mirror: str | None, no_security_mirr
         cache_dir=cache_dir or builder.default_cache_dir(),
         mirror=mirror or builder.MIRROR,
         security_mirror=None if no_security_mirror else builder.SECURITY_MIRROR,
+        rebuild=rebuild,
     )
     started = time.monotonic()
     try:
@@ -71,8 +77,11 @@ def enroll(image: Path, enrollment_file: TextIO) -> None:
     """Put ENROLLMENT_FILE ('-': stdin) on IMAGE's boot partition, before flashing it.
 
     The file is `edgefleet agent install`'s format: hub=URL and token=efe_... lines,
-    optionally ca_fingerprint=, name=, serving_api_key=. Every device flashed from
-    IMAGE enrolls with it (a token with enough uses) and gets its own identity.
+    optionally name=, serving_api_key=. For an https:// hub the token is the whole one
+    the hub printed, which pins its CA (efe_....<64 hex digits>); `edgefleet device
+    token create --image-config FILE --device-hub URL` writes such a file. Every device
+    flashed from IMAGE enrolls with it (a token with enough uses) and gets its own
+    identity.
 
     Example: edgefleet firmware enroll images/generic-amd64.img enrollment.conf
     """

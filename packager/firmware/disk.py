@@ -32,7 +32,8 @@ ENROLLMENT_DIR = "edgefleet"
 ENROLLMENT_NAME = "enrollment.conf"
 _README = """\
 Put the enrollment file here as enrollment.conf (edgefleet agent install's format:
-hub=..., token=..., optional ca_fingerprint=, name=, serving_api_key=). At the next
+hub=https://..., token=efe_... (the whole token: it pins the hub's CA), optional
+name=, serving_api_key=). At the next
 boot the device moves it to /etc/edgefleet (root only), deletes it here, and enrolls.
 """
 
