@@ -98,6 +98,24 @@ def _enroll(
             raise click.ClickException(str(exc)) from None
 
 
+def _token(ctx: click.Context, token: str | None, token_file: TextIO | None) -> str | None:
+    """The enrollment token from --token-file, else --token / EDGEFLEET_ENROLL_TOKEN; a token
+    typed on the command line is readable by every local user in `ps` until the exec."""
+    if token_file is not None:
+        if token is not None and ctx.get_parameter_source("token") is \
+                click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("give the token once: --token or --token-file")
+        read = token_file.read().strip()
+        if not read:
+            raise click.BadParameter("the file holds no token", param_hint="--token-file")
+        return read
+    if token is not None and ctx.get_parameter_source("token") is \
+            click.core.ParameterSource.COMMANDLINE:
+        click.echo("warning: --token shows in the process list of this machine; use "
+                   "--token-file FILE (or '-' for stdin) or EDGEFLEET_ENROLL_TOKEN", err=True)
+    return token
+
+
 @click.group()
 def agent() -> None:
     """Run the device agent."""
@@ -107,7 +125,12 @@ def agent() -> None:
 @click.option("--hub", "hub_url", envvar="EDGEFLEET_HUB",
               help="Hub URL; needed on the first start only [env EDGEFLEET_HUB].")
 @click.option("--token", envvar="EDGEFLEET_ENROLL_TOKEN",
-              help="Enrollment token; needed on the first start only [env EDGEFLEET_ENROLL_TOKEN].")
+              help="Enrollment token; needed on the first start only [env EDGEFLEET_ENROLL_TOKEN]."
+                   " On the command line it shows in the process list: prefer --token-file or "
+                   "the environment variable.")
+@click.option("--token-file", type=click.File("r"),
+              help="File holding the enrollment token ('-': read it from stdin); keeps the token "
+                   "out of the process list.")
 @click.option("--enrollment-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Read hub, token and name from this file (see `agent install`) instead; "
                    "keeps the token out of the process list.")
@@ -139,8 +162,10 @@ def agent() -> None:
 @click.option("--container-memory-mb", type=click.IntRange(6), help=o.CONTAINER_MEMORY_MB.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
 @kube_options
+@click.pass_context
 def run(
-    hub_url: str | None, token: str | None, enrollment_file: Path | None, data_dir: Path,
+    ctx: click.Context, hub_url: str | None, token: str | None, token_file: TextIO | None,
+    enrollment_file: Path | None, data_dir: Path,
     name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
     max_concurrency: int, max_queue: int, max_wait_ms: int, max_body_bytes: int,
@@ -155,12 +180,13 @@ def run(
     --docker-host; the scoring API stays at --serve-host:--serve-port.
 
     \b
-    Example: edgefleet agent run --hub http://hub:8080 --token efe_... --data-dir /var/lib/edgefleet
+    Example: edgefleet agent run --hub http://hub:8080 --token-file token.txt --data-dir ./d
     Example: edgefleet agent run --mode container --docker-host unix:///run/podman/podman.sock
     """
     from agent import identity as identities
     from agent.daemon import AgentOptions
 
+    token = _token(ctx, token, token_file)
     if mode == "kubernetes":
         from agent.kube.cli import run_kubernetes
 
@@ -189,7 +215,8 @@ def run(
                     "identity: write a new token into it (edgefleet device token create)")
         if not hub_url or not token:
             raise click.UsageError(
-                f"{data_dir} holds no identity yet: give --hub and --token to enroll this device"
+                f"{data_dir} holds no identity yet: give --hub and --token-file (or --token) to "
+                "enroll this device"
             )
         _check_serve_port(serve_host, serve_port)
         identity = _enroll(data_dir, hub_url, token, name, mqtt_url,

@@ -211,11 +211,18 @@ def start_agent(
     log_path = data_dir.parent / f"{data_dir.name}-agent.log"
     args = [*EDGEFLEET, "agent", "run", "--data-dir", str(data_dir), "--serve-port", str(port),
             "--telemetry-interval", str(telemetry_interval), *extra_args]
+    secret = None
     if not (data_dir / "identity.json").exists() and "--enrollment-file" not in extra_args:
-        args += ["--hub", hub.url, "--token", token or enrollment_token(hub)]
+        # On stdin, as the README says: a token in argv is in every local user's `ps`.
+        secret = token or enrollment_token(hub)
+        args += ["--hub", hub.url, "--token-file", "-"]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.PIPE if secret else subprocess.DEVNULL,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if secret is not None and process.stdin is not None:
+        process.stdin.write(secret.encode())
+        process.stdin.close()
     agent = AgentProcess(data_dir, port, process, log_path)
 
     def live() -> bool:

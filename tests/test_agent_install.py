@@ -223,7 +223,27 @@ def test_a_bad_enrollment_file_is_one_line_and_an_unreachable_hub_is_retried(
     done = edgefleet("agent", "run", "--data-dir", str(tmp_path / "d"), "--hub",
                      "http://127.0.0.1:9", "--token", TOKEN, ok=False)
     assert done.returncode == 1
-    assert done.stderr.startswith("Error: cannot reach the hub at http://127.0.0.1:9")
+    assert done.stderr.startswith("warning: --token shows in the process list")
+    assert done.stderr.splitlines()[1].startswith(
+        "Error: cannot reach the hub at http://127.0.0.1:9")
+
+
+def test_the_token_comes_from_stdin_or_the_environment_without_a_warning(
+    tmp_path: Path,
+) -> None:
+    for how, extra, env in (("stdin", ("--token-file", "-"), {}),
+                            ("env", (), {"EDGEFLEET_ENROLL_TOKEN": TOKEN})):
+        done = subprocess.run(
+            [*EDGEFLEET, "agent", "run", "--data-dir", str(tmp_path / how), "--hub",
+             "http://127.0.0.1:9", *extra], input=TOKEN, capture_output=True, text=True,
+            timeout=60, env={**os.environ, **env})
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("Error: cannot reach the hub at http://127.0.0.1:9"), how
+    empty = subprocess.run(
+        [*EDGEFLEET, "agent", "run", "--data-dir", str(tmp_path / "e"), "--hub",
+         "http://127.0.0.1:9", "--token-file", "-"], input="", capture_output=True, text=True,
+        timeout=60)
+    assert empty.returncode == 2 and "the file holds no token" in empty.stderr
 
 
 @pytest.mark.parametrize(("broker", "hub_url", "reached"), [
