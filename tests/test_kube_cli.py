@@ -42,8 +42,10 @@ def test_an_unreachable_api_server_stops_enrollment_with_one_line(tmp_path: Path
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig",
                                   server=f"https://127.0.0.1:{free_port()}", ca=ca,
                                   user={"token": "x"})
+    token = tmp_path / "token"
+    token.write_text("efe_x\n")
     code, out = invoke(tmp_path, "--namespace", "edge", "--kubeconfig", str(kubeconfig),
-                       "--hub", "http://127.0.0.1:9", "--token", "efe_x")
+                       "--hub", "http://127.0.0.1:9", "--token-file", str(token))
     assert code == 1, out
     assert out.startswith("Error: cannot ") and len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "data" / "identity.json").exists()

@@ -53,7 +53,8 @@ def run_kubernetes(*, hub_url: str | None, token: str | None, data_dir: Path, na
     if identity is None:
         if not hub_url or not token:
             raise click.UsageError(
-                f"{data_dir} holds no identity yet: give --hub and --token to enroll this cluster")
+                f"{data_dir} holds no identity yet: give --hub and --token-file (or --token) to "
+                "enroll this cluster")
         try:
             with api_client(kubeconfig) as api:
                 platform = cluster_platform(read_inventory(api))
