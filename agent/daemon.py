@@ -41,17 +41,19 @@ from agent.decisions import (
     unloaded,
     wanted_route,
 )
-from agent.identity import Identity, IdentityError
+from agent.identity import Identity
 from agent.mqtt import Message, MqttTimeout, Session
 from agent.package_store import PackageStore, StageError
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingOptions, ServingProcess
 from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
+from agent.trust import TrustStore
 from agent.updates import Updater, deployment_body, now, status_key
 from agent.uplink import Uplink
 from contract.errors import PackageError
 from contract.files import write_secret
+from contract.keys import HUB_KEY_FACT, RotationError
 from contract.protocol import (
     MAX_TEXT,
     Deployment,
@@ -65,6 +67,7 @@ from contract.protocol import (
     build_reported,
     desired_topic,
     parse_time,
+    rotation_chain,
     status_topic,
     verify_desired,
 )
@@ -150,6 +153,7 @@ class Agent:
         self.agent_version = found["agent_version"]
         self.state_file = StateFile(data)
         self.state: AgentState = self.state_file.load()
+        self.trust = TrustStore(data, identity)
         self.stop_requested = threading.Event()
         key_file = data / "serving-api-key"
         write_secret(key_file, secrets.token_urlsafe(24), replace=False)
@@ -167,7 +171,7 @@ class Agent:
             self.serving, self.store, self.watch = self._container_mode(front, key_file)
         else:
             self.store = PackageStore(data, platform=self.platform,
-                                      public_key=lambda: identity.hub_key)
+                                      public_key=lambda: self.trust.key)
         self.session, self.mqtt_tls = device_session(identity, data)
         # When to look at the broker certificate's expiry next (monotonic).
         self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
@@ -199,7 +203,7 @@ class Agent:
         store = ContainerStore(o.data_dir, engine, registry=self.registry,
                                hub_url=identity.hub_url, username=identity.device_id,
                                password=identity.device_token, platform=self.platform,
-                               public_key=lambda: identity.hub_key)
+                               public_key=lambda: self.trust.key)
         return serving, store, ContainerWatch(serving)
 
     def _installed(self, name: str, version: str) -> Installed | None:
@@ -323,14 +327,16 @@ class Agent:
     def handle_desired(self, payload: bytes, *, resuming: bool = False) -> None:
         last = self.state.applied_generation
         try:
-            public_key = self.identity.hub_key
-        except IdentityError as exc:
-            self._refuse(ProtocolRefusal(Reason.BAD_SIGNATURE, str(exc)))
-            return
-        try:
-            desired = verify_desired(payload, public_key=public_key,
+            # Rotations first: a state signed by a key the hub rotated to since this
+            # device last heard from it carries the statements that lead there.
+            if self.trust.follow(rotation_chain(payload)):
+                self.report()  # the hub counts which devices trust which key
+            desired = verify_desired(payload, public_key=self.trust.key,
                                      device_id=self.identity.device_id, last_generation=last,
-                                     now=datetime.now(UTC))
+                                     now=datetime.now(UTC), retired=self.trust.retired)
+        except RotationError as exc:
+            self._refuse(ProtocolRefusal(Reason.BAD_SIGNATURE, f"hub key: {exc}"))
+            return
         except ProtocolRefusal as refusal:
             if reports_refusal(refusal):
                 self._refuse(refusal)
@@ -455,7 +461,7 @@ class Agent:
                 Refusal(r["generation"], Reason(r["reason"]), r["message"], parse_time(r["at"]))
                 for r in self.state.refusals
             ),
-            inventory=self.facts,
+            inventory={**self.facts, HUB_KEY_FACT: self.trust.trust.key_id},
         )
         self.uplink.report(build_reported(state))
 

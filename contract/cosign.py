@@ -118,6 +118,24 @@ def sign_package(
     return manifest
 
 
+def countersign(
+    store: ImageStore, digest: str, old: ec.EllipticCurvePublicKey,
+    key: ec.EllipticCurvePrivateKey,
+) -> bool:
+    """Sign with KEY what OLD signed for the package DIGEST (a key rotation: the
+    package stays usable by devices that trust only KEY); False if OLD signed nothing."""
+    tag = signature_tag(digest)
+    _, layers = _existing(store, tag) or (None, ())
+    signed = [p for layer in layers if (p := _verifies(store, layer, old, tag)) is not None]
+    for payload in signed:
+        try:
+            repository = json.loads(payload)["critical"]["identity"]["docker-reference"]
+        except (ValueError, KeyError, TypeError):
+            continue  # not a payload this hub wrote: nothing to vouch for
+        sign_package(store, digest, key, repository)
+    return bool(signed)
+
+
 def verify_signature(
     source: ImageSource,
     digest: str,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -58,6 +58,8 @@ class Reason(StrEnum):
     # Raised by the agent's download step, not here: a package whose bytes do
     # not match the digest the signed desired state names (mix-and-match).
     DIGEST_MISMATCH = "digest_mismatch"
+    # Signed by a hub key this device has rotated away from (contract/keys.py).
+    RETIRED_KEY = "retired_key"
 
 
 class ProtocolRefusal(ProtocolError):
@@ -504,20 +506,41 @@ def _read_desired(document: object) -> DesiredState:
     return state
 
 
-def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+# Outside the signed body: the hub's key rotation statements (contract/keys.py), each
+# signed on its own, that lead a device from the key it trusts to the signer's.
+KEYS_FIELD: Final = "keys"
+_UNSIGNED: Final = ("signature", KEYS_FIELD)
+
+
+def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey,
+                 chain: Sequence[dict[str, Any]] = ()) -> bytes:
     """The payload to publish (retained) on `desired_topic`: canonical JSON,
-    signed over the canonical JSON of the document without "signature"."""
+    signed over the canonical JSON of the document without "signature" and "keys";
+    CHAIN (the hub's rotation statements, if it ever rotated) goes along as "keys"."""
     from contract import signing  # see verify_desired
 
     body = _desired_json(state)
     _read_desired(body)  # the hub never signs what an agent would refuse as malformed
     signature = {"keyid": signing.key_id(private_key), "alg": signing.ALGORITHM,
                  "value": signing.sign(private_key, canonical_json(body))}
-    payload = canonical_json({**body, "signature": signature})
+    payload = canonical_json({**body, "signature": signature,
+                              **({KEYS_FIELD: list(chain)} if chain else {})})
     if len(payload) > MAX_DESIRED_BYTES:
         raise ProtocolError(f"desired state is {len(payload)} bytes; the limit is "
                             f"{MAX_DESIRED_BYTES}")
     return payload
+
+
+def rotation_chain(payload: bytes) -> object:
+    """The key rotation statements a desired state carries ([] if none), unchecked:
+    `contract.keys.follow` decides; ProtocolRefusal if PAYLOAD is not a JSON object."""
+    try:
+        document = _load(payload, limit=MAX_DESIRED_BYTES, what="desired state")
+    except ProtocolError as exc:
+        raise ProtocolRefusal(Reason.MALFORMED, str(exc)) from None
+    if not isinstance(document, dict):
+        raise ProtocolRefusal(Reason.MALFORMED, "desired state is not a JSON object")
+    return document.get(KEYS_FIELD, [])
 
 
 def verify_desired(
@@ -528,11 +551,13 @@ def verify_desired(
     last_generation: int,
     now: datetime,
     max_skew: timedelta = CLOCK_SKEW,
+    retired: Collection[str] = (),
 ) -> DesiredState:
     """The desired state in PAYLOAD if this device may apply it; else ProtocolRefusal.
 
     The signature is checked before anything else in the document is
     believed. LAST_GENERATION is the last one applied (0 before the first).
+    RETIRED: ids of hub keys this device rotated away from (refused as such).
     """
     # Here, not at the top: cryptography costs an idle agent 8 MB until it has
     # something to verify.
@@ -552,7 +577,7 @@ def verify_desired(
     def refuse(reason: Reason, message: str) -> NoReturn:
         raise ProtocolRefusal(reason, message, generation=generation)
 
-    body = {k: v for k, v in document.items() if k != "signature"}
+    body = {k: v for k, v in document.items() if k not in _UNSIGNED}
     try:
         sig = _Fields(document.get("signature"), "signature")
         keyid, alg, value = sig.text("keyid"), sig.text("alg"), sig.text("value", max_len=512)
@@ -561,6 +586,9 @@ def verify_desired(
         refuse(Reason.BAD_SIGNATURE, f"no usable signature: {exc}")
     if alg != signing.ALGORITHM:
         refuse(Reason.BAD_SIGNATURE, f"algorithm {alg!r}; expected {signing.ALGORITHM!r}")
+    if keyid != signing.key_id(public_key) and keyid in retired:
+        refuse(Reason.RETIRED_KEY, f"signed by key {keyid}, which this device retired when "
+               f"the hub rotated its key; it trusts {signing.key_id(public_key)}")
     if keyid != signing.key_id(public_key):
         refuse(Reason.BAD_SIGNATURE, f"signed by key {keyid}, but this device trusts "
                f"{signing.key_id(public_key)}")

@@ -34,11 +34,10 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from agent.mqtt import Message, MqttError, Session
 from contract import protocol
 from hub import deployments
+from hub.keys import KeyRing
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.hub.desired")
@@ -117,13 +116,13 @@ class Publisher:
     """Signs and publishes desired states from its own thread; see the module docstring."""
 
     def __init__(
-        self, db: Database, session: Session, key: ec.EllipticCurvePrivateKey, *,
+        self, db: Database, session: Session, keys: KeyRing, *,
         validity: timedelta = DEFAULT_VALIDITY, publish_timeout: float = 30.0,
     ) -> None:
         if validity < timedelta(minutes=10):
             raise ValueError(f"desired states must stay valid for at least 10 minutes, got "
                              f"{validity}")
-        self.db, self.session, self.key = db, session, key
+        self.db, self.session, self.keys = db, session, keys
         self.validity = validity
         self.publish_timeout = publish_timeout
         self._pending: set[str] = set()
@@ -234,7 +233,7 @@ class Publisher:
             state = build(device_id, generation, rows, issued_at=issued_at,
                           validity=self.validity)
             try:
-                payload = protocol.sign_desired(state, self.key)
+                payload = self.keys.sign_desired(state)
             except protocol.ProtocolError as exc:  # rows an agent would refuse: a hub bug
                 self.failures += 1
                 log.error("desired state of %s (generation %d) not published: %s",

@@ -31,12 +31,11 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from agent.mqtt import Message, MqttError, Session
 from contract import protocol
 from hub import desired
 from hub.ingest import HEARTBEAT_TOPIC, SUBSCRIPTIONS, Ingest
+from hub.keys import KeyRing
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.hub.fleet")
@@ -48,7 +47,7 @@ _STALE_BEATS = 10  # ... and before a connected link reconnects
 
 class FleetLink:
     def __init__(
-        self, db: Database, key: ec.EllipticCurvePrivateKey, *, mqtt_url: str,
+        self, db: Database, keys: KeyRing, *, mqtt_url: str,
         username: str | None, password: str | None, validity: timedelta,
         heartbeat: float = 10.0, broker_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
@@ -67,7 +66,7 @@ class FleetLink:
                                password=password, subscriptions=SUBSCRIPTIONS, inbox_size=1000)
         self.db = db
         self.ingest = Ingest(db, self.session, max_batch=500)
-        self.publisher = desired.Publisher(db, self.session, key, validity=validity)
+        self.publisher = desired.Publisher(db, self.session, keys, validity=validity)
 
     def start(self) -> None:
         self._started_at = time.monotonic()

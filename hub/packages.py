@@ -148,6 +148,18 @@ def sign(
     return signature.digest
 
 
+def countersign_all(
+    db: Database, blobs: BlobStore, old: ec.EllipticCurvePublicKey,
+    key: ec.EllipticCurvePrivateKey,
+) -> int:
+    """Sign with KEY every package OLD signed (a key rotation); returns how many."""
+    count = 0
+    for row in db.query("SELECT repo, tag FROM oci_tags WHERE tag LIKE 'sha256-%.sig'"):
+        digest = "sha256:" + row["tag"].removeprefix("sha256-").removesuffix(".sig")
+        count += cosign.countersign(RepoStore(db, blobs, row["repo"]), digest, old, key)
+    return count
+
+
 def _platforms(blobs: BlobStore, digest: str) -> list[dict[str, Any]]:
     with blobs.open(digest) as f:
         entries = oci.parse_index(f.read(), what=f"index {digest}")

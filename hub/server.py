@@ -32,9 +32,9 @@ from urllib.parse import urlsplit
 
 import uvicorn
 
-from contract import signing, tls
+from contract import tls
 from contract.files import write_atomic, write_secret
-from hub import desired, devices, pki, tokens
+from hub import desired, devices, packages, pki, tokens
 from hub.api.app import create_app
 from hub.api.metrics import standalone as metrics_app
 from hub.api.state import HubState
@@ -43,6 +43,7 @@ from hub.broker_certs import BrokerCertificates
 from hub.broker_config import BrokerConfig, BrokerTls, hub_username
 from hub.broker_logins import BrokerLogins
 from hub.fleet import FleetLink
+from hub.keys import KeyRing
 from hub.liveness import Liveness
 from hub.oci_registry import Uploads
 from hub.retention import Retention
@@ -109,10 +110,14 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
     db = Database(settings.db_path)
     blobs = FileBlobStore(settings.blob_dir)
 
-    if not settings.signing_key_path.exists():
-        signing.write_private_key(signing.generate_private_key(), settings.signing_key_path)
+    ring = KeyRing(settings.signing_key_path)
+    if ring.created:
         say(f"Created the hub's signing key: {settings.signing_key_path} (mode 0600)")
-    key = signing.load_private_key(settings.signing_key_path)
+    if ring.unfinished:  # stopped in the middle of a rotation: finish it
+        count = ring.finish(lambda old, new: packages.countersign_all(db, blobs, old, new))
+        desired.forget_published(db)  # every device gets its state signed by the new key
+        say(f"Finished the interrupted key rotation to {ring.key_id} ({count} package(s) "
+            "signed again)")
 
     if not settings.admin_token_path.exists():
         _, secret = tokens.create(db, name="admin", role="admin", created_by="hub")
@@ -122,8 +127,7 @@ def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
         settings=settings,
         db=db,
         blobs=blobs,
-        signing_key=key,
-        signing_public_key=signing.public_key_pem(key),
+        keys=ring,
         mqtt_url=settings.mqtt_url or "",
         uploads=Uploads(blobs),
     )
@@ -285,7 +289,7 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         if broker.lost_state:  # a first start, or its saved state is gone: publish everything
             desired.forget_published(state.db)
     fleet = state.fleet = FleetLink(
-        state.db, state.signing_key, mqtt_url=bound.mqtt_url, username=username,
+        state.db, state.keys, mqtt_url=bound.mqtt_url, username=username,
         password=password, validity=timedelta(days=settings.desired_validity_days),
         heartbeat=settings.heartbeat_seconds,
         broker_status=broker.status if broker is not None else None,

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from contract import oci, signing
+from contract import oci
 from hub import deployments, packages, registry, tokens
 from hub.api.app import create_app
 from hub.api.state import HubState
+from hub.keys import KeyRing
 from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
@@ -141,11 +142,10 @@ def hub_db(tmp_path: Path) -> Database:
 def bare_state(tmp_path: Path, db: Database) -> HubState:
     """What the server hands the REST API, on DB and a blob store under TMP_PATH; no
     broker, fleet link or background threads."""
-    key = signing.generate_private_key()
+    settings = HubSettings(data_dir=tmp_path, port=0, mqtt_port=0)
     blobs = FileBlobStore(tmp_path / "blobs")
-    return HubState(settings=HubSettings(data_dir=tmp_path, port=0, mqtt_port=0), db=db,
-                    blobs=blobs, signing_key=key, signing_public_key=signing.public_key_pem(key),
-                    mqtt_url="", uploads=Uploads(blobs))
+    return HubState(settings=settings, db=db, blobs=blobs,
+                    keys=KeyRing(settings.signing_key_path), mqtt_url="", uploads=Uploads(blobs))
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent.mqtt import Message, MqttError
-from contract import cosign, protocol, signing
+from contract import cosign, protocol
 from hub import deployments, desired
 from hub.desired import Publisher
+from hub.keys import KeyRing
 from hub.storage.db import Database
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
@@ -66,6 +67,10 @@ def wait(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
         time.sleep(0.02)
 
 
+def ring(db: Database) -> KeyRing:
+    return KeyRing(db.path.parent / "keys" / "hub-signing.key")
+
+
 @pytest.fixture
 def db(hub_db: Database) -> Database:
     with hub_db.transaction() as conn:
@@ -86,7 +91,7 @@ def db(hub_db: Database) -> Database:
 @pytest.fixture
 def running(db: Database) -> Iterator[tuple[Publisher, Session]]:
     session = Session()
-    publisher = Publisher(db, session, signing.generate_private_key())  # type: ignore[arg-type]
+    publisher = Publisher(db, session, ring(db))  # type: ignore[arg-type]
     publisher.start()
     yield publisher, session
     publisher.stop()
@@ -106,7 +111,7 @@ def test_notified_devices_get_one_signed_retained_state_each(
     assert sorted(session.topics()) == [protocol.desired_topic(d) for d in DEVICES[:2]]
     message = next(m for m in session.published if m.topic == protocol.desired_topic("dev-a"))
     assert (message.qos, message.retain) == (1, True)
-    state = protocol.verify_desired(message.payload, public_key=publisher.key.public_key(),
+    state = protocol.verify_desired(message.payload, public_key=publisher.keys.key.public_key(),
                                     device_id="dev-a", last_generation=0,
                                     now=datetime.now(UTC))
     assert (state.generation, state.deployments[0].version) == (1, 1)
@@ -133,7 +138,7 @@ def test_a_failed_batch_is_tried_again(db: Database,
 def test_changes_made_while_disconnected_are_caught_up_on_reconnect(db: Database) -> None:
     session = Session()
     session.connected = False
-    publisher = Publisher(db, session, signing.generate_private_key())  # type: ignore[arg-type]
+    publisher = Publisher(db, session, ring(db))  # type: ignore[arg-type]
     publisher.start()
     try:
         deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
@@ -173,5 +178,5 @@ def test_a_broker_that_lost_its_retained_states_gets_them_all_again(
 
 def test_validity_shorter_than_ten_minutes_is_refused(db: Database) -> None:
     with pytest.raises(ValueError, match="at least 10 minutes"):
-        Publisher(db, Session(), signing.generate_private_key(),  # type: ignore[arg-type]
+        Publisher(db, Session(), ring(db),  # type: ignore[arg-type]
                   validity=timedelta(minutes=5))

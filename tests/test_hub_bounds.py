@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from contract import signing
 from hub import tokens
 from hub.api.app import create_app
 from hub.api.limits import MAX_JSON_DEPTH
 from hub.api.state import HubState
+from hub.keys import KeyRing
 from hub.oci_registry import Uploads
 from hub.settings import HubSettings
 from hub.storage.blobs import FileBlobStore
@@ -29,13 +29,11 @@ UPLOAD_LIMIT = 1 << 20
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[TestClient]:
     db = Database(tmp_path / "hub.db")
-    key = signing.generate_private_key()
     blobs = FileBlobStore(tmp_path / "blobs")
     settings = HubSettings(data_dir=tmp_path, port=0, mqtt_port=0,
                            max_request_bytes=REQUEST_LIMIT, max_upload_bytes=UPLOAD_LIMIT)
-    state = HubState(settings=settings, db=db, blobs=blobs, signing_key=key,
-                     signing_public_key=signing.public_key_pem(key), mqtt_url="",
-                     uploads=Uploads(blobs))
+    state = HubState(settings=settings, db=db, blobs=blobs,
+                     keys=KeyRing(settings.signing_key_path), mqtt_url="", uploads=Uploads(blobs))
     _, secret = tokens.create(db, name="admin", role="admin", created_by="test")
     with TestClient(create_app(state), headers={"Authorization": f"Bearer {secret}"}) as client:
         yield client

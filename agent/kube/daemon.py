@@ -50,6 +50,7 @@ from agent.mqtt import MqttTimeout
 from agent.state import StateFile
 from agent.telemetry import system_point
 from agent.telemetry_queue import TelemetryQueue
+from agent.trust import TrustStore
 from agent.updates import StepFailed, Updater, now, status_key
 from agent.uplink import Uplink
 from contract.protocol import (
@@ -138,13 +139,14 @@ class KubeAgent(Agent):
         self.agent_version = agent_version
         self.state_file = StateFile(data)
         self.state = self.state_file.load()
+        self.trust = TrustStore(data, identity)
         self.stop_requested = threading.Event()
         self._registry = None
         self.ns = Namespace(api, Target(
             namespace=options.namespace, agent=identity.device_id, registry=options.registry,
             api_key_secret=options.api_key_secret, pull_secret=options.pull_secret))
         self.driver = KubeDriver(
-            self.ns, self.registry, lambda: identity.hub_key, data / "versions",
+            self.ns, self.registry, lambda: self.trust.key, data / "versions",
             WorkloadSettings(options.replicas, Resources(options.cpu, options.memory),
                              options.progress_deadline),
             poll=options.poll)

@@ -54,6 +54,7 @@ from agent.identity import Identity
 from agent.mqtt import Message, MqttError
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
 from agent.sim.options import SimOptions
+from contract import keys
 from contract.protocol import (
     MAX_TELEMETRY_POINTS,
     MAX_TEXT,
@@ -65,6 +66,7 @@ from contract.protocol import (
     Point,
     ProtocolError,
     ProtocolRefusal,
+    Reason,
     Refusal,
     ReportedState,
     TelemetryBatch,
@@ -74,6 +76,7 @@ from contract.protocol import (
     desired_topic,
     parse_reported,
     reported_topic,
+    rotation_chain,
     status_topic,
     telemetry_topic,
     verify_desired,
@@ -160,6 +163,7 @@ class SimDevice:
         self.options = options
         self._slots = connect_slots
         self._on_connection = on_connection  # told of every connect (True) and loss (False)
+        self._trust = keys.Trust(key=identity.hub_public_key)  # in memory, as all its state
         self._public_key = load_public_key(identity.hub_public_key)
         url = options.mqtt_url or identity.mqtt_url
         self._broker = parse_url(url)
@@ -382,14 +386,24 @@ class SimDevice:
         while self._inbox:
             payload = self._inbox.popleft()
             try:
+                self._follow(payload)
                 desired = verify_desired(payload, public_key=self._public_key, device_id=self.id,
                                          last_generation=self.applied_generation,
-                                         now=datetime.now(UTC))
+                                         now=datetime.now(UTC), retired=self._trust.retired)
             except ProtocolRefusal as refusal:
                 if reports_refusal(refusal):
                     self._refuse(refusal)
                 continue
             await self._apply(desired)
+
+    def _follow(self, payload: bytes) -> None:
+        """The hub's key rotations in PAYLOAD, as the agent follows them (agent/trust.py)."""
+        try:
+            trust = keys.follow(self._trust, rotation_chain(payload))
+        except keys.RotationError as exc:
+            raise ProtocolRefusal(Reason.BAD_SIGNATURE, f"hub key: {exc}") from None
+        if trust != self._trust:
+            self._trust, self._public_key = trust, load_public_key(trust.key)
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         log.info("%s refused a desired state: %s", self.name, refusal)

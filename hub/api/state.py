@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Request
 
+from hub.keys import KeyRing
 from hub.metrics import HubMetrics
 from hub.oci_registry import Uploads
 from hub.rollout_engine import RolloutEngine
@@ -32,8 +33,7 @@ class HubState:
     settings: HubSettings
     db: Database
     blobs: BlobStore
-    signing_key: ec.EllipticCurvePrivateKey  # in memory only: never logged, never stored in the db
-    signing_public_key: str
+    keys: KeyRing  # the signing key: in memory and its file, never logged, never in the db
     mqtt_url: str
     uploads: Uploads
     fleet: FleetLink | None = None  # the MQTT link, once the server has started it
@@ -45,6 +45,15 @@ class HubState:
     # Device certificates, when the managed broker speaks TLS (then `broker` is None).
     certificates: BrokerCertificates | None = None
     trust_pem: str | None = None  # what clients pin and verify the hub with (None: --insecure)
+
+
+    @property
+    def signing_key(self) -> ec.EllipticCurvePrivateKey:
+        return self.keys.key
+
+    @property
+    def signing_public_key(self) -> str:
+        return self.keys.public_pem
 
 
 def hub_state(request: Request) -> HubState:
