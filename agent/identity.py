@@ -167,6 +167,12 @@ def enroll(
         tls=pin is not None,
         mqtt_certificate=bool(mqtt.get("certificate")),
     )
+    if isinstance(answer.get("hub_key_trust"), dict):  # a hub that rotated: where to start
+        from agent import trust
+        from contract.keys import Trust
+
+        trust.save(data_dir, Trust.from_json(
+            {**answer["hub_key_trust"], "key": answer["hub_public_key"]}))
     write_json(data_dir / IDENTITY_FILE, asdict(identity), mode=SECRET_MODE)
     return identity
 

@@ -31,14 +31,19 @@ def save(data_dir: Path, trust: keys.Trust) -> None:
     write_json(data_dir / TRUST_FILE, trust.as_json())
 
 
+def load(data_dir: Path, identity: Identity) -> keys.Trust:
+    """The saved trust; without one, the key pinned at enrollment (a hub never rotated)."""
+    path = data_dir / TRUST_FILE
+    return keys.Trust.from_json(read_json(path)) if path.exists() \
+        else keys.Trust(key=identity.hub_public_key)
+
+
 class TrustStore:
     """The trusted hub key of the device whose data is in DATA_DIR."""
 
     def __init__(self, data_dir: Path, identity: Identity) -> None:
         self.data_dir = data_dir
-        path = data_dir / TRUST_FILE
-        self.trust = keys.Trust.from_json(read_json(path)) if path.exists() \
-            else keys.Trust(key=identity.hub_public_key)
+        self.trust = load(data_dir, identity)
         self._loaded: tuple[str, ec.EllipticCurvePublicKey] | None = None
 
     @property

@@ -129,6 +129,7 @@ class Publisher:
         self._changed = threading.Condition()
         self._stop = False
         self._look = False  # catch_up() asked for a look at who is behind
+        self._forget = False  # republish_all() asked for every state again
         self._thread: threading.Thread | None = None
         self.published = 0
         self.failures = 0
@@ -160,6 +161,13 @@ class Publisher:
         return {"published": self.published, "pending": pending, "failures": self.failures,
                 "last_error": self.last_error}
 
+    def republish_all(self) -> None:
+        """Publish every device's state again (the hub's key rotated). Forgotten in this
+        thread, so a batch signed by the old key and recorded after cannot count as new."""
+        with self._changed:
+            self._forget = True
+            self._changed.notify()
+
     def catch_up(self) -> None:
         """Look soon for every device that is behind (the broker lost what it held)."""
         with self._changed:
@@ -175,7 +183,7 @@ class Publisher:
             connection = self.session.connection
             with self._changed:
                 if not self._stop and (connection is None or not (
-                        self._look or self._pending or connection != seen)):
+                        self._look or self._forget or self._pending or connection != seen)):
                     self._changed.wait(timeout=1.0)  # also notices a (re)connect
                 if self._stop:
                     return
@@ -184,6 +192,10 @@ class Publisher:
                 continue  # a look asked for waits for the connection
             with self._changed:
                 look, self._look = self._look, False
+                forget, self._forget = self._forget, False
+            if forget:
+                forget_published(self.db)
+                look = True
             if look or connection != seen or time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_EVERY
                 self._catch_up()

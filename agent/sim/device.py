@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from agent import identity as identities
+from agent import trust
 from agent.decisions import (
     Role,
     Route,
@@ -163,8 +164,9 @@ class SimDevice:
         self.options = options
         self._slots = connect_slots
         self._on_connection = on_connection  # told of every connect (True) and loss (False)
-        self._trust = keys.Trust(key=identity.hub_public_key)  # in memory, as all its state
-        self._public_key = load_public_key(identity.hub_public_key)
+        # As enrolled; rotations followed later are kept in memory, as all its state.
+        self._trust = trust.load(options.data_dir / "devices" / identity.name, identity)
+        self._public_key = load_public_key(self._trust.key)
         url = options.mqtt_url or identity.mqtt_url
         self._broker = parse_url(url)
         self._tls = identities.mqtt_tls(options.data_dir / "devices" / identity.name, identity) \
@@ -399,11 +401,11 @@ class SimDevice:
     def _follow(self, payload: bytes) -> None:
         """The hub's key rotations in PAYLOAD, as the agent follows them (agent/trust.py)."""
         try:
-            trust = keys.follow(self._trust, rotation_chain(payload))
+            followed = keys.follow(self._trust, rotation_chain(payload))
         except keys.RotationError as exc:
             raise ProtocolRefusal(Reason.BAD_SIGNATURE, f"hub key: {exc}") from None
-        if trust != self._trust:
-            self._trust, self._public_key = trust, load_public_key(trust.key)
+        if followed != self._trust:
+            self._trust, self._public_key = followed, load_public_key(followed.key)
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         log.info("%s refused a desired state: %s", self.name, refusal)

@@ -11,6 +11,7 @@ from hub.api import (
     devices,
     errors,
     fleet,
+    keys,
     metrics,
     models,
     openapi,
@@ -33,7 +34,8 @@ def create_app(state: HubState) -> FastAPI:
     )
     app.state.hub = state
     errors.install(app)
-    for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics):
+    for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics,
+                   keys):
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui

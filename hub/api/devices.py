@@ -150,6 +150,8 @@ async def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
         "device": device,
         "device_token": device_token,
         "hub_public_key": state.signing_public_key,
+        # Where a device enrolling after key rotations starts: contract/keys.py.
+        "hub_key_trust": state.keys.trust().as_json(),
         # The managed broker has them already (hub/broker_logins.py); an external one's
         # operator adds them.
         "mqtt": {"url": state.mqtt_url, "username": device["id"], "password": device_token},
