@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("hub.cli.deploy", "deploy"),
     "undeploy": ("hub.cli.deploy", "undeploy"),
     "package": ("hub.cli.packages", "package"),
-    "keys": ("hub.cli.packages", "keys"),
+    "keys": ("hub.cli.keys", "keys"),
     "serve": ("agent.serving.cli", "serve"),
     "agent": ("agent.cli", "agent"),
     "rollout": ("hub.cli.rollouts", "rollout"),

@@ -340,27 +340,3 @@ def show(ref: str, variant: str, hub: str | None, token: str | None, as_json: bo
     for image in images:
         say((image["platform"], "bold"), f" {image['digest']}")
         emit(image["layers"], ["role", "size", "media_type", "digest"], as_json=False)
-
-
-@click.group()
-def keys() -> None:
-    """Signing keys for packages."""
-
-
-@keys.command()
-@click.option("--dir", "directory", default=".", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Where to write the pair.")
-def generate(directory: Path) -> None:
-    """Make an ECDSA P-256 key pair: cosign.key (mode 0600) and cosign.pub.
-
-    \b
-    Example: edgefleet keys generate --dir ./keys
-    """
-    from contract.signing import generate_keypair
-
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        private, public = generate_keypair(directory)
-    except FileExistsError as exc:
-        raise click.ClickException(str(exc)) from None
-    say(f"Wrote {private} (mode 0600, keep it secret) and {public}")
