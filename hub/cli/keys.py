@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 
 @click.group()
@@ -107,7 +110,8 @@ def rotate(root_key: Path | None, hub: str | None, token: str | None, as_json: b
     api = client(hub, token)
     body: dict[str, Any] = {}
     if root_key is not None:
-        body["statement"] = _root_statement(api.post("/api/v1/keys/next"), root_key)
+        root = _load_root(root_key)  # before the hub makes a next key for nothing
+        body["statement"] = _root_statement(api.post("/api/v1/keys/next"), root)
     if not as_json:
         say("Rotating: packages are signed by the new key, then every device's state...")
     answer = api.post("/api/v1/keys/rotate", json=body)
@@ -119,15 +123,19 @@ def rotate(root_key: Path | None, hub: str | None, token: str | None, as_json: b
         "next desired state: `edgefleet keys list` counts them.")
 
 
-def _root_statement(pending: dict[str, Any], root_key: Path) -> dict[str, Any]:
-    from contract import keys as contract_keys
+def _load_root(path: Path) -> ec.EllipticCurvePrivateKey:
     from contract import signing
 
     try:
-        key = signing.load_private_key(root_key)
+        return signing.load_private_key(path)
     except (ValueError, signing.SignatureError) as exc:
-        raise click.BadParameter(f"{root_key} is not a root key: {exc}",
+        raise click.BadParameter(f"{path} is not a root key: {exc}",
                                  param_hint="--root-key") from None
+
+
+def _root_statement(pending: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    from contract import keys as contract_keys
+
     return contract_keys.sign_rotation(
         sequence=pending["sequence"], previous=pending["previous"], key_pem=pending["key"],
         issued_at=datetime.now(UTC), signer=key)
