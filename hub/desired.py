@@ -38,6 +38,7 @@ from agent.mqtt import Message, MqttError, Session
 from contract import protocol
 from hub import deployments
 from hub.keys import KeyRing
+from hub.retained import RetainedWatch
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.hub.desired")
@@ -118,11 +119,13 @@ class Publisher:
     def __init__(
         self, db: Database, session: Session, keys: KeyRing, *,
         validity: timedelta = DEFAULT_VALIDITY, publish_timeout: float = 30.0,
+        watch: RetainedWatch | None = None,
     ) -> None:
         if validity < timedelta(minutes=10):
             raise ValueError(f"desired states must stay valid for at least 10 minutes, got "
                              f"{validity}")
         self.db, self.session, self.keys = db, session, keys
+        self.watch = watch  # finds states on the broker the hub did not put there
         self.validity = validity
         self.publish_timeout = publish_timeout
         self._pending: set[str] = set()
@@ -200,6 +203,7 @@ class Publisher:
                 next_sweep = time.monotonic() + SWEEP_EVERY
                 self._catch_up()
             seen = connection
+            self._repair_stale()
             self._publish_some()
 
     def _catch_up(self) -> None:
@@ -211,6 +215,31 @@ class Publisher:
         if behind:
             log.info("%d device(s) need their desired state (re)published", len(behind))
             self.notify(behind)
+
+    def _repair_stale(self) -> None:
+        """Publish again the states of devices whose topic holds one the hub did not."""
+        found = self.watch.due() if self.watch is not None else []
+        if not found:
+            return
+        devices = [device for device, _ in found]
+        try:
+            with self.db.transaction() as conn:
+                conn.execute("UPDATE devices SET published_generation = 0"
+                             " WHERE id IN (SELECT value FROM json_each(?))",
+                             (json.dumps(devices),))
+            unassigned = [r["id"] for r in self.db.query(
+                "SELECT id FROM devices WHERE desired_generation = 0"
+                " AND id IN (SELECT value FROM json_each(?))", (json.dumps(devices),))]
+            # Nothing of the hub's to put back: the topic is cleared instead.
+            self.session.publish_many([Message(protocol.desired_topic(d), b"", qos=1,
+                                               retain=True) for d in unassigned],
+                                      timeout=self.publish_timeout)
+            assert self.watch is not None
+            self.watch.repaired(found)
+        except Exception:  # a busy database, a slow broker: the next stale
+            log.exception("repairing %d stale desired state(s) failed", len(devices))
+            return  # message brings them back
+        self.notify(devices)
 
     def _publish_some(self) -> None:
         with self._changed:

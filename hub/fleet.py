@@ -36,6 +36,7 @@ from contract import protocol
 from hub import desired
 from hub.ingest import HEARTBEAT_TOPIC, SUBSCRIPTIONS, Ingest
 from hub.keys import KeyRing
+from hub.retained import RetainedWatch
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.hub.fleet")
@@ -65,8 +66,10 @@ class FleetLink:
         self.session = Session(mqtt_url, client_id=CLIENT_ID, username=username,
                                password=password, subscriptions=SUBSCRIPTIONS, inbox_size=1000)
         self.db = db
-        self.ingest = Ingest(db, self.session, max_batch=500)
-        self.publisher = desired.Publisher(db, self.session, keys, validity=validity)
+        self.watch = RetainedWatch(db, keys)
+        self.ingest = Ingest(db, self.session, max_batch=500, watch=self.watch)
+        self.publisher = desired.Publisher(db, self.session, keys, validity=validity,
+                                           watch=self.watch)
 
     def start(self) -> None:
         self._started_at = time.monotonic()
@@ -137,5 +140,5 @@ class FleetLink:
             else round(time.monotonic() - last, 1),
             "broker": self._broker_status() if self._broker_status else {"managed": False},
             "ingest": self.ingest.stats(),
-            "desired": self.publisher.stats(),
+            "desired": {**self.publisher.stats(), **self.watch.stats()},
         }

@@ -45,6 +45,7 @@ from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
 from hub import telemetry
 from hub.repeats import Repeats
+from hub.retained import DESIRED_FILTER, RetainedWatch
 from hub.storage.db import Database, dumps, format_time
 
 log = logging.getLogger("edgefleet.hub.ingest")
@@ -52,11 +53,12 @@ log = logging.getLogger("edgefleet.hub.ingest")
 # The hub's message to itself through the broker (hub/fleet.py): its arrival
 # here proves that this loop still receives. Only the hub may use the topic.
 HEARTBEAT_TOPIC = f"{protocol.ROOT}/hub/heartbeat"
-# What the hub reads. Command results are not handled yet, so not subscribed.
+# What the hub reads. Command results are not handled yet, so not subscribed. The
+# desired topics are the hub's own, watched for states it did not put there.
 SUBSCRIPTIONS = (*(
     f for f in protocol.HUB_SUBSCRIPTIONS
     if f.rsplit("/", 1)[-1] in ("reported", "telemetry", "status")
-), HEARTBEAT_TOPIC)
+), HEARTBEAT_TOPIC, DESIRED_FILTER)
 # Points older than this (an agent queues at most ~6 days offline) or further ahead
 # than this (clock skew) are dropped: a point of 9999-12-31 would stay "newest" for ever.
 OLDEST_POINT = timedelta(days=30)
@@ -260,8 +262,10 @@ def _write_reported(
 class Ingest:
     """The loop: take what has arrived, write it, go round again; see the module docstring."""
 
-    def __init__(self, db: Database, session: Session, *, max_batch: int = 500) -> None:
+    def __init__(self, db: Database, session: Session, *, max_batch: int = 500,
+                 watch: RetainedWatch | None = None) -> None:
         self.db, self.session, self.max_batch = db, session, max_batch
+        self.watch = watch  # judges what is on the desired topics (hub/retained.py)
         self._counters = Counters()
         self._counters_lock = threading.Lock()  # the REST API reads them from other threads
         self._repeats = Repeats(log)  # the ingest thread's only
@@ -314,6 +318,12 @@ class Ingest:
             batch = [d for d in batch if d.message.topic != HEARTBEAT_TOPIC]
             if not batch:
                 return
+        desired = [d for d in batch if d.message.topic.endswith("/desired")]
+        if desired:
+            self._watch(desired)
+            batch = [d for d in batch if not d.message.topic.endswith("/desired")]
+            if not batch:
+                return
         try:
             self._count(write_batch(self.db, [d.message for d in batch]))
         except Exception:
@@ -322,6 +332,23 @@ class Ingest:
             self._write_one_by_one(batch)
             return
         for delivery in batch:
+            self.session.ack(delivery)
+
+    def _watch(self, deliveries: list[Delivery]) -> None:
+        addressed = []
+        for delivery in deliveries:
+            try:
+                device, _ = protocol.parse_topic(delivery.message.topic)
+            except protocol.ProtocolError:
+                continue
+            addressed.append((device, delivery.message.payload))
+        if self.watch is not None and addressed:
+            try:
+                self.watch.see(addressed)
+            except Exception:  # the loop must survive a busy or broken database
+                log.exception("judging %d desired state(s) on the broker failed",
+                              len(addressed))
+        for delivery in deliveries:
             self.session.ack(delivery)
 
     def _write_one_by_one(self, batch: list[Delivery]) -> None:
