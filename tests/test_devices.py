@@ -83,9 +83,10 @@ def test_an_agent_whose_serving_port_is_taken_says_so_before_enrolling(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        failed = cli.run("agent", "run", "--hub", str(api.base_url), "--token", made["token"],
+        failed = cli.run("agent", "run", "--hub", str(api.base_url), "--token-file", "-",
                          "--data-dir", str(tmp_path / "agent"), "--name", "second-agent",
-                         "--serve-host", "127.0.0.1", "--serve-port", str(port), ok=False)
+                         "--serve-host", "127.0.0.1", "--serve-port", str(port), ok=False,
+                         input=made["token"])
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [
         f"Error: port {port} on 127.0.0.1 is taken (another agent on this machine?); stop "

@@ -93,8 +93,9 @@ def test_an_agent_enrolls_only_with_the_hub_its_token_pins(hub: HubProcess,
     assert pin == tls.fingerprint(hub.ca_path.read_text())
     wrong = tls.pinned_token(secret, "0" * 64)
     done = subprocess.run(
-        [*EDGEFLEET, "agent", "run", "--hub", hub.url, "--token", wrong,
-         "--data-dir", str(tmp_path / "device")], capture_output=True, text=True, timeout=60)
+        [*EDGEFLEET, "agent", "run", "--hub", hub.url, "--token-file", "-",
+         "--data-dir", str(tmp_path / "device")], input=wrong, capture_output=True, text=True,
+        timeout=60)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pins" in lines[0] and "nothing was sent" in lines[0], done.stderr
