@@ -4,8 +4,8 @@ First start: the device makes its own ECDSA key pair, enrolls with the
 hub's one-time token, and stores what the hub answers: its device id, its
 own credential (for the registry and MQTT), the MQTT broker and the hub's
 public signing key, which it pins: every desired state must be signed by
-that key. Everything is written with mode 0600. Later starts read it back
-and need no token.
+that key, or by one it rotated to (agent/trust.py). Everything is written
+with mode 0600. Later starts read it back and need no token.
 
 Over TLS the enrollment token pins the hub's CA (contract/tls.py): the
 device fetches the CA, keeps it only if its SHA-256 is the pinned one
@@ -20,7 +20,6 @@ import ipaddress
 import platform as host_platform
 import ssl
 from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -29,7 +28,7 @@ from contract import tls
 from contract.files import SECRET_MODE, read_json, write_atomic, write_json, write_secret
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import ec
+    pass
 
 IDENTITY_FILE = "identity.json"
 KEY_FILE = "device.key"
@@ -45,10 +44,6 @@ class HubUnreachable(EnrollmentError):
     """The hub could not be reached: worth trying again later."""
 
 
-class IdentityError(Exception):
-    """The stored identity cannot be used; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class Identity:
     device_id: str
@@ -61,20 +56,6 @@ class Identity:
     hub_public_key: str
     tls: bool = False  # the hub's CA is pinned (CA_FILE); False: a hub run with --insecure
     mqtt_certificate: bool = False  # the broker knows this device by CERT_FILE, not a password
-
-    @cached_property
-    def hub_key(self) -> ec.EllipticCurvePublicKey:
-        """The pinned key, loaded at the first verification: cryptography costs an
-        idle agent 8 MB until it has something to verify."""
-        from contract import signing
-
-        try:
-            return signing.load_public_key(self.hub_public_key)
-        except signing.SignatureError as exc:
-            raise IdentityError(
-                f"the hub key pinned in {IDENTITY_FILE} is unreadable ({exc}); nothing signed"
-                " can be trusted: enroll this device again"
-            ) from None
 
 
 def load(data_dir: Path) -> Identity | None:

@@ -48,7 +48,8 @@ class TrustStore:
 
     @property
     def key(self) -> ec.EllipticCurvePublicKey:
-        """The trusted key, loaded at the first verification (see Identity.hub_key)."""
+        """The trusted key, loaded at the first verification: cryptography costs an idle
+        agent 8 MB until it has something to verify."""
         if self._loaded is None or self._loaded[0] != self.trust.key:
             from contract import signing
 
