@@ -26,6 +26,7 @@ back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -88,7 +89,8 @@ def _deployment(row: dict[str, Any]) -> protocol.Deployment:
 def forget_published(db: Database) -> None:
     """Count every device as unpublished: its broker holds no retained state."""
     with db.transaction() as conn:
-        conn.execute("UPDATE devices SET published_generation = 0, published_expires_at = NULL")
+        conn.execute("UPDATE devices SET published_generation = 0, published_expires_at = NULL,"
+                     " published_digest = NULL")
 
 
 def due(
@@ -105,11 +107,13 @@ def due(
          *(() if among is None else (json.dumps(list(among)),))))]
 
 
-def _record_published(db: Database, published: list[tuple[str, int, str]]) -> None:
+def _record_published(db: Database, published: list[tuple[str, int, str, str]]) -> None:
     with db.transaction() as conn:
         conn.executemany(
-            "UPDATE devices SET published_generation = ?, published_expires_at = ? WHERE id = ?",
-            [(generation, expires, device) for device, generation, expires in published],
+            "UPDATE devices SET published_generation = ?, published_expires_at = ?,"
+            " published_digest = ? WHERE id = ?",
+            [(generation, expires, digest, device)
+             for device, generation, expires, digest in published],
         )
 
 
@@ -224,8 +228,8 @@ class Publisher:
         devices = [device for device, _ in found]
         try:
             with self.db.transaction() as conn:
-                conn.execute("UPDATE devices SET published_generation = 0"
-                             " WHERE id IN (SELECT value FROM json_each(?))",
+                conn.execute("UPDATE devices SET published_generation = 0, published_digest"
+                             " = NULL WHERE id IN (SELECT value FROM json_each(?))",
                              (json.dumps(devices),))
             unassigned = [r["id"] for r in self.db.query(
                 "SELECT id FROM devices WHERE desired_generation = 0"
@@ -282,7 +286,8 @@ class Publisher:
                 continue
             messages.append(Message(protocol.desired_topic(device_id), payload, qos=1,
                                     retain=True))
-            published.append((device_id, generation, expires))
+            published.append((device_id, generation, expires,
+                              hashlib.sha256(payload).hexdigest()))
         self.session.publish_many(messages, timeout=self.publish_timeout)
         _record_published(self.db, published)
         self.published += len(published)

@@ -61,6 +61,15 @@ class KeyRing:
     # -- what others read ------------------------------------------------------------------
 
     @property
+    def key(self) -> ec.EllipticCurvePrivateKey:
+        return self._key
+
+    @key.setter
+    def key(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+        self.public = key.public_key()  # derived once: each derivation costs a multiplication
+
+    @property
     def public_pem(self) -> str:
         return signing.public_key_pem(self.key)
 

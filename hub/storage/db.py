@@ -223,6 +223,9 @@ LATER_INDEXES = (
 # Columns added after the first schema, the same way: (table, column, SQL type).
 LATER_COLUMNS = (
     ("api_tokens", "expires_at", "TEXT"),  # NULL: the token does not expire
+    # sha256 of the desired state the hub last had the broker retain: the retained-state
+    # watch (hub/retained.py) knows its own without checking a signature.
+    ("devices", "published_digest", "TEXT"),
 )
 
 
