@@ -2,7 +2,7 @@
 
 1. **A desired state with the rotation chain.** The payload's size and the agent's
    work on it (`contract.keys.follow` from the key it trusts, then
-   `protocol.verify_desired`) with a chain of 0, 1, 8 and 64 statements (the most a
+   `protocol.verify_desired`) with a chain of 0, 1, 8 and 16 statements (the most a
    state carries), against the same state with no chain (ratio 1.0: no cost). "fresh"
    is a device that walks the whole chain; "current" one that already trusts the
    newest key and skips every statement.
@@ -58,15 +58,15 @@ def check(payload: bytes, public: ec.EllipticCurvePublicKey, start: keys.Trust) 
 
 
 def chain_costs(repeat: int) -> None:
-    made = [signing.generate_private_key() for _ in range(65)]
+    made = [signing.generate_private_key() for _ in range(17)]
     chain = [keys.sign_rotation(sequence=i + 1, previous=signing.key_id(made[i]),
                                 key_pem=signing.public_key_pem(made[i + 1]), issued_at=NOW,
-                                signer=made[i]) for i in range(64)]
+                                signer=made[i]) for i in range(16)]
     state = protocol.DesiredState("dev-1", 2, NOW, NOW + timedelta(days=30), ())
     print("| chain | bytes | x no chain | fresh device, ms | x | current device, ms | x |")
     print("|---|---|---|---|---|---|---|")
     base_size = base_time = 0.0
-    for length in (0, 1, 8, 64):
+    for length in (0, 1, 8, 16):
         newest = made[length]
         payload = protocol.sign_desired(state, newest, chain[:length])
         public = signing.load_public_key(signing.public_key_pem(newest))

@@ -168,3 +168,21 @@ def test_a_prepared_key_waits_for_its_root_signature_and_the_root_is_checked(
                               issued_at=NOW, signer=root)
     ring.rotate(_resigned([]), good)
     assert ring.key_id == keys.pem_key_id(pending["key"]) and ring.describe()["rotations"] == 1
+
+
+def test_a_state_carries_the_newest_statements_only(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "hub-signing.key")
+    start = ring.trust()
+    for _ in range(keys.MAX_CHAIN + 1):
+        ring.rotate(_resigned([]))
+    payload = ring.sign_desired(protocol.DesiredState("dev-1", 1, NOW, NOW + timedelta(hours=1),
+                                                      ()))
+    chain = protocol.rotation_chain(payload)
+    assert isinstance(chain, list) and len(chain) == keys.MAX_CHAIN
+    assert len(payload) < 16 * 1024
+    with pytest.raises(keys.RotationError, match="does not follow rotation 0"):
+        keys.follow(start, chain)  # too far behind: enroll again
+    assert keys.follow(keys.Trust.from_json({**start.as_json(), "key": ring.chain[0]["key"],
+                                             "sequence": 1}), chain).key == ring.public_pem
+    with pytest.raises(keys.RotationError, match="the limit is"):
+        keys.follow(start, ring.chain)
