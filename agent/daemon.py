@@ -337,6 +337,9 @@ class Agent:
         except RotationError as exc:
             self._refuse(ProtocolRefusal(Reason.BAD_SIGNATURE, f"hub key: {exc}"))
             return
+        except OSError as exc:  # the new trust not saved: the retained state comes again
+            log.error("could not save the hub's key rotation: %s", exc)
+            return
         except ProtocolRefusal as refusal:
             if reports_refusal(refusal):
                 self._refuse(refusal)
