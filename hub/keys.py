@@ -53,7 +53,8 @@ class KeyRing:
         self.created = not key_path.exists()
         if self.created:
             signing.write_private_key(signing.generate_private_key(), key_path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the key and the chain, read and changed together
+        self._rotating = threading.Lock()  # one rotation at a time, start to finish
         self.key = signing.load_private_key(key_path)
         self.chain: list[dict[str, Any]] = (json.loads(self.chain_path.read_text())
                                             if self.chain_path.exists() else [])
@@ -81,24 +82,31 @@ class KeyRing:
     def root(self) -> str | None:
         return self.root_path.read_text() if self.root_path.exists() else None
 
+    def _done(self) -> list[dict[str, Any]]:
+        """The statements up to the key in use: during a rotation (packages being signed)
+        the newest one names a key nothing is signed with yet."""
+        return self.chain[:-1] if self.unfinished else self.chain
+
     def trust(self) -> keys.Trust:
         """What a device enrolling now starts from."""
-        return keys.Trust(key=self.public_pem, sequence=len(self.chain),
-                          retired=tuple(s["previous"] for s in self.chain)[-keys.MAX_RETIRED:],
+        done = self._done()
+        return keys.Trust(key=self.public_pem, sequence=len(done),
+                          retired=tuple(s["previous"] for s in done)[-keys.MAX_RETIRED:],
                           root=self.root)
 
     def sign_desired(self, state: protocol.DesiredState) -> bytes:
         with self._lock:
-            return protocol.sign_desired(state, self.key, keys.chain_tail(self.chain))
+            return protocol.sign_desired(state, self.key, keys.chain_tail(self._done()))
 
     def describe(self) -> dict[str, Any]:
         """The current key, the retired ones and whether a root key is set, for `keys list`."""
+        done = self._done()
         keys_ = [{"key_id": s["previous"], "rotation": s["sequence"] - 1, "state": "retired",
-                  "retired_at": s["issued_at"]} for s in self.chain]
-        keys_.append({"key_id": self.key_id, "rotation": len(self.chain), "state": "current",
+                  "retired_at": s["issued_at"]} for s in done]
+        keys_.append({"key_id": self.key_id, "rotation": len(done), "state": "current",
                       "retired_at": None})
         root = self.root
-        return {"current": self.key_id, "rotations": len(self.chain), "keys": keys_,
+        return {"current": self.key_id, "rotations": len(done), "keys": keys_,
                 "root_key_id": keys.pem_key_id(root) if root else None,
                 "public_key": self.public_pem,
                 "pending": self._pending_id()}
@@ -137,6 +145,10 @@ class KeyRing:
     def rotate(self, resign: Resign, statement: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rotate to the prepared next key: STATEMENT is its rotation statement signed with
         the root key, or None to sign it with the current key. Returns the statement."""
+        with self._rotating:
+            return self._rotate(resign, statement)
+
+    def _rotate(self, resign: Resign, statement: dict[str, Any] | None) -> dict[str, Any]:
         wanted = self.prepare()
         with self._lock:
             if statement is None:
@@ -166,15 +178,18 @@ class KeyRing:
 
     def finish(self, resign: Resign) -> int:
         """Complete the rotation the chain names: packages signed, the key file replaced.
-        Returns how many packages were signed again (0 when nothing was unfinished)."""
+        Returns how many packages were signed again (0 when nothing was unfinished).
+        States go on being signed by the old key (without the new statement) meanwhile."""
         with self._lock:
             if not self.unfinished:
                 return 0
             nxt = signing.load_private_key(self.next_path)
             if signing.public_key_pem(nxt) != self.chain[-1]["key"]:
                 raise KeyRingError(f"{self.next_path} is not the key {self.chain_path} rotated "
-                                "to; restore it from a backup")
-            count = resign(self.key.public_key(), nxt)
+                                   "to; restore it from a backup")
+            old = self.public
+        count = resign(old, nxt)
+        with self._lock:
             os.replace(self.next_path, self.key_path)
             directory = os.open(self.directory, os.O_RDONLY)
             try:
@@ -182,4 +197,4 @@ class KeyRing:
             finally:
                 os.close(directory)
             self.key = nxt
-            return count
+        return count

@@ -186,3 +186,25 @@ def test_a_state_carries_the_newest_statements_only(tmp_path: Path) -> None:
                                              "sequence": 1}), chain).key == ring.public_pem
     with pytest.raises(keys.RotationError, match="the limit is"):
         keys.follow(start, ring.chain)
+
+
+def test_while_packages_are_signed_again_states_and_enrollments_stay_on_the_old_key(
+    tmp_path: Path,
+) -> None:
+    ring = KeyRing(tmp_path / "hub-signing.key")
+    old = ring.key_id
+    seen: list[tuple[str, int, int]] = []
+
+    def resign(_: ec.EllipticCurvePublicKey, __: ec.EllipticCurvePrivateKey) -> int:
+        payload = ring.sign_desired(protocol.DesiredState(
+            "dev-1", 1, NOW, NOW + timedelta(hours=1), ()))
+        chain = protocol.rotation_chain(payload)
+        assert isinstance(chain, list)
+        seen.append((json.loads(payload)["signature"]["keyid"], len(chain),
+                     ring.trust().sequence))
+        return 0
+
+    ring.rotate(resign)
+    # a device enrolling or reading a state then would verify it with the key it is told
+    assert seen == [(old, 0, 0)]
+    assert ring.trust().sequence == 1 and ring.key_id != old
