@@ -16,6 +16,8 @@ is harmless (telemetry is keyed by (device, seq), the rest is state).
   `deployment_status`, replaced; only the newest report per device in a
   batch is written
 - telemetry: `hub.telemetry.ingest`, once per (device, seq)
+- desired (the hub's own topics): handed to hub/retained.py, which looks for
+  states the hub did not put there; nothing is written
 
 `last_seen` is the hub's clock when a live message arrived; retained status
 messages, which the broker replays on every subscribe, are old news and do
