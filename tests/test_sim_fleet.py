@@ -355,3 +355,30 @@ def test_the_fleet_comes_back_after_the_broker_restarts(
                 await until(lambda: _now(len(watcher.seen) == 10), "retained births")
             assert {m[-1].payload for m in watcher.seen.values()} == {protocol.ONLINE}
     run(body)
+
+
+def test_a_simulated_fleet_follows_a_key_rotation(site: Site, tmp_path: Path) -> None:
+    """Last in the module: the site's hub has another key afterwards."""
+    async def body() -> None:
+        async with site.api() as api, Fleet(site.hub.url, site.token, 20,
+                                            options(tmp_path)) as fleet:
+            await fleet.wait(lambda f: f.connected == 20, timeout=15, what="connected")
+            for device in fleet.devices:
+                await api.post(f"/api/v1/devices/{device.id}/deployments",
+                               json={"model": "tiny", "version": 1})
+            await fleet.wait(lambda f: all(d.versions() == {"tiny": 1} for d in f.devices),
+                             timeout=15, what="tiny:1 everywhere")
+            rotated = (await api.post("/api/v1/keys/rotate", json={})).json()
+
+            async def trusting() -> bool:
+                found = await hub_devices(api, fleet)
+                return len(found) == 20 and all(
+                    d["inventory"].get("hub_key") == rotated["current"] for d in found.values())
+            await until(trusting, "every simulated device reporting the new key", timeout=30)
+            for device in fleet.devices:
+                await api.post(f"/api/v1/devices/{device.id}/deployments",
+                               json={"model": "tiny", "version": 2})
+            await fleet.wait(lambda f: all(d.versions() == {"tiny": 2} for d in f.devices),
+                             timeout=20, what="tiny:2, signed by the new key, everywhere")
+            assert not any(d.refusals for d in fleet.devices)
+    run(body, timeout=90)

@@ -406,6 +406,7 @@ class SimDevice:
             raise ProtocolRefusal(Reason.BAD_SIGNATURE, f"hub key: {exc}") from None
         if followed != self._trust:
             self._trust, self._public_key = followed, load_public_key(followed.key)
+            self._changed()  # reported: the key it trusts
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         log.info("%s refused a desired state: %s", self.name, refusal)
@@ -496,7 +497,8 @@ class SimDevice:
                 device_id=self.id, applied_generation=self.applied_generation,
                 deployments=tuple(self.statuses.values()), platform=self.options.platform,
                 accelerators=self.options.accelerators, agent_version=self.options.agent_version,
-                refusals=tuple(self.refusals)))
+                refusals=tuple(self.refusals),
+                inventory={keys.HUB_KEY_FACT: self._trust.key_id}))
         return self._reported
 
     def _measure(self) -> None:
