@@ -6,12 +6,18 @@
    state carries), against the same state with no chain (ratio 1.0: no cost). "fresh"
    is a device that walks the whole chain; "current" one that already trusts the
    newest key and skips every statement.
-2. **The hub's retained-state watch** (`hub.retained.RetainedWatch.see`): messages a
+2. **A simulated fleet follows a rotation** (`--fleet N`, default 300): a real hub with
+   its managed Mosquitto (TLS, device certificates) and N simulated devices
+   (agent/sim) that follow the chain with the agent's code. The time from
+   `POST /keys/rotate` to every device trusting the new key, against the time from a
+   rollout to 100 % to every device applying it, in the same run: a rotation costs
+   what publishing every device's state costs, plus signing the packages again.
+3. **The hub's retained-state watch** (`hub.retained.RetainedWatch.see`): messages a
    second over DEVICES devices' retained states, as the hub judges them on every
    (re)connect, against the ingest's own writing of the same number of reported
    states (`hub.ingest.write_batch`) in the same run: the watch's share of a reconnect.
 
-Run: `.venv/bin/python bench/keys.py` (~1 min on 2 cores); `--quick` for a smoke run.
+Run: `.venv/bin/python bench/keys.py` (~2 min on 2 cores); `--quick` for a smoke run.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+# Ahead of this directory (harness comes from it), whose agent.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
@@ -121,13 +128,64 @@ def watch_cost(devices: int, work: Path) -> None:
         print(f"| {name} | {devices / seconds:,.0f} | {seconds / t_ingest:.2f} |")
 
 
+def fleet_rotation(count: int, work: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from agent.sim import Fleet, SimOptions
+    from harness import enrollment_token, publish_version, start_hub
+    from packager.samples import make_onnx
+
+    hub = start_hub(work / "hub")
+    try:
+        publish_version(hub, "tiny", make_onnx(work / "model.onnx"),
+                        extra=("--platform", "linux/arm64"))
+        token = enrollment_token(hub, tags={"site": "bench"})
+        api = httpx.Client(base_url=hub.url, verify=hub.verify, timeout=60,
+                           headers={"Authorization": f"Bearer {hub.admin_token}"})
+
+        async def run() -> tuple[float, float]:
+            options = SimOptions(data_dir=work / "sim", telemetry_interval=30.0,
+                                 step_latency=0.01, connect_jitter=2.0)
+            async with Fleet(hub.url, token, count, options) as fleet:
+                await fleet.wait(lambda f: f.connected == count, timeout=600, what="connected")
+                start = time.perf_counter()
+                await asyncio.to_thread(lambda: api.post("/api/v1/rollouts", json={
+                    "model": "tiny", "version": 1, "target": {"site": "bench"},
+                    "waves": "100%"}).raise_for_status())
+                await fleet.wait(lambda f: all(d.applied_generation == 1 for d in f.devices),
+                                 timeout=600, what="the rollout applied")
+                deployed = time.perf_counter() - start
+                start = time.perf_counter()
+                rotated = await asyncio.to_thread(
+                    lambda: api.post("/api/v1/keys/rotate", json={}).raise_for_status().json())
+                await fleet.wait(lambda f: all(d.hub_key == rotated["current"]
+                                               for d in f.devices),
+                                 timeout=600, what="every device trusting the new key")
+                assert not any(d.refusals for d in fleet.devices)
+                return deployed, time.perf_counter() - start
+
+        deployed, rotated = asyncio.run(run())
+    finally:
+        hub.stop()
+    print(f"\n{count} simulated devices (TLS, managed Mosquitto)\n\n| | seconds | x rollout |"
+          f"\n|---|---|---|\n| rollout to 100 %, all applied | {deployed:.1f} | 1.00 |\n"
+          f"| key rotation, all trusting the new key | {rotated:.1f} | "
+          f"{rotated / deployed:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--devices", type=int, default=10_000,
+                        help="retained states for the watch's part")
+    parser.add_argument("--fleet", type=int, default=300, help="simulated devices")
     args = parser.parse_args()
     repeat = 20 if args.quick else 200
     chain_costs(repeat)
+    with tempfile.TemporaryDirectory() as work:
+        fleet_rotation(30 if args.quick else args.fleet, Path(work))
     with tempfile.TemporaryDirectory() as work:
         watch_cost(1000 if args.quick else args.devices, Path(work))
 

@@ -213,6 +213,11 @@ class SimDevice:
     def updating(self) -> bool:
         return self._updater is not None and not self._updater.done()
 
+    @property
+    def hub_key(self) -> str:
+        """The id of the hub key this device trusts now."""
+        return self._trust.key_id
+
     def versions(self) -> dict[str, int]:
         """Deployment name -> the version serving as its primary."""
         return {name: slot.route.primary.version for name, slot in self.serving.items()}
