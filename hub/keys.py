@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from contract import keys, protocol, signing
-from contract.files import write_json
+from contract.files import write_atomic, write_json
 
 # Called with the retired key's public half and the new key: signs every package the
 # retired key signed with the new one too; returns how many it signed.
@@ -128,9 +128,9 @@ class KeyRing:
         signing.load_public_key(public_pem)  # a PEM public key, or SignatureError
         with self._lock:
             if self.root_path.exists():
-                raise KeyRingError(f"the hub has a root key already ({self.root_path}); a device "
-                                "pins the one it enrolled with, so it cannot change")
-            self.root_path.write_text(public_pem)
+                raise KeyRingError(f"the hub has a root key already ({self.root_path}); a "
+                                   "device pins the one it enrolled with, so it cannot change")
+            write_atomic(self.root_path, public_pem.encode())
 
     def prepare(self) -> dict[str, Any]:
         """The next key (made once, kept until the rotation is done): what a root signature
@@ -167,8 +167,8 @@ class KeyRing:
     def _check_root_statement(self, statement: dict[str, Any], wanted: dict[str, Any]) -> None:
         root = self.root
         if root is None:
-            raise KeyRingError("the hub has no root key: make one with `edgefleet keys generate "
-                            "--root FILE` first")
+            raise KeyRingError("the hub has no root key: make one with `edgefleet keys "
+                               "generate --root FILE` first")
         if not isinstance(statement, dict) or statement.get("key") != wanted["key"] \
                 or statement.get("sequence") != wanted["sequence"]:
             raise KeyRingError("the statement is not for the pending rotation: sign again")
