@@ -239,7 +239,9 @@ def test_split_and_shadow_between_containers(
            "--traffic", "100")
     wait_for(lambda: device.state()["serving"]["tiny"]["shadow"], timeout=240,
              what="the candidate in shadow mode")
-    assert {infer(device, "tiny", ROWS)["model_version"] for _ in range(20)} == {v1}
+    # The state is saved before the front is told: wait for the front, not the file.
+    wait_for(lambda: {infer(device, "tiny", ROWS)["model_version"] for _ in range(20)} == {v1},
+             timeout=30, what="every request answered by the primary")
     deploy(fleet_hub, device.device_id, f"tiny:{v1}")  # back to one version, one container
     wait_for(lambda: device.state()["serving"]["tiny"]["candidate"] is None, timeout=240,
              what="the candidate removed")
