@@ -312,6 +312,8 @@ class KubeAgent(Agent):
     def _scrape(self, serving: dict[str, Any]) -> dict[str, tuple[list[dict], dict]]:
         """Per deployment: the pods' inference points and how reading them went."""
         self.scraper.forget(serving)
+        if not serving:
+            return {}
         try:
             key: str | None = self.ns.api_key()
         except KubeError as exc:
