@@ -185,7 +185,8 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
 
     points = wait_for(lambda: [p for p in api(hub, f"/devices/{cluster_agent.device_id}"
                                                    "/telemetry?kind=inference")
-                               if p["values"].get("version") == second], timeout=30,
+                               if p["values"].get("version") == second
+                               and "ready_replicas" in p["values"]], timeout=30,
                       what="replica telemetry")
     values = points[-1]["values"]
     assert values["deployment"] == "tiny"
