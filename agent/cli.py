@@ -158,6 +158,8 @@ def agent() -> None:
               default=o.MODE.default, show_default=True, envvar="EDGEFLEET_AGENT_MODE",
               help=o.MODE.help)
 @click.option("--docker-host", envvar="DOCKER_HOST", help=o.DOCKER_HOST.help)
+@click.option("--engine-certs-dir", default=o.ENGINE_CERTS_DIR.default, show_default=True,
+              metavar="auto|off|DIR", help=o.ENGINE_CERTS_DIR.help)
 @click.option("--container-cpus", type=click.FloatRange(0.01), help=o.CONTAINER_CPUS.help)
 @click.option("--container-memory-mb", type=click.IntRange(6), help=o.CONTAINER_MEMORY_MB.help)
 @click.option("--verbose", is_flag=True, help="Log debug messages.")
@@ -169,8 +171,8 @@ def run(
     name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
     max_concurrency: int, max_queue: int, max_wait_ms: int, max_body_bytes: int,
-    serve_grpc_port: int | None, mode: str, docker_host: str | None, container_cpus: float | None,
-    container_memory_mb: int | None, verbose: bool, **kube: Any,
+    serve_grpc_port: int | None, mode: str, docker_host: str | None, engine_certs_dir: str,
+    container_cpus: float | None, container_memory_mb: int | None, verbose: bool, **kube: Any,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
 
@@ -184,6 +186,7 @@ def run(
     Example: edgefleet agent run --mode container --docker-host unix:///run/podman/podman.sock
     """
     from agent import identity as identities
+    from agent.container.trust import check_setting as check_certs_dir
     from agent.daemon import AgentOptions
 
     token = _token(ctx, token, token_file)
@@ -198,6 +201,10 @@ def run(
     if mode == "container" and docker_host and not docker_host.startswith("unix://"):
         raise click.BadParameter("give the engine's unix socket as unix:///PATH",
                                  param_hint="--docker-host")
+    try:
+        check_certs_dir(engine_certs_dir)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--engine-certs-dir") from None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = identities.load(data_dir)
     if identity is None:
@@ -230,6 +237,7 @@ def run(
         serve_grpc_port=serve_grpc_port, max_body_bytes=max_body_bytes, verbose=verbose,
         pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")), mode=mode,
         docker_host=docker_host if mode == "container" else None,
+        engine_certs_dir=engine_certs_dir,
         container_cpus=container_cpus, container_memory_mb=container_memory_mb,
     )
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from agent import identity as identities
 from agent import inventory, renewal
@@ -126,6 +127,7 @@ class AgentOptions:
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
     mode: str = o.MODE.default  # "native" or "container"
     docker_host: str | None = None  # container mode: the engine (else DOCKER_HOST)
+    engine_certs_dir: str = o.ENGINE_CERTS_DIR.default  # container mode: agent/container/trust.py
     container_cpus: float | None = None
     container_memory_mb: int | None = None
 
@@ -189,6 +191,7 @@ class Agent:
         from agent.container.engine import ContainerEngine, Limits
         from agent.container.serving import ContainerServing
         from agent.container.store import ContainerStore
+        from agent.container.trust import RegistryTrust
         from agent.container.watch import ContainerWatch
 
         o, identity = self.options, self.identity
@@ -203,7 +206,11 @@ class Agent:
         store = ContainerStore(o.data_dir, engine, registry=self.registry,
                                hub_url=identity.hub_url, username=identity.device_id,
                                password=identity.device_token, platform=self.platform,
-                               public_key=lambda: self.trust.key)
+                               public_key=lambda: self.trust.key,
+                               trust=RegistryTrust(o.data_dir / identities.CA_FILE,
+                                                   urlsplit(identity.hub_url).netloc,
+                                                   o.engine_certs_dir)
+                               if identity.tls else None)
         return serving, store, ContainerWatch(serving)
 
     def _installed(self, name: str, version: str) -> Installed | None:

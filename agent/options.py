@@ -49,6 +49,11 @@ MODE: Option[str] = Option(
 DOCKER_HOST: Option[str | None] = Option(
     None, "Container mode: the engine's socket, e.g. unix:///run/podman/podman.sock "
     "[default: $DOCKER_HOST, else unix:///var/run/docker.sock].")
+ENGINE_CERTS_DIR: Option[str] = Option(
+    "auto", "Container mode: where the agent installs the hub's pinned CA so the engine's pulls "
+    "trust it, as DIR/HOST:PORT/ca.crt. auto: the engine's own (/etc/containers/certs.d for "
+    "podman, /etc/docker/certs.d for dockerd; needs root); off: the engine is set up to trust "
+    "the hub by other means.")
 CONTAINER_CPUS: Option[float | None] = Option(None, "Container mode: CPUs each container may use.")
 CONTAINER_MEMORY_MB: Option[int | None] = Option(
     None, "Container mode: memory limit of each container in MiB (no swap on top).")

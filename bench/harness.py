@@ -12,7 +12,9 @@ named by `EDGEFLEET_HARNESS_CA` (ca.key, ca.pem) is copied into each new hub's
 data dir before its first start, so one test run trusts one CA for every hub
 (tests/conftest.py makes it and points SSL_CERT_FILE at it for their plain
 httpx calls and CLI processes); `EDGEFLEET_HARNESS_INSECURE=1` makes `tls=False`
-the default (for a test module about plain-text logins).
+the default (for a test module about plain-text logins). `address` starts a
+hub on another address of this machine than loopback (container engines skip
+TLS checks for registries on loopback).
 """
 
 from __future__ import annotations
@@ -62,14 +64,15 @@ class HubProcess:
     process: subprocess.Popen
     log_path: Path
     tls: bool = True
+    address: str = "127.0.0.1"  # what the hub and its broker listen on
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.port}"
 
     @property
     def mqtt_url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.mqtt_port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.address}:{self.mqtt_port}"
 
     @property
     def ca_path(self) -> Path:
@@ -108,9 +111,10 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
 
 def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: float = 30,
               port: int | None = None, mqtt_port: int | None = None,
-              tls: bool | None = None) -> HubProcess:
-    """Start a hub on free ports, or on PORT / MQTT_PORT (a restart where the last one ran);
-    TLS False runs it with --insecure (default: see the module's docstring)."""
+              tls: bool | None = None, address: str = "127.0.0.1") -> HubProcess:
+    """Start a hub on free ports, or on PORT / MQTT_PORT (a restart where the last one ran),
+    listening on ADDRESS; TLS False runs it with --insecure (default: see the module's
+    docstring)."""
     if tls is None:
         tls = os.environ.get("EDGEFLEET_HARNESS_INSECURE") != "1"
     port, mqtt_port = port or free_port(), mqtt_port or free_port()
@@ -124,13 +128,13 @@ def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: floa
     log_path = data_dir.parent / f"{data_dir.name}-hub.log"
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            [*EDGEFLEET, "hub", "serve", "--data-dir", str(data_dir), "--port", str(port),
-             "--mqtt-port", str(mqtt_port), *extra_args],
+            [*EDGEFLEET, "hub", "serve", "--data-dir", str(data_dir), "--host", address,
+             "--port", str(port), "--mqtt-port", str(mqtt_port), *extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    hub = HubProcess(data_dir, port, mqtt_port, process, log_path, tls)
+    hub = HubProcess(data_dir, port, mqtt_port, process, log_path, tls, address)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -29,7 +29,7 @@ from hubproc import EDGEFLEET, HubProcess, start_hub
 _CA_DIRECTORY = pytest.StashKey[Path]()
 # Modules about the managed broker's password logins, which exist only in plain text, and
 # the container engines' pulls (the engines would need the run's CA in their own trust).
-PLAIN_TEXT_MODULES = ("test_fleet_broker", "test_fleet_acl", "test_container_engine")
+PLAIN_TEXT_MODULES = ("test_fleet_broker", "test_fleet_acl")
 
 
 def pytest_configure(config: pytest.Config) -> None:

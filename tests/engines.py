@@ -6,11 +6,19 @@ temp dir) and this module hands tests a docker SDK client per engine. The
 podman and on dockerd. An engine that cannot start fails the test with the
 script's reason: nothing is skipped.
 
+Hubs the engines pull from listen on `engine_address()`, this machine's own
+non-loopback address: dockerd treats every registry on 127.0.0.0/8 as
+insecure (no certificate check) and cannot be told otherwise, and the tests
+must show the engines check the hub's CA. The engines run without the test
+run's SSL_CERT_FILE (.ci/engines), so they trust the hub only through the
+certs.d file the agent installs; `forget_ca` removes those files.
+
 Use: `from tests.engines import engine` in a test module.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +26,8 @@ from pathlib import Path
 
 import docker  # type: ignore[import-untyped]  # docker 7 ships no types
 import pytest
+
+from agent.container.trust import CERTS_DIRS
 
 ENGINES = ("podman", "docker")
 SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "engines"
@@ -45,6 +55,23 @@ class Engine:
             raise AssertionError(
                 f"skopeo could not load {layout}:{ref} into {self.name}: {done.stderr}"
             )
+
+
+def engine_address() -> str:
+    """This machine's first global IPv4 address (the tests' hubs for engines listen on it)."""
+    done = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"],
+                          capture_output=True, text=True, timeout=10, check=False)
+    for line in done.stdout.splitlines():
+        return line.split()[3].partition("/")[0]
+    pytest.fail("this machine has no global IPv4 address for the engines to reach a hub "
+                "whose certificate they check (dockerd does not check registries on "
+                "loopback)", pytrace=False)
+
+
+def forget_ca(registry: str) -> None:
+    """Remove what the agent installed for the engines' pulls from REGISTRY (host:port)."""
+    for root in CERTS_DIRS.values():
+        shutil.rmtree(root / registry, ignore_errors=True)
 
 
 def _script(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,6 +1,9 @@
 """Container mode end to end, on real podman and real dockerd (tests/engines.py).
 
-A real Mosquitto, a real hub and `edgefleet agent run --mode container`:
+A real hub with TLS (as by default) and its managed Mosquitto, on this
+machine's own address so that both engines check the hub's certificate, and
+`edgefleet agent run --mode container`, which installs the CA it pinned at
+enrollment where the engine reads it (agent/container/trust.py):
 deploy a runnable package image (Debian base + wheels, cached in
 ~/.cache/edgefleet), self-test and score through the agent's one address
 with tritonclient, switch versions under load without a failed request,
@@ -29,11 +32,11 @@ import pytest
 import tritonclient.http as triton
 
 from agent.container.engine import MANAGED, OWNER
+from agent.container.trust import RegistryTrust
 from agentproc import AgentProcess, deploy, infer, start_agent, wait_for
-from engines import SCRIPT, Engine, engine  # noqa: F401  (fixture)
+from engines import SCRIPT, Engine, engine, engine_address, forget_ca  # noqa: F401  (fixture)
 from hubproc import EDGEFLEET, HubProcess, start_hub
 from modelgen import expected_linear, make_failing_onnx, make_onnx
-from mosquitto import Mosquitto, start_mosquitto
 
 pytestmark = pytest.mark.slow
 ROWS = [[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]]
@@ -41,18 +44,15 @@ PLATFORM = "linux/amd64"
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield mosquitto
-    mosquitto.stop()
-
-
-@pytest.fixture(scope="module")
-def fleet_hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    hub = start_hub(tmp_path_factory.mktemp("hub") / "data", tls=False,  # engines pull over HTTP
-                    extra_args=("--mqtt-url", broker.url))
+def fleet_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    hub = start_hub(tmp_path_factory.mktemp("hub") / "data", address=engine_address())
     yield hub
+    forget_ca(registry(hub))
     assert hub.stop() == 0, hub.log()
+
+
+def registry(hub: HubProcess) -> str:
+    return f"{hub.address}:{hub.port}"
 
 
 def publish_image(hub: HubProcess, name: str, model: Path) -> int:
@@ -145,6 +145,10 @@ def test_deploy_self_test_and_score_through_the_agent(
     deploy(fleet_hub, device.device_id, f"tiny:{versions['v1']}")
     wait_serving(fleet_hub, device, versions["v1"])
     wait_containers(engine, device, [versions["v1"]])
+    # The engine pulled over TLS, trusting the hub through the CA the agent pinned.
+    installed = RegistryTrust(device.data_dir / "hub-ca.pem", registry(fleet_hub)).path(
+        engine.name)
+    assert installed is not None and installed.read_bytes() == fleet_hub.ca_path.read_bytes()
     row = next(r for r in reported(fleet_hub, device.device_id)["reported"] if r["name"] == "tiny")
     # What the model runs on inside its container, as the container's serving process says.
     assert (row["runtime"], row["device"]) == ("onnxruntime", "CPU")
@@ -235,7 +239,9 @@ def test_split_and_shadow_between_containers(
            "--traffic", "100")
     wait_for(lambda: device.state()["serving"]["tiny"]["shadow"], timeout=240,
              what="the candidate in shadow mode")
-    assert {infer(device, "tiny", ROWS)["model_version"] for _ in range(20)} == {v1}
+    # The state is saved before the front is told: wait for the front, not the file.
+    wait_for(lambda: {infer(device, "tiny", ROWS)["model_version"] for _ in range(20)} == {v1},
+             timeout=30, what="every request answered by the primary")
     deploy(fleet_hub, device.device_id, f"tiny:{v1}")  # back to one version, one container
     wait_for(lambda: device.state()["serving"]["tiny"]["candidate"] is None, timeout=240,
              what="the candidate removed")
@@ -309,6 +315,26 @@ def test_an_image_that_runs_out_of_memory_is_rolled_back_with_its_log(
                                      if r["state"] == "rolled_back"), None),
                        timeout=240, what="the version rolled back")
         assert "out of memory" in row["error"] and "last log lines" in row["error"]
+        wait_containers(engine, agent, [])
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_certs_dir_the_agent_cannot_write_is_named_in_the_error(
+        fleet_hub: HubProcess, versions: dict[str, int], engine: Engine,  # noqa: F811
+        tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    agent = start_agent(fleet_hub, tmp_path / "agent", extra_args=(
+        "--mode", "container", "--docker-host", engine.docker_host,
+        "--engine-certs-dir", str(blocked)))
+    try:
+        deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+        row = wait_for(lambda: next((r for r in reported(fleet_hub, agent.device_id)["reported"]
+                                     if r["state"] == "rolled_back"), None),
+                       timeout=240, what="the version refused")
+        assert f"{blocked}/{registry(fleet_hub)}/ca.crt" in row["error"]
+        assert "\n" not in row["error"]
         wait_containers(engine, agent, [])
     finally:
         assert agent.stop() == 0, agent.log()

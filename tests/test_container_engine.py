@@ -2,7 +2,10 @@
 
 The package is built by `edgefleet package build --image` (Debian base, real
 wheels), pushed to the hub and signed by it; the driver pulls it with a
-device's own credentials after checking the signature.
+device's own credentials after checking the signature. The hub serves TLS on
+this machine's own address (tests/engines.py): the engines trust it only
+through the CA the agent installs (`agent.container.trust`), and refuse it
+with another CA.
 """
 
 from __future__ import annotations
@@ -26,18 +29,33 @@ from agent.container.engine import (
 )
 from agent.container.images import ImageCheckError, VerifiedRef, verify_remote
 from agent.container.serving import ContainerServing
+from agent.container.trust import RegistryTrust
 from agent.container.watch import ContainerWatch
 from agent.mqtt import BackoffPolicy
 from agent.supervisor import ServingOptions, ServingProcess
 from conftest import Cli
 from contract import signing
-from engines import Engine, engine  # noqa: F401  (fixture)
-from hubproc import HubProcess, free_port
+from engines import Engine, engine, engine_address, forget_ca  # noqa: F401  (fixture)
+from hub.pki import Authority
+from hubproc import HubProcess, free_port, start_hub
 from modelgen import make_onnx
 from packager.distribution import Registry
 
 pytestmark = pytest.mark.slow
 PLATFORM = "linux/amd64"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """A TLS hub on an address where both engines check its certificate."""
+    process = start_hub(tmp_path_factory.mktemp("hub") / "data", address=engine_address())
+    yield process
+    forget_ca(registry(process))
+    assert process.stop() == 0, process.log()
+
+
+def registry(hub: HubProcess) -> str:
+    return f"{hub.address}:{hub.port}"
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +102,11 @@ def driver(engine: Engine) -> Iterator[ContainerEngine]:  # noqa: F811
 
 
 def pull(driver: ContainerEngine, hub: HubProcess, device: dict[str, Any],
-         verified: VerifiedRef) -> str:
-    return driver.pull(hub.url.removeprefix("http://"), verified.repository, verified.manifest,
+         verified: VerifiedRef, *, trust: bool = True) -> str:
+    """The agent's pull: the hub's CA installed where the engine reads it, then the image."""
+    if trust:
+        RegistryTrust(hub.ca_path, registry(hub)).install(driver.describe()["engine"])
+    return driver.pull(registry(hub), verified.repository, verified.manifest,
                        verified.config, username=device["device"]["id"],
                        password=device["device_token"])
 
@@ -142,6 +163,29 @@ def test_a_signed_image_is_pulled_run_and_serves(
 
     driver.stop(run.name)
     assert driver.find() == []
+
+
+def test_the_engine_pulls_only_with_the_hubs_ca_installed(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    assert driver.remove_image(verified.config) is not None  # a pull that must reach the hub
+    engine = driver.describe()["engine"]
+    installed = RegistryTrust(hub.ca_path, registry(hub)).path(engine)
+    assert installed is not None
+    forget_ca(registry(hub))
+    with pytest.raises(EngineError) as unknown:  # no CA for the hub: the system's roots only
+        pull(driver, hub, device, verified, trust=False)
+    assert "does not trust the hub's CA" in str(unknown.value) and not unknown.value.transient
+
+    other = Authority(tmp_path / "other-ca")  # a CA of another hub, or an impostor's
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(other.paths.ca_cert.read_bytes())
+    with pytest.raises(EngineError, match="does not trust the hub's CA"):
+        pull(driver, hub, device, verified, trust=False)
+
+    image = pull(driver, hub, device, verified)  # the agent puts the pinned CA back
+    assert image.removeprefix("sha256:") in verified.config
+    assert installed.read_bytes() == hub.ca_path.read_bytes()
 
 
 def test_a_container_that_cannot_serve_reports_exit_code_and_log_lines(

@@ -3,8 +3,9 @@ API server (etcd, controller manager, scheduler; kwok's nodes) and the agent pro
 
 Enroll with the cluster's inventory, deploy and update through the hub, a hub rollout
 over the cluster and a native device, a version whose pods never get ready undone, a
-tampered package never applied, the agent killed mid-update and resumed, telemetry,
-hand edits brought back; the agent runs with the install manifests' least-privilege Role.
+tampered package never applied, the agent killed mid-update and resumed, telemetry
+(replicas, and the pods' /metrics read from a real serving process), hand edits brought
+back; the agent runs with the install manifests' least-privilege Role.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from hubproc import EDGEFLEET, HubProcess, free_port, start_hub, stop_process
 from kube import KubeAgentProcess, KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401
 from kube import start_kube_agent as start
 from modelgen import make_onnx
+from test_serving_autoload import image_root
+from test_serving_process import start_serve
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
@@ -182,7 +185,8 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
 
     points = wait_for(lambda: [p for p in api(hub, f"/devices/{cluster_agent.device_id}"
                                                    "/telemetry?kind=inference")
-                               if p["values"].get("version") == second], timeout=30,
+                               if p["values"].get("version") == second
+                               and "ready_replicas" in p["values"]], timeout=30,
                       what="replica telemetry")
     values = points[-1]["values"]
     assert values["deployment"] == "tiny"
@@ -360,3 +364,51 @@ def test_a_hub_rollout_over_the_cluster_and_a_native_device(
         assert live_image(admin, namespace).endswith(digest_of(hub, second))
     finally:
         assert native.stop() == 0, native.log()
+
+
+def test_the_pods_inference_metrics_reach_the_hub(
+        hub: HubProcess, agent_kubeconfig: Path, cluster_agent: KubeAgentProcess,
+        namespace: str, versions: list[int], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kwok's pods run nothing: the agent reads the pod list from the API server and each
+    pod's /metrics from a real `edgefleet serve` (what the package image's pod runs)."""
+    first = versions[0]
+    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(tmp_path / "opt", make_onnx)))
+    pod = start_serve(tmp_path / "pod", "--load", f"tiny:{first}",
+                      auth=("--api-key", "k" * 32))   # the namespace's scoring key
+    assert cluster_agent.stop() == 0, cluster_agent.log()
+    agent = start_kube_agent(hub, agent_kubeconfig, namespace, cluster_agent.data_dir,
+                             env={"EDGEFLEET_KUBE_METRICS_URL": f"{pod.url}/metrics"})
+    cluster_agent.process = agent.process   # the fixture stops this one
+    try:
+        deploy(hub, agent.device_id, f"tiny:{first}")
+        wait_state(hub, agent, first, "serving")
+        with pod.client("k" * 32) as scoring:
+            for _ in range(5):
+                assert scoring.post("/v2/models/tiny/infer", json={"inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [1, 3],
+                     "data": [1.0, 2.0, 3.0]}]}).status_code == 200
+
+        def inference() -> list[dict]:
+            return [p["values"] for p in api(hub, f"/devices/{agent.device_id}"
+                                                  "/telemetry?kind=inference")
+                    if p["values"].get("version") == first]
+
+        counted = wait_for(lambda: sum(v.get("count", 0) for v in inference()) >= 5 and
+                           [v for v in inference() if "count" in v], timeout=30,
+                           what="the pod's requests in the hub's telemetry")
+        point = counted[-1]
+        # One point per deployment: the replicas and the pods' numbers together.
+        assert point["deployment"] == "tiny" and point["ready_replicas"] == 1
+        assert point["metrics_pods"] == 1 and point["metrics_failed"] == 0
+        assert point["p50_ms"] > 0 and point["errors"] == 0
+        # A pod that stops answering is counted and named, and the agent keeps going.
+        pod.process.terminate()
+        pod.process.wait(30)
+        failed = wait_for(lambda: [v for v in inference() if v.get("metrics_failed") == 1],
+                          timeout=30, what="the unreadable pod reported")
+        assert "metrics_error" in failed[-1] and agent.process.poll() is None
+    finally:
+        if pod.process.poll() is None:
+            pod.process.terminate()
+            pod.process.wait(30)

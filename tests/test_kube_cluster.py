@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -198,6 +199,11 @@ def test_install_manifests_apply_and_the_agent_is_refused_outside_its_namespace(
         ns.deploy(workload)
         assert ns.follow(workload.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
         assert ns.events(["no-such-pod"]) == []
+        # The pods' metrics: the scoring key (that one Secret, read only) and the pod IPs.
+        assert ns.api_key() == "REPLACE_ME_WITH_A_LONG_RANDOM_KEY"
+        [pod] = ns.metrics_addresses(workload.object_name)
+        assert pod.pod.startswith(f"{workload.object_name}-")
+        assert re.fullmatch(r"http://[0-9.]+:8500/metrics", pod.url), pod.url
         assert read_inventory(agent_api)["nodes"]["total"] == 2
         # ... and nothing outside it, nor other secrets inside it.
         outside = Namespace(agent_api, Target(namespace="default", agent="cluster-1",

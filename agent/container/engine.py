@@ -181,13 +181,21 @@ class ContainerEngine:
         """
         reference = f"{registry}/{repository}"
         auth = {"username": username, "password": password}
-        progress = self._call(f"pull {reference}@{manifest}", self.client.api.pull, reference,
-                              tag=manifest, auth_config=auth, stream=True, decode=True)
-        # A failed pull is a line of the progress stream, not an HTTP error.
-        for line in self._call(f"pull {reference}@{manifest}", list, progress):
-            if isinstance(line, dict) and line.get("error"):
-                raise EngineError(f"the engine could not pull {reference}@{manifest}: "
-                                  f"{' '.join(str(line['error']).split())[:500]}")
+        what = f"pull {reference}@{manifest}"
+        try:
+            progress = self._call(what, self.client.api.pull, reference, tag=manifest,
+                                  auth_config=auth, stream=True, decode=True)
+            # A failed pull is a line of the progress stream, not an HTTP error.
+            for line in self._call(what, list, progress):
+                if isinstance(line, dict) and line.get("error"):
+                    said = " ".join(str(line["error"]).split())[:500]
+                    raise EngineError(f"the engine could not pull {reference}@{manifest}: {said}")
+        except EngineError as exc:
+            if "x509" in str(exc) or "certificate" in str(exc):
+                # Another try will not change whom the engine trusts.
+                raise EngineError(f"{exc} (the engine does not trust the hub's CA for "
+                                  f"{registry}: see --engine-certs-dir)") from None
+            raise
         return self.check_image(registry, repository, manifest, config)
 
     def check_image(self, registry: str, repository: str, manifest: str, config: str) -> str:

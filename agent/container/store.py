@@ -5,9 +5,10 @@ so the update state machine drives both:
 
 - `download`: check the package's signature (pinned hub key), this
   platform's manifest, config and serving layer against their digests
-  (`images.verify_remote`), and only then have the engine pull the image by
-  manifest digest with the device's credentials (the engine checks every
-  blob by digest);
+  (`images.verify_remote`), put the pinned hub CA where the engine reads it
+  (`trust`), and only then have the engine pull the image by manifest
+  digest with the device's credentials (the engine checks every blob by
+  digest);
 - `verify`: the same signature check again (it is small; an agent that
   restarts in `verifying` has nothing else to go on) and the engine's image
   id against the signed config digest;
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 
 from agent.container.engine import ContainerEngine, EngineError
 from agent.container.images import ImageCheckError, VerifiedRef, verify_remote
+from agent.container.trust import RegistryTrust, TrustError
 from agent.package_store import StagedVersion, StageError
 from contract.files import read_json, write_json
 from contract.layers import ROOT
@@ -43,10 +45,12 @@ T = TypeVar("T")
 class ContainerStore:
     def __init__(self, data_dir: Path, engine: ContainerEngine, *, registry: Callable[[], Registry],
                  hub_url: str, username: str, password: str, platform: str,
-                 public_key: Callable[[], ec.EllipticCurvePublicKey]) -> None:
+                 public_key: Callable[[], ec.EllipticCurvePublicKey],
+                 trust: RegistryTrust | None = None) -> None:
         self.engine = engine
         self.registry = registry
         self.registry_host = urlsplit(hub_url).netloc  # the engine pulls HOST:PORT/REPOSITORY
+        self.trust = trust  # None: a hub run with --insecure, nothing to trust
         self.credentials = {"username": username, "password": password}
         self.platform = platform
         self.public_key = public_key
@@ -55,6 +59,12 @@ class ContainerStore:
     def download(self, registry: Registry, package: Package) -> str:
         """Check PACKAGE, then pull its image; the engine's image id."""
         ref = self._check(registry, package)
+        if self.trust is not None:
+            engine = _engine_step(self.engine.describe)["engine"]
+            try:
+                self.trust.install(engine)
+            except TrustError as exc:
+                raise StageError(str(exc)) from None
         image = _engine_step(lambda: self.engine.pull(
             self.registry_host, ref.repository, ref.manifest, ref.config, **self.credentials))
         self._record(package.digest, image)

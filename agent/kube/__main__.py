@@ -6,12 +6,17 @@ server may be away when the agent starts: it waits for it with backoff
 (before connecting to the broker: the inventory it reports comes from the
 API server) rather than exit, since a pod that exits only restarts to wait
 again. A kubeconfig that cannot be read is an exit with its one line.
+
+`EDGEFLEET_KUBE_METRICS_URL` (tests only, as EDGEFLEET_AGENT_PAUSE_IN) reads
+every pod's metrics from that URL instead of the pod's IP: the test API
+server's pods (kwok's) run no process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,6 +26,7 @@ from agent.inventory import agent_version
 from agent.kube.apply import KubeError
 from agent.kube.daemon import KubeAgent, KubeOptions, api_client
 from agent.kube.inventory import read_inventory
+from agent.kube.scrape import Addresses, PodAddress
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -58,10 +64,18 @@ def main(argv: list[str]) -> int:
             time.sleep(delay)
             delay = min(delay * 2, 60)
     daemon = KubeAgent(identity, options, api, inventory, agent_version())
+    metrics_url = os.environ.get("EDGEFLEET_KUBE_METRICS_URL")
+    if metrics_url:
+        daemon.scraper.addresses = _at(metrics_url, daemon.ns.metrics_addresses)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop_requested.set())
     daemon.run()
     return 0
+
+
+def _at(url: str, pods: Addresses) -> Addresses:
+    """PODS as the API server lists them, each read at URL."""
+    return lambda name: [PodAddress(p.pod, url) for p in pods(name)]
 
 
 if __name__ == "__main__":

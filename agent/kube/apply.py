@@ -12,6 +12,9 @@ Objects are plain dicts as the API serves them (`_preload_content=False`), so
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +29,9 @@ from agent.kube.manifests import (
     ANNOTATION_DEPLOYMENT,
     ANNOTATION_DIGEST,
     CONTAINER,
+    LABEL_DEPLOYMENT,
     MANAGER,
+    SERVING_PORT,
     Target,
     Workload,
     deployment_manifest,
@@ -37,6 +42,7 @@ from agent.kube.manifests import (
     workloads_of,
 )
 from agent.kube.rollout import RolloutStatus, describe_events, rollout_status
+from agent.kube.scrape import PodAddress
 
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 _T = TypeVar("_T")
@@ -257,6 +263,41 @@ class Namespace:
             if status.done or clock() >= deadline:
                 return status
             sleep(poll)
+
+    # --- metrics -----------------------------------------------------------
+
+    def metrics_addresses(self, name: str) -> list[PodAddress]:
+        """Where the running pods of Deployment NAME (an object name) serve /metrics: the
+        pod IPs, so the agent reaches them from inside the cluster network."""
+        ns = self.target.namespace
+        selector = f"{owner_selector(self.target)},{LABEL_DEPLOYMENT}={name}"
+        pods = call_json(f"list Pods in {ns}", self._core.list_namespaced_pod, ns,
+                         label_selector=selector)["items"]
+        found = []
+        for pod in pods:
+            status = pod.get("status") or {}
+            try:
+                ip = ipaddress.ip_address(status.get("podIP") or "")
+            except ValueError:
+                continue   # not scheduled or not started yet
+            if status.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                host = f"[{ip}]" if ip.version == 6 else str(ip)
+                found.append(PodAddress(pod["metadata"]["name"],
+                                        f"http://{host}:{SERVING_PORT}/metrics"))
+        return found
+
+    def api_key(self) -> str:
+        """The scoring API key in the target's Secret: the pods' /metrics want it."""
+        name, field = self.target.api_key_secret, self.target.api_key_field
+        secret = self._read("Secret", name)
+        value = ((secret or {}).get("data") or {}).get(field)
+        if value is None:
+            raise KubeError(f"Secret {self.target.namespace}/{name} has no {field}", 404)
+        try:
+            return base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise KubeError(f"{field} of Secret {self.target.namespace}/{name} is not "
+                            "base64 of text", 422) from None
 
     def events(self, pod_names: Iterable[str], limit: int = 5) -> list[str]:
         """The last warning events of these pods, one line each: why they fail."""

@@ -20,7 +20,10 @@ a device has its serving process and package store:
 - an A/B split or a shadow candidate is not run: the candidate is reported
   failed with why (docs/architecture.md, Kubernetes mode);
 - telemetry: a system point for the agent and per deployment an inference
-  point with its ready/desired/updated/available replicas and restarts.
+  point with its ready/desired/updated/available replicas and restarts, and
+  the pods' own inference numbers read from their /metrics
+  (agent/kube/scrape.py: count, errors, latency; pods that could not be read
+  counted in `metrics_failed` with the last reason in `metrics_error`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from agent.kube.driver import RUNTIME, KubeDriver, WorkloadSettings
 from agent.kube.inventory import facts
 from agent.kube.manifests import Resources, Target, object_name
 from agent.kube.rollout import RolloutStatus
+from agent.kube.scrape import Scraper
 from agent.mqtt import MqttTimeout
 from agent.state import StateFile
 from agent.telemetry import system_point
@@ -161,6 +165,9 @@ class KubeAgent(Agent):
         self.updater = Updater(self.state, self.state_file, None, self.registry, None,
                                self.report, pause_in=options.pause_in, driver=self.driver)
         self.drift: dict[str, int] = {}   # deployment -> hand edits brought back so far
+        # The pods' /metrics at their pod IPs (tests point it at a local server).
+        self.scraper = Scraper(self.ns.metrics_addresses)
+        self._scrape_errors: dict[str, str] = {}  # deployment -> last reason, logged once
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -199,6 +206,7 @@ class KubeAgent(Agent):
         if self._registry is not None:
             self._registry.close()
         self.queue.close()
+        self.scraper.close()
         self.api.close()
 
     def _set_pull_secret(self) -> None:
@@ -282,15 +290,50 @@ class KubeAgent(Agent):
     def _measure(self) -> list[tuple[str, dict]]:
         points: list[tuple[str, dict]] = [("system", system_point(
             self.data_dir, None, dropped=self.queue.dropped))]
-        for name, serving in list(self.state.serving.items()):
+        serving = dict(self.state.serving)
+        scraped = self._scrape(serving)
+        for name, s in serving.items():
+            version = s.primary.version
+            point: dict[str, Any] = {"deployment": name, "version": version}
             try:
                 status = self.ns.rollout(object_name(name))
-            except KubeError as exc:  # the API server is away: no numbers this round
+            except KubeError as exc:  # the API server is away: no replica numbers this round
                 log.debug("no rollout status for %s: %s", name, exc)
-                continue
-            points.append(("inference", replica_point(name, serving.primary.version, status,
-                                                      self.drift.get(name, 0))))
+            else:
+                point = replica_point(name, version, status, self.drift.get(name, 0))
+            inference, read = scraped[name]
+            point.update(read)
+            for values in inference:   # the serving version's numbers join its replicas'
+                if values["version"] == version:
+                    point.update(values)
+                else:
+                    points.append(("inference", values))
+            points.append(("inference", point))
         return points
+
+    def _scrape(self, serving: dict[str, Any]) -> dict[str, tuple[list[dict], dict]]:
+        """Per deployment: the pods' inference points and how reading them went."""
+        self.scraper.forget(serving)
+        if not serving:
+            return {}
+        try:
+            key: str | None = self.ns.api_key()
+        except KubeError as exc:
+            key, reason = None, f"scoring key not read: {exc}"
+        rounds = self.scraper.scrape({name: object_name(name) for name in serving}, key) \
+            if key is not None else {}
+        done: dict[str, tuple[list[dict], dict]] = {}
+        for name in serving:
+            if name in rounds:
+                inference, read = rounds[name]
+                values, reason = read.values(), read.error
+            else:   # without the key the pods would only answer 401
+                inference, values = [], {"metrics_error": reason[:128]}
+            if reason and reason != self._scrape_errors.get(name):
+                log.warning("deployment %s: pod metrics not read: %s", name, reason)
+            self._scrape_errors[name] = reason
+            done[name] = ([dict(v) for v in inference], values)
+        return done
 
 
 def replica_point(name: str, version: int, status: RolloutStatus,

@@ -19,6 +19,10 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 MODEL = ("model", "version")
+# The names others read back (Kubernetes mode scrapes them from the pods: agent/kube/scrape.py).
+REQUESTS = "edgefleet_serving_requests_total"
+FAILURES = "edgefleet_serving_failures_total"
+REQUEST_DURATION = "edgefleet_serving_request_duration_seconds"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -26,17 +30,17 @@ class Telemetry:
     def __init__(self, table: ModelTable, limiter: Limiter) -> None:
         self.registry = r = Registry()
         self.requests = r.add(Counter(
-            "edgefleet_serving_requests_total",
+            REQUESTS,
             "Inference requests routed to a model version, whatever their outcome.", MODEL,
         ))
         self.failures = r.add(Counter(
-            "edgefleet_serving_failures_total",
+            FAILURES,
             "Inference requests that failed: reason bad_request (400),"
             " model_error or internal (500).",
             (*MODEL, "reason"),
         ))
         self.latency = r.add(Histogram(
-            "edgefleet_serving_request_duration_seconds",
+            REQUEST_DURATION,
             "Arrival to response of successful inferences, queue wait included.",
             LATENCY_BUCKETS, MODEL,
         ))
