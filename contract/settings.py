@@ -44,7 +44,7 @@ _ACCELERATOR = re.compile(
     r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]"
     r"{0,61}[A-Za-z0-9])?")
 _NUMBER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
-_MEMORY = re.compile(r"(?P<n>[0-9]{1,16}(\.[0-9]{1,9})?)(?P<unit>[KMGTP]i?|k)?")
+_MEMORY = re.compile(r"(?P<n>[0-9]{1,20}(\.[0-9]{1,9})?)(?P<unit>[KMGTP]i?|k)?")
 _UNITS: Final = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
                  "P": 10**15, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
@@ -221,7 +221,7 @@ def _object(value: object, what: str, allowed: set[str]) -> Mapping[str, Any]:
 
 def parse_cpus(value: str | int | float) -> int:
     """Cores as "0.5", "2", 1.5 or "500m" -> thousandths of a core, range-checked."""
-    text = str(value).strip() if not isinstance(value, bool) else "?"
+    text = str(value) if not isinstance(value, bool) else "?"
     try:
         if text.endswith("m") and text[:-1].isascii() and text[:-1].isdigit() \
                 and len(text) <= 10:
@@ -240,7 +240,7 @@ def parse_cpus(value: str | int | float) -> int:
 
 def parse_memory(value: str | int) -> int:
     """Bytes as 536870912, "512Mi", "1Gi", "500M" -> bytes, range-checked."""
-    text = str(value).strip() if not isinstance(value, bool) else "?"
+    text = str(value) if not isinstance(value, bool) else "?"
     match = _MEMORY.fullmatch(text)
     if match is None:
         raise SettingsError(f"memory {text[:40]!r}: use bytes or a unit: 512Mi, 2Gi, 500M")
@@ -252,7 +252,7 @@ def parse_memory(value: str | int) -> int:
 
 def parse_accelerator(text: str) -> tuple[str, int]:
     """NAME=COUNT, e.g. nvidia.com/gpu=1."""
-    name, sep, count = text.strip().partition("=")
+    name, sep, count = text.partition("=")
     if not sep or not count.isascii() or not count.isdigit() or len(count) > 4:
         raise SettingsError(f"accelerator {text[:80]!r}: use NAME=COUNT (nvidia.com/gpu=1)")
     pair = (name, int(count))

@@ -22,13 +22,13 @@ from contract.settings import (
 
 
 @pytest.mark.parametrize("text, millis", [("0.5", 500), ("2", 2000), ("500m", 500), (1.25, 1250),
-                                          (4, 4000), ("0.01", 10), (" 1 ", 1000)])
+                                          (4, 4000), ("0.01", 10)])
 def test_cpus_in_cores_or_millicores(text: Any, millis: int) -> None:
     assert parse_cpus(text) == millis
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-1", "0", "0.0001", "1e3", "1,5", "٣", "",
-                                  "0.005", "99999999", "5m", "1.5m", True, 0.1 + 0.2, "0x10"])
+                                  "0.005", "99999999", "5m", "1.5m", True, 0.1 + 0.2, "0x10", " 1"])
 def test_hostile_cpus_are_one_line_errors(text: Any) -> None:
     with pytest.raises(SettingsError) as caught:
         parse_cpus(text)
