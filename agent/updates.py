@@ -56,6 +56,7 @@ from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
 from contract.protocol import Package, UpdateState, format_time
+from contract.settings import Batching
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -145,7 +146,14 @@ def version_body(installed: Installed, *, self_test: bool = False) -> VersionBod
         framework=installed.framework,
         runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
         self_test=(installed.sample_request or None) if self_test else None,
+        batching=installed.batching,
     )
+
+
+def package_batching(serving: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The package's default batching, as its serving.json gives it (None: it gives none)."""
+    given = serving.get("batching")
+    return None if given is None else Batching.from_json(given).to_json()
 
 
 def deployment_body(serving: Serving) -> DeploymentBody:
@@ -274,6 +282,8 @@ class Updater:
                 prefer=list(update.prefer),
                 package_prefer=list(staged.serving.get("prefer") or []),
                 sample_request=staged.sample_request, image=staged.image,
+                settings=dict(update.settings),
+                package_batching=package_batching(staged.serving),
             )
         elif state is S.STARTING:
             self._start(update)

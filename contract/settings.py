@@ -22,7 +22,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
+
+if TYPE_CHECKING:
+    from contract.tensors import Signature
 
 
 class SettingsError(ValueError):
@@ -205,6 +208,20 @@ def effective_batching(deployment: Batching | None, package: Batching | None) ->
     (its serving.json), else nothing; None also when the one that applies is off."""
     chosen = deployment if deployment is not None else package
     return chosen if chosen is not None and chosen.enabled else None
+
+
+def unbatchable(signature: Signature) -> str | None:
+    """Why a model of SIGNATURE cannot batch (no free first dimension somewhere); None if it
+    can. The serving process refuses to load such a version with batching on; the
+    Kubernetes agent refuses it before anything is applied."""
+    for side, specs in (("input", signature.inputs), ("output", signature.outputs)):
+        for spec in specs:
+            if not spec.shape or spec.shape[0] != -1:
+                shape = list(spec.shape) if spec.shape else "unknown"
+                return f"{side} '{spec.name}' has shape {shape}, not a free first (batch) dimension"
+    if not signature.inputs:
+        return "the model has no inputs"
+    return None
 
 
 def _object(value: object, what: str, allowed: set[str]) -> Mapping[str, Any]:

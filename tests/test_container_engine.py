@@ -251,7 +251,7 @@ def test_gpus_are_asked_for_through_the_engines_device_requests(
     the request (no device driver has the `gpu` capability); podman's Docker API takes it
     and drops it, which the driver finds and refuses. Either way a GPU deployment never
     runs on the CPU unnoticed, and the error is one line naming why."""
-    run = spec(pull(driver, hub, device, verified), verified, tmp_path, gpus=True)
+    run = spec(pull(driver, hub, device, verified), verified, tmp_path, gpus=1)
     expected = "capabilities: \\[\\[gpu\\]\\]" if driver.describe()["engine"] == "docker" \
         else "dropped the GPU device request"
     with pytest.raises(EngineError, match=expected):
