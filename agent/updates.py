@@ -380,14 +380,15 @@ class Updater:
     def _unsave_switch(self, update: Update) -> Serving | None:
         """What serves UPDATE's deployment once a switch to it, saved already, is undone."""
         current = self.state.serving.get(update.deployment)
-        if current is not None and (
-            current.primary.version == update.version or
-            (current.candidate and current.candidate.version == update.version)
-        ):
+        # The staged version itself, not just its number: the same version with other
+        # preferences or settings is serving as it was, and is not undone.
+        staged = update.staged
+        if staged is not None and current is not None and staged in (current.primary,
+                                                                    current.candidate):
             # Failed after the switch was saved (a restart mid-switch): undo it on disk too.
-            if current.primary.version == update.version and current.previous:
+            if current.primary == staged and current.previous:
                 current.primary, current.previous = current.previous, None
-            elif current.candidate and current.candidate.version == update.version:
+            elif current.candidate == staged:
                 current.candidate = None
             else:
                 del self.state.serving[update.deployment]
