@@ -162,9 +162,11 @@ class ContainerServing:
         return self._engine(lambda: self.engine.prune(names))
 
     def name_of(self, name: str, installed: Installed) -> str:
-        return self._spec(name, installed, port=0).name
+        return self.run_spec(name, installed, port=0).name
 
-    def _spec(self, name: str, installed: Installed, port: int) -> RunSpec:
+    def run_spec(self, name: str, installed: Installed, port: int) -> RunSpec:
+        """The container INSTALLED runs as: its deployment's limits and GPUs, where its
+        settings give them, else the agent's (--container-cpus, --container-memory-mb)."""
         if installed.image is None:
             raise ContainerError(f"{name} version {installed.version} has no container image "
                                  "(staged by an agent in native mode): deploy it again")
@@ -193,7 +195,7 @@ class ContainerServing:
         if others:
             raise ContainerError(f"container mode gives containers NVIDIA GPUs ({GPU}) only, "
                                  f"not {', '.join(others)}: deploy it to a Kubernetes target")
-        wanted = self._spec(name, installed, port=0)
+        wanted = self.run_spec(name, installed, port=0)
         found = next((c for c in self.containers() if c.name == wanted.name), None)
         if found is not None and found.running and found.port:
             spec = replace(wanted, port=found.port)  # adopted: it kept running without us
