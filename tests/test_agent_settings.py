@@ -17,30 +17,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
 from hubproc import HubProcess, start_hub
-from modelgen import LINEAR_B, LINEAR_W, ONNX_IR_VERSION, ONNX_OPSET, expected_linear, make_onnx
+from modelgen import expected_linear, make_fixed_batch_onnx, make_onnx
 from mosquitto import Mosquitto, start_mosquitto
 
 ROWS = [[1.0, 2.0, 3.0]]
-
-
-def make_fixed_batch_onnx(path: Path) -> Path:
-    """The linear model with its batch fixed at 1: x [1, 3] -> y [1, 2]; it cannot batch."""
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xW"]), helper.make_node("Add", ["xW", "b"],
-                                                                          ["y"])],
-        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-        initializer=[numpy_helper.from_array(LINEAR_W, "W"),
-                     numpy_helper.from_array(LINEAR_B, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-                              ir_version=ONNX_IR_VERSION)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.SerializeToString())
-    return path
 
 
 @pytest.fixture(scope="module")
