@@ -259,9 +259,13 @@ def test_a_resources_only_change_replaces_the_container_under_load(
         for thread in clients:
             thread.join()
     assert failures == []
-    rows = [r for r in reported(fleet_hub, device.device_id)["reported"] if r["name"] == "tiny"]
-    assert [(r["version"], r["state"], r["error"]) for r in rows] == [
-        (versions["v2"], "serving", None)]
+
+    def rows() -> list[tuple[int, str, str | None]]:
+        return [(r["version"], r["state"], r["error"]) for r in
+                reported(fleet_hub, device.device_id)["reported"] if r["name"] == "tiny"]
+
+    wait_for(lambda: rows() == [(versions["v2"], "serving", None)], timeout=60,
+             what="the update reported done")
 
 
 def test_split_and_shadow_between_containers(
