@@ -56,7 +56,7 @@ from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
 from contract.protocol import Package, UpdateState, format_time
-from contract.settings import Batching
+from contract.settings import Batching, SettingsError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -153,7 +153,10 @@ def version_body(installed: Installed, *, self_test: bool = False) -> VersionBod
 def package_batching(serving: Mapping[str, Any]) -> dict[str, Any] | None:
     """The package's default batching, as its serving.json gives it (None: it gives none)."""
     given = serving.get("batching")
-    return None if given is None else Batching.from_json(given).to_json()
+    try:
+        return None if given is None else Batching.from_json(given).to_json()
+    except SettingsError as exc:
+        raise StepFailed(f"serving.json: {exc}") from None
 
 
 def deployment_body(serving: Serving) -> DeploymentBody:

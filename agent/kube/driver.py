@@ -111,13 +111,13 @@ class KubeDriver:
                                   public_key=self.public_key()))
         directory = (self.versions_dir / update.deployment
                      / f"{update.version}-{update.digest[7:19]}")
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         settings = Settings.from_json(update.settings)
         refused = batching_refused(settings.batching, checked.serving)
         if refused is not None:
             raise StepFailed(refused)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         workload = Workload(
             name=update.deployment,
             release=Release(update.model, update.version, update.repository, update.digest),
