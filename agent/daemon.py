@@ -216,7 +216,11 @@ class Agent:
     def _installed(self, name: str, version: str) -> Installed | None:
         """The staged version VERSION of deployment NAME (container mode runs it)."""
         update = self.state.update
-        if update and update.deployment == name and update.staged \
+        # An update being undone is not what a put means: the route goes back to the
+        # serving version (which may be this version with its old settings).
+        undoing = update is not None and update.state in (
+            UpdateState.FAILED, UpdateState.ROLLING_BACK, UpdateState.ROLLED_BACK)
+        if update and update.deployment == name and update.staged and not undoing \
                 and str(update.staged.version) == version:
             return update.staged
         serving = self.state.serving.get(name)
@@ -393,14 +397,15 @@ class Agent:
         """The saved update for this version if one was interrupted, else a new one."""
         t = target(d, role)
         saved = self.state.update
-        if saved and (saved.deployment, saved.role, saved.digest) == (d.name, role,
-                                                                      t.package.digest):
+        settings = t.settings.to_json()
+        if saved and (saved.deployment, saved.role, saved.digest, saved.settings) == (
+                d.name, role, t.package.digest, settings):
             return saved
         return Update(
             generation=generation, deployment=d.name, model=d.model, role=str(role),
             version=t.version, repository=t.package.repository, digest=t.package.digest,
             size=t.package.size, prefer=list(t.prefer), state=str(UpdateState.DOWNLOADING),
-            since=now(), traffic=t.traffic, shadow=t.shadow,
+            since=now(), traffic=t.traffic, shadow=t.shadow, settings=settings,
         )
 
     def _route(self, name: str) -> Route | None:

@@ -3,9 +3,10 @@
 For each deployment of a desired state, `next_step` compares what is
 wanted with what serves under its name (a `Route`) and names the one thing
 to do first: update the primary, update the candidate, or only change the
-route. A version counts as serving only with the runtime preferences it was
-loaded with, so a prefer-only change is an update too (the version is
-loaded again, self-tested, and swapped in). After a desired state,
+route. A version counts as serving only with the runtime preferences and the
+deployment settings (resources, batching) it was loaded with, so a change of
+either alone is an update too (the version is loaded again, or its container
+or pods replaced, self-tested, and swapped in). After a desired state,
 `unloaded` names the deployments to take down and `kept_statuses` what the
 device goes on reporting. `recent_refusals` keeps the refusals it reports.
 
@@ -28,6 +29,7 @@ from contract.protocol import (
     Reason,
     UpdateState,
 )
+from contract.settings import Settings
 
 T = TypeVar("T")
 
@@ -39,6 +41,7 @@ class Running:
     version: int
     digest: str
     prefer: tuple[str, ...]
+    settings: Settings = Settings()  # the deployment's resources and batching it runs with
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,21 @@ class Target:
     prefer: tuple[str, ...]
     traffic: int            # for a candidate: its share (split) or copy rate (shadow)
     shadow: bool
+    settings: Settings = Settings()
 
     def running(self) -> Running:
-        return Running(self.version, self.package.digest, self.prefer)
+        return Running(self.version, self.package.digest, self.prefer, self.settings)
 
 
 def target(d: Deployment, role: Role) -> Target:
     """What DEPLOYMENT wants in ROLE; ValueError if it has no candidate and one is asked for."""
     if role is Role.PRIMARY:
-        return Target(role, d.version, d.package, d.runtime.prefer, 0, False)
+        return Target(role, d.version, d.package, d.runtime.prefer, 0, False, d.settings)
     c = d.candidate
     if c is None:
         raise ValueError(f"deployment {d.name} has no candidate")
-    return Target(role, c.version, c.package, c.runtime.prefer, c.traffic, c.shadow)
+    return Target(role, c.version, c.package, c.runtime.prefer, c.traffic, c.shadow,
+                  d.settings)
 
 
 def wanted_route(d: Deployment) -> Route:

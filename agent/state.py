@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.decisions import Route, Running
 from contract.files import read_json, write_json
+from contract.settings import Batching, Settings, effective_batching
 
 STATE_FILE = "state.json"
 
@@ -36,9 +37,24 @@ class Installed:
     package_prefer: list[str] = field(default_factory=list)  # serving.json's default
     sample_request: dict[str, Any] | None = None
     image: str | None = None     # container mode: the engine's image id (the signed config)
+    # The deployment's settings it runs with (contract/settings.py JSON; {}: none), and
+    # the package's default batching (its serving.json's, if it has one).
+    settings: dict[str, Any] = field(default_factory=dict)
+    package_batching: dict[str, Any] | None = None
 
     def running(self) -> Running:
-        return Running(self.version, self.digest, tuple(self.prefer))
+        return Running(self.version, self.digest, tuple(self.prefer), self.deployment_settings)
+
+    @property
+    def deployment_settings(self) -> Settings:
+        return Settings.from_json(self.settings)
+
+    @property
+    def batching(self) -> Batching | None:
+        """What it batches with: the deployment's setting, else the package's, else off."""
+        package = (None if self.package_batching is None
+                   else Batching.from_json(self.package_batching))
+        return effective_batching(self.deployment_settings.batching, package)
 
 
 @dataclass
@@ -78,6 +94,7 @@ class Update:
     shadow: bool = False
     error: str | None = None
     staged: Installed | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the deployment's (Settings JSON)
 
 
 @dataclass

@@ -56,6 +56,7 @@ from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
 from contract.protocol import Package, UpdateState, format_time
+from contract.settings import Batching, SettingsError
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -145,7 +146,17 @@ def version_body(installed: Installed, *, self_test: bool = False) -> VersionBod
         framework=installed.framework,
         runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
         self_test=(installed.sample_request or None) if self_test else None,
+        batching=installed.batching,
     )
+
+
+def package_batching(serving: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The package's default batching, as its serving.json gives it (None: it gives none)."""
+    given = serving.get("batching")
+    try:
+        return None if given is None else Batching.from_json(given).to_json()
+    except SettingsError as exc:
+        raise StepFailed(f"serving.json: {exc}") from None
 
 
 def deployment_body(serving: Serving) -> DeploymentBody:
@@ -274,6 +285,8 @@ class Updater:
                 prefer=list(update.prefer),
                 package_prefer=list(staged.serving.get("prefer") or []),
                 sample_request=staged.sample_request, image=staged.image,
+                settings=dict(update.settings),
+                package_batching=package_batching(staged.serving),
             )
         elif state is S.STARTING:
             self._start(update)
@@ -370,14 +383,15 @@ class Updater:
     def _unsave_switch(self, update: Update) -> Serving | None:
         """What serves UPDATE's deployment once a switch to it, saved already, is undone."""
         current = self.state.serving.get(update.deployment)
-        if current is not None and (
-            current.primary.version == update.version or
-            (current.candidate and current.candidate.version == update.version)
-        ):
+        # The staged version itself, not just its number: the same version with other
+        # preferences or settings is serving as it was, and is not undone.
+        staged = update.staged
+        if staged is not None and current is not None and staged in (current.primary,
+                                                                    current.candidate):
             # Failed after the switch was saved (a restart mid-switch): undo it on disk too.
-            if current.primary.version == update.version and current.previous:
+            if current.primary == staged and current.previous:
                 current.primary, current.previous = current.previous, None
-            elif current.candidate and current.candidate.version == update.version:
+            elif current.candidate == staged:
                 current.candidate = None
             else:
                 del self.state.serving[update.deployment]

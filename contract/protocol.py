@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
 
 from contract import names
 from contract.canonical import canonical_json
+from contract.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -392,6 +393,9 @@ class Deployment:
     traffic: int = 100
     rollout: str | None = None
     candidate: Candidate | None = None
+    # Resources and batching for every version of it (contract/settings.py); left out of
+    # the document when it says nothing, so states from before settings read the same.
+    settings: Settings = Settings()
 
 
 @dataclass(frozen=True)
@@ -424,6 +428,8 @@ def _desired_json(state: DesiredState) -> dict[str, Any]:
         if (c := d.candidate) is not None:
             body["candidate"] = {**_version_json(c.version, c.package, c.runtime, c.traffic,
                                                  c.rollout), "shadow": c.shadow}
+        if settings := d.settings.to_json():
+            body["settings"] = settings
         deployments.append(body)
     return {
         "schema": DESIRED_SCHEMA,
@@ -461,6 +467,16 @@ def _read_candidate(f: _Fields) -> Candidate:
     return c
 
 
+def _read_settings(f: _Fields) -> Settings:
+    try:
+        settings = Settings.from_json(f.raw("settings"))
+    except SettingsError as exc:
+        f.fail("settings", str(exc))
+    if not settings.to_json():
+        f.fail("settings", "is empty: leave it out instead")
+    return settings
+
+
 def _read_deployment(f: _Fields) -> Deployment:
     d = Deployment(
         name=f.name("name", names.MODEL_NAME),
@@ -471,6 +487,7 @@ def _read_deployment(f: _Fields) -> Deployment:
         traffic=f.integer("traffic", high=100),
         rollout=f.text("rollout") if f.has("rollout") else None,
         candidate=_read_candidate(f.obj("candidate")) if f.has("candidate") else None,
+        settings=_read_settings(f) if f.has("settings") else Settings(),
     )
     f.done()
     c = d.candidate
@@ -520,7 +537,10 @@ def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey,
     from contract import signing  # see verify_desired
 
     body = _desired_json(state)
-    _read_desired(body)  # the hub never signs what an agent would refuse as malformed
+    # The hub never signs what an agent would refuse as malformed, or read otherwise.
+    if [d.settings for d in _read_desired(body).deployments] != [
+            d.settings for d in state.deployments]:
+        raise ProtocolError("a deployment's settings do not read back as built")
     signature = {"keyid": signing.key_id(private_key), "alg": signing.ALGORITHM,
                  "value": signing.sign(private_key, canonical_json(body))}
     payload = canonical_json({**body, "signature": signature,

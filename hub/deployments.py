@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,15 @@ from contract import names
 from contract.names import DEFAULT_VARIANT
 from contract.protocol import MAX_DEPLOYMENTS
 from contract.runtimes import RUNTIMES
+from contract.settings import (
+    Batching,
+    Resources,
+    Settings,
+    SettingsError,
+    accelerator_pairs,
+    parse_cpus,
+    parse_memory,
+)
 from hub import package_use, packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
@@ -39,7 +48,7 @@ MAX_PREFER = 32
 # The columns that make up a deployment; a change to any of them is a new generation.
 _VALUES = ("model", "version", "variant", "repository", "digest", "size", "prefer", "traffic",
            "candidate_version", "candidate_variant", "candidate_digest", "candidate_size",
-           "candidate_traffic", "candidate_shadow", "rollout_id", "priority")
+           "candidate_traffic", "candidate_shadow", "settings", "rollout_id", "priority")
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,31 @@ def check_prefer(prefer: Sequence[str]) -> list[str]:
     return list(prefer)
 
 
+def settings_from(resources: Mapping[str, Any] | None,
+                  batching: Mapping[str, Any] | str | None) -> Settings:
+    """A deployment's settings from what a user gave (the REST API's `resources` and
+    `batching`, as `Settings.shown` writes them back); InvalidInput with one line."""
+    try:
+        given = dict(resources or {})
+        unknown = sorted(set(given) - {"cpus", "memory", "accelerators"})
+        if unknown:
+            raise SettingsError(f"resources.{unknown[0]}: unknown field")
+        cpus, memory = given.get("cpus"), given.get("memory")
+        chosen = Resources(
+            cpu_millis=None if cpus is None else parse_cpus(cpus),
+            memory_bytes=None if memory is None else parse_memory(memory),
+            accelerators=accelerator_pairs(given.get("accelerators") or {}))
+        if batching is None:
+            return Settings(chosen)
+        if isinstance(batching, str):
+            if batching != "off":
+                raise SettingsError(f"batching {batching[:20]!r}: give an object or 'off'")
+            return Settings(chosen, Batching.OFF)
+        return Settings(chosen, Batching.from_json(dict(batching)))
+    except SettingsError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
 def signed_package(db: Database, model: str, version: int | str,
                    variant: str = DEFAULT_VARIANT) -> tuple[int, Manifest]:
     """The version number and its package VARIANT, which the hub must have signed."""
@@ -113,6 +147,7 @@ def assign_many(
     variant: str = DEFAULT_VARIANT,
     prefer: Sequence[str] = (),
     candidate: Candidate | None = None,
+    settings: Settings | None = None,
     rollout_id: str | None = None,
     priority: int = 0,
 ) -> dict[str, int]:
@@ -127,7 +162,8 @@ def assign_many(
         "digest": package.digest, "size": package.size, "prefer": dumps(prefer),
         "traffic": 100, "candidate_version": None, "candidate_variant": None,
         "candidate_digest": None, "candidate_size": None, "candidate_traffic": None,
-        "candidate_shadow": None, "rollout_id": rollout_id, "priority": priority,
+        "candidate_shadow": None, "settings": dumps((settings or Settings()).to_json()),
+        "rollout_id": rollout_id, "priority": priority,
     }
     if candidate is not None:
         candidate.check()
@@ -258,7 +294,19 @@ def _record(row: dict[str, Any]) -> dict[str, Any]:
         "prefer": json.loads(row["prefer"]), "traffic": row["traffic"], "candidate": candidate,
         "rollout_id": row["rollout_id"], "priority": row["priority"],
         "updated_at": row["updated_at"],
+        # As users give them: {"resources": {"cpus": "0.5", ...}, "batching": ... | "off"}.
+        **stored_settings(row["settings"]).shown(),
     }
+
+
+def stored_settings(text: str | None) -> Settings:
+    """A `settings` column as its Settings (NULL: a row older than settings, none)."""
+    return Settings.from_json(json.loads(text or "{}"))
+
+
+def settings_of(record: dict[str, Any]) -> Settings:
+    """The settings of a deployment record (`_record`)."""
+    return settings_from(record["resources"], record["batching"])
 
 
 def for_device(db: Database, device_id: str) -> list[dict[str, Any]]:

@@ -83,6 +83,7 @@ def _deployment(row: dict[str, Any]) -> protocol.Deployment:
         traffic=row["traffic"],
         rollout=row["rollout_id"],
         candidate=candidate,
+        settings=deployments.settings_of(row),
     )
 
 

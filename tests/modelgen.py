@@ -1,5 +1,6 @@
 """Tiny real models for the tests: packager/samples.py's linear model in every framework
-(ONNX, OpenVINO IR, TFLite) and an ONNX model that fails every request.
+(ONNX, OpenVINO IR, TFLite), an ONNX model that fails every request, and one whose
+batch dimension is fixed (it cannot batch).
 
 Runtimes are imported lazily: a test that only needs the ONNX file does not
 need OpenVINO or LiteRT installed.
@@ -23,7 +24,8 @@ from packager.samples import (
 )
 
 __all__ = ["LINEAR_B", "LINEAR_W", "ONNX_IR_VERSION", "ONNX_OPSET", "expected_linear",
-           "make_failing_onnx", "make_onnx", "make_openvino_ir", "make_tflite"]
+           "make_failing_onnx", "make_fixed_batch_onnx", "make_onnx", "make_openvino_ir",
+           "make_tflite"]
 
 
 def make_openvino_ir(onnx_path: Path, out_dir: Path) -> Path:
@@ -49,5 +51,21 @@ def make_failing_onnx(path: Path) -> Path:
         initializer=[numpy_helper.from_array(np.array([7], dtype=np.int64), "seven")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def make_fixed_batch_onnx(path: Path) -> Path:
+    """The linear model with its batch fixed at 1: x [1, 3] -> y [1, 2]; it cannot batch."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xW"]), helper.make_node("Add", ["xW", "b"],
+                                                                          ["y"])],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=[numpy_helper.from_array(LINEAR_W, "W"),
+                     numpy_helper.from_array(LINEAR_B, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                              ir_version=ONNX_IR_VERSION)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.SerializeToString())
     return path

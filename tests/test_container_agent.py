@@ -224,6 +224,54 @@ def test_switch_versions_under_load_drops_no_request(
     assert seen == {str(versions["v1"]), str(versions["v2"])}
 
 
+def test_a_resources_only_change_replaces_the_container_under_load(
+        fleet_hub: HubProcess, device: AgentProcess, versions: dict[str, int],
+        engine: Engine) -> None:  # noqa: F811
+    """The deployment's --cpus/--memory become the container's limits (the agent's
+    --container-memory-mb only a default); a change of them alone starts a new container
+    beside the old one, switches the front and removes the old one, dropping nothing."""
+    deploy(fleet_hub, device.device_id, f"tiny:{versions['v2']}")
+    wait_serving(fleet_hub, device, versions["v2"])
+    stop, failures = threading.Event(), []
+
+    def score() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {device.api_key}"}) as c:
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
+                                "data": [1.0, 2.0, 3.0]}]}
+            while not stop.is_set():
+                answer = c.post(f"{device.url}/v2/models/tiny/infer", json=body, timeout=30)
+                if answer.status_code != 200:
+                    failures.append(answer.text)
+
+    def limits() -> list[tuple[int, int]]:
+        found = containers(engine, device)
+        if any(c["state"] != "running" for c in found):
+            return []
+        return [(host["NanoCpus"], host["Memory"]) for host in (
+            engine.client.containers.get(c["name"]).attrs["HostConfig"] for c in found)]
+
+    clients = [threading.Thread(target=score) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    try:
+        deploy(fleet_hub, device.device_id, f"tiny:{versions['v2']}", "--cpus", "0.5",
+               "--memory", "256Mi", "--batch-size", "8")
+        wait_for(lambda: limits() == [(500_000_000, 256 * 2**20)], timeout=240,
+                 what="one container with the deployment's limits")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert failures == []
+
+    def rows() -> list[tuple[int, str, str | None]]:
+        return [(r["version"], r["state"], r["error"]) for r in
+                reported(fleet_hub, device.device_id)["reported"] if r["name"] == "tiny"]
+
+    wait_for(lambda: rows() == [(versions["v2"], "serving", None)], timeout=60,
+             what="the update reported done")
+
+
 def test_split_and_shadow_between_containers(
         fleet_hub: HubProcess, device: AgentProcess, versions: dict[str, int],
         engine: Engine) -> None:  # noqa: F811

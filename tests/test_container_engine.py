@@ -28,13 +28,17 @@ from agent.container.engine import (
     RunSpec,
 )
 from agent.container.images import ImageCheckError, VerifiedRef, verify_remote
-from agent.container.serving import ContainerServing
+from agent.container.serving import ContainerError, ContainerServing
 from agent.container.trust import RegistryTrust
 from agent.container.watch import ContainerWatch
 from agent.mqtt import BackoffPolicy
+from agent.serving.body import DeploymentBody
+from agent.state import Installed
 from agent.supervisor import ServingOptions, ServingProcess
+from agent.updates import version_body
 from conftest import Cli
 from contract import signing
+from contract.settings import GPU, Batching, Resources, Settings
 from engines import Engine, engine, engine_address, forget_ca  # noqa: F401  (fixture)
 from hub.pki import Authority
 from hubproc import HubProcess, free_port, start_hub
@@ -188,6 +192,50 @@ def test_the_engine_pulls_only_with_the_hubs_ca_installed(
     assert installed.read_bytes() == hub.ca_path.read_bytes()
 
 
+def test_a_deployments_settings_are_its_containers_limits(
+        driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
+        tmp_path: Path) -> None:
+    """Settings from the signed desired state (as the agent stages them) become the engine's
+    NanoCpus and Memory; the agent's own limits fill in what a deployment does not say; a
+    version whose limits change gets a container of another name (started beside the old
+    one, so the front can switch without dropping a request)."""
+    image = pull(driver, hub, device, verified)
+    front = ServingProcess(tmp_path, ServingOptions("127.0.0.1", free_port(), tmp_path / "key"))
+    (tmp_path / "key").write_text("secret")
+    serving = ContainerServing(front, driver, lambda name, version: None, data_dir=tmp_path,
+                               api_key_file=tmp_path / "key",
+                               limits=Limits(cpus=2.0, memory_bytes=256 * 2**20), gpus=True)
+    settings = Settings(Resources(cpu_millis=500, memory_bytes=512 * 2**20,
+                                  accelerators=((GPU, 0),)), Batching(32, 2))
+    installed = Installed(version=1, digest=verified.index, directory=str(tmp_path),
+                          entrypoint="model.onnx", framework="onnx", prefer=[], image=image,
+                          settings=settings.to_json())
+    own = serving.run_spec("tiny", installed, port=free_port())
+    assert own.gpus == 0  # the deployment said none, though the agent would give them all
+    driver.run(own)
+    host = driver.client.containers.get(own.name).attrs["HostConfig"]
+    assert (host["NanoCpus"], host["Memory"], host["MemorySwap"]) == (
+        500_000_000, 512 * 2**20, 512 * 2**20)
+    assert not host.get("DeviceRequests")
+    # Memory said, CPUs not: the agent's CPUs.
+    memory_only = replace(installed, settings=Settings(Resources(
+        memory_bytes=64 * 2**20, accelerators=((GPU, 0),))).to_json())
+    mixed = serving.run_spec("tiny", memory_only, port=free_port())
+    assert mixed.name != own.name
+    driver.run(mixed)
+    host = driver.client.containers.get(mixed.name).attrs["HostConfig"]
+    assert (host["NanoCpus"], host["Memory"]) == (2_000_000_000, 64 * 2**20)
+    assert sorted(c.name for c in driver.find("tiny")) == sorted([own.name, mixed.name])
+    # Accelerators an engine cannot give are refused before anything runs, in one line.
+    intel = replace(installed, settings=Settings(Resources(
+        accelerators=(("gpu.intel.com/i915", 1),))).to_json())
+    refusing = ContainerServing(front, driver, lambda name, version: intel, data_dir=tmp_path,
+                                api_key_file=tmp_path / "key")
+    with pytest.raises(ContainerError, match="NVIDIA GPUs \\(nvidia.com/gpu\\) only, not "
+                       "gpu.intel.com/i915=1: deploy it to a Kubernetes target"):
+        refusing.put("tiny", DeploymentBody(version_body(intel)))
+
+
 def test_a_container_that_cannot_serve_reports_exit_code_and_log_lines(
         driver: ContainerEngine, hub: HubProcess, device: dict[str, Any], verified: VerifiedRef,
         tmp_path: Path) -> None:
@@ -295,7 +343,7 @@ def test_gpus_are_asked_for_through_the_engines_device_requests(
     the request (no device driver has the `gpu` capability); podman's Docker API takes it
     and drops it, which the driver finds and refuses. Either way a GPU deployment never
     runs on the CPU unnoticed, and the error is one line naming why."""
-    run = spec(pull(driver, hub, device, verified), verified, tmp_path, gpus=True)
+    run = spec(pull(driver, hub, device, verified), verified, tmp_path, gpus=1)
     expected = "capabilities: \\[\\[gpu\\]\\]" if driver.describe()["engine"] == "docker" \
         else "dropped the GPU device request"
     with pytest.raises(EngineError, match=expected):

@@ -194,6 +194,41 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
     assert values["restarts"] == 0
 
 
+def test_a_settings_only_change_rolls_the_pods(
+        hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient, namespace: str,
+        versions: list[int]) -> None:
+    second = versions[1]
+    deploy(hub, cluster_agent.device_id, f"tiny:{second}")
+    wait_state(hub, cluster_agent, second, "serving")
+    deploy(hub, cluster_agent.device_id, f"tiny:{second}", "--cpus", "0.5", "--memory",
+           "768Mi")
+
+    def pod() -> Any:
+        return apps_v1(admin).read_namespaced_deployment("ef-tiny", namespace).spec.template \
+            .spec.containers[0]
+
+    wait_for(lambda: pod().resources.limits.get("cpu") == "500m", timeout=60,
+             what="the deployment's resources on the pods")
+    assert pod().resources.requests == {"cpu": "500m", "memory": "768Mi"}
+    def rolled() -> bool:
+        live = apps_v1(admin).read_namespaced_deployment("ef-tiny", namespace)
+        return (live.status.observed_generation == live.metadata.generation
+                and live.status.updated_replicas == live.status.ready_replicas == 1
+                and not live.status.unavailable_replicas)
+
+    wait_for(rolled, timeout=60, what="the settings' rollout complete")
+    row = wait_state(hub, cluster_agent, second, "serving")
+    assert row["error"] is None
+    assert f"update of tiny to {second} failed" not in cluster_agent.log()
+    # Batching on this model (its batch is fixed at 2): refused before anything is applied.
+    deploy(hub, cluster_agent.device_id, f"tiny:{second}", "--cpus", "0.5", "--memory",
+           "768Mi", "--batch-size", "16")
+    row = wait_state(hub, cluster_agent, second, "rolled_back")
+    assert "the model cannot batch: input 'x' has shape [2, 3]" in row["error"]
+    assert pod().resources.limits["cpu"] == "500m"
+    assert "EDGEFLEET_SERVE_BATCHING" not in {e.name for e in pod().env}
+
+
 def test_hand_edits_are_brought_back_and_counted(
         hub: HubProcess, cluster_agent: KubeAgentProcess, admin: client.ApiClient,
         namespace: str, versions: list[int]) -> None:

@@ -17,9 +17,12 @@ import pytest
 from kubernetes import client, utils
 
 from agent.kube.apply import KubeError, Namespace, NotOurs
+from agent.kube.driver import pod_resources
 from agent.kube.inventory import read_inventory
 from agent.kube.manifests import Release, Resources, Target, Workload
 from agent.kube.rollout import Phase
+from contract.settings import GPU, Batching, Settings
+from contract.settings import Resources as DeploymentResources
 from kube import KubeCluster, apps_v1, core_v1, kube_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -354,3 +357,43 @@ def test_update_outcomes_serving_rolled_back_failed(admin: client.ApiClient,
     assert failed.result is Result.FAILED and "objects were removed" in failed.message
     assert ns.deployment(lone.object_name) is None
     assert [d["metadata"]["name"] for d in ns.deployments()] == [v1.object_name]
+
+
+def test_a_deployments_settings_are_its_pods_resources(admin: client.ApiClient,
+                                                       namespace: str) -> None:
+    """The deployment's settings (as the driver turns them into a workload) reach the live
+    Deployment: CPU request = limit, memory, the GPU limit, and the batching env the pod's
+    `edgefleet serve --load` reads; a settings-only change is a rollout of its own, and an
+    undo goes back to the old settings."""
+    ns = Namespace(admin, target(namespace))
+    default = Resources("250m", "512Mi")
+    before = Workload("tiny", release(1), PLATFORMS, resources=default)
+    ns.deploy(before)
+    assert ns.follow(before.object_name, timeout=60, poll=0.3).phase is Phase.COMPLETE
+
+    wanted = Settings(DeploymentResources(500, 768 * 2**20, ((GPU, 1),)), Batching(32, 2))
+    after = Workload("tiny", release(1), PLATFORMS, previous=before,
+                     resources=pod_resources(wanted.resources, default),
+                     batching=str(wanted.batching))
+    ns.deploy(after)
+    status = ns.follow(after.object_name, timeout=60, poll=0.3)
+    assert status.phase is Phase.COMPLETE, status.message   # kwok-amd64 has one GPU
+    live = apps_v1(admin).read_namespaced_deployment(after.object_name, namespace)
+    container = live.spec.template.spec.containers[0]
+    assert container.resources.requests == {"cpu": "500m", "memory": "768Mi",
+                                            "nvidia.com/gpu": "1"}
+    assert container.resources.limits == {"cpu": "500m", "memory": "768Mi",
+                                          "nvidia.com/gpu": "1"}
+    assert {e.name: e.value for e in container.env if e.value is not None}[
+        "EDGEFLEET_SERVE_BATCHING"] == "32:2"
+    pods = core_v1(admin).list_namespaced_pod(namespace).items
+    assert {p.spec.node_name for p in pods if p.metadata.deletion_timestamp is None} == {
+        "kwok-amd64"}   # the GPU is on that node only
+    # Batching off: the env says so (the package's default does not apply).
+    off = replace(after, previous=replace(after, previous=None), batching=str(Batching.OFF))
+    ns.deploy(off)
+    live = apps_v1(admin).read_namespaced_deployment(after.object_name, namespace)
+    assert {e.name: e.value for e in live.spec.template.spec.containers[0].env}[
+        "EDGEFLEET_SERVE_BATCHING"] == "off"
+    back = ns.undo(off.object_name)
+    assert back.resources == after.resources and back.batching == "32:2"

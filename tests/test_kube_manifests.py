@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from agent.kube.driver import batching_refused, pod_resources
 from agent.kube.manifests import (
     ANNOTATION_DIGEST,
     ANNOTATION_PREVIOUS,
@@ -23,6 +25,8 @@ from agent.kube.manifests import (
     service_manifest,
     workloads_of,
 )
+from contract.settings import GPU, Batching, Settings
+from contract.settings import Resources as DeploymentResources
 
 DIGEST_1 = "sha256:" + "1" * 64
 DIGEST_2 = "sha256:" + "2" * 64
@@ -187,3 +191,52 @@ def test_pull_secret_holds_the_agents_registry_login() -> None:
         pull_secret_manifest(TARGET, "a:b", "pw")
     with pytest.raises(ManifestError, match="no pull secret"):
         pull_secret_manifest(Target("edge", "a", "hub", "key"), "u", "p")
+
+
+def test_a_deployments_settings_in_the_pod_and_its_annotation() -> None:
+    settings = Settings(DeploymentResources(500, 3 * 2**30, ((GPU, 1), ("x.io/npu", 0))),
+                        Batching(32, 2))
+    resources = pod_resources(settings.resources, Resources("250m", "512Mi"))
+    assert resources == Resources("500m", "3Gi", {GPU: 1}, limit_cpu=True)  # 0: none
+    given = workload(resources=resources, batching=str(settings.batching))
+    container = deployment_manifest(TARGET, given)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "3Gi", GPU: "1"},
+        "limits": {"cpu": "500m", "memory": "3Gi", GPU: "1"}}
+    assert {"name": "EDGEFLEET_SERVE_BATCHING", "value": "32:2"} in container["env"]
+    live = deployment_manifest(TARGET, given)
+    assert workloads_of(live)[0] == replace(given, previous=None)
+    # The agent's defaults: CPU a request only, no batching env (the package's default).
+    plain = deployment_manifest(TARGET, workload())["spec"]["template"]["spec"]["containers"][0]
+    assert "cpu" not in plain["resources"]["limits"]
+    assert not any(e["name"] == "EDGEFLEET_SERVE_BATCHING" for e in plain["env"])
+    assert pod_resources(DeploymentResources(), Resources("250m", "512Mi")) == Resources(
+        "250m", "512Mi")
+
+
+def test_workloads_written_before_settings_still_read() -> None:
+    old = {"name": "diabetes", "release": RELEASE_1.to_json(), "platforms": ["linux/amd64"],
+           "replicas": 1, "progress_deadline_seconds": 300,
+           "resources": {"cpu": "250m", "memory": "512Mi", "accelerators": {}}}
+    read = Workload.from_json(old)
+    assert read.batching is None and not read.resources.limit_cpu
+    assert read.to_json() == old
+    with pytest.raises(ManifestError, match="batching 'lots'"):
+        Workload.from_json({**old, "batching": "lots"})
+    with pytest.raises(ManifestError, match="limit_cpu must be true"):
+        Workload.from_json({**old, "resources": {**old["resources"], "limit_cpu": False}})
+
+
+def test_batching_a_model_that_cannot_is_refused_before_any_apply() -> None:
+    fixed = {"signature": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3]}],
+                           "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2]}]}}
+    free = {"signature": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+                          "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]}}
+    assert batching_refused(Batching(8), fixed) == (
+        "batching was asked for, but the model cannot batch: input 'x' has shape [1, 3], not "
+        "a free first (batch) dimension")
+    assert batching_refused(Batching(8), free) is None
+    assert batching_refused(Batching.OFF, fixed) is None
+    assert batching_refused(None, fixed) is None
+    assert "names no model signature" in (batching_refused(Batching(8), {"signature": None})
+                                          or "")

@@ -217,7 +217,8 @@ def test_a_database_from_before_variants_is_migrated(tmp_path: Path,
     old = sqlite3.connect(path, isolation_level=None)
     for table, column in (("deployments", "variant"), ("deployments", "candidate_variant"),
                           ("rollout_devices", "previous_variant"),
-                          ("oci_repo_blobs", "linked_at")):
+                          ("oci_repo_blobs", "linked_at"), ("deployments", "settings"),
+                          ("rollout_devices", "previous_settings")):
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
     old.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")

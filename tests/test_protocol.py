@@ -13,6 +13,7 @@ import pytest
 
 from contract import protocol as p
 from contract import signing
+from contract.settings import Batching, Resources, Settings
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 KEY = signing.generate_private_key()
@@ -184,6 +185,17 @@ def _set(path: str, value: Any) -> Any:
     (_set("deployments.0.extra", 1), "unknown field(s) 'extra'"),
     (_set("expires_at", "2025-06-01T11:00:00Z"), "must be later than issued_at"),
     (_set("device_id", "a/b"), "device_id: 'a/b' does not match"),
+    (_set("deployments.0.settings", {}), "settings: is empty"),
+    (_set("deployments.0.settings", {"resources": {"cpu_millis": 0}}), "cpus: 0 is outside"),
+    (_set("deployments.0.settings", {"resources": {"memory_bytes": 2**62}}), "memory: "),
+    (_set("deployments.0.settings", {"resources": {"cpu_millis": 1.5}}), "expected an integer"),
+    (_set("deployments.0.settings", {"batching": {"max_batch_size": 10**6}}), "outside 1..4096"),
+    (_set("deployments.0.settings", {"batching": {"max_batch_size": 8, "wait": 1}}),
+     "batching.wait: unknown field"),
+    (_set("deployments.0.settings", {"resources": {"accelerators": {"gpu": 1}}}),
+     "not an extended resource name"),
+    (_set("deployments.0.settings", {"resources": {"accelerators": {"a.b/c": True}}}),
+     "expected an integer"),
 ])
 def test_signed_but_malformed_documents_are_refused(change: Any, complaint: str) -> None:
     doc = document()
@@ -191,6 +203,21 @@ def test_signed_but_malformed_documents_are_refused(change: Any, complaint: str)
     refused = refusal(signed_raw(doc))
     assert refused.reason == "malformed"
     assert complaint in refused.message
+
+
+def test_settings_ride_in_the_signed_state_and_older_states_read_the_same() -> None:
+    settings = Settings(Resources(500, 512 * 2**20, (("nvidia.com/gpu", 1),)), Batching(32, 2))
+    state = desired()
+    with_settings = replace(state, deployments=(replace(state.deployments[0],
+                                                        settings=settings),))
+    read = verify(p.sign_desired(with_settings, KEY))
+    assert read.deployments[0].settings == settings
+    assert document()["deployments"][0].keys() >= {"name", "package"}
+    assert "settings" not in document()["deployments"][0]  # as before settings existed
+    assert verify(p.sign_desired(state, KEY)).deployments[0].settings == Settings()
+    off = replace(state.deployments[0], settings=Settings(batching=Batching.OFF))
+    assert verify(p.sign_desired(replace(state, deployments=(off,)), KEY)
+                  ).deployments[0].settings.batching == Batching.OFF
 
 
 def test_unknown_schema_is_refused_as_unsupported() -> None:
@@ -377,6 +404,7 @@ def test_the_protocol_needs_only_the_stdlib() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     modules = set(done.stdout.split())
     ours = {m for m in modules if m.split(".")[0] in ("contract", "agent", "packager", "hub")}
-    assert ours == {"contract", "contract.protocol", "contract.canonical", "contract.names"}
+    assert ours == {"contract", "contract.protocol", "contract.canonical", "contract.names",
+                    "contract.settings"}
     foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"contract"}
     assert sorted(r for r in foreign if not r.startswith("_")) == []

@@ -294,9 +294,10 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
         "value": str(SCHEMA_VERSION)}
 
 
-# The columns schema version 3 added (package variants).
+# The columns schema version 3 added (package variants), and 5 (deployment settings).
 OLDER_THAN_3 = (("deployments", "variant"), ("deployments", "candidate_variant"),
-                ("rollout_devices", "previous_variant"), ("oci_repo_blobs", "linked_at"))
+                ("rollout_devices", "previous_variant"), ("oci_repo_blobs", "linked_at"),
+                ("deployments", "settings"), ("rollout_devices", "previous_settings"))
 
 
 def test_a_manual_deploy_during_a_rollout_is_a_takeover_the_rollback_leaves_alone(

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from contract.serving import sample_request, serving_document
-from modelgen import expected_linear, make_failing_onnx, make_onnx
+from modelgen import expected_linear, make_failing_onnx, make_fixed_batch_onnx, make_onnx
 from test_serving_process import API_KEY, SERVE, start_serve
 
 SIGNATURE = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
@@ -70,3 +71,53 @@ def test_a_bad_load_value_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([*SERVE, "--control-socket", str(tmp_path / "s.sock"), "--no-auth",
                            "--load", "no version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not NAME:VERSION" in done.stderr, done.stderr
+
+
+def test_the_deployments_batching_turns_batching_on_in_the_pod(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EDGEFLEET_SERVE_BATCHING (the Deployment's env) batches the image's model: concurrent
+    requests share runtime calls."""
+    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(tmp_path / "opt", make_onnx)))
+    monkeypatch.setenv("EDGEFLEET_SERVE_BATCHING", "16:20")
+    served = start_serve(tmp_path / "run", "--load", "tiny:4")
+    try:
+        def ask() -> None:
+            with served.client() as client:
+                for _ in range(5):
+                    assert client.post("/v2/models/tiny/infer", json={"inputs": [
+                        {"name": "x", "datatype": "FP32", "shape": [1, 3],
+                         "data": [1.0, 2.0, 3.0]}]}).status_code == 200
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        labels = 'model="tiny",version="4"'
+        calls = served.metric(f"edgefleet_serving_batch_rows_count{{{labels}}}")
+        rows = served.metric(f"edgefleet_serving_batch_rows_sum{{{labels}}}")
+        assert rows == 40 and calls < rows / 1.5, (calls, rows)
+    finally:
+        assert served.stop() == 0
+
+
+def test_batching_a_model_that_cannot_exits_with_the_reason(tmp_path: Path) -> None:
+    serving = image_root(tmp_path / "opt", make_fixed_batch_onnx)
+    done = subprocess.run(
+        [*SERVE, "--port", "0", "--control-socket", str(tmp_path / "serve.sock"),
+         "--api-key", API_KEY, "--load", "tiny:4", "--batching", "8"], capture_output=True,
+        text=True, timeout=120, env={**os.environ, "EDGEFLEET_SERVING": str(serving)})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot batch: input 'x' has shape [1, 3]" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (("--load", "tiny:4", "--batching", "lots"), "batching 'lots': use SIZE[:DELAY_MS]"),
+    (("--load", "tiny:4", "--batching", "8:5000"), "max_delay_ms: 5000 is outside 0..1000"),
+    (("--batching", "8"), "--batching is about the model --load names"),
+])
+def test_a_bad_batching_value_is_one_line(tmp_path: Path, args: tuple[str, ...],
+                                          complaint: str) -> None:
+    done = subprocess.run([*SERVE, "--control-socket", str(tmp_path / "s.sock"), "--no-auth",
+                           *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and complaint in done.stderr, done.stderr

@@ -20,10 +20,11 @@ import pytest
 from agent.runtimes import load_best
 from agent.runtimes.base import LoadedModel, LoadOptions
 from agent.serving.batching import batch_key, run_batch, unbatchable
-from agent.serving.body import Batching, BodyError
+from agent.serving.body import BodyError, read
 from agent.serving.errors import Overloaded
 from agent.serving.limits import Limiter
 from agent.serving.oip import messages
+from contract.settings import Batching, SettingsError
 from contract.tensors import Signature, TensorSpec
 from modelgen import expected_linear, make_onnx, make_openvino_ir, make_tflite
 from test_serving_grpc import call, grpc_address
@@ -109,10 +110,11 @@ def test_only_models_with_a_free_batch_dimension_batch() -> None:
 
 
 def test_batching_settings_are_checked() -> None:
-    with pytest.raises(BodyError, match="max_batch_size: must be between 2 and 4096"):
-        Batching(1)
-    with pytest.raises(BodyError, match="max_delay_ms: must be between 0 and 1000"):
+    with pytest.raises(SettingsError, match=r"max_delay_ms: 5000 is outside 0\.\.1000"):
         Batching(8, 5000)
+    with pytest.raises(BodyError, match="max_batch_size: must be between 2 and 4096"):
+        read({"version": "1", "model_dir": "/m", "entrypoint": "model.onnx", "framework": "onnx",
+              "batching": {"max_batch_size": 1}})  # off is no batching field
 
 
 # ---- the wait budget ------------------------------------------------------------------

@@ -22,6 +22,7 @@ down or unreachable) are worth retrying with backoff.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -91,16 +92,23 @@ class RunSpec:
     control_dir: Path  # host directory mounted at /run/edgefleet (the control socket)
     limits: Limits = Limits()
     restart_retries: int = 3  # on-failure restarts before the container stays exited
-    gpus: bool = False  # every GPU through the engine's device requests (NVIDIA toolkit)
+    # NVIDIA GPUs through the engine's device requests (the NVIDIA toolkit): a count, 0 none,
+    # -1 every one.
+    gpus: int = 0
     log_bytes: int = 1024 * 1024  # per log file; two are kept
     extra_labels: Mapping[str, str] = field(default_factory=dict)
     owner: str = ""  # the device id of the agent that runs it, when agents share an engine
 
     @property
     def name(self) -> str:
+        """Names the limits too (when there are any), so a version whose limits change
+        gets a new container beside the old one, and the front switches between them."""
+        limited = (self.limits.cpus, self.limits.memory_bytes, self.gpus)
+        tag = "" if limited == (None, None, 0) else "-" + hashlib.sha256(
+            repr(limited).encode()).hexdigest()[:6]
         return (
             f"edgefleet-{self.owner + '-' if self.owner else ''}{self.deployment}-{self.version}"
-            f"-{self.package.removeprefix('sha256:')[:12]}"
+            f"-{self.package.removeprefix('sha256:')[:12]}{tag}"
         )
 
 
@@ -242,7 +250,7 @@ class ContainerEngine:
         if spec.limits.cpus is not None:
             limits["nano_cpus"] = int(spec.limits.cpus * 1e9)
         if spec.gpus:
-            limits["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            limits["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
         if spec.limits.memory_bytes is not None:
             # Equal to the memory limit: no swap on top, so an OOM shows as an OOM.
             limits.update(

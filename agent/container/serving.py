@@ -45,6 +45,7 @@ from agent.container.engine import (
 from agent.serving.body import DeploymentBody, VersionBody
 from agent.state import Installed
 from agent.supervisor import ControlClient, ServingError, ServingProcess
+from contract.settings import GPU
 
 log = logging.getLogger("edgefleet.agent")
 T = TypeVar("T")
@@ -70,8 +71,9 @@ class ContainerServing:
     def __init__(self, front: ServingProcess, engine: ContainerEngine,
                  installed: Callable[[str, str], Installed | None], *, data_dir: Path,
                  api_key_file: Path, limits: Limits | None = None, gpus: bool = False) -> None:
-        """INSTALLED finds the staged version of a deployment by (name, version); GPUS: give
-        containers the device's GPUs (the inventory found one)."""
+        """INSTALLED finds the staged version of a deployment by (name, version). LIMITS and
+        GPUS (every GPU: the inventory found one) are the defaults for a deployment whose
+        settings do not say."""
         self.front = front
         self.engine = engine
         self.installed = installed
@@ -110,7 +112,8 @@ class ContainerServing:
             spec, described = self._ensure(name, version)
             specs.append(spec)
             inside[version.version] = described
-            fronted.append(replace(version, upstream=(
+            # Batching happens in the container, where the model runs; the front proxies.
+            fronted.append(replace(version, batching=None, upstream=(
                 f"http://127.0.0.1:{spec.port}/v2/models/{name}/versions/{version.version}")))
         answer: dict[str, Any] = self.front.put(name, DeploymentBody(
             fronted[0], fronted[1] if len(fronted) > 1 else None, body.traffic, body.shadow))
@@ -159,16 +162,24 @@ class ContainerServing:
         return self._engine(lambda: self.engine.prune(names))
 
     def name_of(self, name: str, installed: Installed) -> str:
-        return self._spec(name, installed, port=0).name
+        return self.run_spec(name, installed, port=0).name
 
-    def _spec(self, name: str, installed: Installed, port: int) -> RunSpec:
+    def run_spec(self, name: str, installed: Installed, port: int) -> RunSpec:
+        """The container INSTALLED runs as: its deployment's limits and GPUs, where its
+        settings give them, else the agent's (--container-cpus, --container-memory-mb)."""
         if installed.image is None:
             raise ContainerError(f"{name} version {installed.version} has no container image "
                                  "(staged by an agent in native mode): deploy it again")
+        wanted = installed.deployment_settings.resources
+        cpus = None if wanted.cpu_millis is None else wanted.cpu_millis / 1000
+        limits = Limits(cpus=self.limits.cpus if cpus is None else cpus,
+                        memory_bytes=(self.limits.memory_bytes if wanted.memory_bytes is None
+                                      else wanted.memory_bytes))
+        gpus = (-1 if self.gpus else 0) if wanted.gpus is None else wanted.gpus
         spec = RunSpec(deployment=name, version=installed.version, package=installed.digest,
                        image=installed.image, port=port, api_key=self._api_key(),
-                       control_dir=Path(), limits=self.limits, owner=self.engine.owner,
-                       gpus=self.gpus)
+                       control_dir=Path(), limits=limits, owner=self.engine.owner,
+                       gpus=gpus)
         # Short: a unix socket path must fit in 108 bytes.
         short = hashlib.sha256(spec.name.encode()).hexdigest()[:12]
         return replace(spec, control_dir=self.runs_dir / short)
@@ -179,7 +190,12 @@ class ContainerServing:
         installed = self.installed(name, version.version)
         if installed is None:
             raise ContainerError(f"{name} version {version.version} is not staged")
-        wanted = self._spec(name, installed, port=0)
+        others = [f"{kind}={count}" for kind, count
+                  in installed.deployment_settings.resources.accelerators if kind != GPU and count]
+        if others:
+            raise ContainerError(f"container mode gives containers NVIDIA GPUs ({GPU}) only, "
+                                 f"not {', '.join(others)}: deploy it to a Kubernetes target")
+        wanted = self.run_spec(name, installed, port=0)
         found = next((c for c in self.containers() if c.name == wanted.name), None)
         if found is not None and found.running and found.port:
             spec = replace(wanted, port=found.port)  # adopted: it kept running without us

@@ -41,8 +41,11 @@ from agent.kube.package import PackageCheckError, check_package
 from agent.kube.rollout import Phase, RolloutStatus
 from agent.kube.update import begin, verdict_timeout, why_failed
 from agent.state import Installed, Serving, Update
-from agent.updates import StepFailed
+from agent.updates import StepFailed, package_batching
 from contract.protocol import UpdateState
+from contract.settings import Batching, Settings, effective_batching, format_memory, unbatchable
+from contract.settings import Resources as DeploymentResources
+from contract.tensors import Signature
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -108,6 +111,10 @@ class KubeDriver:
                                   public_key=self.public_key()))
         directory = (self.versions_dir / update.deployment
                      / f"{update.version}-{update.digest[7:19]}")
+        settings = Settings.from_json(update.settings)
+        refused = batching_refused(settings.batching, checked.serving)
+        if refused is not None:
+            raise StepFailed(refused)
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -115,8 +122,9 @@ class KubeDriver:
             name=update.deployment,
             release=Release(update.model, update.version, update.repository, update.digest),
             platforms=checked.platforms, replicas=self.settings.replicas,
-            resources=self.settings.resources,
-            progress_deadline_seconds=self.settings.progress_deadline_seconds)
+            resources=pod_resources(settings.resources, self.settings.resources),
+            progress_deadline_seconds=self.settings.progress_deadline_seconds,
+            batching=None if settings.batching is None else str(settings.batching))
         (tmp / "serving.json").write_text(json.dumps(checked.serving))
         (tmp / WORKLOAD_FILE).write_text(json.dumps(workload.to_json()))
         shutil.rmtree(directory, ignore_errors=True)
@@ -126,7 +134,8 @@ class KubeDriver:
             version=update.version, digest=update.digest, directory=str(directory),
             entrypoint=serving["entrypoint"], framework=serving["framework"],
             prefer=list(update.prefer), package_prefer=list(serving.get("prefer") or []),
-            sample_request=serving.get("sample_request"),
+            sample_request=serving.get("sample_request"), settings=dict(update.settings),
+            package_batching=package_batching(serving),
         )
 
     def _roll_out(self, update: Update) -> None:
@@ -162,7 +171,9 @@ class KubeDriver:
         name = object_name(update.deployment)
         live = self._retrying(f"reading {name}", lambda: self.ns.deployment(name))
         running, previous = workloads_of(live) if live is not None else (None, None)
-        if running is None or running.release.digest != update.digest:
+        # The same digest with other settings is not this update's either.
+        wanted = staged_workload(update.staged) if update.staged is not None else None
+        if running is None or wanted is None or replace(running, previous=None) != wanted:
             return   # never applied, or undone already (a restart mid-rollback)
         if previous is None:
             self._retrying(f"removing {name}", lambda: self.ns.remove(name))
@@ -189,6 +200,10 @@ class KubeDriver:
             self.ns.deploy(wanted)
             return (f"Deployment {name} ran version {current.release.version}, not "
                     f"{wanted.release.version}",)
+        if (current.resources, current.batching) != (wanted.resources, wanted.batching):
+            self.ns.deploy(replace(wanted, previous=previous))
+            return (f"Deployment {name} ran other resources or batching than version "
+                    f"{wanted.release.version}'s",)
         return self.ns.deploy(replace(current, previous=previous)).drift
 
     # -- helpers ----------------------------------------------------------------
@@ -210,6 +225,33 @@ class KubeDriver:
                 log.warning("%s failed (%s); again in %ds", what, exc, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def pod_resources(wanted: DeploymentResources, default: Resources) -> Resources:
+    """What each pod asks for: the deployment's resources where it gives them (its CPU a
+    limit too, as in container mode), else the agent's --cpu/--memory; an accelerator of
+    count 0 is none."""
+    accelerators = {**default.accelerators, **dict(wanted.accelerators)}
+    return Resources(
+        cpu=default.cpu if wanted.cpu_millis is None else f"{wanted.cpu_millis}m",
+        memory=default.memory if wanted.memory_bytes is None
+        else format_memory(wanted.memory_bytes),
+        accelerators={kind: count for kind, count in accelerators.items() if count},
+        limit_cpu=wanted.cpu_millis is not None)
+
+
+def batching_refused(batching: Batching | None, serving: dict[str, Any]) -> str | None:
+    """Why the pods could not batch as asked (the model has no free batch dimension), checked
+    before anything is applied; None when they can or nothing is asked."""
+    package = package_batching(serving)
+    chosen = effective_batching(batching, None if package is None
+                                else Batching.from_json(package))
+    if chosen is None:
+        return None
+    signature = serving.get("signature")
+    why = ("the package names no model signature" if signature is None
+           else unbatchable(Signature.from_dict(signature)))
+    return None if why is None else f"batching was asked for, but the model cannot batch: {why}"
 
 
 def staged_workload(installed: Installed) -> Workload:

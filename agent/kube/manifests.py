@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
 
+from contract.settings import Batching, SettingsError
+
 # Who we are: server-side apply's field manager, and the managed-by label value.
 MANAGER: Final = "edgefleet-agent"
 # Labels (the selector uses LABEL_DEPLOYMENT only; the rest say what it is).
@@ -53,6 +55,7 @@ PORT_NAME: Final = "oip"
 RUN_DIR: Final = "/run/edgefleet"
 API_KEY_ENV: Final = "EDGEFLEET_SERVE_API_KEY"
 LOAD_ENV: Final = "EDGEFLEET_SERVE_LOAD"   # as agent/serving/autoload.py reads it
+BATCHING_ENV: Final = "EDGEFLEET_SERVE_BATCHING"   # `edgefleet serve --batching`
 READY_PATH: Final = "/v2/health/ready"
 LIVE_PATH: Final = "/v2/health/live"
 
@@ -113,25 +116,33 @@ class Release:
 @dataclass(frozen=True)
 class Resources:
     """What each pod asks for: CPU and memory requests (memory is its limit too, so a
-    pod that outgrows it is restarted rather than starving its node), and extended
-    resources such as {"nvidia.com/gpu": 1} (request = limit, as Kubernetes requires)."""
+    pod that outgrows it is restarted rather than starving its node; CPU too when
+    LIMIT_CPU: a deployment's --cpus is a limit in every mode), and extended resources
+    such as {"nvidia.com/gpu": 1} (request = limit, as Kubernetes requires)."""
 
     cpu: str = "250m"
     memory: str = "512Mi"
     accelerators: Mapping[str, int] = field(default_factory=dict)
+    limit_cpu: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"cpu": self.cpu, "memory": self.memory,
-                "accelerators": dict(sorted(self.accelerators.items()))}
+        out = {"cpu": self.cpu, "memory": self.memory,
+               "accelerators": dict(sorted(self.accelerators.items()))}
+        return {**out, "limit_cpu": True} if self.limit_cpu else out
 
     @classmethod
     def from_json(cls, value: object) -> Resources:
-        _keys(value, {"cpu", "memory", "accelerators"}, "resources")
+        keys = {"cpu", "memory", "accelerators"}
+        # Workloads written before deployment settings have no limit_cpu.
+        _keys(value, keys | ({"limit_cpu"} if isinstance(value, dict) and "limit_cpu" in value
+                             else set()), "resources")
         assert isinstance(value, dict)
         if not isinstance(value["accelerators"], dict):
             raise ManifestError("resources.accelerators must be an object")
+        if value.get("limit_cpu", True) is not True:
+            raise ManifestError("resources.limit_cpu must be true when given")
         return cls(cpu=str(value["cpu"]), memory=str(value["memory"]),
-                   accelerators=dict(value["accelerators"]))
+                   accelerators=dict(value["accelerators"]), limit_cpu="limit_cpu" in value)
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,9 @@ class Workload:
     replicas: int = 1
     resources: Resources = Resources()
     progress_deadline_seconds: int = 300
+    # The deployment's batching as `edgefleet serve --batching` reads it ("32:2", "off");
+    # None: the package's default.
+    batching: str | None = None
 
     @property
     def object_name(self) -> str:
@@ -164,23 +178,31 @@ class Workload:
 
     def to_json(self) -> dict[str, Any]:
         """Everything but `previous`."""
-        return {"name": self.name, "release": self.release.to_json(),
-                "platforms": list(self.platforms), "replicas": self.replicas,
-                "resources": self.resources.to_json(),
-                "progress_deadline_seconds": self.progress_deadline_seconds}
+        out = {"name": self.name, "release": self.release.to_json(),
+               "platforms": list(self.platforms), "replicas": self.replicas,
+               "resources": self.resources.to_json(),
+               "progress_deadline_seconds": self.progress_deadline_seconds}
+        return out if self.batching is None else {**out, "batching": self.batching}
 
     @classmethod
     def from_json(cls, value: object) -> Workload:
-        _keys(value, {"name", "release", "platforms", "replicas", "resources",
-                      "progress_deadline_seconds"}, "workload")
+        keys = {"name", "release", "platforms", "replicas", "resources",
+                "progress_deadline_seconds"}
+        # Workloads written before deployment settings have no batching.
+        _keys(value, keys | ({"batching"} if isinstance(value, dict) and "batching" in value
+                             else set()), "workload")
         assert isinstance(value, dict)
         if not isinstance(value["platforms"], list) or not isinstance(value["name"], str):
             raise ManifestError("workload name must be a string and platforms a list")
+        batching = value.get("batching")
+        if batching is not None and not isinstance(batching, str):
+            raise ManifestError("workload batching must be a string")
         workload = cls(name=value["name"], release=Release.from_json(value["release"]),
                        platforms=tuple(str(p) for p in value["platforms"]),
                        replicas=value["replicas"],
                        resources=Resources.from_json(value["resources"]),
-                       progress_deadline_seconds=value["progress_deadline_seconds"])
+                       progress_deadline_seconds=value["progress_deadline_seconds"],
+                       batching=batching)
         _check_workload(workload)
         return workload
 
@@ -249,10 +271,13 @@ def _container(target: Target, workload: Workload) -> dict[str, Any]:
                      "name": target.api_key_secret, "key": target.api_key_field}}},
                 # The pod loads and self-tests the image's own package before it is
                 # ready: no agent drives it (agent/serving/autoload.py).
-                {"name": LOAD_ENV, "value": f"{workload.name}:{workload.release.version}"}],
+                {"name": LOAD_ENV, "value": f"{workload.name}:{workload.release.version}"},
+                *([] if workload.batching is None else
+                  [{"name": BATCHING_ENV, "value": workload.batching}])],
         "resources": {
             "requests": {"cpu": res.cpu, "memory": res.memory, **extended},
-            "limits": {"memory": res.memory, **extended},
+            "limits": {**({"cpu": res.cpu} if res.limit_cpu else {}), "memory": res.memory,
+                       **extended},
         },
         # A model can take long to load: the startup probe gives it up to 5
         # minutes before liveness counts; readiness holds traffic back until then.
@@ -432,6 +457,11 @@ def _check_workload(workload: Workload) -> None:
     if not 10 <= workload.progress_deadline_seconds <= 86400:
         raise ManifestError(f"progress deadline {workload.progress_deadline_seconds} s is not "
                             "within 10..86400")
+    if workload.batching is not None:
+        try:
+            Batching.parse(workload.batching)
+        except SettingsError as exc:
+            raise ManifestError(str(exc)) from None
     _check_quantity("cpu", workload.resources.cpu)
     _check_quantity("memory", workload.resources.memory)
     for name, count in workload.resources.accelerators.items():

@@ -8,9 +8,12 @@ model named by the image's serving.json (`EDGEFLEET_SERVING`, set in the
 image config by the packager) as deployment NAME, version VERSION, and runs
 the package's sample request on it before its scoring API starts answering:
 `/v2/health/ready` (the pod's readiness probe) only succeeds once the
-self-test has passed, and a failing load or self-test exits the process
-(non-zero), which Kubernetes shows as a crash loop. The Deployment sets
-`EDGEFLEET_SERVE_LOAD`; nothing is fetched at run time.
+self-test has passed (and with `--batching`, `EDGEFLEET_SERVE_BATCHING`, the
+deployment's batching, refused like a control body's on a model that
+cannot), and a failing load or self-test exits the process (non-zero),
+which Kubernetes shows as a crash loop. The Deployment sets
+`EDGEFLEET_SERVE_LOAD` (and `EDGEFLEET_SERVE_BATCHING` when the deployment
+says); nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from agent.serving.body import NAME_PATTERN, DeploymentBody, RuntimeSettings, Ve
 from contract.errors import PackageError
 from contract.layers import SERVING_FILE
 from contract.serving import read_serving
+from contract.settings import Batching, SettingsError, effective_batching
 
 ENV: str = "EDGEFLEET_SERVE_LOAD"
 SERVING_ENV: str = "EDGEFLEET_SERVING"   # the image config's: where serving.json is
@@ -38,15 +42,20 @@ class Autoload:
     name: str
     version: str
     serving_file: Path
+    batching: Batching | None = None  # the deployment's (--batching); None: the package's
 
     @classmethod
-    def parse(cls, text: str, serving_file: Path) -> Autoload:
-        """NAME:VERSION as --load takes it."""
+    def parse(cls, text: str, serving_file: Path, batching: str | None = None) -> Autoload:
+        """NAME:VERSION as --load takes it; BATCHING as --batching does (SIZE:DELAY_MS, off)."""
         name, sep, version = text.partition(":")
         if not sep or not re.fullmatch(NAME_PATTERN, name) \
                 or not re.fullmatch(NAME_PATTERN, version):
             raise AutoloadError(f"--load {text[:80]!r} is not NAME:VERSION")
-        return cls(name, version, serving_file)
+        try:
+            chosen = None if batching is None else Batching.parse(batching)
+        except SettingsError as exc:
+            raise AutoloadError(f"--batching: {exc}") from None
+        return cls(name, version, serving_file, chosen)
 
     def body(self) -> DeploymentBody:
         """The control body that loads and self-tests this image's model."""
@@ -54,9 +63,15 @@ class Autoload:
             serving = read_serving(self.serving_file.read_bytes())
         except (OSError, PackageError) as exc:
             raise AutoloadError(f"cannot read {self.serving_file}: {exc}") from None
+        given = serving.get("batching")  # the package's default, where serving.json has one
+        try:
+            package = None if given is None else Batching.from_json(given)
+        except SettingsError as exc:
+            raise AutoloadError(f"{self.serving_file}: {exc}") from None
         return DeploymentBody(VersionBody(
             version=self.version, model_dir=self.serving_file.parent / "model",
             entrypoint=serving["entrypoint"], framework=serving["framework"],
             runtime=RuntimeSettings(prefer=tuple(serving.get("prefer") or ())),
             self_test=serving.get("sample_request"),
+            batching=effective_batching(self.batching, package),
         ))

@@ -29,7 +29,7 @@ import numpy as np
 
 from agent.serving.body import Batching
 from agent.serving.limits import Limiter
-from contract.tensors import Signature
+from contract.settings import unbatchable as unbatchable  # the one check; control.py asks
 
 # A batch whose runtime call usually takes less than this runs on the event loop:
 # the hop to a worker thread would cost more than the call (scoring.py does the same).
@@ -40,18 +40,6 @@ Inputs = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 # One request's result: its outputs, the runtime call's seconds, its share of the batch's seconds.
 Result = tuple[Outputs, float, float]
-
-
-def unbatchable(signature: Signature) -> str | None:
-    """Why a model of SIGNATURE cannot batch (no free first dimension somewhere); None if it can."""
-    for side, specs in (("input", signature.inputs), ("output", signature.outputs)):
-        for spec in specs:
-            if not spec.shape or spec.shape[0] != -1:
-                shape = list(spec.shape) if spec.shape else "unknown"
-                return f"{side} '{spec.name}' has shape {shape}, not a free first (batch) dimension"
-    if not signature.inputs:
-        return "the model has no inputs"
-    return None
 
 
 def batch_key(inputs: Inputs) -> tuple[tuple[str, str, tuple[int, ...]], ...] | None:

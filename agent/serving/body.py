@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from contract.settings import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, Batching
 from contract.tensors import FRAMEWORKS
 
 # Names and versions appear in URL paths and metric labels.
@@ -54,26 +55,6 @@ class RuntimeSettings:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
-MAX_BATCH_SIZE: Final = 4096
-MAX_BATCH_DELAY_MS: Final = 1000
-
-
-@dataclass(frozen=True)
-class Batching:
-    """Concurrent requests to a version share runtime calls (agent/serving/batching.py)."""
-
-    max_batch_size: int               # rows per runtime call, at least 2
-    max_delay_ms: int = 0             # how long a batch's first request waits for more
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.max_batch_size <= MAX_BATCH_SIZE:
-            raise BodyError(f"batching.max_batch_size: must be between 2 and {MAX_BATCH_SIZE},"
-                            f" got {self.max_batch_size}")
-        if not 0 <= self.max_delay_ms <= MAX_BATCH_DELAY_MS:
-            raise BodyError(f"batching.max_delay_ms: must be between 0 and {MAX_BATCH_DELAY_MS},"
-                            f" got {self.max_delay_ms}")
-
-
 @dataclass(frozen=True)
 class VersionBody:
     version: str
@@ -82,7 +63,8 @@ class VersionBody:
     framework: str                    # onnx, openvino, tflite
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     self_test: Mapping[str, Any] | None = None  # an inference request run before it serves
-    batching: Batching | None = None  # None: every request is a runtime call of its own
+    # contract/settings.py's, on (size 2 or more); None: every request is a runtime call
+    batching: Batching | None = None
     upstream: str | None = None       # served elsewhere on loopback: proxied, not loaded
 
 
@@ -222,7 +204,7 @@ def _batching(value: Any, name: str) -> Batching | None:
         raise BodyError(f"{name}.max_batch_size: required")
     delay = _optional_int(data.get("max_delay_ms"), f"{name}.max_delay_ms", 0,
                           MAX_BATCH_DELAY_MS)
-    return Batching(size, delay or 0)
+    return Batching(size, delay or 0)  # in range: checked above, with this body's names
 
 
 def read(value: Any) -> DeploymentBody:

@@ -60,6 +60,10 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               help="Load the package this image carries (serving.json at $EDGEFLEET_SERVING) "
                    "as NAME:VERSION and self-test it before answering; no agent needed "
                    "[env EDGEFLEET_SERVE_LOAD].")
+@click.option("--batching", envvar="EDGEFLEET_SERVE_BATCHING", metavar="SIZE[:DELAY_MS]|off",
+              help="With --load: adaptive batching of up to SIZE rows per runtime call, a "
+                   "batch's first request waiting up to DELAY_MS for more; 'off' turns off the "
+                   "package's default [env EDGEFLEET_SERVE_BATCHING].")
 def serve(
     host: str,
     port: int,
@@ -74,6 +78,7 @@ def serve(
     grpc_port: int | None,
     seed: int | None,
     load: str | None,
+    batching: str | None,
 ) -> None:
     """Serve loaded models over the Open Inference Protocol (KServe V2) REST API
     (and gRPC with --grpc-port).
@@ -91,9 +96,13 @@ def serve(
     from agent.serving.server import serve as run
 
     autoload = None
+    if batching is not None and not load:
+        raise click.UsageError("--batching is about the model --load names; the agent sets "
+                               "batching through the control socket otherwise")
     if load:
         try:
-            autoload = Autoload.parse(load, Path(os.environ.get(SERVING_ENV, DEFAULT_SERVING)))
+            autoload = Autoload.parse(load, Path(os.environ.get(SERVING_ENV, DEFAULT_SERVING)),
+                                      batching)
         except AutoloadError as e:
             raise click.BadParameter(str(e), param_hint="--load") from None
 

@@ -82,6 +82,7 @@ from contract.protocol import (
     telemetry_topic,
     verify_desired,
 )
+from contract.settings import Batching, Resources, Settings
 from contract.signing import load_public_key
 
 log = logging.getLogger("edgefleet.sim")
@@ -111,13 +112,24 @@ class Slot:
         try:
             r = saved["route"]
             primary, candidate = (
-                Running(v["version"], v["digest"], tuple(v["prefer"])) if v else None
+                Running(v["version"], v["digest"], tuple(v["prefer"]),
+                        _settings(v.get("settings"))) if v else None
                 for v in (r["primary"], r["candidate"]))
             if primary is None:
                 raise TypeError("no primary")
             return cls(saved["model"], Route(primary, candidate, r["traffic"], r["shadow"]))
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"a saved deployment is not in this sim's format ({exc})") from None
+
+
+def _settings(saved: dict[str, Any] | None) -> Settings:
+    """A Running's settings from its `asdict` (none in a sim from before settings)."""
+    if not saved:
+        return Settings()
+    r, b = saved["resources"], saved["batching"]
+    return Settings(Resources(r["cpu_millis"], r["memory_bytes"],
+                              tuple((name, count) for name, count in r["accelerators"])),
+                    None if b is None else Batching(b["max_batch_size"], b["max_delay_ms"]))
 
 
 def _status_key(item: tuple[tuple[str, int], DeploymentStatus]

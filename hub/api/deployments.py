@@ -11,9 +11,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from contract.names import DEFAULT_VARIANT
+from contract.settings import MAX_ACCELERATORS, MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, Settings
 from hub import deployments, devices, validation
 from hub.api import auth
 from hub.api.state import HubState, hub_state
@@ -33,7 +34,46 @@ class CandidateRequest(BaseModel):
     shadow: bool = False
 
 
-class DeployRequest(BaseModel):
+class ResourcesRequest(BaseModel):
+    """Left out: the agent's default (its --container-cpus, --cpu, ...). Ranges are checked
+    in contract/settings.py, with one line naming the field."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    cpus: StrictStr | StrictInt | StrictFloat | None = Field(
+        None, description="CPU cores, fractional (0.5, 2) or millicores (500m); a limit")
+    memory: StrictStr | StrictInt | None = Field(
+        None, description="memory limit in bytes, or with a unit: 512Mi, 2Gi, 500M")
+    accelerators: dict[str, StrictInt] = Field(
+        {}, max_length=MAX_ACCELERATORS,
+        description="extended resources and counts, e.g. {\"nvidia.com/gpu\": 1}")
+
+
+class BatchingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: StrictInt = Field(description="rows per runtime call, 2-"
+                                      f"{MAX_BATCH_SIZE}; 1 turns batching off")
+    max_delay_ms: StrictInt = Field(0, description="how long a batch's first request waits "
+                                    f"for more, 0-{MAX_BATCH_DELAY_MS}")
+
+
+BATCHING_HELP = ("adaptive batching for models with a free batch dimension; 'off' turns it off "
+                 "whatever the package says; left out: the package's default (else off)")
+
+
+class SettingsRequest(BaseModel):
+    """The settings fields a deployment and a rollout share."""
+
+    resources: ResourcesRequest | None = None
+    batching: BatchingRequest | Literal["off"] | None = Field(None, description=BATCHING_HELP)
+
+    def settings(self) -> Settings:
+        return deployments.settings_from(
+            None if self.resources is None else self.resources.model_dump(exclude_none=True),
+            self.batching.model_dump() if isinstance(self.batching, BatchingRequest)
+            else self.batching)
+
+
+class DeployRequest(SettingsRequest):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64)
     version: Version
@@ -60,10 +100,11 @@ async def deploy(
     candidate = None if body.candidate is None else deployments.Candidate(
         body.candidate.version, body.candidate.traffic, body.candidate.shadow,
         body.candidate.variant)
+    chosen = body.settings()
     generation = await run_in_threadpool(
         lambda: deployments.assign(
             state.db, device_id, name=name, model=body.model, version=body.version,
-            variant=body.variant, prefer=body.prefer, candidate=candidate)
+            variant=body.variant, prefer=body.prefer, candidate=candidate, settings=chosen)
     )
     _publish(state, device_id)
     desired = await run_in_threadpool(deployments.for_device, state.db, device_id)

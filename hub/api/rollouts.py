@@ -6,9 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from hub.api import auth
+from hub.api.deployments import SettingsRequest
 from hub.api.state import hub_state
 from hub.rollouts import commands, reads
 from hub.rollouts.spec import OPTIONS
@@ -23,7 +24,7 @@ def _option(name: str, **constraints: Any) -> Any:
     return Field(OPTIONS[name].default, description=OPTIONS[name].help, **constraints)
 
 
-class RolloutRequest(BaseModel):
+class RolloutRequest(SettingsRequest):
     # Ranges are checked once, in hub/rollouts/spec.py, with one line naming the option.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(max_length=64)

@@ -14,6 +14,7 @@ from contract import enrollment
 from contract.files import write_secret
 from hub import validation
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, parse_pairs, say
+from hub.cli.settings import settings_text
 
 
 def parse_duration(text: str, option: str = "--expires") -> int:
@@ -146,7 +147,7 @@ def show(device_id: str, hub: str | None, token: str | None, as_json: bool) -> N
         return
     reported = record.pop("reported")
     emit_one(record, as_json=False)
-    emit(_deployment_rows(deployed), ["deployment", "desired", "reported", "error"],
+    emit(_deployment_rows(deployed), ["deployment", "desired", "settings", "reported", "error"],
          as_json=False)
     for refusal in current_refusals(reported, record.get("applied_generation")):
         say((f"refused generation {refusal['generation']}", "yellow"),
@@ -205,6 +206,7 @@ def _deployment_rows(deployed: dict) -> list[dict[str, str]]:
         rows.append({
             "deployment": name,
             "desired": wanted or "(removed)",
+            "settings": settings_text(d) if d is not None else "",
             "reported": ", ".join(
                 f"{r['version']} {r['state']}" + (f" on {r['runtime']}:{r['device']}"
                                                   if r["runtime"] else "")

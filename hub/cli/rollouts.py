@@ -30,6 +30,7 @@ from hub.cli.output import (
     say,
     table,
 )
+from hub.cli.settings import settings_body, settings_options, settings_text
 from hub.rollouts import states
 from hub.rollouts.spec import OPTIONS
 from hub.rollouts.states import RolloutState
@@ -94,13 +95,16 @@ def rollout() -> None:
 @_option("prefer")
 @_option("max_error_rate", type=float)
 @_option("max_latency_ratio", type=float)
+@settings_options
 @hub_options
 @json_option
 def create(
     ref: str, target: str, deployment: str | None, variant: str, waves: str, max_failures: str,
     soak: str,
     device_timeout: str, auto_rollback: bool, traffic: int | None, shadow: bool, priority: int,
-    prefer: str | None, max_error_rate: float, max_latency_ratio: float, hub: str | None,
+    prefer: str | None, max_error_rate: float, max_latency_ratio: float,
+    cpus: str | None, memory: str | None, gpus: int | None, accelerators: tuple[str, ...],
+    batch_size: int | None, batch_delay_ms: int | None, hub: str | None,
     token: str | None, as_json: bool,
 ) -> None:
     """Start rolling MODEL:VERSION out to the devices matching --target.
@@ -118,6 +122,8 @@ def create(
         "shadow": shadow, "priority": priority, "max_error_rate": max_error_rate,
         "max_latency_ratio": max_latency_ratio,
         "prefer": names.comma_list(prefer),
+        **settings_body(cpus=cpus, memory=memory, gpus=gpus, accelerators=accelerators,
+                        batch_size=batch_size, batch_delay_ms=batch_delay_ms),
     })
     if as_json:
         emit_one(record, as_json=True)
@@ -234,6 +240,8 @@ def _settings(record: dict[str, Any]) -> Text:
         parts.append("shadow")
     if record.get("prefer"):
         parts.append("prefer " + ",".join(record["prefer"]))
+    if settings := settings_text(record):
+        parts.append(settings)
     return safe(", ".join(parts))
 
 

@@ -167,16 +167,18 @@ def roll_back_in(db: Database, rollout: store.Rollout, *, actor: str,
     if store.row(db, rollout.id)["state"] == "rolled_back":
         return []
     touched = db.query(
-        "SELECT device_id, previous_version, previous_variant FROM rollout_devices"
+        "SELECT device_id, previous_version, previous_variant, previous_settings"
+        " FROM rollout_devices"
         " WHERE rollout_id = ? AND assigned_at IS NOT NULL AND state != 'skipped'",
         (rollout.id,))
-    by_previous: dict[tuple[int | None, str], list[str]] = {}
+    by_previous: dict[tuple[int | None, str, str], list[str]] = {}
     for t in touched:
-        key = (t["previous_version"], t["previous_variant"] or DEFAULT_VARIANT)
+        key = (t["previous_version"], t["previous_variant"] or DEFAULT_VARIANT,
+               t["previous_settings"] or "{}")
         by_previous.setdefault(key, []).append(t["device_id"])
     spec = rollout.spec
     changed: list[str] = []
-    for (previous, variant), devices in by_previous.items():
+    for (previous, variant, settings), devices in by_previous.items():
         # Only where this rollout still owns the deployment: another rollout may have taken over.
         owned = [r["device_id"] for r in db.query(
             "SELECT device_id FROM deployments WHERE name = ? AND rollout_id = ? AND active = 1"
@@ -188,7 +190,8 @@ def roll_back_in(db: Database, rollout: store.Rollout, *, actor: str,
             deployments.unassign_many(db, owned, spec.deployment)
         else:
             deployments.assign_many(db, owned, name=spec.deployment, model=spec.model,
-                                    version=previous, variant=variant, prefer=spec.prefer)
+                                    version=previous, variant=variant, prefer=spec.prefer,
+                                    settings=deployments.stored_settings(settings))
         changed += owned
     with db.transaction() as conn:
         # Only the devices given their previous version back are rolled back; failed ones

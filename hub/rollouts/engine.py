@@ -179,7 +179,7 @@ class Engine:
             return []
         spec = rollout.spec
         current = {r["device_id"]: r for r in self.db.query(
-            "SELECT d.device_id, d.version, d.variant, d.rollout_id,"
+            "SELECT d.device_id, d.version, d.variant, d.settings, d.rollout_id,"
             " r.priority AS owner_priority,"
             " r.state AS owner_state FROM deployments d LEFT JOIN rollouts r"
             " ON r.id = d.rollout_id WHERE d.name = ? AND d.active = 1"
@@ -198,7 +198,7 @@ class Engine:
         if chosen and not spec.split:
             deployments.assign_many(self.db, chosen, name=spec.deployment, model=spec.model,
                                     version=spec.version, variant=spec.variant,
-                                    prefer=spec.prefer,
+                                    prefer=spec.prefer, settings=spec.settings,
                                     rollout_id=rollout.id, priority=spec.priority)
         elif chosen:
             candidate = deployments.Candidate(spec.version, spec.traffic or 100, spec.shadow,
@@ -217,17 +217,18 @@ class Engine:
             for (primary, variant), group in by_primary.items():
                 deployments.assign_many(self.db, group, name=spec.deployment, model=spec.model,
                                         version=primary, variant=variant, candidate=candidate,
-                                        prefer=spec.prefer, rollout_id=rollout.id,
-                                        priority=spec.priority)
+                                        prefer=spec.prefer, settings=spec.settings,
+                                        rollout_id=rollout.id, priority=spec.priority)
         stamp = self._now()
         assigned = [d for d in chosen if d not in skipped]
         with self.db.transaction() as conn:
             conn.executemany(
                 "UPDATE rollout_devices SET state = 'assigned', assigned_at = ?,"
-                " previous_version = ?, previous_variant = ? WHERE rollout_id = ?"
-                " AND device_id = ?",
+                " previous_version = ?, previous_variant = ?, previous_settings = ?"
+                " WHERE rollout_id = ? AND device_id = ?",
                 [(stamp, current[d]["version"] if d in current else None,
                   (current[d]["variant"] or DEFAULT_VARIANT) if d in current else None,
+                  (current[d]["settings"] or "{}") if d in current else None,
                   rollout.id, d) for d in assigned])
             conn.executemany(
                 "UPDATE rollout_devices SET state = 'skipped', error = ? WHERE rollout_id = ?"

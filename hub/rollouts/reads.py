@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from contract.names import DEFAULT_VARIANT
+from contract.settings import Settings, SettingsError
 from hub.rollouts import store
 from hub.rollouts.states import RolloutState
 from hub.storage.db import Database, format_time
@@ -20,6 +21,7 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     record["auto_rollback"] = bool(row["auto_rollback"])
     record["shadow"] = bool(row["shadow"])
     record["variant"] = _variant(row["spec"])
+    record.update(_settings(row["spec"]))
     return record
 
 
@@ -27,6 +29,15 @@ def _variant(spec: str | None) -> str:
     # Read from the stored spec without checking the rest: a listing shows what is stored.
     value = json.loads(spec).get("variant") if spec else None
     return value if isinstance(value, str) else DEFAULT_VARIANT
+
+
+def _settings(spec: str | None) -> dict[str, Any]:
+    """The deployment settings it gives, as `Settings.shown` writes them."""
+    value = json.loads(spec).get("settings") if spec else None
+    try:
+        return Settings.from_json(value or {}).shown()
+    except SettingsError:  # a listing shows what it can; the engine refuses a bad spec
+        return Settings().shown()
 
 
 def list_rollouts(db: Database, *, state: RolloutState | None = None) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from contract import names
 from contract.names import DEFAULT_VARIANT
+from contract.settings import Settings, SettingsError
 from hub import deployments, validation
 from hub.validation import InvalidInput
 
@@ -185,6 +186,7 @@ class RolloutSpec:
     prefer: tuple[str, ...]
     max_error_rate: float
     max_latency_ratio: float
+    settings: Settings  # the deployment's resources and batching on every device it reaches
 
     @property
     def split(self) -> bool:
@@ -206,7 +208,7 @@ class RolloutSpec:
             "device_timeout_s": self.device_timeout.seconds, "auto_rollback": self.auto_rollback,
             "traffic": self.traffic, "shadow": self.shadow, "priority": self.priority,
             "prefer": list(self.prefer), "max_error_rate": self.max_error_rate,
-            "max_latency_ratio": self.max_latency_ratio,
+            "max_latency_ratio": self.max_latency_ratio, "settings": self.settings.to_json(),
         }, sort_keys=True, separators=(",", ":"))
         if RolloutSpec.from_json(text) != self:
             raise ValueError(f"the rollout spec does not survive its stored form: {self!r}")
@@ -230,6 +232,10 @@ class RolloutSpec:
             raise ValueError(f"stored rollout spec: variant is {variant!r}")
         if not all(isinstance(v, str) for v in (*target.values(), *prefer)):
             raise ValueError("stored rollout spec: target and prefer hold strings")
+        try:  # specs stored before settings have none
+            settings = Settings.from_json(value.get("settings", {}))
+        except SettingsError as exc:
+            raise ValueError(f"stored rollout spec: {exc}") from None
         return cls(
             model=get("model", str), version=get("version", int), variant=variant,
             deployment=get("deployment", str), target=target,
@@ -240,7 +246,7 @@ class RolloutSpec:
             auto_rollback=get("auto_rollback", bool), traffic=get("traffic", int, type(None)),
             shadow=get("shadow", bool), priority=get("priority", int), prefer=tuple(prefer),
             max_error_rate=get("max_error_rate", float, int),
-            max_latency_ratio=get("max_latency_ratio", float, int),
+            max_latency_ratio=get("max_latency_ratio", float, int), settings=settings,
         )
 
 
@@ -256,7 +262,9 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
           priority: int = OPTIONS["priority"].default,
           prefer: Sequence[str] = OPTIONS["prefer"].default,
           max_error_rate: float = OPTIONS["max_error_rate"].default,
-          max_latency_ratio: float = OPTIONS["max_latency_ratio"].default) -> RolloutSpec:
+          max_latency_ratio: float = OPTIONS["max_latency_ratio"].default,
+          resources: Mapping[str, Any] | None = None,
+          batching: Mapping[str, Any] | str | None = None) -> RolloutSpec:
     """Check what a user asked for (VERSION already resolved to a number) into a spec;
     InvalidInput with one line naming the option otherwise. What needs the database
     (the package, the devices) is `commands.create`'s to check."""
@@ -293,4 +301,5 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
         auto_rollback=auto_rollback, traffic=traffic, shadow=shadow, priority=priority,
         prefer=tuple(deployments.check_prefer(prefer)), max_error_rate=float(max_error_rate),
         max_latency_ratio=float(max_latency_ratio),
+        settings=deployments.settings_from(resources, batching),
     )

@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -86,7 +86,7 @@ def _create_schema(db: _Schema) -> None:
          "digest": str, "size": int, "prefer": str, "traffic": int,
          "candidate_version": int, "candidate_digest": str, "candidate_size": int,
          "candidate_traffic": int, "candidate_shadow": int,
-         "variant": str, "candidate_variant": str,
+         "variant": str, "candidate_variant": str, "settings": str,
          "rollout_id": str, "priority": int, "active": int, "created_at": str,
          "updated_at": str},
         pk=("device_id", "name"),
@@ -166,7 +166,8 @@ def _create_schema(db: _Schema) -> None:
     db["rollouts"].create_index(["state"])
     db["rollout_devices"].create(
         {"rollout_id": str, "device_id": str, "wave": int, "state": str, "previous_version": int,
-         "previous_variant": str, "assigned_at": str, "serving_at": str, "error": str},
+         "previous_variant": str, "previous_settings": str, "assigned_at": str,
+         "serving_at": str, "error": str},
         pk=("rollout_id", "device_id"),
     )
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
@@ -208,6 +209,14 @@ def _migrate(db: _Schema) -> None:
                    " WHERE previous_version IS NOT NULL")
     if version < 4:
         _add_telemetry_rollups(db)
+    if version < 5:
+        # Per-deployment settings (contract/settings.py, canonical JSON): every deployment
+        # before them said nothing, which is "{}"; a rollback gives a device's back.
+        db["deployments"].add_column("settings", str)
+        db["rollout_devices"].add_column("previous_settings", str)
+        db.execute("UPDATE deployments SET settings = '{}'")
+        db.execute("UPDATE rollout_devices SET previous_settings = '{}'"
+                   " WHERE previous_version IS NOT NULL")
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
