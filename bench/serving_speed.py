@@ -39,7 +39,6 @@ everything: say so when quoting numbers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -54,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import numpy as np
 import onnx
@@ -66,9 +64,9 @@ sys.path.insert(0, str(ROOT))
 from agent.serving.oip import messages  # noqa: E402
 
 WIDTH = 64
+# Seconds from starting the client processes to counting: their start-up and a warm-up.
+WARMUP = 1.0
 KEY = "bench-serving-key"
-# Anchored: Inference-Header-Content-Length ends in the same words.
-_LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")
 
 
 def make_mlp(path: Path, hidden: int = 256, layers: int = 2, out: int = 16) -> Path:
@@ -215,11 +213,17 @@ def grpc_request(name: str, x: np.ndarray) -> bytes:
 
 @dataclass
 class Run:
-    done: int
     statuses: dict[int, int]
     latencies: list[float]  # of successes
     refusals: list[float]  # of 503s
     seconds: float
+    cpu: float | None = None  # the server's CPU seconds meanwhile, if measured
+
+    @property
+    def cpu_per_request(self) -> float:
+        """The server's CPU time per answered request, in ms (NaN if not measured)."""
+        answered = sum(self.statuses.values())
+        return 1000 * self.cpu / answered if self.cpu is not None and answered else float("nan")
 
     @property
     def rate(self) -> float:
@@ -231,60 +235,63 @@ class Run:
         return statistics.quantiles(self.latencies, n=100)[int(q) - 1] * 1000
 
 
-async def _http_client(url: str, payload: bytes, until: float, run: Run) -> None:
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        while time.perf_counter() < until:
-            began = time.perf_counter()
-            writer.write(payload)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = int(_LENGTH.search(head).group(1))  # type: ignore[union-attr]
-            await reader.readexactly(length)
-            took = time.perf_counter() - began
-            run.statuses[status] = run.statuses.get(status, 0) + 1
-            (run.latencies if status == 200 else run.refusals).append(took)
-    finally:
-        writer.close()
+def processes_for(clients: int) -> int:
+    """Client processes: one per 16 clients, at most 2 (the machine has 2 cores, and
+    the servers measured need one of them)."""
+    return min(2, max(1, (clients + 15) // 16))
 
 
-async def _grpc_client(address: str, payload: bytes, until: float, run: Run) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        infer = channel.unary_unary(f"/{messages.SERVICE}/ModelInfer")
-        metadata = (("x-api-key", KEY),)
-        while time.perf_counter() < until:
-            began = time.perf_counter()
-            try:
-                await infer(payload, metadata=metadata)
-                status = 200
-            except grpc.aio.AioRpcError as e:
-                status = 503 if e.code() == grpc.StatusCode.UNAVAILABLE else 500
-            took = time.perf_counter() - began
-            run.statuses[status] = run.statuses.get(status, 0) + 1
-            (run.latencies if status == 200 else run.refusals).append(took)
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process PID (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(kind: str, target: str, payload: bytes, clients: int, seconds: float) -> Run:
-    run = Run(0, {}, [], [], seconds)
-
-    async def main() -> None:
-        until = time.perf_counter() + seconds
-        client = _grpc_client if kind == "grpc" else _http_client
-        await asyncio.gather(*(client(target, payload, until, run) for _ in range(clients)))
-
-    asyncio.run(main())
+def load(kind: str, target: str, payload: bytes, clients: int, seconds: float,
+         server: int | None = None) -> Run:
+    """CLIENTS closed-loop clients in their own processes (bench/serving_load.py) for SECONDS
+    after a short warm-up; the clients' numbers merged. SERVER: the pid whose CPU time
+    per answered request is measured over the same seconds."""
+    procs = processes_for(clients)
+    with tempfile.NamedTemporaryFile(prefix="bench-payload-") as file:
+        file.write(payload)
+        file.flush()
+        start = time.time() + WARMUP
+        shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+        children = [subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/serving_load.py"), kind, target, file.name,
+             str(share), str(start), str(start + seconds)],
+            stdout=subprocess.PIPE) for share in shares]
+        cpu = None
+        if server is not None:
+            time.sleep(max(0.0, start - time.time()))
+            began = cpu_seconds(server)
+            time.sleep(max(0.0, start + seconds - time.time()))
+            cpu = cpu_seconds(server) - began
+        outputs = [child.communicate(timeout=seconds + 120)[0] for child in children]
+    run = Run({}, [], [], seconds)
+    for child, output in zip(children, outputs, strict=True):
+        if child.returncode != 0:
+            raise SystemExit(f"a client process failed ({child.returncode})")
+        part = json.loads(output)
+        for status, count in part["statuses"].items():
+            run.statuses[int(status)] = run.statuses.get(int(status), 0) + count
+        run.latencies += part["latencies"]
+        run.refusals += part["refusals"]
+    run.cpu = cpu
     return run
 
 
 def onnxruntime_direct(model_dir: Path, x: np.ndarray, seconds: float) -> Run:
+    """InferenceSession.run on X in a loop, one caller; the rate is in calls/s."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])
-    run = Run(0, {}, [], [], seconds)
+    run = Run({}, [], [], seconds)
+    session.run(None, {"x": x})
     until = time.perf_counter() + seconds
     while time.perf_counter() < until:
         began = time.perf_counter()
@@ -297,79 +304,102 @@ def onnxruntime_direct(model_dir: Path, x: np.ndarray, seconds: float) -> Run:
 # ---- the run --------------------------------------------------------------------------
 
 
-def row(label: str, run: Run, base: Run | None) -> str:
-    ratio = f"{run.rate / base.rate:5.2f}x" if base and base.rate else "     "
+def row(label: str, run: Run, base: Run | None, scale: int = 1) -> str:
+    """One line: rate (times SCALE: rows per call), p50, p99, the ratio to BASE, errors."""
+    ratio = f"{run.rate / base.rate:5.2f}x" if base and base.rate else "      "
     errors = sum(n for s, n in run.statuses.items() if s != 200)
-    return (f"{label:<34} {run.rate:9.0f}/s  p50 {run.p(50):7.2f} ms  p99 {run.p(99):7.2f} ms"
-            f"  {ratio}  {'errors ' + str(errors) if errors else ''}")
+    cpu = f"cpu {run.cpu_per_request:5.3f} ms" if run.cpu is not None else " " * 12
+    return (f"{label:<36} {run.rate * scale:8.0f}/s  p50 {run.p(50):6.2f} ms"
+            f"  p99 {run.p(99):6.2f} ms  {cpu}  {ratio}"
+            f"  {'errors ' + str(errors) if errors else ''}")
+
+
+BATCHING = {"max_batch_size": 64, "max_delay_ms": 0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per row (default 3)")
-    parser.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
+    parser.add_argument("--clients", default="1,8,32,128",
+                        help="client counts (default 1,8,32,128)")
+    parser.add_argument("--only", choices=["mlp", "heavy", "shedding"],
+                        help="one part only (default: all)")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     x = np.random.default_rng(1).normal(size=(1, WIDTH)).astype(np.float32)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores, shared)")
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
-        mlp = make_mlp(tmp / "mlp/model.onnx")
-        server = start(tmp / "serve", "--max-concurrency", "2")
-        bare, bare_url = start_bare(mlp)
-        try:
-            server.deploy("mlp", version(mlp, "1"))
-            server.deploy("mlp-batched", version(
-                mlp, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
-            direct = onnxruntime_direct(mlp, x, args.seconds)
-            print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores shared)")
-            print(row("onnxruntime direct (1 caller)", direct, None))
-            for clients in counts:
-                print(f"-- {clients} client(s)")
-                floor = load("http", bare_url, rest_request(bare_url, "mlp", x, False),
-                             clients, args.seconds)
-                print(row("bare FastAPI + onnxruntime, JSON", floor, None))
-                base = load("http", server.url, rest_request(server.url, "mlp", x, False),
-                            clients, args.seconds)
-                print(row("REST JSON     (vs bare)", base, floor))
-                binary = load("http", server.url, rest_request(server.url, "mlp", x, True),
-                              clients, args.seconds)
-                print(row("REST binary   (vs JSON)", binary, base))
-                over_grpc = load("grpc", server.grpc, grpc_request("mlp", x), clients,
-                                 args.seconds)
-                print(row("gRPC          (vs JSON)", over_grpc, base))
-                batched = load("http", server.url, rest_request(server.url, "mlp-batched", x,
-                                                                  True), clients, args.seconds)
-                print(row("REST binary batched (vs unbatched)", batched, binary))
-                grpc_batched = load("grpc", server.grpc, grpc_request("mlp-batched", x),
-                                    clients, args.seconds)
-                print(row("gRPC batched  (vs unbatched)", grpc_batched, over_grpc))
-                print(row("REST binary batched (vs bare)", batched, floor))
-        finally:
-            bare.send_signal(signal.SIGTERM)
-            bare.wait(60)
-            server.process.send_signal(signal.SIGTERM)
-            server.process.wait(60)
-        heavy(tmp, x, counts, args.seconds)
-        shedding(tmp, args.seconds)
+        if args.only in (None, "mlp"):
+            small(tmp, x, counts, args.seconds)
+        if args.only in (None, "heavy"):
+            heavy(tmp, x, counts, args.seconds)
+        if args.only in (None, "shedding"):
+            shedding(tmp, args.seconds)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+def small(tmp: Path, x: np.ndarray, counts: list[int], seconds: float) -> None:
+    """The small MLP: every transport and the bare FastAPI endpoint, batching on and off."""
+    mlp = make_mlp(tmp / "mlp/model.onnx")
+    server = start(tmp / "serve")
+    bare, bare_url = start_bare(mlp)
+    try:
+        server.deploy("mlp", version(mlp, "1"))
+        server.deploy("mlp-batched", version(mlp, "1", batching=BATCHING))
+        print("-- small MLP 64 -> 2 x 256 -> 16, one row per request; device at default"
+              " settings (--max-concurrency 2, --max-wait-ms 500)")
+        print(row("onnxruntime direct, 1 row a call", onnxruntime_direct(mlp, x, seconds),
+                  None))
+        wide = np.repeat(x, 32, axis=0)
+        print(row("onnxruntime direct, 32 rows (rows/s)", onnxruntime_direct(mlp, wide, seconds),
+                  None, scale=32))
+        for clients in counts:
+            print(f"-- {clients} client(s) in {processes_for(clients)} process(es);"
+                  " ratios against the bare FastAPI endpoint")
+            floor = load("http", bare_url, rest_request(bare_url, "mlp", x, False),
+                         clients, seconds, bare.pid)
+            print(row("bare FastAPI + onnxruntime, JSON", floor, None))
+            for model in ("mlp", "mlp-batched"):
+                batching = "on " if model == "mlp-batched" else "off"
+                for kind, label in (("json", "REST JSON"), ("binary", "REST binary"),
+                                    ("grpc", "gRPC")):
+                    if kind == "grpc":
+                        run = load("grpc", server.grpc, grpc_request(model, x), clients, seconds,
+                                   server.process.pid)
+                    else:
+                        run = load("http", server.url,
+                                   rest_request(server.url, model, x, kind == "binary"),
+                                   clients, seconds, server.process.pid)
+                    print(row(f"device {label:<11} batching {batching}", run, floor))
+    finally:
+        bare.send_signal(signal.SIGTERM)
+        bare.wait(60)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(60)
 
 
 def heavy(tmp: Path, x: np.ndarray, counts: list[int], seconds: float) -> None:
-    """A model whose call is memory-bound (~9 MB of weights read per call): what batching buys."""
-    server = start(tmp / "heavy-serve", "--max-concurrency", "2")
+    """A model whose call takes ~12 ms with one row and not much more with many: ~130 MB of
+    weights read on every call, however many rows it has."""
+    server = start(tmp / "heavy-serve")
     try:
-        model = make_mlp(tmp / "heavy/model.onnx", hidden=1024, layers=3)
+        model = make_mlp(tmp / "heavy/model.onnx", hidden=4096, layers=3)
         server.deploy("heavy", version(model, "1"))
-        server.deploy("heavy-batched", version(
-            model, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
-        alone = onnxruntime_direct(model, x, seconds)
-        print("-- heavier model: 64 -> 3 x 1024 -> 16 (~9 MB of weights), REST binary")
-        print(row("onnxruntime direct (1 caller)", alone, None))
+        server.deploy("heavy-batched", version(model, "1", batching=BATCHING))
+        print("-- heavier model: 64 -> 3 x 4096 -> 16 (~130 MB of weights), REST binary,"
+              " default settings")
+        print(row("onnxruntime direct, 1 row a call", onnxruntime_direct(model, x, seconds),
+                  None))
+        wide = np.repeat(x, 32, axis=0)
+        print(row("onnxruntime direct, 32 rows (rows/s)",
+                  onnxruntime_direct(model, wide, seconds), None, scale=32))
         for clients in counts:
             off = load("http", server.url, rest_request(server.url, "heavy", x, True), clients,
-                       seconds)
+                       seconds, server.process.pid)
             print(row(f"{clients} client(s), batching off", off, None))
             on = load("http", server.url, rest_request(server.url, "heavy-batched", x, True),
-                      clients, seconds)
+                      clients, seconds, server.process.pid)
             print(row(f"{clients} client(s), batching on (vs off)", on, off))
     finally:
         server.process.send_signal(signal.SIGTERM)

@@ -31,10 +31,10 @@ from agent.serving.body import Batching
 from agent.serving.limits import Limiter
 from contract.tensors import Signature
 
-# A batch whose runtime call usually takes less than this runs on the event loop:
-# the hop to a worker thread would cost more than the call (scoring.py does the same).
+# A batch whose runtime call should take less than this (its rows times the recent
+# seconds per row) runs on the event loop: the hop to a worker thread and back costs more
+# than such a call, and on two busy cores far more (scoring.py does the same per request).
 INLINE_MAX_SECONDS = 0.0003
-INLINE_MAX_ROWS = 8
 
 Inputs = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -125,7 +125,7 @@ class Batcher:
         self._rows = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._typical = float("inf")  # smoothed seconds of one runtime call, small batches
+        self._per_row = float("inf")  # smoothed seconds per row of recent batches
 
     def submit(
         self, inputs: Inputs, expected: float, release: Callable[[], None]
@@ -184,12 +184,13 @@ class Batcher:
             started = time.perf_counter()
             results = run_batch(self._infer, [item.inputs for item in batch])
             seconds = time.perf_counter() - started
-            if rows <= INLINE_MAX_ROWS:
-                self._typical = (seconds if self._typical == float("inf")
-                                 else 0.9 * self._typical + 0.1 * seconds)
+            # Per row, over all batch sizes: overestimates small batches (a call has a
+            # fixed cost), which errs towards the thread.
+            self._per_row = (seconds / rows if self._per_row == float("inf")
+                             else 0.9 * self._per_row + 0.1 * seconds / rows)
             return results, seconds
 
-        if rows <= INLINE_MAX_ROWS and self._typical < INLINE_MAX_SECONDS:
+        if rows * self._per_row < INLINE_MAX_SECONDS:
             inline: Future[tuple[list[Outputs | Exception], float]] = Future()
             try:
                 inline.set_result(work())

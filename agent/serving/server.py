@@ -29,6 +29,7 @@ from agent.serving import app as scoring_app
 from agent.serving import control
 from agent.serving.autoload import Autoload, AutoloadError
 from agent.serving.errors import ServingError
+from agent.serving.front import FrontProtocol
 from agent.serving.limits import Limiter
 from agent.serving.scoring import Scorer
 from agent.serving.shadow import Shadow
@@ -115,7 +116,8 @@ class _Server(uvicorn.Server):
 async def _serve_all(apps: list[tuple[ASGIApp, socket.socket]], graceful_seconds: float) -> None:
     servers = [
         _Server(uvicorn.Config(
-            app, lifespan="off", access_log=False, log_level="warning",
+            app, http=FrontProtocol, lifespan="off", access_log=False, log_level="warning",
+            proxy_headers=False,  # nothing here reads the client's address
             timeout_graceful_shutdown=int(graceful_seconds),
         ))
         for app, _ in apps
