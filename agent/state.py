@@ -34,6 +34,7 @@ class Installed:
     framework: str
     prefer: list[str]            # as the desired state asks (may be empty)
     package_prefer: list[str] = field(default_factory=list)  # serving.json's default
+    package_batching: dict[str, int] | None = None  # serving.json's batching default, if any
     sample_request: dict[str, Any] | None = None
     image: str | None = None     # container mode: the engine's image id (the signed config)
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.decisions import still_serving
 from agent.package_store import StagedVersion, StageError
-from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
+from agent.serving.body import Batching, DeploymentBody, RuntimeSettings, VersionBody
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
 from contract.protocol import Package, UpdateState, format_time
@@ -145,6 +145,7 @@ def version_body(installed: Installed, *, self_test: bool = False) -> VersionBod
         framework=installed.framework,
         runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
         self_test=(installed.sample_request or None) if self_test else None,
+        batching=Batching(**installed.package_batching) if installed.package_batching else None,
     )
 
 
@@ -273,6 +274,7 @@ class Updater:
                 entrypoint=staged.entrypoint, framework=staged.framework,
                 prefer=list(update.prefer),
                 package_prefer=list(staged.serving.get("prefer") or []),
+                package_batching=staged.serving.get("batching"),
                 sample_request=staged.sample_request, image=staged.image,
             )
         elif state is S.STARTING:

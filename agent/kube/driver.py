@@ -126,6 +126,7 @@ class KubeDriver:
             version=update.version, digest=update.digest, directory=str(directory),
             entrypoint=serving["entrypoint"], framework=serving["framework"],
             prefer=list(update.prefer), package_prefer=list(serving.get("prefer") or []),
+            package_batching=serving.get("batching"),
             sample_request=serving.get("sample_request"),
         )
 

@@ -19,7 +19,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.serving.body import NAME_PATTERN, DeploymentBody, RuntimeSettings, VersionBody
+from agent.serving.body import (
+    NAME_PATTERN,
+    Batching,
+    DeploymentBody,
+    RuntimeSettings,
+    VersionBody,
+)
 from contract.errors import PackageError
 from contract.layers import SERVING_FILE
 from contract.serving import read_serving
@@ -59,4 +65,5 @@ class Autoload:
             entrypoint=serving["entrypoint"], framework=serving["framework"],
             runtime=RuntimeSettings(prefer=tuple(serving.get("prefer") or ())),
             self_test=serving.get("sample_request"),
+            batching=Batching(**serving["batching"]) if serving.get("batching") else None,
         ))

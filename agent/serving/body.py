@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from contract.serving import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE
 from contract.tensors import FRAMEWORKS
 
 # Names and versions appear in URL paths and metric labels.
@@ -53,9 +54,6 @@ class RuntimeSettings:
     threads: int | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
-
-MAX_BATCH_SIZE: Final = 4096
-MAX_BATCH_DELAY_MS: Final = 1000
 
 
 @dataclass(frozen=True)
