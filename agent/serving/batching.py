@@ -29,6 +29,7 @@ import numpy as np
 
 from agent.serving.body import Batching
 from agent.serving.limits import Limiter
+from agent.serving.table import settle
 from contract.tensors import Signature
 
 # A batch whose runtime call should take less than this (its rows times the recent
@@ -125,7 +126,7 @@ class Batcher:
         self._rows = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._per_row = float("inf")  # smoothed seconds per row of recent batches
+        self._per_row = float("inf")  # seconds per row of recent batches (settle)
 
     def submit(
         self, inputs: Inputs, expected: float, release: Callable[[], None]
@@ -186,8 +187,7 @@ class Batcher:
             seconds = time.perf_counter() - started
             # Per row, over all batch sizes: overestimates small batches (a call has a
             # fixed cost), which errs towards the thread.
-            self._per_row = (seconds / rows if self._per_row == float("inf")
-                             else 0.9 * self._per_row + 0.1 * seconds / rows)
+            self._per_row = settle(self._per_row, seconds / rows)
             return results, seconds
 
         if rows * self._per_row < INLINE_MAX_SECONDS:
