@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -179,6 +180,10 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
             # Before the servers start: the readiness probe gets no answer until the
             # model is loaded and its self-test passed (see agent/serving/autoload.py).
             await _autoload(controller, options.autoload)
+        # What start-up made (modules, apps, FastAPI's models: most of the heap) lives as
+        # long as the process: out of the collector's sight, a full collection walks only
+        # what requests left, instead of pausing every request in flight for all of it.
+        gc.freeze()
         await _serve_all(apps, options.graceful_seconds)
     finally:
         if grpc_server is not None:
