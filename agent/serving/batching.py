@@ -32,9 +32,11 @@ from agent.serving.limits import Limiter
 from agent.serving.table import settle
 from contract.tensors import Signature
 
-# A batch whose runtime call should take less than this (its rows times the recent
-# seconds per row) runs on the event loop: the hop to a worker thread and back costs more
-# than such a call, and on two busy cores far more (scoring.py does the same per request).
+# A batch whose runtime call should take less than this runs on the event loop: the hop to
+# a worker thread and back costs more than such a call, and on two busy cores far more
+# (scoring.py does the same per request). The prediction is the larger of the recent
+# shortest call (a call's fixed cost) and the batch's rows times the recent lowest seconds
+# per row (what grows with the rows), each kept by table.settle.
 INLINE_MAX_SECONDS = 0.0003
 
 Inputs = Mapping[str, np.ndarray]
@@ -126,7 +128,8 @@ class Batcher:
         self._rows = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._per_row = float("inf")  # seconds per row of recent batches (settle)
+        self._call = float("inf")  # seconds of the shortest recent call (settle)
+        self._per_row = float("inf")  # seconds per row of the cheapest recent rows (settle)
 
     def submit(
         self, inputs: Inputs, expected: float, release: Callable[[], None]
@@ -185,12 +188,11 @@ class Batcher:
             started = time.perf_counter()
             results = run_batch(self._infer, [item.inputs for item in batch])
             seconds = time.perf_counter() - started
-            # Per row, over all batch sizes: overestimates small batches (a call has a
-            # fixed cost), which errs towards the thread.
+            self._call = settle(self._call, seconds)
             self._per_row = settle(self._per_row, seconds / rows)
             return results, seconds
 
-        if rows * self._per_row < INLINE_MAX_SECONDS:
+        if max(self._call, rows * self._per_row) < INLINE_MAX_SECONDS:
             inline: Future[tuple[list[Outputs | Exception], float]] = Future()
             try:
                 inline.set_result(work())
