@@ -1,45 +1,56 @@
-"""Benchmark the serving process's transports, batching and load shedding, in one run.
+"""Benchmark the serving process against a bare FastAPI endpoint, its transports, batching
+and load shedding, in one run.
 
-    .venv/bin/python bench/serving_speed.py              # ~2 min on 2 cores
-    .venv/bin/python bench/serving_speed.py --seconds 1  # quick look
+    .venv/bin/python bench/serving_speed.py                        # ~8 min on 2 cores
+    .venv/bin/python bench/serving_speed.py --only mlp --rounds 1  # quick look
+    .venv/bin/python bench/serving_speed.py --clients 32 --rounds 5
 
-One `edgefleet serve` process (--max-concurrency 2, --grpc-port 0) serves a
-small MLP (input "x" FP32 [N, 64], 64 -> 256 -> 256 -> 16 with ReLU, built
-here with onnx) twice: "mlp" answers each request with its own runtime call,
-"mlp-batched" has adaptive batching on (max_batch_size 64, max_delay_ms 0).
-Closed-loop clients (each sends its next request when the last is answered,
-one keep-alive connection or channel each, all in this process on one asyncio
-loop) run for --seconds per row, every request one row of 64 floats:
+Servers. One `edgefleet serve` process at its default settings
+(--max-concurrency 2, --max-queue 128, --max-wait-ms 500; --grpc-port 0)
+serves a small MLP (input "x" FP32 [N, 64], 64 -> 256 -> 256 -> 16 with
+ReLU, built here with onnx) twice: "mlp" answers each request with its own
+runtime call, "mlp-batched" has adaptive batching on (max_batch_size 64,
+max_delay_ms 0). Beside it, in its own uvicorn process, the baseline a user
+would write: one FastAPI route that reads the same JSON request, runs an
+InferenceSession (one intra-op thread, like the device's) and answers JSON,
+with no key, no checks and no metrics.
 
-* REST JSON and REST binary: raw HTTP/1.1 on asyncio streams (prepared
-  bytes, no client library in the way); gRPC: grpcio's asyncio channel with
-  the request serialized once. Rows: requests/s, p50 and p99 latency, and
-  the ratio of each transport's throughput to REST JSON's, and batching on
-  to off, at 1, 8 and 32 clients.
-* bare FastAPI + onnxruntime: a uvicorn process with one FastAPI route that
-  reads the JSON request, runs the session and answers JSON, nothing else:
-  the baseline the issue compares with (REST JSON and batched REST binary
-  rows give their ratio to it).
-* onnxruntime direct: InferenceSession.run on one row in a loop in this
-  process: the ceiling of one caller without any server.
-* heavier model: the same MLP with three hidden layers of 1024 (~9 MB of
-  weights, read on every call however many rows it has), batching off and
-  on: what merging requests buys when the runtime call dominates.
+Clients. Closed loop (each client sends its next request when the last is
+answered), one keep-alive connection or channel each, in their own processes
+(bench/serving_load.py: 1 process up to 16 clients, else 2), so the load
+generator is not the server's event loop. HTTP clients send prepared bytes
+and only look for Content-Length in the answer, a few microseconds a request;
+gRPC clients use grpcio's asyncio channel, which costs much more per call, so
+the gRPC rows are partly the client's limit. Each configuration runs
+--seconds after a 1 s warm-up, in --rounds rounds that interleave all the
+configurations, so a change in the machine's load hits them alike.
+
+Rows, at 1, 8, 32 and 128 clients: answered requests/s (over all rounds),
+p50 and p99 latency as the clients see it, the server process's CPU time per
+answered request (all its threads, from /proc; steadier than the rate on a
+shared machine) and the median over rounds of the rate's ratio to the bare
+endpoint's in the same round. Also:
+
+* onnxruntime direct: InferenceSession.run in a loop in this process, one
+  row a call and 32 rows a call (rows/s): the ceiling without any server.
+* heavier model: the same MLP with three hidden layers of 4096 (~130 MB of
+  weights, read on every call: ~12 ms with one row, ~40 ms with 32 here),
+  REST binary, batching off and on: what merging requests buys when the
+  runtime call dominates.
 * shedding: a slow model (~N ms per call, tuned at start to about 20 ms)
   with --max-wait-ms 100 under 32 clients: how many requests are answered,
   how many get 503 and how fast the 503 comes (it should be at once), and
   from the server's own histogram how long the answered ones took inside it
   (body received to response, queue wait included) against the budget.
 
-The client shares the 2 cores with the server, so absolute figures are low
-and noisy; compare the ratios within one run. Other jobs on the machine skew
-everything: say so when quoting numbers.
+Servers and clients share the machine's 2 cores, and other jobs on it skew
+everything: quote the load average the run prints with its numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import os
 import re
@@ -50,11 +61,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import numpy as np
 import onnx
@@ -66,9 +77,9 @@ sys.path.insert(0, str(ROOT))
 from agent.serving.oip import messages  # noqa: E402
 
 WIDTH = 64
+# Seconds from starting the client processes to counting: their start-up and a warm-up.
+WARMUP = 1.0
 KEY = "bench-serving-key"
-# Anchored: Inference-Header-Content-Length ends in the same words.
-_LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")
 
 
 def make_mlp(path: Path, hidden: int = 256, layers: int = 2, out: int = 16) -> Path:
@@ -215,11 +226,17 @@ def grpc_request(name: str, x: np.ndarray) -> bytes:
 
 @dataclass
 class Run:
-    done: int
     statuses: dict[int, int]
     latencies: list[float]  # of successes
     refusals: list[float]  # of 503s
     seconds: float
+    cpu: float | None = None  # the server's CPU seconds meanwhile, if measured
+
+    @property
+    def cpu_per_request(self) -> float:
+        """The server's CPU time per answered request, in ms (NaN if not measured)."""
+        answered = sum(self.statuses.values())
+        return 1000 * self.cpu / answered if self.cpu is not None and answered else float("nan")
 
     @property
     def rate(self) -> float:
@@ -231,60 +248,63 @@ class Run:
         return statistics.quantiles(self.latencies, n=100)[int(q) - 1] * 1000
 
 
-async def _http_client(url: str, payload: bytes, until: float, run: Run) -> None:
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        while time.perf_counter() < until:
-            began = time.perf_counter()
-            writer.write(payload)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = int(_LENGTH.search(head).group(1))  # type: ignore[union-attr]
-            await reader.readexactly(length)
-            took = time.perf_counter() - began
-            run.statuses[status] = run.statuses.get(status, 0) + 1
-            (run.latencies if status == 200 else run.refusals).append(took)
-    finally:
-        writer.close()
+def processes_for(clients: int) -> int:
+    """Client processes: one per 16 clients, at most 2 (the machine has 2 cores, and
+    the servers measured need one of them)."""
+    return min(2, max(1, (clients + 15) // 16))
 
 
-async def _grpc_client(address: str, payload: bytes, until: float, run: Run) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        infer = channel.unary_unary(f"/{messages.SERVICE}/ModelInfer")
-        metadata = (("x-api-key", KEY),)
-        while time.perf_counter() < until:
-            began = time.perf_counter()
-            try:
-                await infer(payload, metadata=metadata)
-                status = 200
-            except grpc.aio.AioRpcError as e:
-                status = 503 if e.code() == grpc.StatusCode.UNAVAILABLE else 500
-            took = time.perf_counter() - began
-            run.statuses[status] = run.statuses.get(status, 0) + 1
-            (run.latencies if status == 200 else run.refusals).append(took)
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process PID (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(kind: str, target: str, payload: bytes, clients: int, seconds: float) -> Run:
-    run = Run(0, {}, [], [], seconds)
-
-    async def main() -> None:
-        until = time.perf_counter() + seconds
-        client = _grpc_client if kind == "grpc" else _http_client
-        await asyncio.gather(*(client(target, payload, until, run) for _ in range(clients)))
-
-    asyncio.run(main())
+def load(kind: str, target: str, payload: bytes, clients: int, seconds: float,
+         server: int | None = None) -> Run:
+    """CLIENTS closed-loop clients in their own processes (bench/serving_load.py) for SECONDS
+    after a short warm-up; the clients' numbers merged. SERVER: the pid whose CPU time
+    per answered request is measured over the same seconds."""
+    procs = processes_for(clients)
+    with tempfile.NamedTemporaryFile(prefix="bench-payload-") as file:
+        file.write(payload)
+        file.flush()
+        start = time.time() + WARMUP
+        shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+        children = [subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/serving_load.py"), kind, target, file.name,
+             str(share), str(start), str(start + seconds)],
+            stdout=subprocess.PIPE) for share in shares]
+        cpu = None
+        if server is not None:
+            time.sleep(max(0.0, start - time.time()))
+            began = cpu_seconds(server)
+            time.sleep(max(0.0, start + seconds - time.time()))
+            cpu = cpu_seconds(server) - began
+        outputs = [child.communicate(timeout=seconds + 120)[0] for child in children]
+    run = Run({}, [], [], seconds)
+    for child, output in zip(children, outputs, strict=True):
+        if child.returncode != 0:
+            raise SystemExit(f"a client process failed ({child.returncode})")
+        part = json.loads(output)
+        for status, count in part["statuses"].items():
+            run.statuses[int(status)] = run.statuses.get(int(status), 0) + count
+        run.latencies += part["latencies"]
+        run.refusals += part["refusals"]
+    run.cpu = cpu
     return run
 
 
 def onnxruntime_direct(model_dir: Path, x: np.ndarray, seconds: float) -> Run:
+    """InferenceSession.run on X in a loop, one caller; the rate is in calls/s."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])
-    run = Run(0, {}, [], [], seconds)
+    run = Run({}, [], [], seconds)
+    session.run(None, {"x": x})
     until = time.perf_counter() + seconds
     while time.perf_counter() < until:
         began = time.perf_counter()
@@ -297,80 +317,135 @@ def onnxruntime_direct(model_dir: Path, x: np.ndarray, seconds: float) -> Run:
 # ---- the run --------------------------------------------------------------------------
 
 
-def row(label: str, run: Run, base: Run | None) -> str:
-    ratio = f"{run.rate / base.rate:5.2f}x" if base and base.rate else "     "
+def row(label: str, run: Run, ratio: float | None = None, scale: int = 1) -> str:
+    """One line: rate (times SCALE: rows per call), p50, p99, server CPU per request,
+    RATIO, errors."""
+    shown = f"{ratio:5.2f}x" if ratio is not None else "      "
     errors = sum(n for s, n in run.statuses.items() if s != 200)
-    return (f"{label:<34} {run.rate:9.0f}/s  p50 {run.p(50):7.2f} ms  p99 {run.p(99):7.2f} ms"
-            f"  {ratio}  {'errors ' + str(errors) if errors else ''}")
+    cpu = f"cpu {run.cpu_per_request:5.3f} ms" if run.cpu is not None else " " * 12
+    return (f"{label:<36} {run.rate * scale:8.0f}/s  p50 {run.p(50):6.2f} ms"
+            f"  p99 {run.p(99):6.2f} ms  {cpu}  {shown}"
+            f"  {'errors ' + str(errors) if errors else ''}")
+
+
+def merged(runs: list[Run]) -> Run:
+    """RUNS (one configuration's rounds) as one: counts and seconds added, latencies pooled."""
+    total = Run({}, [], [], sum(r.seconds for r in runs), 0.0)
+    for r in runs:
+        for status, count in r.statuses.items():
+            total.statuses[status] = total.statuses.get(status, 0) + count
+        total.latencies += r.latencies
+        total.refusals += r.refusals
+        total.cpu = None if r.cpu is None or total.cpu is None else total.cpu + r.cpu
+    return total
+
+
+def ratio(runs: list[Run], bases: list[Run]) -> float:
+    """The median over rounds of RUNS' rate to BASES' rate in the same round: the rounds
+    interleave the configurations, so a change in the machine's load hits both sides."""
+    return statistics.median(r.rate / b.rate if b.rate else float("nan")
+                             for r, b in zip(runs, bases, strict=True))
+
+
+BATCHING = {"max_batch_size": 64, "max_delay_ms": 0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per row (default 3)")
-    parser.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
+    parser.add_argument("--seconds", type=float, default=1.5,
+                        help="per configuration and round (default 1.5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over all configurations, interleaved (default 3)")
+    parser.add_argument("--clients", default="1,8,32,128",
+                        help="client counts (default 1,8,32,128)")
+    parser.add_argument("--only", choices=["mlp", "heavy", "shedding"],
+                        help="one part only (default: all)")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     x = np.random.default_rng(1).normal(size=(1, WIDTH)).astype(np.float32)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores, shared)")
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
-        mlp = make_mlp(tmp / "mlp/model.onnx")
-        server = start(tmp / "serve", "--max-concurrency", "2")
-        bare, bare_url = start_bare(mlp)
-        try:
-            server.deploy("mlp", version(mlp, "1"))
-            server.deploy("mlp-batched", version(
-                mlp, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
-            direct = onnxruntime_direct(mlp, x, args.seconds)
-            print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores shared)")
-            print(row("onnxruntime direct (1 caller)", direct, None))
-            for clients in counts:
-                print(f"-- {clients} client(s)")
-                floor = load("http", bare_url, rest_request(bare_url, "mlp", x, False),
-                             clients, args.seconds)
-                print(row("bare FastAPI + onnxruntime, JSON", floor, None))
-                base = load("http", server.url, rest_request(server.url, "mlp", x, False),
-                            clients, args.seconds)
-                print(row("REST JSON     (vs bare)", base, floor))
-                binary = load("http", server.url, rest_request(server.url, "mlp", x, True),
-                              clients, args.seconds)
-                print(row("REST binary   (vs JSON)", binary, base))
-                over_grpc = load("grpc", server.grpc, grpc_request("mlp", x), clients,
-                                 args.seconds)
-                print(row("gRPC          (vs JSON)", over_grpc, base))
-                batched = load("http", server.url, rest_request(server.url, "mlp-batched", x,
-                                                                  True), clients, args.seconds)
-                print(row("REST binary batched (vs unbatched)", batched, binary))
-                grpc_batched = load("grpc", server.grpc, grpc_request("mlp-batched", x),
-                                    clients, args.seconds)
-                print(row("gRPC batched  (vs unbatched)", grpc_batched, over_grpc))
-                print(row("REST binary batched (vs bare)", batched, floor))
-        finally:
-            bare.send_signal(signal.SIGTERM)
-            bare.wait(60)
-            server.process.send_signal(signal.SIGTERM)
-            server.process.wait(60)
-        heavy(tmp, x, counts, args.seconds)
-        shedding(tmp, args.seconds)
+        if args.only in (None, "mlp"):
+            small(tmp, x, counts, args.seconds, args.rounds)
+        if args.only in (None, "heavy"):
+            heavy(tmp, x, counts, args.seconds, args.rounds)
+        if args.only in (None, "shedding"):
+            shedding(tmp, args.seconds)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
-def heavy(tmp: Path, x: np.ndarray, counts: list[int], seconds: float) -> None:
-    """A model whose call is memory-bound (~9 MB of weights read per call): what batching buys."""
-    server = start(tmp / "heavy-serve", "--max-concurrency", "2")
+def small(tmp: Path, x: np.ndarray, counts: list[int], seconds: float, rounds: int) -> None:
+    """The small MLP: every transport and the bare FastAPI endpoint, batching on and off."""
+    mlp = make_mlp(tmp / "mlp/model.onnx")
+    server = start(tmp / "serve")
+    bare, bare_url = start_bare(mlp)
     try:
-        model = make_mlp(tmp / "heavy/model.onnx", hidden=1024, layers=3)
-        server.deploy("heavy", version(model, "1"))
-        server.deploy("heavy-batched", version(
-            model, "1", batching={"max_batch_size": 64, "max_delay_ms": 0}))
-        alone = onnxruntime_direct(model, x, seconds)
-        print("-- heavier model: 64 -> 3 x 1024 -> 16 (~9 MB of weights), REST binary")
-        print(row("onnxruntime direct (1 caller)", alone, None))
+        server.deploy("mlp", version(mlp, "1"))
+        server.deploy("mlp-batched", version(mlp, "1", batching=BATCHING))
+        print("-- small MLP 64 -> 2 x 256 -> 16, one row per request; device at default"
+              " settings (--max-concurrency 2, --max-wait-ms 500)")
+        print(row("onnxruntime direct, 1 row a call", onnxruntime_direct(mlp, x, seconds)))
+        wide = np.repeat(x, 32, axis=0)
+        print(row("onnxruntime direct, 32 rows (rows/s)", onnxruntime_direct(mlp, wide, seconds),
+                  scale=32))
+        pid = server.process.pid
+        configs: dict[str, Callable[[int], Run]] = {
+            "bare FastAPI + onnxruntime, JSON": lambda n: load(
+                "http", bare_url, rest_request(bare_url, "mlp", x, False), n, seconds, bare.pid)}
+        for model, batching in (("mlp", "off"), ("mlp-batched", "on ")):
+            configs |= {
+                f"device REST JSON   batching {batching}": functools.partial(
+                    load, "http", server.url, rest_request(server.url, model, x, False),
+                    seconds=seconds, server=pid),
+                f"device REST binary batching {batching}": functools.partial(
+                    load, "http", server.url, rest_request(server.url, model, x, True),
+                    seconds=seconds, server=pid),
+                f"device gRPC        batching {batching}": functools.partial(
+                    load, "grpc", server.grpc, grpc_request(model, x), seconds=seconds,
+                    server=pid)}
         for clients in counts:
-            off = load("http", server.url, rest_request(server.url, "heavy", x, True), clients,
-                       seconds)
-            print(row(f"{clients} client(s), batching off", off, None))
-            on = load("http", server.url, rest_request(server.url, "heavy-batched", x, True),
-                      clients, seconds)
-            print(row(f"{clients} client(s), batching on (vs off)", on, off))
+            print(f"-- {clients} client(s) in {processes_for(clients)} process(es), {rounds}"
+                  " rounds; ratio: median of each round's to the bare FastAPI endpoint")
+            runs: dict[str, list[Run]] = {label: [] for label in configs}
+            for _ in range(rounds):
+                for label, measure in configs.items():
+                    runs[label].append(measure(clients))
+            bases = next(iter(runs.values()))
+            for label, measured in runs.items():
+                shown = None if measured is bases else ratio(measured, bases)
+                print(row(label, merged(measured), shown))
+    finally:
+        bare.send_signal(signal.SIGTERM)
+        bare.wait(60)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(60)
+
+
+def heavy(tmp: Path, x: np.ndarray, counts: list[int], seconds: float, rounds: int) -> None:
+    """A model whose call takes ~12 ms with one row and not much more with many: ~130 MB of
+    weights read on every call, however many rows it has."""
+    server = start(tmp / "heavy-serve")
+    try:
+        model = make_mlp(tmp / "heavy/model.onnx", hidden=4096, layers=3)
+        server.deploy("heavy", version(model, "1"))
+        server.deploy("heavy-batched", version(model, "1", batching=BATCHING))
+        print("-- heavier model: 64 -> 3 x 4096 -> 16 (~130 MB of weights), REST binary,"
+              " default settings")
+        print(row("onnxruntime direct, 1 row a call", onnxruntime_direct(model, x, seconds)))
+        wide = np.repeat(x, 32, axis=0)
+        print(row("onnxruntime direct, 32 rows (rows/s)",
+                  onnxruntime_direct(model, wide, seconds), scale=32))
+        for clients in counts:
+            runs: dict[str, list[Run]] = {"heavy": [], "heavy-batched": []}
+            for _ in range(rounds):
+                for name, measured in runs.items():
+                    measured.append(load("http", server.url,
+                                         rest_request(server.url, name, x, True), clients,
+                                         seconds, server.process.pid))
+            print(row(f"{clients} client(s), batching off", merged(runs["heavy"])))
+            print(row(f"{clients} client(s), batching on (vs off)",
+                      merged(runs["heavy-batched"]), ratio(runs["heavy-batched"], runs["heavy"])))
     finally:
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(60)
@@ -403,7 +478,7 @@ def shedding(tmp: Path, seconds: float) -> None:
         x = np.ones((rows, WIDTH), np.float32)
         payload = rest_request(server.url, "slow", x, True)
         one = load("http", server.url, payload, 1, seconds)
-        burst = load("http", server.url, payload, 32, seconds)
+        burst = load("http", server.url, payload, 32, 2 * seconds)
         print(f"-- shedding: slow model, {rows} rows per request, --max-wait-ms 100,"
               " --max-concurrency 2")
         print(row("1 client", one, None))

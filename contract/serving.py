@@ -5,11 +5,16 @@
      "signature": {"inputs": [...], "outputs": [...]},
      "prefer": ["onnxruntime:CUDA", "onnxruntime:CPU"],
      "sample_request": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
-                                    "data": [1.0, 1.0, 1.0]}]}}
+                                    "data": [1.0, 1.0, 1.0]}]},
+     "batching": {"max_batch_size": 32, "max_delay_ms": 0}}
 
 `entrypoint` is relative to /opt/edgefleet/model/. `sample_request` is an
 Open Inference Protocol (KServe V2) request the agent sends as its self-test,
-or null when the model has no signature. The packager builds it with
+or null when the model has no signature. `batching`, present only when the
+packager measured that batching pays off for this model (packager/batching.py),
+is the serving process's default for it: the agent uses it unless the
+deployment says otherwise. A serving.json without it (every package built
+before it existed) means no default: off. The packager builds it with
 `serving_document`, which reads its own output back, and the agent reads it
 with `read_serving`: one schema for both. Stdlib only.
 """
@@ -19,14 +24,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from contract import names
 from contract.errors import FormatError, PackageError
 from contract.runtimes import RUNTIMES
 from contract.tensors import NUMPY_DTYPES
+from contract.settings import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE  # one home for the bounds
 
 SCHEMA = "edgefleet.serving/v1"
+
+BATCHING_FIELDS: Final = ("max_batch_size", "max_delay_ms")
 
 # Ones, not zeros: a zero input hits log/divide edge cases in common models and
 # would fail the self-test for the wrong reason.
@@ -70,8 +78,9 @@ def serving_document(
     signature: Mapping[str, Any] | None,
     prefer: Sequence[str],
     sample_request: Mapping[str, Any] | None,
+    batching: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    document = {
+    document: dict[str, Any] = {
         "schema": SCHEMA,
         "model": model,
         "version": version,
@@ -82,6 +91,8 @@ def serving_document(
         "prefer": list(prefer),
         "sample_request": None if sample_request is None else dict(sample_request),
     }
+    if batching is not None:  # absent otherwise: serving.json stays as it was before
+        document["batching"] = dict(batching)
     return check_serving(document)
 
 
@@ -104,8 +115,9 @@ def check_serving(document: Any) -> dict[str, Any]:
         raise FormatError("serving.json is not a JSON object")
     if document.get("schema") != SCHEMA:
         raise FormatError(f"serving.json has schema {document.get('schema')!r}, not {SCHEMA!r}")
-    if sorted(document) != sorted(_FIELDS):
-        raise FormatError(f"serving.json has fields {sorted(document)}; expected {sorted(_FIELDS)}")
+    if sorted(set(document) - {"batching"}) != sorted(_FIELDS):
+        raise FormatError(f"serving.json has fields {sorted(document)}; expected"
+                          f" {sorted(_FIELDS)} and optionally batching")
     try:
         names.model_name(document["model"])
         names.relative_path(document["entrypoint"])
@@ -129,7 +141,35 @@ def check_serving(document: Any) -> dict[str, Any]:
     if request is not None and not (isinstance(request, dict)
                                     and isinstance(request.get("inputs"), list)):
         raise FormatError("serving.json: sample_request is not a V2 request with inputs")
+    if "batching" in document:
+        check_batching(document["batching"])
+        if not batchable(document["signature"]):
+            raise FormatError("serving.json: batching needs a signature whose every input and"
+                              " output has a free first (batch) dimension")
     return document
+
+
+def batchable(signature: Mapping[str, Any] | None) -> bool:
+    """True if every input and output of SIGNATURE (serving.json's form) has a free first
+    dimension, so requests can be stacked along it."""
+    if signature is None or not signature["inputs"]:
+        return False
+    return all(t["shape"][:1] == [-1] for side in ("inputs", "outputs") for t in signature[side])
+
+
+def check_batching(value: Any) -> dict[str, int]:
+    """serving.json's batching default: exactly max_batch_size (2 to MAX_BATCH_SIZE rows
+    per runtime call) and max_delay_ms (0 to MAX_BATCH_DELAY_MS); else FormatError."""
+    if not isinstance(value, dict) or sorted(value) != sorted(BATCHING_FIELDS):
+        raise FormatError(f"serving.json: batching must be an object with exactly"
+                          f" {' and '.join(BATCHING_FIELDS)}, got {value!r}"[:200])
+    for name, low, high in (("max_batch_size", 2, MAX_BATCH_SIZE),
+                            ("max_delay_ms", 0, MAX_BATCH_DELAY_MS)):
+        number = value[name]
+        if not isinstance(number, int) or isinstance(number, bool) or not low <= number <= high:
+            raise FormatError(f"serving.json: batching.{name} must be an integer from {low}"
+                              f" to {high}, got {number!r}"[:200])
+    return dict(value)
 
 
 def _check_signature(signature: Any) -> None:

@@ -54,11 +54,21 @@ def accuracy_runner(
     return run_on_cpu(runtime, model_dir, entrypoint, inputs)
 
 
+def batching_timer(
+    runtime: str, model_dir: Path, entrypoint: str, inputs: list[Any], repeat: int
+) -> list[float]:
+    """The packager times a model for its batching default the way a device runs it."""
+    from agent.runtimes import time_on_cpu
+
+    return time_on_cpu(runtime, model_dir, entrypoint, inputs, repeat)
+
+
 @dataclass(frozen=True)
 class Components:
     """What one component's commands need from another, wired here (ctx.obj of every command)."""
 
     accuracy_runner: Any = accuracy_runner
+    batching_timer: Any = batching_timer
 
 
 @click.group(cls=LazyGroup)

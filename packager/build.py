@@ -120,6 +120,7 @@ def build_package(
     tag: str | None = None,
     index_annotations: Mapping[str, str] | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
+    batching: Mapping[str, int] | None = None,
 ) -> BuildResult:
     """Build model NAME VERSION from FILES (relative name -> file) into the OCI layout LAYOUT.
 
@@ -132,7 +133,8 @@ def build_package(
     SKIP_UNAVAILABLE, a platform that has no wheel or no base image is left
     out instead of failing the build. PREFER overrides the
     runtime's accelerator preference; SAMPLE_REQUEST the self-test request
-    generated from the signature. INDEX_ANNOTATIONS go on the index only (the hub's build
+    generated from the signature. BATCHING is serving.json's batching default (see
+    packager/batching.py; None: none). INDEX_ANNOTATIONS go on the index only (the hub's build
     pipeline records the variant and build inputs there). PROGRESS is called as each step
     starts.
     """
@@ -143,7 +145,8 @@ def build_package(
     tag = _tag(str(version) if tag is None else tag)
     epoch = _source_date_epoch(source_date_epoch)
     created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    serving = _serving_json(name, version, info, chosen.name, preferences, sample_request)
+    serving = _serving_json(name, version, info, chosen.name, preferences, sample_request,
+                            batching)
     annotations = {TITLE: name, VERSION: str(version), CREATED: created}
 
     requirements = (*chosen.requirements, *SERVE_REQUIREMENTS)
@@ -248,6 +251,7 @@ def _serving_json(
     runtime: str,
     prefer: Sequence[str],
     sample_request: Mapping[str, Any] | None,
+    batching: Mapping[str, int] | None,
 ) -> bytes:
     assert info.framework is not None and info.entrypoint is not None  # checked before
     signature = None if info.signature is None else info.signature.to_dict()
@@ -263,6 +267,7 @@ def _serving_json(
             signature=signature,
             prefer=prefer,
             sample_request=sample_request,
+            batching=batching,
         )
     )
 

@@ -185,7 +185,7 @@ def prepare_model(
     kept = _other_files(files, info.framework, info.entrypoint, new_names)
     report = progress or (lambda _: None)
     original_dir, prepared_dir = _work_dirs(Path(work_dir))
-    _stage(files, original_dir)
+    stage_files(files, original_dir)
 
     report(plan.action)
     _run_step(plan, original_dir / info.entrypoint, prepared_dir / plan.entrypoint)
@@ -194,7 +194,7 @@ def prepare_model(
     _check_signature(info.signature, prepared_info.signature, plan.action)
 
     report(f"check the prepared model on {samples + 1} inputs")
-    inputs = _sample_inputs(info.signature, samples, seed)
+    inputs = sample_inputs(info.signature, samples, seed)
     reference = _run(run, DEFAULT_RUNTIME[info.framework], original_dir, info.entrypoint, inputs)
     answers = _run(run, runtime, prepared_dir, plan.entrypoint, inputs)
     accuracy = _compare(reference, answers, max_abs_diff, DEFAULT_TOLERANCE[optimize])
@@ -324,7 +324,7 @@ def _work_dirs(work_dir: Path) -> tuple[Path, Path]:
     return original, prepared
 
 
-def _stage(files: Mapping[str, Path], directory: Path) -> None:
+def stage_files(files: Mapping[str, Path], directory: Path) -> None:
     """FILES under their relative names in DIRECTORY: converters and runtimes read a model
     from a directory (an IR's .bin beside its .xml), and FILES may be anywhere."""
     for name, path in files.items():
@@ -424,7 +424,7 @@ def _onnx_int8(source: Path, target: Path) -> None:
 # ---- the accuracy check ----------------------------------------------------
 
 
-def _sample_inputs(signature: Signature, count: int, seed: int) -> list[Tensors]:
+def sample_inputs(signature: Signature, count: int, seed: int) -> list[Tensors]:
     """The package's sample request, then COUNT random inputs shaped by SIGNATURE."""
     import numpy as np
 

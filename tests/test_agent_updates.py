@@ -35,6 +35,7 @@ from packager_fixtures import model_files
 
 PLATFORM = "linux/amd64"
 REPOSITORY = "models/unit"
+BATCHING = {"max_batch_size": 32, "max_delay_ms": 0}
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,10 @@ def pushed(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
     packages = {}
     with Registry(hub.url, hub.admin_token) as registry:
         for version in (1, 2):
+            # Version 2's serving.json carries a batching default, as the packager writes one.
             result = build_package(root / f"layout-{version}", files, version=version,
-                                   platforms=[PLATFORM, "linux/arm64"])
+                                   platforms=[PLATFORM, "linux/arm64"],
+                                   batching=BATCHING if version == 2 else None)
             layout = OCILayout(root / f"layout-{version}")
             sign_package(layout, result.digest, key, REPOSITORY)
             push_layout(layout, registry, REPOSITORY, [result.tag, signature_tag(result.digest)])
@@ -210,6 +213,17 @@ def test_a_first_version_goes_through_every_state_and_is_saved(pushed: Pushed,
         (1, "serving", "onnxruntime")]
     saved = StateFile(device.data).load()  # what a restart would find
     assert saved.serving["d"].primary == serving.primary and saved.update is None
+
+
+def test_the_packages_batching_default_goes_into_the_control_body(pushed: Pushed,
+                                                                   device: Device) -> None:
+    assert device.updater.run(update(pushed, 1))
+    assert "batching" not in device.serving.puts[-1]  # no default in its serving.json: off
+    assert device.updater.run(update(pushed, 2))
+    assert device.serving.puts[-1]["version"] == "2"
+    assert device.serving.puts[-1]["batching"] == BATCHING
+    saved = StateFile(device.data).load()  # a restart sends the same body again
+    assert saved.serving["d"].primary.package_batching == BATCHING
 
 
 def test_a_shadow_candidate_is_sent_with_its_copy_rate(pushed: Pushed, device: Device) -> None:

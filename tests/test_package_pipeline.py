@@ -120,3 +120,21 @@ def test_a_platform_no_agent_runs_on_is_refused_before_any_work(hub_client: HubC
                       BuildOptions(platforms=("linux/amd64", "windows/amd64"), variant="win"),
                       run=run_on_cpu, progress=events.append)
     assert not events
+
+
+def test_the_batching_default_is_measured_off_or_given(hub_client: HubClient,
+                                                       tmp_path: Path) -> None:
+    from agent.runtimes import time_on_cpu
+
+    def notes(options: BuildOptions, out: str) -> list[str]:
+        built = build_version(hub_client, "pipe", "1", options, run=run_on_cpu,
+                              timer=time_on_cpu, out=tmp_path / out)
+        return [n for n in built.notes if n.startswith("batching")]
+
+    # The tiny model: 32 rows cost about what one does.
+    assert notes(ONE_PLATFORM, "auto")[0].startswith("batching: on by default (32 rows")
+    assert notes(replace(ONE_PLATFORM, batching="off"), "off") == []
+    assert notes(replace(ONE_PLATFORM, batching=8), "eight") == ["batching: on, 8 rows"]
+    # A chosen setting is an input of the package; the default keeps the inputs as they were.
+    assert "batching" not in ONE_PLATFORM.inputs("onnxruntime", {})
+    assert replace(ONE_PLATFORM, batching="off").inputs("onnxruntime", {})["batching"] == "off"

@@ -28,7 +28,7 @@ from packager.build import BuildProgress, build_package
 from packager.deps import PlatformUnavailable, UnavailableWheel
 from packager.image import SERVE_REQUIREMENTS
 from packager.layers import write_layer
-from packager.modelfile import ModelInfo
+from packager.modelfile import ModelInfo, inspect_model
 from packager.tarball import Entry
 from packager_fixtures import (
     EPOCH,
@@ -437,3 +437,25 @@ def test_a_model_without_signature_can_be_given_a_sample_request(tmp_path: Path)
     serving = serving_json(layout, json.loads(layout.get(index["manifests"][0]["digest"])))
     assert (serving["version"], serving["signature"]) == ("2024.1", None)
     assert serving["sample_request"] == request
+
+
+def test_the_batching_default_is_measured_and_written_only_when_it_pays(tmp_path: Path) -> None:
+    """The tiny linear model costs about the same for 32 rows as for one: batching on."""
+    from agent.runtimes import time_on_cpu
+    from packager.batching import PROBE_ROWS, measure_batching
+
+    files = model_files(tmp_path / "model")
+    info = inspect_model(files)
+    assert info.signature is not None
+    profile = measure_batching(time_on_cpu, "onnxruntime", files, "model.onnx",
+                               info.signature.to_dict())
+    assert profile.setting == {"max_batch_size": PROBE_ROWS, "max_delay_ms": 0}, profile.note
+    assert profile.note.startswith("batching: on by default (32 rows in one call")
+    build(tmp_path / "layout", files, batching=profile.setting)
+    layout = OCILayout(tmp_path / "layout")
+    assert serving_json(layout, image(layout, "linux/amd64")[0])["batching"] == profile.setting
+
+    fixed = measure_batching(time_on_cpu, "onnxruntime", files, "model.onnx", {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 1]}]})
+    assert fixed.setting is None and "no free batch dimension" in fixed.note

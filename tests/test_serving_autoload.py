@@ -26,20 +26,22 @@ SIGNATURE = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
              "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]}
 
 
-def image_root(root: Path, make: object) -> Path:
+def image_root(root: Path, make: object, batching: dict[str, int] | None = None) -> Path:
     """ROOT laid out as a package image's /opt/edgefleet, the model made by MAKE."""
     (root / "model").mkdir(parents=True)
     make(root / "model" / "model.onnx")  # type: ignore[operator]
     (root / "serving.json").write_text(json.dumps(serving_document(
         model="tiny", version=4, runtime="onnxruntime", framework="onnx",
         entrypoint="model.onnx", signature=SIGNATURE, prefer=["onnxruntime:CPU"],
-        sample_request=sample_request(SIGNATURE))))
+        sample_request=sample_request(SIGNATURE), batching=batching)))
     return root / "serving.json"
 
 
 def test_the_image_s_model_is_loaded_and_self_tested_before_it_answers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(tmp_path / "opt", make_onnx)))
+    # The package's batching default applies: no agent is there to say otherwise.
+    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(
+        tmp_path / "opt", make_onnx, batching={"max_batch_size": 8, "max_delay_ms": 0})))
     served = start_serve(tmp_path / "run", "--load", "tiny:4")
     try:
         assert httpx.get(f"{served.url}/v2/health/ready").status_code == 200
@@ -51,6 +53,8 @@ def test_the_image_s_model_is_loaded_and_self_tested_before_it_answers(
         assert np.allclose(answer["outputs"][0]["data"],
                            expected_linear(np.array(rows, dtype=np.float32)).ravel(), atol=1e-5)
         assert "self-test passed" in served.log()
+        # The request went through the batcher (the self-test runs the model directly).
+        assert served.metric('edgefleet_serving_batch_rows_count{model="tiny",version="4"}') == 1
     finally:
         assert served.stop() == 0
 

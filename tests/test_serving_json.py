@@ -49,3 +49,38 @@ def test_the_builder_refuses_what_the_reader_would() -> None:
                          entrypoint="m.onnx", signature=None, prefer=[], sample_request=None)
     with pytest.raises(FormatError, match="not JSON"):
         read_serving(b"{")
+
+
+def test_a_batching_default_is_read_back_and_its_absence_is_off() -> None:
+    built = document(batching={"max_batch_size": 32, "max_delay_ms": 0})
+    assert read_serving(json.dumps(built).encode())["batching"] == {
+        "max_batch_size": 32, "max_delay_ms": 0}
+    # Without one the document is what it was before the field existed (same bytes, digests).
+    assert "batching" not in serving_document(
+        model="m", version=1, runtime="onnxruntime", framework="onnx", entrypoint="m.onnx",
+        signature=SIGNATURE, prefer=[], sample_request=None)
+
+
+@pytest.mark.parametrize(("batching", "words"), [
+    ({"max_batch_size": 32}, "exactly max_batch_size and max_delay_ms"),
+    ({"max_batch_size": 32, "max_delay_ms": 0, "extra": 1}, "exactly"),
+    ([32, 0], "exactly"),
+    (None, "exactly"),
+    ({"max_batch_size": 1, "max_delay_ms": 0}, "max_batch_size must be an integer from 2"),
+    ({"max_batch_size": 5000, "max_delay_ms": 0}, "from 2 to 4096"),
+    ({"max_batch_size": True, "max_delay_ms": 0}, "max_batch_size"),
+    ({"max_batch_size": 32, "max_delay_ms": 1001}, "max_delay_ms must be an integer from 0"),
+    ({"max_batch_size": 32, "max_delay_ms": 0.5}, "max_delay_ms"),
+])
+def test_a_bad_batching_default_is_one_clear_error(batching: Any, words: str) -> None:
+    with pytest.raises(FormatError, match=words):
+        read_serving(json.dumps(document(batching=batching)).encode())
+
+
+def test_a_batching_default_needs_a_free_batch_dimension() -> None:
+    fixed = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3]}],
+             "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}]}
+    for signature in (fixed, None):
+        with pytest.raises(FormatError, match="free first"):
+            read_serving(json.dumps(document(
+                signature=signature, batching={"max_batch_size": 8, "max_delay_ms": 0})).encode())

@@ -10,6 +10,7 @@ onnxruntime installed can still list the others as missing.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -54,6 +55,29 @@ def run_on_cpu(
     model = get_runtime(runtime).load(model_dir, entrypoint, options)
     try:
         return [model.infer(one) for one in inputs]
+    finally:
+        model.close()
+
+
+def time_on_cpu(
+    runtime: str, model_dir: Path, entrypoint: str, inputs: list[dict[str, np.ndarray]],
+    repeat: int,
+) -> list[float]:
+    """The best of REPEAT calls' seconds for each of INPUTS, RUNTIME alone on CPU at f32 as
+    a device runs it (one warm-up call each first); ModelRuntimeError when it cannot."""
+    options = LoadOptions(prefer=(f"{runtime}:CPU",), precision="f32", fallback=False)
+    model = get_runtime(runtime).load(model_dir, entrypoint, options)
+    try:
+        best = []
+        for one in inputs:
+            model.infer(one)
+            seconds = []
+            for _ in range(repeat):
+                began = time.perf_counter()
+                model.infer(one)
+                seconds.append(time.perf_counter() - began)
+            best.append(min(seconds))  # the least disturbed by other work on the machine
+        return best
     finally:
         model.close()
 

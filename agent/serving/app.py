@@ -85,21 +85,28 @@ class ScoringAPI:
         if found is None:
             await self.rest(scope, receive, send)
             return
-        request = Request(scope, receive)
         try:
-            response = await self._infer(request, found["name"], found["version"])
+            content, headers = await self._infer(scope, receive, found["name"],
+                                                 found["version"])
         except ServingError as e:
-            response = error_response(e)
+            await error_response(e)(scope, receive, send)
+            return
         except ClientDisconnect:
             return  # nobody left to answer
         except Exception:
-            response = internal_error_response(request.method, scope["path"])
-        await response(scope, receive, send)
+            await internal_error_response(scope["method"], scope["path"])(scope, receive, send)
+            return
+        # Sent as raw ASGI messages: a starlette Response would build the same two.
+        raw = [(b"content-length", str(len(content)).encode())]
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
 
-    async def _infer(self, request: Request, name: str, version: str | None) -> Response:
-        if request.method != "POST":
-            raise MethodNotAllowed(request.method, request.url.path, allowed="POST")
-        headers = request.headers
+    async def _infer(self, scope: Scope, receive: Receive, name: str,
+                     version: str | None) -> tuple[bytes, dict[str, str]]:
+        if scope["method"] != "POST":
+            raise MethodNotAllowed(scope["method"], scope["path"], allowed="POST")
+        headers = _headers(scope)
         self._check_key(headers)
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
@@ -110,11 +117,19 @@ class ScoringAPI:
         declared = headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(_too_large(limit))
-        content, response_headers = await self.scorer.infer(
-            name, version, lambda: _read_body(request, limit), headers.get(codec.HEADER_LENGTH),
+        return await self.scorer.infer(
+            name, version, lambda: _read_body(receive, limit),
+            headers.get(codec.HEADER_LENGTH.lower()),
             int(declared) if declared.isascii() and declared.isdigit() else 0,
         )
-        return Response(content, headers=response_headers)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (ASGI gives them so); the first of repeats."""
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
 
 
 def _too_large(limit: int) -> str:
@@ -122,14 +137,18 @@ def _too_large(limit: int) -> str:
             " smaller batches, or start it with a larger --max-body-bytes")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int) -> bytes:
     """The body, refused (413) as soon as it passes LIMIT rather than once it is all in."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
         if len(body) > limit:
             raise PayloadTooLarge(_too_large(limit))
-    return bytes(body)
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def create_app(scorer: Scorer, *, api_key: str | None,

@@ -22,7 +22,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.serving.body import NAME_PATTERN, DeploymentBody, RuntimeSettings, VersionBody
+from agent.serving.body import (
+    NAME_PATTERN,
+    DeploymentBody,
+    RuntimeSettings,
+    VersionBody,
+)
 from contract.errors import PackageError
 from contract.layers import SERVING_FILE
 from contract.serving import read_serving

@@ -30,11 +30,14 @@ import numpy as np
 from agent.serving.body import Batching
 from agent.serving.limits import Limiter
 from contract.settings import unbatchable as unbatchable  # the one check; control.py asks
+from agent.serving.table import settle
 
-# A batch whose runtime call usually takes less than this runs on the event loop:
-# the hop to a worker thread would cost more than the call (scoring.py does the same).
+# A batch whose runtime call should take less than this runs on the event loop: the hop to
+# a worker thread and back costs more than such a call, and on two busy cores far more
+# (scoring.py does the same per request). The prediction is the larger of the recent
+# shortest call (a call's fixed cost) and the batch's rows times the recent lowest seconds
+# per row (what grows with the rows), each kept by table.settle.
 INLINE_MAX_SECONDS = 0.0003
-INLINE_MAX_ROWS = 8
 
 Inputs = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -113,7 +116,8 @@ class Batcher:
         self._rows = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._typical = float("inf")  # smoothed seconds of one runtime call, small batches
+        self._call = float("inf")  # seconds of the shortest recent call (settle)
+        self._per_row = float("inf")  # seconds per row of the cheapest recent rows (settle)
 
     def submit(
         self, inputs: Inputs, expected: float, release: Callable[[], None]
@@ -172,12 +176,11 @@ class Batcher:
             started = time.perf_counter()
             results = run_batch(self._infer, [item.inputs for item in batch])
             seconds = time.perf_counter() - started
-            if rows <= INLINE_MAX_ROWS:
-                self._typical = (seconds if self._typical == float("inf")
-                                 else 0.9 * self._typical + 0.1 * seconds)
+            self._call = settle(self._call, seconds)
+            self._per_row = settle(self._per_row, seconds / rows)
             return results, seconds
 
-        if rows <= INLINE_MAX_ROWS and self._typical < INLINE_MAX_SECONDS:
+        if max(self._call, rows * self._per_row) < INLINE_MAX_SECONDS:
             inline: Future[tuple[list[Outputs | Exception], float]] = Future()
             try:
                 inline.set_result(work())

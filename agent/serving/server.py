@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ from agent.serving import app as scoring_app
 from agent.serving import control
 from agent.serving.autoload import Autoload, AutoloadError
 from agent.serving.errors import ServingError
+from agent.serving.front import FrontProtocol
 from agent.serving.limits import Limiter
 from agent.serving.scoring import Scorer
 from agent.serving.shadow import Shadow
@@ -115,7 +117,8 @@ class _Server(uvicorn.Server):
 async def _serve_all(apps: list[tuple[ASGIApp, socket.socket]], graceful_seconds: float) -> None:
     servers = [
         _Server(uvicorn.Config(
-            app, lifespan="off", access_log=False, log_level="warning",
+            app, http=FrontProtocol, lifespan="off", access_log=False, log_level="warning",
+            proxy_headers=False,  # nothing here reads the client's address
             timeout_graceful_shutdown=int(graceful_seconds),
         ))
         for app, _ in apps
@@ -177,6 +180,10 @@ async def _run(options: ServeOptions, api_socket: socket.socket,
             # Before the servers start: the readiness probe gets no answer until the
             # model is loaded and its self-test passed (see agent/serving/autoload.py).
             await _autoload(controller, options.autoload)
+        # What start-up made (modules, apps, FastAPI's models: most of the heap) lives as
+        # long as the process: out of the collector's sight, a full collection walks only
+        # what requests left, instead of pausing every request in flight for all of it.
+        gc.freeze()
         await _serve_all(apps, options.graceful_seconds)
     finally:
         if grpc_server is not None:

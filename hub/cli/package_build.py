@@ -28,7 +28,8 @@ from hub.cli.client import HubClient
 from hub.cli.models import download_version
 
 if TYPE_CHECKING:
-    from packager.prepare import ModelRunner
+    from packager.batching import ModelTimer
+    from packager.prepare import ModelRunner, PreparedModel
 
 
 class Stage(enum.Enum):
@@ -73,6 +74,9 @@ class BuildOptions:
     prefer: tuple[str, ...] | None = None
     source_date_epoch: int | None = None
     key_path: Path | None = None  # also sign with this private key
+    # serving.json's batching default: "auto" (measured, packager/batching.py), "off", or
+    # the max batch size to write
+    batching: str | int = "auto"
 
     def inputs(self, runtime: str, files: Mapping[str, str]) -> dict[str, Any]:
         """What makes the package (FILES: the version's path -> digest): recorded on it,
@@ -89,6 +93,8 @@ class BuildOptions:
             "prefer": list(self.prefer) if self.prefer is not None else None,
             "source_date_epoch": str(epoch) if epoch is not None
             else os.environ.get("SOURCE_DATE_EPOCH", "0"),
+            # Only when not the default: inputs recorded before the option keep matching.
+            **({} if self.batching == "auto" else {"batching": self.batching}),
         }
 
 
@@ -126,12 +132,14 @@ class BuiltPackage:
 
 def build_version(
     hub: HubClient, name: str, version: str, options: BuildOptions, *, run: ModelRunner,
+    timer: ModelTimer | None = None,
     out: Path | None = None, progress: Callable[[BuildEvent], None] = _ignore,
 ) -> BuiltPackage:
     """Build model NAME's VERSION ("latest" too) and push it, signed by the hub, or write it
     to the OCI layout OUT (signed only with OPTIONS.key_path). RUN runs a model for the
     accuracy check of a converted or optimised one (the composition root passes the agent's
-    runtimes: the check runs the model as a device will).
+    runtimes: the check runs the model as a device will); TIMER times it for the batching
+    default when OPTIONS.batching is "auto" (without one, no default is written).
 
     Raises the hub client's one-line errors and the packager's own (PackageError,
     SignatureError, FileExistsError) for the caller to report.
@@ -190,6 +198,8 @@ def build_version(
             progress=lambda text: progress(BuildEvent(Stage.PREPARE, text)),
         )
 
+        batching, notes = _batching(options.batching, prepared, runtime, timer, progress)
+
         def built(event: BuildProgress) -> None:
             progress(BuildEvent(Stage.BUILD, f"[{event.completed + 1}/{event.total}] {event.step}"))
 
@@ -214,6 +224,7 @@ def build_version(
                 if options.image and options.base is None else None,
                 skip_unavailable=options.skip_unavailable,
                 source_date_epoch=options.source_date_epoch, prefer=options.prefer, tag=tag,
+                batching=batching,
                 index_annotations={VARIANT: options.variant,
                                    BUILD: canonical_json(inputs).decode()},
                 progress=built,
@@ -227,7 +238,7 @@ def build_version(
             model=name, version=number, variant=options.variant, digest=result.digest,
             tag=result.tag, runtime=runtime,
             platforms=tuple(sorted(result.manifests)), skipped=dict(result.skipped),
-            notes=tuple(prepared.notes),
+            notes=(*prepared.notes, *notes),
             accuracy=prepared.accuracy.describe() if prepared.accuracy else None,
         )
         if out is not None:
@@ -250,3 +261,28 @@ def build_version(
         signed = hub.post(f"/api/v1/packages/{name}/{number}/sign",
                           params={"variant": options.variant})
         return replace(package, pushed=f"{repository}:{result.tag}", signature=signed["signature"])
+
+
+def _batching(
+    choice: str | int, prepared: PreparedModel, runtime: str, timer: ModelTimer | None,
+    progress: Callable[[BuildEvent], None],
+) -> tuple[dict[str, int] | None, list[str]]:
+    """serving.json's batching default for CHOICE ("auto", "off" or a max batch size) and
+    the notes that say why."""
+    from contract.errors import PackageError
+    from contract.serving import batchable
+    from packager.batching import measure_batching
+
+    signature = None if prepared.info.signature is None else prepared.info.signature.to_dict()
+    if choice == "off" or (choice == "auto" and timer is None):
+        return None, []
+    if isinstance(choice, int):
+        if not batchable(signature):
+            raise PackageError("--batching needs a model whose every input and output has a"
+                               " free first (batch) dimension; use --batching off")
+        return {"max_batch_size": choice, "max_delay_ms": 0}, [f"batching: on, {choice} rows"]
+    assert timer is not None and prepared.info.entrypoint is not None
+    progress(BuildEvent(Stage.PREPARE, f"time the model on {runtime} for batching"))
+    profile = measure_batching(timer, runtime, prepared.files, prepared.info.entrypoint,
+                               signature)
+    return profile.setting, [profile.note]
