@@ -286,6 +286,7 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
     for table, column in OLDER_THAN_3:
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
+    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
     old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)

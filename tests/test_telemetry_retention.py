@@ -177,6 +177,7 @@ def test_a_schema_3_database_is_upgraded_and_its_points_rolled_up(tmp_path: Path
     Database(path)
     conn = sqlite3.connect(path)  # what a hub before rollups left behind
     conn.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled;"
+                       " DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events;"
                        " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
     conn.execute("INSERT INTO devices (id, name, tags) VALUES ('dev-1', 'one', '{}')")
     conn.execute("INSERT INTO telemetry VALUES ('dev-1', 1, ?, 'system', '{\"cpu_percent\":7}')",
