@@ -194,7 +194,8 @@ def after(db: Database, seq: int, *, types: Sequence[str] = (), limit: int = 100
 def newest(db: Database, *, before: int | None = None, types: Sequence[str] = (),
            limit: int = 100) -> list[Event]:
     """The newest LIMIT events below BEFORE (all for None), oldest first."""
-    clauses, params = ["seq < ?"], [before if before is not None else 2**63 - 1]
+    clauses = ["seq < ?"]
+    params: list[int | str] = [before if before is not None else 2**63 - 1]
     if types:
         clauses.append("type IN (SELECT value FROM json_each(?))")
         params.append(dumps(list(types)))

@@ -10,6 +10,7 @@ from hub.api import (
     deployments,
     devices,
     errors,
+    events,
     fleet,
     metrics,
     models,
@@ -17,6 +18,7 @@ from hub.api import (
     packages,
     registry,
     rollouts,
+    webhooks,
 )
 from hub.api.audit_log import AuditLog
 from hub.api.errors import Unexpected
@@ -33,7 +35,8 @@ def create_app(state: HubState) -> FastAPI:
     )
     app.state.hub = state
     errors.install(app)
-    for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics):
+    for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics,
+                   events, webhooks):
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui
