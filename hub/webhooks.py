@@ -28,6 +28,7 @@ secret of "TIMESTAMP.BODY" (docs/architecture.md has a receiver's check).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -358,6 +359,9 @@ class Dispatcher:
 
     async def _main(self) -> None:
         flying: dict[int, tuple[str, asyncio.Task[None]]] = {}
+        # A finished delivery frees a slot: look again at once, not after the poll, so
+        # one endpoint's rate is not bounded by per_endpoint / poll.
+        freed = asyncio.Event()
         async with httpx.AsyncClient(follow_redirects=False, transport=self.transport,
                                      headers={"User-Agent": "edgefleet-hub"}) as http:
             while not self._stop.is_set():
@@ -369,11 +373,13 @@ class Dispatcher:
                             due, self.db, self.clock(), per_endpoint=self.policy.per_endpoint,
                             room=room, busy=list(flying)):
                         flying[delivery.id] = (delivery.webhook_id, asyncio.create_task(
-                            self._deliver(http, delivery)))
+                            self._deliver(http, delivery, freed)))
                 except Exception:  # a busy database, a bug: logged, and the loop goes on
                     log.exception("webhook dispatch failed; trying again")
                     self._count("dispatch_failures")
-                await asyncio.sleep(self.poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(freed.wait(), self.poll)
+                freed.clear()
                 for key in [k for k, (_, task) in flying.items() if task.done()]:
                     del flying[key]
             for _, task in flying.values():
@@ -381,7 +387,8 @@ class Dispatcher:
             await asyncio.gather(*(task for _, task in flying.values()),
                                  return_exceptions=True)
 
-    async def _deliver(self, http: httpx.AsyncClient, delivery: _Due) -> None:
+    async def _deliver(self, http: httpx.AsyncClient, delivery: _Due,
+                       freed: asyncio.Event) -> None:
         body = delivery.event.to_json().encode()
         stamp = int(self.clock().timestamp())
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: str(stamp),
@@ -397,8 +404,12 @@ class Dispatcher:
             error = f"no answer within {self.policy.timeout:g} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        state = await asyncio.to_thread(settle, self.db, delivery, status=status, error=error,
-                                        now=self.clock(), policy=self.policy, rand=self.rand)
+        try:
+            state = await asyncio.to_thread(settle, self.db, delivery, status=status,
+                                            error=error, now=self.clock(), policy=self.policy,
+                                            rand=self.rand)
+        finally:
+            freed.set()
         self._count("delivered" if state == DeliveryState.DELIVERED else
                     "dead" if state == DeliveryState.DEAD else "failed_attempts")
 
