@@ -11,7 +11,8 @@ threads never wait for an endpoint. Each subscription has at most
 `per_endpoint` requests in flight and each request at most `timeout` seconds,
 so one slow, down or failing endpoint holds only its own slots: due deliveries
 are picked per subscription, never from one queue that a backlog could fill.
-The total in flight is bounded by `per_endpoint` x `MAX_WEBHOOKS`.
+The total in flight is bounded by `per_endpoint` x `MAX_WEBHOOKS`. What the
+attempts came to is written once per round of the loop, in one transaction.
 
 An answer 2xx delivers; anything else (an error status, a redirect, which is
 not followed, a refused connection, the timeout) is a failed attempt, retried
@@ -86,7 +87,7 @@ class DeliveryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.5
     timeout: float = 10.0  # one request, connecting and answering
-    per_endpoint: int = 2  # requests in flight to one subscription at once
+    per_endpoint: int = 4  # requests in flight to one subscription at once
 
     def __post_init__(self) -> None:
         if not 1 <= self.attempts <= 100:
@@ -299,25 +300,41 @@ def due(db: Database, now: datetime, *, per_endpoint: int, room: Mapping[str, in
     return found
 
 
-def settle(db: Database, delivery: _Due, *, status: int | None, error: str, now: datetime,
-           policy: DeliveryPolicy, rand: Callable[[], float]) -> DeliveryState:
-    """Write what one attempt came to; the delivery's state after it."""
-    attempts = delivery.attempts + 1
-    if status is not None and 200 <= status < 300:
-        state, next_at = DeliveryState.DELIVERED, None
-    elif attempts >= policy.attempts:
-        state, next_at = DeliveryState.DEAD, None
-    else:
-        state = DeliveryState.PENDING
-        next_at = format_time(now + timedelta(seconds=policy.delay(attempts, rand)))
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to: STATUS None when no answer came (ERROR says why)."""
+
+    delivery: _Due
+    status: int | None
+    error: str
+    at: datetime
+
+
+def settle(db: Database, outcomes: Sequence[Outcome], *, policy: DeliveryPolicy,
+           rand: Callable[[], float]) -> list[DeliveryState]:
+    """Write what OUTCOMES came to, in one transaction; each delivery's state after it."""
+    states, rows = [], []
+    for outcome in outcomes:
+        delivery, status = outcome.delivery, outcome.status
+        attempts = delivery.attempts + 1
+        next_at = None
+        if status is not None and 200 <= status < 300:
+            state = DeliveryState.DELIVERED
+        elif attempts >= policy.attempts:
+            state = DeliveryState.DEAD
+        else:
+            state = DeliveryState.PENDING
+            next_at = format_time(outcome.at + timedelta(seconds=policy.delay(attempts, rand)))
+        states.append(state)
+        rows.append((state, attempts, next_at, status, outcome.error[:500],
+                     format_time(outcome.at), delivery.id, delivery.attempts))
     with db.transaction() as conn:
         # Only if nobody replayed or removed it meanwhile (attempts would differ).
-        conn.execute(
+        conn.executemany(
             "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_at = ?,"
             " last_status = ?, last_error = ?, updated_at = ? WHERE id = ? AND attempts = ?",
-            (state, attempts, next_at, status, error[:500], format_time(now), delivery.id,
-             delivery.attempts))
-    return state
+            rows)
+    return states
 
 
 class Dispatcher:
@@ -358,7 +375,7 @@ class Dispatcher:
             self._stats[name] += 1
 
     async def _main(self) -> None:
-        flying: dict[int, tuple[str, asyncio.Task[None]]] = {}
+        flying: dict[int, tuple[str, asyncio.Task[Outcome]]] = {}
         # A finished delivery frees a slot: look again at once, not after the poll, so
         # one endpoint's rate is not bounded by per_endpoint / poll.
         freed = asyncio.Event()
@@ -366,6 +383,7 @@ class Dispatcher:
                                      headers={"User-Agent": "edgefleet-hub"}) as http:
             while not self._stop.is_set():
                 try:
+                    await self._settle_done(flying)
                     await asyncio.to_thread(fan_out, self.db)
                     busy = Counter(hook for hook, _ in flying.values())
                     room = {hook: self.policy.per_endpoint - n for hook, n in busy.items()}
@@ -380,15 +398,29 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(freed.wait(), self.poll)
                 freed.clear()
-                for key in [k for k, (_, task) in flying.items() if task.done()]:
-                    del flying[key]
             for _, task in flying.values():
                 task.cancel()
             await asyncio.gather(*(task for _, task in flying.values()),
                                  return_exceptions=True)
 
+    async def _settle_done(self, flying: dict[int, tuple[str, asyncio.Task[Outcome]]]) -> None:
+        """Write the attempts that finished, all in one transaction: one write per round,
+        not one per attempt, so a failing endpoint's retries cost the others (and the
+        API, which needs the same write lock) little. They stay in FLYING until written,
+        so none is picked again before."""
+        done = [key for key, (_, task) in flying.items() if task.done()]
+        if not done:
+            return
+        states = await asyncio.to_thread(
+            settle, self.db, [flying[key][1].result() for key in done], policy=self.policy,
+            rand=self.rand)
+        for key, state in zip(done, states, strict=True):
+            del flying[key]
+            self._count("delivered" if state == DeliveryState.DELIVERED else
+                        "dead" if state == DeliveryState.DEAD else "failed_attempts")
+
     async def _deliver(self, http: httpx.AsyncClient, delivery: _Due,
-                       freed: asyncio.Event) -> None:
+                       freed: asyncio.Event) -> Outcome:
         body = delivery.event.to_json().encode()
         stamp = int(self.clock().timestamp())
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: str(stamp),
@@ -402,16 +434,11 @@ class Dispatcher:
             error = "" if 200 <= status < 300 else f"answered HTTP {status}"
         except TimeoutError:
             error = f"no answer within {self.policy.timeout:g} s"
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the attempt failed
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        try:
-            state = await asyncio.to_thread(settle, self.db, delivery, status=status,
-                                            error=error, now=self.clock(), policy=self.policy,
-                                            rand=self.rand)
         finally:
             freed.set()
-        self._count("delivered" if state == DeliveryState.DELIVERED else
-                    "dead" if state == DeliveryState.DEAD else "failed_attempts")
+        return Outcome(delivery, status, error, self.clock())
 
     async def _post(self, http: httpx.AsyncClient, url: str, body: bytes,
                     headers: dict[str, str]) -> int:

@@ -14,7 +14,7 @@ from hub.events import EventType
 from hub.retention import RetentionPolicy, prune_events
 from hub.storage.db import Database, format_time
 from hub.validation import InvalidInput
-from hub.webhooks import DeliveryPolicy, DeliveryState
+from hub.webhooks import DeliveryPolicy, DeliveryState, Outcome
 
 SECRET = "0123456789abcdef"
 
@@ -92,16 +92,15 @@ def test_fan_out_filters_then_retries_end_in_a_dead_letter_and_replay(db: Databa
         assert sorted(d.event.subject for d in due) == ["r-1", "r-10"]
         assert webhooks.due(db, now, per_endpoint=2, room={hook: 0}, busy=[]) == []
         assert len(webhooks.due(db, now, per_endpoint=1, room={}, busy=[])) == 1
-        for delivery in due:
-            webhooks.settle(db, delivery, status=500, error="answered HTTP 500", now=now,
-                            policy=policy, rand=lambda: 0.0)
+        webhooks.settle(db, [Outcome(d, 500, "answered HTTP 500", now) for d in due],
+                        policy=policy, rand=lambda: 0.0)
         assert webhooks.due(db, now, per_endpoint=2, room={}, busy=[]) == []  # backing off
         now += timedelta(seconds=policy.delay(attempt + 1, lambda: 0.0))
     dead = webhooks.deliveries(db, hook, state=DeliveryState.DEAD)
     assert [(d["attempts"], d["last_status"]) for d in dead] == [(3, 500), (3, 500)]
     assert webhooks.replay(db, hook) == 2
     (first, _) = webhooks.due(db, now, per_endpoint=2, room={}, busy=[])
-    webhooks.settle(db, first, status=204, error="", now=now, policy=policy, rand=lambda: 0.0)
+    webhooks.settle(db, [Outcome(first, 204, "", now)], policy=policy, rand=lambda: 0.0)
     assert webhooks.get(db, hook)["delivered"] == 1
     # Retention: old events go, and with them their deliveries.
     assert prune_events(db, datetime.now(UTC) + timedelta(days=1), 1000) == 5

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -220,6 +221,10 @@ def test_slow_failing_and_down_endpoints_hold_up_nobody(
     listed = {w["id"]: w for w in api.get("/api/v1/webhooks").json()}
     assert listed[hooks["ok"]]["delivered"] == 5 and listed[hooks["down"]]["dead"] == 5
     assert "secret" not in listed[hooks["ok"]]
+    metrics = api.get("/metrics").text
+    dead_now = re.search(r'edgefleet_webhook_deliveries\{state="dead"\} (\d+)', metrics)
+    assert dead_now and int(dead_now[1]) >= 5
+    assert 'edgefleet_webhook_attempts_total{outcome="failed"}' in metrics
     for webhook in hooks.values():
         api.delete(f"/api/v1/webhooks/{webhook}").raise_for_status()
 
