@@ -1,21 +1,22 @@
 """Events and webhooks: does delivery to bad endpoints, and do open streams, slow the hub?
 
 A real hub (bench/harness.py). Each request is `POST /api/v1/tokens`, a change that
-writes an audit entry and an event. Phases alternate A B A B, REQUESTS requests each
-from one client, one after the other:
+writes an audit entry and an event. Phases alternate A W S A W S, REQUESTS requests
+each from one client, one after the other:
 
 - A: no webhooks, no streams: the baseline.
-- B: four webhooks on every event (one receiver answering at once, one answering 500,
+- W: four webhooks on every event: one receiver answering at once, one answering 500,
   one holding every request past the hub's 2 s webhook timeout, one port where nothing
-  listens) and STREAMS clients reading the SSE stream.
+  listens.
+- S: STREAMS clients reading the SSE stream (in a child process, with its own GIL).
 
-Printed: request rate and p50/p95 latency in B as a ratio to A (1.0: no cost), the
-time from an event's `at` to its arrival at the healthy receiver while the other three
-fail (p50/p95), and whether every event reached it and every stream. The receivers and
-stream readers are threads of this process, so they share the 2 cores with the client
-and the hub: the ratio includes their CPU, an upper bound on the hub's own cost.
+Printed: request rate and p50/p95 latency in W and S as ratios to A (1.0: no cost),
+the time from an event's `at` to its arrival at the healthy receiver while the other
+three fail (p50/p95), and whether every event reached it and every stream. The
+receivers are threads of this process, sharing its GIL with the client: W's ratio
+includes their work, an upper bound on the hub's own cost.
 
-Run: `.venv/bin/python bench/events.py` (~1 min); `--quick` for a smoke run.
+Run: `.venv/bin/python bench/events.py` (~1.5 min); `--quick` for a smoke run.
 """
 
 from __future__ import annotations
