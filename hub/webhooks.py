@@ -241,11 +241,9 @@ def replay(db: Database, webhook_id: str, delivery_ids: Sequence[int] = ()) -> i
 def fan_out(db: Database, *, limit: int = 1000) -> int:
     """Queue a delivery for each subscription and each event after its cursor that it
     wants; at most LIMIT events per subscription a call. How many were queued."""
-    queued = 0
-    for hook in db.query("SELECT id, types, filter, cursor FROM webhooks"):
-        top = events.last_seq(db)
-        if top <= hook["cursor"]:
-            continue
+    queued, top = 0, events.last_seq(db)
+    for hook in db.query("SELECT id, types, filter, cursor FROM webhooks WHERE cursor < ?",
+                         (top,)):
         found = events.after(db, hook["cursor"], limit=limit,
                              types=events.types_matching(json.loads(hook["types"])))
         cursor = top if len(found) < limit else found[-1].id

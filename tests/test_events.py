@@ -295,10 +295,24 @@ def test_the_stream_resumes_after_last_event_id(hub: HubProcess, api: httpx.Clie
     newest = make_tokens(api, "sse3", 1)
     reader.join(30)
     assert [e["id"] for e in box[0]] == newest
+    # A revoked token's stream ends (within the hub's 5 s recheck), and cannot start again.
+    viewer = api.post("/api/v1/tokens", json={"name": "sse-v", "role": "viewer"}).json()
+    with httpx.stream("GET", f"{hub.url}/api/v1/events", params={"type": "model.*"},
+                      timeout=30, headers={"Authorization": f"Bearer {viewer['token']}",
+                                           "Accept": "text/event-stream"}) as response:
+        api.delete(f"/api/v1/tokens/{viewer['id']}").raise_for_status()
+        assert list(parse_stream(response.iter_lines())) == []  # ended, no error mid-way
+    assert _sse_status(hub, viewer["token"]) == 401
     bad = httpx.get(f"{hub.url}/api/v1/events", headers={
         "Authorization": f"Bearer {hub.admin_token}", "Accept": "text/event-stream",
         "Last-Event-ID": "abc"}, timeout=10)
     assert bad.status_code == 422
+
+
+def _sse_status(hub: HubProcess, token: str) -> int:
+    with httpx.stream("GET", f"{hub.url}/api/v1/events", timeout=30, headers={
+            "Authorization": f"Bearer {token}", "Accept": "text/event-stream"}) as response:
+        return response.status_code
 
 
 def _cli_env(hub: HubProcess, home: Path) -> dict[str, str]:

@@ -4,7 +4,9 @@ One path, two answers: `Accept: text/event-stream` gets the stream, anything els
 a page of JSON. The stream starts after `Last-Event-ID` (what a reconnecting
 EventSource sends), else after `?after=`, else at the newest event; each event is
 `id: SEQ`, `event: TYPE`, `data: JSON` (hub/events.py's shape). A comment line
-every `HEARTBEAT` seconds lets clients and proxies see a quiet stream is alive.
+every `HEARTBEAT` seconds lets clients and proxies see a quiet stream is alive,
+and every `RECHECK` seconds the token is checked again: a revoked or expired one
+ends its stream.
 The stream reads the database every `POLL` seconds (an index seek on seq), so it
 needs nothing from the writers, and ends when the hub stops.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final
 
 from fastapi import APIRouter, Header, Query, Request
@@ -21,9 +23,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from hub import events
+from hub import events, tokens
 from hub.api import auth
 from hub.api.state import HubState, hub_state
+from hub.errors import Forbidden, Unauthorized
 from hub.events import BadPattern, Event
 from hub.tokens import Principal
 from hub.validation import InvalidInput
@@ -31,6 +34,7 @@ from hub.validation import InvalidInput
 router = APIRouter(prefix="/api/v1", tags=["events"])
 POLL: Final = 0.25
 HEARTBEAT: Final = 15.0
+RECHECK: Final = 5.0  # seconds between checks that the stream's token still may read
 SEQ_MAX: Final = 2**62
 STREAM: Final = "text/event-stream"
 
@@ -52,10 +56,15 @@ def _frame(event: Event) -> str:
     return f"id: {event.id}\nevent: {event.type}\ndata: {event.to_json()}\n\n"
 
 
-async def _stream(state: HubState, cursor: int, types: list[str]) -> AsyncIterator[str]:
+async def _stream(state: HubState, cursor: int, types: list[str],
+                  allowed: Callable[[], bool]) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
-    quiet_since = time.monotonic()
+    quiet_since = checked = time.monotonic()
     while not state.stopping():
+        if time.monotonic() - checked >= RECHECK:
+            if not await run_in_threadpool(allowed):
+                return  # the client's reconnect gets the 401 or 403 that says why
+            checked = time.monotonic()
         found = await run_in_threadpool(events.after, state.db, cursor, types=types,
                                         limit=500)
         for event in found:
@@ -99,7 +108,16 @@ def list_events(
                                    f"{last_event_id[:20]!r}")
             after = int(last_event_id)
         start = after if after is not None else events.last_seq(state.db)
-        return StreamingResponse(_stream(state, start, wanted), media_type=STREAM,
+        secret = request.headers.get("authorization", "").partition(" ")[2].strip()
+
+        def allowed() -> bool:
+            try:
+                tokens.authenticate(state.db, secret).require("viewer")
+            except (Unauthorized, Forbidden):
+                return False
+            return True
+
+        return StreamingResponse(_stream(state, start, wanted, allowed), media_type=STREAM,
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
     page = events.after(state.db, after, types=wanted, limit=limit) if after is not None \
