@@ -47,6 +47,9 @@ from hub.cli.events import parse_stream  # noqa: E402
 SECRET = "bench-secret-bench-secret"
 
 
+hits: dict[int, int] = {}  # requests answered with an error, by status
+
+
 def receiver(status: int, hold: threading.Event | None,
              arrived: Callable[[dict[str, Any]], None]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
@@ -57,6 +60,8 @@ def receiver(status: int, hold: threading.Event | None,
                 return
             if status == 200:
                 arrived(json.loads(body))
+            else:
+                hits[status] = hits.get(status, 0) + 1
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -181,6 +186,8 @@ def main() -> None:
     rows += [Row("event -> healthy receiver p50 ms", f"{lag[len(lag) // 2] * 1000:.0f}"),
              Row("event -> healthy receiver p95 ms", f"{lag[int(len(lag) * .95)] * 1000:.0f}"),
              Row("every event at the healthy receiver", "yes" if delivered_ok else "NO"),
+             Row("requests at the endpoint answering 500", str(hits.get(500, 0)),
+                 f"{2 * args.requests} events"),
              Row("events per stream (min of all)", str(min(streamed, default=0)),
                  str(args.requests))]
     print_table(rows, "Events and webhooks: the hub's API with webhooks (W) or streams (S), "

@@ -278,11 +278,13 @@ class _Due:
 
 
 def due(db: Database, now: datetime, *, per_endpoint: int, room: Mapping[str, int],
-        busy: Sequence[int]) -> list[_Due]:
+        busy: Sequence[int], only: str | None = None) -> list[_Due]:
     """Pending deliveries whose time has come, not those in BUSY, at most ROOM[id] per
-    subscription (its free slots; PER_ENDPOINT for one not listed)."""
+    subscription (its free slots; PER_ENDPOINT for one not listed); ONLY: of that one."""
     found = []
-    for hook in db.query("SELECT id, url, secret FROM webhooks ORDER BY id"):
+    for hook in db.query("SELECT id, url, secret FROM webhooks"
+                         + (" WHERE id = ?" if only else "") + " ORDER BY id",
+                         (only,) if only else ()):
         free = room.get(hook["id"])
         if free is not None and free <= 0:
             continue
@@ -307,6 +309,10 @@ class Outcome:
     error: str
     at: datetime
 
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
 
 def settle(db: Database, outcomes: Sequence[Outcome], *, policy: DeliveryPolicy,
            rand: Callable[[], float]) -> list[DeliveryState]:
@@ -316,7 +322,7 @@ def settle(db: Database, outcomes: Sequence[Outcome], *, policy: DeliveryPolicy,
         delivery, status = outcome.delivery, outcome.status
         attempts = delivery.attempts + 1
         next_at = None
-        if status is not None and 200 <= status < 300:
+        if outcome.ok:
             state = DeliveryState.DELIVERED
         elif attempts >= policy.attempts:
             state = DeliveryState.DEAD
@@ -351,6 +357,9 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stats: Counter[str] = Counter()
+        # Subscriptions whose last round failed: (rounds failed in a row, rest until).
+        # Kept in memory: a restarted hub tries every endpoint afresh.
+        self._resting: dict[str, tuple[int, datetime]] = {}
 
     def start(self) -> None:
         self._stop.clear()
@@ -383,11 +392,9 @@ class Dispatcher:
                 try:
                     await self._settle_done(flying)
                     await asyncio.to_thread(fan_out, self.db)
-                    busy = Counter(hook for hook, _ in flying.values())
-                    room = {hook: self.policy.per_endpoint - n for hook, n in busy.items()}
                     for delivery in await asyncio.to_thread(
                             due, self.db, self.clock(), per_endpoint=self.policy.per_endpoint,
-                            room=room, busy=list(flying)):
+                            room=self._room(flying), busy=list(flying)):
                         flying[delivery.id] = (delivery.webhook_id, asyncio.create_task(
                             self._deliver(http, delivery, freed)))
                 except Exception:  # a busy database, a bug: logged, and the loop goes on
@@ -401,21 +408,52 @@ class Dispatcher:
             await asyncio.gather(*(task for _, task in flying.values()),
                                  return_exceptions=True)
 
+    def _room(self, flying: dict[int, tuple[str, asyncio.Task[Outcome]]]) -> dict[str, int]:
+        """Free slots per subscription: none while it rests, one (a probe) after."""
+        busy = Counter(hook for hook, _ in flying.values())
+        room = {hook: self.policy.per_endpoint - n for hook, n in busy.items()}
+        now = self.clock()
+        for hook, (_, until) in self._resting.items():
+            room[hook] = 0 if now < until else 1 - busy[hook]
+        return room
+
     async def _settle_done(self, flying: dict[int, tuple[str, asyncio.Task[Outcome]]]) -> None:
         """Write the attempts that finished, all in one transaction: one write per round,
         not one per attempt, so a failing endpoint's retries cost the others (and the
         API, which needs the same write lock) little. They stay in FLYING until written,
-        so none is picked again before."""
+        so none is picked again before.
+
+        An endpoint whose every attempt of the round failed rests (the policy's backoff,
+        per round failed in a row), then gets one attempt at a time until one succeeds;
+        its other due deliveries count the failure too, unsent. So an endpoint down with
+        a backlog is neither hammered nor kept from its dead letters."""
         done = [key for key, (_, task) in flying.items() if task.done()]
         if not done:
             return
-        states = await asyncio.to_thread(
-            settle, self.db, [flying[key][1].result() for key in done], policy=self.policy,
-            rand=self.rand)
+        outcomes = [flying[key][1].result() for key in done]
+        states = await asyncio.to_thread(settle, self.db, outcomes, policy=self.policy,
+                                         rand=self.rand)
         for key, state in zip(done, states, strict=True):
             del flying[key]
             self._count("delivered" if state == DeliveryState.DELIVERED else
                         "dead" if state == DeliveryState.DEAD else "failed_attempts")
+        succeeded = {o.delivery.webhook_id for o in outcomes if o.ok}
+        for hook in succeeded:
+            self._resting.pop(hook, None)
+        failed = {o.delivery.webhook_id: o for o in outcomes
+                  if o.delivery.webhook_id not in succeeded}
+        for hook, outcome in failed.items():
+            rounds = self._resting.get(hook, (0, outcome.at))[0] + 1
+            until = outcome.at + timedelta(seconds=self.policy.delay(rounds, self.rand))
+            self._resting[hook] = (rounds, until)
+            unsent = await asyncio.to_thread(
+                due, self.db, outcome.at, per_endpoint=10_000, room={}, busy=list(flying),
+                only=hook)
+            if unsent:
+                await asyncio.to_thread(
+                    settle, self.db, [Outcome(d, outcome.status, f"not sent, the endpoint "
+                                      f"failed just before: {outcome.error}", outcome.at)
+                                      for d in unsent], policy=self.policy, rand=self.rand)
 
     async def _deliver(self, http: httpx.AsyncClient, delivery: _Due,
                        freed: asyncio.Event) -> Outcome:
