@@ -17,7 +17,10 @@ attempts came to is written once per round of the loop, in one transaction.
 An answer 2xx delivers; anything else (an error status, a redirect, which is
 not followed, a refused connection, the timeout) is a failed attempt, retried
 after the policy's backoff, until the last attempt makes it a dead letter,
-listed and replayable. Delivery is at least once: a hub killed while a request
+listed and replayable. An endpoint whose every attempt of a round failed rests
+for the backoff too, then is probed one attempt at a time, and its other due
+deliveries count the failure unsent: a backlog for a dead endpoint is neither
+hammered nor kept from becoming dead letters. Delivery is at least once: a hub killed while a request
 was under way sends it again, with the same event id for the receiver to
 recognise.
 
