@@ -20,9 +20,10 @@ after the policy's backoff, until the last attempt makes it a dead letter,
 listed and replayable. An endpoint whose every attempt of a round failed rests
 for the backoff too, then is probed one attempt at a time, and its other due
 deliveries count the failure unsent: a backlog for a dead endpoint is neither
-hammered nor kept from becoming dead letters. Delivery is at least once: a hub killed while a request
-was under way sends it again, with the same event id for the receiver to
-recognise.
+hammered nor kept from becoming dead letters.
+
+Delivery is at least once: a hub killed while a request was under way sends
+it again, with the same event id for the receiver to recognise.
 
 Each request carries `Edgefleet-Timestamp` (Unix seconds) and
 `Edgefleet-Signature: sha256=HEX`, the HMAC-SHA256 with the subscription's
