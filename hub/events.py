@@ -4,7 +4,8 @@ The one definition of an event is here: its JSON shape (`Event`, version
 `SCHEMA`), its types (`EventType`) and which audited action is which type
 (`FROM_AUDIT`). Every audit entry that succeeded and names a state change
 becomes an event in the same transaction (hub/audit.py calls `from_audit`);
-device liveness writes its own (`record`). The SSE stream and the listing
+device status changes are written by ingest and liveness (`device_status`,
+`record_many`). The SSE stream and the listing
 (hub/api/events.py) and webhooks (hub/webhooks.py) read from the `events`
 table.
 
@@ -111,9 +112,6 @@ class Event(BaseModel):
     def from_row(cls, row: dict[str, Any]) -> Event:
         return cls(schema=SCHEMA, id=row["seq"], type=row["type"], at=row["at"],
                    actor=row["actor"], subject=row["subject"], detail=row["detail"])
-
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)

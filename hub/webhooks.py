@@ -346,17 +346,15 @@ def settle(db: Database, outcomes: Sequence[Outcome], *, policy: DeliveryPolicy,
 
 
 class Dispatcher:
-    """The delivery thread (its own asyncio loop). CLOCK, RAND and TRANSPORT are
-    injected for tests; POLL is how often it looks for new events and due retries."""
+    """The delivery thread (its own asyncio loop). CLOCK and RAND are injected (the
+    backoff's jitter); POLL is how often it looks for new events and due retries."""
 
     def __init__(self, db: Database, policy: DeliveryPolicy, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 rand: Callable[[], float] = random.random, poll: float = 0.25,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 rand: Callable[[], float] = random.random, poll: float = 0.25) -> None:
         if poll <= 0:
             raise ValueError(f"the webhook dispatcher needs a positive poll, got {poll}")
         self.db, self.policy, self.clock, self.rand, self.poll = db, policy, clock, rand, poll
-        self.transport = transport
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -390,7 +388,7 @@ class Dispatcher:
         # A finished delivery frees a slot: look again at once, not after the poll, so
         # one endpoint's rate is not bounded by per_endpoint / poll.
         freed = asyncio.Event()
-        async with httpx.AsyncClient(follow_redirects=False, transport=self.transport,
+        async with httpx.AsyncClient(follow_redirects=False,
                                      headers={"User-Agent": "edgefleet-hub"}) as http:
             while not self._stop.is_set():
                 try:

@@ -4,6 +4,7 @@ retention. tests/test_events.py runs the same through a real hub and real receiv
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_audited_state_changes_become_events(db: Database) -> None:
     assert [(e.type, e.subject, e.actor) for e in found] == [
         (EventType.MODEL_REGISTERED, "digits:1", "ana"),
         (EventType.ROLLOUT_PAUSED, "r-1", "rollout-engine")]
-    assert found[1].detail == "too many failures" and found[1].dump()["schema"] == 1
+    assert found[1].detail == "too many failures" and json.loads(found[1].to_json())["schema"] == 1
     assert [e.id for e in events.after(db, found[0].id)] == [found[1].id]
 
 
