@@ -5,6 +5,7 @@ retention. tests/test_events.py runs the same through a real hub and real receiv
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from hub import audit, events, liveness, webhooks
 from hub.events import EventType
 from hub.retention import RetentionPolicy, prune_events
+from hub.rollouts.states import TRANSITIONS
 from hub.storage.db import Database, format_time
 from hub.validation import InvalidInput
 from hub.webhooks import DeliveryPolicy, DeliveryState, Outcome
@@ -111,3 +113,23 @@ def test_fan_out_filters_then_retries_end_in_a_dead_letter_and_replay(db: Databa
 def test_event_retention_is_checked() -> None:
     with pytest.raises(ValueError, match="at least a day"):
         RetentionPolicy(events=timedelta(hours=1))
+
+
+# Audited actions that are no event: requests for a change (the change itself is
+# audited where it happens, and is the event), steps of a larger change, sessions,
+# and a replay, which changes only deliveries.
+NOT_EVENTS = {"rollout.pause", "rollout.resume", "rollout.abort", "rollout.rollback",
+              "rollout.unknown-action", "blob.upload", "registry.upload", "ui.signin",
+              "ui.signout", "webhook.replay"}
+
+
+def test_every_audited_action_is_an_event_or_said_not_to_be() -> None:
+    """Read the hub's sources for the actions it audits: a new one must be mapped."""
+    root = Path(__file__).resolve().parent.parent / "hub"
+    source = "\n".join(p.read_text() for p in root.rglob("*.py"))
+    found = set(re.findall(r'audit = \(\s*"([a-z_.-]+)"', source))
+    found |= set(re.findall(r'action="([a-z_.-]+)"', source))
+    found |= {f"rollout.{target.value}" for _, target in TRANSITIONS.values()}  # the store's
+    found |= {f"rollout.{a}" for a in ("pause", "resume", "abort", "rollback")}  # the API's
+    assert found - set(events.FROM_AUDIT) - NOT_EVENTS == set()
+    assert set(events.FROM_AUDIT) - found == set()  # no mapping of an action that is gone
