@@ -4,8 +4,8 @@ The one definition of an event is here: its JSON shape (`Event`, version
 `SCHEMA`), its types (`EventType`) and which audited action is which type
 (`FROM_AUDIT`). Every audit entry that succeeded and names a state change
 becomes an event in the same transaction (hub/audit.py calls `from_audit`);
-device status changes are written by ingest and liveness (`device_status`,
-`record_many`). The SSE stream and the listing
+device status changes and failed deployments are written by ingest and liveness
+(`device_status`, `deployment_failures`, `record_many`). The SSE stream and the listing
 (hub/api/events.py) and webhooks (hub/webhooks.py) read from the `events`
 table.
 
@@ -25,6 +25,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract import protocol
 from hub.storage.db import Database, dumps, now
 
 SCHEMA: Final = 1  # bumped when a field is removed or changes meaning; new fields may come
@@ -43,6 +44,7 @@ class EventType(StrEnum):
     DEVICE_OFFLINE = "device.offline"
     DEPLOYMENT_ASSIGNED = "deployment.assigned"
     DEPLOYMENT_REMOVED = "deployment.removed"
+    DEPLOYMENT_FAILED = "deployment.failed"
     ROLLOUT_CREATED = "rollout.created"
     ROLLOUT_RUNNING = "rollout.running"
     ROLLOUT_WAVE = "rollout.wave"
@@ -169,6 +171,19 @@ def device_status(conn: sqlite3.Connection, statuses: Mapping[str, str], *,
         record_many(conn, EventType(f"device.{status}"),
                     [device for device, now_status in changed if now_status == status],
                     actor=actor)
+
+
+def deployment_failures(conn: sqlite3.Connection, device: str,
+                        deployments: Iterable[protocol.DeploymentStatus], *, actor: str) -> None:
+    """deployment.failed for each version DEVICE now reports failed that was not before;
+    called in the transaction that replaces its rows, before it does."""
+    before = {(r[0], r[1]): r[2] for r in conn.execute(
+        "SELECT name, version, state FROM deployment_status WHERE device_id = ?", (device,))}
+    for d in deployments:
+        if d.state == protocol.UpdateState.FAILED and \
+                before.get((d.name, d.version)) != protocol.UpdateState.FAILED:
+            record(conn, EventType.DEPLOYMENT_FAILED, subject=f"{device}/{d.name}", actor=actor,
+                   detail=f"{d.model}:{d.version}: {d.error or 'no reason given'}")
 
 
 def from_audit(conn: sqlite3.Connection, *, action: str, target: str, actor: str,

@@ -250,6 +250,7 @@ def _write_reported(
         (payload.decode("utf-8"), report.applied_generation, report.platform, dumps(inventory),
          dumps(derived_tags(report)), device),
     )
+    events.deployment_failures(conn, device, report.deployments, actor="ingest")
     conn.execute("DELETE FROM deployment_status WHERE device_id = ?", (device,))
     conn.executemany(
         "INSERT INTO deployment_status (device_id, name, model, version, state, error, runtime,"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from contract import protocol
 from hub import audit, events, liveness, webhooks
 from hub.events import EventType
 from hub.retention import RetentionPolicy, prune_events
@@ -54,6 +55,23 @@ def test_device_status_events_only_for_changes(db: Database) -> None:
     assert [(e.type, e.subject) for e in events.newest(db)] == [
         (EventType.DEVICE_ONLINE, "d1"), (EventType.DEVICE_OFFLINE, "d1"),
         (EventType.DEVICE_OFFLINE, "d2")]
+
+
+def test_a_deployment_newly_failed_is_an_event(db: Database) -> None:
+    def report(state: protocol.UpdateState) -> list[protocol.DeploymentStatus]:
+        return [protocol.DeploymentStatus("digits", "digits", 2, state, datetime.now(UTC),
+                                          error="self-test failed" if state == "failed" else
+                                          None)]
+
+    for state in ("serving", "failed", "failed"):  # the second "failed" is old news
+        with db.transaction() as conn:
+            events.deployment_failures(conn, "d1", report(protocol.UpdateState(state)),
+                                       actor="ingest")
+            conn.execute("DELETE FROM deployment_status")
+            conn.execute("INSERT INTO deployment_status (device_id, name, version, state)"
+                         " VALUES ('d1', 'digits', 2, ?)", (state,))
+    assert [(e.type, e.subject, e.detail) for e in events.newest(db)] == [
+        (EventType.DEPLOYMENT_FAILED, "d1/digits", "digits:2: self-test failed")]
 
 
 def test_type_patterns_are_checked() -> None:
