@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "login": ("hub.cli.admin", "login"),
     "token": ("hub.cli.admin", "token"),
     "audit": ("hub.cli.admin", "audit"),
+    "events": ("hub.cli.events", "events"),
+    "webhook": ("hub.cli.events", "webhook"),
     "hub": ("hub.cli.hub_serve", "hub"),
     "model": ("hub.cli.models", "model"),
     "device": ("hub.cli.devices", "device"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hub import events
 from hub.storage.db import Database, now
 
 
@@ -17,6 +18,8 @@ def record(
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (now(), actor, action, target, status, result, detail[:1000]),
         )
+        events.from_audit(conn, action=action, target=target, actor=actor, status=status,
+                          detail=detail)
 
 
 def entries(

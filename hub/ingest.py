@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
-from hub import telemetry
+from hub import events, telemetry
 from hub.repeats import Repeats
 from hub.retained import DESIRED_FILTER, RetainedWatch
 from hub.storage.db import Database, dumps, format_time
@@ -181,6 +181,8 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
         newest = max(points.points[-1].at for points in batch.telemetry)
         counters.lag_seconds = (clock - newest).total_seconds()
     with db.transaction() as conn:
+        events.device_status(conn, {**dict.fromkeys(batch.seen, "online"), **batch.status},
+                             actor="ingest")
         conn.executemany("UPDATE devices SET status = ? WHERE id = ?",
                          [(status, device) for device, status in batch.status.items()])
         # A live message says the device is there: online again if hub/liveness.py had
@@ -252,6 +254,7 @@ def _write_reported(
         (payload.decode("utf-8"), report.applied_generation, report.platform, dumps(inventory),
          dumps(derived_tags(report)), device),
     )
+    events.deployment_failures(conn, device, report.deployments, actor="ingest")
     conn.execute("DELETE FROM deployment_status WHERE device_id = ?", (device,))
     conn.executemany(
         "INSERT INTO deployment_status (device_id, name, model, version, state, error, runtime,"

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from hub import events
+from hub.events import EventType
 from hub.storage.db import Database, format_time
 
 log = logging.getLogger("edgefleet.hub.liveness")
@@ -29,10 +31,13 @@ log = logging.getLogger("edgefleet.hub.liveness")
 def mark_silent(db: Database, *, now: datetime, silent_for: timedelta) -> list[str]:
     """Mark offline the online devices last heard from before NOW - SILENT_FOR; their ids."""
     with db.transaction() as conn:
-        return sorted(row[0] for row in conn.execute(
+        silent = sorted(row[0] for row in conn.execute(
             "UPDATE devices SET status = 'offline' WHERE status = 'online'"
             " AND (last_seen IS NULL OR last_seen < ?) RETURNING id",
             (format_time(now - silent_for),)))
+        events.record_many(conn, EventType.DEVICE_OFFLINE, silent, actor="liveness",
+                           detail=f"silent for over {silent_for}")
+    return silent
 
 
 class Liveness:

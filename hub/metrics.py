@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from hub.prometheus import Exposition, Histogram, HistogramSnapshot
+from hub.webhooks import DeliveryState
 
 if TYPE_CHECKING:
     from hub.api.state import HubState
@@ -68,6 +69,7 @@ class HubMetrics:
         _ingest(out, state)
         _fleet(out, state)
         _retention(out, state)
+        _webhooks(out, state)
         _database(out, state)
         blobs, size = self.blob_usage(state)
         out.family("edgefleet_blob_store_bytes", "gauge", "Bytes in the blob store.")
@@ -151,6 +153,24 @@ def _retention(out: Exposition, state: HubState) -> None:
     out.family("edgefleet_retention_failures", "counter",
                "Retention passes that failed (retried next interval).")
     out.sample(stats["failures"] if stats else 0)
+
+
+def _webhooks(out: Exposition, state: HubState) -> None:
+    stats = state.webhooks.stats() if state.webhooks is not None else {}
+    out.family("edgefleet_events_deleted", "counter", "Events deleted past --events-days.")
+    out.sample(state.retention.stats()["events_deleted"] if state.retention is not None else 0)
+    out.family("edgefleet_webhook_attempts", "counter",
+               "Webhook delivery attempts, by what they came to (failed: to be retried).")
+    for outcome in ("delivered", "failed_attempts", "dead"):
+        out.sample(stats.get(outcome, 0), {"outcome": outcome.removesuffix("_attempts")})
+    out.family("edgefleet_webhook_dispatch_failures", "counter",
+               "Rounds of the webhook dispatcher that failed (a busy database; retried).")
+    out.sample(stats.get("dispatch_failures", 0))
+    out.family("edgefleet_webhook_deliveries", "gauge", "Webhook deliveries, by state.")
+    counts = {r["state"]: r["n"] for r in state.db.query(
+        "SELECT state, COUNT(*) AS n FROM webhook_deliveries GROUP BY state")}
+    for delivery_state in DeliveryState:
+        out.sample(counts.get(delivery_state.value, 0), {"state": delivery_state.value})
 
 
 def _database(out: Exposition, state: HubState) -> None:

@@ -3,7 +3,8 @@
 One thread of its own, so ingest never waits for it beyond one short transaction. A
 pass first rolls up the raw points stored since the last one (hub/rollups.py: per
 device and version, per minute and per hour), then deletes raw points older than
-`raw`, minute rollups older than `minute` and hour rollups older than `hour`. Each
+`raw`, minute rollups older than `minute` and hour rollups older than `hour`, and
+events (hub/events.py) older than `events` with their webhook deliveries. Each
 step is a transaction of at most `batch` rows with a rest after it, so ingest's
 writes get the lock in between; the rest is long enough that the thread is busy at
 most `duty` of the time (a quarter by default): in the same process, it would
@@ -43,6 +44,7 @@ class RetentionPolicy:
     raw: timedelta = timedelta(hours=48)
     minute: timedelta = timedelta(days=7)
     hour: timedelta = timedelta(days=400)
+    events: timedelta = timedelta(days=30)  # hub/events.py, with their webhook deliveries
     batch: int = 1000  # rows per transaction
 
     def __post_init__(self) -> None:
@@ -52,6 +54,8 @@ class RetentionPolicy:
             raise ValueError("telemetry retention must grow with the resolution: raw "
                              f"{self.raw} <= minute rollups {self.minute} <= hour rollups "
                              f"{self.hour}")
+        if self.events < timedelta(days=1):
+            raise ValueError(f"events must be kept at least a day, not {self.events}")
         if not 1 <= self.batch <= 100_000:
             raise ValueError(f"the retention batch must be 1-100000 rows, not {self.batch}")
 
@@ -128,6 +132,18 @@ def prune_batch(db: Database, resolution: str, cutoff: datetime, limit: int) -> 
             (rollups.PERIODS[resolution], stamp, limit)).rowcount
 
 
+def prune_events(db: Database, cutoff: datetime, limit: int) -> int:
+    """Delete at most LIMIT events older than CUTOFF, and the webhook deliveries of
+    those events (delivered, dead or still trying: their body is gone); how many went."""
+    with db.transaction() as conn:
+        gone = [row[0] for row in conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ?"
+            " ORDER BY seq LIMIT ?) RETURNING seq", (format_time(cutoff), limit))]
+        if gone:
+            conn.execute("DELETE FROM webhook_deliveries WHERE event_seq <= ?", (max(gone),))
+    return len(gone)
+
+
 class Retention:
     """The thread: a pass every INTERVAL seconds; CLOCK is injected (tests, bench/retention.py)."""
 
@@ -146,6 +162,7 @@ class Retention:
         self._lock = threading.Lock()
         self._stats: dict[str, Any] = {"passes": 0, "rolled_up": 0, "failures": 0,
                                        "deleted": {"raw": 0, "minute": 0, "hour": 0},
+                                       "events_deleted": 0,
                                        "last_pass_seconds": None}
 
     def start(self) -> None:
@@ -194,6 +211,13 @@ class Retention:
                 if gone < self.policy.batch:
                     break
                 self._rest(step)
+        while not self._stop.is_set():
+            step = time.monotonic()
+            gone = prune_events(self.db, now - self.policy.events, self.policy.batch)
+            self._count(events_deleted=gone)
+            if gone < self.policy.batch:
+                break
+            self._rest(step)
         self._count(passes=1, last_pass_seconds=round(time.monotonic() - started, 3))
 
     def _rest(self, since: float) -> None:

@@ -51,6 +51,7 @@ from hub.rollout_engine import RolloutEngine
 from hub.settings import UNSPECIFIED, HubSettings
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
+from hub.webhooks import Dispatcher
 
 log = logging.getLogger("edgefleet.hub")
 
@@ -308,6 +309,8 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         silent_for=timedelta(seconds=settings.heartbeat_seconds
                              * settings.device_offline_heartbeats))
     liveness.start()
+    dispatcher = state.webhooks = Dispatcher(state.db, settings.webhook_policy)
+    dispatcher.start()
     host, _, port = bound.api_url.partition("://")[2].rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False,
@@ -320,8 +323,10 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
             metrics_app(state), host=host, port=settings.metrics_port, log_level="warning",
             access_log=False))
         scraping = asyncio.create_task(scraped.serve())
+    server = _Server(config)
+    state.stopping = lambda: server.should_exit
     try:
-        await _Server(config).serve()
+        await server.serve()
     finally:
         if scraped is not None:
             scraped.should_exit = True
@@ -329,6 +334,7 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         await asyncio.to_thread(engine.stop)
         await asyncio.to_thread(retention.stop)
         await asyncio.to_thread(liveness.stop)
+        await asyncio.to_thread(dispatcher.stop)
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await asyncio.to_thread(broker.stop)

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hub.retention import RetentionPolicy
+from hub.webhooks import DeliveryPolicy
 
 
 def _setting(default: object, help: str) -> object:
@@ -108,6 +109,21 @@ class HubSettings:
     telemetry_hour_days: int = _setting(
         400, "Days per-hour telemetry rollups are kept."
     )  # type: ignore[assignment]
+    events_days: int = _setting(
+        30, "Days events (GET /api/v1/events, webhooks) are kept, with their webhook "
+        "deliveries and dead letters."
+    )  # type: ignore[assignment]
+    webhook_attempts: int = _setting(
+        10, "Attempts to deliver an event to a webhook before it becomes a dead letter."
+    )  # type: ignore[assignment]
+    webhook_retry_seconds: float = _setting(
+        5.0, "Wait before a webhook's first retry; doubled per attempt (with jitter) up to "
+        "an hour."
+    )  # type: ignore[assignment]
+    webhook_timeout_seconds: float = _setting(
+        10.0, "Longest one webhook request may take, connecting and answering; longer "
+        "counts as a failed attempt."
+    )  # type: ignore[assignment]
     device_offline_heartbeats: int = _setting(
         6, "A device the hub has heard nothing from for this many --heartbeat-seconds "
         "(agents send telemetry every 10 s by default) counts as offline, even if the "
@@ -169,17 +185,29 @@ class HubSettings:
                              f"{self.device_offline_heartbeats}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0-65535, got {self.metrics_port}")
-        _ = self.retention  # building the policy checks the three retention settings
+        _ = self.retention  # building the policy checks the retention settings
+        _ = self.webhook_policy  # and this the webhook settings
 
     @property
     def retention(self) -> RetentionPolicy:
         try:
             return RetentionPolicy(raw=timedelta(hours=self.telemetry_raw_hours),
                                    minute=timedelta(days=self.telemetry_minute_days),
-                                   hour=timedelta(days=self.telemetry_hour_days))
+                                   hour=timedelta(days=self.telemetry_hour_days),
+                                   events=timedelta(days=self.events_days))
         except (ValueError, OverflowError) as exc:
             raise ValueError(f"--telemetry-raw-hours/--telemetry-minute-days/"
-                             f"--telemetry-hour-days: {exc}") from None
+                             f"--telemetry-hour-days/--events-days: {exc}") from None
+
+    @property
+    def webhook_policy(self) -> DeliveryPolicy:
+        try:
+            return DeliveryPolicy(attempts=self.webhook_attempts,
+                                  initial=self.webhook_retry_seconds,
+                                  timeout=self.webhook_timeout_seconds)
+        except ValueError as exc:
+            raise ValueError(f"--webhook-attempts/--webhook-retry-seconds/"
+                             f"--webhook-timeout-seconds: {exc}") from None
 
     @property
     def db_path(self) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from contract import cosign
-from hub import deployments
+from hub import deployments, events
 from hub.rollouts import reads, store
 from hub.rollouts.engine import Engine
 from hub.storage.db import SCHEMA_VERSION, Database, format_time
@@ -123,6 +123,11 @@ def test_waves_advance_once_each_has_served_and_soaked(hub: InProcessHub, clock:
     record = reads.show(hub.db, rollout_id)
     assert record["state"] == "completed"
     assert [w["serving"] for w in record["waves_progress"]] == [1, 1, 2]
+    # Each step is an event (hub/events.py), in order.
+    assert [(e.type, e.detail) for e in events.newest(hub.db) if e.subject == rollout_id] == [
+        ("rollout.created", ""), ("rollout.running", ""), ("rollout.wave", "wave 1: 1 device(s)"),
+        ("rollout.wave", "wave 2: 1 device(s)"), ("rollout.wave", "wave 3: 2 device(s)"),
+        ("rollout.completed", "")]
 
 
 def test_a_device_that_never_answers_fails_and_auto_rollback_restores_the_rest(
@@ -286,6 +291,7 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
     for table, column in OLDER_THAN_3:
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
+    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
     old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)

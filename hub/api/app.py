@@ -10,6 +10,7 @@ from hub.api import (
     deployments,
     devices,
     errors,
+    events,
     fleet,
     keys,
     metrics,
@@ -18,6 +19,7 @@ from hub.api import (
     packages,
     registry,
     rollouts,
+    webhooks,
 )
 from hub.api.audit_log import AuditLog
 from hub.api.errors import Unexpected
@@ -35,7 +37,7 @@ def create_app(state: HubState) -> FastAPI:
     app.state.hub = state
     errors.install(app)
     for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics,
-                   keys):
+                   keys, events, webhooks):
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui

@@ -6,6 +6,7 @@ it through the `hub_state` dependency, never from a module global.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from hub.fleet import FleetLink
     from hub.liveness import Liveness
     from hub.retention import Retention
+    from hub.webhooks import Dispatcher
 
 
 @dataclass
@@ -45,6 +47,9 @@ class HubState:
     # Device certificates, when the managed broker speaks TLS (then `broker` is None).
     certificates: BrokerCertificates | None = None
     trust_pem: str | None = None  # what clients pin and verify the hub with (None: --insecure)
+    webhooks: Dispatcher | None = None  # webhook deliveries, once started
+    # True once the server is stopping: long answers (the event stream) end then.
+    stopping: Callable[[], bool] = lambda: False
 
 
     @property

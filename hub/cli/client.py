@@ -128,6 +128,18 @@ class HubClient:
         return self.request("DELETE", path, **kwargs)
 
     @contextmanager
+    def follow(self, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A long answer read as it comes (an event stream): errors the hub answered are
+        one-line errors, but a connection that fails or drops raises httpx's
+        TransportError, for the caller to reconnect."""
+        self._probe()
+        with self._http.stream("GET", _quoted(path), **kwargs) as response:
+            if not response.is_success:
+                response.read()
+                self._fail(response)
+            yield response
+
+    @contextmanager
     def stream(self, path: str) -> Iterator[httpx.Response]:
         self._probe()
         try:

@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -172,6 +172,7 @@ def _create_schema(db: _Schema) -> None:
     )
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
     _add_telemetry_rollups(db)
+    _add_events(db)
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
@@ -186,6 +187,30 @@ def _add_telemetry_rollups(db: _Schema) -> None:
     )
     db["telemetry_rollups"].create_index(["period", "start"])  # retention deletes oldest first
     db["telemetry_rolled"].create({"device_id": str, "seq": int}, pk="device_id")
+
+
+def _add_events(db: _Schema) -> None:
+    """Schema 6: events (hub/events.py) and webhooks (hub/webhooks.py). AUTOINCREMENT:
+    an event's seq is never given again, even once retention deleted the newest."""
+    db.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL,"
+               " type TEXT NOT NULL, subject TEXT NOT NULL, actor TEXT NOT NULL,"
+               " detail TEXT NOT NULL)")
+    db["events"].create_index(["at"])  # retention deletes oldest first
+    db["events"].create_index(["type", "seq"])
+    # A subscription's cursor is the last event seq it has looked at: events after it
+    # are matched against its types and filter and become deliveries.
+    db["webhooks"].create(
+        {"id": str, "url": str, "types": str, "filter": str, "secret": str, "cursor": int,
+         "created_at": str, "created_by": str},
+        pk="id",
+    )
+    db.execute("CREATE TABLE webhook_deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+               " webhook_id TEXT NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,"
+               " event_seq INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,"
+               " next_at TEXT, last_status INTEGER, last_error TEXT, created_at TEXT NOT NULL,"
+               " updated_at TEXT NOT NULL, UNIQUE (webhook_id, event_seq))")
+    db["webhook_deliveries"].create_index(["webhook_id", "state", "next_at"])
+    db["webhook_deliveries"].create_index(["event_seq"])
 
 
 def _migrate(db: _Schema) -> None:
@@ -217,6 +242,8 @@ def _migrate(db: _Schema) -> None:
         db.execute("UPDATE deployments SET settings = '{}'")
         db.execute("UPDATE rollout_devices SET previous_settings = '{}'"
                    " WHERE previous_version IS NOT NULL")
+    if version < 6:
+        _add_events(db)
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
