@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import uuid
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +115,7 @@ def make_disk(rootfs: Path, image: Path, work: Path, *, name: str, epoch: int,
         "loader/entries/edgefleet.conf": (
             f"title edgefleet ({name})\nlinux /vmlinuz\ninitrd /initrd.img\n"
             f"options {kernel_command_line(name, epoch, platform)}\n").encode(),
-        "vmlinuz": _efi_kernel(kernel.read_bytes()),
+        "vmlinuz": kernel.read_bytes(),
         "initrd.img": initrd.read_bytes(),
         f"{ENROLLMENT_DIR}/README.txt": _README.encode(),
     }
@@ -186,14 +185,6 @@ def _esp_offset(image: Path) -> int:
     except (ValueError, KeyError, TypeError):
         pass
     raise DiskError(f"{image} has no EFI system partition: is it an edgefleet disk image?")
-
-
-def _efi_kernel(kernel: bytes) -> bytes:
-    """The kernel as an EFI program. Debian's arm64 vmlinuz is a gzipped Image (GRUB
-    unpacks it; systemd-boot does not), whose uncompressed form is an EFI stub binary."""
-    if kernel[:2] == b"\x1f\x8b":
-        return zlib.decompress(kernel, wbits=31)
-    return kernel
 
 
 def _copy_into(source: Path, image: Path, offset: int) -> None:
