@@ -1,7 +1,8 @@
 """The arm64 class's disk image, built from Debian's arm64 packages through qemu-user
 (binfmt), has the arm64 layout (systemd-boot's AA64 loader, the arm64 root partition type)
 and holds the agent for arm64 and its services, and no identity or token. Its root
-partition is read with debugfs (tests/firmwareimage.py), without mounting it."""
+partition is read with debugfs (tests/firmwareimage.py), without mounting it. Opt-in:
+EDGEFLEET_FIRMWARE_ARM64=1 (the build takes 1-2 h here)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from firmwareimage import BUILD_TIMEOUT, RootPartition
+from firmwareimage import BUILD_TIMEOUT, RootPartition, arm64_opt_in
 from packager.base import can_run
 from packager.firmware import disk
 
 pytestmark = [
     pytest.mark.slow,
+    arm64_opt_in,
     pytest.mark.timeout(BUILD_TIMEOUT),
     pytest.mark.skipif(not can_run("arm64"), reason="this kernel has no qemu-aarch64 binfmt "
                        "handler (apt-get install qemu-user-static binfmt-support)"),

@@ -8,13 +8,12 @@ https://10.0.2.2:PORT: its certificate then names 10.0.2.2 and it tells devices 
 mqtts://10.0.2.2:MQTT_PORT; the enrollment file's token pins the hub's CA. The image is the
 session's (tests/firmwareimage.py: built, or the same inputs' image from the cache). The
 boot-to-online time is printed (pytest -s) and recorded in firmware-images/README.md;
-nothing here asserts a duration. The arm64 boot (qemu-system-aarch64, UEFI from
-qemu-efi-aarch64) takes long enough under TCG to be opt-in: EDGEFLEET_FIRMWARE_BOOT_ARM64=1.
+nothing here asserts a duration. The arm64 case (qemu-system-aarch64, UEFI from
+qemu-efi-aarch64) is opt-in, EDGEFLEET_FIRMWARE_ARM64=1 (tests/firmwareimage.py says why).
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import time
@@ -28,7 +27,7 @@ import pytest
 
 from agentproc import deploy, enrollment_token, publish_version, wait_for
 from contract import enrollment, tls
-from firmwareimage import AMD64_CLASS, ARM64_CLASS, BUILD_TIMEOUT
+from firmwareimage import AMD64_CLASS, ARM64_CLASS, BUILD_TIMEOUT, arm64_opt_in
 from hubproc import EDGEFLEET, HubProcess, free_port, start_hub, stop_process
 from packager.firmware import disk
 from packager.samples import expected_linear, make_onnx
@@ -36,7 +35,6 @@ from packager.samples import expected_linear, make_onnx
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT)]
 GUEST_HOST = "10.0.2.2"  # the host, as QEMU's user network shows it to the guest
 ROWS = [[1.0, 2.0, 3.0]]
-ARM64_BOOT = "EDGEFLEET_FIRMWARE_BOOT_ARM64"
 
 
 @dataclass(frozen=True)
@@ -61,10 +59,7 @@ MACHINES = {
 }
 BOOTED = [
     pytest.param(MACHINES[AMD64_CLASS], id="amd64"),
-    pytest.param(MACHINES[ARM64_CLASS], id="arm64", marks=pytest.mark.skipif(
-        os.environ.get(ARM64_BOOT) != "1",
-        reason=f"booting arm64 under TCG takes ~N min: opt in with {ARM64_BOOT}=1 "
-               "(apt-get install qemu-system-arm qemu-efi-aarch64)")),
+    pytest.param(MACHINES[ARM64_CLASS], id="arm64", marks=arm64_opt_in),
 ]
 
 
