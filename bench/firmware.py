@@ -4,7 +4,7 @@ Run from the repository root as root (mmdebstrap):
 
     .venv/bin/python bench/firmware.py                       # generic-amd64, warm then warm
     .venv/bin/python bench/firmware.py --cold                # first with an empty cache
-    .venv/bin/python bench/firmware.py --class generic-arm64 # a root filesystem (qemu-user)
+    .venv/bin/python bench/firmware.py --class generic-arm64 # arm64 disk image (qemu-user)
 
 A cold build downloads every .deb and wheel; a warm one finds them in the cache
 (~/.cache/edgefleet/firmware, or a temporary one with --cold) and downloads only

@@ -21,7 +21,7 @@ import certifi
 import httpx
 import pytest
 
-from firmwareimage import amd64_image  # noqa: F401 - the shared device image
+from firmwareimage import amd64_image, arm64_image, firmware_image  # noqa: F401 - shared images
 from hub.pki import Authority
 from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
 from hubproc import EDGEFLEET, HubProcess, start_hub

@@ -22,6 +22,8 @@ def test_every_shipped_class_reads() -> None:
     amd64 = classes.find("generic-amd64")
     assert amd64.disk_image and amd64.extras == ("agent", "onnx")
     assert dict(amd64.tags) == {"class": "generic-amd64"}
+    arm64 = classes.find("generic-arm64")
+    assert arm64.disk_image and arm64.debian_architecture == "arm64"
 
 
 GOOD: dict[str, Any] = {"description": "d", "platform": "linux/arm64", "runtimes": ["litert"]}
@@ -38,7 +40,8 @@ GOOD: dict[str, Any] = {"description": "d", "platform": "linux/arm64", "runtimes
     ({"tags": {"class": "a\nb"}}, "tags: invalid tag value"),
     ({"tags": ["class=x"]}, "tags: must be a table"),
     ({"disk_image": "yes"}, "disk_image: must be true or false"),
-    ({"disk_image": True}, "raw disk images are made for linux/amd64 only"),
+    ({"platform": "linux/arm/v7", "runtimes": [], "disk_image": True},
+     "raw disk images are made for linux/amd64, linux/arm64 only"),
 ])
 def test_the_class_reader_is_strict(change: dict[str, Any], error: str) -> None:
     with pytest.raises(classes.ClassError) as caught:

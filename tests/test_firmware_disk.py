@@ -19,10 +19,10 @@ from packager.firmware import disk
 TOKEN = "efe_" + "t0ken" * 6 + "." + "ab" * 32  # pins the hub's CA
 
 
-def fake_rootfs(root: Path) -> Path:
-    for path, data in {"boot/vmlinuz-6.1.0-1-amd64": b"kernel",
-                       "boot/initrd.img-6.1.0-1-amd64": b"initrd",
-                       "usr/lib/systemd/boot/efi/systemd-bootx64.efi": b"MZ loader",
+def fake_rootfs(root: Path, platform: str = "linux/amd64") -> Path:
+    for path, data in {"boot/vmlinuz-6.1.0-1": b"kernel",
+                       "boot/initrd.img-6.1.0-1": b"initrd",
+                       disk.BOOT_PLATFORMS[platform].loader: b"MZ loader",
                        "etc/hostname": b"edgefleet\n"}.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(data)
@@ -42,24 +42,53 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     for name in ("one", "two"):
         (work / name).mkdir()
         image = work / f"{name}.img"
-        disk.make_disk(rootfs, image, work / name, name="test-class", epoch=1_700_000_000)
+        disk.make_disk(rootfs, image, work / name, name="test-class", epoch=1_700_000_000,
+                       platform="linux/amd64")
         made.append(image)
     return made
 
 
-def check_layout(image: Path, name: str, epoch: int) -> None:
+def check_layout(image: Path, name: str, epoch: int, platform: str) -> None:
     table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True,
                                       capture_output=True, text=True).stdout)["partitiontable"]
     assert table["label"] == "gpt"
-    assert [p["type"] for p in table["partitions"]] == [disk.ESP_TYPE, disk.ROOT_X86_64_TYPE]
+    root_type = disk.BOOT_PLATFORMS[platform].root_type
+    assert [p["type"] for p in table["partitions"]] == [disk.ESP_TYPE, root_type]
     root_uuid = table["partitions"][1]["uuid"].lower()
     assert f"PARTUUID={root_uuid} / ext4" in disk.fstab(name, epoch)
-    assert f"root=PARTUUID={root_uuid}" in disk.kernel_command_line(name, epoch)
+    assert f"root=PARTUUID={root_uuid}" in disk.kernel_command_line(name, epoch, platform)
     assert disk.list_enrollment_dir(image) == ["README.txt"]
 
 
+def esp_file(image: Path, path: str) -> bytes:
+    offset = int(json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True,
+                                           capture_output=True, text=True).stdout
+                            )["partitiontable"]["partitions"][0]["start"]) * disk.SECTOR
+    return subprocess.run(["mtype", "-i", f"{image}@@{offset}", f"::/{path}"], check=True,
+                          capture_output=True, env={"MTOOLS_SKIP_CHECK": "1"}).stdout
+
+
 def test_the_disk_has_an_efi_and_a_root_partition_with_fixed_ids(images: list[Path]) -> None:
-    check_layout(images[0], "test-class", 1_700_000_000)
+    check_layout(images[0], "test-class", 1_700_000_000, "linux/amd64")
+    assert esp_file(images[0], "EFI/BOOT/BOOTX64.EFI") == b"MZ loader"
+    assert b"console=ttyS0," in esp_file(images[0], "loader/entries/edgefleet.conf")
+
+
+def test_an_arm64_disk_has_its_loader_root_type_and_console(tmp_path: Path) -> None:
+    rootfs = fake_rootfs(tmp_path / "rootfs", "linux/arm64")
+    (tmp_path / "work").mkdir()
+    image = tmp_path / "arm64.img"
+    disk.make_disk(rootfs, image, tmp_path / "work", name="arm", epoch=1_700_000_000,
+                   platform="linux/arm64")
+    check_layout(image, "arm", 1_700_000_000, "linux/arm64")
+    assert esp_file(image, "EFI/BOOT/BOOTAA64.EFI") == b"MZ loader"
+    assert b"console=ttyAMA0," in esp_file(image, "loader/entries/edgefleet.conf")
+
+
+def test_a_platform_without_a_boot_setup_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(disk.DiskError, match="no disk images for linux/arm/v7"):
+        disk.make_disk(fake_rootfs(tmp_path), tmp_path / "x.img", tmp_path, name="x", epoch=1,
+                       platform="linux/arm/v7")
 
 
 @pytest.mark.slow
@@ -67,7 +96,7 @@ def test_the_disk_has_an_efi_and_a_root_partition_with_fixed_ids(images: list[Pa
 def test_the_built_amd64_image_has_the_same_layout_and_no_enrollment(amd64_image: Path) -> None:
     info = json.loads(amd64_image.with_suffix(".json").read_text())
     assert info["image"] == amd64_image.name and info["sha256"] == sha256(amd64_image)
-    check_layout(amd64_image, info["class"], info["source_date_epoch"])
+    check_layout(amd64_image, info["class"], info["source_date_epoch"], info["platform"])
 
 
 def test_the_same_inputs_give_the_same_disk(images: list[Path]) -> None:

@@ -1,4 +1,4 @@
-"""`edgefleet firmware build CLASS`: a device's root filesystem, and for amd64 a bootable disk.
+"""`edgefleet firmware build CLASS`: a device's bootable disk image or root filesystem.
 
 Steps, each cached or cheap on a second run (cache: ~/.cache/edgefleet/firmware):
 
@@ -14,9 +14,10 @@ Steps, each cached or cheap on a second run (cache: ~/.cache/edgefleet/firmware)
    /boot/efi/edgefleet/enrollment.conf` (the same installer as on a running machine),
    networkd with DHCP on every wired interface, an empty machine-id (each device makes
    its own at first boot), /etc/edgefleet/image.json (class and build);
-4. outputs in OUT: CLASS.img (GPT: EFI system partition with systemd-boot, kernel and
-   initrd; ext4 root) or CLASS-rootfs.tar, CLASS.packages.txt (every Debian package and
-   Python distribution with its version) and CLASS.json (what was built, sizes, sha256).
+4. outputs in OUT: CLASS.img for a class with disk_image (amd64 or arm64; GPT: EFI
+   system partition with systemd-boot, kernel and initrd; ext4 root) or CLASS-rootfs.tar,
+   CLASS.packages.txt (every Debian package and Python distribution with its version)
+   and CLASS.json (what was built, sizes, sha256).
 
 A built image is kept in the cache too (images/CLASS/KEY/), KEY a hash of every input: the
 class, the contents of edgefleet's wheel, this build code, the Debian package selection,
@@ -62,8 +63,9 @@ VENV = "/opt/edgefleet"
 FIRST_BOOT_FILE = f"{disk.ESP_MOUNT}/edgefleet/enrollment.conf"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "iproute2", "python3",
                  "python3-venv", "ca-certificates")
-# A bootable disk: Debian's kernel and initramfs, and systemd-boot's EFI binary.
-DISK_PACKAGES = ("linux-image-amd64", "initramfs-tools", "systemd-boot-efi")
+# A bootable disk: Debian's kernel (the platform's, disk.BOOT_PLATFORMS) and initramfs, and
+# systemd-boot's EFI binary.
+DISK_PACKAGES = ("initramfs-tools", "systemd-boot-efi")
 TIMEOUT = 60 * 60
 DONE = "complete"  # written last into a kept image's directory
 Log = Callable[[str], None]
@@ -91,7 +93,9 @@ class BuildSettings:
 
     @property
     def packages(self) -> tuple[str, ...]:
-        disk_packages = DISK_PACKAGES if self.device_class.disk_image else ()
+        cls = self.device_class
+        disk_packages = ((disk.boot_platform(cls.platform).kernel_package, *DISK_PACKAGES)
+                         if cls.disk_image else ())
         return (*BASE_PACKAGES, *disk_packages, *self.device_class.accelerator_packages)
 
 
@@ -149,7 +153,8 @@ def _build(settings: BuildSettings, work: Path, wheels: Path, log: Log) -> dict[
     image = settings.out_dir / _image_name(cls)
     if cls.disk_image:
         log(f"disk image {image}")
-        disk.make_disk(rootfs, image, work, name=cls.name, epoch=settings.epoch)
+        disk.make_disk(rootfs, image, work, name=cls.name, epoch=settings.epoch,
+                       platform=cls.platform)
     else:
         log(f"root filesystem archive {image}")
         _tar(rootfs, image, settings.epoch)

@@ -3,7 +3,8 @@
 A class says what a kind of device runs: its OCI platform, the inference runtimes
 (contract/runtimes.py names; their pip extras are installed), Debian packages for its
 accelerators, the tags its devices start with, and whether a raw disk image is made
-besides the root filesystem. A new class is a new file; unknown keys are refused so a
+(a UEFI disk, for the platforms packager/firmware/disk.py boots) instead of a root
+filesystem archive. A new class is a new file; unknown keys are refused so a
 typo is an error, not a silently ignored setting.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from contract.names import InvalidName, tag
 from contract.runtimes import RUNTIMES
 from packager.base import DEBIAN_ARCHITECTURES
+from packager.firmware.disk import BOOT_PLATFORMS
 
 CLASSES_DIR = Path(__file__).resolve().parents[2] / "firmware-images" / "classes"
 _CLASS_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -102,8 +104,9 @@ def parse(name: str, data: dict[str, Any]) -> DeviceClass:
     disk_image = data.get("disk_image", False)
     if not isinstance(disk_image, bool):
         raise ClassError("disk_image: must be true or false")
-    if disk_image and platform != "linux/amd64":
-        raise ClassError("disk_image: raw disk images are made for linux/amd64 only")
+    if disk_image and platform not in BOOT_PLATFORMS:
+        raise ClassError(f"disk_image: raw disk images are made for {', '.join(BOOT_PLATFORMS)}"
+                         " only")
     return DeviceClass(name=name, description=_typed(data, "description", str),
                        platform=platform, runtimes=runtimes, accelerator_packages=packages,
                        tags=checked, disk_image=disk_image)

@@ -37,8 +37,8 @@ def build(device_class: str, out_dir: Path, mirror: str | None, no_security_mirr
     """Build CLASS's image: a class name from firmware-images/classes/ or a .toml file.
 
     \b
-    linux/amd64 classes give OUT/CLASS.img, a raw GPT disk (UEFI, systemd-boot) to
-    write to a disk or boot in a VM; others OUT/CLASS-rootfs.tar. Beside it:
+    Classes with disk_image (amd64, arm64) give OUT/CLASS.img, a raw GPT disk (UEFI,
+    systemd-boot) to write to a disk or boot in a VM; others OUT/CLASS-rootfs.tar. Beside it:
     CLASS.packages.txt (every package and version) and CLASS.json. An image built
     before from the same inputs (class, source, package selection, epoch) is copied
     from the cache instead. Needs root

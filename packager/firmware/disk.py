@@ -1,9 +1,11 @@
 """A raw GPT disk image from a root filesystem directory, without loop devices or mounts.
 
 Layout: 1 MiB for the GPT, an EFI system partition (FAT32: systemd-boot as the
-removable-media loader EFI/BOOT/BOOTX64.EFI, its loader entry, the kernel and the
+removable-media loader EFI/BOOT/BOOT<arch>.EFI, its loader entry, the kernel and the
 initrd, and edgefleet/ where the enrollment file goes), then the ext4 root made from
-the directory by `mkfs.ext4 -d`. The FAT partition is built with mkfs.vfat and mtools,
+the directory by `mkfs.ext4 -d`. One layout for every platform in BOOT_PLATFORMS; what
+differs (the loader's name, the root partition's type, the kernel package, the serial
+console) is that table's. The FAT partition is built with mkfs.vfat and mtools,
 the table with sfdisk, and the partitions copied into place: nothing needs root's
 mount, so it builds in containers too. Partition and filesystem ids come from the class
 name and the epoch (uuid5), so a rebuild has the same ones.
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import PackageError
@@ -27,7 +30,6 @@ ROOT_SPARE_MIB = 768  # room for model packages and logs beyond what the image h
 SECTOR = 512
 MIB = 1 << 20
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 ENROLLMENT_DIR = "edgefleet"
 ENROLLMENT_NAME = "enrollment.conf"
 _README = """\
@@ -40,6 +42,38 @@ boot the device moves it to /etc/edgefleet (root only), deletes it here, and enr
 
 class DiskError(PackageError):
     """The disk image could not be made or changed; the message says why."""
+
+
+@dataclass(frozen=True)
+class BootPlatform:
+    """What a UEFI disk needs per CPU architecture."""
+
+    efi_arch: str  # UEFI's name: the loader is EFI/BOOT/BOOT<EFI_ARCH>.EFI
+    root_type: str  # the Discoverable Partitions root type for this architecture
+    kernel_package: str  # Debian's kernel metapackage
+    console: str  # the serial console of UEFI machines (and QEMU's) of this kind
+
+    @property
+    def loader(self) -> str:
+        """systemd-boot's binary in the root filesystem (Debian's systemd-boot-efi)."""
+        return f"usr/lib/systemd/boot/efi/systemd-boot{self.efi_arch.lower()}.efi"
+
+
+BOOT_PLATFORMS = {
+    "linux/amd64": BootPlatform(efi_arch="X64", root_type="4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+                                kernel_package="linux-image-amd64", console="ttyS0"),
+    # The virt machine's and most servers' PL011 UART.
+    "linux/arm64": BootPlatform(efi_arch="AA64", root_type="B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+                                kernel_package="linux-image-arm64", console="ttyAMA0"),
+}
+
+
+def boot_platform(platform: str) -> BootPlatform:
+    try:
+        return BOOT_PLATFORMS[platform]
+    except KeyError:
+        raise DiskError(f"no disk images for {platform} (only {', '.join(BOOT_PLATFORMS)})"
+                        ) from None
 
 
 def _ids(name: str, epoch: int) -> dict[str, str]:
@@ -56,16 +90,18 @@ def fstab(name: str, epoch: int) -> str:
             f"PARTUUID={ids['esp']} {ESP_MOUNT} vfat umask=0077,shortname=winnt 0 2\n")
 
 
-def kernel_command_line(name: str, epoch: int) -> str:
+def kernel_command_line(name: str, epoch: int, platform: str) -> str:
     return (f"root=PARTUUID={_ids(name, epoch)['root']} rw console=tty0 "
-            "console=ttyS0,115200 systemd.show_status=1")
+            f"console={boot_platform(platform).console},115200 systemd.show_status=1")
 
 
-def make_disk(rootfs: Path, image: Path, work: Path, *, name: str, epoch: int) -> None:
+def make_disk(rootfs: Path, image: Path, work: Path, *, name: str, epoch: int,
+              platform: str) -> None:
+    boot = boot_platform(platform)
     ids = _ids(name, epoch)
     kernel = _one(rootfs, "boot/vmlinuz-*")
     initrd = _one(rootfs, "boot/initrd.img-*")
-    loader = _one(rootfs, "usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+    loader = _one(rootfs, boot.loader)
     env = {"SOURCE_DATE_EPOCH": str(epoch), "E2FSPROGS_FAKE_TIME": str(epoch),
            "MTOOLS_SKIP_CHECK": "1"}
 
@@ -74,11 +110,11 @@ def make_disk(rootfs: Path, image: Path, work: Path, *, name: str, epoch: int) -
           ids["esp"].replace("-", "")[:8], "-C", str(esp), str(ESP_MIB * 1024)], env)
     staged = work / "esp"
     files = {
-        "EFI/BOOT/BOOTX64.EFI": loader.read_bytes(),
+        f"EFI/BOOT/BOOT{boot.efi_arch}.EFI": loader.read_bytes(),
         "loader/loader.conf": b"timeout 0\ndefault edgefleet.conf\n",
         "loader/entries/edgefleet.conf": (
             f"title edgefleet ({name})\nlinux /vmlinuz\ninitrd /initrd.img\n"
-            f"options {kernel_command_line(name, epoch)}\n").encode(),
+            f"options {kernel_command_line(name, epoch, platform)}\n").encode(),
         "vmlinuz": kernel.read_bytes(),
         "initrd.img": initrd.read_bytes(),
         f"{ENROLLMENT_DIR}/README.txt": _README.encode(),
@@ -108,7 +144,7 @@ def make_disk(rootfs: Path, image: Path, work: Path, *, name: str, epoch: int) -
     table = (f"label: gpt\nlabel-id: {ids['disk']}\nunit: sectors\n"
              f"start={esp_start}, size={ESP_MIB * MIB // SECTOR}, type={ESP_TYPE}, "
              f"uuid={ids['esp']}, name=\"ESP\"\n"
-             f"start={root_start}, size={root_mib * MIB // SECTOR}, type={ROOT_X86_64_TYPE}, "
+             f"start={root_start}, size={root_mib * MIB // SECTOR}, type={boot.root_type}, "
              f"uuid={ids['root']}, name=\"root\"\n")
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], env, table)
     _copy_into(esp, image, esp_start * SECTOR)
