@@ -29,8 +29,8 @@ from typing import Any, Final
 from contract import names
 from contract.errors import FormatError, PackageError
 from contract.runtimes import RUNTIMES
-from contract.tensors import NUMPY_DTYPES
 from contract.settings import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE  # one home for the bounds
+from contract.tensors import NUMPY_DTYPES
 
 SCHEMA = "edgefleet.serving/v1"
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from agent.serving.body import Batching
 from agent.serving.limits import Limiter
-from contract.settings import unbatchable as unbatchable  # the one check; control.py asks
 from agent.serving.table import settle
+from contract.settings import unbatchable as unbatchable  # the one check; control.py asks
 
 # A batch whose runtime call should take less than this runs on the event loop: the hop to
 # a worker thread and back costs more than such a call, and on two busy cores far more

@@ -20,7 +20,7 @@ from rich.progress import Progress, TaskID
 from contract import names
 from contract.names import DEFAULT_VARIANT, package_tag
 from contract.runtimes import RUNTIMES
-from contract.serving import MAX_BATCH_SIZE
+from contract.settings import MAX_BATCH_SIZE
 from hub.cli.models import parse_ref
 from hub.cli.output import client, emit, emit_one, hub_options, json_option, say
 from hub.cli.package_build import BuildEvent, BuildOptions, Stage, build_version
