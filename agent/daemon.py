@@ -476,7 +476,7 @@ class Agent:
                 Refusal(r["generation"], Reason(r["reason"]), r["message"], parse_time(r["at"]))
                 for r in self.state.refusals
             ),
-            inventory={**self.facts, HUB_KEY_FACT: self.trust.trust.key_id},
+            inventory={**self.facts, HUB_KEY_FACT: self.trust.key_id},
         )
         self.uplink.report(build_reported(state))
 

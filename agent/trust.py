@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgefleet.agent.trust")
 
 TRUST_FILE = "hub-keys.json"
+UNREADABLE_KEY = "unreadable"  # the key id reported when the trusted key is damaged
 
 
 def save(data_dir: Path, trust: keys.Trust) -> None:
@@ -60,6 +61,15 @@ class TrustStore:
                                          "signed can be trusted: enroll this device again"
                                          ) from None
         return self._loaded[1]
+
+    @property
+    def key_id(self) -> str:
+        """The trusted key's id for the device's report; a damaged key is reported as such
+        (each desired state is then refused, see `key`), never a crash."""
+        try:
+            return self.trust.key_id
+        except keys.RotationError:
+            return UNREADABLE_KEY
 
     @property
     def retired(self) -> tuple[str, ...]:

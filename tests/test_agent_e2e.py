@@ -347,9 +347,14 @@ def test_unreadable_pinned_key_refuses_desired_states_and_keeps_running(
     data = tmp_path / "agent"
     agent = start_agent(fleet_hub, data)
     assert agent.stop() == 0, agent.log()
+    # The key pinned at enrollment, and the trust followed since (agent/trust.py), damaged.
     identity_file = data / "identity.json"
     identity = json.loads(identity_file.read_text())
     identity_file.write_text(json.dumps({**identity, "hub_public_key": "not a key"}))
+    trust_file = data / "hub-keys.json"
+    if trust_file.exists():
+        trust_file.write_text(json.dumps({**json.loads(trust_file.read_text()),
+                                          "key": "not a key"}))
     again = start_agent(fleet_hub, data, port=agent.port)
     try:
         deploy(fleet_hub, again.device_id, f"tiny:{versions['v1']}")

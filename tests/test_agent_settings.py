@@ -81,7 +81,9 @@ def concurrently(agent: AgentProcess, name: str, clients: int, each: int) -> Non
 def test_a_deployment_with_batching_merges_concurrent_requests(
         fleet: tuple[HubProcess, AgentProcess], tmp_path: Path) -> None:
     hub, agent = fleet
-    version = publish_version(hub, "linear", make_onnx(tmp_path / "model.onnx"))
+    # Built with batching off: the build's own measurement would otherwise decide the start.
+    version = publish_version(hub, "linear", make_onnx(tmp_path / "model.onnx"),
+                              extra=("--batching", "off"))
     deploy(hub, agent.device_id, f"linear:{version}")
     wait_for(lambda: any(r["state"] == "serving" for r in reported(hub, agent.device_id,
                                                                    "linear")),
