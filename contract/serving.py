@@ -29,8 +29,12 @@ from typing import Any, Final
 from contract import names
 from contract.errors import FormatError, PackageError
 from contract.runtimes import RUNTIMES
-from contract.settings import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE  # one home for the bounds
-from contract.tensors import NUMPY_DTYPES
+from contract.settings import (  # one home for the bounds and the check
+    MAX_BATCH_DELAY_MS,
+    MAX_BATCH_SIZE,
+    unbatchable,
+)
+from contract.tensors import NUMPY_DTYPES, Signature
 
 SCHEMA = "edgefleet.serving/v1"
 
@@ -143,18 +147,11 @@ def check_serving(document: Any) -> dict[str, Any]:
         raise FormatError("serving.json: sample_request is not a V2 request with inputs")
     if "batching" in document:
         check_batching(document["batching"])
-        if not batchable(document["signature"]):
-            raise FormatError("serving.json: batching needs a signature whose every input and"
-                              " output has a free first (batch) dimension")
+        why = ("it has no signature" if document["signature"] is None
+               else unbatchable(Signature.from_dict(document["signature"])))
+        if why is not None:
+            raise FormatError(f"serving.json: batching needs a model that can batch: {why}")
     return document
-
-
-def batchable(signature: Mapping[str, Any] | None) -> bool:
-    """True if every input and output of SIGNATURE (serving.json's form) has a free first
-    dimension, so requests can be stacked along it."""
-    if signature is None or not signature["inputs"]:
-        return False
-    return all(t["shape"][:1] == [-1] for side in ("inputs", "outputs") for t in signature[side])
 
 
 def check_batching(value: Any) -> dict[str, int]:

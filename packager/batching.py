@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from contract.serving import batchable
+from contract.settings import unbatchable
 from contract.tensors import Signature
 from packager.prepare import PrepareError, sample_inputs, stage_files
 
@@ -57,12 +57,15 @@ def measure_batching(
 ) -> BatchingProfile:
     """Time the model of FILES (relative name -> file) on RUNTIME with one row and with
     PROBE_ROWS; PrepareError if the timer cannot run it."""
-    if not batchable(signature):
-        return BatchingProfile(None, "batching: off (no free batch dimension in the signature)")
-    assert signature is not None
+    if signature is None:
+        return BatchingProfile(None, "batching: off (the model has no signature)")
+    typed = Signature.from_dict(signature)
+    why = unbatchable(typed)
+    if why is not None:
+        return BatchingProfile(None, f"batching: off ({why})")
     import numpy as np
 
-    one = sample_inputs(Signature.from_dict(signature), 0, 0)[0]  # the sample request
+    one = sample_inputs(typed, 0, 0)[0]  # the sample request
     many = {name: np.repeat(array, PROBE_ROWS, axis=0) for name, array in one.items()}
     with tempfile.TemporaryDirectory(prefix="edgefleet-batching-") as tmp:
         model_dir = Path(tmp)

@@ -458,4 +458,4 @@ def test_the_batching_default_is_measured_and_written_only_when_it_pays(tmp_path
     fixed = measure_batching(time_on_cpu, "onnxruntime", files, "model.onnx", {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3]}],
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 1]}]})
-    assert fixed.setting is None and "no free batch dimension" in fixed.note
+    assert fixed.setting is None and "not a free first (batch) dimension" in fixed.note

@@ -80,7 +80,8 @@ def test_a_bad_batching_default_is_one_clear_error(batching: Any, words: str) ->
 def test_a_batching_default_needs_a_free_batch_dimension() -> None:
     fixed = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3]}],
              "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}]}
-    for signature in (fixed, None):
-        with pytest.raises(FormatError, match="free first"):
+    for signature, why in ((fixed, "input 'x' has shape \\[1, 3\\], not a free first"),
+                           (None, "it has no signature")):
+        with pytest.raises(FormatError, match=f"batching needs a model that can batch: {why}"):
             read_serving(json.dumps(document(
                 signature=signature, batching={"max_batch_size": 8, "max_delay_ms": 0})).encode())

@@ -270,16 +270,18 @@ def _batching(
     """serving.json's batching default for CHOICE ("auto", "off" or a max batch size) and
     the notes that say why."""
     from contract.errors import PackageError
-    from contract.serving import batchable
+    from contract.settings import unbatchable
     from packager.batching import measure_batching
 
     signature = None if prepared.info.signature is None else prepared.info.signature.to_dict()
     if choice == "off" or (choice == "auto" and timer is None):
         return None, []
     if isinstance(choice, int):
-        if not batchable(signature):
-            raise PackageError("--batching needs a model whose every input and output has a"
-                               " free first (batch) dimension; use --batching off")
+        why = ("it has no signature" if prepared.info.signature is None
+               else unbatchable(prepared.info.signature))
+        if why is not None:
+            raise PackageError(f"--batching needs a model that can batch ({why}); use"
+                               " --batching off")
         return {"max_batch_size": choice, "max_delay_ms": 0}, [f"batching: on, {choice} rows"]
     assert timer is not None and prepared.info.entrypoint is not None
     progress(BuildEvent(Stage.PREPARE, f"time the model on {runtime} for batching"))
