@@ -554,13 +554,18 @@ def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey,
 def rotation_chain(payload: bytes) -> object:
     """The key rotation statements a desired state carries ([] if none), unchecked:
     `contract.keys.follow` decides; ProtocolRefusal if PAYLOAD is not a JSON object."""
+    return _desired_document(payload).get(KEYS_FIELD, [])
+
+
+def _desired_document(payload: bytes) -> dict[str, Any]:
+    """PAYLOAD read as a JSON object, bounded; else ProtocolRefusal (malformed)."""
     try:
         document = _load(payload, limit=MAX_DESIRED_BYTES, what="desired state")
     except ProtocolError as exc:
         raise ProtocolRefusal(Reason.MALFORMED, str(exc)) from None
     if not isinstance(document, dict):
         raise ProtocolRefusal(Reason.MALFORMED, "desired state is not a JSON object")
-    return document.get(KEYS_FIELD, [])
+    return document
 
 
 def verify_desired(
@@ -585,12 +590,7 @@ def verify_desired(
 
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    try:
-        document = _load(payload, limit=MAX_DESIRED_BYTES, what="desired state")
-    except ProtocolError as exc:
-        raise ProtocolRefusal(Reason.MALFORMED, str(exc)) from None
-    if not isinstance(document, dict):
-        raise ProtocolRefusal(Reason.MALFORMED, "desired state is not a JSON object")
+    document = _desired_document(payload)
     claimed = document.get("generation")
     generation = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else None
 
