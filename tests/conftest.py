@@ -1,4 +1,5 @@
-"""Shared fixtures: a real hub process, an HTTP client for it, and the CLI.
+"""Shared fixtures: a real hub process, a real Mosquitto, an HTTP client for the hub, and
+the CLI.
 
 Hubs run with TLS. One CA serves every hub of the run (bench/harness.py copies
 it into each new data dir), and SSL_CERT_FILE names it beside the usual roots,
@@ -25,6 +26,7 @@ from firmwareimage import amd64_image, arm64_image, firmware_image  # noqa: F401
 from hub.pki import Authority
 from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
 from hubproc import EDGEFLEET, HubProcess, start_hub
+from mosquitto import Mosquitto, start_mosquitto
 
 _CA_DIRECTORY = pytest.StashKey[Path]()
 # Modules about the managed broker's password logins, which exist only in plain text, and
@@ -67,6 +69,15 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     process = start_hub(tmp_path_factory.mktemp("hub") / "data")
     yield process
     assert process.stop() == 0, process.log()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A Mosquitto for the module, anyone may publish to it (an attacker holding broker
+    credentials, where a test needs one)."""
+    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield mosquitto
+    mosquitto.stop()
 
 
 @pytest.fixture

@@ -31,17 +31,10 @@ from contract.oci import OCILayout
 from contract.signing import generate_private_key
 from hubproc import EDGEFLEET, HubProcess, start_hub
 from modelgen import expected_linear, make_failing_onnx, make_onnx, make_openvino_ir, make_tflite
-from mosquitto import Mosquitto, start_mosquitto
+from mosquitto import Mosquitto
 from smalldisk import small_disk
 
 ROWS = [[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield mosquitto
-    mosquitto.stop()
 
 
 @pytest.fixture(scope="module")

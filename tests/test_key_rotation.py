@@ -20,17 +20,9 @@ from conftest import Cli
 from contract import keys, protocol, signing
 from hubproc import HubProcess, start_hub
 from modelgen import make_onnx
-from mosquitto import Mosquitto, start_mosquitto
+from mosquitto import Mosquitto
 
 ROWS = [[1.0, 2.0, 3.0]]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    """A Mosquitto anyone may publish to: the attacker holding broker credentials."""
-    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield mosquitto
-    mosquitto.stop()
 
 
 @pytest.fixture(scope="module")

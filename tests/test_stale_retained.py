@@ -19,14 +19,7 @@ from agentproc import deploy, publish_version, wait_for
 from contract import protocol, signing
 from hubproc import HubProcess, start_hub
 from modelgen import make_onnx
-from mosquitto import Mosquitto, start_mosquitto
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    mosquitto = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield mosquitto
-    mosquitto.stop()
+from mosquitto import Mosquitto
 
 
 @pytest.fixture(scope="module")
