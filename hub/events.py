@@ -59,6 +59,10 @@ class EventType(StrEnum):
     ENROLLMENT_TOKEN_REVOKED = "enrollment_token.revoked"
     WEBHOOK_CREATED = "webhook.created"
     WEBHOOK_REMOVED = "webhook.removed"
+    KEY_PREPARED = "key.prepared"
+    KEY_ROTATED = "key.rotated"
+    KEY_ROOT_SET = "key.root_set"
+    DESIRED_REPLACED = "desired.replaced"  # a state on the broker the hub did not publish
 
 
 T = EventType
@@ -90,6 +94,10 @@ FROM_AUDIT: Final[dict[str, EventType]] = {
     "enrollment_token.revoke": T.ENROLLMENT_TOKEN_REVOKED,
     "webhook.add": T.WEBHOOK_CREATED,
     "webhook.remove": T.WEBHOOK_REMOVED,
+    "keys.prepare": T.KEY_PREPARED,
+    "keys.rotate": T.KEY_ROTATED,
+    "keys.root": T.KEY_ROOT_SET,
+    "desired.stale": T.DESIRED_REPLACED,
 }
 MAX_PATTERNS: Final = 32
 

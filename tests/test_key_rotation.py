@@ -158,6 +158,9 @@ def test_the_offline_root_key_signs_a_rotation_devices_follow(
     finally:
         assert agent.stop() == 0, agent.log()
     assert '"keys.rotate"' in json.dumps(cli.json("audit"))
+    rotated = cli.json("events", "--type", "key.rotated")
+    assert isinstance(rotated, list)
+    assert any(e["subject"].endswith(f"-> {answer['current']}") for e in rotated), rotated
 
 
 def _not_a_key(tmp_path: Path) -> Path:

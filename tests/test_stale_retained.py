@@ -115,6 +115,9 @@ def test_a_replayed_forged_or_deleted_state_is_replaced_by_the_hubs(
         assert json.loads(back)["signature"]["keyid"] == json.loads(latest)["signature"]["keyid"]
         assert desired_stats(hub)["last_stale"]["reason"].startswith(reason)
     assert [a["target"] for a in stale_audits(hub)] == [device] * 3
+    with api(hub) as c:  # and each is an event (webhooks can page someone)
+        replaced = c.get("/api/v1/events", params={"type": "desired.replaced"}).json()["events"]
+    assert [e["subject"] for e in replaced] == [device] * 3
 
 
 def test_a_device_with_nothing_assigned_gets_its_topic_cleared(

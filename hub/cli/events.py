@@ -71,7 +71,7 @@ def _print(event: dict[str, Any], *, as_json: bool, terminal: bool) -> None:
 @json_option
 def events(types: tuple[str, ...], limit: int, after: int | None, follow: bool,
            hub: str | None, token: str | None, as_json: bool) -> None:
-    """Show the hub's events: models, packages, devices, rollouts, tokens, webhooks.
+    """Show the hub's events: models, packages, devices, rollouts, tokens, webhooks, keys.
 
     With --follow, one line per event (tab-separated when not on a terminal, one
     JSON object a line with --json).
