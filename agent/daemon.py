@@ -1,7 +1,9 @@
 """The agent daemon: one device's link to the hub, and what it runs.
 
-Start-up: load the identity and the saved state, start the serving process
-with the last known good versions, then connect to the broker. The main
+Start-up: load the identity and the saved state, take the scoring port and,
+if versions are deployed, start the serving process with the last known
+good versions (with nothing deployed none runs: agent/supervisor.py), then
+connect to the broker. The main
 thread takes desired states from the MQTT session one at a time, checks
 each (signature, generation, expiry; contract.protocol), and converges the
 device on it through the update state machine (agent/updates.py). An
@@ -165,6 +167,7 @@ class Agent:
             options.serve_grpc_port, options.max_body_bytes,
         ))
         self._registry: Registry | None = None
+        self.front = front  # the scoring address, in both modes
         self.serving: ServingProcess | ContainerServing = front
         self.store: PackageStore | ContainerStore
         self.watch: ContainerWatch | None = None
@@ -242,8 +245,10 @@ class Agent:
 
     def run(self) -> None:
         """Run until stop_requested is set (SIGTERM/SIGINT), then shut down cleanly."""
-        self.serving.start()
-        self._load_good_versions()
+        self.front.open()
+        if self.state.serving:
+            self.serving.start()
+            self._load_good_versions()
         if self.watch is not None:
             self._watch_containers(self.watch)  # orphans of a killed agent go first thing
         self.report()
@@ -273,14 +278,15 @@ class Agent:
         except Exception:  # offline already: the will or the next birth covers it
             pass
         self.session.close()
-        self.serving.stop()
+        self.serving.stop()  # container mode: the containers keep running
+        self.front.close()
         if self._registry is not None:
             self._registry.close()
         self.queue.close()
 
     def _supervise(self) -> None:
         self._renew_if_due()
-        if not self.serving.alive():
+        if self.serving.crashed():
             self.serving.restart()
             self._load_good_versions()
             self.report()
@@ -379,6 +385,8 @@ class Agent:
 
     def apply(self, desired: DesiredState) -> None:
         wanted = {d.name for d in desired.deployments}
+        if wanted:
+            self.front.warm()  # its start overlaps the download
         for deployment in desired.deployments:
             self._converge(deployment, desired.generation)
         for name in unloaded(self.state.serving, wanted):
@@ -391,6 +399,8 @@ class Agent:
         self.state.applied_generation = desired.generation
         self.state.pending_desired = None
         self.state_file.save(self.state)
+        if not self.state.serving and self.front.on_demand:
+            self.serving.stop()  # nothing left to serve: the idle front answers the port
         self.report()
 
     def _update_for(self, d: Deployment, role: Role, generation: int) -> Update:

@@ -1,15 +1,19 @@
 """The serving process, as the agent runs it: start, watch, restart, and talk to it.
 
-The agent starts `python -m agent.serving` as a child that dies with it
-(PR_SET_PDEATHSIG), records its pid so a restarted agent can end one left
-behind by a kill -9, and talks to it over the control socket. When the
-child dies, `check` notices, starts a new one and calls back so the agent
-loads its good versions into it again.
+The agent holds the scoring port's listening socket (`open`) and starts
+`python -m agent.serving` on it only when there is something to serve: at
+start-up if versions are deployed, else at the first deployment, or at the
+first scoring request other than a health check (agent/idle_front.py
+answers the port until then). The child dies with the agent
+(PR_SET_PDEATHSIG); its pid is recorded so a restarted agent can end one
+left behind by a kill -9; the agent talks to it over the control socket.
+When a started child dies, the agent's supervision (`crashed`) starts a new
+one and loads its good versions into it again. `stop` ends the child and
+the idle front answers again; the port stays bound throughout.
 """
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import logging
@@ -18,14 +22,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from agent import options as o
+from agent.idle_front import IdleFront
 from agent.serving.body import DeploymentBody, build
+from agent.serving.sockets import tcp_listener
 
 log = logging.getLogger("edgefleet.agent")
 PR_SET_PDEATHSIG = 1
@@ -49,10 +57,13 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(str(self._path))
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: no imports, no locks.
+def _die_with_parent() -> Callable[[], object]:
+    """What the child runs between fork and exec (no imports, no locks there): prctl,
+    looked up here. ctypes is imported only now: the idle daemon need not hold it."""
+    import ctypes
+
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return partial(libc.prctl, PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -117,23 +128,81 @@ class ServingProcess(ControlClient):
         self.log_path = data_dir / "serving.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.wanted = False  # started, and not stopped since: a death is a crash
+        self._answered = False  # the running process answered its control socket
+        # gRPC binds a port of its own in the serving process: started at once, kept.
+        self.on_demand = options.grpc_port is None
+        self._listener: socket.socket | None = None
+        self._front: IdleFront | None = None
+        self._lock = threading.RLock()  # the idle front starts it from its own thread
 
     # -- lifecycle ------------------------------------------------------------
 
+    def open(self) -> None:
+        """Take the scoring port; the idle front answers it until `start`."""
+        listener = self._listen()
+        self._front = IdleFront(listener, self._start_on_demand)
+        if self.on_demand:
+            self._front.resume()
+        else:
+            self.start()
+
+    def _listen(self) -> socket.socket:
+        if self._listener is None:
+            self._end_leftover()
+            host, port = self.options.host, self.options.port
+            try:
+                self._listener = tcp_listener(host, port)
+            except OSError as e:
+                raise ServingError(f"cannot listen on {host}:{port}: {e.strerror}; "
+                                   "choose another --serve-port") from None
+        return self._listener
+
+    def _start_on_demand(self) -> None:
+        """Started if it is not (a crash is the supervision's to handle: it reloads), and
+        answering once a `warm` start is."""
+        with self._lock:
+            if not self.wanted or (self.alive() and not self._answered):
+                self.start()
+
     def start(self, timeout: float = 60.0) -> None:
-        self._end_leftover()
+        """Start the serving process, if it is not running, and wait until it answers."""
+        with self._lock:
+            self.warm()
+            if not self._answered:
+                self._wait_ready(timeout)
+
+    def warm(self) -> None:
+        """Start the serving process if it is not running, without waiting for it: a
+        desired state with something to serve does this first, so the start overlaps
+        the download and the verification."""
+        with self._lock:
+            if self.alive():
+                return
+            listener = self._listen()
+            if self._front is not None:
+                self._front.pause()
+            self.wanted = True
+            self._spawn(listener.fileno())
+
+    def _spawn(self, listen_fd: int) -> None:
         o = self.options
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agent.serving", "--host", o.host, "--port", str(o.port),
+                 "--listen-fd", str(listen_fd),
                  "--control-socket", str(self.socket), "--api-key-file", str(o.api_key_file),
                  "--max-concurrency", str(o.max_concurrency), "--max-queue", str(o.max_queue),
                  "--max-wait-ms", str(o.max_wait_ms), "--max-body-bytes", str(o.max_body_bytes),
                  *(() if o.grpc_port is None else ("--grpc-port", str(o.grpc_port)))],
-                stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(),
+                pass_fds=(listen_fd,), env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.pid_file.write_text(str(self.process.pid))
+        self._answered = False
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -143,6 +212,7 @@ class ServingProcess(ControlClient):
                 )
             try:
                 self.state()
+                self._answered = True
                 return
             except (OSError, ServingError):
                 time.sleep(0.05)
@@ -170,18 +240,47 @@ class ServingProcess(ControlClient):
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def crashed(self) -> bool:
+        """Started and not stopped, yet not running: the supervision restarts it."""
+        return self.wanted and not self.alive()
+
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.pid_file.unlink(missing_ok=True)
+        """End the serving process; the idle front answers the port again."""
+        with self._lock:
+            self.wanted = False
+            if self.process is not None and self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process = None
+            self.pid_file.unlink(missing_ok=True)
+            if self._front is not None:
+                self._front.resume()
+
+    def close(self) -> None:
+        """Stop, and give up the scoring port (the agent is shutting down)."""
+        self.stop()
+        if self._front is not None:
+            self._front.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def restart(self) -> None:
         self.restarts += 1
         log.warning("the serving process died (exit %s); starting it again",
                     self.process.returncode if self.process else None)
         self.start()
+
+    # -- control: what loads a version starts the process first -------------------
+
+    def put(self, name: str, body: DeploymentBody) -> Any:
+        self._start_on_demand()
+        return super().put(name, body)
+
+    def self_test(self, name: str, version: str, sample: Mapping[str, Any]) -> Any:
+        self._start_on_demand()
+        return super().self_test(name, version, sample)

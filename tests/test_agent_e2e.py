@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.http as triton
 
@@ -107,6 +108,38 @@ def test_enroll_deploy_and_score(fleet_hub: HubProcess, device: AgentProcess,
     result = client.infer("tiny", [x], headers={"Authorization": f"Bearer {device.api_key}"})
     assert np.allclose(result.as_numpy("y"), got)
     client.close()
+
+
+def test_an_idle_agent_runs_no_serving_process_until_there_is_something_to_serve(
+        fleet_hub: HubProcess, versions: dict[str, int], tmp_path: Path) -> None:
+    """Nothing deployed: no serving process, the agent answers health itself; the first
+    deployment starts it, removing the last ends it; any other scoring request starts it
+    too and gets the serving process's own answer."""
+    data = tmp_path / "agent"
+    agent = start_agent(fleet_hub, data)  # after /v2/health/live answered
+    try:
+        daemon = psutil.Process(agent.process.pid)
+        assert httpx.get(f"{agent.url}/v2/health/ready").json() == {"ready": True}
+        assert daemon.children() == [] and not (data / "serving.pid").exists()
+        deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+        wait_serving(fleet_hub, agent, versions["v1"])
+        (serving,) = daemon.children()
+        assert int((data / "serving.pid").read_text()) == serving.pid
+        httpx.delete(f"{fleet_hub.url}/api/v1/devices/{agent.device_id}/deployments/tiny",
+                     headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}
+                     ).raise_for_status()
+        wait_for(lambda: not daemon.children(), what="the serving process to end")
+        assert not (data / "serving.pid").exists()
+        assert httpx.get(f"{agent.url}/v2/health/live").json() == {"live": True}
+        key = {"Authorization": f"Bearer {agent.api_key}"}
+        with httpx.Client(base_url=agent.url, timeout=60) as client:
+            assert client.get("/v2/models/tiny").status_code == 401  # the key first
+            assert client.get("/v2", headers=key).json()["name"] == "edgefleet"
+            assert client.get("/v2/models/tiny", headers=key).status_code == 404
+            assert client.get("/metrics", headers=key).status_code == 200
+        assert len(daemon.children()) == 1
+    finally:
+        assert agent.stop() == 0, agent.log()
 
 
 def test_update_while_scoring_drops_no_request(fleet_hub: HubProcess, device: AgentProcess,

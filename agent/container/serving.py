@@ -94,8 +94,8 @@ class ContainerServing:
     def stop(self) -> None:
         self.front.stop()  # containers keep running: a restarted agent adopts them
 
-    def alive(self) -> bool:
-        return self.front.alive()
+    def crashed(self) -> bool:
+        return self.front.crashed()
 
     def restart(self) -> None:
         self.front.restart()

@@ -27,6 +27,7 @@ Modules, one job each:
     app         the OIP REST routes and /metrics
     control     the agent's control API
     oip/        the gRPC API: oip.proto, its compiled descriptor, messages, wire, service
+    sockets     the scoring port's listening socket (the agent binds it alike)
     server      both uvicorn servers in one loop; clean exit on SIGTERM/SIGINT
     cli         the `serve` click command
 """

@@ -54,6 +54,9 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
 @click.option("--grpc-port", type=click.IntRange(0, 65535),
               help="Also serve the Open Inference Protocol over gRPC on this port (0 picks a"
               " free one); off unless given. Needs the grpc extra.")
+@click.option("--listen-fd", type=int, hidden=True,
+              help="Serve the scoring API on this listening socket (the agent's) instead of"
+              " binding --host/--port.")
 @click.option("--seed", type=int, hidden=True,
               help="Seed of the traffic split and shadow sampling, for repeatable tests.")
 @click.option("--load", "load", envvar="EDGEFLEET_SERVE_LOAD", metavar="NAME:VERSION",
@@ -76,6 +79,7 @@ def serve(
     max_body_bytes: int,
     max_wait_ms: int,
     grpc_port: int | None,
+    listen_fd: int | None,
     seed: int | None,
     load: str | None,
     batching: str | None,
@@ -118,6 +122,7 @@ def serve(
         grpc_port=grpc_port,
         seed=seed,
         autoload=autoload,
+        listen_fd=listen_fd,
     )
     try:
         run(options, say=click.echo)

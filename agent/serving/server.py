@@ -34,6 +34,7 @@ from agent.serving.front import FrontProtocol
 from agent.serving.limits import Limiter
 from agent.serving.scoring import Scorer
 from agent.serving.shadow import Shadow
+from agent.serving.sockets import tcp_listener
 from agent.serving.table import ModelTable
 from agent.serving.telemetry import Telemetry
 
@@ -59,22 +60,15 @@ class ServeOptions:
     graceful_seconds: float = 30.0  # how long shutdown waits for in-flight requests
     seed: int | None = None  # of the split and shadow sampling; tests make it repeatable
     autoload: Autoload | None = None  # load this image's package at start (Kubernetes mode)
+    listen_fd: int | None = None  # the scoring port, already listening (the agent's)
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets whose
-    # proto says TCP, and without it every response waits ~40 ms on delayed ACKs.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
+        return tcp_listener(host, port)
     except OSError as e:
-        sock.close()
         raise ServeError(
             f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
-    return sock
 
 
 def listen_unix(path: Path) -> socket.socket:
@@ -211,7 +205,8 @@ async def _autoload(controller: control.Controller, autoload: Autoload) -> None:
 def serve(options: ServeOptions, say: Callable[[str], None] = print) -> None:
     """Run until SIGTERM/SIGINT; ServeError if the server cannot start."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    api_socket = listen_tcp(options.host, options.port)
+    api_socket = (listen_tcp(options.host, options.port) if options.listen_fd is None
+                  else socket.socket(fileno=options.listen_fd))
     try:
         control_socket = listen_unix(options.control_socket)
     except ServeError:
