@@ -16,8 +16,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 # platform.machine() -> OCI architecture (and variant), as the packager names its platforms.
 _ARCHITECTURES = {
     "x86_64": "amd64",
@@ -130,6 +128,10 @@ def image_info(path: Path = IMAGE_INFO) -> dict[str, Any] | None:
 
 def inventory(data_dir: Path) -> dict[str, Any]:
     """The whole description, JSON-able; DATA_DIR is where the agent keeps packages."""
+    # Imported here: this runs once, in a child process (`python -m agent.inventory`); the
+    # daemon imports this module for its platform helpers and need not hold psutil.
+    import psutil
+
     memory = psutil.virtual_memory()
     disk = psutil.disk_usage(str(_existing(data_dir)))
     found = runtimes()

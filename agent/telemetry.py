@@ -14,41 +14,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
+from agent import procfs
 
 Values = dict[str, int | float | str]
+_cpu_percent = procfs.CpuPercent()  # between one system point and the next
 
 
 def _mb(n: float) -> float:
     return round(n / 2**20, 1)
 
 
-def _temperature() -> float | None:
-    read = getattr(psutil, "sensors_temperatures", None)
-    try:
-        sensors = read() if read else {}
-    except OSError:
-        return None
-    readings = [t.current for entries in sensors.values() for t in entries if t.current]
-    return round(max(readings), 1) if readings else None
-
-
 def system_point(data_dir: Path, serving_pid: int | None, *, dropped: int) -> Values:
-    memory = psutil.virtual_memory()
+    total, available = procfs.memory()
     values: Values = {
-        "cpu_percent": psutil.cpu_percent(None),
-        "memory_percent": memory.percent,
-        "memory_available_mb": _mb(memory.available),
+        "cpu_percent": _cpu_percent(),
+        "memory_percent": round((total - available) / total * 100, 1),
+        "memory_available_mb": _mb(available),
         "disk_free_mb": _mb(shutil.disk_usage(data_dir).free),
-        "agent_rss_mb": _mb(psutil.Process(os.getpid()).memory_info().rss),
+        "agent_rss_mb": _mb(procfs.rss(os.getpid()) or 0),
         "telemetry_dropped": dropped,
     }
-    if serving_pid is not None:
-        try:
-            values["serving_rss_mb"] = _mb(psutil.Process(serving_pid).memory_info().rss)
-        except psutil.Error:
-            pass
-    temperature = _temperature()
+    serving_rss = procfs.rss(serving_pid) if serving_pid is not None else None
+    if serving_rss is not None:
+        values["serving_rss_mb"] = _mb(serving_rss)
+    temperature = procfs.temperature()
     if temperature is not None:
         values["temperature_c"] = temperature
     return values
