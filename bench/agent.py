@@ -17,19 +17,30 @@ What is measured, and how to read it:
 
 * idle RSS: after enrollment, with the agent connected to the broker and
   nothing deployed, the bench waits 5 s and reads the resident memory of the
-  agent process and of its serving child (psutil). Target: the agent at most
-  35 MB. The baseline is the 96 MB the AWS IoT Greengrass Java nucleus needs;
-  the ratio is ours / 96 MB (below 1.0x: lighter). The rows under the agent
-  say where its memory goes: a fresh interpreter imports what the daemon
+  agent process and of all its child processes (psutil): with nothing
+  deployed the agent starts no serving process, so the daemon is all there
+  is unless one runs. Target: all of them together at most 25 MB. The
+  baseline is the 96 MB the AWS IoT Greengrass Java nucleus needs; the ratio
+  is ours / 96 MB (below 1.0x: lighter). The rows under the daemon say
+  where its memory goes: a fresh interpreter imports what the daemon
   (`python -m agent`, which `edgefleet agent run` execs into) imports at
   start-up, one big dependency at a time and the agent's own modules last;
-  each row is that step's RSS growth and its share of the agent's RSS.
-  "running" is the live agent's RSS minus all the steps: modules imported
+  each row is that step's RSS growth and its share of the daemon's RSS.
+  "running" is the live daemon's RSS minus all the steps: modules imported
   later, threads, connections, buffers. The same is read again after the
-  deploy rounds, with a model served: by then the agent has verified
+  deploy rounds, with a model served by the serving process the first
+  deploy started: by then the daemon has also verified
   signatures (cryptography) and downloaded packages (the registry client),
   which it loads at the first desired state, not before.
-* deploy -> serving: version 1 is deployed and serving first. Each round
+* first deploy -> serving: version 1 deployed to the idle agent, which
+  starts its serving process for it (as soon as the desired state arrives,
+  overlapping the download); timed from the deploy being sent until the
+  agent's state.json says the update is done and the version serving,
+  polled every 2 ms. The scoring API is not polled here: a scoring request
+  would start the serving process too. The rows under it split it by update
+  state, as below; the serving process's start-up shows in "starting",
+  where the first load waits for it.
+* deploy -> serving: with version 1 deployed and serving, each round
   deploys the other version (2, then 1, ...) and polls the scoring API every
   2 ms with an unversioned request until it answers with the new
   model_version; the clock starts when the deploy is sent. "REST" is a POST
@@ -113,7 +124,7 @@ MB = 1_000_000
 MODEL = "tiny"
 ROW = [1.0, 2.0, 3.0]
 INFER_PATH = f"/v2/models/{MODEL}/infer"
-AGENT_TARGET_MB = 35.0
+AGENT_TARGET_MB = 25.0
 GREENGRASS_MB = 96.0
 DEPLOY_TARGET_S = 2.0
 OVERHEAD_TARGET_MS = 0.5
@@ -156,14 +167,15 @@ def meets(ok: bool) -> str:
 AGENT_MODULES = "import json, sys, agent.__main__; print(json.dumps(sorted(sys.modules)))"
 # Runs in a fresh interpreter: RSS after each step of importing those modules.
 STARTUP_PROBE = textwrap.dedent("""
-    import importlib, json, sys
-    import psutil
-    process = psutil.Process()
-    steps = [("python + psutil", process.memory_info().rss)]
+    import importlib, json, os, sys
+    def rss():  # from /proc, not psutil: the daemon does not import psutil
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    steps = [("python", rss())]
     for label, modules in json.loads(sys.argv[1]):
         for module in modules:
             importlib.import_module(module)
-        steps.append((label, process.memory_info().rss))
+        steps.append((label, rss()))
     print(json.dumps(steps))
 """)
 # Big dependencies first, so each row is what that dependency costs; the agent's
@@ -201,38 +213,39 @@ def device_online(hub: HubProcess, device_id: str) -> bool:
 
 
 def idle_rss(agent: AgentProcess) -> tuple[int, int]:
-    """The agent's RSS and its serving child's, after IDLE_S seconds of doing nothing."""
+    """The agent's RSS and all its child processes' together (the serving process, when one
+    runs), after IDLE_S seconds of doing nothing."""
     time.sleep(IDLE_S)
     process = psutil.Process(agent.process.pid)
-    (child,) = process.children()
-    return int(process.memory_info().rss), int(child.memory_info().rss)
+    children = sum(child.memory_info().rss for child in process.children(recursive=True))
+    return int(process.memory_info().rss), int(children)
 
 
 def memory_rows(
     idle: tuple[int, int], steps: list[tuple[str, int]], serving_model: tuple[int, int],
 ) -> list[Row]:
     agent_rss, serving_rss = idle
+    both = agent_rss + serving_rss
     rows = [
-        Row("agent idle RSS (nothing deployed)", mb(agent_rss),
+        Row("agent idle RSS, all its processes (nothing deployed)", mb(both),
             f"Greengrass {GREENGRASS_MB:.0f} MB",
-            f"{agent_rss / MB / GREENGRASS_MB:.2f}x; target <= {AGENT_TARGET_MB:.0f} MB: "
-            f"{meets(agent_rss / MB <= AGENT_TARGET_MB)}"),
+            f"{both / MB / GREENGRASS_MB:.2f}x; target <= {AGENT_TARGET_MB:.0f} MB: "
+            f"{meets(both / MB <= AGENT_TARGET_MB)}"),
+        Row("  the daemon (python -m agent)", mb(agent_rss)),
     ]
-    rows += [Row(f"  {label}", f"+{mb(grown)}", verdict=f"{grown / agent_rss:.0%} of it")
+    rows += [Row(f"    {label}", f"+{mb(grown)}", verdict=f"{grown / agent_rss:.0%} of it")
              for label, grown in steps]
     running = agent_rss - sum(grown for _, grown in steps)
-    rows.append(Row("  running: later imports, threads, buffers", f"{running / MB:+.0f} MB",
-                    verdict=f"{running / agent_rss:.0%} of it"))
-    both = agent_rss + serving_rss
     rows += [
-        Row("serving child idle RSS (no model)", mb(serving_rss)),
-        Row("agent + serving child", mb(both), f"Greengrass {GREENGRASS_MB:.0f} MB",
-            f"{both / MB / GREENGRASS_MB:.2f}x"),
-        Row("agent idle RSS, serving the model (after the deploys)", mb(serving_model[0]),
-            f"Greengrass {GREENGRASS_MB:.0f} MB",
-            f"{serving_model[0] / MB / GREENGRASS_MB:.2f}x; +{mb(serving_model[0] - agent_rss)}: "
-            "cryptography, registry client"),
-        Row("serving child idle RSS, the model loaded", mb(serving_model[1])),
+        Row("    running: later imports, threads, buffers", f"{running / MB:+.0f} MB",
+            verdict=f"{running / agent_rss:.0%} of it"),
+        Row("  serving process", mb(serving_rss) if serving_rss else "none running"),
+        Row("agent RSS serving the model, all its processes (after the deploys)",
+            mb(sum(serving_model)), f"Greengrass {GREENGRASS_MB:.0f} MB",
+            f"{sum(serving_model) / MB / GREENGRASS_MB:.2f}x"),
+        Row("  the daemon", mb(serving_model[0]),
+            verdict=f"+{mb(serving_model[0] - agent_rss)}: cryptography, registry client"),
+        Row("  serving process, the model loaded", mb(serving_model[1])),
     ]
     return rows
 
@@ -265,7 +278,7 @@ class UpdateWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            update = self._agent.state()["update"]
+            update = self._agent.state().get("update")
             if update and update["version"] == self._version:
                 since = datetime.fromisoformat(update["since"]).timestamp()
                 self.began.setdefault(update["state"], since)
@@ -357,6 +370,21 @@ def deploy_round(agent: AgentProcess, version: int, via: str,
     return Round(via, version, sent, answered, watcher.began)
 
 
+def first_deploy(client: httpx.Client, agent: AgentProcess, version: int) -> Round:
+    """The first deploy, which starts the serving process, timed until the agent saved the
+    update done (the scoring API is not polled: a scoring request would start it too)."""
+    with UpdateWatcher(agent, version) as watcher:
+        sent = time.time()
+        deploy_rest(client, agent.device_id, version)
+        deadline = time.monotonic() + 60
+        while not (MODEL in agent.state().get("serving", {}) and update_done(agent)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{MODEL}:{version} was not serving within 60 s")
+            time.sleep(POLL_S)
+        done = time.time()
+    return Round("first", version, sent, done, watcher.began)
+
+
 def bench_deploys(hub: HubProcess, agent: AgentProcess, versions: tuple[int, int], rounds: int,
                   scratch: Path) -> list[Round]:
     """Alternates REST and CLI deploys, each switching to the version not serving."""
@@ -364,11 +392,10 @@ def bench_deploys(hub: HubProcess, agent: AgentProcess, versions: tuple[int, int
     done: list[Round] = []
     with httpx.Client(base_url=hub.url, timeout=60,
                       headers={"Authorization": f"Bearer {hub.admin_token}"}) as client:
-        deploy_rest(client, agent.device_id, versions[0])
+        done.append(first_deploy(client, agent, versions[0]))
         scoring = Scoring(agent.port, agent.api_key)
         wait_answering(scoring, versions[0])
         scoring.close()
-        wait_for(lambda: update_done(agent), what="the first update to finish")
         for i in range(2 * rounds):
             version = versions[(i + 1) % 2]
             if i % 2 == 0:
@@ -385,16 +412,21 @@ def phases(r: Round) -> list[tuple[str, float]]:
     seen = [s for s in UPDATE_STATES if s in r.began]
     names = ["deploy sent -> agent has it"] + [f"in {s}" for s in seen]
     if seen:
-        names[-1] += ": switch, first answer"
+        names[-1] += ": switch, first answer" if r.via != "first" else ": until saved done"
     starts = [r.sent] + [r.began[s] for s in seen]
     ends = starts[1:] + [r.answered]
     return [(name, end - start) for name, start, end in zip(names, starts, ends, strict=True)]
 
 
 def deploy_rows(rounds: list[Round]) -> list[Row]:
+    (first,) = [r for r in rounds if r.via == "first"]
     rest = [r for r in rounds if r.via == "REST"]
     cli = [r for r in rounds if r.via == "CLI"]
     rest_s = [r.seconds for r in rest]
+    starts = [Row("first deploy -> serving, REST: starts the serving process", ms(first.seconds),
+                  verdict=f"target < {DEPLOY_TARGET_S:.0f} s: "
+                          f"{meets(first.seconds < DEPLOY_TARGET_S)}")]
+    starts += [Row(f"  {name}", ms(seconds)) for name, seconds in phases(first)]
 
     def row(label: str, times: list[float], baseline: str = "",
             against: float | None = None) -> Row:
@@ -405,7 +437,7 @@ def deploy_rows(rounds: list[Round]) -> list[Row]:
         return Row(f"deploy -> answers, {label} (median / max, n={len(times)})",
                    f"{ms(statistics.median(times))} / {ms(worst)}", baseline, verdict)
 
-    rows = [row("REST", rest_s)]
+    rows = [*starts, row("REST", rest_s)]
     by_phase: dict[str, list[float]] = {}
     for r in rest:
         for name, seconds in phases(r):
