@@ -27,6 +27,7 @@ from collections.abc import Callable
 log = logging.getLogger("edgefleet.agent")
 KEEP_ALIVE_S = 5.0  # idle keep-alive connections closed after this, as uvicorn does
 MAX_HEAD = 16384
+MAX_CONNECTIONS = 64  # a flood of idle connections costs threads: past this, closed at once
 HEALTH = {b"/v2/health/live": b'{"live":true}', b"/v2/health/ready": b'{"ready":true}'}
 UNAVAILABLE = b'{"error":"the serving process could not be started; try again later"}'
 
@@ -71,6 +72,7 @@ class IdleFront:
         host, port = listener.getsockname()[:2]
         self._address = ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port)
         self._answering = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
         # A pause wakes the accepting thread out of select (a pipe: no timeout polling).
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -105,10 +107,19 @@ class IdleFront:
                 connection, _ = self._listener.accept()
             except OSError:  # taken by the serving process, or gone with the client
                 continue
+            if not self._slots.acquire(blocking=False):
+                connection.close()
+                continue
             threading.Thread(target=self._serve, args=(connection,), daemon=True,
                              name="idle front connection").start()
 
     def _serve(self, connection: socket.socket) -> None:
+        try:
+            self._converse(connection)
+        finally:
+            self._slots.release()
+
+    def _converse(self, connection: socket.socket) -> None:
         with connection, contextlib.suppress(OSError):
             connection.settimeout(KEEP_ALIVE_S)
             received = b""

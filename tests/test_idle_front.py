@@ -151,3 +151,21 @@ def test_http_1_0_and_connection_close_end_the_connection() -> None:
                  b"GET /v2/health/live HTTP/1.1\r\nConnection: close"):
         answer = health_answer(head)
         assert answer is not None and answer[1] is False and b"connection: close" in answer[0]
+
+
+def test_a_flood_of_idle_connections_is_bounded_and_health_answers_after(port: Port) -> None:
+    """Connections that send nothing hold a thread each: past MAX_CONNECTIONS they are closed
+    at once; once they go, the front answers again."""
+    from agent.idle_front import MAX_CONNECTIONS
+
+    idle = [socket.create_connection(("127.0.0.1", port.port)) for _ in range(MAX_CONNECTIONS)]
+    extra = socket.create_connection(("127.0.0.1", port.port), timeout=10)
+    assert extra.recv(1) == b""  # closed without an answer
+    extra.close()
+    for sock in idle:
+        sock.close()
+    connection = port.connect()
+    connection.request("GET", "/v2/health/live")
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert port.woken == 0
