@@ -2,10 +2,10 @@
 
 Uploads are gathered into ~1 MiB pieces and hashed and written in a worker
 thread while the next piece arrives, so a big upload neither blocks other
-requests on the same loop nor waits on its own writes. Downloads are sent in 1 MiB pieces, not
-Starlette's 64 KiB, to cut the per-chunk thread hand-offs, and a Range they
-cannot serve is refused in the caller's error shape (Starlette answers
-text/plain).
+requests on the same loop nor waits on its own writes. Downloads are sent
+in 1 MiB pieces, not Starlette's 64 KiB, to cut the per-chunk thread
+hand-offs, and a Range they cannot serve is refused in the caller's error
+shape (Starlette answers text/plain).
 """
 
 from __future__ import annotations
