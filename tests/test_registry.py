@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -267,6 +268,28 @@ def test_truncated_upload_stores_nothing(hub: HubProcess, api: httpx.Client) -> 
     assert not list((hub.data_dir / "blobs" / "tmp").iterdir())
     entry = api.get("/api/v1/audit", params={"action": "blob.upload", "limit": 1}).json()[0]
     assert entry["result"] == "failed" and "cut off" in entry["detail"]
+
+
+def test_files_past_the_background_flushes_move_whole(
+    cli: Cli, api: httpx.Client, hub: HubProcess, tmp_path: Path
+) -> None:
+    """Bigger than the blob store's flush step and the pieces both ends hand to
+    their threads: stored, refused and downloaded whole, in order."""
+    from hub.storage.blobs import FLUSH_EVERY
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(FLUSH_EVERY + (5 << 20) + 123))
+    wrong = "sha256:" + "0" * 64
+    refused = api.post("/api/v1/blobs", params={"digest": wrong}, content=big.read_bytes())
+    assert refused.status_code == 400 and "does not match" in refused.json()["detail"]
+    assert api.head(f"/api/v1/blobs/{digest_of(big)}").status_code == 404
+    assert not list((hub.data_dir / "blobs" / "tmp").iterdir())
+
+    cli.run("model", "register", str(big), "--name", "big", "--allow-non-model")
+    assert cli.json("model", "show", "big:1")["files"][0]["digest"] == digest_of(big)
+    cli.run("model", "download", "big:1", "--out", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "big.bin").read_bytes() == big.read_bytes()
+    assert not list((hub.data_dir / "blobs" / "tmp").iterdir())
 
 
 def test_download_is_checked_and_supports_range(api: httpx.Client) -> None:

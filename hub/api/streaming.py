@@ -1,20 +1,20 @@
 """Moving large bodies without holding them or stalling the event loop.
 
 Uploads are gathered into ~1 MiB pieces and hashed and written in a worker
-thread, so a big upload does not block other requests on the same
-loop. Downloads are sent in 1 MiB pieces, not
-Starlette's 64 KiB, to cut the per-chunk thread hand-offs, and a Range they
-cannot serve is refused in the caller's error shape (Starlette answers
-text/plain).
+thread while the next piece arrives, so a big upload neither blocks other
+requests on the same loop nor waits on its own writes. Downloads are sent
+in 1 MiB pieces, not Starlette's 64 KiB, to cut the per-chunk thread
+hand-offs, and a Range they cannot serve is refused in the caller's error
+shape (Starlette answers text/plain).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Any
 
-from anyio import to_thread
 from fastapi import Request
 from fastapi.responses import FileResponse, Response
 from starlette.datastructures import Headers
@@ -24,22 +24,44 @@ from starlette.types import Receive, Scope, Send
 PIECE = 1 << 20
 
 
+def _write_all(write: Callable[[bytes], None], chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        write(chunk)
+
+
 async def receive_into(request: Request, write: Callable[[bytes], None]) -> int:
     """Stream the request body through WRITE (run in a thread); returns the byte count.
 
-    Raises starlette's ClientDisconnect when the client goes away mid-body.
+    Each ~1 MiB piece is written while the next one arrives: waiting for each
+    write before reading on left the socket unread half the time (uploads at a
+    quarter of plain HTTP's speed). At most two pieces are held. Raises
+    starlette's ClientDisconnect when the client goes away mid-body.
     """
-    pending = bytearray()
-    total = 0
-    async for chunk in request.stream():
-        pending += chunk
-        total += len(chunk)
-        if len(pending) >= PIECE:
-            piece, pending = bytes(pending), bytearray()
-            await to_thread.run_sync(write, piece)
-    if pending:
-        await to_thread.run_sync(write, bytes(pending))
-    return total
+    loop = asyncio.get_running_loop()
+    writing: asyncio.Future[None] = loop.create_future()
+    writing.set_result(None)
+    pending: list[bytes] = []
+    held = total = 0
+    try:
+        async for chunk in request.stream():
+            pending.append(chunk)
+            held += len(chunk)
+            if held >= PIECE:
+                await writing
+                writing = loop.run_in_executor(None, _write_all, write, pending)
+                total, pending, held = total + held, [], 0
+        await writing
+        if pending:
+            writing = loop.run_in_executor(None, _write_all, write, pending)
+            await writing
+        return total + held
+    finally:
+        # Failing mid-body with a write under way: it ends before the caller aborts
+        # the writer under it, and its own error, if any, is not reported twice.
+        if not writing.done():
+            await asyncio.wait([writing])
+        if not writing.cancelled():
+            writing.exception()
 
 
 # (status, detail) -> the error response in the API's own shape.
