@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -135,6 +136,10 @@ class ServingProcess(ControlClient):
         self._listener: socket.socket | None = None
         self._front: IdleFront | None = None
         self._lock = threading.RLock()  # the idle front starts it from its own thread
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the
+        # process: every spawn happens in this one thread, which lives as long as the
+        # agent (the idle front's threads end with their connections).
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="serving spawner")
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -183,7 +188,7 @@ class ServingProcess(ControlClient):
             if self._front is not None:
                 self._front.pause()
             self.wanted = True
-            self._spawn(listener.fileno())
+            self._spawner.submit(self._spawn, listener.fileno()).result()
 
     def _spawn(self, listen_fd: int) -> None:
         o = self.options
@@ -268,6 +273,7 @@ class ServingProcess(ControlClient):
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        self._spawner.shutdown()
 
     def restart(self) -> None:
         self.restarts += 1

@@ -137,7 +137,12 @@ def test_an_idle_agent_runs_no_serving_process_until_there_is_something_to_serve
             assert client.get("/v2", headers=key).json()["name"] == "edgefleet"
             assert client.get("/v2/models/tiny", headers=key).status_code == 404
             assert client.get("/metrics", headers=key).status_code == 200
-        assert len(daemon.children()) == 1
+        (woken,) = daemon.children()
+        # Started from the front's connection thread, it outlives that connection: the
+        # next deployment is served by the same process.
+        deploy(fleet_hub, agent.device_id, f"tiny:{versions['v1']}")
+        wait_serving(fleet_hub, agent, versions["v1"])
+        assert [p.pid for p in daemon.children()] == [woken.pid]
     finally:
         assert agent.stop() == 0, agent.log()
 
