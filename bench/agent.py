@@ -168,7 +168,7 @@ AGENT_MODULES = "import json, sys, agent.__main__; print(json.dumps(sorted(sys.m
 # Runs in a fresh interpreter: RSS after each step of importing those modules.
 STARTUP_PROBE = textwrap.dedent("""
     import importlib, json, os, sys
-    def rss():  # from /proc, not psutil: the daemon does not import psutil
+    def rss():  # by hand: importing agent.procfs would count the agent package in row one
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     steps = [("python", rss())]

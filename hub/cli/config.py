@@ -74,6 +74,10 @@ class Connection:
     ca: str | None = None  # the CA file an https:// hub is verified with (None: the system's)
 
     def verify(self) -> ssl.SSLContext | bool:
+        if self.hub.startswith("http://"):
+            # No TLS is spoken (clients do not follow redirects); loading the system's CA
+            # bundle for nothing costs every command 30-80 ms.
+            return False
         return tls.client_context(Path(self.ca)) if self.ca else True
 
 

@@ -21,7 +21,6 @@ from contract import names
 # arrives, so that commit's fsync, which made a 500 MB upload wait a few tenths
 # of a second at the end, waits only for the last of them.
 FLUSH_EVERY = 32 << 20
-_flusher = ThreadPoolExecutor(thread_name_prefix="blob-flush")
 
 
 class BlobError(Exception):
@@ -72,7 +71,7 @@ class _FileBlobWriter:
         self.size += len(chunk)
         self._unflushed += len(chunk)
         if self._unflushed >= FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
-            self._flushing = _flusher.submit(os.fdatasync, self._file.fileno())
+            self._flushing = self._store.flusher.submit(os.fdatasync, self._file.fileno())
             self._unflushed = 0
 
     def _flushed(self) -> None:
@@ -115,6 +114,8 @@ class _FileBlobWriter:
 class FileBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Threads start on the first flush; one per upload flushing at the same moment.
+        self.flusher = ThreadPoolExecutor(thread_name_prefix="blob-flush")
         (root / "tmp").mkdir(parents=True, exist_ok=True)
         # Leftovers of uploads cut off by a crash are never referenced: drop them.
         for leftover in (root / "tmp").iterdir():
