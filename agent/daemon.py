@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from agent import identity as identities
-from agent import inventory, renewal
+from agent import inventory, procfs, renewal
 from agent import options as o
 from agent.decisions import (
     Role,
@@ -183,6 +183,7 @@ class Agent:
         self.queue = TelemetryQueue(data / "telemetry.db",
                                     max_points=options.telemetry_queue_points)
         self.deltas = InferenceDeltas()
+        self.cpu = procfs.CpuPercent()
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)
         self.updater = Updater(self.state, self.state_file, self.store, self.registry,
@@ -493,7 +494,8 @@ class Agent:
     def _measure(self) -> list[tuple[str, dict]]:
         process = self.serving.process
         points: list[tuple[str, dict]] = [("system", system_point(
-            self.data_dir, process.pid if process else None, dropped=self.queue.dropped,
+            self.data_dir, process.pid if process else None, self.cpu,
+            dropped=self.queue.dropped,
         ))]
         try:
             stats = self.serving.stats()

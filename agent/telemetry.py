@@ -17,17 +17,18 @@ from typing import Any
 from agent import procfs
 
 Values = dict[str, int | float | str]
-_cpu_percent = procfs.CpuPercent()  # between one system point and the next
 
 
 def _mb(n: float) -> float:
     return round(n / 2**20, 1)
 
 
-def system_point(data_dir: Path, serving_pid: int | None, *, dropped: int) -> Values:
+def system_point(data_dir: Path, serving_pid: int | None, cpu: procfs.CpuPercent, *,
+                 dropped: int) -> Values:
+    """The device's own numbers; cpu_percent is the system's since CPU's previous call."""
     total, available = procfs.memory()
     values: Values = {
-        "cpu_percent": _cpu_percent(),
+        "cpu_percent": cpu(),
         "memory_percent": round((total - available) / total * 100, 1),
         "memory_available_mb": _mb(available),
         "disk_free_mb": _mb(shutil.disk_usage(data_dir).free),

@@ -40,7 +40,7 @@ from typing import Any
 from kubernetes import client
 
 from agent import options as o
-from agent import renewal
+from agent import procfs, renewal
 from agent.daemon import Agent, device_session
 from agent.decisions import Role, Step, kept_statuses, next_step, target, unloaded
 from agent.identity import Identity
@@ -160,6 +160,7 @@ class KubeAgent(Agent):
         self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
         self.queue = TelemetryQueue(data / "telemetry.db",
                                     max_points=options.telemetry_queue_points)
+        self.cpu = procfs.CpuPercent()
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)
         self.updater = Updater(self.state, self.state_file, None, self.registry, None,
@@ -289,7 +290,7 @@ class KubeAgent(Agent):
 
     def _measure(self) -> list[tuple[str, dict]]:
         points: list[tuple[str, dict]] = [("system", system_point(
-            self.data_dir, None, dropped=self.queue.dropped))]
+            self.data_dir, None, self.cpu, dropped=self.queue.dropped))]
         serving = dict(self.state.serving)
         scraped = self._scrape(serving)
         for name, s in serving.items():
