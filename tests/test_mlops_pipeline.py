@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from hubproc import EDGEFLEET, HubProcess, free_port, start_hub
 from mosquitto import Mosquitto, start_mosquitto
@@ -233,3 +234,13 @@ def test_the_webhook_trigger_runs_the_pipeline_on_a_signed_event_only(site: Site
     finally:
         trigger.send_signal(signal.SIGINT)
         trigger.wait(timeout=10)
+
+
+def test_both_ci_files_run_the_one_command() -> None:
+    github = yaml.safe_load((ROOT / "examples/mlops/github-workflow.yml").read_text())
+    gitlab = yaml.safe_load((ROOT / "examples/mlops/gitlab-ci.yml").read_text())
+    commands = [step.get("run", "") for step in github["jobs"]["retrain"]["steps"]]
+    commands += gitlab["mlops-retrain"]["script"]
+    runs = [c for c in commands if "examples.mlops.pipeline" in c]
+    assert len(runs) == 2 and all(c.startswith("python -m examples.mlops.pipeline ")
+                                  for c in runs), runs
