@@ -6,7 +6,8 @@ stage=qa, four tagged stage=prod. The pipeline runs as a user runs it, one
 command in its own process; the tests then read what it did through the
 REST API. In order: a first model with nothing in production goes all the
 way; a better challenger beats it and replaces it; a worse one is not
-registered; one that is slow on the QA devices is stopped by the gate; and
+registered; one that is slow on the QA devices is stopped by the gate; one
+that fails in production is rolled back by the hub after its first wave; and
 the webhook receiver runs the pipeline on a signed event and refuses forged
 ones.
 """
@@ -36,6 +37,8 @@ from mosquitto import Mosquitto, start_mosquitto
 ROOT = Path(__file__).resolve().parent.parent
 # The third version's latency on every device: its p95 is above the gate's --max-p95-ms.
 SLOW = ("--latency-ms", "diabetes:3=150")
+# The fourth fails half its requests on the production devices only.
+FAILING = ("--error-rate", "diabetes:4=0.5")
 FAST = ("--telemetry-interval", "0.2", "--rps", "100", "--step-latency", "0.02")
 
 
@@ -78,12 +81,13 @@ class Site:
         return found
 
 
-def start_sim(site: Site, name: str, count: int, stage: str) -> subprocess.Popen[bytes]:
+def start_sim(site: Site, name: str, count: int, stage: str,
+              *extra: str) -> subprocess.Popen[bytes]:
     with open(site.base / f"sim-{name}.log", "wb") as log:  # the child keeps its own copy
         return subprocess.Popen(
             [*EDGEFLEET, "sim", "--devices", str(count), "--hub", site.hub.url, "--api-token",
              site.hub.admin_token, "--tag", f"stage={stage}", "--name-prefix", f"{name}-",
-             "--data-dir", str(site.base / f"sim-{name}"), *FAST, *SLOW],
+             "--data-dir", str(site.base / f"sim-{name}"), *FAST, *SLOW, *extra],
             env=site.env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -97,7 +101,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     if hub.tls:
         env["EDGEFLEET_CA"] = str(hub.ca_path)
     site = Site(base, broker, hub, env)
-    sims = [start_sim(site, "qa", 2, "qa"), start_sim(site, "prod", 4, "prod")]
+    sims = [start_sim(site, "qa", 2, "qa"), start_sim(site, "prod", 4, "prod", *FAILING)]
     try:
         deadline = time.monotonic() + 30
         while sum(d["status"] == "online" for d in site.get("/api/v1/devices")) < 6:
@@ -170,6 +174,20 @@ def test_a_challenger_slow_on_the_qa_devices_stops_at_the_gate(site: Site) -> No
     deadline = time.monotonic() + 20
     while site.serving("stage=qa") != {2}:
         assert time.monotonic() < deadline, site.serving("stage=qa")
+        time.sleep(0.2)
+
+
+def test_a_challenger_failing_in_production_is_rolled_back_by_the_hub(site: Site) -> None:
+    code, output, summary = site.pipeline("failing", "--alpha", "0.5")
+    assert code == 16, output
+    assert summary["stage"] == "prod" and summary["version"] == 4, summary
+    assert summary["qa_health"]["errors"] == 0  # QA saw nothing wrong
+    prod = site.get(f"/api/v1/rollouts/{summary['rollouts']['prod']}")
+    assert prod["state"] == "rolled_back" and "error rate" in output, output
+    assert prod["current_wave"] == 1  # the second wave never started
+    deadline = time.monotonic() + 20
+    while site.serving("stage=prod") != {2}:
+        assert time.monotonic() < deadline, site.serving("stage=prod")
         time.sleep(0.2)
 
 
