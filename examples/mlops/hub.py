@@ -36,8 +36,11 @@ class Hub:
                             headers={"Authorization": f"Bearer {self.token}"})
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        with self._client() as client:
-            answer = client.request(method, path, **kwargs)
+        try:
+            with self._client() as client:
+                answer = client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise HubError(f"cannot reach the hub at {self.url}: {exc}") from None
         if answer.status_code >= 400:
             raise HubError(f"{method} {path}: {answer.status_code} {answer.text[:500]}")
         return answer.json()
@@ -58,18 +61,19 @@ class Hub:
         if done.returncode != 0:
             raise HubError(f"edgefleet {' '.join(args)} failed ({done.returncode}): "
                            f"{(done.stderr or done.stdout).strip()[-1000:]}")
-        return json.loads(done.stdout)
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            raise HubError(f"edgefleet {' '.join(args)} printed no JSON: "
+                           f"{done.stdout[-500:]!r}") from None
 
     def register(self, model: str, files: dict[str, Path], *, metrics: dict[str, float],
                  lineage: dict[str, Any], tags: dict[str, str], description: str) -> Any:
         """Upload FILES (name -> path) and register them as MODEL's next version."""
         refs = []
-        with self._client() as client:
-            for name, path in files.items():
-                answer = client.post("/api/v1/blobs", content=path.read_bytes())
-                if answer.status_code >= 400:
-                    raise HubError(f"upload {name}: {answer.status_code} {answer.text[:500]}")
-                refs.append({"path": name, "digest": answer.json()["digest"]})
+        for name, path in files.items():
+            blob = self.request("POST", "/api/v1/blobs", content=path.read_bytes())
+            refs.append({"path": name, "digest": blob["digest"]})
         return self.request("POST", f"/api/v1/models/{model}/versions", json={
             "files": refs, "metrics": metrics, "lineage": lineage, "tags": tags,
             "description": description})
