@@ -178,7 +178,8 @@ def test_a_challenger_slow_on_the_qa_devices_stops_at_the_gate(site: Site) -> No
 
 
 def test_a_challenger_failing_in_production_is_rolled_back_by_the_hub(site: Site) -> None:
-    code, output, summary = site.pipeline("failing", "--alpha", "0.5")
+    # A longer soak than the others: the hub has time to see the errors in the first wave.
+    code, output, summary = site.pipeline("failing", "--alpha", "0.5", "--soak", "5s")
     assert code == 16, output
     assert summary["stage"] == "prod" and summary["version"] == 4, summary
     assert summary["qa_health"]["errors"] == 0  # QA saw nothing wrong
