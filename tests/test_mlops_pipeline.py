@@ -31,6 +31,7 @@ import httpx
 import pytest
 import yaml
 
+from examples.mlops.gate import Limits, health
 from hubproc import EDGEFLEET, HubProcess, free_port, start_hub
 from mosquitto import Mosquitto, start_mosquitto
 
@@ -263,3 +264,20 @@ def test_both_ci_files_run_the_one_command() -> None:
     runs = [c for c in commands if "examples.mlops.pipeline" in c]
     assert len(runs) == 2 and all(c.startswith("python -m examples.mlops.pipeline ")
                                   for c in runs), runs
+
+
+def test_the_gate_adds_up_only_the_new_versions_points() -> None:
+    def point(version: int, count: int, errors: int, p95: float,
+              deployment: str = "diabetes") -> dict[str, Any]:
+        return {"kind": "inference", "values": {"deployment": deployment, "version": version,
+                                                "count": count, "errors": errors,
+                                                "p95_ms": p95}}
+
+    seen = health({"a": [point(3, 10, 1, 40.0), point(3, 30, 0, 20.0), point(2, 50, 50, 900.0)],
+                   "b": [point(3, 20, 2, 60.0), point(3, 5, 0, 1.0, deployment="other")],
+                   "c": [point(2, 5, 0, 10.0)]}, "diabetes", 3)
+    assert (seen.devices, seen.requests, seen.errors) == (2, 60, 3)
+    assert seen.error_rate == pytest.approx(0.05)
+    assert seen.p95_ms == pytest.approx(60.0)  # b's; a's is (40*9 + 20*30) / 39
+    assert Limits(0.1, 50.0, 10).failures(seen) == ["p95 60.0 ms above 50 ms"]
+    assert Limits(0.01, 100.0, 10).failures(seen) == ["error rate 5.00% above 1.00%"]
