@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.inventory import oci_platform
 from agent.runtimes import get_runtime
 from agent.runtimes.base import LoadOptions, ModelRuntimeError
 from contract.runtimes import RUNTIMES, readers
@@ -36,6 +37,11 @@ from contract.settings import unbatchable
 from contract.tensors import NUMPY_DTYPES
 
 CHILD_TIMEOUT = 600  # seconds for one runtime and device: every batch size with its calls
+
+
+def device_class() -> str:
+    """The class of device this machine measures for: its OCI platform, as devices report."""
+    return oci_platform()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -11,8 +14,21 @@ from typing import Any
 import click
 
 from contract import names
+from contract.errors import FormatError
+from contract.names import DEFAULT_VARIANT
+from contract.profiles import MAX_ITERATIONS, batch_sizes
+from contract.runtimes import RUNTIMES
 from hub.cli.client import HubClient
-from hub.cli.output import client, emit, emit_one, hub_options, json_option, parse_pairs, say
+from hub.cli.output import (
+    client,
+    emit,
+    emit_one,
+    hub_options,
+    json_option,
+    parse_pairs,
+    printable,
+    say,
+)
 from hub.cli.transfer import download_file, progress_bar, upload_file
 
 
@@ -85,7 +101,7 @@ def download_version(
 
 @click.group()
 def model() -> None:
-    """Register, list, show, download and delete model versions."""
+    """Register, list, show, profile, download and delete model versions."""
 
 
 @model.command()
@@ -184,7 +200,7 @@ def list_(
 @hub_options
 @json_option
 def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
-    """Show one version: files, signature, tags, metrics, lineage.
+    """Show one version: files, signature, tags, metrics, lineage, profile.
 
     \b
     Example: edgefleet model show diabetes:2
@@ -197,6 +213,7 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     signature = record.pop("signature") or {"inputs": [], "outputs": []}
     files = record.pop("files")
     deployments = record.pop("deployments")
+    profile_rows = record.pop("profiles")
     emit_one(record, as_json=False)
     for kind in ("inputs", "outputs"):
         for t in signature[kind]:
@@ -204,6 +221,97 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     emit(files, ["path", "size", "digest"], as_json=False)
     if deployments:
         say(("deployed on", "bold"), ": ", [d["device_id"] for d in deployments])
+    if profile_rows:
+        say(("profile", "bold"), ":")
+        emit(profile_rows, PROFILE_COLUMNS, as_json=False)
+
+
+PROFILE_COLUMNS = ("device_class", "variant", "runtime", "device", "batch", "p50_ms", "p99_ms",
+                   "throughput", "peak_rss_bytes")
+
+
+def _note(*parts: object) -> None:
+    """A progress line: on stderr, so stdout stays the result (and --json stays JSON)."""
+    click.echo(printable("".join(str(p) for p in parts)), err=True)
+
+
+@model.command()
+@click.argument("ref")
+@click.option("--max-batch", default=8, show_default=True,
+              help="Largest batch size: the powers of two below it are measured, then it "
+              "(8: 1, 2, 4, 8).")
+@click.option("--iterations", type=click.IntRange(1, MAX_ITERATIONS), default=50,
+              show_default=True, help="Timed calls per batch size (after one warm-up call).")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
+              help="Only this runtime (repeatable) [default: every one here that reads the "
+              "model's format].")
+@click.option("--no-store", is_flag=True, help="Only print the profile; do not store it.")
+@hub_options
+@json_option
+@click.pass_obj
+def profile(
+    components: Any, ref: str, max_batch: int, iterations: int, runtimes: tuple[str, ...],
+    no_store: bool, hub: str | None, token: str | None, as_json: bool,
+) -> None:
+    """Measure a version on this machine and store the profile with it on the hub.
+
+    The version's files are downloaded and run through the agent's own runtimes,
+    each runtime and device it lists (no GPU or NPU here: CPU only) in a process
+    of its own: latency p50/p99 at each batch size, throughput (rows/s) and the
+    process's peak resident memory. OpenVINO runs at f32. The rows are stored
+    under this machine's platform as the device class, variant "default" (the
+    registered files, which a package built without --optimize carries); a
+    rollout's --max-latency-ms compares with them.
+
+    \b
+    Example: edgefleet model profile diabetes:2 --max-batch 32 --iterations 100
+    """
+    name, version = parse_ref(ref)
+    try:
+        batches = batch_sizes(max_batch)
+    except FormatError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-batch") from None
+    profiler = components.model_profiler()
+    hub_client = client(hub, token)
+    record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
+    ref = f"{record['name']}:{record['version']}"
+    if record["framework"] is None:
+        raise click.ClickException(f"{ref} holds no model file a runtime reads (.onnx, "
+                                   ".tflite, OpenVINO .xml); nothing to profile")
+    targets, skipped = profiler.targets(record["framework"], list(runtimes) or None)
+    if not targets:
+        why = "; ".join(skipped) or f"none of {', '.join(runtimes)} reads {record['framework']}"
+        raise click.ClickException(f"no runtime here can load {ref} ({record['framework']}): "
+                                   f"{why}")
+    device_class = profiler.device_class()
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as tmp:
+        model_dir = Path(tmp)
+        download_version(hub_client, record, model_dir, lambda path, n: None)
+        for target in targets:
+            _note(f"profile {ref} on {target.runtime}:{target.device} ({device_class}), "
+                  f"batch sizes {', '.join(map(str, batches))}, {iterations} calls each")
+            try:
+                for row in profiler.profile(model_dir, record["entrypoint"], target, batches,
+                                            iterations):
+                    rows.append({"device_class": device_class, "variant": DEFAULT_VARIANT,
+                                 **row})
+                    _note(f"  {target.runtime}:{row['device']} batch {row['batch']}: "
+                          f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                          f"{row['throughput']} rows/s, peak RSS {row['peak_rss_bytes']} B")
+            except Exception as exc:  # the profiler is the agent's; its message is what helps
+                failed.append(f"{target.runtime}:{target.device}: {exc}")
+                _note(f"  {target.runtime}:{target.device} failed: {exc}")
+    if not rows:
+        raise click.ClickException(f"no runtime could run {ref}: {'; '.join(failed)}")
+    if not no_store:
+        hub_client.post(f"/api/v1/models/{name}/versions/{record['version']}/profiles",
+                        json={"host": socket.gethostname(), "rows": rows})
+    emit(rows, PROFILE_COLUMNS, as_json=as_json)
+    if not no_store and not as_json:
+        say(f"Stored the profile with {ref} ({device_class})")
+    if failed:
+        sys.exit(1)
 
 
 @model.command()
