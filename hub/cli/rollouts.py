@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +59,14 @@ def _percent(value: str | None) -> int | None:
     return int(text)
 
 
+def _finite(value: float | None) -> float | None:
+    # JSON has no NaN or infinity: sent as they are, the request would not even be written.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value}: give a number of milliseconds",
+                                 param_hint="--max-latency-ms")
+    return value
+
+
 def _target(text: str) -> dict[str, str]:
     return parse_pairs(names.comma_list(text), "--target")
 
@@ -95,7 +104,8 @@ def rollout() -> None:
 @_option("prefer")
 @_option("max_error_rate", type=float)
 @_option("max_latency_ratio", type=float)
-@_option("max_latency_ms", type=float, metavar="P99")
+@_option("max_latency_ms", type=float, metavar="P99",
+         callback=lambda ctx, param, value: _finite(value))
 @settings_options
 @hub_options
 @json_option
