@@ -12,6 +12,9 @@ calls' times, rows per second over all of them, and the child's VmHWM (peak resi
 memory since it started: interpreter, numpy, the runtime library and the model with every
 batch so far).
 
+A package variant (fp16, int8, another runtime) is profiled from its package, fetched,
+verified and unpacked as a device does (`stage_package`).
+
 Only what the runtimes list as devices is profiled (`Runtime.devices()`): on a machine
 without a GPU or NPU that is the CPU of each runtime that reads the model's format.
 """
@@ -26,15 +29,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.inventory import oci_platform
+from agent.package_store import PackageStore, StagedVersion, StageError
 from agent.runtimes import get_runtime
 from agent.runtimes.base import LoadOptions, ModelRuntimeError
+from contract.errors import PackageError
+from contract.protocol import Package
 from contract.runtimes import RUNTIMES, readers
 from contract.serving import sample_request
 from contract.settings import unbatchable
 from contract.tensors import NUMPY_DTYPES
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from packager.distribution import Registry
 
 CHILD_TIMEOUT = 600  # seconds for one runtime and device: every batch size with its calls
 
@@ -64,6 +75,21 @@ def targets(framework: str, only: list[str] | None = None) -> tuple[list[Target]
             continue
         found += [Target(name, entry.partition(":")[2]) for entry in runtime.devices()]
     return found, skipped
+
+
+def stage_package(registry: Registry, repository: str, tag: str,
+                  public_key: ec.EllipticCurvePublicKey, work: Path) -> StagedVersion:
+    """Fetch the package TAG of REPOSITORY for this machine's platform, check its signature
+    against PUBLIC_KEY (the hub's) and unpack it under WORK, as a device does
+    (agent/package_store.py); StageError saying why not."""
+    try:
+        descriptor, _ = registry.manifest(repository, tag)
+    except PackageError as exc:
+        raise StageError(f"{repository}:{tag}: {exc}") from None
+    package = Package(repository, descriptor.digest, descriptor.size)
+    store = PackageStore(work, platform=oci_platform(), public_key=lambda: public_key)
+    store.download(registry, package)
+    return store.stage("profile", 0, package, store.verify(package))
 
 
 def profile(

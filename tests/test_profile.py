@@ -33,6 +33,26 @@ def models(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("models")
     register(hub, "tiny", make_onnx(base / "model.onnx"))
     register(hub, "tinylite", make_tflite(base / "model.tflite"))
+    register(hub, "tinyvar", make_onnx(base / "var" / "model.onnx"))
+
+
+def test_each_packaged_variant_is_profiled_from_its_package(
+        cli: Cli, hub: HubProcess, models: None) -> None:
+    for variant, optimize in (("default", []), ("fp16", ["--optimize", "fp16"]),
+                              ("int8", ["--optimize", "int8"])):
+        cli.run("package", "build", "tinyvar:1", "--platform", "linux/amd64", "--variant",
+                variant, *optimize, "--batching", "off", "--quiet")
+    done = cli.run("model", "profile", "tinyvar:1", "--max-batch", "2", "--iterations", "3",
+                   "--runtime", "onnxruntime", "--json")
+    rows = json.loads(done.stdout)
+    assert sorted({(r["variant"], r["runtime"]) for r in rows}) == [
+        ("default", "onnxruntime"), ("fp16", "onnxruntime"), ("int8", "onnxruntime")]
+    assert "fetch the int8 package of tinyvar:1" in done.stderr
+    done = cli.run("model", "profile", "tinyvar:1", "--variant", "int8", "--max-batch", "1",
+                   "--iterations", "2", "--json")
+    assert {r["variant"] for r in json.loads(done.stdout)} == {"int8"}
+    stored = cli.json("model", "show", "tinyvar:1")["profiles"]
+    assert {r["variant"] for r in stored} == {"default", "fp16", "int8"}
 
 
 def measured(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[int]]:
@@ -57,7 +77,7 @@ def test_a_profile_on_each_runtime_is_stored_and_shown(
         assert row["iterations"] == 5 and row["peak_rss_bytes"] > 10 * 2**20  # numpy alone
     # Progress: a line per runtime and per batch size on stderr, stdout stays JSON.
     for runtime in runtimes:
-        assert f"profile {ref} on {runtime}:CPU" in done.stderr
+        assert f"profile {ref} (default) on {runtime}:CPU" in done.stderr
         assert f"{runtime}:CPU batch 4: p50" in done.stderr
 
     shown = cli.json("model", "show", ref)
@@ -92,7 +112,13 @@ def test_bad_input_is_refused_clearly(cli: Cli, hub: HubProcess, models: None) -
     # No runtime here reads TFLite among those asked for.
     done = cli.run("model", "profile", "tinylite:1", "--runtime", "onnxruntime", ok=False)
     assert done.returncode == 1
-    assert "no runtime here can load tinylite:1 (tflite)" in done.stderr
+    assert "no runtime here can load tinylite:1 (default, tflite)" in done.stderr
+    assert "nothing could be profiled of tinylite:1" in done.stderr
+    done = cli.run("model", "profile", "tiny:1", "--variant", "int8", ok=False)
+    assert done.returncode == 1 and "tiny:1 has no package of variant int8 (it has none)" in (
+        done.stderr)
+    done = cli.run("model", "profile", "tiny:1", "--variant", "../x", ok=False)
+    assert done.returncode == 2 and "--variant" in done.stderr
 
     headers = {"Authorization": f"Bearer {hub.admin_token}"}
     good = {"device_class": "linux/amd64", "runtime": "onnxruntime", "device": "CPU",

@@ -6,7 +6,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -235,6 +236,68 @@ def _note(*parts: object) -> None:
     click.echo(printable("".join(str(p) for p in parts)), err=True)
 
 
+@dataclass(frozen=True)
+class _Source:
+    variant: str
+    model_dir: Path
+    entrypoint: str
+    framework: str
+
+
+def _variants(hub_client: HubClient, record: dict[str, Any], asked: tuple[str, ...]
+              ) -> tuple[list[str], bool]:
+    """The variants to profile and whether they come from packages: ASKED, else every
+    variant the version has a package of, else the registered files as the default."""
+    ref = f"{record['name']}:{record['version']}"
+    for variant in asked:
+        try:
+            names.variant(variant)
+        except names.InvalidName as exc:
+            raise click.BadParameter(str(exc), param_hint="--variant") from None
+    packaged = sorted({p["variant"] for p in hub_client.get(
+        "/api/v1/packages", params={"model": record["name"]}) if p["version"] == record[
+            "version"]})
+    if not packaged and set(asked) <= {DEFAULT_VARIANT}:
+        return [DEFAULT_VARIANT], False
+    lacking = sorted(set(asked) - set(packaged))
+    if lacking:
+        raise click.ClickException(
+            f"{ref} has no package of variant {lacking[0]} (it has "
+            f"{', '.join(packaged) or 'none'}); build one with `edgefleet package build {ref} "
+            f"--variant {lacking[0]}`")
+    return list(asked) or packaged, True
+
+
+def _sources(hub_client: HubClient, profiler: Any, record: dict[str, Any], variants: list[str],
+             packaged: bool, work: Path, failed: list[str]) -> Iterator[_Source]:
+    """Each variant's model, unpacked under WORK: from its package (fetched and verified as a
+    device does), or the registered files; a variant that cannot be had goes to FAILED."""
+    if not packaged:
+        if record["framework"] is None:
+            raise click.ClickException(
+                f"{record['name']}:{record['version']} holds no model file a runtime reads "
+                "(.onnx, .tflite, OpenVINO .xml); nothing to profile")
+        download_version(hub_client, record, work / "registered", lambda path, n: None)
+        yield _Source(DEFAULT_VARIANT, work / "registered", record["entrypoint"],
+                      record["framework"])
+        return
+    from contract.signing import load_public_key
+
+    key = load_public_key(hub_client.get("/api/v1/signing-key")["public_key"])
+    with hub_client.registry() as registry:
+        for variant in variants:
+            _note(f"fetch the {variant} package of {record['name']}:{record['version']}")
+            try:
+                staged = profiler.stage_package(
+                    registry, f"models/{record['name']}",
+                    names.package_tag(record["version"], variant), key, work / variant)
+            except Exception as exc:  # the agent's; its message says what and why
+                failed.append(f"variant {variant}: {exc}")
+                _note(f"  variant {variant} failed: {exc}")
+                continue
+            yield _Source(variant, staged.model_dir, staged.entrypoint, staged.framework)
+
+
 @model.command()
 @click.argument("ref")
 @click.option("--max-batch", default=8, show_default=True,
@@ -245,23 +308,28 @@ def _note(*parts: object) -> None:
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
               help="Only this runtime (repeatable) [default: every one here that reads the "
               "model's format].")
+@click.option("--variant", "variants", multiple=True,
+              help="Only this package variant (repeatable) [default: every variant the "
+              "version has a package of; without packages, its registered files as "
+              "variant default].")
 @click.option("--no-store", is_flag=True, help="Only print the profile; do not store it.")
 @hub_options
 @json_option
 @click.pass_obj
 def profile(
     components: Any, ref: str, max_batch: int, iterations: int, runtimes: tuple[str, ...],
-    no_store: bool, hub: str | None, token: str | None, as_json: bool,
+    variants: tuple[str, ...], no_store: bool, hub: str | None, token: str | None,
+    as_json: bool,
 ) -> None:
     """Measure a version on this machine and store the profile with it on the hub.
 
-    The version's files are downloaded and run through the agent's own runtimes,
-    each runtime and device it lists (no GPU or NPU here: CPU only) in a process
-    of its own: latency p50/p99 at each batch size, throughput (rows/s) and the
-    process's peak resident memory. OpenVINO runs at f32. The rows are stored
-    under this machine's platform as the device class, variant "default" (the
-    registered files, which a package built without --optimize carries); a
-    rollout's --max-latency-ms compares with them.
+    Each variant's model (fp32, fp16, int8...: from its package, fetched and
+    verified as a device does) runs through the agent's own runtimes, on each
+    runtime that reads it and each device that runtime lists (no GPU or NPU
+    here: CPU only), in a process of its own: latency p50/p99 at each batch
+    size, throughput (rows/s) and the process's peak resident memory. OpenVINO
+    runs at f32. Rows are stored under this machine's platform as the device
+    class; a rollout's --max-latency-ms compares with them.
 
     \b
     Example: edgefleet model profile diabetes:2 --max-batch 32 --iterations 100
@@ -275,35 +343,36 @@ def profile(
     hub_client = client(hub, token)
     record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
     ref = f"{record['name']}:{record['version']}"
-    if record["framework"] is None:
-        raise click.ClickException(f"{ref} holds no model file a runtime reads (.onnx, "
-                                   ".tflite, OpenVINO .xml); nothing to profile")
-    targets, skipped = profiler.targets(record["framework"], list(runtimes) or None)
-    if not targets:
-        why = "; ".join(skipped) or f"none of {', '.join(runtimes)} reads {record['framework']}"
-        raise click.ClickException(f"no runtime here can load {ref} ({record['framework']}): "
-                                   f"{why}")
+    chosen, packaged = _variants(hub_client, record, variants)
     device_class = profiler.device_class()
-    rows, failed = [], []
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as tmp:
-        model_dir = Path(tmp)
-        download_version(hub_client, record, model_dir, lambda path, n: None)
-        for target in targets:
-            _note(f"profile {ref} on {target.runtime}:{target.device} ({device_class}), "
-                  f"batch sizes {', '.join(map(str, batches))}, {iterations} calls each")
-            try:
-                for row in profiler.profile(model_dir, record["entrypoint"], target, batches,
-                                            iterations):
-                    rows.append({"device_class": device_class, "variant": DEFAULT_VARIANT,
-                                 **row})
-                    _note(f"  {target.runtime}:{row['device']} batch {row['batch']}: "
-                          f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
-                          f"{row['throughput']} rows/s, peak RSS {row['peak_rss_bytes']} B")
-            except Exception as exc:  # the profiler is the agent's; its message is what helps
-                failed.append(f"{target.runtime}:{target.device}: {exc}")
-                _note(f"  {target.runtime}:{target.device} failed: {exc}")
+        for source in _sources(hub_client, profiler, record, chosen, packaged, Path(tmp),
+                               failed):
+            targets, skipped = profiler.targets(source.framework, list(runtimes) or None)
+            if not targets:
+                why = "; ".join(skipped) or f"none of {', '.join(runtimes)} reads it"
+                failed.append(f"variant {source.variant}: no runtime here can load it: {why}")
+                _note(f"no runtime here can load {ref} ({source.variant}, {source.framework}):"
+                      f" {why}")
+            for target in targets:
+                where = f"{target.runtime}:{target.device}"
+                _note(f"profile {ref} ({source.variant}) on {where} ({device_class}), batch "
+                      f"sizes {', '.join(map(str, batches))}, {iterations} calls each")
+                try:
+                    for row in profiler.profile(source.model_dir, source.entrypoint, target,
+                                                batches, iterations):
+                        rows.append({"device_class": device_class, "variant": source.variant,
+                                     **row})
+                        _note(f"  {target.runtime}:{row['device']} batch {row['batch']}: "
+                              f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                              f"{row['throughput']} rows/s, peak RSS {row['peak_rss_bytes']} B")
+                except Exception as exc:  # the agent's; its message is what helps
+                    failed.append(f"{source.variant} on {where}: {exc}")
+                    _note(f"  {where} failed: {exc}")
     if not rows:
-        raise click.ClickException(f"no runtime could run {ref}: {'; '.join(failed)}")
+        raise click.ClickException(f"nothing could be profiled of {ref}: {'; '.join(failed)}")
     if not no_store:
         hub_client.post(f"/api/v1/models/{name}/versions/{record['version']}/profiles",
                         json={"host": socket.gethostname(), "rows": rows})
