@@ -83,7 +83,8 @@ def test_a_profile_on_each_runtime_is_stored_and_shown(
     shown = cli.json("model", "show", ref)
     assert measured(shown["profiles"]) == measured(rows)
     assert {r["profiled_by"] for r in shown["profiles"]} == {"admin"}
-    assert "p99_ms" in cli.run("model", "show", ref).stdout
+    people = cli.run("model", "show", ref).stdout
+    assert "p99_ms" in people and " MiB" in people
 
     # Measuring again replaces the rows of the same key instead of adding to them.
     cli.run("model", "profile", ref, "--max-batch", "1", "--iterations", "2",
@@ -134,6 +135,9 @@ def test_bad_input_is_refused_clearly(cli: Cli, hub: HubProcess, models: None) -
         answer = httpx.post(f"{hub.url}/api/v1/models/tiny/versions/1/profiles",
                             json={"host": "lab", "rows": [{**good, **bad}]}, headers=headers)
         assert answer.status_code == 422 and why in answer.text, (bad, answer.text)
+    answer = httpx.post(f"{hub.url}/api/v1/models/tiny/versions/1/profiles",
+                        json={"host": "lab\x1b[2J", "rows": [good]}, headers=headers)
+    assert answer.status_code == 422 and "control characters" in answer.text
     answer = httpx.post(f"{hub.url}/api/v1/models/tiny/versions/7/profiles",
                         json={"host": "lab", "rows": [good]}, headers=headers)
     assert answer.status_code == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -224,11 +225,18 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
         say(("deployed on", "bold"), ": ", [d["device_id"] for d in deployments])
     if profile_rows:
         say(("profile", "bold"), ":")
-        emit(profile_rows, PROFILE_COLUMNS, as_json=False)
+        _emit_profile(profile_rows)
 
 
-PROFILE_COLUMNS = ("device_class", "variant", "runtime", "device", "batch", "p50_ms", "p99_ms",
-                   "throughput", "peak_rss_bytes")
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _emit_profile(rows: list[dict[str, Any]]) -> None:
+    """Profile rows as a table for people: throughput in rows/s, peak memory in MiB."""
+    emit([{**r, "throughput": f"{r['throughput']:.0f}/s", "peak_rss": _mib(r["peak_rss_bytes"])}
+          for r in rows], ["device_class", "variant", "runtime", "device", "batch", "p50_ms",
+                           "p99_ms", "throughput", "peak_rss"], as_json=False)
 
 
 def _note(*parts: object) -> None:
@@ -358,8 +366,8 @@ def profile(
                       f" {why}")
             for target in targets:
                 where = f"{target.runtime}:{target.device}"
-                _note(f"profile {ref} ({source.variant}) on {where} ({device_class}), batch "
-                      f"sizes {', '.join(map(str, batches))}, {iterations} calls each")
+                _note(f"profile {ref} ({source.variant}) on {where} ({device_class}): batch "
+                      f"sizes {', '.join(map(str, batches))}; {iterations} calls each")
                 try:
                     for row in profiler.profile(source.model_dir, source.entrypoint, target,
                                                 batches, iterations):
@@ -367,7 +375,8 @@ def profile(
                                      **row})
                         _note(f"  {target.runtime}:{row['device']} batch {row['batch']}: "
                               f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
-                              f"{row['throughput']} rows/s, peak RSS {row['peak_rss_bytes']} B")
+                              f"{row['throughput']:.0f} rows/s, "
+                              f"peak RSS {_mib(row['peak_rss_bytes'])}")
                 except Exception as exc:  # the agent's; its message is what helps
                     failed.append(f"{source.variant} on {where}: {exc}")
                     _note(f"  {where} failed: {exc}")
@@ -376,7 +385,10 @@ def profile(
     if not no_store:
         hub_client.post(f"/api/v1/models/{name}/versions/{record['version']}/profiles",
                         json={"host": socket.gethostname(), "rows": rows})
-    emit(rows, PROFILE_COLUMNS, as_json=as_json)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _emit_profile(rows)
     if not no_store and not as_json:
         say(f"Stored the profile with {ref} ({device_class})")
     if failed:
