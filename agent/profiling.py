@@ -6,11 +6,12 @@ agent.profiling REQUEST`), so one runtime's memory never shows in another's peak
 runtime that crashes takes only its own measurement down. The child loads the model with
 that one device preferred and no fallback, at f32 (OpenVINO's CPU would pick bfloat16
 otherwise), and for each batch size: one warm-up call, then ITERATIONS timed calls on the
-same input (the sample request's ones, repeated to the batch size). It prints one JSON line
-per batch size, so the caller can report progress as they come: the percentiles of the
-calls' times, rows per second over all of them, and the child's VmHWM (peak resident
-memory since it started: interpreter, numpy, the runtime library and the model with every
-batch so far).
+same input (the sample request's ones, repeated to the batch size; a model whose first
+dimension is not free is profiled at batch size 1 only, with a note saying why). It prints
+one JSON line per batch size, so the caller can report progress as they come: the
+percentiles of the calls' times, rows per second over all of them, and the child's VmHWM
+(peak resident memory since it started: interpreter, numpy, the runtime library and the
+model with every batch so far).
 
 A package variant (fp16, int8, another runtime) is profiled from its package, fetched,
 verified and unpacked as a device does (`stage_package`).
@@ -94,9 +95,11 @@ def stage_package(registry: Registry, repository: str, tag: str,
 
 def profile(
     model_dir: Path, entrypoint: str, target: Target, batches: list[int], iterations: int,
+    note: Callable[[str], None],
 ) -> Iterator[dict[str, Any]]:
     """Measure TARGET in a child process; one row per batch size as the child reports it,
-    or ModelRuntimeError with the child's reason once it stops."""
+    or ModelRuntimeError with the child's reason once it stops. NOTE is told what the
+    child leaves out (larger batch sizes of a model whose batch is fixed)."""
     request = {"model_dir": str(model_dir), "entrypoint": entrypoint, "runtime": target.runtime,
                "device": target.device, "batches": batches, "iterations": iterations}
     with subprocess.Popen([sys.executable, "-m", "agent.profiling", json.dumps(request)],
@@ -109,6 +112,9 @@ def profile(
                 row = json.loads(line)
                 if "error" in row:
                     raise ModelRuntimeError(row["error"])
+                if "note" in row:
+                    note(row["note"])
+                    continue
                 yield row
             stderr = child.stderr.read()
         finally:
@@ -141,10 +147,11 @@ def _measure(request: dict[str, Any], emit: Callable[[dict[str, Any]], None]) ->
         signature = model.signature
         one = {t["name"]: np.array(t["data"], dtype=NUMPY_DTYPES[t["datatype"]])
                .reshape(t["shape"]) for t in sample_request(signature.to_dict())["inputs"]}
-        why = unbatchable(signature)
-        for batch in request["batches"]:
-            if batch > 1 and why is not None:
-                raise ModelRuntimeError(f"only batch size 1 can be profiled: {why}")
+        batches, why = request["batches"], unbatchable(signature)
+        if why is not None and batches != [1]:
+            emit({"note": f"only batch size 1 is profiled: {why}"})
+            batches = [1]
+        for batch in batches:
             inputs = {name: np.repeat(array, batch, axis=0) for name, array in one.items()}
             model.infer(inputs)  # warm-up: first-call allocations and kernel choices
             seconds = []

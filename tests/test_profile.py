@@ -15,7 +15,7 @@ import pytest
 
 from conftest import Cli
 from hubproc import HubProcess
-from modelgen import make_onnx, make_tflite
+from modelgen import make_fixed_batch_onnx, make_onnx, make_tflite
 
 BATCHES = [1, 2, 4]
 
@@ -34,6 +34,16 @@ def models(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> None:
     register(hub, "tiny", make_onnx(base / "model.onnx"))
     register(hub, "tinylite", make_tflite(base / "model.tflite"))
     register(hub, "tinyvar", make_onnx(base / "var" / "model.onnx"))
+    register(hub, "fixed", make_fixed_batch_onnx(base / "fixed" / "model.onnx"))
+
+
+def test_a_model_whose_batch_is_fixed_is_profiled_at_batch_size_1(
+        cli: Cli, models: None) -> None:
+    done = cli.run("model", "profile", "fixed:1", "--max-batch", "4", "--iterations", "2",
+                   "--runtime", "onnxruntime", "--json")
+    assert [r["batch"] for r in json.loads(done.stdout)] == [1]
+    assert ("onnxruntime:CPU: only batch size 1 is profiled: input 'x' has shape [1, 3], not "
+            "a free first (batch) dimension") in done.stderr
 
 
 def test_each_packaged_variant_is_profiled_from_its_package(

@@ -370,7 +370,8 @@ def profile(
                       f"sizes {', '.join(map(str, batches))}; {iterations} calls each")
                 try:
                     for row in profiler.profile(source.model_dir, source.entrypoint, target,
-                                                batches, iterations):
+                                                batches, iterations,
+                                                partial(_note, f"  {where}: ")):
                         rows.append({"device_class": device_class, "variant": source.variant,
                                      **row})
                         _note(f"  {target.runtime}:{row['device']} batch {row['batch']}: "
