@@ -111,3 +111,12 @@ def test_a_budget_that_is_no_number_is_refused_before_sending(hub: InProcessHub,
     refused = create("--max-latency-ms", budget)
     assert refused.exit_code == 2
     assert "--max-latency-ms" in refused.output and "milliseconds" in one_line(refused.output)
+
+
+def test_profiles_are_read_back_and_go_with_their_version(hub: InProcessHub, p99: float) -> None:
+    rows = hub.client.get("/api/v1/models/tiny/versions/1/profiles").json()
+    assert rows == hub.client.get("/api/v1/models/tiny/versions/latest").json()["profiles"]
+    assert [(r["runtime"], r["batch"], r["host"]) for r in rows] == [("onnxruntime", 1, "lab")]
+    assert hub.client.delete("/api/v1/models/tiny/versions/1").status_code == 204
+    assert hub.db.query("SELECT * FROM model_profiles") == []
+    assert hub.client.get("/api/v1/models/tiny/versions/1/profiles").status_code == 404
