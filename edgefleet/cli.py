@@ -65,12 +65,22 @@ def batching_timer(
     return time_on_cpu(runtime, model_dir, entrypoint, inputs, repeat)
 
 
+def model_profiler() -> Any:
+    """`model profile` measures with the agent's runtimes, each in a child process, as a
+    device runs the model (agent/profiling.py); the hub's CLI may not import the agent, so
+    this root hands it the profiler."""
+    from agent import profiling
+
+    return profiling
+
+
 @dataclass(frozen=True)
 class Components:
     """What one component's commands need from another, wired here (ctx.obj of every command)."""
 
     accuracy_runner: Any = accuracy_runner
     batching_timer: Any = batching_timer
+    model_profiler: Any = model_profiler
 
 
 @click.group(cls=LazyGroup)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hub import oci_registry, package_use, validation
+from hub import oci_registry, package_use, profiles, validation
 from hub.errors import Conflict, NotFound, Unprocessable
 from hub.storage.blobs import BlobStore, check_digest
 from hub.storage.db import Database, dumps, format_time, now
@@ -223,6 +223,7 @@ def get_version(db: Database, name: str, version: int | str) -> dict[str, Any]:
         " AND (version = ? OR candidate_version = ?)",
         (name, row["version"], row["version"]),
     )
+    record["profiles"] = profiles.read(db, name, row["version"])
     return record
 
 
@@ -262,6 +263,7 @@ def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> N
             )
         ]
         conn.execute("DELETE FROM model_files WHERE version_id = ?", (row[0],))
+        profiles.delete(conn, name, version)
         conn.execute("DELETE FROM model_versions WHERE id = ?", (row[0],))
         # Its packages (every variant, with their signatures) go with it, and what only
         # they used: collected in this transaction, sparing a push in progress.

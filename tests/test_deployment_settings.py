@@ -169,6 +169,7 @@ def test_a_schema_4_database_gets_settings(hub: InProcessHub) -> None:
     old.execute("ALTER TABLE deployments DROP COLUMN settings")
     old.execute("ALTER TABLE rollout_devices DROP COLUMN previous_settings")
     old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
+    old.execute("DROP TABLE model_profiles")  # schema 7
     old.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)

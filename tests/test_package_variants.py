@@ -222,6 +222,7 @@ def test_a_database_from_before_variants_is_migrated(tmp_path: Path,
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
     old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
+    old.execute("DROP TABLE model_profiles")  # schema 7
     old.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)

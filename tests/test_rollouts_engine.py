@@ -292,10 +292,12 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
     old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
+    old.execute("DROP TABLE model_profiles")  # schema 7
     old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)
     assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
+    assert db.query("SELECT * FROM model_profiles") == []
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}
 

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
-from hub import registry, validation
+from hub import profiles, registry, validation
 from hub.api import auth
 from hub.api.errors import error_response
 from hub.api.limits import BodyTooLarge
@@ -40,6 +40,28 @@ class RegisterRequest(BaseModel):
     require_model: bool = Field(
         False, description="refuse the version (422) unless one of its files is a model "
         "the packager reads (.onnx, .tflite, OpenVINO .xml with its .bin)")
+
+
+class ProfileRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    device_class: str = Field(max_length=40, description="the OCI platform measured on, "
+                              "e.g. linux/amd64: the class of devices it stands for")
+    runtime: str = Field(max_length=40)
+    device: str = Field(max_length=64, description="as the runtime names it: CPU, GPU.0")
+    variant: str = Field(max_length=64, description="the package variant measured")
+    batch: int
+    iterations: int
+    p50_ms: float
+    p99_ms: float
+    throughput: float = Field(description="rows per second at this batch size")
+    peak_rss_bytes: int = Field(description="resident-memory high-water mark of the process "
+                                "that ran it")
+
+
+class ProfileRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field(max_length=253, description="the machine measured on")
+    rows: list[ProfileRow] = Field(min_length=1, max_length=profiles.MAX_ROWS)
 
 
 def _selectors(tag: list[str]) -> list[tuple[str, str]]:
@@ -132,6 +154,33 @@ def show_version(
     name: str, version: str, request: Request, principal: Principal = auth.viewer
 ) -> dict[str, Any]:
     return registry.get_version(hub_state(request).db, name, validation.version(version))
+
+
+@router.post("/models/{name}/versions/{version}/profiles",
+             summary="Store profile rows measured on one machine (replacing rows of the same key)")
+def post_profile(
+    name: str, version: str, body: ProfileRequest, request: Request,
+    principal: Principal = auth.operator,
+) -> list[dict[str, Any]]:
+    state = hub_state(request)
+    request.state.audit = ("model.profile", f"{name}:{version}")
+    number = registry.get_version(state.db, name, validation.version(version))["version"]
+    stored = profiles.store(state.db, name, number, [r.model_dump() for r in body.rows],
+                            host=body.host, profiled_by=principal.name)
+    request.state.audit = ("model.profile", f"{name}:{number}")
+    runtimes = sorted({f"{r.runtime}:{r.device}" for r in body.rows})
+    request.state.audit_detail = (f"{len(body.rows)} row(s) on {body.host}: "
+                                  f"{', '.join(runtimes)}")
+    return stored
+
+
+@router.get("/models/{name}/versions/{version}/profiles", summary="A version's profile rows")
+def get_profile(
+    name: str, version: str, request: Request, principal: Principal = auth.viewer
+) -> list[dict[str, Any]]:
+    db = hub_state(request).db
+    number = registry.get_version(db, name, validation.version(version))["version"]
+    return profiles.read(db, name, number)
 
 
 @router.get("/models/{name}/versions/{version}/files/{path:path}", summary="Download a file")

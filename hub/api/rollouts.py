@@ -45,6 +45,7 @@ class RolloutRequest(SettingsRequest):
                               max_length=32)
     max_error_rate: float = _option("max_error_rate")
     max_latency_ratio: float = _option("max_latency_ratio")
+    max_latency_ms: float | None = _option("max_latency_ms")
 
 
 def _engine_poke(request: Request) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -11,8 +16,21 @@ from typing import Any
 import click
 
 from contract import names
+from contract.errors import FormatError
+from contract.names import DEFAULT_VARIANT
+from contract.profiles import MAX_ITERATIONS, batch_sizes
+from contract.runtimes import RUNTIMES
 from hub.cli.client import HubClient
-from hub.cli.output import client, emit, emit_one, hub_options, json_option, parse_pairs, say
+from hub.cli.output import (
+    client,
+    emit,
+    emit_one,
+    hub_options,
+    json_option,
+    parse_pairs,
+    printable,
+    say,
+)
 from hub.cli.transfer import download_file, progress_bar, upload_file
 
 
@@ -85,7 +103,7 @@ def download_version(
 
 @click.group()
 def model() -> None:
-    """Register, list, show, download and delete model versions."""
+    """Register, list, show, profile, download and delete model versions."""
 
 
 @model.command()
@@ -184,7 +202,7 @@ def list_(
 @hub_options
 @json_option
 def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
-    """Show one version: files, signature, tags, metrics, lineage.
+    """Show one version: files, signature, tags, metrics, lineage, profile.
 
     \b
     Example: edgefleet model show diabetes:2
@@ -197,6 +215,7 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     signature = record.pop("signature") or {"inputs": [], "outputs": []}
     files = record.pop("files")
     deployments = record.pop("deployments")
+    profile_rows = record.pop("profiles")
     emit_one(record, as_json=False)
     for kind in ("inputs", "outputs"):
         for t in signature[kind]:
@@ -204,6 +223,177 @@ def show(ref: str, hub: str | None, token: str | None, as_json: bool) -> None:
     emit(files, ["path", "size", "digest"], as_json=False)
     if deployments:
         say(("deployed on", "bold"), ": ", [d["device_id"] for d in deployments])
+    if profile_rows:
+        say(("profile", "bold"), ":")
+        _emit_profile(profile_rows)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _emit_profile(rows: list[dict[str, Any]]) -> None:
+    """Profile rows as a table for people: throughput in rows/s, peak memory in MiB."""
+    emit([{**r, "throughput": f"{r['throughput']:.0f}/s", "peak_rss": _mib(r["peak_rss_bytes"])}
+          for r in rows], ["device_class", "variant", "runtime", "device", "batch", "p50_ms",
+                           "p99_ms", "throughput", "peak_rss"], as_json=False)
+
+
+def _note(*parts: object) -> None:
+    """A progress line: on stderr, so stdout stays the result (and --json stays JSON)."""
+    click.echo(printable("".join(str(p) for p in parts)), err=True)
+
+
+@dataclass(frozen=True)
+class _Source:
+    variant: str
+    model_dir: Path
+    entrypoint: str
+    framework: str
+
+
+def _variants(hub_client: HubClient, record: dict[str, Any], asked: tuple[str, ...]
+              ) -> tuple[list[str], bool]:
+    """The variants to profile and whether they come from packages: ASKED, else every
+    variant the version has a package of, else the registered files as the default."""
+    ref = f"{record['name']}:{record['version']}"
+    for variant in asked:
+        try:
+            names.variant(variant)
+        except names.InvalidName as exc:
+            raise click.BadParameter(str(exc), param_hint="--variant") from None
+    packaged = sorted({p["variant"] for p in hub_client.get(
+        "/api/v1/packages", params={"model": record["name"]}) if p["version"] == record[
+            "version"]})
+    if not packaged and set(asked) <= {DEFAULT_VARIANT}:
+        return [DEFAULT_VARIANT], False
+    lacking = sorted(set(asked) - set(packaged))
+    if lacking:
+        raise click.ClickException(
+            f"{ref} has no package of variant {lacking[0]} (it has "
+            f"{', '.join(packaged) or 'none'}); build one with `edgefleet package build {ref} "
+            f"--variant {lacking[0]}`")
+    return list(asked) or packaged, True
+
+
+def _sources(hub_client: HubClient, profiler: Any, record: dict[str, Any], variants: list[str],
+             packaged: bool, work: Path, failed: list[str]) -> Iterator[_Source]:
+    """Each variant's model, unpacked under WORK: from its package (fetched and verified as a
+    device does), or the registered files; a variant that cannot be had goes to FAILED."""
+    if not packaged:
+        if record["framework"] is None:
+            raise click.ClickException(
+                f"{record['name']}:{record['version']} holds no model file a runtime reads "
+                "(.onnx, .tflite, OpenVINO .xml); nothing to profile")
+        download_version(hub_client, record, work / "registered", lambda path, n: None)
+        yield _Source(DEFAULT_VARIANT, work / "registered", record["entrypoint"],
+                      record["framework"])
+        return
+    from contract.signing import load_public_key
+
+    key = load_public_key(hub_client.get("/api/v1/signing-key")["public_key"])
+    with hub_client.registry() as registry:
+        for variant in variants:
+            _note(f"fetch the {variant} package of {record['name']}:{record['version']}")
+            try:
+                staged = profiler.stage_package(
+                    registry, f"models/{record['name']}",
+                    names.package_tag(record["version"], variant), key, work / variant)
+            except Exception as exc:  # the agent's; its message says what and why
+                failed.append(f"variant {variant}: {exc}")
+                _note(f"  variant {variant} failed: {exc}")
+                continue
+            yield _Source(variant, staged.model_dir, staged.entrypoint, staged.framework)
+
+
+@model.command()
+@click.argument("ref")
+@click.option("--max-batch", default=8, show_default=True,
+              help="Largest batch size: the powers of two below it are measured, then it "
+              "(8: 1, 2, 4, 8).")
+@click.option("--iterations", type=click.IntRange(1, MAX_ITERATIONS), default=50,
+              show_default=True, help="Timed calls per batch size (after one warm-up call).")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
+              help="Only this runtime (repeatable) [default: every one here that reads the "
+              "model's format].")
+@click.option("--variant", "variants", multiple=True,
+              help="Only this package variant (repeatable) [default: every variant the "
+              "version has a package of; without packages, its registered files as "
+              "variant default].")
+@click.option("--no-store", is_flag=True, help="Only print the profile; do not store it.")
+@hub_options
+@json_option
+@click.pass_obj
+def profile(
+    components: Any, ref: str, max_batch: int, iterations: int, runtimes: tuple[str, ...],
+    variants: tuple[str, ...], no_store: bool, hub: str | None, token: str | None,
+    as_json: bool,
+) -> None:
+    """Measure a version on this machine and store the profile with it on the hub.
+
+    Each variant's model (fp32, fp16, int8...: from its package, fetched and
+    verified as a device does) runs through the agent's own runtimes, on each
+    runtime that reads it and each device that runtime lists (no GPU or NPU
+    here: CPU only), in a process of its own: latency p50/p99 at each batch
+    size, throughput (rows/s) and the process's peak resident memory. OpenVINO
+    runs at f32. Rows are stored under this machine's platform as the device
+    class; a rollout's --max-latency-ms compares with them.
+
+    \b
+    Example: edgefleet model profile diabetes:2 --max-batch 32 --iterations 100
+    """
+    name, version = parse_ref(ref)
+    try:
+        batches = batch_sizes(max_batch)
+    except FormatError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-batch") from None
+    profiler = components.model_profiler()
+    hub_client = client(hub, token)
+    record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
+    ref = f"{record['name']}:{record['version']}"
+    chosen, packaged = _variants(hub_client, record, variants)
+    device_class = profiler.device_class()
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as tmp:
+        for source in _sources(hub_client, profiler, record, chosen, packaged, Path(tmp),
+                               failed):
+            targets, skipped = profiler.targets(source.framework, list(runtimes) or None)
+            if not targets:
+                why = "; ".join(skipped) or f"none of {', '.join(runtimes)} reads it"
+                failed.append(f"variant {source.variant}: no runtime here can load it: {why}")
+                _note(f"no runtime here can load {ref} ({source.variant}, {source.framework}):"
+                      f" {why}")
+            for target in targets:
+                where = f"{target.runtime}:{target.device}"
+                _note(f"profile {ref} ({source.variant}) on {where} ({device_class}): batch "
+                      f"sizes {', '.join(map(str, batches))}; {iterations} calls each")
+                try:
+                    for row in profiler.profile(source.model_dir, source.entrypoint, target,
+                                                batches, iterations,
+                                                partial(_note, f"  {where}: ")):
+                        rows.append({"device_class": device_class, "variant": source.variant,
+                                     **row})
+                        _note(f"  {target.runtime}:{row['device']} batch {row['batch']}: "
+                              f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                              f"{row['throughput']:.0f} rows/s, "
+                              f"peak RSS {_mib(row['peak_rss_bytes'])}")
+                except Exception as exc:  # the agent's; its message is what helps
+                    failed.append(f"{source.variant} on {where}: {exc}")
+                    _note(f"  {where} failed: {exc}")
+    if not rows:
+        raise click.ClickException(f"nothing could be profiled of {ref}: {'; '.join(failed)}")
+    if not no_store:
+        hub_client.post(f"/api/v1/models/{name}/versions/{record['version']}/profiles",
+                        json={"host": socket.gethostname(), "rows": rows})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _emit_profile(rows)
+    if not no_store and not as_json:
+        say(f"Stored the profile with {ref} ({device_class})")
+    if failed:
+        sys.exit(1)
 
 
 @model.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +59,14 @@ def _percent(value: str | None) -> int | None:
     return int(text)
 
 
+def _finite(value: float | None) -> float | None:
+    # JSON has no NaN or infinity: sent as they are, the request would not even be written.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value}: give a number of milliseconds",
+                                 param_hint="--max-latency-ms")
+    return value
+
+
 def _target(text: str) -> dict[str, str]:
     return parse_pairs(names.comma_list(text), "--target")
 
@@ -95,6 +104,8 @@ def rollout() -> None:
 @_option("prefer")
 @_option("max_error_rate", type=float)
 @_option("max_latency_ratio", type=float)
+@_option("max_latency_ms", type=float, metavar="P99",
+         callback=lambda ctx, param, value: _finite(value))
 @settings_options
 @hub_options
 @json_option
@@ -103,7 +114,8 @@ def create(
     soak: str,
     device_timeout: str, auto_rollback: bool, traffic: int | None, shadow: bool, priority: int,
     prefer: str | None, max_error_rate: float, max_latency_ratio: float,
-    cpus: str | None, memory: str | None, gpus: int | None, accelerators: tuple[str, ...],
+    max_latency_ms: float | None, cpus: str | None, memory: str | None, gpus: int | None,
+    accelerators: tuple[str, ...],
     batch_size: int | None, batch_delay_ms: int | None, hub: str | None,
     token: str | None, as_json: bool,
 ) -> None:
@@ -120,7 +132,7 @@ def create(
         "deployment": deployment, "waves": waves, "max_failures": max_failures, "soak": soak,
         "device_timeout": device_timeout, "auto_rollback": auto_rollback, "traffic": traffic,
         "shadow": shadow, "priority": priority, "max_error_rate": max_error_rate,
-        "max_latency_ratio": max_latency_ratio,
+        "max_latency_ratio": max_latency_ratio, "max_latency_ms": max_latency_ms,
         "prefer": names.comma_list(prefer),
         **settings_body(cpus=cpus, memory=memory, gpus=gpus, accelerators=accelerators,
                         batch_size=batch_size, batch_delay_ms=batch_delay_ms),

@@ -11,7 +11,7 @@ from typing import Any
 
 from contract.errors import PackageError
 from contract.names import DEFAULT_VARIANT
-from hub import deployments, packages, validation
+from hub import deployments, packages, profiles, validation
 from hub.errors import Conflict
 from hub.rollouts import reads, store
 from hub.rollouts import spec as specs
@@ -45,6 +45,8 @@ def create(db: Database, blobs: BlobStore, *, model: str, version: int | str, cr
         _refuse_candidate_serving(db, spec, devices)
         _refuse_clusters(db, devices)
     _refuse_missing_platforms(db, blobs, spec, package.digest, devices)
+    if spec.max_latency_ms is not None:
+        _refuse_over_budget(db, blobs, spec, package.digest, devices)
     stamp = now()
     with db.transaction() as conn:
         seq = conn.execute(
@@ -123,6 +125,24 @@ def _refuse_missing_platforms(db: Database, blobs: BlobStore, spec: specs.Rollou
             f"the package of {spec.model}:{spec.version} has no image for {what}; it has "
             f"{', '.join(have) or 'none'}: build it with `edgefleet package "
             f"build {spec.model}:{spec.version} --platform ...` or narrow the target")
+
+
+def _refuse_over_budget(db: Database, blobs: BlobStore, spec: specs.RolloutSpec, digest: str,
+                        devices: Sequence[str]) -> None:
+    assert spec.max_latency_ms is not None  # the caller checks
+    classes = sorted({r["platform"] for r in db.query(
+        "SELECT platform FROM devices WHERE platform IS NOT NULL"
+        " AND id IN (SELECT value FROM json_each(?))", (json.dumps(list(devices)),))})
+    if not classes:
+        raise InvalidInput(
+            f"no target device has reported its platform yet, so the latency budget of "
+            f"{spec.max_latency_ms:g} ms has no device class to be checked on; wait for the "
+            "devices to come online, or leave out --max-latency-ms")
+    build = packages.build_record(blobs, digest) or {}
+    runtime = build.get("runtime") if isinstance(build.get("runtime"), str) else None
+    profiles.check_budget(db, model=spec.model, version=spec.version, variant=spec.variant,
+                          runtime=runtime, device_classes=classes,
+                          max_latency_ms=spec.max_latency_ms)
 
 
 def _command(db: Database, rollout_id: str, event: Event, reason: str | None, actor: str,

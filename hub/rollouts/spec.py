@@ -50,6 +50,10 @@ OPTIONS: dict[str, Option] = {
     "prefer": Option((), "Accelerator preferences, e.g. openvino:NPU,onnxruntime:CPU."),
     "max_error_rate": Option(0.05, "A device whose new version errs on more than this share "
                                    "of requests (0-1, from telemetry) counts as failed."),
+    "max_latency_ms": Option(None, "Latency budget: refuse the rollout unless the version's "
+                                   "profile (`model profile`) of this variant has a p99 at "
+                                   "batch size 1 of at most this many ms on every device "
+                                   "class (platform) of the target."),
     "max_latency_ratio": Option(3.0, "A device whose new version's p95 latency is more than "
                                      "this many times the old one's counts as failed."),
 }
@@ -186,6 +190,7 @@ class RolloutSpec:
     prefer: tuple[str, ...]
     max_error_rate: float
     max_latency_ratio: float
+    max_latency_ms: float | None  # checked at create against the version's profile
     settings: Settings  # the deployment's resources and batching on every device it reaches
 
     @property
@@ -208,7 +213,8 @@ class RolloutSpec:
             "device_timeout_s": self.device_timeout.seconds, "auto_rollback": self.auto_rollback,
             "traffic": self.traffic, "shadow": self.shadow, "priority": self.priority,
             "prefer": list(self.prefer), "max_error_rate": self.max_error_rate,
-            "max_latency_ratio": self.max_latency_ratio, "settings": self.settings.to_json(),
+            "max_latency_ratio": self.max_latency_ratio, "max_latency_ms": self.max_latency_ms,
+            "settings": self.settings.to_json(),
         }, sort_keys=True, separators=(",", ":"))
         if RolloutSpec.from_json(text) != self:
             raise ValueError(f"the rollout spec does not survive its stored form: {self!r}")
@@ -232,6 +238,9 @@ class RolloutSpec:
             raise ValueError(f"stored rollout spec: variant is {variant!r}")
         if not all(isinstance(v, str) for v in (*target.values(), *prefer)):
             raise ValueError("stored rollout spec: target and prefer hold strings")
+        budget = value.get("max_latency_ms")  # specs stored before budgets have none
+        if budget is not None and (type(budget) not in (int, float) or budget <= 0):
+            raise ValueError(f"stored rollout spec: max_latency_ms is {budget!r}")
         try:  # specs stored before settings have none
             settings = Settings.from_json(value.get("settings", {}))
         except SettingsError as exc:
@@ -246,7 +255,8 @@ class RolloutSpec:
             auto_rollback=get("auto_rollback", bool), traffic=get("traffic", int, type(None)),
             shadow=get("shadow", bool), priority=get("priority", int), prefer=tuple(prefer),
             max_error_rate=get("max_error_rate", float, int),
-            max_latency_ratio=get("max_latency_ratio", float, int), settings=settings,
+            max_latency_ratio=get("max_latency_ratio", float, int),
+            max_latency_ms=None if budget is None else float(budget), settings=settings,
         )
 
 
@@ -263,6 +273,7 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
           prefer: Sequence[str] = OPTIONS["prefer"].default,
           max_error_rate: float = OPTIONS["max_error_rate"].default,
           max_latency_ratio: float = OPTIONS["max_latency_ratio"].default,
+          max_latency_ms: float | None = OPTIONS["max_latency_ms"].default,
           resources: Mapping[str, Any] | None = None,
           batching: Mapping[str, Any] | str | None = None) -> RolloutSpec:
     """Check what a user asked for (VERSION already resolved to a number) into a spec;
@@ -289,6 +300,10 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
     if not (math.isfinite(max_latency_ratio) and max_latency_ratio > 1):
         raise InvalidInput(f"max latency ratio {max_latency_ratio}: use a number above 1 "
                            "(3 is three times the old version's p95)")
+    if max_latency_ms is not None and not (math.isfinite(max_latency_ms) and
+                                           0 < max_latency_ms <= 3_600_000):
+        raise InvalidInput(f"max latency {max_latency_ms} ms: use a number of milliseconds "
+                           "above 0 (and at most an hour)")
     timeout = validation.duration(device_timeout, "device timeout")
     if timeout < 1:
         raise InvalidInput("device timeout must be at least 1s")
@@ -301,5 +316,6 @@ def parse(*, model: str, version: int, deployment: str | None, target: Mapping[s
         auto_rollback=auto_rollback, traffic=traffic, shadow=shadow, priority=priority,
         prefer=tuple(deployments.check_prefer(prefer)), max_error_rate=float(max_error_rate),
         max_latency_ratio=float(max_latency_ratio),
+        max_latency_ms=None if max_latency_ms is None else float(max_latency_ms),
         settings=deployments.settings_from(resources, batching),
     )

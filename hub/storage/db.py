@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -173,6 +173,7 @@ def _create_schema(db: _Schema) -> None:
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
     _add_telemetry_rollups(db)
     _add_events(db)
+    _add_profiles(db)
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
@@ -213,6 +214,18 @@ def _add_events(db: _Schema) -> None:
     db["webhook_deliveries"].create_index(["event_seq"])
 
 
+def _add_profiles(db: _Schema) -> None:
+    """Schema 7: model profiles (hub/profiles.py), one row per version, device class,
+    runtime, device, variant and batch size; a new measurement of the same key replaces it."""
+    db.execute("CREATE TABLE model_profiles (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " device_class TEXT NOT NULL, runtime TEXT NOT NULL, device TEXT NOT NULL,"
+               " variant TEXT NOT NULL, batch BIGINT NOT NULL, iterations BIGINT NOT NULL,"
+               " p50_ms DOUBLE PRECISION NOT NULL, p99_ms DOUBLE PRECISION NOT NULL,"
+               " throughput DOUBLE PRECISION NOT NULL, peak_rss_bytes BIGINT NOT NULL,"
+               " host TEXT NOT NULL, profiled_at TEXT NOT NULL, profiled_by TEXT NOT NULL,"
+               " PRIMARY KEY (model, version, device_class, runtime, device, variant, batch))")
+
+
 def _migrate(db: _Schema) -> None:
     """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
     version = int(db["meta"].get("schema_version")["value"])
@@ -244,6 +257,8 @@ def _migrate(db: _Schema) -> None:
                    " WHERE previous_version IS NOT NULL")
     if version < 6:
         _add_events(db)
+    if version < 7:
+        _add_profiles(db)
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
