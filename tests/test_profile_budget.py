@@ -105,12 +105,14 @@ def test_a_budget_that_is_no_duration_is_refused(hub: InProcessHub, budget: str)
     assert "max latency" in refused.output and "milliseconds" in one_line(refused.output)
 
 
+@pytest.mark.parametrize("option", ["--max-latency-ms", "--max-error-rate",
+                                    "--max-latency-ratio"])
 @pytest.mark.parametrize("budget", ["nan", "inf"])
-def test_a_budget_that_is_no_number_is_refused_before_sending(hub: InProcessHub,
-                                                               budget: str) -> None:
-    refused = create("--max-latency-ms", budget)
+def test_a_limit_that_is_no_number_is_refused_before_sending(hub: InProcessHub, option: str,
+                                                             budget: str) -> None:
+    refused = create(option, budget)
     assert refused.exit_code == 2
-    assert "--max-latency-ms" in refused.output and "milliseconds" in one_line(refused.output)
+    assert option in refused.output and "give a finite number" in one_line(refused.output)
 
 
 def test_profiles_are_read_back_and_go_with_their_version(hub: InProcessHub, p99: float) -> None:

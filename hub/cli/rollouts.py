@@ -59,11 +59,10 @@ def _percent(value: str | None) -> int | None:
     return int(text)
 
 
-def _finite(value: float | None) -> float | None:
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     # JSON has no NaN or infinity: sent as they are, the request would not even be written.
     if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value}: give a number of milliseconds",
-                                 param_hint="--max-latency-ms")
+        raise click.BadParameter(f"{value}: give a finite number", param=param)
     return value
 
 
@@ -102,10 +101,9 @@ def rollout() -> None:
 @_option("shadow")
 @_option("priority", type=int)
 @_option("prefer")
-@_option("max_error_rate", type=float)
-@_option("max_latency_ratio", type=float)
-@_option("max_latency_ms", type=float, metavar="P99",
-         callback=lambda ctx, param, value: _finite(value))
+@_option("max_error_rate", type=float, callback=_finite)
+@_option("max_latency_ratio", type=float, callback=_finite)
+@_option("max_latency_ms", type=float, metavar="P99", callback=_finite)
 @settings_options
 @hub_options
 @json_option
