@@ -1,0 +1,84 @@
+"""A private PostgreSQL server for the tests: initdb into a temp dir, `postgres` on a free
+port of 127.0.0.1 (as the postgres user when the tests run as root, which PostgreSQL
+refuses), and one fresh database per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PostgresServer:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+        self.port = _free_port()
+        self._names = itertools.count()
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            as_user = ["runuser", "-u", "postgres", "--"]
+        data = self.dir / "data"
+        subprocess.run([*as_user, BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust",
+                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
+        # fsync off: a test database need not survive a crash of the machine.
+        self.process = subprocess.Popen(
+            [*as_user, BIN / "postgres", "-D", data, "-k", self.dir, "-p", str(self.port),
+             "-h", "127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300"],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.url("postgres")).close()
+                break
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.dir / "log").read_text()) from None
+                time.sleep(0.1)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """The URL of a new, empty database."""
+        name = f"t_{next(self._names)}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    return postgres_server.new_database()
