@@ -34,7 +34,8 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT doc::jsonb #>> ef_json_path(path) $$;
 CREATE OR REPLACE FUNCTION ef_json_each(doc text) RETURNS TABLE (key text, value text)
 LANGUAGE sql IMMUTABLE AS $$
   SELECT (n - 1)::text, v FROM json_array_elements_text(
-    CASE WHEN json_typeof(doc::json) = 'array' THEN doc::json ELSE '[]' END) WITH ORDINALITY AS a(v, n)
+    CASE WHEN json_typeof(doc::json) = 'array' THEN doc::json ELSE '[]' END)
+    WITH ORDINALITY AS a(v, n)
   UNION ALL
   SELECT k, v FROM json_each_text(
     CASE WHEN json_typeof(doc::json) = 'object' THEN doc::json ELSE '{}' END) AS o(k, v)
