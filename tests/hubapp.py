@@ -1,4 +1,5 @@
-"""An in-process hub for cheap tests: a real SQLite database and blob store in a temp dir,
+"""An in-process hub for cheap tests: a real database (SQLite; a module may ask for both,
+tests/postgres.py) and blob store in a temp dir,
 real signed packages built by the packager, and `create_app` behind FastAPI's TestClient.
 
 No MQTT and no agents: tests that need devices add their rows (`add_devices`) and say
@@ -105,8 +106,11 @@ class InProcessHub:
                error: str | None = None) -> None:
         with self.db.transaction() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO deployment_status (device_id, name, model, version,"
-                " state, error, since, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deployment_status (device_id, name, model, version, state, error,"
+                " since, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id,"
+                " name, version) DO UPDATE SET model = excluded.model, state = excluded.state,"
+                " error = excluded.error, since = excluded.since,"
+                " updated_at = excluded.updated_at",
                 [(d, name, model, version, state, error, now(), now()) for d in devices])
 
     def telemetry(self, device: str, *, at: str | None = None, **metrics: object) -> None:

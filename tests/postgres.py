@@ -13,10 +13,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
+
+from hub.storage.db import Database
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -41,10 +44,11 @@ class PostgresServer:
         subprocess.run([*as_user, BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust",
                         "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
         # fsync off: a test database need not survive a crash of the machine.
-        self.process = subprocess.Popen(
-            [*as_user, BIN / "postgres", "-D", data, "-k", self.dir, "-p", str(self.port),
-             "-h", "127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300"],
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))
+        with open(self.dir / "log", "wb") as log:
+            self.process = subprocess.Popen(
+                [*as_user, BIN / "postgres", "-D", data, "-k", self.dir, "-p", str(self.port),
+                 "-h", "127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300"],
+                stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -82,3 +86,38 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh database on the session's PostgreSQL server."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's hub database is: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "hub.db"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def any_db(db_target: Path | str) -> Iterator[Database]:
+    """A fresh hub database on each backend in turn."""
+    db = Database(db_target)
+    yield db
+    db.close()
+
+
+@contextmanager
+def write_lock_held(db: Database) -> Iterator[None]:
+    """Another connection holds DB's write lock meanwhile, and DB's writers on this
+    thread give up waiting for it after 50 ms (a busy database)."""
+    locker = db.dialect.connect()
+    for statement in db.dialect.begin:
+        locker.execute(statement)
+    wait, waited = (("PRAGMA busy_timeout = 50", "PRAGMA busy_timeout = 10000")
+                    if db.dialect.name == "sqlite"
+                    else ("SET lock_timeout = 50", "SET lock_timeout = '10s'"))
+    db.conn.execute(wait)
+    try:
+        yield
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        db.conn.execute(waited)

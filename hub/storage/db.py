@@ -385,8 +385,13 @@ class Database:
                 raise
             conn.execute("RELEASE nested")
             return
-        for statement in self.dialect.begin:
-            conn.execute(statement)
+        try:
+            for statement in self.dialect.begin:
+                conn.execute(statement)
+        except BaseException:  # the write lock not had (busy): nothing to keep open
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         try:
             yield conn
         except BaseException:

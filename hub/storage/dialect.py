@@ -111,7 +111,10 @@ class Postgres:
 
     def connect(self) -> Connection:
         from hub.storage import postgres  # psycopg: only a hub on PostgreSQL needs it
-        return postgres.Connection(self.url)
+        conn = postgres.Connection(self.url)
+        # A writer waits this long for the write lock, then fails: SQLite's busy_timeout.
+        conn.execute("SET lock_timeout = '10s'")
+        return conn
 
     def prepare(self, conn: Connection) -> None:
         from hub.storage import postgres

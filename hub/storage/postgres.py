@@ -63,6 +63,10 @@ BEGIN
   END LOOP;
   RETURN merged::text;
 END $$;
+-- SUM over a condition counts where it holds, as SQLite's (a comparison there is 0 or 1).
+CREATE OR REPLACE FUNCTION ef_add_flag(total bigint, flag boolean) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT AS $$ SELECT total + flag::integer $$;
+CREATE OR REPLACE AGGREGATE sum(boolean) (SFUNC = ef_add_flag, STYPE = bigint, INITCOND = '0');
 CREATE OR REPLACE FUNCTION instr(haystack text, needle text) RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT strpos(haystack, needle) $$;
 CREATE OR REPLACE FUNCTION julianday(moment text) RETURNS double precision
@@ -72,16 +76,18 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT extract(epoch FROM moment::timestamptz) / 86
 # SQLite spellings with another name on PostgreSQL (json_each: PostgreSQL has its own,
 # for json objects only). rowid becomes ctid: both name a row of a table without its key.
 _RENAMES = {"json_each": "ef_json_each", "group_concat": "string_agg", "rowid": "ctid"}
-_TOKENS = re.compile(r"'(?:[^']|'')*'|\?|%|\b(?:json_each|group_concat|rowid)\b")
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\?|%|:[A-Za-z_]\w*|\b(?:json_each|group_concat|rowid)\b")
 
 
 @lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
-    """SQL as the hub writes it (SQLite's dialect, `?` placeholders) for psycopg."""
+    """SQL as the hub writes it (SQLite's dialect, `?` or `:name` placeholders) for psycopg."""
     def one(match: re.Match[str]) -> str:
         token = match.group()
         if token.startswith("'"):
             return token.replace("%", "%%")
+        if token.startswith(":"):
+            return f"%({token[1:]})s"
         return {"?": "%s", "%": "%%"}.get(token) or _RENAMES[token]
     return _TOKENS.sub(one, sql)
 
@@ -187,6 +193,10 @@ class Connection:
 
     def close(self) -> None:
         self._conn.close()
+
+    # A thread's connection goes with the thread (threading.local): closed, not left
+    # to psycopg, which warns of a connection deleted while open.
+    __del__ = close
 
 
     def run_script(self, sql: str) -> None:
