@@ -3,8 +3,8 @@ the failure threshold with automatic rollback, health from telemetry, and one br
 rollout that must not hold up another.
 
 Real parts: the hub's database, SQLite and then PostgreSQL (tests/postgres.py), real
-signed packages (tests/hubapp.py), the REST API through `create_app`. Devices are rows; what they report is written as the ingest
-writes it."""
+signed packages (tests/hubapp.py), the REST API through `create_app`. Devices are rows;
+what they report is written as the ingest writes it."""
 
 from __future__ import annotations
 

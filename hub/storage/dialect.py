@@ -85,7 +85,8 @@ class SQLite:
         return sql
 
     def tables(self, conn: Connection) -> set[str]:
-        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                           " AND name NOT LIKE 'sqlite%'")}
 
     def columns(self, conn: Connection, table: str) -> set[str]:
         return {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}

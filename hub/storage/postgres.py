@@ -9,6 +9,7 @@ integrity and connection errors become hub.storage.errors' classes.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
@@ -167,9 +168,13 @@ class Connection:
 
     def __init__(self, url: str) -> None:
         try:
-            self._conn = psycopg.connect(url, autocommit=True, row_factory=_rows)
+            # Client-side binding: a parameter is a literal in the statement, typed by
+            # its context as SQLite's are (a server-side NULL in `? IS NULL` has no type).
+            self._conn = psycopg.connect(url, autocommit=True, row_factory=_rows,
+                                         cursor_factory=psycopg.ClientCursor)
         except psycopg.Error as exc:
             raise _error(exc) from exc
+        self._pid = os.getpid()
         self._conn.adapters.register_dumper(bool, _BoolAsInteger)
         self._conn.adapters.register_loader("numeric", _Number)
 
@@ -194,9 +199,13 @@ class Connection:
     def close(self) -> None:
         self._conn.close()
 
-    # A thread's connection goes with the thread (threading.local): closed, not left
-    # to psycopg, which warns of a connection deleted while open.
-    __del__ = close
+    def __del__(self) -> None:
+        """A thread's connection goes with the thread (threading.local): closed, not left
+        to psycopg, which warns of a connection deleted while open. Not in a child forked
+        from this process (subprocess's preexec_fn: its copy of every thread's locals goes
+        at fork), whose goodbye on the shared socket would end the parent's session."""
+        if os.getpid() == self._pid:
+            self._conn.close()
 
 
     def run_script(self, sql: str) -> None:
