@@ -9,6 +9,7 @@ what they report (`report`), the way the ingest would write it.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -138,8 +139,12 @@ def built_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 
 @pytest.fixture
-def hub_db(tmp_path: Path) -> Database:
-    """A fresh hub database in a temp file (WAL needs a file; it is still only SQLite)."""
+def hub_db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """A fresh hub database in a temp file (WAL needs a file; it is still only SQLite), or
+    with EDGEFLEET_TEST_DATABASE=postgresql a fresh database on the tests' PostgreSQL
+    (tests/postgres.py): every in-process test on PostgreSQL."""
+    if os.environ.get("EDGEFLEET_TEST_DATABASE") == "postgresql":
+        return Database(request.getfixturevalue("postgres_url"))
     return Database(tmp_path / "hub.db")
 
 

@@ -21,7 +21,9 @@ import pytest
 
 from hub.storage.db import Database
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's postgresql package (.ci/install): its newest major version's programs.
+BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name),
+          default=Path("/usr/lib/postgresql/15/bin"))
 
 
 def _free_port() -> int:
