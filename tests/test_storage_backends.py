@@ -4,14 +4,18 @@ reads and writes, a constraint's refusal, and a whole hub process on PostgreSQL.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from agent.mqtt import Message
+from contract import protocol
 from hub import devices, registry
+from hub.ingest import write_batch
 from hub.storage import errors
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
@@ -81,6 +85,29 @@ def test_a_reported_state_merges_into_the_inventory(any_db: Database) -> None:
     row = any_db.query_one("SELECT json_extract(inventory, '$.ram.mb') AS mb,"
                            " json_extract(inventory, '$.gpu') AS gpu FROM devices")
     assert row is not None and (str(row["mb"]), row["gpu"]) == ("512", None)
+
+
+def test_the_ingest_writes_status_reports_and_each_point_once(any_db: Database) -> None:
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, inventory, status) VALUES"
+                     " ('dev-1', 'one', '{\"site\":\"lab\"}', '{\"disk_mb\":9}', 'offline')")
+    report = protocol.ReportedState(device_id="dev-1", applied_generation=0, deployments=(),
+                                    platform="linux/arm64", accelerators=("onnxruntime:CPU",),
+                                    agent_version="0.1", inventory={"cpu_count": 4})
+    points = Message(protocol.telemetry_topic("dev-1"), protocol.build_telemetry(
+        protocol.TelemetryBatch("dev-1", tuple(protocol.Point(seq, datetime.now(UTC), "system",
+                                                              {"cpu": seq})
+                                               for seq in (1, 2)))))
+    write_batch(any_db, [Message(protocol.status_topic("dev-1"), protocol.ONLINE),
+                         Message(protocol.reported_topic("dev-1"),
+                                 protocol.build_reported(report)), points])
+    write_batch(any_db, [replace(points, retain=False)])  # sent again: stored once
+    device = devices.get_device(any_db, "dev-1")
+    assert (device["status"], device["platform"]) == ("online", "linux/arm64")
+    assert device["tags"] == {"site": "lab", "arch": "arm64", "accel.onnxruntime.CPU": "yes"}
+    assert {r["seq"] for r in any_db.query("SELECT seq FROM telemetry")} == {1, 2}
+    inventory = any_db.query_one("SELECT inventory FROM devices")
+    assert inventory is not None and '"disk_mb"' in inventory["inventory"]
 
 
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:

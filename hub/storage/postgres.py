@@ -117,10 +117,9 @@ def _rows(cursor: psycopg.Cursor[Any]) -> psycopg.rows.RowMaker[Row]:
     return lambda values: Row(names, values)
 
 
-class _BoolAsInteger(psycopg.adapt.Dumper):
-    """The hub stores flags in integer columns (SQLite has no boolean): True is 1."""
-
-    oid = psycopg.adapters.types["int8"].oid
+class _Flag(psycopg.adapt.Dumper):
+    """A Python bool as SQLite takes it: the hub stores flags in integer columns, and
+    also tests them (CASE WHEN ?). An untyped '1' or '0' is either, by its context."""
 
     def dump(self, obj: bool) -> bytes:
         return b"1" if obj else b"0"
@@ -175,7 +174,7 @@ class Connection:
         except psycopg.Error as exc:
             raise _error(exc) from exc
         self._pid = os.getpid()
-        self._conn.adapters.register_dumper(bool, _BoolAsInteger)
+        self._conn.adapters.register_dumper(bool, _Flag)
         self._conn.adapters.register_loader("numeric", _Number)
 
     @property
