@@ -4,6 +4,8 @@ reads and writes, a constraint's refusal, and a whole hub process on PostgreSQL.
 
 from __future__ import annotations
 
+import signal
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +18,7 @@ from agent.mqtt import Message
 from contract import protocol
 from hub import devices, registry
 from hub.ingest import write_batch
+from hub.rollouts.leader import EngineLeader
 from hub.storage import errors
 from hub.storage.blobs import FileBlobStore
 from hub.storage.db import Database
@@ -130,3 +133,36 @@ def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresSe
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT model, version FROM model_versions").fetchall() == [
             ("tiny", 1)]
+
+
+def test_one_hub_leads_the_rollout_engine_until_its_session_ends(tmp_path: Path,
+                                                                   postgres_url: str) -> None:
+    assert EngineLeader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
+    first, second = EngineLeader(Database(postgres_url)), EngineLeader(Database(postgres_url))
+    assert first.held() and not second.held()
+    assert first.held()  # still
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # as if its hub died
+        admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_locks"
+                      " WHERE locktype = 'advisory' AND granted")
+    assert second.held()
+    assert not first.held() and not first.held()  # lost it, and cannot take it back
+    second.release()
+    assert first.held()
+
+
+def test_a_hub_killed_outright_hands_the_rollout_engine_to_the_other(
+        tmp_path: Path, postgres_url: str) -> None:
+    leading = start_hub(tmp_path / "a", extra_args=("--database-url", postgres_url))
+    other = start_hub(tmp_path / "b", extra_args=("--database-url", postgres_url))
+    try:
+        deadline = time.monotonic() + 10
+        while "now runs the rollout engine" not in leading.log():
+            assert time.monotonic() < deadline, leading.log()
+            time.sleep(0.1)
+        leading.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        while "now runs the rollout engine" not in other.log():
+            assert time.monotonic() < killed + 10, other.log()
+            time.sleep(0.1)
+    finally:
+        assert other.stop() == 0, other.log()

@@ -340,7 +340,9 @@ class Database:
     @property
     def conn(self) -> Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        # broken: a PostgreSQL connection whose server went away (restarted, or dropped
+        # it); the next statement gets a new one.
+        if conn is None or getattr(conn, "broken", False):
             conn = self._local.conn = self.dialect.connect()
         return conn
 

@@ -178,6 +178,11 @@ class Connection:
         self._conn.adapters.register_loader("numeric", _Number)
 
     @property
+    def broken(self) -> bool:
+        """Lost (the server went away or ended the session): no use trying it again."""
+        return self._conn.broken or self._conn.closed
+
+    @property
     def in_transaction(self) -> bool:
         return self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
