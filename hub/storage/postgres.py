@@ -113,7 +113,9 @@ class Row(Sequence[Any]):
 
 
 def _rows(cursor: psycopg.Cursor[Any]) -> psycopg.rows.RowMaker[Row]:
-    names = {c.name: i for i, c in enumerate(cursor.description or ())}
+    names: dict[str, int] = {}
+    for i, column in enumerate(cursor.description or ()):
+        names.setdefault(column.name, i)  # a name twice (a join's *): the first, as sqlite3's
     return lambda values: Row(names, values)
 
 
