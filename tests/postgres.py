@@ -127,3 +127,15 @@ def write_lock_held(db: Database) -> Iterator[None]:
         locker.execute("ROLLBACK")
         locker.close()
         db.conn.execute(waited)
+
+
+def as_older_hub_left_it(db: Database, version: int, *, columns: tuple[tuple[str, str], ...] = (),
+                         tables: tuple[str, ...] = ()) -> None:
+    """DB as a hub of schema VERSION left it: COLUMNS ((table, column)) and TABLES added
+    since dropped, on either database."""
+    with db.transaction() as conn:
+        for table, column in columns:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        for table in tables:
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))

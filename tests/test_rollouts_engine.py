@@ -19,7 +19,7 @@ from hub.rollouts import reads, store
 from hub.rollouts.engine import Engine
 from hub.storage.db import SCHEMA_VERSION, Database, format_time
 from hubapp import InProcessHub
-from postgres import write_lock_held
+from postgres import as_older_hub_left_it, write_lock_held
 
 DEVICES = ["dev-a", "dev-b", "dev-c", "dev-d"]
 
@@ -283,14 +283,9 @@ def test_a_rollout_from_an_older_hub_gets_its_typed_spec_once(hub: InProcessHub,
 
 def test_a_database_of_an_older_hub_gets_the_spec_column(db_target: Any) -> None:
     old = Database(db_target)
-    with old.transaction() as conn:  # back to schema 1
-        conn.execute("ALTER TABLE rollouts DROP COLUMN spec")
-        for table, column in OLDER_THAN_3:
-            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-        for table in ("telemetry_rollups", "telemetry_rolled",  # schema 4
-                      "webhook_deliveries", "webhooks", "events"):  # 6
-            conn.execute(f"DROP TABLE {table}")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    as_older_hub_left_it(old, 1, columns=(("rollouts", "spec"), *OLDER_THAN_3),
+                         tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
+                                 "webhook_deliveries", "webhooks", "events"))  # 6
     old.close()
     db = Database(db_target)
     assert "spec" in db.dialect.columns(db.conn, "rollouts")

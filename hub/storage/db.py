@@ -322,6 +322,7 @@ class Database:
     """
 
     def __init__(self, target: Path | str) -> None:
+        self.target = target  # to open it again
         self.dialect: Dialect = dialect_for(target)
         # The SQLite file (its size is a metric); None on PostgreSQL.
         self.path: Path | None = getattr(self.dialect, "path", None)
