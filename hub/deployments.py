@@ -20,7 +20,6 @@ version; `reported_states` answers a rollout's "who serves version X".
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from contract.settings import (
 from hub import package_use, packages, registry
 from hub.errors import Conflict, NotFound
 from hub.oci_registry import Manifest
-from hub.storage.db import Database, dumps, now
+from hub.storage.db import Connection, Database, dumps, now
 from hub.validation import InvalidInput, InvalidName, model_name
 
 MAX_PREFER = 32
@@ -229,7 +228,7 @@ def unassign(db: Database, device_id: str, name: str) -> int:
     return changed[device_id]
 
 
-def _generations(conn: sqlite3.Connection, ids: str) -> dict[str, int]:
+def _generations(conn: Connection, ids: str) -> dict[str, int]:
     """Each device's desired generation; NotFound naming the ids that are no device."""
     found = {r[0]: r[1] for r in conn.execute(
         "SELECT id, desired_generation FROM devices WHERE id IN (SELECT value FROM json_each(?))",
@@ -242,24 +241,25 @@ def _generations(conn: sqlite3.Connection, ids: str) -> dict[str, int]:
     return found
 
 
-def _refused_or_failed(conn: sqlite3.Connection, ids: str, name: str,
+def _refused_or_failed(conn: Connection, ids: str, name: str,
                        generations: dict[str, int], versions: list[int | None]) -> set[str]:
     """Devices that report deployment NAME's VERSIONS failed, or refused their current
     desired state: assigning the same again is a retry, which needs a new generation
     (an agent ignores a generation it has seen)."""
     failed = {r[0] for r in conn.execute(
         "SELECT device_id FROM deployment_status WHERE name = ? AND state IN ('failed',"
-        " 'rolled_back') AND version IN (SELECT value FROM json_each(?))"
+        " 'rolled_back') AND version IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
         " AND device_id IN (SELECT value FROM json_each(?))",
         (name, json.dumps([v for v in versions if v is not None]), ids))}
     refused = {r[0] for r in conn.execute(
         "SELECT d.id FROM devices d, json_each(d.reported, '$.refusals') r"
         " WHERE d.id IN (SELECT value FROM json_each(?))"
-        " AND json_extract(r.value, '$.generation') = d.desired_generation", (ids,))}
+        " AND CAST(json_extract(r.value, '$.generation') AS BIGINT) = d.desired_generation",
+        (ids,))}
     return (failed | refused) & set(generations)
 
 
-def _check_room(conn: sqlite3.Connection, device_ids: list[str]) -> None:
+def _check_room(conn: Connection, device_ids: list[str]) -> None:
     """Refuse a new deployment on devices that have as many as a desired state holds."""
     full = [r[0] for r in conn.execute(
         "SELECT device_id FROM deployments WHERE active = 1 AND device_id IN"
@@ -270,7 +270,7 @@ def _check_room(conn: sqlite3.Connection, device_ids: list[str]) -> None:
                        "one desired state holds; undeploy one first")
 
 
-def _bump(conn: sqlite3.Connection, device_ids: list[str]) -> dict[str, int]:
+def _bump(conn: Connection, device_ids: list[str]) -> dict[str, int]:
     if not device_ids:
         return {}
     return {r[0]: r[1] for r in conn.execute(

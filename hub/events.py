@@ -18,7 +18,6 @@ seq N has missed nothing below it.
 from __future__ import annotations
 
 import fnmatch
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Final, Literal
@@ -26,7 +25,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract import protocol
-from hub.storage.db import Database, dumps, now
+from hub.storage.db import Connection, Database, dumps, now
 
 SCHEMA: Final = 1  # bumped when a field is removed or changes meaning; new fields may come
 
@@ -152,14 +151,14 @@ def types_matching(patterns: Iterable[str]) -> list[str]:
             if not wanted or any(fnmatch.fnmatchcase(t.value, p) for p in wanted)]
 
 
-def record(conn: sqlite3.Connection, kind: EventType, *, subject: str, actor: str,
+def record(conn: Connection, kind: EventType, *, subject: str, actor: str,
            detail: str = "") -> None:
     """Add one event in the caller's transaction, so it commits with the change."""
     conn.execute("INSERT INTO events (at, type, subject, actor, detail) VALUES (?, ?, ?, ?, ?)",
                  (now(), kind.value, subject[:500], actor[:200], detail[:1000]))
 
 
-def record_many(conn: sqlite3.Connection, kind: EventType, subjects: Iterable[str], *,
+def record_many(conn: Connection, kind: EventType, subjects: Iterable[str], *,
                 actor: str, detail: str = "") -> None:
     stamp = now()
     conn.executemany(
@@ -167,7 +166,7 @@ def record_many(conn: sqlite3.Connection, kind: EventType, subjects: Iterable[st
         [(stamp, kind.value, subject[:500], actor[:200], detail[:1000]) for subject in subjects])
 
 
-def device_status(conn: sqlite3.Connection, statuses: Mapping[str, str], *,
+def device_status(conn: Connection, statuses: Mapping[str, str], *,
                   actor: str) -> None:
     """device.online / device.offline for each device whose status STATUSES changes;
     called in the transaction that writes them, before it does. A status the device
@@ -183,7 +182,7 @@ def device_status(conn: sqlite3.Connection, statuses: Mapping[str, str], *,
                     actor=actor)
 
 
-def deployment_failures(conn: sqlite3.Connection, device: str,
+def deployment_failures(conn: Connection, device: str,
                         deployments: Iterable[protocol.DeploymentStatus], *, actor: str) -> None:
     """deployment.failed for each version DEVICE now reports failed that was not before;
     called in the transaction that replaces its rows, before it does."""
@@ -196,7 +195,7 @@ def deployment_failures(conn: sqlite3.Connection, device: str,
                    detail=f"{d.model}:{d.version}: {d.error or 'no reason given'}")
 
 
-def from_audit(conn: sqlite3.Connection, *, action: str, target: str, actor: str,
+def from_audit(conn: Connection, *, action: str, target: str, actor: str,
                status: int, detail: str) -> None:
     """The event of an audit entry, if it is a state change that happened."""
     kind = FROM_AUDIT.get(action)
@@ -229,5 +228,4 @@ def newest(db: Database, *, before: int | None = None, types: Sequence[str] = ()
 
 def last_seq(db: Database) -> int:
     """The highest seq ever given (0 for none): deleted events count too."""
-    row = db.query_one("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
-    return int(row["seq"]) if row else 0
+    return db.last_given("events", "seq")

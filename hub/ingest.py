@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -48,7 +47,7 @@ from contract import protocol
 from hub import events, telemetry
 from hub.repeats import Repeats
 from hub.retained import DESIRED_FILTER, RetainedWatch
-from hub.storage.db import Database, dumps, format_time
+from hub.storage.db import Connection, Database, dumps, format_time
 
 log = logging.getLogger("edgefleet.hub.ingest")
 
@@ -242,7 +241,7 @@ def cluster_tags(inventory: Mapping[str, object]) -> dict[str, str]:
 
 
 def _write_reported(
-    conn: sqlite3.Connection, device: str, report: protocol.ReportedState, payload: bytes,
+    conn: Connection, device: str, report: protocol.ReportedState, payload: bytes,
     stamp: str,
 ) -> None:
     inventory = {**report.inventory, "accelerators": list(report.accelerators),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from contract import cosign, names, oci
 from contract.names import parse_package_tag
 from hub import package_use
 from hub.storage.blobs import BlobError, BlobStore, BlobWriter, check_digest
-from hub.storage.db import Database, now
+from hub.storage.db import Connection, Database, now
 
 
 class RegistryError(Exception):
@@ -158,8 +157,8 @@ def put_manifest(
     size = len(body)
     with db.transaction() as conn:
         conn.execute(
-            "INSERT OR IGNORE INTO oci_manifests (repo, digest, media_type, size, created_at)"
-            " VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO oci_manifests (repo, digest, media_type, size, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (repo, digest, media_type, size, now()),
         )
         conn.execute(_LINK, (repo, digest, now()))
@@ -190,7 +189,7 @@ def _refuse_package_change(db: Database, conn: Any, repo: str, tag: str, digest:
         db, repo.removeprefix("models/"), version, variant, row[0]))
 
 
-def untag_packages(conn: sqlite3.Connection, repo: str, version: int) -> list[str]:
+def untag_packages(conn: Connection, repo: str, version: int) -> list[str]:
     """Remove the tags of VERSION's packages (every variant) in REPO and their cosign
     signature tags, in the caller's transaction; returns the index digests they named."""
     rows = conn.execute("SELECT tag, digest FROM oci_tags WHERE repo = ?", (repo,)).fetchall()
@@ -204,7 +203,7 @@ def untag_packages(conn: sqlite3.Connection, repo: str, version: int) -> list[st
     return sorted(set(doomed.values()))
 
 
-def collect_garbage(conn: sqlite3.Connection, blobs: BlobStore, repo: str, *,
+def collect_garbage(conn: Connection, blobs: BlobStore, repo: str, *,
                     before: str) -> list[str]:
     """Drop what no tag of REPO reaches any more, in the caller's (write) transaction:
     manifests, then blob links, then the blobs no repository and no model version uses.

@@ -135,24 +135,24 @@ def register_version(
             " RETURNING next_version - 1",
             (name,),
         ).fetchone()[0]
-        cursor = conn.execute(
+        version_id = conn.execute(
             "INSERT INTO model_versions (model, version, created_at, created_by, description,"
             " tags, metrics, lineage, framework, entrypoint, signature, size)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 name, version, created_at, created_by, description, dumps(tags),
                 dumps(metrics), dumps(lineage), info.framework, info.entrypoint,
                 dumps(info.signature.to_dict()) if info.signature else None,
                 sum(sizes[d] for d in checked.values()),
             ),
-        )
+        ).fetchone()[0]
         for path, digest in checked.items():
             # A concurrent delete may have collected the blob since we looked.
             if not blobs.exists(digest):
                 raise Unprocessable(f"file {path!r}: blob {digest} disappeared; upload it again")
             conn.execute(
                 "INSERT INTO model_files (version_id, path, digest, size) VALUES (?, ?, ?, ?)",
-                (cursor.lastrowid, path, digest, sizes[digest]),
+                (version_id, path, digest, sizes[digest]),
             )
     return get_version(db, name, version)
 

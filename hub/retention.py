@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub import rollups
+from hub.storage import errors
 from hub.storage.db import Database, format_time
 
 log = logging.getLogger("edgefleet.hub.retention")
@@ -69,8 +69,9 @@ def _track_new_devices(db: Database) -> None:
                           " (SELECT COUNT(*) FROM telemetry_rolled) AS tracked") or {}
     if counts.get("devices") != counts.get("tracked"):
         with db.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO telemetry_rolled (device_id, seq)"
-                         " SELECT id, 0 FROM devices")
+            # WHERE true: SQLite would read ON CONFLICT as the SELECT's join clause.
+            conn.execute("INSERT INTO telemetry_rolled (device_id, seq)"
+                         " SELECT id, 0 FROM devices WHERE true ON CONFLICT DO NOTHING")
 
 
 def roll_up_batch(db: Database, limit: int) -> int:
@@ -94,7 +95,7 @@ def roll_up_batch(db: Database, limit: int) -> int:
     stored = db.query(
         "SELECT r.* FROM json_each(?) k JOIN telemetry_rollups r"
         " ON r.device_id = json_extract(k.value, '$[0]')"
-        " AND r.period = json_extract(k.value, '$[1]')"
+        " AND r.period = CAST(json_extract(k.value, '$[1]') AS BIGINT)"
         " AND r.start = json_extract(k.value, '$[2]') AND r.kind = json_extract(k.value, '$[3]')"
         " AND r.deployment = json_extract(k.value, '$[4]')"
         " AND r.version = json_extract(k.value, '$[5]')",
@@ -109,8 +110,10 @@ def roll_up_batch(db: Database, limit: int) -> int:
                  if conn.execute("UPDATE telemetry_rolled SET seq = ? WHERE device_id = ?"
                                  " AND seq = ?", (last, device, done)).rowcount}
         conn.executemany(
-            "INSERT OR REPLACE INTO telemetry_rollups (device_id, period, start, kind, deployment,"
-            " version, points, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO telemetry_rollups (device_id, period, start, kind, deployment, version,"
+            " points, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, period,"
+            " start, kind, deployment, version) DO UPDATE SET points = excluded.points,"
+            " stats = excluded.stats",
             [(*key, rollup.points, rollup.dumps()) for key, rollup in found.items()
              if key[0] in moved])
     return len(rows)
@@ -181,7 +184,7 @@ class Retention:
         while not self._stop.is_set():
             try:
                 self.run_once()
-            except sqlite3.Error as exc:  # a busy or full database: the next pass tries again
+            except errors.ANY as exc:  # a busy or full database: the next pass tries again
                 log.warning("telemetry retention pass failed: %s; retrying in %ss",
                             exc, self.interval)
                 self._count(failures=1)

@@ -4,7 +4,8 @@ All rollout state is in the database, so this thread holds none: killed and
 started again (with the hub), it carries on where the database says. Health
 checks read telemetry, and completed rollouts look for devices that joined
 their target with a scan of the devices, so both run every few ticks rather
-than every one.
+than every one. Of several hubs on one PostgreSQL database only the leader ticks
+(hub/rollouts/leader.py); the others check each interval whether they lead now.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from hub.rollouts.engine import Engine
+from hub.rollouts.leader import EngineLeader
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.rollouts")
@@ -23,6 +25,7 @@ class RolloutEngine:
     def __init__(self, db: Database, notify: Callable[[Iterable[str]], None], *,
                  interval: float = 1.0, health_every: int = 5) -> None:
         self.engine = Engine(db, notify)
+        self.leader = EngineLeader(db)
         self.interval = interval
         self.health_every = health_every
         self._stop = threading.Event()
@@ -36,6 +39,7 @@ class RolloutEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self.leader.release()
 
     def poke(self) -> None:
         """Tick now (a rollout was created or changed), not at the next interval."""
@@ -44,6 +48,10 @@ class RolloutEngine:
     def _run(self) -> None:
         ticks = 0
         while not self._stop.is_set():
+            if not self.leader.held():
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                continue
             try:
                 slow = ticks % self.health_every == 0
                 self.engine.tick(check_health=slow, check_joiners=slow)

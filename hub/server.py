@@ -108,7 +108,7 @@ def free_port(host: str) -> int:
 def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
     """Create what a first start needs; later starts find it and reuse it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    db = Database(settings.db_path)
+    db = Database(settings.database)
     blobs = FileBlobStore(settings.blob_dir)
 
     ring = KeyRing(settings.signing_key_path)

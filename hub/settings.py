@@ -43,6 +43,11 @@ class HubSettings:
     data_dir: Path = _setting(
         Path("./edgefleet-data"), "Where the hub keeps its database, blobs and keys."
     )  # type: ignore[assignment]
+    database_url: str | None = _setting(
+        None, "The hub's database on a PostgreSQL server, for large fleets: "
+        "postgresql://USER@HOST:PORT/DATABASE (better set EDGEFLEET_DATABASE_URL if it "
+        "holds a password, which `ps` would show) [default: SQLite, hub.db in --data-dir]."
+    )  # type: ignore[assignment]
     host: str = _setting(
         "127.0.0.1", "Address the REST API and the managed broker listen on."
     )  # type: ignore[assignment]
@@ -145,6 +150,10 @@ class HubSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         _check_public(self.public_url, "--public-url", ("http", "https"), "http://hub.lan:8080")
+        if self.database_url is not None and urlsplit(self.database_url).scheme not in (
+                "postgresql", "postgres"):
+            raise ValueError("--database-url must be a PostgreSQL URL, like "
+                             "postgresql://edgefleet@db.lan:5432/edgefleet")
         _check_public(self.mqtt_public_url, "--mqtt-public-url", ("mqtt", "mqtts"),
                       "mqtt://hub.lan:1883")
         if self.mqtt_url is not None:
@@ -210,8 +219,9 @@ class HubSettings:
                              f"--webhook-timeout-seconds: {exc}") from None
 
     @property
-    def db_path(self) -> Path:
-        return self.data_dir / "hub.db"
+    def database(self) -> Path | str:
+        """--database-url, or else the SQLite file in the data dir."""
+        return self.database_url or self.data_dir / "hub.db"
 
     @property
     def blob_dir(self) -> Path:

@@ -29,13 +29,11 @@ def ingest(db: Database, device_id: str, points: Iterable[Mapping[str, Any]]) ->
     """Store POINTS (each with seq, at, kind, values); returns how many were new."""
     rows = [(device_id, p["seq"], p["at"], p["kind"], dumps(p["values"])) for p in points]
     with db.transaction() as conn:
-        before = conn.total_changes
-        conn.executemany(
-            "INSERT OR IGNORE INTO telemetry (device_id, seq, at, kind, metrics)"
-            " VALUES (?, ?, ?, ?, ?)",
+        return conn.executemany(
+            "INSERT INTO telemetry (device_id, seq, at, kind, metrics)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             rows,
-        )
-        return conn.total_changes - before
+        ).rowcount
 
 
 def query(

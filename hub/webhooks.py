@@ -230,7 +230,7 @@ def replay(db: Database, webhook_id: str, delivery_ids: Sequence[int] = ()) -> i
             return conn.execute(
                 "UPDATE webhook_deliveries SET state = ?, attempts = 0, next_at = ?,"
                 " updated_at = ? WHERE webhook_id = ? AND state != ?"
-                " AND id IN (SELECT value FROM json_each(?))",
+                " AND id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))",
                 (DeliveryState.PENDING, stamp, stamp, webhook_id, DeliveryState.PENDING,
                  dumps(list(delivery_ids)))).rowcount
         return conn.execute(
@@ -258,8 +258,9 @@ def fan_out(db: Database, *, limit: int = 1000) -> int:
                                  (cursor, hook["id"], hook["cursor"])).rowcount
             if moved:  # else removed meanwhile
                 conn.executemany(
-                    "INSERT OR IGNORE INTO webhook_deliveries (webhook_id, event_seq, state,"
-                    " attempts, next_at, created_at, updated_at) VALUES (?, ?, ?, 0, ?, ?, ?)",
+                    "INSERT INTO webhook_deliveries (webhook_id, event_seq, state, attempts,"
+                    " next_at, created_at, updated_at) VALUES (?, ?, ?, 0, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
                     [(hook["id"], e.id, DeliveryState.PENDING, stamp, stamp, stamp)
                      for e in wanted])
                 queued += len(wanted)
@@ -295,7 +296,7 @@ def due(db: Database, now: datetime, *, per_endpoint: int, room: Mapping[str, in
         rows = db.query(
             "SELECT d.id, d.attempts, e.* FROM webhook_deliveries d"
             " JOIN events e ON e.seq = d.event_seq WHERE d.webhook_id = ? AND d.state = ?"
-            " AND d.next_at <= ? AND d.id NOT IN (SELECT value FROM json_each(?))"
+            " AND d.next_at <= ? AND d.id NOT IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
             " ORDER BY d.next_at, d.id LIMIT ?",
             (hook["id"], DeliveryState.PENDING, format_time(now), dumps(list(busy)),
              free if free is not None else per_endpoint))

@@ -27,6 +27,7 @@ from hub.pki import Authority
 from hubapp import built_packages, hub_db, inproc  # noqa: F401 - in-process hub fixtures
 from hubproc import EDGEFLEET, HubProcess, start_hub
 from mosquitto import Mosquitto, start_mosquitto
+from postgres import any_db, db_target, postgres_server, postgres_url  # noqa: F401 - both databases
 
 _CA_DIRECTORY = pytest.StashKey[Path]()
 # Modules about the managed broker's password logins, which exist only in plain text, and

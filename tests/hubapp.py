@@ -1,4 +1,5 @@
-"""An in-process hub for cheap tests: a real SQLite database and blob store in a temp dir,
+"""An in-process hub for cheap tests: a real database (SQLite; a module may ask for both,
+tests/postgres.py) and blob store in a temp dir,
 real signed packages built by the packager, and `create_app` behind FastAPI's TestClient.
 
 No MQTT and no agents: tests that need devices add their rows (`add_devices`) and say
@@ -8,6 +9,7 @@ what they report (`report`), the way the ingest would write it.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -105,8 +107,11 @@ class InProcessHub:
                error: str | None = None) -> None:
         with self.db.transaction() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO deployment_status (device_id, name, model, version,"
-                " state, error, since, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deployment_status (device_id, name, model, version, state, error,"
+                " since, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id,"
+                " name, version) DO UPDATE SET model = excluded.model, state = excluded.state,"
+                " error = excluded.error, since = excluded.since,"
+                " updated_at = excluded.updated_at",
                 [(d, name, model, version, state, error, now(), now()) for d in devices])
 
     def telemetry(self, device: str, *, at: str | None = None, **metrics: object) -> None:
@@ -134,8 +139,12 @@ def built_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 
 @pytest.fixture
-def hub_db(tmp_path: Path) -> Database:
-    """A fresh hub database in a temp file (WAL needs a file; it is still only SQLite)."""
+def hub_db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """A fresh hub database in a temp file (WAL needs a file; it is still only SQLite), or
+    with EDGEFLEET_TEST_DATABASE=postgresql a fresh database on the tests' PostgreSQL
+    (tests/postgres.py): every in-process test on PostgreSQL."""
+    if os.environ.get("EDGEFLEET_TEST_DATABASE") == "postgresql":
+        return Database(request.getfixturevalue("postgres_url"))
     return Database(tmp_path / "hub.db")
 
 

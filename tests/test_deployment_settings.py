@@ -7,7 +7,6 @@ runs its own REST client against the in-process hub (hubapp.py)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +24,7 @@ from hub.rollouts import commands
 from hub.rollouts.engine import Engine
 from hub.storage.db import SCHEMA_VERSION, Database
 from hubapp import InProcessHub
+from postgres import as_older_hub_left_it
 
 DEVICES = ["dev-a", "dev-b"]
 URL = "/api/v1/devices/dev-a/deployments"
@@ -164,15 +164,11 @@ def test_a_rollout_gives_its_settings_and_its_rollback_gives_the_old_ones_back(
 
 def test_a_schema_4_database_gets_settings(hub: InProcessHub) -> None:
     deployments.assign(hub.db, "dev-a", name="tiny", model="tiny", version=1)
-    path = hub.db.path
-    old = sqlite3.connect(path, isolation_level=None)
-    old.execute("ALTER TABLE deployments DROP COLUMN settings")
-    old.execute("ALTER TABLE rollout_devices DROP COLUMN previous_settings")
-    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
-    old.execute("DROP TABLE model_profiles")  # schema 7
-    old.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
-    old.close()
-    db = Database(path)
+    as_older_hub_left_it(hub.db, 4, columns=(("deployments", "settings"),
+                                             ("rollout_devices", "previous_settings")),
+                         tables=("webhook_deliveries", "webhooks", "events",  # 6
+                                 "model_profiles"))  # 7
+    db = Database(hub.db.target)
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}
     assert [d["resources"] for d in deployments.for_device(db, "dev-a")] == [{}]

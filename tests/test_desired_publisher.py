@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +68,8 @@ def wait(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
         time.sleep(0.02)
 
 
-def ring(db: Database) -> KeyRing:
-    return KeyRing(db.path.parent / "keys" / "hub-signing.key")
+def ring(tmp_path: Path) -> KeyRing:
+    return KeyRing(tmp_path / "keys" / "hub-signing.key")
 
 
 @pytest.fixture
@@ -89,9 +90,9 @@ def db(hub_db: Database) -> Database:
 
 
 @pytest.fixture
-def running(db: Database) -> Iterator[tuple[Publisher, Session]]:
+def running(db: Database, tmp_path: Path) -> Iterator[tuple[Publisher, Session]]:
     session = Session()
-    publisher = Publisher(db, session, ring(db))  # type: ignore[arg-type]
+    publisher = Publisher(db, session, ring(tmp_path))  # type: ignore[arg-type]
     publisher.start()
     yield publisher, session
     publisher.stop()
@@ -135,10 +136,11 @@ def test_a_failed_batch_is_tried_again(db: Database,
     assert sorted(session.topics()) == sorted(protocol.desired_topic(d) for d in DEVICES)
 
 
-def test_changes_made_while_disconnected_are_caught_up_on_reconnect(db: Database) -> None:
+def test_changes_made_while_disconnected_are_caught_up_on_reconnect(db: Database,
+                                                                   tmp_path: Path) -> None:
     session = Session()
     session.connected = False
-    publisher = Publisher(db, session, ring(db))  # type: ignore[arg-type]
+    publisher = Publisher(db, session, ring(tmp_path))  # type: ignore[arg-type]
     publisher.start()
     try:
         deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
@@ -176,7 +178,7 @@ def test_a_broker_that_lost_its_retained_states_gets_them_all_again(
     wait(lambda: len(session.topics()) == 2 * len(DEVICES), "every state published again")
 
 
-def test_validity_shorter_than_ten_minutes_is_refused(db: Database) -> None:
+def test_validity_shorter_than_ten_minutes_is_refused(db: Database, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 10 minutes"):
-        Publisher(db, Session(), ring(db),  # type: ignore[arg-type]
+        Publisher(db, Session(), ring(tmp_path),  # type: ignore[arg-type]
                   validity=timedelta(minutes=5))

@@ -30,8 +30,10 @@ def report(hub: InProcessHub, version: int, state: str, since: str,
            error: str | None = None) -> None:
     with hub.db.transaction() as conn:
         conn.execute(
-            "INSERT OR REPLACE INTO deployment_status (device_id, name, model, version, state,"
-            " error, since, updated_at) VALUES ('dev-a', 'tiny', 'tiny', ?, ?, ?, ?, ?)",
+            "INSERT INTO deployment_status (device_id, name, model, version, state, error, since,"
+            " updated_at) VALUES ('dev-a', 'tiny', 'tiny', ?, ?, ?, ?, ?) ON CONFLICT (device_id,"
+            " name, version) DO UPDATE SET state = excluded.state, error = excluded.error,"
+            " since = excluded.since, updated_at = excluded.updated_at",
             (version, state, error, since, since))
 
 

@@ -24,8 +24,9 @@ SECRET = "0123456789abcdef"
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(tmp_path / "hub.db")
+def db(any_db: Database) -> Database:
+    """Each test on SQLite, then on PostgreSQL."""
+    return any_db
 
 
 def test_audited_state_changes_become_events(db: Database) -> None:

@@ -9,7 +9,6 @@ into the hub's registry, the REST API through `create_app` (tests/hubapp.py)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from hubapp import InProcessHub
 from modelgen import make_onnx
 from packager.build import build_package
 from packager.modelfile import inspect_model
+from postgres import as_older_hub_left_it
 
 DEVICES = ["dev-a", "dev-b"]
 INT8_INPUTS = {"runtime": "onnxruntime", "optimize": "int8", "platforms": ["linux/amd64"]}
@@ -213,19 +213,15 @@ def test_a_version_a_rollout_or_its_rollback_needs_cannot_be_deleted(hub: InProc
 
 def test_a_database_from_before_variants_is_migrated(tmp_path: Path,
                                                      hub: InProcessHub) -> None:
-    path = hub.db.path
-    old = sqlite3.connect(path, isolation_level=None)
-    for table, column in (("deployments", "variant"), ("deployments", "candidate_variant"),
-                          ("rollout_devices", "previous_variant"),
-                          ("oci_repo_blobs", "linked_at"), ("deployments", "settings"),
-                          ("rollout_devices", "previous_settings")):
-        old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-    old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
-    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
-    old.execute("DROP TABLE model_profiles")  # schema 7
-    old.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    old.close()
-    db = Database(path)
+    as_older_hub_left_it(
+        hub.db, 2, columns=(("deployments", "variant"), ("deployments", "candidate_variant"),
+                            ("rollout_devices", "previous_variant"),
+                            ("oci_repo_blobs", "linked_at"), ("deployments", "settings"),
+                            ("rollout_devices", "previous_settings")),
+        tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
+                "webhook_deliveries", "webhooks", "events",  # 6
+                "model_profiles"))  # 7
+    db = Database(hub.db.target)
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}
     assert {d["variant"] for d in deployments.for_device(db, "dev-a")} == {"default"}

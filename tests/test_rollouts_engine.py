@@ -2,13 +2,12 @@
 the failure threshold with automatic rollback, health from telemetry, and one broken
 rollout that must not hold up another.
 
-Real parts: the hub's SQLite database, real signed packages (tests/hubapp.py), the REST
-API through `create_app`. Devices are rows; what they report is written as the ingest
-writes it."""
+Real parts: the hub's database, SQLite and then PostgreSQL (tests/postgres.py), real
+signed packages (tests/hubapp.py), the REST API through `create_app`. Devices are rows;
+what they report is written as the ingest writes it."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +19,7 @@ from hub.rollouts import reads, store
 from hub.rollouts.engine import Engine
 from hub.storage.db import SCHEMA_VERSION, Database, format_time
 from hubapp import InProcessHub
+from postgres import as_older_hub_left_it, write_lock_held
 
 DEVICES = ["dev-a", "dev-b", "dev-c", "dev-d"]
 
@@ -33,6 +33,12 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def hub_db(any_db: Database) -> Database:
+    """Every test here runs on both databases."""
+    return any_db
 
 
 @pytest.fixture
@@ -243,16 +249,8 @@ def test_one_broken_rollout_does_not_hold_up_another(hub: InProcessHub, clock: C
 def test_a_busy_database_is_no_failure_of_the_rollout(hub: InProcessHub,
                                                       engine: Engine) -> None:
     rollout_id = create(hub)
-    locker = sqlite3.connect(hub.db.path, isolation_level=None)
-    locker.execute("PRAGMA busy_timeout = 0")
-    locker.execute("BEGIN IMMEDIATE")
-    hub.db.conn.execute("PRAGMA busy_timeout = 50")
-    try:
+    with write_lock_held(hub.db):
         engine.tick()
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
-        hub.db.conn.execute("PRAGMA busy_timeout = 10000")
     assert reads.show(hub.db, rollout_id)["state"] == "created"
     engine.tick()
     assert reads.show(hub.db, rollout_id)["state"] == "running"
@@ -283,20 +281,15 @@ def test_a_rollout_from_an_older_hub_gets_its_typed_spec_once(hub: InProcessHub,
     assert reads.show(hub.db, rollout_id)["current_wave"] == 1
 
 
-def test_a_database_of_an_older_hub_gets_the_spec_column(tmp_path: Any) -> None:
-    path = tmp_path / "old.db"
-    Database(path)
-    old = sqlite3.connect(path, isolation_level=None)
-    old.execute("ALTER TABLE rollouts DROP COLUMN spec")
-    for table, column in OLDER_THAN_3:
-        old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-    old.executescript("DROP TABLE telemetry_rollups; DROP TABLE telemetry_rolled")  # schema 4
-    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
-    old.execute("DROP TABLE model_profiles")  # schema 7
-    old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+def test_a_database_of_an_older_hub_gets_the_spec_column(db_target: Any) -> None:
+    old = Database(db_target)
+    as_older_hub_left_it(old, 1, columns=(("rollouts", "spec"), *OLDER_THAN_3),
+                         tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
+                                 "webhook_deliveries", "webhooks", "events",  # 6
+                                 "model_profiles"))  # 7
     old.close()
-    db = Database(path)
-    assert "spec" in {r["name"] for r in db.query("PRAGMA table_info(rollouts)")}
+    db = Database(db_target)
+    assert "spec" in db.dialect.columns(db.conn, "rollouts")
     assert db.query("SELECT * FROM model_profiles") == []
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}

@@ -4,7 +4,6 @@ is tests/test_telemetry_retention.py)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from hub import telemetry
 from hub.storage.db import Database
@@ -21,8 +20,8 @@ def points(first: int, last: int, ago: timedelta = timedelta()) -> list[dict]:
     ]
 
 
-def test_resent_points_are_stored_once(tmp_path: Path) -> None:
-    db = Database(tmp_path / "hub.db")
+def test_resent_points_are_stored_once(any_db: Database) -> None:
+    db = any_db
     assert telemetry.ingest(db, "dev-1", points(1, 100)) == 100
     # a reconnect resends an overlapping batch
     assert telemetry.ingest(db, "dev-1", points(51, 150)) == 50
@@ -32,8 +31,8 @@ def test_resent_points_are_stored_once(tmp_path: Path) -> None:
     assert [p["seq"] for p in stored] == list(range(1, 151))
 
 
-def test_query_filters(tmp_path: Path) -> None:
-    db = Database(tmp_path / "hub.db")
+def test_query_filters(any_db: Database) -> None:
+    db = any_db
     telemetry.ingest(db, "dev-1", points(1, 5, ago=timedelta(days=10)))
     telemetry.ingest(
         db, "dev-1", [{"seq": 6, "at": stamp(), "kind": "system", "values": {"cpu": 3}}]

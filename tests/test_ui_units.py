@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -46,8 +45,9 @@ def test_the_fleet_filter_reads_its_query_string_and_builds_links() -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(tmp_path / "hub.db")
+def db(any_db: Database) -> Database:
+    """The dashboard's queries on SQLite, then on PostgreSQL."""
+    return any_db
 
 
 def _device(db: Database, device_id: str, name: str, status: str, tags: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
@@ -20,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub.errors import HubError
 from hub.oci_registry import RegistryError
+from hub.storage import errors
 from hub.storage.blobs import BlobError
 from hub.validation import InvalidName
 
@@ -80,10 +80,12 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _disk_full(exc: Exception) -> bool:
-    """A write the hub's disk had no room for: ENOSPC, or SQLite's own word for it."""
+    """A write the hub's disk had no room for: ENOSPC, or the database's own word for it
+    (SQLite's; PostgreSQL's "could not extend file ... No space left on device")."""
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
-    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+    return isinstance(exc, errors.ANY) and ("disk is full" in str(exc)
+                                            or "No space left on device" in str(exc))
 
 
 async def _storage(request: Request, exc: Exception) -> JSONResponse:
@@ -162,5 +164,6 @@ def install(app: FastAPI) -> None:
     add_handler(app, BlobError, _blob)
     add_handler(app, StarletteHTTPException, _http)
     add_handler(app, OSError, _storage)
-    add_handler(app, sqlite3.OperationalError, _storage)
+    for kind in errors.UNAVAILABLE:
+        add_handler(app, kind, _storage)
     add_handler(app, OverflowError, _out_of_range)

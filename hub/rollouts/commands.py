@@ -55,13 +55,13 @@ def create(db: Database, blobs: BlobStore, *, model: str, version: int | str, cr
             " max_error_rate, max_latency_ratio, spec, state, reason, current_wave,"
             " wave_started_at, created_at, created_by, updated_at)"
             " VALUES ('', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'created', NULL, 0,"
-            " NULL, ?, ?, ?)",
+            " NULL, ?, ?, ?) RETURNING seq",
             (spec.model, number, spec.deployment, dumps(dict(spec.target)),
              ",".join(str(w) for w in spec.waves), str(spec.max_failures), str(spec.soak),
              str(spec.device_timeout), int(spec.auto_rollback), spec.traffic, int(spec.shadow),
              spec.priority, json.dumps(list(spec.prefer)), spec.max_error_rate,
              spec.max_latency_ratio, spec.to_json(), stamp, created_by, stamp),
-        ).lastrowid
+        ).fetchone()[0]
         rollout_id = f"r-{seq}"
         conn.execute("UPDATE rollouts SET id = ? WHERE seq = ?", (rollout_id, seq))
         ordered = spread(rollout_id, devices)

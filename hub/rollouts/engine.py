@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,6 +39,7 @@ from hub.rollouts.states import (
     RolloutState,
     next_device_state,
 )
+from hub.storage import errors
 from hub.storage.db import Database, format_time
 from hub.validation import InvalidInput
 
@@ -90,7 +90,7 @@ class Engine:
             try:
                 self.step(store.load(self.db, found), check_health=check_health,
                           check_joiners=check_joiners)
-            except sqlite3.OperationalError as exc:  # busy or full: not the rollout's fault
+            except errors.UNAVAILABLE as exc:  # busy or full: not the rollout's fault
                 log.warning("rollout %s: %s; trying again next tick", found["id"], exc)
             except Exception as exc:  # stored on that rollout: the others go on
                 self._failed(found["id"], exc)
@@ -259,8 +259,8 @@ class Engine:
             if fresh["state"] not in (R.RUNNING, R.COMPLETED):
                 return
             conn.executemany(
-                "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, wave, state)"
-                " VALUES (?, ?, ?, 'pending')",
+                "INSERT INTO rollout_devices (rollout_id, device_id, wave, state)"
+                " VALUES (?, ?, ?, 'pending') ON CONFLICT DO NOTHING",
                 [(rollout.id, d, max(fresh["current_wave"], 1)) for d in joiners])
             # A rollout completed with no device (its target matched none yet) has
             # started no wave, and its joiners are assigned at once all the same.

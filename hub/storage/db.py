@@ -1,23 +1,24 @@
-"""The hub's metadata database: SQLite in WAL mode, one connection per thread.
+"""The hub's metadata database, one connection per thread: SQLite in WAL mode (a file in
+the data dir, the default) or PostgreSQL (`--database-url`; hub/storage/dialect.py says
+what differs).
 
-Everything the hub knows except blob bytes lives here. The schema is created
-on open. Writers take the write lock up front (BEGIN IMMEDIATE) so that
-read-then-write sequences, like picking the next version number, cannot race.
+Everything the hub knows except blob bytes lives here. The schema is created, or
+migrated step by step, on open. Writers take the write lock up front (BEGIN IMMEDIATE;
+an advisory lock on PostgreSQL) so that read-then-write sequences, like picking the
+next version number, cannot race.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-import sqlite_utils.db
+from hub.storage.dialect import Connection, Dialect, dialect_for
 
 SCHEMA_VERSION = 7
 
@@ -45,17 +46,61 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class _Schema(sqlite_utils.Database):
-    """sqlite-utils' Database whose items are always tables: the schema has no views,
-    and saying so here keeps the type checker from flagging every `create`."""
+class _Table:
+    """DDL for one table, in the words of sqlite-utils' `create` (which wrote the first
+    schemas) and in the database's own types."""
 
-    def __getitem__(self, name: str) -> sqlite_utils.db.Table:
-        return self.table(name)
+    def __init__(self, schema: _Schema, name: str) -> None:
+        self.schema, self.name = schema, name
+
+    def create(self, columns: Mapping[str, type], *, pk: str | tuple[str, ...],
+               foreign_keys: Iterable[tuple[str, str, str]] = (),
+               not_null: Iterable[str] = ()) -> None:
+        dialect = self.schema.dialect
+        references = {column: f"{table}({key})" for column, table, key in foreign_keys}
+        serial = isinstance(pk, str) and columns[pk] is int  # numbered by the database
+        defs = []
+        for column, kind in columns.items():
+            text = f"{column} {dialect.types[kind]}"
+            if serial and column == pk:
+                text = f"{column} {dialect.serial_key}"
+            elif column == pk:
+                text += " PRIMARY KEY"
+            if column in not_null:
+                text += " NOT NULL"
+            if column in references:
+                text += f" REFERENCES {references[column]}"
+            defs.append(text)
+        if isinstance(pk, tuple):
+            defs.append(f"PRIMARY KEY ({', '.join(pk)})")
+        self.schema.conn.execute(f"CREATE TABLE {self.name} ({', '.join(defs)})")
+
+    def create_index(self, columns: Sequence[str], *, unique: bool = False) -> None:
+        name = f"idx_{self.name}_{'_'.join(columns)}"
+        self.schema.conn.execute(f"CREATE {'UNIQUE ' if unique else ''}INDEX {name}"
+                                 f" ON {self.name} ({', '.join(columns)})")
+
+    def add_column(self, column: str, kind: type) -> None:
+        self.schema.conn.execute(
+            f"ALTER TABLE {self.name} ADD COLUMN {column} {self.schema.dialect.types[kind]}")
+
+
+class _Schema:
+    """The schema's statements on CONN, in DIALECT's words."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self.conn, self.dialect = conn, dialect
+
+    def __getitem__(self, name: str) -> _Table:
+        return _Table(self, name)
+
+    def execute(self, ddl: str) -> None:
+        """DDL written for SQLite, run in the dialect's words."""
+        self.conn.execute(self.dialect.ddl(ddl))
 
 
 def _create_schema(db: _Schema) -> None:
-    db.enable_wal()
-    if "models" in db.table_names():
+    if "models" in db.dialect.tables(db.conn):
         _migrate(db)
         return
     db["models"].create(
@@ -174,7 +219,9 @@ def _create_schema(db: _Schema) -> None:
     _add_telemetry_rollups(db)
     _add_events(db)
     _add_profiles(db)
-    db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),))
 
 
 def _add_telemetry_rollups(db: _Schema) -> None:
@@ -228,7 +275,8 @@ def _add_profiles(db: _Schema) -> None:
 
 def _migrate(db: _Schema) -> None:
     """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
-    version = int(db["meta"].get("schema_version")["value"])
+    version = int(db.conn.execute(
+        "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
     if version < 2:
         # The rollout's typed spec (hub/rollouts/spec.py); rows from before it get theirs
         # from their text columns on first use.
@@ -260,7 +308,8 @@ def _migrate(db: _Schema) -> None:
     if version < 7:
         _add_profiles(db)
     if version < SCHEMA_VERSION:
-        db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+        db.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                        (str(SCHEMA_VERSION),))
 
 
 # Indexes added after the first schema, created on every open so existing hubs get them
@@ -281,37 +330,44 @@ LATER_COLUMNS = (
 
 
 class Database:
-    """Thread-safe access to the hub's SQLite file.
+    """Thread-safe access to the hub's database: a SQLite file, or a postgresql:// URL.
 
-    Each thread gets its own connection (sqlite3 connections are not to be
-    shared across threads); WAL lets readers run beside the one writer.
+    Each thread gets its own connection (neither sqlite3's nor psycopg's are to be
+    shared across threads); on SQLite, WAL lets readers run beside the one writer.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, target: Path | str) -> None:
+        self.target = target  # to open it again
+        self.dialect: Dialect = dialect_for(target)
+        # The SQLite file (its size is a metric); None on PostgreSQL.
+        self.path: Path | None = getattr(self.dialect, "path", None)
         self._local = threading.local()
-        conn = self._connect()
-        _create_schema(_Schema(conn))
-        for statement in LATER_INDEXES:
-            conn.execute(statement)
-        for table, column, kind in LATER_COLUMNS:
-            if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 10000")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
+        self.dialect.prepare(self.conn)
+        # One transaction: the schema is whole or absent, and hubs opening one
+        # PostgreSQL database at once create or migrate it once.
+        with self.transaction() as conn:
+            _create_schema(_Schema(conn, self.dialect))
+            for statement in LATER_INDEXES:
+                conn.execute(statement)
+            for table, column, kind in LATER_COLUMNS:
+                if column not in self.dialect.columns(conn, table):
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
+        # broken: a PostgreSQL connection whose server went away (restarted, or dropped
+        # it); the next statement gets a new one.
+        if conn is None or getattr(conn, "broken", False):
+            conn = self._local.conn = self.dialect.connect()
         return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads' locals go)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            conn.close()
 
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -324,8 +380,12 @@ class Database:
         row = self.conn.execute(sql, params).fetchone()
         return dict(row) if row is not None else None
 
+    def last_given(self, table: str, column: str) -> int:
+        """The highest value TABLE's serial COLUMN ever gave (0 for none), deleted rows too."""
+        return self.dialect.last_given(self.conn, table, column)
+
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """One write transaction holding the write lock from its first statement.
 
         Inside another transaction on the same thread it is a savepoint of
@@ -343,7 +403,13 @@ class Database:
                 raise
             conn.execute("RELEASE nested")
             return
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in self.dialect.begin:
+                conn.execute(statement)
+        except BaseException:  # the write lock not had (busy): nothing to keep open
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         try:
             yield conn
         except BaseException:

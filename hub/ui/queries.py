@@ -185,30 +185,34 @@ def device_telemetry(db: Database, device_id: str, window: timedelta,
                        *_rollup_buckets(db, device_id, resolution, start, end, width))
     since, until, t0 = format_time(start), format_time(end), start.timestamp()
     first = _first_seq_since(db, device_id, since)
-    # julianday: SQLite 3.40 (Debian 12) has no unixepoch(..., 'subsec').
-    bucket = "CAST(((julianday(at) - 2440587.5) * 86400.0 - ?) / ? AS INTEGER)"
+    # julianday: SQLite 3.40 (Debian 12) has no unixepoch(..., 'subsec'). floor: a cast
+    # alone truncates on SQLite and rounds on PostgreSQL.
+    bucket = "CAST(floor(((julianday(at) - 2440587.5) * 86400.0 - ?) / ?) AS INTEGER)"
     system = db.query(
-        f"SELECT {bucket} AS b, AVG(json_extract(metrics, '$.cpu_percent')) AS cpu,"
-        " AVG(json_extract(metrics, '$.memory_percent')) AS memory, COUNT(*) AS n"
+        f"SELECT {bucket} AS b, AVG({_number('cpu_percent')}) AS cpu,"
+        f" AVG({_number('memory_percent')}) AS memory, COUNT(*) AS n"
         " FROM telemetry WHERE device_id = ? AND seq >= ? AND at >= ? AND at <= ?"
         " AND kind = 'system'"
         " GROUP BY b ORDER BY b", (t0, width, device_id, first, since, until))
+    count, p50, p95 = _number("count"), _number("p50_ms"), _number("p95_ms")
     inference = db.query(
         f"SELECT {bucket} AS b, json_extract(metrics, '$.deployment') AS deployment,"
         " json_extract(metrics, '$.version') AS version,"
-        " SUM(json_extract(metrics, '$.count')) AS requests,"
-        " SUM(json_extract(metrics, '$.errors')) AS errors,"
-        " SUM(json_extract(metrics, '$.p50_ms') * json_extract(metrics, '$.count'))"
-        "  / SUM(CASE WHEN json_extract(metrics, '$.p50_ms') IS NOT NULL"
-        "   THEN json_extract(metrics, '$.count') END) AS p50,"
-        " SUM(json_extract(metrics, '$.p95_ms') * json_extract(metrics, '$.count'))"
-        "  / SUM(CASE WHEN json_extract(metrics, '$.p95_ms') IS NOT NULL"
-        "   THEN json_extract(metrics, '$.count') END) AS p95, COUNT(*) AS n"
+        f" SUM({count}) AS requests, SUM({_number('errors')}) AS errors,"
+        f" SUM({p50} * {count}) / SUM(CASE WHEN {p50} IS NOT NULL THEN {count} END) AS p50,"
+        f" SUM({p95} * {count}) / SUM(CASE WHEN {p95} IS NOT NULL THEN {count} END) AS p95,"
+        " COUNT(*) AS n"
         " FROM telemetry WHERE device_id = ? AND seq >= ? AND at >= ? AND at <= ?"
         " AND kind = 'inference'"
         " GROUP BY b, deployment, version ORDER BY b",
         (t0, width, device_id, first, since, until))
     return _series(t0, width, end, system, inference)
+
+
+def _number(field: str) -> str:
+    """SQL for the number FIELD of a telemetry point's metrics (json_extract answers text
+    on PostgreSQL, hub/storage/postgres.py)."""
+    return f"CAST(json_extract(metrics, '$.{field}') AS DOUBLE PRECISION)"
 
 
 def _rollup_buckets(db: Database, device_id: str, resolution: str, start: datetime,

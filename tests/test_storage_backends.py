@@ -1,0 +1,168 @@
+"""The hub's storage layer on both of its databases, SQLite and PostgreSQL
+(tests/postgres.py runs a private server): one schema, the registry's and the devices'
+reads and writes, a constraint's refusal, and a whole hub process on PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from agent.mqtt import Message
+from contract import protocol
+from hub import devices, registry
+from hub.ingest import write_batch
+from hub.rollouts.leader import EngineLeader
+from hub.storage import errors
+from hub.storage.blobs import FileBlobStore
+from hub.storage.db import Database
+from hubproc import start_hub
+from postgres import PostgresServer
+
+
+def test_both_databases_get_the_same_schema(tmp_path: Path, postgres_url: str) -> None:
+    lite, pg = Database(tmp_path / "hub.db"), Database(postgres_url)
+    shapes = [{table: db.dialect.columns(db.conn, table) for table in db.dialect.tables(db.conn)}
+              for db in (lite, pg)]
+    assert shapes[0] == shapes[1]
+    assert {"models", "devices", "rollouts", "events", "meta"} <= set(shapes[0])
+    pg.close()
+
+
+def test_registry_numbers_lists_and_deletes_versions(any_db: Database, tmp_path: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    writer = blobs.writer()
+    writer.write(b"weights")
+    digest, _ = writer.commit()
+    for team in ("a", "b"):
+        registry.register_version(any_db, blobs, name="tiny", files=[("model.bin", digest)],
+                                  created_by="test", tags={"team": team}, metrics={"acc": 0.5})
+    [model] = registry.list_models(any_db)
+    assert (model["name"], model["versions"], model["latest_version"]) == ("tiny", 2, 2)
+    assert registry.get_version(any_db, "tiny", "latest")["tags"] == {"team": "b"}
+    assert [v["version"] for v in registry.list_versions(any_db, "tiny", tags=[("team", "a")])
+            ] == [1]
+    registry.delete_version(any_db, blobs, "tiny", 1)
+    assert [v["version"] for v in registry.list_versions(any_db, "tiny")] == [2]
+
+
+def test_devices_enroll_are_tagged_found_and_deleted(any_db: Database) -> None:
+    _, secret = devices.create_enrollment_token(any_db, tags={"site": "lab"},
+                                                expires_in=timedelta(hours=1), max_uses=1,
+                                                created_by="test")
+    device, _ = devices.enroll(any_db, secret=secret, public_key="key", name="one")
+    with pytest.raises(Exception, match="already used"):
+        devices.enroll(any_db, secret=secret, public_key="key", name="two")
+    devices.update_tags(any_db, device["id"], set_tags={"room": "7"}, remove=[])
+    assert [d["id"] for d in devices.list_devices(any_db, tags=[("room", "7")])] == [device["id"]]
+    assert devices.list_devices(any_db, tags=[("room", "8")]) == []
+    devices.delete_device(any_db, device["id"])
+    assert devices.ids(any_db) == set()
+
+
+def test_a_constraint_refuses_a_write_and_nothing_of_it_stays(any_db: Database) -> None:
+    insert = ("INSERT INTO api_tokens (id, name, role, token_hash, created_at, created_by)"
+              " VALUES (?, 'n', 'admin', 'same-hash', '2026', 'test')")
+    with any_db.transaction() as conn:
+        conn.execute(insert, ("tok-1",))
+    with pytest.raises(errors.CONFLICT), any_db.transaction() as conn:
+        conn.execute("INSERT INTO models (name, created_at, next_version) VALUES ('m', '', 1)")
+        conn.execute(insert, ("tok-2",))  # the token_hash is unique
+    assert any_db.query("SELECT name FROM models") == []
+    assert [r["id"] for r in any_db.query("SELECT id FROM api_tokens")] == ["tok-1"]
+
+
+def test_a_reported_state_merges_into_the_inventory(any_db: Database) -> None:
+    """json_patch, as the ingest writes a device's report (PostgreSQL has its own)."""
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, inventory) VALUES ('d', 'd',"
+                     " '{\"site\":\"lab\"}', '{\"os\":\"linux\",\"gpu\":\"none\"}')")
+        conn.execute("UPDATE devices SET inventory = json_patch(inventory, ?)",
+                      ('{"gpu":null,"ram":{"mb":512}}',))
+    row = any_db.query_one("SELECT json_extract(inventory, '$.ram.mb') AS mb,"
+                           " json_extract(inventory, '$.gpu') AS gpu FROM devices")
+    assert row is not None and (str(row["mb"]), row["gpu"]) == ("512", None)
+
+
+def test_the_ingest_writes_status_reports_and_each_point_once(any_db: Database) -> None:
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, inventory, status) VALUES"
+                     " ('dev-1', 'one', '{\"site\":\"lab\"}', '{\"disk_mb\":9}', 'offline')")
+    report = protocol.ReportedState(device_id="dev-1", applied_generation=0, deployments=(),
+                                    platform="linux/arm64", accelerators=("onnxruntime:CPU",),
+                                    agent_version="0.1", inventory={"cpu_count": 4})
+    points = Message(protocol.telemetry_topic("dev-1"), protocol.build_telemetry(
+        protocol.TelemetryBatch("dev-1", tuple(protocol.Point(seq, datetime.now(UTC), "system",
+                                                              {"cpu": seq})
+                                               for seq in (1, 2)))))
+    write_batch(any_db, [Message(protocol.status_topic("dev-1"), protocol.ONLINE),
+                         Message(protocol.reported_topic("dev-1"),
+                                 protocol.build_reported(report)), points])
+    write_batch(any_db, [replace(points, retain=False)])  # sent again: stored once
+    device = devices.get_device(any_db, "dev-1")
+    assert (device["status"], device["platform"]) == ("online", "linux/arm64")
+    assert device["tags"] == {"site": "lab", "arch": "arm64", "accel.onnxruntime.CPU": "yes"}
+    assert {r["seq"] for r in any_db.query("SELECT seq FROM telemetry")} == {1, 2}
+    inventory = any_db.query_one("SELECT inventory FROM devices")
+    assert inventory is not None and '"disk_mb"' in inventory["inventory"]
+
+
+def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    hub = start_hub(tmp_path / "data", extra_args=("--database-url", url))
+    try:
+        with httpx.Client(base_url=hub.url, verify=hub.verify, timeout=30,
+                          headers={"Authorization": f"Bearer {hub.admin_token}"}) as api:
+            digest = api.post("/api/v1/blobs", content=b"weights").json()["digest"]
+            answer = api.post("/api/v1/models/tiny/versions",
+                              json={"files": [{"path": "model.bin", "digest": digest}]})
+            assert answer.status_code == 201, answer.text
+            assert api.get("/api/v1/models").json()[0]["latest_version"] == 1
+            token = api.post("/api/v1/enrollment-tokens", json={"tags": {"site": "lab"}})
+            assert token.status_code == 201, token.text
+            assert len(api.get("/api/v1/audit").json()) >= 2
+    finally:
+        assert hub.stop() == 0, hub.log()
+    assert not (tmp_path / "data" / "hub.db").exists()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT model, version FROM model_versions").fetchall() == [
+            ("tiny", 1)]
+
+
+def test_one_hub_leads_the_rollout_engine_until_its_session_ends(tmp_path: Path,
+                                                                   postgres_url: str) -> None:
+    assert EngineLeader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
+    first, second = EngineLeader(Database(postgres_url)), EngineLeader(Database(postgres_url))
+    assert first.held() and not second.held()
+    assert first.held()  # still
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # as if its hub died
+        admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_locks"
+                      " WHERE locktype = 'advisory' AND granted")
+    assert second.held()
+    assert not first.held() and not first.held()  # lost it, and cannot take it back
+    second.release()
+    assert first.held()
+
+
+def test_a_hub_killed_outright_hands_the_rollout_engine_to_the_other(
+        tmp_path: Path, postgres_url: str) -> None:
+    leading = start_hub(tmp_path / "a", extra_args=("--database-url", postgres_url))
+    other = start_hub(tmp_path / "b", extra_args=("--database-url", postgres_url))
+    try:
+        deadline = time.monotonic() + 10
+        while "now runs the rollout engine" not in leading.log():
+            assert time.monotonic() < deadline, leading.log()
+            time.sleep(0.1)
+        leading.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        while "now runs the rollout engine" not in other.log():
+            assert time.monotonic() < killed + 10, other.log()
+            time.sleep(0.1)
+    finally:
+        assert other.stop() == 0, other.log()
