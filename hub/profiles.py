@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from contract import names
 from contract.profiles import MAX_BATCH, MAX_ITERATIONS
 from contract.runtimes import DEVICE_PLATFORMS, RUNTIMES
 from hub.errors import Unprocessable
-from hub.storage.db import Database, now
+from hub.storage.db import Connection, Database, now
 from hub.validation import InvalidInput
 
 MAX_ROWS = 1000  # one post: far more runtimes x devices x variants x batch sizes than exist
@@ -108,7 +107,7 @@ def read(db: Database, model: str, version: int) -> list[dict[str, Any]]:
         " ORDER BY device_class, variant, runtime, device, batch", (model, version))
 
 
-def delete(conn: sqlite3.Connection, model: str, version: int) -> None:
+def delete(conn: Connection, model: str, version: int) -> None:
     """Forget MODEL:VERSION's profiles, in the caller's transaction (the version's delete)."""
     conn.execute("DELETE FROM model_profiles WHERE model = ? AND version = ?", (model, version))
 
