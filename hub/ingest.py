@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
-from hub import events, telemetry
+from hub import drift, events, telemetry
 from hub.repeats import Repeats
 from hub.retained import DESIRED_FILTER, RetainedWatch
 from hub.storage.db import Database, dumps, format_time
@@ -76,6 +76,8 @@ class Counters:
     points: int = 0          # telemetry points stored
     duplicate_points: int = 0  # points seen before (resent after a reconnect)
     points_out_of_window: int = 0  # points stamped too far from the hub's clock, dropped
+    sketches: int = 0        # drift sketches stored (hub/drift.py)
+    sketches_dropped: Counter[str] = field(default_factory=Counter)  # by reason
     batches: int = 0
     last_batch: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)  # messages a batch -> batches
@@ -91,6 +93,8 @@ class Counters:
         self.points += other.points
         self.duplicate_points += other.duplicate_points
         self.points_out_of_window += other.points_out_of_window
+        self.sketches += other.sketches
+        self.sketches_dropped.update(other.sketches_dropped)
         self.batches += other.batches
         self.last_batch = other.last_batch
         self.batch_sizes.update(other.batch_sizes)
@@ -104,6 +108,7 @@ class Counters:
         return {"ingested": dict(self.ingested), "dropped": dropped,
                 "telemetry_points": self.points, "duplicate_points": self.duplicate_points,
                 "points_out_of_window": self.points_out_of_window,
+                "sketches": self.sketches, "sketches_dropped": dict(self.sketches_dropped),
                 "batches": self.batches, "last_batch": self.last_batch}
 
 
@@ -193,6 +198,7 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
         oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
+        sketches = drift.Sketches(conn)
         for points in batch.telemetry:
             kept = [p for p in points.points if oldest <= p.at <= newest]
             if len(kept) < len(points.points):
@@ -206,7 +212,19 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
             new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
             counters.points += new
             counters.duplicate_points += len(rows) - new
+            if new == len(rows):  # a resent batch's sketches are counted already
+                for point in kept:
+                    sketches.add(points.device_id, point)
+        _count_sketches(counters, sketches)
     return counters
+
+
+def _count_sketches(counters: Counters, sketches: drift.Sketches) -> None:
+    sketches.write()
+    counters.sketches += sketches.stored
+    counters.sketches_dropped.update(sketches.dropped)
+    if sketches.dropped:
+        counters.notes["telemetry", "sketch_dropped"] = sketches.note
 
 
 def derived_tags(report: protocol.ReportedState) -> dict[str, str]:
@@ -387,4 +405,5 @@ class Ingest:
         with self._counters_lock:
             c = self._counters
             return replace(c, ingested=Counter(c.ingested), dropped=Counter(c.dropped),
-                           batch_sizes=Counter(c.batch_sizes))
+                           batch_sizes=Counter(c.batch_sizes),
+                           sketches_dropped=Counter(c.sketches_dropped))

@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -173,6 +173,7 @@ def _create_schema(db: _Schema) -> None:
     db["rollout_devices"].create_index(["rollout_id", "wave", "state"])
     _add_telemetry_rollups(db)
     _add_events(db)
+    _add_drift(db)
     db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
@@ -213,6 +214,22 @@ def _add_events(db: _Schema) -> None:
     db["webhook_deliveries"].create_index(["event_seq"])
 
 
+def _add_drift(db: _Schema) -> None:
+    """Schema 7: data drift (hub/drift.py): each version's baseline, the sketch counts
+    devices sent per hour, and the last drift computed per version, target and feature."""
+    db.execute("CREATE TABLE drift_baselines (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " baseline TEXT NOT NULL, spec TEXT NOT NULL, created_at TEXT NOT NULL,"
+               " created_by TEXT NOT NULL, PRIMARY KEY (model, version))")
+    db.execute("CREATE TABLE drift_sketches (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " device_id TEXT NOT NULL, hour TEXT NOT NULL, feature TEXT NOT NULL,"
+               " counts TEXT NOT NULL, PRIMARY KEY (model, version, device_id, hour, feature))")
+    db.execute("CREATE INDEX drift_sketches_hour ON drift_sketches (model, version, hour)")
+    db.execute("CREATE TABLE drift_results (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " target TEXT NOT NULL, feature TEXT NOT NULL, observed BIGINT NOT NULL,"
+               " psi DOUBLE PRECISION, js DOUBLE PRECISION, drifted BIGINT NOT NULL,"
+               " computed_at TEXT NOT NULL, PRIMARY KEY (model, version, target, feature))")
+
+
 def _migrate(db: _Schema) -> None:
     """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
     version = int(db["meta"].get("schema_version")["value"])
@@ -244,6 +261,8 @@ def _migrate(db: _Schema) -> None:
                    " WHERE previous_version IS NOT NULL")
     if version < 6:
         _add_events(db)
+    if version < 7:
+        _add_drift(db)
     if version < SCHEMA_VERSION:
         db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
