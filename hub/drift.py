@@ -100,8 +100,16 @@ def check_baseline(baseline: object, signature: Signature | None) -> dict[str, A
         raise InvalidInput(f"baseline: {exc}") from None
     tensors = {"input": {t.name: t for t in signature.inputs},
                "output": {t.name: t for t in signature.outputs}}
+    columns: dict[tuple[str, str], set[int]] = {}
     for feature, item in zip(spec.features, items, strict=True):
         _check_feature(feature, item, tensors[feature.side])
+        columns.setdefault((feature.side, feature.tensor), set()).add(feature.column)
+    for (side, name), seen in columns.items():
+        shape = tensors[side][name].shape
+        width = 1 if len(shape) <= 1 else shape[-1]
+        if width != -1 and len(seen) != width:
+            raise InvalidInput(f"baseline {side} {name}: {len(seen)} column(s), but the "
+                               f"model's {name} has {width} (shape {list(shape)})")
     if not any(f.side == "input" for f in spec.features):
         raise InvalidInput("a baseline needs at least one input feature")
     return {"features": items}
