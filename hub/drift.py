@@ -9,7 +9,7 @@ the version is deployed: devices count into its edges (contract/sketch.py,
 sent with the desired state).
 
 Ingest adds each inference point's sketch counts into `drift_sketches`, one
-row per (version, device, hour, feature); `compute` merges the rows of a
+row per (version, hour, device) holding every feature's counts; `compute` merges the rows of a
 window for all devices or those with given tags, and gives per feature the
 Population Stability Index and the Jensen-Shannon distance (base 2, 0..1)
 between the baseline's bin shares and the observed ones. A feature drifts
@@ -191,7 +191,7 @@ def bins_of(conn: sqlite3.Connection, model: str, version: int) -> dict[str, int
     return {f.name: f.bins for f in SketchSpec.from_json(json.loads(row[0])).features}
 
 
-Key = tuple[str, int, str, str, str]  # model, version, device, hour, feature
+Key = tuple[str, int, str, str]  # model, version, hour, device
 
 
 class Sketches:
@@ -200,7 +200,7 @@ class Sketches:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.rows: dict[Key, list[int]] = {}
+        self.rows: dict[Key, dict[str, list[int]]] = {}
         self.stored = 0
         self.dropped: dict[str, int] = {}
         self.note = ""
@@ -217,6 +217,8 @@ class Sketches:
                        f"no deployment version of this device ({name!r} {version!r})")
             return
         bins = self._bins_of(model, version)
+        totals = self.rows.setdefault(
+            (model, version, point.at.strftime("%Y-%m-%dT%H:00:00.000000Z"), device), {})
         for feature, raw in point.sketches.items():
             if bins is None or feature not in bins:
                 self._drop("no_baseline", 1, f"{device}: {model}:{version} has no baseline "
@@ -227,10 +229,10 @@ class Sketches:
             except SketchError as exc:
                 self._drop("malformed", 1, f"{device}: {exc}")
                 continue
-            key = (model, version, device, hour_of(protocol.format_time(point.at)), feature)
-            total = self.rows.setdefault(key, [0] * len(counts))
-            for i, count in enumerate(counts):
-                total[i] += count
+            if feature in totals:  # two points of one hour in a batch
+                _add(totals, feature, counts)
+            else:
+                totals[feature] = list(counts)
             self.stored += 1
 
     def _drop(self, reason: str, n: int, line: str) -> None:
@@ -251,32 +253,44 @@ class Sketches:
         return self._bins[model, version]
 
     def write(self) -> None:
-        add_sketches(self.conn, self.rows)
+        add_sketches(self.conn, {key: rows for key, rows in self.rows.items() if rows})
 
 
 def hour_of(at: str) -> str:
     return at[:13] + ":00:00.000000Z"
 
 
-def add_sketches(conn: sqlite3.Connection, rows: Mapping[Key, Sequence[int]]) -> None:
-    """Add counts, keyed (model, version, device, hour, feature), to what is stored."""
+def _add(totals: dict[str, list[int]], feature: str, counts: Sequence[int]) -> None:
+    before = totals.get(feature)
+    if before is None or len(before) != len(counts):  # new, or bins of another baseline
+        totals[feature] = list(counts)
+    else:
+        totals[feature] = [a + b for a, b in zip(before, counts, strict=True)]
+
+
+def add_sketches(conn: sqlite3.Connection, rows: Mapping[Key, dict[str, list[int]]]) -> None:
+    """Add counts, keyed (model, version, hour, device) then feature, to what is stored."""
     if not rows:
         return
-    keys = [list(k) for k in rows]
-    stored = {(r[0], r[1], r[2], r[3], r[4]): json.loads(r[5]) for r in conn.execute(
-        "SELECT model, version, device_id, hour, feature, counts FROM drift_sketches"
-        " WHERE (model, version, device_id, hour, feature) IN (SELECT value ->> 0,"
-        " value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?))",
-        (json.dumps(keys),))}
+    stored: dict[Key, dict[str, list[int]]] = {}
+    for model, version, hour in {key[:3] for key in rows}:
+        devices = [key[3] for key in rows if key[:3] == (model, version, hour)]
+        stored.update(((model, version, hour, r[0]), json.loads(r[1])) for r in conn.execute(
+            "SELECT device_id, counts FROM drift_sketches WHERE model = ? AND version = ?"
+            " AND hour = ? AND device_id IN (SELECT value FROM json_each(?))",
+            (model, version, hour, json.dumps(devices))))
     merged = []
-    for key, counts in rows.items():
-        before = stored.get(key)
-        total = list(counts) if before is None or len(before) != len(counts) else [
-            a + b for a, b in zip(before, counts, strict=True)]
-        merged.append((*key, json.dumps(total)))
+    for key, features in rows.items():
+        totals = stored.get(key)
+        if totals is None:
+            totals = features
+        else:
+            for feature, counts in features.items():
+                _add(totals, feature, counts)
+        merged.append((*key, json.dumps(totals, separators=(",", ":"))))
     conn.executemany(
-        "INSERT INTO drift_sketches (model, version, device_id, hour, feature, counts)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, device_id, hour, feature)"
+        "INSERT INTO drift_sketches (model, version, hour, device_id, counts)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, version, hour, device_id)"
         " DO UPDATE SET counts = excluded.counts", merged)
 
 
@@ -326,22 +340,20 @@ def target_text(target: Sequence[tuple[str, str]]) -> str:
 def merged_counts(db: Database, model: str, version: int, target: Sequence[tuple[str, str]],
                   since: datetime) -> dict[str, np.ndarray]:
     """Feature -> the counts of every device (with TARGET's tags) since SINCE, summed."""
-    sql = ("SELECT s.feature, s.counts FROM drift_sketches s WHERE s.model = ?"
+    sql = ("SELECT s.counts FROM drift_sketches s WHERE s.model = ?"
            " AND s.version = ? AND s.hour >= ?")
     params: list[Any] = [model, version, hour_of(format_time(since))]
     for key, value in target:
         sql += (" AND EXISTS (SELECT 1 FROM devices d, json_each(d.tags) t WHERE"
                 " d.id = s.device_id AND t.key = ? AND t.value = ?)")
         params += [key, value]
-    merged: dict[str, np.ndarray] = {}
+    totals: dict[str, list[list[int]]] = {}
     for row in db.query(sql, params):
-        counts = np.asarray(json.loads(row["counts"]), dtype=np.int64)
-        before = merged.get(row["feature"])
-        if before is None:
-            merged[row["feature"]] = counts
-        elif before.shape == counts.shape:
-            before += counts
-    return merged
+        for feature, counts in json.loads(row["counts"]).items():
+            totals.setdefault(feature, []).append(counts)
+    # Ingest checked every count against the baseline's bins, which never change.
+    return {feature: np.asarray(lists, dtype=np.int64).sum(axis=0)
+            for feature, lists in totals.items()}
 
 
 def judge(baseline: Mapping[str, Any], merged: Mapping[str, np.ndarray]) -> list[FeatureDrift]:

@@ -220,10 +220,10 @@ def _add_drift(db: _Schema) -> None:
     db.execute("CREATE TABLE drift_baselines (model TEXT NOT NULL, version BIGINT NOT NULL,"
                " baseline TEXT NOT NULL, spec TEXT NOT NULL, created_at TEXT NOT NULL,"
                " created_by TEXT NOT NULL, PRIMARY KEY (model, version))")
+    # counts: a JSON object, feature -> its counts, so a message costs one row.
     db.execute("CREATE TABLE drift_sketches (model TEXT NOT NULL, version BIGINT NOT NULL,"
-               " device_id TEXT NOT NULL, hour TEXT NOT NULL, feature TEXT NOT NULL,"
-               " counts TEXT NOT NULL, PRIMARY KEY (model, version, device_id, hour, feature))")
-    db.execute("CREATE INDEX drift_sketches_hour ON drift_sketches (model, version, hour)")
+               " hour TEXT NOT NULL, device_id TEXT NOT NULL, counts TEXT NOT NULL,"
+               " PRIMARY KEY (model, version, hour, device_id))")
     db.execute("CREATE TABLE drift_results (model TEXT NOT NULL, version BIGINT NOT NULL,"
                " target TEXT NOT NULL, feature TEXT NOT NULL, observed BIGINT NOT NULL,"
                " psi DOUBLE PRECISION, js DOUBLE PRECISION, drifted BIGINT NOT NULL,"
