@@ -123,7 +123,7 @@ def ingestion(devices: int, work: Path) -> None:
 def computation(devices: int, work: Path, repeat: int) -> None:
     db = Database(work / "compute.db")
     ids, _ = fill(db, devices)
-    hour = drift.hour_of(format_time(datetime.now(UTC)))
+    hour = drift.hour_of(datetime.now(UTC))
     rows = {("tiny", 1, hour, device): {f"x[{feature}]": RNG.multinomial(360, [0.1] * 10).tolist()
                                         for feature in range(FEATURES)} for device in ids}
     with db.transaction() as conn:

@@ -4,13 +4,14 @@ A baseline is a sample of the version's training inputs (and, optionally, of
 its predictions) summarised per feature: count, mean, std, min, max, fixed
 bin edges (the sample's deciles) and the sample's counts in those bins. The
 CLI computes it from the file (`summarise`) and the hub checks it against the
-version's signature (`check_baseline`) before storing it. It is fixed once
-the version is deployed: devices count into its edges (contract/sketch.py,
-sent with the desired state).
+version's signature (`check_baseline`) before storing it. It is set once,
+before the version is deployed: devices count into its edges
+(contract/sketch.py, sent with the desired state).
 
 Ingest adds each inference point's sketch counts into `drift_sketches`, one
-row per (version, hour, device) holding every feature's counts; `compute` merges the rows of a
-window for all devices or those with given tags, and gives per feature the
+row per (version, hour, device) holding every feature's counts; `compute`
+merges the rows of a window for all devices or those with given tags, and
+gives per feature the
 Population Stability Index and the Jensen-Shannon distance (base 2, 0..1)
 between the baseline's bin shares and the observed ones. A feature drifts
 when its PSI reaches `PSI_THRESHOLD` on at least `MIN_OBSERVED` values; the
@@ -217,8 +218,7 @@ class Sketches:
                        f"no deployment version of this device ({name!r} {version!r})")
             return
         bins = self._bins_of(model, version)
-        totals = self.rows.setdefault(
-            (model, version, point.at.strftime("%Y-%m-%dT%H:00:00.000000Z"), device), {})
+        totals = self.rows.setdefault((model, version, hour_of(point.at), device), {})
         for feature, raw in point.sketches.items():
             if bins is None or feature not in bins:
                 self._drop("no_baseline", 1, f"{device}: {model}:{version} has no baseline "
@@ -256,16 +256,24 @@ class Sketches:
         add_sketches(self.conn, {key: rows for key, rows in self.rows.items() if rows})
 
 
-def hour_of(at: str) -> str:
-    return at[:13] + ":00:00.000000Z"
+def stored_seqs(conn: sqlite3.Connection, device: str,
+                points: Sequence[protocol.Point]) -> set[int]:
+    """Which of POINTS the hub has stored before (their sketches are counted)."""
+    return {r[0] for r in conn.execute(
+        "SELECT seq FROM telemetry WHERE device_id = ? AND seq IN"
+        " (SELECT value FROM json_each(?))", (device, json.dumps([p.seq for p in points])))}
+
+
+def hour_of(moment: datetime) -> str:
+    """The start of MOMENT's hour (UTC), as the database stores times."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00.000000Z")
 
 
 def _add(totals: dict[str, list[int]], feature: str, counts: Sequence[int]) -> None:
+    """Add COUNTS to FEATURE's in TOTALS; both have the baseline's bins, which never change."""
     before = totals.get(feature)
-    if before is None or len(before) != len(counts):  # new, or bins of another baseline
-        totals[feature] = list(counts)
-    else:
-        totals[feature] = [a + b for a, b in zip(before, counts, strict=True)]
+    totals[feature] = list(counts) if before is None else [
+        a + b for a, b in zip(before, counts, strict=True)]
 
 
 def add_sketches(conn: sqlite3.Connection, rows: Mapping[Key, dict[str, list[int]]]) -> None:
@@ -342,7 +350,7 @@ def merged_counts(db: Database, model: str, version: int, target: Sequence[tuple
     """Feature -> the counts of every device (with TARGET's tags) since SINCE, summed."""
     sql = ("SELECT s.counts FROM drift_sketches s WHERE s.model = ?"
            " AND s.version = ? AND s.hour >= ?")
-    params: list[Any] = [model, version, hour_of(format_time(since))]
+    params: list[Any] = [model, version, hour_of(since)]
     for key, value in target:
         sql += (" AND EXISTS (SELECT 1 FROM devices d, json_each(d.tags) t WHERE"
                 " d.id = s.device_id AND t.key = ? AND t.value = ?)")

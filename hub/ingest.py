@@ -209,11 +209,13 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                     f"outside {protocol.format_time(oldest)}..{protocol.format_time(newest)}")
             rows = [{"seq": p.seq, "at": protocol.format_time(p.at), "kind": p.kind,
                      "values": p.values} for p in kept]
+            sketched = [p for p in kept if p.sketches]
+            counted = drift.stored_seqs(conn, points.device_id, sketched) if sketched else set()
             new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
             counters.points += new
             counters.duplicate_points += len(rows) - new
-            if new == len(rows):  # a resent batch's sketches are counted already
-                for point in kept:
+            for point in sketched:
+                if point.seq not in counted:  # a resent point's sketches are counted already
                     sketches.add(points.device_id, point)
         _count_sketches(counters, sketches)
     return counters
