@@ -199,14 +199,15 @@ class Sketches:
     """One ingest batch's sketches: read, checked against their version's baseline and
     summed per key; what is dropped is counted by reason ("dropped") with a line."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    def __init__(self, conn: sqlite3.Connection, devices: Sequence[str]) -> None:
+        """DEVICES: those whose points may come, their deployments read in one query."""
+        self.conn, self.devices = conn, devices
         self.rows: dict[Key, dict[str, list[int]]] = {}
         self.stored = 0
         self.dropped: dict[str, int] = {}
         self.note = ""
         self._bins: dict[tuple[str, int], dict[str, int] | None] = {}
-        self._models: dict[tuple[str, str], str | None] = {}
+        self._models: dict[tuple[str, str], str] | None = None
 
     def add(self, device: str, point: protocol.Point) -> None:
         if not point.sketches:
@@ -240,12 +241,13 @@ class Sketches:
         self.note = f"dropped {n} drift sketch(es) from {line[:300]}"
 
     def _model(self, device: str, name: str) -> str | None:
-        if (device, name) not in self._models:
-            row = self.conn.execute("SELECT model FROM deployments WHERE device_id = ? AND"
-                                    " name = ? ORDER BY active DESC LIMIT 1",
-                                    (device, name)).fetchone()
-            self._models[device, name] = None if row is None else row[0]
-        return self._models[device, name]
+        """The model of DEVICE's deployment NAME (its row stays, inactive, once removed)."""
+        if self._models is None:
+            self._models = {(r[0], r[1]): r[2] for r in self.conn.execute(
+                "SELECT device_id, name, model FROM deployments WHERE device_id IN"
+                " (SELECT value FROM json_each(?))",
+                (json.dumps(sorted(set(self.devices))),))}
+        return self._models.get((device, name))
 
     def _bins_of(self, model: str, version: int) -> dict[str, int] | None:
         if (model, version) not in self._bins:
@@ -256,12 +258,16 @@ class Sketches:
         add_sketches(self.conn, {key: rows for key, rows in self.rows.items() if rows})
 
 
-def stored_seqs(conn: sqlite3.Connection, device: str,
-                points: Sequence[protocol.Point]) -> set[int]:
-    """Which of POINTS the hub has stored before (their sketches are counted)."""
-    return {r[0] for r in conn.execute(
-        "SELECT seq FROM telemetry WHERE device_id = ? AND seq IN"
-        " (SELECT value FROM json_each(?))", (device, json.dumps([p.seq for p in points])))}
+def stored_points(conn: sqlite3.Connection,
+                  points: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which of POINTS, (device, seq), the hub has stored before: their sketches are
+    counted already (a batch comes again after a reconnect, maybe with more points)."""
+    if not points:
+        return set()
+    return {(r[0], r[1]) for r in conn.execute(
+        "SELECT t.device_id, t.seq FROM json_each(?) AS j CROSS JOIN telemetry AS t"
+        " ON t.device_id = j.value ->> 0 AND t.seq = j.value ->> 1",  # a key look-up each
+        (json.dumps(points),))}
 
 
 def hour_of(moment: datetime) -> str:

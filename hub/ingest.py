@@ -198,7 +198,9 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
         oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
-        sketches = drift.Sketches(conn)
+        sketches = drift.Sketches(conn, [points.device_id for points in batch.telemetry])
+        counted = drift.stored_points(conn, [(points.device_id, p.seq) for points in
+                                             batch.telemetry for p in points.points if p.sketches])
         for points in batch.telemetry:
             kept = [p for p in points.points if oldest <= p.at <= newest]
             if len(kept) < len(points.points):
@@ -209,13 +211,11 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                     f"outside {protocol.format_time(oldest)}..{protocol.format_time(newest)}")
             rows = [{"seq": p.seq, "at": protocol.format_time(p.at), "kind": p.kind,
                      "values": p.values} for p in kept]
-            sketched = [p for p in kept if p.sketches]
-            counted = drift.stored_seqs(conn, points.device_id, sketched) if sketched else set()
             new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
             counters.points += new
             counters.duplicate_points += len(rows) - new
-            for point in sketched:
-                if point.seq not in counted:  # a resent point's sketches are counted already
+            for point in kept:
+                if (points.device_id, point.seq) not in counted:  # resent: counted already
                     sketches.add(points.device_id, point)
         _count_sketches(counters, sketches)
     return counters

@@ -226,6 +226,45 @@ def test_malformed_sketches_are_dropped_and_counted(site: Site) -> None:
     assert "drift sketch(es) from" in site.hub.log()
 
 
+def test_a_resent_point_is_counted_once(site: Site) -> None:
+    """After a reconnect an agent sends its unacknowledged points again, maybe in a larger
+    batch with newer ones: only the newer ones' sketches are added."""
+    with httpx.Client(base_url=site.hub.url, headers={
+            "Authorization": f"Bearer {site.hub.admin_token}"}) as api:
+        device = next(d["id"] for d in api.get("/api/v1/devices").json()
+                      if d["tags"].get("group") == "steady")
+
+        def observed() -> int:
+            report = api.get("/api/v1/models/tiny/versions/1/drift",
+                             params={"target": f"id={device}"}).json()
+            return next(f["observed"] for f in report["features"] if f["feature"] == "y[1]")
+
+        def point(seq: int, count: int) -> dict[str, Any]:
+            return {"seq": seq, "at": protocol.format_time(datetime.now(UTC)),
+                    "kind": "inference", "values": {"deployment": "tiny", "version": 1},
+                    "sketches": {"y[1]": [count] * 10}}
+
+        def payload(*points: dict[str, Any]) -> bytes:
+            return canonical_json({"schema": protocol.TELEMETRY_SCHEMA, "device_id": device,
+                                   "seq_from": points[0]["seq"], "seq_to": points[-1]["seq"],
+                                   "points": list(points)})
+
+        async def publish(*payloads: bytes) -> None:
+            client = Client(*parse_url(site.broker.url), ConnectOptions("drift-resend"))
+            await client.connect()
+            for body in payloads:
+                await client.publish(Message(protocol.telemetry_topic(device), body))
+            await client.disconnect()
+
+        api.patch(f"/api/v1/devices/{device}/tags", json={"set": {"id": device}}).raise_for_status()
+        before = observed()
+        first, second = point(60_000_000, 1), point(60_000_001, 2)
+        asyncio.run(publish(payload(first), payload(first), payload(first, second)))
+        _poll(lambda: observed() >= before + 30, timeout=15)
+        time.sleep(1)  # anything counted twice would have arrived by now
+        assert observed() == before + 10 + 20
+
+
 def _metrics(api: httpx.Client) -> dict[str, float]:
     text = api.get("/metrics").text
     found = {}
