@@ -389,13 +389,19 @@ def judge(baseline: Mapping[str, Any], merged: Mapping[str, np.ndarray]) -> list
 def compute(db: Database, model: str, version: int, *, target: Sequence[tuple[str, str]] = (),
             window: timedelta = WINDOW, clock: datetime | None = None,
             actor: str = "drift") -> dict[str, Any]:
-    """Drift of MODEL:VERSION on the devices with TARGET's tags over the last WINDOW;
-    stored, and a `drift.detected` event for features that newly drift."""
+    """Drift of MODEL:VERSION on the devices with TARGET's tags over the last WINDOW. Over
+    the standard WINDOW it is also stored, with a `drift.detected` event for each feature
+    that newly drifts (another window only shows: it would make features flap)."""
     at = clock or datetime.now(UTC)
     baseline = get_baseline(db, model, version)
     features = judge(baseline, merged_counts(db, model, version, target, at - window))
     where = target_text(target)
     stamp = format_time(at)
+    report = {"model": model, "version": version, "target": where, "computed_at": stamp,
+              "window_seconds": int(window.total_seconds()), "psi_threshold": PSI_THRESHOLD,
+              "min_observed": MIN_OBSERVED, "features": [f.to_json() for f in features]}
+    if window != WINDOW:
+        return report
     with db.transaction() as conn:
         before = {r[0] for r in conn.execute(
             "SELECT feature FROM drift_results WHERE model = ? AND version = ? AND target = ?"
@@ -415,9 +421,7 @@ def compute(db: Database, model: str, version: int, *, target: Sequence[tuple[st
                               detail=f"{f.side} {f.feature}: PSI {f.psi:.3f} >= "
                                      f"{PSI_THRESHOLD} on {f.observed} values"
                                      + (f" (target {where})" if where else ""))
-    return {"model": model, "version": version, "target": where, "computed_at": stamp,
-            "window_seconds": int(window.total_seconds()), "psi_threshold": PSI_THRESHOLD,
-            "min_observed": MIN_OBSERVED, "features": [f.to_json() for f in features]}
+    return report
 
 
 class DriftWatch:

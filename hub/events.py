@@ -34,6 +34,7 @@ SCHEMA: Final = 1  # bumped when a field is removed or changes meaning; new fiel
 class EventType(StrEnum):
     MODEL_REGISTERED = "model.registered"
     MODEL_DELETED = "model.deleted"
+    MODEL_BASELINE_SET = "model.baseline_set"  # its drift baseline (hub/drift.py)
     PACKAGE_PUSHED = "package.pushed"
     PACKAGE_SIGNED = "package.signed"
     DEVICE_ENROLLED = "device.enrolled"
@@ -73,6 +74,7 @@ T = EventType
 FROM_AUDIT: Final[dict[str, EventType]] = {
     "model.register": T.MODEL_REGISTERED,
     "model.delete": T.MODEL_DELETED,
+    "model.baseline": T.MODEL_BASELINE_SET,
     "registry.push": T.PACKAGE_PUSHED,
     "package.sign": T.PACKAGE_SIGNED,
     "device.enroll": T.DEVICE_ENROLLED,

@@ -168,7 +168,9 @@ def test_a_schema_4_database_gets_settings(hub: InProcessHub) -> None:
     old = sqlite3.connect(path, isolation_level=None)
     old.execute("ALTER TABLE deployments DROP COLUMN settings")
     old.execute("ALTER TABLE rollout_devices DROP COLUMN previous_settings")
-    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events")
+    old.executescript("DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events;"
+                      " DROP TABLE drift_baselines; DROP TABLE drift_sketches;"
+                      " DROP TABLE drift_results")
     old.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     old.close()
     db = Database(path)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.sketch import MAX_EDGES, MAX_FEATURES
+from contract.sketch import MAX_COUNT, MAX_EDGES, MAX_FEATURES
 from contract.tensors import Signature
 from hub import drift, registry, validation
 from hub.api import auth
@@ -17,6 +17,8 @@ from hub.api.state import hub_state
 from hub.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["drift"])
+MAX_WINDOW: Final = timedelta(days=400)  # the longest telemetry is kept (hour rollups)
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class BaselineFeature(BaseModel):
@@ -26,9 +28,9 @@ class BaselineFeature(BaseModel):
     column: int = Field(ge=0, le=9999)
     edges: list[float] = Field(min_length=1, max_length=MAX_EDGES,
                                description="bin edges, strictly increasing")
-    counts: list[int] = Field(min_length=2, max_length=MAX_EDGES + 1,
-                              description="the sample's counts: one bin more than edges")
-    count: int = Field(ge=0)
+    counts: list[Count] = Field(min_length=2, max_length=MAX_EDGES + 1,
+                                description="the sample's counts: one bin more than edges")
+    count: Count
     mean: float
     std: float
     min: float
@@ -80,7 +82,10 @@ async def get_drift(
     principal: Principal = auth.viewer,
 ) -> dict[str, Any]:
     selectors = [validation.parse_tag_selector(t) for t in target]
-    span = timedelta(seconds=validation.duration(window, "window"))
+    seconds = validation.duration(window, "window")
+    if seconds > MAX_WINDOW.total_seconds():
+        raise validation.InvalidInput(f"window {window!r} is longer than {MAX_WINDOW.days} days")
     record = await run_in_threadpool(_version, request, name, version)
     return await run_in_threadpool(drift.compute, hub_state(request).db, name, record["version"],
-                                   target=selectors, window=span, actor=principal.name)
+                                   target=selectors, window=timedelta(seconds=seconds),
+                                   actor=principal.name)
