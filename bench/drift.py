@@ -39,7 +39,7 @@ from agent.mqtt import Message  # noqa: E402
 from agent.sketches import Sketcher  # noqa: E402
 from contract import protocol  # noqa: E402
 from contract.sketch import SketchSpec  # noqa: E402
-from hub import drift  # noqa: E402
+from hub import drift, drift_sketches  # noqa: E402
 from hub.ingest import write_batch  # noqa: E402
 from hub.storage.db import Database, dumps, format_time  # noqa: E402
 
@@ -123,11 +123,11 @@ def ingestion(devices: int, work: Path) -> None:
 def computation(devices: int, work: Path, repeat: int) -> None:
     db = Database(work / "compute.db")
     ids, _ = fill(db, devices)
-    hour = drift.hour_of(datetime.now(UTC))
+    hour = drift_sketches.hour_of(datetime.now(UTC))
     rows = {("tiny", 1, hour, device): {f"x[{feature}]": RNG.multinomial(360, [0.1] * 10).tolist()
                                         for feature in range(FEATURES)} for device in ids}
     with db.transaction() as conn:
-        drift.add_sketches(conn, rows)
+        drift_sketches.add_sketches(conn, rows)
     everyone = timed(lambda: drift.compute(db, "tiny", 1), repeat)
     half = timed(lambda: drift.compute(db, "tiny", 1, target=[("group", "a")]), repeat)
     print(f"\nDrift computation, {devices:,} devices x {FEATURES} features "

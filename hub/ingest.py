@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
-from hub import drift, events, telemetry
+from hub import drift_sketches, events, telemetry
 from hub.repeats import Repeats
 from hub.retained import DESIRED_FILTER, RetainedWatch
 from hub.storage.db import Database, dumps, format_time
@@ -198,8 +198,8 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
         oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
-        sketches = drift.Sketches(conn, [points.device_id for points in batch.telemetry])
-        counted = drift.stored_points(conn, [(points.device_id, p.seq) for points in
+        sketches = drift_sketches.Sketches(conn, [points.device_id for points in batch.telemetry])
+        counted = drift_sketches.stored_points(conn, [(points.device_id, p.seq) for points in
                                              batch.telemetry for p in points.points if p.sketches])
         for points in batch.telemetry:
             kept = [p for p in points.points if oldest <= p.at <= newest]
@@ -221,7 +221,7 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
     return counters
 
 
-def _count_sketches(counters: Counters, sketches: drift.Sketches) -> None:
+def _count_sketches(counters: Counters, sketches: drift_sketches.Sketches) -> None:
     sketches.write()
     counters.sketches += sketches.stored
     counters.sketches_dropped.update(sketches.dropped)
