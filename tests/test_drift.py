@@ -24,6 +24,7 @@ import pytest
 from agent.mqtt import Message
 from agent.sim import Fleet, SimOptions
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
+from agent.telemetry import SKETCHES, InferenceDeltas
 from conftest import Cli
 from contract import protocol
 from contract.canonical import canonical_json
@@ -281,3 +282,20 @@ def _poll(check: Callable[[], Any], timeout: float = 15) -> Any:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
     return value
+
+
+def test_the_agent_sends_the_sketch_counts_that_moved() -> None:
+    """The serving process's counts are cumulative; each inference point carries what
+    moved since the last read, and after a restart of the serving process, all of them."""
+    deltas = InferenceDeltas()
+
+    def read(requests: int, x0: list[int], y1: list[int]) -> dict[str, Any]:
+        (point,) = deltas.points([{
+            "model": "tiny", "version": "1", "requests": requests, "failures": 0,
+            "latency_buckets": [0.1, None], "latency_counts": [requests, 0],
+            "latency_sum": 0.01 * requests, "sketches": {"x[0]": x0, "y[1]": y1}}])
+        return point
+
+    assert read(3, [1, 2], [0, 3])[SKETCHES] == {"x[0]": [1, 2], "y[1]": [0, 3]}
+    assert read(5, [1, 4], [0, 3])[SKETCHES] == {"x[0]": [0, 2]}  # y[1] did not move
+    assert read(9, [2, 0], [1, 1])[SKETCHES] == {"x[0]": [2, 0], "y[1]": [1, 1]}  # restarted
