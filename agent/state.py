@@ -41,6 +41,8 @@ class Installed:
     # the package's default batching (its serving.json's, if it has one).
     settings: dict[str, Any] = field(default_factory=dict)
     package_batching: dict[str, Any] | None = None
+    # The drift bins of its desired state (contract/sketch.py JSON; None: not sketched).
+    sketch: list[dict[str, Any]] | None = None
 
     def running(self) -> Running:
         return Running(self.version, self.digest, tuple(self.prefer), self.deployment_settings)
@@ -95,6 +97,7 @@ class Update:
     error: str | None = None
     staged: Installed | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the deployment's (Settings JSON)
+    sketch: list[dict[str, Any]] | None = None  # a primary's drift bins (contract/sketch.py)
 
 
 @dataclass

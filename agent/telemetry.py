@@ -3,7 +3,9 @@
 Inference points come from the serving process's counters (`/control/stats`):
 each point is the difference since the previous read, per deployment
 version: requests, failures, and latency percentiles estimated from the
-histogram buckets that moved.
+histogram buckets that moved, and the drift sketch counts that moved
+(agent/sketches.py), under `SKETCHES`: the uplink sends them beside the point's
+values (contract/protocol.py `Point.sketches`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from agent import procfs
 
 Values = dict[str, int | float | str]
+SKETCHES = "sketches"  # an inference point's drift sketches, until the uplink sends it
 
 
 def _mb(n: float) -> float:
@@ -97,5 +100,24 @@ class InferenceDeltas:
                     value = percentile(row["latency_buckets"], counts, q)
                     if value is not None:
                         values[name] = round(value * 1000, 3)
+            moved = _sketch_deltas(row.get("sketches") or {},
+                                   (before.get("sketches") or {}) if before else {})
+            if moved:
+                values[SKETCHES] = moved  # type: ignore[assignment]
             points.append(values)
         return points
+
+
+def _sketch_deltas(now: dict[str, list[int]], then: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Counts added since THEN, per feature; a feature whose counts went down (the serving
+    process restarted) counts from zero."""
+    moved = {}
+    for name, counts in now.items():
+        old = then.get(name)
+        delta = counts if old is None or len(old) != len(counts) else [
+            a - b for a, b in zip(counts, old, strict=True)]
+        if any(d < 0 for d in delta):
+            delta = counts
+        if any(delta):
+            moved[name] = delta
+    return moved

@@ -57,6 +57,7 @@ from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError
 from contract.protocol import Package, UpdateState, format_time
 from contract.settings import Batching, SettingsError
+from contract.sketch import SketchSpec
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -147,6 +148,7 @@ def version_body(installed: Installed, *, self_test: bool = False) -> VersionBod
         runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
         self_test=(installed.sample_request or None) if self_test else None,
         batching=installed.batching,
+        sketch=None if installed.sketch is None else SketchSpec.from_json(installed.sketch),
     )
 
 
@@ -287,6 +289,7 @@ class Updater:
                 sample_request=staged.sample_request, image=staged.image,
                 settings=dict(update.settings),
                 package_batching=package_batching(staged.serving),
+                sketch=update.sketch,
             )
         elif state is S.STARTING:
             self._start(update)

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 
 from agent.mqtt import MqttError, Session
+from agent.telemetry import SKETCHES
+from agent.telemetry_queue import Point as QueuedPoint
 from agent.telemetry_queue import TelemetryQueue
 from contract.protocol import (
     MAX_TELEMETRY_POINTS,
@@ -29,6 +31,13 @@ from contract.protocol import (
 
 log = logging.getLogger("edgefleet.agent")
 PUBLISH_TIMEOUT = 10.0
+
+
+def _point(p: QueuedPoint) -> Point:
+    """A queued point on the wire: its drift sketches travel beside its values."""
+    values = dict(p.values)
+    sketches = values.pop(SKETCHES, {})
+    return Point(p.seq, parse_time(p.at), p.kind, values, sketches)  # type: ignore[arg-type]
 
 
 class Uplink:
@@ -111,8 +120,7 @@ class Uplink:
     def _send_telemetry(self) -> None:
         while points := self.queue.peek(MAX_TELEMETRY_POINTS):
             batch = TelemetryBatch(self.device_id, tuple(
-                Point(p.seq, parse_time(p.at), p.kind, p.values)  # type: ignore[arg-type]
-                for p in points
+                _point(p) for p in points
             ))
             try:
                 self.session.publish(telemetry_topic(self.device_id), build_telemetry(batch),

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
 from contract import names
 from contract.canonical import canonical_json
 from contract.settings import Settings, SettingsError
+from contract.sketch import SketchError, SketchSpec, check_sketches, read_counts
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -396,6 +397,8 @@ class Deployment:
     # Resources and batching for every version of it (contract/settings.py); left out of
     # the document when it says nothing, so states from before settings read the same.
     settings: Settings = Settings()
+    # The version's drift sketch bins (contract/sketch.py), if it has a baseline.
+    sketch: SketchSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -430,6 +433,8 @@ def _desired_json(state: DesiredState) -> dict[str, Any]:
                                                  c.rollout), "shadow": c.shadow}
         if settings := d.settings.to_json():
             body["settings"] = settings
+        if d.sketch is not None:
+            body["sketch"] = d.sketch.to_json()
         deployments.append(body)
     return {
         "schema": DESIRED_SCHEMA,
@@ -477,6 +482,13 @@ def _read_settings(f: _Fields) -> Settings:
     return settings
 
 
+def _read_sketch_spec(f: _Fields) -> SketchSpec:
+    try:
+        return SketchSpec.from_json(f.raw("sketch"))
+    except SketchError as exc:
+        f.fail("sketch", str(exc))
+
+
 def _read_deployment(f: _Fields) -> Deployment:
     d = Deployment(
         name=f.name("name", names.MODEL_NAME),
@@ -488,6 +500,7 @@ def _read_deployment(f: _Fields) -> Deployment:
         rollout=f.text("rollout") if f.has("rollout") else None,
         candidate=_read_candidate(f.obj("candidate")) if f.has("candidate") else None,
         settings=_read_settings(f) if f.has("settings") else Settings(),
+        sketch=_read_sketch_spec(f) if f.has("sketch") else None,
     )
     f.done()
     c = d.candidate
@@ -786,6 +799,10 @@ class Point:
     at: datetime
     kind: PointKind
     values: Mapping[str, Value]  # numbers, plus short strings such as a deployment name
+    # Inference points only: drift sketches, feature name -> counts (contract/sketch.py).
+    # Read here for their outer shape only; the hub reads each with read_counts so
+    # that a bad one is dropped alone.
+    sketches: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -814,12 +831,24 @@ def build_telemetry(batch: TelemetryBatch) -> bytes:
         "device_id": batch.device_id,
         "seq_from": batch.seq_from,
         "seq_to": batch.seq_to,
-        "points": [{"seq": p.seq, "at": format_time(p.at), "kind": p.kind,
-                    "values": dict(p.values)} for p in batch.points],
+        "points": [_point_json(p) for p in batch.points],
     })
+    try:
+        for point in batch.points:
+            for name, counts in point.sketches.items():
+                read_counts(name, counts)
+    except SketchError as exc:
+        raise ProtocolError(str(exc)) from None
     # Same rules on both sides; an over-large batch is for the caller to split.
     parse_telemetry(payload, device_id=batch.device_id)
     return payload
+
+
+def _point_json(p: Point) -> dict[str, Any]:
+    body = {"seq": p.seq, "at": format_time(p.at), "kind": p.kind, "values": dict(p.values)}
+    if p.sketches:
+        body["sketches"] = {name: list(counts) for name, counts in p.sketches.items()}
+    return body
 
 
 def _read_values(path: str, value: object) -> dict[str, Value]:
@@ -842,8 +871,16 @@ def _read_point(f: _Fields) -> Point:
     kind = f.text("kind")
     if kind not in ("system", "inference"):
         f.fail("kind", f"{kind!r} is not 'system' or 'inference'")
+    sketches: Mapping[str, Any] = {}
+    if f.has("sketches"):
+        if kind != "inference":
+            f.fail("sketches", "only inference points carry sketches")
+        try:
+            sketches = check_sketches(f.raw("sketches"))
+        except SketchError as exc:
+            f.fail("sketches", str(exc))
     point = Point(seq=f.integer("seq"), at=f.time("at"), kind=cast(PointKind, kind),
-                  values=_read_values(f.path("values"), f.raw("values")))
+                  values=_read_values(f.path("values"), f.raw("values")), sketches=sketches)
     f.done()
     return point
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from agent.mqtt import Message, MqttError, Session
 from contract import protocol
+from contract.sketch import SketchSpec
 from hub import deployments
 from hub.keys import KeyRing
 from hub.retained import RetainedWatch
@@ -84,6 +85,7 @@ def _deployment(row: dict[str, Any]) -> protocol.Deployment:
         rollout=row["rollout_id"],
         candidate=candidate,
         settings=deployments.settings_of(row),
+        sketch=None if row.get("sketch") is None else SketchSpec.from_json(row["sketch"]),
     )
 
 

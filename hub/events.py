@@ -5,9 +5,9 @@ The one definition of an event is here: its JSON shape (`Event`, version
 (`FROM_AUDIT`). Every audit entry that succeeded and names a state change
 becomes an event in the same transaction (hub/audit.py calls `from_audit`);
 device status changes and failed deployments are written by ingest and liveness
-(`device_status`, `deployment_failures`, `record_many`). The SSE stream and the listing
-(hub/api/events.py) and webhooks (hub/webhooks.py) read from the `events`
-table.
+(`device_status`, `deployment_failures`, `record_many`), detected drift by
+hub/drift.py (`record`). The SSE stream and the listing (hub/api/events.py) and
+webhooks (hub/webhooks.py) read from the `events` table.
 
 `seq` is SQLite's AUTOINCREMENT: it only grows, even after retention deleted
 the newest rows, and since writers hold the write lock one at a time, an event
@@ -34,6 +34,7 @@ class EventType(StrEnum):
     MODEL_REGISTERED = "model.registered"
     MODEL_DELETED = "model.deleted"
     PROFILE_DONE = "profile.done"
+    MODEL_BASELINE_SET = "model.baseline_set"  # its drift baseline (hub/drift.py)
     PACKAGE_PUSHED = "package.pushed"
     PACKAGE_SIGNED = "package.signed"
     DEVICE_ENROLLED = "device.enrolled"
@@ -63,6 +64,7 @@ class EventType(StrEnum):
     KEY_ROTATED = "key.rotated"
     KEY_ROOT_SET = "key.root_set"
     DESIRED_REPLACED = "desired.replaced"  # a state on the broker the hub did not publish
+    DRIFT_DETECTED = "drift.detected"  # written by hub/drift.py when a feature starts drifting
 
 
 T = EventType
@@ -73,6 +75,7 @@ FROM_AUDIT: Final[dict[str, EventType]] = {
     "model.register": T.MODEL_REGISTERED,
     "model.delete": T.MODEL_DELETED,
     "model.profile": T.PROFILE_DONE,
+    "model.baseline": T.MODEL_BASELINE_SET,
     "registry.push": T.PACKAGE_PUSHED,
     "package.sign": T.PACKAGE_SIGNED,
     "device.enroll": T.DEVICE_ENROLLED,

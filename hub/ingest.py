@@ -44,7 +44,7 @@ from typing import Any
 
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
-from hub import events, telemetry
+from hub import drift_sketches, events, telemetry
 from hub.repeats import Repeats
 from hub.retained import DESIRED_FILTER, RetainedWatch
 from hub.storage.db import Connection, Database, dumps, format_time
@@ -75,6 +75,8 @@ class Counters:
     points: int = 0          # telemetry points stored
     duplicate_points: int = 0  # points seen before (resent after a reconnect)
     points_out_of_window: int = 0  # points stamped too far from the hub's clock, dropped
+    sketches: int = 0        # drift sketches stored (hub/drift.py)
+    sketches_dropped: Counter[str] = field(default_factory=Counter)  # by reason
     batches: int = 0
     last_batch: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)  # messages a batch -> batches
@@ -90,6 +92,8 @@ class Counters:
         self.points += other.points
         self.duplicate_points += other.duplicate_points
         self.points_out_of_window += other.points_out_of_window
+        self.sketches += other.sketches
+        self.sketches_dropped.update(other.sketches_dropped)
         self.batches += other.batches
         self.last_batch = other.last_batch
         self.batch_sizes.update(other.batch_sizes)
@@ -103,6 +107,7 @@ class Counters:
         return {"ingested": dict(self.ingested), "dropped": dropped,
                 "telemetry_points": self.points, "duplicate_points": self.duplicate_points,
                 "points_out_of_window": self.points_out_of_window,
+                "sketches": self.sketches, "sketches_dropped": dict(self.sketches_dropped),
                 "batches": self.batches, "last_batch": self.last_batch}
 
 
@@ -192,6 +197,9 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
         oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
+        sketches = drift_sketches.Sketches(conn, [points.device_id for points in batch.telemetry])
+        counted = drift_sketches.stored_points(conn, [(points.device_id, p.seq) for points in
+                                             batch.telemetry for p in points.points if p.sketches])
         for points in batch.telemetry:
             kept = [p for p in points.points if oldest <= p.at <= newest]
             if len(kept) < len(points.points):
@@ -205,7 +213,19 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
             new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
             counters.points += new
             counters.duplicate_points += len(rows) - new
+            for point in kept:
+                if (points.device_id, point.seq) not in counted:  # resent: counted already
+                    sketches.add(points.device_id, point)
+        _count_sketches(counters, sketches)
     return counters
+
+
+def _count_sketches(counters: Counters, sketches: drift_sketches.Sketches) -> None:
+    sketches.write()
+    counters.sketches += sketches.stored
+    counters.sketches_dropped.update(sketches.dropped)
+    if sketches.dropped:
+        counters.notes["telemetry", "sketch_dropped"] = sketches.note
 
 
 def derived_tags(report: protocol.ReportedState) -> dict[str, str]:
@@ -386,4 +406,5 @@ class Ingest:
         with self._counters_lock:
             c = self._counters
             return replace(c, ingested=Counter(c.ingested), dropped=Counter(c.dropped),
-                           batch_sizes=Counter(c.batch_sizes))
+                           batch_sizes=Counter(c.batch_sizes),
+                           sketches_dropped=Counter(c.sketches_dropped))

@@ -94,6 +94,13 @@ def _ingest(out: Exposition, state: HubState) -> None:
     out.family("edgefleet_ingest_duplicate_points", "counter",
                "Telemetry points received again (resent after a reconnect) and ignored.")
     out.sample(totals.duplicate_points if totals else 0)
+    out.family("edgefleet_ingest_sketches", "counter",
+               "Drift sketches (one feature of one point) stored.")
+    out.sample(totals.sketches if totals else 0)
+    out.family("edgefleet_ingest_sketches_dropped", "counter",
+               "Drift sketches dropped (logged): malformed, no_baseline or unknown_version.")
+    for reason, n in sorted(totals.sketches_dropped.items()) if totals else ():
+        out.sample(n, {"reason": reason})
     out.family("edgefleet_ingest_batch_messages", "histogram",
                "Messages per ingest batch (one database transaction).")
     sizes = totals.batch_sizes if totals else Counter()

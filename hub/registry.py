@@ -265,6 +265,8 @@ def delete_version(db: Database, blobs: BlobStore, name: str, version: int) -> N
         conn.execute("DELETE FROM model_files WHERE version_id = ?", (row[0],))
         profiles.delete(conn, name, version)
         conn.execute("DELETE FROM model_versions WHERE id = ?", (row[0],))
+        for table in ("drift_baselines", "drift_sketches", "drift_results"):
+            conn.execute(f"DELETE FROM {table} WHERE model = ? AND version = ?", (name, version))
         # Its packages (every variant, with their signatures) go with it, and what only
         # they used: collected in this transaction, sparing a push in progress.
         repo = f"models/{name}"

@@ -42,6 +42,7 @@ from hub.broker import BrokerError, ManagedBroker, find_mosquitto, hub_secret
 from hub.broker_certs import BrokerCertificates
 from hub.broker_config import BrokerConfig, BrokerTls, hub_username
 from hub.broker_logins import BrokerLogins
+from hub.drift import DriftWatch
 from hub.fleet import FleetLink
 from hub.keys import KeyRing
 from hub.liveness import Liveness
@@ -311,6 +312,8 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
     liveness.start()
     dispatcher = state.webhooks = Dispatcher(state.db, settings.webhook_policy)
     dispatcher.start()
+    drift_watch = DriftWatch(state.db, interval=settings.drift_interval_seconds)
+    drift_watch.start()
     host, _, port = bound.api_url.partition("://")[2].rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False,
@@ -335,6 +338,7 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         await asyncio.to_thread(retention.stop)
         await asyncio.to_thread(liveness.stop)
         await asyncio.to_thread(dispatcher.stop)
+        await asyncio.to_thread(drift_watch.stop)
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await asyncio.to_thread(broker.stop)

@@ -88,6 +88,10 @@ class HubSettings:
         10, "How often the hub sends itself a message through the broker; GET "
         "/fleet/status says receiving: false after three are missed."
     )  # type: ignore[assignment]
+    drift_interval_seconds: int = _setting(
+        60, "How often the hub computes the drift of every version with a baseline "
+        "(hub/drift.py); `edgefleet model drift` computes it on demand too."
+    )  # type: ignore[assignment]
     insecure: bool = _setting(
         False, "Plain HTTP and MQTT, no certificates: anyone on the network reads and "
         "changes everything (tokens, models, desired states). For tests on one host only."
@@ -180,6 +184,9 @@ class HubSettings:
                              f"{self.mqtt_max_queued_messages}")
         if not 1 <= self.heartbeat_seconds <= 3600:
             raise ValueError(f"--heartbeat-seconds must be 1-3600, got {self.heartbeat_seconds}")
+        if not 1 <= self.drift_interval_seconds <= 86400:
+            raise ValueError(f"--drift-interval-seconds must be 1-86400, got "
+                             f"{self.drift_interval_seconds}")
         if not 64 << 10 <= self.max_request_bytes <= 1 << 30:
             raise ValueError(f"--max-request-bytes must be 65536-1073741824, got "
                              f"{self.max_request_bytes}")

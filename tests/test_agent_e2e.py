@@ -294,6 +294,35 @@ def test_broker_outage_loses_no_telemetry(fleet_hub: HubProcess, broker: Mosquit
     assert len(set(seqs)) == len(seqs)
 
 
+def test_the_agent_sends_drift_sketches_of_what_it_serves(
+        fleet_hub: HubProcess, device: AgentProcess, tmp_path: Path) -> None:
+    """The serving process counts what it scores into the bins of the version's baseline,
+    and the agent sends them: the hub sees x[0] shifted, x[1] not."""
+    version = publish_version(fleet_hub, "watched", make_onnx(tmp_path / "model.onnx"))
+    sample = np.random.default_rng(5).normal(size=(1000, 3))
+    np.save(tmp_path / "sample.npy", sample)
+    env = {**os.environ, "EDGEFLEET_HUB": fleet_hub.url, "EDGEFLEET_TOKEN": fleet_hub.admin_token}
+    subprocess.run([*EDGEFLEET, "model", "baseline", f"watched:{version}",
+                    str(tmp_path / "sample.npy")], env=env, check=True, capture_output=True)
+    deploy(fleet_hub, device.device_id, f"watched:{version}")
+    wait_serving(fleet_hub, device, version, name="watched")
+    shifted = sample[:400] + [3.0, 0.0, 0.0]
+    for rows in np.split(shifted, 4):
+        infer(device, "watched", rows.tolist())
+
+    def drift() -> dict[str, dict]:
+        report = httpx.get(f"{fleet_hub.url}/api/v1/models/watched/versions/{version}/drift",
+                           headers={"Authorization": f"Bearer {fleet_hub.admin_token}"}).json()
+        return {f["feature"]: f for f in report["features"]}
+
+    found = wait_for(lambda: (d := drift())["x[0]"]["observed"] >= 400 and d, timeout=30,
+                     what="the sketches of 400 rows at the hub")
+    assert found["x[0]"]["drifted"] and not found["x[1]"]["drifted"]
+    assert found["x[1]"]["observed"] == found["x[0]"]["observed"]
+    subprocess.run([*EDGEFLEET, "undeploy", "watched", "--device", device.device_id], env=env,
+                   check=True, capture_output=True)
+
+
 @pytest.mark.parametrize("fmt", ["openvino", "tflite"])
 def test_each_runtime_serves_its_own_format(fleet_hub: HubProcess, device: AgentProcess,
                                             fmt: str, tmp_path: Path) -> None:

@@ -220,7 +220,8 @@ def test_a_database_from_before_variants_is_migrated(tmp_path: Path,
                             ("rollout_devices", "previous_settings")),
         tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
                 "webhook_deliveries", "webhooks", "events",  # 6
-                "model_profiles"))  # 7
+                "model_profiles",  # 7
+                "drift_baselines", "drift_sketches", "drift_results"))  # 8
     db = Database(hub.db.target)
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}

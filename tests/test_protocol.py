@@ -405,6 +405,6 @@ def test_the_protocol_needs_only_the_stdlib() -> None:
     modules = set(done.stdout.split())
     ours = {m for m in modules if m.split(".")[0] in ("contract", "agent", "packager", "hub")}
     assert ours == {"contract", "contract.protocol", "contract.canonical", "contract.names",
-                    "contract.settings"}
+                    "contract.settings", "contract.sketch"}
     foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"contract"}
     assert sorted(r for r in foreign if not r.startswith("_")) == []

@@ -286,7 +286,8 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(db_target: Any) -> None
     as_older_hub_left_it(old, 1, columns=(("rollouts", "spec"), *OLDER_THAN_3),
                          tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
                                  "webhook_deliveries", "webhooks", "events",  # 6
-                                 "model_profiles"))  # 7
+                                 "model_profiles",  # 7
+                                 "drift_baselines", "drift_sketches", "drift_results"))  # 8
     old.close()
     db = Database(db_target)
     assert "spec" in db.dialect.columns(db.conn, "rollouts")

@@ -337,3 +337,32 @@ def test_a_shadow_at_10_percent_sees_about_10_percent_of_requests(
         assert served.metric('edgefleet_serving_requests_total{model="tenth",version="1"}') == 400
     finally:
         assert served.stop() == 0, served.log()
+
+
+# ---- drift sketches ------------------------------------------------------------------
+
+
+def test_a_version_with_bins_counts_its_inputs_and_outputs(
+        served: ServeProcess, models: dict[str, Path]) -> None:
+    """What the agent sends as drift sketches: every row of every request, batched or not,
+    counted into the bins of its control body (agent/sketches.py), as numpy would count."""
+    edges = [-1.0, 0.0, 1.0]
+    spec = [{"side": "input", "tensor": "x", "column": c, "edges": edges} for c in (0, 2)]
+    spec.append({"side": "output", "tensor": "y", "column": 1, "edges": [0.0]})
+    served.deploy("sketched", onnx_version(models["a"], "1", sketch=spec))
+    rows = np.random.default_rng(3).normal(size=(40, 3)).astype(np.float32)
+    with served.client() as client:
+        for batch in np.split(rows, [1, 5, 25]):  # requests of 1, 4, 20 and 15 rows
+            answer = client.post("/v2/models/sketched/infer", json={"inputs": [{
+                "name": "x", "datatype": "FP32", "shape": list(batch.shape),
+                "data": batch.ravel().tolist()}]})
+            assert answer.status_code == 200, answer.text
+    with served.control() as control:
+        (stats,) = [r for r in control.get("/control/stats").json() if r["model"] == "sketched"]
+
+    def counted(values: np.ndarray, bins: list[float]) -> list[int]:
+        return np.histogram(values, [-np.inf, *bins, np.inf])[0].tolist()
+
+    assert stats["sketches"] == {
+        "x[0]": counted(rows[:, 0], edges), "x[2]": counted(rows[:, 2], edges),
+        "y[1]": counted(expected_linear(rows)[:, 1], [0.0])}

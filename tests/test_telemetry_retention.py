@@ -180,7 +180,8 @@ def test_a_schema_3_database_is_upgraded_and_its_points_rolled_up(tmp_path: Path
                        " ALTER TABLE deployments DROP COLUMN settings;"
                        " ALTER TABLE rollout_devices DROP COLUMN previous_settings;"
                        " DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events;"
-                       " DROP TABLE model_profiles;"
+                       " DROP TABLE model_profiles; DROP TABLE drift_baselines;"
+                       " DROP TABLE drift_sketches; DROP TABLE drift_results;"
                        " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
     conn.execute("INSERT INTO devices (id, name, tags) VALUES ('dev-1', 'one', '{}')")
     conn.execute("INSERT INTO telemetry VALUES ('dev-1', 1, ?, 'system', '{\"cpu_percent\":7}')",

@@ -11,6 +11,7 @@ daemon imports this module and stays free of pydantic.
      "self_test": {...inference request...},            optional
      "batching": {"max_batch_size": 32, "max_delay_ms": 0},  optional (off)
      "upstream": "http://127.0.0.1:PORT/v2/models/NAME/versions/V",  optional
+     "sketch": [...contract/sketch.py's SketchSpec...],  optional (no drift sketches)
      "candidate": {...the same fields...},              optional
      "traffic": 10, "shadow": false}
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from contract.settings import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, Batching
+from contract.sketch import SketchError, SketchSpec
 from contract.tensors import FRAMEWORKS
 
 # Names and versions appear in URL paths and metric labels.
@@ -66,6 +68,7 @@ class VersionBody:
     # contract/settings.py's, on (size 2 or more); None: every request is a runtime call
     batching: Batching | None = None
     upstream: str | None = None       # served elsewhere on loopback: proxied, not loaded
+    sketch: SketchSpec | None = None  # drift bins its inputs and outputs are counted into
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def _version_json(v: VersionBody) -> dict[str, Any]:
                            "max_delay_ms": v.batching.max_delay_ms}
     if v.upstream is not None:
         out["upstream"] = v.upstream
+    if v.sketch is not None:
+        out["sketch"] = v.sketch.to_json()
     return out
 
 
@@ -114,7 +119,7 @@ def build(body: DeploymentBody) -> dict[str, Any]:
 
 _VERSION_FIELDS: Final = frozenset(
     {"version", "model_dir", "entrypoint", "framework", "runtime", "self_test", "batching",
-     "upstream"})
+     "upstream", "sketch"})
 _BATCHING_FIELDS: Final = frozenset({"max_batch_size", "max_delay_ms"})
 _DEPLOYMENT_FIELDS: Final = _VERSION_FIELDS | {"candidate", "traffic", "shadow"}
 _RUNTIME_FIELDS: Final = frozenset({"prefer", "precision", "threads", "extra"})
@@ -190,9 +195,15 @@ def _version(data: Mapping[str, Any], where: str) -> VersionBody:
                                  or not re.fullmatch(UPSTREAM_PATTERN, upstream)):
         raise BodyError(f"{where}upstream: must be http://127.0.0.1:PORT/v2/models/NAME/"
                         "versions/VERSION (a private port on loopback)")
+    sketch = None
+    if data.get("sketch") is not None:
+        try:
+            sketch = SketchSpec.from_json(data["sketch"])
+        except SketchError as e:
+            raise BodyError(f"{where}sketch: {e}") from None
     return VersionBody(version, model_dir, _text(data, "entrypoint", where), framework,
                        _runtime(data.get("runtime"), f"{where}runtime"), self_test,
-                       _batching(data.get("batching"), f"{where}batching"), upstream)
+                       _batching(data.get("batching"), f"{where}batching"), upstream, sketch)
 
 
 def _batching(value: Any, name: str) -> Batching | None:

@@ -86,6 +86,7 @@ class Controller:
                     raise
                 deployment = Deployment(name, primary, candidate, body.traffic, body.shadow)
                 retired = self.table.install(deployment)
+                self.scorer.telemetry.sketch_with(name, primary.version, body.primary.sketch)
         log.info("deployment %s: %s", name,
                  ", ".join(f"{r} {v.version}" for r, v in deployment.roles()))
         return {

@@ -186,6 +186,7 @@ class Scorer:
         chosen.observe(result.work_seconds, call.size)
         self.telemetry.infer_latency.observe(result.infer_seconds, *labels)
         self.telemetry.latency.observe(time.perf_counter() - start, *labels)
+        self.telemetry.sketch(*labels, result.inputs, result.outputs)
         self.shadow.offer(chosen, result.inputs, result.outputs)
         return result
 

@@ -8,11 +8,15 @@ one `model_loaded` sample per version naming its runtime and device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 from agent.serving.limits import Limiter
 from agent.serving.metrics import Counter, Gauge, Histogram, Labels, Registry
 from agent.serving.table import ModelTable
+from agent.sketches import Sketcher
+from contract.sketch import SketchSpec
 
 # Seconds; from sub-millisecond tiny models on a desktop to slow ones on a Raspberry Pi.
 LATENCY_BUCKETS = (
@@ -94,6 +98,26 @@ class Telemetry:
             (*MODEL, "result"),
         ))
 
+        # Drift sketches per (deployment, version) whose control body carried bins
+        # (agent/sketches.py); kept, like the counters, after the version retires.
+        self.sketchers: dict[tuple[str, str], Sketcher] = {}
+
+    def sketch_with(self, deployment: str, version: str, spec: SketchSpec | None) -> None:
+        """Count this version's inputs and outputs into SPEC's bins from now on (the
+        same spec again keeps the counts)."""
+        key = (deployment, version)
+        current = self.sketchers.get(key)
+        if spec is None:
+            self.sketchers.pop(key, None)
+        elif current is None or current.spec != spec:
+            self.sketchers[key] = Sketcher(spec)
+
+    def sketch(self, deployment: str, version: str, inputs: Mapping[str, np.ndarray],
+               outputs: Mapping[str, np.ndarray]) -> None:
+        sketcher = self.sketchers.get((deployment, version))
+        if sketcher is not None:
+            sketcher.observe(inputs, outputs)
+
     def render(self) -> str:
         return self.registry.render()
 
@@ -105,6 +129,7 @@ class Telemetry:
         for (model, version, _reason), count in self.failures.snapshot().items():
             failures[(model, version)] = failures.get((model, version), 0.0) + count
         latency = self.latency.snapshot()
+        sketches = {key: s.counts() for key, s in list(self.sketchers.items())}
         return [
             {
                 "model": model,
@@ -114,6 +139,7 @@ class Telemetry:
                 "latency_buckets": [None if b == float("inf") else b for b in self.latency.bounds],
                 "latency_counts": latency.get((model, version), ([], 0.0))[0],
                 "latency_sum": latency.get((model, version), ([], 0.0))[1],
+                "sketches": sketches.get((model, version), {}),
             }
             for model, version in sorted(set(requests) | set(failures) | set(latency))
         ]

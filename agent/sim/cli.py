@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agent.identity import EnrollmentError
 from agent.options import TELEMETRY_INTERVAL
 from agent.sim.fleet import Fleet, unenrolled
-from agent.sim.options import PerVersion, SimOptions, parse_version
+from agent.sim.options import PerVersion, SimOptions, parse_drift, parse_version
 from contract import names, tls
 
 
@@ -94,6 +94,9 @@ def _enrollment_token(hub_url: str, api_token: str, tags: dict[str, str]) -> str
 @click.option("--latency-ms", "latencies", multiple=True, metavar="MS|MODEL:VERSION=MS",
               help="Mean simulated scoring latency: for every version, or one "
                    "(diabetes:3=80). May repeat. Default 20.")
+@click.option("--drift", "drifts", multiple=True, metavar="FEATURE=SHIFT",
+              help="Add SHIFT to a feature's simulated values (x[0]=1.5), for versions "
+                   "with a drift baseline. May repeat.")
 @click.option("--connect-concurrency", default=50, show_default=True, type=click.IntRange(1),
               help="Connection attempts under way at once (also after a broker restart).")
 @click.option("--duration", type=click.FloatRange(0, min_open=True),
@@ -106,7 +109,8 @@ def sim(count: int, hub_url: str | None, token: str | None, api_token: str | Non
         platform: str, telemetry_interval: float, rps: float, step_latency: float,
         fail_rate: float, fail_versions: tuple[str, ...], offline_rate: float,
         offline_seconds: float, error_rates: tuple[str, ...], latencies: tuple[str, ...],
-        connect_concurrency: int, duration: float | None, json_status_every: float | None,
+        drifts: tuple[str, ...], connect_concurrency: int, duration: float | None,
+        json_status_every: float | None,
         verbose: bool) -> None:
     """Simulate a fleet of devices that speak the real protocol, in one process.
 
@@ -133,7 +137,7 @@ def sim(count: int, hub_url: str | None, token: str | None, api_token: str | Non
             offline_rate=offline_rate, offline_seconds=offline_seconds,
             error_rate=PerVersion.parse(error_rates, default=0.0),
             latency_ms=PerVersion.parse(latencies, default=20.0),
-            connect_concurrency=connect_concurrency,
+            drift=parse_drift(drifts), connect_concurrency=connect_concurrency,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

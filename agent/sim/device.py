@@ -14,7 +14,10 @@ telemetry.
 
 What is simulated: the download, load and self-test (each state takes
 `step_latency`; `fail_rate` and `fail_versions` decide the self-test), and
-the scoring load (`requests_per_second`, `error_rate`, `latency_ms`).
+the scoring load (`requests_per_second`, `error_rate`, `latency_ms`), and, for
+a version whose desired state carries drift bins, its inputs and outputs
+(agent/sim/inputs.py; `drift` shifts features), counted by the agent's own
+sketch code.
 
 Each device is one task on the shared event loop (`run`), plus one while it
 applies a desired state. The task measures every `telemetry_interval`
@@ -35,6 +38,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import numpy as np
+
 from agent import identity as identities
 from agent import trust
 from agent.decisions import (
@@ -53,6 +58,7 @@ from agent.decisions import (
 )
 from agent.identity import Identity
 from agent.mqtt import Message, MqttError
+from agent.sim import inputs
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
 from agent.sim.options import SimOptions
 from contract import keys
@@ -84,6 +90,7 @@ from contract.protocol import (
 )
 from contract.settings import Batching, Resources, Settings
 from contract.signing import load_public_key
+from contract.sketch import SketchSpec
 
 log = logging.getLogger("edgefleet.sim")
 S = UpdateState
@@ -192,6 +199,9 @@ class SimDevice:
         # What the device is and has, as reported.
         self.applied_generation = 0
         self.serving: dict[str, Slot] = {}
+        # Deployment name -> its primary's drift bins, from the newest desired state.
+        self.sketch_specs: dict[str, SketchSpec] = {}
+        self._rng = np.random.default_rng(random.getrandbits(64))
         self.statuses: dict[tuple[str, int], DeploymentStatus] = {}
         self.refusals: list[Refusal] = []
         # Counters.
@@ -437,11 +447,16 @@ class SimDevice:
             await self._converge(deployment)
         for name in unloaded(self.serving, wanted):
             del self.serving[name]
+            self.sketch_specs.pop(name, None)
         self._prune(wanted)
         self.applied_generation = desired.generation
         self._changed()
 
     async def _converge(self, d: Deployment) -> None:
+        if d.sketch is None:
+            self.sketch_specs.pop(d.name, None)
+        else:
+            self.sketch_specs[d.name] = d.sketch
         slot = self.serving.get(d.name)
         step = next_step(d, slot.route if slot else None)
         if step is Step.UPDATE_PRIMARY:
@@ -529,17 +544,21 @@ class SimDevice:
             "agent_rss_mb": round(random.uniform(40, 45), 1),
             "telemetry_dropped": self.telemetry_dropped,
         })]
-        points += [("inference", values) for values in self._inference()]
-        for kind, values in points:
+        measured: list[tuple[str, dict[str, int | float | str], dict[str, list[int]]]] = [
+            (kind, values, {}) for kind, values in points]
+        measured += [("inference", values, sketches) for values, sketches in self._inference()]
+        for kind, values, sketches in measured:
             if len(self._queue) >= QUEUE_POINTS:
                 self._queue.popleft()
                 self.telemetry_dropped += 1
-            self._queue.append(Point(self.next_seq, at, kind, values))  # type: ignore[arg-type]
+            self._queue.append(Point(self.next_seq, at, kind, values,  # type: ignore[arg-type]
+                                     sketches))
             self.next_seq += 1
         self._wake.set()
 
-    def _inference(self) -> list[dict[str, int | float | str]]:
-        """One point per serving version, shaped like agent.telemetry.InferenceDeltas'."""
+    def _inference(self) -> list[tuple[dict[str, int | float | str], dict[str, list[int]]]]:
+        """One point per serving version, shaped like agent.telemetry.InferenceDeltas', with
+        its drift sketches."""
         o = self.options
         points = []
         for name, slot in self.serving.items():
@@ -559,5 +578,9 @@ class SimDevice:
                 if count > errors:
                     values.update(mean_ms=round(mean, 3), p50_ms=round(mean * 0.9, 3),
                                   p95_ms=round(mean * 1.8, 3), p99_ms=round(mean * 2.5, 3))
-                points.append(values)
+                spec = self.sketch_specs.get(name)
+                sketches = {}
+                if spec is not None and version == r.primary.version and count > errors:
+                    sketches = inputs.sketch(spec, count - errors, o.drift, self._rng)
+                points.append((values, sketches))
         return points

@@ -11,6 +11,7 @@ from agent import options as o
 from agent.inventory import agent_version
 from agent.mqtt import BackoffPolicy
 from contract import names
+from contract.sketch import FEATURE_NAME
 
 VersionKey = tuple[str, int]  # (model, version)
 
@@ -18,6 +19,18 @@ VersionKey = tuple[str, int]  # (model, version)
 def parse_version(text: str) -> VersionKey:
     """"diabetes:3" -> ("diabetes", 3)."""
     return names.model_version(text)
+
+
+def parse_drift(values: Iterable[str]) -> dict[str, float]:
+    """["x[0]=1.5"] -> {"x[0]": 1.5}; the options check the names."""
+    shifts = {}
+    for text in values:
+        feature, equals, number = text.rpartition("=")
+        try:
+            shifts[feature] = float(number) if equals else math.nan
+        except ValueError:
+            shifts[feature] = math.nan
+    return shifts
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,8 @@ class SimOptions:
     offline_seconds: float = 30.0            # how long a drop lasts, +-50 % jitter
     error_rate: PerVersion = PerVersion(0.0)     # fraction of simulated requests that fail
     latency_ms: PerVersion = PerVersion(20.0)    # mean simulated scoring latency
+    # Feature ("x[0]") -> what is added to its simulated values (agent/sim/inputs.py).
+    drift: Mapping[str, float] = field(default_factory=dict)
     keepalive: int = 60                      # MQTT keepalive, seconds
     connect_concurrency: int = 50            # connection attempts under way at once
     connect_jitter: float = 1.0              # first attempts spread over this many seconds
@@ -94,5 +109,9 @@ class SimOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.keepalive <= 0xFFFF:
             raise ValueError(f"keepalive must be 1-65535 seconds, got {self.keepalive}")
+        for feature, shift in self.drift.items():
+            if not FEATURE_NAME.fullmatch(feature) or not math.isfinite(shift):
+                raise ValueError(f"--drift {feature}: expected TENSOR[COLUMN]=NUMBER, "
+                                 "e.g. x[0]=1.5")
         self.error_rate.check("error_rate", high=1.0)
         self.latency_ms.check("latency_ms")

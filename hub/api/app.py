@@ -9,6 +9,7 @@ from hub.api import (
     admin,
     deployments,
     devices,
+    drift,
     errors,
     events,
     fleet,
@@ -37,7 +38,7 @@ def create_app(state: HubState) -> FastAPI:
     app.state.hub = state
     errors.install(app)
     for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics,
-                   keys, events, webhooks):
+                   keys, events, webhooks, drift):
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui

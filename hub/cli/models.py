@@ -20,6 +20,7 @@ from contract.errors import FormatError
 from contract.names import DEFAULT_VARIANT
 from contract.profiles import MAX_ITERATIONS, batch_sizes
 from contract.runtimes import RUNTIMES
+from hub.cli import drift
 from hub.cli.client import HubClient
 from hub.cli.output import (
     client,
@@ -116,13 +117,16 @@ def model() -> None:
 @click.option("--run-id", help="Training run id (e.g. from MLflow), for lineage.")
 @click.option("--allow-non-model", is_flag=True,
               help="Register the files even if none is a model the packager reads.")
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A sample of the training inputs (.npy, .npz, .csv) to watch drift "
+              "against; see `edgefleet model baseline`.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @hub_options
 @json_option
 def register(
     path: Path, name: str, tags: tuple[str, ...], metrics: tuple[str, ...], description: str,
-    dataset_digest: str | None, run_id: str | None, allow_non_model: bool, quiet: bool,
-    hub: str | None, token: str | None, as_json: bool,
+    dataset_digest: str | None, run_id: str | None, allow_non_model: bool,
+    baseline: Path | None, quiet: bool, hub: str | None, token: str | None, as_json: bool,
 ) -> None:
     """Register a file or a directory of files as the next version of NAME.
 
@@ -165,6 +169,64 @@ def register(
     else:
         say("Registered ", (f"{record['name']}:{record['version']}", "bold"),
             f" ({record['framework'] or 'unknown framework'}, {len(record['files'])} file(s))")
+    if baseline is not None:
+        # A refused baseline leaves the version registered: `model baseline` can add one.
+        summary = drift.send_baseline(hub_client, name, str(record["version"]), baseline)
+        if not as_json:
+            say(f"Baseline of {len(summary['features'])} feature(s) from {baseline.name}")
+
+
+@model.command()
+@click.argument("ref")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@hub_options
+@json_option
+def baseline(ref: str, file: Path, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Give a version its drift baseline from FILE, a sample of its training inputs.
+
+    FILE is .npy or .csv (rows of the model's only input; a CSV may start with a
+    header) or .npz (one array per input name; arrays named as outputs are a
+    baseline of predictions). Only per-feature statistics, bin edges (the
+    sample's deciles) and counts leave this machine. A sample that does not
+    match the version's signature is refused; a version has one baseline, set
+    before it is deployed.
+
+    \b
+    Example: edgefleet model baseline diabetes:3 train_inputs.npy
+    """
+    name, version = parse_ref(ref)
+    summary = drift.send_baseline(client(hub, token), name, version, file)
+    if as_json:
+        emit_one(summary, as_json=True)
+        return
+    emit(summary["features"], ["side", "tensor", "column", "count", "mean", "std", "min", "max"],
+         as_json=False)
+
+
+@model.command("drift")
+@click.argument("ref")
+@click.option("--target", "targets", multiple=True,
+              help="KEY=VALUE device tag, repeatable (all must match); default: every device.")
+@click.option("--window", default="24h", show_default=True,
+              help="How far back the devices' sketches count: 30m, 6h, 7d.")
+@hub_options
+@json_option
+def drift_(ref: str, targets: tuple[str, ...], window: str, hub: str | None,
+           token: str | None, as_json: bool) -> None:
+    """Drift of a version's inputs and predictions from its baseline, per feature.
+
+    Computed now from the sketches its devices sent: PSI and Jensen-Shannon
+    distance between the baseline's bin shares and the devices'. A feature
+    drifts at PSI >= 0.2 on at least 100 values; the hub also computes this
+    on a schedule and raises a drift.detected event when a feature starts drifting.
+
+    \b
+    Example: edgefleet model drift diabetes:3 --target stage=prod
+    """
+    name, version = parse_ref(ref)
+    report = client(hub, token).get(f"/api/v1/models/{name}/versions/{version}/drift",
+                                    params={"target": list(targets), "window": window})
+    drift.show_drift(report, as_json=as_json)
 
 
 @model.command("list")

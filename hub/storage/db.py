@@ -20,7 +20,7 @@ from typing import Any
 
 from hub.storage.dialect import Connection, Dialect, dialect_for
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -219,6 +219,7 @@ def _create_schema(db: _Schema) -> None:
     _add_telemetry_rollups(db)
     _add_events(db)
     _add_profiles(db)
+    _add_drift(db)
     db["meta"].create({"key": str, "value": str}, pk="key")
     db.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),))
@@ -273,6 +274,22 @@ def _add_profiles(db: _Schema) -> None:
                " PRIMARY KEY (model, version, device_class, runtime, device, variant, batch))")
 
 
+def _add_drift(db: _Schema) -> None:
+    """Schema 8: data drift (hub/drift.py): each version's baseline, the sketch counts
+    devices sent per hour, and the last drift computed per version, target and feature."""
+    db.execute("CREATE TABLE drift_baselines (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " baseline TEXT NOT NULL, spec TEXT NOT NULL, created_at TEXT NOT NULL,"
+               " created_by TEXT NOT NULL, PRIMARY KEY (model, version))")
+    # counts: a JSON object, feature -> its counts, so a message costs one row.
+    db.execute("CREATE TABLE drift_sketches (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " hour TEXT NOT NULL, device_id TEXT NOT NULL, counts TEXT NOT NULL,"
+               " PRIMARY KEY (model, version, hour, device_id))")
+    db.execute("CREATE TABLE drift_results (model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " target TEXT NOT NULL, feature TEXT NOT NULL, observed BIGINT NOT NULL,"
+               " psi DOUBLE PRECISION, js DOUBLE PRECISION, drifted BIGINT NOT NULL,"
+               " computed_at TEXT NOT NULL, PRIMARY KEY (model, version, target, feature))")
+
+
 def _migrate(db: _Schema) -> None:
     """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
     version = int(db.conn.execute(
@@ -307,6 +324,8 @@ def _migrate(db: _Schema) -> None:
         _add_events(db)
     if version < 7:
         _add_profiles(db)
+    if version < 8:
+        _add_drift(db)
     if version < SCHEMA_VERSION:
         db.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                         (str(SCHEMA_VERSION),))
