@@ -192,7 +192,9 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                          [(stamp, device in batch.status, device) for device in batch.seen])
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
-        oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
+        oldest, newest = clock - OLDEST_POINT, clock + NEWEST_POINT
+        rows = []
+        stamps: dict[datetime, str] = {}  # a message's points mostly share one time
         for points in batch.telemetry:
             kept = [p for p in points.points if oldest <= p.at <= newest]
             if len(kept) < len(points.points):
@@ -201,11 +203,14 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                 counters.notes["telemetry", "out_of_window"] = (
                     f"dropped {outside} telemetry point(s) from {points.device_id}: stamped "
                     f"outside {protocol.format_time(oldest)}..{protocol.format_time(newest)}")
-            rows = [{"seq": p.seq, "at": protocol.format_time(p.at), "kind": p.kind,
-                     "values": p.values} for p in kept]
-            new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
-            counters.points += new
-            counters.duplicate_points += len(rows) - new
+            for p in kept:
+                at = stamps.get(p.at)
+                if at is None:
+                    at = stamps[p.at] = protocol.format_time(p.at)
+                rows.append((points.device_id, p.seq, at, p.kind, p.values))
+        new = telemetry.store(db, rows)  # a savepoint in this transaction
+        counters.points += new
+        counters.duplicate_points += len(rows) - new
     return counters
 
 
