@@ -307,24 +307,17 @@ class Ingest:
             self._repeats.flush()
 
     def _take(self) -> list[Delivery]:
-        """The first message (waiting up to half a second), then whatever else is there."""
+        """What has arrived, up to max_batch, waiting up to half a second for the first."""
         try:
-            batch = [self.session.take(0.5)]
+            return self.session.take_many(self.max_batch, 0.5)
         except MqttTimeout:
             return []
-        try:
-            while len(batch) < self.max_batch:
-                batch.append(self.session.take(0))
-        except MqttError:  # nothing more there, or closed: write what was taken
-            pass
-        return batch
 
     def _write(self, batch: list[Delivery]) -> None:
         beats = [d for d in batch if d.message.topic == HEARTBEAT_TOPIC]
         if beats:
             self.heartbeat_at = time.monotonic()
-            for delivery in beats:
-                self.session.ack(delivery)
+            self.session.ack_many(beats)
             batch = [d for d in batch if d.message.topic != HEARTBEAT_TOPIC]
             if not batch:
                 return
@@ -341,8 +334,7 @@ class Ingest:
                           len(batch))
             self._write_one_by_one(batch)
             return
-        for delivery in batch:
-            self.session.ack(delivery)
+        self.session.ack_many(batch)
 
     def _watch(self, deliveries: list[Delivery]) -> None:
         addressed = []
@@ -358,8 +350,7 @@ class Ingest:
             except Exception:  # the loop must survive a busy or broken database
                 log.exception("judging %d desired state(s) on the broker failed",
                               len(addressed))
-        for delivery in deliveries:
-            self.session.ack(delivery)
+        self.session.ack_many(deliveries)
 
     def _write_one_by_one(self, batch: list[Delivery]) -> None:
         """So a message that breaks the writer costs only itself. It is acknowledged
