@@ -72,8 +72,8 @@ What is measured, and how to read it:
   The last row checks the hub's counter against the rows of its SQLite
   `telemetry` table, opened read-only.
 * processes: peak RSS, mean CPU and the busiest 1 s of CPU (psutil, every
-  0.1 s; 100 % is one core; a process with its children, so the simulator's
-  --processes count together) of the hub, the simulator and Mosquitto over each
+  0.1 s; 100 % is one core; the simulator's --processes count together) of
+  the hub, the simulator and Mosquitto over each
   timed rollout and each telemetry run. The hub's baseline is its RSS after
   start-up and the two publishes.
 
@@ -230,8 +230,8 @@ class Usage:
 
 
 class Sampler:
-    """RSS and CPU time of named processes, each with its children (the simulator's
-    --processes), every SAMPLE_EVERY_S, in a thread. A name may move to a new process
+    """RSS and CPU time of named processes (the simulator with its children: its
+    --processes) every SAMPLE_EVERY_S, in a thread. A name may move to a new process
     (the simulator is restarted per fleet size)."""
 
     def __init__(self) -> None:
@@ -253,7 +253,9 @@ class Sampler:
             for name, process in watched:
                 try:
                     rss, cpu = 0, 0.0
-                    for member in family(process):
+                    # Listing children reads every process's /proc entry: only the
+                    # simulator has any (--processes).
+                    for member in family(process) if name == "sim" else [process]:
                         with member.oneshot():
                             times = member.cpu_times()
                             rss += member.memory_info().rss
