@@ -853,6 +853,9 @@ def step_up(stack: Stack, stage: Stage) -> int | None:
             stage.connects[size] = stack.start_sim(size, TELEMETRY_INTERVAL_S)
         except SimFailed as failed:
             stage.stopped_by = f"{size:,} devices: {str(failed).splitlines()[0]}"
+            if stack.sim is not None:
+                console.log(f"[red]{size:,} devices did not connect: {failed}; the "
+                            f"simulator's log ends:\n{stack.sim.log_tail()}")
             stack.stop_sim()
             break
     largest = stage.largest
@@ -885,7 +888,8 @@ def run_stage(root: Path, sampler: Sampler, stage: Stage, windows: Windows | Non
         stack.sim_processes = sim_processes
         try:
             size = step_up(stack, stage)
-            if size is None:
+            if size is None:  # a fleet of one size only says why in the summary
+                stage.failed = stage.stopped_by
                 return
             v1, v2 = stack.versions
             console.log(f"{size:,} devices: rollout to v{v1}, then the timed one to v{v2}")
