@@ -472,3 +472,13 @@ def test_a_fleet_in_three_processes_counts_as_one_and_stops_with_its_parent(
     finally:
         process.kill()
         process.communicate()
+
+
+def test_a_child_that_cannot_enroll_stops_the_sim_with_its_reason(
+        site: Site, tmp_path: Path) -> None:
+    failed = subprocess.run(
+        [sys.executable, "-m", "agent.sim", "--devices", "4", "--processes", "2",
+         "--hub", site.hub.url, "--token", "efe_not-a-token", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert "Error:" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr

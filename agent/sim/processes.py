@@ -191,15 +191,17 @@ class ProcessFleet:
             self._children.append(child)
             threading.Thread(target=self._read, args=(child,), daemon=True,
                              name=f"sim-reader-{i}").start()
-        while not all(c.started for c in self._children):
-            failed = [c.failure for c in self._children if c.failure]
-            if failed:
-                await self.stop()
-                raise EnrollmentError(failed[0])
-            if self.lost:
-                await self.stop()
-                raise RuntimeError(self.lost)
-            await asyncio.sleep(0.05)
+        try:
+            while not all(c.started for c in self._children):
+                failed = [c.failure for c in self._children if c.failure]
+                if failed:
+                    raise EnrollmentError(failed[0])
+                if self.lost:
+                    raise RuntimeError(self.lost)
+                await asyncio.sleep(0.05)
+        except BaseException:  # failed, or cancelled (stopped while enrolling): all stop
+            await self.stop()
+            raise
 
     def _read(self, child: _Child) -> None:
         """A reader thread: the child's messages until its pipe closes."""
