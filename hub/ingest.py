@@ -15,7 +15,8 @@ is harmless (telemetry is keyed by (device, seq), the rest is state).
   inventory (accelerators, agent version), and the device's rows in
   `deployment_status`, replaced; only the newest report per device in a
   batch is written
-- telemetry: `hub.telemetry.ingest`, once per (device, seq)
+- telemetry: `hub.telemetry.store`, the whole batch's points in one INSERT, once per
+  (device, seq)
 - desired (the hub's own topics): handed to hub/retained.py, which looks for
   states the hub did not put there; nothing is written
 
