@@ -177,6 +177,19 @@ class _Inbox:
             self._on_room()
         return item
 
+    def take_many(self, most: int, timeout: float | None) -> list[Delivery]:
+        """The oldest MOST items or fewer, waiting up to TIMEOUT for the first; [] on
+        timeout or once closed. One lock for all: the hub's ingest takes hundreds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._items or self.closed, timeout)
+            if self.closed:
+                return []
+            was_full = self.full()
+            items = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        if was_full and items:
+            self._on_room()
+        return items
+
     def add_waker(self, wake: Callable[[], None]) -> None:
         with self._changed:
             self._wakers.add(wake)
@@ -629,6 +642,16 @@ class Session:
             raise MqttTimeout(f"no message within {timeout:g} s")
         return item
 
+    def take_many(self, most: int, timeout: float | None = None) -> list[Delivery]:
+        """`take` for a batch: the messages that have arrived, at most MOST, waiting up
+        to TIMEOUT for the first. MqttTimeout if none arrives; MqttError once closed."""
+        items = self._inbox.take_many(most, timeout)
+        if not items:
+            if self._inbox.closed:
+                raise MqttError(f"session {self.client_id!r} is closed")
+            raise MqttTimeout(f"no message within {timeout:g} s")
+        return items
+
     def messages(self) -> Iterator[Message]:
         """Messages as they come, until the session is closed."""
         while (item := self._inbox.take(None)) is not None:
@@ -669,9 +692,14 @@ class Session:
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a message from `take`. If the connection it came on is
         gone nothing is sent: the broker delivers the message again."""
-        if delivery.message.qos > 0:
-            with self._state:
+        self.ack_many((delivery,))
+
+    def ack_many(self, deliveries: Iterable[Delivery]) -> None:
+        """`ack` for several, in their order, under one lock."""
+        with self._state:
+            for delivery in deliveries:
                 # A PUBACK on a later connection could acknowledge another
                 # message with the same id. The broker redelivers this one.
-                if self._connected and delivery.epoch == self._epoch:
+                if delivery.message.qos > 0 and self._connected \
+                        and delivery.epoch == self._epoch:
                     self._client.ack(delivery.mid, delivery.message.qos)

@@ -22,7 +22,10 @@ UTC, "2025-01-31T12:00:00.000000Z" (fixed width, so they also sort as text).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -176,17 +179,19 @@ def parse_command_result_topic(topic: str) -> tuple[str, str]:
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Two readers could otherwise disagree about which duplicate counts,
     # so the signed and the applied document would differ.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ProtocolError(f"duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) < len(pairs):  # rare: then find which
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ProtocolError(f"duplicate key {key!r}")
+            seen.add(key)
     return result
 
 
 def _finite(text: str) -> float:
     number = float(text)
-    if number in (float("inf"), float("-inf")):
+    if math.isinf(number):
         raise ProtocolError(f"number {text} is out of range")
     return number
 
@@ -195,19 +200,24 @@ def _not_a_number(text: str) -> NoReturn:
     raise ProtocolError(f"{text} is not valid JSON")
 
 
-def _load(payload: bytes, *, limit: int, what: str) -> object:
+# Made once: json.loads with options makes a new decoder, and scanner, every call.
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_float=_finite,
+                           parse_constant=_not_a_number)
+# Floats can be valid only among a telemetry point's values, where _read_values
+# bounds them, infinity included: the per-float check of _finite is not needed there.
+_TELEMETRY = json.JSONDecoder(object_pairs_hook=_no_duplicates,
+                              parse_constant=_not_a_number)
+
+
+def _load(payload: bytes, *, limit: int, what: str,
+          decoder: json.JSONDecoder = _STRICT) -> object:
     if not isinstance(payload, bytes | bytearray):
         raise ProtocolError(f"{what} must be bytes, not {type(payload).__name__}")
     if len(payload) > limit:
         raise ProtocolError(f"{what} is {len(payload)} bytes; the limit is {limit}")
     try:
         # Decode explicitly: json.loads on bytes would also accept UTF-16/32.
-        return json.loads(
-            payload.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_float=_finite,
-            parse_constant=_not_a_number,
-        )
+        return decoder.decode(payload.decode("utf-8"))
     except ProtocolError as exc:
         raise ProtocolError(f"{what}: {exc}") from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -851,23 +861,48 @@ def _point_json(p: Point) -> dict[str, Any]:
     return body
 
 
+@functools.lru_cache(maxsize=1024)  # a fleet sends the same few names in every point
+def _value_name(name: str) -> bool:
+    return _VALUE_NAME.fullmatch(name) is not None
+
+
 def _read_values(path: str, value: object) -> dict[str, Value]:
     if not isinstance(value, dict):
         raise ProtocolError(f"{path}: expected an object, got {_describe(value)}")
     if len(value) > MAX_VALUES_PER_POINT:
         raise ProtocolError(f"{path}: {len(value)} values; the limit is {MAX_VALUES_PER_POINT}")
     for name, item in value.items():
-        if not _VALUE_NAME.fullmatch(name):
+        if len(name) > 64 or not _value_name(name):  # no long keys kept in the cache
             raise ProtocolError(f"{path}: value name {name!r} does not match {_VALUE_NAME.pattern}")
-        ok = (isinstance(item, int | float) and not isinstance(item, bool)
-              and abs(item) <= _MAX_INT) or (isinstance(item, str) and len(item) <= 128)
+        kind = type(item)  # exact types first: what JSON gives, and cheaper than isinstance
+        ok = ((kind is int or kind is float) and -_MAX_INT <= item <= _MAX_INT) or (
+            kind is str and len(item) <= 128) or (
+            isinstance(item, int | float) and not isinstance(item, bool)
+            and abs(item) <= _MAX_INT) or (isinstance(item, str) and len(item) <= 128)
         if not ok:
             raise ProtocolError(f"{path}.{name}: expected a number or a string of at most "
                                 f"128 characters, got {_describe(item)}")
     return value
 
 
-def _read_point(f: _Fields) -> Point:
+_POINT_FIELDS: Final = frozenset(("seq", "at", "kind", "values"))
+
+
+def _read_point(path: str, item: object) -> Point:
+    """One point. The common, well-formed point is read without _Fields' bookkeeping
+    (the hub reads thousands a second); anything else, or anything this finds
+    wrong, goes through `_read_point_fields`, which accepts the same and says what
+    is wrong."""
+    if type(item) is dict and item.keys() == _POINT_FIELDS:
+        seq, kind = item["seq"], item["kind"]
+        if type(seq) is int and 0 <= seq <= _MAX_INT and kind in ("system", "inference"):
+            with contextlib.suppress(ProtocolError):
+                return Point(seq=seq, at=parse_time(item["at"]), kind=kind,
+                             values=_read_values(f"{path}.values", item["values"]))
+    return _read_point_fields(_Fields(item, path))
+
+
+def _read_point_fields(f: _Fields) -> Point:
     kind = f.text("kind")
     if kind not in ("system", "inference"):
         f.fail("kind", f"{kind!r} is not 'system' or 'inference'")
@@ -887,11 +922,12 @@ def _read_point(f: _Fields) -> Point:
 
 def parse_telemetry(payload: bytes, *, device_id: str) -> TelemetryBatch:
     """The telemetry batch DEVICE_ID (from the topic) sent; ProtocolError if malformed."""
-    f = _Fields(_load(payload, limit=MAX_TELEMETRY_BYTES, what="telemetry batch"), "telemetry")
+    f = _Fields(_load(payload, limit=MAX_TELEMETRY_BYTES, what="telemetry batch",
+                      decoder=_TELEMETRY), "telemetry")
     _schema(f, TELEMETRY_SCHEMA)
     batch = TelemetryBatch(
         device_id=f.text("device_id", _ID),
-        points=tuple(_read_point(_Fields(item, path))
+        points=tuple(_read_point(path, item)
                      for path, item in f.items("points", MAX_TELEMETRY_POINTS)),
     )
     seq_from, seq_to = f.integer("seq_from"), f.integer("seq_to")

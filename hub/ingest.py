@@ -15,7 +15,8 @@ is harmless (telemetry is keyed by (device, seq), the rest is state).
   inventory (accelerators, agent version), and the device's rows in
   `deployment_status`, replaced; only the newest report per device in a
   batch is written
-- telemetry: `hub.telemetry.ingest`, once per (device, seq)
+- telemetry: `hub.telemetry.store`, the whole batch's points in one INSERT, once per
+  (device, seq)
 - desired (the hub's own topics): handed to hub/retained.py, which looks for
   states the hub did not put there; nothing is written
 
@@ -196,10 +197,12 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                          [(stamp, device in batch.status, device) for device in batch.seen])
         for device, (report, payload) in batch.reported.items():
             _write_reported(conn, device, report, payload, stamp)
-        oldest, newest = datetime.now(UTC) - OLDEST_POINT, datetime.now(UTC) + NEWEST_POINT
+        oldest, newest = clock - OLDEST_POINT, clock + NEWEST_POINT
         sketches = drift_sketches.Sketches(conn, [points.device_id for points in batch.telemetry])
         counted = drift_sketches.stored_points(conn, [(points.device_id, p.seq) for points in
                                              batch.telemetry for p in points.points if p.sketches])
+        rows = []
+        stamps: dict[datetime, str] = {}  # a message's points mostly share one time
         for points in batch.telemetry:
             kept = [p for p in points.points if oldest <= p.at <= newest]
             if len(kept) < len(points.points):
@@ -208,14 +211,16 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                 counters.notes["telemetry", "out_of_window"] = (
                     f"dropped {outside} telemetry point(s) from {points.device_id}: stamped "
                     f"outside {protocol.format_time(oldest)}..{protocol.format_time(newest)}")
-            rows = [{"seq": p.seq, "at": protocol.format_time(p.at), "kind": p.kind,
-                     "values": p.values} for p in kept]
-            new = telemetry.ingest(db, points.device_id, rows)  # a savepoint in this transaction
-            counters.points += new
-            counters.duplicate_points += len(rows) - new
-            for point in kept:
-                if (points.device_id, point.seq) not in counted:  # resent: counted already
-                    sketches.add(points.device_id, point)
+            for p in kept:
+                at = stamps.get(p.at)
+                if at is None:
+                    at = stamps[p.at] = protocol.format_time(p.at)
+                rows.append((points.device_id, p.seq, at, p.kind, p.values))
+                if (points.device_id, p.seq) not in counted:  # resent: counted already
+                    sketches.add(points.device_id, p)
+        new = telemetry.store(db, rows)  # a savepoint in this transaction
+        counters.points += new
+        counters.duplicate_points += len(rows) - new
         _count_sketches(counters, sketches)
     return counters
 
@@ -321,24 +326,17 @@ class Ingest:
             self._repeats.flush()
 
     def _take(self) -> list[Delivery]:
-        """The first message (waiting up to half a second), then whatever else is there."""
+        """What has arrived, up to max_batch, waiting up to half a second for the first."""
         try:
-            batch = [self.session.take(0.5)]
+            return self.session.take_many(self.max_batch, 0.5)
         except MqttTimeout:
             return []
-        try:
-            while len(batch) < self.max_batch:
-                batch.append(self.session.take(0))
-        except MqttError:  # nothing more there, or closed: write what was taken
-            pass
-        return batch
 
     def _write(self, batch: list[Delivery]) -> None:
         beats = [d for d in batch if d.message.topic == HEARTBEAT_TOPIC]
         if beats:
             self.heartbeat_at = time.monotonic()
-            for delivery in beats:
-                self.session.ack(delivery)
+            self.session.ack_many(beats)
             batch = [d for d in batch if d.message.topic != HEARTBEAT_TOPIC]
             if not batch:
                 return
@@ -355,8 +353,7 @@ class Ingest:
                           len(batch))
             self._write_one_by_one(batch)
             return
-        for delivery in batch:
-            self.session.ack(delivery)
+        self.session.ack_many(batch)
 
     def _watch(self, deliveries: list[Delivery]) -> None:
         addressed = []
@@ -372,8 +369,7 @@ class Ingest:
             except Exception:  # the loop must survive a busy or broken database
                 log.exception("judging %d desired state(s) on the broker failed",
                               len(addressed))
-        for delivery in deliveries:
-            self.session.ack(delivery)
+        self.session.ack_many(deliveries)
 
     def _write_one_by_one(self, batch: list[Delivery]) -> None:
         """So a message that breaks the writer costs only itself. It is acknowledged

@@ -27,12 +27,18 @@ KINDS = ("system", "inference")
 
 def ingest(db: Database, device_id: str, points: Iterable[Mapping[str, Any]]) -> int:
     """Store POINTS (each with seq, at, kind, values); returns how many were new."""
-    rows = [(device_id, p["seq"], p["at"], p["kind"], dumps(p["values"])) for p in points]
+    return store(db, [(device_id, p["seq"], p["at"], p["kind"], p["values"]) for p in points])
+
+
+def store(db: Database, rows: Iterable[tuple[str, int, str, str, Mapping[str, Any]]]) -> int:
+    """Store points of any devices, each (device_id, seq, at, kind, values), in one
+    statement: the ingest loop's whole batch at once. Returns how many were new."""
+    encoded = [(device, seq, at, kind, dumps(values)) for device, seq, at, kind, values in rows]
     with db.transaction() as conn:
         return conn.executemany(
             "INSERT INTO telemetry (device_id, seq, at, kind, metrics)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            rows,
+            encoded,
         ).rowcount
 
 

@@ -319,3 +319,27 @@ def test_the_loggers_say_what_happened(mosquitto: Mosquitto,
     assert "dev-1: connected to mqtt://127.0.0.1" in caplog.text
     assert "dev-1: connection lost" in caplog.text
     assert "dev-1: reconnecting to" in caplog.text
+
+
+def test_taken_in_batches_and_acknowledged_after_the_write(mosquitto: Mosquitto) -> None:
+    """take_many/ack_many (the hub's ingest): in order, at most as many as asked; what
+    was taken and not acknowledged before close comes again."""
+    commands = protocol.commands_topic("dev-1")
+    device = session(mosquitto, "dev-1", subscriptions=[commands])
+    with device, session(mosquitto, "hub") as hub:
+        device.wait_connected(5)
+        hub.publish_many([Message(commands, str(n).encode()) for n in range(10)])
+        taken: list[Any] = []
+        while len(taken) < 10:
+            taken += device.take_many(4, 10)
+            assert len(taken) <= 10
+        assert [int(d.message.payload) for d in taken] == list(range(10))
+        device.ack_many(taken[:5])
+        with pytest.raises(MqttTimeout):
+            device.take_many(4, 0.1)
+    with device:
+        again: list[int] = []
+        while not again or again[-1] != 9:
+            again += [int(d.message.payload) for d in device.take_many(10, 10)]
+    # At least once (see above): 5..9 come again, maybe some of 0..4 too.
+    assert [n for n in again if n > 4] == list(range(5, 10))

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
+import psutil
 import pytest
 
 from agent.mqtt import Message
 from agent.sim import Fleet, PerVersion, SimOptions
 from agent.sim.mqtt_lite import Client, ConnectOptions, parse_url
+from agent.sim.processes import split
 from conftest import Cli
 from contract import protocol, signing
 from hubproc import HubProcess, start_hub
@@ -382,3 +384,101 @@ def test_a_simulated_fleet_follows_a_key_rotation(site: Site, tmp_path: Path) ->
                              timeout=20, what="tiny:2, signed by the new key, everywhere")
             assert not any(d.refusals for d in fleet.devices)
     run(body, timeout=90)
+
+
+def test_the_device_range_splits_into_disjoint_parts() -> None:
+    assert split(10, 3) == [(0, 4), (4, 3), (7, 3)]
+    assert split(3, 3) == [(0, 1), (1, 1), (2, 1)]
+    for count, processes in ((0, 1), (3, 4), (5, 0)):
+        with pytest.raises(ValueError, match="processes for"):
+            split(count, processes)
+
+
+def test_the_command_line_refuses_a_bad_number_of_processes(tmp_path: Path) -> None:
+    for processes, devices, expected in (("0", "3", "0 is not in the range x>=1"),
+                                         ("4", "3", "4 processes for 3 devices")):
+        refused = subprocess.run(
+            [sys.executable, "-m", "agent.sim", "--devices", devices, "--processes", processes,
+             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=30,
+            check=False)
+        assert refused.returncode == 2 and expected in refused.stderr, refused.stderr
+
+
+def _sim_children(process: subprocess.Popen[str]) -> list[psutil.Process]:
+    return [p for p in psutil.Process(process.pid).children()
+            if "multiprocessing" in " ".join(p.cmdline()) and "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_a_fleet_in_three_processes_counts_as_one_and_stops_with_its_parent(
+        site: Site, tmp_path: Path) -> None:
+    data = tmp_path / "parts"
+    command = [sys.executable, "-m", "agent.sim", "--devices", "7", "--processes", "3",
+               "--hub", site.hub.url, "--token", site.token, "--data-dir", str(data),
+               "--name-prefix", "part-", "--telemetry-interval", "0.2",
+               "--json-status-every", "0.2"]
+
+    def until_connected(process: subprocess.Popen[str]) -> dict[str, Any]:
+        assert process.stdout is not None
+        for line in process.stdout:
+            status = json.loads(line)
+            if status["connected"] == 7 and status["sent"] > 7:
+                return status
+        raise AssertionError(f"the sim ended: {process.wait(5)}")
+
+    # SIGTERM: every child takes its devices offline, saves its part, and exits.
+    process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        status = until_connected(process)
+        assert status["devices"] == 7 and status["enrolled"] == 7
+        assert status["all_connected_after"] is not None
+        children = _sim_children(process)
+        assert len(children) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+                       for child in children)
+    finally:
+        process.kill()
+        _, err = process.communicate()
+    assert "stopped: 7 devices" in err, err
+    saved = {path.name: set(json.loads(path.read_text())) for path in data.glob("sim-*.json")}
+    assert saved == {"sim-state.0-2.json": {"part-00000", "part-00001", "part-00002"},
+                     "sim-state.3-4.json": {"part-00003", "part-00004"},
+                     "sim-state.5-6.json": {"part-00005", "part-00006"}}
+    with httpx.Client(base_url=site.hub.url, timeout=30,
+                      headers={"Authorization": f"Bearer {site.hub.admin_token}"}) as api:
+        mine = [d for d in api.get("/api/v1/devices").json() if d["name"].startswith("part-")]
+        assert len(mine) == 7
+        deadline = time.monotonic() + 10
+        while any(api.get(f"/api/v1/devices/{d['id']}").json()["status"] != "offline"
+                  for d in mine):
+            assert time.monotonic() < deadline, "the devices did not say offline"
+            time.sleep(0.1)
+
+    # A one-process sim takes every part's sequence numbers over: none is reused.
+    again = Fleet(None, None, 7, SimOptions(data_dir=data))
+    assert again._load_state().keys() == {f"part-{i:05d}" for i in range(7)}
+
+    # SIGKILL: nothing is left behind (the children die with the parent).
+    process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        until_connected(process)
+        children = _sim_children(process)
+        assert len(children) == 3
+        process.kill()
+        process.wait(5)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"orphans: {alive}"
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_a_child_that_cannot_enroll_stops_the_sim_with_its_reason(
+        site: Site, tmp_path: Path) -> None:
+    failed = subprocess.run(
+        [sys.executable, "-m", "agent.sim", "--devices", "4", "--processes", "2",
+         "--hub", site.hub.url, "--token", "efe_not-a-token", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert "Error:" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr

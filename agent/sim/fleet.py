@@ -11,6 +11,13 @@ the missing ones enroll. Their state (applied generation, what serves,
 refusals, telemetry sequence numbers) is saved in DATA_DIR/sim-state.json
 every few seconds and on stop.
 
+A fleet can be a part of a larger one (`first`: device numbers first..first+count-1,
+agent/sim/processes.py runs several in child processes). A part saves only its
+own devices, in its own file (sim-state.FIRST-LAST.json), so parts never write
+over each other; every fleet reads all the state files, the newest file
+winning for a device that is in several, so a sequence number is not reused
+whatever split ran before.
+
 Connections are attempted at most `connect_concurrency` at a time, with
 jitter and backoff (agent.mqtt.BackoffPolicy), at start and after every drop:
 a thousand clients reconnecting at once is what breaks some brokers.
@@ -24,6 +31,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -40,8 +48,8 @@ STATE_FILE: Final = "sim-state.json"
 SAVE_EVERY: Final = 30.0  # seconds; device.SEQ_MARGIN covers points measured in between
 
 
-def device_names(options: SimOptions, count: int) -> list[str]:
-    return [f"{options.name_prefix}{i:05d}" for i in range(count)]
+def device_names(options: SimOptions, count: int, first: int = 0) -> list[str]:
+    return [f"{options.name_prefix}{i:05d}" for i in range(first, first + count)]
 
 
 def unenrolled(options: SimOptions, count: int) -> int:
@@ -50,14 +58,33 @@ def unenrolled(options: SimOptions, count: int) -> int:
                for name in device_names(options, count))
 
 
+def state_file(first: int, count: int, part: bool) -> str:
+    return f"sim-state.{first}-{first + count - 1}.json" if part else STATE_FILE
+
+
+def load_states(data_dir: Path) -> dict[str, Any]:
+    """Every state file's devices merged, the newest file winning (see the docstring)."""
+    files = sorted(data_dir.glob("sim-state*.json"), key=lambda path: path.stat().st_mtime)
+    merged: dict[str, Any] = {}
+    for path in files:
+        merged.update(json.loads(path.read_text()))
+    return merged
+
+
 class Fleet:
     def __init__(self, hub_url: str | None, token: str | None, count: int,
-                 options: SimOptions | None = None) -> None:
-        if count < 1:
-            raise ValueError(f"a fleet needs at least one device, got {count}")
+                 options: SimOptions | None = None, *, first: int = 0,
+                 part: bool = False) -> None:
+        """PART: this fleet is one of several running at once (see the docstring)."""
+        if count < 1 or first < 0:
+            raise ValueError(f"a fleet needs at least one device from number 0 on, "
+                             f"got {count} from {first}")
         self.hub_url = hub_url
         self.token = token
         self.count = count
+        self.first = first
+        self._state_file = state_file(first, count, part)
+        self._part = part
         self.options = options or SimOptions()
         self.devices: list[SimDevice] = []
         self.enrolled = 0           # identities ready, loaded or new: for progress output
@@ -163,7 +190,7 @@ class Fleet:
 
     async def _identities(self) -> list[Identity]:
         directories = [self.options.data_dir / "devices" / name
-                       for name in device_names(self.options, self.count)]
+                       for name in device_names(self.options, self.count, self.first)]
         loaded = await asyncio.to_thread(lambda: [identities.load(d) for d in directories])
         missing = [i for i, found in enumerate(loaded) if found is None]
         self.enrolled = self.count - len(missing)
@@ -191,14 +218,15 @@ class Fleet:
     # -- saved state ------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, Any]:
-        path = self.options.data_dir / STATE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
+        return load_states(self.options.data_dir)
 
     async def _save(self, *, final: bool) -> None:
-        # Devices beyond this run's count keep their saved state (their sequence numbers).
-        self._saved.update({device.name: device.snapshot(final=final) for device in self.devices})
-        path = self.options.data_dir / STATE_FILE
-        await asyncio.to_thread(write_json, path, dict(self._saved))
+        mine = {device.name: device.snapshot(final=final) for device in self.devices}
+        # A whole fleet keeps the saved state of devices beyond this run's count (their
+        # sequence numbers); a part writes only its own.
+        self._saved.update(mine)
+        path = self.options.data_dir / self._state_file
+        await asyncio.to_thread(write_json, path, mine if self._part else dict(self._saved))
 
     async def _save_regularly(self) -> None:
         while True:  # at once too: a crash before the first round must not reuse numbers

@@ -42,8 +42,12 @@ def now() -> str:
     return format_time(datetime.now(UTC))
 
 
+# One encoder for all: json.dumps with options builds a new JSONEncoder every call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 class _Table:
