@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,22 +38,13 @@ from agent.mqtt import Message  # noqa: E402
 from agent.sketches import Sketcher  # noqa: E402
 from contract import protocol  # noqa: E402
 from contract.sketch import SketchSpec  # noqa: E402
+from harness import timed  # noqa: E402
 from hub import drift, drift_sketches  # noqa: E402
 from hub.ingest import write_batch  # noqa: E402
 from hub.storage.db import Database, dumps, format_time  # noqa: E402
 
 FEATURES = 10
 RNG = np.random.default_rng(0)
-
-
-def timed(work: Callable[[], object], repeat: int) -> float:
-    """Median seconds of WORK over REPEAT runs."""
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        work()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def fill(db: Database, devices: int) -> tuple[list[str], dict[str, list[int]]]:

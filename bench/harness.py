@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import time
@@ -151,6 +152,16 @@ def start_hub(data_dir: Path, *, extra_args: tuple[str, ...] = (), timeout: floa
 
 
 T = TypeVar("T")
+
+
+def timed(work: Callable[[], object], repeat: int) -> float:
+    """Median seconds of WORK over REPEAT runs."""
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        work()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
 
 
 def wait_for(check: Callable[[], T | None], *, timeout: float = 30, what: str = "it") -> T:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,22 +37,13 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from agent.mqtt import Message  # noqa: E402
 from contract import keys, protocol, signing  # noqa: E402
+from harness import timed  # noqa: E402
 from hub.ingest import write_batch  # noqa: E402
 from hub.keys import KeyRing  # noqa: E402
 from hub.retained import RetainedWatch  # noqa: E402
 from hub.storage.db import Database  # noqa: E402
 
 NOW = datetime.now(UTC)
-
-
-def timed(work: Callable[[], object], repeat: int) -> float:
-    """Median seconds of WORK over REPEAT runs."""
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        work()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def check(payload: bytes, public: ec.EllipticCurvePublicKey, start: keys.Trust) -> None:
