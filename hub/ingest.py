@@ -61,6 +61,26 @@ SUBSCRIPTIONS = (*(
     f for f in protocol.HUB_SUBSCRIPTIONS
     if f.rsplit("/", 1)[-1] in ("reported", "telemetry", "status")
 ), HEARTBEAT_TOPIC, DESIRED_FILTER)
+# Several hubs on one broker (replicas on one PostgreSQL database) read what devices send
+# live through one MQTT shared subscription group, so the broker hands each message to
+# one of them: a telemetry point is written once, not once per replica.
+SHARE_GROUP = "edgefleet-hub"
+_SHARED_KINDS = ("reported", "telemetry")
+
+
+def replica_subscriptions(replica: str) -> tuple[tuple[str, ...], str]:
+    """The topic filters and the heartbeat topic of the replica whose client id is REPLICA.
+
+    Reported states and telemetry go to one replica of the group. Status is read by
+    every replica, not shared: its messages are retained, the broker replays them on
+    subscribing (how a hub learns what changed while it was away) and never hands
+    retained messages to a shared subscription; writing a status twice is harmless.
+    The desired topics are watched by every replica (hub/retained.py needs the retained
+    ones too), and each replica's heartbeat proves its own session receives."""
+    heartbeat = f"{HEARTBEAT_TOPIC}/{replica}"
+    filters = tuple(f"$share/{SHARE_GROUP}/{f}" if f.rsplit("/", 1)[-1] in _SHARED_KINDS
+                    else f for f in SUBSCRIPTIONS if f not in (HEARTBEAT_TOPIC, DESIRED_FILTER))
+    return (*filters, heartbeat, DESIRED_FILTER), heartbeat
 # Points older than this (an agent queues at most ~6 days offline) or further ahead
 # than this (clock skew) are dropped: a point of 9999-12-31 would stay "newest" for ever.
 OLDEST_POINT = timedelta(days=30)
@@ -292,8 +312,10 @@ class Ingest:
     """The loop: take what has arrived, write it, go round again; see the module docstring."""
 
     def __init__(self, db: Database, session: Session, *, max_batch: int = 500,
-                 watch: RetainedWatch | None = None) -> None:
+                 watch: RetainedWatch | None = None,
+                 heartbeat_topic: str = HEARTBEAT_TOPIC) -> None:
         self.db, self.session, self.max_batch = db, session, max_batch
+        self.heartbeat_topic = heartbeat_topic  # this hub's own (`replica_subscriptions`)
         self.watch = watch  # judges what is on the desired topics (hub/retained.py)
         self._counters = Counters()
         self._counters_lock = threading.Lock()  # the REST API reads them from other threads
@@ -333,11 +355,11 @@ class Ingest:
             return []
 
     def _write(self, batch: list[Delivery]) -> None:
-        beats = [d for d in batch if d.message.topic == HEARTBEAT_TOPIC]
+        beats = [d for d in batch if d.message.topic == self.heartbeat_topic]
         if beats:
             self.heartbeat_at = time.monotonic()
             self.session.ack_many(beats)
-            batch = [d for d in batch if d.message.topic != HEARTBEAT_TOPIC]
+            batch = [d for d in batch if d.message.topic != self.heartbeat_topic]
             if not batch:
                 return
         desired = [d for d in batch if d.message.topic.endswith("/desired")]

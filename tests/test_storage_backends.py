@@ -4,6 +4,7 @@ reads and writes, a constraint's refusal, and a whole hub process on PostgreSQL.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import replace
@@ -18,9 +19,9 @@ from agent.mqtt import Message
 from contract import protocol
 from hub import devices, registry
 from hub.ingest import write_batch
-from hub.rollouts.leader import EngineLeader
+from hub.leader import Leader
 from hub.storage import errors
-from hub.storage.blobs import FileBlobStore
+from hub.storage.blobs import STALE_UPLOAD, FileBlobStore
 from hub.storage.db import Database
 from hubproc import start_hub
 from postgres import PostgresServer
@@ -137,8 +138,8 @@ def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresSe
 
 def test_one_hub_leads_the_rollout_engine_until_its_session_ends(tmp_path: Path,
                                                                    postgres_url: str) -> None:
-    assert EngineLeader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
-    first, second = EngineLeader(Database(postgres_url)), EngineLeader(Database(postgres_url))
+    assert Leader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
+    first, second = Leader(Database(postgres_url)), Leader(Database(postgres_url))
     assert first.held() and not second.held()
     assert first.held()  # still
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # as if its hub died
@@ -166,3 +167,20 @@ def test_a_hub_killed_outright_hands_the_rollout_engine_to_the_other(
             time.sleep(0.1)
     finally:
         assert other.stop() == 0, other.log()
+
+
+def test_a_starting_hub_keeps_another_replicas_upload_and_drops_crash_leftovers(
+        tmp_path: Path) -> None:
+    first = FileBlobStore(tmp_path / "blobs")
+    upload = first.writer()  # under way in one replica
+    upload.write(b"half of it")
+    leftover = tmp_path / "blobs" / "tmp" / "cut-off"
+    leftover.write_bytes(b"a crash's")
+    day_ago = time.time() - STALE_UPLOAD - 60
+    os.utime(leftover, (day_ago, day_ago))
+    FileBlobStore(tmp_path / "blobs")  # another replica starts on the same directory
+    assert not leftover.exists()
+    upload.write(b", then the rest")
+    digest, _ = upload.commit()
+    with first.open(digest) as stored:
+        assert stored.read() == b"half of it, then the rest"
