@@ -74,7 +74,7 @@ class FleetLink:
         self.db = db
         self.watch = RetainedWatch(db, keys)
         self.ingest = Ingest(db, self.session, max_batch=500, watch=self.watch,
-                             heartbeat_topic=self._heartbeat_topic)
+                             heartbeat_topic=self._heartbeat_topic, shared=replica is not None)
         self.publisher = desired.Publisher(db, self.session, keys, validity=validity,
                                            watch=self.watch)
 

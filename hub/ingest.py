@@ -180,9 +180,11 @@ def _parse(
     return batch
 
 
-def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
+def write_batch(db: Database, messages: Sequence[Message], *, shared: bool = False) -> Counters:
     """Parse MESSAGES and write them in one transaction; bad ones are dropped.
-    Returns what was written and dropped.
+    Returns what was written and dropped. SHARED: other replicas take messages of the
+    same devices (`replica_subscriptions`), so a report may arrive after a newer one
+    (see `_stale`).
 
     Parsing happens before the transaction, so the write lock is held only
     for the writes."""
@@ -216,6 +218,9 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                          " ELSE 'online' END WHERE id = ?",
                          [(stamp, device in batch.status, device) for device in batch.seen])
         for device, (report, payload) in batch.reported.items():
+            if shared and _stale(conn, device, report):
+                _drop(counters, "reported", "stale", device, "a newer report is stored")
+                continue
             _write_reported(conn, device, report, payload, stamp)
         oldest, newest = clock - OLDEST_POINT, clock + NEWEST_POINT
         sketches = drift_sketches.Sketches(conn, [points.device_id for points in batch.telemetry])
@@ -285,6 +290,19 @@ def cluster_tags(inventory: Mapping[str, object]) -> dict[str, str]:
     return tags
 
 
+def _stale(conn: Connection, device: str, report: protocol.ReportedState) -> bool:
+    """Is a newer report of DEVICE stored? One replica may write a report while another
+    still holds an older one: one it had in flight when it died, delivered again when it
+    is back. A device's states only move forward in time, so the report whose newest
+    state began later is the newer."""
+    if not report.deployments:
+        return False
+    stored = conn.execute("SELECT MAX(since) FROM deployment_status WHERE device_id = ?",
+                          (device,)).fetchone()[0]
+    return stored is not None and stored > max(
+        protocol.format_time(d.since) for d in report.deployments)
+
+
 def _write_reported(
     conn: Connection, device: str, report: protocol.ReportedState, payload: bytes,
     stamp: str,
@@ -313,9 +331,11 @@ class Ingest:
 
     def __init__(self, db: Database, session: Session, *, max_batch: int = 500,
                  watch: RetainedWatch | None = None,
-                 heartbeat_topic: str = HEARTBEAT_TOPIC) -> None:
+                 heartbeat_topic: str = HEARTBEAT_TOPIC, shared: bool = False) -> None:
+        """SHARED: one replica of several, reading `replica_subscriptions`."""
         self.db, self.session, self.max_batch = db, session, max_batch
         self.heartbeat_topic = heartbeat_topic  # this hub's own (`replica_subscriptions`)
+        self.shared = shared
         self.watch = watch  # judges what is on the desired topics (hub/retained.py)
         self._counters = Counters()
         self._counters_lock = threading.Lock()  # the REST API reads them from other threads
@@ -369,7 +389,7 @@ class Ingest:
             if not batch:
                 return
         try:
-            self._count(write_batch(self.db, [d.message for d in batch]))
+            self._count(write_batch(self.db, [d.message for d in batch], shared=self.shared))
         except Exception:
             log.exception("writing a batch of %d message(s) failed; writing them one by one",
                           len(batch))
@@ -400,7 +420,7 @@ class Ingest:
         for delivery in batch:
             message = delivery.message
             try:
-                self._count(write_batch(self.db, [message]))
+                self._count(write_batch(self.db, [message], shared=self.shared))
             except Exception as exc:
                 failed = Counters()
                 _drop(failed, message.topic.rsplit("/", 1)[-1], "write_failed",
