@@ -20,6 +20,7 @@ from contract import protocol
 from hub import devices, registry
 from hub.ingest import write_batch
 from hub.leader import Leader
+from hub.retention import Retention, RetentionPolicy
 from hub.storage import errors
 from hub.storage.blobs import STALE_UPLOAD, FileBlobStore
 from hub.storage.db import Database
@@ -112,6 +113,8 @@ def test_the_ingest_writes_status_reports_and_each_point_once(any_db: Database) 
     assert {r["seq"] for r in any_db.query("SELECT seq FROM telemetry")} == {1, 2}
     inventory = any_db.query_one("SELECT inventory FROM devices")
     assert inventory is not None and '"disk_mb"' in inventory["inventory"]
+    Retention(any_db, RetentionPolicy(), pause=0, duty=1).run_once()  # its SQL on both
+    assert [r["seq"] for r in any_db.query("SELECT seq FROM telemetry_rolled")] == [2]
 
 
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
