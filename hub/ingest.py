@@ -291,16 +291,18 @@ def cluster_tags(inventory: Mapping[str, object]) -> dict[str, str]:
 
 
 def _stale(conn: Connection, device: str, report: protocol.ReportedState) -> bool:
-    """Is a newer report of DEVICE stored? One replica may write a report while another
-    still holds an older one: one it had in flight when it died, delivered again when it
-    is back. A device's states only move forward in time, so the report whose newest
-    state began later is the newer."""
-    if not report.deployments:
+    """Is a newer report of DEVICE stored? Replicas write one device's reports in
+    parallel, and one may hold an older report while another writes a newer (or one it
+    had in flight when it died, delivered again when it is back). A device applies
+    desired generations in order, and within one its states only move forward in time:
+    of two reports, the newer has the higher (applied generation, newest state's start)."""
+    stored = conn.execute(
+        "SELECT applied_generation, (SELECT MAX(since) FROM deployment_status"
+        " WHERE device_id = ?) FROM devices WHERE id = ?", (device, device)).fetchone()
+    if stored is None or stored[0] is None:
         return False
-    stored = conn.execute("SELECT MAX(since) FROM deployment_status WHERE device_id = ?",
-                          (device,)).fetchone()[0]
-    return stored is not None and stored > max(
-        protocol.format_time(d.since) for d in report.deployments)
+    since = max((protocol.format_time(d.since) for d in report.deployments), default="")
+    return (stored[0], stored[1] or "") > (report.applied_generation, since)
 
 
 def _write_reported(

@@ -56,18 +56,20 @@ def leads(hub: HubProcess) -> bool:
 
 class Api:
     def __init__(self, hub: HubProcess) -> None:
-        self.client = httpx.Client(base_url=hub.url, timeout=30, verify=hub.verify,
-                                   headers={"Authorization": f"Bearer {hub.admin_token}"})
+        self.hub = hub
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with httpx.Client(base_url=self.hub.url, timeout=30, verify=self.hub.verify, headers={
+                "Authorization": f"Bearer {self.hub.admin_token}"}) as client:
+            answer = client.request(method, path, **kwargs)
+        answer.raise_for_status()
+        return answer.json()
 
     def get(self, path: str, **params: Any) -> Any:
-        answer = self.client.get(path, params=params)
-        answer.raise_for_status()
-        return answer.json()
+        return self.request("GET", path, params=params)
 
     def post(self, path: str, **kwargs: Any) -> Any:
-        answer = self.client.post(path, **kwargs)
-        answer.raise_for_status()
-        return answer.json()
+        return self.request("POST", path, **kwargs)
 
     def serving(self) -> dict[str, int | None]:
         """Device id -> the version of "tiny" it reports serving."""

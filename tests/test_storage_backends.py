@@ -187,3 +187,33 @@ def test_a_starting_hub_keeps_another_replicas_upload_and_drops_crash_leftovers(
     digest, _ = upload.commit()
     with first.open(digest) as stored:
         assert stored.read() == b"half of it, then the rest"
+
+
+def test_a_replica_skips_a_report_older_than_the_one_stored(any_db: Database) -> None:
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, status) VALUES"
+                     " ('dev-1', 'one', '{}', 'online')")
+    start = datetime.now(UTC)
+
+    def report(generation: int, *states: tuple[int, protocol.UpdateState, int]) -> Message:
+        return Message(protocol.reported_topic("dev-1"), protocol.build_reported(
+            protocol.ReportedState(
+                device_id="dev-1", applied_generation=generation, platform="linux/arm64",
+                accelerators=(), agent_version="0.1", deployments=tuple(
+                    protocol.DeploymentStatus("tiny", "tiny", version, state,
+                                              start + timedelta(seconds=at))
+                    for version, state, at in states))))
+
+    def stored() -> list[tuple[int, str]]:
+        return sorted((r["version"], r["state"]) for r in any_db.query(
+            "SELECT version, state FROM deployment_status"))
+
+    S = protocol.UpdateState
+    old = report(2, (1, S.SERVING, 0), (2, S.SELF_TEST, 5))
+    new = report(2, (1, S.SERVING, 0), (2, S.SERVING, 6))
+    assert write_batch(any_db, [new], shared=True).dropped == {}
+    counters = write_batch(any_db, [old], shared=True)  # the other replica's, late
+    assert counters.dropped == {("reported", "stale"): 1}
+    assert stored() == [(1, "serving"), (2, "serving")]
+    write_batch(any_db, [report(3, (2, S.SERVING, 6))], shared=True)  # v1 removed: newer
+    assert stored() == [(2, "serving")]
