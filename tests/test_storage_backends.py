@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -217,3 +218,10 @@ def test_a_replica_skips_a_report_older_than_the_one_stored(any_db: Database) ->
     assert stored() == [(1, "serving"), (2, "serving")]
     write_batch(any_db, [report(3, (2, S.SERVING, 6))], shared=True)  # v1 removed: newer
     assert stored() == [(2, "serving")]
+
+
+def test_hubs_opening_one_postgresql_database_at_once_all_open(postgres_url: str) -> None:
+    with ThreadPoolExecutor(6) as pool:  # replicas started together
+        opened = list(pool.map(lambda _: Database(postgres_url), range(6)))
+    for db in opened:
+        db.close()
