@@ -1,7 +1,9 @@
 """The hub's link to its devices: one MQTT session, the ingest loop and the publisher.
 
 The session (client id `edgefleet-hub`; the managed broker names it by its
-login) subscribes to what devices send;
+login; on PostgreSQL, where replicas may share the broker, its login name and a
+shared subscription, see hub/ingest.py `replica_subscriptions`) subscribes to what
+devices send;
 `hub.ingest` writes that to the database and `hub.desired` publishes their
 desired states over the same session. Starting does not wait for the
 broker: the session connects in the background and keeps reconnecting, so
