@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -298,8 +298,10 @@ def compute(db: Database, model: str, version: int, *, target: Sequence[tuple[st
 class DriftWatch:
     """The schedule: every INTERVAL seconds, each version with a baseline, all devices."""
 
-    def __init__(self, db: Database, *, interval: float = 60.0) -> None:
-        self.db, self.interval = db, interval
+    def __init__(self, db: Database, *, interval: float = 60.0,
+                 leads: Callable[[], bool] = lambda: True) -> None:
+        """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
+        self.db, self.interval, self.leads = db, interval, leads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -315,7 +317,8 @@ class DriftWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.sweep()
+            if self.leads():
+                self.sweep()
 
     def sweep(self) -> None:
         for row in self.db.query("SELECT model, version FROM drift_baselines"):

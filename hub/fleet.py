@@ -1,7 +1,9 @@
 """The hub's link to its devices: one MQTT session, the ingest loop and the publisher.
 
 The session (client id `edgefleet-hub`; the managed broker names it by its
-login) subscribes to what devices send;
+login; on PostgreSQL, where replicas may share the broker, its login name and a
+shared subscription, see hub/ingest.py `replica_subscriptions`) subscribes to what
+devices send;
 `hub.ingest` writes that to the database and `hub.desired` publishes their
 desired states over the same session. Starting does not wait for the
 broker: the session connects in the background and keeps reconnecting, so
@@ -34,7 +36,7 @@ from typing import Any
 from agent.mqtt import Message, MqttError, Session
 from contract import protocol
 from hub import desired
-from hub.ingest import HEARTBEAT_TOPIC, SUBSCRIPTIONS, Ingest
+from hub.ingest import HEARTBEAT_TOPIC, SUBSCRIPTIONS, Ingest, replica_subscriptions
 from hub.keys import KeyRing
 from hub.retained import RetainedWatch
 from hub.storage.db import Database
@@ -51,8 +53,11 @@ class FleetLink:
         self, db: Database, keys: KeyRing, *, mqtt_url: str,
         username: str | None, password: str | None, validity: timedelta,
         heartbeat: float = 10.0, broker_status: Callable[[], dict[str, Any]] | None = None,
+        replica: str | None = None,
     ) -> None:
-        """BROKER_STATUS describes the managed broker's process; None for an external one."""
+        """BROKER_STATUS describes the managed broker's process; None for an external one.
+        REPLICA is this hub's client id when it is one of several on one broker (it then
+        shares what devices send with the others, hub/ingest.py); None for a hub alone."""
         if heartbeat <= 0:
             raise ValueError(f"the heartbeat interval must be positive, not {heartbeat}")
         self.mqtt_url = mqtt_url
@@ -63,11 +68,15 @@ class FleetLink:
         self._broker_status = broker_status
         # The inbox is the ingest loop's largest batch, twice over: reading
         # from the broker pauses only when the loop falls well behind.
-        self.session = Session(mqtt_url, client_id=CLIENT_ID, username=username,
-                               password=password, subscriptions=SUBSCRIPTIONS, inbox_size=1000)
+        subscriptions, self._heartbeat_topic = (
+            (SUBSCRIPTIONS, HEARTBEAT_TOPIC) if replica is None
+            else replica_subscriptions(replica))
+        self.session = Session(mqtt_url, client_id=replica or CLIENT_ID, username=username,
+                               password=password, subscriptions=subscriptions, inbox_size=1000)
         self.db = db
         self.watch = RetainedWatch(db, keys)
-        self.ingest = Ingest(db, self.session, max_batch=500, watch=self.watch)
+        self.ingest = Ingest(db, self.session, max_batch=500, watch=self.watch,
+                             heartbeat_topic=self._heartbeat_topic, shared=replica is not None)
         self.publisher = desired.Publisher(db, self.session, keys, validity=validity,
                                            watch=self.watch)
 
@@ -101,7 +110,7 @@ class FleetLink:
                 since = time.monotonic()
                 continue
             try:
-                self.session.publish(HEARTBEAT_TOPIC, b"", qos=0, timeout=self._heartbeat)
+                self.session.publish(self._heartbeat_topic, b"", qos=0, timeout=self._heartbeat)
             except MqttError as exc:
                 log.debug("heartbeat not sent: %s", exc)
 

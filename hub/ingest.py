@@ -61,6 +61,26 @@ SUBSCRIPTIONS = (*(
     f for f in protocol.HUB_SUBSCRIPTIONS
     if f.rsplit("/", 1)[-1] in ("reported", "telemetry", "status")
 ), HEARTBEAT_TOPIC, DESIRED_FILTER)
+# Several hubs on one broker (replicas on one PostgreSQL database) read what devices send
+# live through one MQTT shared subscription group, so the broker hands each message to
+# one of them: a telemetry point is written once, not once per replica.
+SHARE_GROUP = "edgefleet-hub"
+_SHARED_KINDS = ("reported", "telemetry")
+
+
+def replica_subscriptions(replica: str) -> tuple[tuple[str, ...], str]:
+    """The topic filters and the heartbeat topic of the replica whose client id is REPLICA.
+
+    Reported states and telemetry go to one replica of the group. Status is read by
+    every replica, not shared: its messages are retained, the broker replays them on
+    subscribing (how a hub learns what changed while it was away) and never hands
+    retained messages to a shared subscription; writing a status twice is harmless.
+    The desired topics are watched by every replica (hub/retained.py needs the retained
+    ones too), and each replica's heartbeat proves its own session receives."""
+    heartbeat = f"{HEARTBEAT_TOPIC}/{replica}"
+    filters = tuple(f"$share/{SHARE_GROUP}/{f}" if f.rsplit("/", 1)[-1] in _SHARED_KINDS
+                    else f for f in SUBSCRIPTIONS if f not in (HEARTBEAT_TOPIC, DESIRED_FILTER))
+    return (*filters, heartbeat, DESIRED_FILTER), heartbeat
 # Points older than this (an agent queues at most ~6 days offline) or further ahead
 # than this (clock skew) are dropped: a point of 9999-12-31 would stay "newest" for ever.
 OLDEST_POINT = timedelta(days=30)
@@ -160,9 +180,11 @@ def _parse(
     return batch
 
 
-def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
+def write_batch(db: Database, messages: Sequence[Message], *, shared: bool = False) -> Counters:
     """Parse MESSAGES and write them in one transaction; bad ones are dropped.
-    Returns what was written and dropped.
+    Returns what was written and dropped. SHARED: other replicas take messages of the
+    same devices (`replica_subscriptions`), so a report may arrive after a newer one
+    (see `_stale`).
 
     Parsing happens before the transaction, so the write lock is held only
     for the writes."""
@@ -196,6 +218,9 @@ def write_batch(db: Database, messages: Sequence[Message]) -> Counters:
                          " ELSE 'online' END WHERE id = ?",
                          [(stamp, device in batch.status, device) for device in batch.seen])
         for device, (report, payload) in batch.reported.items():
+            if shared and _stale(conn, device, report):
+                _drop(counters, "reported", "stale", device, "a newer report is stored")
+                continue
             _write_reported(conn, device, report, payload, stamp)
         oldest, newest = clock - OLDEST_POINT, clock + NEWEST_POINT
         sketches = drift_sketches.Sketches(conn, [points.device_id for points in batch.telemetry])
@@ -265,6 +290,21 @@ def cluster_tags(inventory: Mapping[str, object]) -> dict[str, str]:
     return tags
 
 
+def _stale(conn: Connection, device: str, report: protocol.ReportedState) -> bool:
+    """Is a newer report of DEVICE stored? Replicas write one device's reports in
+    parallel, and one may hold an older report while another writes a newer (or one it
+    had in flight when it died, delivered again when it is back). A device applies
+    desired generations in order, and within one its states only move forward in time:
+    of two reports, the newer has the higher (applied generation, newest state's start)."""
+    stored = conn.execute(
+        "SELECT applied_generation, (SELECT MAX(since) FROM deployment_status"
+        " WHERE device_id = ?) FROM devices WHERE id = ?", (device, device)).fetchone()
+    if stored is None or stored[0] is None:
+        return False
+    since = max((protocol.format_time(d.since) for d in report.deployments), default="")
+    return (stored[0], stored[1] or "") > (report.applied_generation, since)
+
+
 def _write_reported(
     conn: Connection, device: str, report: protocol.ReportedState, payload: bytes,
     stamp: str,
@@ -292,8 +332,12 @@ class Ingest:
     """The loop: take what has arrived, write it, go round again; see the module docstring."""
 
     def __init__(self, db: Database, session: Session, *, max_batch: int = 500,
-                 watch: RetainedWatch | None = None) -> None:
+                 watch: RetainedWatch | None = None,
+                 heartbeat_topic: str = HEARTBEAT_TOPIC, shared: bool = False) -> None:
+        """SHARED: one replica of several, reading `replica_subscriptions`."""
         self.db, self.session, self.max_batch = db, session, max_batch
+        self.heartbeat_topic = heartbeat_topic  # this hub's own (`replica_subscriptions`)
+        self.shared = shared
         self.watch = watch  # judges what is on the desired topics (hub/retained.py)
         self._counters = Counters()
         self._counters_lock = threading.Lock()  # the REST API reads them from other threads
@@ -333,11 +377,11 @@ class Ingest:
             return []
 
     def _write(self, batch: list[Delivery]) -> None:
-        beats = [d for d in batch if d.message.topic == HEARTBEAT_TOPIC]
+        beats = [d for d in batch if d.message.topic == self.heartbeat_topic]
         if beats:
             self.heartbeat_at = time.monotonic()
             self.session.ack_many(beats)
-            batch = [d for d in batch if d.message.topic != HEARTBEAT_TOPIC]
+            batch = [d for d in batch if d.message.topic != self.heartbeat_topic]
             if not batch:
                 return
         desired = [d for d in batch if d.message.topic.endswith("/desired")]
@@ -347,7 +391,7 @@ class Ingest:
             if not batch:
                 return
         try:
-            self._count(write_batch(self.db, [d.message for d in batch]))
+            self._count(write_batch(self.db, [d.message for d in batch], shared=self.shared))
         except Exception:
             log.exception("writing a batch of %d message(s) failed; writing them one by one",
                           len(batch))
@@ -378,7 +422,7 @@ class Ingest:
         for delivery in batch:
             message = delivery.message
             try:
-                self._count(write_batch(self.db, [message]))
+                self._count(write_batch(self.db, [message], shared=self.shared))
             except Exception as exc:
                 failed = Counters()
                 _drop(failed, message.topic.rsplit("/", 1)[-1], "write_failed",

@@ -45,12 +45,14 @@ class Liveness:
 
     def __init__(self, db: Database, *, silent_for: timedelta, receiving: Callable[[], bool],
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 interval: float = 10.0) -> None:
+                 interval: float = 10.0, leads: Callable[[], bool] = lambda: True) -> None:
+        """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
         if silent_for <= timedelta(0) or interval <= 0:
             raise ValueError(f"liveness needs a positive silence and interval, got "
                              f"{silent_for} and {interval}")
         self.db, self.silent_for, self.receiving = db, silent_for, receiving
         self.clock, self.interval = clock, interval
+        self.leads = leads
         self.marked = 0
         self._heard_from = clock()  # since when the link has received without a break
         self._stop = threading.Event()
@@ -69,6 +71,8 @@ class Liveness:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if not self.leads():
+                continue
             try:
                 self.sweep()
             except Exception:  # a busy database: the next sweep tries again

@@ -154,12 +154,15 @@ class Retention:
         self, db: Database, policy: RetentionPolicy, *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         interval: float = 30.0, pause: float = 0.05, duty: float = 0.25,
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
+        """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
         if interval <= 0 or pause < 0 or not 0 < duty <= 1:
             raise ValueError(f"retention needs a positive interval, a pause not negative and "
                              f"a duty in (0, 1]; got {interval}, {pause} and {duty}")
         self.db, self.policy, self.clock = db, policy, clock
         self.interval, self.pause, self.duty = interval, pause, duty
+        self.leads = leads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -182,6 +185,9 @@ class Retention:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if not self.leads():
+                self._stop.wait(self.interval)
+                continue
             try:
                 self.run_once()
             except errors.ANY as exc:  # a busy or full database: the next pass tries again

@@ -5,7 +5,7 @@ started again (with the hub), it carries on where the database says. Health
 checks read telemetry, and completed rollouts look for devices that joined
 their target with a scan of the devices, so both run every few ticks rather
 than every one. Of several hubs on one PostgreSQL database only the leader ticks
-(hub/rollouts/leader.py); the others check each interval whether they lead now.
+(hub/leader.py); the others check each interval whether they lead now.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable, Iterable
 
 from hub.rollouts.engine import Engine
-from hub.rollouts.leader import EngineLeader
 from hub.storage.db import Database
 
 log = logging.getLogger("edgefleet.rollouts")
@@ -23,9 +22,11 @@ log = logging.getLogger("edgefleet.rollouts")
 
 class RolloutEngine:
     def __init__(self, db: Database, notify: Callable[[Iterable[str]], None], *,
-                 interval: float = 1.0, health_every: int = 5) -> None:
+                 interval: float = 1.0, health_every: int = 5,
+                 leads: Callable[[], bool] = lambda: True) -> None:
+        """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
         self.engine = Engine(db, notify)
-        self.leader = EngineLeader(db)
+        self.leads = leads
         self.interval = interval
         self.health_every = health_every
         self._stop = threading.Event()
@@ -39,7 +40,6 @@ class RolloutEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self.leader.release()
 
     def poke(self) -> None:
         """Tick now (a rollout was created or changed), not at the next interval."""
@@ -48,7 +48,7 @@ class RolloutEngine:
     def _run(self) -> None:
         ticks = 0
         while not self._stop.is_set():
-            if not self.leader.held():
+            if not self.leads():
                 self._wake.wait(self.interval)
                 self._wake.clear()
                 continue

@@ -45,6 +45,7 @@ from hub.broker_logins import BrokerLogins
 from hub.drift import DriftWatch
 from hub.fleet import FleetLink
 from hub.keys import KeyRing
+from hub.leader import Leader
 from hub.liveness import Liveness
 from hub.oci_registry import Uploads
 from hub.retention import Retention
@@ -295,24 +296,32 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         password=password, validity=timedelta(days=settings.desired_validity_days),
         heartbeat=settings.heartbeat_seconds,
         broker_status=broker.status if broker is not None else None,
+        # On PostgreSQL other hubs may share the broker: each needs a client id of its own
+        # (kept across restarts, so its persistent session is found again).
+        replica=(hub_username(hub_secret(settings.mqtt_secret_path))
+                 if state.db.dialect.name == "postgresql" else None),
     )
     if bound.mqtt_url.startswith("mqtts://") and served is not None:
         paths = served.authority.paths
         fleet.session.use_tls(tls.client_context(served.trust_path, paths.hub_cert,
                                                  paths.hub_key))
     fleet.start()
-    engine = state.rollouts = RolloutEngine(state.db, fleet.notify)
+    # The jobs that must run once per fleet; of several replicas, on the leader only.
+    leader = Leader(state.db)
+    engine = state.rollouts = RolloutEngine(state.db, fleet.notify, leads=leader.held)
     engine.start()
-    retention = state.retention = Retention(state.db, settings.retention)
+    retention = state.retention = Retention(state.db, settings.retention, leads=leader.held)
     retention.start()
     liveness = state.liveness = Liveness(
         state.db, receiving=fleet.receiving, interval=settings.heartbeat_seconds,
         silent_for=timedelta(seconds=settings.heartbeat_seconds
-                             * settings.device_offline_heartbeats))
+                             * settings.device_offline_heartbeats), leads=leader.held)
     liveness.start()
-    dispatcher = state.webhooks = Dispatcher(state.db, settings.webhook_policy)
+    dispatcher = state.webhooks = Dispatcher(state.db, settings.webhook_policy,
+                                             leads=leader.held)
     dispatcher.start()
-    drift_watch = DriftWatch(state.db, interval=settings.drift_interval_seconds)
+    drift_watch = DriftWatch(state.db, interval=settings.drift_interval_seconds,
+                             leads=leader.held)
     drift_watch.start()
     host, _, port = bound.api_url.partition("://")[2].rpartition(":")
     config = uvicorn.Config(
@@ -339,6 +348,7 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         await asyncio.to_thread(liveness.stop)
         await asyncio.to_thread(dispatcher.stop)
         await asyncio.to_thread(drift_watch.stop)
+        await asyncio.to_thread(leader.release)  # another replica may take the lead at once
         await asyncio.to_thread(fleet.stop)
         if broker is not None:
             await asyncio.to_thread(broker.stop)

@@ -48,6 +48,12 @@ class HubSettings:
         "postgresql://USER@HOST:PORT/DATABASE (better set EDGEFLEET_DATABASE_URL if it "
         "holds a password, which `ps` would show) [default: SQLite, hub.db in --data-dir]."
     )  # type: ignore[assignment]
+    shared_dir: Path | None = _setting(
+        None, "Where the hub keeps what its replicas share: blobs/ (model files, package "
+        "layers) and keys/ (the signing key devices trust). Hub replicas on one "
+        "--database-url give each its own --data-dir and all the same --shared-dir, a "
+        "directory they all reach [default: --data-dir]."
+    )  # type: ignore[assignment]
     host: str = _setting(
         "127.0.0.1", "Address the REST API and the managed broker listen on."
     )  # type: ignore[assignment]
@@ -153,6 +159,8 @@ class HubSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.shared_dir is not None:
+            object.__setattr__(self, "shared_dir", Path(self.shared_dir))
         _check_public(self.public_url, "--public-url", ("http", "https"), "http://hub.lan:8080")
         if self.database_url is not None and urlsplit(self.database_url).scheme not in (
                 "postgresql", "postgres"):
@@ -232,11 +240,11 @@ class HubSettings:
 
     @property
     def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return (self.shared_dir or self.data_dir) / "blobs"
 
     @property
     def signing_key_path(self) -> Path:
-        return self.data_dir / "keys" / "hub-signing.key"
+        return (self.shared_dir or self.data_dir) / "keys" / "hub-signing.key"
 
     @property
     def admin_token_path(self) -> Path:

@@ -352,10 +352,13 @@ class Dispatcher:
 
     def __init__(self, db: Database, policy: DeliveryPolicy, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 rand: Callable[[], float] = random.random, poll: float = 0.25) -> None:
+                 rand: Callable[[], float] = random.random, poll: float = 0.25,
+                 leads: Callable[[], bool] = lambda: True) -> None:
+        """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
         if poll <= 0:
             raise ValueError(f"the webhook dispatcher needs a positive poll, got {poll}")
         self.db, self.policy, self.clock, self.rand, self.poll = db, policy, clock, rand, poll
+        self.leads = leads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -394,12 +397,14 @@ class Dispatcher:
             while not self._stop.is_set():
                 try:
                     await self._settle_done(flying)
-                    await asyncio.to_thread(fan_out, self.db)
-                    for delivery in await asyncio.to_thread(
-                            due, self.db, self.clock(), per_endpoint=self.policy.per_endpoint,
-                            room=self._room(flying), busy=list(flying)):
-                        flying[delivery.id] = (delivery.webhook_id, asyncio.create_task(
-                            self._deliver(http, delivery, freed)))
+                    if await asyncio.to_thread(self.leads):  # else another hub delivers
+                        await asyncio.to_thread(fan_out, self.db)
+                        for delivery in await asyncio.to_thread(
+                                due, self.db, self.clock(),
+                                per_endpoint=self.policy.per_endpoint,
+                                room=self._room(flying), busy=list(flying)):
+                            flying[delivery.id] = (delivery.webhook_id, asyncio.create_task(
+                                self._deliver(http, delivery, freed)))
                 except Exception:  # a busy database, a bug: logged, and the loop goes on
                     log.exception("webhook dispatch failed; trying again")
                     self._count("dispatch_failures")

@@ -4,8 +4,10 @@ reads and writes, a constraint's refusal, and a whole hub process on PostgreSQL.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,9 +20,10 @@ from agent.mqtt import Message
 from contract import protocol
 from hub import devices, registry
 from hub.ingest import write_batch
-from hub.rollouts.leader import EngineLeader
+from hub.leader import Leader
+from hub.retention import Retention, RetentionPolicy
 from hub.storage import errors
-from hub.storage.blobs import FileBlobStore
+from hub.storage.blobs import STALE_UPLOAD, FileBlobStore
 from hub.storage.db import Database
 from hubproc import start_hub
 from postgres import PostgresServer
@@ -111,6 +114,8 @@ def test_the_ingest_writes_status_reports_and_each_point_once(any_db: Database) 
     assert {r["seq"] for r in any_db.query("SELECT seq FROM telemetry")} == {1, 2}
     inventory = any_db.query_one("SELECT inventory FROM devices")
     assert inventory is not None and '"disk_mb"' in inventory["inventory"]
+    Retention(any_db, RetentionPolicy(), pause=0, duty=1).run_once()  # its SQL on both
+    assert [r["seq"] for r in any_db.query("SELECT seq FROM telemetry_rolled")] == [2]
 
 
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
@@ -137,8 +142,8 @@ def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresSe
 
 def test_one_hub_leads_the_rollout_engine_until_its_session_ends(tmp_path: Path,
                                                                    postgres_url: str) -> None:
-    assert EngineLeader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
-    first, second = EngineLeader(Database(postgres_url)), EngineLeader(Database(postgres_url))
+    assert Leader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
+    first, second = Leader(Database(postgres_url)), Leader(Database(postgres_url))
     assert first.held() and not second.held()
     assert first.held()  # still
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # as if its hub died
@@ -166,3 +171,57 @@ def test_a_hub_killed_outright_hands_the_rollout_engine_to_the_other(
             time.sleep(0.1)
     finally:
         assert other.stop() == 0, other.log()
+
+
+def test_a_starting_hub_keeps_another_replicas_upload_and_drops_crash_leftovers(
+        tmp_path: Path) -> None:
+    first = FileBlobStore(tmp_path / "blobs")
+    upload = first.writer()  # under way in one replica
+    upload.write(b"half of it")
+    leftover = tmp_path / "blobs" / "tmp" / "cut-off"
+    leftover.write_bytes(b"a crash's")
+    day_ago = time.time() - STALE_UPLOAD - 60
+    os.utime(leftover, (day_ago, day_ago))
+    FileBlobStore(tmp_path / "blobs")  # another replica starts on the same directory
+    assert not leftover.exists()
+    upload.write(b", then the rest")
+    digest, _ = upload.commit()
+    with first.open(digest) as stored:
+        assert stored.read() == b"half of it, then the rest"
+
+
+def test_a_replica_skips_a_report_older_than_the_one_stored(any_db: Database) -> None:
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, status) VALUES"
+                     " ('dev-1', 'one', '{}', 'online')")
+    start = datetime.now(UTC)
+
+    def report(generation: int, *states: tuple[int, protocol.UpdateState, int]) -> Message:
+        return Message(protocol.reported_topic("dev-1"), protocol.build_reported(
+            protocol.ReportedState(
+                device_id="dev-1", applied_generation=generation, platform="linux/arm64",
+                accelerators=(), agent_version="0.1", deployments=tuple(
+                    protocol.DeploymentStatus("tiny", "tiny", version, state,
+                                              start + timedelta(seconds=at))
+                    for version, state, at in states))))
+
+    def stored() -> list[tuple[int, str]]:
+        return sorted((r["version"], r["state"]) for r in any_db.query(
+            "SELECT version, state FROM deployment_status"))
+
+    S = protocol.UpdateState
+    old = report(2, (1, S.SERVING, 0), (2, S.SELF_TEST, 5))
+    new = report(2, (1, S.SERVING, 0), (2, S.SERVING, 6))
+    assert write_batch(any_db, [new], shared=True).dropped == {}
+    counters = write_batch(any_db, [old], shared=True)  # the other replica's, late
+    assert counters.dropped == {("reported", "stale"): 1}
+    assert stored() == [(1, "serving"), (2, "serving")]
+    write_batch(any_db, [report(3, (2, S.SERVING, 6))], shared=True)  # v1 removed: newer
+    assert stored() == [(2, "serving")]
+
+
+def test_hubs_opening_one_postgresql_database_at_once_all_open(postgres_url: str) -> None:
+    with ThreadPoolExecutor(6) as pool:  # replicas started together
+        opened = list(pool.map(lambda _: Database(postgres_url), range(6)))
+    for db in opened:
+        db.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,8 @@ from contract import names
 # arrives, so that commit's fsync, which made a 500 MB upload wait a few tenths
 # of a second at the end, waits only for the last of them.
 FLUSH_EVERY = 32 << 20
+# An upload's temporary file untouched this long (seconds) was cut off by a crash.
+STALE_UPLOAD = 24 * 3600
 
 
 class BlobError(Exception):
@@ -117,9 +120,18 @@ class FileBlobStore:
         # Threads start on the first flush; one per upload flushing at the same moment.
         self.flusher = ThreadPoolExecutor(thread_name_prefix="blob-flush")
         (root / "tmp").mkdir(parents=True, exist_ok=True)
-        # Leftovers of uploads cut off by a crash are never referenced: drop them.
-        for leftover in (root / "tmp").iterdir():
-            leftover.unlink(missing_ok=True)
+        self.drop_leftovers(time.time())
+
+    def drop_leftovers(self, now: float) -> None:
+        """Delete the uploads cut off by a crash: never referenced, and untouched for
+        `STALE_UPLOAD` seconds. Newer ones may be uploads under way in another hub
+        replica that shares this directory; a live upload writes all the time."""
+        for leftover in os.scandir(self.root / "tmp"):
+            try:
+                if now - leftover.stat().st_mtime > STALE_UPLOAD:
+                    os.unlink(leftover.path)
+            except FileNotFoundError:  # committed or aborted while we looked
+                continue
 
     def local_path(self, digest: str) -> Path:
         hexdigest = check_digest(digest).removeprefix("sha256:")

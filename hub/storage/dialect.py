@@ -120,7 +120,10 @@ class Postgres:
     def prepare(self, conn: Connection) -> None:
         from hub.storage import postgres
         assert isinstance(conn, postgres.Connection)
-        conn.run_script(postgres.FUNCTIONS)
+        # Hubs opening the database at once (replicas started together) would replace
+        # the same functions concurrently, which PostgreSQL refuses ("tuple concurrently
+        # updated"): one script is one implicit transaction, so the lock is held to its end.
+        conn.run_script(f"SELECT pg_advisory_xact_lock({_WRITE_LOCK});\n{postgres.FUNCTIONS}")
 
     def ddl(self, sql: str) -> str:
         return (sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", self.serial_key)

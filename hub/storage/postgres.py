@@ -76,8 +76,12 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT extract(epoch FROM moment::timestamptz) / 86
 
 # SQLite spellings with another name on PostgreSQL (json_each: PostgreSQL has its own,
 # for json objects only). rowid becomes ctid: both name a row of a table without its key.
-_RENAMES = {"json_each": "ef_json_each", "group_concat": "string_agg", "rowid": "ctid"}
-_TOKENS = re.compile(r"'(?:[^']|'')*'|\?|%|:[A-Za-z_]\w*|\b(?:json_each|group_concat|rowid)\b")
+# "CROSS JOIN ... ON" is SQLite's inner join in the order written (its planner keeps
+# it); PostgreSQL refuses ON after CROSS JOIN and plans the order itself.
+_RENAMES = {"json_each": "ef_json_each", "group_concat": "string_agg", "rowid": "ctid",
+            "CROSS JOIN": "JOIN"}
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\?|%|:[A-Za-z_]\w*"
+                     r"|\b(?:json_each|group_concat|rowid|CROSS JOIN)\b")
 
 
 @lru_cache(maxsize=1024)
