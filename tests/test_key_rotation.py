@@ -51,8 +51,16 @@ def device_record(hub: HubProcess, device_id: str) -> dict:
 
 def serving(hub: HubProcess, agent: AgentProcess, version: int) -> bool:
     rows = (device_record(hub, agent.device_id).get("reported") or {}).get("deployments", [])
-    return any(r["version"] == version and r["state"] == "serving" for r in rows) and \
-        infer(agent, "tiny", ROWS)["model_version"] == str(version)
+    if not any(r["version"] == version and r["state"] == "serving" for r in rows):
+        return False
+    try:
+        return infer(agent, "tiny", ROWS)["model_version"] == str(version)
+    except httpx.HTTPStatusError as exc:
+        # Just restarted, the agent has not loaded the model yet, while the hub still
+        # shows what it reported before it was killed.
+        if exc.response.status_code == 404:
+            return False
+        raise
 
 
 def trusted(agent: AgentProcess) -> dict:
