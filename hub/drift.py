@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ from hub import events
 from hub.drift_sketches import hour_of
 from hub.errors import Conflict, NotFound
 from hub.events import EventType
+from hub.periodic import Periodic
 from hub.storage.db import Connection, Database, dumps, format_time, now
 from hub.validation import InvalidInput
 
@@ -295,30 +295,14 @@ def compute(db: Database, model: str, version: int, *, target: Sequence[tuple[st
     return report
 
 
-class DriftWatch:
+class DriftWatch(Periodic):
     """The schedule: every INTERVAL seconds, each version with a baseline, all devices."""
 
     def __init__(self, db: Database, *, interval: float = 60.0,
                  leads: Callable[[], bool] = lambda: True) -> None:
         """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
-        self.db, self.interval, self.leads = db, interval, leads
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.leads():
-                self.sweep()
+        super().__init__("drift", self.sweep, interval=interval, leads=leads)
+        self.db = db
 
     def sweep(self) -> None:
         for row in self.db.query("SELECT model, version FROM drift_baselines"):

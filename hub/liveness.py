@@ -17,12 +17,12 @@ gets a whole `silent_for` to be heard first.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from hub import events
 from hub.events import EventType
+from hub.periodic import Periodic
 from hub.storage.db import Database, format_time
 
 log = logging.getLogger("edgefleet.hub.liveness")
@@ -40,43 +40,24 @@ def mark_silent(db: Database, *, now: datetime, silent_for: timedelta) -> list[s
     return silent
 
 
-class Liveness:
-    """The thread: a sweep every INTERVAL seconds once the grace after a start is over."""
+class Liveness(Periodic):
+    """The job: a sweep every INTERVAL seconds once the grace after a start is over."""
 
     def __init__(self, db: Database, *, silent_for: timedelta, receiving: Callable[[], bool],
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  interval: float = 10.0, leads: Callable[[], bool] = lambda: True) -> None:
         """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
-        if silent_for <= timedelta(0) or interval <= 0:
-            raise ValueError(f"liveness needs a positive silence and interval, got "
-                             f"{silent_for} and {interval}")
+        if silent_for <= timedelta(0):
+            raise ValueError(f"liveness needs a positive silence, not {silent_for}")
+        super().__init__("device-liveness", self.sweep, interval=interval, leads=leads)
         self.db, self.silent_for, self.receiving = db, silent_for, receiving
-        self.clock, self.interval = clock, interval
-        self.leads = leads
+        self.clock = clock
         self.marked = 0
         self._heard_from = clock()  # since when the link has received without a break
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._heard_from = self.clock()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="device-liveness", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            if not self.leads():
-                continue
-            try:
-                self.sweep()
-            except Exception:  # a busy database: the next sweep tries again
-                log.exception("the device liveness sweep failed")
+        super().start()
 
     def sweep(self) -> list[str]:
         """Mark the silent devices, if the hub can tell; returns their ids."""

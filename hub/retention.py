@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub import rollups
+from hub.periodic import Periodic
 from hub.storage import errors
 from hub.storage.db import Database, format_time
 
@@ -147,8 +148,8 @@ def prune_events(db: Database, cutoff: datetime, limit: int) -> int:
     return len(gone)
 
 
-class Retention:
-    """The thread: a pass every INTERVAL seconds; CLOCK is injected (tests, bench/retention.py)."""
+class Retention(Periodic):
+    """The job: a pass every INTERVAL seconds; CLOCK is injected (tests, bench/retention.py)."""
 
     def __init__(
         self, db: Database, policy: RetentionPolicy, *,
@@ -157,53 +158,35 @@ class Retention:
         leads: Callable[[], bool] = lambda: True,
     ) -> None:
         """LEADS says whether this hub runs the one-replica jobs now (hub/leader.py)."""
-        if interval <= 0 or pause < 0 or not 0 < duty <= 1:
-            raise ValueError(f"retention needs a positive interval, a pause not negative and "
-                             f"a duty in (0, 1]; got {interval}, {pause} and {duty}")
+        if pause < 0 or not 0 < duty <= 1:
+            raise ValueError(f"retention needs a pause not negative and a duty in (0, 1]; "
+                             f"got {pause} and {duty}")
+        super().__init__("telemetry-retention", self._pass, interval=interval, leads=leads,
+                         at_start=True)
         self.db, self.policy, self.clock = db, policy, clock
-        self.interval, self.pause, self.duty = interval, pause, duty
-        self.leads = leads
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.pause, self.duty = pause, duty
         self._lock = threading.Lock()
         self._stats: dict[str, Any] = {"passes": 0, "rolled_up": 0, "failures": 0,
                                        "deleted": {"raw": 0, "minute": 0, "hour": 0},
                                        "events_deleted": 0,
                                        "last_pass_seconds": None}
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="telemetry-retention",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the transaction under way."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self.leads():
-                self._stop.wait(self.interval)
-                continue
-            try:
-                self.run_once()
-            except errors.ANY as exc:  # a busy or full database: the next pass tries again
-                log.warning("telemetry retention pass failed: %s; retrying in %ss",
-                            exc, self.interval)
-                self._count(failures=1)
-            except Exception:  # a bug: logged whole, and the thread keeps going
-                log.exception("telemetry retention pass failed; retrying in %ss", self.interval)
-                self._count(failures=1)
-            self._stop.wait(self.interval)
+    def _pass(self) -> None:
+        try:
+            self.run_once()
+        except errors.ANY as exc:  # a busy or full database: the next pass tries again
+            log.warning("telemetry retention pass failed: %s; retrying in %ss",
+                        exc, self.interval)
+            self._count(failures=1)
+        except Exception:  # a bug: logged whole, and the job keeps going
+            log.exception("telemetry retention pass failed; retrying in %ss", self.interval)
+            self._count(failures=1)
 
     def run_once(self) -> None:
         """Roll up everything new, then delete everything past its time, a batch at a time."""
         started = time.monotonic()
         _track_new_devices(self.db)
-        while not self._stop.is_set():
+        while not self.stopping:
             step = time.monotonic()
             done = roll_up_batch(self.db, self.policy.batch)
             self._count(rolled_up=done)
@@ -213,14 +196,14 @@ class Retention:
         now = self.clock()
         for resolution in ("raw", "minute", "hour"):
             cutoff = now - self.policy.keep(resolution)
-            while not self._stop.is_set():
+            while not self.stopping:
                 step = time.monotonic()
                 gone = prune_batch(self.db, resolution, cutoff, self.policy.batch)
                 self._count(deleted={resolution: gone})
                 if gone < self.policy.batch:
                     break
                 self._rest(step)
-        while not self._stop.is_set():
+        while not self.stopping:
             step = time.monotonic()
             gone = prune_events(self.db, now - self.policy.events, self.policy.batch)
             self._count(events_deleted=gone)
@@ -233,7 +216,7 @@ class Retention:
         """After a step that began at SINCE: a pause, at least long enough to keep the
         thread busy no more than DUTY of the time."""
         busy = time.monotonic() - since
-        self._stop.wait(max(self.pause, busy * (1 - self.duty) / self.duty))
+        self.rest(max(self.pause, busy * (1 - self.duty) / self.duty))
 
     def _count(self, **change: Any) -> None:
         with self._lock:

@@ -50,8 +50,8 @@ def replica(base: Path, name: str, broker: Mosquitto, database: str) -> HubProce
 
 
 def leads(hub: HubProcess) -> bool:
-    return hub.log().count("now runs the rollout engine") > hub.log().count(
-        "no longer runs the rollout engine")
+    return hub.log().count("this hub now leads") > hub.log().count(
+        "this hub no longer leads")
 
 
 class Api:

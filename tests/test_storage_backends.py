@@ -143,7 +143,8 @@ def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresSe
 def test_one_hub_leads_the_rollout_engine_until_its_session_ends(tmp_path: Path,
                                                                    postgres_url: str) -> None:
     assert Leader(Database(tmp_path / "hub.db")).held()  # SQLite: the only hub
-    first, second = Leader(Database(postgres_url)), Leader(Database(postgres_url))
+    first = Leader(Database(postgres_url), recheck=0)  # asks the database every time
+    second = Leader(Database(postgres_url), recheck=0)
     assert first.held() and not second.held()
     assert first.held()  # still
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # as if its hub died
@@ -155,18 +156,30 @@ def test_one_hub_leads_the_rollout_engine_until_its_session_ends(tmp_path: Path,
     assert first.held()
 
 
+def test_a_leader_asks_the_database_once_per_recheck(postgres_url: str) -> None:
+    leader = Leader(Database(postgres_url), recheck=3600)
+    assert leader.held()
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_locks"
+                      " WHERE locktype = 'advisory' AND granted")
+    assert leader.held()  # the answer kept: no round trip saw the session end
+    leader.release()  # forgets the answer with the lock
+    assert leader.held()  # a fresh ask: the lock is free again, so it takes it
+    leader.release()
+
+
 def test_a_hub_killed_outright_hands_the_rollout_engine_to_the_other(
         tmp_path: Path, postgres_url: str) -> None:
     leading = start_hub(tmp_path / "a", extra_args=("--database-url", postgres_url))
     other = start_hub(tmp_path / "b", extra_args=("--database-url", postgres_url))
     try:
         deadline = time.monotonic() + 10
-        while "now runs the rollout engine" not in leading.log():
+        while "this hub now leads" not in leading.log():
             assert time.monotonic() < deadline, leading.log()
             time.sleep(0.1)
         leading.stop(signal.SIGKILL)
         killed = time.monotonic()
-        while "now runs the rollout engine" not in other.log():
+        while "this hub now leads" not in other.log():
             assert time.monotonic() < killed + 10, other.log()
             time.sleep(0.1)
     finally:
