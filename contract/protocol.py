@@ -886,6 +886,7 @@ def _read_values(path: str, value: object) -> dict[str, Value]:
 
 
 _POINT_FIELDS: Final = frozenset(("seq", "at", "kind", "values"))
+_SKETCHED_POINT_FIELDS: Final = _POINT_FIELDS | {"sketches"}
 
 
 def _read_point(path: str, item: object) -> Point:
@@ -893,12 +894,15 @@ def _read_point(path: str, item: object) -> Point:
     (the hub reads thousands a second); anything else, or anything this finds
     wrong, goes through `_read_point_fields`, which accepts the same and says what
     is wrong."""
-    if type(item) is dict and item.keys() == _POINT_FIELDS:
-        seq, kind = item["seq"], item["kind"]
-        if type(seq) is int and 0 <= seq <= _MAX_INT and kind in ("system", "inference"):
-            with contextlib.suppress(ProtocolError):
+    if type(item) is dict:
+        seq, kind = item.get("seq"), item.get("kind")
+        plain = item.keys() == _POINT_FIELDS and kind in ("system", "inference")
+        sketched = kind == "inference" and item.keys() == _SKETCHED_POINT_FIELDS
+        if (plain or sketched) and type(seq) is int and 0 <= seq <= _MAX_INT:
+            with contextlib.suppress(ProtocolError, SketchError):
                 return Point(seq=seq, at=parse_time(item["at"]), kind=kind,
-                             values=_read_values(f"{path}.values", item["values"]))
+                             values=_read_values(f"{path}.values", item["values"]),
+                             sketches=check_sketches(item["sketches"]) if sketched else {})
     return _read_point_fields(_Fields(item, path))
 
 

@@ -111,9 +111,8 @@ def read_counts(name: str, value: object, bins: int | None = None) -> tuple[int,
     0..MAX_COUNT, all zero, or (BINS given) not BINS of them."""
     if not isinstance(value, list) or not 2 <= len(value) <= MAX_EDGES + 1:
         raise SketchError(f"sketch {name}: expected a list of 2..{MAX_EDGES + 1} counts")
-    # One pass each over the list (this runs for every sketch the hub ingests).
-    if not all(type(count) is int for count in value) \
-            or not 0 <= min(value) <= max(value) <= MAX_COUNT:
+    # Passes in C over the list (this runs for every sketch the hub ingests).
+    if set(map(type, value)) != {int} or not 0 <= min(value) <= max(value) <= MAX_COUNT:
         bad = next(c for c in value if type(c) is not int or not 0 <= c <= MAX_COUNT)
         raise SketchError(f"sketch {name}: count {bad!r} is not an integer in 0..{MAX_COUNT}")
     if bins is not None and len(value) != bins:
