@@ -894,11 +894,10 @@ def _read_point(path: str, item: object) -> Point:
     (the hub reads thousands a second); anything else, or anything this finds
     wrong, goes through `_read_point_fields`, which accepts the same and says what
     is wrong."""
-    if type(item) is dict:
-        seq, kind = item.get("seq"), item.get("kind")
-        plain = item.keys() == _POINT_FIELDS and kind in ("system", "inference")
-        sketched = kind == "inference" and item.keys() == _SKETCHED_POINT_FIELDS
-        if (plain or sketched) and type(seq) is int and 0 <= seq <= _MAX_INT:
+    if type(item) is dict and item.keys() in (_POINT_FIELDS, _SKETCHED_POINT_FIELDS):
+        seq, kind, sketched = item["seq"], item["kind"], "sketches" in item
+        if type(seq) is int and 0 <= seq <= _MAX_INT and (
+                kind == "inference" or kind == "system" and not sketched):
             with contextlib.suppress(ProtocolError, SketchError):
                 return Point(seq=seq, at=parse_time(item["at"]), kind=kind,
                              values=_read_values(f"{path}.values", item["values"]),
