@@ -37,6 +37,8 @@ from typing import TypeVar
 
 import httpx
 
+from contract import protocol
+
 # The composition root run by the interpreter running the tests: what the console
 # script runs, without depending on where (or whether) the script is installed.
 EDGEFLEET = [sys.executable, "-m", "edgefleet"]
@@ -297,11 +299,30 @@ max_inflight_messages 100
 """
 
 
+def bridge_config(name: str, central: int) -> str:
+    """The lines that make a broker a leaf of the one on port CENTRAL: what devices send
+    goes up to it (the hub subscribes there), what the hub publishes for devices comes
+    down, retained flags kept. One broker here tops out under the machine's open-file
+    limit (20,000), so a fleet larger than that spreads over leaves (bench/rollout.py
+    --brokers). The leaf's session at the centre persists: nothing is lost while the
+    bridge reconnects."""
+    def every_device(topic: Callable[[str], str]) -> str:
+        return topic("ID").replace("/ID/", "/+/", 1)
+    return "\n".join([
+        f"connection {name}", f"address 127.0.0.1:{central}", f"remote_clientid {name}",
+        "cleansession false", "bridge_protocol_version mqttv311",
+        *(f"topic {every_device(t)} in 1" for t in (protocol.desired_topic,
+                                                     protocol.commands_topic)),
+        *(f"topic {t} out 1" for t in protocol.HUB_SUBSCRIPTIONS),
+        ""])
+
+
 @dataclass
 class Mosquitto:
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    bridge_to: int | None = None  # a leaf of the broker on this port (bridge_config)
 
     @property
     def url(self) -> str:
@@ -325,8 +346,10 @@ class Mosquitto:
         # As root, Mosquitto would switch to the "mosquitto" user, which cannot
         # write into a test's private temp directory.
         user = "user root" if os.geteuid() == 0 else ""
+        bridge = "" if self.bridge_to is None else bridge_config(
+            f"leaf-{self.port}", self.bridge_to)
         self.config_path.write_text(CONFIG.format(port=self.port, directory=self.directory,
-                                                  user=user))
+                                                  user=user) + bridge)
         self.process = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.config_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -356,7 +379,7 @@ class Mosquitto:
         self.start(fresh=fresh)
 
 
-def start_mosquitto(directory: Path) -> Mosquitto:
-    broker = Mosquitto(directory)
+def start_mosquitto(directory: Path, *, bridge_to: int | None = None) -> Mosquitto:
+    broker = Mosquitto(directory, bridge_to=bridge_to)
     broker.start()
     return broker

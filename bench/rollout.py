@@ -6,13 +6,16 @@ Run from the repository root (about 3.5 minutes on 2 cores; --quick about 45 s):
     .venv/bin/python bench/rollout.py --quick              # smoke run: 50 and 200 devices
     .venv/bin/python bench/rollout.py --sizes 100,1000     # chosen sizes ("max" is the step-up)
     .venv/bin/python bench/rollout.py --sizes 20000 --sim-processes 2   # a sim of 2 processes
+    .venv/bin/python bench/rollout.py --sizes 100000 --sim-processes 10 --brokers 6
 
 Everything runs on loopback in a temporary directory that is removed at the
 end: a real Mosquitto (bench/harness.py), a real `edgefleet hub serve`
 using it (`--mqtt-url`, bench/harness.py), the tiny ONNX model
 published as versions 1 and 2 with signed packages, and the devices as one
 `edgefleet sim` (--sim-processes N: `edgefleet sim --processes N`, N child
-processes with disjoint device ranges) (agent/sim/: real MQTT sessions, real desired-state
+processes with disjoint device ranges; --brokers N: the devices spread over N leaf
+Mosquittos bridged to the hub's, as one Mosquitto here holds under 20,000 connections,
+the machine's open-file limit) (agent/sim/: real MQTT sessions, real desired-state
 checks, reported states and telemetry; simulated downloads and model loads,
 each update state taking --step-latency 0.01 s +-50 %, so that the times are
 the system's, not the devices'). Each fleet size gets a fresh hub, broker
@@ -235,32 +238,33 @@ class Sampler:
     (the simulator is restarted per fleet size)."""
 
     def __init__(self) -> None:
-        self._processes: dict[str, psutil.Process] = {}
+        self._processes: dict[str, list[psutil.Process]] = {}
         self._samples: dict[str, list[Sample]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def watch(self, name: str, pid: int) -> None:
+    def watch(self, name: str, *pids: int) -> None:
+        """NAME is PIDS together (the leaf brokers of --brokers), summed."""
         with self._lock:
-            self._processes[name] = psutil.Process(pid)
+            self._processes[name] = [psutil.Process(pid) for pid in pids]
             self._samples.setdefault(name, [])
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):
             with self._lock:
                 watched = list(self._processes.items())
-            for name, process in watched:
+            for name, processes in watched:
                 try:
                     rss, cpu = 0, 0.0
                     # Listing children reads every process's /proc entry: only the
                     # simulator has any (--processes).
-                    for member in family(process) if name == "sim" else [process]:
+                    for member in (family(processes[0]) if name == "sim" else processes):
                         with member.oneshot():
                             times = member.cpu_times()
                             rss += member.memory_info().rss
                             cpu += times.user + times.system
-                    sample = Sample(time.monotonic(), process.pid, rss, cpu)
+                    sample = Sample(time.monotonic(), processes[0].pid, rss, cpu)
                 except psutil.NoSuchProcess:
                     continue
                 with self._lock:
@@ -298,7 +302,7 @@ def family(process: psutil.Process) -> list[psutil.Process]:
 
 def usage_rows(sampler: Sampler, start: float, end: float, hub_idle_rss: int) -> list[Row]:
     rows = []
-    for name in ("hub", "sim", "mosquitto"):
+    for name in ("hub", "sim", "mosquitto", "leaf brokers"):
         usage = sampler.usage(name, start, end)
         if usage is not None:
             baseline = f"idle {hub_idle_rss / MB:.0f} MB" if name == "hub" else ""
@@ -400,6 +404,7 @@ def parse_stamp(stamp: str) -> float:
 class Stack:
     root: Path
     broker: Mosquitto
+    leaves: list[Mosquitto]  # --brokers: the devices connect to these, bridged to BROKER
     hub: HubProcess
     client: httpx.Client
     sampler: Sampler
@@ -459,7 +464,9 @@ class Stack:
         with open(log_path, "ab") as log:
             process = Popen(
                 [*EDGEFLEET, "sim", "--devices", str(devices), "--data-dir", str(self.sim_dir),
-                 "--mqtt-url", self.broker.url, "--step-latency", str(STEP_LATENCY_S),
+                 *(arg for broker in self.leaves or [self.broker]
+                   for arg in ("--mqtt-url", broker.url)),
+                 "--step-latency", str(STEP_LATENCY_S),
                  "--telemetry-interval", str(interval),
                  "--rps", str(REQUESTS_PER_MEASUREMENT / interval),
                  "--json-status-every", str(status_every(devices)),
@@ -479,9 +486,15 @@ class Stack:
 
 
 @contextmanager
-def open_stack(root: Path, sampler: Sampler) -> Iterator[Stack]:
+def open_stack(root: Path, sampler: Sampler, brokers: int) -> Iterator[Stack]:
     broker = start_mosquitto(root / "mosquitto")
+    leaves: list[Mosquitto] = []
     try:
+        for i in range(brokers if brokers > 1 else 0):
+            leaves.append(start_mosquitto(root / f"leaf-{i}", bridge_to=broker.port))
+        if leaves:
+            sampler.watch("leaf brokers", *(leaf.process.pid for leaf in leaves
+                                            if leaf.process is not None))
         hub = start_hub(root / "hub", extra_args=("--mqtt-url", broker.url),
                         tls=False)  # bench/tls.py measures TLS
         try:
@@ -494,7 +507,7 @@ def open_stack(root: Path, sampler: Sampler) -> Iterator[Stack]:
                                   headers={"Authorization": f"Bearer {hub.admin_token}"},
                                   limits=httpx.Limits(max_connections=ENROLL_THREADS + 1))
             idle = psutil.Process(hub.process.pid).memory_info().rss
-            stack = Stack(root, broker, hub, client, sampler, versions, idle)
+            stack = Stack(root, broker, leaves, hub, client, sampler, versions, idle)
             try:
                 yield stack
             finally:
@@ -503,6 +516,8 @@ def open_stack(root: Path, sampler: Sampler) -> Iterator[Stack]:
         finally:
             hub.stop()
     finally:
+        for leaf in leaves:
+            leaf.stop()
         broker.stop()
 
 
@@ -881,10 +896,10 @@ def measure_telemetry(stack: Stack, stage: Stage, size: int, windows: Windows) -
 
 
 def run_stage(root: Path, sampler: Sampler, stage: Stage, windows: Windows | None,
-              sim_processes: int) -> None:
+              sim_processes: int, brokers: int) -> None:
     """Connect, roll out twice, and with WINDOWS measure telemetry too. A failure ends
     the stage, not the run: the other stages' numbers are still worth printing."""
-    with open_stack(root, sampler) as stack:
+    with open_stack(root, sampler, brokers) as stack:
         stack.sim_processes = sim_processes
         try:
             size = step_up(stack, stage)
@@ -970,6 +985,10 @@ def main() -> None:
     parser.add_argument("--sim-processes", type=int, default=1,
                         help="run the simulator as this many processes (edgefleet sim "
                              "--processes; default 1)")
+    parser.add_argument("--brokers", type=int, default=1,
+                        help="with N > 1, the devices connect to N leaf brokers bridged to "
+                             "the hub's (one broker here holds under 20,000 connections, the "
+                             "open-file limit; default 1: the hub's broker only)")
     args = parser.parse_args()
     try:
         sizes, probe = parse_sizes("50,200" if args.quick else args.sizes)
@@ -986,7 +1005,7 @@ def main() -> None:
             root = Path(tmp) / f"stage-{i}"
             root.mkdir()
             run_stage(root, sampler, stage, windows if stage is stages[-1] else None,
-                      args.sim_processes)
+                      args.sim_processes, args.brokers)
     rollout = [row for stage in stages for run, connect in stage.rollouts
                for row in rollout_rows(run, connect)]
     if probe:

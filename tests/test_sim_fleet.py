@@ -345,7 +345,7 @@ def test_the_fleet_comes_back_after_the_broker_restarts(
         site: Site, mosquitto: Mosquitto, tmp_path: Path) -> None:
     async def body() -> None:
         # Enrolled with the hub, connected to a broker of their own (--mqtt-url).
-        opts = options(tmp_path, mqtt_url=mosquitto.url)
+        opts = options(tmp_path, mqtt_urls=(mosquitto.url,))
         async with Fleet(site.hub.url, site.token, 10, opts) as fleet:
             await fleet.wait(lambda f: f.connected == 10, timeout=15, what="connected")
             await asyncio.to_thread(mosquitto.restart)
@@ -357,6 +357,45 @@ def test_the_fleet_comes_back_after_the_broker_restarts(
                 await until(lambda: _now(len(watcher.seen) == 10), "retained births")
             assert {m[-1].payload for m in watcher.seen.values()} == {protocol.ONLINE}
     run(body)
+
+
+def test_a_fleet_spread_over_leaf_brokers_bridged_to_the_hubs_takes_a_deployment(
+        site: Site, tmp_path: Path) -> None:
+    """bench/rollout.py --brokers: one broker here holds under 20,000 connections (the
+    machine's open-file limit), so larger fleets connect to leaves bridged to the hub's."""
+    leaves = [start_mosquitto(tmp_path / f"leaf-{i}", bridge_to=site.broker.port)
+              for i in range(2)]
+
+    async def body() -> None:
+        opts = options(tmp_path, mqtt_urls=tuple(leaf.url for leaf in leaves))
+        async with site.api() as api, Fleet(site.hub.url, site.token, 6, opts) as fleet, \
+                Watcher(leaves[0], "l0") as first, Watcher(leaves[1], "l1") as second:
+            await fleet.wait(lambda f: f.connected == 6, timeout=15, what="connected")
+            for watcher in (first, second):  # the births stay on each device's own leaf
+                await watcher.client.subscribe([(protocol.status_topic(d.id), 1)
+                                                for d in fleet.devices])
+            await until(lambda: _now(len(first.seen) == len(second.seen) == 3), "births")
+            assert set(first.seen) == {protocol.status_topic(d.id) for d in fleet.devices[::2]}
+            for device in fleet.devices:
+                answer = await api.post(f"/api/v1/devices/{device.id}/deployments",
+                                        json={"model": "tiny", "version": 1})
+                assert answer.status_code == 201, answer.text
+            await fleet.wait(lambda f: all(d.versions() == {"tiny": 1} for d in f.devices),
+                             timeout=15, what="tiny:1 on every leaf's devices")
+
+            async def online_and_serving() -> bool:  # what devices sent went up the bridges
+                found = await hub_devices(api, fleet)
+                reported = [(await api.get(f"/api/v1/devices/{d}/deployments")).json()
+                            ["reported"] for d in found]
+                return len(found) == 6 and all(d["status"] == "online" for d in found.values()) \
+                    and all([(r["version"], r["state"]) for r in rows] == [(1, "serving")]
+                            for rows in reported)
+            await until(online_and_serving, "the hub seeing every device online and serving")
+    try:
+        run(body)
+    finally:
+        for leaf in leaves:
+            leaf.stop()
 
 
 def test_a_simulated_fleet_follows_a_key_rotation(site: Site, tmp_path: Path) -> None:

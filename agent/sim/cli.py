@@ -63,7 +63,10 @@ def _enrollment_token(hub_url: str, api_token: str, tags: dict[str, str]) -> str
 @click.option("--api-token", envvar="EDGEFLEET_TOKEN",
               help="Your hub API token (operator). Without --token, the sim makes an "
                    "enrollment token with it, carrying the --tag tags [env EDGEFLEET_TOKEN].")
-@click.option("--mqtt-url", help="Broker to use instead of the one the hub names at enrollment.")
+@click.option("--mqtt-url", "mqtt_urls", multiple=True, metavar="URL",
+              help="Broker to use instead of the one the hub names at enrollment. Repeat it "
+                   "to spread the devices over several (bridged) brokers: device N uses the "
+                   "(N mod count)-th.")
 @click.option("--data-dir", default="./edgefleet-sim", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Device identities and saved state: a restarted sim is the same devices.")
@@ -110,7 +113,7 @@ def _enrollment_token(hub_url: str, api_token: str, tags: dict[str, str]) -> str
                    "them with its own connections: one process holds ~10,000 busy devices.")
 @click.option("--verbose", is_flag=True, help="Log what each device does.")
 def sim(count: int, hub_url: str | None, token: str | None, api_token: str | None,
-        mqtt_url: str | None, data_dir: Path, name_prefix: str, tags: tuple[str, ...],
+        mqtt_urls: tuple[str, ...], data_dir: Path, name_prefix: str, tags: tuple[str, ...],
         platform: str, telemetry_interval: float, rps: float, step_latency: float,
         fail_rate: float, fail_versions: tuple[str, ...], offline_rate: float,
         offline_seconds: float, error_rates: tuple[str, ...], latencies: tuple[str, ...],
@@ -139,7 +142,7 @@ def sim(count: int, hub_url: str | None, token: str | None, api_token: str | Non
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         options = SimOptions(
-            data_dir=data_dir, name_prefix=name_prefix, mqtt_url=mqtt_url, platform=platform,
+            data_dir=data_dir, name_prefix=name_prefix, mqtt_urls=mqtt_urls, platform=platform,
             telemetry_interval=telemetry_interval, requests_per_second=rps,
             step_latency=step_latency, fail_rate=fail_rate,
             fail_versions=frozenset(parse_version(v) for text in fail_versions

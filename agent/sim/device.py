@@ -175,8 +175,10 @@ def _binomial_like(n: int, p: float) -> int:
 class SimDevice:
     def __init__(self, identity: Identity, options: SimOptions,
                  connect_slots: asyncio.Semaphore,
-                 on_connection: Callable[[SimDevice, bool], None] = lambda device, up: None
-                 ) -> None:
+                 on_connection: Callable[[SimDevice, bool], None] = lambda device, up: None,
+                 *, number: int = 0) -> None:
+        """NUMBER: the device's place in the fleet (sim-00012 is 12), which picks its
+        broker when the sim names several."""
         self.identity = identity
         self.id = identity.device_id
         self.name = identity.name
@@ -186,7 +188,7 @@ class SimDevice:
         # As enrolled; rotations followed later are kept in memory, as all its state.
         self._trust = trust.load(options.data_dir / "devices" / identity.name, identity)
         self._public_key = load_public_key(self._trust.key)
-        url = options.mqtt_url or identity.mqtt_url
+        url = options.broker_for(number) or identity.mqtt_url
         self._broker = parse_url(url)
         self._tls = identities.mqtt_tls(options.data_dir / "devices" / identity.name, identity) \
             if url.startswith("mqtts://") else None

@@ -112,8 +112,8 @@ class Fleet:
             raise RuntimeError("this fleet is running already")
         found = await self._identities()
         slots = asyncio.Semaphore(self.options.connect_concurrency)
-        self.devices = [SimDevice(identity, self.options, slots, self._connection)
-                        for identity in found]
+        self.devices = [SimDevice(identity, self.options, slots, self._connection,
+                                  number=self.first + i) for i, identity in enumerate(found)]
         saved = self._saved = self._load_state()
         unusable: list[ProtocolError] = []
         for device in self.devices:
@@ -204,7 +204,8 @@ class Fleet:
                 loaded[i] = await asyncio.to_thread(
                     identities.enroll, directories[i], hub_url=self.hub_url or "",
                     token=self.token or "", name=directories[i].name,
-                    platform=self.options.platform, mqtt_url=self.options.mqtt_url)
+                    platform=self.options.platform,
+                    mqtt_url=self.options.broker_for(self.first + i))
                 self.enrolled += 1
 
         try:

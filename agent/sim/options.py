@@ -10,6 +10,7 @@ from pathlib import Path
 from agent import options as o
 from agent.inventory import agent_version
 from agent.mqtt import BackoffPolicy
+from agent.sim.mqtt_lite import parse_url
 from contract import names
 from contract.sketch import FEATURE_NAME
 
@@ -70,7 +71,7 @@ class PerVersion:
 class SimOptions:
     data_dir: Path = Path("edgefleet-sim")   # identities, and the devices' saved state
     name_prefix: str = "sim-"                # device names: sim-00000, sim-00001, ...
-    mqtt_url: str | None = None              # instead of the broker named at enrollment
+    mqtt_urls: tuple[str, ...] = ()          # instead of the broker named at enrollment
     platform: str = "linux/arm64"
     accelerators: tuple[str, ...] = ("onnxruntime:CPU",)
     telemetry_interval: float = o.TELEMETRY_INTERVAL.default
@@ -115,3 +116,10 @@ class SimOptions:
                                  "e.g. x[0]=1.5")
         self.error_rate.check("error_rate", high=1.0)
         self.latency_ms.check("latency_ms")
+        for url in self.mqtt_urls:
+            parse_url(url)  # ValueError at once, not once per device
+
+    def broker_for(self, number: int) -> str | None:
+        """The broker of device NUMBER if the sim names brokers (they take the devices in
+        turn); None: the one the hub named at its enrollment."""
+        return self.mqtt_urls[number % len(self.mqtt_urls)] if self.mqtt_urls else None
