@@ -191,7 +191,7 @@ ROLLOUT_TARGET_DEVICES = 1000
 ROLLOUT_TARGET_S = 10.0
 INGEST_TARGET = 20000.0         # points/s
 CONNECT_LIMIT_S = 60.0
-ROLLOUT_LIMIT_S = 240.0
+ROLLOUT_LIMIT_S = 240.0        # or 10 ms a device, if more (rollout_limit)
 KEPT_UP_SHARE = 0.02            # backlog growth allowed, as a share of the messages offered,
 KEPT_UP_SLACK = 100             # or this many: Mosquitto's in-flight window to the hub
 POLL_S = 0.2
@@ -413,6 +413,7 @@ class Stack:
     enrolled: int = 0
     sim: Simulator | None = None
     sim_processes: int = 1
+    connect_limit: float = CONNECT_LIMIT_S
 
     @property
     def sim_dir(self) -> Path:
@@ -458,7 +459,7 @@ class Stack:
 
     def start_sim(self, devices: int, interval: float) -> float:
         """(Re)start the simulator with DEVICES devices; returns the seconds until every
-        one was connected (SimFailed if that takes over CONNECT_LIMIT_S)."""
+        one was connected (SimFailed if that takes over its connect limit)."""
         self.stop_sim()
         log_path = self.root / f"sim-{devices}.log"
         with open(log_path, "ab") as log:
@@ -476,7 +477,7 @@ class Stack:
         self.sim = Simulator(devices, process, log_path)
         self.sampler.watch("sim", process.pid)
         # The first status line comes once every device is connected.
-        at, _ = self.sim.next_line(CONNECT_LIMIT_S)
+        at, _ = self.sim.next_line(self.connect_limit)
         return at - started
 
     def stop_sim(self) -> None:
@@ -524,6 +525,10 @@ def open_stack(root: Path, sampler: Sampler, brokers: int) -> Iterator[Stack]:
 # ---- rollouts --------------------------------------------------------------------
 
 
+def rollout_limit(devices: int) -> float:
+    return max(ROLLOUT_LIMIT_S, devices / 100)
+
+
 @dataclass
 class RolloutRun:
     """Seconds from sending the POST to each milestone."""
@@ -566,7 +571,7 @@ def follow(stack: Stack, rollout_id: str, devices: int, start: float,
             seen.hub_serving = now
         if shown["state"] == "completed":
             seen.completed = now
-        elif shown["state"] != "running" or now > ROLLOUT_LIMIT_S:
+        elif shown["state"] != "running" or now > rollout_limit(devices):
             raise RuntimeError(f"rollout {rollout_id} is {shown['state']} after {now:.0f} s: "
                                f"{shown['reason']}; {shown['waves_progress']}")
     return seen
@@ -896,11 +901,11 @@ def measure_telemetry(stack: Stack, stage: Stage, size: int, windows: Windows) -
 
 
 def run_stage(root: Path, sampler: Sampler, stage: Stage, windows: Windows | None,
-              sim_processes: int, brokers: int) -> None:
+              sim_processes: int, brokers: int, connect_limit: float) -> None:
     """Connect, roll out twice, and with WINDOWS measure telemetry too. A failure ends
     the stage, not the run: the other stages' numbers are still worth printing."""
     with open_stack(root, sampler, brokers) as stack:
-        stack.sim_processes = sim_processes
+        stack.sim_processes, stack.connect_limit = sim_processes, connect_limit
         try:
             size = step_up(stack, stage)
             if size is None:  # a fleet of one size only says why in the summary
@@ -989,6 +994,9 @@ def main() -> None:
                         help="with N > 1, the devices connect to N leaf brokers bridged to "
                              "the hub's (one broker here holds under 20,000 connections, the "
                              "open-file limit; default 1: the hub's broker only)")
+    parser.add_argument("--connect-limit", type=float, default=CONNECT_LIMIT_S,
+                        help="seconds a fleet gets to connect before the stage stops "
+                             f"(default {CONNECT_LIMIT_S:.0f})")
     args = parser.parse_args()
     try:
         sizes, probe = parse_sizes("50,200" if args.quick else args.sizes)
@@ -1005,7 +1013,7 @@ def main() -> None:
             root = Path(tmp) / f"stage-{i}"
             root.mkdir()
             run_stage(root, sampler, stage, windows if stage is stages[-1] else None,
-                      args.sim_processes, args.brokers)
+                      args.sim_processes, args.brokers, args.connect_limit)
     rollout = [row for stage in stages for run, connect in stage.rollouts
                for row in rollout_rows(run, connect)]
     if probe:
