@@ -192,7 +192,9 @@ def create_app(controller: Controller) -> FastAPI:
 
     @app.get("/control/stats")
     async def stats() -> list[dict[str, Any]]:
-        return controller.scorer.telemetry.stats()
+        telemetry = controller.scorer.telemetry
+        await asyncio.to_thread(telemetry.settle_sketches)  # counted off the request path
+        return telemetry.stats()
 
     @app.post("/control/deployments/{name}/versions/{version}/self-test")
     async def self_test(name: str, version: str, request: Request) -> dict[str, Any]:
