@@ -125,7 +125,8 @@ class Commands:
             self._job.start()
 
     def _run(self, command: Command) -> None:
-        self._answer(command, CommandState.RUNNING)
+        if not self._answer(command, CommandState.RUNNING):
+            return  # the hub will not take an answer (the command expired meanwhile)
         try:
             rows = self._profile(command)
         except Exception as exc:  # the runtime's, the registry's, the store's: all say why
@@ -172,7 +173,9 @@ class Commands:
             shutil.rmtree(work, ignore_errors=True)
 
     def _answer(self, command: Command, state: CommandState, *, error: str | None = None,
-                rows: list[dict[str, Any]] | None = None) -> None:
+                rows: list[dict[str, Any]] | None = None) -> bool:
+        """Send the answer, retried while the hub is unreachable; False if the hub refused
+        it (a finished or expired command), True otherwise."""
         import httpx  # here: an idle agent that never gets a command does not load it
 
         body = build_command_result(CommandResult(
@@ -193,11 +196,12 @@ class Commands:
                     if answer.is_error:  # the hub refused it (expired, say): nothing to retry
                         log.warning("command %s: the hub refused the %s answer: %s",
                                     command.id, state, answer.text[:300])
-                    return
+                    return not answer.is_error
                 problem = f"HTTP {answer.status_code}"
             if datetime.now(UTC) >= command.expires_at or attempt == POST_ATTEMPTS - 1:
                 break
             time.sleep(2 ** attempt)
         log.warning("command %s: the %s answer was not delivered: %s", command.id, state,
                     problem)
+        return True
 
