@@ -426,7 +426,7 @@ class Agent:
             version=t.version, repository=t.package.repository, digest=t.package.digest,
             size=t.package.size, prefer=list(t.prefer), state=str(UpdateState.DOWNLOADING),
             since=now(), traffic=t.traffic, shadow=t.shadow, settings=settings,
-            sketch=d.sketch.to_json() if d.sketch is not None and role is Role.PRIMARY else None,
+            sketch=None if t.sketch is None else t.sketch.to_json(),
         )
 
     def _route(self, name: str) -> Route | None:

@@ -391,6 +391,8 @@ class Candidate:
     traffic: int
     shadow: bool = False
     rollout: str | None = None
+    # The candidate version's drift sketch bins (contract/sketch.py), if it has a baseline.
+    sketch: SketchSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -442,6 +444,8 @@ def _desired_json(state: DesiredState) -> dict[str, Any]:
         if (c := d.candidate) is not None:
             body["candidate"] = {**_version_json(c.version, c.package, c.runtime, c.traffic,
                                                  c.rollout), "shadow": c.shadow}
+            if c.sketch is not None:
+                body["candidate"]["sketch"] = c.sketch.to_json()
         if settings := d.settings.to_json():
             body["settings"] = settings
         if d.sketch is not None:
@@ -478,6 +482,7 @@ def _read_candidate(f: _Fields) -> Candidate:
         traffic=f.integer("traffic", low=1, high=100),
         shadow=f.flag("shadow"),
         rollout=f.text("rollout") if f.has("rollout") else None,
+        sketch=_read_sketch_spec(f) if f.has("sketch") else None,
     )
     f.done()
     return c

@@ -87,6 +87,9 @@ class Controller:
                 deployment = Deployment(name, primary, candidate, body.traffic, body.shadow)
                 retired = self.table.install(deployment)
                 self.scorer.telemetry.sketch_with(name, primary.version, body.primary.sketch)
+                if candidate is not None and body.candidate is not None:
+                    self.scorer.telemetry.sketch_with(name, candidate.version,
+                                                      body.candidate.sketch)
         log.info("deployment %s: %s", name,
                  ", ".join(f"{r} {v.version}" for r, v in deployment.roles()))
         return {

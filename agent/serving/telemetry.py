@@ -120,16 +120,16 @@ class Telemetry:
             self.sketchers.pop(key, None)
         elif current is None or current.spec != spec:
             self.sketchers[key] = Sketcher(spec)
+            if self._sketching is None:  # its thread only once a version has bins
+                self._sketching = SketchQueue()
 
     def sketch(self, deployment: str, version: str, inputs: Mapping[str, np.ndarray],
                outputs: Mapping[str, np.ndarray]) -> None:
-        """Count an answered request into its version's bins, off this thread; never
-        blocks (dropped and counted when the queue is full)."""
+        """Count an answered request (or a shadow copy) into its version's bins, off this
+        thread; never blocks (dropped and counted when the queue is full)."""
         sketcher = self.sketchers.get((deployment, version))
-        if sketcher is None:
+        if sketcher is None or self._sketching is None:
             return
-        if self._sketching is None:  # its thread only once a version has bins
-            self._sketching = SketchQueue()
         if not self._sketching.offer(sketcher, inputs, outputs):
             self.sketch_dropped.inc(deployment, version)
 
@@ -162,7 +162,9 @@ class Telemetry:
                 "latency_sum": latency.get((model, version), ([], 0.0))[1],
                 "sketches": sketches.get((model, version), {}),
             }
-            for model, version in sorted(set(requests) | set(failures) | set(latency))
+            # A shadow candidate answers no request of its own: its sketches list it.
+            for model, version in sorted(set(requests) | set(failures) | set(latency)
+                                         | {key for key, counts in sketches.items() if counts})
         ]
 
 
