@@ -96,12 +96,17 @@ def fail(db: Database, device_id: str, command_id: str, error: str) -> None:
 
 
 def get(db: Database, device_id: str, command_id: str) -> dict[str, Any]:
-    with db.transaction() as conn:
-        _expire(conn, _now())
-    row = db.query_one(f"SELECT {_COLUMNS} FROM device_commands WHERE id = ? AND device_id = ?",
-                       (command_id, device_id))
+    """The command's record; one past its expiry that never finished is marked expired
+    first (a write only then: the CLI polls this)."""
+    query = f"SELECT {_COLUMNS} FROM device_commands WHERE id = ? AND device_id = ?"
+    row = db.query_one(query, (command_id, device_id))
     if row is None:
         raise NotFound(f"device {device_id} has no command {command_id!r}")
+    now = _now()
+    if row["state"] in ACTIVE and row["expires_at"] <= format_time(now):
+        with db.transaction() as conn:
+            _expire(conn, now)
+        row = db.query_one(query, (command_id, device_id)) or row
     return _record(row)
 
 
