@@ -6,7 +6,9 @@ good versions (with nothing deployed none runs: agent/supervisor.py), then
 connect to the broker. The main
 thread takes desired states from the MQTT session one at a time, checks
 each (signature, generation, expiry; contract.protocol), and converges the
-device on it through the update state machine (agent/updates.py). An
+device on it through the update state machine (agent/updates.py). Commands
+(agent/commands.py) are checked on the main thread too and run in a thread
+of their own. An
 update interrupted by a crash is resumed from its saved state. The uplink
 thread reports state and telemetry; a supervisor check restarts the serving
 process if it dies.
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 from agent import identity as identities
 from agent import inventory, procfs, renewal
 from agent import options as o
+from agent.commands import Commands
 from agent.decisions import (
     Role,
     Route,
@@ -68,7 +71,9 @@ from contract.protocol import (
     ReportedState,
     UpdateState,
     build_reported,
+    commands_topic,
     desired_topic,
+    device_subscriptions,
     parse_time,
     rotation_chain,
     status_topic,
@@ -103,7 +108,7 @@ def device_session(identity: Identity, data_dir: Path) -> tuple[Session, ssl.SSL
         password=None if identity.mqtt_certificate else identity.mqtt_password,
         will=Message(status_topic(identity.device_id), b"offline", retain=True),
         birth=Message(status_topic(identity.device_id), b"online", retain=True),
-        subscriptions=[desired_topic(identity.device_id)],
+        subscriptions=list(device_subscriptions(identity.device_id)),
     )
     if not identity.mqtt_url.startswith("mqtts://"):
         return session, None
@@ -188,6 +193,7 @@ class Agent:
                              interval=options.telemetry_interval)
         self.updater = Updater(self.state, self.state_file, self.store, self.registry,
                                self.serving, self.report, pause_in=options.pause_in)
+        self.commands = Commands(identity, data, self.trust, self.registry, self._refuse)
 
     def _container_mode(self, front: ServingProcess, key_file: Path
                         ) -> tuple[ContainerServing, ContainerStore, ContainerWatch]:
@@ -267,6 +273,8 @@ class Agent:
                     continue
                 if message.topic == desired_topic(self.identity.device_id):
                     self.handle_desired(message.payload)
+                elif message.topic == commands_topic(self.identity.device_id):
+                    self.commands.handle(message.payload)
         finally:
             self.shutdown()
 
@@ -376,7 +384,8 @@ class Agent:
             log.error("could not apply desired state generation %d: %s", desired.generation, exc)
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
-        log.warning("refused a desired state: %s", refusal)
+        """Report a refused desired state or command (agent/commands.py)."""
+        log.warning("refused: %s", refusal)
         self.state.refusals = recent_refusals(self.state.refusals, {
             "generation": refusal.generation, "reason": str(refusal.reason),
             "message": refusal.message[:MAX_TEXT], "at": now(),
@@ -417,7 +426,7 @@ class Agent:
             version=t.version, repository=t.package.repository, digest=t.package.digest,
             size=t.package.size, prefer=list(t.prefer), state=str(UpdateState.DOWNLOADING),
             since=now(), traffic=t.traffic, shadow=t.shadow, settings=settings,
-            sketch=d.sketch.to_json() if d.sketch is not None and role is Role.PRIMARY else None,
+            sketch=None if t.sketch is None else t.sketch.to_json(),
         )
 
     def _route(self, name: str) -> Route | None:

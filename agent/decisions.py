@@ -30,6 +30,7 @@ from contract.protocol import (
     UpdateState,
 )
 from contract.settings import Settings
+from contract.sketch import SketchSpec
 
 T = TypeVar("T")
 
@@ -80,6 +81,7 @@ class Target:
     traffic: int            # for a candidate: its share (split) or copy rate (shadow)
     shadow: bool
     settings: Settings = Settings()
+    sketch: SketchSpec | None = None  # its drift bins, if its version has a baseline
 
     def running(self) -> Running:
         return Running(self.version, self.package.digest, self.prefer, self.settings)
@@ -88,12 +90,13 @@ class Target:
 def target(d: Deployment, role: Role) -> Target:
     """What DEPLOYMENT wants in ROLE; ValueError if it has no candidate and one is asked for."""
     if role is Role.PRIMARY:
-        return Target(role, d.version, d.package, d.runtime.prefer, 0, False, d.settings)
+        return Target(role, d.version, d.package, d.runtime.prefer, 0, False, d.settings,
+                      d.sketch)
     c = d.candidate
     if c is None:
         raise ValueError(f"deployment {d.name} has no candidate")
     return Target(role, c.version, c.package, c.runtime.prefer, c.traffic, c.shadow,
-                  d.settings)
+                  d.settings, c.sketch)
 
 
 def wanted_route(d: Deployment) -> Route:

@@ -97,7 +97,7 @@ class Update:
     error: str | None = None
     staged: Installed | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the deployment's (Settings JSON)
-    sketch: list[dict[str, Any]] | None = None  # a primary's drift bins (contract/sketch.py)
+    sketch: list[dict[str, Any]] | None = None  # the version's drift bins (contract/sketch.py)
 
 
 @dataclass

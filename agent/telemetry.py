@@ -80,7 +80,9 @@ class InferenceDeltas:
             self._last[key] = row
             requests = row["requests"] - (before["requests"] if before else 0)
             failures = row["failures"] - (before["failures"] if before else 0)
-            if requests <= 0 and failures <= 0:
+            moved = _sketch_deltas(row.get("sketches") or {},
+                                   (before.get("sketches") or {}) if before else {})
+            if requests <= 0 and failures <= 0 and not moved:  # a shadow's copies move only these
                 continue
             counts = row["latency_counts"]
             if before and before["latency_counts"]:
@@ -100,8 +102,6 @@ class InferenceDeltas:
                     value = percentile(row["latency_buckets"], counts, q)
                     if value is not None:
                         values[name] = round(value * 1000, 3)
-            moved = _sketch_deltas(row.get("sketches") or {},
-                                   (before.get("sketches") or {}) if before else {})
             if moved:
                 values[SKETCHES] = moved  # type: ignore[assignment]
             points.append(values)

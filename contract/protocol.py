@@ -12,8 +12,9 @@ field and the rule; a desired state the agent will not apply is a
 | reported           device -> hub           | `ReportedState`                |
 | telemetry          device -> hub           | `TelemetryBatch`               |
 | status             device -> hub, retained | b"online" / b"offline" (will)  |
-| commands           hub -> device           | a command with an id           |
-| commands/{cid}/result  device -> hub       | the command's answer           |
+| commands           hub -> device           | signed `Command` (not retained)|
+| commands/{cid}/result  device -> hub       | reserved, not used: a command's |
+|                                            | `CommandResult` goes by HTTPS   |
 
 Documents are JSON objects with a "schema" field; unknown fields are errors,
 so a newer peer fails loudly instead of being half understood. Timestamps are
@@ -390,6 +391,8 @@ class Candidate:
     traffic: int
     shadow: bool = False
     rollout: str | None = None
+    # The candidate version's drift sketch bins (contract/sketch.py), if it has a baseline.
+    sketch: SketchSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -441,6 +444,8 @@ def _desired_json(state: DesiredState) -> dict[str, Any]:
         if (c := d.candidate) is not None:
             body["candidate"] = {**_version_json(c.version, c.package, c.runtime, c.traffic,
                                                  c.rollout), "shadow": c.shadow}
+            if c.sketch is not None:
+                body["candidate"]["sketch"] = c.sketch.to_json()
         if settings := d.settings.to_json():
             body["settings"] = settings
         if d.sketch is not None:
@@ -477,6 +482,7 @@ def _read_candidate(f: _Fields) -> Candidate:
         traffic=f.integer("traffic", low=1, high=100),
         shadow=f.flag("shadow"),
         rollout=f.text("rollout") if f.has("rollout") else None,
+        sketch=_read_sketch_spec(f) if f.has("sketch") else None,
     )
     f.done()
     return c
@@ -557,7 +563,7 @@ def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey,
     """The payload to publish (retained) on `desired_topic`: canonical JSON,
     signed over the canonical JSON of the document without "signature" and "keys";
     CHAIN (the hub's rotation statements, if it ever rotated) goes along as "keys"."""
-    from contract import signing  # see verify_desired
+    from contract import signing  # see _signed_body
 
     body = _desired_json(state)
     # The hub never signs what an agent would refuse as malformed, or read otherwise.
@@ -591,6 +597,38 @@ def _desired_document(payload: bytes) -> dict[str, Any]:
     return document
 
 
+def _signed_body(document: dict[str, Any], public_key: ec.EllipticCurvePublicKey,
+                 retired: Collection[str]) -> dict[str, Any]:
+    """DOCUMENT without its unsigned fields, if its signature is PUBLIC_KEY's over them;
+    else ProtocolRefusal (bad_signature, or retired_key for a key this device retired)."""
+    # Here, not at the top: cryptography costs an idle agent 8 MB until it has
+    # something to verify.
+    from contract import signing
+
+    body = {k: v for k, v in document.items() if k not in _UNSIGNED}
+    try:
+        sig = _Fields(document.get("signature"), "signature")
+        keyid, alg, value = sig.text("keyid"), sig.text("alg"), sig.text("value", max_len=512)
+        sig.done()
+    except ProtocolError as exc:
+        raise ProtocolRefusal(Reason.BAD_SIGNATURE, f"no usable signature: {exc}") from None
+    trusted = signing.key_id(public_key)
+    if alg != signing.ALGORITHM:
+        raise ProtocolRefusal(Reason.BAD_SIGNATURE,
+                              f"algorithm {alg!r}; expected {signing.ALGORITHM!r}")
+    if keyid != trusted and keyid in retired:
+        raise ProtocolRefusal(Reason.RETIRED_KEY, f"signed by key {keyid}, which this device "
+                              f"retired when the hub rotated its key; it trusts {trusted}")
+    if keyid != trusted:
+        raise ProtocolRefusal(Reason.BAD_SIGNATURE,
+                              f"signed by key {keyid}, but this device trusts {trusted}")
+    try:
+        signing.verify(public_key, canonical_json(body), value)
+    except (signing.SignatureError, ValueError) as exc:  # ValueError: unencodable text
+        raise ProtocolRefusal(Reason.BAD_SIGNATURE, str(exc)) from None
+    return body
+
+
 def verify_desired(
     payload: bytes,
     *,
@@ -607,10 +645,6 @@ def verify_desired(
     believed. LAST_GENERATION is the last one applied (0 before the first).
     RETIRED: ids of hub keys this device rotated away from (refused as such).
     """
-    # Here, not at the top: cryptography costs an idle agent 8 MB until it has
-    # something to verify.
-    from contract import signing
-
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     document = _desired_document(payload)
@@ -620,25 +654,10 @@ def verify_desired(
     def refuse(reason: Reason, message: str) -> NoReturn:
         raise ProtocolRefusal(reason, message, generation=generation)
 
-    body = {k: v for k, v in document.items() if k not in _UNSIGNED}
     try:
-        sig = _Fields(document.get("signature"), "signature")
-        keyid, alg, value = sig.text("keyid"), sig.text("alg"), sig.text("value", max_len=512)
-        sig.done()
-    except ProtocolError as exc:
-        refuse(Reason.BAD_SIGNATURE, f"no usable signature: {exc}")
-    if alg != signing.ALGORITHM:
-        refuse(Reason.BAD_SIGNATURE, f"algorithm {alg!r}; expected {signing.ALGORITHM!r}")
-    if keyid != signing.key_id(public_key) and keyid in retired:
-        refuse(Reason.RETIRED_KEY, f"signed by key {keyid}, which this device retired when "
-               f"the hub rotated its key; it trusts {signing.key_id(public_key)}")
-    if keyid != signing.key_id(public_key):
-        refuse(Reason.BAD_SIGNATURE, f"signed by key {keyid}, but this device trusts "
-               f"{signing.key_id(public_key)}")
-    try:
-        signing.verify(public_key, canonical_json(body), value)
-    except (signing.SignatureError, ValueError) as exc:  # ValueError: unencodable text
-        refuse(Reason.BAD_SIGNATURE, str(exc))
+        body = _signed_body(document, public_key, retired)
+    except ProtocolRefusal as exc:
+        refuse(exc.reason, exc.message)
 
     if document.get("schema") != DESIRED_SCHEMA:
         refuse(Reason.UNSUPPORTED_SCHEMA,
@@ -660,6 +679,222 @@ def verify_desired(
         refuse(Reason.NOT_YET_VALID, f"issued at {format_time(state.issued_at)}, later than "
                f"this device's clock ({format_time(now)}) allows")
     return state
+
+
+# --- commands -----------------------------------------------------------------
+#
+# A command asks one device to do one thing now (today: profile a model version on
+# the device). It travels on the device's commands topic, QoS 1, never retained,
+# signed by the hub's key like a desired state. The agent checks the signature first,
+# then the device id, that it has not seen the command id before (`replay`: it keeps
+# the ids of commands still valid), the expiry and the issue time. A command is valid
+# for at most MAX_COMMAND_VALIDITY, so the ids a device must remember are few. The
+# answer (`CommandResult`) goes back over HTTPS with the device's token.
+
+COMMAND_SCHEMA: Final = "edgefleet.command/v1"
+COMMAND_RESULT_SCHEMA: Final = "edgefleet.command-result/v1"
+MAX_COMMAND_BYTES: Final = 8 * 1024
+MAX_COMMAND_RESULT_BYTES: Final = 512 * 1024
+MAX_COMMAND_VALIDITY: Final = timedelta(hours=1)
+MAX_PROFILE_ITERATIONS: Final = 1000  # a device measures; it must not be kept busy for hours
+MAX_PROFILE_BATCH: Final = 256
+MAX_PROFILE_ROWS: Final = 1000
+
+
+class CommandKind(StrEnum):
+    PROFILE = "profile"
+
+
+class CommandState(StrEnum):
+    """Where a command is: the device says running, done or failed; the hub says the rest."""
+
+    SENT = "sent"          # published to the device's commands topic
+    RUNNING = "running"    # the device accepted it and works on it
+    DONE = "done"
+    FAILED = "failed"      # the device could not do it (its error says why)
+    EXPIRED = "expired"    # no answer before it expired (device offline, refused, busy)
+
+
+@dataclass(frozen=True)
+class ProfileArgs:
+    model: str
+    version: int
+    variant: str
+    max_batch: int
+    iterations: int
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    device_id: str
+    issued_at: datetime
+    expires_at: datetime
+    kind: CommandKind
+    profile: ProfileArgs
+
+
+def _command_json(c: Command) -> dict[str, Any]:
+    p = c.profile
+    return {"schema": COMMAND_SCHEMA, "id": c.id, "device_id": c.device_id,
+            "issued_at": format_time(c.issued_at), "expires_at": format_time(c.expires_at),
+            "kind": str(c.kind),
+            "profile": {"model": p.model, "version": p.version, "variant": p.variant,
+                        "max_batch": p.max_batch, "iterations": p.iterations}}
+
+
+def _read_command(document: object) -> Command:
+    f = _Fields(document, "command")
+    _schema(f, COMMAND_SCHEMA)
+    kind = f.text("kind")
+    if kind not in CommandKind.__members__.values():
+        f.fail("kind", f"{kind!r} is not one of {', '.join(CommandKind)}")
+    p = f.obj("profile")
+    args = ProfileArgs(model=p.name("model", names.MODEL_NAME),
+                       version=p.integer("version", low=1),
+                       variant=p.name("variant", names.VARIANT),
+                       max_batch=p.integer("max_batch", low=1, high=MAX_PROFILE_BATCH),
+                       iterations=p.integer("iterations", low=1, high=MAX_PROFILE_ITERATIONS))
+    p.done()
+    command = Command(id=f.text("id", _ID), device_id=f.text("device_id", _ID),
+                      issued_at=f.time("issued_at"), expires_at=f.time("expires_at"),
+                      kind=CommandKind(kind), profile=args)
+    f.done()
+    if not command.issued_at < command.expires_at <= command.issued_at + MAX_COMMAND_VALIDITY:
+        f.fail("expires_at", f"must be after issued_at and within {MAX_COMMAND_VALIDITY} of it")
+    return command
+
+
+def sign_command(command: Command, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The payload to publish (QoS 1, not retained) on `commands_topic`: canonical JSON signed
+    as a desired state is. The hub never sends what an agent would read otherwise."""
+    from contract import signing  # see _signed_body
+
+    body = _command_json(command)
+    if _read_command(body) != command:
+        raise ProtocolError("the command does not read back as built")
+    signature = {"keyid": signing.key_id(private_key), "alg": signing.ALGORITHM,
+                 "value": signing.sign(private_key, canonical_json(body))}
+    payload = canonical_json({**body, "signature": signature})
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise ProtocolError(f"command is {len(payload)} bytes; the limit is {MAX_COMMAND_BYTES}")
+    return payload
+
+
+def verify_command(payload: bytes, *, public_key: ec.EllipticCurvePublicKey, device_id: str,
+                   seen: Collection[str], now: datetime, max_skew: timedelta = CLOCK_SKEW,
+                   retired: Collection[str] = ()) -> Command:
+    """The command in PAYLOAD if this device may run it; else ProtocolRefusal, whose message
+    starts with the command id the document claims (for the device's report). SEEN: the ids
+    of commands this device has taken and that are still valid."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    try:
+        document = _load(payload, limit=MAX_COMMAND_BYTES, what="command")
+    except ProtocolError as exc:
+        raise ProtocolRefusal(Reason.MALFORMED, f"command: {exc}") from None
+    if not isinstance(document, dict):
+        raise ProtocolRefusal(Reason.MALFORMED, "command: not a JSON object")
+    claimed = document.get("id")
+    label = f"command {claimed!r:.140}"
+
+    def refuse(reason: Reason, message: str) -> NoReturn:
+        raise ProtocolRefusal(reason, f"{label}: {message}")
+
+    if KEYS_FIELD in document:
+        refuse(Reason.MALFORMED, "commands carry no key rotations")
+    try:
+        body = _signed_body(document, public_key, retired)
+    except ProtocolRefusal as exc:
+        refuse(exc.reason, exc.message)
+    if document.get("schema") != COMMAND_SCHEMA:
+        refuse(Reason.UNSUPPORTED_SCHEMA,
+               f"schema {document.get('schema')!r:.80}; this agent reads {COMMAND_SCHEMA!r}")
+    try:
+        command = _read_command(body)
+    except ProtocolError as exc:
+        refuse(Reason.MALFORMED, str(exc))
+    if command.device_id != device_id:
+        refuse(Reason.WRONG_DEVICE, f"addressed to {command.device_id!r}, not {device_id!r}")
+    if command.id in seen:
+        refuse(Reason.REPLAY, "this device has taken this command already")
+    if now >= command.expires_at:
+        refuse(Reason.EXPIRED, f"expired at {format_time(command.expires_at)}")
+    if command.issued_at > now + max_skew:
+        refuse(Reason.NOT_YET_VALID, f"issued at {format_time(command.issued_at)}, later than "
+               f"this device's clock ({format_time(now)}) allows")
+    return command
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A device's answer to a command: running (taken), then done (ROWS) or failed (ERROR).
+    A profile's rows have the fields of contract/profiles.py, checked for shape here and
+    for their values by the hub."""
+
+    command_id: str
+    device_id: str
+    state: CommandState
+    error: str | None = None
+    rows: tuple[Mapping[str, Value], ...] = ()
+
+
+_ROW_TEXT: Final = ("device_class", "runtime", "device", "variant")
+_ROW_INTEGERS: Final = ("batch", "iterations", "peak_rss_bytes")
+_ROW_NUMBERS: Final = ("p50_ms", "p99_ms", "throughput")
+
+
+def _read_profile_row(f: _Fields) -> dict[str, Value]:
+    row: dict[str, Value] = {key: f.text(key, max_len=64) for key in _ROW_TEXT}
+    row |= {key: f.integer(key) for key in _ROW_INTEGERS}
+    for key in _ROW_NUMBERS:
+        value = f.raw(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            f.fail(key, f"expected a number of at least 0, got {_describe(value)}")
+        row[key] = float(value)
+    f.done()
+    return row
+
+
+def read_command_result(document: object, *, device_id: str) -> CommandResult:
+    """The result in DOCUMENT (already JSON-decoded) from DEVICE_ID; ProtocolError if it
+    breaks the protocol."""
+    f = _Fields(document, "result")
+    _schema(f, COMMAND_RESULT_SCHEMA)
+    state = f.text("state")
+    if state not in (CommandState.RUNNING, CommandState.DONE, CommandState.FAILED):
+        f.fail("state", f"{state!r} is not running, done or failed")
+    result = CommandResult(
+        command_id=f.text("command_id", _ID), device_id=f.text("device_id", _ID),
+        state=CommandState(state), error=f.text_or_null("error", max_len=MAX_TEXT),
+        rows=tuple(_read_profile_row(_Fields(item, path))
+                   for path, item in f.items("rows", MAX_PROFILE_ROWS)))
+    f.done()
+    if result.device_id != device_id:
+        f.fail("device_id", f"is {result.device_id!r}, but it came from device {device_id!r}")
+    if (result.state is CommandState.FAILED) != (result.error is not None):
+        f.fail("error", "a failed command has an error, and only a failed one")
+    if (result.state is CommandState.DONE) != bool(result.rows):
+        f.fail("rows", "a done command has rows, and only a done one")
+    return result
+
+
+def build_command_result(result: CommandResult) -> bytes:
+    body = {"schema": COMMAND_RESULT_SCHEMA, "command_id": result.command_id,
+            "device_id": result.device_id, "state": str(result.state), "error": result.error,
+            "rows": [dict(row) for row in result.rows]}
+    payload = canonical_json(body)
+    if len(payload) > MAX_COMMAND_RESULT_BYTES:
+        raise ProtocolError(f"command result is {len(payload)} bytes; the limit is "
+                            f"{MAX_COMMAND_RESULT_BYTES}")
+    read_command_result(body, device_id=result.device_id)  # never send what the hub refuses
+    return payload
+
+
+def parse_command_result(payload: bytes, *, device_id: str) -> CommandResult:
+    return read_command_result(
+        _load(payload, limit=MAX_COMMAND_RESULT_BYTES, what="command result"),
+        device_id=device_id)
 
 
 # --- reported state ---------------------------------------------------------

@@ -322,17 +322,21 @@ def desired_snapshot(
     """Each device's desired generation with its deployments, read in one
     statement so the rows are the ones that generation names."""
     rows = db.query(
-        "SELECT d.id AS device, d.desired_generation AS generation, b.spec AS sketch, x.*"
+        "SELECT d.id AS device, d.desired_generation AS generation, b.spec AS sketch,"
+        " cb.spec AS candidate_sketch, x.*"
         " FROM devices d LEFT JOIN deployments x ON x.device_id = d.id AND x.active = 1"
         " LEFT JOIN drift_baselines b ON b.model = x.model AND b.version = x.version"
+        " LEFT JOIN drift_baselines cb ON cb.model = x.model"
+        " AND cb.version = x.candidate_version"
         " WHERE d.id IN (SELECT value FROM json_each(?))"
         " ORDER BY d.id, x.priority DESC, x.name", (json.dumps(list(device_ids)),))
     snapshot: dict[str, tuple[int, list[dict[str, Any]]]] = {}
     for r in rows:
         _, deployments = snapshot.setdefault(r["device"], (r["generation"], []))
         if r["name"] is not None:
-            # The version's drift bins (hub/drift.py): fixed once it is deployed.
-            deployments.append({**_record(r), "sketch": json.loads(r["sketch"] or "null")})
+            # The versions' drift bins (hub/drift.py): fixed once they are deployed.
+            deployments.append({**_record(r), "sketch": json.loads(r["sketch"] or "null"),
+                                "candidate_sketch": json.loads(r["candidate_sketch"] or "null")})
     return snapshot
 
 

@@ -74,6 +74,8 @@ def _deployment(row: dict[str, Any]) -> protocol.Deployment:
         traffic=c["traffic"],
         shadow=c["shadow"],
         rollout=row["rollout_id"],
+        sketch=None if row.get("candidate_sketch") is None
+        else SketchSpec.from_json(row["candidate_sketch"]),
     )
     return protocol.Deployment(
         name=row["name"],

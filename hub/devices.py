@@ -172,7 +172,7 @@ def delete_device(db: Database, device_id: str) -> None:
         if not conn.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount:
             raise NotFound(f"no device with id {device_id!r}; see `edgefleet device list`")
         for table in ("deployments", "deployment_status", "telemetry", "telemetry_rollups",
-                      "telemetry_rolled"):
+                      "telemetry_rolled", "device_commands"):
             conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
 

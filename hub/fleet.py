@@ -128,6 +128,11 @@ class FleetLink:
         """These devices' desired state changed and is committed: publish it."""
         self.publisher.notify(device_ids)
 
+    def send_command(self, device_id: str, payload: bytes) -> None:
+        """Publish a signed command (QoS 1, not retained: a command is for now, and one
+        queued for an offline device expires); MqttError if the broker does not take it."""
+        self.session.publish(protocol.commands_topic(device_id), payload, timeout=5)
+
     def forget(self, device_id: str) -> None:
         """Clear a deleted device's retained messages (its desired state and
         status) from the broker; best effort, a broker not reachable keeps them."""

@@ -98,6 +98,11 @@ class KeyRing:
         with self._lock:
             return protocol.sign_desired(state, self.key, keys.chain_tail(self._done()))
 
+    def sign_command(self, command: protocol.Command) -> bytes:
+        """Commands carry no rotation chain: the retained desired state leads devices on."""
+        with self._lock:
+            return protocol.sign_command(command, self.key)
+
     def describe(self) -> dict[str, Any]:
         """The current key, the retired ones and whether a root key is set, for `keys list`."""
         done = self._done()

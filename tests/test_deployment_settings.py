@@ -168,7 +168,8 @@ def test_a_schema_4_database_gets_settings(hub: InProcessHub) -> None:
                                              ("rollout_devices", "previous_settings")),
                          tables=("webhook_deliveries", "webhooks", "events",  # 6
                                  "model_profiles",  # 7
-                                 "drift_baselines", "drift_sketches", "drift_results"))  # 8
+                                 "drift_baselines", "drift_sketches", "drift_results",  # 8
+                                 "device_commands"))  # 9
     db = Database(hub.db.target)
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}

@@ -182,3 +182,35 @@ def test_validity_shorter_than_ten_minutes_is_refused(db: Database, tmp_path: Pa
     with pytest.raises(ValueError, match="at least 10 minutes"):
         Publisher(db, Session(), ring(tmp_path),  # type: ignore[arg-type]
                   validity=timedelta(minutes=5))
+
+
+def test_a_candidate_with_a_baseline_carries_its_own_bins(db: Database,
+                                                          tmp_path: Path) -> None:
+    """Each version's bins: the deployment's own and its candidate's (A/B or shadow)."""
+    two = f"sha256:{2:064x}"
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO model_versions (model, version, created_at, tags, metrics,"
+                     " lineage) VALUES ('tiny', 2, 'now', '{}', '{}', '{}')")
+        conn.execute("INSERT INTO oci_manifests VALUES ('models/tiny', ?, ?, 512, 'now')",
+                     (two, "application/vnd.oci.image.index.v1+json"))
+        conn.execute("INSERT INTO oci_tags VALUES ('models/tiny', '2', ?, 'now')", (two,))
+        conn.execute("INSERT INTO oci_tags VALUES ('models/tiny', ?, 'sha256:fe', 'now')",
+                     (cosign.signature_tag(two),))
+        for version, edges in ((1, [0.0]), (2, [0.0, 1.0])):
+            spec = f'[{{"side": "input", "tensor": "x", "column": 0, "edges": {edges}}}]'
+            conn.execute("INSERT INTO drift_baselines VALUES ('tiny', ?, '{}', ?, 'now', 'me')",
+                         (version, spec))
+    deployments.assign_many(db, ["dev-a"], name="tiny", model="tiny", version=1,
+                            candidate=deployments.Candidate(2, 10, shadow=True))
+    generation, rows = deployments.desired_snapshot(db, ["dev-a"])["dev-a"]
+    state = desired.build("dev-a", generation, rows, issued_at=datetime.now(UTC),
+                          validity=timedelta(days=1))
+    (deployment,) = state.deployments
+    assert deployment.sketch is not None and deployment.candidate is not None
+    assert deployment.candidate.sketch is not None
+    assert [f.edges for f in deployment.sketch.features] == [(0.0,)]
+    assert [f.edges for f in deployment.candidate.sketch.features] == [(0.0, 1.0)]
+    key = ring(tmp_path).key  # and the agent reads it back as built
+    assert protocol.verify_desired(protocol.sign_desired(state, key),
+                                   public_key=key.public_key(), device_id="dev-a",
+                                   last_generation=0, now=datetime.now(UTC)) == state

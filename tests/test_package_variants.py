@@ -221,7 +221,8 @@ def test_a_database_from_before_variants_is_migrated(tmp_path: Path,
         tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
                 "webhook_deliveries", "webhooks", "events",  # 6
                 "model_profiles",  # 7
-                "drift_baselines", "drift_sketches", "drift_results"))  # 8
+                "drift_baselines", "drift_sketches", "drift_results",  # 8
+                "device_commands"))  # 9
     db = Database(hub.db.target)
     assert db.query_one("SELECT value FROM meta WHERE key = 'schema_version'") == {
         "value": str(SCHEMA_VERSION)}

@@ -408,3 +408,75 @@ def test_the_protocol_needs_only_the_stdlib() -> None:
                     "contract.settings", "contract.sketch"}
     foreign = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"contract"}
     assert sorted(r for r in foreign if not r.startswith("_")) == []
+
+
+# ---- commands ----------------------------------------------------------------------
+
+ISSUED = datetime(2025, 1, 31, 12, tzinfo=UTC)
+
+
+def command(**changes: Any) -> p.Command:
+    return replace(p.Command("c-1", "dev-1", ISSUED, ISSUED + timedelta(minutes=10),
+                             p.CommandKind.PROFILE, p.ProfileArgs("tiny", 3, "int8", 8, 50)),
+                   **changes)
+
+
+def command_refusal(payload: bytes, **overrides: Any) -> p.ProtocolRefusal:
+    with pytest.raises(p.ProtocolRefusal) as caught:
+        p.verify_command(payload, **{"public_key": KEY.public_key(), "device_id": "dev-1",
+                                     "seen": set(), "now": ISSUED, **overrides})
+    return caught.value
+
+
+def test_a_command_round_trips_and_each_bad_one_is_refused_for_its_reason() -> None:
+    good = p.sign_command(command(), KEY)
+    assert p.verify_command(good, public_key=KEY.public_key(), device_id="dev-1", seen={"c-0"},
+                            now=ISSUED) == command()
+    tampered = good.replace(b'"iterations":50', b'"iterations":51')
+    cases = {
+        p.Reason.BAD_SIGNATURE: (p.sign_command(command(), OTHER_KEY), {}),
+        p.Reason.REPLAY: (good, {"seen": {"c-1"}}),
+        p.Reason.EXPIRED: (good, {"now": ISSUED + timedelta(minutes=10)}),
+        p.Reason.NOT_YET_VALID: (good, {"now": ISSUED - timedelta(minutes=6)}),
+        p.Reason.WRONG_DEVICE: (good, {"device_id": "dev-2"}),
+        p.Reason.MALFORMED: (good + b" " * p.MAX_COMMAND_BYTES, {}),
+    }
+    for reason, (payload, overrides) in cases.items():
+        assert command_refusal(payload, **overrides).reason is reason, reason
+    assert command_refusal(tampered).reason is p.Reason.BAD_SIGNATURE
+    assert "command 'c-1'" in command_refusal(good, seen={"c-1"}).message
+    # A desired state is no command, even when the hub's key signed it.
+    assert command_refusal(p.sign_desired(desired(), KEY)).reason is p.Reason.UNSUPPORTED_SCHEMA
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"expires_at": ISSUED + timedelta(hours=2)}, "within 1:00:00"),
+    ({"expires_at": ISSUED}, "must be after issued_at"),
+    ({"profile": p.ProfileArgs("tiny", 3, "int8", 257, 50)}, "max_batch"),
+    ({"profile": p.ProfileArgs("tiny", 3, "int8", 8, 1001)}, "iterations"),
+    ({"profile": p.ProfileArgs("Tiny!", 3, "int8", 8, 50)}, "model"),
+    ({"id": "c/1"}, "id"),
+])
+def test_the_hub_never_signs_a_command_an_agent_would_refuse(changes: dict[str, Any],
+                                                              words: str) -> None:
+    with pytest.raises(p.ProtocolError, match=words):
+        p.sign_command(command(**changes), KEY)
+
+
+def test_a_command_result_is_read_strictly() -> None:
+    row = {"device_class": "linux/arm64", "runtime": "onnxruntime", "device": "CPU",
+           "variant": "int8", "batch": 1, "iterations": 50, "p50_ms": 0.5, "p99_ms": 0.9,
+           "throughput": 2000.0, "peak_rss_bytes": 60_000_000}
+    done = p.CommandResult("c-1", "dev-1", p.CommandState.DONE, rows=(row,))
+    assert p.parse_command_result(p.build_command_result(done), device_id="dev-1") == done
+    for result, words in (
+            (p.CommandResult("c-1", "dev-1", p.CommandState.DONE), "rows"),
+            (p.CommandResult("c-1", "dev-1", p.CommandState.FAILED), "error"),
+            (p.CommandResult("c-1", "dev-1", p.CommandState.RUNNING, rows=(row,)), "rows"),
+            (p.CommandResult("c-1", "dev-1", p.CommandState.EXPIRED), "state"),
+            (p.CommandResult("c-1", "dev-1", p.CommandState.DONE,
+                             rows=({**row, "extra": 1},)), "extra")):
+        with pytest.raises(p.ProtocolError, match=words):
+            p.build_command_result(result)
+    with pytest.raises(p.ProtocolError, match="came from device"):
+        p.parse_command_result(p.build_command_result(done), device_id="dev-2")

@@ -287,7 +287,8 @@ def test_a_database_of_an_older_hub_gets_the_spec_column(db_target: Any) -> None
                          tables=("telemetry_rollups", "telemetry_rolled",  # schema 4
                                  "webhook_deliveries", "webhooks", "events",  # 6
                                  "model_profiles",  # 7
-                                 "drift_baselines", "drift_sketches", "drift_results"))  # 8
+                                 "drift_baselines", "drift_sketches", "drift_results",  # 8
+                                 "device_commands"))  # 9
     old.close()
     db = Database(db_target)
     assert "spec" in db.dialect.columns(db.conn, "rollouts")

@@ -366,3 +366,31 @@ def test_a_version_with_bins_counts_its_inputs_and_outputs(
     assert stats["sketches"] == {
         "x[0]": counted(rows[:, 0], edges), "x[2]": counted(rows[:, 2], edges),
         "y[1]": counted(expected_linear(rows)[:, 1], [0.0])}
+
+
+@pytest.mark.parametrize("shadow", [False, True])
+def test_a_candidate_with_bins_counts_what_it_answers_or_shadows(
+        served: ServeProcess, models: dict[str, Path], shadow: bool) -> None:
+    """A split candidate counts the requests it answers; a shadow candidate the copies it
+    runs (listed in the stats by its sketches alone: it answers no request of its own)."""
+    spec = [{"side": "input", "tensor": "x", "column": 0, "edges": [0.0]}]
+    name = "shadowbins" if shadow else "splitbins"
+    served.deploy(name, {**onnx_version(models["a"], "1"),
+                         "candidate": onnx_version(models["b"], "2", sketch=spec),
+                         "traffic": 100 if shadow else 50, "shadow": shadow})
+    with served.client() as client:
+        for _ in range(20):
+            assert client.post(f"/v2/models/{name}/infer", json=REQUEST).status_code == 200
+
+    def candidate() -> dict[str, Any]:
+        with served.control() as control:
+            rows = control.get("/control/stats").json()
+        return next((r for r in rows if (r["model"], r["version"]) == (name, "2")), {})
+
+    def answered() -> float:
+        metric = "shadow_requests" if shadow else "requests"
+        return served.metric(f'edgefleet_serving_{metric}_total{{model="{name}",version="2"}}')
+
+    _wait_for(lambda: sum(candidate().get("sketches", {}).get("x[0]", [])) == answered() * len(X)
+              and answered() > 0)
+    assert candidate()["requests"] == (0 if shadow else answered())

@@ -182,6 +182,7 @@ def test_a_schema_3_database_is_upgraded_and_its_points_rolled_up(tmp_path: Path
                        " DROP TABLE webhook_deliveries; DROP TABLE webhooks; DROP TABLE events;"
                        " DROP TABLE model_profiles; DROP TABLE drift_baselines;"
                        " DROP TABLE drift_sketches; DROP TABLE drift_results;"
+                       " DROP TABLE device_commands;"
                        " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
     conn.execute("INSERT INTO devices (id, name, tags) VALUES ('dev-1', 'one', '{}')")
     conn.execute("INSERT INTO telemetry VALUES ('dev-1', 1, ?, 'system', '{\"cpu_percent\":7}')",

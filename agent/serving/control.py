@@ -87,6 +87,9 @@ class Controller:
                 deployment = Deployment(name, primary, candidate, body.traffic, body.shadow)
                 retired = self.table.install(deployment)
                 self.scorer.telemetry.sketch_with(name, primary.version, body.primary.sketch)
+                if candidate is not None and body.candidate is not None:
+                    self.scorer.telemetry.sketch_with(name, candidate.version,
+                                                      body.candidate.sketch)
         log.info("deployment %s: %s", name,
                  ", ".join(f"{r} {v.version}" for r, v in deployment.roles()))
         return {
@@ -192,7 +195,9 @@ def create_app(controller: Controller) -> FastAPI:
 
     @app.get("/control/stats")
     async def stats() -> list[dict[str, Any]]:
-        return controller.scorer.telemetry.stats()
+        telemetry = controller.scorer.telemetry
+        await asyncio.to_thread(telemetry.settle_sketches)  # counted off the request path
+        return telemetry.stats()
 
     @app.post("/control/deployments/{name}/versions/{version}/self-test")
     async def self_test(name: str, version: str, request: Request) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class Shadow:
             return
         t.shadow_latency.observe(time.perf_counter() - start, *labels)
         t.shadow_agreement.inc(*labels, "agree" if agree(expected, outputs) else "disagree")
+        t.sketch(*labels, inputs, outputs)  # its drift bins, if it has a baseline
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from agent.serving.limits import Limiter
 from agent.serving.metrics import Counter, Gauge, Histogram, Labels, Registry
+from agent.serving.sketching import SketchQueue
 from agent.serving.table import ModelTable
 from agent.sketches import Sketcher
 from contract.sketch import SketchSpec
@@ -98,9 +99,17 @@ class Telemetry:
             (*MODEL, "result"),
         ))
 
+        self.sketch_dropped = r.add(Counter(
+            "edgefleet_serving_sketch_dropped_total",
+            "Answered requests not counted into drift sketches: the sketch queue was full.",
+            MODEL,
+        ))
+
         # Drift sketches per (deployment, version) whose control body carried bins
         # (agent/sketches.py); kept, like the counters, after the version retires.
+        # Counted on a thread of their own (agent/serving/sketching.py).
         self.sketchers: dict[tuple[str, str], Sketcher] = {}
+        self._sketching: SketchQueue | None = None
 
     def sketch_with(self, deployment: str, version: str, spec: SketchSpec | None) -> None:
         """Count this version's inputs and outputs into SPEC's bins from now on (the
@@ -111,12 +120,24 @@ class Telemetry:
             self.sketchers.pop(key, None)
         elif current is None or current.spec != spec:
             self.sketchers[key] = Sketcher(spec)
+            if self._sketching is None:  # its thread only once a version has bins
+                self._sketching = SketchQueue()
 
     def sketch(self, deployment: str, version: str, inputs: Mapping[str, np.ndarray],
                outputs: Mapping[str, np.ndarray]) -> None:
+        """Count an answered request (or a shadow copy) into its version's bins, off this
+        thread; never blocks (dropped and counted when the queue is full)."""
         sketcher = self.sketchers.get((deployment, version))
-        if sketcher is not None:
-            sketcher.observe(inputs, outputs)
+        if sketcher is None or self._sketching is None:
+            return
+        if not self._sketching.offer(sketcher, inputs, outputs):
+            self.sketch_dropped.inc(deployment, version)
+
+    def settle_sketches(self, timeout: float = 1.0) -> None:
+        """Wait (up to TIMEOUT seconds) until requests answered so far are counted into
+        their sketches: `stats` then holds them. Blocks: call it off the event loop."""
+        if self._sketching is not None:
+            self._sketching.settle(timeout)
 
     def render(self) -> str:
         return self.registry.render()
@@ -141,7 +162,9 @@ class Telemetry:
                 "latency_sum": latency.get((model, version), ([], 0.0))[1],
                 "sketches": sketches.get((model, version), {}),
             }
-            for model, version in sorted(set(requests) | set(failures) | set(latency))
+            # A shadow candidate answers no request of its own: its sketches list it.
+            for model, version in sorted(set(requests) | set(failures) | set(latency)
+                                         | {key for key, counts in sketches.items() if counts})
         ]
 
 

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from hub import ui
 from hub.api import (
     admin,
+    commands,
     deployments,
     devices,
     drift,
@@ -37,8 +38,8 @@ def create_app(state: HubState) -> FastAPI:
     )
     app.state.hub = state
     errors.install(app)
-    for module in (admin, models, packages, devices, deployments, fleet, rollouts, metrics,
-                   keys, events, webhooks, drift):
+    for module in (admin, models, packages, devices, commands, deployments, fleet, rollouts,
+                   metrics, keys, events, webhooks, drift):
         app.include_router(module.router)
     registry.install(app)
     ui.install(app)  # the dashboard at /ui

@@ -11,7 +11,8 @@ declares, per operation, the statuses it can answer from what the route is:
 - 404: every operation with a path parameter or a filter naming something,
   and every change (its body names what it acts on);
 - 409, 413 and 507: every change (conflicts, the body limit, a full disk);
-- 503: the two changes that need the managed broker's answer.
+- 503: the changes that need the broker's answer (enrollment and device deletion on the
+  managed broker, a command to a device).
 
 A test runs schemathesis against a real hub with this document
 (tests/test_openapi_conformance.py), so a status a route answers and this
@@ -49,7 +50,8 @@ DESCRIPTIONS: Final = {
     503: "The broker did not take the change; nothing was changed",
     507: "The hub's disk is full; nothing was stored",
 }
-NEEDS_BROKER: Final = {("POST", "/api/v1/enroll"), ("DELETE", "/api/v1/devices/{device_id}")}
+NEEDS_BROKER: Final = {("POST", "/api/v1/enroll"), ("DELETE", "/api/v1/devices/{device_id}"),
+                       ("POST", "/api/v1/devices/{device_id}/commands")}
 # Answers that are not JSON: files, and HEAD (no body at all).
 BINARY: Final = {("GET", "/api/v1/models/{name}/versions/{version}/files/{path}")}
 

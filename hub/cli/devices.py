@@ -182,10 +182,11 @@ def delete(device_id: str, yes: bool, hub: str | None, token: str | None,
 
 
 def current_refusals(reported: dict, applied: int | None) -> list[dict]:
-    """The refused desired states that still matter: those newer than the generation the
-    device has applied since (a later one it took makes an older refusal history)."""
+    """The refusals that still matter: desired states newer than the generation the device
+    has applied since (a later one it took makes an older refusal history), and refused
+    commands and documents that named no generation."""
     return [r for r in reported.get("refusals", [])
-            if applied is None or r.get("generation", 0) > applied]
+            if applied is None or r.get("generation") is None or r["generation"] > applied]
 
 
 def _deployment_rows(deployed: dict) -> list[dict[str, str]]:

@@ -19,9 +19,11 @@ from contract import names
 from contract.errors import FormatError
 from contract.names import DEFAULT_VARIANT
 from contract.profiles import MAX_ITERATIONS, batch_sizes
+from contract.protocol import MAX_COMMAND_VALIDITY, MAX_PROFILE_ITERATIONS
 from contract.runtimes import RUNTIMES
 from hub.cli import drift
 from hub.cli.client import HubClient
+from hub.cli.device_profile import profile_on_device
 from hub.cli.output import (
     client,
     emit,
@@ -368,6 +370,27 @@ def _sources(hub_client: HubClient, profiler: Any, record: dict[str, Any], varia
             yield _Source(variant, staged.model_dir, staged.entrypoint, staged.framework)
 
 
+def _on_device(hub_client: HubClient, name: str, version: str, device: str, *,
+               runtimes: tuple[str, ...], variants: tuple[str, ...], no_store: bool,
+               max_batch: int, iterations: int, wait: bool, timeout: int,
+               as_json: bool) -> None:
+    if runtimes or no_store:
+        raise click.UsageError("--runtime and --no-store are for profiles on this machine: "
+                               "a device profiles every runtime it has and always stores")
+    if len(variants) > 1 or iterations > MAX_PROFILE_ITERATIONS:
+        raise click.UsageError(f"with --device: one --variant, at most "
+                               f"{MAX_PROFILE_ITERATIONS} --iterations")
+    variant = variants[0] if variants else DEFAULT_VARIANT
+    try:
+        names.variant(variant)
+    except names.InvalidName as exc:
+        raise click.BadParameter(str(exc), param_hint="--variant") from None
+    record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")
+    profile_on_device(hub_client, record, device, variant=variant, max_batch=max_batch,
+                      iterations=iterations, wait=wait, timeout=timeout, as_json=as_json,
+                      emit=_emit_profile)
+
+
 @model.command()
 @click.argument("ref")
 @click.option("--max-batch", default=8, show_default=True,
@@ -383,15 +406,24 @@ def _sources(hub_client: HubClient, profiler: Any, record: dict[str, Any], varia
               "version has a package of; without packages, its registered files as "
               "variant default].")
 @click.option("--no-store", is_flag=True, help="Only print the profile; do not store it.")
+@click.option("--device", metavar="DEVICE_ID",
+              help="Measure on this enrolled, online device instead (where its accelerators "
+              "are): one --variant [default: default], every runtime it has.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="With --device: wait for the device's answer (progress on stderr).")
+@click.option("--timeout", type=click.IntRange(1, int(MAX_COMMAND_VALIDITY.total_seconds())),
+              default=600, show_default=True,
+              help="With --device: seconds to wait; the device's command expires then too.")
 @hub_options
 @json_option
 @click.pass_obj
 def profile(
     components: Any, ref: str, max_batch: int, iterations: int, runtimes: tuple[str, ...],
-    variants: tuple[str, ...], no_store: bool, hub: str | None, token: str | None,
-    as_json: bool,
+    variants: tuple[str, ...], no_store: bool, device: str | None, wait: bool, timeout: int,
+    hub: str | None, token: str | None, as_json: bool,
 ) -> None:
-    """Measure a version on this machine and store the profile with it on the hub.
+    """Measure a version on this machine, or on an enrolled device (--device), and store
+    the profile with it on the hub.
 
     Each variant's model (fp32, fp16, int8...: from its package, fetched and
     verified as a device does) runs through the agent's own runtimes, on each
@@ -402,13 +434,25 @@ def profile(
     class; a rollout's --max-latency-ms compares with them.
 
     \b
+    With --device the device does the same with the variant's package
+    (fetched and verified as for a deployment) on every runtime and device
+    it has, and its rows are stored under its platform with its id as host.
+    One profile at a time per device; it must be online.
+
+    \b
     Example: edgefleet model profile diabetes:2 --max-batch 32 --iterations 100
+    Example: edgefleet model profile diabetes:2 --device dev-7f3a --timeout 300
     """
     name, version = parse_ref(ref)
     try:
         batches = batch_sizes(max_batch)
     except FormatError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-batch") from None
+    if device is not None:
+        _on_device(client(hub, token), name, version, device, runtimes=runtimes,
+                   variants=variants, no_store=no_store, max_batch=max_batch,
+                   iterations=iterations, wait=wait, timeout=timeout, as_json=as_json)
+        return
     profiler = components.model_profiler()
     hub_client = client(hub, token)
     record = hub_client.get(f"/api/v1/models/{name}/versions/{version}")

@@ -20,7 +20,7 @@ from typing import Any
 
 from hub.storage.dialect import Connection, Dialect, dialect_for
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -224,6 +224,7 @@ def _create_schema(db: _Schema) -> None:
     _add_events(db)
     _add_profiles(db)
     _add_drift(db)
+    _add_commands(db)
     db["meta"].create({"key": str, "value": str}, pk="key")
     db.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),))
@@ -294,6 +295,17 @@ def _add_drift(db: _Schema) -> None:
                " computed_at TEXT NOT NULL, PRIMARY KEY (model, version, target, feature))")
 
 
+def _add_commands(db: _Schema) -> None:
+    """Schema 9: commands to devices (hub/commands.py) and what became of each; a done
+    profile's rows as the device sent them (also stored in model_profiles)."""
+    db.execute("CREATE TABLE device_commands (id TEXT PRIMARY KEY, device_id TEXT NOT NULL,"
+               " kind TEXT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,"
+               " variant TEXT NOT NULL, max_batch BIGINT NOT NULL, iterations BIGINT NOT NULL,"
+               " state TEXT NOT NULL, error TEXT, rows TEXT, issued_at TEXT NOT NULL,"
+               " expires_at TEXT NOT NULL, updated_at TEXT NOT NULL, created_by TEXT NOT NULL)")
+    db["device_commands"].create_index(["device_id", "state"])
+
+
 def _migrate(db: _Schema) -> None:
     """Bring a database written by an older hub up to SCHEMA_VERSION, one step at a time."""
     version = int(db.conn.execute(
@@ -330,6 +342,8 @@ def _migrate(db: _Schema) -> None:
         _add_profiles(db)
     if version < 8:
         _add_drift(db)
+    if version < 9:
+        _add_commands(db)
     if version < SCHEMA_VERSION:
         db.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                         (str(SCHEMA_VERSION),))
