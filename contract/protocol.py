@@ -97,10 +97,10 @@ _MAX_INT: Final = 2**63 - 1       # what SQLite and most JSON readers keep exact
 ROOT: Final = "edgefleet/v1"
 _DEVICES: Final = f"{ROOT}/devices"
 
-Kind = Literal["desired", "reported", "telemetry", "status", "commands", "command_result"]
-_SIMPLE_KINDS: Final = ("desired", "reported", "telemetry", "status", "commands")
+Kind = Literal["desired", "reported", "telemetry", "status", "commands"]
+_KINDS: Final = ("desired", "reported", "telemetry", "status", "commands")
 
-# Device and command ids become topic levels: no "/", "+", "#" or leading "$".
+# Device ids become topic levels: no "/", "+", "#" or leading "$".
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -133,16 +133,12 @@ def commands_topic(device_id: str) -> str:
     return f"{_DEVICES}/{_check_id(device_id)}/commands"
 
 
-def command_result_topic(device_id: str, command_id: str) -> str:
-    return f"{commands_topic(device_id)}/{_check_id(command_id, 'command id')}/result"
-
-
-# What the hub's ingest loop subscribes to: everything devices send.
+# What the hub's ingest loop subscribes to: everything devices send over MQTT (a
+# command's result goes over HTTPS: the device learns whether it was stored).
 HUB_SUBSCRIPTIONS: Final = (
     f"{_DEVICES}/+/reported",
     f"{_DEVICES}/+/telemetry",
     f"{_DEVICES}/+/status",
-    f"{_DEVICES}/+/commands/+/result",
 )
 
 
@@ -154,24 +150,13 @@ def device_subscriptions(device_id: str) -> tuple[str, str]:
 def parse_topic(topic: str) -> tuple[str, Kind]:
     """(device_id, kind) of a concrete edgefleet topic; ProtocolError otherwise."""
     parts = topic.split("/") if isinstance(topic, str) else []
-    if parts[:3] == ["edgefleet", "v1", "devices"] and len(parts) >= 5 and _ID.fullmatch(parts[3]):
-        if len(parts) == 5 and parts[4] in _SIMPLE_KINDS:
-            return parts[3], cast(Kind, parts[4])
-        if len(parts) == 7 and parts[4] == "commands" and parts[6] == "result" \
-                and _ID.fullmatch(parts[5]):
-            return parts[3], "command_result"
+    if parts[:3] == ["edgefleet", "v1", "devices"] and len(parts) == 5 \
+            and _ID.fullmatch(parts[3]) and parts[4] in _KINDS:
+        return parts[3], cast(Kind, parts[4])
     raise ProtocolError(
         f"topic {topic!r} is not an edgefleet topic: expected {_DEVICES}/<device id>/"
-        "desired|reported|telemetry|status|commands or .../commands/<command id>/result"
+        "desired|reported|telemetry|status|commands"
     )
-
-
-def parse_command_result_topic(topic: str) -> tuple[str, str]:
-    """(device_id, command_id) of a `command_result_topic`."""
-    device_id, kind = parse_topic(topic)
-    if kind != "command_result":
-        raise ProtocolError(f"topic {topic!r} is not a command result topic")
-    return device_id, topic.split("/")[5]
 
 
 # --- JSON -------------------------------------------------------------------

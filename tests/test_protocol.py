@@ -243,15 +243,10 @@ def test_shadow_candidate_leaves_all_answers_to_the_deployment() -> None:
 
 def test_topics_and_parse_topic() -> None:
     assert p.desired_topic("cam-042") == "edgefleet/v1/devices/cam-042/desired"
-    assert p.command_result_topic("cam-042", "c-1") == (
-        "edgefleet/v1/devices/cam-042/commands/c-1/result")
     for build, kind in [(p.desired_topic, "desired"), (p.reported_topic, "reported"),
                         (p.telemetry_topic, "telemetry"), (p.status_topic, "status"),
                         (p.commands_topic, "commands")]:
         assert p.parse_topic(build("dev-1")) == ("dev-1", kind)
-    result = p.command_result_topic("dev-1", "c9")
-    assert p.parse_topic(result) == ("dev-1", "command_result")
-    assert p.parse_command_result_topic(result) == ("dev-1", "c9")
     assert p.device_subscriptions("dev-1") == (p.desired_topic("dev-1"), p.commands_topic("dev-1"))
     assert "edgefleet/v1/devices/+/telemetry" in p.HUB_SUBSCRIPTIONS
 
@@ -260,7 +255,7 @@ def test_topics_and_parse_topic() -> None:
     "edgefleet/v1/devices/dev-1", "edgefleet/v1/devices/dev-1/other",
     "edgefleet/v2/devices/dev-1/status", "edgefleet/v1/devices/+/status",
     "edgefleet/v1/devices//status", "edgefleet/v1/devices/dev-1/status/x",
-    "edgefleet/v1/devices/dev-1/commands/c1", "edgefleet/v1/devices/dev-1/commands/#/result",
+    "edgefleet/v1/devices/dev-1/commands/c1", "edgefleet/v1/devices/dev-1/commands/c1/result",
     "/edgefleet/v1/devices/dev-1/status",
 ])
 def test_parse_topic_rejects_anything_else(topic: str) -> None:
