@@ -7,7 +7,8 @@ CONNECTIONS clients, each on its own keep-alive connection (HTTP) or channel
 ModelInferRequest), wait for the answer and send again. Requests sent
 between the wall-clock times START and UNTIL are counted (before START the
 clients warm up). Prints one JSON object: statuses, latencies of answered
-requests and of refusals (503 / UNAVAILABLE), in seconds.
+requests and of refusals (503 / UNAVAILABLE), in seconds, and this process's
+CPU seconds from START to the end (what the load generator itself costs).
 
 HTTP clients are asyncio Protocols that only find the response's end (the
 Content-Length) in the bytes received: no parser, no client library, a few
@@ -126,14 +127,20 @@ def main() -> None:
         statuses[status] = statuses.get(status, 0) + 1
         (latencies if status == 200 else refusals).append(seconds)
 
+    cpu_at_start = [0.0]
+
+    async def mark_start() -> None:
+        await asyncio.sleep(max(0.0, began - time.time()))
+        cpu_at_start[0] = time.process_time()
+
     async def run() -> None:
         client = _grpc if kind == "grpc" else _http
-        await asyncio.gather(*(client(target, payload, ends, record)
-                               for _ in range(int(connections))))
+        await asyncio.gather(mark_start(), *(client(target, payload, ends, record)
+                                             for _ in range(int(connections))))
 
     asyncio.run(run())
-    json.dump({"statuses": statuses, "latencies": latencies, "refusals": refusals},
-              sys.stdout)
+    json.dump({"statuses": statuses, "latencies": latencies, "refusals": refusals,
+               "cpu": time.process_time() - cpu_at_start[0]}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ configurations, so a change in the machine's load hits them alike.
 Rows, at 1, 8, 32 and 128 clients: answered requests/s (over all rounds),
 p50 and p99 latency as the clients see it, the server process's CPU time per
 answered request (all its threads, from /proc; steadier than the rate on a
-shared machine) and the median over rounds of the rate's ratio to the bare
-endpoint's in the same round. Also:
+shared machine), then three shares of the measured seconds: the server's CPU
+(all threads), the load generator's CPU (all client processes), and the time
+the server's event-loop thread was ready to run but waited for a CPU (the
+kernel's schedstat); and the median over rounds of the rate's ratio to the
+bare endpoint's in the same round. A server whose loop ran plus waited adds
+up to ~100 % was busy all the time: its rate is what the machine's scheduler
+gave it, and only its CPU per request says how efficient it is. Also:
 
 * onnxruntime direct: InferenceSession.run in a loop in this process, one
   row a call and 32 rows a call (rows/s): the ceiling without any server.
@@ -231,6 +236,10 @@ class Run:
     refusals: list[float]  # of 503s
     seconds: float
     cpu: float | None = None  # the server's CPU seconds meanwhile, if measured
+    client_cpu: float = 0.0  # the client processes' CPU seconds meanwhile
+    # Seconds the server's event-loop thread was ready to run but waited for a CPU
+    # (/proc schedstat): the machine's share of the rate, not the server's.
+    runqueue: float = 0.0
 
     @property
     def cpu_per_request(self) -> float:
@@ -260,6 +269,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runqueue_seconds(pid: int) -> float:
+    """Seconds the main thread of PID (the server's event loop) has waited, runnable, for a
+    CPU so far (the kernel's schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def load(kind: str, target: str, payload: bytes, clients: int, seconds: float,
          server: int | None = None) -> Run:
     """CLIENTS closed-loop clients in their own processes (bench/serving_load.py) for SECONDS
@@ -275,12 +290,13 @@ def load(kind: str, target: str, payload: bytes, clients: int, seconds: float,
             [sys.executable, str(ROOT / "bench/serving_load.py"), kind, target, file.name,
              str(share), str(start), str(start + seconds)],
             stdout=subprocess.PIPE) for share in shares]
-        cpu = None
+        cpu, queued = None, 0.0
         if server is not None:
             time.sleep(max(0.0, start - time.time()))
-            began = cpu_seconds(server)
+            began, waited = cpu_seconds(server), runqueue_seconds(server)
             time.sleep(max(0.0, start + seconds - time.time()))
             cpu = cpu_seconds(server) - began
+            queued = runqueue_seconds(server) - waited
         outputs = [child.communicate(timeout=seconds + 120)[0] for child in children]
     run = Run({}, [], [], seconds)
     for child, output in zip(children, outputs, strict=True):
@@ -291,7 +307,9 @@ def load(kind: str, target: str, payload: bytes, clients: int, seconds: float,
             run.statuses[int(status)] = run.statuses.get(int(status), 0) + count
         run.latencies += part["latencies"]
         run.refusals += part["refusals"]
+        run.client_cpu += part["cpu"]
     run.cpu = cpu
+    run.runqueue = queued
     return run
 
 
@@ -319,10 +337,15 @@ def onnxruntime_direct(model_dir: Path, x: np.ndarray, seconds: float) -> Run:
 
 def row(label: str, run: Run, ratio: float | None = None, scale: int = 1) -> str:
     """One line: rate (times SCALE: rows per call), p50, p99, server CPU per request,
-    RATIO, errors."""
+    the share of one core the server and the load generator used and the share of the time
+    the server's loop waited for a CPU, RATIO, errors."""
     shown = f"{ratio:5.2f}x" if ratio is not None else "      "
     errors = sum(n for s, n in run.statuses.items() if s != 200)
-    cpu = f"cpu {run.cpu_per_request:5.3f} ms" if run.cpu is not None else " " * 12
+    cpu = " " * 34
+    if run.cpu is not None:
+        shares = (run.cpu, run.client_cpu, run.runqueue)
+        cpu = f"cpu {run.cpu_per_request:5.3f} ms " + "/".join(
+            f"{100 * share / run.seconds:3.0f}%" for share in shares)
     return (f"{label:<36} {run.rate * scale:8.0f}/s  p50 {run.p(50):6.2f} ms"
             f"  p99 {run.p(99):6.2f} ms  {cpu}  {shown}"
             f"  {'errors ' + str(errors) if errors else ''}")
@@ -336,6 +359,8 @@ def merged(runs: list[Run]) -> Run:
             total.statuses[status] = total.statuses.get(status, 0) + count
         total.latencies += r.latencies
         total.refusals += r.refusals
+        total.client_cpu += r.client_cpu
+        total.runqueue += r.runqueue
         total.cpu = None if r.cpu is None or total.cpu is None else total.cpu + r.cpu
     return total
 

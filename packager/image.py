@@ -36,7 +36,8 @@ LAYER_EPOCH = 0
 # What `edgefleet serve` imports besides the runtime's own requirements (kept in step with
 # pyproject.toml's agent extra by tests/test_packager_image.py).
 SERVE_REQUIREMENTS = (
-    "click>=8.1", "fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6",
+    "click>=8.1", "fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19",
+    "orjson>=3.9",
 )
 # Our top-level packages the serving process imports (tests/test_imports.py keeps the agent
 # off the packager's build side).

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from agent.serving.errors import BadRequest, PayloadTooLarge
 from contract.jsondepth import nests_deeper
@@ -26,7 +27,6 @@ MAX_JSON_DEPTH = 40  # the request, its inputs, a tensor of numpy's 32 dimension
 # tensor data about once: the JSON part of a body has a limit of its own.
 MAX_JSON_BYTES = 8 << 20
 _LENGTH = struct.Struct("<I")
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps would make one per call
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
@@ -50,12 +50,22 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if nests_deeper(text, MAX_JSON_DEPTH):
         raise BadRequest(f"the inference request nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        header = json.loads(text, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise BadRequest(f"malformed JSON in the inference request: {e}") from None
+        # orjson: 3-5x the stdlib reader on a JSON tensor. It accepts a subset of what
+        # the stdlib does (no NaN, no integers past 64 bits, no lone surrogates), so
+        # what it refuses goes to the stdlib reader, which accepts or words the error.
+        header = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        header = _stdlib_loads(text)
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     return header, memoryview(body)[end:]
+
+
+def _stdlib_loads(text: bytes) -> Any:
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(f"malformed JSON in the inference request: {e}") from None
 
 
 def _not_json(constant: str) -> float:
@@ -64,7 +74,7 @@ def _not_json(constant: str) -> float:
 
 def join_body(header: dict[str, Any], blobs: Sequence[bytes]) -> tuple[bytes, dict[str, str]]:
     """A response body and its content headers: plain JSON unless there are binary tensors."""
-    head = _COMPACT_JSON.encode(header).encode()
+    head = orjson.dumps(header)  # compact, like json.dumps(separators=(",", ":")), ~5x faster
     if not blobs:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(blobs), {

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+import uvloop
 from starlette.types import ASGIApp
 
 from agent import options as o
@@ -223,7 +224,11 @@ def serve(options: ServeOptions, say: Callable[[str], None] = print) -> None:
         f" {options.max_queue} waiting; more{budget} get 503"
     )
     try:
-        asyncio.run(_run(options, api_socket, control_socket, say))
+        # uvloop: the event loop, its transports and timers in C (libuv). Profiled with 32
+        # clients on a small model, it cut the server's CPU per request by ~10-15 %
+        # (uvicorn's keep-alive timer and the loop's handles were ~10 % of asyncio's time).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_run(options, api_socket, control_socket, say))
     finally:
         with contextlib.suppress(FileNotFoundError):
             options.control_socket.unlink()
