@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 
+from agent import heap
 from agent import identity as identities
 from agent.daemon import Agent, AgentOptions
 
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> int:
         return 1
     if options.mqtt_url:
         identity = dataclasses.replace(identity, mqtt_url=options.mqtt_url)
+    heap.one_arena()  # before the daemon's threads allocate
     daemon = Agent(identity, options)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop_requested.set())
