@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 
-from agent import heap
 from agent import identity as identities
 from agent.daemon import Agent, AgentOptions
 
@@ -39,7 +38,6 @@ def main(argv: list[str]) -> int:
         return 1
     if options.mqtt_url:
         identity = dataclasses.replace(identity, mqtt_url=options.mqtt_url)
-    heap.one_arena()  # before the daemon's threads allocate
     daemon = Agent(identity, options)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop_requested.set())
