@@ -17,6 +17,7 @@ process if it dies.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import secrets
@@ -31,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from agent import heap, inventory, procfs, renewal
 from agent import identity as identities
-from agent import inventory, procfs, renewal
 from agent import options as o
 from agent.commands import Commands
 from agent.decisions import (
@@ -49,13 +50,11 @@ from agent.decisions import (
 )
 from agent.identity import Identity
 from agent.mqtt import Message, MqttTimeout, Session
-from agent.package_store import PackageStore, StageError
 from agent.state import AgentState, Installed, Serving, StateFile, Update
 from agent.supervisor import ServingError, ServingOptions, ServingProcess
 from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
 from agent.trust import TrustStore
-from agent.updates import Updater, deployment_body, now, status_key
 from agent.uplink import Uplink
 from contract.errors import PackageError
 from contract.files import write_secret
@@ -80,10 +79,15 @@ from contract.protocol import (
     verify_desired,
 )
 
+# The update machinery (agent.updates, agent.package_store: tarfile, the OCI layout) is
+# imported where an update needs it, not at start: an idle agent never does, and each
+# module it keeps out is memory it does not hold (bench/agent.py counts it).
 if TYPE_CHECKING:
     from agent.container.serving import ContainerServing
     from agent.container.store import ContainerStore
     from agent.container.watch import ContainerWatch
+    from agent.package_store import PackageStore
+    from agent.updates import Updater
     from packager.distribution import Registry
 
 log = logging.getLogger("edgefleet.agent")
@@ -174,14 +178,10 @@ class Agent:
         self._registry: Registry | None = None
         self.front = front  # the scoring address, in both modes
         self.serving: ServingProcess | ContainerServing = front
-        self.store: PackageStore | ContainerStore
         self.watch: ContainerWatch | None = None
         self._not_loaded: set[str] = set()  # good versions a (re)start could not load
         if options.mode == "container":
             self.serving, self.store, self.watch = self._container_mode(front, key_file)
-        else:
-            self.store = PackageStore(data, platform=self.platform,
-                                      public_key=lambda: self.trust.key)
         self.session, self.mqtt_tls = device_session(identity, data)
         # When to look at the broker certificate's expiry next (monotonic).
         self._renewal_check = time.monotonic() + renewal.FIRST_CHECK
@@ -191,9 +191,24 @@ class Agent:
         self.cpu = procfs.CpuPercent()
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)
-        self.updater = Updater(self.state, self.state_file, self.store, self.registry,
-                               self.serving, self.report, pause_in=options.pause_in)
         self.commands = Commands(identity, data, self.trust, self.registry, self._refuse)
+
+    @functools.cached_property
+    def store(self) -> PackageStore | ContainerStore:
+        """Native mode's package store, made when an update or a prune first needs it
+        (container mode sets its own at start)."""
+        from agent.package_store import PackageStore
+
+        return PackageStore(self.data_dir, platform=self.platform,
+                            public_key=lambda: self.trust.key)
+
+    @functools.cached_property
+    def updater(self) -> Updater:
+        """The update state machine, made at the first update."""
+        from agent.updates import Updater
+
+        return Updater(self.state, self.state_file, self.store, self.registry,
+                       self.serving, self.report, pause_in=self.options.pause_in)
 
     def _container_mode(self, front: ServingProcess, key_file: Path
                         ) -> tuple[ContainerServing, ContainerStore, ContainerWatch]:
@@ -261,6 +276,7 @@ class Agent:
         self.report()
         self.session.start()
         self.uplink.start()
+        heap.trim()  # start-up's garbage
         try:
             pending = self.state.pending_payload
             if pending is not None:  # a desired state we were applying when we stopped
@@ -336,6 +352,8 @@ class Agent:
 
     def _load(self, name: str, serving: Serving, note: str | None = None) -> None:
         """Load NAME's good versions again; NOTE (why) goes on their reported status."""
+        from agent.updates import deployment_body
+
         try:
             self.serving.put(name, deployment_body(serving))
             self._not_loaded.discard(name)
@@ -385,6 +403,8 @@ class Agent:
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         """Report a refused desired state or command (agent/commands.py)."""
+        from agent.updates import now
+
         log.warning("refused: %s", refusal)
         self.state.refusals = recent_refusals(self.state.refusals, {
             "generation": refusal.generation, "reason": str(refusal.reason),
@@ -412,9 +432,12 @@ class Agent:
         if not self.state.serving and self.front.on_demand:
             self.serving.stop()  # nothing left to serve: the idle front answers the port
         self.report()
+        heap.trim()  # the update's garbage (downloads, unpacking)
 
     def _update_for(self, d: Deployment, role: Role, generation: int) -> Update:
         """The saved update for this version if one was interrupted, else a new one."""
+        from agent.updates import now
+
         t = target(d, role)
         saved = self.state.update
         settings = t.settings.to_json()
@@ -449,6 +472,8 @@ class Agent:
             self._put(current)
 
     def _put(self, serving: Serving) -> None:
+        from agent.updates import deployment_body
+
         self.state_file.save(self.state)
         try:
             self.serving.put(serving.name, deployment_body(serving))
@@ -458,6 +483,9 @@ class Agent:
     def _prune(self, wanted: set[str]) -> None:
         """Keep on disk what serves and the previous primary (for rollback); drop the rest.
         Report what serves and the newest failure of each wanted deployment."""
+        from agent.package_store import StageError
+        from agent.updates import status_key
+
         packages = {self.state.update.digest} if self.state.update else set()
         for name, serving in self.state.serving.items():
             kept = [v for v in (serving.primary, serving.candidate, serving.previous) if v]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 if TYPE_CHECKING:
@@ -238,6 +237,10 @@ def _object(value: object, what: str, allowed: set[str]) -> Mapping[str, Any]:
 
 def parse_cpus(value: str | int | float) -> int:
     """Cores as "0.5", "2", 1.5 or "500m" -> thousandths of a core, range-checked."""
+    # decimal is imported where users' values are parsed: the agent never parses them,
+    # and keeps its memory (bench/agent.py).
+    from decimal import Decimal, InvalidOperation
+
     text = str(value) if not isinstance(value, bool) else "?"
     try:
         if text.endswith("m") and text[:-1].isascii() and text[:-1].isdigit() \
@@ -257,6 +260,8 @@ def parse_cpus(value: str | int | float) -> int:
 
 def parse_memory(value: str | int) -> int:
     """Bytes as 536870912, "512Mi", "1Gi", "500M" -> bytes, range-checked."""
+    from decimal import Decimal
+
     text = str(value) if not isinstance(value, bool) else "?"
     match = _MEMORY.fullmatch(text)
     if match is None:
@@ -286,6 +291,8 @@ def accelerator_pairs(counts: Mapping[str, object]) -> tuple[tuple[str, int], ..
 
 def format_cpus(millis: int) -> str:
     """500 -> "0.5", 2000 -> "2"."""
+    from decimal import Decimal
+
     return format(Decimal(millis) / 1000, "f").rstrip("0").rstrip(".") if millis % 1000 \
         else str(millis // 1000)
 

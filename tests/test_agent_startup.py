@@ -1,9 +1,10 @@
 """What the agent daemon loads before it has anything to do.
 
 `edgefleet agent run` execs `python -m agent` (agent/__main__.py) so the
-long-running daemon starts without the CLI; the daemon loads cryptography
-and the registry client at its first desired state. bench/agent.py measures
-what this saves (idle RSS); this test keeps the heavy modules out.
+long-running daemon starts without the CLI; the daemon loads cryptography,
+the registry client and the update machinery at its first desired state.
+bench/agent.py measures what this saves (idle RSS); these tests keep the
+heavy modules out, at import and in a real agent running idle.
 """
 
 from __future__ import annotations
@@ -12,11 +13,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from agent.daemon import AgentOptions
+from agentproc import start_agent, wait_for
+from hubproc import HubProcess
 
 # Each costs an idle agent megabytes (bench/agent.py prints how many).
 HEAVY = ["click", "rich", "httpx", "cryptography", "asyncio", "importlib.metadata", "numpy",
          "contract.verify", "packager.distribution"]
+# Besides those, what only an update or users' input needs (agent/daemon.py, contract/settings.py).
+IDLE_HEAVY = [*HEAVY, "agent.updates", "agent.package_store", "contract.oci", "tarfile",
+              "decimal", "onnxruntime", "agent.serving.server"]
+IMPORT_LOG_HEADER = "import time: self [us] | cumulative | imported package"
+
+
+def daemon_imports(log: str) -> set[str]:
+    """The modules the agent's daemon imported, from its PYTHONPROFILEIMPORTTIME lines: those
+    after the last header, which the exec'd `python -m agent` wrote (the CLI's come before)."""
+    lines = log.rpartition(IMPORT_LOG_HEADER)[2].splitlines()
+    return {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
 
 
 def test_the_daemon_starts_without_the_heavy_modules() -> None:
@@ -24,6 +40,26 @@ def test_the_daemon_starts_without_the_heavy_modules() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(done.stdout.split())
     assert [m for m in HEAVY if m in loaded] == []
+
+
+def test_an_idle_agent_running_imports_none_of_them(hub: HubProcess, tmp_path: Path) -> None:
+    """A real agent, enrolled and connected, that has reported, sent telemetry and answered
+    health checks: every module its process imported, as Python logs them, and none heavy."""
+    agent = start_agent(hub, tmp_path / "agent", telemetry_interval=0.2,
+                        env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        headers = {"Authorization": f"Bearer {hub.admin_token}"}
+        wait_for(lambda: httpx.get(f"{hub.url}/api/v1/devices/{agent.device_id}/telemetry",
+                                   headers=headers, verify=hub.verify).json(),
+                 what="telemetry from the idle agent")
+        assert httpx.get(f"{hub.url}/api/v1/devices/{agent.device_id}", headers=headers,
+                         verify=hub.verify).json()["status"] == "online"
+        assert httpx.get(f"{agent.url}/v2/health/ready").json() == {"ready": True}
+    finally:
+        assert agent.stop() == 0, agent.log()
+    imported = daemon_imports(agent.log())
+    assert {"agent.daemon", "agent.uplink", "paho.mqtt.client"} <= imported  # the daemon's lines
+    assert [m for m in IDLE_HEAVY if m in imported] == []
 
 
 def test_the_registry_client_comes_without_httpx_command_line_tool() -> None:
