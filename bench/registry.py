@@ -13,17 +13,21 @@ What is measured, and how to read it:
 
 * upload / download MB/s: a --size-mb file of random bytes moved by the real
   CLI (`edgefleet model register` / `edgefleet model download` as
-  subprocesses, each command timed whole) and checked by sha256 afterwards.
-  The baseline moves the same bytes in the same run through a stdlib
-  ThreadingHTTPServer (PUT streams the body to a file, GET streams it back)
-  and an http.client client, both in 1 MiB chunks. Each of --rounds rounds
-  runs the four transfers in turn; the table shows the median and the range.
-  The ratio is edgefleet/baseline: 1.0 means the registry moves bytes as fast
-  as plain HTTP. The baseline starts no process and does no hashing, fsync or
-  auth, so it is an upper bound. Each CLI command costs about 0.2 s of
-  start-up, which dominates small files: use the default 500 MB to judge
+  subprocesses, each command timed whole, start-up included) and checked by
+  sha256 afterwards. The baseline (bench/plain_http.py) moves the same bytes
+  in the same run through a stdlib ThreadingHTTPServer and an http.client
+  client run as a process too (so both pay an interpreter's start-up), in
+  1 MiB pieces. Its upload is timed twice: with the server fsyncing the file
+  before it answers, as the hub must before it acknowledges a blob (the
+  ratio to judge), and left in the page cache (shown for comparison). Each
+  of --rounds rounds runs the five transfers in turn; the table shows the
+  median and the range. The ratio is edgefleet/baseline: 1.0 means the
+  registry moves bytes as fast as plain HTTP. The baseline does no hashing
+  and no auth, so it is an upper bound. The CLI's own start-up (imports,
+  config, ~0.2 CPU-s) dominates small files: use the default 500 MB to judge
   throughput, the quick run only to check that everything works. On virtual
-  machines writing fresh page cache is erratic, so the baseline's range is wide.
+  machines writing fresh page cache and flushing it are erratic, so the
+  baseline's range is wide.
 * hub peak RSS: the hub process's resident memory, sampled every 25 ms during
   the CLI uploads (and downloads), against its idle RSS before the first one.
   Target: under 150 MB whatever the file size, i.e. the hub streams.
@@ -53,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import os
 import shutil
 import statistics
@@ -61,17 +64,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import psutil
 from rich.console import Console
 
+import plain_http
 from harness import EDGEFLEET, HubProcess, start_hub
 from report import Row, print_table
 
@@ -147,80 +149,6 @@ def spread_ratio(samples: list[float], baseline: list[float]) -> str:
     return f"{median:.1f}x / {percentile(samples, 95) / percentile(baseline, 95):.1f}x"
 
 
-# ---- baseline: plain HTTP with the standard library ------------------------
-
-
-def baseline_handler(root: Path) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_PUT(self) -> None:
-            left = int(self.headers["Content-Length"])
-            with open(root / Path(self.path).name, "wb") as out:
-                while left:
-                    chunk = self.rfile.read(min(CHUNK, left))
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    left -= len(chunk)
-            self.send_response(201 if not left else 400)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_GET(self) -> None:
-            path = root / Path(self.path).name
-            self.send_response(200)
-            self.send_header("Content-Length", str(path.stat().st_size))
-            self.end_headers()
-            with open(path, "rb") as f:
-                shutil.copyfileobj(f, self.wfile, CHUNK)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    return Handler
-
-
-@contextmanager
-def baseline_server(root: Path) -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), baseline_handler(root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def baseline_put(port: int, source: Path) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, blocksize=CHUNK)
-    try:
-        with open(source, "rb") as f:
-            conn.request(
-                "PUT", f"/{source.name}", body=f,
-                headers={"Content-Length": str(source.stat().st_size)},
-            )
-        response = conn.getresponse()
-        response.read()
-        if response.status != 201:
-            raise RuntimeError(f"baseline PUT answered {response.status}")
-    finally:
-        conn.close()
-
-
-def baseline_get(port: int, name: str, dest: Path) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("GET", f"/{name}")
-        response = conn.getresponse()
-        with open(dest, "wb") as out:
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-    finally:
-        conn.close()
-
-
 # ---- the hub and its CLI ---------------------------------------------------
 
 
@@ -261,12 +189,16 @@ def cli_env(hub: HubProcess, scratch: Path) -> dict[str, str]:
     }
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> None:
+def run_command(command: list[str], env: dict[str, str] | None = None) -> None:
     done = subprocess.run(
-        [*EDGEFLEET, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        command, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
     )
     if done.returncode != 0:
-        raise RuntimeError(f"edgefleet {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> None:
+    run_command([*EDGEFLEET, *args], env)
 
 
 def hub_client(hub: HubProcess) -> httpx.Client:
@@ -321,7 +253,8 @@ class Transfers:
 
     size: int
     idle_rss: int
-    base_up: list[float] = field(default_factory=list)
+    base_up: list[float] = field(default_factory=list)  # the server fsyncs, as the hub does
+    base_up_cached: list[float] = field(default_factory=list)  # left in the page cache
     cli_up: list[float] = field(default_factory=list)
     base_down: list[float] = field(default_factory=list)
     cli_down: list[float] = field(default_factory=list)
@@ -337,7 +270,8 @@ def check_copy(path: Path, digest: str, what: str) -> None:
 def bench_transfers(
     hub: HubProcess, base_port: int, source: Path, digest: str, scratch: Path, rounds: int
 ) -> Transfers:
-    """Each round: baseline upload, CLI upload, baseline download, CLI download.
+    """Each round: baseline uploads (fsynced, then not), CLI upload, baseline download,
+    CLI download.
 
     Interleaving puts the baseline and the hub under the same disk and page
     cache conditions, which drift a lot from one transfer to the next.
@@ -350,12 +284,16 @@ def bench_transfers(
                 "--allow-non-model"]  # random bytes, not a model
     download = ["model", "download", f"{TRANSFER_MODEL}:1", "--out", str(out), "--quiet"]
     for _ in range(rounds):
-        result.base_up.append(timed(lambda: baseline_put(base_port, source)))
+        result.base_up_cached.append(timed(lambda: run_command(
+            plain_http.client_command("put", str(base_port), str(source)))))
+        result.base_up.append(timed(lambda: run_command(
+            plain_http.client_command("put", str(base_port), str(source), "--fsync"))))
         with RssSampler(pid) as rss:
             result.cli_up.append(timed(lambda: run_cli(register, env)))
         result.upload_peak_rss = max(result.upload_peak_rss, rss.peak)
 
-        result.base_down.append(timed(lambda: baseline_get(base_port, source.name, fetched)))
+        result.base_down.append(timed(lambda: run_command(
+            plain_http.client_command("get", str(base_port), source.name, str(fetched)))))
         check_copy(fetched, digest, "baseline")
         fetched.unlink()
         with RssSampler(pid) as rss:
@@ -416,6 +354,7 @@ def transfer_rows(t: Transfers) -> list[Row]:
     size_mb = t.size // MB
     return [
         speed_row(f"upload {size_mb} MB (CLI register)", t.cli_up, t.base_up),
+        speed_row(f"upload {size_mb} MB, baseline not fsynced", t.cli_up, t.base_up_cached),
         speed_row(f"download {size_mb} MB (CLI download)", t.cli_down, t.base_down),
         rss_row("hub peak RSS, upload", t.upload_peak_rss),
         rss_row("hub peak RSS, download", t.download_peak_rss),
@@ -446,7 +385,7 @@ def main() -> None:
         served.mkdir()
         hub = start_hub(scratch / "hub", tls=False)  # bench/tls.py measures TLS
         try:
-            with baseline_server(served) as base_port:
+            with plain_http.server(served) as base_port:
                 console.log(f"{args.rounds} rounds of uploads and downloads, baseline and CLI")
                 transfers = bench_transfers(hub, base_port, source, digest, scratch, args.rounds)
             console.log(f"registering {args.versions} versions, timing lists")
