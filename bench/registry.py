@@ -1,6 +1,6 @@
 """Benchmark the model registry end to end: big transfers, hub memory, list latency.
 
-Run from the repository root (takes about a minute; a quick run a few seconds):
+Run from the repository root (takes a minute or two on an idle machine; a quick run a few seconds):
 
     .venv/bin/python bench/registry.py                                # 500 MB, 2000 versions
     .venv/bin/python bench/registry.py --size-mb 50 --versions 200    # quick run
@@ -39,18 +39,28 @@ What is measured, and how to read it:
 * CLI list: `edgefleet model list NAME --json` timed once. It is mostly Python
   start-up and imports, so its baseline is `edgefleet --version`.
 
-Measured on the 2-core build machine while a CI run loaded it (load 3.5-9.5),
-500 MB, medians of 5 rounds, four runs: upload 0.32x / 0.34x / 0.41x / 0.42x
-(220-249 MB/s), download 0.72x / 0.88x / 0.94x / 1.00x, hub peak RSS
-102-106 MB (idle 94-95). Before the hub wrote one piece while receiving the
-next and the CLI hashed in a thread beside the socket: upload 0.24x / 0.25x
-(136-143 MB/s), download 0.47x / 0.60x, same RSS. The upload misses the 0.8x
-target, and on two busy cores CPU is what limits it: a 500 MB upload costs about 2.4 CPU-seconds
-(CLI 0.8-1.0 with its start-up, the hub's event loop 0.7-1.0, its writer
-thread 0.6-1.3) against the baseline's 0.4-0.95; the two SHA-256 passes, one
-each side, are 0.7 of it, and uvicorn copies every 256 KiB it reads twice.
-Bare uvicorn discarding the body moved ~600 MB/s, about the baseline, in the
-same conditions; with the hub's hashing and writing, ~300.
+Measured on the 2-core build machine while other sessions' benchmarks loaded
+it (load 28-33), 500 MB, medians of 3 rounds, three runs: upload 0.16x /
+0.27x / 0.25x of the fsynced baseline (33-61 MB/s against 209-245; 0.40x /
+0.22x / 0.16x of the one left in the page cache, whose own medians went from
+84 to 375 MB/s), download 1.39x / 1.84x / 1.49x, hub peak RSS 102-111 MB
+(idle 93). The code before this round of changes (the CLI importing the
+drift code, handing each MiB to a hashing thread and waiting for it; the
+hub waiting for each write before reading on), one run at the lighter load
+13: upload 0.39x / 0.29x, download 1.80x. At such loads the wall clock says
+little; CPU time per 500 MB upload, measured with before and after taking
+turns, is steadier. The baseline costs ~0.5 CPU-s (server 0.3, all in the
+kernel; client 0.2 with its interpreter's start-up); edgefleet 1.8-2.6, was
+2.3-3.7: the CLI 0.74-0.87, was 1.05-1.2 (its start-up is 0.2 of it, was
+0.45 with numpy and pydantic), the hub 1.0-1.7, was 1.3-2.4. SHA-256 is
+0.3 of each side (OpenSSL, ~1.5 GB/s). The rest of the hub's is its event
+loop, 0.3-0.6: uvicorn (httptools) reads 256 KiB at a time, copies each
+body chunk three times (the parser's bytes, a bytearray, bytes() for the
+ASGI message) and pauses and resumes reading on each. The 0.8x target is
+not met: on two cores that other processes keep busy, an upload that costs
+four to five times the baseline's CPU gets a fraction of its speed. On an
+idle machine the floor is the ~1.8 CPU-s spread over two cores, against a
+baseline bound by the disk (dd with fdatasync wrote 94-364 MB/s here).
 """
 
 from __future__ import annotations
