@@ -45,9 +45,13 @@ it (load 28-33), 500 MB, medians of 3 rounds, three runs: upload 0.16x /
 0.22x / 0.16x of the one left in the page cache, whose own medians went from
 84 to 375 MB/s), download 1.39x / 1.84x / 1.49x, hub peak RSS 102-111 MB
 (idle 93). The code before this round of changes (the CLI importing the
-drift code, handing each MiB to a hashing thread and waiting for it; the
-hub waiting for each write before reading on), one run at the lighter load
-13: upload 0.39x / 0.29x, download 1.80x. At such loads the wall clock says
+drift code, handing each MiB to a hashing thread and waiting for it), one
+run at the lighter load 13: upload 0.39x / 0.29x, download 1.80x. With the
+hub also queuing up to 8 MiB for a writer thread of the upload's own
+(instead of waiting for each piece's write before handing over the next),
+uploads were slower than that code in all four turns taken with it (e.g.
+118 against 147 MB/s at load 9-11), while the CLI's change alone made no
+difference that three turns could see: the hub's queue was dropped. At such loads the wall clock says
 little; CPU time per 500 MB upload, measured with before and after taking
 turns, is steadier. The baseline costs ~0.5 CPU-s (server 0.3, all in the
 kernel; client 0.2 with its interpreter's start-up); edgefleet 1.8-2.6, was
