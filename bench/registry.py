@@ -40,30 +40,32 @@ What is measured, and how to read it:
   start-up and imports, so its baseline is `edgefleet --version`.
 
 Measured on the 2-core build machine while other sessions' benchmarks loaded
-it (load 28-33), 500 MB, medians of 3 rounds, three runs: upload 0.16x /
-0.27x / 0.25x of the fsynced baseline (33-61 MB/s against 209-245; 0.40x /
-0.22x / 0.16x of the one left in the page cache, whose own medians went from
-84 to 375 MB/s), download 1.39x / 1.84x / 1.49x, hub peak RSS 102-111 MB
+it (load 15-20), 500 MB, medians of 3 rounds, three runs: upload 0.49x /
+0.63x / 0.52x of the fsynced baseline (68-97 MB/s against 138-184; 0.43x /
+0.27x / 0.23x of the one left in the page cache, whose own medians went from
+159 to 410 MB/s), download 1.07x / 1.25x / 1.49x, hub peak RSS 103-105 MB
 (idle 93). The code before this round of changes (the CLI importing the
 drift code, handing each MiB to a hashing thread and waiting for it), one
 run at the lighter load 13: upload 0.39x / 0.29x, download 1.80x. With the
 hub also queuing up to 8 MiB for a writer thread of the upload's own
 (instead of waiting for each piece's write before handing over the next),
 uploads were slower than that code in all four turns taken with it (e.g.
-118 against 147 MB/s at load 9-11), while the CLI's change alone made no
-difference that three turns could see: the hub's queue was dropped. At such loads the wall clock says
+118 against 147 MB/s at load 9-11; three runs at load 28-33 gave 0.16x /
+0.27x / 0.25x), while the CLI's change alone made no difference that three
+turns could see: the hub's queue was dropped. At such loads the wall clock says
 little; CPU time per 500 MB upload, measured with before and after taking
 turns, is steadier. The baseline costs ~0.5 CPU-s (server 0.3, all in the
-kernel; client 0.2 with its interpreter's start-up); edgefleet 1.8-2.6, was
-2.3-3.7: the CLI 0.74-0.87, was 1.05-1.2 (its start-up is 0.2 of it, was
-0.45 with numpy and pydantic), the hub 1.0-1.7, was 1.3-2.4. SHA-256 is
+kernel; client 0.2 with its interpreter's start-up); edgefleet 2-3.5: the
+CLI 0.74-0.87, was 1.05-1.2 (its start-up is 0.2 of it, was 0.45 with
+numpy and pydantic), the hub 1.0-2.4, most of the spread in the kernel's
+share. SHA-256 is
 0.3 of each side (OpenSSL, ~1.5 GB/s). The rest of the hub's is its event
 loop, 0.3-0.6: uvicorn (httptools) reads 256 KiB at a time, copies each
 body chunk three times (the parser's bytes, a bytearray, bytes() for the
 ASGI message) and pauses and resumes reading on each. The 0.8x target is
 not met: on two cores that other processes keep busy, an upload that costs
 four to five times the baseline's CPU gets a fraction of its speed. On an
-idle machine the floor is the ~1.8 CPU-s spread over two cores, against a
+idle machine the floor is the ~2 CPU-s spread over two cores, against a
 baseline bound by the disk (dd with fdatasync wrote 94-364 MB/s here).
 """
 
