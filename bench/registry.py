@@ -1,6 +1,6 @@
 """Benchmark the model registry end to end: big transfers, hub memory, list latency.
 
-Run from the repository root (takes about a minute; a quick run a few seconds):
+Run from the repository root (takes a minute or two on an idle machine; a quick run a few seconds):
 
     .venv/bin/python bench/registry.py                                # 500 MB, 2000 versions
     .venv/bin/python bench/registry.py --size-mb 50 --versions 200    # quick run
@@ -13,17 +13,21 @@ What is measured, and how to read it:
 
 * upload / download MB/s: a --size-mb file of random bytes moved by the real
   CLI (`edgefleet model register` / `edgefleet model download` as
-  subprocesses, each command timed whole) and checked by sha256 afterwards.
-  The baseline moves the same bytes in the same run through a stdlib
-  ThreadingHTTPServer (PUT streams the body to a file, GET streams it back)
-  and an http.client client, both in 1 MiB chunks. Each of --rounds rounds
-  runs the four transfers in turn; the table shows the median and the range.
-  The ratio is edgefleet/baseline: 1.0 means the registry moves bytes as fast
-  as plain HTTP. The baseline starts no process and does no hashing, fsync or
-  auth, so it is an upper bound. Each CLI command costs about 0.2 s of
-  start-up, which dominates small files: use the default 500 MB to judge
+  subprocesses, each command timed whole, start-up included) and checked by
+  sha256 afterwards. The baseline (bench/plain_http.py) moves the same bytes
+  in the same run through a stdlib ThreadingHTTPServer and an http.client
+  client run as a process too (so both pay an interpreter's start-up), in
+  1 MiB pieces. Its upload is timed twice: with the server fsyncing the file
+  before it answers, as the hub must before it acknowledges a blob (the
+  ratio to judge), and left in the page cache (shown for comparison). Each
+  of --rounds rounds runs the five transfers in turn; the table shows the
+  median and the range. The ratio is edgefleet/baseline: 1.0 means the
+  registry moves bytes as fast as plain HTTP. The baseline does no hashing
+  and no auth, so it is an upper bound. The CLI's own start-up (imports,
+  config, ~0.2 CPU-s) dominates small files: use the default 500 MB to judge
   throughput, the quick run only to check that everything works. On virtual
-  machines writing fresh page cache is erratic, so the baseline's range is wide.
+  machines writing fresh page cache and flushing it are erratic, so the
+  baseline's range is wide.
 * hub peak RSS: the hub process's resident memory, sampled every 25 ms during
   the CLI uploads (and downloads), against its idle RSS before the first one.
   Target: under 150 MB whatever the file size, i.e. the hub streams.
@@ -35,25 +39,40 @@ What is measured, and how to read it:
 * CLI list: `edgefleet model list NAME --json` timed once. It is mostly Python
   start-up and imports, so its baseline is `edgefleet --version`.
 
-Measured on the 2-core build machine while a CI run loaded it (load 3.5-9.5),
-500 MB, medians of 5 rounds, four runs: upload 0.32x / 0.34x / 0.41x / 0.42x
-(220-249 MB/s), download 0.72x / 0.88x / 0.94x / 1.00x, hub peak RSS
-102-106 MB (idle 94-95). Before the hub wrote one piece while receiving the
-next and the CLI hashed in a thread beside the socket: upload 0.24x / 0.25x
-(136-143 MB/s), download 0.47x / 0.60x, same RSS. The upload misses the 0.8x
-target, and on two busy cores CPU is what limits it: a 500 MB upload costs about 2.4 CPU-seconds
-(CLI 0.8-1.0 with its start-up, the hub's event loop 0.7-1.0, its writer
-thread 0.6-1.3) against the baseline's 0.4-0.95; the two SHA-256 passes, one
-each side, are 0.7 of it, and uvicorn copies every 256 KiB it reads twice.
-Bare uvicorn discarding the body moved ~600 MB/s, about the baseline, in the
-same conditions; with the hub's hashing and writing, ~300.
+Measured on the 2-core build machine while other sessions' benchmarks loaded
+it (load 15-20), 500 MB, medians of 3 rounds, three runs: upload 0.49x /
+0.63x / 0.52x of the fsynced baseline (68-97 MB/s against 138-184; 0.43x /
+0.27x / 0.23x of the one left in the page cache, whose own medians went from
+159 to 410 MB/s), download 1.07x / 1.25x / 1.49x, hub peak RSS 103-105 MB
+(idle 93). The code before this round of changes (the CLI importing the
+drift code, handing each MiB to a hashing thread and waiting for it), one
+run at the lighter load 13: upload 0.39x / 0.29x, download 1.80x. With the
+hub also queuing up to 8 MiB for a writer thread of the upload's own
+(instead of waiting for each piece's write before handing over the next),
+uploads were slower than that code in all four turns taken with it (e.g.
+118 against 147 MB/s at load 9-11; three runs at load 28-33 gave 0.16x /
+0.27x / 0.25x), while the CLI's change alone made no difference that three
+turns could see: the hub's queue was dropped. At such loads the wall clock says
+little; CPU time per 500 MB upload, measured with before and after taking
+turns, is steadier. The baseline costs ~0.5 CPU-s (server 0.3, all in the
+kernel; client 0.2 with its interpreter's start-up); edgefleet 2-3.5: the
+CLI 0.74-0.87, was 1.05-1.2 (its start-up is 0.2 of it, was 0.45 with
+numpy and pydantic), the hub 1.0-2.4, most of the spread in the kernel's
+share. SHA-256 is
+0.3 of each side (OpenSSL, ~1.5 GB/s). The rest of the hub's is its event
+loop, 0.3-0.6: uvicorn (httptools) reads 256 KiB at a time, copies each
+body chunk three times (the parser's bytes, a bytearray, bytes() for the
+ASGI message) and pauses and resumes reading on each. The 0.8x target is
+not met: on two cores that other processes keep busy, an upload that costs
+four to five times the baseline's CPU gets a fraction of its speed. On an
+idle machine the floor is the ~2 CPU-s spread over two cores, against a
+baseline bound by the disk (dd with fdatasync wrote 94-364 MB/s here).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import os
 import shutil
 import statistics
@@ -61,17 +80,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import psutil
 from rich.console import Console
 
+import plain_http
 from harness import EDGEFLEET, HubProcess, start_hub
 from report import Row, print_table
 
@@ -147,80 +165,6 @@ def spread_ratio(samples: list[float], baseline: list[float]) -> str:
     return f"{median:.1f}x / {percentile(samples, 95) / percentile(baseline, 95):.1f}x"
 
 
-# ---- baseline: plain HTTP with the standard library ------------------------
-
-
-def baseline_handler(root: Path) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_PUT(self) -> None:
-            left = int(self.headers["Content-Length"])
-            with open(root / Path(self.path).name, "wb") as out:
-                while left:
-                    chunk = self.rfile.read(min(CHUNK, left))
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    left -= len(chunk)
-            self.send_response(201 if not left else 400)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_GET(self) -> None:
-            path = root / Path(self.path).name
-            self.send_response(200)
-            self.send_header("Content-Length", str(path.stat().st_size))
-            self.end_headers()
-            with open(path, "rb") as f:
-                shutil.copyfileobj(f, self.wfile, CHUNK)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    return Handler
-
-
-@contextmanager
-def baseline_server(root: Path) -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), baseline_handler(root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def baseline_put(port: int, source: Path) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, blocksize=CHUNK)
-    try:
-        with open(source, "rb") as f:
-            conn.request(
-                "PUT", f"/{source.name}", body=f,
-                headers={"Content-Length": str(source.stat().st_size)},
-            )
-        response = conn.getresponse()
-        response.read()
-        if response.status != 201:
-            raise RuntimeError(f"baseline PUT answered {response.status}")
-    finally:
-        conn.close()
-
-
-def baseline_get(port: int, name: str, dest: Path) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("GET", f"/{name}")
-        response = conn.getresponse()
-        with open(dest, "wb") as out:
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-    finally:
-        conn.close()
-
-
 # ---- the hub and its CLI ---------------------------------------------------
 
 
@@ -261,12 +205,16 @@ def cli_env(hub: HubProcess, scratch: Path) -> dict[str, str]:
     }
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> None:
+def run_command(command: list[str], env: dict[str, str] | None = None) -> None:
     done = subprocess.run(
-        [*EDGEFLEET, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        command, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
     )
     if done.returncode != 0:
-        raise RuntimeError(f"edgefleet {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> None:
+    run_command([*EDGEFLEET, *args], env)
 
 
 def hub_client(hub: HubProcess) -> httpx.Client:
@@ -321,7 +269,8 @@ class Transfers:
 
     size: int
     idle_rss: int
-    base_up: list[float] = field(default_factory=list)
+    base_up: list[float] = field(default_factory=list)  # the server fsyncs, as the hub does
+    base_up_cached: list[float] = field(default_factory=list)  # left in the page cache
     cli_up: list[float] = field(default_factory=list)
     base_down: list[float] = field(default_factory=list)
     cli_down: list[float] = field(default_factory=list)
@@ -337,7 +286,8 @@ def check_copy(path: Path, digest: str, what: str) -> None:
 def bench_transfers(
     hub: HubProcess, base_port: int, source: Path, digest: str, scratch: Path, rounds: int
 ) -> Transfers:
-    """Each round: baseline upload, CLI upload, baseline download, CLI download.
+    """Each round: baseline uploads (fsynced, then not), CLI upload, baseline download,
+    CLI download.
 
     Interleaving puts the baseline and the hub under the same disk and page
     cache conditions, which drift a lot from one transfer to the next.
@@ -350,12 +300,16 @@ def bench_transfers(
                 "--allow-non-model"]  # random bytes, not a model
     download = ["model", "download", f"{TRANSFER_MODEL}:1", "--out", str(out), "--quiet"]
     for _ in range(rounds):
-        result.base_up.append(timed(lambda: baseline_put(base_port, source)))
+        result.base_up_cached.append(timed(lambda: run_command(
+            plain_http.client_command("put", str(base_port), str(source)))))
+        result.base_up.append(timed(lambda: run_command(
+            plain_http.client_command("put", str(base_port), str(source), "--fsync"))))
         with RssSampler(pid) as rss:
             result.cli_up.append(timed(lambda: run_cli(register, env)))
         result.upload_peak_rss = max(result.upload_peak_rss, rss.peak)
 
-        result.base_down.append(timed(lambda: baseline_get(base_port, source.name, fetched)))
+        result.base_down.append(timed(lambda: run_command(
+            plain_http.client_command("get", str(base_port), source.name, str(fetched)))))
         check_copy(fetched, digest, "baseline")
         fetched.unlink()
         with RssSampler(pid) as rss:
@@ -416,6 +370,7 @@ def transfer_rows(t: Transfers) -> list[Row]:
     size_mb = t.size // MB
     return [
         speed_row(f"upload {size_mb} MB (CLI register)", t.cli_up, t.base_up),
+        speed_row(f"upload {size_mb} MB, baseline not fsynced", t.cli_up, t.base_up_cached),
         speed_row(f"download {size_mb} MB (CLI download)", t.cli_down, t.base_down),
         rss_row("hub peak RSS, upload", t.upload_peak_rss),
         rss_row("hub peak RSS, download", t.download_peak_rss),
@@ -446,7 +401,7 @@ def main() -> None:
         served.mkdir()
         hub = start_hub(scratch / "hub", tls=False)  # bench/tls.py measures TLS
         try:
-            with baseline_server(served) as base_port:
+            with plain_http.server(served) as base_port:
                 console.log(f"{args.rounds} rounds of uploads and downloads, baseline and CLI")
                 transfers = bench_transfers(hub, base_port, source, digest, scratch, args.rounds)
             console.log(f"registering {args.versions} versions, timing lists")

@@ -21,7 +21,6 @@ from contract.names import DEFAULT_VARIANT
 from contract.profiles import MAX_ITERATIONS, batch_sizes
 from contract.protocol import MAX_COMMAND_VALIDITY, MAX_PROFILE_ITERATIONS
 from contract.runtimes import RUNTIMES
-from hub.cli import drift
 from hub.cli.client import HubClient
 from hub.cli.device_profile import profile_on_device
 from hub.cli.output import (
@@ -173,6 +172,8 @@ def register(
             f" ({record['framework'] or 'unknown framework'}, {len(record['files'])} file(s))")
     if baseline is not None:
         # A refused baseline leaves the version registered: `model baseline` can add one.
+        from hub.cli import drift  # numpy and the hub's drift code: only for drift commands
+
         summary = drift.send_baseline(hub_client, name, str(record["version"]), baseline)
         if not as_json:
             say(f"Baseline of {len(summary['features'])} feature(s) from {baseline.name}")
@@ -196,6 +197,8 @@ def baseline(ref: str, file: Path, hub: str | None, token: str | None, as_json: 
     \b
     Example: edgefleet model baseline diabetes:3 train_inputs.npy
     """
+    from hub.cli import drift
+
     name, version = parse_ref(ref)
     summary = drift.send_baseline(client(hub, token), name, version, file)
     if as_json:
@@ -228,6 +231,8 @@ def drift_(ref: str, targets: tuple[str, ...], window: str, hub: str | None,
     name, version = parse_ref(ref)
     report = client(hub, token).get(f"/api/v1/models/{name}/versions/{version}/drift",
                                     params={"target": list(targets), "window": window})
+    from hub.cli import drift
+
     drift.show_drift(report, as_json=as_json)
 
 

@@ -1,8 +1,12 @@
 """Streaming uploads and downloads with progress bars and digest checks.
 
 Files move in 1 MiB chunks and are hashed on the way, so a 1 GB model is
-read once and never held in memory; the hashing (and a download's writes)
-run in a thread beside the socket.
+read once and never held in memory. Hashing and writing run in the thread
+that moves the bytes: the kernel's socket buffers keep the transfer going
+meanwhile, and the hub on the other end has the machine's other core. A
+hashing thread beside the socket, handed each chunk and waited for before
+the next, cost more than it gave on a busy 2-core machine, where every
+hand-off waited for the scheduler (bench/registry.py).
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -42,45 +45,15 @@ def progress_bar(*, quiet: bool = False) -> Progress:
     )
 
 
-class Overlapped:
-    """Runs jobs one at a time in a thread while the caller goes on: hashing and
-    file writes let go of the GIL, so they overlap the socket instead of taking
-    turns with it (taking turns cost uploads and downloads half their speed).
-    A job starts once the one before it has finished, so they run in order and
-    only one job's data is held; leaving the block waits for the last one and
-    raises its error."""
-
-    def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(1)
-        self._last: Future[None] | None = None
-
-    def __enter__(self) -> Overlapped:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.wait()
-        finally:
-            self._thread.shutdown()
-
-    def wait(self) -> None:
-        if self._last is not None:
-            self._last.result()
-
-    def run(self, job: Callable[..., None], *args: object) -> None:
-        self.wait()
-        self._last = self._thread.submit(job, *args)
-
-
 def upload_file(client: HubClient, path: Path, progress: Progress, task: TaskID) -> str:
     """Send PATH to the hub's blob store; returns its digest, checked on both ends."""
     sha = hashlib.sha256()
     size = path.stat().st_size
 
     def chunks() -> Iterator[bytes]:
-        with open(path, "rb") as f, Overlapped() as hashing:
+        with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
-                hashing.run(sha.update, chunk)
+                sha.update(chunk)
                 progress.advance(task, len(chunk))
                 yield chunk
 
@@ -108,26 +81,18 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(names.partial_name(dest.name))
     sha = hashlib.sha256()
-
-    def save(chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            out.write(chunk)
-            sha.update(chunk)
-
     try:
-        with client.stream(url) as response, open(tmp, "wb") as out, Overlapped() as saving:
-            # The pieces as they come off the socket (64 KiB), saved a batch at a time:
-            # no re-chunking copy, one thread hand-off per CHUNK.
-            batch: list[bytes] = []
+        with client.stream(url) as response, open(tmp, "wb") as out:
+            # The pieces as they come off the socket (64 KiB): no re-chunking copy;
+            # the progress bar is told once per CHUNK.
             held = 0
             for piece in response.iter_bytes():
-                batch.append(piece)
+                out.write(piece)
+                sha.update(piece)
                 held += len(piece)
                 if held >= CHUNK:
-                    saving.run(save, batch)
                     advance(held)
-                    batch, held = [], 0
-            saving.run(save, batch)
+                    held = 0
             advance(held)
         got = "sha256:" + sha.hexdigest()
         if got != digest:
