@@ -80,7 +80,7 @@ class InferenceDeltas:
             self._last[key] = row
             requests = row["requests"] - (before["requests"] if before else 0)
             failures = row["failures"] - (before["failures"] if before else 0)
-            moved = _sketch_deltas(row.get("sketches") or {},
+            moved = sketch_deltas(row.get("sketches") or {},
                                    (before.get("sketches") or {}) if before else {})
             if requests <= 0 and failures <= 0 and not moved:  # a shadow's copies move only these
                 continue
@@ -108,9 +108,10 @@ class InferenceDeltas:
         return points
 
 
-def _sketch_deltas(now: dict[str, list[int]], then: dict[str, list[int]]) -> dict[str, list[int]]:
+def sketch_deltas(now: dict[str, list[int]], then: dict[str, list[int]]) -> dict[str, list[int]]:
     """Counts added since THEN, per feature; a feature whose counts went down (the serving
-    process restarted) counts from zero."""
+    process restarted) counts from zero. Kubernetes mode runs each pod's counts through it
+    too, before they are summed (agent/kube/scrape.py)."""
     moved = {}
     for name, counts in now.items():
         old = then.get(name)

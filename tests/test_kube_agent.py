@@ -16,11 +16,13 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
 import yaml  # type: ignore[import-untyped]
 from kubernetes import client, utils
@@ -402,35 +404,55 @@ def test_a_hub_rollout_over_the_cluster_and_a_native_device(
         assert native.stop() == 0, native.log()
 
 
-def test_the_pods_inference_metrics_reach_the_hub(
+def test_the_pods_inference_metrics_and_drift_sketches_reach_the_hub(
         hub: HubProcess, agent_kubeconfig: Path, cluster_agent: KubeAgentProcess,
-        namespace: str, versions: list[int], tmp_path: Path,
+        admin: client.ApiClient, namespace: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """kwok's pods run nothing: the agent reads the pod list from the API server and each
-    pod's /metrics from a real `edgefleet serve` (what the package image's pod runs)."""
-    first = versions[0]
-    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(tmp_path / "opt", make_onnx)))
-    pod = start_serve(tmp_path / "pod", "--load", f"tiny:{first}",
-                      auth=("--api-key", "k" * 32))   # the namespace's scoring key
+    pod's /metrics and drift counts from a real `edgefleet serve` (what the package image's
+    pod runs), started with the env the Deployment gives its pods. The version has a
+    baseline: the pod counts what it answers into its bins, and the hub sees x[0] shifted,
+    x[1] not."""
+    version = publish_version(hub, "tiny", make_onnx(tmp_path / "model.onnx"))
+    sample = np.random.default_rng(5).normal(size=(1000, 3))
+    np.save(tmp_path / "sample.npy", sample)
+    subprocess.run([*EDGEFLEET, "model", "baseline", f"tiny:{version}",
+                    str(tmp_path / "sample.npy")], check=True, capture_output=True,
+                   env={**os.environ, "EDGEFLEET_HUB": hub.url, "EDGEFLEET_TOKEN": hub.admin_token,
+                        **({"EDGEFLEET_CA": str(hub.ca_path)} if hub.tls else {})})
+    port = free_port()   # the pod's, once the Deployment says how to start it
+    started = datetime.now(UTC)
     assert cluster_agent.stop() == 0, cluster_agent.log()
     agent = start_kube_agent(hub, agent_kubeconfig, namespace, cluster_agent.data_dir,
-                             env={"EDGEFLEET_KUBE_METRICS_URL": f"{pod.url}/metrics"})
+                             env={"EDGEFLEET_KUBE_METRICS_URL":
+                                  f"http://127.0.0.1:{port}/metrics"})
     cluster_agent.process = agent.process   # the fixture stops this one
+    deploy(hub, agent.device_id, f"tiny:{version}")
+    wait_state(hub, agent, version, "serving")
+    container = apps_v1(admin).read_namespaced_deployment(
+        "ef-tiny", namespace).spec.template.spec.containers[0]
+    env = {e.name: e.value for e in container.env if e.value is not None}
+    assert env["EDGEFLEET_SERVE_LOAD"] == f"tiny:{version}" and "EDGEFLEET_SERVE_SKETCH" in env
+    for name in ("EDGEFLEET_SERVE_LOAD", "EDGEFLEET_SERVE_SKETCH"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("EDGEFLEET_SERVING", str(image_root(tmp_path / "opt", make_onnx)))
+    pod = start_serve(tmp_path / "pod", "--port", str(port),   # the last --port counts
+                      auth=("--api-key", "k" * 32))   # the namespace's scoring key
     try:
-        deploy(hub, agent.device_id, f"tiny:{first}")
-        wait_state(hub, agent, first, "serving")
+        shifted = sample[:400] + [3.0, 0.0, 0.0]
         with pod.client("k" * 32) as scoring:
-            for _ in range(5):
+            for rows in np.split(shifted, 4):
                 assert scoring.post("/v2/models/tiny/infer", json={"inputs": [
-                    {"name": "x", "datatype": "FP32", "shape": [1, 3],
-                     "data": [1.0, 2.0, 3.0]}]}).status_code == 200
+                    {"name": "x", "datatype": "FP32", "shape": list(rows.shape),
+                     "data": rows.ravel().tolist()}]}).status_code == 200
 
-        def inference() -> list[dict]:
-            return [p["values"] for p in api(hub, f"/devices/{agent.device_id}"
-                                                  "/telemetry?kind=inference")
-                    if p["values"].get("version") == first]
+        def inference(since: datetime = started) -> list[dict]:
+            return [p["values"] for p in api(hub, f"/devices/{agent.device_id}/telemetry",
+                                             params={"kind": "inference",
+                                                     "since": since.isoformat()})
+                    if p["values"].get("version") == version]
 
-        counted = wait_for(lambda: sum(v.get("count", 0) for v in inference()) >= 5 and
+        counted = wait_for(lambda: sum(v.get("count", 0) for v in inference()) >= 4 and
                            [v for v in inference() if "count" in v], timeout=30,
                            what="the pod's requests in the hub's telemetry")
         point = counted[-1]
@@ -438,10 +460,20 @@ def test_the_pods_inference_metrics_reach_the_hub(
         assert point["deployment"] == "tiny" and point["ready_replicas"] == 1
         assert point["metrics_pods"] == 1 and point["metrics_failed"] == 0
         assert point["p50_ms"] > 0 and point["errors"] == 0
+
+        def drift() -> dict[str, dict]:
+            report = api(hub, f"/models/tiny/versions/{version}/drift")
+            return {f["feature"]: f for f in report["features"]}
+
+        found = wait_for(lambda: (d := drift())["x[0]"]["observed"] >= 400 and d, timeout=30,
+                         what="the pod's sketches of 400 rows at the hub")
+        assert found["x[0]"]["observed"] == found["x[1]"]["observed"] == 400   # once each
+        assert found["x[0]"]["drifted"] and not found["x[1]"]["drifted"]
         # A pod that stops answering is counted and named, and the agent keeps going.
+        since = datetime.now(UTC)
         pod.process.terminate()
         pod.process.wait(30)
-        failed = wait_for(lambda: [v for v in inference() if v.get("metrics_failed") == 1],
+        failed = wait_for(lambda: [v for v in inference(since) if v.get("metrics_failed") == 1],
                           timeout=30, what="the unreadable pod reported")
         assert "metrics_error" in failed[-1] and agent.process.poll() is None
     finally:

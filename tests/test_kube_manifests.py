@@ -27,6 +27,7 @@ from agent.kube.manifests import (
 )
 from contract.settings import GPU, Batching, Settings
 from contract.settings import Resources as DeploymentResources
+from contract.sketch import Feature, SketchSpec
 
 DIGEST_1 = "sha256:" + "1" * 64
 DIGEST_2 = "sha256:" + "2" * 64
@@ -212,6 +213,23 @@ def test_a_deployments_settings_in_the_pod_and_its_annotation() -> None:
     assert not any(e["name"] == "EDGEFLEET_SERVE_BATCHING" for e in plain["env"])
     assert pod_resources(DeploymentResources(), Resources("250m", "512Mi")) == Resources(
         "250m", "512Mi")
+
+
+def test_a_versions_drift_bins_reach_its_pods_and_its_annotation() -> None:
+    spec = SketchSpec((Feature("input", "x", 0, (-1.0, 0.0, 1.5)),
+                       Feature("output", "y", 1, (0.25,))))
+    given = workload(sketch=spec)
+    live = deployment_manifest(TARGET, given)
+    env = {e["name"]: e.get("value") for e in
+           live["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # What `edgefleet serve --sketch` reads: the desired state's spec, as JSON.
+    assert SketchSpec.from_json(json.loads(env["EDGEFLEET_SERVE_SKETCH"])) == spec
+    assert workloads_of(live)[0] == replace(given, previous=None)
+    plain = deployment_manifest(TARGET, workload())["spec"]["template"]["spec"]["containers"][0]
+    assert "EDGEFLEET_SERVE_SKETCH" not in {e["name"] for e in plain["env"]}
+    assert "sketch" not in workload().to_json()
+    with pytest.raises(ManifestError, match="workload sketch: sketch feature 0"):
+        Workload.from_json({**given.to_json(), "sketch": [{"side": "input"}]})
 
 
 def test_workloads_written_before_settings_still_read() -> None:

@@ -119,8 +119,12 @@ def test_batching_a_model_that_cannot_exits_with_the_reason(tmp_path: Path) -> N
     (("--load", "tiny:4", "--batching", "lots"), "batching 'lots': use SIZE[:DELAY_MS]"),
     (("--load", "tiny:4", "--batching", "8:5000"), "max_delay_ms: 5000 is outside 0..1000"),
     (("--batching", "8"), "--batching is about the model --load names"),
+    (("--load", "tiny:4", "--sketch", "[{"), "--sketch: not JSON"),
+    (("--load", "tiny:4", "--sketch", '[{"side": "input"}]'),
+     "--sketch: sketch feature 0: expected side, tensor, column and edges"),
+    (("--sketch", "[]"), "--sketch is about the model --load names"),
 ])
-def test_a_bad_batching_value_is_one_line(tmp_path: Path, args: tuple[str, ...],
+def test_a_bad_batching_or_sketch_value_is_one_line(tmp_path: Path, args: tuple[str, ...],
                                           complaint: str) -> None:
     done = subprocess.run([*SERVE, "--control-socket", str(tmp_path / "s.sock"), "--no-auth",
                            *args], capture_output=True, text=True, timeout=60)

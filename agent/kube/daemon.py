@@ -22,7 +22,8 @@ a device has its serving process and package store:
 - telemetry: a system point for the agent and per deployment an inference
   point with its ready/desired/updated/available replicas and restarts, and
   the pods' own inference numbers read from their /metrics
-  (agent/kube/scrape.py: count, errors, latency; pods that could not be read
+  (agent/kube/scrape.py: count, errors, latency, and the drift sketches of a
+  version with a baseline, summed over its pods; pods that could not be read
   counted in `metrics_failed` with the last reason in `metrics_error`).
 """
 
@@ -321,8 +322,9 @@ class KubeAgent(Agent):
             key: str | None = self.ns.api_key()
         except KubeError as exc:
             key, reason = None, f"scoring key not read: {exc}"
-        rounds = self.scraper.scrape({name: object_name(name) for name in serving}, key) \
-            if key is not None else {}
+        sketched = {name for name, s in serving.items() if s.primary.sketch is not None}
+        rounds = self.scraper.scrape({name: object_name(name) for name in serving}, key,
+                                     sketched) if key is not None else {}
         done: dict[str, tuple[list[dict], dict]] = {}
         for name in serving:
             if name in rounds:

@@ -45,6 +45,7 @@ from agent.updates import StepFailed, package_batching
 from contract.protocol import UpdateState
 from contract.settings import Batching, Settings, effective_batching, format_memory, unbatchable
 from contract.settings import Resources as DeploymentResources
+from contract.sketch import SketchSpec
 from contract.tensors import Signature
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ class KubeDriver:
             platforms=checked.platforms, replicas=self.settings.replicas,
             resources=pod_resources(settings.resources, self.settings.resources),
             progress_deadline_seconds=self.settings.progress_deadline_seconds,
-            batching=None if settings.batching is None else str(settings.batching))
+            batching=None if settings.batching is None else str(settings.batching),
+            sketch=None if update.sketch is None else SketchSpec.from_json(update.sketch))
         (tmp / "serving.json").write_text(json.dumps(checked.serving))
         (tmp / WORKLOAD_FILE).write_text(json.dumps(workload.to_json()))
         shutil.rmtree(directory, ignore_errors=True)
@@ -135,7 +137,7 @@ class KubeDriver:
             entrypoint=serving["entrypoint"], framework=serving["framework"],
             prefer=list(update.prefer), package_prefer=list(serving.get("prefer") or []),
             sample_request=serving.get("sample_request"), settings=dict(update.settings),
-            package_batching=package_batching(serving),
+            package_batching=package_batching(serving), sketch=update.sketch,
         )
 
     def _roll_out(self, update: Update) -> None:
@@ -200,10 +202,11 @@ class KubeDriver:
             self.ns.deploy(wanted)
             return (f"Deployment {name} ran version {current.release.version}, not "
                     f"{wanted.release.version}",)
-        if (current.resources, current.batching) != (wanted.resources, wanted.batching):
+        if (current.resources, current.batching, current.sketch) \
+                != (wanted.resources, wanted.batching, wanted.sketch):
             self.ns.deploy(replace(wanted, previous=previous))
-            return (f"Deployment {name} ran other resources or batching than version "
-                    f"{wanted.release.version}'s",)
+            return (f"Deployment {name} ran other resources, batching or drift bins than "
+                    f"version {wanted.release.version}'s",)
         return self.ns.deploy(replace(current, previous=previous)).drift
 
     # -- helpers ----------------------------------------------------------------

@@ -5,7 +5,9 @@ Per deployment the agent owns one Deployment and one Service, both named
 annotated with model, version and package digest. The pod runs the
 package's image from the hub's registry *by digest* (the tag could move),
 with the scoring API key from a Secret, probes on the serving health
-endpoints, and node affinity to the package's platforms.
+endpoints, node affinity to the package's platforms, and the version's drift
+bins where it has a baseline (`EDGEFLEET_SERVE_SKETCH`: its pods count what
+they answer into them).
 
 The workload applied and the one before it ride along as JSON annotations of
 the Deployment (not of its pod template, so they do not change the
@@ -29,6 +31,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from contract.settings import Batching, SettingsError
+from contract.sketch import SketchError, SketchSpec
 
 # Who we are: server-side apply's field manager, and the managed-by label value.
 MANAGER: Final = "edgefleet-agent"
@@ -56,6 +59,7 @@ RUN_DIR: Final = "/run/edgefleet"
 API_KEY_ENV: Final = "EDGEFLEET_SERVE_API_KEY"
 LOAD_ENV: Final = "EDGEFLEET_SERVE_LOAD"   # as agent/serving/autoload.py reads it
 BATCHING_ENV: Final = "EDGEFLEET_SERVE_BATCHING"   # `edgefleet serve --batching`
+SKETCH_ENV: Final = "EDGEFLEET_SERVE_SKETCH"       # `edgefleet serve --sketch`
 READY_PATH: Final = "/v2/health/ready"
 LIVE_PATH: Final = "/v2/health/live"
 
@@ -171,6 +175,8 @@ class Workload:
     # The deployment's batching as `edgefleet serve --batching` reads it ("32:2", "off");
     # None: the package's default.
     batching: str | None = None
+    # The version's drift bins (the desired state's, from its baseline); None: not sketched.
+    sketch: SketchSpec | None = None
 
     @property
     def object_name(self) -> str:
@@ -182,14 +188,19 @@ class Workload:
                "platforms": list(self.platforms), "replicas": self.replicas,
                "resources": self.resources.to_json(),
                "progress_deadline_seconds": self.progress_deadline_seconds}
-        return out if self.batching is None else {**out, "batching": self.batching}
+        if self.batching is not None:
+            out["batching"] = self.batching
+        if self.sketch is not None:
+            out["sketch"] = self.sketch.to_json()
+        return out
 
     @classmethod
     def from_json(cls, value: object) -> Workload:
         keys = {"name", "release", "platforms", "replicas", "resources",
                 "progress_deadline_seconds"}
-        # Workloads written before deployment settings have no batching.
-        _keys(value, keys | ({"batching"} if isinstance(value, dict) and "batching" in value
+        # Workloads written before deployment settings (drift sketches) have no batching
+        # (sketch); neither has one that does not use it.
+        _keys(value, keys | ({"batching", "sketch"} & set(value) if isinstance(value, dict)
                              else set()), "workload")
         assert isinstance(value, dict)
         if not isinstance(value["platforms"], list) or not isinstance(value["name"], str):
@@ -197,12 +208,16 @@ class Workload:
         batching = value.get("batching")
         if batching is not None and not isinstance(batching, str):
             raise ManifestError("workload batching must be a string")
+        try:
+            sketch = None if value.get("sketch") is None else SketchSpec.from_json(value["sketch"])
+        except SketchError as exc:
+            raise ManifestError(f"workload sketch: {exc}") from None
         workload = cls(name=value["name"], release=Release.from_json(value["release"]),
                        platforms=tuple(str(p) for p in value["platforms"]),
                        replicas=value["replicas"],
                        resources=Resources.from_json(value["resources"]),
                        progress_deadline_seconds=value["progress_deadline_seconds"],
-                       batching=batching)
+                       batching=batching, sketch=sketch)
         _check_workload(workload)
         return workload
 
@@ -273,7 +288,11 @@ def _container(target: Target, workload: Workload) -> dict[str, Any]:
                 # ready: no agent drives it (agent/serving/autoload.py).
                 {"name": LOAD_ENV, "value": f"{workload.name}:{workload.release.version}"},
                 *([] if workload.batching is None else
-                  [{"name": BATCHING_ENV, "value": workload.batching}])],
+                  [{"name": BATCHING_ENV, "value": workload.batching}]),
+                # The pods count what they answer into the version's drift bins.
+                *([] if workload.sketch is None else
+                  [{"name": SKETCH_ENV, "value": json.dumps(workload.sketch.to_json(),
+                                                            separators=(",", ":"))}])],
         "resources": {
             "requests": {"cpu": res.cpu, "memory": res.memory, **extended},
             "limits": {**({"cpu": res.cpu} if res.limit_cpu else {}), "memory": res.memory,

@@ -14,6 +14,16 @@ down) is added into one running total per deployment version, and those
 totals go through the device's `InferenceDeltas`: the same points (count,
 errors, mean and percentiles) as a device sends.
 
+A deployment whose version has drift bins (its pods run with
+`EDGEFLEET_SERVE_SKETCH`) also has each pod's drift counts read, as JSON from
+`/metrics/sketches` beside `/metrics` (a feature's bins as Prometheus samples
+would be a line each), with the same key. They go the same way: a pod's
+increase per feature (agent/telemetry.py `sketch_deltas`, which also finds a
+feature whose counts went down), summed into the version's total, and the
+total's moved counts sent by `InferenceDeltas` in the point's sketches, as a
+device's. A pod whose serving build has no `/metrics/sketches` (404) has its
+counters read all the same.
+
 A pod is untrusted input: a read is bounded in bytes and time, only the
 deployment's own model and numeric versions are taken, and a pod that is
 unreachable, answers garbage or too much is counted in the round's
@@ -22,10 +32,11 @@ unreachable, answers garbage or too much is counted in the round's
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -34,7 +45,8 @@ from typing import Any
 import httpx
 
 from agent.serving.telemetry import FAILURES, REQUEST_DURATION, REQUESTS
-from agent.telemetry import InferenceDeltas, Values
+from agent.telemetry import InferenceDeltas, Values, sketch_deltas
+from contract.sketch import SketchError, check_sketches, read_counts
 
 MAX_BYTES = 1 << 20      # an edgefleet serve with a few versions renders ~10 kB
 TIMEOUT = 2.0            # seconds to connect, and between bytes
@@ -51,13 +63,24 @@ class PodAddress:
     pod: str   # the pod's name: whose counters these are
     url: str   # its /metrics, e.g. http://10.1.2.3:8500/metrics
 
+    @property
+    def sketches_url(self) -> str:
+        """Its drift counts, beside /metrics (agent/serving/app.py `SKETCHES_PATH`)."""
+        return f"{self.url}/sketches"
+
 
 # A Deployment's object name -> where its pods' /metrics are.
 Addresses = Callable[[str], list[PodAddress]]
+# One pod's read: its /metrics, and its /metrics/sketches (None: not read, or not served).
+_Bodies = tuple[str, str | None]
 
 
 class ScrapeError(Exception):
     """One pod's /metrics could not be read or understood (one line)."""
+
+
+class NotServed(ScrapeError):
+    """The pod answered 404: its serving build has no such endpoint."""
 
 
 @dataclass
@@ -69,6 +92,7 @@ class Counters:
     bounds: tuple[float, ...] = ()   # the histogram's upper bounds, +Inf last
     counts: list[float] = field(default_factory=list)   # per bucket, not cumulative
     latency_sum: float = 0.0
+    sketches: dict[str, list[int]] = field(default_factory=dict)   # drift counts per feature
 
     def since(self, before: Counters | None) -> Counters:
         """The increase from BEFORE; all of it if a counter went down (the pod restarted)."""
@@ -79,7 +103,8 @@ class Counters:
         return Counters(self.requests - before.requests, self.failures - before.failures,
                         self.bounds, [a - b for a, b in zip(self.counts, before.counts,
                                                             strict=True)],
-                        max(self.latency_sum - before.latency_sum, 0.0))
+                        max(self.latency_sum - before.latency_sum, 0.0),
+                        sketch_deltas(self.sketches, before.sketches))
 
     def add(self, other: Counters) -> None:
         self.requests += other.requests
@@ -89,6 +114,10 @@ class Counters:
         if other.bounds == self.bounds:   # pods of another serving build: counts only
             self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
             self.latency_sum += other.latency_sum
+        for name, counts in other.sketches.items():
+            mine = self.sketches.get(name)
+            self.sketches[name] = list(counts) if mine is None or len(mine) != len(counts) \
+                else [a + b for a, b in zip(mine, counts, strict=True)]
 
     def row(self, model: str, version: str) -> dict[str, Any]:
         """As the serving process's /control/stats has it (what InferenceDeltas reads)."""
@@ -96,7 +125,8 @@ class Counters:
                 "failures": int(self.failures),
                 "latency_buckets": [None if math.isinf(b) else b for b in self.bounds],
                 "latency_counts": [int(c) for c in self.counts],
-                "latency_sum": self.latency_sum}
+                "latency_sum": self.latency_sum,
+                "sketches": {name: list(c) for name, c in self.sketches.items()}}
 
 
 def _labels(text: str, line: int) -> dict[str, str]:
@@ -152,6 +182,31 @@ def parse(text: str, model: str) -> dict[str, Counters]:
     return found
 
 
+def parse_sketches(text: str, model: str) -> dict[str, dict[str, list[int]]]:
+    """MODEL's drift counts per version from a /metrics/sketches body; ScrapeError if it
+    is not one (each feature's counts checked as the hub checks a point's)."""
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        raise ScrapeError("the sketches are not JSON") from None
+    if not isinstance(rows, list):
+        raise ScrapeError("the sketches are not a list")
+    found: dict[str, dict[str, list[int]]] = {}
+    for row in rows:
+        if not isinstance(row, dict) or set(row) != {"model", "version", "sketches"}:
+            raise ScrapeError("a sketches row is not an object of model, version and sketches")
+        version = row["version"]
+        if row["model"] != model or not isinstance(version, str) \
+                or not _VERSION.fullmatch(version):
+            continue   # another model, or a version no release of ours can have
+        try:
+            found[version] = {name: list(read_counts(name, counts))
+                              for name, counts in check_sketches(row["sketches"]).items()}
+        except SketchError as exc:
+            raise ScrapeError(f"{model}:{version}: {exc}") from None
+    return found
+
+
 def _number(text: str, line: int) -> float:
     try:
         value = float(text)
@@ -168,6 +223,8 @@ def read(client: httpx.Client, url: str, key: str | None) -> str:
     try:
         with client.stream("GET", url, headers={"Authorization": f"Bearer {key}"} if key
                            else {}) as answer:
+            if answer.status_code == 404:
+                raise NotServed(f"{url} answered 404")
             if answer.status_code != 200:
                 raise ScrapeError(f"{url} answered {answer.status_code}")
             body = bytearray()
@@ -215,27 +272,31 @@ class Scraper:
     def close(self) -> None:
         self.client.close()
 
-    def scrape(self, deployments: Mapping[str, str], key: str | None
-               ) -> dict[str, tuple[list[Values], ScrapeRound]]:
+    def scrape(self, deployments: Mapping[str, str], key: str | None,
+               sketched: Collection[str] = ()) -> dict[str, tuple[list[Values], ScrapeRound]]:
         """Per deployment, its inference points since the last call and how the read went.
 
         DEPLOYMENTS maps each deployment to its Deployment's object name; KEY is the
-        scoring API key the pods want. Every pod of the round is read at once."""
+        scoring API key the pods want; the pods of the deployments in SKETCHED have their
+        drift counts read too. Every pod of the round is read at once."""
         listed: dict[str, list[PodAddress] | str] = {}
         for deployment, object_name in deployments.items():
             try:
                 listed[deployment] = self.addresses(object_name)
             except Exception as exc:  # the API server away: said in the round
                 listed[deployment] = f"pods not listed: {' '.join(str(exc).split())}"
-        pods = [p for found in listed.values() if not isinstance(found, str) for p in found]
-        with ThreadPoolExecutor(max_workers=min(WORKERS, max(len(pods), 1))) as pool:
-            bodies = dict(zip(pods, pool.map(lambda p: self._read(p, key), pods), strict=True))
+        reads = [(p, deployment in sketched) for deployment, found in listed.items()
+                 if not isinstance(found, str) for p in found]
+        with ThreadPoolExecutor(max_workers=min(WORKERS, max(len(reads), 1))) as pool:
+            bodies = dict(zip((p for p, _ in reads),
+                              pool.map(lambda r: self._read(r[0], key, r[1]), reads),
+                              strict=True))
         return {deployment: ([], ScrapeRound(0, 0, found)) if isinstance(found, str)
                 else self._count(deployment, found, bodies)
                 for deployment, found in listed.items()}
 
     def _count(self, deployment: str, pods: list[PodAddress],
-               bodies: Mapping[PodAddress, str | ScrapeError]
+               bodies: Mapping[PodAddress, _Bodies | ScrapeError]
                ) -> tuple[list[Values], ScrapeRound]:
         totals = self._totals.setdefault(deployment, {})
         last = self._pods.get(deployment, {})
@@ -247,7 +308,11 @@ class Scraper:
                 body = bodies[pod]
                 if isinstance(body, ScrapeError):
                     raise body
-                now = parse(body, deployment)
+                metrics, sketches = body
+                now = parse(metrics, deployment)
+                if sketches is not None:
+                    for version, counts in parse_sketches(sketches, deployment).items():
+                        now.setdefault(version, Counters()).sketches = counts
             except ScrapeError as exc:
                 failed, error = failed + 1, f"{pod.pod}: {exc}"
                 kept[pod.pod] = before   # its next good read counts from the last one
@@ -267,8 +332,15 @@ class Scraper:
         self._totals = {k: v for k, v in self._totals.items() if k in keep}
         self._deltas = {k: v for k, v in self._deltas.items() if k in keep}
 
-    def _read(self, pod: PodAddress, key: str | None) -> str | ScrapeError:
+    def _read(self, pod: PodAddress, key: str | None, sketched: bool) -> _Bodies | ScrapeError:
         try:
-            return read(self.client, pod.url, key)
+            return read(self.client, pod.url, key), \
+                self._read_sketches(pod, key) if sketched else None
         except ScrapeError as exc:
             return exc
+
+    def _read_sketches(self, pod: PodAddress, key: str | None) -> str | None:
+        try:
+            return read(self.client, pod.sketches_url, key)
+        except NotServed:   # a serving build from before drift sketches: counters only
+            return None

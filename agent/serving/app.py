@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe V2) REST API and /metrics.
+"""The Open Inference Protocol (KServe V2) REST API, /metrics and /metrics/sketches.
 
 Bodies are read and written as bytes, not through pydantic models: the
 binary tensor extension puts raw tensor data after the JSON, and the
@@ -13,6 +13,7 @@ model, and the infer endpoint uses none of what they offer.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError
@@ -65,6 +66,7 @@ def _model_path(request: Request) -> tuple[str, str | None]:
     return request.path_params["name"], request.path_params.get("version")
 
 
+SKETCHES_PATH = "/metrics/sketches"   # the drift counts as JSON (Telemetry.sketch_counts)
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -203,6 +205,14 @@ def create_app(scorer: Scorer, *, api_key: str | None,
     @api.get("/metrics")
     async def metrics() -> Response:
         return Response(scorer.telemetry.render(), media_type=CONTENT_TYPE)
+
+    @api.get(SKETCHES_PATH)
+    async def sketches() -> list[dict[str, Any]]:
+        # Where no agent reads /control/stats (Kubernetes mode) the drift counts are read
+        # here: JSON, since a feature's bins as Prometheus samples would be a line each.
+        telemetry = scorer.telemetry
+        await asyncio.to_thread(telemetry.settle_sketches)  # counted off the request path
+        return telemetry.sketch_counts()
 
     app.include_router(health)
     app.include_router(api)

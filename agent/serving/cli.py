@@ -67,6 +67,10 @@ def _api_key(api_key: str | None, api_key_file: Path | None, no_auth: bool) -> s
               help="With --load: adaptive batching of up to SIZE rows per runtime call, a "
                    "batch's first request waiting up to DELAY_MS for more; 'off' turns off the "
                    "package's default [env EDGEFLEET_SERVE_BATCHING].")
+@click.option("--sketch", envvar="EDGEFLEET_SERVE_SKETCH", metavar="JSON",
+              help="With --load: the version's drift bins (the desired state's sketch spec); "
+                   "what it answers is counted into them, read at /metrics/sketches "
+                   "[env EDGEFLEET_SERVE_SKETCH].")
 def serve(
     host: str,
     port: int,
@@ -83,6 +87,7 @@ def serve(
     seed: int | None,
     load: str | None,
     batching: str | None,
+    sketch: str | None,
 ) -> None:
     """Serve loaded models over the Open Inference Protocol (KServe V2) REST API
     (and gRPC with --grpc-port).
@@ -100,13 +105,14 @@ def serve(
     from agent.serving.server import serve as run
 
     autoload = None
-    if batching is not None and not load:
-        raise click.UsageError("--batching is about the model --load names; the agent sets "
-                               "batching through the control socket otherwise")
+    for given, flag in ((batching, "--batching"), (sketch, "--sketch")):
+        if given is not None and not load:
+            raise click.UsageError(f"{flag} is about the model --load names; the agent sets "
+                                   "it through the control socket otherwise")
     if load:
         try:
             autoload = Autoload.parse(load, Path(os.environ.get(SERVING_ENV, DEFAULT_SERVING)),
-                                      batching)
+                                      batching, sketch)
         except AutoloadError as e:
             raise click.BadParameter(str(e), param_hint="--load") from None
 

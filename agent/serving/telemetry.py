@@ -142,6 +142,13 @@ class Telemetry:
     def render(self) -> str:
         return self.registry.render()
 
+    def sketch_counts(self) -> list[dict[str, object]]:
+        """The cumulative drift counts of each sketched version that counted something, as
+        `stats` has them: [{"model", "version", "sketches": {feature: counts}}]."""
+        counted = [(key, s.counts()) for key, s in list(self.sketchers.items())]
+        return [{"model": model, "version": version, "sketches": counts}
+                for (model, version), counts in sorted(counted) if counts]
+
     def stats(self) -> list[dict[str, object]]:
         """Counters per model version as JSON, for the agent's telemetry: it
         sends the differences between two reads."""
