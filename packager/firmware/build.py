@@ -10,7 +10,7 @@ Steps, each cached or cheap on a second run (cache: ~/.cache/edgefleet/firmware)
    systemd-boot for disk images, the class's accelerator packages); its .debs are
    kept in the cache, so a warm build downloads nothing. The initramfs is built once,
    after every package is in (_initramfs_hooks). In the chroot a venv at
-   /opt/edgefleet gets the wheels, offline;
+   /opt/edgefleet gets the wheels, offline (their bytecode compiled by this Python);
 3. the agent as a service: `edgefleet agent install --root ROOTFS --first-boot-file
    /boot/efi/edgefleet/enrollment.conf` (the same installer as on a running machine),
    networkd with DHCP on every wired interface, an empty machine-id (each device makes
