@@ -154,6 +154,8 @@ def agent() -> None:
 @click.option("--max-body-bytes", default=o.MAX_BODY_BYTES.default, show_default=True,
               type=click.IntRange(1024, 1 << 34), help=o.MAX_BODY_BYTES.help)
 @click.option("--serve-grpc-port", type=click.IntRange(1, 65535), help=o.SERVE_GRPC_PORT.help)
+@click.option("--serve-start-timeout", default=o.SERVE_START_TIMEOUT.default, show_default=True,
+              type=click.FloatRange(1), help=o.SERVE_START_TIMEOUT.help)
 @click.option("--mode", type=click.Choice(["native", "container", "kubernetes"]),
               default=o.MODE.default, show_default=True, envvar="EDGEFLEET_AGENT_MODE",
               help=o.MODE.help)
@@ -171,7 +173,8 @@ def run(
     name: str | None,
     mqtt_url: str | None, serve_host: str, serve_port: int, telemetry_interval: float,
     max_concurrency: int, max_queue: int, max_wait_ms: int, max_body_bytes: int,
-    serve_grpc_port: int | None, mode: str, docker_host: str | None, engine_certs_dir: str,
+    serve_grpc_port: int | None, serve_start_timeout: float, mode: str,
+    docker_host: str | None, engine_certs_dir: str,
     container_cpus: float | None, container_memory_mb: int | None, verbose: bool, **kube: Any,
 ) -> None:
     """Enroll on first start, then keep this device on what the hub assigns it.
@@ -234,7 +237,8 @@ def run(
         data_dir=data_dir.absolute(), mqtt_url=mqtt_url, serve_host=serve_host,
         serve_port=serve_port, telemetry_interval=telemetry_interval,
         max_concurrency=max_concurrency, max_queue=max_queue, max_wait_ms=max_wait_ms,
-        serve_grpc_port=serve_grpc_port, max_body_bytes=max_body_bytes, verbose=verbose,
+        serve_grpc_port=serve_grpc_port, max_body_bytes=max_body_bytes,
+        serve_start_timeout=serve_start_timeout, verbose=verbose,
         pause_in=_pause_in(os.environ.get("EDGEFLEET_AGENT_PAUSE_IN")), mode=mode,
         docker_host=docker_host if mode == "container" else None,
         engine_certs_dir=engine_certs_dir,

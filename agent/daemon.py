@@ -134,6 +134,7 @@ class AgentOptions:
     max_wait_ms: int = o.MAX_WAIT_MS.default
     serve_grpc_port: int | None = o.SERVE_GRPC_PORT.default
     max_body_bytes: int = o.MAX_BODY_BYTES.default
+    serve_start_timeout: float = o.SERVE_START_TIMEOUT.default
     verbose: bool = False
     pause_in: tuple[str, float] | None = None  # fault injection, see agent/updates.py
     mode: str = o.MODE.default  # "native" or "container"
@@ -173,7 +174,7 @@ class Agent:
         front = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue, options.max_wait_ms,
-            options.serve_grpc_port, options.max_body_bytes,
+            options.serve_grpc_port, options.max_body_bytes, options.serve_start_timeout,
         ))
         self._registry: Registry | None = None
         self.front = front  # the scoring address, in both modes

@@ -36,6 +36,10 @@ MAX_WAIT_MS: Option[int] = Option(
     " at once (0: no wait budget, only --max-queue).")
 SERVE_GRPC_PORT: Option[int | None] = Option(
     None, "Port of the local scoring API over gRPC (Open Inference Protocol); off unless given.")
+SERVE_START_TIMEOUT: Option[float] = Option(
+    300.0, "Seconds the serving process may take to answer once started (its imports of the "
+    "runtimes: ~1 s on a PC, minutes on an emulated or slow CPU); one that exits is noticed at "
+    "once, this bounds one that hangs.")
 SHADOW_CONCURRENCY: Option[int] = Option(
     1, "Shadow copies running at once; copies beyond it are dropped and counted.")
 TELEMETRY_INTERVAL: Option[float] = Option(10.0, "Seconds between telemetry measurements.")

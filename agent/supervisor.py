@@ -77,6 +77,7 @@ class ServingOptions:
     max_wait_ms: int = o.MAX_WAIT_MS.default
     grpc_port: int | None = o.SERVE_GRPC_PORT.default
     max_body_bytes: int = o.MAX_BODY_BYTES.default
+    start_timeout: float = o.SERVE_START_TIMEOUT.default
 
 
 class ControlClient:
@@ -170,12 +171,12 @@ class ServingProcess(ControlClient):
             if not self.wanted or (self.alive() and not self._answered):
                 self.start()
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self) -> None:
         """Start the serving process, if it is not running, and wait until it answers."""
         with self._lock:
             self.warm()
             if not self._answered:
-                self._wait_ready(timeout)
+                self._wait_ready(self.options.start_timeout)
 
     def warm(self) -> None:
         """Start the serving process if it is not running, without waiting for it: a

@@ -25,12 +25,13 @@ ARM64_CLASS = "generic-arm64"
 # image is marked with this.
 BUILD_TIMEOUT = 3600
 _GIVEN = {AMD64_CLASS: "EDGEFLEET_FIRMWARE_IMAGE", ARM64_CLASS: "EDGEFLEET_FIRMWARE_IMAGE_ARM64"}
-# The arm64 disk image's build runs mkinitramfs through qemu-user (~40 min, twice, on the
-# loaded 2-core machine) and its boot under TCG takes ~7 min: too long for every CI run.
+# The arm64 disk image's build runs dpkg's maintainer scripts, mkinitramfs and pip through
+# qemu-user (~35 min on the loaded 2-core machine, see firmware-images/README.md) and its
+# boot under TCG takes ~7 min: too long for every CI run.
 ARM64_OPT_IN = "EDGEFLEET_FIRMWARE_ARM64"
 arm64_opt_in = pytest.mark.skipif(
     os.environ.get(ARM64_OPT_IN) != "1",
-    reason=f"the arm64 disk image takes 1-2 h to build here (mkinitramfs through qemu-user) "
+    reason=f"the arm64 disk image takes ~35 min to build here (through qemu-user) "
            f"and ~7 min to boot under TCG: opt in with {ARM64_OPT_IN}=1 (or give an image "
            f"with {_GIVEN[ARM64_CLASS]}=PATH as well); see firmware-images/README.md")
 

@@ -2,7 +2,7 @@
 (binfmt), has the arm64 layout (systemd-boot's AA64 loader, the arm64 root partition type)
 and holds the agent for arm64 and its services, and no identity or token. Its root
 partition is read with debugfs (tests/firmwareimage.py), without mounting it. Opt-in:
-EDGEFLEET_FIRMWARE_ARM64=1 (the build takes 1-2 h here)."""
+EDGEFLEET_FIRMWARE_ARM64=1 (the build takes ~35 min here)."""
 
 from __future__ import annotations
 

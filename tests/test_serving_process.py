@@ -22,7 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from hubproc import stop_process
+from agent.supervisor import ServingError, ServingOptions, ServingProcess
+from hubproc import free_port, stop_process
 from modelgen import expected_linear, make_onnx
 
 # Until `serve` is registered in edgefleet/cli.py, start the click command directly.
@@ -211,3 +212,18 @@ def test_help_has_an_example() -> None:
 
     result = CliRunner().invoke(serve, ["--help"])
     assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_the_agent_gives_up_on_a_serving_process_that_does_not_answer_within_its_start_timeout(
+        tmp_path: Path) -> None:
+    """--serve-start-timeout (ServingOptions.start_timeout) bounds the wait for a started
+    serving process; none starts within 0.01 s, so the start is reported as failed."""
+    key = tmp_path / "key"
+    key.write_text(API_KEY)
+    front = ServingProcess(tmp_path, ServingOptions("127.0.0.1", free_port(), key,
+                                                    start_timeout=0.01))
+    try:
+        with pytest.raises(ServingError, match="did not answer within 0.01s"):
+            front.start()
+    finally:
+        front.close()

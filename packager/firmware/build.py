@@ -8,8 +8,9 @@ Steps, each cached or cheap on a second run (cache: ~/.cache/edgefleet/firmware)
    extras and pyproject.toml;
 2. root filesystem: mmdebstrap (minbase + systemd, Python, the kernel and
    systemd-boot for disk images, the class's accelerator packages); its .debs are
-   kept in the cache, so a warm build downloads nothing. In the chroot a venv at
-   /opt/edgefleet gets the wheels, offline;
+   kept in the cache, so a warm build downloads nothing. The initramfs is built once,
+   after every package is in (_initramfs_hooks). In the chroot a venv at
+   /opt/edgefleet gets the wheels, offline (their bytecode compiled by this Python);
 3. the agent as a service: `edgefleet agent install --root ROOTFS --first-boot-file
    /boot/efi/edgefleet/enrollment.conf` (the same installer as on a running machine),
    networkd with DHCP on every wired interface, an empty machine-id (each device makes
@@ -259,6 +260,9 @@ def _mmdebstrap(settings: BuildSettings, rootfs: Path, wheels: Path) -> None:
     if settings.security_mirror:
         mirrors.append(f"deb {settings.security_mirror} {settings.suite}-security main")
     extras = ",".join(cls.extras)
+    # The venv's bytecode: compiled by this (host) interpreter when it is the target's
+    # version (same bytecode), since pip compiling it through qemu-user takes minutes.
+    host_compiles = f"{sys.version_info[0]}.{sys.version_info[1]}" == PYTHON_VERSION
     command = [
         "mmdebstrap", "--variant=minbase", f"--architectures={cls.debian_architecture}",
         f"--include={','.join(settings.packages)}",
@@ -275,16 +279,54 @@ def _mmdebstrap(settings: BuildSettings, rootfs: Path, wheels: Path) -> None:
         '"$1"/var/cache/apt/archives/',
         f'--customize-hook=cp -a "$1"/var/cache/apt/archives/*.deb {debs}/ 2>/dev/null; '
         'rm -f "$1"/var/cache/apt/archives/*.deb',
+        *(_initramfs_hooks(cls) if cls.disk_image else ()),
         # The agent: a venv with the wheels, installed offline.
         f'--customize-hook=mkdir -p "$1"/tmp/wheels && cp {wheels}/*.whl "$1"/tmp/wheels/',
         f'--customize-hook=chroot "$1" python3 -m venv {VENV}',
         f'--customize-hook=chroot "$1" {VENV}/bin/pip install --quiet --no-index '
         f"--no-cache-dir --disable-pip-version-check --find-links /tmp/wheels "
-        f"'edgefleet[{extras}]'",
+        f"{'--no-compile ' if host_compiles else ''}'edgefleet[{extras}]'",
+        *((f'--customize-hook={_host_compile("$1")}',) if host_compiles else ()),
         '--customize-hook=rm -rf "$1"/tmp/wheels "$1"/var/lib/apt/lists/* "$1"/var/log/*',
         settings.suite, str(rootfs), *mirrors,
     ]  # fmt: skip
     _run(command, what="mmdebstrap", env={"SOURCE_DATE_EPOCH": str(settings.epoch)})
+
+
+def _initramfs_hooks(cls: DeviceClass) -> tuple[str, ...]:
+    """mmdebstrap options that build the initramfs once, after every package is installed.
+
+    Installing them builds it twice (the kernel's postinst hook, then initramfs-tools'
+    trigger), each run ~40 min for arm64 through qemu-user: while the packages install,
+    update-initramfs is diverted to a no-op (host dpkg-divert on the tree, no emulation);
+    then the real one is back and runs once, with the platform's module set
+    (disk.BootPlatform.initramfs_modules) in conf.d, where a later kernel upgrade on the
+    device finds it too.
+    """
+    command = "/usr/sbin/update-initramfs"
+    divert = f'dpkg-divert --root="$1" --local --rename --divert {command}.edgefleet'
+    hooks = [
+        f"--essential-hook={divert} --add {command} && "
+        f"printf '#!/bin/sh\\nexit 0\\n' > \"$1\"{command} && chmod 755 \"$1\"{command}",
+        f'--customize-hook=rm "$1"{command} && {divert} --remove {command}',
+    ]
+    modules = disk.boot_platform(cls.platform).initramfs_modules
+    if modules:
+        hooks.append(
+            "--customize-hook=echo MODULES=list > \"$1\"/etc/initramfs-tools/conf.d/edgefleet"
+            " && mkdir -p \"$1\"/usr/share/initramfs-tools/modules.d && "
+            f"printf '%s\\n' {' '.join(modules)} > "
+            '"$1"/usr/share/initramfs-tools/modules.d/edgefleet')
+    hooks.append('--customize-hook=chroot "$1" update-initramfs -c -k all')
+    return tuple(hooks)
+
+
+def _host_compile(root: str) -> str:
+    """The command compiling the venv's modules in the tree ROOT as pip would on the device:
+    checked-hash .pyc files (valid whatever the files' times), named by their path there. A
+    module that does not compile (a file for another Python) is skipped, as pip skips it."""
+    return (f"{sys.executable} -m compileall -q -j 0 --invalidation-mode checked-hash "
+            f'-s "{root}" -p / "{root}"{VENV}/lib || true')
 
 
 def _configure(settings: BuildSettings, rootfs: Path) -> None:

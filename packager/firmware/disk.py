@@ -52,6 +52,11 @@ class BootPlatform:
     root_type: str  # the Discoverable Partitions root type for this architecture
     kernel_package: str  # Debian's kernel metapackage
     console: str  # the serial console of UEFI machines (and QEMU's) of this kind
+    # The initramfs's kernel modules: () for Debian's MODULES=most (every storage and
+    # filesystem driver), else MODULES=list with these (and what they depend on), where
+    # most costs too much: an arm64 initramfs built through qemu-user (a process, so a
+    # qemu-user start, per module) took 39 min with most.
+    initramfs_modules: tuple[str, ...] = ()
 
     @property
     def loader(self) -> str:
@@ -64,7 +69,15 @@ BOOT_PLATFORMS = {
                                 kernel_package="linux-image-amd64", console="ttyS0"),
     # The virt machine's and most servers' PL011 UART.
     "linux/arm64": BootPlatform(efi_arch="AA64", root_type="B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
-                                kernel_package="linux-image-arm64", console="ttyAMA0"),
+                                kernel_package="linux-image-arm64", console="ttyAMA0",
+                initramfs_modules=(
+                    # Root on ext4 (crc32c: its checksums, a soft dependency modprobe
+                    # misses here) on virtio (QEMU, clouds), NVMe, SATA, USB mass storage
+                    # or an SD card (generic SDHCI, the Pi's iProc one).
+                    "ext4", "crc32c", "virtio_pci", "virtio_mmio", "virtio_blk",
+                    "virtio_scsi", "sd_mod", "nvme", "ahci", "ahci_platform", "xhci_pci",
+                    "xhci_plat_hcd", "usb_storage", "uas", "mmc_block", "sdhci_pci",
+                    "sdhci_of_arasan", "sdhci_iproc")),
 }
 
 
