@@ -25,8 +25,20 @@ DEVICES = ["dev-a", "dev-b", "dev-c"]
 DIGEST = f"sha256:{1:064x}"
 
 
+class Sent:
+    """What `Session.send_many` returns: `wait` raises what the broker did not confirm."""
+
+    def __init__(self, error: MqttError | None) -> None:
+        self.error = error
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class Session:
-    """What Publisher uses of agent.mqtt.Session: `connection` and `publish_many`."""
+    """What Publisher uses of agent.mqtt.Session: `connection`, `send_many` and
+    `publish_many`."""
 
     def __init__(self) -> None:
         self._connected = True
@@ -54,6 +66,13 @@ class Session:
                 self.fail_next -= 1
                 raise MqttError("no PUBACK within 0.1 s")
             self.published.extend(messages)
+
+    def send_many(self, messages: Sequence[Message], *, timeout: float = 10.0) -> Sent:
+        try:
+            self.publish_many(messages, timeout=timeout)
+        except MqttError as exc:
+            return Sent(exc)
+        return Sent(None)
 
     def topics(self) -> list[str]:
         with self.lock:
@@ -134,6 +153,28 @@ def test_a_failed_batch_is_tried_again(db: Database,
     stats = publisher.stats()
     assert (stats["failures"], stats["last_error"]) == (1, "no PUBACK within 0.1 s")
     assert sorted(session.topics()) == sorted(protocol.desired_topic(d) for d in DEVICES)
+
+
+def test_batches_pipelined_a_failed_one_puts_back_the_next_one_signed_meanwhile(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One device a batch: the second is signed while the first waits for its PUBACK,
+    # which does not come; neither is recorded, both are published again.
+    monkeypatch.setattr(desired, "BATCH", 1)
+    session = Session()
+    session.fail_next = 1
+    publisher = Publisher(db, session, ring(tmp_path))  # type: ignore[arg-type]
+    deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
+    publisher.notify(DEVICES)
+    publisher.start()
+    try:
+        wait(lambda: set(published(db).values()) == {1}, "every state recorded after a retry",
+             timeout=15)
+    finally:
+        publisher.stop()
+    assert publisher.stats()["failures"] == 1
+    # Each device's state reached the broker at least once; the failed batch again.
+    assert set(session.topics()) == {protocol.desired_topic(d) for d in DEVICES}
+    assert publisher.stats()["published"] == len(DEVICES)
 
 
 def test_changes_made_while_disconnected_are_caught_up_on_reconnect(db: Database,
