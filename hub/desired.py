@@ -284,17 +284,30 @@ class Publisher:
                 return
             if ready is None:
                 return
+            digests = [(device, digest) for device, _, _, digest in ready.published]
+            if self.watch is not None:
+                self.watch.expect(digests)
             try:
                 flying = _Flying(self.session.send_many(ready.messages,
                                                         timeout=self.publish_timeout),
                                  ready.published)
             except MqttError as exc:
+                if self.watch is not None:
+                    self.watch.settled(digests)
                 self._failed(batch, exc)
                 time.sleep(1.0)
                 return
 
     def _land(self, flying: _Flying) -> bool:
         """Wait for FLYING's PUBACKs and record it; False if the broker did not confirm."""
+        try:
+            return self._record(flying)
+        finally:
+            if self.watch is not None:
+                self.watch.settled((device, digest)
+                                   for device, _, _, digest in flying.published)
+
+    def _record(self, flying: _Flying) -> bool:
         try:
             flying.sent.wait()
         except MqttError as exc:
