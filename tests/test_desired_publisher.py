@@ -6,6 +6,7 @@ signatures are real; the MQTT session itself is tested against Mosquitto elsewhe
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ from contract import cosign, protocol
 from hub import deployments, desired
 from hub.desired import Publisher
 from hub.keys import KeyRing
+from hub.retained import RetainedWatch
 from hub.storage.db import Database
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
@@ -223,3 +225,19 @@ def test_validity_shorter_than_ten_minutes_is_refused(db: Database, tmp_path: Pa
     with pytest.raises(ValueError, match="at least 10 minutes"):
         Publisher(db, Session(), ring(tmp_path),  # type: ignore[arg-type]
                   validity=timedelta(minutes=5))
+
+
+def test_a_state_being_sent_is_known_by_its_digest_until_settled(tmp_path: Path) -> None:
+    # The echo of a state in flight comes back before it is recorded: known by its
+    # SHA-256, not its signature (this one's key is not the hub's, so only the digest
+    # can pass it); once settled it is judged as anyone's again.
+    watch = RetainedWatch(None, ring(tmp_path / "hub"))  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    payload = ring(tmp_path / "other").sign_desired(
+        desired.build("dev-a", 1, [], issued_at=now, validity=timedelta(days=30)))
+    row = {"desired_generation": 1, "published_generation": 0, "published_digest": None}
+    digest = hashlib.sha256(payload).hexdigest()
+    watch.expect([("dev-a", digest)])
+    assert watch.judge("dev-a", payload, row) is None
+    watch.settled([("dev-a", digest)])
+    assert (watch.judge("dev-a", payload, row) or "").startswith("bad_signature")
