@@ -43,9 +43,13 @@ instead of losing messages:
   (MQTT 5: clean_start=False and a session expiry), so the broker keeps the
   subscriptions and queues QoS 1 messages while a device is offline.
 - `publish` waits for the PUBACK; `publish_many` puts a whole batch in
-  flight at once and waits for every PUBACK. `MqttTimeout` there means "not
-  confirmed", not "not delivered": a QoS 1 message can still arrive, later
-  or twice.
+  flight at once and waits for every PUBACK; `send_many` puts it in flight
+  and returns, so the caller can prepare the next batch meanwhile, and
+  `Sent.wait` waits for the PUBACKs. paho keeps at most `max_inflight`
+  QoS 1 messages unacknowledged (its default, 20, is one round trip per 20
+  messages) and sends the rest as PUBACKs come. `MqttTimeout` there means
+  "not confirmed", not "not delivered": a QoS 1 message can still arrive,
+  later or twice.
   The protocol's generations and sequence numbers make repeats harmless.
 
 MQTT 3.1.1 is the default (what every broker speaks);
@@ -213,6 +217,33 @@ class _Inbox:
             self.closed = False
 
 
+class Sent:
+    """Messages `Session.send_many` put in flight: `wait` for their PUBACKs."""
+
+    def __init__(self, session: Session, infos: list[tuple[str, paho.MQTTMessageInfo]],
+                 deadline: float, timeout: float, *, counted: bool) -> None:
+        self.session, self.infos = session, infos
+        self.deadline, self.timeout = deadline, timeout
+        self._counted = counted  # holds one of the session's `_awaiting`
+
+    def wait(self) -> None:
+        """Wait for every PUBACK, up to the deadline `send_many` set; MqttTimeout if one
+        did not come (that message may still be delivered)."""
+        try:
+            for topic, info in self.infos:
+                info.wait_for_publish(max(self.deadline - time.monotonic(), 0.001))
+                if not info.is_published():
+                    raise MqttTimeout(f"no PUBACK for {topic} within {self.timeout:g} s; "
+                                      "it may still be delivered")
+        finally:
+            self.done()
+
+    def done(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.session._done_awaiting()
+
+
 class Session:
     """One client's MQTT session; see the module docstring.
 
@@ -237,6 +268,7 @@ class Session:
         inbox_size: int = 1000,
         session_expiry: int = 7 * 24 * 3600,
         backoff: BackoffPolicy = BackoffPolicy(),
+        max_inflight: int = 20,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname \
@@ -250,6 +282,8 @@ class Session:
             raise ValueError(f"protocol must be '3.1.1' or '5', not {protocol!r}")
         if not 1 <= inbox_size <= 65535:  # 65535: the most MQTT 5's Receive Maximum can say
             raise ValueError(f"inbox_size must be 1..65535, not {inbox_size}")
+        if not 1 <= max_inflight <= 65535:  # the same bound for what we send
+            raise ValueError(f"max_inflight must be 1..65535, not {max_inflight}")
         self.url = url
         self.client_id = client_id
         self._host = parts.hostname
@@ -273,6 +307,7 @@ class Session:
             manual_ack=True,             # acknowledged when the consumer takes it
         )
         self._client.suppress_exceptions = True  # a bug in a callback must not kill the loop
+        self._client.max_inflight_messages = max_inflight
         if username is not None:
             self._client.username_pw_set(username, password)
         if will is not None:
@@ -593,11 +628,18 @@ class Session:
         """Publish MESSAGES (each with its own qos and retain) all at once and wait
         for every PUBACK: one round trip for the batch instead of one per message.
         On MqttTimeout some of them may have been delivered, or may still be."""
-        if not messages:
-            return
-        first = messages[0].topic + (f" and {len(messages) - 1} more" if len(messages) > 1
-                                     else "")
+        self.send_many(messages, timeout=timeout).wait()
+
+    def send_many(self, messages: Sequence[Message], *, timeout: float = 10.0) -> Sent:
+        """`publish_many` without the wait for the PUBACKs: `Sent.wait` waits for them,
+        by TIMEOUT from now (which includes any wait for a connection). Call it once,
+        always: until then the session reads on past a full inbox (a PUBACK may sit
+        behind messages)."""
+        first = (messages[0].topic if messages else "nothing") + (
+            f" and {len(messages) - 1} more" if len(messages) > 1 else "")
         deadline = time.monotonic() + timeout
+        if not messages:
+            return Sent(self, [], deadline, timeout, counted=False)
         try:
             self.wait_connected(timeout)
         except MqttTimeout as exc:
@@ -605,22 +647,22 @@ class Session:
         with self._state:
             self._awaiting += 1
         self._wake()
+        sent = Sent(self, [], deadline, timeout, counted=True)
         try:
-            sent = []
             for m in messages:
                 info = self._client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     raise MqttError(f"publish to {m.topic} failed: {paho.error_string(info.rc)}"
                                     " (a QoS 1 message is sent again after reconnecting)")
-                sent.append((m.topic, info))
-            for topic, info in sent:
-                info.wait_for_publish(max(deadline - time.monotonic(), 0.001))
-                if not info.is_published():
-                    raise MqttTimeout(f"no PUBACK for {topic} within {timeout:g} s; "
-                                      "it may still be delivered")
-        finally:
-            with self._state:
-                self._awaiting -= 1
+                sent.infos.append((m.topic, info))
+        except BaseException:
+            sent.done()
+            raise
+        return sent
+
+    def _done_awaiting(self) -> None:
+        with self._state:
+            self._awaiting -= 1
 
     def get(self, timeout: float | None = None) -> Message:
         """The next message, acknowledged as it is handed over.

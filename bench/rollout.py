@@ -90,7 +90,8 @@ thread):
 
 * 1,000 devices: 2.3-2.4 s (target 10 s). The publisher thread signs and
   publishes the 1,000 desired states by 0.4-0.9 s (batches of 500: sign
-  each, put the batch in flight, wait for every PUBACK; hub/desired.py). By
+  each, put the batch in flight, wait for every PUBACK; hub/desired.py; since
+  measured, the next batch is signed while one waits, see bench/README.md). By
   0.8-1.4 s Mosquitto has handed every device its state and the simulator
   has checked the signatures; by 1.6-2.1 s every device serves version 2.
   The update itself is 5 states x 0.01 s per device; the rest is the

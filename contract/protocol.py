@@ -516,11 +516,19 @@ def _read_deployment(f: _Fields) -> Deployment:
     return d
 
 
+def _read_deployments(f: _Fields) -> tuple[Deployment, ...]:
+    deployments = tuple(_read_deployment(_Fields(item, path))
+                        for path, item in f.items("deployments", MAX_DEPLOYMENTS))
+    names = [d.name for d in deployments]
+    if len(set(names)) != len(names):
+        f.fail("deployments", f"deployment names repeat: {names}")
+    return deployments
+
+
 def _read_desired(document: object) -> DesiredState:
     f = _Fields(document, "desired")
     _schema(f, DESIRED_SCHEMA)
-    deployments = tuple(_read_deployment(_Fields(item, path))
-                        for path, item in f.items("deployments", MAX_DEPLOYMENTS))
+    deployments = _read_deployments(f)
     state = DesiredState(
         device_id=f.text("device_id", _ID),
         generation=f.integer("generation", low=1),
@@ -531,10 +539,16 @@ def _read_desired(document: object) -> DesiredState:
     f.done()
     if state.expires_at <= state.issued_at:
         f.fail("expires_at", "must be later than issued_at")
-    names = [d.name for d in deployments]
-    if len(set(names)) != len(names):
-        f.fail("deployments", f"deployment names repeat: {names}")
     return state
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_read_back(deployments: bytes) -> tuple[Settings, ...]:
+    """The settings an agent reads from DEPLOYMENTS (canonical JSON of a desired state's
+    list); ProtocolError if it would refuse them. Cached: a rollout gives thousands of
+    devices the same list, and reading it is half the cost of signing a state."""
+    f = _Fields({"deployments": json.loads(deployments)}, "desired")
+    return tuple(d.settings for d in _read_deployments(f))
 
 
 # Outside the signed body: the hub's key rotation statements (contract/keys.py), each
@@ -544,18 +558,21 @@ _UNSIGNED: Final = ("signature", KEYS_FIELD)
 
 
 def sign_desired(state: DesiredState, private_key: ec.EllipticCurvePrivateKey,
-                 chain: Sequence[dict[str, Any]] = ()) -> bytes:
+                 chain: Sequence[dict[str, Any]] = (), *, key_id: str | None = None) -> bytes:
     """The payload to publish (retained) on `desired_topic`: canonical JSON,
     signed over the canonical JSON of the document without "signature" and "keys";
-    CHAIN (the hub's rotation statements, if it ever rotated) goes along as "keys"."""
+    CHAIN (the hub's rotation statements, if it ever rotated) goes along as "keys".
+    KEY_ID: PRIVATE_KEY's `signing.key_id`, if the caller has it (deriving it costs)."""
     from contract import signing  # see _signed_body
 
     body = _desired_json(state)
-    # The hub never signs what an agent would refuse as malformed, or read otherwise.
-    if [d.settings for d in _read_desired(body).deployments] != [
+    # The hub never signs what an agent would refuse as malformed, or read otherwise:
+    # the device's own fields each time, its deployments once per distinct list.
+    _read_desired({**body, "deployments": []})
+    if list(_settings_read_back(canonical_json(body["deployments"]))) != [
             d.settings for d in state.deployments]:
         raise ProtocolError("a deployment's settings do not read back as built")
-    signature = {"keyid": signing.key_id(private_key), "alg": signing.ALGORITHM,
+    signature = {"keyid": key_id or signing.key_id(private_key), "alg": signing.ALGORITHM,
                  "value": signing.sign(private_key, canonical_json(body))}
     payload = canonical_json({**body, "signature": signature,
                               **({KEYS_FIELD: list(chain)} if chain else {})})

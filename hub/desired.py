@@ -22,6 +22,12 @@ send a device's state again:
 HTTP handlers never wait for the broker: they commit, call `notify`, and
 answer. Devices notified while the broker is away are caught up when it is
 back.
+
+Batches are pipelined: while one batch waits for its PUBACKs, the next is
+read and signed, and a batch is recorded as published only once every
+message in it was acknowledged. Waiting for PUBACKs, 20 in flight at a time
+(paho's default), was what set the pace: 85 % of the publisher's busy time
+at 10,000 devices, signing 9 %, the database 5 % (py-spy, bench/README.md).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agent.mqtt import Message, MqttError, Session
+from agent.mqtt import Message, MqttError, Sent, Session
 from contract import protocol
 from contract.sketch import SketchSpec
 from hub import deployments
@@ -47,6 +54,7 @@ log = logging.getLogger("edgefleet.hub.desired")
 
 DEFAULT_VALIDITY = timedelta(days=30)
 BATCH = 500              # devices signed, published and recorded together
+IN_FLIGHT = 2 * BATCH    # unacknowledged messages the hub's session allows: two batches
 SWEEP_EVERY = 3600.0     # seconds between looks for states that expire soon
 
 
@@ -250,34 +258,90 @@ class Publisher:
             return  # message brings them back
         self.notify(devices)
 
-    def _publish_some(self) -> None:
+    def _next_batch(self) -> list[str]:
+        """Devices to publish next; none once stop, forget or look is asked for, which
+        the loop in `_run` sees to first."""
         with self._changed:
-            batch = [self._pending.pop() for _ in range(min(BATCH, len(self._pending)))]
-        if not batch:
-            return
+            if self._stop or self._forget or self._look:
+                return []
+            return [self._pending.pop() for _ in range(min(BATCH, len(self._pending)))]
+
+    def _publish_some(self) -> None:
+        """Publish what is pending, a batch signed while the one before waits for its
+        PUBACKs."""
+        flying: _Flying | None = None
+        while True:
+            batch = self._next_batch()
+            try:
+                ready = self._prepare(batch) if batch else None
+            except Exception:  # a busy or broken database: the hourly look retries
+                self.failures += 1
+                log.exception("publishing desired states for %d device(s) failed", len(batch))
+                time.sleep(1.0)
+                ready, batch = None, []
+            if flying is not None and not self._land(flying):
+                if ready is not None:
+                    self.notify(batch)  # not sent: the broker was slow or went away
+                time.sleep(1.0)
+                return
+            if ready is None:
+                return
+            digests = [(device, digest) for device, _, _, digest in ready.published]
+            if self.watch is not None:
+                self.watch.expect(digests)
+            try:
+                flying = _Flying(self.session.send_many(ready.messages,
+                                                        timeout=self.publish_timeout),
+                                 ready.published)
+            except MqttError as exc:
+                if self.watch is not None:
+                    self.watch.settled(digests)
+                self._failed(batch, exc)
+                time.sleep(1.0)
+                return
+
+    def _land(self, flying: _Flying) -> bool:
+        """Wait for FLYING's PUBACKs and record it; False if the broker did not confirm."""
         try:
-            self._publish(batch)
+            return self._record(flying)
+        finally:
+            if self.watch is not None:
+                self.watch.settled((device, digest)
+                                   for device, _, _, digest in flying.published)
+
+    def _record(self, flying: _Flying) -> bool:
+        try:
+            flying.sent.wait()
         except MqttError as exc:
-            # Still connected means the broker was slow: try again soon. Otherwise
-            # the catch-up after the reconnect covers these devices.
-            self.failures += 1
-            self.last_error = str(exc)
-            log.warning("publishing %d desired state(s) failed: %s", len(batch), exc)
-            self.notify(batch)
-            time.sleep(1.0)
+            self._failed([device for device, *_ in flying.published], exc)
+            return False
+        try:
+            _record_published(self.db, flying.published)
         except Exception:  # a busy or broken database: the hourly look retries
             self.failures += 1
-            log.exception("publishing desired states for %d device(s) failed", len(batch))
-            time.sleep(1.0)
+            log.exception("recording %d published desired state(s) failed",
+                          len(flying.published))
+            return True
+        self.published += len(flying.published)
+        return True
+
+    def _failed(self, devices: list[str], exc: MqttError) -> None:
+        # Still connected means the broker was slow: try again soon. Otherwise
+        # the catch-up after the reconnect covers these devices.
+        self.failures += 1
+        self.last_error = str(exc)
+        log.warning("publishing %d desired state(s) failed: %s", len(devices), exc)
+        self.notify(devices)
 
     def _refresh_before(self) -> datetime:
         return datetime.now(UTC) + self.validity / 3
 
-    def _publish(self, device_ids: list[str]) -> None:
+    def _prepare(self, device_ids: list[str]) -> _Ready | None:
+        """The signed states of those of DEVICE_IDS that are behind; None if none is."""
         behind = due(self.db, refresh_before=self._refresh_before(), among=device_ids)
         issued_at = datetime.now(UTC)
         expires = protocol.format_time(issued_at + self.validity)
-        messages, published = [], []
+        ready = _Ready([], [])
         for device_id, (generation, rows) in deployments.desired_snapshot(
                 self.db, behind).items():
             state = build(device_id, generation, rows, issued_at=issued_at,
@@ -289,10 +353,24 @@ class Publisher:
                 log.error("desired state of %s (generation %d) not published: %s",
                           device_id, generation, exc)
                 continue
-            messages.append(Message(protocol.desired_topic(device_id), payload, qos=1,
-                                    retain=True))
-            published.append((device_id, generation, expires,
-                              hashlib.sha256(payload).hexdigest()))
-        self.session.publish_many(messages, timeout=self.publish_timeout)
-        _record_published(self.db, published)
-        self.published += len(published)
+            ready.messages.append(Message(protocol.desired_topic(device_id), payload, qos=1,
+                                          retain=True))
+            ready.published.append((device_id, generation, expires,
+                                    hashlib.sha256(payload).hexdigest()))
+        return ready if ready.messages else None
+
+
+@dataclass
+class _Ready:
+    """A batch signed: its messages, and (device, generation, expires, digest) of each."""
+
+    messages: list[Message]
+    published: list[tuple[str, int, str, str]]
+
+
+@dataclass
+class _Flying:
+    """A batch in flight: recorded once `sent` is acknowledged."""
+
+    sent: Sent
+    published: list[tuple[str, int, str, str]]

@@ -71,8 +71,11 @@ class FleetLink:
         subscriptions, self._heartbeat_topic = (
             (SUBSCRIPTIONS, HEARTBEAT_TOPIC) if replica is None
             else replica_subscriptions(replica))
+        # The publisher's batches go out whole, not 20 messages a round trip (paho's
+        # default), and the next one while the last waits for its PUBACKs.
         self.session = Session(mqtt_url, client_id=replica or CLIENT_ID, username=username,
-                               password=password, subscriptions=subscriptions, inbox_size=1000)
+                               password=password, subscriptions=subscriptions, inbox_size=1000,
+                               max_inflight=desired.IN_FLIGHT)
         self.db = db
         self.watch = RetainedWatch(db, keys)
         self.ingest = Ingest(db, self.session, max_batch=500, watch=self.watch,

@@ -69,6 +69,7 @@ class KeyRing:
     def key(self, key: ec.EllipticCurvePrivateKey) -> None:
         self._key = key
         self.public = key.public_key()  # derived once: each derivation costs a multiplication
+        self._key_id = signing.key_id(self.public)
 
     @property
     def public_pem(self) -> str:
@@ -76,7 +77,7 @@ class KeyRing:
 
     @property
     def key_id(self) -> str:
-        return signing.key_id(self.key)
+        return self._key_id
 
     @property
     def root(self) -> str | None:
@@ -96,7 +97,8 @@ class KeyRing:
 
     def sign_desired(self, state: protocol.DesiredState) -> bytes:
         with self._lock:
-            return protocol.sign_desired(state, self.key, keys.chain_tail(self._done()))
+            return protocol.sign_desired(state, self.key, keys.chain_tail(self._done()),
+                                         key_id=self._key_id)
 
     def sign_command(self, command: protocol.Command) -> bytes:
         """Commands carry no rotation chain: the retained desired state leads devices on."""

@@ -6,6 +6,7 @@ signatures are real; the MQTT session itself is tested against Mosquitto elsewhe
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,14 +20,27 @@ from contract import cosign, protocol
 from hub import deployments, desired
 from hub.desired import Publisher
 from hub.keys import KeyRing
+from hub.retained import RetainedWatch
 from hub.storage.db import Database
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 DIGEST = f"sha256:{1:064x}"
 
 
+class Sent:
+    """What `Session.send_many` returns: `wait` raises what the broker did not confirm."""
+
+    def __init__(self, error: MqttError | None) -> None:
+        self.error = error
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class Session:
-    """What Publisher uses of agent.mqtt.Session: `connection` and `publish_many`."""
+    """What Publisher uses of agent.mqtt.Session: `connection`, `send_many` and
+    `publish_many`."""
 
     def __init__(self) -> None:
         self._connected = True
@@ -54,6 +68,13 @@ class Session:
                 self.fail_next -= 1
                 raise MqttError("no PUBACK within 0.1 s")
             self.published.extend(messages)
+
+    def send_many(self, messages: Sequence[Message], *, timeout: float = 10.0) -> Sent:
+        try:
+            self.publish_many(messages, timeout=timeout)
+        except MqttError as exc:
+            return Sent(exc)
+        return Sent(None)
 
     def topics(self) -> list[str]:
         with self.lock:
@@ -136,6 +157,28 @@ def test_a_failed_batch_is_tried_again(db: Database,
     assert sorted(session.topics()) == sorted(protocol.desired_topic(d) for d in DEVICES)
 
 
+def test_batches_pipelined_a_failed_one_puts_back_the_next_one_signed_meanwhile(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One device a batch: the second is signed while the first waits for its PUBACK,
+    # which does not come; neither is recorded, both are published again.
+    monkeypatch.setattr(desired, "BATCH", 1)
+    session = Session()
+    session.fail_next = 1
+    publisher = Publisher(db, session, ring(tmp_path))  # type: ignore[arg-type]
+    deployments.assign_many(db, DEVICES, name="tiny", model="tiny", version=1)
+    publisher.notify(DEVICES)
+    publisher.start()
+    try:
+        wait(lambda: set(published(db).values()) == {1}, "every state recorded after a retry",
+             timeout=15)
+    finally:
+        publisher.stop()
+    assert publisher.stats()["failures"] == 1
+    # Each device's state reached the broker at least once; the failed batch again.
+    assert set(session.topics()) == {protocol.desired_topic(d) for d in DEVICES}
+    assert publisher.stats()["published"] == len(DEVICES)
+
+
 def test_changes_made_while_disconnected_are_caught_up_on_reconnect(db: Database,
                                                                    tmp_path: Path) -> None:
     session = Session()
@@ -214,3 +257,19 @@ def test_a_candidate_with_a_baseline_carries_its_own_bins(db: Database,
     assert protocol.verify_desired(protocol.sign_desired(state, key),
                                    public_key=key.public_key(), device_id="dev-a",
                                    last_generation=0, now=datetime.now(UTC)) == state
+
+
+def test_a_state_being_sent_is_known_by_its_digest_until_settled(tmp_path: Path) -> None:
+    # The echo of a state in flight comes back before it is recorded: known by its
+    # SHA-256, not its signature (this one's key is not the hub's, so only the digest
+    # can pass it); once settled it is judged as anyone's again.
+    watch = RetainedWatch(None, ring(tmp_path / "hub"))  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    payload = ring(tmp_path / "other").sign_desired(
+        desired.build("dev-a", 1, [], issued_at=now, validity=timedelta(days=30)))
+    row = {"desired_generation": 1, "published_generation": 0, "published_digest": None}
+    digest = hashlib.sha256(payload).hexdigest()
+    watch.expect([("dev-a", digest)])
+    assert watch.judge("dev-a", payload, row) is None
+    watch.settled([("dev-a", digest)])
+    assert (watch.judge("dev-a", payload, row) or "").startswith("bad_signature")
