@@ -125,9 +125,9 @@ def test_a_device_flooding_big_retained_messages_is_cut_off_and_nothing_piles_up
         for i in range(60):
             topic = (protocol.telemetry_topic, protocol.reported_topic)[i % 2](device.id)
             device.session.publish(topic, almost, retain=True, timeout=30)
-        # Command results, whose topic has a level per command id, are refused outright.
+        # Under its commands topic, a level per made-up id: refused outright by the ACL.
         for i in range(5):
-            device.session.publish(protocol.command_result_topic(device.id, f"c{i}"), almost,
+            device.session.publish(f"{protocol.commands_topic(device.id)}/c{i}/result", almost,
                                    retain=True, timeout=30)
         wait_for(lambda: dropped() >= already + 60, what="the whole flood read and dropped",
                  timeout=120)

@@ -132,7 +132,7 @@ def test_a_consumer_can_publish_while_its_inbox_is_full(
             hub.publish(topic, str(n).encode())
         first = device.get(5)
         # The PUBACK comes behind messages the full inbox has not read yet.
-        device.publish(protocol.command_result_topic("dev-1", "0"), b"done", timeout=5)
+        device.publish(protocol.reported_topic("dev-1"), b"done", timeout=5)
         rest = take(device, 299)
     assert [int(m.payload) for m in [first, *rest]] == list(range(300))
     assert "inbox full (5 messages): reading from the broker paused" in caplog.text
