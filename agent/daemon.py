@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from agent import heap, inventory, procfs, renewal
 from agent import identity as identities
 from agent import options as o
+from agent.clock import now
 from agent.commands import Commands
 from agent.decisions import (
     Role,
@@ -49,8 +50,9 @@ from agent.decisions import (
     wanted_route,
 )
 from agent.identity import Identity
+from agent.loading import deployment_body
 from agent.mqtt import Message, MqttTimeout, Session
-from agent.state import AgentState, Installed, Serving, StateFile, Update
+from agent.state import AgentState, Installed, Serving, StateFile, Update, status_key
 from agent.supervisor import ServingError, ServingOptions, ServingProcess
 from agent.telemetry import InferenceDeltas, system_point
 from agent.telemetry_queue import TelemetryQueue
@@ -353,8 +355,6 @@ class Agent:
 
     def _load(self, name: str, serving: Serving, note: str | None = None) -> None:
         """Load NAME's good versions again; NOTE (why) goes on their reported status."""
-        from agent.updates import deployment_body
-
         try:
             self.serving.put(name, deployment_body(serving))
             self._not_loaded.discard(name)
@@ -404,8 +404,6 @@ class Agent:
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
         """Report a refused desired state or command (agent/commands.py)."""
-        from agent.updates import now
-
         log.warning("refused: %s", refusal)
         self.state.refusals = recent_refusals(self.state.refusals, {
             "generation": refusal.generation, "reason": str(refusal.reason),
@@ -437,8 +435,6 @@ class Agent:
 
     def _update_for(self, d: Deployment, role: Role, generation: int) -> Update:
         """The saved update for this version if one was interrupted, else a new one."""
-        from agent.updates import now
-
         t = target(d, role)
         saved = self.state.update
         settings = t.settings.to_json()
@@ -473,8 +469,6 @@ class Agent:
             self._put(current)
 
     def _put(self, serving: Serving) -> None:
-        from agent.updates import deployment_body
-
         self.state_file.save(self.state)
         try:
             self.serving.put(serving.name, deployment_body(serving))
@@ -485,7 +479,6 @@ class Agent:
         """Keep on disk what serves and the previous primary (for rollback); drop the rest.
         Report what serves and the newest failure of each wanted deployment."""
         from agent.package_store import StageError
-        from agent.updates import status_key
 
         packages = {self.state.update.digest} if self.state.update else set()
         for name, serving in self.state.serving.items():

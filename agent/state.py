@@ -19,9 +19,15 @@ from typing import Any
 
 from agent.decisions import Route, Running
 from contract.files import read_json, write_json
+from contract.protocol import UpdateState
 from contract.settings import Batching, Settings, effective_batching
 
 STATE_FILE = "state.json"
+
+
+def status_key(status: dict[str, Any]) -> tuple[str, int, UpdateState]:
+    """A saved status (AgentState.statuses) as agent.decisions reads it."""
+    return status["name"], status["version"], UpdateState(status["state"])
 
 
 @dataclass

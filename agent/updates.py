@@ -46,18 +46,17 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.clock import now
 from agent.decisions import still_serving
+from agent.loading import deployment_body, version_body
 from agent.package_store import StagedVersion, StageError
-from agent.serving.body import DeploymentBody, RuntimeSettings, VersionBody
-from agent.state import AgentState, Installed, Serving, StateFile, Update
+from agent.serving.body import DeploymentBody
+from agent.state import AgentState, Installed, Serving, StateFile, Update, status_key
 from agent.supervisor import ServingError
-from contract.protocol import Package, UpdateState, format_time
+from contract.protocol import Package, UpdateState
 from contract.settings import Batching, SettingsError
-from contract.sketch import SketchSpec
 
 if TYPE_CHECKING:
     from packager.distribution import Registry
@@ -129,29 +128,6 @@ class UpdateDriver(Protocol):
         ...
 
 
-def now() -> str:
-    return format_time(datetime.now(UTC))
-
-
-def status_key(status: dict[str, Any]) -> tuple[str, int, UpdateState]:
-    """A saved status (AgentState.statuses) as agent.decisions reads it."""
-    return status["name"], status["version"], UpdateState(status["state"])
-
-
-def version_body(installed: Installed, *, self_test: bool = False) -> VersionBody:
-    """The serving process's description of one version to load."""
-    return VersionBody(
-        version=str(installed.version),
-        model_dir=Path(installed.directory) / "model",
-        entrypoint=installed.entrypoint,
-        framework=installed.framework,
-        runtime=RuntimeSettings(prefer=tuple(installed.prefer or installed.package_prefer)),
-        self_test=(installed.sample_request or None) if self_test else None,
-        batching=installed.batching,
-        sketch=None if installed.sketch is None else SketchSpec.from_json(installed.sketch),
-    )
-
-
 def package_batching(serving: Mapping[str, Any]) -> dict[str, Any] | None:
     """The package's default batching, as its serving.json gives it (None: it gives none)."""
     given = serving.get("batching")
@@ -159,14 +135,6 @@ def package_batching(serving: Mapping[str, Any]) -> dict[str, Any] | None:
         return None if given is None else Batching.from_json(given).to_json()
     except SettingsError as exc:
         raise StepFailed(f"serving.json: {exc}") from None
-
-
-def deployment_body(serving: Serving) -> DeploymentBody:
-    """What SERVING asks of the serving process; a shadow's traffic is its copy rate."""
-    if serving.candidate is None:
-        return DeploymentBody(version_body(serving.primary))
-    return DeploymentBody(version_body(serving.primary), version_body(serving.candidate),
-                          traffic=serving.traffic, shadow=serving.shadow)
 
 
 @dataclass

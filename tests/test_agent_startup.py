@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from agent.daemon import AgentOptions
-from agentproc import start_agent, wait_for
-from hubproc import HubProcess
+from agent.mqtt import Session
+from agentproc import AgentProcess, start_agent, wait_for
+from contract import protocol
+from contract.signing import generate_private_key
+from hubproc import HubProcess, start_hub
+from mosquitto import Mosquitto
 
 # Each costs an idle agent megabytes (bench/agent.py prints how many).
 HEAVY = ["click", "rich", "httpx", "cryptography", "asyncio", "importlib.metadata", "numpy",
@@ -25,7 +33,19 @@ HEAVY = ["click", "rich", "httpx", "cryptography", "asyncio", "importlib.metadat
 # Besides those, what only an update or users' input needs (agent/daemon.py, contract/settings.py).
 IDLE_HEAVY = [*HEAVY, "agent.updates", "agent.package_store", "contract.oci", "tarfile",
               "decimal", "onnxruntime", "agent.serving.server"]
+# What only an update needs: a refused desired state or command loads none of it.
+UPDATE_CODE = ["agent.updates", "agent.package_store", "contract.oci", "tarfile",
+               "packager.distribution"]
 IMPORT_LOG_HEADER = "import time: self [us] | cumulative | imported package"
+
+
+@pytest.fixture(scope="module")
+def hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """A hub on a broker anyone may publish to: the refusal test sends the agent forgeries."""
+    process = start_hub(tmp_path_factory.mktemp("hub") / "data",
+                        extra_args=("--mqtt-url", broker.url))
+    yield process
+    assert process.stop() == 0, process.log()
 
 
 def daemon_imports(log: str) -> set[str]:
@@ -60,6 +80,38 @@ def test_an_idle_agent_running_imports_none_of_them(hub: HubProcess, tmp_path: P
     imported = daemon_imports(agent.log())
     assert {"agent.daemon", "agent.uplink", "paho.mqtt.client"} <= imported  # the daemon's lines
     assert [m for m in IDLE_HEAVY if m in imported] == []
+
+
+def test_an_idle_agent_refusing_a_desired_state_and_a_command_loads_no_update_code(
+        hub: HubProcess, broker: Mosquitto, tmp_path: Path) -> None:
+    """Refusals are reported with a timestamp; taking it loads nothing an update needs."""
+    agent = start_agent(hub, tmp_path / "agent", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        wait_for(lambda: device(hub, agent)["status"] == "online", what="the agent online")
+        now = datetime.now(UTC)
+        forged = protocol.sign_command(protocol.Command(
+            "c-forged", agent.device_id, now, now + timedelta(minutes=5),
+            protocol.CommandKind.PROFILE, protocol.ProfileArgs("tiny", 1, "default", 1, 1)),
+            generate_private_key())
+        with Session(broker.url, client_id="test-attacker") as attacker:
+            wait_for(lambda: attacker.connected, what="the attacker connected")
+            attacker.publish(protocol.desired_topic(agent.device_id), b"not a desired state")
+            attacker.publish(protocol.commands_topic(agent.device_id), forged)
+            wait_for(lambda: {"malformed", "bad_signature"} <= {
+                r["reason"] for r in (device(hub, agent)["reported"] or {}).get("refusals", [])},
+                what="both refusals reported")
+    finally:
+        assert agent.stop() == 0, agent.log()
+    imported = daemon_imports(agent.log())
+    assert "agent.commands" in imported and "cryptography" in imported  # the forgery was checked
+    assert [m for m in UPDATE_CODE if m in imported] == []
+
+
+def device(hub: HubProcess, agent: AgentProcess) -> Any:
+    answer = httpx.get(f"{hub.url}/api/v1/devices/{agent.device_id}", verify=hub.verify,
+                       headers={"Authorization": f"Bearer {hub.admin_token}"})
+    answer.raise_for_status()
+    return answer.json()
 
 
 def test_the_registry_client_comes_without_httpx_command_line_tool() -> None:

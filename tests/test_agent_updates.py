@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.clock import now
 from agent.package_store import PackageStore, StageError
 from agent.serving.body import DeploymentBody, build
 from agent.state import AgentState, StateFile, Update
 from agent.supervisor import ServingError
-from agent.updates import SERVING_ATTEMPTS, Updater, now
+from agent.updates import SERVING_ATTEMPTS, Updater
 from contract import signing
 from contract.cosign import sign_package, signature_tag
 from contract.oci import OCILayout

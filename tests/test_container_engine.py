@@ -31,11 +31,11 @@ from agent.container.images import ImageCheckError, VerifiedRef, verify_remote
 from agent.container.serving import ContainerError, ContainerServing
 from agent.container.trust import RegistryTrust
 from agent.container.watch import ContainerWatch
+from agent.loading import version_body
 from agent.mqtt import BackoffPolicy
 from agent.serving.body import DeploymentBody
 from agent.state import Installed
 from agent.supervisor import ServingOptions, ServingProcess
-from agent.updates import version_body
 from conftest import Cli
 from contract import signing
 from contract.settings import GPU, Batching, Resources, Settings

@@ -42,6 +42,7 @@ from kubernetes import client
 
 from agent import options as o
 from agent import procfs, renewal
+from agent.clock import now
 from agent.daemon import Agent, device_session
 from agent.decisions import Role, Step, kept_statuses, next_step, target, unloaded
 from agent.identity import Identity
@@ -52,11 +53,11 @@ from agent.kube.manifests import Resources, Target, object_name
 from agent.kube.rollout import RolloutStatus
 from agent.kube.scrape import Scraper
 from agent.mqtt import MqttTimeout
-from agent.state import StateFile
+from agent.state import StateFile, status_key
 from agent.telemetry import system_point
 from agent.telemetry_queue import TelemetryQueue
 from agent.trust import TrustStore
-from agent.updates import StepFailed, Updater, now, status_key
+from agent.updates import StepFailed, Updater
 from agent.uplink import Uplink
 from contract.protocol import (
     Deployment,
