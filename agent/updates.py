@@ -84,6 +84,8 @@ RESUME_AT = {
     S.FAILED: S.ROLLING_BACK,
     S.ROLLING_BACK: S.ROLLING_BACK,
 }
+# Where the new version is unloaded, or about to be: a runtime it loaded with is not carried.
+UNLOADING = {S.FAILED, S.ROLLING_BACK, S.ROLLED_BACK}
 DOWNLOAD_ATTEMPTS = 5
 # A serving side that is down for a while (container mode: the engine) is waited for.
 SERVING_ATTEMPTS = 8
@@ -121,6 +123,11 @@ class UpdateDriver(Protocol):
              current: Serving | None) -> Installed | None:
         """Run STATE's step (not SERVING's); VERIFYING returns the staged version.
         Raises StepFailed."""
+        ...
+
+    def loaded(self, update: Update) -> dict[str, Any]:
+        """Where UPDATE's version runs once STARTING's step passed, as the serving process's
+        PUT describes a version it loaded (runtime, device)."""
         ...
 
     def switch(self, update: Update, target: Serving) -> dict[str, Any]:
@@ -223,8 +230,13 @@ class Updater:
     def _set_status(self, name: str, model: str, version: int, state: UpdateState,
                     error: str | None, runtime: str | None = None,
                     device: str | None = None) -> None:
-        statuses = [s for s in self.state.statuses
-                    if not (s["name"] == name and s["version"] == version)]
+        """Set the reported status of NAME's VERSION. Without a RUNTIME, one this version was
+        reported with goes on (the load in starting, until the switch says what serves), but
+        not into a failure: no report shows it serving with no runtime."""
+        mine = [s for s in self.state.statuses if s["name"] == name and s["version"] == version]
+        if runtime is None and mine and state not in UNLOADING:
+            runtime, device = mine[-1]["runtime"], mine[-1]["device"]
+        statuses = [s for s in self.state.statuses if s not in mine]
         statuses.append({"name": name, "model": model, "version": version, "state": str(state),
                          "since": now(), "error": error, "runtime": runtime, "device": device})
         self.state.statuses = statuses
@@ -238,6 +250,10 @@ class Updater:
             installed = self.driver.step(state, update, current)
             if installed is not None:
                 update.staged = installed
+            if state is S.STARTING:
+                loaded = self.driver.loaded(update)
+                self._set_status(update.deployment, update.model, update.version, S.STARTING,
+                                 None, loaded.get("runtime"), loaded.get("device"))
             return
         if state is S.SERVING:
             self._switch(update)

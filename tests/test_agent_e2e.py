@@ -9,6 +9,7 @@ format.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import psutil
 import pytest
 import tritonclient.http as triton
 
-from agent.mqtt import Session
+from agent.mqtt import MqttTimeout, Session
 from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
 from contract import protocol, tls
 from contract.oci import OCILayout
@@ -174,6 +175,32 @@ def test_update_while_scoring_drops_no_request(fleet_hub: HubProcess, device: Ag
         client.join()
     assert failures == []
     assert seen == {str(versions["v1"]), str(versions["v2"])}
+
+
+def test_no_report_shows_a_version_serving_without_its_runtime(
+        fleet_hub: HubProcess, broker: Mosquitto, versions: dict[str, int],
+        tmp_path: Path) -> None:
+    """Every state a real agent publishes through a first deployment and an update: each
+    version reported serving names the runtime it runs on, before the switch too."""
+    agent = start_agent(fleet_hub, tmp_path / "agent")
+    topic = protocol.reported_topic(agent.device_id)
+    try:
+        with Session(broker.url, client_id="test-listener", subscriptions=[topic]) as listener:
+            wait_for(lambda: listener.connected, what="the listener connected")
+            time.sleep(0.5)  # its SUBACK
+            for version in (versions["v1"], versions["v2"]):
+                deploy(fleet_hub, agent.device_id, f"tiny:{version}")
+                wait_serving(fleet_hub, agent, version)
+            shown = []
+            with contextlib.suppress(MqttTimeout):  # every report read, in the order sent
+                while True:
+                    shown += json.loads(listener.get(timeout=3).payload)["deployments"]
+    finally:
+        assert agent.stop() == 0, agent.log()
+    serving = [(d["version"], d["runtime"], d["device"]) for d in shown
+               if d["state"] == "serving"]
+    assert {v for v, _, _ in serving} == {versions["v1"], versions["v2"]}
+    assert {(runtime, where) for _, runtime, where in serving} == {("onnxruntime", "CPU")}
 
 
 def test_split_and_shadow_candidates(fleet_hub: HubProcess, device: AgentProcess,

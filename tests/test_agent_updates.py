@@ -216,6 +216,25 @@ def test_a_first_version_goes_through_every_state_and_is_saved(pushed: Pushed,
     assert saved.serving["d"].primary == serving.primary and saved.update is None
 
 
+def test_a_version_is_reported_with_its_runtime_from_its_load_until_it_fails(
+        pushed: Pushed, device: Device) -> None:
+    """What starting loaded is reported in self_test and in serving before the switch; a
+    failed version is not reported with one."""
+    reports: list[list[tuple[int, str, str | None]]] = []
+    device.updater.report = lambda: reports.append(
+        [(s["version"], s["state"], s["runtime"]) for s in device.state.statuses])
+    assert device.updater.run(update(pushed, 1))
+    assert device.updater.run(update(pushed, 2))
+    device.serving.fail_self_test.add("1")  # back to 1, whose self-test fails now
+    assert not device.updater.run(update(pushed, 1))
+    shown = [status for report in reports for status in report]
+    assert {(v, st) for v, st, runtime in shown if runtime is None} == {
+        (1, "downloading"), (1, "verifying"), (1, "staged"), (1, "starting"),
+        (2, "downloading"), (2, "verifying"), (2, "staged"), (2, "starting"),
+        (1, "failed"), (1, "rolling_back"), (1, "rolled_back")}
+    assert (2, "serving", "onnxruntime") in shown and (1, "self_test", "onnxruntime") in shown
+
+
 def test_the_packages_batching_default_goes_into_the_control_body(pushed: Pushed,
                                                                    device: Device) -> None:
     assert device.updater.run(update(pushed, 1))

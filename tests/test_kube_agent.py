@@ -171,10 +171,9 @@ def test_deploy_and_update_roll_the_deployment_and_report_replicas(
         versions: list[int]) -> None:
     first, second, _ = versions
     deploy(hub, cluster_agent.device_id, f"tiny:{first}")
-    wait_state(hub, cluster_agent, first, "serving")
-    # The agent reports entering "serving" before the switch, then what the switch loaded.
-    row = wait_for(lambda: (r := reported(hub, cluster_agent.device_id, first, "serving"))
-                   and r["runtime"] and r, timeout=30, what="the runtime reported")
+    # Reported with where it runs from its first "serving" report (the rollout's look,
+    # carried until the switch's).
+    row = wait_state(hub, cluster_agent, first, "serving")
     assert row["runtime"] == "kubernetes" and row["device"] == f"{namespace}: 1/1 ready"
     assert live_image(admin, namespace) == \
         f"{urlsplit(hub.url).netloc}/models/tiny@{digest_of(hub, first)}"

@@ -97,11 +97,14 @@ class KubeDriver:
             self._back_out(update)
         return None   # downloading, staged, failed: nothing to do on the cluster
 
-    def switch(self, update: Update, target: Serving) -> dict[str, Any]:
+    def loaded(self, update: Update) -> dict[str, Any]:
         look = self.looks.get(object_name(update.deployment))
         where = f"{self.ns.target.namespace}: {look.ready}/{look.desired} ready" if look \
             else self.ns.target.namespace
-        return {"deployment": {"primary": {"runtime": RUNTIME, "device": where}}}
+        return {"runtime": RUNTIME, "device": where}
+
+    def switch(self, update: Update, target: Serving) -> dict[str, Any]:
+        return {"deployment": {"primary": self.loaded(update)}}
 
     # -- steps ------------------------------------------------------------------
 
