@@ -12,7 +12,9 @@ after a restart is refused as one.
 One kind: `profile`. Its package is fetched for this platform, its signature checked and
 unpacked as a deployment's is (agent/profiling.py `stage_package`, in a work directory of
 its own), then each (runtime, device) pair here that reads its format is measured in a
-child process (`profiling.profile`). One profile at a time: a second command while one
+child process (`Profiler`, through `profiling.profile`; what a taken profile runs is given
+to `Commands`, so the simulator, agent/sim/device.py, uses all the rest as it is and
+answers `failed`: it has no runtime). One profile at a time: a second command while one
 runs is answered `failed` (busy). The answer goes to `POST /api/v1/devices/{id}/commands/
 {cid}/result`: `running` when taken, then `done` with the rows or `failed` with why.
 """
@@ -23,10 +25,11 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.identity import hub_tls
 from contract import names
@@ -46,8 +49,9 @@ from contract.protocol import (
 )
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from agent.identity import Identity
-    from agent.trust import TrustStore
     from packager.distribution import Registry
 
 log = logging.getLogger("edgefleet.agent.commands")
@@ -80,14 +84,27 @@ class SeenCommands:
         return True
 
 
-class Commands:
-    """Checks and runs the commands of the device IDENTITY; REFUSE reports a refusal."""
+class Trusted(Protocol):
+    """The hub key a device trusts now (agent/trust.py's TrustStore; the simulator's own)."""
 
-    def __init__(self, identity: Identity, data_dir: Path, trust: TrustStore,
-                 registry: Callable[[], Registry],
-                 refuse: Callable[[ProtocolRefusal], None]) -> None:
+    @property
+    def key(self) -> ec.EllipticCurvePublicKey: ...
+    @property
+    def retired(self) -> Collection[str]: ...
+
+
+# What a profile command runs once taken: its rows, or an exception that says why not.
+Measure = Callable[[Command], list[dict[str, Any]]]
+
+
+class Commands:
+    """Checks and runs the commands of the device IDENTITY; REFUSE reports a refusal, MEASURE
+    runs a profile taken (this device's runtimes: `Profiler`; the simulator's answer)."""
+
+    def __init__(self, identity: Identity, data_dir: Path, trust: Trusted,
+                 refuse: Callable[[ProtocolRefusal], None], measure: Measure) -> None:
         self.identity, self.data_dir, self.trust = identity, data_dir, trust
-        self.registry, self.refuse = registry, refuse
+        self.refuse, self.measure = refuse, measure
         self.seen = SeenCommands(data_dir / SEEN_FILE)
         self._job: threading.Thread | None = None
         self._running: str | None = None
@@ -128,14 +145,57 @@ class Commands:
         if not self._answer(command, CommandState.RUNNING):
             return  # the hub will not take an answer (the command expired meanwhile)
         try:
-            rows = self._profile(command)
+            rows = self.measure(command)
         except Exception as exc:  # the runtime's, the registry's, the store's: all say why
             log.warning("command %s failed: %s", command.id, exc)
             self._answer(command, CommandState.FAILED, error=str(exc) or type(exc).__name__)
         else:
             self._answer(command, CommandState.DONE, rows=rows)
 
-    def _profile(self, command: Command) -> list[dict[str, Any]]:
+    def _answer(self, command: Command, state: CommandState, *, error: str | None = None,
+                rows: list[dict[str, Any]] | None = None) -> bool:
+        """Send the answer, retried while the hub is unreachable; False if the hub refused
+        it (a finished or expired command), True otherwise."""
+        import httpx  # here: an idle agent that never gets a command does not load it
+
+        body = build_command_result(CommandResult(
+            command.id, self.identity.device_id, state,
+            error=error[:MAX_TEXT] if error is not None else None, rows=tuple(rows or ())))
+        url = (f"{self.identity.hub_url}/api/v1/devices/{self.identity.device_id}/commands/"
+               f"{command.id}/result")
+        headers = {"Authorization": f"Bearer {self.identity.device_token}",
+                   "Content-Type": "application/json"}
+        for attempt in range(POST_ATTEMPTS):
+            try:
+                answer = httpx.post(url, content=body, headers=headers, timeout=30,
+                                    verify=hub_tls(self.data_dir, self.identity))
+            except httpx.TransportError as exc:
+                problem = str(exc)
+            else:
+                if answer.status_code < 500:
+                    if answer.is_error:  # the hub refused it (expired, say): nothing to retry
+                        log.warning("command %s: the hub refused the %s answer: %s",
+                                    command.id, state, answer.text[:300])
+                    return not answer.is_error
+                problem = f"HTTP {answer.status_code}"
+            if datetime.now(UTC) >= command.expires_at or attempt == POST_ATTEMPTS - 1:
+                break
+            time.sleep(2 ** attempt)
+        log.warning("command %s: the %s answer was not delivered: %s", command.id, state,
+                    problem)
+        return True
+
+
+@dataclass
+class Profiler:
+    """A profile measured here: its package fetched from REGISTRY and checked with TRUST's
+    key in DATA_DIR/profiling, each runtime that reads it measured in a child process."""
+
+    data_dir: Path
+    trust: Trusted
+    registry: Callable[[], Registry]
+
+    def __call__(self, command: Command) -> list[dict[str, Any]]:
         from agent import profiling
         from agent.runtimes.base import ModelRuntimeError
 
@@ -171,37 +231,3 @@ class Commands:
             return rows
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-    def _answer(self, command: Command, state: CommandState, *, error: str | None = None,
-                rows: list[dict[str, Any]] | None = None) -> bool:
-        """Send the answer, retried while the hub is unreachable; False if the hub refused
-        it (a finished or expired command), True otherwise."""
-        import httpx  # here: an idle agent that never gets a command does not load it
-
-        body = build_command_result(CommandResult(
-            command.id, self.identity.device_id, state,
-            error=error[:MAX_TEXT] if error is not None else None, rows=tuple(rows or ())))
-        url = (f"{self.identity.hub_url}/api/v1/devices/{self.identity.device_id}/commands/"
-               f"{command.id}/result")
-        headers = {"Authorization": f"Bearer {self.identity.device_token}",
-                   "Content-Type": "application/json"}
-        for attempt in range(POST_ATTEMPTS):
-            try:
-                answer = httpx.post(url, content=body, headers=headers, timeout=30,
-                                    verify=hub_tls(self.data_dir, self.identity))
-            except httpx.TransportError as exc:
-                problem = str(exc)
-            else:
-                if answer.status_code < 500:
-                    if answer.is_error:  # the hub refused it (expired, say): nothing to retry
-                        log.warning("command %s: the hub refused the %s answer: %s",
-                                    command.id, state, answer.text[:300])
-                    return not answer.is_error
-                problem = f"HTTP {answer.status_code}"
-            if datetime.now(UTC) >= command.expires_at or attempt == POST_ATTEMPTS - 1:
-                break
-            time.sleep(2 ** attempt)
-        log.warning("command %s: the %s answer was not delivered: %s", command.id, state,
-                    problem)
-        return True
-

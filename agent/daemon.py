@@ -36,7 +36,7 @@ from agent import heap, inventory, procfs, renewal
 from agent import identity as identities
 from agent import options as o
 from agent.clock import now
-from agent.commands import Commands
+from agent.commands import Commands, Profiler
 from agent.decisions import (
     Role,
     Route,
@@ -194,7 +194,8 @@ class Agent:
         self.cpu = procfs.CpuPercent()
         self.uplink = Uplink(self.session, identity.device_id, self.queue, self._measure,
                              interval=options.telemetry_interval)
-        self.commands = Commands(identity, data, self.trust, self.registry, self._refuse)
+        self.commands = Commands(identity, data, self.trust, self._refuse,
+                                 Profiler(data, self.trust, self.registry))
 
     @functools.cached_property
     def store(self) -> PackageStore | ContainerStore:

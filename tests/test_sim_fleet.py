@@ -286,6 +286,51 @@ def test_forged_and_replayed_desired_states_are_refused_and_reported(
     run(body)
 
 
+def test_a_simulated_device_answers_a_profile_through_the_agents_command_handling(
+        site: Site, tmp_path: Path) -> None:
+    """The real result path: taken (running), then failed with why; the CLI says it in one
+    line. A replay of it and a forgery are refused by the agent's checks and reported."""
+    cli = Cli(site.hub, tmp_path)
+
+    async def body() -> None:
+        async with site.api() as api, Fleet(site.hub.url, site.token, 1,
+                                             options(tmp_path)) as fleet, \
+                Watcher(site.broker, "c") as watcher:
+            device = fleet.devices[0]
+            topic = protocol.commands_topic(device.id)
+            await watcher.client.subscribe([(topic, 1)])
+            await fleet.wait(lambda f: device.connected, timeout=15, what="the device online")
+            done = await asyncio.to_thread(
+                cli.run, "model", "profile", "tiny:1", "--device", device.id, "--timeout", "30",
+                ok=False)
+            assert done.returncode == 1
+            assert done.stderr.strip().splitlines()[-1] == (
+                f"Error: device {device.id} could not profile tiny:1: profiling is not "
+                "supported on a simulated device (edgefleet sim): it has no runtime to measure "
+                "tiny with")
+            sent = (await until(lambda: _now(watcher.seen[topic]), "the command sent"))[0]
+            command = json.loads(sent.payload)
+            answered = (await api.get(f"/api/v1/devices/{device.id}/commands/"
+                                      f"{command['id']}")).json()
+            assert answered["state"] == "failed" and answered["rows"] == []
+
+            await watcher.client.publish(Message(topic, sent.payload))  # a replay
+            now = datetime.now(UTC)
+            forged = protocol.sign_command(protocol.Command(
+                "c-forged", device.id, now, now + timedelta(minutes=5),
+                protocol.CommandKind.PROFILE, protocol.ProfileArgs("tiny", 1, "default", 1, 1)),
+                signing.generate_private_key())
+            await watcher.client.publish(Message(topic, forged))
+
+            async def refusals() -> list[str]:
+                record = (await api.get(f"/api/v1/devices/{device.id}")).json()
+                return [r["reason"] for r in record["reported"]["refusals"]]
+            await until(lambda: _equal(refusals(), ["replay", "bad_signature"]),
+                        "the refusals in the hub")
+            assert command["id"] in device.refusals[0].message
+    run(body, timeout=90)
+
+
 def test_a_device_that_drops_off_shows_offline_then_online(site: Site, tmp_path: Path) -> None:
     async def body() -> None:
         async with site.api() as api, Fleet(site.hub.url, site.token, 3,

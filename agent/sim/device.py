@@ -3,21 +3,23 @@
 A `SimDevice` behaves as `agent.daemon.Agent` does on the wire. It logs in
 with its own identity (client id and user = its device id, clean_session
 False, last will "offline" retained on its status topic, birth "online"),
-subscribes to its desired topic, checks each desired state with
-`agent.protocol.verify_desired` against the hub key pinned at enrollment,
-reports refusals in `refusals`, decides what to update, unload and report
-with the agent's own decisions (agent/decisions.py: a new version, or the
-same one with new runtime preferences, is an update), moves each update
-through the states of agent/updates.py (the previous version serving on
-until the new one has passed its self-test) and sends sequence-numbered
-telemetry.
+subscribes to its desired and commands topics, checks each desired state
+with `agent.protocol.verify_desired` against the hub key pinned at
+enrollment, hands each command to the agent's own `agent.commands.Commands`
+(its checks, refusals, saved ids and answers over HTTPS), reports refusals
+in `refusals`, decides what to update, unload and report with the agent's
+own decisions (agent/decisions.py: a new version, or the same one with new
+runtime preferences, is an update), moves each update through the states of
+agent/updates.py (the previous version serving on until the new one has
+passed its self-test) and sends sequence-numbered telemetry.
 
 What is simulated: the download, load and self-test (each state takes
 `step_latency`; `fail_rate` and `fail_versions` decide the self-test), and
 the scoring load (`requests_per_second`, `error_rate`, `latency_ms`), and, for
 a version whose desired state carries drift bins, its inputs and outputs
 (agent/sim/inputs.py; `drift` shifts features), counted by the agent's own
-sketch code.
+sketch code. A profile command taken is answered `running`, then `failed`:
+a simulated device has no runtime to measure with, and says so.
 
 Each device is one task on the shared event loop (`run`), plus one while it
 applies a desired state. The task measures every `telemetry_interval`
@@ -36,12 +38,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from agent import identity as identities
 from agent import trust
+from agent.commands import Commands
 from agent.decisions import (
     Role,
     Route,
@@ -67,6 +70,7 @@ from contract.protocol import (
     MAX_TEXT,
     OFFLINE,
     ONLINE,
+    Command,
     Deployment,
     DeploymentStatus,
     DesiredState,
@@ -80,7 +84,9 @@ from contract.protocol import (
     UpdateState,
     build_reported,
     build_telemetry,
+    commands_topic,
     desired_topic,
+    device_subscriptions,
     parse_reported,
     reported_topic,
     rotation_chain,
@@ -91,6 +97,9 @@ from contract.protocol import (
 from contract.settings import Batching, Resources, Settings
 from contract.signing import load_public_key
 from contract.sketch import SketchSpec
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 log = logging.getLogger("edgefleet.sim")
 S = UpdateState
@@ -146,6 +155,12 @@ def _status_key(item: tuple[tuple[str, int], DeploymentStatus]
     return name, version, status.state
 
 
+def _no_runtime(command: Command) -> list[dict[str, Any]]:
+    """What a simulated device measures for a profile: nothing, and it says so."""
+    raise RuntimeError("profiling is not supported on a simulated device (edgefleet sim): it "
+                       f"has no runtime to measure {command.profile.model} with")
+
+
 def _around(value: float) -> float:
     """VALUE +-50 %, so simulated devices do not act in lockstep."""
     return value * random.uniform(0.5, 1.5)
@@ -194,6 +209,9 @@ class SimDevice:
             if url.startswith("mqtts://") else None
         status = status_topic(self.id)
         password = None if identity.mqtt_certificate else identity.mqtt_password
+        # The agent's command handling itself; only what a taken profile runs differs.
+        self._commands = Commands(identity, options.data_dir / "devices" / identity.name, self,
+                                  self._refuse, _no_runtime)
         self._connect_options = ConnectOptions(
             client_id=self.id, username=None if password is None else identity.mqtt_username,
             password=password, will=Message(status, OFFLINE, retain=True),
@@ -241,6 +259,16 @@ class SimDevice:
     def hub_key(self) -> str:
         """The id of the hub key this device trusts now."""
         return self._trust.key_id
+
+    @property
+    def key(self) -> ec.EllipticCurvePublicKey:
+        """The hub key this device trusts now (for `agent.commands.Trusted`)."""
+        return self._public_key
+
+    @property
+    def retired(self) -> tuple[str, ...]:
+        """The hub keys this device rotated away from (for `agent.commands.Trusted`)."""
+        return self._trust.retired
 
     def versions(self) -> dict[str, int]:
         """Deployment name -> the version serving as its primary."""
@@ -358,7 +386,8 @@ class SimDevice:
         async with self._slots:
             try:
                 await client.connect(timeout=TIMEOUT)
-                await client.subscribe([(desired_topic(self.id), 1)], timeout=TIMEOUT)
+                await client.subscribe([(topic, 1) for topic in device_subscriptions(self.id)],
+                                       timeout=TIMEOUT)
                 await client.publish(Message(status_topic(self.id), ONLINE, retain=True),
                                      timeout=TIMEOUT)
             except MqttError as exc:
@@ -383,6 +412,9 @@ class SimDevice:
 
     def _received(self, message: Message) -> None:
         self.received += 1
+        if message.topic == commands_topic(self.id):
+            self._commands.handle(message.payload)  # a profile runs (fails) in its thread
+            return
         if message.topic != desired_topic(self.id):
             return
         self._inbox.append(message.payload)
@@ -438,7 +470,7 @@ class SimDevice:
             self._changed()  # reported: the key it trusts
 
     def _refuse(self, refusal: ProtocolRefusal) -> None:
-        log.info("%s refused a desired state: %s", self.name, refusal)
+        log.info("%s refused: %s", self.name, refusal)
         self.refusals = recent_refusals(self.refusals, Refusal(
             refusal.generation, refusal.reason, refusal.message[:MAX_TEXT], datetime.now(UTC)))
         self._changed()
