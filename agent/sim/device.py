@@ -31,6 +31,7 @@ then the queued telemetry. Everything else only sets `_wake`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -209,9 +210,6 @@ class SimDevice:
             if url.startswith("mqtts://") else None
         status = status_topic(self.id)
         password = None if identity.mqtt_certificate else identity.mqtt_password
-        # The agent's command handling itself; only what a taken profile runs differs.
-        self._commands = Commands(identity, options.data_dir / "devices" / identity.name, self,
-                                  self._refuse, _no_runtime)
         self._connect_options = ConnectOptions(
             client_id=self.id, username=None if password is None else identity.mqtt_username,
             password=password, will=Message(status, OFFLINE, retain=True),
@@ -244,6 +242,13 @@ class SimDevice:
         self._stopping = False
         self._offline_until = 0.0
         self._connected_since = 0.0
+
+    @functools.cached_property
+    def _commands(self) -> Commands:
+        """The agent's command handling itself (only what a taken profile runs differs),
+        made at the first command: a fleet of 100,000 rarely gets one."""
+        return Commands(self.identity, self.options.data_dir / "devices" / self.name, self,
+                        self._refuse, _no_runtime)
 
     # -- what tests and the fleet look at --------------------------------------------
 
