@@ -81,6 +81,17 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     mosquitto.stop()
 
 
+@pytest.fixture(scope="module")
+def broker_hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[HubProcess]:
+    """A hub on the module's broker, which anyone may publish to: a test's forgeries reach
+    the hub's devices as an attacker's would."""
+    process = start_hub(tmp_path_factory.mktemp("hub") / "data",
+                        extra_args=("--mqtt-url", broker.url))
+    yield process
+    assert process.stop() == 0, process.log()
+
+
 @pytest.fixture
 def api(hub: HubProcess) -> Iterator[httpx.Client]:
     with httpx.Client(

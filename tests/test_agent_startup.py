@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from agent.mqtt import Session
 from agentproc import AgentProcess, start_agent, wait_for
 from contract import protocol
 from contract.signing import generate_private_key
-from hubproc import HubProcess, start_hub
+from hubproc import HubProcess
 from mosquitto import Mosquitto
 
 # Each costs an idle agent megabytes (bench/agent.py prints how many).
@@ -40,12 +39,8 @@ IMPORT_LOG_HEADER = "import time: self [us] | cumulative | imported package"
 
 
 @pytest.fixture(scope="module")
-def hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    """A hub on a broker anyone may publish to: the refusal test sends the agent forgeries."""
-    process = start_hub(tmp_path_factory.mktemp("hub") / "data",
-                        extra_args=("--mqtt-url", broker.url))
-    yield process
-    assert process.stop() == 0, process.log()
+def hub(broker_hub: HubProcess) -> HubProcess:
+    return broker_hub  # this module's tests publish forgeries to its devices
 
 
 def daemon_imports(log: str) -> set[str]:

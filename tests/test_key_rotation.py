@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from agent.mqtt import Session
 from agentproc import AgentProcess, deploy, infer, publish_version, start_agent, wait_for
 from conftest import Cli
 from contract import keys, protocol, signing
-from hubproc import HubProcess, start_hub
+from hubproc import HubProcess
 from modelgen import make_onnx
 from mosquitto import Mosquitto
 
@@ -26,11 +25,8 @@ ROWS = [[1.0, 2.0, 3.0]]
 
 
 @pytest.fixture(scope="module")
-def hub(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = start_hub(tmp_path_factory.mktemp("hub") / "data",
-                        extra_args=("--mqtt-url", broker.url))
-    yield process
-    assert process.stop() == 0, process.log()
+def hub(broker_hub: HubProcess) -> HubProcess:
+    return broker_hub  # this module's tests publish forgeries to its devices
 
 
 @pytest.fixture(scope="module")
