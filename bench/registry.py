@@ -61,7 +61,13 @@ and resumes reading on each). Tried and dropped, no gain that three or four
 alternating turns could see: 4 MiB pieces, a deeper queue to a writer
 thread of the upload's own, hashing and writing in the event loop itself
 (slower: one thread gets less of a busy machine), a 4 MiB SO_RCVBUF,
-uvloop, the CLI hashing in a thread while it sends. The 0.8x target is not
+uvloop, uvicorn's protocol subclassed to pause reading only past 1 MiB of
+unread body (its epoll register/unregister per pause and resume are ~7 % of
+the event loop's py-spy samples), the CLI hashing in a thread while it
+sends. Now the hub's busiest thread is its event loop (about half of the
+upload's time in py-spy: the socket reads, uvicorn's parsing and copies,
+those epoll calls), and the CLI spends most of its time in send(), waiting
+for the hub. The 0.8x target is not
 met: on two cores the floor is the ~2 CPU-s spread over both, against a
 baseline bound by the disk (dd with fdatasync wrote 94-364 MB/s here, and
 the baseline up to 753 MB/s on a quiet machine).
