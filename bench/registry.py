@@ -45,7 +45,8 @@ three of the code before: upload 0.66x / 0.63x / 0.55x of the fsynced
 baseline (CLI 193 / 133 / 175 MB/s), before 0.85x / 0.40x / 0.56x (110 /
 165 / 129 MB/s): the baseline swung from 103 to 592 MB/s, so at such loads
 its ratio says little. A hub of each kind, CLI uploads alternating six
-times: 119 MB/s before, 170 after. On a quiet machine (load under 2) the
+times, twice: 119 and 130 MB/s before, 170 and 162 after (the baseline's
+medians 346 and 384: 0.49x and 0.42x). On a quiet machine (load under 2) the
 code before ran at 0.32x (243 MB/s against 753). What changed: the blob
 store hashes each chunk in a thread of its own while another writes it
 (hashlib and write both release the GIL), so the hub's two 0.3 CPU-s
