@@ -40,33 +40,38 @@ What is measured, and how to read it:
   start-up and imports, so its baseline is `edgefleet --version`.
 
 Measured on the 2-core build machine while other sessions' benchmarks loaded
-it (load 15-20), 500 MB, medians of 3 rounds, three runs: upload 0.49x /
-0.63x / 0.52x of the fsynced baseline (68-97 MB/s against 138-184; 0.43x /
-0.27x / 0.23x of the one left in the page cache, whose own medians went from
-159 to 410 MB/s), download 1.07x / 1.25x / 1.49x, hub peak RSS 103-105 MB
-(idle 93). The code before this round of changes (the CLI importing the
-drift code, handing each MiB to a hashing thread and waiting for it), one
-run at the lighter load 13: upload 0.39x / 0.29x, download 1.80x. With the
-hub also queuing up to 8 MiB for a writer thread of the upload's own
-(instead of waiting for each piece's write before handing over the next),
-uploads were slower than that code in all four turns taken with it (e.g.
-118 against 147 MB/s at load 9-11; three runs at load 28-33 gave 0.16x /
-0.27x / 0.25x), while the CLI's change alone made no difference that three
-turns could see: the hub's queue was dropped. At such loads the wall clock says
-little; CPU time per 500 MB upload, measured with before and after taking
-turns, is steadier. The baseline costs ~0.5 CPU-s (server 0.3, all in the
-kernel; client 0.2 with its interpreter's start-up); edgefleet 2-3.5: the
-CLI 0.74-0.87, was 1.05-1.2 (its start-up is 0.2 of it, was 0.45 with
-numpy and pydantic), the hub 1.0-2.4, most of the spread in the kernel's
-share. SHA-256 is
-0.3 of each side (OpenSSL, ~1.5 GB/s). The rest of the hub's is its event
-loop, 0.3-0.6: uvicorn (httptools) reads 256 KiB at a time, copies each
-body chunk three times (the parser's bytes, a bytearray, bytes() for the
-ASGI message) and pauses and resumes reading on each. The 0.8x target is
-not met: on two cores that other processes keep busy, an upload that costs
-four to five times the baseline's CPU gets a fraction of its speed. On an
-idle machine the floor is the ~2 CPU-s spread over two cores, against a
-baseline bound by the disk (dd with fdatasync wrote 94-364 MB/s here).
+it (load 14-19), 500 MB, medians of 3 rounds, three runs taking turns with
+three of the code before: upload 0.66x / 0.63x / 0.55x of the fsynced
+baseline (CLI 193 / 133 / 175 MB/s), before 0.85x / 0.40x / 0.56x (110 /
+165 / 129 MB/s): the baseline swung from 103 to 592 MB/s, so at such loads
+its ratio says little. A hub of each kind, CLI uploads alternating six
+times, twice: 119 and 130 MB/s before, 170 and 162 after (the baseline's
+medians 346 and 384: 0.49x and 0.42x). On a quiet machine (load under 2) the
+code before ran at 0.32x (243 MB/s against 753). What changed: the blob
+store hashes each chunk in a thread of its own while another writes it
+(hashlib and write both release the GIL), so the hub's two 0.3 CPU-s
+passes run side by side. CPU time per 500 MB upload is steadier than the
+wall clock at such loads: the baseline costs ~0.5 CPU-s (server 0.2-0.3,
+all in the kernel; client 0.2 with its interpreter's start-up); edgefleet
+~2: the CLI 0.6-0.75 (start-up 0.2, SHA-256 0.3, reading and sending the
+rest), the hub 1-2 (perf: SHA-256 0.27; the page-cache write 0.06-0.32,
+the spread from one run to the next being the virtual machine's; page
+faults of fresh buffers ~0.14; Python and uvicorn's body handling ~0.25:
+it reads 256 KiB at a time, copies each body chunk three times and pauses
+and resumes reading on each). Tried and dropped, no gain that three or four
+alternating turns could see: 4 MiB pieces, a deeper queue to a writer
+thread of the upload's own, hashing and writing in the event loop itself
+(slower: one thread gets less of a busy machine), a 4 MiB SO_RCVBUF,
+uvloop, uvicorn's protocol subclassed to pause reading only past 1 MiB of
+unread body (its epoll register/unregister per pause and resume are ~7 % of
+the event loop's py-spy samples), the CLI hashing in a thread while it
+sends. Now the hub's busiest thread is its event loop (about half of the
+upload's time in py-spy: the socket reads, uvicorn's parsing and copies,
+those epoll calls), and the CLI spends most of its time in send(), waiting
+for the hub. The 0.8x target is not
+met: on two cores the floor is the ~2 CPU-s spread over both, against a
+baseline bound by the disk (dd with fdatasync wrote 94-364 MB/s here, and
+the baseline up to 753 MB/s on a quiet machine).
 """
 
 from __future__ import annotations

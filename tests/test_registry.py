@@ -274,7 +274,8 @@ def test_files_past_the_background_flushes_move_whole(
     cli: Cli, api: httpx.Client, hub: HubProcess, tmp_path: Path
 ) -> None:
     """Bigger than the blob store's flush step and the pieces both ends hand to
-    their threads: stored, refused and downloaded whole, in order."""
+    their threads (the hub hashes each big piece in one while another writes it):
+    stored, refused and downloaded whole, in order."""
     from hub.storage.blobs import FLUSH_EVERY
 
     big = tmp_path / "big.bin"

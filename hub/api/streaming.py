@@ -1,8 +1,9 @@
 """Moving large bodies without holding them or stalling the event loop.
 
-Uploads are gathered into ~1 MiB pieces and hashed and written in a worker
-thread while the next piece arrives, so a big upload neither blocks other
-requests on the same loop nor waits on its own writes. Downloads are sent
+Uploads are gathered into ~1 MiB pieces and written in a worker thread
+while the next piece arrives (the blob store hashes each chunk in another
+thread as it writes it), so a big upload neither blocks other requests on
+the same loop nor waits on its own writes. Downloads are sent
 in 1 MiB pieces, not Starlette's 64 KiB, to cut the per-chunk thread
 hand-offs, and a Range they cannot serve is refused in the caller's error
 shape (Starlette answers text/plain).

@@ -22,6 +22,9 @@ from contract import names
 # arrives, so that commit's fsync, which made a 500 MB upload wait a few tenths
 # of a second at the end, waits only for the last of them.
 FLUSH_EVERY = 32 << 20
+# Chunks at least this big are hashed in a thread of their own while they are written
+# (smaller ones, manifests say, are not worth the hand-off).
+HASH_APART = 64 << 10
 # An upload's temporary file untouched this long (seconds) was cut off by a crash.
 STALE_UPLOAD = 24 * 3600
 
@@ -65,12 +68,21 @@ class _FileBlobWriter:
         self._unflushed = 0
 
     def write(self, chunk: bytes) -> None:
+        # A big chunk is hashed in another thread while this one writes it: both release
+        # the GIL, so an upload keeps two cores busy instead of one for the sum of both.
+        hashing = (self._store.hasher.submit(self._hash.update, chunk)
+                   if len(chunk) >= HASH_APART else None)
         try:
             self._file.write(chunk)
         except BaseException:
+            if hashing is not None:
+                hashing.result()  # nothing of this writer runs on once write returns
             self.abort()  # a full disk, say: a partial file would only hold on to the space
             raise
-        self._hash.update(chunk)
+        if hashing is None:
+            self._hash.update(chunk)
+        else:
+            hashing.result()
         self.size += len(chunk)
         self._unflushed += len(chunk)
         if self._unflushed >= FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
@@ -119,6 +131,7 @@ class FileBlobStore:
         self.root = root
         # Threads start on the first flush; one per upload flushing at the same moment.
         self.flusher = ThreadPoolExecutor(thread_name_prefix="blob-flush")
+        self.hasher = ThreadPoolExecutor(thread_name_prefix="blob-hash")
         (root / "tmp").mkdir(parents=True, exist_ok=True)
         self.drop_leftovers(time.time())
 
