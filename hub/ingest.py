@@ -167,7 +167,7 @@ def _parse(
                 batch.reported[device] = (report, message.payload)
             elif kind == "telemetry":
                 batch.telemetry.append(protocol.parse_telemetry(message.payload,
-                                                                device_id=device))
+                                                                device_id=device, fast=True))
             else:
                 _drop(counters, kind, "unexpected", device, "the hub does not read these")
                 continue
