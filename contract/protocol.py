@@ -23,7 +23,6 @@ UTC, "2025-01-31T12:00:00.000000Z" (fixed width, so they also sort as text).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -1190,10 +1189,12 @@ def _read_point(path: str, item: object) -> Point:
         seq, kind, sketched = item["seq"], item["kind"], "sketches" in item
         if type(seq) is int and 0 <= seq <= _MAX_INT and (
                 kind == "inference" or kind == "system" and not sketched):
-            with contextlib.suppress(ProtocolError, SketchError):
+            try:  # not contextlib.suppress: a context manager a point costs ~0.5 us
                 return Point(seq=seq, at=parse_time(item["at"]), kind=kind,
                              values=_read_values(f"{path}.values", item["values"]),
                              sketches=check_sketches(item["sketches"]) if sketched else {})
+            except (ProtocolError, SketchError):
+                pass
     return _read_point_fields(_Fields(item, path))
 
 
