@@ -107,3 +107,17 @@ def test_any_change_reads_the_same(where: str, key: str, value: Any) -> None:
         encoded = [p.canonical_json(doc)]
     for payload in encoded:
         assert_same(payload)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_names_seen_before_do_not_let_a_bad_one_through(fast: bool) -> None:
+    """Value and sketch names are checked by a subset test against names that matched
+    before: a bad name next to good ones is still refused, and never remembered."""
+    doc = json.loads(canonical_batch())
+    for _ in range(2):
+        assert isinstance(outcome(p.canonical_json(doc), fast=fast), p.TelemetryBatch)
+        for where, complaint in (("values", "value name 'bad name'"),
+                                 ("sketches", "sketch name 'bad name'")):
+            bad = json.loads(canonical_batch())
+            bad["points"][1][where]["bad name"] = [1, 2, 3] if where == "sketches" else 1
+            assert complaint in str(outcome(p.canonical_json(bad), fast=fast))
