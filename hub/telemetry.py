@@ -54,7 +54,9 @@ _SHORT_EXPONENT = re.compile(rb"e-[0-9](?![0-9])")
 def metrics_json(values: Mapping[str, Any]) -> str:
     """`dumps(VALUES)`, the same text, written by orjson when it writes the same (a
     point's values, as the protocol reads them, always but for the rare float or
-    non-ASCII string); else by `dumps`, which also raises what it always raised."""
+    non-ASCII string); else by `dumps`, which also raises what it always raised.
+    Values of JSON's types only: orjson would also write a UUID or an Enum, which
+    `dumps` refuses (the protocol reads neither)."""
     try:
         encoded = orjson.dumps(values, option=_OPTIONS)
     except orjson.JSONEncodeError:
