@@ -12,8 +12,12 @@ batch sent again after a reconnect) is not counted again.
 from __future__ import annotations
 
 import json
+import operator
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+
+import orjson
 
 from contract import protocol
 from contract.sketch import SketchError, SketchSpec, read_counts
@@ -115,8 +119,28 @@ def hour_of(moment: datetime) -> str:
 def _add(totals: dict[str, list[int]], feature: str, counts: Sequence[int]) -> None:
     """Add COUNTS to FEATURE's in TOTALS; both have the baseline's bins, which never change."""
     before = totals.get(feature)
-    totals[feature] = list(counts) if before is None else [
-        a + b for a, b in zip(before, counts, strict=True)]
+    if before is not None and len(before) != len(counts):
+        raise ValueError(f"{feature}: {len(counts)} counts to add to {len(before)}")
+    totals[feature] = list(counts) if before is None else list(map(operator.add, before, counts))
+
+
+# A stored row is JSON as `_counts_json` writes it: ints only. orjson reads one of 20
+# digits or more (beyond 64 bits: a device's hour of absurd counts) as a float; json not.
+_LONG_NUMBER = re.compile(r"[0-9]{20}")
+
+
+def _read_counts_json(text: str) -> dict[str, list[int]]:
+    counts: dict[str, list[int]] = (json.loads(text) if _LONG_NUMBER.search(text)
+                                    else orjson.loads(text))
+    return counts
+
+
+def _counts_json(totals: dict[str, list[int]]) -> str:
+    """The row's JSON, compact (ASCII names, ints): orjson's, or json's beyond 64 bits."""
+    try:
+        return orjson.dumps(totals).decode("ascii")
+    except orjson.JSONEncodeError:
+        return json.dumps(totals, separators=(",", ":"))
 
 
 def add_sketches(conn: Connection, rows: Mapping[Key, dict[str, list[int]]]) -> None:
@@ -126,7 +150,7 @@ def add_sketches(conn: Connection, rows: Mapping[Key, dict[str, list[int]]]) -> 
     stored: dict[Key, dict[str, list[int]]] = {}
     for model, version, hour in {key[:3] for key in rows}:
         devices = [key[3] for key in rows if key[:3] == (model, version, hour)]
-        stored.update(((model, version, hour, r[0]), json.loads(r[1])) for r in conn.execute(
+        stored.update(((model, version, hour, r[0]), _read_counts_json(r[1])) for r in conn.execute(
             "SELECT device_id, counts FROM drift_sketches WHERE model = ? AND version = ?"
             " AND hour = ? AND device_id IN (SELECT value FROM json_each(?))",
             (model, version, hour, json.dumps(devices))))
@@ -138,7 +162,7 @@ def add_sketches(conn: Connection, rows: Mapping[Key, dict[str, list[int]]]) -> 
         else:
             for feature, counts in features.items():
                 _add(totals, feature, counts)
-        merged.append((*key, json.dumps(totals, separators=(",", ":"))))
+        merged.append((*key, _counts_json(totals)))
     conn.executemany(
         "INSERT INTO drift_sketches (model, version, hour, device_id, counts)"
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, version, hour, device_id)"

@@ -167,7 +167,7 @@ def _parse(
                 batch.reported[device] = (report, message.payload)
             elif kind == "telemetry":
                 batch.telemetry.append(protocol.parse_telemetry(message.payload,
-                                                                device_id=device))
+                                                                device_id=device, fast=True))
             else:
                 _drop(counters, kind, "unexpected", device, "the hub does not read these")
                 continue
@@ -214,9 +214,11 @@ def write_batch(db: Database, messages: Sequence[Message], *, shared: bool = Fal
                          [(status, device) for device, status in batch.status.items()])
         # A live message says the device is there: online again if hub/liveness.py had
         # marked it offline for its silence (unless the batch has its own status news).
-        conn.executemany("UPDATE devices SET last_seen = ?, status = CASE WHEN ? THEN status"
-                         " ELSE 'online' END WHERE id = ?",
-                         [(stamp, device in batch.status, device) for device in batch.seen])
+        # One statement for the batch's devices: one each cost ~2 us a message.
+        conn.execute("UPDATE devices SET last_seen = ?, status = CASE WHEN id IN"
+                     " (SELECT value FROM json_each(?)) THEN status ELSE 'online' END"
+                     " WHERE id IN (SELECT value FROM json_each(?))",
+                     (stamp, json.dumps(sorted(batch.status)), json.dumps(sorted(batch.seen))))
         for device, (report, payload) in batch.reported.items():
             if shared and _stale(conn, device, report):
                 _drop(counters, "reported", "stale", device, "a newer report is stored")

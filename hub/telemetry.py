@@ -14,9 +14,12 @@ saying which it is.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
+
+import orjson
 
 from hub import rollups
 from hub.retention import RetentionPolicy
@@ -33,13 +36,38 @@ def ingest(db: Database, device_id: str, points: Iterable[Mapping[str, Any]]) ->
 def store(db: Database, rows: Iterable[tuple[str, int, str, str, Mapping[str, Any]]]) -> int:
     """Store points of any devices, each (device_id, seq, at, kind, values), in one
     statement: the ingest loop's whole batch at once. Returns how many were new."""
-    encoded = [(device, seq, at, kind, dumps(values)) for device, seq, at, kind, values in rows]
+    encoded = [(device, seq, at, kind, metrics_json(values))
+               for device, seq, at, kind, values in rows]
     with db.transaction() as conn:
         return conn.executemany(
             "INSERT INTO telemetry (device_id, seq, at, kind, metrics)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             encoded,
         ).rowcount
+
+
+_OPTIONS = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+            | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS)
+_SHORT_EXPONENT = re.compile(rb"e-[0-9](?![0-9])")
+
+
+def metrics_json(values: Mapping[str, Any]) -> str:
+    """`dumps(VALUES)`, the same text, written by orjson when it writes the same (a
+    point's values, as the protocol reads them, always but for the rare float or
+    non-ASCII string); else by `dumps`, which also raises what it always raised.
+    Values of JSON's types only: orjson would also write a UUID or an Enum, which
+    `dumps` refuses (the protocol reads neither)."""
+    try:
+        encoded = orjson.dumps(values, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return dumps(values)
+    # Where the two may differ: any byte above ASCII or DEL (json escapes them); a
+    # float json writes with a one-digit exponent ("1e-05": orjson "1e-5" or
+    # "0.00001"); null (json writes a NaN as NaN, orjson as null).
+    if (not encoded.isascii() or b"\x7f" in encoded or b"null" in encoded
+            or b"0.0000" in encoded or b"e-" in encoded and _SHORT_EXPONENT.search(encoded)):
+        return dumps(values)
+    return encoded.decode("ascii")
 
 
 def query(

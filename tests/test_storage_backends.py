@@ -4,6 +4,7 @@ reads and writes, a constraint's refusal, and a whole hub process on PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from agent.mqtt import Message
 from contract import protocol
-from hub import devices, registry
+from hub import devices, drift_sketches, registry
 from hub.ingest import write_batch
 from hub.leader import Leader
 from hub.retention import Retention, RetentionPolicy
@@ -238,3 +239,15 @@ def test_hubs_opening_one_postgresql_database_at_once_all_open(postgres_url: str
         opened = list(pool.map(lambda _: Database(postgres_url), range(6)))
     for db in opened:
         db.close()
+
+
+def test_sketch_counts_beyond_64_bits_are_added_exactly(any_db: Database) -> None:
+    """drift_sketches rows are read and written by orjson, except a count orjson would
+    read as a float (20 digits or more) or cannot write: json's then, exact as before."""
+    key = ("tiny", 1, "2025-06-01T12:00:00.000000Z", "dev-1")
+    for counts in ([2**63, 1], [2**63, 1], [2**64, 5]):
+        with any_db.transaction() as conn:
+            drift_sketches.add_sketches(conn, {key: {"x[0]": counts}})
+    stored = any_db.query("SELECT counts FROM drift_sketches")[0]["counts"]
+    assert json.loads(stored) == {"x[0]": [2**65, 7]}
+    assert stored == json.dumps({"x[0]": [2**65, 7]}, separators=(",", ":"))

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hub import telemetry
-from hub.storage.db import Database
+from hub.storage.db import Database, dumps
 
 
 def stamp(ago: timedelta = timedelta()) -> str:
@@ -43,3 +47,30 @@ def test_query_filters(any_db: Database) -> None:
     older = telemetry.query(db, "dev-1", until=stamp(timedelta(hours=1)))
     assert [p["seq"] for p in older] == [1, 2, 3, 4, 5]
     assert {p["resolution"] for p in older} == {"raw"}
+
+
+VALUES = st.dictionaries(
+    st.text(max_size=6),
+    st.integers(min_value=-(2**65), max_value=2**65) | st.floats() | st.text(max_size=6)
+    | st.sampled_from([1e-5, 9.99e-5, 1e-4, 1e-7, 1e16, 1e22, 5e-324, -0.0, "\x7f", "null",
+                       "0.00001", "1e-5", "é", "\u2028", "\ud800", True, None]),
+    max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(values=VALUES)
+def test_points_are_stored_as_the_json_they_always_were(values: dict) -> None:
+    """metrics_json (orjson where it writes the same) gives dumps' bytes, or its error."""
+    try:
+        expected = dumps(values)
+    except (TypeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            telemetry.metrics_json(values)
+        return
+    assert telemetry.metrics_json(values) == expected
+
+
+def test_nested_and_odd_values_are_stored_as_dumps_writes_them() -> None:
+    for values in ({"b": {"z": 1, "a": [1.5, 1e-6]}, "a": None}, {"n": float("nan")},
+                   {"i": float("inf")}, {"big": 2**64}, {1: "int key"}):
+        assert telemetry.metrics_json(values) == dumps(values)
