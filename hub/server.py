@@ -51,8 +51,9 @@ from hub.oci_registry import Uploads
 from hub.retention import Retention
 from hub.rollout_engine import RolloutEngine
 from hub.settings import UNSPECIFIED, HubSettings
-from hub.storage.blobs import FileBlobStore
+from hub.storage.blobs import BlobStore, FileBlobStore
 from hub.storage.db import Database
+from hub.storage.s3 import Credentials, S3BlobStore, S3Client
 from hub.webhooks import Dispatcher
 
 log = logging.getLogger("edgefleet.hub")
@@ -107,11 +108,21 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def open_blobs(settings: HubSettings) -> BlobStore:
+    """The blob store the settings name: a directory, or a bucket with a local cache."""
+    location = settings.blob_location
+    if location is None:
+        return FileBlobStore(settings.blob_dir)
+    credentials = Credentials.from_environment(os.environ)
+    return S3BlobStore(S3Client(location, credentials), settings.blob_dir,
+                       settings.blob_cache_mb << 20)
+
+
 def initialise(settings: HubSettings, say: Callable[[str], None]) -> HubState:
     """Create what a first start needs; later starts find it and reuse it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = Database(settings.database)
-    blobs = FileBlobStore(settings.blob_dir)
+    blobs = open_blobs(settings)
 
     ring = KeyRing(settings.signing_key_path)
     if ring.created:

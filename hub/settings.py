@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hub.retention import RetentionPolicy
+from hub.storage.s3 import S3Location
 from hub.webhooks import DeliveryPolicy
 
 
@@ -53,6 +54,22 @@ class HubSettings:
         "layers) and keys/ (the signing key devices trust). Hub replicas on one "
         "--database-url give each its own --data-dir and all the same --shared-dir, a "
         "directory they all reach [default: --data-dir]."
+    )  # type: ignore[assignment]
+    blob_url: str | None = _setting(
+        None, "Keep blobs in an S3-compatible bucket instead, s3://BUCKET[/PREFIX] (hub "
+        "replicas then need no shared blobs/ directory); credentials from AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY. A local cache in --data-dir serves downloads."
+    )  # type: ignore[assignment]
+    s3_endpoint: str | None = _setting(
+        None, "The object store of --blob-url, http(s)://HOST[:PORT] [default: AWS's "
+        "https://s3.REGION.amazonaws.com]."
+    )  # type: ignore[assignment]
+    s3_region: str = _setting(
+        "us-east-1", "The region --blob-url's requests are signed for."
+    )  # type: ignore[assignment]
+    blob_cache_mb: int = _setting(
+        10240, "Most MB of blobs the local cache of a --blob-url store keeps; the least "
+        "recently used copies go first (every one is in the bucket)."
     )  # type: ignore[assignment]
     host: str = _setting(
         "127.0.0.1", "Address the REST API and the managed broker listen on."
@@ -209,6 +226,12 @@ class HubSettings:
                              f"{self.device_offline_heartbeats}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0-65535, got {self.metrics_port}")
+        if self.blob_url is not None:
+            _ = self.blob_location  # checks --blob-url and --s3-endpoint
+        elif self.s3_endpoint is not None:
+            raise ValueError("--s3-endpoint is the object store of --blob-url; give both")
+        if not 1 <= self.blob_cache_mb <= 1 << 30:
+            raise ValueError(f"--blob-cache-mb must be 1-{1 << 30}, got {self.blob_cache_mb}")
         _ = self.retention  # building the policy checks the retention settings
         _ = self.webhook_policy  # and this the webhook settings
 
@@ -240,7 +263,17 @@ class HubSettings:
 
     @property
     def blob_dir(self) -> Path:
+        """The blobs, or with --blob-url this hub's cache of them."""
+        if self.blob_url is not None:
+            return self.data_dir / "blob-cache"
         return (self.shared_dir or self.data_dir) / "blobs"
+
+    @property
+    def blob_location(self) -> S3Location | None:
+        if self.blob_url is None:
+            return None
+        endpoint = self.s3_endpoint or f"https://s3.{self.s3_region}.amazonaws.com"
+        return S3Location.parse(self.blob_url, endpoint, self.s3_region)
 
     @property
     def signing_key_path(self) -> Path:

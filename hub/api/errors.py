@@ -21,6 +21,7 @@ from hub.errors import HubError
 from hub.oci_registry import RegistryError
 from hub.storage import errors
 from hub.storage.blobs import BlobError
+from hub.storage.s3 import S3Error
 from hub.validation import InvalidName
 
 log = logging.getLogger("edgefleet.hub")
@@ -71,6 +72,14 @@ async def _invalid(request: Request, exc: InvalidName) -> JSONResponse:
 
 async def _blob(request: Request, exc: BlobError) -> JSONResponse:
     return error_response(request, 400, "bad blob", str(exc))
+
+
+async def _object_store(request: Request, exc: S3Error) -> JSONResponse:
+    log.error("object store failed on %s %s: %s", request.method, request.url.path, exc)
+    detail = f"{exc}; nothing was stored, try again later"
+    if request.url.path.startswith("/v2/"):
+        return registry_response(RegistryError(503, "UNAVAILABLE", detail))
+    return error_response(request, 503, "storage unavailable", detail)
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -162,6 +171,7 @@ def install(app: FastAPI) -> None:
     add_handler(app, HubError, _hub_error)
     add_handler(app, InvalidName, _invalid)
     add_handler(app, BlobError, _blob)
+    add_handler(app, S3Error, _object_store)
     add_handler(app, StarletteHTTPException, _http)
     add_handler(app, OSError, _storage)
     for kind in errors.UNAVAILABLE:

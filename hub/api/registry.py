@@ -204,7 +204,7 @@ async def _blob(repo: str, digest: str, request: Request) -> tuple[HubState, int
     reg.check_reference(digest)
     if not await run_in_threadpool(reg.has_blob, state.db, state.blobs, repo, digest):
         raise RegistryError(404, "BLOB_UNKNOWN", f"blob {digest} not found in {repo}")
-    return state, state.blobs.size(digest)
+    return state, await run_in_threadpool(state.blobs.size, digest)
 
 
 @router.head("/{repo:path}/blobs/{digest}")
@@ -220,7 +220,7 @@ async def head_blob(repo: str, digest: str, request: Request) -> Response:
 async def get_blob(repo: str, digest: str, request: Request) -> LargeFileResponse:
     state, _ = await _blob(repo, digest, request)
     return LargeFileResponse(
-        state.blobs.local_path(digest),
+        await run_in_threadpool(state.blobs.local_path, digest),  # an object store's fetch
         media_type="application/octet-stream",
         headers={"Docker-Content-Digest": digest},
         refuse=lambda status, detail: registry_response(
@@ -245,10 +245,14 @@ async def head_manifest(repo: str, reference: str, request: Request) -> Response
 @router.get("/{repo:path}/manifests/{reference}")
 async def get_manifest(repo: str, reference: str, request: Request) -> Response:
     state, found = await _manifest(repo, reference, request)
-    with state.blobs.open(found.digest) as f:
-        body = f.read()
+    body = await run_in_threadpool(_read_blob, state, found.digest)
     return Response(body, media_type=found.media_type,
                     headers={"Docker-Content-Digest": found.digest})
+
+
+def _read_blob(state: HubState, digest: str) -> bytes:
+    with state.blobs.open(digest) as f:
+        return f.read()
 
 
 @router.put("/{repo:path}/manifests/{reference}")
