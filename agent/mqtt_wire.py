@@ -215,8 +215,17 @@ class Reader:
         """(first byte, body) of every packet DATA completes, in order."""
         buffer = self._buffer
         buffer += data
-        packets = []
+        packets: list[tuple[int, bytes]] = []
         start, end = 0, len(buffer)
+        with memoryview(buffer) as view:  # one copy a body, and released before the del
+            start = self._split(buffer, view, start, end, packets)
+        if start:
+            del buffer[:start]
+        return packets
+
+    def _split(self, buffer: bytearray, view: memoryview, start: int, end: int,
+               packets: list[tuple[int, bytes]]) -> int:
+        """Append the complete packets from START to PACKETS; where the rest begins."""
         while end - start >= 2:
             first = buffer[start]
             # The remaining length, inline: one byte for anything under 128.
@@ -250,11 +259,9 @@ class Reader:
                                     "limit")
             if end - at < length:
                 break
-            packets.append((first, bytes(buffer[at:at + length])))
+            packets.append((first, view[at:at + length].tobytes()))
             start = at + length
-        if start:
-            del buffer[:start]
-        return packets
+        return start
 
 
 def parse_publish(first: int, body: bytes, v5: bool) -> tuple[str, bytes, int, bool, int]:
