@@ -327,7 +327,8 @@ class Session:
             client_id, v5=self._v5, keepalive=keepalive, clean=False, username=username,
             password=password,
             will=None if will is None else (will.topic, will.payload, will.qos, will.retain),
-            session_expiry=session_expiry, receive_maximum=inbox_size)
+            session_expiry=session_expiry, receive_maximum=inbox_size,
+            maximum_packet_size=wire.DEFAULT_LIMIT)
 
         self._inbox = _Inbox(inbox_size, on_room=self._wake)
         self._stop = threading.Event()      # set by close(): ends the outer loop
@@ -466,7 +467,7 @@ class Session:
             if sock is not None:
                 try:
                     self._serve(sock)
-                    reason = "closed"
+                    reason = "disconnected"
                 except _Dropped as exc:
                     reason = str(exc)
                 except wire.ProtocolError as exc:

@@ -70,6 +70,7 @@ REASONS_5: Final = {  # MQTT 5 section 2.4, the ones a client meets
 SESSION_EXPIRY: Final = 0x11
 SERVER_KEEP_ALIVE: Final = 0x13
 RECEIVE_MAXIMUM: Final = 0x21
+MAXIMUM_PACKET_SIZE: Final = 0x27
 _FIXED_SIZE: Final = {
     **dict.fromkeys((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A), 1),
     **dict.fromkeys((0x13, 0x21, 0x22, 0x23), 2),
@@ -122,9 +123,11 @@ def _check_id(packet_id: int) -> None:
 def connect(client_id: str, *, v5: bool, keepalive: int, clean: bool,
             username: str | None = None, password: str | None = None,
             will: tuple[str, bytes, int, bool] | None = None,
-            session_expiry: int = 0, receive_maximum: int = 0) -> bytes:
-    """CONNECT. WILL is (topic, payload, qos, retain). MQTT 5 sends SESSION_EXPIRY
-    and RECEIVE_MAXIMUM when they are not 0 (0 is each one's default)."""
+            session_expiry: int = 0, receive_maximum: int = 0,
+            maximum_packet_size: int = 0) -> bytes:
+    """CONNECT. WILL is (topic, payload, qos, retain). MQTT 5 sends SESSION_EXPIRY,
+    RECEIVE_MAXIMUM and MAXIMUM_PACKET_SIZE when they are not 0 (0: the default; a
+    broker does not send an MQTT 5 client packets over its maximum)."""
     if not 0 <= keepalive <= 0xFFFF:
         raise ValueError(f"keepalive {keepalive} is outside 0..65535 s")
     if password is not None and username is None and not v5:
@@ -151,6 +154,8 @@ def connect(client_id: str, *, v5: bool, keepalive: int, clean: bool,
             props += bytes([SESSION_EXPIRY]) + session_expiry.to_bytes(4, "big")
         if receive_maximum:
             props += bytes([RECEIVE_MAXIMUM]) + receive_maximum.to_bytes(2, "big")
+        if maximum_packet_size:
+            props += bytes([MAXIMUM_PACKET_SIZE]) + maximum_packet_size.to_bytes(4, "big")
         header += encode_length(len(props)) + props
     return _packet(CONNECT << 4, header + payload)
 

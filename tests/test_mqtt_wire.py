@@ -31,8 +31,8 @@ def test_connect_for_3_1_1_says_what_the_spec_says() -> None:
 
 def test_connect_for_5_carries_session_expiry_and_receive_maximum() -> None:
     packet = wire.connect("d", v5=True, keepalive=0, clean=False, session_expiry=3600,
-                          receive_maximum=1000)
-    props = b"\x11\x00\x00\x0e\x10" + b"\x21\x03\xe8"
+                          receive_maximum=1000, maximum_packet_size=2**21)
+    props = b"\x11\x00\x00\x0e\x10" + b"\x21\x03\xe8" + b"\x27\x00\x20\x00\x00"
     body = b"\x00\x04MQTT\x05\x00\x00\x00" + bytes([len(props)]) + props + b"\x00\x01d"
     assert packet == b"\x10" + bytes([len(body)]) + body
 
