@@ -544,6 +544,7 @@ class Session:
                 except retry:
                     pass
             if bye and not unsent:
+                self._linger(sock)
                 return
             # An SSL socket may hold decrypted bytes that select() cannot see.
             buffered = not full and self._tls_context is not None and sock.pending()  # type: ignore[attr-defined]
@@ -581,6 +582,18 @@ class Session:
                 elif now - last_out >= keepalive or now - last_in >= keepalive:
                     ping_at = now
                     self._send(wire.PINGREQ_PACKET)
+
+    def _linger(self, sock: socket.socket) -> None:
+        """After our DISCONNECT: end our side and read until the broker closes. Closing
+        with unread bytes (messages it sent meanwhile) would reset the connection, and
+        the broker would drop what it had not read yet: the last PUBACKs with it."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            deadline = min(self._close_by if self._stop.is_set() else math.inf,
+                           time.monotonic() + 2.0)
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([sock], [], [], left)[0] and not sock.recv(READ_SIZE):
+                    return
 
     def _handle(self, packets: list[tuple[int, bytes]]) -> bool:
         """Act on packets read; True if one was a PINGRESP."""

@@ -373,3 +373,24 @@ def test_a_broker_that_breaks_the_protocol_is_dropped_and_connected_again(
     assert len(connects) == 2 and all(c.startswith(b"\x10") for c in connects)
     assert "dev-1: connection lost: the broker broke the protocol: PUBLISH at QoS 3" \
         in caplog.text
+
+
+def test_acknowledgements_just_before_close_reach_the_broker(mosquitto: Mosquitto) -> None:
+    """Closing while the broker still sends: the last PUBACKs are not lost with the
+    connection (a socket closed with unread bytes is reset, and the broker would drop
+    what it had not read yet), so nothing that was acknowledged comes again."""
+    topic = protocol.telemetry_topic("dev-1")
+    with session(mosquitto, "hub", subscriptions=[topic]) as hub:
+        hub.wait_connected(5)
+    with session(mosquitto, "dev-1") as device:
+        device.publish_many([Message(topic, str(n).encode()) for n in range(3000)], timeout=30)
+    taken = 0
+    with session(mosquitto, "hub", subscriptions=[topic], inbox_size=100) as hub:
+        while taken < 3000:
+            batch = hub.take_many(100, 10)
+            hub.ack_many(batch)
+            taken += len(batch)
+    with session(mosquitto, "hub", subscriptions=[topic]) as hub:
+        hub.wait_connected(5)
+        with pytest.raises(MqttTimeout):
+            hub.get(1)
