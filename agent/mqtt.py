@@ -474,6 +474,9 @@ class Session:
                     reason = f"the broker broke the protocol: {exc}"
                 except OSError as exc:
                     reason = str(exc) or type(exc).__name__
+                except Exception as exc:  # a bug of ours must not end the session for good
+                    log.exception("%s: the session's loop failed", self.client_id)
+                    reason = f"internal error: {exc!r}"
                 finally:
                     sock.close()
                 self._lost(reason)
