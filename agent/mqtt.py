@@ -5,26 +5,28 @@ reconnects with exponential backoff and jitter, subscribes again to every
 wanted topic filter after each connect, publishes a birth message after each
 connect and leaves a last will, and hands received messages to one consumer
 (`get`, `messages`, or `amessages` for asyncio; `take` and `ack` for one that
-acknowledges later). Built on paho-mqtt 2.x.
+acknowledges later). The packets are `agent.mqtt_wire`'s; this module runs
+the connection on a plain socket (or an SSL socket: `use_tls`) with select.
 
 Threads. Each session has one thread of its own. It runs the outer loop
 (connect, serve the connection, back off, repeat) and, while connected,
-paho's network loop through paho's external-loop API (`loop_read`,
-`loop_write`, `loop_misc`). paho's callbacks run there and only record
-state, wake a waiting `subscribe`, or put a message into the inbox. Callers
-use a Session from any thread; their packets are written by that thread.
+does all the socket's reading and writing: it splits what it reads into
+packets, puts messages into the inbox, notes PUBACKs and SUBACKs, and
+writes what callers queued (their packets, acknowledgements, pings).
+Callers use a Session from any thread; they queue packets under the
+session's lock and wake the loop through a socket pair.
 
 Delivery is at least once, and a slow consumer slows the broker down
 instead of losing messages:
 
 - A QoS 1 message is acknowledged (PUBACK) when the consumer takes it from
-  the inbox, not when it arrives (paho's manual_ack); a consumer that uses
-  `take` acknowledges it with `ack` when it is safe, e.g. committed to a
-  database. A process that dies with messages in its inbox, or taken and
-  not yet acknowledged, has not acknowledged them, so the broker delivers
-  them again, and the broker holds back what its in-flight window
-  does not allow (MQTT 3.1.1: Mosquitto's max_inflight_messages; MQTT 5: the
-  Receive Maximum we send, the inbox size).
+  the inbox, not when it arrives; a consumer that uses `take` acknowledges
+  it with `ack` when it is safe, e.g. committed to a database. A process
+  that dies with messages in its inbox, or taken and not yet acknowledged,
+  has not acknowledged them, so the broker delivers them again, and the
+  broker holds back what its in-flight window does not allow (MQTT 3.1.1:
+  Mosquitto's max_inflight_messages; MQTT 5: the Receive Maximum we send,
+  the inbox size).
 - Brokers do not always keep to that window (Mosquitto 2.0.11 sends a whole
   window more for every PUBACK once it drains a backlog), so the backstop
   is TCP: while the inbox is full the session stops reading the socket,
@@ -33,28 +35,32 @@ instead of losing messages:
   acknowledgements, pings and publishes still go out. An answer we wait for
   (PUBACK, SUBACK) may sit behind unread messages in the stream, so while a
   `publish` or `subscribe` waits, reading goes on past the limit; the
-  overshoot is what the broker had already sent. This is why the session
-  runs paho's loop itself instead of `loop_start`: there, the only way to
-  stop reading is to block paho's thread in the message callback, which
-  stops its writes too. A consumer that takes nothing for about twice the
-  keepalive is disconnected by the PINGRESP it cannot read; its messages
-  come again after the reconnect.
+  overshoot is what the broker had already sent. A consumer that takes
+  nothing for about twice the keepalive is disconnected by the PINGRESP it
+  cannot read; its messages come again after the reconnect.
 - The session is persistent: a fixed client id with clean_session=False
   (MQTT 5: clean_start=False and a session expiry), so the broker keeps the
-  subscriptions and queues QoS 1 messages while a device is offline.
+  subscriptions and queues QoS 1 messages while a device is offline. Our
+  side of it lives in the Session: QoS 1 messages not acknowledged yet are
+  sent again (with DUP) after a reconnect.
 - `publish` waits for the PUBACK; `publish_many` puts a whole batch in
   flight at once and waits for every PUBACK; `send_many` puts it in flight
   and returns, so the caller can prepare the next batch meanwhile, and
-  `Sent.wait` waits for the PUBACKs. paho keeps at most `max_inflight`
-  QoS 1 messages unacknowledged (its default, 20, is one round trip per 20
-  messages) and sends the rest as PUBACKs come. `MqttTimeout` there means
-  "not confirmed", not "not delivered": a QoS 1 message can still arrive,
-  later or twice.
+  `Sent.wait` waits for the PUBACKs. At most `max_inflight` QoS 1 messages
+  are unacknowledged at a time (MQTT 5: fewer if the broker's Receive
+  Maximum says so); the rest go out as PUBACKs come. `MqttTimeout` there
+  means "not confirmed", not "not delivered": a QoS 1 message can still
+  arrive, later or twice.
   The protocol's generations and sequence numbers make repeats harmless.
 
+What the broker sends that MQTT does not allow (a malformed or oversized
+packet, a packet type or flags a client never receives) is logged and drops
+the connection; the reconnect starts afresh.
+
 MQTT 3.1.1 is the default (what every broker speaks);
-MQTT 5 adds the session expiry and Receive Maximum above. Plain TCP only
-(mqtt://) for now.
+MQTT 5 adds the session expiry and Receive Maximum above. mqtt:// is plain
+TCP; mqtts:// is TLS with the SSL context given to `use_tls`. QoS 0 and 1
+only.
 """
 
 from __future__ import annotations
@@ -65,24 +71,24 @@ import math
 import random
 import select
 import socket
-import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from agent import mqtt_wire as wire
+
+if TYPE_CHECKING:
+    import ssl  # the caller's context; the module is loaded only for mqtts://
 
 log = logging.getLogger("edgefleet.mqtt")
-_paho_log = logging.getLogger("edgefleet.mqtt.paho")
+
+CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS, and again for the CONNACK
+READ_SIZE = 256 * 1024  # one recv(): many messages a system call under load
 
 
 class MqttError(Exception):
@@ -159,11 +165,12 @@ class _Inbox:
     def full(self) -> bool:
         return len(self._items) >= self._size
 
-    def put(self, item: Delivery) -> None:
+    def put_many(self, items: list[Delivery]) -> None:
+        """Add what one read brought, under one lock."""
         with self._changed:
             if self.closed:
                 return  # read after close(): unacknowledged, so the broker sends it again
-            self._items.append(item)
+            self._items.extend(items)
             self._changed.notify_all()
             wakers = list(self._wakers)
         for wake in wakers:
@@ -217,12 +224,23 @@ class _Inbox:
             self.closed = False
 
 
+class _Outgoing:
+    """A message `send_many` queued: its packet, and whether the broker has it."""
+
+    __slots__ = ("topic", "packet", "sent", "done")
+
+    def __init__(self, topic: str, packet: bytes) -> None:
+        self.topic, self.packet = topic, packet
+        self.sent = False  # written on some connection: a resend carries DUP
+        self.done = False  # PUBACK received (QoS 0: handed to the socket)
+
+
 class Sent:
     """Messages `Session.send_many` put in flight: `wait` for their PUBACKs."""
 
-    def __init__(self, session: Session, infos: list[tuple[str, paho.MQTTMessageInfo]],
-                 deadline: float, timeout: float, *, counted: bool) -> None:
-        self.session, self.infos = session, infos
+    def __init__(self, session: Session, messages: list[_Outgoing], deadline: float,
+                 timeout: float, *, counted: bool) -> None:
+        self.session, self.messages = session, messages
         self.deadline, self.timeout = deadline, timeout
         self._counted = counted  # holds one of the session's `_awaiting`
 
@@ -230,11 +248,14 @@ class Sent:
         """Wait for every PUBACK, up to the deadline `send_many` set; MqttTimeout if one
         did not come (that message may still be delivered)."""
         try:
-            for topic, info in self.infos:
-                info.wait_for_publish(max(self.deadline - time.monotonic(), 0.001))
-                if not info.is_published():
-                    raise MqttTimeout(f"no PUBACK for {topic} within {self.timeout:g} s; "
-                                      "it may still be delivered")
+            state = self.session._state
+            with state:
+                state.wait_for(lambda: all(m.done for m in self.messages),
+                               max(self.deadline - time.monotonic(), 0.001))
+                missing = next((m for m in self.messages if not m.done), None)
+            if missing is not None:
+                raise MqttTimeout(f"no PUBACK for {missing.topic} within {self.timeout:g} s; "
+                                  "it may still be delivered")
         finally:
             self.done()
 
@@ -242,6 +263,10 @@ class Sent:
         if self._counted:
             self._counted = False
             self.session._done_awaiting()
+
+
+class _Dropped(Exception):
+    """The connection ends; the message says why."""
 
 
 class Session:
@@ -289,36 +314,21 @@ class Session:
         self._host = parts.hostname
         self._port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         self._tls = parts.scheme == "mqtts"
-        self._tls_set = False
+        self._tls_context: ssl.SSLContext | None = None
         self._v5 = protocol == "5"
         self._keepalive = keepalive
-        self._session_expiry = session_expiry
         self._inbox_size = inbox_size
+        self._max_inflight = max_inflight
         self._will = will
         self._birth = birth
         self._backoff = backoff
-
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=None if self._v5 else False,
-            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-            reconnect_on_failure=False,  # our outer loop reconnects, with jitter
-            manual_ack=True,             # acknowledged when the consumer takes it
-        )
-        self._client.suppress_exceptions = True  # a bug in a callback must not kill the loop
-        self._client.max_inflight_messages = max_inflight
-        if username is not None:
-            self._client.username_pw_set(username, password)
-        if will is not None:
-            self._client.will_set(will.topic, will.payload, will.qos, will.retain)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._client.on_log = self._on_log
-
-        self._client.on_socket_register_write = self._on_write_wanted
+        # Built once and checked now: a bad will or credentials fail here, not later.
+        self._connect_packet = wire.connect(
+            client_id, v5=self._v5, keepalive=keepalive, clean=False, username=username,
+            password=password,
+            will=None if will is None else (will.topic, will.payload, will.qos, will.retain),
+            session_expiry=session_expiry, receive_maximum=inbox_size,
+            maximum_packet_size=wire.DEFAULT_LIMIT)
 
         self._inbox = _Inbox(inbox_size, on_room=self._wake)
         self._stop = threading.Event()      # set by close(): ends the outer loop
@@ -333,14 +343,25 @@ class Session:
         self._wanted: dict[str, int] = dict.fromkeys(subscriptions, 1)
         self._running = False
         self._closing = False
+        self._open = False                  # a socket is up (CONNECT may not be answered yet)
         self._connected = False             # CONNACK received
         self._ready = False                 # ... and the replayed subscriptions acknowledged
-        self._replaying: tuple[int, list[str]] | None = None  # SUBSCRIBE mid, filters
-        self._subacks: dict[int, list[ReasonCode] | None] = {}  # [] = connection lost
+        self._replaying: tuple[int, list[str]] | None = None  # SUBSCRIBE packet id, filters
+        self._subacks: dict[int, list[int] | None] = {}  # [] = connection lost
         self._awaiting = 0                  # publish/subscribe calls waiting for an answer
         self._epoch = 0
         self._up_since: float | None = None
         self._last_error: str | None = None
+        self._out: list[bytes] = []         # packets for the loop to write, in order
+        self._out_qos0: list[_Outgoing] = []  # ... of which these are done once written
+        self._disconnecting = False         # a DISCONNECT is queued: nothing after it
+        # Our half of the persistent session: QoS 1 messages without a PUBACK, by
+        # packet id in the order sent, and those the in-flight window holds back.
+        self._unacked: dict[int, _Outgoing] = {}
+        self._held: deque[int] = deque()
+        self._in_flight = 0
+        self._window = max_inflight
+        self._next_id = 0
 
     def use_tls(self, context: ssl.SSLContext) -> None:
         """For an mqtts:// URL, before `start`: CONTEXT verifies the broker and holds the
@@ -348,8 +369,7 @@ class Session:
         (`load_cert_chain`): the next connection presents it."""
         if not self._tls:
             raise ValueError(f"{self.url} is plain MQTT; TLS needs mqtts://")
-        self._client.tls_set_context(context)
-        self._tls_set = True
+        self._tls_context = context
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -367,7 +387,7 @@ class Session:
             if self._running:
                 raise MqttError(f"session {self.client_id!r} is already running; "
                                 "a Session is not re-entrant")
-            if self._tls and not self._tls_set:
+            if self._tls and self._tls_context is None:
                 raise MqttError(f"{self.url} needs TLS: call use_tls before start")
             self._running, self._closing, self._last_error = True, False, None
         self._stop.clear()
@@ -398,7 +418,7 @@ class Session:
                 self._state.notify_all()
             self._close_by = time.monotonic() + timeout
             self._stop.set()
-            self._client.disconnect()
+            self._disconnect()
         self._wake()
         self._inbox.close()
         assert self._thread is not None and self._wakeup is not None
@@ -419,27 +439,47 @@ class Session:
                     return
             log.warning("%s: reconnecting to %s: the connection stopped delivering",
                         self.client_id, self.url)
-            self._client.disconnect()
+            self._disconnect()
         self._wake()
+
+    def _disconnect(self) -> None:
+        """Queue a DISCONNECT: the loop writes what is before it, then closes."""
+        with self._state:
+            if self._open and not self._disconnecting:
+                self._out.append(wire.DISCONNECT_PACKET)
+                self._disconnecting = True
 
     def _run(self) -> None:
         """The outer loop: connect, serve the connection, back off, again."""
         attempt = 0
         while True:
+            sock = None
             with self._lifecycle:  # close() comes first, or finds a connection to end
                 if self._stop.is_set():
                     return
                 self._up_since = None
                 try:
-                    self._connect()
-                    connected = True
-                except OSError as exc:  # refused, unreachable, DNS, timeout
+                    sock = self._connect()
+                except OSError as exc:  # refused, unreachable, DNS, timeout, TLS
                     with self._state:
                         self._last_error = f"cannot connect to {self.url}: {exc}"
                     log.warning("%s: cannot connect to %s: %s", self.client_id, self.url, exc)
-                    connected = False
-            if connected:
-                self._serve()
+            if sock is not None:
+                try:
+                    self._serve(sock)
+                    reason = "disconnected"
+                except _Dropped as exc:
+                    reason = str(exc)
+                except wire.ProtocolError as exc:
+                    reason = f"the broker broke the protocol: {exc}"
+                except OSError as exc:
+                    reason = str(exc) or type(exc).__name__
+                except Exception as exc:  # a bug of ours must not end the session for good
+                    log.exception("%s: the session's loop failed", self.client_id)
+                    reason = f"internal error: {exc!r}"
+                finally:
+                    sock.close()
+                self._lost(reason)
                 up = self._up_since
                 if up is not None and time.monotonic() - up >= self._backoff.stable_after:
                     attempt = 0
@@ -451,12 +491,38 @@ class Session:
             if self._stop.wait(delay):
                 return
 
-    def _serve(self) -> None:
-        """paho's network loop for one connection, except that reading pauses
-        while the inbox is full. Returns once paho has closed the socket."""
+    def _connect(self) -> socket.socket:
+        """A socket to the broker with our CONNECT queued; the loop reads the CONNACK."""
+        sock = socket.create_connection((self._host, self._port), timeout=CONNECT_TIMEOUT)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls_context is not None:
+                sock = self._tls_context.wrap_socket(sock, server_hostname=self._host)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        with self._state:
+            self._open, self._disconnecting = True, False
+            self._out, self._out_qos0 = [self._connect_packet], []
+        return sock
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Read and write one connection until it ends: returns after our DISCONNECT is
+        out, raises _Dropped, ProtocolError or OSError otherwise. Reading pauses while
+        the inbox is full."""
         assert self._wakeup is not None
-        wakeup, client, paused = self._wakeup[0], self._client, False
-        while (sock := client.socket()) is not None:
+        wakeup, paused = self._wakeup[0], False
+        retry: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+        if self._tls_context is not None:
+            import ssl  # loaded anyway by whoever made the context
+
+            retry += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        reader = wire.Reader()
+        unsent = b""
+        opened = last_in = last_out = time.monotonic()
+        ping_at: float | None = None
+        while True:
             if self._stop.is_set() and time.monotonic() > self._close_by:
                 return  # our DISCONNECT did not get out in time; the next connect resets
             # An answer we wait for may be queued behind messages: read on to it.
@@ -464,18 +530,222 @@ class Session:
             if full and not paused:
                 self._note_pause()
             paused = full
-            readable, writable, _ = select.select(
-                [wakeup] if full else [wakeup, sock],
-                [sock] if client.want_write() else [], [], 1.0)
+            with self._state:
+                if self._out:
+                    unsent += b"".join(self._out)
+                    self._out = []
+                    written, self._out_qos0 = self._out_qos0, []
+                    for m in written:  # QoS 0: as done as it gets once handed on
+                        m.done = True
+                    if written:
+                        self._state.notify_all()
+                bye = self._disconnecting
+            if unsent:
+                try:
+                    unsent = unsent[sock.send(unsent):]
+                    last_out = time.monotonic()
+                except retry:
+                    pass
+            if bye and not unsent:
+                self._linger(sock)
+                return
+            # An SSL socket may hold decrypted bytes that select() cannot see.
+            buffered = not full and self._tls_context is not None and sock.pending()  # type: ignore[attr-defined]
+            readable, _, _ = select.select(
+                [wakeup] if full else [wakeup, sock], [sock] if unsent else [], [],
+                0 if buffered else 1.0)
             if wakeup in readable:
                 with contextlib.suppress(BlockingIOError):
                     wakeup.recv(4096)
-            # On an error paho closes the socket and calls on_disconnect itself.
-            if sock in readable and client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                continue
-            if sock in writable and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                continue
-            client.loop_misc()  # keepalive
+            if buffered or sock in readable:
+                try:
+                    data = sock.recv(READ_SIZE)
+                except retry:
+                    data = None
+                if data is not None:
+                    if not data:
+                        truncated = f" in the middle of a packet ({reader.pending} bytes)" \
+                            if reader.pending else ""
+                        raise _Dropped(f"the broker closed the connection{truncated}")
+                    packets = reader.feed(data)
+                    if packets:
+                        last_in = time.monotonic()
+                        if self._handle(packets):
+                            ping_at = None
+            # Keepalive (MQTT 3.1.1 section 3.1.2.10): a PINGREQ when either way has been
+            # quiet that long; no answer within as long again ends the connection.
+            now = time.monotonic()
+            if not self._connected and now - opened > CONNECT_TIMEOUT:
+                raise _Dropped(f"no CONNACK within {CONNECT_TIMEOUT:g} s")
+            keepalive = self._keepalive
+            if keepalive and self._connected:
+                if ping_at is not None:
+                    if now - ping_at >= keepalive:
+                        raise _Dropped(f"no PINGRESP within {keepalive} s")
+                elif now - last_out >= keepalive or now - last_in >= keepalive:
+                    ping_at = now
+                    self._send(wire.PINGREQ_PACKET)
+
+    def _linger(self, sock: socket.socket) -> None:
+        """After our DISCONNECT: end our side and read until the broker closes. Closing
+        with unread bytes (messages it sent meanwhile) would reset the connection, and
+        the broker would drop what it had not read yet: the last PUBACKs with it."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            deadline = min(self._close_by if self._stop.is_set() else math.inf,
+                           time.monotonic() + 2.0)
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([sock], [], [], left)[0] and not sock.recv(READ_SIZE):
+                    return
+
+    def _handle(self, packets: list[tuple[int, bytes]]) -> bool:
+        """Act on packets read; True if one was a PINGRESP."""
+        v5, epoch, pong = self._v5, self._epoch, False
+        deliveries: list[Delivery] = []
+        acked: list[int] = []
+        for first, body in packets:
+            kind = first >> 4
+            if kind == wire.PUBLISH:
+                topic, payload, qos, retain, mid = wire.parse_publish(first, body, v5)
+                deliveries.append(Delivery(Message(topic, payload, qos, retain), mid, epoch))
+            elif kind == wire.PUBACK:
+                acked.append(wire.parse_packet_id(body, "PUBACK"))
+            elif kind == wire.PINGRESP:
+                pong = True
+            elif kind == wire.SUBACK:
+                self._on_suback(*wire.parse_suback(body, v5))
+            elif kind == wire.CONNACK:
+                self._on_connack(*wire.parse_connack(body, v5))
+                epoch = self._epoch
+            else:  # DISCONNECT, the only other type the reader lets through
+                code = wire.parse_disconnect(body)
+                raise _Dropped(f"the broker disconnected: {wire.reason_text(code, v5)}")
+        if deliveries:
+            if not self._connected:
+                raise wire.ProtocolError("PUBLISH before CONNACK")
+            self._inbox.put_many(deliveries)
+        if acked:
+            with self._state:
+                unacked = self._unacked
+                for mid in acked:
+                    message = unacked.pop(mid, None)
+                    if message is not None:  # else a duplicate, or from before close()
+                        message.done = True
+                        self._in_flight -= 1
+                self._fill_window()
+                self._state.notify_all()
+        return pong
+
+    def _on_connack(self, session_present: bool, code: int, properties: dict[int, int]) -> None:
+        if code:
+            with self._state:
+                self._last_error = (f"{self.url} refused the connection: "
+                                    f"{wire.reason_text(code, self._v5)}")
+            log.error("%s: %s", self.client_id, self._last_error)
+            raise _Dropped(self._last_error)
+        with self._state:
+            if self._connected:
+                raise wire.ProtocolError("a second CONNACK")
+            self._epoch += 1
+            self._connected = True
+            self._up_since = time.monotonic()
+            self._last_error = None
+            self._keepalive = properties.get(wire.SERVER_KEEP_ALIVE, self._keepalive)
+            self._window = min(self._max_inflight,
+                               properties.get(wire.RECEIVE_MAXIMUM, self._max_inflight))
+            # Always subscribe again, even when the broker kept the session:
+            # it costs one packet and covers a broker that lost its state.
+            wanted = list(self._wanted.items())
+            if wanted:
+                mid = self._new_id()
+                self._out.append(wire.subscribe(mid, wanted, v5=self._v5))
+                self._replaying = (mid, [f for f, _ in wanted])
+            else:
+                self._ready = True
+            # What the last connection left without a PUBACK goes again, in order.
+            self._in_flight = 0
+            self._held = deque(self._unacked)
+            self._fill_window()
+            if self._birth is not None:
+                self._queue(self._birth)
+            self._state.notify_all()
+        log.info("%s: connected to %s (session present: %s)", self.client_id, self.url,
+                 session_present)
+
+    def _on_suback(self, mid: int, codes: list[int]) -> None:
+        with self._state:
+            if self._replaying is not None and self._replaying[0] == mid:
+                refused = [f for f, c in zip(self._replaying[1], codes, strict=False)
+                           if c >= 0x80]
+                if refused:
+                    self._last_error = f"the broker refused the subscriptions {refused}"
+                    log.error("%s: %s", self.client_id, self._last_error)
+                self._replaying = None
+                self._ready = True
+            elif mid in self._subacks:
+                self._subacks[mid] = codes
+            self._state.notify_all()
+
+    def _lost(self, reason: str) -> None:
+        with self._state:
+            if self._connected and not self._closing:
+                self._last_error = f"connection lost: {reason}"
+                log.warning("%s: %s", self.client_id, self._last_error)
+            elif not self._connected and self._last_error is None:
+                self._last_error = reason
+            self._open = self._connected = self._ready = False
+            self._replaying = None
+            self._out, self._out_qos0 = [], []
+            for mid, answer in self._subacks.items():
+                if answer is None:
+                    self._subacks[mid] = []
+            self._state.notify_all()
+
+    # --- the send side, under _state --------------------------------------------
+
+    def _send(self, packet: bytes) -> None:
+        with self._state:
+            if self._open and not self._disconnecting:
+                self._out.append(packet)
+        self._wake()
+
+    def _new_id(self) -> int:
+        """A packet id no PUBLISH or SUBSCRIBE of ours is using."""
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in self._unacked and self._next_id not in self._subacks \
+                    and (self._replaying is None or self._replaying[0] != self._next_id):
+                return self._next_id
+        raise MqttError("all 65535 packet ids are waiting for an answer")
+
+    def _queue(self, m: Message) -> _Outgoing:
+        """A message into the session: QoS 1 waits for a place in the window."""
+        if m.qos:
+            mid = self._new_id()
+            out = _Outgoing(m.topic, wire.publish(m.topic, m.payload, 1, m.retain, mid,
+                                                  v5=self._v5))
+            self._unacked[mid] = out
+            self._held.append(mid)
+            if self._connected:
+                self._fill_window()
+        else:
+            out = _Outgoing(m.topic, wire.publish(m.topic, m.payload, 0, m.retain, 0,
+                                                  v5=self._v5))
+            if self._connected and not self._disconnecting:
+                self._out.append(out.packet)
+                self._out_qos0.append(out)
+        return out
+
+    def _fill_window(self) -> None:
+        held, unacked = self._held, self._unacked
+        while held and self._in_flight < self._window and not self._disconnecting:
+            out = unacked.get(held.popleft())
+            if out is None:
+                continue  # acknowledged meanwhile (a PUBACK for an earlier send)
+            packet = out.packet
+            self._out.append(packet if not out.sent else bytes([packet[0] | 0x08]) + packet[1:])
+            out.sent = True
+            self._in_flight += 1
 
     def _note_pause(self) -> None:
         self._pauses += 1
@@ -492,83 +762,6 @@ class Session:
         if wakeup is not None:
             with contextlib.suppress(OSError):  # full (it is awake anyway) or closed
                 wakeup[1].send(b"!")
-
-    def _connect(self) -> None:
-        if self._v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = self._session_expiry
-            properties.ReceiveMaximum = self._inbox_size
-            self._client.connect(self._host, self._port, self._keepalive,
-                                 clean_start=False, properties=properties)
-        else:
-            self._client.connect(self._host, self._port, self._keepalive)
-
-    # --- paho callbacks (paho's thread) ---------------------------------------
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        if reason.is_failure:
-            with self._state:
-                self._last_error = f"{self.url} refused the connection: {reason}"
-            log.error("%s: %s", self.client_id, self._last_error)
-            return
-        with self._state:
-            self._epoch += 1
-            self._connected = True
-            self._up_since = time.monotonic()
-            self._last_error = None
-            # Always subscribe again, even when the broker kept the session:
-            # it costs one packet and covers a broker that lost its state.
-            wanted = list(self._wanted.items())
-            if wanted:
-                _, mid = client.subscribe(wanted)
-                self._replaying = (mid, [f for f, _ in wanted]) if mid is not None else None
-            else:
-                self._ready = True
-                self._state.notify_all()
-        if self._birth is not None:
-            b = self._birth
-            client.publish(b.topic, b.payload, b.qos, b.retain)
-        log.info("%s: connected to %s (session present: %s)", self.client_id, self.url,
-                 flags.session_present)
-
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
-                      reasons: list[ReasonCode], properties: Properties | None) -> None:
-        with self._state:
-            if self._replaying is not None and self._replaying[0] == mid:
-                refused = [f for f, r in zip(self._replaying[1], reasons, strict=False)
-                           if r.is_failure]
-                if refused:
-                    self._last_error = f"the broker refused the subscriptions {refused}"
-                    log.error("%s: %s", self.client_id, self._last_error)
-                self._replaying = None
-                self._ready = True
-            elif mid in self._subacks:
-                self._subacks[mid] = reasons
-            self._state.notify_all()
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain)
-        self._inbox.put(Delivery(message, msg.mid, self._epoch))
-
-    def _on_write_wanted(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._wake()  # a packet was queued, maybe from another thread
-
-    def _on_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
-        _paho_log.log(paho.LOGGING_LEVEL[LogLevel(level)], "%s: %s", self.client_id, text)
-
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
-                       reason: ReasonCode, properties: Properties | None) -> None:
-        with self._state:
-            if self._connected and not self._closing:
-                self._last_error = f"connection lost: {reason}"
-                log.warning("%s: %s", self.client_id, self._last_error)
-            self._connected = self._ready = False
-            self._replaying = None
-            for mid, answer in self._subacks.items():
-                if answer is None:
-                    self._subacks[mid] = []
-            self._state.notify_all()
 
     # --- what callers use -------------------------------------------------------
 
@@ -599,13 +792,13 @@ class Session:
 
     def subscribe(self, topic_filter: str, *, qos: int = 1, timeout: float = 10.0) -> None:
         """Subscribe now (waiting for the SUBACK if connected) and after every reconnect."""
+        wire.subscribe(1, [(topic_filter, qos)], v5=self._v5)  # a bad filter or QoS fails here
         with self._state:
             self._wanted[topic_filter] = qos
-            if not self._connected:
+            if not self._connected or self._disconnecting:
                 return  # the next connect subscribes to everything wanted
-            rc, mid = self._client.subscribe([(topic_filter, qos)])
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                return  # the connection just dropped; the reconnect covers it
+            mid = self._new_id()
+            self._out.append(wire.subscribe(mid, [(topic_filter, qos)], v5=self._v5))
             self._subacks[mid] = None
             self._awaiting += 1
             self._wake()
@@ -614,10 +807,10 @@ class Session:
             answer = self._subacks.pop(mid)
             if answer is None:
                 raise MqttTimeout(f"no SUBACK for {topic_filter!r} within {timeout:g} s")
-            if answer and answer[0].is_failure:
+            if answer and answer[0] >= 0x80:
                 del self._wanted[topic_filter]
                 raise MqttError(f"the broker refused the subscription {topic_filter!r}: "
-                                f"{answer[0]}")
+                                f"{wire.reason_text(answer[0], True)}")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 timeout: float = 10.0) -> None:
@@ -646,18 +839,16 @@ class Session:
             raise MqttTimeout(f"cannot publish to {first}: {exc}") from None
         with self._state:
             self._awaiting += 1
-        self._wake()
         sent = Sent(self, [], deadline, timeout, counted=True)
         try:
-            for m in messages:
-                info = self._client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    raise MqttError(f"publish to {m.topic} failed: {paho.error_string(info.rc)}"
-                                    " (a QoS 1 message is sent again after reconnecting)")
-                sent.infos.append((m.topic, info))
+            # If the connection drops meanwhile, QoS 1 goes out after the reconnect.
+            with self._state:
+                sent.messages.extend(self._queue(m) for m in messages)
         except BaseException:
             sent.done()
             raise
+        finally:
+            self._wake()
         return sent
 
     def _done_awaiting(self) -> None:
@@ -707,7 +898,7 @@ class Session:
         loop = asyncio.get_running_loop()
         arrived = asyncio.Event()
 
-        def wake() -> None:  # runs on paho's thread or close()'s
+        def wake() -> None:  # runs on the session's thread or close()'s
             try:
                 loop.call_soon_threadsafe(arrived.set)
             except RuntimeError:
@@ -739,9 +930,14 @@ class Session:
     def ack_many(self, deliveries: Iterable[Delivery]) -> None:
         """`ack` for several, in their order, under one lock."""
         with self._state:
-            for delivery in deliveries:
-                # A PUBACK on a later connection could acknowledge another
-                # message with the same id. The broker redelivers this one.
-                if delivery.message.qos > 0 and self._connected \
-                        and delivery.epoch == self._epoch:
-                    self._client.ack(delivery.mid, delivery.message.qos)
+            if not self._connected or self._disconnecting:
+                return
+            # A PUBACK on a later connection could acknowledge another
+            # message with the same id. The broker redelivers this one.
+            epoch, puback = self._epoch, wire.puback
+            acks = b"".join([puback(d.mid) for d in deliveries
+                             if d.epoch == epoch and d.message.qos])
+            if not acks:
+                return
+            self._out.append(acks)
+        self._wake()

@@ -189,7 +189,7 @@ STARTUP_PROBE = textwrap.dedent("""
 """)
 # Big dependencies first, so each row is what that dependency costs (with what it
 # imports that no row before did); the agent's own modules last. Steps the agent does
-# not import are left out: the first four only show if one creeps back in.
+# not import are left out: the first four and paho-mqtt only show if one creeps back in.
 STARTUP_IMPORTS = [
     ("click + the CLI", ["click", "edgefleet.cli", "agent.cli"]),
     ("numpy", ["numpy"]),
@@ -199,8 +199,9 @@ STARTUP_IMPORTS = [
     ("stdlib: logging, dataclasses (inspect), json, subprocess, datetime",
      ["logging", "dataclasses", "json", "subprocess", "socket", "datetime", "threading"]),
     ("OpenSSL's libcrypto (hashlib, hmac)", ["hashlib", "hmac"]),
-    ("ssl, libssl (paho-mqtt imports it, TLS or not)", ["ssl"]),
+    ("ssl, libssl (the daemon imports it, TLS or not)", ["ssl"]),
     ("paho-mqtt (+ urllib.request, http.client, email)", ["paho.mqtt.client"]),
+    ("http.client, email (the control socket: agent/idle_front.py)", ["http.client"]),
     ("sqlite3 (the telemetry queue)", ["sqlite3"]),
     ("contract modules (protocol, names, settings, keys)",
      ["contract.protocol", "contract.keys", "contract.tls", "contract.files"]),

@@ -26,7 +26,7 @@ back.
 Batches are pipelined: while one batch waits for its PUBACKs, the next is
 read and signed, and a batch is recorded as published only once every
 message in it was acknowledged. Waiting for PUBACKs, 20 in flight at a time
-(paho's default), was what set the pace: 85 % of the publisher's busy time
+(the session's default), was what set the pace: 85 % of the publisher's busy time
 at 10,000 devices, signing 9 %, the database 5 % (py-spy, bench/README.md).
 """
 

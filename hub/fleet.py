@@ -71,8 +71,8 @@ class FleetLink:
         subscriptions, self._heartbeat_topic = (
             (SUBSCRIPTIONS, HEARTBEAT_TOPIC) if replica is None
             else replica_subscriptions(replica))
-        # The publisher's batches go out whole, not 20 messages a round trip (paho's
-        # default), and the next one while the last waits for its PUBACKs.
+        # The publisher's batches go out whole, not 20 messages a round trip (the
+        # session's default), and the next one while the last waits for its PUBACKs.
         self.session = Session(mqtt_url, client_id=replica or CLIENT_ID, username=username,
                                password=password, subscriptions=subscriptions, inbox_size=1000,
                                max_inflight=desired.IN_FLIGHT)

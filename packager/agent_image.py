@@ -46,9 +46,9 @@ ENROLLMENT_SECRET = "/run/secrets/edgefleet-enrollment"
 # What `edgefleet agent run` imports besides the runtimes (pyproject.toml's core and agent
 # extra; tests/test_agent_image.py keeps them in step).
 AGENT_REQUIREMENTS = (
-    "click>=8.1", "rich>=13", "httpx>=0.27", "cryptography>=42", "paho-mqtt>=2.0",
-    "psutil>=5.9", "numpy>=1.26", "fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6",
-    "uvloop>=0.19", "orjson>=3.9",
+    "click>=8.1", "rich>=13", "httpx>=0.27", "cryptography>=42", "psutil>=5.9",
+    "numpy>=1.26", "fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19",
+    "orjson>=3.9",
 )
 # Our code the agent runs: whole packages, and single modules of others.
 _PACKAGES = ("agent", "contract")

@@ -99,7 +99,7 @@ def test_a_device_flooding_big_retained_messages_is_cut_off_and_nothing_piles_up
         fleet_hub: tuple[HubProcess, Cli], api: httpx.Client, device: FakeDevice) -> None:
     hub, _ = fleet_hub
     # Over the packet limit: refused, and the connection is dropped. (A session
-    # of its own: paho would send the message again after every reconnect.)
+    # of its own: a Session sends an unacknowledged message again after every reconnect.)
     login = device.enrollment["mqtt"]
     for _ in range(3):
         with Session(login["url"], client_id=device.id, username=device.id,

@@ -343,3 +343,54 @@ def test_taken_in_batches_and_acknowledged_after_the_write(mosquitto: Mosquitto)
             again += [int(d.message.payload) for d in device.take_many(10, 10)]
     # At least once (see above): 5..9 come again, maybe some of 0..4 too.
     assert [n for n in again if n > 4] == list(range(5, 10))
+
+
+def test_a_broker_that_breaks_the_protocol_is_dropped_and_connected_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not Mosquitto (it would not do this): a listener that answers CONNECT with a
+    CONNACK and then a PUBLISH at QoS 3. The session says why, drops the connection,
+    and connects again."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="edgefleet.mqtt")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    connects: list[bytes] = []
+
+    def broker() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                connects.append(conn.recv(4096))
+                conn.sendall(b"\x20\x02\x00\x00" + b"\x36\x05\x00\x01t\x00\x01")
+                conn.recv(4096)  # until the client closes it
+
+    thread = threading.Thread(target=broker, daemon=True)
+    thread.start()
+    with Session(f"mqtt://127.0.0.1:{port}", client_id="dev-1", backoff=FAST):
+        thread.join(10)
+    listener.close()
+    assert len(connects) == 2 and all(c.startswith(b"\x10") for c in connects)
+    assert "dev-1: connection lost: the broker broke the protocol: PUBLISH at QoS 3" \
+        in caplog.text
+
+
+def test_acknowledgements_just_before_close_reach_the_broker(mosquitto: Mosquitto) -> None:
+    """Closing while the broker still sends: the last PUBACKs are not lost with the
+    connection (a socket closed with unread bytes is reset, and the broker would drop
+    what it had not read yet), so nothing that was acknowledged comes again."""
+    topic = protocol.telemetry_topic("dev-1")
+    with session(mosquitto, "hub", subscriptions=[topic]) as hub:
+        hub.wait_connected(5)
+    with session(mosquitto, "dev-1") as device:
+        device.publish_many([Message(topic, str(n).encode()) for n in range(3000)], timeout=30)
+    taken = 0
+    with session(mosquitto, "hub", subscriptions=[topic], inbox_size=100) as hub:
+        while taken < 3000:
+            batch = hub.take_many(100, 10)
+            hub.ack_many(batch)
+            taken += len(batch)
+    with session(mosquitto, "hub", subscriptions=[topic]) as hub:
+        hub.wait_connected(5)
+        with pytest.raises(MqttTimeout):
+            hub.get(1)
