@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol, cast
 
 from contract import names
 from contract.canonical import canonical_json
@@ -209,27 +209,34 @@ def _load(payload: bytes, *, limit: int, what: str,
         raise ProtocolError(f"{what} is not valid UTF-8 JSON: {exc}") from None
 
 
-def _load_canonical(payload: bytes, *, limit: int, what: str,
-                    decoder: json.JSONDecoder) -> object:
+class FastJson(Protocol):
+    """What `_load_canonical` needs of a fast JSON codec: orjson's module has it. The
+    hub passes it in; the contract itself needs only the standard library."""
+
+    OPT_SORT_KEYS: int
+
+    def loads(self, data: bytes, /) -> Any: ...
+    def dumps(self, obj: Any, /, default: Any = ..., option: int | None = ...) -> bytes: ...
+
+
+def _load_canonical(payload: bytes, *, limit: int, what: str, decoder: json.JSONDecoder,
+                    fast: FastJson) -> object:
     """`_load` with DECODER, the same documents read and the same errors, faster for
-    what peers send: canonical JSON (contract/canonical.py). orjson reads the payload,
-    and the result stands only if orjson writes it back, keys sorted, as exactly
+    what peers send: canonical JSON (contract/canonical.py). FAST (orjson) reads the
+    payload, and the result stands only if FAST writes it back, keys sorted, as exactly
     the payload's bytes. That proves the payload had no duplicate key at any depth
     (orjson keeps one of two and never writes one twice) and that DECODER would
     read the same document (ints written without a point or an exponent, floats
     with one, each float the shortest text that reads back as itself). Anything
     else (a duplicate, whitespace, unsorted keys, an escape written otherwise, an
     integer beyond 64 bits, depth, invalid UTF-8 or JSON) goes to `_load`, which
-    refuses it or reads it as it always did. orjson is the hub's (an extra): an
-    agent that only builds telemetry never imports it."""
-    import orjson
-
+    refuses it or reads it as it always did."""
     if isinstance(payload, bytes) and len(payload) <= limit:
         try:
-            document = orjson.loads(payload)
-            if orjson.dumps(document, option=orjson.OPT_SORT_KEYS) == payload:
+            document = fast.loads(payload)
+            if fast.dumps(document, option=fast.OPT_SORT_KEYS) == payload:
                 return document
-        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        except (ValueError, TypeError):  # orjson's JSONDecodeError and JSONEncodeError
             pass
     return _load(payload, limit=limit, what=what, decoder=decoder)
 
@@ -1216,12 +1223,17 @@ def _read_point_fields(f: _Fields) -> Point:
     return point
 
 
-def parse_telemetry(payload: bytes, *, device_id: str, fast: bool = False) -> TelemetryBatch:
+def parse_telemetry(payload: bytes, *, device_id: str,
+                    fast: FastJson | None = None) -> TelemetryBatch:
     """The telemetry batch DEVICE_ID (from the topic) sent; ProtocolError if malformed.
-    FAST: decode with orjson (`_load_canonical`: the hub's ingest), same result."""
-    load = _load_canonical if fast else _load
-    document = load(payload, limit=MAX_TELEMETRY_BYTES, what="telemetry batch",
-                    decoder=_TELEMETRY)
+    FAST: decode with that codec (`_load_canonical`: the hub's ingest passes orjson),
+    same result."""
+    if fast is None:
+        document = _load(payload, limit=MAX_TELEMETRY_BYTES, what="telemetry batch",
+                         decoder=_TELEMETRY)
+    else:
+        document = _load_canonical(payload, limit=MAX_TELEMETRY_BYTES, what="telemetry batch",
+                                   decoder=_TELEMETRY, fast=fast)
     return _read_batch(document, device_id) or _read_batch_fields(document, device_id)
 
 

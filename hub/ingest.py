@@ -43,6 +43,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from agent.mqtt import Delivery, Message, MqttError, MqttTimeout, Session
 from contract import protocol
 from hub import drift_sketches, events, telemetry
@@ -167,7 +169,7 @@ def _parse(
                 batch.reported[device] = (report, message.payload)
             elif kind == "telemetry":
                 batch.telemetry.append(protocol.parse_telemetry(message.payload,
-                                                                device_id=device, fast=True))
+                                                                device_id=device, fast=orjson))
             else:
                 _drop(counters, kind, "unexpected", device, "the hub does not read these")
                 continue

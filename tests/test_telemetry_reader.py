@@ -1,4 +1,4 @@
-"""The hub's fast telemetry reader (contract/protocol.py `parse_telemetry(fast=True)`:
+"""The hub's fast telemetry reader (contract/protocol.py `parse_telemetry(fast=orjson)`:
 orjson, then the strict reader for anything it cannot prove the same) reads every
 payload exactly as the strict reader does: the same batch, or the same error. Duplicate
 keys, at any depth, are refused as ever."""
@@ -29,7 +29,7 @@ def canonical_batch() -> bytes:
 def outcome(payload: bytes, *, fast: bool) -> object:
     """The batch read, or the error's text."""
     try:
-        return p.parse_telemetry(payload, device_id="cam-042", fast=fast)
+        return p.parse_telemetry(payload, device_id="cam-042", fast=orjson if fast else None)
     except p.ProtocolError as exc:
         return f"ProtocolError: {exc}"
 
