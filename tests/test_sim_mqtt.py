@@ -1,4 +1,5 @@
-"""The simulator's asyncio MQTT 3.1.1 client: its encoding, and against a real Mosquitto."""
+"""The simulator's asyncio MQTT 3.1.1 client against a real Mosquitto (its packets are
+agent/mqtt_wire.py's: tests/test_mqtt_wire.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,7 @@ from agent.sim.mqtt_lite import (
     ConnectionLost,
     ConnectionRefused,
     ConnectOptions,
-    PacketReader,
-    ProtocolViolation,
-    decode_length,
-    encode_length,
-    parse_publish,
     parse_url,
-    publish_packet,
 )
 from mosquitto import Mosquitto, free_port, mosquitto, start_mosquitto  # noqa: F401  (fixture)
 
@@ -49,45 +44,6 @@ def client(broker: Mosquitto, client_id: str, inbox: list[Message] | None = None
     host, port = parse_url(broker.url)
     return Client(host, port, ConnectOptions(client_id, **options),
                   on_message=inbox.append if inbox is not None else lambda m: None)
-
-
-# --- encoding -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value, size", [
-    (0, 1), (127, 1), (128, 2), (16_383, 2), (16_384, 3), (2_097_151, 3), (2_097_152, 4),
-    (268_435_455, 4),
-])
-def test_remaining_length_round_trips_at_every_width(value: int, size: int) -> None:
-    encoded = encode_length(value)
-    assert len(encoded) == size
-    assert decode_length(b"\x30" + encoded, 1) == (value, 1 + size)
-    assert decode_length(b"\x30" + encoded[:-1], 1) is None  # not all there yet
-
-
-def test_a_length_beyond_four_bytes_is_refused() -> None:
-    with pytest.raises(ValueError, match="outside"):
-        encode_length(268_435_456)
-    with pytest.raises(ProtocolViolation, match="four bytes"):
-        PacketReader().feed(b"\x30\xff\xff\xff\xff\x01")
-
-
-def test_packets_cut_anywhere_are_read_whole() -> None:
-    messages = [Message(f"t/{i}", bytes([i]) * (i * 40), qos=i % 2, retain=i % 3 == 0)
-                for i in range(1, 12)]
-    stream = b"".join(publish_packet(m, i if m.qos else None)
-                      for i, m in enumerate(messages, 1)) + b"\xd0\x00"
-    for chunk in (1, 2, 7, len(stream)):
-        reader, packets = PacketReader(), []
-        for at in range(0, len(stream), chunk):
-            packets += reader.feed(stream[at:at + chunk])
-        assert packets[-1] == (0xD0, b"")
-        assert [parse_publish(first, body)[0] for first, body in packets[:-1]] == messages
-    with pytest.raises(ProtocolViolation, match="over the"):
-        PacketReader(limit=100).feed(b"\x30\x80\x01")
-
-
-# --- against Mosquitto ----------------------------------------------------------
 
 
 def test_subscribe_and_qos_1_and_0_both_ways(mosquitto: Mosquitto) -> None:

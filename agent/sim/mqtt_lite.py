@@ -6,11 +6,12 @@ process. Here a connection is an `asyncio.Protocol`: bytes arrive in
 `data_received`, every waiting caller holds a future, the keepalive is a
 timer handle, and an idle connection costs no task and no thread.
 
-What it speaks (MQTT 3.1.1, OASIS standard, written from the spec):
-CONNECT (client id, will, username/password, clean_session, keepalive) and
-CONNACK; SUBSCRIBE and SUBACK; PUBLISH at QoS 0 and 1 in both directions,
-with PUBACK and the retain flag; PINGREQ and PINGRESP; DISCONNECT. Not QoS 2,
-UNSUBSCRIBE, MQTT 5 or TLS: the simulator needs none of them.
+What it speaks (MQTT 3.1.1), in the packets agent/mqtt_wire.py builds and reads
+for the agent's own session too: CONNECT (client id, will, username/password,
+clean_session, keepalive) and CONNACK; SUBSCRIBE and SUBACK; PUBLISH at QoS 0
+and 1 in both directions, with PUBACK and the retain flag; PINGREQ and
+PINGRESP; DISCONNECT; over TCP or TLS. Not QoS 2, UNSUBSCRIBE or MQTT 5: the
+simulator needs none of them.
 
 One `Client` is one network connection, used once: reconnecting means a new
 `Client` (the caller owns the backoff; agent.mqtt.BackoffPolicy). Delivery:
@@ -35,41 +36,18 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Self
 from urllib.parse import urlsplit
 
+from agent import mqtt_wire as wire
 from agent.mqtt import Message, MqttError, MqttTimeout
-
-# Control packet types (MQTT 3.1.1 section 2.2.1), shifted into the header's high nibble.
-CONNECT: Final = 0x10
-CONNACK: Final = 0x20
-PUBLISH: Final = 0x30
-PUBACK: Final = 0x40
-SUBSCRIBE: Final = 0x82  # bits 3-0 of SUBSCRIBE are fixed at 0010 (section 3.8.1)
-SUBACK: Final = 0x90
-PINGREQ: Final = 0xC0
-PINGRESP: Final = 0xD0
-DISCONNECT: Final = 0xE0
-
-MAX_REMAINING_LENGTH: Final = 268_435_455  # four length bytes (section 2.2.3)
-# Larger packets are refused before they are buffered: the protocol's
-# biggest document (a telemetry batch) is 1 MiB.
-MAX_INCOMING: Final = 2 * 2**20
-
-CONNACK_ERRORS: Final = {
-    1: "the broker does not speak MQTT 3.1.1",
-    2: "the broker refused the client id",
-    3: "the broker is unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
 
 
 class ConnectionRefused(MqttError):
     """The broker answered CONNECT with a non-zero return code."""
 
     def __init__(self, code: int) -> None:
-        super().__init__(f"connection refused ({code}): {CONNACK_ERRORS.get(code, 'unknown')}")
+        super().__init__(f"connection refused ({code}): {wire.reason_text(code, False)}")
         self.code = code
 
 
@@ -79,123 +57,6 @@ class ConnectionLost(MqttError):
 
 class ProtocolViolation(MqttError):
     """The broker sent something MQTT 3.1.1 does not allow; the connection is closed."""
-
-
-# --- encoding -----------------------------------------------------------------
-
-
-def encode_length(n: int) -> bytes:
-    """The variable-length "remaining length": 7 bits per byte, high bit = more follows."""
-    if not 0 <= n <= MAX_REMAINING_LENGTH:
-        raise ValueError(f"remaining length {n} is outside 0..{MAX_REMAINING_LENGTH}")
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def decode_length(buffer: bytes | bytearray, start: int) -> tuple[int, int] | None:
-    """(remaining length, index after it) read from BUFFER at START; None if incomplete."""
-    value, shift = 0, 0
-    for i in range(start, min(start + 4, len(buffer))):
-        value |= (buffer[i] & 0x7F) << shift
-        if not buffer[i] & 0x80:
-            return value, i + 1
-        shift += 7
-    if len(buffer) - start >= 4:
-        raise ProtocolViolation("remaining length is longer than four bytes")
-    return None
-
-
-def _field(data: bytes) -> bytes:
-    if len(data) > 0xFFFF:
-        raise ValueError(f"a string field is {len(data)} bytes; MQTT allows 65535")
-    return len(data).to_bytes(2, "big") + data
-
-
-def _packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + encode_length(len(body)) + body
-
-
-def connect_packet(client_id: str, *, username: str | None, password: str | None,
-                   will: Message | None, clean_session: bool, keepalive: int) -> bytes:
-    flags = (0x02 if clean_session else 0)
-    payload = _field(client_id.encode())
-    if will is not None:
-        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
-        payload += _field(will.topic.encode()) + _field(will.payload)
-    if username is not None:
-        flags |= 0x80
-        payload += _field(username.encode())
-    if password is not None:
-        if username is None:
-            raise ValueError("MQTT 3.1.1 allows a password only with a user name")
-        flags |= 0x40
-        payload += _field(password.encode())
-    header = _field(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")  # level 4: 3.1.1
-    return _packet(CONNECT, header + payload)
-
-
-def publish_packet(message: Message, packet_id: int | None) -> bytes:
-    first = PUBLISH | (message.qos << 1) | (0x01 if message.retain else 0)
-    if message.qos and packet_id is None:
-        raise ValueError("a QoS 1 message needs a packet id")
-    ident = packet_id.to_bytes(2, "big") if message.qos and packet_id is not None else b""
-    return _packet(first, _field(message.topic.encode()) + ident + message.payload)
-
-
-def subscribe_packet(packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
-    body = packet_id.to_bytes(2, "big") + b"".join(
-        _field(topic.encode()) + bytes([qos]) for topic, qos in filters)
-    return _packet(SUBSCRIBE, body)
-
-
-class PacketReader:
-    """Splits a byte stream into packets, however TCP cut it up."""
-
-    def __init__(self, limit: int = MAX_INCOMING) -> None:
-        self._buffer = bytearray()
-        self._limit = limit
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """(first byte, body) of every packet completed by DATA."""
-        self._buffer += data
-        packets = []
-        start = 0
-        while len(self._buffer) - start >= 2:
-            found = decode_length(self._buffer, start + 1)
-            if found is None:
-                break
-            length, body_at = found
-            if length > self._limit:
-                raise ProtocolViolation(f"a {length}-byte packet is over the {self._limit} limit")
-            if len(self._buffer) < body_at + length:
-                break
-            packets.append((self._buffer[start], bytes(self._buffer[body_at:body_at + length])))
-            start = body_at + length
-        del self._buffer[:start]
-        return packets
-
-
-def parse_publish(first_byte: int, body: bytes) -> tuple[Message, int | None]:
-    """The message in a PUBLISH packet and its packet id (None at QoS 0)."""
-    qos = (first_byte >> 1) & 0x03
-    if qos > 1:
-        raise ProtocolViolation(f"PUBLISH at QoS {qos}; this client subscribes at QoS 0 or 1")
-    if len(body) < 2:
-        raise ProtocolViolation("PUBLISH without a topic")
-    topic_end = 2 + int.from_bytes(body[:2], "big")
-    packet_id = int.from_bytes(body[topic_end:topic_end + 2], "big") if qos else None
-    payload_at = topic_end + (2 if qos else 0)
-    if len(body) < payload_at:
-        raise ProtocolViolation("PUBLISH shorter than its topic and packet id")
-    try:
-        topic = body[2:topic_end].decode()
-    except UnicodeDecodeError:
-        raise ProtocolViolation("PUBLISH topic is not UTF-8") from None
-    return Message(topic, body[payload_at:], qos, bool(first_byte & 0x01)), packet_id
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -245,7 +106,7 @@ class Client(asyncio.Protocol):
         self._tls = tls
         self._on_message = on_message
         self._on_close = on_close
-        self._reader = PacketReader()
+        self._reader = wire.Reader()
         self._transport: asyncio.Transport | None = None
         self._connack: asyncio.Future[bool] | None = None
         self._closed: asyncio.Future[BaseException | None] | None = None
@@ -283,9 +144,11 @@ class Client(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 await loop.create_connection(lambda: self, self.host, self.port, ssl=self._tls)
                 o = self.options
-                self._write(connect_packet(o.client_id, username=o.username, password=o.password,
-                                           will=o.will, clean_session=o.clean_session,
-                                           keepalive=o.keepalive))
+                w = o.will
+                will = None if w is None else (w.topic, w.payload, w.qos, w.retain)
+                self._write(wire.connect(o.client_id, v5=False, keepalive=o.keepalive,
+                                         clean=o.clean_session, username=o.username,
+                                         password=o.password, will=will))
                 return await self._connack
         except TimeoutError:
             error: MqttError = MqttTimeout(f"no CONNACK from {where} within {timeout} s")
@@ -300,9 +163,9 @@ class Client(asyncio.Protocol):
                         timeout: float = 10.0) -> list[int]:
         """Subscribe to (filter, QoS) pairs; the QoS the broker granted for each."""
         packet_id = self._packet_id()
-        body = await self._request(subscribe_packet(packet_id, filters), packet_id, timeout,
-                                   "SUBACK")
-        granted = list(body[2:])
+        body = await self._request(wire.subscribe(packet_id, filters, v5=False), packet_id,
+                                   timeout, "SUBACK")
+        _, granted = wire.parse_suback(body, False)
         refused = [topic for (topic, _), code in zip(filters, granted, strict=False)
                    if code == 0x80]
         if refused or len(granted) != len(filters):
@@ -311,13 +174,15 @@ class Client(asyncio.Protocol):
 
     async def publish(self, message: Message, *, timeout: float = 10.0) -> None:
         """Send MESSAGE; at QoS 1, return once the broker has acknowledged it."""
-        if message.qos == 0:
-            self._write(publish_packet(message, None))
+        m = message
+        if m.qos == 0:
+            self._write(wire.publish(m.topic, m.payload, 0, m.retain, 0, v5=False))
             return
-        if message.qos != 1:
-            raise ValueError(f"QoS must be 0 or 1, got {message.qos}")
+        if m.qos != 1:
+            raise ValueError(f"QoS must be 0 or 1, got {m.qos}")
         packet_id = self._packet_id()
-        await self._request(publish_packet(message, packet_id), packet_id, timeout, "PUBACK")
+        await self._request(wire.publish(m.topic, m.payload, 1, m.retain, packet_id, v5=False),
+                            packet_id, timeout, "PUBACK")
 
     async def disconnect(self, *, timeout: float = 5.0) -> None:
         """Say DISCONNECT (so the broker drops the will) and close."""
@@ -325,7 +190,7 @@ class Client(asyncio.Protocol):
             return
         self._disconnecting = True
         if not self._transport.is_closing():
-            self._transport.write(bytes([DISCONNECT, 0]))
+            self._transport.write(wire.DISCONNECT_PACKET)
             self._transport.close()  # sends what is buffered first
         try:
             async with asyncio.timeout(timeout):
@@ -354,7 +219,9 @@ class Client(asyncio.Protocol):
         try:
             for first, body in self._reader.feed(data):
                 self._handle(first, body)
-        except MqttError as exc:  # a violation, or an answer written to a closing socket
+        except wire.ProtocolError as exc:
+            self._fail(ProtocolViolation(str(exc)))
+        except MqttError as exc:  # a refusal, or an answer written to a closing socket
             self._fail(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -366,31 +233,30 @@ class Client(asyncio.Protocol):
     # -- internals ---------------------------------------------------------------
 
     def _handle(self, first: int, body: bytes) -> None:
-        kind = first & 0xF0
-        if kind == PUBLISH:
-            message, packet_id = parse_publish(first, body)
-            self._on_message(message)
-            if packet_id is not None:
-                self._write(bytes([PUBACK, 2]) + packet_id.to_bytes(2, "big"))
-        elif kind in (PUBACK, SUBACK):
-            if len(body) < 2:
-                raise ProtocolViolation(f"packet type {kind >> 4} without a packet id")
-            future = self._waiting.pop(int.from_bytes(body[:2], "big"), None)
+        kind = first >> 4
+        if kind == wire.PUBLISH:
+            topic, payload, qos, retain, packet_id = wire.parse_publish(first, body, False)
+            self._on_message(Message(topic, payload, qos, retain))
+            if qos:
+                self._write(wire.puback(packet_id))
+        elif kind in (wire.PUBACK, wire.SUBACK):
+            future = self._waiting.pop(wire.parse_packet_id(body, "an answer"), None)
             if future is not None and not future.done():
                 future.set_result(body)
-        elif kind == CONNACK:
-            if len(body) != 2 or self._connack is None or self._connack.done():
+        elif kind == wire.CONNACK:
+            if self._connack is None or self._connack.done():
                 raise ProtocolViolation("unexpected CONNACK")
-            if body[1]:
-                raise ConnectionRefused(body[1])
-            self._connack.set_result(bool(body[0] & 0x01))
+            present, code, _ = wire.parse_connack(body, False)
+            if code:
+                raise ConnectionRefused(code)
+            self._connack.set_result(present)
             if self.options.keepalive:
                 # A random first phase spreads the pings of devices that connected together.
                 self._schedule_ping(self.options.keepalive / 2 * random.uniform(0.5, 1.0))
-        elif kind == PINGRESP:
+        elif kind == wire.PINGRESP:
             self._pinged_at = None
-        else:
-            raise ProtocolViolation(f"a client does not expect packet type {kind >> 4}")
+        else:  # the reader lets through only what a client receives
+            raise ProtocolViolation(f"a client does not expect packet type {kind}")
 
     def _schedule_ping(self, delay: float) -> None:
         self._timer = asyncio.get_running_loop().call_later(delay, self._keepalive)
@@ -404,7 +270,7 @@ class Client(asyncio.Protocol):
             self._fail(MqttTimeout(f"no PINGRESP within the {keepalive} s keepalive"))
             return
         if self._pinged_at is None and now - self._last_sent >= keepalive / 2:
-            self._write(bytes([PINGREQ, 0]))
+            self._write(wire.PINGREQ_PACKET)
             self._pinged_at = now
         self._schedule_ping(keepalive / 2)
 
