@@ -22,7 +22,6 @@ runs is answered `failed` (busy). The answer goes to `POST /api/v1/devices/{id}/
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -196,6 +195,8 @@ class Profiler:
     registry: Callable[[], Registry]
 
     def __call__(self, command: Command) -> list[dict[str, Any]]:
+        import shutil  # here: with bz2 and lzma ~0.5 MB an idle agent need not hold
+
         from agent import profiling
         from agent.runtimes.base import ModelRuntimeError
 

@@ -20,7 +20,6 @@ import base64
 import functools
 import json
 import logging
-import secrets
 import ssl
 import subprocess
 import sys
@@ -172,7 +171,10 @@ class Agent:
         self.trust = TrustStore(data, identity)
         self.stop_requested = threading.Event()
         key_file = data / "serving-api-key"
-        write_secret(key_file, secrets.token_urlsafe(24), replace=False)
+        if not key_file.exists():  # the first start: later ones need no random module
+            import secrets
+
+            write_secret(key_file, secrets.token_urlsafe(24), replace=False)
         front = ServingProcess(data, ServingOptions(
             options.serve_host, options.serve_port, key_file,
             options.max_concurrency, options.max_queue, options.max_wait_ms,
@@ -530,10 +532,12 @@ class Agent:
             self.data_dir, process.pid if process else None, self.cpu,
             dropped=self.queue.dropped,
         ))]
-        try:
-            stats = self.serving.stats()
-        except Exception:  # serving restarting: no inference numbers this round
-            stats = []
+        stats = []
+        if self.state.serving:  # else no serving process to ask (nor http.client to hold)
+            try:
+                stats = self.serving.stats()
+            except Exception:  # serving restarting: no inference numbers this round
+                pass
         points += [("inference", values) for values in self.deltas.points(stats)]
         if self.watch is not None:
             points[0][1].update(self._container_values(self.watch))

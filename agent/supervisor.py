@@ -14,7 +14,6 @@ the idle front answers again; the port stays bound throughout.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -42,20 +41,6 @@ PR_SET_PDEATHSIG = 1
 
 class ServingError(Exception):
     """The serving process refused or failed a control request."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over the control socket. The stdlib client, not httpx: the agent
-    stays small (httpx with its imports costs ~14 MB the daemon need not hold)."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("serving", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self._path))
 
 
 def _die_with_parent() -> Callable[[], object]:
@@ -88,7 +73,9 @@ class ControlClient:
         self.socket = socket_path
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
-        connection = _UnixConnection(self.socket, timeout=120.0)
+        from agent.unix_http import UnixConnection  # not at idle: see its module
+
+        connection = UnixConnection(self.socket, timeout=120.0)
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}

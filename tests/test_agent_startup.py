@@ -32,7 +32,8 @@ HEAVY = ["click", "rich", "httpx", "cryptography", "asyncio", "importlib.metadat
 # Besides those, what only an update or users' input needs (agent/daemon.py, contract/settings.py).
 IDLE_HEAVY = [*HEAVY, "agent.updates", "agent.package_store", "contract.oci", "tarfile",
               "decimal", "onnxruntime", "agent.serving.server",
-              "paho", "urllib.request"]  # agent/mqtt.py speaks MQTT itself (agent/mqtt_wire.py)
+              "paho", "urllib.request",  # agent/mqtt.py speaks MQTT itself (agent/mqtt_wire.py)
+              "http.client", "email", "shutil", "bz2", "secrets"]  # serving, profiling, enrolling
 # What only an update needs: a refused desired state or command loads none of it.
 UPDATE_CODE = ["agent.updates", "agent.package_store", "contract.oci", "tarfile",
                "packager.distribution"]
@@ -60,7 +61,10 @@ def test_the_daemon_starts_without_the_heavy_modules() -> None:
 
 def test_an_idle_agent_running_imports_none_of_them(hub: HubProcess, tmp_path: Path) -> None:
     """A real agent, enrolled and connected, that has reported, sent telemetry and answered
-    health checks: every module its process imported, as Python logs them, and none heavy."""
+    health checks: every module its process imported, as Python logs them, and none heavy.
+    It is started again after the start that enrolled it, as a device at every boot (that
+    first start also needs http.client and secrets, which the others do not)."""
+    assert start_agent(hub, tmp_path / "agent").stop() == 0
     agent = start_agent(hub, tmp_path / "agent", telemetry_interval=0.2,
                         env={"PYTHONPROFILEIMPORTTIME": "1"})
     try:
