@@ -18,7 +18,7 @@ import pytest
 
 from agent.mqtt import Message
 from contract import protocol
-from hub import devices, registry
+from hub import devices, events, registry
 from hub.ingest import write_batch
 from hub.leader import Leader
 from hub.retention import Retention, RetentionPolicy
@@ -116,6 +116,43 @@ def test_the_ingest_writes_status_reports_and_each_point_once(any_db: Database) 
     assert inventory is not None and '"disk_mb"' in inventory["inventory"]
     Retention(any_db, RetentionPolicy(), pause=0, duty=1).run_once()  # its SQL on both
     assert [r["seq"] for r in any_db.query("SELECT seq FROM telemetry_rolled")] == [2]
+
+
+def test_one_batch_writes_the_reports_of_many_devices(any_db: Database) -> None:
+    """A batch's reports go in one statement each (hub/ingest.py): each replaces its own
+    device's rows only, and each newly failed version is one event."""
+    names = [f"dev-{n}" for n in range(4)]
+    with any_db.transaction() as conn:
+        conn.executemany("INSERT INTO devices (id, name, tags, status) VALUES (?, ?, '{}',"
+                         " 'online')", [(d, d) for d in names])
+    start = datetime.now(UTC)
+    S = protocol.UpdateState
+
+    def report(device: str, generation: int, *states: tuple[int, protocol.UpdateState]
+               ) -> Message:
+        return Message(protocol.reported_topic(device), protocol.build_reported(
+            protocol.ReportedState(
+                device_id=device, applied_generation=generation, platform="linux/arm64",
+                accelerators=(), agent_version="0.1", deployments=tuple(
+                    protocol.DeploymentStatus("tiny", "tiny", version, state, start,
+                                              error="boom" if state == S.FAILED else None)
+                    for version, state in states))))
+
+    write_batch(any_db, [report(d, 1, (1, S.SERVING)) for d in names])
+    write_batch(any_db, [report(names[0], 2, (1, S.SERVING), (2, S.FAILED)),
+                         report(names[1], 2, (2, S.SERVING)),
+                         report(names[2], 2, (1, S.SERVING), (2, S.FAILED))])
+    write_batch(any_db, [report(names[0], 2, (1, S.SERVING), (2, S.FAILED)),  # old news
+                         report(names[2], 2, (2, S.FAILED))])
+    stored = {(r["device_id"], r["version"], r["state"]) for r in any_db.query(
+        "SELECT device_id, version, state FROM deployment_status")}
+    assert stored == {(names[0], 1, "serving"), (names[0], 2, "failed"),
+                      (names[1], 2, "serving"), (names[2], 2, "failed"),
+                      (names[3], 1, "serving")}
+    assert [d["applied_generation"] for d in map(
+        lambda n: devices.get_device(any_db, n), names)] == [2, 2, 2, 1]
+    assert sorted(e.subject for e in events.newest(any_db)
+                  if e.type == "deployment.failed") == [f"{names[0]}/tiny", f"{names[2]}/tiny"]
 
 
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
