@@ -573,7 +573,8 @@ def follow(stack: Stack, rollout_id: str, devices: int, start: float,
             seen.hub_serving = now
         if shown["state"] == "completed":
             seen.completed = now
-        elif shown["state"] != "running" or now > rollout_limit(devices):
+        # "created" until the engine's first tick, which a loaded machine may delay.
+        elif shown["state"] not in ("created", "running") or now > rollout_limit(devices):
             raise RuntimeError(f"rollout {rollout_id} is {shown['state']} after {now:.0f} s: "
                                f"{shown['reason']}; {shown['waves_progress']}")
     return seen
