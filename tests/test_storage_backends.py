@@ -155,6 +155,38 @@ def test_one_batch_writes_the_reports_of_many_devices(any_db: Database) -> None:
                   if e.type == "deployment.failed") == [f"{names[0]}/tiny", f"{names[2]}/tiny"]
 
 
+def test_of_a_device_s_reports_in_one_batch_only_the_newest_is_read(any_db: Database) -> None:
+    """A device sends a report per update state; a batch holding several of one device
+    parses and writes the newest only, and counts the others."""
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, status) VALUES"
+                     " ('dev-1', 'one', '{}', 'offline')")
+    S = protocol.UpdateState
+
+    def report(device: str, state: protocol.UpdateState) -> Message:
+        return Message(protocol.reported_topic(device), protocol.build_reported(
+            protocol.ReportedState(
+                device_id=device, applied_generation=1, platform="linux/arm64",
+                accelerators=(), agent_version="0.1", deployments=(protocol.DeploymentStatus(
+                    "tiny", "tiny", 2, state, datetime.now(UTC)),))))
+
+    broken = Message(protocol.reported_topic("dev-1"), b"{not json")
+    counters = write_batch(any_db, [report("dev-1", S.DOWNLOADING), broken,
+                                    report("dev-9", S.STAGED), report("dev-9", S.SERVING),
+                                    report("dev-1", S.SERVING)])
+    assert counters.ingested == {"reported": 3}  # dev-1's newest and the two it supersedes
+    assert counters.dropped == {("reported", "unknown_device"): 2}
+    assert [(r["device_id"], r["state"]) for r in any_db.query(
+        "SELECT device_id, state FROM deployment_status")] == [("dev-1", "serving")]
+    assert devices.get_device(any_db, "dev-1")["status"] == "online"
+    # The newest is read, so a broken newest one is dropped, and nothing written.
+    counters = write_batch(any_db, [report("dev-1", S.FAILED), broken])
+    assert (counters.ingested, counters.dropped) == ({"reported": 1},
+                                                     {("reported", "malformed"): 1})
+    assert [r["state"] for r in any_db.query("SELECT state FROM deployment_status")] == [
+        "serving"]
+
+
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
     url = postgres_server.new_database()
     hub = start_hub(tmp_path / "data", extra_args=("--database-url", url))
