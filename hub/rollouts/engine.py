@@ -70,7 +70,10 @@ def _news(check_health: bool) -> str:
     applied their newest desired state and who holds their deployment. News: another
     holder, a timeout due, a report that counts (states.FROM_REPORT; a fresh one, or
     one of progress) and moves the device (states.DEVICE_MOVES) and, with CHECK_HEALTH,
-    being served (telemetry judges it). A device without news would stay as it is."""
+    being served (telemetry judges it). A device without news would stay as it is.
+    Serving devices are looked at on the ticks that check health only: most of a
+    rollout's devices serve, and joining each to its report and holder every tick was
+    most of a tick at 30,000 devices (py-spy)."""
     return (
         "SELECT m.device_id, m.state, m.assigned_at, m.serving_at, m.error,"
         " s.state AS reported, s.error AS reported_error,"
@@ -93,7 +96,8 @@ def _news(check_health: bool) -> str:
         # A failed device moves on a report only once it serves (states.DEVICE_MOVES).
         f"   AND (m.state != '{DeviceState.FAILED.value}'"
         f"    OR s.state = '{DeviceState.SERVING.value}'))"
-        + (f" OR m.state = '{DeviceState.SERVING.value}'" if check_health else "") + ")")
+        + (f" OR m.state = '{DeviceState.SERVING.value}')" if check_health
+           else f") AND m.state != '{DeviceState.SERVING.value}'"))
 
 
 class Engine:
