@@ -185,17 +185,23 @@ def device_status(conn: Connection, statuses: Mapping[str, str], *,
                     actor=actor)
 
 
-def deployment_failures(conn: Connection, device: str,
-                        deployments: Iterable[protocol.DeploymentStatus], *, actor: str) -> None:
-    """deployment.failed for each version DEVICE now reports failed that was not before;
-    called in the transaction that replaces its rows, before it does."""
-    before = {(r[0], r[1]): r[2] for r in conn.execute(
-        "SELECT name, version, state FROM deployment_status WHERE device_id = ?", (device,))}
-    for d in deployments:
-        if d.state == protocol.UpdateState.FAILED and \
-                before.get((d.name, d.version)) != protocol.UpdateState.FAILED:
-            record(conn, EventType.DEPLOYMENT_FAILED, subject=f"{device}/{d.name}", actor=actor,
-                   detail=f"{d.model}:{d.version}: {d.error or 'no reason given'}")
+def deployment_failures(conn: Connection,
+                        reports: Mapping[str, Iterable[protocol.DeploymentStatus]], *,
+                        actor: str) -> None:
+    """deployment.failed for each version a device of REPORTS (device -> what it reports
+    now) reports failed that was not before; called in the transaction that replaces
+    their rows, before it does. One query for all of them: the ingest calls this per batch."""
+    if not reports:
+        return
+    before = {(r[0], r[1], r[2]): r[3] for r in conn.execute(
+        "SELECT device_id, name, version, state FROM deployment_status"
+        " WHERE device_id IN (SELECT value FROM json_each(?))", (dumps(sorted(reports)),))}
+    for device, deployments in reports.items():
+        for d in deployments:
+            if d.state == protocol.UpdateState.FAILED and \
+                    before.get((device, d.name, d.version)) != protocol.UpdateState.FAILED:
+                record(conn, EventType.DEPLOYMENT_FAILED, subject=f"{device}/{d.name}",
+                       actor=actor, detail=f"{d.model}:{d.version}: {d.error or 'no reason given'}")
 
 
 def from_audit(conn: Connection, *, action: str, target: str, actor: str,

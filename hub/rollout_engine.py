@@ -2,9 +2,10 @@
 
 All rollout state is in the database, so this thread holds none: killed and
 started again (with the hub), it carries on where the database says. Health
-checks read telemetry, and completed rollouts look for devices that joined
-their target with a scan of the devices, so both run every few ticks rather
-than every one. Of several hubs on one PostgreSQL database only the leader ticks
+checks read telemetry, completed rollouts look for devices that joined
+their target with a scan of the devices, and serving devices are looked at
+(hub/rollouts/engine.py `news`), so these run every few ticks rather than
+every one. Of several hubs on one PostgreSQL database only the leader ticks
 (hub/leader.py); the others check each interval whether they lead now.
 """
 

@@ -66,7 +66,7 @@ def test_a_deployment_newly_failed_is_an_event(db: Database) -> None:
 
     for state in ("serving", "failed", "failed"):  # the second "failed" is old news
         with db.transaction() as conn:
-            events.deployment_failures(conn, "d1", report(protocol.UpdateState(state)),
+            events.deployment_failures(conn, {"d1": report(protocol.UpdateState(state))},
                                        actor="ingest")
             conn.execute("DELETE FROM deployment_status")
             conn.execute("INSERT INTO deployment_status (device_id, name, version, state)"

@@ -327,3 +327,44 @@ def test_a_manual_deploy_during_a_rollout_is_a_takeover_the_rollback_leaves_alon
     assert deployments.for_device(hub.db, manual)[0]["version"] == 3
     assert deployments.for_device(hub.db, removed) == []
     assert deployments.for_device(hub.db, DEVICES[2])[0]["version"] == 1
+
+
+def test_a_tick_reads_only_the_devices_with_news(hub: InProcessHub, clock: Clock,
+                                                 engine: Engine) -> None:
+    """A device whose report, holder and clock say nothing new is not read again (at
+    10,000 devices every tick read and judged them all); one with news is."""
+    rollout_id = create(hub, device_timeout="5m", soak="1h")
+    engine.tick()
+
+    def news(*, check_health: bool = False) -> set[str]:
+        rollout = store.get(hub.db, rollout_id)
+        return {r["device_id"] for r in engine.news(rollout, check_health=check_health)}
+
+    assert news() == set()  # assigned, no answer yet, not timed out
+    first, second, third, fourth = DEVICES
+    serve(hub, [first, second])
+    hub.report([third], "tiny", "tiny", 2, "failed", error="old news")  # not applied yet
+    assert news() == {first, second}
+    engine.tick(check_health=False)
+    assert news() == set()
+    assert news(check_health=True) == {first, second}  # their telemetry is news
+    hub.report([third], "tiny", "tiny", 2, "downloading")  # progress counts before applying
+    assert news() == {third}
+    engine.tick()
+    assert members(hub.db, rollout_id)[third]["state"] == "downloading"
+    assert news() == set()
+    deployments.assign(hub.db, first, name="tiny", model="tiny", version=3)
+    # Taken over; a serving device is looked at on the ticks that check health.
+    assert (news(), news(check_health=True)) == (set(), {first, second})
+    engine.tick()
+    clock.advance(minutes=6)
+    assert news() == {third, fourth}  # no answer within the device timeout
+    engine.tick()
+    assert {d: (m["state"], m["error"]) for d, m in members(hub.db, rollout_id).items()} == {
+        first: ("skipped", "taken over by a manual deploy"), second: ("serving", None),
+        third: ("failed", "no answer within the device timeout (5m)"),
+        fourth: ("failed", "no answer within the device timeout (5m)")}
+    # Failed for not answering in time, a device is still followed: serving is news.
+    assert news() == set()
+    serve(hub, [fourth])
+    assert news() == {fourth}

@@ -19,7 +19,7 @@ import pytest
 
 from agent.mqtt import Message
 from contract import protocol
-from hub import devices, drift_sketches, registry
+from hub import devices, drift_sketches, events, registry
 from hub.ingest import write_batch
 from hub.leader import Leader
 from hub.retention import Retention, RetentionPolicy
@@ -117,6 +117,75 @@ def test_the_ingest_writes_status_reports_and_each_point_once(any_db: Database) 
     assert inventory is not None and '"disk_mb"' in inventory["inventory"]
     Retention(any_db, RetentionPolicy(), pause=0, duty=1).run_once()  # its SQL on both
     assert [r["seq"] for r in any_db.query("SELECT seq FROM telemetry_rolled")] == [2]
+
+
+def test_one_batch_writes_the_reports_of_many_devices(any_db: Database) -> None:
+    """A batch's reports go in one statement each (hub/ingest.py): each replaces its own
+    device's rows only, and each newly failed version is one event."""
+    names = [f"dev-{n}" for n in range(4)]
+    with any_db.transaction() as conn:
+        conn.executemany("INSERT INTO devices (id, name, tags, status) VALUES (?, ?, '{}',"
+                         " 'online')", [(d, d) for d in names])
+    start = datetime.now(UTC)
+    S = protocol.UpdateState
+
+    def report(device: str, generation: int, *states: tuple[int, protocol.UpdateState]
+               ) -> Message:
+        return Message(protocol.reported_topic(device), protocol.build_reported(
+            protocol.ReportedState(
+                device_id=device, applied_generation=generation, platform="linux/arm64",
+                accelerators=(), agent_version="0.1", deployments=tuple(
+                    protocol.DeploymentStatus("tiny", "tiny", version, state, start,
+                                              error="boom" if state == S.FAILED else None)
+                    for version, state in states))))
+
+    write_batch(any_db, [report(d, 1, (1, S.SERVING)) for d in names])
+    write_batch(any_db, [report(names[0], 2, (1, S.SERVING), (2, S.FAILED)),
+                         report(names[1], 2, (2, S.SERVING)),
+                         report(names[2], 2, (1, S.SERVING), (2, S.FAILED))])
+    write_batch(any_db, [report(names[0], 2, (1, S.SERVING), (2, S.FAILED)),  # old news
+                         report(names[2], 2, (2, S.FAILED))])
+    stored = {(r["device_id"], r["version"], r["state"]) for r in any_db.query(
+        "SELECT device_id, version, state FROM deployment_status")}
+    assert stored == {(names[0], 1, "serving"), (names[0], 2, "failed"),
+                      (names[1], 2, "serving"), (names[2], 2, "failed"),
+                      (names[3], 1, "serving")}
+    assert [d["applied_generation"] for d in map(
+        lambda n: devices.get_device(any_db, n), names)] == [2, 2, 2, 1]
+    assert sorted(e.subject for e in events.newest(any_db)
+                  if e.type == "deployment.failed") == [f"{names[0]}/tiny", f"{names[2]}/tiny"]
+
+
+def test_of_a_device_s_reports_in_one_batch_only_the_newest_is_read(any_db: Database) -> None:
+    """A device sends a report per update state; a batch holding several of one device
+    parses and writes the newest only, and counts the others."""
+    with any_db.transaction() as conn:
+        conn.execute("INSERT INTO devices (id, name, tags, status) VALUES"
+                     " ('dev-1', 'one', '{}', 'offline')")
+    S = protocol.UpdateState
+
+    def report(device: str, state: protocol.UpdateState) -> Message:
+        return Message(protocol.reported_topic(device), protocol.build_reported(
+            protocol.ReportedState(
+                device_id=device, applied_generation=1, platform="linux/arm64",
+                accelerators=(), agent_version="0.1", deployments=(protocol.DeploymentStatus(
+                    "tiny", "tiny", 2, state, datetime.now(UTC)),))))
+
+    broken = Message(protocol.reported_topic("dev-1"), b"{not json")
+    counters = write_batch(any_db, [report("dev-1", S.DOWNLOADING), broken,
+                                    report("dev-9", S.STAGED), report("dev-9", S.SERVING),
+                                    report("dev-1", S.SERVING)])
+    assert counters.ingested == {"reported": 3}  # dev-1's newest and the two it supersedes
+    assert counters.dropped == {("reported", "unknown_device"): 2}
+    assert [(r["device_id"], r["state"]) for r in any_db.query(
+        "SELECT device_id, state FROM deployment_status")] == [("dev-1", "serving")]
+    assert devices.get_device(any_db, "dev-1")["status"] == "online"
+    # The newest is read, so a broken newest one is dropped, and nothing written.
+    counters = write_batch(any_db, [report("dev-1", S.FAILED), broken])
+    assert (counters.ingested, counters.dropped) == ({"reported": 1},
+                                                     {("reported", "malformed"): 1})
+    assert [r["state"] for r in any_db.query("SELECT state FROM deployment_status")] == [
+        "serving"]
 
 
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
