@@ -14,7 +14,8 @@ is harmless (telemetry is keyed by (device, seq), the rest is state).
 - reported: `devices.reported` (the document), applied_generation, platform,
   inventory (accelerators, agent version), and the device's rows in
   `deployment_status`, replaced; only the newest report per device in a
-  batch is parsed and written (the older ones are counted, not checked)
+  batch is parsed and written (the older ones are counted, not checked, unless
+  the newest is malformed: then the next newest is read)
 - telemetry: `hub.telemetry.store`, the whole batch's points in one INSERT, once per
   (device, seq)
 - desired (the hub's own topics): handed to hub/retained.py, which looks for
@@ -201,12 +202,21 @@ def _newest_reports(addressed: Sequence[tuple[Message, str, str]]) -> tuple[
 def _count_superseded(superseded: Sequence[tuple[Message, str, str]], known: set[str],
                       counters: Counters, batch: _Batch) -> None:
     """Superseded reports count as ingested, unchecked (a malformed one is not told
-    apart), and as live messages of their device; an unknown device's are dropped."""
-    for message, device, kind in superseded:
+    apart), and as live messages of their device; an unknown device's are dropped.
+    A device whose newest report was malformed has its next newest parsed instead,
+    and so on: what would have been written before a newer one came still is."""
+    for message, device, kind in reversed(superseded):  # newest first
         if device not in known:
             _drop(counters, kind, "unknown_device", device,
                   "the hub knows no such device (never enrolled here)")
             continue
+        if device not in batch.reported:
+            try:
+                report = protocol.parse_reported(message.payload, device_id=device)
+            except protocol.ProtocolError as exc:
+                _drop(counters, kind, "malformed", device, str(exc))
+                continue
+            batch.reported[device] = (report, message.payload)
         counters.ingested[kind] += 1
         if not message.retain:
             batch.seen.add(device)

@@ -158,7 +158,7 @@ def test_one_batch_writes_the_reports_of_many_devices(any_db: Database) -> None:
 
 def test_of_a_device_s_reports_in_one_batch_only_the_newest_is_read(any_db: Database) -> None:
     """A device sends a report per update state; a batch holding several of one device
-    parses and writes the newest only, and counts the others."""
+    parses and writes the newest only (the newest that parses), and counts the others."""
     with any_db.transaction() as conn:
         conn.execute("INSERT INTO devices (id, name, tags, status) VALUES"
                      " ('dev-1', 'one', '{}', 'offline')")
@@ -180,12 +180,13 @@ def test_of_a_device_s_reports_in_one_batch_only_the_newest_is_read(any_db: Data
     assert [(r["device_id"], r["state"]) for r in any_db.query(
         "SELECT device_id, state FROM deployment_status")] == [("dev-1", "serving")]
     assert devices.get_device(any_db, "dev-1")["status"] == "online"
-    # The newest is read, so a broken newest one is dropped, and nothing written.
-    counters = write_batch(any_db, [report("dev-1", S.FAILED), broken])
-    assert (counters.ingested, counters.dropped) == ({"reported": 1},
+    # A broken newest one is dropped, and the one before it is read and written instead.
+    counters = write_batch(any_db, [report("dev-1", S.STAGED), report("dev-1", S.FAILED),
+                                    broken])
+    assert (counters.ingested, counters.dropped) == ({"reported": 2},
                                                      {("reported", "malformed"): 1})
     assert [r["state"] for r in any_db.query("SELECT state FROM deployment_status")] == [
-        "serving"]
+        "failed"]
 
 
 def test_a_hub_process_on_postgresql(tmp_path: Path, postgres_server: PostgresServer) -> None:
