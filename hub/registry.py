@@ -15,7 +15,7 @@ from typing import Any
 
 from hub import oci_registry, package_use, profiles, validation
 from hub.errors import Conflict, NotFound, Unprocessable
-from hub.storage.blobs import BlobStore, check_digest
+from hub.storage.blobs import BlobError, BlobStore, check_digest
 from hub.storage.db import Database, dumps, format_time, now
 from hub.validation import InvalidInput
 
@@ -104,15 +104,17 @@ def register_version(
     if not 1 <= len(files) <= validation.MAX_FILES:
         raise InvalidInput(f"a version needs 1-{validation.MAX_FILES} files, got {len(files)}")
     checked: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     for path, digest in files:
         path = validation.file_path(path)
         if path in checked:
             raise InvalidInput(f"file {path!r} is listed twice")
         checked[path] = check_digest(digest)
-        if not blobs.exists(digest):
-            raise Unprocessable(f"file {path!r}: blob {digest} was never uploaded")
+        try:
+            sizes[digest] = blobs.size(digest)
+        except BlobError:
+            raise Unprocessable(f"file {path!r}: blob {digest} was never uploaded") from None
     validation.file_tree(checked)
-    sizes = {digest: blobs.size(digest) for digest in checked.values()}
     try:
         info = inspect_model({path: blobs.local_path(d) for path, d in checked.items()})
     except ModelFileError as exc:

@@ -18,7 +18,7 @@ from hub.api.limits import BodyTooLarge
 from hub.api.state import hub_state
 from hub.api.streaming import LargeFileResponse, receive_into
 from hub.errors import BadRequest, NotFound
-from hub.storage.blobs import check_digest
+from hub.storage.blobs import BlobError, check_digest
 from hub.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
@@ -71,9 +71,11 @@ def _selectors(tag: list[str]) -> list[tuple[str, str]]:
 @router.head("/blobs/{digest}", summary="Does the hub hold this blob?")
 def blob_exists(digest: str, request: Request, principal: Principal = auth.viewer) -> Response:
     state = hub_state(request)
-    if not state.blobs.exists(check_digest(digest)):
+    try:  # one look, not exists-then-size: on S3 each is a request
+        size = state.blobs.size(check_digest(digest))
+    except BlobError:
         return Response(status_code=404)
-    return Response(headers={"Content-Length": str(state.blobs.size(digest))})
+    return Response(headers={"Content-Length": str(size)})
 
 
 @router.post("/blobs", status_code=201, summary="Upload one file's bytes (streamed)")

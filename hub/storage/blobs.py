@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -171,15 +172,20 @@ class FileBlobStore:
     def delete(self, digest: str) -> None:
         self.local_path(digest).unlink(missing_ok=True)
 
-    def usage(self) -> tuple[int, int]:
-        """How many blobs are stored and their bytes: a walk of the directories."""
-        count = total = 0
-        for prefix in os.scandir(self.root / "sha256") if (self.root / "sha256").is_dir() else ():
+    def entries(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Each stored blob's path and stat, skipping any deleted while we look."""
+        root = self.root / "sha256"
+        for prefix in os.scandir(root) if root.is_dir() else ():
             if prefix.is_dir():
                 for entry in os.scandir(prefix.path):
                     try:
-                        total += entry.stat().st_size
-                    except FileNotFoundError:  # deleted while we looked
+                        yield entry.path, entry.stat()
+                    except FileNotFoundError:
                         continue
-                    count += 1
+
+    def usage(self) -> tuple[int, int]:
+        """How many blobs are stored and their bytes: a walk of the directories."""
+        count = total = 0
+        for _, stat in self.entries():
+            count, total = count + 1, total + stat.st_size
         return count, total

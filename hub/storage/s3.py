@@ -81,6 +81,12 @@ def _uri_encode(text: str, *, keep_slash: bool) -> str:
     return quote(text, safe="/-_.~" if keep_slash else "-_.~")
 
 
+def _canonical_query(query: Mapping[str, str]) -> str:
+    """Sorted, URI-encoded key=value pairs: what is signed and what is sent."""
+    return "&".join(f"{_uri_encode(k, keep_slash=False)}={_uri_encode(v, keep_slash=False)}"
+                    for k, v in sorted(query.items()))
+
+
 def sign(method: str, host: str, path: str, query: Mapping[str, str], payload_sha256: str,
          credentials: Credentials, region: str, when: datetime) -> dict[str, str]:
     """The headers that make a request authentic under AWS Signature Version 4."""
@@ -91,8 +97,7 @@ def sign(method: str, host: str, path: str, query: Mapping[str, str], payload_sh
     canonical = "\n".join([
         method,
         _uri_encode(path, keep_slash=True),
-        "&".join(f"{_uri_encode(k, keep_slash=False)}={_uri_encode(v, keep_slash=False)}"
-                 for k, v in sorted(query.items())),
+        _canonical_query(query),
         "".join(f"{name}:{headers[name].strip()}\n" for name in names),
         ";".join(names),
         payload_sha256,
@@ -144,9 +149,8 @@ class S3Client:
                        self.location.region, datetime.now(UTC))
         if body is not None or method == "PUT":
             headers["content-length"] = str(size)
-        target = _uri_encode(path, keep_slash=True) + ("?" + "&".join(
-            f"{_uri_encode(k, keep_slash=False)}={_uri_encode(v, keep_slash=False)}"
-            for k, v in sorted(query.items())) if query else "")
+        target = _uri_encode(path, keep_slash=True) + (
+            "?" + _canonical_query(query) if query else "")
         connection = self._connect()
         try:
             connection.putrequest(method, target, skip_accept_encoding=True)
@@ -320,15 +324,7 @@ class S3BlobStore:
     def evict(self, keep: Path) -> None:
         """Drop the least recently used cached copies beyond `cache_bytes`, but not
         KEEP, the one about to be served (it may be larger than the whole cache)."""
-        root = self.cache.root / "sha256"
-        entries = []
-        for prefix in os.scandir(root) if root.is_dir() else ():
-            for entry in os.scandir(prefix.path):
-                try:
-                    stat = entry.stat()
-                except FileNotFoundError:
-                    continue
-                entries.append((stat.st_mtime, stat.st_size, entry.path))
+        entries = [(stat.st_mtime, stat.st_size, path) for path, stat in self.cache.entries()]
         held = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if held <= self.cache_bytes:
