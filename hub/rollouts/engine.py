@@ -38,7 +38,9 @@ from hub.rollouts.states import (
     Event,
     Evidence,
     RolloutState,
+    moving_reports,
     next_device_state,
+    report_evidence,
 )
 from hub.storage import errors
 from hub.storage.db import Database, format_time
@@ -62,6 +64,16 @@ def _states(states: Iterable[str]) -> str:
 # that says nothing of the update.
 _REPORTED = "CASE s.state " + " ".join(
     f"WHEN '{said}' THEN '{means.value}'" for said, means in FROM_REPORT.items()) + " END"
+
+def _moved_by_report(state: DeviceState) -> str:
+    saids = moving_reports(state)
+    return "s.state IN (" + ", ".join(f"'{said}'" for said in saids) + ")" if saids else "FALSE"
+
+
+# Whether the report moves a device in its state (states.DEVICE_MOVES): a failed device,
+# say, only on a report that it serves.
+_MOVED_BY_REPORT = "CASE m.state " + " ".join(
+    f"WHEN '{state.value}' THEN {_moved_by_report(state)}" for state in DeviceState) + " END"
 
 
 def _news(check_health: bool) -> str:
@@ -92,10 +104,7 @@ def _news(check_health: bool) -> str:
         "  OR (m.state IN (SELECT value FROM json_each(:updating)) AND m.assigned_at < :stale)"
         "  OR (d.id IS NOT NULL AND (COALESCE(d.applied_generation, 0) >= d.desired_generation"
         "   OR s.state IN (SELECT value FROM json_each(:in_progress)))"
-        f"   AND {_REPORTED} != m.state"
-        # A failed device moves on a report only once it serves (states.DEVICE_MOVES).
-        f"   AND (m.state != '{DeviceState.FAILED.value}'"
-        f"    OR s.state = '{DeviceState.SERVING.value}'))"
+        f"   AND {_REPORTED} != m.state AND {_MOVED_BY_REPORT})"
         + (f" OR m.state = '{DeviceState.SERVING.value}')" if check_health
            else f") AND m.state != '{DeviceState.SERVING.value}'"))
 
@@ -383,12 +392,8 @@ class Engine:
             evidence.add(Evidence.TAKEN_OVER)
         if unhealthy is not None:
             evidence.add(Evidence.UNHEALTHY)
-        if reported == D.FAILED:
-            evidence.add(Evidence.REPORTS_FAILURE)
-        elif reported == D.SERVING:
-            evidence.add(Evidence.REPORTS_SERVING)
-        elif reported is not None:
-            evidence.add(Evidence.REPORTS_PROGRESS)
+        if reported is not None:
+            evidence.add(report_evidence(reported))
         if (r["assigned_at"] or stale) < stale:
             evidence.add(Evidence.TIMED_OUT)
         state, why = next_device_state(D(r["state"]), evidence, reported)

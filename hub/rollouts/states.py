@@ -135,6 +135,21 @@ DEVICE_MOVES: dict[tuple[DeviceState, Evidence], DeviceState | None] = {
 }
 
 
+def report_evidence(reported: DeviceState) -> Evidence:
+    """What a report that says REPORTED of a device (FROM_REPORT) tells the engine."""
+    if reported == D.FAILED:
+        return Evidence.REPORTS_FAILURE
+    if reported == D.SERVING:
+        return Evidence.REPORTS_SERVING
+    return Evidence.REPORTS_PROGRESS
+
+
+def moving_reports(state: DeviceState) -> list[str]:
+    """The reports (FROM_REPORT's keys) that DEVICE_MOVES lets move a device in STATE."""
+    return sorted(said for said, means in FROM_REPORT.items()
+                  if (state, report_evidence(means)) in DEVICE_MOVES)
+
+
 def next_device_state(state: DeviceState, evidence: set[Evidence],
                       reported: DeviceState | None) -> tuple[DeviceState, Evidence | None]:
     """The state DEVICE_MOVES gives a device in STATE, and the evidence that decided it
