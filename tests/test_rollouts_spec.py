@@ -205,3 +205,13 @@ def test_an_upload_chunk_starting_at_a_non_ascii_number_is_refused(hub: InProces
                               headers={"Content-Range": b"\xb2-0"})
     assert answer.status_code == 416, answer.text
     hub.state.uploads.cancel("models/tiny", started.headers["location"].rsplit("/", 1)[1])
+
+
+def test_the_reports_that_move_a_device_are_those_the_table_moves_it_on() -> None:
+    # The engine's news query asks only for devices with such a report (moving_reports):
+    # any other report must leave the device as it is.
+    for state in DeviceState:
+        for said, means in states.FROM_REPORT.items():
+            moved = states.next_device_state(state, {states.report_evidence(means)}, means)
+            assert (said in states.moving_reports(state)) == (moved[1] is not None), (state, said)
+    assert states.moving_reports(DeviceState.FAILED) == [DeviceState.SERVING.value]
