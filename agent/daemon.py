@@ -20,7 +20,6 @@ import base64
 import functools
 import json
 import logging
-import ssl
 import subprocess
 import sys
 import threading
@@ -84,6 +83,8 @@ from contract.protocol import (
 # imported where an update needs it, not at start: an idle agent never does, and each
 # module it keeps out is memory it does not hold (bench/agent.py counts it).
 if TYPE_CHECKING:
+    import ssl
+
     from agent.container.serving import ContainerServing
     from agent.container.store import ContainerStore
     from agent.container.watch import ContainerWatch

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import ipaddress
 import platform as host_platform
-import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from contract import tls
 from contract.files import SECRET_MODE, read_json, write_atomic, write_json, write_secret
 
 if TYPE_CHECKING:
-    pass
+    import ssl
 
 IDENTITY_FILE = "identity.json"
 KEY_FILE = "device.key"
@@ -95,7 +93,7 @@ def enroll(
     mqtt_url: str | None = None,
 ) -> Identity:
     """Enroll with TOKEN and store the identity; fails with EnrollmentError."""
-    from contract import signing
+    from contract import signing, tls
 
     try:
         secret, pin = tls.split_token(token)
@@ -162,6 +160,8 @@ def pinned_ca(hub_url: str, pin: str) -> str:
     """The hub's CA, fetched without trusting anyone yet and kept only if its SHA-256 is PIN."""
     import httpx
 
+    from contract import tls
+
     try:  # unverified on purpose: the pin decides, and nothing secret is sent
         response = httpx.get(f"{hub_url.rstrip('/')}/api/v1/tls/ca", timeout=30, verify=False)
         response.raise_for_status()
@@ -179,6 +179,8 @@ def pinned_ca(hub_url: str, pin: str) -> str:
 
 def mqtt_tls(data_dir: Path, identity: Identity) -> ssl.SSLContext:
     """Verifies the broker with the pinned CA and presents the device certificate."""
+    from contract import tls
+
     return tls.client_context(data_dir / CA_FILE,
                               data_dir / CERT_FILE if identity.mqtt_certificate else None,
                               data_dir / KEY_FILE if identity.mqtt_certificate else None)
@@ -186,4 +188,8 @@ def mqtt_tls(data_dir: Path, identity: Identity) -> ssl.SSLContext:
 
 def hub_tls(data_dir: Path, identity: Identity) -> ssl.SSLContext | bool:
     """How the hub's REST API is verified: with the pinned CA, or (http://) not at all."""
-    return tls.client_context(data_dir / CA_FILE) if identity.tls else True
+    if not identity.tls:
+        return True
+    from contract import tls
+
+    return tls.client_context(data_dir / CA_FILE)

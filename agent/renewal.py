@@ -10,22 +10,25 @@ the next check: the old certificate is still valid for a third of its life.
 The hourly look at the certificate's dates is taken in a child process
 (`python -m agent.renewal CERT`): reading a certificate loads cryptography
 (~8 MB), which the daemon would hold from then on; only a renewal loads it
-in the daemon.
+in the daemon. contract.tls itself (ssl, OpenSSL) is loaded only by an agent
+that has a certificate: one on plain MQTT never needs it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import ssl
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.identity import CERT_FILE, KEY_FILE, Identity, hub_tls
-from contract import tls
 from contract.files import write_secret
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("edgefleet.agent.renewal")
 
@@ -50,6 +53,8 @@ def renew_if_due(data_dir: Path, identity: Identity, context: ssl.SSLContext | N
     cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
     if not identity.mqtt_certificate:
         return False
+    from contract import tls
+
     try:
         not_before, not_after = validity(cert_path)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
@@ -84,6 +89,8 @@ def renew_if_due(data_dir: Path, identity: Identity, context: ssl.SSLContext | N
 
 def main(argv: list[str]) -> int:
     """The child: print CERT's not-before and not-after as a JSON pair of ISO times."""
+    from contract import tls
+
     cert = tls.read_certificate(Path(argv[0]).read_text())
     print(json.dumps([cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat()]))
     return 0

@@ -26,6 +26,9 @@ log = logging.getLogger("edgefleet.agent.trust")
 
 TRUST_FILE = "hub-keys.json"
 UNREADABLE_KEY = "unreadable"  # the key id reported when the trusted key is damaged
+# The trusted key's id, kept so that later starts need not hash the key: hashing loads
+# OpenSSL's libcrypto (3.5 MB), which an idle agent on plain MQTT has no other use for.
+KEY_ID_FILE = "hub-key-id.json"
 
 
 def save(data_dir: Path, trust: keys.Trust) -> None:
@@ -46,6 +49,7 @@ class TrustStore:
         self.data_dir = data_dir
         self.trust = load(data_dir, identity)
         self._loaded: tuple[str, ec.EllipticCurvePublicKey] | None = None
+        self._id: tuple[str, str] | None = None  # (key, its id)
 
     @property
     def key(self) -> ec.EllipticCurvePublicKey:
@@ -66,10 +70,28 @@ class TrustStore:
     def key_id(self) -> str:
         """The trusted key's id for the device's report; a damaged key is reported as such
         (each desired state is then refused, see `key`), never a crash."""
+        key = self.trust.key
+        if self._id is None or self._id[0] != key:
+            self._id = (key, self._saved_id(key))
+        return self._id[1]
+
+    def _saved_id(self, key: str) -> str:
+        path = self.data_dir / KEY_ID_FILE
         try:
-            return self.trust.key_id
+            saved = read_json(path)
+            if saved["key"] == key and isinstance(saved["id"], str):
+                return saved["id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, another key's or damaged: worked out again below
+        try:
+            found = keys.pem_key_id(key)
         except keys.RotationError:
             return UNREADABLE_KEY
+        try:
+            write_json(path, {"key": key, "id": found})
+        except OSError as exc:  # a full disk, say: reported all the same, hashed next start
+            log.warning("could not save the hub key's id: %s", exc)
+        return found
 
     @property
     def retired(self) -> tuple[str, ...]:

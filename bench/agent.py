@@ -201,7 +201,7 @@ STARTUP_IMPORTS = [
     ("stdlib: logging, dataclasses (inspect), json, subprocess, datetime",
      ["logging", "dataclasses", "json", "subprocess", "socket", "datetime", "threading"]),
     ("OpenSSL's libcrypto (hashlib, hmac)", ["hashlib", "hmac"]),
-    ("ssl, libssl (the daemon imports it, TLS or not)", ["ssl"]),
+    ("ssl, libssl (only with TLS: mqtts://, https)", ["ssl"]),
     ("paho-mqtt (+ urllib.request, http.client, email)", ["paho.mqtt.client"]),
     ("http.client, email (enrolling; a serving process's control socket)", ["http.client"]),
     ("sqlite3 (the telemetry queue)", ["sqlite3"]),

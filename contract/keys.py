@@ -17,7 +17,6 @@ compromised one without its help.
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -42,6 +41,8 @@ HUB_KEY_FACT: Final = "hub_key"
 def pem_key_id(pem: str) -> str:
     """`signing.key_id` of a PEM public key, without cryptography (an idle agent reports it
     and stays small): the PEM's base64 body is the DER SubjectPublicKeyInfo."""
+    import hashlib  # OpenSSL's libcrypto, 3.5 MB: an agent that knows the id never loads it
+
     body = "".join(line for line in pem.strip().splitlines() if not line.startswith("-----"))
     try:
         der = base64.b64decode(body, validate=True)

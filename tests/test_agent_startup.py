@@ -33,7 +33,10 @@ HEAVY = ["click", "rich", "httpx", "cryptography", "asyncio", "importlib.metadat
 IDLE_HEAVY = [*HEAVY, "agent.updates", "agent.package_store", "contract.oci", "tarfile",
               "decimal", "onnxruntime", "agent.serving.server",
               "paho", "urllib.request",  # agent/mqtt.py speaks MQTT itself (agent/mqtt_wire.py)
-              "http.client", "email", "shutil", "bz2", "secrets"]  # serving, profiling, enrolling
+              "http.client", "email", "shutil", "bz2", "secrets",  # serving, profiling, enrolling
+              # TLS (its agents load them for mqtts://), hashing (a restart reads the hub key's
+              # id, agent/trust.py): OpenSSL costs an agent on plain MQTT 5 MB
+              "ssl", "hashlib", "hmac"]
 # What only an update needs: a refused desired state or command loads none of it.
 UPDATE_CODE = ["agent.updates", "agent.package_store", "contract.oci", "tarfile",
                "packager.distribution"]

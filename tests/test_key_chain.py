@@ -118,6 +118,28 @@ def test_the_key_id_needs_no_cryptography_and_matches_signing() -> None:
     assert keys.pem_key_id(pem(key)) == signing.key_id(key)
 
 
+def test_a_device_reports_the_saved_key_id_and_works_it_out_again_when_it_no_longer_fits(
+        tmp_path: Path) -> None:
+    from agent.identity import Identity
+    from agent.trust import KEY_ID_FILE, TrustStore
+
+    made, chain = rotations(1)
+    identity = Identity("dev-1", "d", "http://hub", "t", "mqtt://hub", "u", "p", pem(made[0]))
+    saved = tmp_path / KEY_ID_FILE
+    assert TrustStore(tmp_path, identity).key_id == signing.key_id(made[0])
+    assert json.loads(saved.read_text()) == {"key": pem(made[0]), "id": signing.key_id(made[0])}
+    # A restart reads the id (this one planted, to tell it from a hash); damage or another
+    # key's id is worked out from the key again.
+    saved.write_text(json.dumps({"key": pem(made[0]), "id": "sha256:planted"}))
+    assert TrustStore(tmp_path, identity).key_id == "sha256:planted"
+    for damaged in ("{", "[]", json.dumps({"key": pem(made[1]), "id": "sha256:other"})):
+        saved.write_text(damaged)
+        assert TrustStore(tmp_path, identity).key_id == signing.key_id(made[0])
+    ring = TrustStore(tmp_path, identity)
+    assert ring.follow(chain) and ring.key_id == signing.key_id(made[1])
+    assert json.loads(saved.read_text())["id"] == signing.key_id(made[1])
+
+
 def _resigned(calls: list[tuple[str, str]]) -> Any:
     def resign(old: ec.EllipticCurvePublicKey, new: ec.EllipticCurvePrivateKey) -> int:
         calls.append((signing.key_id(old), signing.key_id(new)))
