@@ -194,12 +194,7 @@ def _database(out: Exposition, state: HubState) -> None:
                         " ORDER BY state"):
         out.sample(row["n"], {"state": row["state"]})
     out.family("edgefleet_database_bytes", "gauge",
-               "Size of the hub's SQLite database, by file (the main file and its WAL);"
-               " none on PostgreSQL, whose server has its own metrics.")
-    if db.path is None:
-        return
-    for name, path in (("db", db.path), ("wal", db.path.with_name(db.path.name + "-wal"))):
-        try:
-            out.sample(path.stat().st_size, {"file": name})
-        except FileNotFoundError:
-            out.sample(0, {"file": name})
+               "Size of the hub's database, by file: SQLite's main file (db) and its WAL"
+               " (wal); on PostgreSQL its tables with their indexes (db).")
+    for name, size in db.sizes().items():
+        out.sample(size, {"file": name})

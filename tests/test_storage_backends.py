@@ -70,6 +70,20 @@ def test_devices_enroll_are_tagged_found_and_deleted(any_db: Database) -> None:
     assert devices.ids(any_db) == set()
 
 
+def test_the_database_tells_its_size_and_it_grows_with_what_is_stored(any_db: Database
+                                                                        ) -> None:
+    before = any_db.sizes()
+    assert set(before) == ({"db", "wal"} if any_db.dialect.name == "sqlite" else {"db"})
+    assert before["db"] > 0
+    with any_db.transaction() as conn:
+        for n in range(2000):
+            conn.execute("INSERT INTO events (at, type, subject, actor, detail)"
+                         " VALUES (?, ?, ?, ?, ?)", ("2026-01-01T00:00:00Z", "test", f"s{n}",
+                                                     "test", "x" * 200))
+    after = any_db.sizes()
+    assert sum(after.values()) > sum(before.values())
+
+
 def test_a_constraint_refuses_a_write_and_nothing_of_it_stays(any_db: Database) -> None:
     insert = ("INSERT INTO api_tokens (id, name, role, token_hash, created_at, created_by)"
               " VALUES (?, 'n', 'admin', 'same-hash', '2026', 'test')")

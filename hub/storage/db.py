@@ -406,6 +406,10 @@ class Database:
             self._local.conn = None
             conn.close()
 
+    def sizes(self) -> dict[str, int]:
+        """The database's bytes on disk, by file (the dialect's `sizes`)."""
+        return self.dialect.sizes(self.conn)
+
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
     ) -> list[dict[str, Any]]:

@@ -60,6 +60,9 @@ class Dialect(Protocol):
     def last_given(self, conn: Connection, table: str, column: str) -> int:
         """The highest value TABLE's serial COLUMN ever gave (0 for none), deleted rows too."""
 
+    def sizes(self, conn: Connection) -> dict[str, int]:
+        """The database's bytes on disk, by file ("db", and SQLite's "wal")."""
+
 
 class SQLite:
     name = "sqlite"
@@ -94,6 +97,16 @@ class SQLite:
     def last_given(self, conn: Connection, table: str, column: str) -> int:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
         return int(row[0]) if row else 0
+
+    def sizes(self, conn: Connection) -> dict[str, int]:
+        found = {}
+        wal = self.path.with_name(self.path.name + "-wal")
+        for name, path in (("db", self.path), ("wal", wal)):
+            try:
+                found[name] = path.stat().st_size
+            except FileNotFoundError:
+                found[name] = 0
+        return found
 
 
 # The advisory lock every PostgreSQL write transaction holds: one writer at a time,
@@ -142,6 +155,15 @@ class Postgres:
         row = conn.execute("SELECT pg_sequence_last_value(pg_get_serial_sequence(?, ?))",
                            (table, column)).fetchone()
         return int(row[0] or 0)
+
+    def sizes(self, conn: Connection) -> dict[str, int]:
+        # The hub's tables with their indexes and TOAST: the schema, not the whole
+        # database, which may hold others'.
+        row = conn.execute(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = current_schema() AND c.relkind = 'r'").fetchone()
+        return {"db": int(row[0])}
 
 
 def dialect_for(target: Path | str) -> SQLite | Postgres:
