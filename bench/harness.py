@@ -19,8 +19,10 @@ TLS checks for registries on loopback).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -29,6 +31,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import psycopg
 
 from contract import protocol
 
@@ -383,3 +387,62 @@ def start_mosquitto(directory: Path, *, bridge_to: int | None = None) -> Mosquit
     broker = Mosquitto(directory, bridge_to=bridge_to)
     broker.start()
     return broker
+
+
+# Debian's postgresql package (.ci/install): its newest major version's programs.
+POSTGRES_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"),
+                   key=lambda p: int(p.parent.name), default=Path("/usr/lib/postgresql/15/bin"))
+
+
+class PostgresServer:
+    """A private PostgreSQL server: initdb into a temp dir, `postgres` on a free port of
+    127.0.0.1, as the postgres user when run as root (PostgreSQL refuses root). Unless
+    DURABLE (a benchmark's, which compares it with SQLite's durable commits), fsync is
+    off: a test's database need not survive a crash of the machine."""
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+        self.port = free_port()
+        self._names = itertools.count()
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            # setpriv execs: the server is our child, and our signals reach it.
+            as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                       "--init-groups", "--"]
+        data = self.dir / "data"
+        subprocess.run([*as_user, POSTGRES_BIN / "initdb", "-D", data, "-U", "postgres",
+                        "--auth=trust", "--no-sync", "-E", "UTF8"], check=True,
+                       capture_output=True)
+        settings = ["max_connections=300", *([] if durable else ["fsync=off"])]
+        with open(self.dir / "log", "wb") as log:
+            self.process = subprocess.Popen(
+                [*as_user, POSTGRES_BIN / "postgres", "-D", data, "-k", self.dir,
+                 "-p", str(self.port), "-h", "127.0.0.1",
+                 *(arg for setting in settings for arg in ("-c", setting))],
+                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.url("postgres")).close()
+                break
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.dir / "log").read_text()) from None
+                time.sleep(0.1)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """The URL of a new, empty database."""
+        name = f"t_{next(self._names)}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)  # fast shutdown: open sessions are ended
+        self.process.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -8,6 +8,7 @@ Run from the repository root (about 3.5 minutes on 2 cores; --quick about 45 s):
     .venv/bin/python bench/rollout.py --sizes 20000 --sim-processes 2   # a sim of 2 processes
     .venv/bin/python bench/rollout.py --sizes 100000 --sim-processes 10 --brokers 6
     .venv/bin/python bench/rollout.py --sizes 10000 --sim-processes 2 --no-telemetry
+    .venv/bin/python bench/rollout.py --sizes 10000 --sim-processes 2 --database postgresql
 
 Everything runs on loopback in a temporary directory that is removed at the
 end: a real Mosquitto (bench/harness.py), a real `edgefleet hub serve`
@@ -16,7 +17,10 @@ published as versions 1 and 2 with signed packages, and the devices as one
 `edgefleet sim` (--sim-processes N: `edgefleet sim --processes N`, N child
 processes with disjoint device ranges; --brokers N: the devices spread over N leaf
 Mosquittos bridged to the hub's, as one Mosquitto here holds under 20,000 connections,
-the machine's open-file limit) (agent/sim/: real MQTT sessions, real desired-state
+the machine's open-file limit; --database postgresql: the hub on a private
+PostgreSQL server the bench starts, with fsync on, its processes sampled as
+"postgresql", whose RSS sums every backend's and so counts the shared buffers
+once per backend) (agent/sim/: real MQTT sessions, real desired-state
 checks, reported states and telemetry; simulated downloads and model loads,
 each update state taking --step-latency 0.01 s +-50 %, so that the times are
 the system's, not the devices'). Each fleet size gets a fresh hub, broker
@@ -147,7 +151,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -157,6 +161,7 @@ from typing import Any, Self
 
 import httpx
 import psutil
+import psycopg
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +173,7 @@ from harness import (  # noqa: E402
     EDGEFLEET,
     HubProcess,
     Mosquitto,
+    PostgresServer,
     publish_version,
     start_hub,
     start_mosquitto,
@@ -260,8 +266,10 @@ class Sampler:
                 try:
                     rss, cpu = 0, 0.0
                     # Listing children reads every process's /proc entry: only the
-                    # simulator has any (--processes).
-                    for member in (family(processes[0]) if name == "sim" else processes):
+                    # simulator (--processes) and PostgreSQL (a backend per connection)
+                    # have any.
+                    for member in (family(processes[0]) if name in ("sim", "postgresql")
+                                   else processes):
                         with member.oneshot():
                             times = member.cpu_times()
                             rss += member.memory_info().rss
@@ -304,7 +312,7 @@ def family(process: psutil.Process) -> list[psutil.Process]:
 
 def usage_rows(sampler: Sampler, start: float, end: float, hub_idle_rss: int) -> list[Row]:
     rows = []
-    for name in ("hub", "sim", "mosquitto", "leaf brokers"):
+    for name in ("hub", "sim", "mosquitto", "leaf brokers", "postgresql"):
         usage = sampler.usage(name, start, end)
         if usage is not None:
             baseline = f"idle {hub_idle_rss / MB:.0f} MB" if name == "hub" else ""
@@ -412,6 +420,7 @@ class Stack:
     sampler: Sampler
     versions: tuple[int, int]
     hub_idle_rss: int
+    database_url: str | None  # the hub's PostgreSQL database; None: SQLite in its data dir
     enrolled: int = 0
     sim: Simulator | None = None
     sim_processes: int = 1
@@ -489,39 +498,50 @@ class Stack:
 
 
 @contextmanager
-def open_stack(root: Path, sampler: Sampler, brokers: int) -> Iterator[Stack]:
-    broker = start_mosquitto(root / "mosquitto")
-    leaves: list[Mosquitto] = []
+def hub_database(database: str, sampler: Sampler) -> Iterator[tuple[str, ...]]:
+    """The hub's arguments for DATABASE: SQLite in its data dir, or a private PostgreSQL
+    server (durable, as SQLite's commits are) with a new database, sampled meanwhile."""
+    if database == "sqlite":
+        yield ()
+        return
+    server = PostgresServer(durable=True)
     try:
+        sampler.watch("postgresql", server.process.pid)
+        yield ("--database-url", server.new_database())
+    finally:
+        server.stop()
+
+
+@contextmanager
+def open_stack(root: Path, sampler: Sampler, brokers: int, database: str) -> Iterator[Stack]:
+    with ExitStack() as cleanup:  # stopped in reverse: simulator, hub, database, brokers
+        broker = start_mosquitto(root / "mosquitto")
+        cleanup.callback(broker.stop)
+        leaves: list[Mosquitto] = []
         for i in range(brokers if brokers > 1 else 0):
             leaves.append(start_mosquitto(root / f"leaf-{i}", bridge_to=broker.port))
+            cleanup.callback(leaves[-1].stop)
         if leaves:
             sampler.watch("leaf brokers", *(leaf.process.pid for leaf in leaves
                                             if leaf.process is not None))
-        hub = start_hub(root / "hub", extra_args=("--mqtt-url", broker.url),
+        database_args = cleanup.enter_context(hub_database(database, sampler))
+        hub = start_hub(root / "hub", extra_args=("--mqtt-url", broker.url, *database_args),
                         tls=False)  # bench/tls.py measures TLS
-        try:
-            model = make_onnx(root / "model" / "model.onnx")
-            versions = (publish_version(hub, MODEL, model), publish_version(hub, MODEL, model))
-            assert broker.process is not None
-            sampler.watch("hub", hub.process.pid)
-            sampler.watch("mosquitto", broker.process.pid)
-            client = httpx.Client(base_url=hub.url, timeout=60,
-                                  headers={"Authorization": f"Bearer {hub.admin_token}"},
-                                  limits=httpx.Limits(max_connections=ENROLL_THREADS + 1))
-            idle = psutil.Process(hub.process.pid).memory_info().rss
-            stack = Stack(root, broker, leaves, hub, client, sampler, versions, idle)
-            try:
-                yield stack
-            finally:
-                stack.stop_sim()
-                client.close()
-        finally:
-            hub.stop()
-    finally:
-        for leaf in leaves:
-            leaf.stop()
-        broker.stop()
+        cleanup.callback(hub.stop)
+        model = make_onnx(root / "model" / "model.onnx")
+        versions = (publish_version(hub, MODEL, model), publish_version(hub, MODEL, model))
+        assert broker.process is not None
+        sampler.watch("hub", hub.process.pid)
+        sampler.watch("mosquitto", broker.process.pid)
+        client = httpx.Client(base_url=hub.url, timeout=60,
+                              headers={"Authorization": f"Bearer {hub.admin_token}"},
+                              limits=httpx.Limits(max_connections=ENROLL_THREADS + 1))
+        cleanup.callback(client.close)
+        idle = psutil.Process(hub.process.pid).memory_info().rss
+        stack = Stack(root, broker, leaves, hub, client, sampler, versions, idle,
+                      database_args[-1] if database_args else None)
+        cleanup.callback(stack.stop_sim)
+        yield stack
 
 
 # ---- rollouts --------------------------------------------------------------------
@@ -831,13 +851,20 @@ def drain_rows(run: DrainRun) -> list[Row]:
 
 def stored_rows(stack: Stack) -> list[Row]:
     """The hub's counter against its table, read-only; the hub must have caught up."""
-    db = sqlite3.connect(f"file:{stack.hub.data_dir / 'hub.db'}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
-    finally:
-        db.close()
+    count = "SELECT COUNT(*) FROM telemetry"
+    if stack.database_url is not None:
+        with psycopg.connect(stack.database_url) as conn:
+            rows = conn.execute(count).fetchone()[0]  # type: ignore[index]
+        where = "the PostgreSQL database"
+    else:
+        db = sqlite3.connect(f"file:{stack.hub.data_dir / 'hub.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute(count).fetchone()[0]
+        finally:
+            db.close()
+        where = "hub.db (read-only)"
     counted = stack.fleet_status()["ingest"]["telemetry_points"]
-    return [Row("telemetry rows in hub.db (read-only) / hub's counter", f"{rows:,}",
+    return [Row(f"telemetry rows in {where} / hub's counter", f"{rows:,}",
                 f"{counted:,}", "equal" if rows == counted else "DIFFER")]
 
 
@@ -904,10 +931,10 @@ def measure_telemetry(stack: Stack, stage: Stage, size: int, windows: Windows) -
 
 
 def run_stage(root: Path, sampler: Sampler, stage: Stage, windows: Windows | None,
-              sim_processes: int, brokers: int, connect_limit: float) -> None:
+              sim_processes: int, brokers: int, connect_limit: float, database: str) -> None:
     """Connect, roll out twice, and with WINDOWS measure telemetry too. A failure ends
     the stage, not the run: the other stages' numbers are still worth printing."""
-    with open_stack(root, sampler, brokers) as stack:
+    with open_stack(root, sampler, brokers, database) as stack:
         stack.sim_processes, stack.connect_limit = sim_processes, connect_limit
         try:
             size = step_up(stack, stage)
@@ -1002,6 +1029,10 @@ def main() -> None:
                              f"(default {CONNECT_LIMIT_S:.0f})")
     parser.add_argument("--no-telemetry", action="store_true",
                         help="the rollouts only: no telemetry runs on the largest fleet")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the hub's database: SQLite in its data dir (default), or "
+                             "PostgreSQL, a private server the bench starts (Debian's, as "
+                             "the tests do) with fsync on")
     args = parser.parse_args()
     try:
         sizes, probe = parse_sizes("50,200" if args.quick else args.sizes)
@@ -1017,16 +1048,16 @@ def main() -> None:
         for i, stage in enumerate(stages):
             root = Path(tmp) / f"stage-{i}"
             root.mkdir()
-            last = stage is stages[-1] and not args.no_telemetry
-            run_stage(root, sampler, stage, windows if last else None,
-                      args.sim_processes, args.brokers, args.connect_limit)
+            telemetry = stage is stages[-1] and not args.no_telemetry
+            run_stage(root, sampler, stage, windows if telemetry else None,
+                      args.sim_processes, args.brokers, args.connect_limit, args.database)
     rollout = [row for stage in stages for run, connect in stage.rollouts
                for row in rollout_rows(run, connect)]
     if probe:
         rollout += reach_rows(stages[-1])
     cpus = os.cpu_count()
-    caption = (f"Hub, Mosquitto and simulator share the {cpus} CPUs; 100 % CPU is one core. "
-               f"Load average before the run: {load_before:.1f}.")
+    caption = (f"Hub ({args.database}), Mosquitto and simulator share the {cpus} CPUs; "
+               f"100 % CPU is one core. Load average before the run: {load_before:.1f}.")
     print_table(rollout, f"edgefleet rollout bench: rollout time, step latency "
                          f"{STEP_LATENCY_S} s, {cpus} CPUs", caption)
     last = stages[-1]

@@ -1,85 +1,20 @@
-"""A private PostgreSQL server for the tests: initdb into a temp dir, `postgres` on a free
-port of 127.0.0.1 (as the postgres user when the tests run as root, which PostgreSQL
-refuses), and one fresh database per test. Some 0.3-1 s a test on this machine: CREATE
-DATABASE, then the hub's schema."""
+"""A private PostgreSQL server for the tests (bench/harness.py's `PostgresServer`, which
+the benchmarks use too) and one fresh database per test. Some 0.3-1 s a test on this
+machine: CREATE DATABASE, then the hub's schema."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import pwd
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from bench.harness import PostgresServer
 from hub.storage.db import Database
 
-# Debian's postgresql package (.ci/install): its newest major version's programs.
-BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name),
-          default=Path("/usr/lib/postgresql/15/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PostgresServer:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
-        self.port = _free_port()
-        self._names = itertools.count()
-        as_user: list[str] = []
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-            # setpriv execs: the server is our child, and our signals reach it.
-            as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
-                       "--init-groups", "--"]
-        data = self.dir / "data"
-        subprocess.run([*as_user, BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust",
-                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
-        # fsync off: a test database need not survive a crash of the machine.
-        with open(self.dir / "log", "wb") as log:
-            self.process = subprocess.Popen(
-                [*as_user, BIN / "postgres", "-D", data, "-k", self.dir, "-p", str(self.port),
-                 "-h", "127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300"],
-                stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                psycopg.connect(self.url("postgres")).close()
-                break
-            except psycopg.OperationalError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((self.dir / "log").read_text()) from None
-                time.sleep(0.1)
-
-    def url(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def new_database(self) -> str:
-        """The URL of a new, empty database."""
-        name = f"t_{next(self._names)}"
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)  # fast shutdown: open sessions are ended
-        self.process.wait(30)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
+__all__ = ["PostgresServer", "any_db", "as_older_hub_left_it", "db_target", "postgres_server",
+           "postgres_url", "write_lock_held"]
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
