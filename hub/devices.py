@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from contract import names
 from hub import validation
 from hub.errors import NotFound, Unauthorized
 from hub.storage.db import Database, dumps, format_time, now
@@ -136,13 +137,31 @@ def _device_record(row: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def tag_filter(tags: Iterable[tuple[str, str]], devices: str = "devices"
+               ) -> tuple[list[str], list[Any]]:
+    """SQL clauses, and their parameters, true for a row of DEVICES (the table or its
+    alias) that has every (key, value) of TAGS: the one tag filter of device lists,
+    rollout targets, the dashboard and drift.
+
+    The key goes into json_extract's path rather than through a json_each scan: on
+    PostgreSQL json_each is a function of ours that it cannot inline, and running it for
+    every device took ~0.6 s at 10,000 devices (bench/rollout.py --database postgresql).
+    A key outside the tag grammar, which leaves no quote to end the path, matches none."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for key, value in tags:
+        if not names.TAG_KEY.matches(key):
+            clauses.append("1 = 0")
+            continue
+        clauses.append(f"json_extract({devices}.tags, '$.\"{key}\"') = ?")
+        params.append(value)
+    return clauses, params
+
+
 def list_devices(
     db: Database, *, tags: Sequence[tuple[str, str]] = (), limit: int = 1000, offset: int = 0
 ) -> list[dict[str, Any]]:
-    clauses = [
-        "EXISTS (SELECT 1 FROM json_each(tags) WHERE key = ? AND value = ?)" for _ in tags
-    ]
-    params = [p for pair in tags for p in pair]
+    clauses, params = tag_filter(tags)
     rows = db.query(
         "SELECT * FROM devices"
         + (" WHERE " + " AND ".join(clauses) if clauses else "")

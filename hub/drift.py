@@ -34,6 +34,7 @@ from agent.sketches import histogram
 from contract.sketch import Feature, SketchError, SketchSpec
 from contract.tensors import Signature
 from hub import events
+from hub.devices import tag_filter
 from hub.drift_sketches import hour_of
 from hub.errors import Conflict, NotFound
 from hub.events import EventType
@@ -228,10 +229,11 @@ def merged_counts(db: Database, model: str, version: int, target: Sequence[tuple
     sql = ("SELECT s.counts FROM drift_sketches s WHERE s.model = ?"
            " AND s.version = ? AND s.hour >= ?")
     params: list[Any] = [model, version, hour_of(since)]
-    for key, value in target:
-        sql += (" AND EXISTS (SELECT 1 FROM devices d, json_each(d.tags) t WHERE"
-                " d.id = s.device_id AND t.key = ? AND t.value = ?)")
-        params += [key, value]
+    if target:
+        matching, values = tag_filter(target, "d")
+        sql += (" AND EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device_id AND "
+                + " AND ".join(matching) + ")")
+        params += values
     totals: dict[str, list[list[int]]] = {}
     for row in db.query(sql, params):
         for feature, counts in json.loads(row["counts"]).items():

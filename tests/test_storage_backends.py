@@ -84,6 +84,39 @@ def test_the_database_tells_its_size_and_it_grows_with_what_is_stored(any_db: Da
     assert sum(after.values()) > sum(before.values())
 
 
+def test_tag_filters_take_every_key_the_grammar_allows_and_nothing_else(any_db: Database
+                                                                          ) -> None:
+    _, secret = devices.create_enrollment_token(
+        any_db, tags={"site.eu/west-1": "lab \"a\"", "x": "1"},
+        expires_in=timedelta(hours=1), max_uses=1, created_by="test")
+    device, _ = devices.enroll(any_db, secret=secret, public_key="key", name="one")
+    found = [d["id"] for d in devices.list_devices(
+        any_db, tags=[("site.eu/west-1", 'lab "a"'), ("x", "1")])]
+    assert found == [device["id"]]
+    for tags in ([("x", "2")], [("site", 'lab "a"')], [("x\"') = '1' OR ('1", "1")]):
+        assert devices.list_devices(any_db, tags=tags) == []
+
+
+def test_statistics_are_renewed_once_a_table_changed_much(any_db: Database) -> None:
+    any_db.refresh_statistics(["events"])  # nothing changed: nothing to do, on both
+    if any_db.dialect.name != "postgresql":
+        return
+    with any_db.transaction() as conn:
+        for n in range(2000):
+            conn.execute("INSERT INTO events (at, type, subject, actor, detail)"
+                         " VALUES (?, ?, ?, ?, ?)", ("2026-01-01T00:00:00Z", "t", f"s{n}", "t", ""))
+
+    def analyzed() -> bool:  # the server counts the changes a moment after the commit
+        any_db.refresh_statistics(["events"])
+        row = any_db.query_one("SELECT last_analyze FROM pg_stat_user_tables"
+                               " WHERE schemaname = current_schema() AND relname = 'events'")
+        return row is not None and row["last_analyze"] is not None
+    deadline = time.monotonic() + 15
+    while not analyzed():
+        assert time.monotonic() < deadline, "events was never analyzed"
+        time.sleep(0.2)
+
+
 def test_a_constraint_refuses_a_write_and_nothing_of_it_stays(any_db: Database) -> None:
     insert = ("INSERT INTO api_tokens (id, name, role, token_hash, created_at, created_by)"
               " VALUES (?, 'n', 'admin', 'same-hash', '2026', 'test')")

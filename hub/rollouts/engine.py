@@ -56,6 +56,11 @@ def system_clock() -> datetime:
     return datetime.now(UTC)
 
 
+# What a tick reads, which a rollout fills fast (its devices, their reports, the health
+# check's telemetry): their statistics are kept fresh for the query planner.
+_READ_TABLES = ("rollout_devices", "deployment_status", "devices", "deployments", "telemetry")
+
+
 def _states(states: Iterable[str]) -> str:
     return json.dumps(sorted(states))
 
@@ -125,6 +130,7 @@ class Engine:
         """Move every rollout that needs it one step on. CHECK_JOINERS False: completed
         rollouts do not look for devices that joined their target this time (a scan of
         the devices each; running rollouts always do)."""
+        self.db.refresh_statistics(_READ_TABLES)
         # An aborted rollout assigns nothing more, but its devices that were updating when
         # it was aborted are still followed to their outcome. A completed rollout is left
         # alone once a newer one of the same deployment has the same target: that one takes

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from hub import audit
+from hub.devices import tag_filter
 from hub.errors import NotFound
 from hub.rollouts import spec as specs
 from hub.rollouts.states import ANSWERED, TRANSITIONS, Event, RolloutState
@@ -85,9 +86,7 @@ def transition(db: Database, rollout_id: str, event: Event, reason: str | None,
 def target_devices(db: Database, target: Mapping[str, str], *,
                    outside: str | None = None) -> list[str]:
     """The devices matching TARGET; with OUTSIDE, only those not yet in that rollout."""
-    clauses = ["EXISTS (SELECT 1 FROM json_each(tags) WHERE key = ? AND value = ?)"
-               for _ in target]
-    params = [p for pair in target.items() for p in pair]
+    clauses, params = tag_filter(target.items())
     if outside is not None:
         clauses.append("NOT EXISTS (SELECT 1 FROM rollout_devices m WHERE m.rollout_id = ?"
                        " AND m.device_id = devices.id)")

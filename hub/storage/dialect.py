@@ -6,9 +6,10 @@ the spelling)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,6 +64,9 @@ class Dialect(Protocol):
     def sizes(self, conn: Connection) -> dict[str, int]:
         """The database's bytes on disk, by file ("db", and SQLite's "wal")."""
 
+    def refresh_statistics(self, conn: Connection, tables: Sequence[str]) -> None:
+        """Bring the planner's statistics of TABLES up to date where they changed much."""
+
 
 class SQLite:
     name = "sqlite"
@@ -107,6 +111,9 @@ class SQLite:
             except FileNotFoundError:
                 found[name] = 0
         return found
+
+    def refresh_statistics(self, conn: Connection, tables: Sequence[str]) -> None:
+        pass  # SQLite's plans for the hub's queries need no statistics (no ANALYZE is run)
 
 
 # The advisory lock every PostgreSQL write transaction holds: one writer at a time,
@@ -155,6 +162,19 @@ class Postgres:
         row = conn.execute("SELECT pg_sequence_last_value(pg_get_serial_sequence(?, ?))",
                            (table, column)).fetchone()
         return int(row[0] or 0)
+
+    def refresh_statistics(self, conn: Connection, tables: Sequence[str]) -> None:
+        # PostgreSQL plans joins by ANALYZE's row counts, which autovacuum renews at most
+        # once a minute and after a tenth of a table changed: a rollout that filled
+        # rollout_devices and deployment_status with 10,000 rows in seconds was planned as
+        # if they held a handful, a nested loop over every pair (0.6 s a tick and growing;
+        # bench/rollout.py --database postgresql).
+        for row in conn.execute(
+                "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema()"
+                " AND relname IN (SELECT value FROM json_each(?))"
+                " AND n_mod_since_analyze > 500 + n_live_tup / 10", (json.dumps(list(tables)),)
+        ).fetchall():
+            conn.execute(f"ANALYZE {row[0]}")
 
     def sizes(self, conn: Connection) -> dict[str, int]:
         # The hub's tables with their indexes and TOAST: the schema, not the whole

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub import rollups, telemetry
+from hub.devices import tag_filter
 from hub.retention import RetentionPolicy
 from hub.storage.db import Database, format_time, parse_time
 
@@ -60,8 +61,9 @@ class FleetFilter:
             params.append(self.accelerator)
         if self.tag:
             key, _, value = self.tag.partition("=")
-            clauses.append("EXISTS (SELECT 1 FROM json_each(tags) WHERE key = ? AND value = ?)")
-            params += [key, value]
+            matching, values = tag_filter([(key, value)])
+            clauses += matching
+            params += values
         if self.version:
             model, _, version = self.version.rpartition(":")
             clauses.append("EXISTS (SELECT 1 FROM deployment_status s WHERE s.device_id ="
