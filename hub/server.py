@@ -48,6 +48,7 @@ from hub.keys import KeyRing
 from hub.leader import Leader
 from hub.liveness import Liveness
 from hub.oci_registry import Uploads
+from hub.periodic import Periodic
 from hub.retention import Retention
 from hub.rollout_engine import RolloutEngine
 from hub.settings import UNSPECIFIED, HubSettings
@@ -334,6 +335,12 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
     drift_watch = DriftWatch(state.db, interval=settings.drift_interval_seconds,
                              leads=leader.held)
     drift_watch.start()
+    # PostgreSQL's planner needs row counts that keep up with a fleet's tables, faster
+    # than autovacuum takes them (hub/storage/dialect.py); SQLite's does not.
+    statistics = Periodic("planner-statistics", state.db.refresh_statistics, interval=2.0,
+                          leads=leader.held)
+    if state.db.dialect.name == "postgresql":
+        statistics.start()
     host, _, port = bound.api_url.partition("://")[2].rpartition(":")
     config = uvicorn.Config(
         create_app(state), host=host, port=int(port), log_level="info", access_log=False,
@@ -359,6 +366,7 @@ async def _run(state: HubState, bound: Bound, served: Transport | None) -> None:
         await asyncio.to_thread(liveness.stop)
         await asyncio.to_thread(dispatcher.stop)
         await asyncio.to_thread(drift_watch.stop)
+        await asyncio.to_thread(statistics.stop)
         await asyncio.to_thread(leader.release)  # another replica may take the lead at once
         await asyncio.to_thread(fleet.stop)
         if broker is not None:

@@ -56,11 +56,6 @@ def system_clock() -> datetime:
     return datetime.now(UTC)
 
 
-# What a tick reads, which a rollout fills fast (its devices, their reports, the health
-# check's telemetry): their statistics are kept fresh for the query planner.
-_READ_TABLES = ("rollout_devices", "deployment_status", "devices", "deployments", "telemetry")
-
-
 def _states(states: Iterable[str]) -> str:
     return json.dumps(sorted(states))
 
@@ -127,10 +122,9 @@ class Engine:
         return format_time(self.clock())
 
     def tick(self, *, check_health: bool = True, check_joiners: bool = True) -> None:
-        """Move every rollout that needs it one step on. CHECK_JOINERS False: completed
-        rollouts do not look for devices that joined their target this time (a scan of
-        the devices each; running rollouts always do)."""
-        self.db.refresh_statistics(_READ_TABLES)
+        """Move every rollout that needs it one step on. CHECK_JOINERS False: no rollout
+        looks for devices that joined its target this time (a scan of every device's
+        tags each, 0.17 s at 10,000 devices on PostgreSQL)."""
         # An aborted rollout assigns nothing more, but its devices that were updating when
         # it was aborted are still followed to their outcome. A completed rollout is left
         # alone once a newer one of the same deployment has the same target: that one takes
@@ -178,7 +172,7 @@ class Engine:
         if rollout.state == R.CREATED:
             store.transition(self.db, rollout.id, Event.START, None)
             rollout = store.get(self.db, rollout.id)
-        if check_joiners or rollout.state != R.COMPLETED:
+        if check_joiners:
             self._take_in_joiners(rollout)
         self._refresh_devices(rollout, check_health=check_health)
         if rollout.state != R.RUNNING:

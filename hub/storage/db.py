@@ -406,10 +406,10 @@ class Database:
             self._local.conn = None
             conn.close()
 
-    def refresh_statistics(self, tables: Sequence[str]) -> None:
-        """Renew the query planner's statistics of TABLES where they changed much (the
-        dialect's `refresh_statistics`): for work that reads tables which just grew."""
-        self.dialect.refresh_statistics(self.conn, tables)
+    def refresh_statistics(self) -> list[str]:
+        """Renew the query planner's statistics of the tables whose size changed much (the
+        dialect's `refresh_statistics`); the tables renewed."""
+        return self.dialect.refresh_statistics(self.conn)
 
     def sizes(self) -> dict[str, int]:
         """The database's bytes on disk, by file (the dialect's `sizes`)."""
