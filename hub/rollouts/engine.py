@@ -65,6 +65,7 @@ def _states(states: Iterable[str]) -> str:
 _REPORTED = "CASE s.state " + " ".join(
     f"WHEN '{said}' THEN '{means.value}'" for said, means in FROM_REPORT.items()) + " END"
 
+
 def _moved_by_report(state: DeviceState) -> str:
     saids = moving_reports(state)
     return "s.state IN (" + ", ".join(f"'{said}'" for said in saids) + ")" if saids else "FALSE"

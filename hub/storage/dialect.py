@@ -176,8 +176,8 @@ class Postgres:
             " AND abs(s.n_live_tup - greatest(c.reltuples, 0))"
             " > 500 + greatest(c.reltuples, 0) / 10"
         ).fetchall()]
-        for table in stale:
-            conn.execute(f"ANALYZE {table}")
+        for table in stale:  # quoted: another's table in a shared schema may be named oddly
+            conn.execute('ANALYZE "{}"'.format(table.replace('"', '""')))
         return stale
 
     def sizes(self, conn: Connection) -> dict[str, int]:
