@@ -498,16 +498,17 @@ class Stack:
 
 
 @contextmanager
-def hub_database(database: str, sampler: Sampler) -> Iterator[tuple[str, ...]]:
-    """The hub's arguments for DATABASE: SQLite in its data dir, or a private PostgreSQL
-    server (durable, as SQLite's commits are) with a new database, sampled meanwhile."""
+def hub_database(database: str, sampler: Sampler) -> Iterator[str | None]:
+    """The hub's database URL for DATABASE: None for SQLite in its data dir, or a new
+    database on a private PostgreSQL server (durable, as SQLite's commits are), sampled
+    meanwhile."""
     if database == "sqlite":
-        yield ()
+        yield None
         return
     server = PostgresServer(durable=True)
     try:
         sampler.watch("postgresql", server.process.pid)
-        yield ("--database-url", server.new_database())
+        yield server.new_database()
     finally:
         server.stop()
 
@@ -524,7 +525,8 @@ def open_stack(root: Path, sampler: Sampler, brokers: int, database: str) -> Ite
         if leaves:
             sampler.watch("leaf brokers", *(leaf.process.pid for leaf in leaves
                                             if leaf.process is not None))
-        database_args = cleanup.enter_context(hub_database(database, sampler))
+        database_url = cleanup.enter_context(hub_database(database, sampler))
+        database_args = ("--database-url", database_url) if database_url else ()
         hub = start_hub(root / "hub", extra_args=("--mqtt-url", broker.url, *database_args),
                         tls=False)  # bench/tls.py measures TLS
         cleanup.callback(hub.stop)
@@ -538,8 +540,7 @@ def open_stack(root: Path, sampler: Sampler, brokers: int, database: str) -> Ite
                               limits=httpx.Limits(max_connections=ENROLL_THREADS + 1))
         cleanup.callback(client.close)
         idle = psutil.Process(hub.process.pid).memory_info().rss
-        stack = Stack(root, broker, leaves, hub, client, sampler, versions, idle,
-                      database_args[-1] if database_args else None)
+        stack = Stack(root, broker, leaves, hub, client, sampler, versions, idle, database_url)
         cleanup.callback(stack.stop_sim)
         yield stack
 
